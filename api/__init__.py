@@ -1,0 +1,1 @@
+"""pgtally: accounts, usage metering and billing in PostgreSQL behind a thin Litestar API."""

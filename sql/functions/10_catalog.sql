@@ -1,0 +1,109 @@
+-- The plan catalog: meters with their rate cards, plans with their entitlements.
+
+CREATE OR REPLACE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+  v numeric;
+BEGIN
+  IF p_credits IS NULL OR jsonb_typeof(p_credits) NOT IN ('number', 'string') THEN
+    PERFORM util.fail('TL422', format('%s: a number of credits is required', p_path));
+  END IF;
+  BEGIN
+    v := (p_credits #>> '{}')::numeric * 1000000;
+  EXCEPTION WHEN invalid_text_representation THEN
+    PERFORM util.fail('TL422', format('%s: %s is not a number', p_path, p_credits));
+  END;
+  IF v < 0 OR v <> trunc(v) OR v > 9e18 THEN
+    PERFORM util.fail('TL422', format('%s: %s is not a non-negative amount with at most 6 decimals', p_path, p_credits));
+  END IF;
+  RETURN v::bigint;
+END $$;
+COMMENT ON FUNCTION billing.to_micros(jsonb, text) IS
+  'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
+
+CREATE OR REPLACE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_id text;
+  v_def jsonb;
+  v_meter text;
+  v_ent jsonb;
+  v_kind text;
+  v_limit bigint;
+  v_pricing text;
+  v_plans text[] := '{}';
+  v_meters text[] := '{}';
+BEGIN
+  IF jsonb_typeof(p_catalog -> 'meters') IS DISTINCT FROM 'object'
+     OR jsonb_typeof(p_catalog -> 'plans') IS DISTINCT FROM 'object' THEN
+    PERFORM util.fail('TL422', 'the catalog needs a "meters" table and a "plans" table');
+  END IF;
+
+  FOR v_id, v_def IN SELECT key, value FROM jsonb_each(p_catalog -> 'meters') LOOP
+    v_pricing := coalesce(v_def ->> 'pricing', 'unit');
+    IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+      PERFORM util.fail('TL422', format('meters.%s: a meter id is lower-case letters, digits and _', v_id));
+    END IF;
+    IF v_pricing NOT IN ('unit', 'tokens') THEN
+      PERFORM util.fail('TL422', format('meters.%s.pricing: must be "unit" or "tokens"', v_id));
+    END IF;
+    INSERT INTO metering.meters AS m (id, name, unit, pricing, unit_price_micros,
+                                      input_price_micros_per_mtok, output_price_micros_per_mtok, margin)
+    VALUES (v_id,
+            coalesce(v_def ->> 'name', v_id),
+            coalesce(v_def ->> 'unit', v_id),
+            v_pricing,
+            CASE WHEN v_pricing = 'unit' THEN billing.to_micros(v_def -> 'price', format('meters.%s.price', v_id)) END,
+            CASE WHEN v_pricing = 'tokens' THEN billing.to_micros(v_def -> 'input_price_per_million', format('meters.%s.input_price_per_million', v_id)) END,
+            CASE WHEN v_pricing = 'tokens' THEN billing.to_micros(v_def -> 'output_price_per_million', format('meters.%s.output_price_per_million', v_id)) END,
+            coalesce((v_def ->> 'margin')::numeric, 1))
+    ON CONFLICT (id) DO UPDATE SET
+      name = EXCLUDED.name, unit = EXCLUDED.unit, pricing = EXCLUDED.pricing,
+      unit_price_micros = EXCLUDED.unit_price_micros,
+      input_price_micros_per_mtok = EXCLUDED.input_price_micros_per_mtok,
+      output_price_micros_per_mtok = EXCLUDED.output_price_micros_per_mtok,
+      margin = EXCLUDED.margin;
+    v_meters := v_meters || v_id;
+  END LOOP;
+
+  FOR v_id, v_def IN SELECT key, value FROM jsonb_each(p_catalog -> 'plans') LOOP
+    IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+      PERFORM util.fail('TL422', format('plans.%s: a plan id is lower-case letters, digits and _', v_id));
+    END IF;
+    INSERT INTO billing.plans (id, name, description, features, active, updated_at)
+    VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
+            coalesce(v_def -> 'features', '[]'), true, util.now())
+    ON CONFLICT (id) DO UPDATE SET
+      name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
+      active = true, updated_at = EXCLUDED.updated_at;
+    DELETE FROM billing.entitlements WHERE plan_id = v_id;
+    FOR v_meter, v_ent IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'entitlements', '{}')) LOOP
+      IF NOT v_meter = ANY (v_meters) THEN
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: no such meter in this catalog', v_id, v_meter));
+      END IF;
+      v_kind := CASE WHEN v_ent ? 'allowance' THEN 'allowance'
+                     WHEN v_ent ? 'fair_use' THEN 'fair_use'
+                     WHEN (v_ent ->> 'unlimited')::boolean THEN 'unlimited' END;
+      IF v_kind IS NULL THEN
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N or unlimited = true', v_id, v_meter));
+      END IF;
+      v_limit := CASE v_kind WHEN 'unlimited' THEN NULL ELSE (v_ent ->> v_kind)::bigint END;
+      IF v_limit < 0 THEN
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: a limit cannot be negative', v_id, v_meter));
+      END IF;
+      IF coalesce(v_ent ->> 'period', 'month') NOT IN ('day', 'month', 'billing_period') THEN
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s.period: day, month or billing_period', v_id, v_meter));
+      END IF;
+      INSERT INTO billing.entitlements (plan_id, meter_id, kind, period, limit_units)
+      VALUES (v_id, v_meter, v_kind, coalesce(v_ent ->> 'period', 'month'), v_limit);
+    END LOOP;
+    v_plans := v_plans || v_id;
+  END LOOP;
+
+  UPDATE billing.plans SET active = false, updated_at = util.now()
+  WHERE active AND NOT id = ANY (v_plans);
+
+  RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters));
+END $$;
+COMMENT ON FUNCTION api.load_catalog(jsonb) IS
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Upserts meters and plans, replaces each listed plan''s entitlements, deactivates plans not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

@@ -1,0 +1,140 @@
+-- The double-entry credit ledger: the only code that changes a credit balance.
+
+CREATE OR REPLACE FUNCTION ledger.post_transfer(
+  p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text,
+  p_idempotency_key text, p_usage_event_id uuid, p_memo text,
+  OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+  -- The balance update is the overdraft guard: it matches no row when the balance would go negative.
+  UPDATE identity.accounts a
+  SET credit_balance_micros = a.credit_balance_micros + p_amount_micros
+  WHERE a.id = p_account_id AND a.credit_balance_micros + p_amount_micros >= 0
+  RETURNING a.credit_balance_micros INTO balance_after_micros;
+  IF NOT FOUND THEN
+    IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
+      PERFORM util.fail('TL402', 'not enough credits',
+        jsonb_build_object('required_credits', util.credits(-p_amount_micros),
+                           'balance', (SELECT util.credits(credit_balance_micros) FROM identity.accounts WHERE id = p_account_id)));
+    END IF;
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  created_at := util.now();
+  INSERT INTO ledger.transfers (account_id, kind, amount_micros, idempotency_key, usage_event_id, memo, created_at)
+  VALUES (p_account_id, p_kind, p_amount_micros, p_idempotency_key, p_usage_event_id, p_memo, created_at)
+  RETURNING id INTO transfer_id;
+  INSERT INTO ledger.entries (transfer_id, account_id, system_account, amount_micros, balance_after_micros, created_at)
+  VALUES (transfer_id, p_account_id, NULL, p_amount_micros, balance_after_micros, created_at),
+         (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
+END $$;
+COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text) IS
+  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL404 for an unknown account. Callers lock the account first.';
+
+CREATE OR REPLACE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint,
+                                             p_balance_after_micros bigint, p_created_at timestamptz)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object(
+    'transfer_id', t.id, 'kind', t.kind, 'amount', util.credits(p_amount_micros),
+    'balance_after', util.credits(p_balance_after_micros), 'usage_event_id', t.usage_event_id,
+    'memo', t.memo, 'created_at', util.iso(p_created_at))
+$$;
+COMMENT ON FUNCTION ledger.entry_json(ledger.transfers, bigint, bigint, timestamptz) IS
+  'A customer ledger entry as the API shows it: {transfer_id, kind, amount, balance_after, usage_event_id, memo, created_at}, credits as decimal strings.';
+
+CREATE OR REPLACE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
+                                             p_idempotency_key text, p_memo text DEFAULT NULL)
+RETURNS TABLE (replayed boolean, body jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_transfer ledger.transfers;
+BEGIN
+  IF p_amount_micros IS NULL OR p_amount_micros <= 0 THEN
+    PERFORM util.fail('TL422', 'a grant is a positive amount of credits');
+  END IF;
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  SELECT * INTO v_transfer FROM ledger.transfers
+  WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN
+    IF v_transfer.kind <> 'grant' OR v_transfer.amount_micros <> p_amount_micros THEN
+      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
+                        jsonb_build_object('transfer_id', v_transfer.id));
+    END IF;
+    replayed := true;
+  ELSE
+    PERFORM ledger.post_transfer(p_account_id, 'grants', p_amount_micros, 'grant', p_idempotency_key, NULL, p_memo);
+    SELECT * INTO v_transfer FROM ledger.transfers
+    WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
+    replayed := false;
+  END IF;
+  SELECT ledger.entry_json(v_transfer, e.amount_micros, e.balance_after_micros, e.created_at)
+         || jsonb_build_object('account_id', p_account_id)
+  INTO body
+  FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
+  RETURN NEXT;
+END $$;
+COMMENT ON FUNCTION api.grant_credits(uuid, bigint, text, text) IS
+  'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+
+CREATE OR REPLACE FUNCTION api.balance(p_api_key text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account identity.accounts;
+BEGIN
+  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  RETURN jsonb_build_object(
+    'account_id', v_account.id,
+    'plan', v_account.plan_id,
+    'credits', util.credits(v_account.credit_balance_micros),
+    'allowances', coalesce((
+      SELECT jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end, coalesce(u.used, 0)) ORDER BY e.meter_id)
+      FROM billing.entitlements e
+      JOIN metering.meters m ON m.id = e.meter_id
+      CROSS JOIN LATERAL metering.period_bounds(e.period, util.now(), v_account.billing_period_start,
+                                                v_account.billing_period_end) p
+      LEFT JOIN metering.allowance_usage u
+        ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
+      WHERE e.plan_id = v_account.plan_id), '[]'));
+END $$;
+COMMENT ON FUNCTION api.balance(text) IS
+  'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). TL401 bad API key.';
+
+CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_cursor text DEFAULT NULL, p_limit integer DEFAULT 20)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key);
+  v_before bigint;
+  v_rows jsonb;
+  v_last bigint;
+  v_more boolean;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'limit must be between 1 and 100');
+  END IF;
+  IF p_cursor IS NOT NULL AND p_cursor !~ '^[0-9]{1,18}$' THEN
+    PERFORM util.fail('TL422', 'cursor is not one this API returned');
+  END IF;
+  v_before := coalesce(p_cursor::bigint, 9223372036854775807);
+  SELECT count(*) > p_limit INTO v_more
+  FROM (SELECT 1 FROM ledger.entries e
+        WHERE e.account_id = v_account_id AND e.id < v_before
+        ORDER BY e.id DESC LIMIT p_limit + 1) s;
+  SELECT jsonb_agg(ledger.entry_json(t, e.amount_micros, e.balance_after_micros, e.created_at) ORDER BY e.id DESC),
+         min(e.id)
+  INTO v_rows, v_last
+  FROM (SELECT * FROM ledger.entries e
+        WHERE e.account_id = v_account_id AND e.id < v_before
+        ORDER BY e.id DESC LIMIT p_limit) e
+  JOIN ledger.transfers t ON t.id = e.transfer_id;
+  RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
+                            'next_cursor', CASE WHEN v_more THEN v_last::text END);
+END $$;
+COMMENT ON FUNCTION api.ledger(text, text, integer) IS
+  'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. TL401 bad API key, TL422 bad limit or cursor.';

@@ -1,0 +1,253 @@
+-- Metering: allowance periods, quotes (the charging rule), consume and check.
+
+CREATE OR REPLACE FUNCTION metering.period_bounds(p_period text, p_at timestamptz,
+                                                 p_billing_start timestamptz, p_billing_end timestamptz,
+                                                 OUT period_start timestamptz, OUT period_end timestamptz)
+LANGUAGE sql STABLE AS $$
+  SELECT CASE
+           WHEN p_period = 'day' THEN date_trunc('day', p_at, 'UTC')
+           WHEN p_period = 'billing_period' AND p_at >= p_billing_start AND p_at < p_billing_end THEN p_billing_start
+           ELSE date_trunc('month', p_at, 'UTC')
+         END,
+         CASE
+           WHEN p_period = 'day' THEN date_trunc('day', p_at, 'UTC') + interval '1 day'
+           WHEN p_period = 'billing_period' AND p_at >= p_billing_start AND p_at < p_billing_end THEN p_billing_end
+           ELSE date_trunc('month', p_at, 'UTC') + interval '1 month'
+         END
+$$;
+COMMENT ON FUNCTION metering.period_bounds(text, timestamptz, timestamptz, timestamptz) IS
+  'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
+
+CREATE OR REPLACE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters,
+                                                   p_period_start timestamptz, p_period_end timestamptz,
+                                                   p_used bigint)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object(
+    'meter', e.meter_id,
+    'kind', e.kind,
+    'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
+    'period', e.period,
+    'limit', e.limit_units,
+    'used', p_used,
+    'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
+    'period_start', util.iso(p_period_start),
+    'resets_at', util.iso(p_period_end))
+$$;
+COMMENT ON FUNCTION metering.allowance_json(billing.entitlements, metering.meters, timestamptz, timestamptz, bigint) IS
+  'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
+
+CREATE OR REPLACE FUNCTION metering.quote(
+  p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint,
+  OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint,
+  OUT entitled boolean, OUT period_start timestamptz, OUT period_end timestamptz,
+  OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
+  OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+  m metering.meters;
+  e billing.entitlements;
+  v_demand numeric;       -- allowance units the request needs
+  v_price numeric;        -- micro-credits per allowance unit beyond the allowance
+  v_used bigint := 0;
+  v_after bigint;
+  v_cost numeric;
+  v_pct integer;
+BEGIN
+  SELECT * INTO m FROM metering.meters WHERE id = p_meter;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL422', format('there is no meter %L', p_meter),
+                      jsonb_build_object('meters', (SELECT jsonb_agg(id ORDER BY id) FROM metering.meters)));
+  END IF;
+  meter_id := m.id;
+
+  IF m.pricing = 'unit' THEN
+    IF p_input_tokens IS NOT NULL OR p_output_tokens IS NOT NULL THEN
+      PERFORM util.fail('TL422', format('meter %s is priced per %s: send quantity, not tokens', m.id, m.unit));
+    END IF;
+    quantity := coalesce(p_quantity, 1);
+    IF quantity < 1 THEN
+      PERFORM util.fail('TL422', 'quantity must be a positive integer');
+    END IF;
+    v_demand := quantity;
+    v_price := m.unit_price_micros;
+  ELSE
+    IF p_quantity IS NOT NULL THEN
+      PERFORM util.fail('TL422', format('meter %s is priced per token: send input_tokens and output_tokens, not quantity', m.id));
+    END IF;
+    IF coalesce(p_input_tokens, 0) < 0 OR coalesce(p_output_tokens, 0) < 0
+       OR coalesce(p_input_tokens, 0) + coalesce(p_output_tokens, 0) = 0 THEN
+      PERFORM util.fail('TL422', 'input_tokens and output_tokens must be non-negative and not both zero');
+    END IF;
+    quantity := 1;
+    input_tokens := coalesce(p_input_tokens, 0);
+    output_tokens := coalesce(p_output_tokens, 0);
+    -- Rate card of 2-console-app-billing-usage.md: input and output token rates, times the margin.
+    v_demand := ceil((input_tokens::numeric * m.input_price_micros_per_mtok
+                      + output_tokens::numeric * m.output_price_micros_per_mtok) / 1000000 * m.margin);
+    v_price := 1;
+  END IF;
+
+  SELECT * INTO e FROM billing.entitlements WHERE plan_id = p_account.plan_id AND billing.entitlements.meter_id = m.id;
+  entitled := FOUND;
+  IF entitled THEN
+    SELECT b.period_start, b.period_end INTO period_start, period_end
+    FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
+    SELECT u.used INTO v_used FROM metering.allowance_usage u
+    WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
+    v_used := coalesce(v_used, 0);
+  END IF;
+
+  -- The charging rule: the allowance first, then credits at the meter's rate.
+  allowance_units := CASE
+                       WHEN NOT entitled THEN 0
+                       WHEN e.kind = 'allowance' THEN least(v_demand, greatest(e.limit_units - v_used, 0))
+                       ELSE v_demand        -- unlimited and fair_use never charge credits
+                     END;
+  v_cost := (v_demand - allowance_units) * v_price;
+  IF v_cost > 9e18 OR v_demand > 9e18 THEN
+    PERFORM util.fail('TL422', 'the request is too large to charge');
+  END IF;
+  credits_micros := v_cost;
+  allowed := credits_micros <= p_account.credit_balance_micros;
+  balance_after_micros := p_account.credit_balance_micros - CASE WHEN allowed THEN credits_micros ELSE 0 END;
+
+  warnings := '[]';
+  IF entitled THEN
+    v_after := v_used + CASE WHEN allowed THEN allowance_units ELSE 0 END;
+    allowance := metering.allowance_json(e, m, period_start, period_end, v_after);
+    -- Warn when usage crosses 80% and 100% of an allowance or soft limit (the extension seed warns at 8 of 10).
+    IF e.kind <> 'unlimited' AND e.limit_units > 0 THEN
+      FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+        IF v_used * 100 < e.limit_units * v_pct AND v_after * 100 >= e.limit_units * v_pct THEN
+          warnings := warnings || jsonb_build_object(
+            'code', CASE e.kind WHEN 'allowance' THEN 'allowance_threshold' ELSE 'fair_use_threshold' END,
+            'meter', m.id, 'threshold_percent', v_pct, 'used', v_after, 'limit', e.limit_units,
+            'resets_at', util.iso(period_end),
+            'message', CASE
+              WHEN e.kind = 'fair_use' AND v_pct = 100 THEN
+                format('fair-use limit of %s for %s reached; usage continues but may be reviewed', e.limit_units, m.id)
+              WHEN v_pct = 100 THEN
+                format('the %s allowance of %s is used up; further use spends credits until %s', m.id, e.limit_units, util.iso(period_end))
+              ELSE format('%s%% of the %s allowance used %s: %s of %s', v_pct, m.id,
+                          CASE e.period WHEN 'day' THEN 'today' WHEN 'month' THEN 'this month'
+                                        ELSE 'this billing period' END, v_after, e.limit_units)
+            END);
+        END IF;
+      END LOOP;
+    END IF;
+  END IF;
+END $$;
+COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint) IS
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
+
+CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
+                                                 p_input_tokens bigint, p_output_tokens bigint)
+RETURNS bytea
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT sha256(convert_to(jsonb_build_object(
+    'meter', p_meter,
+    'quantity', coalesce(p_quantity, CASE WHEN p_input_tokens IS NULL AND p_output_tokens IS NULL THEN 1 END),
+    'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens)::text, 'UTF8'))
+$$;
+COMMENT ON FUNCTION metering.request_hash(text, bigint, bigint, bigint) IS
+  'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
+
+CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text,
+                                       p_quantity bigint DEFAULT NULL,
+                                       p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL)
+RETURNS TABLE (replayed boolean, body jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account identity.accounts;
+  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  v_prior metering.usage_events;
+  q record;
+  v_event_id uuid := util.uuid_v7();
+  v_now timestamptz := util.now();
+BEGIN
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  -- Every charge to an account serialises on its row: the allowance, the balance and the
+  -- idempotency check below all read state no concurrent charge can change until we commit.
+  SELECT * INTO v_account FROM identity.accounts
+  WHERE id = identity.authenticate(p_api_key) FOR NO KEY UPDATE;
+
+  SELECT * INTO v_prior FROM metering.usage_events
+  WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN
+    IF v_prior.request_hash <> v_hash THEN
+      PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
+                        jsonb_build_object('usage_event_id', v_prior.id));
+    END IF;
+    replayed := true;
+    body := v_prior.response;
+    RETURN NEXT;
+    RETURN;
+  END IF;
+
+  SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  IF NOT q.allowed THEN
+    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
+      jsonb_build_object('meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
+                         'balance', util.credits(v_account.credit_balance_micros),
+                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+  END IF;
+
+  body := jsonb_build_object(
+    'id', v_event_id, 'object', 'usage_event', 'account_id', v_account.id,
+    'meter', q.meter_id, 'quantity', q.quantity,
+    'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
+    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros)),
+    'allowance', q.allowance,
+    'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
+    'warnings', q.warnings,
+    'created_at', util.iso(v_now));
+  INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
+                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at)
+  VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
+          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now);
+  IF q.entitled THEN
+    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
+  END IF;
+  IF q.credits_micros > 0 THEN
+    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
+                                 format('%s x %s', q.quantity, q.meter_id));
+  END IF;
+  replayed := false;
+  RETURN NEXT;
+END $$;
+COMMENT ON FUNCTION api.consume(text, text, text, bigint, bigint, bigint) IS
+  'POST /v1/usage/events: authenticate the API key, then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+
+CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint DEFAULT NULL,
+                                           p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account identity.accounts;
+  q record;
+BEGIN
+  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  RETURN jsonb_build_object(
+    'allowed', q.allowed, 'meter', q.meter_id, 'quantity', q.quantity,
+    'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
+    'charge', jsonb_build_object('allowance_units', CASE WHEN q.allowed THEN q.allowance_units ELSE 0 END,
+                                 'credits', util.credits(CASE WHEN q.allowed THEN q.credits_micros ELSE 0 END)),
+    'required_credits', util.credits(q.credits_micros),
+    'allowance', q.allowance,
+    'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
+    'warnings', CASE WHEN q.allowed THEN q.warnings ELSE '[]' END,
+    'resets_at', util.iso(q.period_end));
+END $$;
+COMMENT ON FUNCTION api.check_usage(text, text, bigint, bigint, bigint) IS
+  'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. TL401 bad key, TL422 bad input.';
+
+GRANT EXECUTE ON FUNCTION api.consume(text, text, text, bigint, bigint, bigint) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.check_usage(text, text, bigint, bigint, bigint) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.balance(text) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.ledger(text, text, integer) TO pgtally_api;

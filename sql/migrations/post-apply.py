@@ -1,0 +1,23 @@
+"""Re-apply every file of sql/functions/ after migrations, in file-name order.
+
+yoyo runs files named post-apply* after each apply; pgtally drives yoyo from Python
+(api.db.upgrade) so this also runs when no migration is pending. Function files are
+idempotent: CREATE OR REPLACE, then REVOKE/GRANT.
+"""
+
+from pathlib import Path
+
+from yoyo import step
+
+FUNCTIONS = Path(__file__).resolve().parent.parent / "functions"
+
+
+def apply_functions(conn):
+    cursor = conn.cursor()
+    for path in sorted(FUNCTIONS.glob("*.sql")):
+        cursor.execute(path.read_text())
+    # Nothing in api is executable unless a function file grants it to pgtally_api.
+    cursor.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC")
+
+
+steps = [step(apply_functions)]
