@@ -89,10 +89,13 @@ def upgrade(url: str) -> list[str]:
 
     backend = _yoyo_backend(url)
     migrations = read_migrations(str(MIGRATIONS))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        backend.apply_migrations_only(pending)
-        backend.run_post_apply(migrations)
+    try:
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations_only(pending)
+            backend.run_post_apply(migrations)
+    finally:
+        backend.connection.close()
     return [m.id for m in pending]
 
 
@@ -102,7 +105,10 @@ def status(url: str) -> list[tuple[str, bool]]:
 
     backend = _yoyo_backend(url)
     migrations = read_migrations(str(MIGRATIONS))
-    applied = backend.get_applied_migration_hashes()
+    try:
+        applied = backend.get_applied_migration_hashes()
+    finally:
+        backend.connection.close()
     return [(m.id, m.hash in applied) for m in migrations]
 
 

@@ -1,0 +1,82 @@
+"""The Litestar application: settings, the connection pool, and the routes of every resource.
+
+Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from psycopg_pool import AsyncConnectionPool
+
+from api import db
+from api.errors import EXCEPTION_HANDLERS
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings, read from the environment by :meth:`from_env`."""
+
+    public_url: str = "http://127.0.0.1:8000"
+    pool_min_size: int = 4
+    pool_max_size: int = 16
+
+    @property
+    def upgrade_url(self) -> str:
+        """Where a 402 sends the user to upgrade: ``PGTALLY_PUBLIC_URL`` + ``/upgrade``."""
+        return self.public_url.rstrip("/") + "/upgrade"
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
+            pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
+            pool_max_size=int(os.environ.get("PGTALLY_POOL_MAX", cls.pool_max_size)),
+        )
+
+
+def create_app(database_url: str | None = None, settings: Settings | None = None,
+               route_handlers: Sequence[Any] = ()) -> Litestar:
+    """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
+    the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
+    granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
+    from api import health, ledger, usage
+
+    settings = settings or Settings.from_env()
+    pool = AsyncConnectionPool(
+        db.api_conninfo(database_url or db.database_url()),
+        min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+        # One statement per request: autocommit makes the function call its own transaction,
+        # with no BEGIN/COMMIT round trips.
+        kwargs={"autocommit": True}, open=False,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await pool.open(wait=True)
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *health.ROUTES, *route_handlers],
+        lifespan=[lifespan],
+        state=State({"settings": settings, "pool": pool}),
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title="pgtally", version="0.1.0", path="/schema",
+            description="Accounts, usage metering and billing. Credits are decimal strings; "
+                        "errors are RFC 9457 problem+json.",
+            components=Components(security_schemes={
+                "apiKey": SecurityScheme(type="http", scheme="bearer", description="pgtally API key (pgt_...)"),
+            }),
+        ),
+    )

@@ -1,0 +1,63 @@
+"""``/v1/balance`` and ``/v1/ledger``: what the caller has, and every change to it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.di import Provide
+from litestar.params import Parameter
+
+from api.calls import SECURITY, bearer_key, call, json_response
+from api.usage import Allowance
+
+
+class Balance(msgspec.Struct):
+    account_id: str
+    plan: str
+    credits: str
+    allowances: list[Allowance]
+
+
+class Entry(msgspec.Struct):
+    transfer_id: str
+    kind: str
+    amount: str
+    balance_after: str
+    usage_event_id: str | None
+    memo: str | None
+    created_at: str
+
+
+class LedgerPage(msgspec.Struct):
+    data: list[Entry]
+    has_more: bool
+    next_cursor: str | None
+
+
+AUTH = {"api_key": Provide(bearer_key, sync_to_thread=False)}
+
+
+@get("/v1/balance", security=SECURITY, dependencies=AUTH, summary="Credit balance and allowances")
+async def get_balance(request: Request, api_key: str) -> Response[Balance]:
+    """The caller's credit balance (decimal string of credits) and each entitled meter's
+    allowance in the current period (``api.balance``). 401 bad key."""
+    (body,) = await call(request, "SELECT api.balance(%s::text)::text", [api_key])
+    return json_response(body)
+
+
+@get("/v1/ledger", security=SECURITY, dependencies=AUTH, summary="Ledger entries, newest first")
+async def get_ledger(
+    request: Request, api_key: str,
+    cursor: Annotated[str | None, Parameter(max_length=32, description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+) -> Response[LedgerPage]:
+    """The caller's ledger entries, newest first, with cursor pagination (``api.ledger``).
+    401 bad key; 422 a cursor this API did not return."""
+    (body,) = await call(request, "SELECT api.ledger(%s::text, %s::text, %s::integer)::text",
+                         [api_key, cursor, limit])
+    return json_response(body)
+
+
+ROUTES = [get_balance, get_ledger]

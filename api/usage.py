@@ -1,0 +1,130 @@
+"""``/v1/usage``: meter usage exactly once, and ask what it would cost."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body, Parameter
+
+from api.calls import SECURITY, bearer_key, call, json_response
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+
+
+class UsageRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """One metered call. Unit meters take ``quantity`` (default 1); token meters take
+    ``input_tokens`` and ``output_tokens`` instead."""
+
+    meter: Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$",
+                                       examples=["generation"])]
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+
+
+class Charged(msgspec.Struct):
+    allowance_units: int
+    credits: str
+
+
+class Allowance(msgspec.Struct):
+    meter: str
+    kind: str
+    unit: str
+    period: str
+    limit: int | None
+    used: int
+    remaining: int | None
+    period_start: str
+    resets_at: str
+
+
+class Credits(msgspec.Struct):
+    credits: str
+
+
+class Warning(msgspec.Struct):
+    code: str
+    meter: str
+    threshold_percent: int
+    used: int
+    limit: int
+    resets_at: str
+    message: str
+
+
+class UsageEvent(msgspec.Struct):
+    """A charged usage event; replays return it unchanged."""
+
+    id: str
+    object: str
+    account_id: str
+    meter: str
+    quantity: int
+    input_tokens: int | None
+    output_tokens: int | None
+    charged: Charged
+    allowance: Allowance | None
+    balance: Credits
+    warnings: list[Warning]
+    created_at: str
+
+
+class UsageCheck(msgspec.Struct):
+    """What a usage event would do now."""
+
+    allowed: bool
+    meter: str
+    quantity: int
+    input_tokens: int | None
+    output_tokens: int | None
+    charge: Charged
+    required_credits: str
+    allowance: Allowance | None
+    balance: Credits
+    warnings: list[Warning]
+    resets_at: str | None
+
+
+ARGS = "%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint"
+
+
+@post("/v1/usage/events", status_code=201, security=SECURITY, summary="Record and charge a usage event",
+      dependencies={"api_key": Provide(bearer_key, sync_to_thread=False)},
+      responses={200: ResponseSpec(UsageEvent, description="Replay of an earlier request with this key "
+                                                           "(header Idempotent-Replayed: true)")})
+async def create_usage_event(
+    request: Request,
+    api_key: str,
+    data: Annotated[UsageRequest, Body()],
+    idempotency_key: Annotated[str, Parameter(header="Idempotency-Key", min_length=1, max_length=255)],
+) -> Response[UsageEvent]:
+    """Charge one usage event exactly once: the plan's allowance first, then credits at the
+    meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
+    for a retry with the same key and body; 409 for the same key with another body; 402 with
+    ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it (nothing is
+    charged); 401 bad key; 422 unknown meter or bad quantity."""
+    replayed, body = await call(
+        request, f"SELECT replayed, body::text FROM api.consume(%s::text, {ARGS})",
+        [api_key, idempotency_key, data.meter, data.quantity, data.input_tokens, data.output_tokens])
+    if replayed:
+        return json_response(body, 200, {"Idempotent-Replayed": "true"})
+    return json_response(body, 201)
+
+
+@post("/v1/usage/check", status_code=200, security=SECURITY, summary="What a usage event would cost",
+      dependencies={"api_key": Provide(bearer_key, sync_to_thread=False)})
+async def check_usage(request: Request, api_key: str,
+                      data: Annotated[UsageRequest, Body()]) -> Response[UsageCheck]:
+    """What ``POST /v1/usage/events`` would do for this body now, with no side effect
+    (``api.check_usage``): ``allowed``, the charge, and the allowance and balance after it."""
+    (body,) = await call(request, f"SELECT api.check_usage({ARGS})::text",
+                         [api_key, data.meter, data.quantity, data.input_tokens, data.output_tokens])
+    return json_response(body)
+
+
+ROUTES = [create_usage_event, check_usage]

