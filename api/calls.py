@@ -6,18 +6,24 @@ from typing import Annotated, Any, Sequence
 
 from litestar import Request, Response
 from litestar.exceptions import NotAuthorizedException
-from litestar.params import Parameter
+from litestar.di import NamedDependency, Provide
+from litestar.params import HeaderParameter
 
 SECURITY = [{"apiKey": []}]
 
 
-def bearer_key(authorization: Annotated[str | None, Parameter(header="Authorization", required=False)] = None) -> str:
+def bearer_key(authorization: Annotated[str | None, HeaderParameter(name="Authorization", required=False)] = None) -> str:
     """The API key from ``Authorization: Bearer <key>`` (RFC 6750). Its validity is decided by
     the database function the handler calls; a missing or malformed header is a 401 here."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise NotAuthorizedException("send the API key as Authorization: Bearer <api key>")
     return token.strip()
+
+
+ApiKey = NamedDependency[str]
+"""Handler parameter type for the bearer API key (see AUTH)."""
+AUTH = {"api_key": Provide(bearer_key, sync_to_thread=False)}
 
 
 async def call(request: Request, sql: str, params: Sequence[Any]) -> tuple[Any, ...]:

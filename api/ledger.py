@@ -6,10 +6,9 @@ from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, get
-from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
-from api.calls import SECURITY, bearer_key, call, json_response
+from api.calls import AUTH, SECURITY, ApiKey, call, json_response
 from api.usage import Allowance
 
 
@@ -36,11 +35,8 @@ class LedgerPage(msgspec.Struct):
     next_cursor: str | None
 
 
-AUTH = {"api_key": Provide(bearer_key, sync_to_thread=False)}
-
-
 @get("/v1/balance", security=SECURITY, dependencies=AUTH, summary="Credit balance and allowances")
-async def get_balance(request: Request, api_key: str) -> Response[Balance]:
+async def get_balance(request: Request, api_key: ApiKey) -> Response[Balance]:
     """The caller's credit balance (decimal string of credits) and each entitled meter's
     allowance in the current period (``api.balance``). 401 bad key."""
     (body,) = await call(request, "SELECT api.balance(%s::text)::text", [api_key])
@@ -49,9 +45,9 @@ async def get_balance(request: Request, api_key: str) -> Response[Balance]:
 
 @get("/v1/ledger", security=SECURITY, dependencies=AUTH, summary="Ledger entries, newest first")
 async def get_ledger(
-    request: Request, api_key: str,
-    cursor: Annotated[str | None, Parameter(max_length=32, description="next_cursor of the previous page")] = None,
-    limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    request: Request, api_key: ApiKey,
+    cursor: Annotated[str | None, QueryParameter(max_length=32, description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
 ) -> Response[LedgerPage]:
     """The caller's ledger entries, newest first, with cursor pagination (``api.ledger``).
     401 bad key; 422 a cursor this API did not return."""

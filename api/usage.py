@@ -6,11 +6,10 @@ from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Body, Parameter
+from litestar.params import HeaderParameter, JSONBody
 
-from api.calls import SECURITY, bearer_key, call, json_response
+from api.calls import AUTH, SECURITY, ApiKey, call, json_response
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 
@@ -94,14 +93,14 @@ ARGS = "%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint"
 
 
 @post("/v1/usage/events", status_code=201, security=SECURITY, summary="Record and charge a usage event",
-      dependencies={"api_key": Provide(bearer_key, sync_to_thread=False)},
+      dependencies=AUTH,
       responses={200: ResponseSpec(UsageEvent, description="Replay of an earlier request with this key "
                                                            "(header Idempotent-Replayed: true)")})
 async def create_usage_event(
     request: Request,
-    api_key: str,
-    data: Annotated[UsageRequest, Body()],
-    idempotency_key: Annotated[str, Parameter(header="Idempotency-Key", min_length=1, max_length=255)],
+    api_key: ApiKey,
+    data: JSONBody[UsageRequest],
+    idempotency_key: Annotated[str, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255)],
 ) -> Response[UsageEvent]:
     """Charge one usage event exactly once: the plan's allowance first, then credits at the
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
@@ -117,9 +116,8 @@ async def create_usage_event(
 
 
 @post("/v1/usage/check", status_code=200, security=SECURITY, summary="What a usage event would cost",
-      dependencies={"api_key": Provide(bearer_key, sync_to_thread=False)})
-async def check_usage(request: Request, api_key: str,
-                      data: Annotated[UsageRequest, Body()]) -> Response[UsageCheck]:
+      dependencies=AUTH)
+async def check_usage(request: Request, api_key: ApiKey, data: JSONBody[UsageRequest]) -> Response[UsageCheck]:
     """What ``POST /v1/usage/events`` would do for this body now, with no side effect
     (``api.check_usage``): ``allowed``, the charge, and the allowance and balance after it."""
     (body,) = await call(request, f"SELECT api.check_usage({ARGS})::text",

@@ -1,0 +1,144 @@
+"""The HTTP API over the real stack: Litestar app, psycopg pool as pgtally_api, PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from api.app import Settings, create_app
+from tests.conftest import reconciliation_problems
+
+CREDIT = 1_000_000
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+async def client(db_url):
+    app = create_app(db_url, Settings(public_url="https://app.example.com", pool_max_size=16))
+    async with AsyncTestClient(app=app) as c:
+        yield c
+
+
+def auth(key: str, idem: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if idem is not None:
+        headers["Idempotency-Key"] = idem
+    return headers
+
+
+async def test_meter_until_refused_with_402(client, new_account):
+    key = new_account("free", CREDIT)["api_key"]
+    for i in range(11):
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 1}, headers=auth(key, f"e{i}"))
+        assert r.status_code == 201, r.text
+    assert r.json()["charged"] == {"allowance_units": 0, "credits": "1"}
+    assert r.json()["balance"] == {"credits": "0"}
+
+    r = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "e-last"))
+    assert r.status_code == 402
+    assert r.headers["content-type"].startswith(PROBLEM)
+    body = r.json()
+    assert body["type"].endswith("/quota-exhausted") and body["status"] == 402
+    assert body["upgrade_url"] == "https://app.example.com/upgrade"
+    assert body["resets_at"].endswith("T00:00:00.000000Z")
+    assert body["required_credits"] == "1" and body["balance"] == "0"
+
+
+async def test_replay_returns_the_original_body_and_other_payload_conflicts(client, new_account):
+    key = new_account("free")["api_key"]
+    first = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "once"))
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    again = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "once"))
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    other = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3}, headers=auth(key, "once"))
+    assert other.status_code == 409 and other.headers["content-type"].startswith(PROBLEM)
+    assert other.json()["usage_event_id"] == first.json()["id"]
+
+
+async def test_100_concurrent_http_retries_charge_once(client, owner, new_account):
+    key = new_account("free")["api_key"]
+    responses = await asyncio.gather(*[
+        client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "same"))
+        for _ in range(100)])
+    assert sorted(r.status_code for r in responses) == [200] * 99 + [201]
+    assert len({r.text for r in responses}) == 1
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 1
+
+
+async def test_concurrent_http_events_never_overspend(client, owner, new_account):
+    acct = new_account("free", 3 * CREDIT)
+    responses = await asyncio.gather(*[
+        client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(acct["api_key"], f"k{i}"))
+        for i in range(40)])
+    assert sorted(r.status_code for r in responses) == [201] * 13 + [402] * 27
+    assert reconciliation_problems(owner) == {}
+
+
+@pytest.mark.parametrize("body, headers_idem, status, fragment", [
+    ({"meter": "generation", "colour": "red"}, "k", 400, "unknown field"),
+    ({"meter": "generation", "quantity": 0}, "k", 400, "quantity"),
+    ({"meter": "generation", "quantity": 1.5}, "k", 400, "quantity"),
+    ({"quantity": 1}, "k", 400, "meter"),
+    ({"meter": "generation"}, None, 400, "Idempotency-Key"),
+    ({"meter": "no_such_meter"}, "k", 422, "no meter"),
+    ({"meter": "llm_tokens", "quantity": 2}, "k", 422, "tokens"),
+])
+async def test_bad_requests_get_a_problem_and_charge_nothing(client, owner, new_account, body, headers_idem,
+                                                             status, fragment):
+    key = new_account("free", CREDIT)["api_key"]
+    r = await client.post("/v1/usage/events", json=body, headers=auth(key, headers_idem))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(PROBLEM)
+    problem = r.json()
+    assert problem["status"] == status and problem["type"] and problem["title"]
+    assert fragment in problem["detail"] or fragment in str(problem.get("errors"))
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
+
+
+async def test_malformed_json_is_a_400_problem(client, new_account):
+    key = new_account()["api_key"]
+    r = await client.post("/v1/usage/events", content=b'{"meter": ', headers={**auth(key, "k"),
+                                                                            "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM)
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic abc", "Bearer pgt_unknown"])
+async def test_missing_or_bad_api_key_is_401(client, header):
+    headers = {"Idempotency-Key": "k"} | ({"Authorization": header} if header else {})
+    r = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=headers)
+    assert r.status_code == 401 and r.headers["content-type"].startswith(PROBLEM)
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert (await client.get("/v1/balance", headers={"Authorization": header} if header else {})).status_code == 401
+
+
+async def test_check_then_balance_and_ledger(client, new_account):
+    key = new_account("free", 2 * CREDIT)["api_key"]
+    r = await client.post("/v1/usage/check", json={"meter": "generation", "quantity": 12}, headers=auth(key))
+    assert r.status_code == 200
+    assert r.json()["allowed"] is True and r.json()["charge"] == {"allowance_units": 10, "credits": "2"}
+    r = await client.post("/v1/usage/check", json={"meter": "generation", "quantity": 13}, headers=auth(key))
+    assert r.json()["allowed"] is False
+    await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 11}, headers=auth(key, "k"))
+
+    balance = (await client.get("/v1/balance", headers=auth(key))).json()
+    assert balance["credits"] == "1" and balance["allowances"][0]["remaining"] == 0
+
+    page = (await client.get("/v1/ledger", params={"limit": 1}, headers=auth(key))).json()
+    assert [e["amount"] for e in page["data"]] == ["-1"] and page["has_more"] is True
+    page = (await client.get("/v1/ledger", params={"limit": 1, "cursor": page["next_cursor"]}, headers=auth(key))).json()
+    assert [e["kind"] for e in page["data"]] == ["grant"] and page["has_more"] is False
+    r = await client.get("/v1/ledger", params={"limit": 500}, headers=auth(key))
+    assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM)
+    r = await client.get("/v1/ledger", params={"cursor": "zzz"}, headers=auth(key))
+    assert r.status_code == 422
+
+
+async def test_health_and_openapi(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    schema = (await client.get("/schema/openapi.json")).json()
+    assert {"/v1/usage/events", "/v1/usage/check", "/v1/balance", "/v1/ledger"} <= set(schema["paths"])
+    r = await client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.headers["content-type"].startswith(PROBLEM)

@@ -1,0 +1,58 @@
+"""The pgtally command against a real database (DATABASE_URL pointed at the test database)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from api.cli import main
+
+
+@pytest.fixture
+def pgtally(db_url, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True):
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert (result.exit_code == 0) == ok, result.output
+        return result.output
+
+    return run
+
+
+def test_accounts_create_prints_a_working_key_once(pgtally, api_conn):
+    out = json.loads(pgtally("accounts", "create", "--plan", "pro", "--credits", "2.5", "--json"))
+    assert out["plan"] == "pro" and out["balance"] == {"credits": "2.5"} and out["api_key"].startswith("pgt_")
+    body = api_conn.execute("SELECT api.balance(%s)", [out["api_key"]]).fetchone()[0]
+    assert body["account_id"] == out["account_id"] and body["credits"] == "2.5"
+    assert "api key" in pgtally("accounts", "create", "--plan", "free")
+
+
+def test_accounts_create_refuses_unknown_plan_and_bad_credits(pgtally):
+    assert "no active plan" in pgtally("accounts", "create", "--plan", "gold", ok=False)
+    assert "6 decimals" in pgtally("accounts", "create", "--plan", "free", "--credits", "0.0000001", ok=False)
+
+
+def test_credits_grant_is_idempotent_with_a_key(pgtally, owner):
+    account = json.loads(pgtally("accounts", "create", "--plan", "free", "--json"))["account_id"]
+    first = json.loads(pgtally("credits", "grant", account, "3", "--idempotency-key", "k1", "--json"))
+    again = json.loads(pgtally("credits", "grant", account, "3", "--idempotency-key", "k1", "--json"))
+    assert (first["replayed"], again["replayed"]) == (False, True)
+    assert again["balance_after"] == "3"
+    assert "different" in pgtally("credits", "grant", account, "4", "--idempotency-key", "k1", ok=False)
+
+
+def test_plans_load_and_db_commands(pgtally, tmp_path, owner):
+    catalog = tmp_path / "plans.toml"
+    catalog.write_text('[meters.generation]\nprice = 2\n\n[plans.team]\nname = "Team"\n'
+                       'entitlements.generation = { allowance = 50, period = "billing_period" }\n')
+    assert "plans: team" in pgtally("plans", "load", str(catalog))
+    assert owner.execute("SELECT kind, period, limit_units FROM billing.entitlements WHERE plan_id = 'team'"
+                         ).fetchone() == ("allowance", "billing_period", 50)
+    assert "applied  0001_skeleton" in pgtally("db", "status")
+    assert "functions re-applied" in pgtally("db", "upgrade")
+    catalog.write_text("[plans.x]\n")
+    assert "meters" in pgtally("plans", "load", str(catalog), ok=False)
