@@ -18,6 +18,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from api import db
 from api.errors import EXCEPTION_HANDLERS
+from api.security import Keys
+from joserfc.jwk import OctKey
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Settings:
     public_url: str = "http://127.0.0.1:8000"
     pool_min_size: int = 4
     pool_max_size: int = 16
+    smtp_url: str | None = None
+    mail_from: str = "pgtally <no-reply@localhost>"
 
     @property
     def upgrade_url(self) -> str:
@@ -39,7 +43,16 @@ class Settings:
             public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
             pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
             pool_max_size=int(os.environ.get("PGTALLY_POOL_MAX", cls.pool_max_size)),
+            smtp_url=os.environ.get("PGTALLY_SMTP_URL") or None,
+            mail_from=os.environ.get("PGTALLY_MAIL_FROM", cls.mail_from),
         )
+
+
+async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
+    """The access-token keys from api.jwt_keys(); the issuer is PGTALLY_PUBLIC_URL."""
+    async with pool.connection() as conn:
+        rows = await (await conn.execute("SELECT kid, secret FROM api.jwt_keys()")).fetchall()
+    return Keys(issuer=issuer, keys=[(kid, OctKey.import_key(bytes(secret))) for kid, secret in rows])
 
 
 def create_app(database_url: str | None = None, settings: Settings | None = None,
@@ -47,7 +60,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
-    from api import health, ledger, usage
+    from api import auth, health, keys, ledger, usage
 
     settings = settings or Settings.from_env()
     pool = AsyncConnectionPool(
@@ -61,13 +74,14 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await pool.open(wait=True)
+        app.state.keys = await load_keys(pool, settings.public_url.rstrip("/"))
         try:
             yield
         finally:
             await pool.close()
 
     return Litestar(
-        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *health.ROUTES, *route_handlers],
+        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *health.ROUTES, *route_handlers],
         lifespan=[lifespan],
         state=State({"settings": settings, "pool": pool}),
         exception_handlers=EXCEPTION_HANDLERS,
@@ -76,7 +90,8 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
             description="Accounts, usage metering and billing. Credits are decimal strings; "
                         "errors are RFC 9457 problem+json.",
             components=Components(security_schemes={
-                "apiKey": SecurityScheme(type="http", scheme="bearer", description="pgtally API key (pgt_...)"),
+                "bearer": SecurityScheme(type="http", scheme="bearer",
+                                         description="A pgtally API key (pgt_...) or an access token (JWT)"),
             }),
         ),
     )

@@ -1,37 +1,70 @@
-"""What every handler shares: the bearer credential and the one database call it makes."""
+"""What every handler shares: who is calling, and the one database call it makes."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Sequence
+import uuid
+from typing import Any, Sequence
 
 from litestar import Request, Response
-from litestar.exceptions import NotAuthorizedException
 from litestar.di import NamedDependency, Provide
-from litestar.params import HeaderParameter
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
-SECURITY = [{"apiKey": []}]
+from api.errors import PgtallyError
+from api.security import AuthorizationHeader, Principal, parse_bearer
 
-
-def bearer_key(authorization: Annotated[str | None, HeaderParameter(name="Authorization", required=False)] = None) -> str:
-    """The API key from ``Authorization: Bearer <key>`` (RFC 6750). Its validity is decided by
-    the database function the handler calls; a missing or malformed header is a 401 here."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise NotAuthorizedException("send the API key as Authorization: Bearer <api key>")
-    return token.strip()
+SECURITY = [{"bearer": []}]
 
 
-ApiKey = NamedDependency[str]
-"""Handler parameter type for the bearer API key (see AUTH)."""
-AUTH = {"api_key": Provide(bearer_key, sync_to_thread=False)}
+def principal(request: Request, authorization: AuthorizationHeader = None) -> Principal:
+    """The caller, from ``Authorization: Bearer <api key or access token>``; 401 without one.
+    Whether the key or session is valid is decided by the database function the handler calls."""
+    found = parse_bearer(authorization, request.app.state.keys)
+    if found is None:
+        raise NotAuthorizedException("send Authorization: Bearer <api key or access token>")
+    return found
+
+
+def optional_principal(request: Request, authorization: AuthorizationHeader = None) -> Principal | None:
+    """The caller if it sent credentials (sign-up and login use an anonymous device's token)."""
+    return parse_bearer(authorization, request.app.state.keys)
+
+
+def session_id(request: Request, authorization: AuthorizationHeader = None) -> uuid.UUID:
+    """The session of an access token; endpoints that manage a sign-in refuse API keys."""
+    found = principal(request, authorization)
+    if found.session_id is None:
+        raise PermissionDeniedException("this endpoint needs an access token, not an API key")
+    return found.session_id
+
+
+Caller = NamedDependency[Principal]
+MaybeCaller = NamedDependency[Principal | None]
+Session = NamedDependency[uuid.UUID]
+AUTH = {"caller": Provide(principal, sync_to_thread=False)}
+OPTIONAL_AUTH = {"caller": Provide(optional_principal, sync_to_thread=False)}
+SESSION = {"session": Provide(session_id, sync_to_thread=False)}
+
+
+def client(request: Request) -> list[str | None]:
+    """[client IP, User-Agent] for rate limits and the auth event log."""
+    return [request.client.host if request.client else None, request.headers.get("user-agent")]
 
 
 async def call(request: Request, sql: str, params: Sequence[Any]) -> tuple[Any, ...]:
     """Run one statement on the pool (autocommit: the function is the transaction) and return
-    its single row. Errors propagate to api.errors."""
+    its single row. Raised errors propagate to api.errors."""
     async with request.app.state.pool.connection() as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchone()
+
+
+async def call_json(request: Request, sql: str, params: Sequence[Any]) -> dict[str, Any]:
+    """Run one statement returning a jsonb object; an ``{"error": ...}`` it returned (rather than
+    raised, so that what it wrote commits) becomes the same problem+json as a raised one."""
+    (result,) = await call(request, sql, params)
+    if "error" in result:
+        raise PgtallyError(result["error"])
+    return result
 
 
 def json_response(body: str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import uuid
+
 import msgspec
 from litestar import Request, Response, get
 from litestar.params import QueryParameter
 
-from api.calls import AUTH, SECURITY, ApiKey, call, json_response
+from api.calls import AUTH, SECURITY, Caller, call, json_response
 from api.usage import Allowance
 
 
@@ -36,23 +38,28 @@ class LedgerPage(msgspec.Struct):
 
 
 @get("/v1/balance", security=SECURITY, dependencies=AUTH, summary="Credit balance and allowances")
-async def get_balance(request: Request, api_key: ApiKey) -> Response[Balance]:
+async def get_balance(
+    request: Request, caller: Caller,
+    account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
+) -> Response[Balance]:
     """The caller's credit balance (decimal string of credits) and each entitled meter's
     allowance in the current period (``api.balance``). 401 bad key."""
-    (body,) = await call(request, "SELECT api.balance(%s::text)::text", [api_key])
+    (body,) = await call(request, "SELECT api.balance(%s::text, %s::uuid, %s::uuid)::text",
+                         [*caller.params, account_id])
     return json_response(body)
 
 
 @get("/v1/ledger", security=SECURITY, dependencies=AUTH, summary="Ledger entries, newest first")
 async def get_ledger(
-    request: Request, api_key: ApiKey,
+    request: Request, caller: Caller,
     cursor: Annotated[str | None, QueryParameter(max_length=32, description="next_cursor of the previous page")] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+    account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
 ) -> Response[LedgerPage]:
     """The caller's ledger entries, newest first, with cursor pagination (``api.ledger``).
     401 bad key; 422 a cursor this API did not return."""
-    (body,) = await call(request, "SELECT api.ledger(%s::text, %s::text, %s::integer)::text",
-                         [api_key, cursor, limit])
+    (body,) = await call(request, "SELECT api.ledger(%s::text, %s::uuid, %s::text, %s::integer, %s::uuid)::text",
+                         [*caller.params, cursor, limit, account_id])
     return json_response(body)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import uuid
+
 import msgspec
 from litestar import Request, Response, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody
 
-from api.calls import AUTH, SECURITY, ApiKey, call, json_response
+from api.calls import AUTH, SECURITY, Caller, call, json_response
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 
@@ -23,6 +25,8 @@ class UsageRequest(msgspec.Struct, forbid_unknown_fields=True):
     quantity: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
     input_tokens: Count | None = None
     output_tokens: Count | None = None
+    account_id: uuid.UUID | None = None
+    """Service keys only: the account to charge."""
 
 
 class Charged(msgspec.Struct):
@@ -89,7 +93,11 @@ class UsageCheck(msgspec.Struct):
     resets_at: str | None
 
 
-ARGS = "%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint"
+def usage_args(data: UsageRequest) -> list:
+    return [data.meter, data.quantity, data.input_tokens, data.output_tokens, data.account_id]
+
+
+ARGS = "%s::text, %s::bigint, %s::bigint, %s::bigint, %s::uuid"
 
 
 @post("/v1/usage/events", status_code=201, security=SECURITY, summary="Record and charge a usage event",
@@ -98,7 +106,7 @@ ARGS = "%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint"
                                                            "(header Idempotent-Replayed: true)")})
 async def create_usage_event(
     request: Request,
-    api_key: ApiKey,
+    caller: Caller,
     data: JSONBody[UsageRequest],
     idempotency_key: Annotated[str, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255)],
 ) -> Response[UsageEvent]:
@@ -106,10 +114,11 @@ async def create_usage_event(
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
     for a retry with the same key and body; 409 for the same key with another body; 402 with
     ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it (nothing is
-    charged); 401 bad key; 422 unknown meter or bad quantity."""
+    charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
+    service key; 422 unknown meter or bad quantity."""
     replayed, body = await call(
-        request, f"SELECT replayed, body::text FROM api.consume(%s::text, {ARGS})",
-        [api_key, idempotency_key, data.meter, data.quantity, data.input_tokens, data.output_tokens])
+        request, f"SELECT replayed, body::text FROM api.consume(%s::text, %s::uuid, %s::text, {ARGS})",
+        [*caller.params, idempotency_key, *usage_args(data)])
     if replayed:
         return json_response(body, 200, {"Idempotent-Replayed": "true"})
     return json_response(body, 201)
@@ -117,11 +126,11 @@ async def create_usage_event(
 
 @post("/v1/usage/check", status_code=200, security=SECURITY, summary="What a usage event would cost",
       dependencies=AUTH)
-async def check_usage(request: Request, api_key: ApiKey, data: JSONBody[UsageRequest]) -> Response[UsageCheck]:
+async def check_usage(request: Request, caller: Caller, data: JSONBody[UsageRequest]) -> Response[UsageCheck]:
     """What ``POST /v1/usage/events`` would do for this body now, with no side effect
     (``api.check_usage``): ``allowed``, the charge, and the allowance and balance after it."""
-    (body,) = await call(request, f"SELECT api.check_usage({ARGS})::text",
-                         [api_key, data.meter, data.quantity, data.input_tokens, data.output_tokens])
+    (body,) = await call(request, f"SELECT api.check_usage(%s::text, %s::uuid, {ARGS})::text",
+                         [*caller.params, *usage_args(data)])
     return json_response(body)
 
 

@@ -4,11 +4,11 @@ the same way (bearer key) and runs ``SELECT 1`` through the same pool."""
 from litestar import Request, get
 
 from api.app import create_app
-from api.calls import AUTH, ApiKey, call
+from api.calls import AUTH, Caller, call
 
 
 @get("/bench/ceiling", dependencies=AUTH)
-async def ceiling(request: Request, api_key: ApiKey) -> dict[str, int]:
+async def ceiling(request: Request, caller: Caller) -> dict[str, int]:
     (one,) = await call(request, "SELECT 1", [])
     return {"one": one}
 

@@ -26,7 +26,7 @@ def pgtally(db_url, monkeypatch):
 def test_accounts_create_prints_a_working_key_once(pgtally, api_conn):
     out = json.loads(pgtally("accounts", "create", "--plan", "pro", "--credits", "2.5", "--json"))
     assert out["plan"] == "pro" and out["balance"] == {"credits": "2.5"} and out["api_key"].startswith("pgt_")
-    body = api_conn.execute("SELECT api.balance(%s)", [out["api_key"]]).fetchone()[0]
+    body = api_conn.execute("SELECT api.balance(%s, NULL)", [out["api_key"]]).fetchone()[0]
     assert body["account_id"] == out["account_id"] and body["credits"] == "2.5"
     assert "api key" in pgtally("accounts", "create", "--plan", "free")
 

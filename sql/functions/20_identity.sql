@@ -1,45 +1,103 @@
--- Accounts and API keys.
+-- Accounts, principals (API keys and sessions) and authentication of every request.
+
+CREATE OR REPLACE FUNCTION util.random_token() RETURNS text
+LANGUAGE sql VOLATILE AS $$
+  -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
+  SELECT rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
+                                || uuid_send(gen_random_uuid()), 'base64'), E'+/\n', '-_'), '=')
+$$;
+COMMENT ON FUNCTION util.random_token() IS
+  'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
+
+CREATE OR REPLACE FUNCTION util.token_hash(p_token text) RETURNS bytea
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
+$$;
+COMMENT ON FUNCTION util.token_hash(text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
+
+CREATE OR REPLACE FUNCTION identity.api_key_checksum(p_prefix_and_body text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT left(encode(sha256(convert_to(p_prefix_and_body, 'UTF8')), 'hex'), 8)
+$$;
+COMMENT ON FUNCTION identity.api_key_checksum(text) IS
+  'The 8 hex characters that end an API key: the start of SHA-256(pgt_ + body). api/security.py checks it before any lookup, so a mistyped key is refused without touching the database.';
 
 CREATE OR REPLACE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT '',
+                                                  p_scopes text[] DEFAULT '{usage:write,usage:read}',
+                                                  p_expires_at timestamptz DEFAULT NULL,
                                                   OUT id uuid, OUT api_key text)
 LANGUAGE plpgsql AS $$
+DECLARE
+  v_body text := 'pgt_' || util.random_token();
 BEGIN
-  -- 244 random bits from two version-4 UUIDs (pg_strong_random), URL-safe base64.
-  api_key := 'pgt_' || rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()), 'base64'),
-                                       '+/', '-_'), '=');
-  INSERT INTO identity.api_keys (account_id, name, key_hash, display, created_at)
-  VALUES (p_account_id, coalesce(p_name, ''), sha256(convert_to(api_key, 'UTF8')),
-          left(api_key, 8) || '...' || right(api_key, 4), util.now())
+  api_key := v_body || identity.api_key_checksum(v_body);
+  INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
+  VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
+          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
   RETURNING identity.api_keys.id INTO id;
 END $$;
-COMMENT ON FUNCTION identity.issue_api_key(uuid, text) IS
-  'Create an API key for an account: returns its id and the key text (pgt_ + 43 characters), which is stored only as a SHA-256 hash.';
+COMMENT ON FUNCTION identity.issue_api_key(uuid, text, text[], timestamptz) IS
+  'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
 
-CREATE OR REPLACE FUNCTION identity.authenticate(p_api_key text) RETURNS uuid
-LANGUAGE plpgsql STABLE AS $$
+CREATE OR REPLACE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text,
+                                                 p_account_id uuid DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
 DECLARE
-  v_account_id uuid;
+  k identity.api_keys;
+  s identity.sessions;
 BEGIN
-  SELECT k.account_id INTO v_account_id
-  FROM identity.api_keys k
-  WHERE k.key_hash = sha256(convert_to(coalesce(p_api_key, ''), 'UTF8'))
-    AND k.revoked_at IS NULL
-    AND (k.expires_at IS NULL OR k.expires_at > util.now());
-  IF v_account_id IS NULL THEN
-    PERFORM util.fail('TL401', 'the API key is not valid');
+  IF p_api_key IS NOT NULL THEN
+    SELECT * INTO k FROM identity.api_keys
+    WHERE key_hash = util.token_hash(p_api_key) AND revoked_at IS NULL
+      AND (expires_at IS NULL OR expires_at > util.now());
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the API key is not valid');
+    END IF;
+    IF k.last_used_at IS NULL OR k.last_used_at < util.now() - interval '1 minute' THEN
+      UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+    END IF;
+    IF p_account_id IS NOT NULL AND p_account_id <> k.account_id THEN
+      IF NOT 'service' = ANY (k.scopes) THEN
+        PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
+      END IF;
+      IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
+        PERFORM util.fail('TL404', format('no account %s', p_account_id));
+      END IF;
+      RETURN p_account_id;
+    END IF;
+    IF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
+      PERFORM util.fail('TL403', format('this API key lacks the %s scope', p_scope));
+    END IF;
+    RETURN k.account_id;
   END IF;
-  RETURN v_account_id;
-END $$;
-COMMENT ON FUNCTION identity.authenticate(text) IS
-  'The account an API key belongs to, found by the key''s SHA-256 hash. TL401 when the key is unknown, revoked or expired.';
 
-CREATE OR REPLACE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0,
-                                              p_name text DEFAULT NULL, p_kind text DEFAULT 'person')
-RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  IF p_session_id IS NOT NULL THEN
+    SELECT * INTO s FROM identity.sessions
+    WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the session has ended: sign in again');
+    END IF;
+    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
+      PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
+    END IF;
+    IF s.last_used_at < util.now() - interval '1 minute' THEN
+      UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+    END IF;
+    RETURN s.account_id;
+  END IF;
+
+  PERFORM util.fail('TL401', 'an API key or access token is required');
+END $$;
+COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
+  'The account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope) or a session id from a verified access token (not revoked or expired). p_account_id: act on that account, allowed to service keys only. TL401 unknown key or ended session, TL403 missing scope or not a service key, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+
+CREATE OR REPLACE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint,
+                                                p_id uuid DEFAULT NULL, p_fingerprint text DEFAULT NULL)
+RETURNS uuid
+LANGUAGE plpgsql AS $$
 DECLARE
   v_account_id uuid;
-  v_key record;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM billing.plans WHERE id = p_plan AND active) THEN
     PERFORM util.fail('TL422', format('there is no active plan %L', p_plan),
@@ -51,18 +109,33 @@ BEGIN
   IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
     PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
   END IF;
-  INSERT INTO identity.accounts (kind, name, plan_id, created_at)
-  VALUES (p_kind, p_name, p_plan, util.now())
+  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at)
+  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now())
   RETURNING id INTO v_account_id;
-  SELECT * INTO v_key FROM identity.issue_api_key(v_account_id, 'default');
   IF p_credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account_id, 'grants', p_credits_micros, 'grant',
                                  'initial-credits', NULL, 'initial credits');
   END IF;
+  RETURN v_account_id;
+END $$;
+COMMENT ON FUNCTION identity.new_account(text, text, text, bigint, uuid, text) IS
+  'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger. TL422 unknown plan or bad input.';
+
+CREATE OR REPLACE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0,
+                                              p_name text DEFAULT NULL, p_kind text DEFAULT 'person')
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.new_account(p_plan, p_kind, p_name, p_credits_micros);
+  v_key record;
+BEGIN
+  SELECT * INTO v_key FROM identity.issue_api_key(
+    v_account_id, 'default',
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[] ELSE '{usage:write,usage:read}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
     'api_key_id', v_key.id, 'api_key', v_key.api_key,
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 COMMENT ON FUNCTION api.create_account(text, bigint, text, text) IS
-  'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+  'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';

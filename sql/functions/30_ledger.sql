@@ -82,12 +82,14 @@ END $$;
 COMMENT ON FUNCTION api.grant_credits(uuid, bigint, text, text) IS
   'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
-CREATE OR REPLACE FUNCTION api.balance(p_api_key text) RETURNS jsonb
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+CREATE OR REPLACE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account identity.accounts;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  SELECT * INTO v_account FROM identity.accounts
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', v_account.plan_id,
@@ -102,14 +104,15 @@ BEGIN
         ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
       WHERE e.plan_id = v_account.plan_id), '[]'));
 END $$;
-COMMENT ON FUNCTION api.balance(text) IS
-  'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). TL401 bad API key.';
+COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
+  'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
-CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_cursor text DEFAULT NULL, p_limit integer DEFAULT 20)
+CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
+                                      p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key);
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   v_before bigint;
   v_rows jsonb;
   v_last bigint;
@@ -136,5 +139,5 @@ BEGIN
   RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
                             'next_cursor', CASE WHEN v_more THEN v_last::text END);
 END $$;
-COMMENT ON FUNCTION api.ledger(text, text, integer) IS
-  'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. TL401 bad API key, TL422 bad limit or cursor.';
+COMMENT ON FUNCTION api.ledger(text, uuid, text, integer, uuid) IS
+  'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';

@@ -153,9 +153,10 @@ $$;
 COMMENT ON FUNCTION metering.request_hash(text, bigint, bigint, bigint) IS
   'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
 
-CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text,
+CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
-                                       p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL)
+                                       p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
+                                       p_account_id uuid DEFAULT NULL)
 RETURNS TABLE (replayed boolean, body jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -172,7 +173,7 @@ BEGIN
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
   SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key) FOR NO KEY UPDATE;
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id) FOR NO KEY UPDATE;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -220,18 +221,20 @@ BEGIN
   replayed := false;
   RETURN NEXT;
 END $$;
-COMMENT ON FUNCTION api.consume(text, text, text, bigint, bigint, bigint) IS
-  'POST /v1/usage/events: authenticate the API key, then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid) IS
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
-CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint DEFAULT NULL,
-                                           p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL)
+CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
+                                           p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
+                                           p_output_tokens bigint DEFAULT NULL, p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account identity.accounts;
   q record;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  SELECT * INTO v_account FROM identity.accounts
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   RETURN jsonb_build_object(
     'allowed', q.allowed, 'meter', q.meter_id, 'quantity', q.quantity,
@@ -244,10 +247,10 @@ BEGIN
     'warnings', CASE WHEN q.allowed THEN q.warnings ELSE '[]' END,
     'resets_at', util.iso(q.period_end));
 END $$;
-COMMENT ON FUNCTION api.check_usage(text, text, bigint, bigint, bigint) IS
-  'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. TL401 bad key, TL422 bad input.';
+COMMENT ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) IS
+  'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
-GRANT EXECUTE ON FUNCTION api.consume(text, text, text, bigint, bigint, bigint) TO pgtally_api;
-GRANT EXECUTE ON FUNCTION api.check_usage(text, text, bigint, bigint, bigint) TO pgtally_api;
-GRANT EXECUTE ON FUNCTION api.balance(text) TO pgtally_api;
-GRANT EXECUTE ON FUNCTION api.ledger(text, text, integer) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.balance(text, uuid, uuid) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.ledger(text, uuid, text, integer, uuid) TO pgtally_api;

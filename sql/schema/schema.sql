@@ -18,6 +18,10 @@ CREATE SCHEMA metering;
 
 COMMENT ON SCHEMA metering IS 'pgtally meters (with their rate cards), allowance usage and usage events.';
 
+CREATE SCHEMA outbox;
+
+COMMENT ON SCHEMA outbox IS 'pgtally outbox: messages written by the transaction that caused them, delivered by pgtally worker.';
+
 CREATE SCHEMA reporting;
 
 COMMENT ON SCHEMA reporting IS 'pgtally read-only views for DBAs and the analyst role (reconciliation, usage).';
@@ -26,14 +30,15 @@ CREATE SCHEMA util;
 
 COMMENT ON SCHEMA util IS 'pgtally helpers shared by every domain (clock, ids, units, errors).';
 
-CREATE FUNCTION api.balance(p_api_key text) RETURNS jsonb
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
+CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_account identity.accounts;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  SELECT * INTO v_account FROM identity.accounts
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', v_account.plan_id,
@@ -49,9 +54,9 @@ BEGIN
       WHERE e.plan_id = v_account.plan_id), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.balance(p_api_key text) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). TL401 bad API key.';
+COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
-CREATE FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint) RETURNS jsonb
+CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -59,7 +64,8 @@ DECLARE
   v_account identity.accounts;
   q record;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts WHERE id = identity.authenticate(p_api_key);
+  SELECT * INTO v_account FROM identity.accounts
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   RETURN jsonb_build_object(
     'allowed', q.allowed, 'meter', q.meter_id, 'quantity', q.quantity,
@@ -73,9 +79,9 @@ BEGIN
     'resets_at', util.iso(q.period_end));
 END $$;
 
-COMMENT ON FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. TL401 bad key, TL422 bad input.';
+COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
-CREATE FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint) RETURNS TABLE(replayed boolean, body jsonb)
+CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -93,7 +99,7 @@ BEGIN
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
   SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key) FOR NO KEY UPDATE;
+  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id) FOR NO KEY UPDATE;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -142,41 +148,56 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) IS 'POST /v1/usage/events: authenticate the API key, then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid;
+  v_account_id uuid := identity.new_account(p_plan, p_kind, p_name, p_credits_micros);
   v_key record;
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM billing.plans WHERE id = p_plan AND active) THEN
-    PERFORM util.fail('TL422', format('there is no active plan %L', p_plan),
-                      jsonb_build_object('plans', (SELECT jsonb_agg(id ORDER BY id) FROM billing.plans WHERE active)));
-  END IF;
-  IF p_credits_micros IS NULL OR p_credits_micros < 0 THEN
-    PERFORM util.fail('TL422', 'initial credits cannot be negative');
-  END IF;
-  IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
-    PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
-  END IF;
-  INSERT INTO identity.accounts (kind, name, plan_id, created_at)
-  VALUES (p_kind, p_name, p_plan, util.now())
-  RETURNING id INTO v_account_id;
-  SELECT * INTO v_key FROM identity.issue_api_key(v_account_id, 'default');
-  IF p_credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(v_account_id, 'grants', p_credits_micros, 'grant',
-                                 'initial-credits', NULL, 'initial credits');
-  END IF;
+  SELECT * INTO v_key FROM identity.issue_api_key(
+    v_account_id, 'default',
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[] ELSE '{usage:write,usage:read}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
     'api_key_id', v_key.id, 'api_key', v_key.api_key,
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 
-COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+
+CREATE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_key record;
+  k identity.api_keys;
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign up or log in to create API keys');
+  END IF;
+  IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
+  END IF;
+  IF p_scopes IS NULL OR cardinality(p_scopes) = 0 OR NOT p_scopes <@ '{usage:write,usage:read}'::text[] THEN
+    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read');
+  END IF;
+  IF p_expires_at IS NOT NULL AND p_expires_at <= util.now() THEN
+    PERFORM util.fail('TL422', 'expires_at must be in the future');
+  END IF;
+  SELECT * INTO v_key FROM identity.issue_api_key(s.account_id, btrim(p_name), p_scopes, p_expires_at);
+  SELECT * INTO k FROM identity.api_keys WHERE id = v_key.id;
+  PERFORM identity.log_event('api_key_created', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('api_key_id', k.id, 'scopes', to_jsonb(p_scopes)));
+  RETURN identity.api_key_json(k) || jsonb_build_object('api_key', v_key.api_key);
+END $$;
+
+COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) IS 'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
 
 CREATE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text DEFAULT NULL::text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -218,12 +239,47 @@ END $$;
 
 COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
-CREATE FUNCTION api.ledger(p_api_key text, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20) RETURNS jsonb
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
+CREATE FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_limited jsonb;
+  v_account_id uuid;
+  v_tokens jsonb;
+BEGIN
+  IF p_fingerprint IS NULL OR length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
+    PERFORM util.fail('TL422', 'a fingerprint of 1 to 256 characters is required');
+  END IF;
+  v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
+  v_tokens := identity.start_session(v_account_id, NULL, p_ip, p_user_agent);
+  PERFORM identity.log_event('device_identified', NULL, v_account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('fingerprint_seen_before',
+                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> v_account_id)));
+  RETURN v_tokens;
+END $$;
+
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous account on the anonymous plan for a device (browser extension, CLI install) and a session for it. The fingerprint is stored as a hint for lookups and abuse limits (5 new device accounts a day per fingerprint, 30 an hour per IP: TL429), never used as a credential.';
+
+CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT kid, secret FROM identity.jwt_keys ORDER BY created_at DESC, kid DESC
+$$;
+
+COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest (the signing key) first; read by the server at startup.';
+
+CREATE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key);
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   v_before bigint;
   v_rows jsonb;
   v_last bigint;
@@ -251,7 +307,21 @@ BEGIN
                             'next_cursor', CASE WHEN v_more THEN v_last::text END);
 END $_$;
 
-COMMENT ON FUNCTION api.ledger(p_api_key text, p_cursor text, p_limit integer) IS 'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. TL401 bad API key, TL422 bad limit or cursor.';
+COMMENT ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) IS 'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
+
+CREATE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(identity.api_key_json(k) ORDER BY k.created_at DESC)
+    FROM identity.api_keys k WHERE k.account_id = s.account_id AND k.revoked_at IS NULL), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.list_api_keys(p_session_id uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves).';
 
 CREATE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -342,6 +412,363 @@ END $_$;
 
 COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Upserts meters and plans, replaces each listed plan''s entitlements, deactivates plans not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
+CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  PERFORM identity.log_event('login_failed', p_user_id, NULL, NULL, p_ip, p_user_agent,
+                             jsonb_build_object('email', lower(btrim(p_email)), 'known_user', p_user_id IS NOT NULL));
+  RETURN identity.error('TL401', 'the email or password is not right');
+END $$;
+
+COMMENT ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) IS 'POST /v1/auth/login, step 2 on a wrong password or unknown email: log it and return the one TL401 error both cases share.';
+
+CREATE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_email text := lower(btrim(p_email));
+  v_limited jsonb := identity.throttled('login', p_ip, 30, interval '5 minutes', 'email', v_email, 10, interval '5 minutes');
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
+  RETURN jsonb_build_object('user_id', u.id, 'password_hash', u.password_hash);
+END $$;
+
+COMMENT ON FUNCTION api.login_start(p_email text, p_ip text) IS 'POST /v1/auth/login, step 1: apply the login rate limits (30 per 5 minutes per IP, 10 per 5 minutes per email: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+
+CREATE FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  u identity.users;
+  v_tokens jsonb;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE id = p_user_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the email or password is not right');
+  END IF;
+  IF p_new_password_hash IS NOT NULL THEN
+    UPDATE identity.users SET password_hash = p_new_password_hash WHERE id = u.id;
+    PERFORM identity.log_event('password_rehashed', u.id, u.account_id, NULL, p_ip, p_user_agent);
+  END IF;
+  v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent);
+  PERFORM identity.log_event('login_succeeded', u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent);
+  IF p_device_session_id IS NOT NULL THEN
+    PERFORM identity.merge_device(p_device_session_id, u.account_id, p_ip, p_user_agent);
+  END IF;
+  RETURN v_tokens;
+END $$;
+
+COMMENT ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/login, step 2 after the server verified the password: store a rehash when argon2 parameters changed, start a session, log it, merge the caller''s anonymous device if any. Returns identity.tokens.';
+
+CREATE FUNCTION api.logout(p_session_id uuid, p_everywhere boolean DEFAULT false) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_count integer;
+BEGIN
+  UPDATE identity.sessions x
+  SET revoked_at = util.now(), revoked_reason = CASE WHEN p_everywhere THEN 'logout_all' ELSE 'logout' END
+  WHERE x.revoked_at IS NULL
+    AND (x.id = s.id OR (p_everywhere AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.account_id = s.account_id))));
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM identity.log_event(CASE WHEN p_everywhere THEN 'logout_all' ELSE 'logout' END,
+                             s.user_id, s.account_id, s.id, NULL, NULL, jsonb_build_object('sessions', v_count));
+  RETURN jsonb_build_object('sessions_revoked', v_count);
+END $$;
+
+COMMENT ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) IS 'POST /v1/auth/logout (this session) and /v1/auth/logout-all (p_everywhere: every session of the user): revokes them, with their refresh tokens. TL401 when the session has ended.';
+
+CREATE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts;
+  u identity.users;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO u FROM identity.users WHERE account_id = a.id;
+  RETURN jsonb_build_object(
+    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', a.plan_id,
+                                  'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at)),
+    'user', CASE WHEN u.id IS NULL THEN NULL ELSE
+              jsonb_build_object('id', u.id, 'email', u.email, 'email_verified', u.email_verified_at IS NOT NULL,
+                                 'created_at', util.iso(u.created_at)) END,
+    'session_id', p_session_id);
+END $$;
+
+COMMENT ON FUNCTION api.me(p_api_key text, p_session_id uuid) IS 'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
+
+CREATE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10) RETURNS TABLE(id uuid, kind text, recipient text, payload jsonb, attempts integer)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  UPDATE outbox.messages m
+  SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
+  WHERE m.id IN (SELECT x.id FROM outbox.messages x
+                 WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
+                 ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+  RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts
+$$;
+
+COMMENT ON FUNCTION api.outbox_claim(p_limit integer) IS 'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';
+
+CREATE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  UPDATE outbox.messages SET delivered_at = util.now(), payload = payload - 'token', last_error = NULL
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+
+COMMENT ON FUNCTION api.outbox_delivered(p_id uuid) IS 'pgtally worker: the message was accepted by the mail server; its link token is dropped.';
+
+CREATE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  UPDATE outbox.messages
+  SET last_error = left(p_error, 1000),
+      next_attempt_at = util.now() + interval '5 seconds' * power(2, attempts - 1),
+      failed_at = CASE WHEN attempts >= 8 THEN util.now() END,
+      payload = CASE WHEN attempts >= 8 THEN payload - 'token' ELSE payload END
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+
+COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
+
+CREATE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_hash bytea := util.token_hash(p_refresh_token);
+  v_session_id uuid;
+  r identity.refresh_tokens;
+  s identity.sessions;
+BEGIN
+  -- The claim: one of any number of concurrent refreshes of this token wins it.
+  UPDATE identity.refresh_tokens t SET used_at = util.now()
+  FROM identity.sessions x
+  WHERE t.token_hash = v_hash AND t.used_at IS NULL AND t.expires_at > util.now()
+    AND x.id = t.session_id AND x.revoked_at IS NULL AND x.expires_at > util.now()
+  RETURNING t.session_id INTO v_session_id;
+  IF v_session_id IS NOT NULL THEN
+    UPDATE identity.sessions SET last_used_at = util.now() WHERE id = v_session_id;
+    RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+  END IF;
+
+  SELECT * INTO r FROM identity.refresh_tokens WHERE token_hash = v_hash;
+  SELECT * INTO s FROM identity.sessions WHERE id = r.session_id;
+  IF r.id IS NULL OR s.revoked_at IS NOT NULL OR r.expires_at <= util.now() OR s.expires_at <= util.now() THEN
+    RETURN identity.error('TL401', 'the refresh token is not valid: sign in again');
+  END IF;
+  -- Used already. Within the grace window it is a concurrent refresh (two tabs, a retried
+  -- request): the session goes on with one more token. Later it is reuse: revoke the family.
+  IF r.used_at > util.now() - interval '10 seconds' THEN
+    RETURN identity.tokens(s.id, identity.issue_refresh_token(s.id));
+  END IF;
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'refresh_token_reuse'
+  WHERE id = s.id AND revoked_at IS NULL;
+  PERFORM identity.log_event('refresh_token_reuse', s.user_id, s.account_id, s.id, p_ip, p_user_agent,
+                             jsonb_build_object('refresh_token_id', r.id));
+  RETURN identity.error('TL401', 'this refresh token was already used: the session is revoked, sign in again');
+END $$;
+
+COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields another token of the same session (concurrent refreshes do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+
+CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('password_reset', p_ip, 10, interval '1 hour');
+  v_email text;
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_email := identity.normalize_email(p_email);
+  SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
+  -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
+  IF u.id IS NOT NULL AND identity.rate_limit('password_reset', 'email', v_email, 3, interval '1 hour') = 0 THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('password_reset', v_email,
+            jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
+            util.now(), util.now());
+    PERFORM identity.log_event('password_reset_requested', u.id, u.account_id, NULL, p_ip, NULL);
+  END IF;
+  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
+END $$;
+
+COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. At most 3 emails an hour per address (silently), 10 requests an hour per IP (TL429). TL422 bad email.';
+
+CREATE FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip, 10, interval '1 hour');
+  v_user_id uuid;
+  u identity.users;
+  v_count integer;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_user_id := identity.claim_one_time_token(p_token, 'password_reset');
+  IF v_user_id IS NULL THEN
+    RETURN identity.error('TL400', 'the reset link is not valid or has expired');
+  END IF;
+  UPDATE identity.users
+  SET password_hash = p_new_password_hash, password_changed_at = util.now(),
+      email_verified_at = coalesce(email_verified_at, util.now())
+  WHERE id = v_user_id RETURNING * INTO u;
+  UPDATE identity.one_time_tokens SET used_at = util.now()
+  WHERE user_id = u.id AND purpose = 'password_reset' AND used_at IS NULL;
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'password_reset'
+  WHERE user_id = u.id AND revoked_at IS NULL;
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM identity.log_event('password_reset', u.id, u.account_id, NULL, p_ip, NULL,
+                             jsonb_build_object('sessions_revoked', v_count));
+  RETURN jsonb_build_object('status', 'password_changed', 'sessions_revoked', v_count);
+END $$;
+
+COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+
+CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  UPDATE identity.api_keys SET revoked_at = util.now()
+  WHERE id = p_api_key_id AND account_id = s.account_id AND revoked_at IS NULL;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such API key');
+  END IF;
+  PERFORM identity.log_event('api_key_revoked', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('api_key_id', p_api_key_id));
+  RETURN jsonb_build_object('id', p_api_key_id, 'revoked', true);
+END $$;
+
+COMMENT ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys; it stops working at once. TL404 otherwise.';
+
+CREATE FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  UPDATE identity.sessions x SET revoked_at = util.now(), revoked_reason = 'revoked'
+  WHERE x.id = p_target_session_id AND x.revoked_at IS NULL
+    AND (x.user_id = s.user_id OR x.id = s.id);
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such active session of yours');
+  END IF;
+  PERFORM identity.log_event('session_revoked', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('revoked_session_id', p_target_session_id));
+  RETURN jsonb_build_object('id', p_target_session_id, 'revoked', true);
+END $$;
+
+COMMENT ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) IS 'DELETE /v1/me/sessions/{id}: revoke one of the caller''s sessions. TL404 when it is not theirs or not active.';
+
+CREATE FUNCTION api.sessions(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'ip', x.ip, 'user_agent', x.user_agent,
+                                        'created_at', util.iso(x.created_at), 'last_used_at', util.iso(x.last_used_at),
+                                        'expires_at', util.iso(x.expires_at)) ORDER BY x.created_at DESC)
+    FROM identity.sessions x
+    WHERE x.revoked_at IS NULL AND x.expires_at > util.now()
+      AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.id = s.id))), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one.';
+
+CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour');
+  v_email text;
+  v_account_id uuid := util.uuid_v7();
+  v_user_id uuid;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_email := identity.normalize_email(p_email);
+  INSERT INTO identity.users (account_id, email, email_normalized, password_hash, created_at, password_changed_at)
+  VALUES (v_account_id, btrim(p_email), v_email, p_password_hash, util.now(), util.now())
+  ON CONFLICT (email_normalized) DO NOTHING
+  RETURNING id INTO v_user_id;
+  IF v_user_id IS NULL THEN
+    -- Registered already: same answer to the caller, an email to the owner instead.
+    SELECT id, account_id INTO v_user_id, v_account_id FROM identity.users WHERE email_normalized = v_email;
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('account_exists', v_email, jsonb_build_object('email', v_email), util.now(), util.now());
+    PERFORM identity.log_event('signup_existing_email', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+  ELSE
+    PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('verify_email', v_email,
+            jsonb_build_object('email', v_email,
+                               'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
+            util.now(), util.now());
+    PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+    IF p_device_session_id IS NOT NULL THEN
+      PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
+    END IF;
+  END IF;
+  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
+END $$;
+
+COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limit: 10 an hour per IP (TL429). TL422 bad email.';
+
+CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('verify_email', p_ip, 30, interval '1 hour');
+  v_user_id uuid;
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_user_id := identity.claim_one_time_token(p_token, 'verify_email');
+  IF v_user_id IS NULL THEN
+    RETURN identity.error('TL400', 'the verification link is not valid or has expired');
+  END IF;
+  UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now())
+  WHERE id = v_user_id RETURNING * INTO u;
+  PERFORM identity.log_event('email_verified', u.id, u.account_id, NULL, p_ip, NULL);
+  RETURN jsonb_build_object('email', u.email, 'email_verified', true);
+END $$;
+
+COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified. TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+
 CREATE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
     AS $$
@@ -364,39 +791,372 @@ END $$;
 
 COMMENT ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) IS 'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
-CREATE FUNCTION identity.authenticate(p_api_key text) RETURNS uuid
-    LANGUAGE plpgsql STABLE
+CREATE FUNCTION util.uuid_v7() RETURNS uuid
+    LANGUAGE sql PARALLEL SAFE
+    AS $$
+  SELECT encode(
+    set_bit(set_bit(
+      overlay(uuid_send(gen_random_uuid())
+              PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+              FROM 1 FOR 6),
+      52, 1), 53, 1),
+    'hex')::uuid
+$$;
+
+COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 48-bit Unix milliseconds, then random bits. Used for every public id.';
+
+CREATE TABLE identity.sessions (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    user_id uuid,
+    ip text,
+    user_agent text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_used_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    revoked_at timestamp with time zone,
+    revoked_reason text,
+    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text])))
+);
+
+COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
+
+COMMENT ON COLUMN identity.sessions.expires_at IS 'Absolute end of the session: refresh tokens stop rotating then (30 days after sign-in).';
+
+CREATE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s identity.sessions;
+BEGIN
+  SELECT * INTO s FROM identity.sessions
+  WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the session has ended: sign in again');
+  END IF;
+  RETURN s;
+END $$;
+
+COMMENT ON FUNCTION identity.active_session(p_session_id uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
+
+CREATE FUNCTION identity.api_key_checksum(p_prefix_and_body text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT left(encode(sha256(convert_to(p_prefix_and_body, 'UTF8')), 'hex'), 8)
+$$;
+
+COMMENT ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) IS 'The 8 hex characters that end an API key: the start of SHA-256(pgt_ + body). api/security.py checks it before any lookup, so a mistyped key is refused without touching the database.';
+
+CREATE TABLE identity.api_keys (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    name text DEFAULT ''::text NOT NULL,
+    key_hash bytea NOT NULL,
+    display text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone,
+    revoked_at timestamp with time zone,
+    scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
+    last_used_at timestamp with time zone,
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,service}'::text[]) AND (cardinality(scopes) > 0)))
+);
+
+COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
+
+COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UTF-8).';
+
+COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
+
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), service (act on behalf of any account: account_id in the request).';
+
+COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
+
+CREATE FUNCTION identity.api_key_json(k identity.api_keys) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', k.id, 'name', k.name, 'display', k.display, 'scopes', to_jsonb(k.scopes),
+                            'created_at', util.iso(k.created_at), 'last_used_at', util.iso(k.last_used_at),
+                            'expires_at', util.iso(k.expires_at))
+$$;
+
+COMMENT ON FUNCTION identity.api_key_json(k identity.api_keys) IS 'An API key as GET /v1/api-keys shows it (never the key itself).';
+
+CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid) RETURNS uuid
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  k identity.api_keys;
+  s identity.sessions;
+BEGIN
+  IF p_api_key IS NOT NULL THEN
+    SELECT * INTO k FROM identity.api_keys
+    WHERE key_hash = util.token_hash(p_api_key) AND revoked_at IS NULL
+      AND (expires_at IS NULL OR expires_at > util.now());
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the API key is not valid');
+    END IF;
+    IF k.last_used_at IS NULL OR k.last_used_at < util.now() - interval '1 minute' THEN
+      UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+    END IF;
+    IF p_account_id IS NOT NULL AND p_account_id <> k.account_id THEN
+      IF NOT 'service' = ANY (k.scopes) THEN
+        PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
+      END IF;
+      IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
+        PERFORM util.fail('TL404', format('no account %s', p_account_id));
+      END IF;
+      RETURN p_account_id;
+    END IF;
+    IF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
+      PERFORM util.fail('TL403', format('this API key lacks the %s scope', p_scope));
+    END IF;
+    RETURN k.account_id;
+  END IF;
+
+  IF p_session_id IS NOT NULL THEN
+    SELECT * INTO s FROM identity.sessions
+    WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the session has ended: sign in again');
+    END IF;
+    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
+      PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
+    END IF;
+    IF s.last_used_at < util.now() - interval '1 minute' THEN
+      UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+    END IF;
+    RETURN s.account_id;
+  END IF;
+
+  PERFORM util.fail('TL401', 'an API key or access token is required');
+END $$;
+
+COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope) or a session id from a verified access token (not revoked or expired). p_account_id: act on that account, allowed to service keys only. TL401 unknown key or ended session, TL403 missing scope or not a service key, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+
+CREATE FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) RETURNS uuid
+    LANGUAGE sql
+    AS $$
+  UPDATE identity.one_time_tokens SET used_at = util.now()
+  WHERE token_hash = util.token_hash(p_token) AND purpose = p_purpose
+    AND used_at IS NULL AND expires_at > util.now()
+  RETURNING user_id
+$$;
+
+COMMENT ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) IS 'Use a one-time token: its user id, or NULL when unknown, used or expired. Atomic: of two concurrent claims one wins.';
+
+CREATE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DEFAULT '{}'::jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT jsonb_build_object('error', jsonb_build_object('sqlstate', p_sqlstate, 'message', p_message) || p_extra)
+$$;
+
+COMMENT ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) IS 'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
+
+CREATE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT ''::text, p_scopes text[] DEFAULT '{usage:write,usage:read}'::text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, OUT id uuid, OUT api_key text) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_body text := 'pgt_' || util.random_token();
+BEGIN
+  api_key := v_body || identity.api_key_checksum(v_body);
+  INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
+  VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
+          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
+  RETURNING identity.api_keys.id INTO id;
+END $$;
+
+COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
+
+CREATE FUNCTION identity.issue_refresh_token(p_session_id uuid) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_token text := 'rt_' || util.random_token();
+BEGIN
+  INSERT INTO identity.refresh_tokens (session_id, token_hash, created_at, expires_at)
+  SELECT p_session_id, util.token_hash(v_token), util.now(), s.expires_at FROM identity.sessions s WHERE s.id = p_session_id;
+  RETURN v_token;
+END $$;
+
+COMMENT ON FUNCTION identity.issue_refresh_token(p_session_id uuid) IS 'A new refresh token for a session, valid until the session expires.';
+
+CREATE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}'::jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO identity.auth_events (kind, user_id, account_id, session_id, ip, user_agent, detail, created_at)
+  VALUES (p_kind, p_user_id, p_account_id, p_session_id, p_ip, left(p_user_agent, 512), coalesce(p_detail, '{}'), util.now())
+$$;
+
+COMMENT ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) IS 'Append one authentication event. Callers never pass a secret.';
+
+CREATE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_device uuid;
+  v_credits bigint;
+  v_user uuid;
+BEGIN
+  SELECT s.account_id INTO v_device
+  FROM identity.sessions s JOIN identity.accounts a ON a.id = s.account_id
+  WHERE s.id = p_device_session_id AND s.revoked_at IS NULL AND a.kind = 'device' AND a.merged_into IS NULL;
+  IF v_device IS NULL OR v_device = p_target_account_id THEN
+    RETURN NULL;
+  END IF;
+  -- Both accounts change: lock them in id order.
+  PERFORM 1 FROM identity.accounts WHERE id IN (v_device, p_target_account_id) ORDER BY id FOR NO KEY UPDATE;
+  -- The claim: exactly once, whoever else tries at the same time.
+  UPDATE identity.accounts SET merged_into = p_target_account_id
+  WHERE id = v_device AND merged_into IS NULL
+  RETURNING credit_balance_micros INTO v_credits;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  IF v_credits > 0 THEN
+    PERFORM ledger.post_transfer(v_device, 'adjustments', -v_credits, 'adjustment', 'merge:' || p_target_account_id,
+                                 NULL, 'moved to account ' || p_target_account_id);
+    PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
+                                 NULL, 'moved from device account ' || v_device);
+  END IF;
+  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+  SELECT p_target_account_id, meter_id, period_start, period_end, used
+  FROM metering.allowance_usage WHERE account_id = v_device
+  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
+  DELETE FROM metering.allowance_usage WHERE account_id = v_device;
+  UPDATE metering.usage_events e SET account_id = p_target_account_id
+  WHERE e.account_id = v_device
+    AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
+                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key);
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
+  WHERE account_id = v_device AND revoked_at IS NULL;
+  SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
+  PERFORM identity.log_event('device_merged', v_user, p_target_account_id, NULL, p_ip, p_user_agent,
+                             jsonb_build_object('device_account_id', v_device, 'credits_micros', v_credits));
+  RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
+END $$;
+
+COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, allowance usage added to the same meter and period, usage events re-pointed, device sessions revoked. NULL when there is nothing to merge.';
+
+CREATE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid DEFAULT NULL::uuid, p_fingerprint text DEFAULT NULL::text) RETURNS uuid
+    LANGUAGE plpgsql
     AS $$
 DECLARE
   v_account_id uuid;
 BEGIN
-  SELECT k.account_id INTO v_account_id
-  FROM identity.api_keys k
-  WHERE k.key_hash = sha256(convert_to(coalesce(p_api_key, ''), 'UTF8'))
-    AND k.revoked_at IS NULL
-    AND (k.expires_at IS NULL OR k.expires_at > util.now());
-  IF v_account_id IS NULL THEN
-    PERFORM util.fail('TL401', 'the API key is not valid');
+  IF NOT EXISTS (SELECT 1 FROM billing.plans WHERE id = p_plan AND active) THEN
+    PERFORM util.fail('TL422', format('there is no active plan %L', p_plan),
+                      jsonb_build_object('plans', (SELECT jsonb_agg(id ORDER BY id) FROM billing.plans WHERE active)));
+  END IF;
+  IF p_credits_micros IS NULL OR p_credits_micros < 0 THEN
+    PERFORM util.fail('TL422', 'initial credits cannot be negative');
+  END IF;
+  IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
+    PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
+  END IF;
+  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at)
+  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now())
+  RETURNING id INTO v_account_id;
+  IF p_credits_micros > 0 THEN
+    PERFORM ledger.post_transfer(v_account_id, 'grants', p_credits_micros, 'grant',
+                                 'initial-credits', NULL, 'initial credits');
   END IF;
   RETURN v_account_id;
 END $$;
 
-COMMENT ON FUNCTION identity.authenticate(p_api_key text) IS 'The account an API key belongs to, found by the key''s SHA-256 hash. TL401 when the key is unknown, revoked or expired.';
+COMMENT ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) IS 'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger. TL422 unknown plan or bad input.';
 
-CREATE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT ''::text, OUT id uuid, OUT api_key text) RETURNS record
+CREATE FUNCTION identity.normalize_email(p_email text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE
+    AS $_$
+DECLARE
+  v text := lower(btrim(p_email));
+BEGIN
+  IF v IS NULL OR length(v) > 320 OR v !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' THEN
+    PERFORM util.fail('TL422', 'a valid email address is required');
+  END IF;
+  RETURN v;
+END $_$;
+
+COMMENT ON FUNCTION identity.normalize_email(p_email text) IS 'lower(trim(email)), after a shape check (one @, a dot in the domain, no spaces, at most 320 characters). TL422 otherwise.';
+
+CREATE FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) RETURNS text
     LANGUAGE plpgsql
     AS $$
+DECLARE
+  v_token text := util.random_token();
 BEGIN
-  -- 244 random bits from two version-4 UUIDs (pg_strong_random), URL-safe base64.
-  api_key := 'pgt_' || rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()), 'base64'),
-                                       '+/', '-_'), '=');
-  INSERT INTO identity.api_keys (account_id, name, key_hash, display, created_at)
-  VALUES (p_account_id, coalesce(p_name, ''), sha256(convert_to(api_key, 'UTF8')),
-          left(api_key, 8) || '...' || right(api_key, 4), util.now())
-  RETURNING identity.api_keys.id INTO id;
+  INSERT INTO identity.one_time_tokens (user_id, purpose, token_hash, created_at, expires_at)
+  VALUES (p_user_id, p_purpose, util.token_hash(v_token), util.now(), util.now() + p_lifetime);
+  RETURN v_token;
 END $$;
 
-COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key text (pgt_ + 43 characters), which is stored only as a SHA-256 hash.';
+COMMENT ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) IS 'Create a verify_email or password_reset token; returns the token, stored only as its hash.';
+
+CREATE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_seconds numeric := extract(epoch FROM p_window);
+  v_start timestamptz := to_timestamp(floor(extract(epoch FROM util.now()) / v_seconds) * v_seconds);
+  v_hits integer;
+BEGIN
+  IF p_value IS NULL THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO identity.rate_limits AS r (bucket, window_start, hits)
+  VALUES (p_action || ':' || p_dimension || ':' || p_value, v_start, 1)
+  ON CONFLICT (bucket, window_start) DO UPDATE SET hits = r.hits + 1
+  RETURNING hits INTO v_hits;
+  IF v_hits <= p_limit THEN
+    RETURN 0;
+  END IF;
+  RETURN greatest(1, ceil(extract(epoch FROM v_start + p_window - util.now())))::integer;
+END $$;
+
+COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
+
+CREATE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at)
+  VALUES (p_account_id, p_user_id, p_ip, left(p_user_agent, 512), util.now(), util.now(), util.now() + interval '30 days')
+  RETURNING id INTO v_session_id;
+  RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+END $$;
+
+COMMENT ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) IS 'Start a session (a refresh-token family, 30 days at most) and return identity.tokens for it.';
+
+CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text, p_limit integer DEFAULT NULL::integer, p_window interval DEFAULT NULL::interval) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_retry integer := greatest(identity.rate_limit(p_action, 'ip', p_ip, p_ip_limit, p_ip_window),
+                              CASE WHEN p_dimension IS NOT NULL
+                                   THEN identity.rate_limit(p_action, p_dimension, p_value, p_limit, p_window)
+                                   ELSE 0 END);
+BEGIN
+  IF v_retry = 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM identity.log_event('rate_limited', NULL, NULL, NULL, p_ip, NULL, jsonb_build_object('action', p_action));
+  RETURN identity.error('TL429', format('too many %s attempts; try again in %s seconds', replace(p_action, '_', ' '), v_retry),
+                        jsonb_build_object('retry_after', v_retry));
+END $$;
+
+COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Apply the rate limits of an action (per IP, and optionally per email or fingerprint): NULL when allowed, else a TL429 error with retry_after, logged.';
+
+CREATE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('session_id', s.id, 'user_id', s.user_id, 'account_id', s.account_id,
+                            'refresh_token', p_refresh_token, 'session_expires_at', util.iso(s.expires_at))
+  FROM identity.sessions s WHERE s.id = p_session_id
+$$;
+
+COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
 CREATE FUNCTION ledger.check_transfer_balanced() RETURNS trigger
     LANGUAGE plpgsql
@@ -413,20 +1173,6 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ledger.check_transfer_balanced() IS 'Deferred constraint trigger: the entries of a transfer must sum to zero at commit (TL500 otherwise).';
-
-CREATE FUNCTION util.uuid_v7() RETURNS uuid
-    LANGUAGE sql PARALLEL SAFE
-    AS $$
-  SELECT encode(
-    set_bit(set_bit(
-      overlay(uuid_send(gen_random_uuid())
-              PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
-              FROM 1 FOR 6),
-      52, 1), 53, 1),
-    'hex')::uuid
-$$;
-
-COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 48-bit Unix milliseconds, then random bits. Used for every public id.';
 
 CREATE TABLE ledger.transfers (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -582,8 +1328,11 @@ CREATE TABLE identity.accounts (
     billing_period_start timestamp with time zone,
     billing_period_end timestamp with time zone,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    merged_into uuid,
+    device_fingerprint text,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
     CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
     CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
 );
@@ -595,6 +1344,10 @@ COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit bala
 COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
 
 COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
+
+COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
+
+COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
 
 CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -751,6 +1504,24 @@ $$;
 
 COMMENT ON FUNCTION util.now() IS 'The one clock of pgtally: now(), unless the session sets pgtally.now (tests move time with SET pgtally.now = ''2026-01-31 23:59:59+00'').';
 
+CREATE FUNCTION util.random_token() RETURNS text
+    LANGUAGE sql
+    AS $$
+  -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
+  SELECT rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
+                                || uuid_send(gen_random_uuid()), 'base64'), E'+/\n', '-_'), '=')
+$$;
+
+COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
+
+CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
+$$;
+
+COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
+
 CREATE TABLE billing.plans (
     id text NOT NULL,
     name text NOT NULL,
@@ -768,22 +1539,89 @@ COMMENT ON COLUMN billing.plans.id IS 'Stable plan code, for example free, pro, 
 
 COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array of strings) shown by clients.';
 
-CREATE TABLE identity.api_keys (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    name text DEFAULT ''::text NOT NULL,
-    key_hash bytea NOT NULL,
-    display text NOT NULL,
+CREATE TABLE identity.auth_events (
+    id bigint NOT NULL,
+    kind text NOT NULL,
+    user_id uuid,
+    account_id uuid,
+    session_id uuid,
+    ip text,
+    user_agent text,
+    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone,
-    revoked_at timestamp with time zone
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text])))
 );
 
-COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
+COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
 
-COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UTF-8).';
+ALTER TABLE identity.auth_events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME identity.auth_events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
-COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
+CREATE TABLE identity.jwt_keys (
+    kid text NOT NULL,
+    secret bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT jwt_keys_secret_check CHECK ((length(secret) >= 32))
+);
+
+COMMENT ON TABLE identity.jwt_keys IS 'HMAC keys for access tokens (HS256, RFC 7518). The newest signs; the server reads them through api.jwt_keys().';
+
+CREATE TABLE identity.one_time_tokens (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    user_id uuid NOT NULL,
+    purpose text NOT NULL,
+    token_hash bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    CONSTRAINT one_time_tokens_purpose_check CHECK ((purpose = ANY (ARRAY['verify_email'::text, 'password_reset'::text])))
+);
+
+COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password reset tokens: 256 random bits, stored as SHA-256 hashes, claimed once with UPDATE ... RETURNING before they expire.';
+
+CREATE TABLE identity.rate_limits (
+    bucket text NOT NULL,
+    window_start timestamp with time zone NOT NULL,
+    hits integer NOT NULL
+);
+
+COMMENT ON TABLE identity.rate_limits IS 'Fixed-window rate limit counters shared by every server process: bucket is action:dimension:value (login:ip:203.0.113.7). Old windows can be deleted at will.';
+
+CREATE TABLE identity.refresh_tokens (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    session_id uuid NOT NULL,
+    token_hash bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone
+);
+
+COMMENT ON TABLE identity.refresh_tokens IS 'Refresh tokens (stored as SHA-256 hashes), each usable once: POST /v1/auth/refresh claims it and issues its successor. Presenting a used one outside the grace window revokes the session (RFC 9700 section 4.14.2).';
+
+CREATE TABLE identity.users (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    email text NOT NULL,
+    email_normalized text NOT NULL,
+    password_hash text NOT NULL,
+    email_verified_at timestamp with time zone,
+    password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized)))
+);
+
+COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
+
+COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
+
+COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database.';
 
 CREATE TABLE ledger.entries (
     id bigint NOT NULL,
@@ -867,6 +1705,33 @@ COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this ev
 
 COMMENT ON COLUMN metering.usage_events.response IS 'The JSON answer given the first time, returned as is on every replay.';
 
+CREATE TABLE outbox.messages (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    kind text NOT NULL,
+    recipient text NOT NULL,
+    payload jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    delivered_at timestamp with time zone,
+    failed_at timestamp with time zone,
+    last_error text,
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text])))
+);
+
+COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
+
+COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
+
+CREATE VIEW reporting.auth_events_daily AS
+ SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    kind,
+    count(*) AS events
+   FROM identity.auth_events
+  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), kind;
+
+COMMENT ON VIEW reporting.auth_events_daily IS 'Authentication events per UTC day and kind.';
+
 CREATE VIEW reporting.balance_mismatches AS
  SELECT a.id AS account_id,
     a.credit_balance_micros AS cached_micros,
@@ -896,6 +1761,16 @@ CREATE VIEW reporting.entry_balance_breaks AS
   WHERE ((balance_after_micros)::numeric <> running_micros);
 
 COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries. Must be empty.';
+
+CREATE VIEW reporting.outbox_backlog AS
+ SELECT kind,
+    count(*) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS pending,
+    count(*) FILTER (WHERE (failed_at IS NOT NULL)) AS failed,
+    min(created_at) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS oldest_pending
+   FROM outbox.messages
+  GROUP BY kind;
+
+COMMENT ON VIEW reporting.outbox_backlog IS 'Outbox messages waiting or given up, per kind.';
 
 CREATE VIEW reporting.system_balances AS
  SELECT s.code AS system_account,
@@ -954,6 +1829,39 @@ ALTER TABLE ONLY identity.api_keys
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY identity.auth_events
+    ADD CONSTRAINT auth_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.jwt_keys
+    ADD CONSTRAINT jwt_keys_pkey PRIMARY KEY (kid);
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_token_hash_key UNIQUE (token_hash);
+
+ALTER TABLE ONLY identity.rate_limits
+    ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket, window_start);
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_token_hash_key UNIQUE (token_hash);
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_account_id_key UNIQUE (account_id);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_email_normalized_key UNIQUE (email_normalized);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY ledger.entries
     ADD CONSTRAINT entries_pkey PRIMARY KEY (id);
 
@@ -978,13 +1886,32 @@ ALTER TABLE ONLY metering.usage_events
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY outbox.messages
+    ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
+
+CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
+
 CREATE INDEX api_keys_account_id_idx ON identity.api_keys USING btree (account_id);
+
+CREATE INDEX auth_events_user_id_idx ON identity.auth_events USING btree (user_id, id) WHERE (user_id IS NOT NULL);
+
+CREATE INDEX one_time_tokens_user_id_idx ON identity.one_time_tokens USING btree (user_id, purpose);
+
+CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btree (session_id);
+
+CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_id) WHERE (revoked_at IS NULL);
+
+CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
 
 CREATE INDEX entries_account_id_idx ON ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
 
 CREATE INDEX entries_transfer_id_idx ON ledger.entries USING btree (transfer_id);
 
 CREATE INDEX transfers_usage_event_id_idx ON ledger.transfers USING btree (usage_event_id) WHERE (usage_event_id IS NOT NULL);
+
+CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
+
+CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
 CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
@@ -1003,10 +1930,28 @@ ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
 
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
 
 ALTER TABLE ONLY ledger.entries
     ADD CONSTRAINT entries_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE RESTRICT;
@@ -1039,33 +1984,123 @@ GRANT USAGE ON SCHEMA api TO pgtally_api;
 
 GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 
-REVOKE ALL ON FUNCTION api.balance(p_api_key text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.balance(p_api_key text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.consume(p_api_key text, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_cursor text, p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_cursor text, p_limit integer) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.load_catalog(p_catalog jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.login_start(p_email text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_start(p_email text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.outbox_claim(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_claim(p_limit integer) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.outbox_delivered(p_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, OUT id uuid, OUT api_key text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.active_session(p_session_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.issue_refresh_token(p_session_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.normalize_email(p_email text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.check_transfer_balanced() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) FROM PUBLIC;
 
@@ -1089,9 +2124,17 @@ REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
+
+GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
 

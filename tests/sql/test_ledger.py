@@ -58,20 +58,20 @@ def test_ledger_pages_newest_first_with_a_cursor(owner, api_conn, new_account):
     acct = new_account("free")
     for i in range(5):
         grant(owner, acct["account_id"], (i + 1) * CREDIT, f"g{i}")
-    page = api_conn.execute("SELECT api.ledger(%s, NULL, 2)", [acct["api_key"]]).fetchone()[0]
+    page = api_conn.execute("SELECT api.ledger(%s, NULL, NULL, 2)", [acct["api_key"]]).fetchone()[0]
     assert [e["amount"] for e in page["data"]] == ["5", "4"] and page["has_more"] is True
-    page = api_conn.execute("SELECT api.ledger(%s, %s, 2)", [acct["api_key"], page["next_cursor"]]).fetchone()[0]
+    page = api_conn.execute("SELECT api.ledger(%s, NULL, %s, 2)", [acct["api_key"], page["next_cursor"]]).fetchone()[0]
     assert [e["amount"] for e in page["data"]] == ["3", "2"]
-    page = api_conn.execute("SELECT api.ledger(%s, %s, 2)", [acct["api_key"], page["next_cursor"]]).fetchone()[0]
+    page = api_conn.execute("SELECT api.ledger(%s, NULL, %s, 2)", [acct["api_key"], page["next_cursor"]]).fetchone()[0]
     assert [e["amount"] for e in page["data"]] == ["1"]
     assert page["has_more"] is False and page["next_cursor"] is None
-    assert sqlstate_of(lambda: api_conn.execute("SELECT api.ledger(%s, 'abc', 2)", [acct["api_key"]])) == "TL422"
-    assert sqlstate_of(lambda: api_conn.execute("SELECT api.ledger(%s, NULL, 0)", [acct["api_key"]])) == "TL422"
+    assert sqlstate_of(lambda: api_conn.execute("SELECT api.ledger(%s, NULL, 'abc', 2)", [acct["api_key"]])) == "TL422"
+    assert sqlstate_of(lambda: api_conn.execute("SELECT api.ledger(%s, NULL, NULL, 0)", [acct["api_key"]])) == "TL422"
 
 
 def test_ledger_shows_only_the_callers_entries(owner, api_conn, new_account):
     a, b = new_account("free", CREDIT), new_account("free", 2 * CREDIT)
-    page = api_conn.execute("SELECT api.ledger(%s)", [a["api_key"]]).fetchone()[0]
+    page = api_conn.execute("SELECT api.ledger(%s, NULL)", [a["api_key"]]).fetchone()[0]
     assert [e["amount"] for e in page["data"]] == ["1"]
 
 
@@ -103,7 +103,7 @@ def test_server_role_can_only_execute_granted_api_functions(api_conn, new_accoun
     for sql in ["SELECT * FROM ledger.entries", "SELECT * FROM identity.accounts",
                 "SELECT * FROM metering.usage_events", "SELECT * FROM reporting.balance_mismatches",
                 "SELECT api.grant_credits(gen_random_uuid(), 1, 'k')", "SELECT api.create_account('free')",
-                "SELECT api.load_catalog('{}')", "SELECT identity.authenticate('x')"]:
+                "SELECT api.load_catalog('{}')", "SELECT identity.authenticate('x', NULL, 'usage:read')"]:
         assert sqlstate_of(lambda: api_conn.execute(sql)) == "42501", sql
     assert api_conn.execute("SELECT current_user").fetchone()[0] == db.API_ROLE
 

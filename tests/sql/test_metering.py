@@ -12,7 +12,7 @@ CREDIT = 1_000_000
 
 def consume(conn, key, idem, meter="generation", quantity=None, input_tokens=None, output_tokens=None):
     return conn.execute(
-        "SELECT replayed, body FROM api.consume(%s::text, %s::text, %s::text, %s::bigint, %s::bigint, %s::bigint)",
+        "SELECT replayed, body FROM api.consume(%s::text, NULL, %s::text, %s::text, %s::bigint, %s::bigint, %s::bigint)",
         [key, idem, meter, quantity, input_tokens, output_tokens]).fetchone()
 
 
@@ -23,7 +23,7 @@ def sqlstate_of(fn) -> str:
 
 
 def balance(conn, key):
-    return conn.execute("SELECT api.balance(%s)", [key]).fetchone()[0]
+    return conn.execute("SELECT api.balance(%s, NULL)", [key]).fetchone()[0]
 
 
 def test_allowance_first_then_credits_then_refused_with_nothing_charged(api_conn, owner, new_account):
@@ -165,10 +165,10 @@ def test_idempotency_key_is_required(api_conn, new_account):
 def test_check_tells_what_consume_would_do_and_changes_nothing(api_conn, owner, new_account):
     key = new_account("free", CREDIT)["api_key"]
     consume(api_conn, key, "a", quantity=10)
-    check = api_conn.execute("SELECT api.check_usage(%s, 'generation', 1)", [key]).fetchone()[0]
+    check = api_conn.execute("SELECT api.check_usage(%s, NULL, 'generation', 1)", [key]).fetchone()[0]
     assert check["allowed"] is True and check["charge"] == {"allowance_units": 0, "credits": "1"}
     assert check["balance"] == {"credits": "0"}
-    check = api_conn.execute("SELECT api.check_usage(%s, 'generation', 2)", [key]).fetchone()[0]
+    check = api_conn.execute("SELECT api.check_usage(%s, NULL, 'generation', 2)", [key]).fetchone()[0]
     assert check["allowed"] is False and check["required_credits"] == "2"
     assert check["resets_at"] is not None
     assert balance(api_conn, key)["credits"] == "1"

@@ -10,8 +10,8 @@ def test_schema_file_matches_what_migrations_build(db_url):
 
 
 def test_upgrade_reapplies_functions_when_no_migration_is_pending(owner, db_url):
-    owner.execute("DROP FUNCTION api.balance(text)")
+    owner.execute("DROP FUNCTION api.balance(text, uuid, uuid)")
     assert db.upgrade(db_url) == []
-    assert owner.execute("SELECT to_regprocedure('api.balance(text)') IS NOT NULL").fetchone()[0]
+    assert owner.execute("SELECT to_regprocedure('api.balance(text, uuid, uuid)') IS NOT NULL").fetchone()[0]
     status = db.status(db_url)
     assert status and all(applied for _, applied in status)

@@ -1,0 +1,177 @@
+"""``/v1/auth``, ``/v1/identify`` and ``/v1/me``: sign-up, login, rotating refresh tokens,
+sessions, email verification, password reset and anonymous devices.
+
+Every rule (rate limits, token claims, rotation and reuse detection, device merges) is in
+sql/functions/50_auth.sql. Handlers here hash or verify the password (argon2id, off the event
+loop), sign access tokens, and call one ``api.*`` function per step."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+import msgspec
+from anyio import to_thread
+from litestar import Request, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from api.calls import (AUTH, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json,
+                       client)
+from api.errors import PgtallyError
+from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
+
+Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, examples=["ada@example.com"])]
+Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class Credentials(msgspec.Struct, forbid_unknown_fields=True):
+    email: Email
+    password: Password
+
+
+class RefreshRequest(msgspec.Struct, forbid_unknown_fields=True):
+    refresh_token: Token
+
+
+class TokenRequest(msgspec.Struct, forbid_unknown_fields=True):
+    token: Token
+
+
+class EmailRequest(msgspec.Struct, forbid_unknown_fields=True):
+    email: Email
+
+
+class ResetConfirm(msgspec.Struct, forbid_unknown_fields=True):
+    token: Token
+    password: Password
+
+
+class IdentifyRequest(msgspec.Struct, forbid_unknown_fields=True):
+    fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class TokenResponse(msgspec.Struct):
+    """OAuth 2.0 token response (RFC 6749 section 5.1): a 15-minute access token (JWT, HS256) and
+    a single-use refresh token."""
+
+    access_token: str
+    token_type: str
+    expires_in: int
+    refresh_token: str
+
+
+async def new_password_hash(password: str) -> str:
+    """The argon2id hash of an acceptable new password; 422 with the reason otherwise."""
+    if reason := password_problem(password):
+        raise PgtallyError({"sqlstate": "TL422", "message": reason, "field": "password"})
+    return await to_thread.run_sync(hasher.hash, password)
+
+
+def device_session(caller: MaybeCaller) -> uuid.UUID | None:
+    return caller.session_id if caller else None
+
+
+@post("/v1/auth/signup", status_code=202, dependencies=OPTIONAL_AUTH, summary="Sign up")
+async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> dict:
+    """Create a user with a personal account on the free plan and email a verification link.
+    An address already registered gets the same 202 and body (its owner gets an email instead).
+    Send an anonymous device's access token as Bearer to move its usage and credits over.
+    422 weak password or bad email; 429 with Retry-After over the rate limit."""
+    password_hash = await new_password_hash(data.password)
+    return await call_json(request, "SELECT api.signup(%s::text, %s::text, %s::text, %s::text, %s::uuid)",
+                           [data.email, password_hash, *client(request), device_session(caller)])
+
+
+@post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in")
+async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> TokenResponse:
+    """Tokens for an email and password. An unknown email and a wrong password get the same 401
+    after the same work (the password is checked against a dummy hash). Send an anonymous
+    device's access token as Bearer to move its usage and credits to this account. 429 with
+    Retry-After over the rate limit."""
+    ip, user_agent = client(request)
+    found = await call_json(request, "SELECT api.login_start(%s::text, %s::text)", [data.email, ip])
+    ok, rehash = await to_thread.run_sync(verify_password, found["password_hash"], data.password)
+    if not ok:
+        await call_json(request, "SELECT api.login_failed(%s::uuid, %s::text, %s::text, %s::text)",
+                        [found["user_id"], data.email, ip, user_agent])
+    session = await call_json(request, "SELECT api.login_succeeded(%s::uuid, %s::text, %s::text, %s::text, %s::uuid)",
+                              [found["user_id"], rehash, ip, user_agent, device_session(caller)])
+    return request.app.state.keys.issue(session)
+
+
+@post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token")
+async def refresh(request: Request, data: JSONBody[RefreshRequest]) -> TokenResponse:
+    """New tokens for a refresh token, which stops working. Presenting a used refresh token
+    (after a 10-second grace for concurrent refreshes) revokes its whole session: 401."""
+    session = await call_json(request, "SELECT api.refresh(%s::text, %s::text, %s::text)",
+                              [data.refresh_token, *client(request)])
+    return request.app.state.keys.issue(session)
+
+
+@post("/v1/auth/logout", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out")
+async def logout(request: Request, session: Session) -> dict:
+    """End this session: its access and refresh tokens stop working."""
+    return await call_json(request, "SELECT api.logout(%s::uuid, false)", [session])
+
+
+@post("/v1/auth/logout-all", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out everywhere")
+async def logout_all(request: Request, session: Session) -> dict:
+    """End every session of the signed-in user."""
+    return await call_json(request, "SELECT api.logout(%s::uuid, true)", [session])
+
+
+@post("/v1/auth/verify-email", status_code=200, summary="Verify an email address")
+async def verify_email(request: Request, data: JSONBody[TokenRequest]) -> dict:
+    """Use the token from the verification email (once, within 24 hours). 400 invalid, used or
+    expired token."""
+    return await call_json(request, "SELECT api.verify_email(%s::text, %s::text)", [data.token, client(request)[0]])
+
+
+@post("/v1/auth/password-reset", status_code=202, summary="Ask for a password reset email")
+async def password_reset(request: Request, data: JSONBody[EmailRequest]) -> dict:
+    """Email a reset link (valid 1 hour) if the address is registered; the same 202 either way."""
+    return await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)",
+                           [data.email, client(request)[0]])
+
+
+@post("/v1/auth/password-reset/confirm", status_code=200, summary="Set a new password")
+async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm]) -> dict:
+    """Use a reset token (once) to set a new password; every session and refresh token of the
+    user is revoked. 400 invalid, used or expired token; 422 weak password."""
+    password_hash = await new_password_hash(data.password)
+    return await call_json(request, "SELECT api.reset_password(%s::text, %s::text, %s::text)",
+                           [data.token, password_hash, client(request)[0]])
+
+
+@post("/v1/identify", status_code=201, summary="Tokens for an anonymous device")
+async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> TokenResponse:
+    """An anonymous account on the anonymous plan for a device (browser extension, CLI install),
+    with tokens for it. The fingerprint only feeds abuse limits; it is not a credential. 429 with
+    Retry-After over the limits."""
+    session = await call_json(request, "SELECT api.identify(%s::text, %s::text, %s::text)",
+                              [data.fingerprint, *client(request)])
+    return request.app.state.keys.issue(session)
+
+
+@get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller")
+async def me(request: Request, caller: Caller) -> dict:
+    """The caller's account and, for a signed-in user, the user."""
+    return await call_json(request, "SELECT api.me(%s::text, %s::uuid)", caller.params)
+
+
+@get("/v1/me/sessions", dependencies=SESSION, security=SECURITY, summary="Active sessions")
+async def sessions(request: Request, session: Session) -> dict:
+    """The signed-in user's active sessions, newest first, with the current one marked."""
+    return await call_json(request, "SELECT api.sessions(%s::uuid)", [session])
+
+
+@delete("/v1/me/sessions/{session_id:uuid}", status_code=200, dependencies=SESSION, security=SECURITY,
+        summary="Revoke a session")
+async def revoke_session(request: Request, session: Session, session_id: FromPath[uuid.UUID]) -> dict:
+    """End one of the user's sessions. 404 when it is not theirs or already ended."""
+    return await call_json(request, "SELECT api.revoke_session(%s::uuid, %s::uuid)", [session, session_id])
+
+
+ROUTES = [signup, login, refresh, logout, logout_all, verify_email, password_reset, password_reset_confirm,
+          identify, me, sessions, revoke_session]

@@ -1,0 +1,635 @@
+-- Sign-up, login, rotating refresh tokens, sessions, email verification, password reset,
+-- anonymous devices, API keys, rate limits and the outbox.
+--
+-- Functions whose failure must leave a trace (a rate-limit hit, a failed login, a detected
+-- refresh-token reuse) return {"error": {"sqlstate", "message", ...}} instead of raising, so the
+-- trace commits; api/errors.py renders both forms alike.
+
+CREATE OR REPLACE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DEFAULT '{}')
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT jsonb_build_object('error', jsonb_build_object('sqlstate', p_sqlstate, 'message', p_message) || p_extra)
+$$;
+COMMENT ON FUNCTION identity.error(text, text, jsonb) IS
+  'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
+
+CREATE OR REPLACE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text,
+                                               p_limit integer, p_window interval)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_seconds numeric := extract(epoch FROM p_window);
+  v_start timestamptz := to_timestamp(floor(extract(epoch FROM util.now()) / v_seconds) * v_seconds);
+  v_hits integer;
+BEGIN
+  IF p_value IS NULL THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO identity.rate_limits AS r (bucket, window_start, hits)
+  VALUES (p_action || ':' || p_dimension || ':' || p_value, v_start, 1)
+  ON CONFLICT (bucket, window_start) DO UPDATE SET hits = r.hits + 1
+  RETURNING hits INTO v_hits;
+  IF v_hits <= p_limit THEN
+    RETURN 0;
+  END IF;
+  RETURN greatest(1, ceil(extract(epoch FROM v_start + p_window - util.now())))::integer;
+END $$;
+COMMENT ON FUNCTION identity.rate_limit(text, text, text, integer, interval) IS
+  'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
+
+CREATE OR REPLACE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid,
+                                              p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE sql AS $$
+  INSERT INTO identity.auth_events (kind, user_id, account_id, session_id, ip, user_agent, detail, created_at)
+  VALUES (p_kind, p_user_id, p_account_id, p_session_id, p_ip, left(p_user_agent, 512), coalesce(p_detail, '{}'), util.now())
+$$;
+COMMENT ON FUNCTION identity.log_event(text, uuid, uuid, uuid, text, text, jsonb) IS
+  'Append one authentication event. Callers never pass a secret.';
+
+CREATE OR REPLACE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval,
+                                              p_dimension text DEFAULT NULL, p_value text DEFAULT NULL,
+                                              p_limit integer DEFAULT NULL, p_window interval DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_retry integer := greatest(identity.rate_limit(p_action, 'ip', p_ip, p_ip_limit, p_ip_window),
+                              CASE WHEN p_dimension IS NOT NULL
+                                   THEN identity.rate_limit(p_action, p_dimension, p_value, p_limit, p_window)
+                                   ELSE 0 END);
+BEGIN
+  IF v_retry = 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM identity.log_event('rate_limited', NULL, NULL, NULL, p_ip, NULL, jsonb_build_object('action', p_action));
+  RETURN identity.error('TL429', format('too many %s attempts; try again in %s seconds', replace(p_action, '_', ' '), v_retry),
+                        jsonb_build_object('retry_after', v_retry));
+END $$;
+COMMENT ON FUNCTION identity.throttled(text, text, integer, interval, text, text, integer, interval) IS
+  'Apply the rate limits of an action (per IP, and optionally per email or fingerprint): NULL when allowed, else a TL429 error with retry_after, logged.';
+
+CREATE OR REPLACE FUNCTION identity.normalize_email(p_email text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+  v text := lower(btrim(p_email));
+BEGIN
+  IF v IS NULL OR length(v) > 320 OR v !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' THEN
+    PERFORM util.fail('TL422', 'a valid email address is required');
+  END IF;
+  RETURN v;
+END $$;
+COMMENT ON FUNCTION identity.normalize_email(text) IS
+  'lower(trim(email)), after a shape check (one @, a dot in the domain, no spaces, at most 320 characters). TL422 otherwise.';
+
+CREATE OR REPLACE FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval)
+RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_token text := util.random_token();
+BEGIN
+  INSERT INTO identity.one_time_tokens (user_id, purpose, token_hash, created_at, expires_at)
+  VALUES (p_user_id, p_purpose, util.token_hash(v_token), util.now(), util.now() + p_lifetime);
+  RETURN v_token;
+END $$;
+COMMENT ON FUNCTION identity.one_time_token(uuid, text, interval) IS
+  'Create a verify_email or password_reset token; returns the token, stored only as its hash.';
+
+CREATE OR REPLACE FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) RETURNS uuid
+LANGUAGE sql AS $$
+  UPDATE identity.one_time_tokens SET used_at = util.now()
+  WHERE token_hash = util.token_hash(p_token) AND purpose = p_purpose
+    AND used_at IS NULL AND expires_at > util.now()
+  RETURNING user_id
+$$;
+COMMENT ON FUNCTION identity.claim_one_time_token(text, text) IS
+  'Use a one-time token: its user id, or NULL when unknown, used or expired. Atomic: of two concurrent claims one wins.';
+
+CREATE OR REPLACE FUNCTION identity.issue_refresh_token(p_session_id uuid) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_token text := 'rt_' || util.random_token();
+BEGIN
+  INSERT INTO identity.refresh_tokens (session_id, token_hash, created_at, expires_at)
+  SELECT p_session_id, util.token_hash(v_token), util.now(), s.expires_at FROM identity.sessions s WHERE s.id = p_session_id;
+  RETURN v_token;
+END $$;
+COMMENT ON FUNCTION identity.issue_refresh_token(uuid) IS 'A new refresh token for a session, valid until the session expires.';
+
+CREATE OR REPLACE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object('session_id', s.id, 'user_id', s.user_id, 'account_id', s.account_id,
+                            'refresh_token', p_refresh_token, 'session_expires_at', util.iso(s.expires_at))
+  FROM identity.sessions s WHERE s.id = p_session_id
+$$;
+COMMENT ON FUNCTION identity.tokens(uuid, text) IS
+  'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
+
+CREATE OR REPLACE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at)
+  VALUES (p_account_id, p_user_id, p_ip, left(p_user_agent, 512), util.now(), util.now(), util.now() + interval '30 days')
+  RETURNING id INTO v_session_id;
+  RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+END $$;
+COMMENT ON FUNCTION identity.start_session(uuid, uuid, text, text) IS
+  'Start a session (a refresh-token family, 30 days at most) and return identity.tokens for it.';
+
+CREATE OR REPLACE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+  s identity.sessions;
+BEGIN
+  SELECT * INTO s FROM identity.sessions
+  WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the session has ended: sign in again');
+  END IF;
+  RETURN s;
+END $$;
+COMMENT ON FUNCTION identity.active_session(uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
+
+CREATE OR REPLACE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid,
+                                                 p_ip text, p_user_agent text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_device uuid;
+  v_credits bigint;
+  v_user uuid;
+BEGIN
+  SELECT s.account_id INTO v_device
+  FROM identity.sessions s JOIN identity.accounts a ON a.id = s.account_id
+  WHERE s.id = p_device_session_id AND s.revoked_at IS NULL AND a.kind = 'device' AND a.merged_into IS NULL;
+  IF v_device IS NULL OR v_device = p_target_account_id THEN
+    RETURN NULL;
+  END IF;
+  -- Both accounts change: lock them in id order.
+  PERFORM 1 FROM identity.accounts WHERE id IN (v_device, p_target_account_id) ORDER BY id FOR NO KEY UPDATE;
+  -- The claim: exactly once, whoever else tries at the same time.
+  UPDATE identity.accounts SET merged_into = p_target_account_id
+  WHERE id = v_device AND merged_into IS NULL
+  RETURNING credit_balance_micros INTO v_credits;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  IF v_credits > 0 THEN
+    PERFORM ledger.post_transfer(v_device, 'adjustments', -v_credits, 'adjustment', 'merge:' || p_target_account_id,
+                                 NULL, 'moved to account ' || p_target_account_id);
+    PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
+                                 NULL, 'moved from device account ' || v_device);
+  END IF;
+  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+  SELECT p_target_account_id, meter_id, period_start, period_end, used
+  FROM metering.allowance_usage WHERE account_id = v_device
+  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
+  DELETE FROM metering.allowance_usage WHERE account_id = v_device;
+  UPDATE metering.usage_events e SET account_id = p_target_account_id
+  WHERE e.account_id = v_device
+    AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
+                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key);
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
+  WHERE account_id = v_device AND revoked_at IS NULL;
+  SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
+  PERFORM identity.log_event('device_merged', v_user, p_target_account_id, NULL, p_ip, p_user_agent,
+                             jsonb_build_object('device_account_id', v_device, 'credits_micros', v_credits));
+  RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
+END $$;
+COMMENT ON FUNCTION identity.merge_device(uuid, uuid, text, text) IS
+  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, allowance usage added to the same meter and period, usage events re-pointed, device sessions revoked. NULL when there is nothing to merge.';
+
+------------------------------------------------------------------------------------------------
+-- Sign-up, login, refresh, logout
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text,
+                                      p_device_session_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour');
+  v_email text;
+  v_account_id uuid := util.uuid_v7();
+  v_user_id uuid;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_email := identity.normalize_email(p_email);
+  INSERT INTO identity.users (account_id, email, email_normalized, password_hash, created_at, password_changed_at)
+  VALUES (v_account_id, btrim(p_email), v_email, p_password_hash, util.now(), util.now())
+  ON CONFLICT (email_normalized) DO NOTHING
+  RETURNING id INTO v_user_id;
+  IF v_user_id IS NULL THEN
+    -- Registered already: same answer to the caller, an email to the owner instead.
+    SELECT id, account_id INTO v_user_id, v_account_id FROM identity.users WHERE email_normalized = v_email;
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('account_exists', v_email, jsonb_build_object('email', v_email), util.now(), util.now());
+    PERFORM identity.log_event('signup_existing_email', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+  ELSE
+    PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('verify_email', v_email,
+            jsonb_build_object('email', v_email,
+                               'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
+            util.now(), util.now());
+    PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+    IF p_device_session_id IS NOT NULL THEN
+      PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
+    END IF;
+  END IF;
+  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
+END $$;
+COMMENT ON FUNCTION api.signup(text, text, text, text, uuid) IS
+  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limit: 10 an hour per IP (TL429). TL422 bad email.';
+
+CREATE OR REPLACE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_email text := lower(btrim(p_email));
+  v_limited jsonb := identity.throttled('login', p_ip, 30, interval '5 minutes', 'email', v_email, 10, interval '5 minutes');
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
+  RETURN jsonb_build_object('user_id', u.id, 'password_hash', u.password_hash);
+END $$;
+COMMENT ON FUNCTION api.login_start(text, text) IS
+  'POST /v1/auth/login, step 1: apply the login rate limits (30 per 5 minutes per IP, 10 per 5 minutes per email: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+
+CREATE OR REPLACE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM identity.log_event('login_failed', p_user_id, NULL, NULL, p_ip, p_user_agent,
+                             jsonb_build_object('email', lower(btrim(p_email)), 'known_user', p_user_id IS NOT NULL));
+  RETURN identity.error('TL401', 'the email or password is not right');
+END $$;
+COMMENT ON FUNCTION api.login_failed(uuid, text, text, text) IS
+  'POST /v1/auth/login, step 2 on a wrong password or unknown email: log it and return the one TL401 error both cases share.';
+
+CREATE OR REPLACE FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text,
+                                               p_device_session_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  u identity.users;
+  v_tokens jsonb;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE id = p_user_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the email or password is not right');
+  END IF;
+  IF p_new_password_hash IS NOT NULL THEN
+    UPDATE identity.users SET password_hash = p_new_password_hash WHERE id = u.id;
+    PERFORM identity.log_event('password_rehashed', u.id, u.account_id, NULL, p_ip, p_user_agent);
+  END IF;
+  v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent);
+  PERFORM identity.log_event('login_succeeded', u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent);
+  IF p_device_session_id IS NOT NULL THEN
+    PERFORM identity.merge_device(p_device_session_id, u.account_id, p_ip, p_user_agent);
+  END IF;
+  RETURN v_tokens;
+END $$;
+COMMENT ON FUNCTION api.login_succeeded(uuid, text, text, text, uuid) IS
+  'POST /v1/auth/login, step 2 after the server verified the password: store a rehash when argon2 parameters changed, start a session, log it, merge the caller''s anonymous device if any. Returns identity.tokens.';
+
+CREATE OR REPLACE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_hash bytea := util.token_hash(p_refresh_token);
+  v_session_id uuid;
+  r identity.refresh_tokens;
+  s identity.sessions;
+BEGIN
+  -- The claim: one of any number of concurrent refreshes of this token wins it.
+  UPDATE identity.refresh_tokens t SET used_at = util.now()
+  FROM identity.sessions x
+  WHERE t.token_hash = v_hash AND t.used_at IS NULL AND t.expires_at > util.now()
+    AND x.id = t.session_id AND x.revoked_at IS NULL AND x.expires_at > util.now()
+  RETURNING t.session_id INTO v_session_id;
+  IF v_session_id IS NOT NULL THEN
+    UPDATE identity.sessions SET last_used_at = util.now() WHERE id = v_session_id;
+    RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+  END IF;
+
+  SELECT * INTO r FROM identity.refresh_tokens WHERE token_hash = v_hash;
+  SELECT * INTO s FROM identity.sessions WHERE id = r.session_id;
+  IF r.id IS NULL OR s.revoked_at IS NOT NULL OR r.expires_at <= util.now() OR s.expires_at <= util.now() THEN
+    RETURN identity.error('TL401', 'the refresh token is not valid: sign in again');
+  END IF;
+  -- Used already. Within the grace window it is a concurrent refresh (two tabs, a retried
+  -- request): the session goes on with one more token. Later it is reuse: revoke the family.
+  IF r.used_at > util.now() - interval '10 seconds' THEN
+    RETURN identity.tokens(s.id, identity.issue_refresh_token(s.id));
+  END IF;
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'refresh_token_reuse'
+  WHERE id = s.id AND revoked_at IS NULL;
+  PERFORM identity.log_event('refresh_token_reuse', s.user_id, s.account_id, s.id, p_ip, p_user_agent,
+                             jsonb_build_object('refresh_token_id', r.id));
+  RETURN identity.error('TL401', 'this refresh token was already used: the session is revoked, sign in again');
+END $$;
+COMMENT ON FUNCTION api.refresh(text, text, text) IS
+  'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields another token of the same session (concurrent refreshes do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+
+CREATE OR REPLACE FUNCTION api.logout(p_session_id uuid, p_everywhere boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_count integer;
+BEGIN
+  UPDATE identity.sessions x
+  SET revoked_at = util.now(), revoked_reason = CASE WHEN p_everywhere THEN 'logout_all' ELSE 'logout' END
+  WHERE x.revoked_at IS NULL
+    AND (x.id = s.id OR (p_everywhere AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.account_id = s.account_id))));
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM identity.log_event(CASE WHEN p_everywhere THEN 'logout_all' ELSE 'logout' END,
+                             s.user_id, s.account_id, s.id, NULL, NULL, jsonb_build_object('sessions', v_count));
+  RETURN jsonb_build_object('sessions_revoked', v_count);
+END $$;
+COMMENT ON FUNCTION api.logout(uuid, boolean) IS
+  'POST /v1/auth/logout (this session) and /v1/auth/logout-all (p_everywhere: every session of the user): revokes them, with their refresh tokens. TL401 when the session has ended.';
+
+------------------------------------------------------------------------------------------------
+-- Me and my sessions
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  a identity.accounts;
+  u identity.users;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO u FROM identity.users WHERE account_id = a.id;
+  RETURN jsonb_build_object(
+    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', a.plan_id,
+                                  'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at)),
+    'user', CASE WHEN u.id IS NULL THEN NULL ELSE
+              jsonb_build_object('id', u.id, 'email', u.email, 'email_verified', u.email_verified_at IS NOT NULL,
+                                 'created_at', util.iso(u.created_at)) END,
+    'session_id', p_session_id);
+END $$;
+COMMENT ON FUNCTION api.me(text, uuid) IS
+  'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
+
+CREATE OR REPLACE FUNCTION api.sessions(p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'ip', x.ip, 'user_agent', x.user_agent,
+                                        'created_at', util.iso(x.created_at), 'last_used_at', util.iso(x.last_used_at),
+                                        'expires_at', util.iso(x.expires_at)) ORDER BY x.created_at DESC)
+    FROM identity.sessions x
+    WHERE x.revoked_at IS NULL AND x.expires_at > util.now()
+      AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.id = s.id))), '[]'));
+END $$;
+COMMENT ON FUNCTION api.sessions(uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one.';
+
+CREATE OR REPLACE FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  UPDATE identity.sessions x SET revoked_at = util.now(), revoked_reason = 'revoked'
+  WHERE x.id = p_target_session_id AND x.revoked_at IS NULL
+    AND (x.user_id = s.user_id OR x.id = s.id);
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such active session of yours');
+  END IF;
+  PERFORM identity.log_event('session_revoked', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('revoked_session_id', p_target_session_id));
+  RETURN jsonb_build_object('id', p_target_session_id, 'revoked', true);
+END $$;
+COMMENT ON FUNCTION api.revoke_session(uuid, uuid) IS 'DELETE /v1/me/sessions/{id}: revoke one of the caller''s sessions. TL404 when it is not theirs or not active.';
+
+------------------------------------------------------------------------------------------------
+-- Email verification and password reset
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('verify_email', p_ip, 30, interval '1 hour');
+  v_user_id uuid;
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_user_id := identity.claim_one_time_token(p_token, 'verify_email');
+  IF v_user_id IS NULL THEN
+    RETURN identity.error('TL400', 'the verification link is not valid or has expired');
+  END IF;
+  UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now())
+  WHERE id = v_user_id RETURNING * INTO u;
+  PERFORM identity.log_event('email_verified', u.id, u.account_id, NULL, p_ip, NULL);
+  RETURN jsonb_build_object('email', u.email, 'email_verified', true);
+END $$;
+COMMENT ON FUNCTION api.verify_email(text, text) IS
+  'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified. TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+
+CREATE OR REPLACE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('password_reset', p_ip, 10, interval '1 hour');
+  v_email text;
+  u identity.users;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_email := identity.normalize_email(p_email);
+  SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
+  -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
+  IF u.id IS NOT NULL AND identity.rate_limit('password_reset', 'email', v_email, 3, interval '1 hour') = 0 THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('password_reset', v_email,
+            jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
+            util.now(), util.now());
+    PERFORM identity.log_event('password_reset_requested', u.id, u.account_id, NULL, p_ip, NULL);
+  END IF;
+  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
+END $$;
+COMMENT ON FUNCTION api.request_password_reset(text, text) IS
+  'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. At most 3 emails an hour per address (silently), 10 requests an hour per IP (TL429). TL422 bad email.';
+
+CREATE OR REPLACE FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip, 10, interval '1 hour');
+  v_user_id uuid;
+  u identity.users;
+  v_count integer;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_user_id := identity.claim_one_time_token(p_token, 'password_reset');
+  IF v_user_id IS NULL THEN
+    RETURN identity.error('TL400', 'the reset link is not valid or has expired');
+  END IF;
+  UPDATE identity.users
+  SET password_hash = p_new_password_hash, password_changed_at = util.now(),
+      email_verified_at = coalesce(email_verified_at, util.now())
+  WHERE id = v_user_id RETURNING * INTO u;
+  UPDATE identity.one_time_tokens SET used_at = util.now()
+  WHERE user_id = u.id AND purpose = 'password_reset' AND used_at IS NULL;
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'password_reset'
+  WHERE user_id = u.id AND revoked_at IS NULL;
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM identity.log_event('password_reset', u.id, u.account_id, NULL, p_ip, NULL,
+                             jsonb_build_object('sessions_revoked', v_count));
+  RETURN jsonb_build_object('status', 'password_changed', 'sessions_revoked', v_count);
+END $$;
+COMMENT ON FUNCTION api.reset_password(text, text, text) IS
+  'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+
+------------------------------------------------------------------------------------------------
+-- Anonymous devices
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_limited jsonb;
+  v_account_id uuid;
+  v_tokens jsonb;
+BEGIN
+  IF p_fingerprint IS NULL OR length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
+    PERFORM util.fail('TL422', 'a fingerprint of 1 to 256 characters is required');
+  END IF;
+  v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
+  v_tokens := identity.start_session(v_account_id, NULL, p_ip, p_user_agent);
+  PERFORM identity.log_event('device_identified', NULL, v_account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('fingerprint_seen_before',
+                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> v_account_id)));
+  RETURN v_tokens;
+END $$;
+COMMENT ON FUNCTION api.identify(text, text, text) IS
+  'POST /v1/identify: an anonymous account on the anonymous plan for a device (browser extension, CLI install) and a session for it. The fingerprint is stored as a hint for lookups and abuse limits (5 new device accounts a day per fingerprint, 30 an hour per IP: TL429), never used as a credential.';
+
+------------------------------------------------------------------------------------------------
+-- API keys
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION identity.api_key_json(k identity.api_keys) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object('id', k.id, 'name', k.name, 'display', k.display, 'scopes', to_jsonb(k.scopes),
+                            'created_at', util.iso(k.created_at), 'last_used_at', util.iso(k.last_used_at),
+                            'expires_at', util.iso(k.expires_at))
+$$;
+COMMENT ON FUNCTION identity.api_key_json(identity.api_keys) IS 'An API key as GET /v1/api-keys shows it (never the key itself).';
+
+CREATE OR REPLACE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[],
+                                              p_expires_at timestamptz DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_key record;
+  k identity.api_keys;
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign up or log in to create API keys');
+  END IF;
+  IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
+  END IF;
+  IF p_scopes IS NULL OR cardinality(p_scopes) = 0 OR NOT p_scopes <@ '{usage:write,usage:read}'::text[] THEN
+    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read');
+  END IF;
+  IF p_expires_at IS NOT NULL AND p_expires_at <= util.now() THEN
+    PERFORM util.fail('TL422', 'expires_at must be in the future');
+  END IF;
+  SELECT * INTO v_key FROM identity.issue_api_key(s.account_id, btrim(p_name), p_scopes, p_expires_at);
+  SELECT * INTO k FROM identity.api_keys WHERE id = v_key.id;
+  PERFORM identity.log_event('api_key_created', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('api_key_id', k.id, 'scopes', to_jsonb(p_scopes)));
+  RETURN identity.api_key_json(k) || jsonb_build_object('api_key', v_key.api_key);
+END $$;
+COMMENT ON FUNCTION api.create_api_key(uuid, text, text[], timestamptz) IS
+  'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
+
+CREATE OR REPLACE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(identity.api_key_json(k) ORDER BY k.created_at DESC)
+    FROM identity.api_keys k WHERE k.account_id = s.account_id AND k.revoked_at IS NULL), '[]'));
+END $$;
+COMMENT ON FUNCTION api.list_api_keys(uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves).';
+
+CREATE OR REPLACE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  UPDATE identity.api_keys SET revoked_at = util.now()
+  WHERE id = p_api_key_id AND account_id = s.account_id AND revoked_at IS NULL;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such API key');
+  END IF;
+  PERFORM identity.log_event('api_key_revoked', s.user_id, s.account_id, s.id, NULL, NULL,
+                             jsonb_build_object('api_key_id', p_api_key_id));
+  RETURN jsonb_build_object('id', p_api_key_id, 'revoked', true);
+END $$;
+COMMENT ON FUNCTION api.revoke_api_key(uuid, uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys; it stops working at once. TL404 otherwise.';
+
+CREATE OR REPLACE FUNCTION api.jwt_keys() RETURNS TABLE (kid text, secret bytea)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT kid, secret FROM identity.jwt_keys ORDER BY created_at DESC, kid DESC
+$$;
+COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest (the signing key) first; read by the server at startup.';
+
+------------------------------------------------------------------------------------------------
+-- Outbox
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10)
+RETURNS TABLE (id uuid, kind text, recipient text, payload jsonb, attempts integer)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  UPDATE outbox.messages m
+  SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
+  WHERE m.id IN (SELECT x.id FROM outbox.messages x
+                 WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
+                 ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+  RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts
+$$;
+COMMENT ON FUNCTION api.outbox_claim(integer) IS
+  'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';
+
+CREATE OR REPLACE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  UPDATE outbox.messages SET delivered_at = util.now(), payload = payload - 'token', last_error = NULL
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+COMMENT ON FUNCTION api.outbox_delivered(uuid) IS 'pgtally worker: the message was accepted by the mail server; its link token is dropped.';
+
+CREATE OR REPLACE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  UPDATE outbox.messages
+  SET last_error = left(p_error, 1000),
+      next_attempt_at = util.now() + interval '5 seconds' * power(2, attempts - 1),
+      failed_at = CASE WHEN attempts >= 8 THEN util.now() END,
+      payload = CASE WHEN attempts >= 8 THEN payload - 'token' ELSE payload END
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
+  'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
+
+GRANT EXECUTE ON FUNCTION
+  api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),
+  api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
+  api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
+  api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text),
+  api.create_api_key(uuid, text, text[], timestamptz), api.list_api_keys(uuid), api.revoke_api_key(uuid, uuid),
+  api.jwt_keys(), api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text)
+TO pgtally_api;
