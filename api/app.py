@@ -19,7 +19,6 @@ from psycopg_pool import AsyncConnectionPool
 from api import db
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
-from joserfc.jwk import OctKey
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
     """The access-token keys from api.jwt_keys(); the issuer is PGTALLY_PUBLIC_URL."""
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT kid, secret FROM api.jwt_keys()")).fetchall()
-    return Keys(issuer=issuer, keys=[(kid, OctKey.import_key(bytes(secret))) for kid, secret in rows])
+    return Keys.from_rows(issuer, rows)
 
 
 def create_app(database_url: str | None = None, settings: Settings | None = None,
@@ -74,7 +73,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await pool.open(wait=True)
-        app.state.keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
         try:
             yield
         finally:

@@ -97,7 +97,7 @@ async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credential
                         [found["user_id"], data.email, ip, user_agent])
     session = await call_json(request, "SELECT api.login_succeeded(%s::uuid, %s::text, %s::text, %s::text, %s::uuid)",
                               [found["user_id"], rehash, ip, user_agent, device_session(caller)])
-    return request.app.state.keys.issue(session)
+    return request.app.state.jwt_keys.issue(session)
 
 
 @post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token")
@@ -106,7 +106,7 @@ async def refresh(request: Request, data: JSONBody[RefreshRequest]) -> TokenResp
     (after a 10-second grace for concurrent refreshes) revokes its whole session: 401."""
     session = await call_json(request, "SELECT api.refresh(%s::text, %s::text, %s::text)",
                               [data.refresh_token, *client(request)])
-    return request.app.state.keys.issue(session)
+    return request.app.state.jwt_keys.issue(session)
 
 
 @post("/v1/auth/logout", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out")
@@ -151,7 +151,7 @@ async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> TokenRe
     Retry-After over the limits."""
     session = await call_json(request, "SELECT api.identify(%s::text, %s::text, %s::text)",
                               [data.fingerprint, *client(request)])
-    return request.app.state.keys.issue(session)
+    return request.app.state.jwt_keys.issue(session)
 
 
 @get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller")

@@ -18,7 +18,7 @@ SECURITY = [{"bearer": []}]
 def principal(request: Request, authorization: AuthorizationHeader = None) -> Principal:
     """The caller, from ``Authorization: Bearer <api key or access token>``; 401 without one.
     Whether the key or session is valid is decided by the database function the handler calls."""
-    found = parse_bearer(authorization, request.app.state.keys)
+    found = parse_bearer(authorization, request.app.state.jwt_keys)
     if found is None:
         raise NotAuthorizedException("send Authorization: Bearer <api key or access token>")
     return found
@@ -26,7 +26,7 @@ def principal(request: Request, authorization: AuthorizationHeader = None) -> Pr
 
 def optional_principal(request: Request, authorization: AuthorizationHeader = None) -> Principal | None:
     """The caller if it sent credentials (sign-up and login use an anonymous device's token)."""
-    return parse_bearer(authorization, request.app.state.keys)
+    return parse_bearer(authorization, request.app.state.jwt_keys)
 
 
 def session_id(request: Request, authorization: AuthorizationHeader = None) -> uuid.UUID:

@@ -63,6 +63,23 @@ def serve(host: str, port: int) -> None:
     uvicorn.run(create_app(url), host=host, port=port, log_level="info")
 
 
+@main.command()
+@click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
+def worker(once: bool) -> None:
+    """Deliver outbox emails over PGTALLY_SMTP_URL (or to the log when it is not set)."""
+    import asyncio
+    import logging
+
+    from api.app import Settings
+    from api.worker import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(run(owner_url(), Settings.from_env(), once=once))
+    except KeyboardInterrupt:
+        pass
+
+
 @main.group("db")
 def db_group() -> None:
     """Database migrations and schema."""
@@ -124,11 +141,13 @@ def accounts() -> None:
 @click.option("--plan", required=True, help="Plan id, for example free, pro or unlimited.")
 @click.option("--credits", "credits", default="0", help="Initial credits (decimal), granted through the ledger.")
 @click.option("--name", default=None, help="A name to recognise the account by.")
+@click.option("--kind", type=click.Choice(["person", "team", "service"]), default="person", show_default=True,
+              help="service: its key may meter on behalf of any account (account_id in the request).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def accounts_create(plan: str, credits: str, name: str | None, as_json: bool) -> None:
+def accounts_create(plan: str, credits: str, name: str | None, kind: str, as_json: bool) -> None:
     """Create an account and print its id and API key. The key is shown once: only its hash is kept."""
-    (result,) = run_sql("SELECT api.create_account(%s::text, %s::bigint, %s::text)",
-                        [plan, to_micros(credits), name])
+    (result,) = run_sql("SELECT api.create_account(%s::text, %s::bigint, %s::text, %s::text)",
+                        [plan, to_micros(credits), name, kind])
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import OctKey
+from joserfc.jwk import KeySet, OctKey
 from litestar.exceptions import NotAuthorizedException
 from litestar.params import HeaderParameter
 
@@ -63,11 +63,16 @@ class Keys:
     """HS256 keys from api.jwt_keys(): the first signs, all verify."""
 
     issuer: str
-    keys: list[tuple[str, OctKey]]
+    keys: list[OctKey]
+
+    @classmethod
+    def from_rows(cls, issuer: str, rows: list[tuple[str, bytes]]) -> "Keys":
+        return cls(issuer, [OctKey.import_key(bytes(secret), {"kid": kid}) for kid, secret in rows])
 
     def issue(self, session: dict[str, Any]) -> dict[str, Any]:
         """An OAuth 2.0 token response (RFC 6749 section 5.1) for a session from the database."""
-        kid, key = self.keys[0]
+        key = self.keys[0]
+        kid = key.kid
         now = int(time.time())
         claims = {"iss": self.issuer, "aud": JWT_AUDIENCE, "sub": session["user_id"] or session["account_id"],
                   "acct": session["account_id"], "sid": session["session_id"], "iat": now,
@@ -80,16 +85,12 @@ class Keys:
         """The session id of a valid access token: signature (HS256 only), issuer, audience and
         expiry checked (RFC 8725). NotAuthorizedException otherwise."""
         try:
-            kid = jwt.extract_compact(token.encode()).headers().get("kid")
-            key = dict(self.keys).get(kid)
-            if key is None:
-                raise NotAuthorizedException("the access token is not valid")
-            decoded = jwt.decode(token, key, algorithms=[JWT_ALGORITHM])
+            decoded = jwt.decode(token, KeySet(self.keys), algorithms=[JWT_ALGORITHM])
             jwt.JWTClaimsRegistry(iss={"essential": True, "value": self.issuer},
                                   aud={"essential": True, "value": JWT_AUDIENCE},
                                   exp={"essential": True}, sid={"essential": True}).validate(decoded.claims)
             return uuid.UUID(decoded.claims["sid"])
-        except (JoseError, ValueError, TypeError):
+        except (JoseError, ValueError, TypeError, KeyError):
             raise NotAuthorizedException("the access token is not valid or has expired")
 
 

@@ -596,12 +596,14 @@ COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest 
 CREATE OR REPLACE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10)
 RETURNS TABLE (id uuid, kind text, recipient text, payload jsonb, attempts integer)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages m
-  SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
-  WHERE m.id IN (SELECT x.id FROM outbox.messages x
-                 WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
-                 ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
-  RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts
+  WITH claimed AS (
+    UPDATE outbox.messages m
+    SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
+    WHERE m.id IN (SELECT x.id FROM outbox.messages x
+                   WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
+                   ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
+    RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts, m.created_at)
+  SELECT id, kind, recipient, payload, attempts FROM claimed ORDER BY created_at, id
 $$;
 COMMENT ON FUNCTION api.outbox_claim(integer) IS
   'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';

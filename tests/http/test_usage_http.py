@@ -5,20 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from litestar.testing import AsyncTestClient
-
-from api.app import Settings, create_app
 from tests.conftest import reconciliation_problems
 
 CREDIT = 1_000_000
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-async def client(db_url):
-    app = create_app(db_url, Settings(public_url="https://app.example.com", pool_max_size=16))
-    async with AsyncTestClient(app=app) as c:
-        yield c
 
 
 def auth(key: str, idem: str | None = None) -> dict[str, str]:
