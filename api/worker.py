@@ -56,7 +56,8 @@ def render(kind: str, recipient: str, payload: dict[str, Any], settings: Setting
 async def send(message: EmailMessage, settings: Settings) -> None:
     """Hand a message to the SMTP server, or write it to the log when none is configured."""
     if not settings.smtp_url:
-        log.info("email (no PGTALLY_SMTP_URL set):\n%s", message.as_string())
+        log.info("email (no PGTALLY_SMTP_URL set)\nTo: %s\nSubject: %s\n\n%s",
+                 message["To"], message["Subject"], message.get_content())
         return
     url = urlsplit(settings.smtp_url)
     query = parse_qs(url.query)
