@@ -209,15 +209,14 @@ CREATE OR REPLACE FUNCTION api.signup(p_email text, p_password_hash text, p_ip t
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour');
-  v_email text;
+  v_email text := identity.normalize_email(p_email);
+  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour', 'email', v_email, 5, interval '1 hour');
   v_account_id uuid := util.uuid_v7();
   v_user_id uuid;
 BEGIN
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
   END IF;
-  v_email := identity.normalize_email(p_email);
   INSERT INTO identity.users (account_id, email, email_normalized, password_hash, created_at, password_changed_at)
   VALUES (v_account_id, btrim(p_email), v_email, p_password_hash, util.now(), util.now())
   ON CONFLICT (email_normalized) DO NOTHING
@@ -243,7 +242,7 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
 COMMENT ON FUNCTION api.signup(text, text, text, text, uuid) IS
-  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limit: 10 an hour per IP (TL429). TL422 bad email.';
+  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
 CREATE OR REPLACE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

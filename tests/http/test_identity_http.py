@@ -70,7 +70,7 @@ async def test_signup_with_a_registered_email_looks_the_same(client, smtp, deliv
 
 
 async def test_concurrent_signups_with_one_email_make_one_user(client, owner):
-    responses = await asyncio.gather(*[signup(client) for _ in range(8)])
+    responses = await asyncio.gather(*[signup(client) for _ in range(5)])
     assert {r.status_code for r in responses} == {202}
     assert owner.execute("SELECT count(*) FROM identity.users").fetchone()[0] == 1
     assert owner.execute("SELECT count(*) FROM identity.accounts").fetchone()[0] == 1
@@ -227,6 +227,13 @@ async def test_signup_and_login_are_rate_limited_per_ip_and_account(client):
         await login(client, "user1@example.com", "wrong-password-guess")
     r = await login(client, "user1@example.com")
     assert r.status_code == 429 and "retry-after" in r.headers
+
+
+async def test_signups_are_rate_limited_per_address(client):
+    for _ in range(5):
+        assert (await signup(client, "ada@example.com")).status_code == 202
+    assert (await signup(client, "ADA@example.com")).status_code == 429
+    assert (await signup(client, "bob@example.com")).status_code == 202
 
 
 async def test_anonymous_device_meters_then_merges_into_the_user_once(client, owner, new_account):
