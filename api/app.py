@@ -30,6 +30,9 @@ class Settings:
     pool_max_size: int = 16
     smtp_url: str | None = None
     mail_from: str = "pgtally <no-reply@localhost>"
+    stripe_api_key: str | None = None
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: str | None = None
 
     @property
     def upgrade_url(self) -> str:
@@ -44,6 +47,9 @@ class Settings:
             pool_max_size=int(os.environ.get("PGTALLY_POOL_MAX", cls.pool_max_size)),
             smtp_url=os.environ.get("PGTALLY_SMTP_URL") or None,
             mail_from=os.environ.get("PGTALLY_MAIL_FROM", cls.mail_from),
+            stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
+            stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
+            stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         )
 
 
@@ -59,7 +65,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
-    from api import auth, health, keys, ledger, usage
+    from api import auth, billing, health, keys, ledger, usage
 
     settings = settings or Settings.from_env()
     pool = AsyncConnectionPool(
@@ -80,9 +86,9 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
             await pool.close()
 
     return Litestar(
-        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *health.ROUTES, *route_handlers],
+        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES, *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool}),
+        state=State({"settings": settings, "pool": pool, "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(
             title="pgtally", version="0.1.0", path="/schema",

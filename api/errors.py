@@ -26,6 +26,7 @@ SQLSTATES: dict[str, tuple[int, str, str]] = {
     "TL409": (409, "idempotency-key-reused", "The idempotency key was used for a different request"),
     "TL422": (422, "invalid-request", "The request is not valid"),
     "TL429": (429, "rate-limited", "Too many attempts"),
+    "TL503": (503, "retry-later", "Not ready yet: retry later"),
 }
 # Litestar's own HTTP errors (routing, body and header validation) -> (problem type slug, title).
 HTTP_STATUSES: dict[int, tuple[str, str]] = {

@@ -21,6 +21,69 @@ END $$;
 COMMENT ON FUNCTION billing.to_micros(jsonb, text) IS
   'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
+CREATE OR REPLACE FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text,
+                                                p_interval text, p_credits_micros bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF p_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+    PERFORM util.fail('TL422', format('%s: a price id is lower-case letters, digits and _', p_path));
+  END IF;
+  IF coalesce(p_def ->> 'stripe_price', '') = '' THEN
+    PERFORM util.fail('TL422', format('%s.stripe_price: the Stripe price id (price_...) is required', p_path));
+  END IF;
+  IF jsonb_typeof(p_def -> 'amount') IS DISTINCT FROM 'number' OR (p_def ->> 'amount')::numeric < 0
+     OR (p_def ->> 'amount')::numeric <> trunc((p_def ->> 'amount')::numeric) THEN
+    PERFORM util.fail('TL422', format('%s.amount: an amount in minor units (cents) is required', p_path));
+  END IF;
+  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active)
+  VALUES (p_id, p_def ->> 'stripe_price', p_plan, p_interval, p_credits_micros, (p_def ->> 'amount')::bigint,
+          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true)
+  ON CONFLICT (id) DO UPDATE SET
+    stripe_price_id = EXCLUDED.stripe_price_id, plan_id = EXCLUDED.plan_id, interval = EXCLUDED.interval,
+    credits_micros = EXCLUDED.credits_micros, amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency,
+    name = EXCLUDED.name, active = true;
+END $$;
+COMMENT ON FUNCTION billing.upsert_price(text, jsonb, text, text, text, bigint) IS
+  'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name}) of a plan or a bundle. TL422 naming p_path.';
+
+CREATE OR REPLACE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object('id', x.id, 'name', x.name, 'amount', x.amount_minor, 'currency', x.currency,
+                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id,
+                            'credits', util.credits(x.credits_micros))
+$$;
+COMMENT ON FUNCTION billing.price_json(billing.prices) IS
+  'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, credits (bundles)}.';
+
+CREATE OR REPLACE FUNCTION billing.plans_json() RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object(
+    'plans', coalesce((
+      SELECT jsonb_agg(jsonb_build_object(
+        'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
+        'included_credits', util.credits(p.included_credits_micros),
+        'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
+                                                                      'period', e.period, 'limit', e.limit_units)
+                                                   ORDER BY e.meter_id)
+                                  FROM billing.entitlements e WHERE e.plan_id = p.id), '[]'),
+        'prices', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.interval)
+                            FROM billing.prices x WHERE x.plan_id = p.id AND x.active), '[]'))
+        ORDER BY p.id)
+      FROM billing.plans p WHERE p.active AND p.id <> 'anonymous'), '[]'),
+    'bundles', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.amount_minor)
+                         FROM billing.prices x WHERE x.credits_micros IS NOT NULL AND x.active), '[]'))
+$$;
+COMMENT ON FUNCTION billing.plans_json() IS
+  'The public catalog: active plans (not anonymous) with entitlements and active prices, and credit bundles.';
+
+CREATE OR REPLACE FUNCTION api.plans() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT billing.plans_json()
+$$;
+COMMENT ON FUNCTION api.plans() IS 'GET /v1/plans (public): billing.plans_json().';
+GRANT EXECUTE ON FUNCTION api.plans() TO pgtally_api;
+
 CREATE OR REPLACE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -33,6 +96,9 @@ DECLARE
   v_pricing text;
   v_plans text[] := '{}';
   v_meters text[] := '{}';
+  v_prices text[] := '{}';
+  v_interval text;
+  v_price jsonb;
 BEGIN
   IF jsonb_typeof(p_catalog -> 'meters') IS DISTINCT FROM 'object'
      OR jsonb_typeof(p_catalog -> 'plans') IS DISTINCT FROM 'object' THEN
@@ -70,12 +136,22 @@ BEGIN
     IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
       PERFORM util.fail('TL422', format('plans.%s: a plan id is lower-case letters, digits and _', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, active, updated_at)
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
-            coalesce(v_def -> 'features', '[]'), true, util.now())
+            coalesce(v_def -> 'features', '[]'),
+            billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
+            true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
-      active = true, updated_at = EXCLUDED.updated_at;
+      included_credits_micros = EXCLUDED.included_credits_micros, active = true, updated_at = EXCLUDED.updated_at;
+    FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
+      IF v_interval NOT IN ('monthly', 'yearly') THEN
+        PERFORM util.fail('TL422', format('plans.%s.prices.%s: a plan price is monthly or yearly', v_id, v_interval));
+      END IF;
+      PERFORM billing.upsert_price(v_id || '_' || v_interval, v_price, format('plans.%s.prices.%s', v_id, v_interval),
+                                   v_id, CASE v_interval WHEN 'monthly' THEN 'month' ELSE 'year' END, NULL);
+      v_prices := v_prices || (v_id || '_' || v_interval);
+    END LOOP;
     DELETE FROM billing.entitlements WHERE plan_id = v_id;
     FOR v_meter, v_ent IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'entitlements', '{}')) LOOP
       IF NOT v_meter = ANY (v_meters) THEN
@@ -100,10 +176,17 @@ BEGIN
     v_plans := v_plans || v_id;
   END LOOP;
 
+  FOR v_id, v_def IN SELECT key, value FROM jsonb_each(coalesce(p_catalog -> 'bundles', '{}')) LOOP
+    PERFORM billing.upsert_price(v_id, v_def, format('bundles.%s', v_id), NULL, NULL,
+                                 billing.to_micros(v_def -> 'credits', format('bundles.%s.credits', v_id)));
+    v_prices := v_prices || v_id;
+  END LOOP;
+
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
+  UPDATE billing.prices SET active = false WHERE active AND NOT id = ANY (v_prices);
 
-  RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters));
+  RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $$;
 COMMENT ON FUNCTION api.load_catalog(jsonb) IS
-  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Upserts meters and plans, replaces each listed plan''s entitlements, deactivates plans not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

@@ -56,6 +56,33 @@ END $$;
 
 COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
+CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts;
+  s billing.subscriptions;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = a.id
+  ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
+  LIMIT 1;
+  RETURN jsonb_build_object(
+    'account_id', a.id, 'plan', a.plan_id,
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
+    'plan_grace_until', util.iso(a.plan_grace_until),
+    'subscription', CASE WHEN s.stripe_subscription_id IS NULL THEN NULL ELSE jsonb_build_object(
+      'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
+      'stripe_item_id', s.stripe_item_id,
+      'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
+      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'live', s.status IN ('active', 'trialing', 'past_due')) END);
+END $$;
+
+COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) IS 'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+
 CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -80,6 +107,35 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
+
+CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_price billing.prices;
+BEGIN
+  SELECT * INTO v_price FROM billing.prices WHERE id = p_price AND active;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL422', format('there is no price %L', p_price),
+                      jsonb_build_object('prices', (SELECT jsonb_agg(id ORDER BY id) FROM billing.prices WHERE active)));
+  END IF;
+  IF v_price.plan_id IS NOT NULL AND EXISTS (
+       SELECT 1 FROM billing.subscriptions
+       WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')) THEN
+    PERFORM util.fail('TL409', 'the account already has a subscription: change it instead',
+                      jsonb_build_object('change_url', '/v1/billing/subscription/change'));
+  END IF;
+  RETURN jsonb_build_object(
+    'account_id', v_account_id,
+    'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
+    'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id);
+END $$;
+
+COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) IS 'POST /v1/billing/checkout, step 1: the caller''s account, email and Stripe customer (if any), and the Checkout mode for a price code (subscription for plan prices, payment for bundles). TL422 unknown price; TL409 a plan price while a subscription is live.';
 
 CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -309,6 +365,22 @@ END $_$;
 
 COMMENT ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) IS 'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
+CREATE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+BEGIN
+  INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
+  VALUES (v_account_id, p_stripe_customer_id, util.now())
+  ON CONFLICT (account_id) DO NOTHING;
+  RETURN jsonb_build_object('stripe_customer_id',
+                            (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id));
+END $$;
+
+COMMENT ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) IS 'POST /v1/billing/checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
+
 CREATE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -337,6 +409,9 @@ DECLARE
   v_pricing text;
   v_plans text[] := '{}';
   v_meters text[] := '{}';
+  v_prices text[] := '{}';
+  v_interval text;
+  v_price jsonb;
 BEGIN
   IF jsonb_typeof(p_catalog -> 'meters') IS DISTINCT FROM 'object'
      OR jsonb_typeof(p_catalog -> 'plans') IS DISTINCT FROM 'object' THEN
@@ -374,12 +449,22 @@ BEGIN
     IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
       PERFORM util.fail('TL422', format('plans.%s: a plan id is lower-case letters, digits and _', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, active, updated_at)
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
-            coalesce(v_def -> 'features', '[]'), true, util.now())
+            coalesce(v_def -> 'features', '[]'),
+            billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
+            true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
-      active = true, updated_at = EXCLUDED.updated_at;
+      included_credits_micros = EXCLUDED.included_credits_micros, active = true, updated_at = EXCLUDED.updated_at;
+    FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
+      IF v_interval NOT IN ('monthly', 'yearly') THEN
+        PERFORM util.fail('TL422', format('plans.%s.prices.%s: a plan price is monthly or yearly', v_id, v_interval));
+      END IF;
+      PERFORM billing.upsert_price(v_id || '_' || v_interval, v_price, format('plans.%s.prices.%s', v_id, v_interval),
+                                   v_id, CASE v_interval WHEN 'monthly' THEN 'month' ELSE 'year' END, NULL);
+      v_prices := v_prices || (v_id || '_' || v_interval);
+    END LOOP;
     DELETE FROM billing.entitlements WHERE plan_id = v_id;
     FOR v_meter, v_ent IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'entitlements', '{}')) LOOP
       IF NOT v_meter = ANY (v_meters) THEN
@@ -404,13 +489,20 @@ BEGIN
     v_plans := v_plans || v_id;
   END LOOP;
 
+  FOR v_id, v_def IN SELECT key, value FROM jsonb_each(coalesce(p_catalog -> 'bundles', '{}')) LOOP
+    PERFORM billing.upsert_price(v_id, v_def, format('bundles.%s', v_id), NULL, NULL,
+                                 billing.to_micros(v_def -> 'credits', format('bundles.%s.credits', v_id)));
+    v_prices := v_prices || v_id;
+  END LOOP;
+
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
+  UPDATE billing.prices SET active = false WHERE active AND NOT id = ANY (v_prices);
 
-  RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters));
+  RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $_$;
 
-COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Upserts meters and plans, replaces each listed plan''s entitlements, deactivates plans not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -548,6 +640,15 @@ CREATE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
 $$;
 
 COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
+
+CREATE FUNCTION api.plans() RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT billing.plans_json()
+$$;
+
+COMMENT ON FUNCTION api.plans() IS 'GET /v1/plans (public): billing.plans_json().';
 
 CREATE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -746,6 +847,61 @@ END $$;
 
 COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
+CREATE FUNCTION api.stripe_price_of(p_price text) RETURNS text
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v text;
+BEGIN
+  SELECT stripe_price_id INTO v FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
+  IF v IS NULL THEN
+    PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+  END IF;
+  RETURN v;
+END $$;
+
+COMMENT ON FUNCTION api.stripe_price_of(p_price text) IS 'The Stripe price id of an active plan price code (subscription changes). TL422 otherwise.';
+
+CREATE FUNCTION api.stripe_webhook(p_event jsonb) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_result text;
+BEGIN
+  IF v_id IS NULL OR v_type IS NULL OR jsonb_typeof(p_event -> 'created') <> 'number'
+     OR jsonb_typeof(p_event -> 'data' -> 'object') <> 'object' THEN
+    PERFORM util.fail('TL422', 'not a Stripe event: id, type, created and data.object are required');
+  END IF;
+  -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode')::boolean, false),
+          p_event, util.now(), 'ignored')
+  ON CONFLICT (id) DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true);
+  END IF;
+  v_result := CASE v_type
+    WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+    WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
+    WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
+    WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)
+    WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
+    WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
+    WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+    ELSE 'ignored: pgtally does not handle ' || v_type
+  END;
+  UPDATE billing.stripe_events
+  SET status = split_part(v_result, ':', 1), note = nullif(btrim(substr(v_result, length(split_part(v_result, ':', 1)) + 2)), '')
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', split_part(v_result, ':', 1));
+END $$;
+
+COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and changes nothing. Unknown types are recorded as ignored. Any failure rolls everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status}.';
+
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -770,6 +926,334 @@ END $$;
 
 COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified. TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
 
+CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
+    LANGUAGE sql STABLE
+    AS $_$
+  SELECT coalesce(
+    (SELECT a.id FROM identity.accounts a
+     WHERE p_account_hint ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       AND a.id = p_account_hint::uuid),
+    (SELECT c.account_id FROM billing.customers c WHERE c.stripe_customer_id = p_customer))
+$_$;
+
+COMMENT ON FUNCTION billing.account_of(p_account_hint text, p_customer text) IS 'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account, else the owner of its customer.';
+
+CREATE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_refunded bigint := (o ->> 'amount_refunded')::bigint;
+  p billing.payments;
+  v_target bigint;
+  v_delta bigint;
+  v_take bigint;
+BEGIN
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
+  IF NOT FOUND THEN
+    RETURN 'ignored: not a credit bundle payment';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
+  IF v_refunded IS NULL OR v_refunded <= p.refunded_minor THEN
+    RETURN 'stale';
+  END IF;
+  -- Credits to take back, in proportion to the amount refunded so far.
+  v_target := CASE WHEN p.amount_minor = 0 THEN p.credits_micros
+                   ELSE (p.credits_micros::numeric * least(v_refunded, p.amount_minor) / p.amount_minor)::bigint END;
+  v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
+  SELECT least(v_delta, credit_balance_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
+  IF v_take > 0 THEN
+    PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
+                                 'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,
+                                 'refund of ' || coalesce(p.price_id, 'a bundle'));
+  END IF;
+  UPDATE billing.payments
+  SET refunded_minor = v_refunded, clawed_back_micros = clawed_back_micros + greatest(v_take, 0),
+      shortfall_micros = shortfall_micros + greatest(v_delta - greatest(v_take, 0), 0)
+  WHERE stripe_payment_intent_id = p.stripe_payment_intent_id;
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded for a bundle payment: take back the credits in proportion to amount_refunded, never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+
+CREATE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := billing.account_of(coalesce(o ->> 'client_reference_id', o -> 'metadata' ->> 'account_id'),
+                                          o ->> 'customer');
+  v_price billing.prices;
+  v_payment text;
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: checkout session names no pgtally account';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  IF o ->> 'customer' IS NOT NULL THEN
+    INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
+    VALUES (v_account_id, o ->> 'customer', util.now())
+    ON CONFLICT DO NOTHING;
+  END IF;
+  IF o ->> 'mode' <> 'payment' THEN
+    RETURN 'applied';          -- subscriptions: their own events carry the state
+  END IF;
+  IF o ->> 'payment_status' <> 'paid' THEN
+    RETURN 'ignored: payment not completed (' || coalesce(o ->> 'payment_status', '?') || ')';
+  END IF;
+  SELECT * INTO v_price FROM billing.prices WHERE id = o -> 'metadata' ->> 'price' AND credits_micros IS NOT NULL;
+  IF NOT FOUND THEN
+    RETURN 'ignored: checkout session names no credit bundle';
+  END IF;
+  INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
+                                amount_minor, currency, credits_micros, paid_at)
+  VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
+          coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
+          v_price.credits_micros, billing.ts(p_event -> 'created'))
+  ON CONFLICT DO NOTHING
+  RETURNING stripe_payment_intent_id INTO v_payment;
+  IF v_payment IS NULL THEN
+    RETURN 'ignored: this payment was already credited';
+  END IF;
+  PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
+                               'checkout:' || (o ->> 'id'), NULL, v_price.name);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed: link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+
+CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  s billing.subscriptions := billing.subscription_of_invoice(o);
+  v_line jsonb := o -> 'lines' -> 'data' -> 0 -> 'period';
+  v_start timestamptz := billing.ts(v_line -> 'start');
+  v_end timestamptz := billing.ts(v_line -> 'end');
+  v_credits bigint;
+BEGIN
+  IF s.stripe_subscription_id IS NULL THEN
+    RETURN 'ignored: not a subscription invoice';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  -- A new period starts: allowances counted per billing period start from zero in it.
+  UPDATE billing.subscriptions
+  SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
+  WHERE stripe_subscription_id = s.stripe_subscription_id
+    AND v_end > v_start AND (current_period_end IS NULL OR v_end > current_period_end);
+  UPDATE identity.accounts SET plan_grace_until = NULL WHERE id = s.account_id;
+  PERFORM billing.sync_account_plan(s.account_id);
+  SELECT included_credits_micros INTO v_credits FROM billing.plans WHERE id = s.plan_id;
+  IF v_credits > 0 AND NOT EXISTS (SELECT 1 FROM ledger.transfers
+                                   WHERE account_id = s.account_id AND idempotency_key = 'invoice:' || (o ->> 'id')) THEN
+    PERFORM ledger.post_transfer(s.account_id, 'purchases', v_credits, 'plan_credits', 'invoice:' || (o ->> 'id'),
+                                 NULL, 'credits included in the ' || s.plan_id || ' plan');
+  END IF;
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: move the subscription and account to the invoiced period (never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+
+CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  s billing.subscriptions := billing.subscription_of_invoice(o);
+BEGIN
+  IF s.stripe_subscription_id IS NULL THEN
+    RETURN 'ignored: not a subscription invoice';
+  END IF;
+  UPDATE identity.accounts
+  SET plan_grace_until = coalesce(plan_grace_until, billing.ts(p_event -> 'created') + interval '7 days')
+  WHERE id = s.account_id;
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+
+CREATE FUNCTION billing.apply_subscription(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
+  v_created timestamptz := billing.ts(p_event -> 'created');
+  v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+  v_price billing.prices;
+  cur billing.subscriptions;
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: no pgtally account for customer ' || coalesce(o ->> 'customer', '?');
+  END IF;
+  SELECT * INTO v_price FROM billing.prices WHERE stripe_price_id = v_item -> 'price' ->> 'id';
+  -- Lock order: the account, then its subscription row.
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  SELECT * INTO cur FROM billing.subscriptions WHERE stripe_subscription_id = o ->> 'id' FOR UPDATE;
+  IF FOUND AND (v_created, v_rank, p_event ->> 'id') <= (cur.last_event_created, cur.last_event_rank, cur.last_event_id) THEN
+    RETURN 'stale';
+  END IF;
+  INSERT INTO billing.subscriptions AS s (
+    stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
+    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    last_event_created, last_event_rank, last_event_id, updated_at)
+  VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
+          coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
+          coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          v_created, v_rank, p_event ->> 'id', util.now())
+  ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+    account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
+    stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
+    current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
+    last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  PERFORM billing.sync_account_plan(v_account_id);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it.';
+
+CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT 10 * CASE p_status WHEN 'incomplete' THEN 0 WHEN 'incomplete_expired' THEN 1 WHEN 'trialing' THEN 2
+                            WHEN 'active' THEN 3 WHEN 'past_due' THEN 4 WHEN 'unpaid' THEN 5 WHEN 'paused' THEN 6
+                            WHEN 'canceled' THEN 7 ELSE 0 END
+         + CASE p_type WHEN 'customer.subscription.created' THEN 0 WHEN 'customer.subscription.updated' THEN 1
+                       WHEN 'customer.subscription.deleted' THEN 2 ELSE 1 END
+$$;
+
+COMMENT ON FUNCTION billing.event_rank(p_type text, p_status text) IS 'Order of two subscription events created in the same second (Stripe timestamps have one-second resolution and deliveries are unordered): later in the subscription lifecycle first, then created < updated < deleted; the event id breaks any remaining tie. Deterministic, so arrival order never changes the outcome.';
+
+CREATE FUNCTION billing.plans_json() RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object(
+    'plans', coalesce((
+      SELECT jsonb_agg(jsonb_build_object(
+        'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
+        'included_credits', util.credits(p.included_credits_micros),
+        'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
+                                                                      'period', e.period, 'limit', e.limit_units)
+                                                   ORDER BY e.meter_id)
+                                  FROM billing.entitlements e WHERE e.plan_id = p.id), '[]'),
+        'prices', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.interval)
+                            FROM billing.prices x WHERE x.plan_id = p.id AND x.active), '[]'))
+        ORDER BY p.id)
+      FROM billing.plans p WHERE p.active AND p.id <> 'anonymous'), '[]'),
+    'bundles', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.amount_minor)
+                         FROM billing.prices x WHERE x.credits_micros IS NOT NULL AND x.active), '[]'))
+$$;
+
+COMMENT ON FUNCTION billing.plans_json() IS 'The public catalog: active plans (not anonymous) with entitlements and active prices, and credit bundles.';
+
+CREATE TABLE billing.prices (
+    id text NOT NULL,
+    stripe_price_id text NOT NULL,
+    plan_id text,
+    "interval" text,
+    credits_micros bigint,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    name text NOT NULL,
+    active boolean DEFAULT true NOT NULL,
+    CONSTRAINT prices_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT prices_check CHECK ((((plan_id IS NOT NULL) AND ("interval" IS NOT NULL) AND (credits_micros IS NULL)) OR ((plan_id IS NULL) AND ("interval" IS NULL) AND (credits_micros IS NOT NULL)))),
+    CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
+    CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
+    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text])))
+);
+
+COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
+
+COMMENT ON COLUMN billing.prices.id IS 'pgtally''s price code, for example pro_monthly or bundle_10 (what clients send).';
+
+COMMENT ON COLUMN billing.prices.stripe_price_id IS 'The Stripe Price id (price_...) of this environment.';
+
+COMMENT ON COLUMN billing.prices.credits_micros IS 'For a bundle: the micro-credits a paid checkout grants.';
+
+COMMENT ON COLUMN billing.prices.amount_minor IS 'Price in minor currency units (cents), as Stripe counts.';
+
+CREATE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', x.id, 'name', x.name, 'amount', x.amount_minor, 'currency', x.currency,
+                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id,
+                            'credits', util.credits(x.credits_micros))
+$$;
+
+COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, credits (bundles)}.';
+
+CREATE TABLE billing.subscriptions (
+    stripe_subscription_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_customer_id text,
+    status text NOT NULL,
+    stripe_item_id text,
+    price_id text,
+    plan_id text,
+    current_period_start timestamp with time zone,
+    current_period_end timestamp with time zone,
+    cancel_at_period_end boolean DEFAULT false NOT NULL,
+    canceled_at timestamp with time zone,
+    last_event_created timestamp with time zone NOT NULL,
+    last_event_rank integer NOT NULL,
+    last_event_id text NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
+);
+
+COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
+
+COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+
+CREATE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_id text := coalesce(o -> 'parent' -> 'subscription_details' ->> 'subscription', o ->> 'subscription');
+  s billing.subscriptions;
+BEGIN
+  IF v_id IS NULL THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO s FROM billing.subscriptions WHERE stripe_subscription_id = v_id;
+  IF NOT FOUND THEN
+    -- Its customer.subscription.created has not arrived yet: fail, so Stripe delivers this again later.
+    RAISE EXCEPTION 'subscription % is not known yet', v_id USING ERRCODE = 'TL503';
+  END IF;
+  RETURN s;
+END $$;
+
+COMMENT ON FUNCTION billing.subscription_of_invoice(o jsonb) IS 'The subscription an invoice bills (NULL for a one-off invoice). TL503 (answered 503, so Stripe retries) when the subscription''s own events have not arrived yet.';
+
+CREATE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s billing.subscriptions;
+BEGIN
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+  ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
+  LIMIT 1;
+  UPDATE identity.accounts
+  SET plan_id = coalesce(s.plan_id, 'free'),
+      billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
+      billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
+      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
+  WHERE id = p_account_id AND kind <> 'device';
+END $$;
+
+COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+
 CREATE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
     AS $$
@@ -791,6 +1275,39 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) IS 'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
+
+CREATE FUNCTION billing.ts(p_unix jsonb) RETURNS timestamp with time zone
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE WHEN jsonb_typeof(p_unix) = 'number' THEN to_timestamp((p_unix #>> '{}')::bigint) END
+$$;
+
+COMMENT ON FUNCTION billing.ts(p_unix jsonb) IS 'A Stripe Unix timestamp (seconds) as timestamptz; NULL when absent.';
+
+CREATE FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) RETURNS void
+    LANGUAGE plpgsql
+    AS $_$
+BEGIN
+  IF p_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+    PERFORM util.fail('TL422', format('%s: a price id is lower-case letters, digits and _', p_path));
+  END IF;
+  IF coalesce(p_def ->> 'stripe_price', '') = '' THEN
+    PERFORM util.fail('TL422', format('%s.stripe_price: the Stripe price id (price_...) is required', p_path));
+  END IF;
+  IF jsonb_typeof(p_def -> 'amount') IS DISTINCT FROM 'number' OR (p_def ->> 'amount')::numeric < 0
+     OR (p_def ->> 'amount')::numeric <> trunc((p_def ->> 'amount')::numeric) THEN
+    PERFORM util.fail('TL422', format('%s.amount: an amount in minor units (cents) is required', p_path));
+  END IF;
+  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active)
+  VALUES (p_id, p_def ->> 'stripe_price', p_plan, p_interval, p_credits_micros, (p_def ->> 'amount')::bigint,
+          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true)
+  ON CONFLICT (id) DO UPDATE SET
+    stripe_price_id = EXCLUDED.stripe_price_id, plan_id = EXCLUDED.plan_id, interval = EXCLUDED.interval,
+    credits_micros = EXCLUDED.credits_micros, amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency,
+    name = EXCLUDED.name, active = true;
+END $_$;
+
+COMMENT ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) IS 'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name}) of a plan or a bundle. TL422 naming p_path.';
 
 CREATE FUNCTION util.uuid_v7() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
@@ -1186,7 +1703,7 @@ CREATE TABLE ledger.transfers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0)),
     CONSTRAINT transfers_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text])))
+    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text])))
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -1331,6 +1848,7 @@ CREATE TABLE identity.accounts (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     merged_into uuid,
     device_fingerprint text,
+    plan_grace_until timestamp with time zone,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
@@ -1349,6 +1867,8 @@ COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of th
 COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
 
 COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
+
+COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
 
 CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -1397,7 +1917,10 @@ BEGIN
     v_price := 1;
   END IF;
 
-  SELECT * INTO e FROM billing.entitlements WHERE plan_id = p_account.plan_id AND billing.entitlements.meter_id = m.id;
+  -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
+  SELECT * INTO e FROM billing.entitlements
+  WHERE plan_id = CASE WHEN p_account.plan_grace_until < util.now() THEN 'free' ELSE p_account.plan_id END
+    AND billing.entitlements.meter_id = m.id;
   entitled := FOUND;
   IF entitled THEN
     SELECT b.period_start, b.period_end INTO period_start, period_end
@@ -1523,6 +2046,35 @@ $$;
 
 COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
 
+CREATE TABLE billing.customers (
+    account_id uuid NOT NULL,
+    stripe_customer_id text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
+
+CREATE TABLE billing.payments (
+    stripe_payment_intent_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_checkout_session text,
+    price_id text,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    credits_micros bigint NOT NULL,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    clawed_back_micros bigint DEFAULT 0 NOT NULL,
+    shortfall_micros bigint DEFAULT 0 NOT NULL,
+    paid_at timestamp with time zone NOT NULL,
+    CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
+    CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
+);
+
+COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
+
 CREATE TABLE billing.plans (
     id text NOT NULL,
     name text NOT NULL,
@@ -1530,8 +2082,10 @@ CREATE TABLE billing.plans (
     features jsonb DEFAULT '[]'::jsonb NOT NULL,
     active boolean DEFAULT true NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    included_credits_micros bigint DEFAULT 0 NOT NULL,
     CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
-    CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text))
+    CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
+    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0))
 );
 
 COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
@@ -1539,6 +2093,22 @@ COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog
 COMMENT ON COLUMN billing.plans.id IS 'Stable plan code, for example free, pro, unlimited.';
 
 COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array of strings) shown by clients.';
+
+COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at the start of every paid subscription period (on invoice.paid), in micro-credits.';
+
+CREATE TABLE billing.stripe_events (
+    id text NOT NULL,
+    type text NOT NULL,
+    created timestamp with time zone NOT NULL,
+    livemode boolean DEFAULT false NOT NULL,
+    payload jsonb NOT NULL,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    status text NOT NULL,
+    note text,
+    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text])))
+);
+
+COMMENT ON TABLE billing.stripe_events IS 'Inbox of Stripe webhook events, keyed by Stripe''s event id: an event is applied in the transaction that records it, and a redelivery changes nothing. status: applied, stale (older than the state already applied), ignored (a type pgtally does not handle, or nothing of pgtally''s to change; note says why).';
 
 CREATE TABLE identity.auth_events (
     id bigint NOT NULL,
@@ -1773,6 +2343,56 @@ CREATE VIEW reporting.outbox_backlog AS
 
 COMMENT ON VIEW reporting.outbox_backlog IS 'Outbox messages waiting or given up, per kind.';
 
+CREATE VIEW reporting.payments_vs_ledger_daily AS
+ WITH pay AS (
+         SELECT (date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            payments.currency,
+            sum(payments.amount_minor) AS paid_minor,
+            sum(payments.refunded_minor) AS refunded_minor,
+            sum(payments.credits_micros) AS credits_sold_micros
+           FROM billing.payments
+          GROUP BY ((date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date), payments.currency
+        ), led AS (
+         SELECT (date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            sum(t.amount_micros) AS ledger_purchase_micros
+           FROM ledger.transfers t
+          WHERE (t.kind = 'purchase'::text)
+          GROUP BY ((date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date)
+        )
+ SELECT COALESCE(pay.day, led.day) AS day,
+    pay.currency,
+    COALESCE(pay.paid_minor, (0)::numeric) AS paid_minor,
+    COALESCE(pay.refunded_minor, (0)::numeric) AS refunded_minor,
+    COALESCE(pay.credits_sold_micros, (0)::numeric) AS credits_sold_micros,
+    COALESCE(led.ledger_purchase_micros, (0)::numeric) AS ledger_purchase_micros,
+    (COALESCE(pay.credits_sold_micros, (0)::numeric) - COALESCE(led.ledger_purchase_micros, (0)::numeric)) AS difference_micros
+   FROM (pay
+     FULL JOIN led ON ((led.day = pay.day)));
+
+COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundle payments (minor units) and the credits they sold against the purchase credits the ledger holds; difference_micros should be 0.';
+
+CREATE VIEW reporting.stripe_events_not_applied AS
+ SELECT id,
+    type,
+    created,
+    received_at,
+    status,
+    note
+   FROM billing.stripe_events
+  WHERE (status <> 'applied'::text);
+
+COMMENT ON VIEW reporting.stripe_events_not_applied IS 'Webhook events received but not applied (stale or ignored), with the reason.';
+
+CREATE VIEW reporting.subscriptions_by_status AS
+ SELECT plan_id,
+    status,
+    count(*) AS subscriptions,
+    count(*) FILTER (WHERE cancel_at_period_end) AS canceling_at_period_end
+   FROM billing.subscriptions
+  GROUP BY plan_id, status;
+
+COMMENT ON VIEW reporting.subscriptions_by_status IS 'Subscriptions per plan and Stripe status.';
+
 CREATE VIEW reporting.system_balances AS
  SELECT s.code AS system_account,
     (COALESCE(sum(e.amount_micros), (0)::numeric))::bigint AS balance_micros
@@ -1815,11 +2435,35 @@ CREATE VIEW reporting.usage_daily AS
 
 COMMENT ON VIEW reporting.usage_daily IS 'Usage per UTC day and meter: events, units, allowance units and micro-credits spent.';
 
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_pkey PRIMARY KEY (account_id);
+
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_stripe_customer_id_key UNIQUE (stripe_customer_id);
+
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
 
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_pkey PRIMARY KEY (stripe_payment_intent_id);
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_stripe_checkout_session_key UNIQUE (stripe_checkout_session);
+
 ALTER TABLE ONLY billing.plans
     ADD CONSTRAINT plans_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_stripe_price_id_key UNIQUE (stripe_price_id);
+
+ALTER TABLE ONLY billing.stripe_events
+    ADD CONSTRAINT stripe_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
@@ -1890,6 +2534,10 @@ ALTER TABLE ONLY metering.usage_events
 ALTER TABLE ONLY outbox.messages
     ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
 
+CREATE INDEX stripe_events_status_idx ON billing.stripe_events USING btree (status, received_at) WHERE (status <> 'applied'::text);
+
+CREATE INDEX subscriptions_account_id_idx ON billing.subscriptions USING btree (account_id);
+
 CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
 
 CREATE INDEX api_keys_account_id_idx ON identity.api_keys USING btree (account_id);
@@ -1924,11 +2572,32 @@ CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers
 
 CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES identity.accounts(id);
@@ -1988,8 +2657,14 @@ GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -2009,6 +2684,9 @@ GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid) TO pgtally_api;
@@ -2039,6 +2717,9 @@ GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
 
@@ -2060,10 +2741,42 @@ GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.stripe_price_of(p_price text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_price_of(p_price text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION billing.account_of(p_account_hint text, p_customer text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_charge_refunded(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.subscription_of_invoice(o jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.sync_account_plan(p_account_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.ts(p_unix jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
 
@@ -2136,6 +2849,12 @@ GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
 

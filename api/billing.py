@@ -1,0 +1,181 @@
+"""``/v1/plans``, ``/v1/billing`` and ``/v1/webhooks/stripe``: how pgtally gets paid.
+
+Stripe is called through the real ``stripe`` SDK (``STRIPE_API_KEY``; ``STRIPE_API_BASE`` points
+it at another address, such as a local stand-in), always between database calls, never inside a
+transaction. Webhook events are verified here and applied by one PL/pgSQL function,
+``api.stripe_webhook`` (sql/functions/60_billing.sql), exactly once and in order."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+import stripe
+from litestar import Request, Response, delete, get, post
+from litestar.exceptions import HTTPException
+from litestar.params import HeaderParameter, JSONBody
+
+from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
+from api.errors import PgtallyError
+
+PriceCode = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$",
+                                        examples=["pro_monthly", "bundle_10"])]
+Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2000, pattern=r"^https?://")]
+IdempotencyKey = Annotated[str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255,
+                                                       required=False)]
+SIGNATURE_TOLERANCE = 300   # seconds, as Stripe's own libraries
+
+
+def stripe_client(settings) -> stripe.StripeClient | None:
+    """The Stripe SDK client, or None when ``STRIPE_API_KEY`` is not set."""
+    if not settings.stripe_api_key:
+        return None
+    stripe.enable_telemetry = False
+    return stripe.StripeClient(
+        settings.stripe_api_key, http_client=stripe.HTTPXClient(), max_network_retries=2,
+        base_addresses={"api": settings.stripe_api_base} if settings.stripe_api_base else None)
+
+
+def client_of(request: Request) -> stripe.StripeClient:
+    client = request.app.state.stripe
+    if client is None:
+        raise PgtallyError({"sqlstate": "TL503", "message": "billing is not configured: set STRIPE_API_KEY"})
+    return client
+
+
+class CheckoutRequest(msgspec.Struct, forbid_unknown_fields=True):
+    price: PriceCode
+    success_url: Url | None = None
+    cancel_url: Url | None = None
+
+
+class ChangeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    price: PriceCode
+
+
+@get("/v1/plans", summary="Plans, prices and bundles")
+async def plans(request: Request) -> Response:
+    """Public: active plans with their entitlements and Stripe prices (amount in minor units,
+    currency, interval, Stripe price id), and the one-time credit bundles."""
+    (body,) = await call(request, "SELECT api.plans()::text", [])
+    return json_response(body)
+
+
+@post("/v1/billing/checkout", status_code=201, dependencies=AUTH, security=SECURITY,
+      summary="Start a Stripe Checkout")
+async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequest],
+                   idempotency_key: IdempotencyKey = None) -> dict:
+    """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
+    (payment mode): creates or reuses the account's Stripe customer, names the account in
+    ``client_reference_id`` and metadata, and sends an idempotency key to Stripe (the request's
+    ``Idempotency-Key`` when given). Returns ``{id, url}``; the purchase is applied when Stripe's
+    webhook arrives. 409 when buying a plan while a subscription is live."""
+    client = client_of(request)
+    public_url = request.app.state.settings.public_url.rstrip("/")
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text)",
+                           [*caller.params, data.price])
+    customer = prep["stripe_customer_id"]
+    if customer is None:
+        created = await client.v1.customers.create_async(
+            params={"email": prep["email"], "metadata": {"account_id": prep["account_id"]}} if prep["email"]
+            else {"metadata": {"account_id": prep["account_id"]}},
+            options={"idempotency_key": f"customer-{prep['account_id']}"})
+        customer = (await call_json(request, "SELECT api.link_stripe_customer(%s::text, %s::uuid, %s::text)",
+                                    [*caller.params, created.id]))["stripe_customer_id"]
+    metadata = {"account_id": prep["account_id"], "price": prep["price"]}
+    params: dict[str, Any] = {
+        "mode": prep["mode"], "customer": customer, "client_reference_id": prep["account_id"],
+        "line_items": [{"price": prep["stripe_price_id"], "quantity": 1}], "metadata": metadata,
+        "success_url": data.success_url or f"{public_url}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
+        "cancel_url": data.cancel_url or f"{public_url}/billing/cancel",
+    }
+    params["subscription_data" if prep["mode"] == "subscription" else "payment_intent_data"] = {"metadata": metadata}
+    session = await client.v1.checkout.sessions.create_async(
+        params=params, options={"idempotency_key": idempotency_key or f"checkout-{uuid.uuid4()}"})
+    return {"id": session.id, "url": session.url, "mode": prep["mode"], "price": prep["price"]}
+
+
+@post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
+      summary="Open the Stripe customer portal")
+async def portal(request: Request, caller: Caller) -> dict:
+    """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
+    the account has a Stripe customer."""
+    client = client_of(request)
+    account = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
+    if account["stripe_customer_id"] is None:
+        raise PgtallyError({"sqlstate": "TL404", "message": "no Stripe customer yet: check out first"})
+    session = await client.v1.billing_portal.sessions.create_async(params={
+        "customer": account["stripe_customer_id"],
+        "return_url": request.app.state.settings.public_url.rstrip("/") + "/billing"})
+    return {"url": session.url}
+
+
+@get("/v1/billing/subscription", dependencies=AUTH, security=SECURITY, summary="The account's subscription")
+async def subscription(request: Request, caller: Caller) -> dict:
+    """The account's plan, payment grace and subscription (status, plan, period, cancel at period end)."""
+    return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
+
+
+async def live_subscription(request: Request, caller: Caller) -> dict:
+    account = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
+    sub = account["subscription"]
+    if not sub or not sub["live"]:
+        raise PgtallyError({"sqlstate": "TL404", "message": "the account has no live subscription"})
+    return sub
+
+
+@post("/v1/billing/subscription/change", status_code=202, dependencies=AUTH, security=SECURITY,
+      summary="Switch plan, with proration")
+async def change_subscription(request: Request, caller: Caller, data: JSONBody[ChangeRequest],
+                              idempotency_key: IdempotencyKey = None) -> dict:
+    """Move the live subscription to another plan price with proration (upgrade or downgrade).
+    202: Stripe accepted it; the plan changes when its customer.subscription.updated arrives."""
+    client = client_of(request)
+    sub = await live_subscription(request, caller)
+    (stripe_price,) = await call(request, "SELECT api.stripe_price_of(%s::text)", [data.price])
+    updated = await client.v1.subscriptions.update_async(
+        sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": stripe_price}],
+                           "proration_behavior": "create_prorations", "cancel_at_period_end": False},
+        options={"idempotency_key": idempotency_key or f"change-{uuid.uuid4()}"})
+    return {"id": updated.id, "status": updated.status, "price": data.price, "applied": "on webhook"}
+
+
+@delete("/v1/billing/subscription", status_code=202, dependencies=AUTH, security=SECURITY,
+        summary="Cancel at period end")
+async def cancel_subscription(request: Request, caller: Caller) -> dict:
+    """Cancel the live subscription at the end of its period: the plan stays until then, then the
+    account falls back to free (when customer.subscription.deleted arrives)."""
+    client = client_of(request)
+    sub = await live_subscription(request, caller)
+    updated = await client.v1.subscriptions.update_async(
+        sub["id"], params={"cancel_at_period_end": True}, options={"idempotency_key": f"cancel-{sub['id']}"})
+    return {"id": updated.id, "status": updated.status, "cancel_at_period_end": True,
+            "current_period_end": sub["current_period_end"]}
+
+
+@post("/v1/webhooks/stripe", status_code=200, summary="Stripe webhook events")
+async def stripe_webhook(request: Request,
+                         stripe_signature: Annotated[str | None, HeaderParameter(name="Stripe-Signature",
+                                                                                 required=False)] = None) -> Response:
+    """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``;
+    timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
+    ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
+    signature; 500/503 when applying fails, so Stripe retries."""
+    secret = request.app.state.settings.stripe_webhook_secret
+    if not secret:
+        raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
+    body = await request.body()
+    try:
+        stripe.Webhook.construct_event(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
+        signed_at = int(dict(p.split("=", 1) for p in stripe_signature.split(",") if "=" in p)["t"])
+    except (stripe.SignatureVerificationError, ValueError, KeyError, AttributeError) as exc:
+        raise HTTPException(status_code=400, detail=f"the Stripe-Signature header does not verify: {exc}")
+    if signed_at > time.time() + SIGNATURE_TOLERANCE:
+        raise HTTPException(status_code=400, detail="the Stripe-Signature timestamp is in the future")
+    (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)::text", [body.decode()])
+    return json_response(result)
+
+
+ROUTES = [plans, checkout, portal, subscription, change_subscription, cancel_subscription, stripe_webhook]

@@ -1,0 +1,371 @@
+-- Stripe billing: checkout preparation, subscriptions, and webhook events applied exactly once,
+-- in order, in the transaction that records them.
+-- Object shapes follow Stripe API 2026-10-28 (stripe 16): a subscription's period is on its
+-- items (items.data[].current_period_*), an invoice names its subscription under
+-- parent.subscription_details.subscription.
+
+CREATE OR REPLACE FUNCTION billing.ts(p_unix jsonb) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE WHEN jsonb_typeof(p_unix) = 'number' THEN to_timestamp((p_unix #>> '{}')::bigint) END
+$$;
+COMMENT ON FUNCTION billing.ts(jsonb) IS 'A Stripe Unix timestamp (seconds) as timestamptz; NULL when absent.';
+
+CREATE OR REPLACE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT 10 * CASE p_status WHEN 'incomplete' THEN 0 WHEN 'incomplete_expired' THEN 1 WHEN 'trialing' THEN 2
+                            WHEN 'active' THEN 3 WHEN 'past_due' THEN 4 WHEN 'unpaid' THEN 5 WHEN 'paused' THEN 6
+                            WHEN 'canceled' THEN 7 ELSE 0 END
+         + CASE p_type WHEN 'customer.subscription.created' THEN 0 WHEN 'customer.subscription.updated' THEN 1
+                       WHEN 'customer.subscription.deleted' THEN 2 ELSE 1 END
+$$;
+COMMENT ON FUNCTION billing.event_rank(text, text) IS
+  'Order of two subscription events created in the same second (Stripe timestamps have one-second resolution and deliveries are unordered): later in the subscription lifecycle first, then created < updated < deleted; the event id breaks any remaining tie. Deterministic, so arrival order never changes the outcome.';
+
+CREATE OR REPLACE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(
+    (SELECT a.id FROM identity.accounts a
+     WHERE p_account_hint ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+       AND a.id = p_account_hint::uuid),
+    (SELECT c.account_id FROM billing.customers c WHERE c.stripe_customer_id = p_customer))
+$$;
+COMMENT ON FUNCTION billing.account_of(text, text) IS
+  'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account, else the owner of its customer.';
+
+CREATE OR REPLACE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  s billing.subscriptions;
+BEGIN
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+  ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
+  LIMIT 1;
+  UPDATE identity.accounts
+  SET plan_id = coalesce(s.plan_id, 'free'),
+      billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
+      billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
+      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
+  WHERE id = p_account_id AND kind <> 'device';
+END $$;
+COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
+  'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+
+CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
+  v_created timestamptz := billing.ts(p_event -> 'created');
+  v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+  v_price billing.prices;
+  cur billing.subscriptions;
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: no pgtally account for customer ' || coalesce(o ->> 'customer', '?');
+  END IF;
+  SELECT * INTO v_price FROM billing.prices WHERE stripe_price_id = v_item -> 'price' ->> 'id';
+  -- Lock order: the account, then its subscription row.
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  SELECT * INTO cur FROM billing.subscriptions WHERE stripe_subscription_id = o ->> 'id' FOR UPDATE;
+  IF FOUND AND (v_created, v_rank, p_event ->> 'id') <= (cur.last_event_created, cur.last_event_rank, cur.last_event_id) THEN
+    RETURN 'stale';
+  END IF;
+  INSERT INTO billing.subscriptions AS s (
+    stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
+    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    last_event_created, last_event_rank, last_event_id, updated_at)
+  VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
+          coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
+          coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          v_created, v_rank, p_event ->> 'id', util.now())
+  ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+    account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
+    stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
+    current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
+    last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  PERFORM billing.sync_account_plan(v_account_id);
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_subscription(jsonb) IS
+  'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it.';
+
+CREATE OR REPLACE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := billing.account_of(coalesce(o ->> 'client_reference_id', o -> 'metadata' ->> 'account_id'),
+                                          o ->> 'customer');
+  v_price billing.prices;
+  v_payment text;
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: checkout session names no pgtally account';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  IF o ->> 'customer' IS NOT NULL THEN
+    INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
+    VALUES (v_account_id, o ->> 'customer', util.now())
+    ON CONFLICT DO NOTHING;
+  END IF;
+  IF o ->> 'mode' <> 'payment' THEN
+    RETURN 'applied';          -- subscriptions: their own events carry the state
+  END IF;
+  IF o ->> 'payment_status' <> 'paid' THEN
+    RETURN 'ignored: payment not completed (' || coalesce(o ->> 'payment_status', '?') || ')';
+  END IF;
+  SELECT * INTO v_price FROM billing.prices WHERE id = o -> 'metadata' ->> 'price' AND credits_micros IS NOT NULL;
+  IF NOT FOUND THEN
+    RETURN 'ignored: checkout session names no credit bundle';
+  END IF;
+  INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
+                                amount_minor, currency, credits_micros, paid_at)
+  VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
+          coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
+          v_price.credits_micros, billing.ts(p_event -> 'created'))
+  ON CONFLICT DO NOTHING
+  RETURNING stripe_payment_intent_id INTO v_payment;
+  IF v_payment IS NULL THEN
+    RETURN 'ignored: this payment was already credited';
+  END IF;
+  PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
+                               'checkout:' || (o ->> 'id'), NULL, v_price.name);
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
+  'checkout.session.completed: link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+
+CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_id text := coalesce(o -> 'parent' -> 'subscription_details' ->> 'subscription', o ->> 'subscription');
+  s billing.subscriptions;
+BEGIN
+  IF v_id IS NULL THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO s FROM billing.subscriptions WHERE stripe_subscription_id = v_id;
+  IF NOT FOUND THEN
+    -- Its customer.subscription.created has not arrived yet: fail, so Stripe delivers this again later.
+    RAISE EXCEPTION 'subscription % is not known yet', v_id USING ERRCODE = 'TL503';
+  END IF;
+  RETURN s;
+END $$;
+COMMENT ON FUNCTION billing.subscription_of_invoice(jsonb) IS
+  'The subscription an invoice bills (NULL for a one-off invoice). TL503 (answered 503, so Stripe retries) when the subscription''s own events have not arrived yet.';
+
+CREATE OR REPLACE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  s billing.subscriptions := billing.subscription_of_invoice(o);
+  v_line jsonb := o -> 'lines' -> 'data' -> 0 -> 'period';
+  v_start timestamptz := billing.ts(v_line -> 'start');
+  v_end timestamptz := billing.ts(v_line -> 'end');
+  v_credits bigint;
+BEGIN
+  IF s.stripe_subscription_id IS NULL THEN
+    RETURN 'ignored: not a subscription invoice';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  -- A new period starts: allowances counted per billing period start from zero in it.
+  UPDATE billing.subscriptions
+  SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
+  WHERE stripe_subscription_id = s.stripe_subscription_id
+    AND v_end > v_start AND (current_period_end IS NULL OR v_end > current_period_end);
+  UPDATE identity.accounts SET plan_grace_until = NULL WHERE id = s.account_id;
+  PERFORM billing.sync_account_plan(s.account_id);
+  SELECT included_credits_micros INTO v_credits FROM billing.plans WHERE id = s.plan_id;
+  IF v_credits > 0 AND NOT EXISTS (SELECT 1 FROM ledger.transfers
+                                   WHERE account_id = s.account_id AND idempotency_key = 'invoice:' || (o ->> 'id')) THEN
+    PERFORM ledger.post_transfer(s.account_id, 'purchases', v_credits, 'plan_credits', 'invoice:' || (o ->> 'id'),
+                                 NULL, 'credits included in the ' || s.plan_id || ' plan');
+  END IF;
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
+  'invoice.paid for a subscription: move the subscription and account to the invoiced period (never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+
+CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  s billing.subscriptions := billing.subscription_of_invoice(o);
+BEGIN
+  IF s.stripe_subscription_id IS NULL THEN
+    RETURN 'ignored: not a subscription invoice';
+  END IF;
+  UPDATE identity.accounts
+  SET plan_grace_until = coalesce(plan_grace_until, billing.ts(p_event -> 'created') + interval '7 days')
+  WHERE id = s.account_id;
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_invoice_payment_failed(jsonb) IS
+  'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+
+CREATE OR REPLACE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_refunded bigint := (o ->> 'amount_refunded')::bigint;
+  p billing.payments;
+  v_target bigint;
+  v_delta bigint;
+  v_take bigint;
+BEGIN
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
+  IF NOT FOUND THEN
+    RETURN 'ignored: not a credit bundle payment';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
+  IF v_refunded IS NULL OR v_refunded <= p.refunded_minor THEN
+    RETURN 'stale';
+  END IF;
+  -- Credits to take back, in proportion to the amount refunded so far.
+  v_target := CASE WHEN p.amount_minor = 0 THEN p.credits_micros
+                   ELSE (p.credits_micros::numeric * least(v_refunded, p.amount_minor) / p.amount_minor)::bigint END;
+  v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
+  SELECT least(v_delta, credit_balance_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
+  IF v_take > 0 THEN
+    PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
+                                 'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,
+                                 'refund of ' || coalesce(p.price_id, 'a bundle'));
+  END IF;
+  UPDATE billing.payments
+  SET refunded_minor = v_refunded, clawed_back_micros = clawed_back_micros + greatest(v_take, 0),
+      shortfall_micros = shortfall_micros + greatest(v_delta - greatest(v_take, 0), 0)
+  WHERE stripe_payment_intent_id = p.stripe_payment_intent_id;
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_charge_refunded(jsonb) IS
+  'charge.refunded for a bundle payment: take back the credits in proportion to amount_refunded, never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+
+CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_result text;
+BEGIN
+  IF v_id IS NULL OR v_type IS NULL OR jsonb_typeof(p_event -> 'created') <> 'number'
+     OR jsonb_typeof(p_event -> 'data' -> 'object') <> 'object' THEN
+    PERFORM util.fail('TL422', 'not a Stripe event: id, type, created and data.object are required');
+  END IF;
+  -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode')::boolean, false),
+          p_event, util.now(), 'ignored')
+  ON CONFLICT (id) DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true);
+  END IF;
+  v_result := CASE v_type
+    WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+    WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
+    WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
+    WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)
+    WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
+    WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
+    WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+    ELSE 'ignored: pgtally does not handle ' || v_type
+  END;
+  UPDATE billing.stripe_events
+  SET status = split_part(v_result, ':', 1), note = nullif(btrim(substr(v_result, length(split_part(v_result, ':', 1)) + 2)), '')
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', split_part(v_result, ':', 1));
+END $$;
+COMMENT ON FUNCTION api.stripe_webhook(jsonb) IS
+  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and changes nothing. Unknown types are recorded as ignored. Any failure rolls everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status}.';
+
+------------------------------------------------------------------------------------------------
+-- What the server needs around its Stripe API calls (made outside any transaction)
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_price billing.prices;
+BEGIN
+  SELECT * INTO v_price FROM billing.prices WHERE id = p_price AND active;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL422', format('there is no price %L', p_price),
+                      jsonb_build_object('prices', (SELECT jsonb_agg(id ORDER BY id) FROM billing.prices WHERE active)));
+  END IF;
+  IF v_price.plan_id IS NOT NULL AND EXISTS (
+       SELECT 1 FROM billing.subscriptions
+       WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')) THEN
+    PERFORM util.fail('TL409', 'the account already has a subscription: change it instead',
+                      jsonb_build_object('change_url', '/v1/billing/subscription/change'));
+  END IF;
+  RETURN jsonb_build_object(
+    'account_id', v_account_id,
+    'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
+    'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id);
+END $$;
+COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text) IS
+  'POST /v1/billing/checkout, step 1: the caller''s account, email and Stripe customer (if any), and the Checkout mode for a price code (subscription for plan prices, payment for bundles). TL422 unknown price; TL409 a plan price while a subscription is live.';
+
+CREATE OR REPLACE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+BEGIN
+  INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
+  VALUES (v_account_id, p_stripe_customer_id, util.now())
+  ON CONFLICT (account_id) DO NOTHING;
+  RETURN jsonb_build_object('stripe_customer_id',
+                            (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id));
+END $$;
+COMMENT ON FUNCTION api.link_stripe_customer(text, uuid, text) IS
+  'POST /v1/billing/checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
+
+CREATE OR REPLACE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  a identity.accounts;
+  s billing.subscriptions;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = a.id
+  ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
+  LIMIT 1;
+  RETURN jsonb_build_object(
+    'account_id', a.id, 'plan', a.plan_id,
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
+    'plan_grace_until', util.iso(a.plan_grace_until),
+    'subscription', CASE WHEN s.stripe_subscription_id IS NULL THEN NULL ELSE jsonb_build_object(
+      'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
+      'stripe_item_id', s.stripe_item_id,
+      'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
+      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'live', s.status IN ('active', 'trialing', 'past_due')) END);
+END $$;
+COMMENT ON FUNCTION api.billing_account(text, uuid) IS
+  'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+
+CREATE OR REPLACE FUNCTION api.stripe_price_of(p_price text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v text;
+BEGIN
+  SELECT stripe_price_id INTO v FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
+  IF v IS NULL THEN
+    PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+  END IF;
+  RETURN v;
+END $$;
+COMMENT ON FUNCTION api.stripe_price_of(text) IS 'The Stripe price id of an active plan price code (subscription changes). TL422 otherwise.';
+
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb), api.checkout_prepare(text, uuid, text),
+  api.link_stripe_customer(text, uuid, text), api.billing_account(text, uuid), api.stripe_price_of(text)
+TO pgtally_api;

@@ -1,0 +1,331 @@
+"""Stripe billing over HTTP: the real stripe SDK against a local stand-in, and webhook events
+signed the way Stripe signs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from api.app import Settings
+from tests.conftest import reconciliation_problems
+from tests.http.conftest import PUBLIC_URL, bearer
+from tests.stripe_standin import Events, StripeStandIn, sign
+
+SECRET = "whsec_test_secret"
+DAY = 86400
+
+
+@pytest.fixture
+def stripe_api():
+    with StripeStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def settings(stripe_api) -> Settings:
+    return Settings(public_url=PUBLIC_URL, pool_max_size=16, stripe_api_key="sk_test_pgtally",
+                    stripe_api_base=stripe_api.url, stripe_webhook_secret=SECRET)
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+async def deliver(client, event: dict, timestamp: int | None = None, secret: str = SECRET):
+    payload = json.dumps(event).encode()
+    return await client.post("/v1/webhooks/stripe", content=payload,
+                             headers={"Stripe-Signature": sign(payload, secret, timestamp),
+                                      "Content-Type": "application/json"})
+
+
+def account_row(owner, account_id):
+    return owner.execute("SELECT plan_id, credit_balance_micros, billing_period_start, billing_period_end, "
+                         "plan_grace_until FROM identity.accounts WHERE id = %s", [account_id]).fetchone()
+
+
+def subscribe(events, account, sub="sub_1", status="active", price="price_pro_monthly", start=None, end=None,
+              type_="customer.subscription.updated", created=None, id_=None, cancel=False):
+    now = int(time.time())
+    obj = Events.subscription(sub, "cus_1", account["account_id"], status, price,
+                              start or now - DAY, end or now + 29 * DAY, cancel)
+    return events.event(type_, obj, created=created, id_=id_)
+
+
+async def test_plans_are_public_with_prices_and_bundles(client):
+    body = (await client.get("/v1/plans")).json()
+    plans = {p["id"]: p for p in body["plans"]}
+    assert set(plans) == {"free", "pro", "unlimited"}
+    assert {(x["interval"], x["amount"], x["currency"]) for x in plans["pro"]["prices"]} == {
+        ("month", 999, "usd"), ("year", 9999, "usd")}
+    assert {x["amount"] for x in plans["unlimited"]["prices"]} == {1999, 19999}
+    assert plans["pro"]["entitlements"] == [{"meter": "generation", "kind": "allowance", "period": "billing_period",
+                                             "limit": 1000}]
+    assert [(b["id"], b["credits"]) for b in body["bundles"]] == [("bundle_10", "10"), ("bundle_25", "25")]
+
+
+async def test_checkout_creates_the_customer_once_and_names_the_account(client, stripe_api, new_account, owner):
+    acct = new_account("free")
+    r = await client.post("/v1/billing/checkout", json={"price": "bundle_10"},
+                          headers=bearer(acct["api_key"], **{"Idempotency-Key": "buy-1"}))
+    assert r.status_code == 201, r.text
+    assert r.json()["url"].startswith("https://checkout.stripe.test/") and r.json()["mode"] == "payment"
+    (_, _, customer, customer_key), (_, _, session, session_key) = stripe_api.requests
+    assert customer_key == f"customer-{acct['account_id']}" and customer["metadata"] == {"account_id": acct["account_id"]}
+    assert session_key == "buy-1"
+    assert session["mode"] == "payment" and session["client_reference_id"] == acct["account_id"]
+    assert session["metadata"] == {"account_id": acct["account_id"], "price": "bundle_10"}
+    assert session["line_items"] == [{"price": "price_bundle_10", "quantity": "1"}]
+    assert session["success_url"].startswith(PUBLIC_URL)
+
+    r = await client.post("/v1/billing/checkout", json={"price": "pro_yearly", "success_url": "https://x.example/ok"},
+                          headers=bearer(acct["api_key"]))
+    assert r.json()["mode"] == "subscription"
+    paths = [path for _, path, _, _ in stripe_api.requests]
+    assert paths.count("/v1/customers") == 1                      # reused
+    last = stripe_api.requests[-1][2]
+    assert last["subscription_data"] == {"metadata": {"account_id": acct["account_id"], "price": "pro_yearly"}}
+    assert last["line_items"][0]["price"] == "price_pro_yearly" and last["success_url"] == "https://x.example/ok"
+    (stored,) = owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()
+    assert stored.startswith("cus_") and session["customer"] == stored and last["customer"] == stored
+
+
+async def test_checkout_validates_its_input(client, new_account):
+    key = new_account("free")["api_key"]
+    assert (await client.post("/v1/billing/checkout", json={"price": "gold"}, headers=bearer(key))).status_code == 422
+    assert (await client.post("/v1/billing/checkout", json={"price": "bundle_10", "success_url": "javascript:x"},
+                              headers=bearer(key))).status_code == 400
+    assert (await client.post("/v1/billing/checkout", json={"price": "bundle_10"})).status_code == 401
+
+
+async def test_bundle_purchase_is_credited_once_however_often_delivered(client, events, new_account, owner):
+    acct = new_account("free")
+    session = {"id": "cs_test_1", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "customer": "cus_9", "client_reference_id": acct["account_id"], "payment_intent": "pi_1",
+               "amount_total": 500, "currency": "usd", "metadata": {"account_id": acct["account_id"], "price": "bundle_10"}}
+    event = events.event("checkout.session.completed", session)
+    first = await deliver(client, event)
+    assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False, "status": "applied"}
+    again = await deliver(client, event)
+    assert again.json()["duplicate"] is True
+    responses = await asyncio.gather(*[deliver(client, event) for _ in range(20)])
+    assert {r.status_code for r in responses} == {200}
+    assert account_row(owner, acct["account_id"])[1] == 10_000_000
+    assert owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0] == "cus_9"
+    (row,) = owner.execute("SELECT paid_minor, credits_sold_micros, difference_micros FROM reporting.payments_vs_ledger_daily").fetchall()
+    assert row == (500, 10_000_000, 0)
+    # A second session for the same bundle is a second purchase.
+    await deliver(client, events.event("checkout.session.completed", {**session, "id": "cs_test_2", "payment_intent": "pi_2"}))
+    assert account_row(owner, acct["account_id"])[1] == 20_000_000
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_concurrent_deliveries_of_new_events_apply_each_once(client, events, new_account, owner):
+    acct = new_account("free")
+    batch = [events.event("checkout.session.completed", {
+        "id": f"cs_{i}", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+        "customer": "cus_9", "client_reference_id": acct["account_id"], "payment_intent": f"pi_{i}",
+        "amount_total": 500, "currency": "usd", "metadata": {"price": "bundle_10"}}) for i in range(5)]
+    responses = await asyncio.gather(*[deliver(client, e) for e in batch for _ in range(4)])
+    assert {r.status_code for r in responses} == {200}
+    assert sum(not r.json()["duplicate"] for r in responses) == 5
+    assert account_row(owner, acct["account_id"])[1] == 50_000_000
+
+
+@pytest.mark.parametrize("case", ["bad-secret", "stale", "future", "missing", "tampered"])
+async def test_unverified_webhooks_are_refused(client, events, new_account, owner, case):
+    event = events.event("customer.subscription.updated",
+                         Events.subscription("sub_x", "cus_1", new_account()["account_id"], "active",
+                                             "price_pro_monthly", 0, 1))
+    payload = json.dumps(event).encode()
+    now = int(time.time())
+    header = {"bad-secret": sign(payload, "whsec_wrong"), "stale": sign(payload, SECRET, now - 400),
+              "future": sign(payload, SECRET, now + 400), "missing": None,
+              "tampered": sign(payload, SECRET)}[case]
+    body = payload.replace(b"active", b"canceled") if case == "tampered" else payload
+    r = await client.post("/v1/webhooks/stripe", content=body,
+                          headers={"Stripe-Signature": header} if header else {})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
+    assert owner.execute("SELECT count(*) FROM billing.stripe_events").fetchone()[0] == 0
+
+
+async def test_update_before_create_ends_in_the_latest_state(client, events, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    updated = subscribe(events, acct, status="active", created=now)
+    created = subscribe(events, acct, status="incomplete", type_="customer.subscription.created", created=now - 5)
+    assert (await deliver(client, updated)).json()["status"] == "applied"
+    assert (await deliver(client, created)).json()["status"] == "stale"
+    plan, _, start, end, _ = account_row(owner, acct["account_id"])
+    assert plan == "pro" and start is not None and end is not None
+    status = owner.execute("SELECT status, plan_id FROM billing.subscriptions").fetchone()
+    assert status == ("active", "pro")
+    assert owner.execute("SELECT status FROM reporting.stripe_events_not_applied").fetchall() == [("stale",)]
+
+
+async def test_two_updates_in_one_second_end_the_same_whatever_the_arrival_order(client, events, new_account, owner):
+    now = int(time.time())
+    finals = []
+    for order in (0, 1):
+        acct = new_account("free")
+        sub = f"sub_order_{order}"
+        first = subscribe(events, acct, sub=sub, price="price_pro_monthly", created=now, id_=f"evt_a_{order}")
+        second = subscribe(events, acct, sub=sub, price="price_unlimited_monthly", created=now, id_=f"evt_b_{order}")
+        for event in ([first, second] if order == 0 else [second, first]):
+            assert (await deliver(client, event)).status_code == 200
+        finals.append(account_row(owner, acct["account_id"])[0])
+    assert finals[0] == finals[1] == "unlimited"
+
+
+async def test_a_replayed_old_event_never_overwrites_newer_state(client, events, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    old = subscribe(events, acct, price="price_pro_monthly", created=now - 60)
+    new = subscribe(events, acct, price="price_unlimited_monthly", created=now)
+    await deliver(client, old)
+    await deliver(client, new)
+    assert account_row(owner, acct["account_id"])[0] == "unlimited"
+    replay = {**old, "id": "evt_replayed_copy"}
+    assert (await deliver(client, replay)).json()["status"] == "stale"
+    assert account_row(owner, acct["account_id"])[0] == "unlimited"
+
+
+async def test_cancel_at_period_end_keeps_the_plan_until_deleted(client, events, stripe_api, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    sub = subscribe(events, acct, created=now - 10)
+    stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
+    await deliver(client, sub)
+    assert (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]["live"]
+
+    r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
+    assert r.status_code == 202 and r.json()["cancel_at_period_end"] is True
+    assert stripe_api.requests[-1][:3] == ("POST", "/v1/subscriptions/sub_1", {"cancel_at_period_end": "true"})
+    await deliver(client, subscribe(events, acct, cancel=True, created=now - 5))
+    assert account_row(owner, acct["account_id"])[0] == "pro"
+    await deliver(client, subscribe(events, acct, status="canceled", type_="customer.subscription.deleted", created=now))
+    plan, _, start, end, _ = account_row(owner, acct["account_id"])
+    assert (plan, start, end) == ("free", None, None)
+    r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
+    assert r.status_code == 404
+
+
+async def test_change_plan_prorates_through_stripe(client, events, stripe_api, new_account):
+    acct = new_account("free")
+    sub = subscribe(events, acct)
+    stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
+    await deliver(client, sub)
+    r = await client.post("/v1/billing/subscription/change", json={"price": "unlimited_monthly"},
+                          headers=bearer(acct["api_key"]))
+    assert r.status_code == 202, r.text
+    _, path, params, key = stripe_api.requests[-1]
+    assert path == "/v1/subscriptions/sub_1" and key
+    assert params["items"] == [{"id": "si_sub_1", "price": "price_unlimited_monthly"}]
+    assert params["proration_behavior"] == "create_prorations"
+    r = await client.post("/v1/billing/subscription/change", json={"price": "bundle_10"}, headers=bearer(acct["api_key"]))
+    assert r.status_code == 422
+    r = await client.post("/v1/billing/checkout", json={"price": "pro_monthly"}, headers=bearer(acct["api_key"]))
+    assert r.status_code == 409
+
+
+async def test_portal_needs_a_customer(client, events, new_account, owner):
+    acct = new_account("free")
+    assert (await client.post("/v1/billing/portal", headers=bearer(acct["api_key"]))).status_code == 404
+    owner.execute("INSERT INTO billing.customers (account_id, stripe_customer_id) VALUES (%s, 'cus_p')", [acct["account_id"]])
+    r = await client.post("/v1/billing/portal", headers=bearer(acct["api_key"]))
+    assert r.status_code == 201 and r.json()["url"].startswith("https://billing.stripe.test/")
+
+
+async def test_invoice_paid_starts_a_new_period_and_grants_included_credits(client, events, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    owner.execute("UPDATE billing.plans SET included_credits_micros = 5000000 WHERE id = 'pro'")
+    await deliver(client, subscribe(events, acct, start=now - 20 * DAY, end=now + 10 * DAY, created=now - 100))
+    headers = bearer(acct["api_key"], **{"Idempotency-Key": "u1"})
+    r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 40}, headers=headers)
+    assert r.json()["allowance"]["used"] == 40
+
+    invoice = {"id": "in_1", "object": "invoice", "customer": "cus_1", "status": "paid", "amount_paid": 999,
+               "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_1"}},
+               "lines": {"data": [{"period": {"start": now - 60, "end": now + 30 * DAY}}]}}
+    paid = events.event("invoice.paid", invoice)
+    assert (await deliver(client, paid)).json()["status"] == "applied"
+    assert (await deliver(client, {**paid, "id": "evt_same_invoice_again"})).json()["status"] == "applied"
+    plan, credits, start, end, _ = account_row(owner, acct["account_id"])
+    assert plan == "pro" and credits == 5_000_000                 # granted once per invoice
+    assert int(start.timestamp()) == now - 60
+    r = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=bearer(acct["api_key"], **{"Idempotency-Key": "u2"}))
+    assert r.json()["allowance"]["used"] == 1                     # the new period starts from zero
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_payment_failure_has_a_grace_period_then_meters_as_free(client, events, new_account, owner):
+    acct = new_account("free")
+    await deliver(client, subscribe(events, acct, created=int(time.time()) - 100))
+    invoice = {"id": "in_2", "object": "invoice", "customer": "cus_1",
+               "parent": {"subscription_details": {"subscription": "sub_1"}}, "lines": {"data": []}}
+    await deliver(client, events.event("invoice.payment_failed", invoice))
+    await deliver(client, subscribe(events, acct, status="past_due"))
+    plan, _, _, _, grace = account_row(owner, acct["account_id"])
+    assert plan == "pro" and grace is not None
+    use = lambda k: client.post("/v1/usage/events", json={"meter": "generation"},
+                                headers=bearer(acct["api_key"], **{"Idempotency-Key": k}))
+    assert (await use("a")).json()["allowance"]["limit"] == 1000        # still pro within the grace period
+    owner.execute("UPDATE identity.accounts SET plan_grace_until = now() - interval '1 second'")
+    assert (await use("b")).json()["allowance"]["limit"] == 10          # metered as free after it
+    await deliver(client, events.event("invoice.paid", {**invoice, "id": "in_3",
+                                                        "lines": {"data": [{"period": {"start": int(time.time()), "end": int(time.time()) + 30 * DAY}}]}}))
+    assert account_row(owner, acct["account_id"])[4] is None
+
+
+async def test_refund_after_credits_were_spent_claws_back_what_is_left(client, events, new_account, owner):
+    acct = new_account("free")
+    session = {"id": "cs_r", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+               "customer": "cus_r", "client_reference_id": acct["account_id"], "payment_intent": "pi_r",
+               "amount_total": 500, "currency": "usd", "metadata": {"price": "bundle_10"}}
+    await deliver(client, events.event("checkout.session.completed", session))
+    await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 14},
+                      headers=bearer(acct["api_key"], **{"Idempotency-Key": "spend"}))   # 10 free + 4 credits
+    assert account_row(owner, acct["account_id"])[1] == 6_000_000
+    charge = {"id": "ch_r", "object": "charge", "payment_intent": "pi_r", "amount": 500, "currency": "usd"}
+    half = events.event("charge.refunded", {**charge, "amount_refunded": 250, "refunded": False})
+    await deliver(client, half)
+    assert account_row(owner, acct["account_id"])[1] == 1_000_000       # 5 of the 10 credits taken back
+    full = events.event("charge.refunded", {**charge, "amount_refunded": 500, "refunded": True})
+    await deliver(client, full)
+    assert account_row(owner, acct["account_id"])[1] == 0               # never below zero
+    clawed, shortfall = owner.execute("SELECT clawed_back_micros, shortfall_micros FROM billing.payments").fetchone()
+    assert (clawed, shortfall) == (6_000_000, 4_000_000)
+    assert (await deliver(client, {**half, "id": "evt_half_again"})).json()["status"] == "stale"
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_unknown_events_are_recorded_and_acknowledged(client, events, owner):
+    r = await deliver(client, events.event("customer.created", {"id": "cus_z", "object": "customer"}))
+    assert r.status_code == 200 and r.json()["status"] == "ignored"
+    (note,) = owner.execute("SELECT note FROM reporting.stripe_events_not_applied").fetchone()
+    assert "customer.created" in note
+
+
+async def test_invoice_for_an_unknown_subscription_is_retried_later(client, events, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    paid = events.event("invoice.paid", {"id": "in_9", "object": "invoice", "customer": "cus_1",
+                                         "parent": {"subscription_details": {"subscription": "sub_1"}},
+                                         "lines": {"data": [{"period": {"start": now, "end": now + 30 * DAY}}]}})
+    r = await deliver(client, paid)
+    assert r.status_code == 503                                          # Stripe will retry
+    assert owner.execute("SELECT count(*) FROM billing.stripe_events").fetchone()[0] == 0
+    await deliver(client, subscribe(events, acct, created=now - 10))
+    assert (await deliver(client, paid)).json()["status"] == "applied"
+
+
+async def test_reporting_views_for_dbas(client, events, new_account, owner):
+    a, b = new_account("free"), new_account("free")
+    await deliver(client, subscribe(events, a, sub="sub_a"))
+    await deliver(client, subscribe(events, b, sub="sub_b", status="past_due", price="price_unlimited_monthly"))
+    rows = set(owner.execute("SELECT plan_id, status, subscriptions FROM reporting.subscriptions_by_status").fetchall())
+    assert rows == {("pro", "active", 1), ("unlimited", "past_due", 1)}
