@@ -144,3 +144,15 @@ class Events:
                 "items": {"object": "list", "data": [{
                     "id": f"si_{sub_id}", "object": "subscription_item", "price": {"id": stripe_price, "object": "price"},
                     "current_period_start": start, "current_period_end": end}]}}
+
+
+if __name__ == "__main__":
+    # Try pgtally's billing offline: STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x make run
+    import sys
+
+    standin = StripeStandIn()
+    standin.server.server_close()
+    standin.server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 12111),
+                                         standin.server.RequestHandlerClass)
+    print(f"Stripe stand-in on http://127.0.0.1:{standin.server.server_address[1]}", flush=True)
+    standin.server.serve_forever()
