@@ -130,7 +130,8 @@ def plans_load(file: Path) -> None:
         result = db.load_catalog(url, file)
     except psycopg.Error as exc:
         raise click.ClickException(exc.diag.message_primary or str(exc))
-    click.echo(f"plans: {', '.join(result['plans'])}; meters: {', '.join(result['meters'])}")
+    click.echo(f"plans: {', '.join(result['plans'])}; meters: {', '.join(result['meters'])}; "
+               f"prices: {', '.join(result['prices'])}")
 
 
 @main.group()

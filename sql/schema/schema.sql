@@ -461,7 +461,9 @@ BEGIN
       IF v_interval NOT IN ('monthly', 'yearly') THEN
         PERFORM util.fail('TL422', format('plans.%s.prices.%s: a plan price is monthly or yearly', v_id, v_interval));
       END IF;
-      PERFORM billing.upsert_price(v_id || '_' || v_interval, v_price, format('plans.%s.prices.%s', v_id, v_interval),
+      PERFORM billing.upsert_price(v_id || '_' || v_interval,
+                                   jsonb_build_object('name', coalesce(v_def ->> 'name', v_id) || ' ' || v_interval) || v_price,
+                                   format('plans.%s.prices.%s', v_id, v_interval),
                                    v_id, CASE v_interval WHEN 'monthly' THEN 'month' ELSE 'year' END, NULL);
       v_prices := v_prices || (v_id || '_' || v_interval);
     END LOOP;
