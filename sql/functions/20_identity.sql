@@ -92,6 +92,14 @@ END $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
   'The account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope) or a session id from a verified access token (not revoked or expired). p_account_id: act on that account, allowed to service keys only. TL401 unknown key or ended session, TL403 missing scope or not a service key, TL404 unknown account. Keeps last_used_at, at most once a minute.';
 
+CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
+LANGUAGE sql STABLE AS $$
+  -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
+  SELECT CASE WHEN a.plan_grace_until < util.now() THEN 'free' ELSE a.plan_id END
+$$;
+COMMENT ON FUNCTION identity.effective_plan(identity.accounts) IS
+  'The plan an account is metered on now: its plan, or free once a payment grace period (plan_grace_until) has passed.';
+
 CREATE OR REPLACE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint,
                                                 p_id uuid DEFAULT NULL, p_fingerprint text DEFAULT NULL)
 RETURNS uuid

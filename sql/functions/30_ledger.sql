@@ -92,7 +92,7 @@ BEGIN
   WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
-    'plan', v_account.plan_id,
+    'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
     'allowances', coalesce((
       SELECT jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end, coalesce(u.used, 0)) ORDER BY e.meter_id)
@@ -102,7 +102,7 @@ BEGIN
                                                 v_account.billing_period_end) p
       LEFT JOIN metering.allowance_usage u
         ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
-      WHERE e.plan_id = v_account.plan_id), '[]'));
+      WHERE e.plan_id = identity.effective_plan(v_account)), '[]'));
 END $$;
 COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
   'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';

@@ -88,10 +88,8 @@ BEGIN
     v_price := 1;
   END IF;
 
-  -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
   SELECT * INTO e FROM billing.entitlements
-  WHERE plan_id = CASE WHEN p_account.plan_grace_until < util.now() THEN 'free' ELSE p_account.plan_id END
-    AND billing.entitlements.meter_id = m.id;
+  WHERE plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
   entitled := FOUND;
   IF entitled THEN
     SELECT b.period_start, b.period_end INTO period_start, period_end

@@ -365,7 +365,7 @@ BEGIN
   SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
   SELECT * INTO u FROM identity.users WHERE account_id = a.id;
   RETURN jsonb_build_object(
-    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', a.plan_id,
+    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', identity.effective_plan(a),
                                   'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at)),
     'user', CASE WHEN u.id IS NULL THEN NULL ELSE
               jsonb_build_object('id', u.id, 'email', u.email, 'email_verified', u.email_verified_at IS NOT NULL,

@@ -340,7 +340,7 @@ BEGIN
   ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
   LIMIT 1;
   RETURN jsonb_build_object(
-    'account_id', a.id, 'plan', a.plan_id,
+    'account_id', a.id, 'plan', identity.effective_plan(a), 'subscribed_plan', a.plan_id,
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
     'plan_grace_until', util.iso(a.plan_grace_until),
     'subscription', CASE WHEN s.stripe_subscription_id IS NULL THEN NULL ELSE jsonb_build_object(

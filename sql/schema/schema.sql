@@ -41,7 +41,7 @@ BEGIN
   WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
-    'plan', v_account.plan_id,
+    'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
     'allowances', coalesce((
       SELECT jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end, coalesce(u.used, 0)) ORDER BY e.meter_id)
@@ -51,7 +51,7 @@ BEGIN
                                                 v_account.billing_period_end) p
       LEFT JOIN metering.allowance_usage u
         ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
-      WHERE e.plan_id = v_account.plan_id), '[]'));
+      WHERE e.plan_id = identity.effective_plan(v_account)), '[]'));
 END $$;
 
 COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
@@ -70,7 +70,7 @@ BEGIN
   ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
   LIMIT 1;
   RETURN jsonb_build_object(
-    'account_id', a.id, 'plan', a.plan_id,
+    'account_id', a.id, 'plan', identity.effective_plan(a), 'subscribed_plan', a.plan_id,
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
     'plan_grace_until', util.iso(a.plan_grace_until),
     'subscription', CASE WHEN s.stripe_subscription_id IS NULL THEN NULL ELSE jsonb_build_object(
@@ -593,7 +593,7 @@ BEGIN
   SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
   SELECT * INTO u FROM identity.users WHERE account_id = a.id;
   RETURN jsonb_build_object(
-    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', a.plan_id,
+    'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', identity.effective_plan(a),
                                   'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at)),
     'user', CASE WHEN u.id IS NULL THEN NULL ELSE
               jsonb_build_object('id', u.id, 'email', u.email, 'email_verified', u.email_verified_at IS NOT NULL,
@@ -1464,6 +1464,48 @@ $$;
 
 COMMENT ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) IS 'Use a one-time token: its user id, or NULL when unknown, used or expired. Atomic: of two concurrent claims one wins.';
 
+CREATE TABLE identity.accounts (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    kind text DEFAULT 'person'::text NOT NULL,
+    name text,
+    plan_id text NOT NULL,
+    credit_balance_micros bigint DEFAULT 0 NOT NULL,
+    billing_period_start timestamp with time zone,
+    billing_period_end timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    merged_into uuid,
+    device_fingerprint text,
+    plan_grace_until timestamp with time zone,
+    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
+    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
+    CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
+    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
+);
+
+COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
+
+COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
+
+COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
+
+COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
+
+COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
+
+COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
+
+COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
+
+CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+  -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
+  SELECT CASE WHEN a.plan_grace_until < util.now() THEN 'free' ELSE a.plan_id END
+$$;
+
+COMMENT ON FUNCTION identity.effective_plan(a identity.accounts) IS 'The plan an account is metered on now: its plan, or free once a payment grace period (plan_grace_until) has passed.';
+
 CREATE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DEFAULT '{}'::jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -1839,39 +1881,6 @@ $$;
 
 COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
 
-CREATE TABLE identity.accounts (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    kind text DEFAULT 'person'::text NOT NULL,
-    name text,
-    plan_id text NOT NULL,
-    credit_balance_micros bigint DEFAULT 0 NOT NULL,
-    billing_period_start timestamp with time zone,
-    billing_period_end timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    merged_into uuid,
-    device_fingerprint text,
-    plan_grace_until timestamp with time zone,
-    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
-    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
-    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
-    CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
-    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
-);
-
-COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
-
-COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
-
-COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
-
-COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
-
-COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
-
-COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
-
-COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
-
 CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
@@ -1919,10 +1928,8 @@ BEGIN
     v_price := 1;
   END IF;
 
-  -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
   SELECT * INTO e FROM billing.entitlements
-  WHERE plan_id = CASE WHEN p_account.plan_grace_until < util.now() THEN 'free' ELSE p_account.plan_id END
-    AND billing.entitlements.meter_id = m.id;
+  WHERE plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
   entitled := FOUND;
   IF entitled THEN
     SELECT b.period_start, b.period_end INTO period_start, period_end
@@ -2791,6 +2798,8 @@ REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
 REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.effective_plan(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
 

@@ -276,6 +276,7 @@ async def test_payment_failure_has_a_grace_period_then_meters_as_free(client, ev
     assert (await use("a")).json()["allowance"]["limit"] == 1000        # still pro within the grace period
     owner.execute("UPDATE identity.accounts SET plan_grace_until = now() - interval '1 second'")
     assert (await use("b")).json()["allowance"]["limit"] == 10          # metered as free after it
+    assert (await client.get("/v1/balance", headers=bearer(acct["api_key"]))).json()["plan"] == "free"
     await deliver(client, events.event("invoice.paid", {**invoice, "id": "in_3",
                                                         "lines": {"data": [{"period": {"start": int(time.time()), "end": int(time.time()) + 30 * DAY}}]}}))
     assert account_row(owner, acct["account_id"])[4] is None
