@@ -1,4 +1,4 @@
 -- api.consume on the allowance path (unlimited plan: usage event + allowance counter, no ledger).
 \set id random(1, 1000)
 \set k random(1, 1000000000000000)
-SELECT replayed FROM api.consume((SELECT key FROM bench_keys WHERE id = :id AND plan = 'unlimited'), :k::text, 'generation');
+SELECT replayed FROM api.consume((SELECT key FROM bench_keys WHERE id = :id AND plan = 'unlimited'), NULL, :k::text, 'generation');

@@ -39,7 +39,7 @@ def prepare(url: str) -> None:
                 SELECT i, '{plan}', (api.create_account('{plan}', {credits}) ->> 'api_key')
                 FROM generate_series(1, {ACCOUNTS}) i""")
         # Use up the free allowance so every bench event on 'free' pays with credits.
-        conn.execute("SELECT api.consume(key, 'warm-up', 'generation', 10) FROM bench_keys WHERE plan = 'free'")
+        conn.execute("SELECT api.consume(key, NULL, 'warm-up', 'generation', 10) FROM bench_keys WHERE plan = 'free'")
         keys = [r[0] for r in conn.execute("SELECT key FROM bench_keys WHERE plan = 'unlimited' ORDER BY id")]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "keys.txt").write_text("\n".join(keys) + "\n")

@@ -86,10 +86,12 @@ CREATE OR REPLACE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_acco
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  -- authenticate is volatile (it keeps last_used_at): call it once, never inside a WHERE clause.
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),

@@ -161,6 +161,7 @@ CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idem
 RETURNS TABLE (replayed boolean, body jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
   v_prior metering.usage_events;
@@ -173,8 +174,8 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id) FOR NO KEY UPDATE;
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -231,11 +232,12 @@ CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
   q record;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   RETURN jsonb_build_object(
     'allowed', q.allowed, 'meter', q.meter_id, 'quantity', q.quantity,

@@ -359,10 +359,12 @@ COMMENT ON FUNCTION api.logout(uuid, boolean) IS
 CREATE OR REPLACE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_account_id uuid;
   a identity.accounts;
   u identity.users;
 BEGIN
-  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO u FROM identity.users WHERE account_id = a.id;
   RETURN jsonb_build_object(
     'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', identity.effective_plan(a),

@@ -331,10 +331,12 @@ COMMENT ON FUNCTION api.link_stripe_customer(text, uuid, text) IS
 CREATE OR REPLACE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_account_id uuid;
   a identity.accounts;
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO s FROM billing.subscriptions
   WHERE account_id = a.id
   ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
