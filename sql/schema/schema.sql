@@ -35,10 +35,12 @@ CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  -- authenticate is volatile (it keeps last_used_at): call it once, never inside a WHERE clause.
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
@@ -61,10 +63,12 @@ CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS j
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_account_id uuid;
   a identity.accounts;
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO s FROM billing.subscriptions
   WHERE account_id = a.id
   ORDER BY (status IN ('active', 'trialing', 'past_due')) DESC, current_period_end DESC NULLS LAST
@@ -88,11 +92,12 @@ CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
   q record;
 BEGIN
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   RETURN jsonb_build_object(
     'allowed', q.allowed, 'meter', q.meter_id, 'quantity', q.quantity,
@@ -142,6 +147,7 @@ CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_account_id uuid;
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
   v_prior metering.usage_events;
@@ -154,8 +160,8 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  SELECT * INTO v_account FROM identity.accounts
-  WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id) FOR NO KEY UPDATE;
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -587,10 +593,12 @@ CREATE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
+  v_account_id uuid;
   a identity.accounts;
   u identity.users;
 BEGIN
-  SELECT * INTO a FROM identity.accounts WHERE id = identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO u FROM identity.users WHERE account_id = a.id;
   RETURN jsonb_build_object(
     'account', jsonb_build_object('id', a.id, 'kind', a.kind, 'plan', identity.effective_plan(a),
