@@ -84,10 +84,18 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
     return len(rows)
 
 
+HOUSEKEEPING_SECONDS = 300
+
+
 async def run(database_url: str, settings: Settings, once: bool = False, poll_seconds: float = 1.0) -> None:
-    """Deliver until stopped (or until nothing is due, with ``once``)."""
+    """Deliver until stopped (or until nothing is due, with ``once``); every five minutes also run
+    ``api.housekeeping`` (old rate-limit windows)."""
     async with await psycopg.AsyncConnection.connect(db.api_conninfo(database_url), autocommit=True) as conn:
+        last_housekeeping = 0.0
         while True:
+            if asyncio.get_running_loop().time() - last_housekeeping > HOUSEKEEPING_SECONDS:
+                await conn.execute("SELECT api.housekeeping()")
+                last_housekeeping = asyncio.get_running_loop().time()
             claimed = await deliver_due(conn, settings)
             if once and not claimed:
                 return

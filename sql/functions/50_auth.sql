@@ -628,8 +628,20 @@ $$;
 COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
   'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
 
+CREATE OR REPLACE FUNCTION api.housekeeping() RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_windows integer;
+BEGIN
+  DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
+  GET DIAGNOSTICS v_windows = ROW_COUNT;
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows);
+END $$;
+COMMENT ON FUNCTION api.housekeeping() IS
+  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day).';
+
 GRANT EXECUTE ON FUNCTION
-  api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),
+  api.housekeeping(), api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
   api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text),

@@ -138,7 +138,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
-  'checkout.session.completed: link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+  'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
 
 CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
 LANGUAGE plpgsql AS $$
@@ -267,6 +267,7 @@ BEGIN
   END IF;
   v_result := CASE v_type
     WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+    WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
     WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
     WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
     WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)

@@ -301,6 +301,20 @@ END $$;
 
 COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
+CREATE FUNCTION api.housekeeping() RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_windows integer;
+BEGIN
+  DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
+  GET DIAGNOSTICS v_windows = ROW_COUNT;
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows);
+END $$;
+
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day).';
+
 CREATE FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -896,6 +910,7 @@ BEGIN
   END IF;
   v_result := CASE v_type
     WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+    WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
     WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
     WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
     WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)
@@ -1031,7 +1046,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed: link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
 
 CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -2692,6 +2707,9 @@ REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scop
 GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) TO pgtally_api;

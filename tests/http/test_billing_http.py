@@ -123,6 +123,18 @@ async def test_bundle_purchase_is_credited_once_however_often_delivered(client, 
     assert reconciliation_problems(owner) == {}
 
 
+async def test_a_delayed_payment_is_credited_when_it_succeeds(client, events, new_account, owner):
+    acct = new_account("free")
+    session = {"id": "cs_slow", "object": "checkout.session", "mode": "payment", "payment_status": "unpaid",
+               "customer": "cus_s", "client_reference_id": acct["account_id"], "payment_intent": "pi_slow",
+               "amount_total": 1000, "currency": "usd", "metadata": {"price": "bundle_25"}}
+    assert (await deliver(client, events.event("checkout.session.completed", session))).json()["status"] == "ignored"
+    assert account_row(owner, acct["account_id"])[1] == 0
+    paid = events.event("checkout.session.async_payment_succeeded", {**session, "payment_status": "paid"})
+    assert (await deliver(client, paid)).json()["status"] == "applied"
+    assert account_row(owner, acct["account_id"])[1] == 25_000_000
+
+
 async def test_concurrent_deliveries_of_new_events_apply_each_once(client, events, new_account, owner):
     acct = new_account("free")
     batch = [events.event("checkout.session.completed", {
