@@ -133,13 +133,16 @@ def pg_dump_path() -> Path:
 
 def dump_schema(url: str) -> str:
     """The schema as the migrations and functions build it: ``pg_dump --schema-only``, with what
-    varies between runs and servers (comments, settings, restrict keys, the owner) removed."""
+    varies between runs (comments, settings, restrict keys, the owner) removed. The first line
+    names the server's major version, which shapes how views and functions are printed."""
     out = subprocess.run(
         [str(pg_dump_path()), "--schema-only", "--no-owner", "--exclude-schema=public", "--dbname", url],
         check=True, capture_output=True, text=True,
     ).stdout
     owner = conninfo_to_dict(url).get("user") or os.environ.get("PGUSER") or "postgres"
-    lines = []
+    with psycopg.connect(url) as conn:
+        major = conn.info.server_version // 10000
+    lines = [f"-- PostgreSQL {major}: another major version deparses views and functions differently"]
     for line in out.splitlines():
         if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")):
             continue

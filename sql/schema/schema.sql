@@ -1,3 +1,5 @@
+-- PostgreSQL 18: another major version deparses views and functions differently
+
 CREATE SCHEMA api;
 
 COMMENT ON SCHEMA api IS 'pgtally entry points: SECURITY DEFINER functions, the only thing the server role may touch.';
@@ -1744,7 +1746,8 @@ $$;
 COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
 CREATE FUNCTION ledger.check_transfer_balanced() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_sum numeric;
@@ -2035,7 +2038,8 @@ END $$;
 COMMENT ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) IS 'Raise a pgtally error: SQLSTATE of class TL (TL401 unauthenticated, TL402 payment required, TL404 not found, TL409 conflict, TL422 invalid input), a message meant for the caller, and optional JSON DETAIL whose members the API adds to the problem+json body.';
 
 CREATE FUNCTION util.forbid_change() RETURNS trigger
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 BEGIN
   RAISE EXCEPTION '% is append-only', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME
