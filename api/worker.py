@@ -34,6 +34,10 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "You already have an account",
         "Someone, hopefully you, tried to sign up with {email}, which already has an account.\n\n"
         "Log in at {public_url}/login, or choose a new password at {public_url}/reset-password.\n"),
+    "usage_warning": (
+        "Your {meter} usage",
+        "{message}\n\nThe allowance resets at {resets_at}. To keep going without limits, see your plan at "
+        "{public_url}/upgrade.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"
@@ -45,11 +49,12 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 def render(kind: str, recipient: str, payload: dict[str, Any], settings: Settings) -> EmailMessage:
     """The email for an outbox row; links start with ``PGTALLY_PUBLIC_URL``."""
     subject, body = TEMPLATES[kind]
+    values = {**payload, "public_url": settings.public_url.rstrip("/")}
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = recipient
-    message["Subject"] = subject
-    message.set_content(body.format(public_url=settings.public_url.rstrip("/"), **payload))
+    message["Subject"] = subject.format(**values)
+    message.set_content(body.format(**values))
     return message
 
 

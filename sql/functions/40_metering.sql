@@ -154,6 +154,16 @@ $$;
 COMMENT ON FUNCTION metering.request_hash(text, bigint, bigint, bigint) IS
   'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
 
+CREATE OR REPLACE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
+LANGUAGE sql AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT 'usage_warning', u.email, w, util.now(), util.now()
+  FROM identity.users u CROSS JOIN jsonb_array_elements(p_warnings) w
+  WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL
+$$;
+COMMENT ON FUNCTION metering.email_warnings(uuid, jsonb) IS
+  'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
+
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
                                        p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
@@ -220,11 +230,14 @@ BEGIN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
                                  format('%s x %s', q.quantity, q.meter_id));
   END IF;
+  IF q.warnings <> '[]' THEN
+    PERFORM metering.email_warnings(v_account.id, q.warnings);
+  END IF;
   replayed := false;
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid) IS
-  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
                                            p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,

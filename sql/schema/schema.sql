@@ -208,11 +208,14 @@ BEGIN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
                                  format('%s x %s', q.quantity, q.meter_id));
   END IF;
+  IF q.warnings <> '[]' THEN
+    PERFORM metering.email_warnings(v_account.id, q.warnings);
+  END IF;
   replayed := false;
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage and ledger transfer in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1890,6 +1893,17 @@ $$;
 
 COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
 
+CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT 'usage_warning', u.email, w, util.now(), util.now()
+  FROM identity.users u CROSS JOIN jsonb_array_elements(p_warnings) w
+  WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL
+$$;
+
+COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
+
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
     LANGUAGE sql STABLE
     AS $$
@@ -2323,7 +2337,7 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
@@ -2862,6 +2876,8 @@ REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros big
 REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
 

@@ -372,3 +372,23 @@ async def test_failed_delivery_is_retried_later(client, owner, db_url, settings)
     attempts, delivered, error, later = owner.execute(
         "SELECT attempts, delivered_at, last_error, next_attempt_at > now() FROM outbox.messages").fetchone()
     assert (attempts, delivered, later) == (1, None, True) and error
+
+
+async def test_usage_warnings_are_emailed_to_a_verified_user(client, smtp, deliver):
+    tokens = await signed_in(client)
+    for i in range(8):
+        r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                              headers=bearer(tokens["access_token"], **{"Idempotency-Key": f"w{i}"}))
+    assert r.json()["warnings"][0]["threshold_percent"] == 80
+    await deliver()
+    assert [m["Subject"] for m in smtp.to("ada@example.com")] == ["Confirm your email address"]   # not verified yet
+
+    r = await client.post("/v1/auth/verify-email", json={"token": smtp.token("ada@example.com", "Confirm")})
+    assert r.status_code == 200
+    r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 2},
+                          headers=bearer(tokens["access_token"], **{"Idempotency-Key": "w-last"}))
+    assert [w["threshold_percent"] for w in r.json()["warnings"]] == [100], r.text
+    assert await deliver() == 1
+    (warning,) = [m for m in smtp.to("ada@example.com") if m["Subject"] == "Your generation usage"]
+    assert "allowance of 10 is used up" in warning.get_content()
+    assert f"{PUBLIC_URL}/upgrade" in warning.get_content()
