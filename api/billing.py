@@ -103,11 +103,9 @@ async def portal(request: Request, caller: Caller) -> dict:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
     the account has a Stripe customer."""
     client = client_of(request)
-    account = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
-    if account["stripe_customer_id"] is None:
-        raise PgtallyError({"sqlstate": "TL404", "message": "no Stripe customer yet: check out first"})
+    (customer,) = await call(request, "SELECT api.stripe_customer(%s::text, %s::uuid)", caller.params)
     session = await client.v1.billing_portal.sessions.create_async(params={
-        "customer": account["stripe_customer_id"],
+        "customer": customer,
         "return_url": request.app.state.settings.public_url.rstrip("/") + "/billing"})
     return {"url": session.url}
 
@@ -118,14 +116,6 @@ async def subscription(request: Request, caller: Caller) -> dict:
     return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
 
 
-async def live_subscription(request: Request, caller: Caller) -> dict:
-    account = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
-    sub = account["subscription"]
-    if not sub or not sub["live"]:
-        raise PgtallyError({"sqlstate": "TL404", "message": "the account has no live subscription"})
-    return sub
-
-
 @post("/v1/billing/subscription/change", status_code=202, dependencies=AUTH, security=SECURITY,
       summary="Switch plan, with proration")
 async def change_subscription(request: Request, caller: Caller, data: JSONBody[ChangeRequest],
@@ -133,10 +123,10 @@ async def change_subscription(request: Request, caller: Caller, data: JSONBody[C
     """Move the live subscription to another plan price with proration (upgrade or downgrade).
     202: Stripe accepted it; the plan changes when its customer.subscription.updated arrives."""
     client = client_of(request)
-    sub = await live_subscription(request, caller)
-    (stripe_price,) = await call(request, "SELECT api.stripe_price_of(%s::text)", [data.price])
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)",
+                          [*caller.params, data.price])
     updated = await client.v1.subscriptions.update_async(
-        sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": stripe_price}],
+        sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
                            "proration_behavior": "create_prorations", "cancel_at_period_end": False},
         options={"idempotency_key": idempotency_key or f"change-{uuid.uuid4()}"})
     return {"id": updated.id, "status": updated.status, "price": data.price, "applied": "on webhook"}
@@ -148,7 +138,7 @@ async def cancel_subscription(request: Request, caller: Caller) -> dict:
     """Cancel the live subscription at the end of its period: the plan stays until then, then the
     account falls back to free (when customer.subscription.deleted arrives)."""
     client = client_of(request)
-    sub = await live_subscription(request, caller)
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid)", caller.params)
     updated = await client.v1.subscriptions.update_async(
         sub["id"], params={"cancel_at_period_end": True}, options={"idempotency_key": f"cancel-{sub['id']}"})
     return {"id": updated.id, "status": updated.status, "cancel_at_period_end": True,

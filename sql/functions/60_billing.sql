@@ -356,19 +356,48 @@ END $$;
 COMMENT ON FUNCTION api.billing_account(text, uuid) IS
   'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
 
-CREATE OR REPLACE FUNCTION api.stripe_price_of(p_price text) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v text;
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_customer text;
 BEGIN
-  SELECT stripe_price_id INTO v FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
-  IF v IS NULL THEN
-    PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+  SELECT stripe_customer_id INTO v_customer FROM billing.customers WHERE account_id = v_account_id;
+  IF v_customer IS NULL THEN
+    PERFORM util.fail('TL404', 'no Stripe customer yet: check out first');
   END IF;
-  RETURN v;
+  RETURN v_customer;
 END $$;
-COMMENT ON FUNCTION api.stripe_price_of(text) IS 'The Stripe price id of an active plan price code (subscription changes). TL422 otherwise.';
+COMMENT ON FUNCTION api.stripe_customer(text, uuid) IS
+  'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
+
+CREATE OR REPLACE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  s billing.subscriptions;
+  v_stripe_price text;
+BEGIN
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')
+  ORDER BY current_period_end DESC NULLS LAST LIMIT 1;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'the account has no live subscription');
+  END IF;
+  IF p_price IS NOT NULL THEN
+    SELECT stripe_price_id INTO v_stripe_price FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
+    IF v_stripe_price IS NULL THEN
+      PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+    END IF;
+  END IF;
+  RETURN jsonb_build_object('id', s.stripe_subscription_id, 'stripe_item_id', s.stripe_item_id,
+                            'stripe_price_id', v_stripe_price, 'current_period_end', util.iso(s.current_period_end));
+END $$;
+COMMENT ON FUNCTION api.live_subscription(text, uuid, text) IS
+  'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
 GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb), api.checkout_prepare(text, uuid, text),
-  api.link_stripe_customer(text, uuid, text), api.billing_account(text, uuid), api.stripe_price_of(text)
+  api.link_stripe_customer(text, uuid, text), api.billing_account(text, uuid), api.live_subscription(text, uuid, text),
+  api.stripe_customer(text, uuid)
 TO pgtally_api;

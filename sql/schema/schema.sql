@@ -420,6 +420,33 @@ END $$;
 
 COMMENT ON FUNCTION api.list_api_keys(p_session_id uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves).';
 
+CREATE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL::text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  s billing.subscriptions;
+  v_stripe_price text;
+BEGIN
+  SELECT * INTO s FROM billing.subscriptions
+  WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')
+  ORDER BY current_period_end DESC NULLS LAST LIMIT 1;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'the account has no live subscription');
+  END IF;
+  IF p_price IS NOT NULL THEN
+    SELECT stripe_price_id INTO v_stripe_price FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
+    IF v_stripe_price IS NULL THEN
+      PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+    END IF;
+  END IF;
+  RETURN jsonb_build_object('id', s.stripe_subscription_id, 'stripe_item_id', s.stripe_item_id,
+                            'stripe_price_id', v_stripe_price, 'current_period_end', util.iso(s.current_period_end));
+END $$;
+
+COMMENT ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) IS 'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
+
 CREATE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -876,21 +903,22 @@ END $$;
 
 COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
-CREATE FUNCTION api.stripe_price_of(p_price text) RETURNS text
-    LANGUAGE plpgsql STABLE SECURITY DEFINER
+CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v text;
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_customer text;
 BEGIN
-  SELECT stripe_price_id INTO v FROM billing.prices WHERE id = p_price AND active AND plan_id IS NOT NULL;
-  IF v IS NULL THEN
-    PERFORM util.fail('TL422', format('there is no plan price %L', p_price));
+  SELECT stripe_customer_id INTO v_customer FROM billing.customers WHERE account_id = v_account_id;
+  IF v_customer IS NULL THEN
+    PERFORM util.fail('TL404', 'no Stripe customer yet: check out first');
   END IF;
-  RETURN v;
+  RETURN v_customer;
 END $$;
 
-COMMENT ON FUNCTION api.stripe_price_of(p_price text) IS 'The Stripe price id of an active plan price code (subscription changes). TL422 otherwise.';
+COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) IS 'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
 
 CREATE FUNCTION api.stripe_webhook(p_event jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2744,6 +2772,9 @@ GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid
 REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.load_catalog(p_catalog jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
@@ -2794,8 +2825,8 @@ GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.stripe_price_of(p_price text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_price_of(p_price text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb) TO pgtally_api;
