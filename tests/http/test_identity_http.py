@@ -229,6 +229,19 @@ async def test_signup_and_login_are_rate_limited_per_ip_and_account(client):
     assert r.status_code == 429 and "retry-after" in r.headers
 
 
+async def test_rate_limits_hold_across_server_processes(client, db_url, settings):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
+    async with AsyncTestClient(app=create_app(db_url, settings)) as second_server:
+        servers = [client, second_server] * 5
+        responses = await asyncio.gather(*[signup(server, f"user{i}@example.com") for i, server in enumerate(servers)])
+        assert {r.status_code for r in responses} == {202}
+        assert (await signup(second_server, "one-too-many@example.com")).status_code == 429
+        assert (await signup(client, "one-more@example.com")).status_code == 429
+
+
 async def test_signups_are_rate_limited_per_address(client):
     for _ in range(5):
         assert (await signup(client, "ada@example.com")).status_code == 202
