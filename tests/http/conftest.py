@@ -25,6 +25,14 @@ def settings(smtp) -> Settings:
 
 
 @pytest.fixture
+def frozen_db_clock(owner, db_url):
+    """Stop the database clock (util.now) mid-window for every new connection of this test's
+    database, so fixed-window rate limits cannot roll over during a test. Use it before ``client``."""
+    dbname = owner.info.dbname
+    owner.execute(f"ALTER DATABASE \"{dbname}\" SET pgtally.now = '2026-06-15 12:02:30+00'")
+
+
+@pytest.fixture
 async def client(db_url, settings):
     async with AsyncTestClient(app=create_app(db_url, settings)) as c:
         yield c

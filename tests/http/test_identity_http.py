@@ -208,7 +208,7 @@ async def test_two_redemptions_of_one_reset_token_have_one_winner(client, smtp, 
     assert sorted(r.status_code for r in responses) == [200, 400]
 
 
-async def test_reset_emails_are_throttled_per_address(client, smtp, deliver):
+async def test_reset_emails_are_throttled_per_address(frozen_db_clock, client, smtp, deliver):
     await signup(client)
     for _ in range(5):
         assert (await client.post("/v1/auth/password-reset", json={"email": "ada@example.com"})).status_code == 202
@@ -216,7 +216,7 @@ async def test_reset_emails_are_throttled_per_address(client, smtp, deliver):
     assert len([m for m in smtp.to("ada@example.com") if m["Subject"] == "Reset your password"]) == 3
 
 
-async def test_signup_and_login_are_rate_limited_per_ip_and_account(client):
+async def test_signup_and_login_are_rate_limited_per_ip_and_account(frozen_db_clock, client):
     for i in range(10):
         assert (await signup(client, f"user{i}@example.com")).status_code == 202
     r = await signup(client, "user10@example.com")
@@ -229,7 +229,7 @@ async def test_signup_and_login_are_rate_limited_per_ip_and_account(client):
     assert r.status_code == 429 and "retry-after" in r.headers
 
 
-async def test_rate_limits_hold_across_server_processes(client, db_url, settings):
+async def test_rate_limits_hold_across_server_processes(frozen_db_clock, client, db_url, settings):
     from litestar.testing import AsyncTestClient
 
     from api.app import create_app
@@ -242,9 +242,11 @@ async def test_rate_limits_hold_across_server_processes(client, db_url, settings
         assert (await signup(client, "one-more@example.com")).status_code == 429
 
 
-async def test_signups_are_rate_limited_per_address(client):
+async def test_signups_are_rate_limited_per_address(frozen_db_clock, client, owner):
     for _ in range(5):
         assert (await signup(client, "ada@example.com")).status_code == 202
+    (created,) = owner.execute("SELECT created_at FROM identity.users").fetchone()
+    assert created.isoformat().startswith("2026-06-15T12:02:30")          # the frozen clock is in force
     assert (await signup(client, "ADA@example.com")).status_code == 429
     assert (await signup(client, "bob@example.com")).status_code == 202
 
@@ -288,7 +290,7 @@ async def test_concurrent_logins_with_one_device_merge_it_once(client, owner):
     assert reconciliation_problems(owner) == {}
 
 
-async def test_identify_is_limited_per_fingerprint(client):
+async def test_identify_is_limited_per_fingerprint(frozen_db_clock, client):
     for _ in range(5):
         assert (await client.post("/v1/identify", json={"fingerprint": "same"})).status_code == 201
     r = await client.post("/v1/identify", json={"fingerprint": "same"})
