@@ -112,6 +112,25 @@ def db_schema(write: bool) -> None:
         click.echo(text, nl=False)
 
 
+RECONCILIATION_VIEWS = ("balance_mismatches", "unbalanced_transfers", "entry_balance_breaks",
+                        "usage_charge_mismatches")
+
+
+@main.command()
+def reconcile() -> None:
+    """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty."""
+    problems = 0
+    with psycopg.connect(owner_url(), autocommit=True) as conn:
+        for view in RECONCILIATION_VIEWS:
+            rows = conn.execute(f"SELECT * FROM reporting.{view}").fetchall()
+            problems += len(rows)
+            click.echo(f"{'ok  ' if not rows else 'FAIL'}  reporting.{view}: {len(rows)} row(s)")
+            for row in rows[:20]:
+                click.echo(f"      {row}")
+    if problems:
+        raise SystemExit(1)
+
+
 @main.group()
 def plans() -> None:
     """The plan catalog."""

@@ -115,5 +115,6 @@ def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
 
 def reconciliation_problems(conn: psycopg.Connection) -> dict[str, list]:
     """Rows of every reconciliation view; all must be empty."""
-    views = ["balance_mismatches", "unbalanced_transfers", "entry_balance_breaks", "usage_charge_mismatches"]
-    return {v: rows for v in views if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}
+    from api.cli import RECONCILIATION_VIEWS
+
+    return {v: rows for v in RECONCILIATION_VIEWS if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}

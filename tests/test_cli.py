@@ -56,3 +56,11 @@ def test_plans_load_and_db_commands(pgtally, tmp_path, owner):
     assert "functions re-applied" in pgtally("db", "upgrade")
     catalog.write_text("[plans.x]\n")
     assert "meters" in pgtally("plans", "load", str(catalog), ok=False)
+
+
+def test_reconcile_passes_then_reports_a_tampered_balance(pgtally, owner):
+    account = json.loads(pgtally("accounts", "create", "--plan", "free", "--credits", "2", "--json"))["account_id"]
+    assert "ok    reporting.balance_mismatches: 0 row(s)" in pgtally("reconcile")
+    owner.execute("UPDATE identity.accounts SET credit_balance_micros = 5000000 WHERE id = %s", [account])
+    out = pgtally("reconcile", ok=False)
+    assert "FAIL  reporting.balance_mismatches: 1 row(s)" in out and account in out
