@@ -161,7 +161,7 @@ async def stripe_webhook(request: Request,
         stripe.Webhook.construct_event(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
         signed_at = int(dict(p.split("=", 1) for p in stripe_signature.split(",") if "=" in p)["t"])
     except (stripe.SignatureVerificationError, ValueError, KeyError, AttributeError) as exc:
-        raise HTTPException(status_code=400, detail=f"the Stripe-Signature header does not verify: {exc}")
+        raise HTTPException(status_code=400, detail=f"the Stripe-Signature header does not verify: {exc}") from None
     if signed_at > time.time() + SIGNATURE_TOLERANCE:
         raise HTTPException(status_code=400, detail="the Stripe-Signature timestamp is in the future")
     (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)::text", [body.decode()])

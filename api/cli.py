@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import click
@@ -21,15 +20,8 @@ def owner_url() -> str:
     return db.database_url()
 
 
-def to_micros(credits: str) -> int:
-    """A decimal number of credits as micro-credits (1 credit = 1,000,000)."""
-    try:
-        micros = Decimal(credits).scaleb(6)
-    except InvalidOperation:
-        raise click.BadParameter(f"{credits!r} is not a number of credits")
-    if micros != micros.to_integral_value():
-        raise click.BadParameter("credits have at most 6 decimals")
-    return int(micros)
+CREDITS_SQL = "billing.to_micros(to_jsonb(%s::text), %s::text)"
+"""A decimal number of credits as micro-credits, by the catalog's own rule (TL422 otherwise)."""
 
 
 def run_sql(sql: str, params: list) -> tuple:
@@ -39,7 +31,7 @@ def run_sql(sql: str, params: list) -> tuple:
             return conn.execute(sql, params).fetchone()
     except psycopg.Error as exc:
         if (exc.sqlstate or "").startswith("TL"):
-            raise click.ClickException(exc.diag.message_primary or str(exc))
+            raise click.ClickException(exc.diag.message_primary or str(exc)) from None
         raise
 
 
@@ -148,7 +140,7 @@ def plans_load(file: Path) -> None:
     try:
         result = db.load_catalog(url, file)
     except psycopg.Error as exc:
-        raise click.ClickException(exc.diag.message_primary or str(exc))
+        raise click.ClickException(exc.diag.message_primary or str(exc)) from None
     click.echo(f"plans: {', '.join(result['plans'])}; meters: {', '.join(result['meters'])}; "
                f"prices: {', '.join(result['prices'])}")
 
@@ -167,8 +159,8 @@ def accounts() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def accounts_create(plan: str, credits: str, name: str | None, kind: str, as_json: bool) -> None:
     """Create an account and print its id and API key. The key is shown once: only its hash is kept."""
-    (result,) = run_sql("SELECT api.create_account(%s::text, %s::bigint, %s::text, %s::text)",
-                        [plan, to_micros(credits), name, kind])
+    (result,) = run_sql(f"SELECT api.create_account(%s::text, {CREDITS_SQL}, %s::text, %s::text)",
+                        [plan, credits, "--credits", name, kind])
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -193,8 +185,8 @@ def credits_grant(account: uuid.UUID, amount: str, idempotency_key: str | None, 
     """Grant AMOUNT credits (decimal) to ACCOUNT, once per idempotency key."""
     key = idempotency_key or f"cli-{uuid.uuid4()}"
     replayed, body = run_sql(
-        "SELECT replayed, body FROM api.grant_credits(%s::uuid, %s::bigint, %s::text, %s::text)",
-        [account, to_micros(amount), key, memo])
+        f"SELECT replayed, body FROM api.grant_credits(%s::uuid, {CREDITS_SQL}, %s::text, %s::text)",
+        [account, amount, "AMOUNT", key, memo])
     if as_json:
         click.echo(json.dumps({**body, "replayed": replayed, "idempotency_key": key}))
     else:

@@ -91,7 +91,7 @@ class Keys:
                                   exp={"essential": True}, sid={"essential": True}).validate(decoded.claims)
             return uuid.UUID(decoded.claims["sid"])
         except (JoseError, ValueError, TypeError, KeyError):
-            raise NotAuthorizedException("the access token is not valid or has expired")
+            raise NotAuthorizedException("the access token is not valid or has expired") from None
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def main() -> None:
         server.terminate()
         server.wait()
 
-    print(f"| layer | what | per second | ratio to ceiling | notes |\n|---|---|---:|---:|---|")
+    print("| layer | what | per second | ratio to ceiling | notes |\n|---|---|---:|---:|---|")
     for layer, label, value, ratio, note in rows:
         print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {note} |")
 

@@ -22,7 +22,7 @@ def nested(form: list[tuple[str, str]]) -> dict[str, Any]:
     for key, value in form:
         parts = re.findall(r"[^\[\]]+", key)
         node: Any = root
-        for part, following in zip(parts, parts[1:]):
+        for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return _lists(root)

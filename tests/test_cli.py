@@ -34,6 +34,7 @@ def test_accounts_create_prints_a_working_key_once(pgtally, api_conn):
 def test_accounts_create_refuses_unknown_plan_and_bad_credits(pgtally):
     assert "no active plan" in pgtally("accounts", "create", "--plan", "gold", ok=False)
     assert "6 decimals" in pgtally("accounts", "create", "--plan", "free", "--credits", "0.0000001", ok=False)
+    assert "not a number" in pgtally("accounts", "create", "--plan", "free", "--credits", "lots", ok=False)
 
 
 def test_credits_grant_is_idempotent_with_a_key(pgtally, owner):

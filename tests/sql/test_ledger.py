@@ -70,7 +70,8 @@ def test_ledger_pages_newest_first_with_a_cursor(owner, api_conn, new_account):
 
 
 def test_ledger_shows_only_the_callers_entries(owner, api_conn, new_account):
-    a, b = new_account("free", CREDIT), new_account("free", 2 * CREDIT)
+    a = new_account("free", CREDIT)
+    new_account("free", 2 * CREDIT)           # another account, whose entries must not show
     page = api_conn.execute("SELECT api.ledger(%s, NULL)", [a["api_key"]]).fetchone()[0]
     assert [e["amount"] for e in page["data"]] == ["1"]
 
@@ -104,7 +105,7 @@ def test_server_role_can_only_execute_granted_api_functions(api_conn, new_accoun
                 "SELECT * FROM metering.usage_events", "SELECT * FROM reporting.balance_mismatches",
                 "SELECT api.grant_credits(gen_random_uuid(), 1, 'k')", "SELECT api.create_account('free')",
                 "SELECT api.load_catalog('{}')", "SELECT identity.authenticate('x', NULL, 'usage:read')"]:
-        assert sqlstate_of(lambda: api_conn.execute(sql)) == "42501", sql
+        assert sqlstate_of(lambda sql=sql: api_conn.execute(sql)) == "42501", sql
     assert api_conn.execute("SELECT current_user").fetchone()[0] == db.API_ROLE
 
 
