@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from api import db
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
+from api.validation import check_request
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         lifespan=[lifespan],
         state=State({"settings": settings, "pool": pool, "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=check_request,
         openapi_config=OpenAPIConfig(
             title="pgtally", version="0.1.0", path="/schema",
             description="Accounts, usage metering and billing. Credits are decimal strings; "

@@ -407,3 +407,26 @@ async def test_usage_warnings_are_emailed_to_a_verified_user(client, smtp, deliv
     (warning,) = [m for m in smtp.to("ada@example.com") if m["Subject"] == "Your generation usage"]
     assert "allowance of 10 is used up" in warning.get_content()
     assert f"{PUBLIC_URL}/upgrade" in warning.get_content()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/auth/signup", {"email": "a\x00@example.com", "password": PASSWORD}),
+    ("/v1/auth/login", {"email": "a\x00@example.com", "password": PASSWORD}),
+    ("/v1/auth/password-reset", {"email": "a\x00@example.com"}),
+    ("/v1/auth/verify-email", {"token": "abc\x00"}),
+    ("/v1/auth/password-reset/confirm", {"token": "abc\x00", "password": PASSWORD}),
+    ("/v1/auth/refresh", {"refresh_token": "rt_\x00"}),
+    ("/v1/identify", {"fingerprint": "fp\x00"}),
+])
+async def test_nul_characters_are_refused_with_422_and_change_nothing(client, owner, path, body):
+    r = await client.post(path, json=body)
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
+    assert "NUL" in r.json()["detail"]
+    assert owner.execute("SELECT (SELECT count(*) FROM identity.users) + (SELECT count(*) FROM identity.accounts)"
+                         " + (SELECT count(*) FROM identity.auth_events)").fetchone()[0] == 0
+
+
+async def test_nul_in_an_api_key_name_is_422(client):
+    tokens = await signed_in(client)
+    r = await client.post("/v1/api-keys", json={"name": "lap\x00top"}, headers=bearer(tokens["access_token"]))
+    assert r.status_code == 422 and "NUL" in r.json()["detail"], r.text

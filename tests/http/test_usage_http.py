@@ -68,10 +68,14 @@ async def test_concurrent_http_events_never_overspend(client, owner, new_account
 
 
 @pytest.mark.parametrize("body, headers_idem, status, fragment", [
-    ({"meter": "generation", "colour": "red"}, "k", 400, "unknown field"),
-    ({"meter": "generation", "quantity": 0}, "k", 400, "quantity"),
-    ({"meter": "generation", "quantity": 1.5}, "k", 400, "quantity"),
-    ({"quantity": 1}, "k", 400, "meter"),
+    ({"meter": "generation", "colour": "red"}, "k", 422, "unknown field"),
+    ({"meter": "generation", "quantity": 0}, "k", 422, "quantity"),
+    ({"meter": "generation", "quantity": 1.5}, "k", 422, "quantity"),
+    ({"meter": "generation", "quantity": 1.0}, "k", 422, "quantity"),
+    ({"meter": "generation", "quantity": "1"}, "k", 422, "quantity"),
+    ({"meter": "generation", "quantity": True}, "k", 422, "quantity"),
+    ({"meter": "gene\u0000ration"}, "k", 422, "meter"),
+    ({"quantity": 1}, "k", 422, "meter"),
     ({"meter": "generation"}, None, 400, "Idempotency-Key"),
     ({"meter": "no_such_meter"}, "k", 422, "no meter"),
     ({"meter": "llm_tokens", "quantity": 2}, "k", 422, "tokens"),
@@ -88,11 +92,34 @@ async def test_bad_requests_get_a_problem_and_charge_nothing(client, owner, new_
     assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
 
 
-async def test_malformed_json_is_a_400_problem(client, new_account):
+@pytest.mark.parametrize("content, detail", [
+    (b'{"meter": ', "not valid JSON"),
+    (b'{"meter": "\xff\xfe"}', "UTF-8"),
+    (b'[' * 10_000 + b']' * 10_000, "nests"),
+    (b'{"meter": ' + b'{"a": ' * 5_000 + b'1' + b'}' * 5_001, "nests"),
+])
+async def test_malformed_json_is_a_400_problem(client, owner, new_account, content, detail):
     key = new_account()["api_key"]
-    r = await client.post("/v1/usage/events", content=b'{"meter": ', headers={**auth(key, "k"),
-                                                                            "Content-Type": "application/json"})
-    assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM)
+    r = await client.post("/v1/usage/events", content=content, headers={**auth(key, "k"),
+                                                                      "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith(PROBLEM), r.text
+    assert detail in r.json()["detail"]
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+async def test_a_body_that_is_not_declared_json_is_415(client, owner, new_account, content_type):
+    key = new_account()["api_key"]
+    headers = auth(key, "k") | ({"Content-Type": content_type} if content_type else {})
+    r = await client.post("/v1/usage/events", content=b'{"meter": "generation"}', headers=headers)
+    assert r.status_code == 415 and r.headers["content-type"].startswith(PROBLEM), r.text
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
+
+
+async def test_nul_in_query_parameters_is_a_422_problem(client, new_account):
+    key = new_account()["api_key"]
+    r = await client.get("/v1/ledger?cursor=%00", headers=auth(key))
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
 
 
 @pytest.mark.parametrize("header", [None, "Bearer", "Basic abc", "Bearer pgt_unknown"])
