@@ -6,6 +6,7 @@ Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run
 from __future__ import annotations
 
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
@@ -14,6 +15,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from api import db
@@ -29,6 +31,7 @@ class Settings:
     public_url: str = "http://127.0.0.1:8000"
     pool_min_size: int = 4
     pool_max_size: int = 16
+    pool_timeout: float = 2.0
     smtp_url: str | None = None
     mail_from: str = "pgtally <no-reply@localhost>"
     stripe_api_key: str | None = None
@@ -46,12 +49,28 @@ class Settings:
             public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
             pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
             pool_max_size=int(os.environ.get("PGTALLY_POOL_MAX", cls.pool_max_size)),
+            pool_timeout=float(os.environ.get("PGTALLY_POOL_TIMEOUT", cls.pool_timeout)),
             smtp_url=os.environ.get("PGTALLY_SMTP_URL") or None,
             mail_from=os.environ.get("PGTALLY_MAIL_FROM", cls.mail_from),
             stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
             stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
             stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         )
+
+
+IDLE_CHECK_SECONDS = 2.0
+
+
+async def check_if_idle(conn: AsyncConnection) -> None:
+    """Pool ``check``: ping a connection that sat idle for a while before handing it out (it may
+    have died with a restarted server). Busy connections skip the extra round trip."""
+    if time.monotonic() - getattr(conn, "pgtally_returned_at", 0.0) > IDLE_CHECK_SECONDS:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+async def mark_returned(conn: AsyncConnection) -> None:
+    """Pool ``reset``: remember when a connection went back to the pool."""
+    conn.pgtally_returned_at = time.monotonic()
 
 
 async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
@@ -75,6 +94,8 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # One statement per request: autocommit makes the function call its own transaction,
         # with no BEGIN/COMMIT round trips.
         kwargs={"autocommit": True}, open=False,
+        # With PostgreSQL down a request waits this long for a connection, then gets a 503.
+        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned,
     )
 
     @asynccontextmanager
@@ -89,7 +110,8 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES, *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "stripe": billing.stripe_client(settings)}),
+        state=State({"settings": settings, "pool": pool, "pool_check": None,
+                     "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=check_request,
         openapi_config=OpenAPIConfig(

@@ -17,7 +17,8 @@ from litestar.params import FromPath, JSONBody
 
 from api.calls import (AUTH, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json,
                        client)
-from api.errors import PgtallyError
+from api.errors import PgtallyError, problems
+from api.usage import Allowance
 from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
 
 Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, examples=["ada@example.com"])]
@@ -48,7 +49,14 @@ class ResetConfirm(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class IdentifyRequest(msgspec.Struct, forbid_unknown_fields=True):
-    fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    """An install says who it is. ``install_id``: a random secret the client makes once per install
+    (at least 128 bits, 22 to 256 URL-safe characters, for example 32 random bytes in base64url)
+    and keeps; the same install id gets the same device account. ``fingerprint``: a hint for abuse
+    limits, never a credential. ``meter``: also say whether one more use of it is allowed now."""
+
+    install_id: Annotated[str, msgspec.Meta(min_length=22, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    meter: Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$")] | None = None
 
 
 class TokenResponse(msgspec.Struct):
@@ -59,6 +67,27 @@ class TokenResponse(msgspec.Struct):
     token_type: str
     expires_in: int
     refresh_token: str
+
+
+class IdentifyResponse(msgspec.Struct):
+    """The tokens of a new device session (as ``TokenResponse``) and the account's state."""
+
+    access_token: str
+    token_type: str
+    expires_in: int
+    refresh_token: str
+    account_id: str
+    plan: str
+    credits: str
+    returning: bool
+    """True when this install id was seen before (the same account)."""
+    allowances: list[Allowance]
+    upgrade_url: str
+    meter: str | None = None
+    can_use: bool | None = None
+    """For ``meter``: whether one more use (a unit, or a one-token call) is allowed now."""
+    allowance: Allowance | None = None
+    resets_at: str | None = None
 
 
 async def new_password_hash(password: str) -> str:
@@ -144,14 +173,22 @@ async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm])
                            [data.token, password_hash, client(request)[0]])
 
 
-@post("/v1/identify", status_code=201, summary="Tokens for an anonymous device")
-async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> TokenResponse:
+@post("/v1/identify", status_code=201, summary="Tokens for an anonymous device",
+      responses=problems(422, 429))
+async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> IdentifyResponse:
     """An anonymous account on the anonymous plan for a device (browser extension, CLI install),
-    with tokens for it. The fingerprint only feeds abuse limits; it is not a credential. 429 with
-    Retry-After over the limits."""
-    session = await call_json(request, "SELECT api.identify(%s::text, %s::text, %s::text)",
-                              [data.fingerprint, *client(request)])
-    return request.app.state.jwt_keys.issue(session)
+    with tokens for it and what the client needs to decide: the plan, credits, allowances and,
+    for ``meter``, ``can_use`` with that allowance and its reset, and where to upgrade. Send
+    the same ``install_id`` on every call to get the same account (``returning``). 422 bad
+    input or unknown meter; 429 with Retry-After over the limits (new accounts: 5 a day per
+    fingerprint, 30 an hour per IP; a returning install: 600 an hour)."""
+    found = await call_json(request, "SELECT api.identify(%s::text, %s::text, %s::text, %s::text, %s::text)",
+                            [data.fingerprint, data.install_id, data.meter, *client(request)])
+    return IdentifyResponse(**request.app.state.jwt_keys.issue(found), account_id=found["account_id"],
+                            plan=found["plan"], credits=found["credits"], returning=found["returning"],
+                            allowances=found["allowances"], meter=found["meter"], can_use=found["can_use"],
+                            allowance=found["allowance"], resets_at=found["resets_at"],
+                            upgrade_url=request.app.state.settings.upgrade_url)
 
 
 @get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller")

@@ -7,11 +7,13 @@ transaction. Webhook events are verified here and applied by one PL/pgSQL functi
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Annotated, Any
 
 import msgspec
+import psycopg
 import stripe
 from litestar import Request, Response, delete, get, post
 from litestar.exceptions import HTTPException
@@ -19,6 +21,8 @@ from litestar.params import HeaderParameter, JSONBody
 
 from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
 from api.errors import PgtallyError
+from api.validation import decode_json, nul_path
+from psycopg.types.json import Jsonb
 
 PriceCode = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$",
                                         examples=["pro_monthly", "bundle_10"])]
@@ -152,20 +156,55 @@ async def stripe_webhook(request: Request,
     """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``;
     timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
     ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
-    signature; 500/503 when applying fails, so Stripe retries."""
+    signature, or a signed event that is malformed (recorded as rejected with the reason, nothing
+    applied); 500/503 when applying fails, so Stripe retries. Two events about one subscription in
+    the same second are settled by re-reading the subscription from Stripe (502 when Stripe
+    cannot be reached, so Stripe retries)."""
     secret = request.app.state.settings.stripe_webhook_secret
     if not secret:
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
     body = await request.body()
     try:
-        stripe.Webhook.construct_event(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
+        # Verifies without parsing (construct_event would json.loads a 5,000-deep body).
+        stripe.WebhookSignature.verify_header(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
         signed_at = int(dict(p.split("=", 1) for p in stripe_signature.split(",") if "=" in p)["t"])
     except (stripe.SignatureVerificationError, ValueError, KeyError, AttributeError) as exc:
+        # ValueError includes a body that is not UTF-8: Stripe signs (and sends) UTF-8 text only.
         raise HTTPException(status_code=400, detail=f"the Stripe-Signature header does not verify: {exc}") from None
     if signed_at > time.time() + SIGNATURE_TOLERANCE:
         raise HTTPException(status_code=400, detail="the Stripe-Signature timestamp is in the future")
-    (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)::text", [body.decode()])
-    return json_response(result)
+    try:
+        event = decode_json(body)
+        reason = f"text cannot contain the NUL character (U+0000): {where}" if (where := nul_path(event)) else None
+    except HTTPException as exc:
+        reason = exc.detail
+    text = body.decode() if not reason else ""
+    if not reason:
+        try:
+            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)", [text])
+        except psycopg.DataError as exc:    # text PostgreSQL's jsonb refuses (a lone surrogate escape)
+            reason = f"the body is not JSON PostgreSQL can store: {exc.diag.message_primary}"
+    if reason:
+        (result,) = await call(request, "SELECT api.stripe_webhook_rejected(%s::text, %s::text)",
+                               [hashlib.sha256(body).hexdigest(), reason])
+    else:
+        if result["status"] == "refetch":
+            current = await current_subscription(request, result["subscription"], event)
+            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb)",
+                                   [text, Jsonb(current)])
+    if result["status"] == "rejected":
+        raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
+                                                    f"{result['reason']}", extra={"event_id": result["event_id"]})
+    return Response(result)
+
+
+async def current_subscription(request: Request, subscription_id: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The subscription as Stripe has it now (how Stripe recommends settling events whose order is
+    unknown); the event's own copy when no Stripe API key is configured."""
+    client = request.app.state.stripe
+    if client is None:
+        return event["data"]["object"]
+    return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
 ROUTES = [plans, checkout, portal, subscription, change_subscription, cancel_subscription, stripe_webhook]

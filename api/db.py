@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import tomllib
 import json
@@ -60,9 +61,39 @@ def database_url() -> str:
     return server.get_uri(database=EMBEDDED_DBNAME)
 
 
+def api_password() -> str:
+    """The ``pgtally_api`` login's password, kept in ``PGTALLY_HOME/api-password`` (mode 0600)
+    and made on first use; ``pgtally db upgrade`` gives it to the role."""
+    path = home() / "api-password"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def api_conninfo(url: str) -> str:
-    """Connection string for the server's pool: the same login, acting as the ``pgtally_api`` role."""
-    return make_conninfo(url, options=f"-c role={API_ROLE}")
+    """Connection string for the server and the worker: ``PGTALLY_API_DATABASE_URL`` when set,
+    else the owner's server and database logging in as ``pgtally_api``, a role that is no
+    superuser and may only execute the granted ``api.*`` functions."""
+    explicit = os.environ.get("PGTALLY_API_DATABASE_URL")
+    if explicit:
+        return explicit
+    return make_conninfo(url, user=API_ROLE, password=api_password())
+
+
+def grant_api_login(conn: psycopg.Connection) -> None:
+    """Let ``pgtally_api`` log in, with the password of :func:`api_password` (unless the operator
+    manages it: ``PGTALLY_API_DATABASE_URL`` set). It stays NOSUPERUSER, NOCREATEDB, NOCREATEROLE,
+    NOBYPASSRLS and a member of no role, so RESET ROLE leads nowhere."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION").format(
+        sql.Identifier(API_ROLE)))
+    if not os.environ.get("PGTALLY_API_DATABASE_URL"):
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(API_ROLE),
+                                                                 sql.Literal(api_password())))
 
 
 def _yoyo_backend(url: str):
@@ -80,7 +111,8 @@ def _yoyo_backend(url: str):
 
 
 def upgrade(url: str) -> list[str]:
-    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always.
+    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always,
+    and let the ``pgtally_api`` role log in (:func:`grant_api_login`).
 
     ``yoyo apply`` skips post-apply steps when nothing is pending; this does not.
     Returns the ids of the migrations applied now.
@@ -96,6 +128,8 @@ def upgrade(url: str) -> list[str]:
             backend.run_post_apply(migrations)
     finally:
         backend.connection.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        grant_api_login(conn)
     return [m.id for m in pending]
 
 

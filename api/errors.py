@@ -3,14 +3,19 @@ rendered as RFC 9457 ``application/problem+json``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
 
+import msgspec
 import psycopg
+import stripe
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
+from psycopg_pool import PoolTimeout
 
 log = logging.getLogger("pgtally")
 
@@ -38,6 +43,40 @@ HTTP_STATUSES: dict[int, tuple[str, str]] = {
     413: ("request-too-large", "The request body is too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
 }
+
+
+class Problem(msgspec.Struct):
+    """An RFC 9457 problem (``application/problem+json``). Members beyond these five carry the
+    details of a problem type: ``errors`` and ``field`` (invalid input), ``retry_after`` (429),
+    ``upgrade_url``, ``resets_at``, ``required_credits`` and ``balance`` (402),
+    ``stripe_request_id`` (402 card-declined, 502)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+STATUS_TEXT = {400: "Malformed request (not JSON, not UTF-8, nested too deep, a header missing)",
+               401: "Credentials missing, wrong, revoked or expired (unauthenticated)",
+               402: "Allowance and credits do not cover it (quota-exhausted), or the card was declined",
+               403: "Not allowed for these credentials (forbidden)", 404: "Not found (not-found)",
+               409: "Conflicts with an earlier request (idempotency-key-reused, or a state conflict)",
+               415: "The body is not declared as application/json (unsupported-media-type)",
+               422: "The input is not valid (invalid-request): detail and field say what",
+               429: "Too many attempts (rate-limited): retry after Retry-After seconds",
+               500: "Internal error", 502: "Stripe failed (payment-provider-error)",
+               503: "The database or a dependency is not ready (retry-later): retry after Retry-After seconds"}
+
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for the problem statuses an endpoint can answer with (500 always)."""
+    return {status: ResponseSpec(Problem, description=STATUS_TEXT[status], media_type=PROBLEM_MEDIA_TYPE,
+                                 generate_examples=False)
+            for status in sorted({*statuses, 500})}
+
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
 def problem(request: Request, status: int, slug: str, title: str, detail: str,
@@ -68,11 +107,16 @@ def pgtally_problem(request: Request, sqlstate: str, message: str, extra: dict[s
         extra["upgrade_url"] = request.app.state.settings.upgrade_url
     if status == 429 and "retry_after" in extra:
         headers = {"Retry-After": str(extra["retry_after"])}
+    if status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return problem(request, status, slug, title, message or title, extra, headers)
 
 
 def database_error(request: Request, exc: psycopg.Error) -> Response:
-    """A pgtally SQLSTATE becomes its problem; anything else is logged and answered 500."""
+    """A pgtally SQLSTATE becomes its problem; a lost connection is 503; anything else is logged
+    and answered 500."""
+    if isinstance(exc, psycopg.OperationalError) and (exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))):
+        return database_unavailable(request, exc)
     if (exc.sqlstate or "") not in SQLSTATES:
         log.exception("database error %s", exc.sqlstate, exc_info=exc)
         return problem(request, 500, "internal-error", "Internal error", "the request could not be completed")
@@ -96,10 +140,38 @@ def http_error(request: Request, exc: HTTPException) -> Response:
     return problem(request, exc.status_code, slug, title, detail, extra, exc.headers)
 
 
+def stripe_error(request: Request, exc: stripe.StripeError) -> Response:
+    """Stripe's answer to a call pgtally made (never inside a database transaction): a declined
+    card is 402; anything else (an unknown object, Stripe unreachable or failing) is 502, with
+    Stripe's request id for support (https://docs.stripe.com/error-handling)."""
+    extra = {"stripe_request_id": exc.request_id, "stripe_code": exc.code}
+    if isinstance(exc, stripe.CardError):
+        return problem(request, 402, "card-declined", "The card was declined",
+                       exc.user_message or "the card was declined", extra)
+    log.warning("Stripe call failed: %s (request %s)", exc.user_message or exc, exc.request_id)
+    return problem(request, 502, "payment-provider-error", "The payment provider failed",
+                   f"Stripe could not complete the request: {exc.user_message or type(exc).__name__}", extra)
+
+
+RETRY_AFTER_SECONDS = 2
+
+
+def database_unavailable(request: Request, exc: Exception) -> Response:
+    """PostgreSQL cannot be reached (down, restarting, or every pooled connection busy past the
+    pool timeout): 503 with Retry-After, fast. The pool is asked to check its idle connections,
+    so that ones that died with the server are replaced before they are handed out again."""
+    log.warning("database unavailable: %s", exc)
+    state = request.app.state
+    if state.pool_check is None or state.pool_check.done():
+        state.pool_check = asyncio.ensure_future(state.pool.check())
+    return problem(request, 503, "retry-later", "Not ready yet: retry later",
+                   "the database is not reachable right now", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return problem(request, 500, "internal-error", "Internal error", "the request could not be completed")
 
 
-EXCEPTION_HANDLERS = {psycopg.Error: database_error, PgtallyError: pgtally_error, HTTPException: http_error,
-                      Exception: internal_error}
+EXCEPTION_HANDLERS = {psycopg.Error: database_error, PoolTimeout: database_unavailable, PgtallyError: pgtally_error,
+                      HTTPException: http_error, stripe.StripeError: stripe_error, Exception: internal_error}

@@ -9,10 +9,32 @@ COMMENT ON FUNCTION util.now() IS
 
 CREATE OR REPLACE FUNCTION util.credits(p_micros bigint) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT trim_scale(p_micros::numeric / 1000000)::text
+  -- Multiplying by 0.000001 is exact in numeric (a division would round to about 16 digits).
+  SELECT trim_scale(p_micros::numeric * 0.000001)::text
 $$;
 COMMENT ON FUNCTION util.credits(bigint) IS
-  'Micro-credits as a decimal string of credits, as JSON shows them: 12500000 -> ''12.5''. NULL stays NULL.';
+  'Micro-credits as an exact decimal string of credits, as JSON shows them, for any bigint: 12500000 -> ''12.5'', 6000000000000052392 -> ''6000000000000.052392''. NULL stays NULL.';
+
+CREATE OR REPLACE FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+  -- HMAC (RFC 2104) over SHA-256 (block size 64 bytes); PostgreSQL has sha256() built in but
+  -- no hmac() without pgcrypto, which the embedded server does not ship.
+  v_key bytea := CASE WHEN length(p_key) > 64 THEN sha256(p_key) ELSE p_key END;
+  v_inner bytea;
+  v_outer bytea;
+BEGIN
+  v_key := v_key || decode(repeat('00', 64 - length(v_key)), 'hex');
+  v_inner := v_key;
+  v_outer := v_key;
+  FOR i IN 0..63 LOOP
+    v_inner := set_byte(v_inner, i, get_byte(v_key, i) # 54);    -- 0x36
+    v_outer := set_byte(v_outer, i, get_byte(v_key, i) # 92);    -- 0x5c
+  END LOOP;
+  RETURN sha256(v_outer || sha256(v_inner || p_message));
+END $$;
+COMMENT ON FUNCTION util.hmac_sha256(bytea, bytea) IS
+  'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
 
 CREATE OR REPLACE FUNCTION util.iso(p_at timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$

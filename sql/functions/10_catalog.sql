@@ -8,6 +8,9 @@ BEGIN
   IF p_credits IS NULL OR jsonb_typeof(p_credits) NOT IN ('number', 'string') THEN
     PERFORM util.fail('TL422', format('%s: a number of credits is required', p_path));
   END IF;
+  IF jsonb_typeof(p_credits) = 'string' AND (p_credits #>> '{}') !~ '^[0-9]{1,19}(\.[0-9]+)?$' THEN
+    PERFORM util.fail('TL422', format('%s: %s is not a plain decimal number of credits such as 12 or 0.5', p_path, p_credits));
+  END IF;
   BEGIN
     v := (p_credits #>> '{}')::numeric * 1000000;
   EXCEPTION WHEN invalid_text_representation THEN
@@ -19,7 +22,7 @@ BEGIN
   RETURN v::bigint;
 END $$;
 COMMENT ON FUNCTION billing.to_micros(jsonb, text) IS
-  'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
+  'A catalog or command-line amount of credits (JSON number, or a string of plain decimal digits: 12, 0.5; no exponent, sign or spaces) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
 CREATE OR REPLACE FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text,
                                                 p_interval text, p_credits_micros bigint)
@@ -99,6 +102,7 @@ DECLARE
   v_prices text[] := '{}';
   v_interval text;
   v_price jsonb;
+  v_path text;
 BEGIN
   IF jsonb_typeof(p_catalog -> 'meters') IS DISTINCT FROM 'object'
      OR jsonb_typeof(p_catalog -> 'plans') IS DISTINCT FROM 'object' THEN
@@ -165,9 +169,17 @@ BEGIN
       IF v_kind IS NULL THEN
         PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N or unlimited = true', v_id, v_meter));
       END IF;
-      v_limit := CASE v_kind WHEN 'unlimited' THEN NULL ELSE (v_ent ->> v_kind)::bigint END;
-      IF v_limit < 0 THEN
-        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: a limit cannot be negative', v_id, v_meter));
+      -- Limits are what a person writes: units for unit meters, credits for token meters
+      -- (stored as micro-credits of cost, the unit token allowances are counted in).
+      v_path := format('plans.%s.entitlements.%s.%s', v_id, v_meter, v_kind);
+      IF v_kind = 'unlimited' THEN
+        v_limit := NULL;
+      ELSIF (SELECT pricing FROM metering.meters WHERE id = v_meter) = 'tokens' THEN
+        v_limit := billing.to_micros(v_ent -> v_kind, v_path || ' (credits)');
+      ELSIF jsonb_typeof(v_ent -> v_kind) = 'number' AND (v_ent ->> v_kind) ~ '^[0-9]{1,18}$' THEN
+        v_limit := (v_ent ->> v_kind)::bigint;
+      ELSE
+        PERFORM util.fail('TL422', format('%s: a whole, non-negative number of units is required', v_path));
       END IF;
       IF coalesce(v_ent ->> 'period', 'month') NOT IN ('day', 'month', 'billing_period') THEN
         PERFORM util.fail('TL422', format('plans.%s.entitlements.%s.period: day, month or billing_period', v_id, v_meter));
@@ -191,4 +203,4 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $$;
 COMMENT ON FUNCTION api.load_catalog(jsonb) IS
-  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

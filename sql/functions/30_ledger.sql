@@ -6,12 +6,17 @@ CREATE OR REPLACE FUNCTION ledger.post_transfer(
   OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamptz)
 LANGUAGE plpgsql AS $$
 BEGIN
-  -- The balance update is the overdraft guard: it matches no row when the balance would go negative.
+  -- The balance update is the overdraft guard: it matches no row when the balance would go
+  -- negative (or past what a bigint holds; compared in numeric, so the guard cannot overflow).
   UPDATE identity.accounts a
   SET credit_balance_micros = a.credit_balance_micros + p_amount_micros
-  WHERE a.id = p_account_id AND a.credit_balance_micros + p_amount_micros >= 0
+  WHERE a.id = p_account_id
+    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN 0 AND 9223372036854775807
   RETURNING a.credit_balance_micros INTO balance_after_micros;
   IF NOT FOUND THEN
+    IF p_amount_micros > 0 AND EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
+      PERFORM util.fail('TL422', 'the balance would exceed the largest amount pgtally can hold (9223372036854.775807 credits)');
+    END IF;
     IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
       PERFORM util.fail('TL402', 'not enough credits',
         jsonb_build_object('required_credits', util.credits(-p_amount_micros),
@@ -28,7 +33,7 @@ BEGIN
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
 END $$;
 COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text) IS
-  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL404 for an unknown account. Callers lock the account first.';
+  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE OR REPLACE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint,
                                              p_balance_after_micros bigint, p_created_at timestamptz)
@@ -96,15 +101,7 @@ BEGIN
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
-    'allowances', coalesce((
-      SELECT jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end, coalesce(u.used, 0)) ORDER BY e.meter_id)
-      FROM billing.entitlements e
-      JOIN metering.meters m ON m.id = e.meter_id
-      CROSS JOIN LATERAL metering.period_bounds(e.period, util.now(), v_account.billing_period_start,
-                                                v_account.billing_period_end) p
-      LEFT JOIN metering.allowance_usage u
-        ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
-      WHERE e.plan_id = identity.effective_plan(v_account)), '[]'));
+    'allowances', metering.allowances_json(v_account));
 END $$;
 COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
   'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';

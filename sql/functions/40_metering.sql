@@ -37,11 +37,38 @@ $$;
 COMMENT ON FUNCTION metering.allowance_json(billing.entitlements, metering.meters, timestamptz, timestamptz, bigint) IS
   'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
 
+CREATE OR REPLACE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters,
+                                                 p_period_start timestamptz, p_period_end timestamptz)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(sum(CASE m.pricing WHEN 'unit' THEN e.quantity ELSE e.allowance_units + e.credits_micros END), 0)::bigint
+  FROM metering.usage_events e
+  WHERE e.account_id = p_account_id AND e.meter_id = m.id
+    AND e.created_at >= p_period_start AND e.created_at < p_period_end
+$$;
+COMMENT ON FUNCTION metering.window_usage(uuid, metering.meters, timestamptz, timestamptz) IS
+  'All usage an account made on a meter in [p_period_start, p_period_end), whatever plan it was charged under: units for unit meters, micro-credits of cost for token meters. Where a window''s metering.allowance_usage row starts, so that a plan change or a device merge counts the usage already made (13 generations today on Pro, then Free: no Free generations left today).';
+
+CREATE OR REPLACE FUNCTION metering.allowances_json(a identity.accounts) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end,
+                                                    coalesce(u.used, metering.window_usage(a.id, m, p.period_start, p.period_end)))
+                            ORDER BY e.meter_id), '[]')
+  FROM billing.entitlements e
+  JOIN metering.meters m ON m.id = e.meter_id
+  CROSS JOIN LATERAL metering.period_bounds(e.period, util.now(), a.billing_period_start, a.billing_period_end) p
+  LEFT JOIN metering.allowance_usage u
+    ON u.account_id = a.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
+  WHERE e.plan_id = identity.effective_plan(a)
+$$;
+COMMENT ON FUNCTION metering.allowances_json(identity.accounts) IS
+  'Each entitlement of the account''s plan with the current window''s usage (metering.allowance_json), as GET /v1/balance and POST /v1/identify show them.';
+
 CREATE OR REPLACE FUNCTION metering.quote(
   p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint,
   OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint,
   OUT entitled boolean, OUT period_start timestamptz, OUT period_end timestamptz,
-  OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
+  OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
   OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -96,7 +123,11 @@ BEGIN
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
     WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    v_used := coalesce(v_used, 0);
+    IF NOT FOUND THEN
+      -- A window with no row yet: it starts from the usage already made in it (another plan's).
+      v_used := metering.window_usage(p_account.id, m, period_start, period_end);
+    END IF;
+    used_before := v_used;
   END IF;
 
   -- The charging rule: the allowance first, then credits at the meter's rate.
@@ -140,7 +171,7 @@ BEGIN
   END IF;
 END $$;
 COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint) IS
-  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
                                                  p_input_tokens bigint, p_output_tokens bigint)
@@ -222,9 +253,10 @@ BEGIN
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
           q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now);
   IF q.entitled THEN
+    -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.allowance_units)
-    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
+    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
   IF q.credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,

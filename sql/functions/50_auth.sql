@@ -115,6 +115,24 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION identity.issue_refresh_token(uuid) IS 'A new refresh token for a session, valid until the session expires.';
 
+CREATE OR REPLACE FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) RETURNS text
+LANGUAGE sql AS $$
+  -- Derived, not random: every retry of one token inside the grace window gets this same
+  -- successor, and only its hash is stored (a database reader cannot derive it: the parent's
+  -- plaintext is needed too).
+  WITH next AS (
+    SELECT s.id, s.expires_at,
+           'rt_' || util.base64url(util.hmac_sha256(s.refresh_secret, convert_to(p_refresh_token, 'UTF8'))) AS token
+    FROM identity.sessions s WHERE s.id = p_session_id),
+  stored AS (
+    INSERT INTO identity.refresh_tokens (session_id, token_hash, created_at, expires_at)
+    SELECT id, util.token_hash(token), util.now(), expires_at FROM next
+    ON CONFLICT (token_hash) DO NOTHING)
+  SELECT token FROM next
+$$;
+COMMENT ON FUNCTION identity.successor_token(uuid, text) IS
+  'The refresh token that follows p_refresh_token in its session: HMAC-SHA256(session.refresh_secret, token), stored (as a hash) the first time. Every retry of one token gets the same successor, so concurrent refreshes continue one chain.';
+
 CREATE OR REPLACE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
   SELECT jsonb_build_object('session_id', s.id, 'user_id', s.user_id, 'account_id', s.account_id,
@@ -160,6 +178,7 @@ DECLARE
   v_device uuid;
   v_credits bigint;
   v_user uuid;
+  v_oldest timestamptz;
 BEGIN
   SELECT s.account_id INTO v_device
   FROM identity.sessions s JOIN identity.accounts a ON a.id = s.account_id
@@ -182,15 +201,17 @@ BEGIN
     PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
                                  NULL, 'moved from device account ' || v_device);
   END IF;
-  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-  SELECT p_target_account_id, meter_id, period_start, period_end, used
-  FROM metering.allowance_usage WHERE account_id = v_device
-  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
-  DELETE FROM metering.allowance_usage WHERE account_id = v_device;
-  UPDATE metering.usage_events e SET account_id = p_target_account_id
-  WHERE e.account_id = v_device
-    AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
-                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key);
+  WITH moved AS (
+    UPDATE metering.usage_events e SET account_id = p_target_account_id
+    WHERE e.account_id = v_device
+      AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
+                      WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key)
+    RETURNING e.created_at)
+  SELECT min(created_at) INTO v_oldest FROM moved;
+  -- Windows that now hold the device's usage start again from the events (metering.window_usage),
+  -- whatever period the user's plan counts in.
+  DELETE FROM metering.allowance_usage
+  WHERE account_id = v_device OR (account_id = p_target_account_id AND period_end > v_oldest);
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
   WHERE account_id = v_device AND revoked_at IS NULL;
   SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
@@ -199,7 +220,7 @@ BEGIN
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 COMMENT ON FUNCTION identity.merge_device(uuid, uuid, text, text) IS
-  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, allowance usage added to the same meter and period, usage events re-pointed, device sessions revoked. NULL when there is nothing to merge.';
+  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), device sessions revoked. NULL when there is nothing to merge.';
 
 ------------------------------------------------------------------------------------------------
 -- Sign-up, login, refresh, logout
@@ -313,7 +334,7 @@ BEGIN
   RETURNING t.session_id INTO v_session_id;
   IF v_session_id IS NOT NULL THEN
     UPDATE identity.sessions SET last_used_at = util.now() WHERE id = v_session_id;
-    RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+    RETURN identity.tokens(v_session_id, identity.successor_token(v_session_id, p_refresh_token));
   END IF;
 
   SELECT * INTO r FROM identity.refresh_tokens WHERE token_hash = v_hash;
@@ -322,9 +343,10 @@ BEGIN
     RETURN identity.error('TL401', 'the refresh token is not valid: sign in again');
   END IF;
   -- Used already. Within the grace window it is a concurrent refresh (two tabs, a retried
-  -- request): the session goes on with one more token. Later it is reuse: revoke the family.
+  -- request): it gets the same successor as the first, so the family stays one chain. Later it
+  -- is reuse: revoke the family.
   IF r.used_at > util.now() - interval '10 seconds' THEN
-    RETURN identity.tokens(s.id, identity.issue_refresh_token(s.id));
+    RETURN identity.tokens(s.id, identity.successor_token(s.id, p_refresh_token));
   END IF;
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'refresh_token_reuse'
   WHERE id = s.id AND revoked_at IS NULL;
@@ -333,7 +355,7 @@ BEGIN
   RETURN identity.error('TL401', 'this refresh token was already used: the session is revoked, sign in again');
 END $$;
 COMMENT ON FUNCTION api.refresh(text, text, text) IS
-  'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields another token of the same session (concurrent refreshes do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+  'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
 
 CREATE OR REPLACE FUNCTION api.logout(p_session_id uuid, p_everywhere boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -493,29 +515,78 @@ COMMENT ON FUNCTION api.reset_password(text, text, text) IS
 ------------------------------------------------------------------------------------------------
 -- Anonymous devices
 ------------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_install bytea;
   v_limited jsonb;
+  a identity.accounts;
+  v_returning boolean := false;
   v_account_id uuid;
   v_tokens jsonb;
+  v_can_use boolean;
+  v_allowance jsonb;
+  v_allowances jsonb;
+  v_resets_at timestamptz;
+  q record;
 BEGIN
-  IF p_fingerprint IS NULL OR length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
-    PERFORM util.fail('TL422', 'a fingerprint of 1 to 256 characters is required');
+  IF p_fingerprint IS NOT NULL AND length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
+    PERFORM util.fail('TL422', 'a fingerprint has 1 to 256 characters', '{"field": "fingerprint"}');
   END IF;
-  v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  IF p_install_id IS NOT NULL AND (p_install_id !~ '^[A-Za-z0-9_-]+$' OR length(p_install_id) NOT BETWEEN 22 AND 256) THEN
+    PERFORM util.fail('TL422', 'an install id is a random string of 22 to 256 URL-safe characters (at least 128 bits), made once per install',
+                      '{"field": "install_id"}');
+  END IF;
+  IF p_fingerprint IS NULL AND p_install_id IS NULL THEN
+    PERFORM util.fail('TL422', 'send an install_id (and a fingerprint, a hint for abuse limits)', '{"field": "install_id"}');
+  END IF;
+  v_install := util.token_hash(p_install_id);
+  IF p_install_id IS NOT NULL THEN
+    SELECT * INTO a FROM identity.accounts WHERE device_install_hash = v_install FOR NO KEY UPDATE;
+    IF FOUND AND a.merged_into IS NOT NULL THEN
+      -- The install signed up and its account moved to the user: a signed-out install starts afresh.
+      UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;
+      a := NULL;
+    END IF;
+    v_returning := a.id IS NOT NULL;
+  END IF;
+  IF v_returning THEN
+    v_limited := identity.throttled('identify_install', p_ip, 3000, interval '1 hour',
+                                    'install', encode(v_install, 'hex'), 600, interval '1 hour');
+  ELSE
+    -- New device accounts: 5 a day per fingerprint, 30 an hour per IP.
+    v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  END IF;
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
   END IF;
-  v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
-  v_tokens := identity.start_session(v_account_id, NULL, p_ip, p_user_agent);
-  PERFORM identity.log_event('device_identified', NULL, v_account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-    jsonb_build_object('fingerprint_seen_before',
-                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> v_account_id)));
-  RETURN v_tokens;
+  IF NOT v_returning THEN
+    v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
+    UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
+    WHERE id = v_account_id RETURNING * INTO a;
+  END IF;
+  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent);
+  PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('returning_install', v_returning,
+                       'fingerprint_seen_before',
+                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> a.id)));
+  IF p_meter IS NOT NULL THEN
+    SELECT * INTO q FROM metering.quote(a, p_meter,
+      CASE WHEN (SELECT pricing FROM metering.meters WHERE id = p_meter) = 'tokens' THEN NULL ELSE 1 END,
+      CASE WHEN (SELECT pricing FROM metering.meters WHERE id = p_meter) = 'tokens' THEN 1 END, NULL);
+    v_can_use := q.allowed;
+    v_resets_at := q.period_end;
+  END IF;
+  v_allowances := metering.allowances_json(a);
+  SELECT x INTO v_allowance FROM jsonb_array_elements(v_allowances) x WHERE x ->> 'meter' = p_meter;
+  RETURN v_tokens || jsonb_build_object(
+    'account_id', a.id, 'plan', identity.effective_plan(a), 'credits', util.credits(a.credit_balance_micros),
+    'returning', v_returning, 'allowances', v_allowances,
+    'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $$;
-COMMENT ON FUNCTION api.identify(text, text, text) IS
-  'POST /v1/identify: an anonymous account on the anonymous plan for a device (browser extension, CLI install) and a session for it. The fingerprint is stored as a hint for lookups and abuse limits (5 new device accounts a day per fingerprint, 30 an hour per IP: TL429), never used as a credential.';
+COMMENT ON FUNCTION api.identify(text, text, text, text, text) IS
+  'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 ------------------------------------------------------------------------------------------------
 -- API keys
@@ -644,7 +715,7 @@ GRANT EXECUTE ON FUNCTION
   api.housekeeping(), api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
-  api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text),
+  api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text, text, text),
   api.create_api_key(uuid, text, text[], timestamptz), api.list_api_keys(uuid), api.revoke_api_key(uuid, uuid),
   api.jwt_keys(), api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text)
 TO pgtally_api;

@@ -51,10 +51,10 @@ END $$;
 COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
   'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
 
-CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb) RETURNS text
+CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-  o jsonb := p_event -> 'data' -> 'object';
+  o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
   v_item jsonb := o -> 'items' -> 'data' -> 0;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
@@ -62,6 +62,7 @@ DECLARE
   v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
   v_price billing.prices;
   cur billing.subscriptions;
+  v_event_id text := p_event ->> 'id';
 BEGIN
   IF v_account_id IS NULL THEN
     RETURN 'ignored: no pgtally account for customer ' || coalesce(o ->> 'customer', '?');
@@ -71,7 +72,11 @@ BEGIN
   PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   SELECT * INTO cur FROM billing.subscriptions WHERE stripe_subscription_id = o ->> 'id' FOR UPDATE;
   IF FOUND AND (v_created, v_rank, p_event ->> 'id') <= (cur.last_event_created, cur.last_event_rank, cur.last_event_id) THEN
-    RETURN 'stale';
+    IF p_current IS NULL THEN
+      RETURN 'stale';
+    END IF;
+    -- The subscription as Stripe has it now is newer than any event: apply it, keep the newest event mark.
+    SELECT cur.last_event_created, cur.last_event_rank, cur.last_event_id INTO v_created, v_rank, v_event_id;
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
@@ -81,7 +86,7 @@ BEGIN
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
           coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
-          v_created, v_rank, p_event ->> 'id', util.now())
+          v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
@@ -92,8 +97,8 @@ BEGIN
   PERFORM billing.sync_account_plan(v_account_id);
   RETURN 'applied';
 END $$;
-COMMENT ON FUNCTION billing.apply_subscription(jsonb) IS
-  'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it.';
+COMMENT ON FUNCTION billing.apply_subscription(jsonb, jsonb) IS
+  'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 CREATE OR REPLACE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -246,43 +251,103 @@ END $$;
 COMMENT ON FUNCTION billing.apply_charge_refunded(jsonb) IS
   'charge.refunded for a bundle payment: take back the credits in proportion to amount_refunded, never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
-CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status, note)
+  VALUES (p_id, left(coalesce(p_type, '?'), 100), NULL, false, p_payload, util.now(), 'rejected', left(p_reason, 1000))
+  ON CONFLICT (id) DO NOTHING;
+  RETURN jsonb_build_object('received', true, 'status', 'rejected', 'event_id', p_id,
+                            'reason', (SELECT note FROM billing.stripe_events WHERE id = p_id));
+END $$;
+COMMENT ON FUNCTION billing.record_rejected(text, text, jsonb, text) IS
+  'Record a signed but malformed Stripe event as rejected, with the reason (once per id); nothing is applied.';
+
+CREATE OR REPLACE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT billing.record_rejected('rejected:' || left(p_body_sha256, 64), NULL, NULL, p_reason)
+$$;
+COMMENT ON FUNCTION api.stripe_webhook_rejected(text, text) IS
+  'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
+
+CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_id text := p_event ->> 'id';
   v_type text := p_event ->> 'type';
+  v_object jsonb := p_event -> 'data' -> 'object';
   v_result text;
+  v_reason text;
+  v_status text;
+  v_sub billing.subscriptions;
 BEGIN
-  IF v_id IS NULL OR v_type IS NULL OR jsonb_typeof(p_event -> 'created') <> 'number'
-     OR jsonb_typeof(p_event -> 'data' -> 'object') <> 'object' THEN
-    PERFORM util.fail('TL422', 'not a Stripe event: id, type, created and data.object are required');
+  -- The envelope (https://docs.stripe.com/api/events/object). A signed event that breaks it is rejected.
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' THEN 'an event is a JSON object'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN jsonb_typeof(p_event -> 'created') IS DISTINCT FROM 'number'
+         OR (p_event ->> 'created') !~ '^[0-9]{1,11}$' OR (p_event ->> 'created')::bigint > 32503680000 THEN
+      'created: a Unix time in seconds before the year 3000 is required'
+    WHEN jsonb_typeof(v_object) IS DISTINCT FROM 'object' THEN 'data.object: an object is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  SELECT status, note INTO v_status, v_reason FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id)
+           || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', v_reason) ELSE '{}' END;
+  END IF;
+  -- Two events about one subscription in the same second (Stripe's resolution): their order is
+  -- unknown, so ask the server to re-read the subscription from Stripe and apply that instead.
+  IF v_type LIKE 'customer.subscription.%' AND p_current IS NULL THEN
+    SELECT * INTO v_sub FROM billing.subscriptions WHERE stripe_subscription_id = v_object ->> 'id';
+    IF v_sub.last_event_created = billing.ts(p_event -> 'created') AND v_sub.last_event_id <> v_id THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub.stripe_subscription_id);
+    END IF;
   END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
-  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode')::boolean, false),
+  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
           p_event, util.now(), 'ignored')
   ON CONFLICT (id) DO NOTHING;
   IF NOT FOUND THEN
     RETURN jsonb_build_object('received', true, 'duplicate', true);
   END IF;
-  v_result := CASE v_type
-    WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
-    WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
-    WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
-    WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
-    WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)
-    WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
-    WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
-    WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
-    ELSE 'ignored: pgtally does not handle ' || v_type
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
+      WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
+      WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
+    -- A field of the wrong type or out of range (an amount of "abc" or -5, a year 5000 date):
+    -- everything the event changed is rolled back to here; it stays recorded as rejected.
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
   END;
+  v_status := split_part(v_result, ':', 1);
   UPDATE billing.stripe_events
-  SET status = split_part(v_result, ':', 1), note = nullif(btrim(substr(v_result, length(split_part(v_result, ':', 1)) + 2)), '')
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
   WHERE id = v_id;
-  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', split_part(v_result, ':', 1));
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $$;
-COMMENT ON FUNCTION api.stripe_webhook(jsonb) IS
-  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and changes nothing. Unknown types are recorded as ignored. Any failure rolls everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status}.';
+COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb) IS
+  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). A subscription event in the same second as the one last applied returns status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current. Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
@@ -397,7 +462,7 @@ END $$;
 COMMENT ON FUNCTION api.live_subscription(text, uuid, text) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
-GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb), api.checkout_prepare(text, uuid, text),
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text), api.checkout_prepare(text, uuid, text),
   api.link_stripe_customer(text, uuid, text), api.billing_account(text, uuid), api.live_subscription(text, uuid, text),
   api.stripe_customer(text, uuid)
 TO pgtally_api;

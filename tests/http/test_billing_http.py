@@ -108,7 +108,8 @@ async def test_bundle_purchase_is_credited_once_however_often_delivered(client, 
                "amount_total": 500, "currency": "usd", "metadata": {"account_id": acct["account_id"], "price": "bundle_10"}}
     event = events.event("checkout.session.completed", session)
     first = await deliver(client, event)
-    assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False, "status": "applied"}
+    assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False, "status": "applied",
+                                                        "event_id": event["id"]}
     again = await deliver(client, event)
     assert again.json()["duplicate"] is True
     responses = await asyncio.gather(*[deliver(client, event) for _ in range(20)])
@@ -178,7 +179,10 @@ async def test_update_before_create_ends_in_the_latest_state(client, events, new
     assert owner.execute("SELECT status FROM reporting.stripe_events_not_applied").fetchall() == [("stale",)]
 
 
-async def test_two_updates_in_one_second_end_the_same_whatever_the_arrival_order(client, events, new_account, owner):
+@pytest.mark.parametrize("truth", ["price_pro_monthly", "price_unlimited_monthly"])
+async def test_two_updates_in_one_second_settle_on_what_stripe_has_now(client, events, stripe_api, new_account,
+                                                                      owner, truth):
+    """Events of the same second carry no order: the subscription is re-read from Stripe."""
     now = int(time.time())
     finals = []
     for order in (0, 1):
@@ -186,10 +190,15 @@ async def test_two_updates_in_one_second_end_the_same_whatever_the_arrival_order
         sub = f"sub_order_{order}"
         first = subscribe(events, acct, sub=sub, price="price_pro_monthly", created=now, id_=f"evt_a_{order}")
         second = subscribe(events, acct, sub=sub, price="price_unlimited_monthly", created=now, id_=f"evt_b_{order}")
+        stripe_api.subscriptions[sub] = {**second["data"]["object"], "items": {"object": "list", "data": [
+            {**second["data"]["object"]["items"]["data"][0], "price": {"id": truth, "object": "price"}}]}}
         for event in ([first, second] if order == 0 else [second, first]):
-            assert (await deliver(client, event)).status_code == 200
+            r = await deliver(client, event)
+            assert r.status_code == 200 and r.json()["status"] == "applied", r.text
         finals.append(account_row(owner, acct["account_id"])[0])
-    assert finals[0] == finals[1] == "unlimited"
+    expected = "pro" if truth == "price_pro_monthly" else "unlimited"
+    assert finals == [expected, expected]
+    assert [m for m, path, *_ in stripe_api.requests if path.startswith("/v1/subscriptions/")] == ["GET", "GET"]
 
 
 async def test_a_replayed_old_event_never_overwrites_newer_state(client, events, new_account, owner):
@@ -259,6 +268,8 @@ async def test_invoice_paid_starts_a_new_period_and_grants_included_credits(clie
     headers = bearer(acct["api_key"], **{"Idempotency-Key": "u1"})
     r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 40}, headers=headers)
     assert r.json()["allowance"]["used"] == 40
+    # That usage belongs to the period that ends when the invoice below starts the next one.
+    owner.execute("UPDATE metering.usage_events SET created_at = created_at - interval '5 minutes'")
 
     invoice = {"id": "in_1", "object": "invoice", "customer": "cus_1", "status": "paid", "amount_paid": 999,
                "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_1"}},
@@ -342,3 +353,82 @@ async def test_reporting_views_for_dbas(client, events, new_account, owner):
     await deliver(client, subscribe(events, b, sub="sub_b", status="past_due", price="price_unlimited_monthly"))
     rows = set(owner.execute("SELECT plan_id, status, subscriptions FROM reporting.subscriptions_by_status").fetchall())
     assert rows == {("pro", "active", 1), ("unlimited", "past_due", 1)}
+
+
+def bundle_session(acct, **changes):
+    return {"id": "cs_bad", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
+            "customer": "cus_9", "client_reference_id": acct["account_id"], "payment_intent": "pi_bad",
+            "amount_total": 500, "currency": "usd", "metadata": {"account_id": acct["account_id"], "price": "bundle_10"},
+            **changes}
+
+
+@pytest.mark.parametrize("case", ["created 1e20", "created string", "amount abc", "amount -5", "long currency",
+                                  "no data.object"])
+async def test_a_signed_but_malformed_event_is_recorded_as_rejected_and_nothing_applies(
+        client, events, new_account, owner, case):
+    acct = new_account("free")
+    event = events.event("checkout.session.completed", bundle_session(acct))
+    if case == "created 1e20":
+        event["created"] = 10**20
+    elif case == "created string":
+        event["created"] = "yesterday"
+    elif case == "amount abc":
+        event["data"]["object"]["amount_total"] = "abc"
+    elif case == "amount -5":
+        event["data"]["object"]["amount_total"] = -5
+    elif case == "long currency":
+        event["data"]["object"]["currency"] = "x" * 5000
+    else:
+        event["data"] = {}
+    for _ in range(2):      # a redelivery is rejected the same way
+        r = await deliver(client, event)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json"), r.text
+        assert "rejected" in r.json()["detail"]
+    (status, note) = owner.execute("SELECT status, note FROM billing.stripe_events").fetchone()
+    assert status == "rejected" and note
+    assert account_row(owner, acct["account_id"])[1] == 0
+    assert owner.execute("SELECT count(*) FROM billing.payments").fetchone()[0] == 0
+    assert owner.execute("SELECT count(*) FROM reporting.stripe_events_not_applied WHERE status = 'rejected'"
+                         ).fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"id": "evt_\\u0000x", "type": "invoice.paid", "created": 1, "data": {"object": {}}}',
+    b'{"id": "evt_1", "type": "x", "created": 1, "data": {"object": ' + b'{"a": ' * 5000 + b'1' + b'}' * 5002,
+    b'{"id": "evt_\\ud800", "type": "x", "created": 1, "data": {"object": {}}}',
+])
+async def test_a_signed_body_that_is_not_storable_json_is_rejected_with_400(client, owner, payload):
+    r = await client.post("/v1/webhooks/stripe", content=payload,
+                          headers={"Stripe-Signature": sign(payload, SECRET), "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    (event_id, status) = owner.execute("SELECT id, status FROM billing.stripe_events").fetchone()
+    assert status == "rejected" and event_id.startswith("rejected:")
+
+
+async def test_a_body_that_is_not_utf8_cannot_verify(client, owner):
+    payload = b'{"id": "evt_\xff", "type": "x", "created": 1, "data": {"object": {}}}'
+    r = await client.post("/v1/webhooks/stripe", content=payload,
+                          headers={"Stripe-Signature": sign(payload, SECRET), "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json"), r.text
+
+
+async def test_stripe_failures_are_502_with_stripes_request_id(client, events, stripe_api, new_account):
+    acct = new_account("free")
+    await deliver(client, subscribe(events, acct, sub="sub_unknown_to_stripe"))
+    r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
+    assert r.status_code == 502 and r.headers["content-type"].startswith("application/problem+json"), r.text
+    body = r.json()
+    assert body["type"].endswith("/payment-provider-error") and body["stripe_request_id"].startswith("req_")
+
+
+async def test_stripe_down_is_a_502_not_a_500(db_url, events, new_account):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
+    down = Settings(public_url=PUBLIC_URL, stripe_api_key="sk_test_x", stripe_api_base="http://127.0.0.1:9",
+                    stripe_webhook_secret=SECRET)
+    acct = new_account("free")
+    async with AsyncTestClient(app=create_app(db_url, down)) as client:
+        r = await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=bearer(acct["api_key"]))
+    assert r.status_code == 502 and r.json()["type"].endswith("/payment-provider-error"), r.text

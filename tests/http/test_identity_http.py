@@ -430,3 +430,44 @@ async def test_nul_in_an_api_key_name_is_422(client):
     tokens = await signed_in(client)
     r = await client.post("/v1/api-keys", json={"name": "lap\x00top"}, headers=bearer(tokens["access_token"]))
     assert r.status_code == 422 and "NUL" in r.json()["detail"], r.text
+
+
+INSTALL = "k3Jq9v0Xw2bT6yP1sN8dLm4rA7cE5fGh"   # 32 URL-safe characters: 192 bits
+
+
+async def test_the_same_install_gets_the_same_device_account_every_time(frozen_db_clock, client, owner):
+    answers = [await client.post("/v1/identify", json={"install_id": INSTALL, "fingerprint": "fp", "meter": "generation"})
+               for _ in range(12)]
+    assert {r.status_code for r in answers} == {201}, answers[-1].text
+    assert len({r.json()["account_id"] for r in answers}) == 1
+    assert [r.json()["returning"] for r in answers] == [False] + [True] * 11
+    body = answers[0].json()
+    assert body["plan"] == "anonymous" and body["can_use"] is True and body["credits"] == "0"
+    assert body["allowance"]["remaining"] == 5 and body["resets_at"] == body["allowance"]["resets_at"]
+    assert body["upgrade_url"] == f"{PUBLIC_URL}/upgrade" and body["token_type"] == "bearer"
+    assert owner.execute("SELECT count(*) FROM identity.accounts WHERE kind = 'device'").fetchone()[0] == 1
+    # The install id is stored only as its hash.
+    assert owner.execute("SELECT count(*) FROM identity.accounts WHERE device_install_hash = sha256(%s::bytea)",
+                         [INSTALL.encode()]).fetchone()[0] == 1
+
+    for i in range(5):
+        r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                              headers=bearer(body["access_token"], **{"Idempotency-Key": f"u{i}"}))
+        assert r.status_code == 201
+    again = (await client.post("/v1/identify", json={"install_id": INSTALL, "meter": "generation"})).json()
+    assert again["can_use"] is False and again["allowance"]["remaining"] == 0
+
+
+@pytest.mark.parametrize("body", [{"install_id": "short"}, {"install_id": "x" * 21}, {"install_id": "not base64url!" * 3},
+                                  {}, {"install_id": INSTALL, "meter": "nope"}])
+async def test_identify_refuses_a_weak_install_id_or_unknown_meter(client, owner, body):
+    r = await client.post("/v1/identify", json=body)
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
+    assert owner.execute("SELECT count(*) FROM identity.accounts").fetchone()[0] == 0
+
+
+async def test_a_merged_install_starts_a_fresh_device_account(client, owner):
+    device = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+    assert (await signup(client, **bearer(device["access_token"]))).status_code == 202
+    after = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+    assert after["account_id"] != device["account_id"] and after["returning"] is False
