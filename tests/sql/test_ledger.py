@@ -109,6 +109,18 @@ def test_server_role_can_only_execute_granted_api_functions(api_conn, new_accoun
     assert api_conn.execute("SELECT current_user").fetchone()[0] == db.API_ROLE
 
 
+def test_the_server_logs_in_as_a_role_that_cannot_become_anything_more(api_conn, owner):
+    assert api_conn.execute("SELECT session_user, current_user").fetchone() == (db.API_ROLE, db.API_ROLE)
+    assert owner.execute("SELECT rolsuper, rolcreaterole, rolcreatedb, rolcanlogin FROM pg_roles WHERE rolname = %s",
+                         [db.API_ROLE]).fetchone() == (False, False, False, True)
+    api_conn.execute("RESET ROLE")
+    assert api_conn.execute("SELECT current_user").fetchone()[0] == db.API_ROLE
+    for sql in ["SELECT * FROM identity.accounts", "SELECT pg_read_file('postgresql.conf')",
+                "CREATE TABLE util.stolen (x int)", "SET ROLE postgres", "SET ROLE pgtally_analyst",
+                "SET SESSION AUTHORIZATION postgres", "SELECT * FROM identity.jwt_keys"]:
+        assert sqlstate_of(lambda sql=sql: api_conn.execute(sql)) in ("42501", "3F000"), sql
+
+
 def test_analyst_role_reads_reporting_views_only(db_url, new_account):
     new_account("free", CREDIT)
     with psycopg.connect(psycopg.conninfo.make_conninfo(db_url, options="-c role=pgtally_analyst"),
@@ -134,3 +146,31 @@ def test_housekeeping_deletes_old_rate_limit_windows(owner, api_conn):
                   "('login:ip:x', now(), 1)")
     assert api_conn.execute("SELECT api.housekeeping()").fetchone()[0] == {"rate_limit_windows_deleted": 1}
     assert owner.execute("SELECT count(*) FROM identity.rate_limits").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("key, data, digest", [
+    # RFC 4231 test cases 1, 2 and 6 (a key longer than the block).
+    ("0b" * 20, b"Hi There".hex(), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+    (b"Jefe".hex(), b"what do ya want for nothing?".hex(),
+     "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+    ("aa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First".hex(),
+     "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"),
+])
+def test_hmac_sha256_matches_rfc_4231(owner, key, data, digest):
+    assert owner.execute("SELECT encode(util.hmac_sha256(decode(%s, 'hex'), decode(%s, 'hex')), 'hex')",
+                         [key, data]).fetchone()[0] == digest
+
+
+@pytest.mark.parametrize("micros, text", [(12_500_000, "12.5"), (0, "0"), (1, "0.000001"), (-2_000_000, "-2"),
+                                          (6000000000000052392, "6000000000000.052392"),
+                                          (9223372036854775807, "9223372036854.775807"),
+                                          (-9223372036854775808, "-9223372036854.775808")])
+def test_credits_are_formatted_exactly_for_any_bigint(owner, micros, text):
+    assert owner.execute("SELECT util.credits(%s::bigint)", [micros]).fetchone()[0] == text
+
+
+def test_a_grant_past_the_largest_balance_is_invalid_not_an_overflow(owner, new_account):
+    account = new_account("free", 9_000_000_000_000_000_000)["account_id"]
+    assert sqlstate_of(lambda: owner.execute("SELECT api.grant_credits(%s, 9000000000000000000, 'k')", [account])) == "TL422"
+    assert owner.execute("SELECT util.credits(credit_balance_micros) FROM identity.accounts WHERE id = %s",
+                         [account]).fetchone()[0] == "9000000000000"

@@ -183,3 +183,30 @@ def test_balance_lists_allowances_of_the_plan(api_conn, new_account):
     assert body["plan"] == "free" and body["credits"] == "3"
     (allowance,) = body["allowances"]
     assert allowance["meter"] == "generation" and allowance["used"] == 3 and allowance["remaining"] == 7
+
+
+def test_usage_already_made_today_counts_after_falling_back_to_free(owner, new_account):
+    acct = new_account("pro")
+    key = acct["api_key"]
+    owner.execute("SET pgtally.now = '2026-03-10 12:00:00+00'")
+    assert consume(owner, key, "pro-13", quantity=13)[1]["charged"] == {"allowance_units": 13, "credits": "0"}
+    # The subscription ends (billing.sync_account_plan): metered as free, 10 a day.
+    owner.execute("UPDATE identity.accounts SET plan_id = 'free' WHERE id = %s", [acct["account_id"]])
+    (generation,) = balance(owner, key)["allowances"]
+    assert (generation["used"], generation["remaining"]) == (13, 0)
+    assert sqlstate_of(lambda: consume(owner, key, "free-1")) == "TL402"
+    owner.execute("SET pgtally.now = '2026-03-11 00:00:01+00'")
+    assert consume(owner, key, "free-2")[1]["allowance"]["remaining"] == 9
+    assert reconciliation_problems(owner) == {}
+
+
+def test_token_allowances_in_the_catalog_are_credits(owner):
+    catalog = {"meters": {"llm": {"pricing": "tokens", "input_price_per_million": 3, "output_price_per_million": 15}},
+               "plans": {"dev": {"entitlements": {"llm": {"allowance": "2.5", "period": "month"}}}}}
+    owner.execute("SELECT api.load_catalog(%s)", [psycopg.types.json.Jsonb(catalog)])
+    assert owner.execute("SELECT limit_units FROM billing.entitlements WHERE plan_id = 'dev'").fetchone()[0] == 2_500_000
+    catalog["plans"]["dev"]["entitlements"]["llm"]["allowance"] = "1e3"
+    assert sqlstate_of(lambda: owner.execute("SELECT api.load_catalog(%s)", [psycopg.types.json.Jsonb(catalog)])) == "TL422"
+    catalog["meters"]["gen"] = {"price": 1}
+    catalog["plans"]["dev"]["entitlements"] = {"gen": {"allowance": 1.5}}
+    assert sqlstate_of(lambda: owner.execute("SELECT api.load_catalog(%s)", [psycopg.types.json.Jsonb(catalog)])) == "TL422"
