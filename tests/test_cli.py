@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from api.cli import main
+from tests.conftest import reconciliation_problems
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def test_accounts_create_prints_a_working_key_once(pgtally, api_conn):
 def test_accounts_create_refuses_unknown_plan_and_bad_credits(pgtally):
     assert "no active plan" in pgtally("accounts", "create", "--plan", "gold", ok=False)
     assert "6 decimals" in pgtally("accounts", "create", "--plan", "free", "--credits", "0.0000001", ok=False)
-    assert "not a number" in pgtally("accounts", "create", "--plan", "free", "--credits", "lots", ok=False)
+    assert "not a plain decimal" in pgtally("accounts", "create", "--plan", "free", "--credits", "lots", ok=False)
+    assert "not a plain decimal" in pgtally("accounts", "create", "--plan", "free", "--credits", "1e3", ok=False)
 
 
 def test_credits_grant_is_idempotent_with_a_key(pgtally, owner):
@@ -65,3 +67,41 @@ def test_reconcile_passes_then_reports_a_tampered_balance(pgtally, owner):
     owner.execute("UPDATE identity.accounts SET credit_balance_micros = 5000000 WHERE id = %s", [account])
     out = pgtally("reconcile", ok=False)
     assert "FAIL  reporting.balance_mismatches: 1 row(s)" in out and account in out
+
+
+def test_credits_adjust_takes_back_never_below_zero(pgtally, owner):
+    account = json.loads(pgtally("accounts", "create", "--plan", "free", "--credits", "10", "--json"))["account_id"]
+    out = json.loads(pgtally("credits", "adjust", account, "--reason", "duplicate grant", "--json", "--", "-4.5"))
+    assert out["amount"] == "-4.5" and out["balance_after"] == "5.5" and out["kind"] == "adjustment"
+    assert out["memo"] == "duplicate grant"
+    assert "not enough credits" in pgtally("credits", "adjust", account, "--reason", "x", "--", "-6", ok=False)
+    assert "reason" in pgtally("credits", "adjust", account, "-1", ok=False)
+    assert "not a plain decimal" in pgtally("credits", "grant", account, "1e3", ok=False)
+    assert reconciliation_problems(owner) == {}
+
+
+def test_accounts_list_and_show(pgtally):
+    account = json.loads(pgtally("accounts", "create", "--plan", "pro", "--credits", "3", "--json"))["account_id"]
+    rows = [json.loads(line) for line in pgtally("accounts", "list", "--plan", "pro", "--json").splitlines()]
+    assert [r["account_id"] for r in rows] == [account] and rows[0]["credits"] == "3"
+    shown = json.loads(pgtally("accounts", "show", account))
+    assert shown["plan"] == "pro" and shown["api_keys"] == 1 and shown["allowances"][0]["meter"] == "generation"
+    assert "no account" in pgtally("accounts", "show", "00000000-0000-0000-0000-000000000000", ok=False)
+
+
+def test_version(pgtally):
+    assert pgtally("--version").startswith("pgtally, version ")
+
+
+def test_db_psql_opens_the_database(db_url, new_account):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    account = new_account("free")["account_id"]
+    pgtally = Path(sys.executable).parent / "pgtally"
+    out = subprocess.run([str(pgtally), "db", "psql", "-At", "-c", "SELECT id FROM identity.accounts"],
+                         env={**os.environ, "DATABASE_URL": db_url}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == account

@@ -24,6 +24,14 @@ END $$;
 COMMENT ON FUNCTION billing.to_micros(jsonb, text) IS
   'A catalog or command-line amount of credits (JSON number, or a string of plain decimal digits: 12, 0.5; no exponent, sign or spaces) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
+CREATE OR REPLACE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE WHEN left(p_credits, 1) = '-' THEN -billing.to_micros(to_jsonb(substr(p_credits, 2)), p_path)
+              ELSE billing.to_micros(to_jsonb(p_credits), p_path) END
+$$;
+COMMENT ON FUNCTION billing.signed_to_micros(text, text) IS
+  'A plain decimal number of credits with an optional minus sign (-5, 0.25) as micro-credits, by billing.to_micros''s rules.';
+
 CREATE OR REPLACE FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text,
                                                 p_interval text, p_credits_micros bigint)
 RETURNS void

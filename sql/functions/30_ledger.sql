@@ -47,18 +47,18 @@ $$;
 COMMENT ON FUNCTION ledger.entry_json(ledger.transfers, bigint, bigint, timestamptz) IS
   'A customer ledger entry as the API shows it: {transfer_id, kind, amount, balance_after, usage_event_id, memo, created_at}, credits as decimal strings.';
 
-CREATE OR REPLACE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
-                                             p_idempotency_key text, p_memo text DEFAULT NULL)
-RETURNS TABLE (replayed boolean, body jsonb)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+CREATE OR REPLACE FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text,
+                                                   p_amount_micros bigint, p_idempotency_key text, p_memo text,
+                                                   OUT replayed boolean, OUT body jsonb)
+LANGUAGE plpgsql AS $$
 DECLARE
   v_transfer ledger.transfers;
 BEGIN
-  IF p_amount_micros IS NULL OR p_amount_micros <= 0 THEN
-    PERFORM util.fail('TL422', 'a grant is a positive amount of credits');
-  END IF;
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  IF length(p_memo) > 500 THEN
+    PERFORM util.fail('TL422', 'a memo has at most 500 characters');
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
   IF NOT FOUND THEN
@@ -67,13 +67,13 @@ BEGIN
   SELECT * INTO v_transfer FROM ledger.transfers
   WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN
-    IF v_transfer.kind <> 'grant' OR v_transfer.amount_micros <> p_amount_micros THEN
+    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
       PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
                         jsonb_build_object('transfer_id', v_transfer.id));
     END IF;
     replayed := true;
   ELSE
-    PERFORM ledger.post_transfer(p_account_id, 'grants', p_amount_micros, 'grant', p_idempotency_key, NULL, p_memo);
+    PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
     SELECT * INTO v_transfer FROM ledger.transfers
     WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
     replayed := false;
@@ -82,10 +82,73 @@ BEGIN
          || jsonb_build_object('account_id', p_account_id)
   INTO body
   FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
-  RETURN NEXT;
+END $$;
+COMMENT ON FUNCTION ledger.operator_transfer(uuid, text, text, bigint, text, text) IS
+  'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+
+CREATE OR REPLACE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
+                                             p_idempotency_key text, p_memo text DEFAULT NULL)
+RETURNS TABLE (replayed boolean, body jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_amount_micros IS NULL OR p_amount_micros <= 0 THEN
+    PERFORM util.fail('TL422', 'a grant is a positive amount of credits');
+  END IF;
+  RETURN QUERY SELECT * FROM ledger.operator_transfer(p_account_id, 'grants', 'grant', p_amount_micros,
+                                                      p_idempotency_key, p_memo);
 END $$;
 COMMENT ON FUNCTION api.grant_credits(uuid, bigint, text, text) IS
-  'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+  'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+
+CREATE OR REPLACE FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint,
+                                              p_idempotency_key text, p_reason text)
+RETURNS TABLE (replayed boolean, body jsonb)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_amount_micros IS NULL OR p_amount_micros = 0 THEN
+    PERFORM util.fail('TL422', 'an adjustment is a non-zero amount of credits (negative takes credits back)');
+  END IF;
+  IF p_reason IS NULL OR length(btrim(p_reason)) = 0 THEN
+    PERFORM util.fail('TL422', 'an adjustment needs a reason');
+  END IF;
+  RETURN QUERY SELECT * FROM ledger.operator_transfer(p_account_id, 'adjustments', 'adjustment', p_amount_micros,
+                                                      p_idempotency_key, btrim(p_reason));
+END $$;
+COMMENT ON FUNCTION api.adjust_credits(uuid, bigint, text, text) IS
+  'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+
+CREATE OR REPLACE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  RETURN jsonb_build_object(
+    'account_id', a.id, 'kind', a.kind, 'name', a.name, 'plan', identity.effective_plan(a), 'subscribed_plan', a.plan_id,
+    'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at),
+    'email', (SELECT email FROM identity.users WHERE account_id = a.id), 'merged_into', a.merged_into,
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
+    'allowances', metering.allowances_json(a),
+    'api_keys', (SELECT count(*) FROM identity.api_keys WHERE account_id = a.id AND revoked_at IS NULL),
+    'usage_events', (SELECT count(*) FROM metering.usage_events WHERE account_id = a.id));
+END $$;
+COMMENT ON FUNCTION api.account_summary(uuid) IS
+  'pgtally accounts show: an account for an operator: {account_id, kind, name, plan, subscribed_plan, credits, created_at, email, merged_into, stripe_customer_id, allowances, api_keys (live), usage_events (count)}. TL404 unknown account. Operators only.';
+
+CREATE OR REPLACE FUNCTION api.accounts_list(p_limit integer DEFAULT 50, p_plan text DEFAULT NULL)
+RETURNS TABLE (account_id uuid, kind text, plan text, credits text, email text, created_at text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT a.id, a.kind, identity.effective_plan(a), util.credits(a.credit_balance_micros), u.email, util.iso(a.created_at)
+  FROM identity.accounts a LEFT JOIN identity.users u ON u.account_id = a.id
+  WHERE a.merged_into IS NULL AND (p_plan IS NULL OR a.plan_id = p_plan)
+  ORDER BY a.created_at DESC, a.id DESC
+  LIMIT least(greatest(p_limit, 1), 10000)
+$$;
+COMMENT ON FUNCTION api.accounts_list(integer, text) IS
+  'pgtally accounts list: the newest accounts (not merged devices), optionally of one plan, at most p_limit (1-10,000). Operators only.';
 
 CREATE OR REPLACE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
