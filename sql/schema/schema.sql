@@ -32,6 +32,59 @@ CREATE SCHEMA util;
 
 COMMENT ON SCHEMA util IS 'pgtally helpers shared by every domain (clock, ids, units, errors).';
 
+CREATE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  RETURN jsonb_build_object(
+    'account_id', a.id, 'kind', a.kind, 'name', a.name, 'plan', identity.effective_plan(a), 'subscribed_plan', a.plan_id,
+    'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at),
+    'email', (SELECT email FROM identity.users WHERE account_id = a.id), 'merged_into', a.merged_into,
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
+    'allowances', metering.allowances_json(a),
+    'api_keys', (SELECT count(*) FROM identity.api_keys WHERE account_id = a.id AND revoked_at IS NULL),
+    'usage_events', (SELECT count(*) FROM metering.usage_events WHERE account_id = a.id));
+END $$;
+
+COMMENT ON FUNCTION api.account_summary(p_account_id uuid) IS 'pgtally accounts show: an account for an operator: {account_id, kind, name, plan, subscribed_plan, credits, created_at, email, merged_into, stripe_customer_id, allowances, api_keys (live), usage_events (count)}. TL404 unknown account. Operators only.';
+
+CREATE FUNCTION api.accounts_list(p_limit integer DEFAULT 50, p_plan text DEFAULT NULL::text) RETURNS TABLE(account_id uuid, kind text, plan text, credits text, email text, created_at text)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT a.id, a.kind, identity.effective_plan(a), util.credits(a.credit_balance_micros), u.email, util.iso(a.created_at)
+  FROM identity.accounts a LEFT JOIN identity.users u ON u.account_id = a.id
+  WHERE a.merged_into IS NULL AND (p_plan IS NULL OR a.plan_id = p_plan)
+  ORDER BY a.created_at DESC, a.id DESC
+  LIMIT least(greatest(p_limit, 1), 10000)
+$$;
+
+COMMENT ON FUNCTION api.accounts_list(p_limit integer, p_plan text) IS 'pgtally accounts list: the newest accounts (not merged devices), optionally of one plan, at most p_limit (1-10,000). Operators only.';
+
+CREATE FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  IF p_amount_micros IS NULL OR p_amount_micros = 0 THEN
+    PERFORM util.fail('TL422', 'an adjustment is a non-zero amount of credits (negative takes credits back)');
+  END IF;
+  IF p_reason IS NULL OR length(btrim(p_reason)) = 0 THEN
+    PERFORM util.fail('TL422', 'an adjustment needs a reason');
+  END IF;
+  RETURN QUERY SELECT * FROM ledger.operator_transfer(p_account_id, 'adjustments', 'adjustment', p_amount_micros,
+                                                      p_idempotency_key, btrim(p_reason));
+END $$;
+
+COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+
 CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -47,15 +100,7 @@ BEGIN
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
-    'allowances', coalesce((
-      SELECT jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end, coalesce(u.used, 0)) ORDER BY e.meter_id)
-      FROM billing.entitlements e
-      JOIN metering.meters m ON m.id = e.meter_id
-      CROSS JOIN LATERAL metering.period_bounds(e.period, util.now(), v_account.billing_period_start,
-                                                v_account.billing_period_end) p
-      LEFT JOIN metering.allowance_usage u
-        ON u.account_id = v_account.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
-      WHERE e.plan_id = identity.effective_plan(v_account)), '[]'));
+    'allowances', metering.allowances_json(v_account));
 END $$;
 
 COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
@@ -200,9 +245,10 @@ BEGIN
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
           q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now);
   IF q.entitled THEN
+    -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.allowance_units)
-    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
+    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
   IF q.credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
@@ -270,41 +316,15 @@ CREATE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_i
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-DECLARE
-  v_transfer ledger.transfers;
 BEGIN
   IF p_amount_micros IS NULL OR p_amount_micros <= 0 THEN
     PERFORM util.fail('TL422', 'a grant is a positive amount of credits');
   END IF;
-  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
-    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
-  END IF;
-  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
-  IF NOT FOUND THEN
-    PERFORM util.fail('TL404', format('no account %s', p_account_id));
-  END IF;
-  SELECT * INTO v_transfer FROM ledger.transfers
-  WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_transfer.kind <> 'grant' OR v_transfer.amount_micros <> p_amount_micros THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
-                        jsonb_build_object('transfer_id', v_transfer.id));
-    END IF;
-    replayed := true;
-  ELSE
-    PERFORM ledger.post_transfer(p_account_id, 'grants', p_amount_micros, 'grant', p_idempotency_key, NULL, p_memo);
-    SELECT * INTO v_transfer FROM ledger.transfers
-    WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-    replayed := false;
-  END IF;
-  SELECT ledger.entry_json(v_transfer, e.amount_micros, e.balance_after_micros, e.created_at)
-         || jsonb_build_object('account_id', p_account_id)
-  INTO body
-  FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
-  RETURN NEXT;
+  RETURN QUERY SELECT * FROM ledger.operator_transfer(p_account_id, 'grants', 'grant', p_amount_micros,
+                                                      p_idempotency_key, p_memo);
 END $$;
 
-COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'Grant credits (micro-credits) to an account from the grants system account, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount is TL409. TL404 unknown account, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.housekeeping() RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -320,31 +340,79 @@ END $$;
 
 COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day).';
 
-CREATE FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) RETURNS jsonb
+CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
 DECLARE
+  v_install bytea;
   v_limited jsonb;
+  a identity.accounts;
+  v_returning boolean := false;
   v_account_id uuid;
   v_tokens jsonb;
+  v_can_use boolean;
+  v_allowance jsonb;
+  v_allowances jsonb;
+  v_resets_at timestamptz;
+  q record;
 BEGIN
-  IF p_fingerprint IS NULL OR length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
-    PERFORM util.fail('TL422', 'a fingerprint of 1 to 256 characters is required');
+  IF p_fingerprint IS NOT NULL AND length(p_fingerprint) NOT BETWEEN 1 AND 256 THEN
+    PERFORM util.fail('TL422', 'a fingerprint has 1 to 256 characters', '{"field": "fingerprint"}');
   END IF;
-  v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  IF p_install_id IS NOT NULL AND (p_install_id !~ '^[A-Za-z0-9_-]+$' OR length(p_install_id) NOT BETWEEN 22 AND 256) THEN
+    PERFORM util.fail('TL422', 'an install id is a random string of 22 to 256 URL-safe characters (at least 128 bits), made once per install',
+                      '{"field": "install_id"}');
+  END IF;
+  IF p_fingerprint IS NULL AND p_install_id IS NULL THEN
+    PERFORM util.fail('TL422', 'send an install_id (and a fingerprint, a hint for abuse limits)', '{"field": "install_id"}');
+  END IF;
+  v_install := util.token_hash(p_install_id);
+  IF p_install_id IS NOT NULL THEN
+    SELECT * INTO a FROM identity.accounts WHERE device_install_hash = v_install FOR NO KEY UPDATE;
+    IF FOUND AND a.merged_into IS NOT NULL THEN
+      -- The install signed up and its account moved to the user: a signed-out install starts afresh.
+      UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;
+      a := NULL;
+    END IF;
+    v_returning := a.id IS NOT NULL;
+  END IF;
+  IF v_returning THEN
+    v_limited := identity.throttled('identify_install', p_ip, 3000, interval '1 hour',
+                                    'install', encode(v_install, 'hex'), 600, interval '1 hour');
+  ELSE
+    -- New device accounts: 5 a day per fingerprint, 30 an hour per IP.
+    v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+  END IF;
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
   END IF;
-  v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
-  v_tokens := identity.start_session(v_account_id, NULL, p_ip, p_user_agent);
-  PERFORM identity.log_event('device_identified', NULL, v_account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-    jsonb_build_object('fingerprint_seen_before',
-                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> v_account_id)));
-  RETURN v_tokens;
-END $$;
+  IF NOT v_returning THEN
+    v_account_id := identity.new_account('anonymous', 'device', NULL, 0, NULL, p_fingerprint);
+    UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
+    WHERE id = v_account_id RETURNING * INTO a;
+  END IF;
+  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent);
+  PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('returning_install', v_returning,
+                       'fingerprint_seen_before',
+                       EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> a.id)));
+  IF p_meter IS NOT NULL THEN
+    SELECT * INTO q FROM metering.quote(a, p_meter,
+      CASE WHEN (SELECT pricing FROM metering.meters WHERE id = p_meter) = 'tokens' THEN NULL ELSE 1 END,
+      CASE WHEN (SELECT pricing FROM metering.meters WHERE id = p_meter) = 'tokens' THEN 1 END, NULL);
+    v_can_use := q.allowed;
+    v_resets_at := q.period_end;
+  END IF;
+  v_allowances := metering.allowances_json(a);
+  SELECT x INTO v_allowance FROM jsonb_array_elements(v_allowances) x WHERE x ->> 'meter' = p_meter;
+  RETURN v_tokens || jsonb_build_object(
+    'account_id', a.id, 'plan', identity.effective_plan(a), 'credits', util.credits(a.credit_balance_micros),
+    'returning', v_returning, 'allowances', v_allowances,
+    'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
+END $_$;
 
-COMMENT ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous account on the anonymous plan for a device (browser extension, CLI install) and a session for it. The fingerprint is stored as a hint for lookups and abuse limits (5 new device accounts a day per fingerprint, 30 an hour per IP: TL429), never used as a credential.';
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -464,6 +532,7 @@ DECLARE
   v_prices text[] := '{}';
   v_interval text;
   v_price jsonb;
+  v_path text;
 BEGIN
   IF jsonb_typeof(p_catalog -> 'meters') IS DISTINCT FROM 'object'
      OR jsonb_typeof(p_catalog -> 'plans') IS DISTINCT FROM 'object' THEN
@@ -530,9 +599,17 @@ BEGIN
       IF v_kind IS NULL THEN
         PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N or unlimited = true', v_id, v_meter));
       END IF;
-      v_limit := CASE v_kind WHEN 'unlimited' THEN NULL ELSE (v_ent ->> v_kind)::bigint END;
-      IF v_limit < 0 THEN
-        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: a limit cannot be negative', v_id, v_meter));
+      -- Limits are what a person writes: units for unit meters, credits for token meters
+      -- (stored as micro-credits of cost, the unit token allowances are counted in).
+      v_path := format('plans.%s.entitlements.%s.%s', v_id, v_meter, v_kind);
+      IF v_kind = 'unlimited' THEN
+        v_limit := NULL;
+      ELSIF (SELECT pricing FROM metering.meters WHERE id = v_meter) = 'tokens' THEN
+        v_limit := billing.to_micros(v_ent -> v_kind, v_path || ' (credits)');
+      ELSIF jsonb_typeof(v_ent -> v_kind) = 'number' AND (v_ent ->> v_kind) ~ '^[0-9]{1,18}$' THEN
+        v_limit := (v_ent ->> v_kind)::bigint;
+      ELSE
+        PERFORM util.fail('TL422', format('%s: a whole, non-negative number of units is required', v_path));
       END IF;
       IF coalesce(v_ent ->> 'period', 'month') NOT IN ('day', 'month', 'billing_period') THEN
         PERFORM util.fail('TL422', format('plans.%s.entitlements.%s.period: day, month or billing_period', v_id, v_meter));
@@ -556,7 +633,7 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $_$;
 
-COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits. Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -724,7 +801,7 @@ BEGIN
   RETURNING t.session_id INTO v_session_id;
   IF v_session_id IS NOT NULL THEN
     UPDATE identity.sessions SET last_used_at = util.now() WHERE id = v_session_id;
-    RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
+    RETURN identity.tokens(v_session_id, identity.successor_token(v_session_id, p_refresh_token));
   END IF;
 
   SELECT * INTO r FROM identity.refresh_tokens WHERE token_hash = v_hash;
@@ -733,9 +810,10 @@ BEGIN
     RETURN identity.error('TL401', 'the refresh token is not valid: sign in again');
   END IF;
   -- Used already. Within the grace window it is a concurrent refresh (two tabs, a retried
-  -- request): the session goes on with one more token. Later it is reuse: revoke the family.
+  -- request): it gets the same successor as the first, so the family stays one chain. Later it
+  -- is reuse: revoke the family.
   IF r.used_at > util.now() - interval '10 seconds' THEN
-    RETURN identity.tokens(s.id, identity.issue_refresh_token(s.id));
+    RETURN identity.tokens(s.id, identity.successor_token(s.id, p_refresh_token));
   END IF;
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'refresh_token_reuse'
   WHERE id = s.id AND revoked_at IS NULL;
@@ -744,7 +822,7 @@ BEGIN
   RETURN identity.error('TL401', 'this refresh token was already used: the session is revoked, sign in again');
 END $$;
 
-COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields another token of the same session (concurrent refreshes do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
 
 CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -920,45 +998,94 @@ END $$;
 
 COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) IS 'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
 
-CREATE FUNCTION api.stripe_webhook(p_event jsonb) RETURNS jsonb
+CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
-    AS $$
+    AS $_$
 DECLARE
   v_id text := p_event ->> 'id';
   v_type text := p_event ->> 'type';
+  v_object jsonb := p_event -> 'data' -> 'object';
   v_result text;
+  v_reason text;
+  v_status text;
+  v_sub billing.subscriptions;
 BEGIN
-  IF v_id IS NULL OR v_type IS NULL OR jsonb_typeof(p_event -> 'created') <> 'number'
-     OR jsonb_typeof(p_event -> 'data' -> 'object') <> 'object' THEN
-    PERFORM util.fail('TL422', 'not a Stripe event: id, type, created and data.object are required');
+  -- The envelope (https://docs.stripe.com/api/events/object). A signed event that breaks it is rejected.
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' THEN 'an event is a JSON object'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN jsonb_typeof(p_event -> 'created') IS DISTINCT FROM 'number'
+         OR (p_event ->> 'created') !~ '^[0-9]{1,11}$' OR (p_event ->> 'created')::bigint > 32503680000 THEN
+      'created: a Unix time in seconds before the year 3000 is required'
+    WHEN jsonb_typeof(v_object) IS DISTINCT FROM 'object' THEN 'data.object: an object is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  SELECT status, note INTO v_status, v_reason FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id)
+           || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', v_reason) ELSE '{}' END;
+  END IF;
+  -- Two events about one subscription in the same second (Stripe's resolution): their order is
+  -- unknown, so ask the server to re-read the subscription from Stripe and apply that instead.
+  IF v_type LIKE 'customer.subscription.%' AND p_current IS NULL THEN
+    SELECT * INTO v_sub FROM billing.subscriptions WHERE stripe_subscription_id = v_object ->> 'id';
+    IF v_sub.last_event_created = billing.ts(p_event -> 'created') AND v_sub.last_event_id <> v_id THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub.stripe_subscription_id);
+    END IF;
   END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
-  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode')::boolean, false),
+  VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
           p_event, util.now(), 'ignored')
   ON CONFLICT (id) DO NOTHING;
   IF NOT FOUND THEN
     RETURN jsonb_build_object('received', true, 'duplicate', true);
   END IF;
-  v_result := CASE v_type
-    WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
-    WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
-    WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event)
-    WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event)
-    WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event)
-    WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
-    WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
-    WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
-    ELSE 'ignored: pgtally does not handle ' || v_type
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
+      WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
+      WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
+      WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
+    -- A field of the wrong type or out of range (an amount of "abc" or -5, a year 5000 date):
+    -- everything the event changed is rolled back to here; it stays recorded as rejected.
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
   END;
+  v_status := split_part(v_result, ':', 1);
   UPDATE billing.stripe_events
-  SET status = split_part(v_result, ':', 1), note = nullif(btrim(substr(v_result, length(split_part(v_result, ':', 1)) + 2)), '')
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
   WHERE id = v_id;
-  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', split_part(v_result, ':', 1));
-END $$;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+END $_$;
 
-COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and changes nothing. Unknown types are recorded as ignored. Any failure rolls everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status}.';
+COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). A subscription event in the same second as the one last applied returns status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current. Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+
+CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT billing.record_rejected('rejected:' || left(p_body_sha256, 64), NULL, NULL, p_reason)
+$$;
+
+COMMENT ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) IS 'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
 
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1132,11 +1259,11 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
-CREATE FUNCTION billing.apply_subscription(p_event jsonb) RETURNS text
+CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
 DECLARE
-  o jsonb := p_event -> 'data' -> 'object';
+  o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
   v_item jsonb := o -> 'items' -> 'data' -> 0;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
@@ -1144,6 +1271,7 @@ DECLARE
   v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
   v_price billing.prices;
   cur billing.subscriptions;
+  v_event_id text := p_event ->> 'id';
 BEGIN
   IF v_account_id IS NULL THEN
     RETURN 'ignored: no pgtally account for customer ' || coalesce(o ->> 'customer', '?');
@@ -1153,7 +1281,11 @@ BEGIN
   PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   SELECT * INTO cur FROM billing.subscriptions WHERE stripe_subscription_id = o ->> 'id' FOR UPDATE;
   IF FOUND AND (v_created, v_rank, p_event ->> 'id') <= (cur.last_event_created, cur.last_event_rank, cur.last_event_id) THEN
-    RETURN 'stale';
+    IF p_current IS NULL THEN
+      RETURN 'stale';
+    END IF;
+    -- The subscription as Stripe has it now is newer than any event: apply it, keep the newest event mark.
+    SELECT cur.last_event_created, cur.last_event_rank, cur.last_event_id INTO v_created, v_rank, v_event_id;
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
@@ -1163,7 +1295,7 @@ BEGIN
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
           coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
-          v_created, v_rank, p_event ->> 'id', util.now())
+          v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
@@ -1175,7 +1307,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it.';
+COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
     LANGUAGE sql IMMUTABLE
@@ -1226,7 +1358,9 @@ CREATE TABLE billing.prices (
     CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
     CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
     CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text])))
+    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text]))),
+    CONSTRAINT prices_name_length CHECK ((length(name) <= 200)),
+    CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255))
 );
 
 COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
@@ -1249,6 +1383,28 @@ $$;
 
 COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, credits (bundles)}.';
 
+CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status, note)
+  VALUES (p_id, left(coalesce(p_type, '?'), 100), NULL, false, p_payload, util.now(), 'rejected', left(p_reason, 1000))
+  ON CONFLICT (id) DO NOTHING;
+  RETURN jsonb_build_object('received', true, 'status', 'rejected', 'event_id', p_id,
+                            'reason', (SELECT note FROM billing.stripe_events WHERE id = p_id));
+END $$;
+
+COMMENT ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) IS 'Record a signed but malformed Stripe event as rejected, with the reason (once per id); nothing is applied.';
+
+CREATE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE WHEN left(p_credits, 1) = '-' THEN -billing.to_micros(to_jsonb(substr(p_credits, 2)), p_path)
+              ELSE billing.to_micros(to_jsonb(p_credits), p_path) END
+$$;
+
+COMMENT ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) IS 'A plain decimal number of credits with an optional minus sign (-5, 0.25) as micro-credits, by billing.to_micros''s rules.';
+
 CREATE TABLE billing.subscriptions (
     stripe_subscription_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -1265,6 +1421,10 @@ CREATE TABLE billing.subscriptions (
     last_event_rank integer NOT NULL,
     last_event_id text NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)),
+    CONSTRAINT subscriptions_id_length CHECK (((length(stripe_subscription_id) >= 1) AND (length(stripe_subscription_id) <= 255))),
+    CONSTRAINT subscriptions_item_length CHECK ((length(stripe_item_id) <= 255)),
+    CONSTRAINT subscriptions_last_event_id_length CHECK ((length(last_event_id) <= 255)),
     CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
 );
 
@@ -1314,12 +1474,15 @@ COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an acco
 
 CREATE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
-    AS $$
+    AS $_$
 DECLARE
   v numeric;
 BEGIN
   IF p_credits IS NULL OR jsonb_typeof(p_credits) NOT IN ('number', 'string') THEN
     PERFORM util.fail('TL422', format('%s: a number of credits is required', p_path));
+  END IF;
+  IF jsonb_typeof(p_credits) = 'string' AND (p_credits #>> '{}') !~ '^[0-9]{1,19}(\.[0-9]+)?$' THEN
+    PERFORM util.fail('TL422', format('%s: %s is not a plain decimal number of credits such as 12 or 0.5', p_path, p_credits));
   END IF;
   BEGIN
     v := (p_credits #>> '{}')::numeric * 1000000;
@@ -1330,9 +1493,9 @@ BEGIN
     PERFORM util.fail('TL422', format('%s: %s is not a non-negative amount with at most 6 decimals', p_path, p_credits));
   END IF;
   RETURN v::bigint;
-END $$;
+END $_$;
 
-COMMENT ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) IS 'A catalog amount of credits (JSON number or decimal string) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
+COMMENT ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) IS 'A catalog or command-line amount of credits (JSON number, or a string of plain decimal digits: 12, 0.5; no exponent, sign or spaces) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
 CREATE FUNCTION billing.ts(p_unix jsonb) RETURNS timestamp with time zone
     LANGUAGE sql IMMUTABLE
@@ -1392,12 +1555,18 @@ CREATE TABLE identity.sessions (
     expires_at timestamp with time zone NOT NULL,
     revoked_at timestamp with time zone,
     revoked_reason text,
-    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text])))
+    refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
+    CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)),
+    CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
+    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text]))),
+    CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512))
 );
 
 COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
 
 COMMENT ON COLUMN identity.sessions.expires_at IS 'Absolute end of the session: refresh tokens stop rotating then (30 days after sign-in).';
+
+COMMENT ON COLUMN identity.sessions.refresh_secret IS 'Random key of the refresh-token family: a token''s successor is HMAC-SHA256(refresh_secret, token), so a retry of the same token within the grace window gets the same successor, and the successor is never stored in plaintext.';
 
 CREATE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
     LANGUAGE plpgsql
@@ -1434,6 +1603,7 @@ CREATE TABLE identity.api_keys (
     revoked_at timestamp with time zone,
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
+    CONSTRAINT api_keys_name_length CHECK ((length(name) <= 100)),
     CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,service}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
@@ -1532,10 +1702,12 @@ CREATE TABLE identity.accounts (
     merged_into uuid,
     device_fingerprint text,
     plan_grace_until timestamp with time zone,
+    device_install_hash bytea,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
     CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
+    CONSTRAINT accounts_name_length CHECK ((length(name) <= 200)),
     CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
 );
 
@@ -1552,6 +1724,8 @@ COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device acco
 COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
 
 COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
+
+COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
 
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
@@ -1614,6 +1788,7 @@ DECLARE
   v_device uuid;
   v_credits bigint;
   v_user uuid;
+  v_oldest timestamptz;
 BEGIN
   SELECT s.account_id INTO v_device
   FROM identity.sessions s JOIN identity.accounts a ON a.id = s.account_id
@@ -1636,15 +1811,17 @@ BEGIN
     PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
                                  NULL, 'moved from device account ' || v_device);
   END IF;
-  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-  SELECT p_target_account_id, meter_id, period_start, period_end, used
-  FROM metering.allowance_usage WHERE account_id = v_device
-  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = u.used + EXCLUDED.used;
-  DELETE FROM metering.allowance_usage WHERE account_id = v_device;
-  UPDATE metering.usage_events e SET account_id = p_target_account_id
-  WHERE e.account_id = v_device
-    AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
-                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key);
+  WITH moved AS (
+    UPDATE metering.usage_events e SET account_id = p_target_account_id
+    WHERE e.account_id = v_device
+      AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
+                      WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key)
+    RETURNING e.created_at)
+  SELECT min(created_at) INTO v_oldest FROM moved;
+  -- Windows that now hold the device's usage start again from the events (metering.window_usage),
+  -- whatever period the user's plan counts in.
+  DELETE FROM metering.allowance_usage
+  WHERE account_id = v_device OR (account_id = p_target_account_id AND period_end > v_oldest);
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
   WHERE account_id = v_device AND revoked_at IS NULL;
   SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
@@ -1653,7 +1830,7 @@ BEGIN
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 
-COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, allowance usage added to the same meter and period, usage events re-pointed, device sessions revoked. NULL when there is nothing to merge.';
+COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), device sessions revoked. NULL when there is nothing to merge.';
 
 CREATE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid DEFAULT NULL::uuid, p_fingerprint text DEFAULT NULL::text) RETURNS uuid
     LANGUAGE plpgsql
@@ -1747,6 +1924,25 @@ END $$;
 
 COMMENT ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) IS 'Start a session (a refresh-token family, 30 days at most) and return identity.tokens for it.';
 
+CREATE FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) RETURNS text
+    LANGUAGE sql
+    AS $$
+  -- Derived, not random: every retry of one token inside the grace window gets this same
+  -- successor, and only its hash is stored (a database reader cannot derive it: the parent's
+  -- plaintext is needed too).
+  WITH next AS (
+    SELECT s.id, s.expires_at,
+           'rt_' || util.base64url(util.hmac_sha256(s.refresh_secret, convert_to(p_refresh_token, 'UTF8'))) AS token
+    FROM identity.sessions s WHERE s.id = p_session_id),
+  stored AS (
+    INSERT INTO identity.refresh_tokens (session_id, token_hash, created_at, expires_at)
+    SELECT id, util.token_hash(token), util.now(), expires_at FROM next
+    ON CONFLICT (token_hash) DO NOTHING)
+  SELECT token FROM next
+$$;
+
+COMMENT ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) IS 'The refresh token that follows p_refresh_token in its session: HMAC-SHA256(session.refresh_secret, token), stored (as a hash) the first time. Every retry of one token gets the same successor, so concurrent refreshes continue one chain.';
+
 CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text, p_limit integer DEFAULT NULL::integer, p_window interval DEFAULT NULL::interval) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -1804,7 +2000,8 @@ CREATE TABLE ledger.transfers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0)),
     CONSTRAINT transfers_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text])))
+    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text]))),
+    CONSTRAINT transfers_memo_length CHECK ((length(memo) <= 500))
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -1824,16 +2021,59 @@ $$;
 
 COMMENT ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) IS 'A customer ledger entry as the API shows it: {transfer_id, kind, amount, balance_after, usage_event_id, memo, created_at}, credits as decimal strings.';
 
+CREATE FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_transfer ledger.transfers;
+BEGIN
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  IF length(p_memo) > 500 THEN
+    PERFORM util.fail('TL422', 'a memo has at most 500 characters');
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  SELECT * INTO v_transfer FROM ledger.transfers
+  WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN
+    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
+      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
+                        jsonb_build_object('transfer_id', v_transfer.id));
+    END IF;
+    replayed := true;
+  ELSE
+    PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
+    SELECT * INTO v_transfer FROM ledger.transfers
+    WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
+    replayed := false;
+  END IF;
+  SELECT ledger.entry_json(v_transfer, e.amount_micros, e.balance_after_micros, e.created_at)
+         || jsonb_build_object('account_id', p_account_id)
+  INTO body
+  FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
+END $$;
+
+COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+
 CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) RETURNS record
     LANGUAGE plpgsql
     AS $$
 BEGIN
-  -- The balance update is the overdraft guard: it matches no row when the balance would go negative.
+  -- The balance update is the overdraft guard: it matches no row when the balance would go
+  -- negative (or past what a bigint holds; compared in numeric, so the guard cannot overflow).
   UPDATE identity.accounts a
   SET credit_balance_micros = a.credit_balance_micros + p_amount_micros
-  WHERE a.id = p_account_id AND a.credit_balance_micros + p_amount_micros >= 0
+  WHERE a.id = p_account_id
+    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN 0 AND 9223372036854775807
   RETURNING a.credit_balance_micros INTO balance_after_micros;
   IF NOT FOUND THEN
+    IF p_amount_micros > 0 AND EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
+      PERFORM util.fail('TL422', 'the balance would exceed the largest amount pgtally can hold (9223372036854.775807 credits)');
+    END IF;
     IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
       PERFORM util.fail('TL402', 'not enough credits',
         jsonb_build_object('required_credits', util.credits(-p_amount_micros),
@@ -1850,7 +2090,7 @@ BEGIN
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
 END $$;
 
-COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE TABLE billing.entitlements (
     plan_id text NOT NULL,
@@ -1887,8 +2127,10 @@ END),
     CONSTRAINT meters_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
     CONSTRAINT meters_input_price_micros_per_mtok_check CHECK ((input_price_micros_per_mtok >= 0)),
     CONSTRAINT meters_margin_check CHECK ((margin > (0)::numeric)),
+    CONSTRAINT meters_name_length CHECK ((length(name) <= 200)),
     CONSTRAINT meters_output_price_micros_per_mtok_check CHECK ((output_price_micros_per_mtok >= 0)),
     CONSTRAINT meters_pricing_check CHECK ((pricing = ANY (ARRAY['unit'::text, 'tokens'::text]))),
+    CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)),
     CONSTRAINT meters_unit_price_micros_check CHECK ((unit_price_micros >= 0))
 );
 
@@ -1921,6 +2163,22 @@ $$;
 
 COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
 
+CREATE FUNCTION metering.allowances_json(a identity.accounts) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(jsonb_agg(metering.allowance_json(e, m, p.period_start, p.period_end,
+                                                    coalesce(u.used, metering.window_usage(a.id, m, p.period_start, p.period_end)))
+                            ORDER BY e.meter_id), '[]')
+  FROM billing.entitlements e
+  JOIN metering.meters m ON m.id = e.meter_id
+  CROSS JOIN LATERAL metering.period_bounds(e.period, util.now(), a.billing_period_start, a.billing_period_end) p
+  LEFT JOIN metering.allowance_usage u
+    ON u.account_id = a.id AND u.meter_id = e.meter_id AND u.period_start = p.period_start
+  WHERE e.plan_id = identity.effective_plan(a)
+$$;
+
+COMMENT ON FUNCTION metering.allowances_json(a identity.accounts) IS 'Each entitlement of the account''s plan with the current window''s usage (metering.allowance_json), as GET /v1/balance and POST /v1/identify show them.';
+
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -1949,7 +2207,7 @@ $$;
 
 COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -2004,7 +2262,11 @@ BEGIN
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
     WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    v_used := coalesce(v_used, 0);
+    IF NOT FOUND THEN
+      -- A window with no row yet: it starts from the usage already made in it (another plan's).
+      v_used := metering.window_usage(p_account.id, m, period_start, period_end);
+    END IF;
+    used_before := v_used;
   END IF;
 
   -- The charging rule: the allowance first, then credits at the meter's rate.
@@ -2048,7 +2310,7 @@ BEGIN
   END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) RETURNS bytea
     LANGUAGE sql IMMUTABLE
@@ -2061,13 +2323,33 @@ $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) IS 'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
 
+CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(sum(CASE m.pricing WHEN 'unit' THEN e.quantity ELSE e.allowance_units + e.credits_micros END), 0)::bigint
+  FROM metering.usage_events e
+  WHERE e.account_id = p_account_id AND e.meter_id = m.id
+    AND e.created_at >= p_period_start AND e.created_at < p_period_end
+$$;
+
+COMMENT ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) IS 'All usage an account made on a meter in [p_period_start, p_period_end), whatever plan it was charged under: units for unit meters, micro-credits of cost for token meters. Where a window''s metering.allowance_usage row starts, so that a plan change or a device merge counts the usage already made (13 generations today on Pro, then Free: no Free generations left today).';
+
+CREATE FUNCTION util.base64url(p_bytes bytea) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT rtrim(translate(encode(p_bytes, 'base64'), E'+/\n', '-_'), '=')
+$$;
+
+COMMENT ON FUNCTION util.base64url(p_bytes bytea) IS 'Bytes as URL-safe base64 without padding (RFC 4648 section 5).';
+
 CREATE FUNCTION util.credits(p_micros bigint) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-  SELECT trim_scale(p_micros::numeric / 1000000)::text
+  -- Multiplying by 0.000001 is exact in numeric (a division would round to about 16 digits).
+  SELECT trim_scale(p_micros::numeric * 0.000001)::text
 $$;
 
-COMMENT ON FUNCTION util.credits(p_micros bigint) IS 'Micro-credits as a decimal string of credits, as JSON shows them: 12500000 -> ''12.5''. NULL stays NULL.';
+COMMENT ON FUNCTION util.credits(p_micros bigint) IS 'Micro-credits as an exact decimal string of credits, as JSON shows them, for any bigint: 12500000 -> ''12.5'', 6000000000000052392 -> ''6000000000000.052392''. NULL stays NULL.';
 
 CREATE FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS void
     LANGUAGE plpgsql
@@ -2090,6 +2372,28 @@ END $$;
 
 COMMENT ON FUNCTION util.forbid_change() IS 'Trigger function for append-only tables: raises TL403 on UPDATE, DELETE or TRUNCATE.';
 
+CREATE FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) RETURNS bytea
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    AS $$
+DECLARE
+  -- HMAC (RFC 2104) over SHA-256 (block size 64 bytes); PostgreSQL has sha256() built in but
+  -- no hmac() without pgcrypto, which the embedded server does not ship.
+  v_key bytea := CASE WHEN length(p_key) > 64 THEN sha256(p_key) ELSE p_key END;
+  v_inner bytea;
+  v_outer bytea;
+BEGIN
+  v_key := v_key || decode(repeat('00', 64 - length(v_key)), 'hex');
+  v_inner := v_key;
+  v_outer := v_key;
+  FOR i IN 0..63 LOOP
+    v_inner := set_byte(v_inner, i, get_byte(v_key, i) # 54);    -- 0x36
+    v_outer := set_byte(v_outer, i, get_byte(v_key, i) # 92);    -- 0x5c
+  END LOOP;
+  RETURN sha256(v_outer || sha256(v_inner || p_message));
+END $$;
+
+COMMENT ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) IS 'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
+
 CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
@@ -2110,8 +2414,7 @@ CREATE FUNCTION util.random_token() RETURNS text
     LANGUAGE sql
     AS $$
   -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
-  SELECT rtrim(translate(encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())
-                                || uuid_send(gen_random_uuid()), 'base64'), E'+/\n', '-_'), '=')
+  SELECT util.base64url(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
 $$;
 
 COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
@@ -2127,7 +2430,8 @@ COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token:
 CREATE TABLE billing.customers (
     account_id uuid NOT NULL,
     stripe_customer_id text NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255)))
 );
 
 COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
@@ -2147,7 +2451,10 @@ CREATE TABLE billing.payments (
     CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
     CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT payments_id_length CHECK (((length(stripe_payment_intent_id) >= 1) AND (length(stripe_payment_intent_id) <= 255))),
     CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT payments_session_length CHECK ((length(stripe_checkout_session) <= 255)),
     CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
 );
 
@@ -2161,9 +2468,11 @@ CREATE TABLE billing.plans (
     active boolean DEFAULT true NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     included_credits_micros bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT plans_description_length CHECK ((length(description) <= 2000)),
     CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
     CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0))
+    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
+    CONSTRAINT plans_name_length CHECK ((length(name) <= 200))
 );
 
 COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
@@ -2177,16 +2486,24 @@ COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at t
 CREATE TABLE billing.stripe_events (
     id text NOT NULL,
     type text NOT NULL,
-    created timestamp with time zone NOT NULL,
+    created timestamp with time zone,
     livemode boolean DEFAULT false NOT NULL,
-    payload jsonb NOT NULL,
+    payload jsonb,
     received_at timestamp with time zone DEFAULT now() NOT NULL,
     status text NOT NULL,
     note text,
-    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text])))
+    CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))),
+    CONSTRAINT stripe_events_note_length CHECK ((length(note) <= 1000)),
+    CONSTRAINT stripe_events_rejected_only_unreadable CHECK (((status = 'rejected'::text) OR ((payload IS NOT NULL) AND (created IS NOT NULL)))),
+    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text, 'rejected'::text]))),
+    CONSTRAINT stripe_events_type_length CHECK ((length(type) <= 100))
 );
 
 COMMENT ON TABLE billing.stripe_events IS 'Inbox of Stripe webhook events, keyed by Stripe''s event id: an event is applied in the transaction that records it, and a redelivery changes nothing. status: applied, stale (older than the state already applied), ignored (a type pgtally does not handle, or nothing of pgtally''s to change; note says why).';
+
+COMMENT ON COLUMN billing.stripe_events.payload IS 'The event as received; NULL only for a rejected event that is not readable JSON (its id is then rejected: + the SHA-256 of the body).';
+
+COMMENT ON COLUMN billing.stripe_events.status IS 'applied; stale (older than the state already applied); ignored (nothing of pgtally''s to change); rejected (validly signed but malformed: nothing applied, note says why; answered 400).';
 
 CREATE TABLE identity.auth_events (
     id bigint NOT NULL,
@@ -2198,7 +2515,9 @@ CREATE TABLE identity.auth_events (
     user_agent text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text])))
+    CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)),
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text]))),
+    CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512))
 );
 
 COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
@@ -2237,7 +2556,8 @@ COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password re
 CREATE TABLE identity.rate_limits (
     bucket text NOT NULL,
     window_start timestamp with time zone NOT NULL,
-    hits integer NOT NULL
+    hits integer NOT NULL,
+    CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600))
 );
 
 COMMENT ON TABLE identity.rate_limits IS 'Fixed-window rate limit counters shared by every server process: bucket is action:dimension:value (login:ip:203.0.113.7). Old windows can be deleted at will.';
@@ -2263,7 +2583,8 @@ CREATE TABLE identity.users (
     password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
-    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized)))
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
+    CONSTRAINT users_password_hash_length CHECK ((length(password_hash) <= 512))
 );
 
 COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
@@ -2321,7 +2642,7 @@ CREATE TABLE metering.allowance_usage (
 
 COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an entitlement per account, meter and period. A new period starts a new row, which is how allowances reset.';
 
-COMMENT ON COLUMN metering.allowance_usage.used IS 'Allowance units used in the period: covered by the allowance for kind=allowance, all usage for unlimited and fair_use.';
+COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
 
 CREATE TABLE metering.usage_events (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -2365,7 +2686,9 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text]))),
+    CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)),
+    CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
@@ -2544,6 +2867,9 @@ ALTER TABLE ONLY billing.subscriptions
     ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
 
 ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
+
+ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY identity.api_keys
@@ -2635,6 +2961,8 @@ CREATE INDEX entries_account_id_idx ON ledger.entries USING btree (account_id, i
 CREATE INDEX entries_transfer_id_idx ON ledger.entries USING btree (transfer_id);
 
 CREATE INDEX transfers_usage_event_id_idx ON ledger.transfers USING btree (usage_event_id) WHERE (usage_event_id IS NOT NULL);
+
+CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events USING btree (account_id, meter_id, created_at);
 
 CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
 
@@ -2732,6 +3060,12 @@ GRANT USAGE ON SCHEMA api TO pgtally_api;
 
 GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 
+REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.accounts_list(p_limit integer, p_plan text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
@@ -2757,8 +3091,8 @@ REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigi
 REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_ip text, p_user_agent text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
@@ -2828,8 +3162,11 @@ GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, 
 REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
@@ -2844,13 +3181,17 @@ REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.subscription_of_invoice(o jsonb) FROM PUBLIC;
 
@@ -2896,6 +3237,8 @@ REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_va
 
 REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
@@ -2904,23 +3247,33 @@ REVOKE ALL ON FUNCTION ledger.check_transfer_balanced() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.forbid_change() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
 
