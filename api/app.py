@@ -14,9 +14,12 @@ from typing import Any, AsyncIterator, Sequence
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.static_files import create_static_files_router
 from litestar.openapi.spec import Components, SecurityScheme
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
+from swagger_ui_bundle import swagger_ui_path
 
 from api import db
 from api.errors import EXCEPTION_HANDLERS
@@ -80,6 +83,18 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
     return Keys.from_rows(issuer, rows)
 
 
+DOCS_ASSETS = "/schema/assets"
+
+
+def docs_page() -> SwaggerRenderPlugin:
+    """The API docs at /schema, with Swagger UI served by pgtally itself (from the
+    swagger-ui-bundle package), so the page works offline and loads nothing from a CDN."""
+    return SwaggerRenderPlugin(
+        path="/", js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+        favicon=f'<link rel="icon" type="image/png" href="{DOCS_ASSETS}/favicon-32x32.png">')
+
+
 def create_app(database_url: str | None = None, settings: Settings | None = None,
                route_handlers: Sequence[Any] = ()) -> Litestar:
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
@@ -108,14 +123,17 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
             await pool.close()
 
     return Litestar(
-        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES, *route_handlers],
+        route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
+                        create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
+                                                   include_in_schema=False),
+                        *route_handlers],
         lifespan=[lifespan],
         state=State({"settings": settings, "pool": pool, "pool_check": None,
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=check_request,
         openapi_config=OpenAPIConfig(
-            title="pgtally", version="0.1.0", path="/schema",
+            title="pgtally", version="0.1.0", path="/schema", render_plugins=[docs_page()],
             description="Accounts, usage metering and billing. Credits are decimal strings; "
                         "errors are RFC 9457 problem+json.",
             components=Components(security_schemes={

@@ -90,6 +90,67 @@ class IdentifyResponse(msgspec.Struct):
     resets_at: str | None = None
 
 
+class EmailQueued(msgspec.Struct):
+    """Accepted: an email is on its way if the address calls for one (the same answer either way)."""
+
+    email: str
+    status: str
+
+
+class SessionsRevoked(msgspec.Struct):
+    sessions_revoked: int
+
+
+class EmailVerified(msgspec.Struct):
+    email: str
+    email_verified: bool
+
+
+class PasswordChanged(msgspec.Struct):
+    status: str
+    sessions_revoked: int
+
+
+class MeAccount(msgspec.Struct):
+    id: str
+    kind: str
+    plan: str
+    credits: str
+    created_at: str
+
+
+class MeUser(msgspec.Struct):
+    id: str
+    email: str
+    email_verified: bool
+    created_at: str
+
+
+class Me(msgspec.Struct):
+    account: MeAccount
+    user: MeUser | None
+    session_id: str | None
+
+
+class SessionInfo(msgspec.Struct):
+    id: str
+    current: bool
+    ip: str | None
+    user_agent: str | None
+    created_at: str
+    last_used_at: str
+    expires_at: str
+
+
+class SessionList(msgspec.Struct):
+    data: list[SessionInfo]
+
+
+class Revoked(msgspec.Struct):
+    id: str
+    revoked: bool
+
+
 async def new_password_hash(password: str) -> str:
     """The argon2id hash of an acceptable new password; 422 with the reason otherwise."""
     if reason := password_problem(password):
@@ -101,8 +162,9 @@ def device_session(caller: MaybeCaller) -> uuid.UUID | None:
     return caller.session_id if caller else None
 
 
-@post("/v1/auth/signup", status_code=202, dependencies=OPTIONAL_AUTH, summary="Sign up")
-async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> dict:
+@post("/v1/auth/signup", status_code=202, dependencies=OPTIONAL_AUTH, summary="Sign up",
+      responses=problems(400, 401, 415, 422, 429, 503))
+async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> EmailQueued:
     """Create a user with a personal account on the free plan and email a verification link.
     An address already registered gets the same 202 and body (its owner gets an email instead).
     Send an anonymous device's access token as Bearer to move its usage and credits over.
@@ -112,7 +174,8 @@ async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentia
                            [data.email, password_hash, *client(request), device_session(caller)])
 
 
-@post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in")
+@post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in",
+      responses=problems(400, 401, 415, 422, 429, 503))
 async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> TokenResponse:
     """Tokens for an email and password. An unknown email and a wrong password get the same 401
     after the same work (the password is checked against a dummy hash). Send an anonymous
@@ -129,7 +192,7 @@ async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credential
     return request.app.state.jwt_keys.issue(session)
 
 
-@post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token")
+@post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token", responses=problems(400, 401, 415, 422, 503))
 async def refresh(request: Request, data: JSONBody[RefreshRequest]) -> TokenResponse:
     """New tokens for a refresh token, which stops working. Presenting a used refresh token
     (after a 10-second grace for concurrent refreshes) revokes its whole session: 401."""
@@ -138,34 +201,39 @@ async def refresh(request: Request, data: JSONBody[RefreshRequest]) -> TokenResp
     return request.app.state.jwt_keys.issue(session)
 
 
-@post("/v1/auth/logout", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out")
-async def logout(request: Request, session: Session) -> dict:
+@post("/v1/auth/logout", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out",
+      responses=problems(400, 401, 403, 503))
+async def logout(request: Request, session: Session) -> SessionsRevoked:
     """End this session: its access and refresh tokens stop working."""
     return await call_json(request, "SELECT api.logout(%s::uuid, false)", [session])
 
 
-@post("/v1/auth/logout-all", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out everywhere")
-async def logout_all(request: Request, session: Session) -> dict:
+@post("/v1/auth/logout-all", status_code=200, dependencies=SESSION, security=SECURITY, summary="Log out everywhere",
+      responses=problems(400, 401, 403, 503))
+async def logout_all(request: Request, session: Session) -> SessionsRevoked:
     """End every session of the signed-in user."""
     return await call_json(request, "SELECT api.logout(%s::uuid, true)", [session])
 
 
-@post("/v1/auth/verify-email", status_code=200, summary="Verify an email address")
-async def verify_email(request: Request, data: JSONBody[TokenRequest]) -> dict:
+@post("/v1/auth/verify-email", status_code=200, summary="Verify an email address",
+      responses=problems(400, 415, 422, 429, 503))
+async def verify_email(request: Request, data: JSONBody[TokenRequest]) -> EmailVerified:
     """Use the token from the verification email (once, within 24 hours). 400 invalid, used or
     expired token."""
     return await call_json(request, "SELECT api.verify_email(%s::text, %s::text)", [data.token, client(request)[0]])
 
 
-@post("/v1/auth/password-reset", status_code=202, summary="Ask for a password reset email")
-async def password_reset(request: Request, data: JSONBody[EmailRequest]) -> dict:
+@post("/v1/auth/password-reset", status_code=202, summary="Ask for a password reset email",
+      responses=problems(400, 415, 422, 429, 503))
+async def password_reset(request: Request, data: JSONBody[EmailRequest]) -> EmailQueued:
     """Email a reset link (valid 1 hour) if the address is registered; the same 202 either way."""
     return await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)",
                            [data.email, client(request)[0]])
 
 
-@post("/v1/auth/password-reset/confirm", status_code=200, summary="Set a new password")
-async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm]) -> dict:
+@post("/v1/auth/password-reset/confirm", status_code=200, summary="Set a new password",
+      responses=problems(400, 415, 422, 429, 503))
+async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm]) -> PasswordChanged:
     """Use a reset token (once) to set a new password; every session and refresh token of the
     user is revoked. 400 invalid, used or expired token; 422 weak password."""
     password_hash = await new_password_hash(data.password)
@@ -174,7 +242,7 @@ async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm])
 
 
 @post("/v1/identify", status_code=201, summary="Tokens for an anonymous device",
-      responses=problems(422, 429))
+      responses=problems(400, 415, 422, 429, 503))
 async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> IdentifyResponse:
     """An anonymous account on the anonymous plan for a device (browser extension, CLI install),
     with tokens for it and what the client needs to decide: the plan, credits, allowances and,
@@ -191,21 +259,22 @@ async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> Identif
                             upgrade_url=request.app.state.settings.upgrade_url)
 
 
-@get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller")
-async def me(request: Request, caller: Caller) -> dict:
+@get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller", responses=problems(400, 401, 403, 503))
+async def me(request: Request, caller: Caller) -> Me:
     """The caller's account and, for a signed-in user, the user."""
     return await call_json(request, "SELECT api.me(%s::text, %s::uuid)", caller.params)
 
 
-@get("/v1/me/sessions", dependencies=SESSION, security=SECURITY, summary="Active sessions")
-async def sessions(request: Request, session: Session) -> dict:
+@get("/v1/me/sessions", dependencies=SESSION, security=SECURITY, summary="Active sessions",
+     responses=problems(400, 401, 403, 503))
+async def sessions(request: Request, session: Session) -> SessionList:
     """The signed-in user's active sessions, newest first, with the current one marked."""
     return await call_json(request, "SELECT api.sessions(%s::uuid)", [session])
 
 
 @delete("/v1/me/sessions/{session_id:uuid}", status_code=200, dependencies=SESSION, security=SECURITY,
-        summary="Revoke a session")
-async def revoke_session(request: Request, session: Session, session_id: FromPath[uuid.UUID]) -> dict:
+        summary="Revoke a session", responses=problems(400, 401, 403, 404, 503))
+async def revoke_session(request: Request, session: Session, session_id: FromPath[uuid.UUID]) -> Revoked:
     """End one of the user's sessions. 404 when it is not theirs or already ended."""
     return await call_json(request, "SELECT api.revoke_session(%s::uuid, %s::uuid)", [session, session_id])
 

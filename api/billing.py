@@ -20,7 +20,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import HeaderParameter, JSONBody
 
 from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
-from api.errors import PgtallyError
+from api.errors import PgtallyError, problems
 from api.validation import decode_json, nul_path
 from psycopg.types.json import Jsonb
 
@@ -59,8 +59,97 @@ class ChangeRequest(msgspec.Struct, forbid_unknown_fields=True):
     price: PriceCode
 
 
-@get("/v1/plans", summary="Plans, prices and bundles")
-async def plans(request: Request) -> Response:
+class Price(msgspec.Struct):
+    id: str
+    name: str
+    amount: int
+    """Minor currency units (cents)."""
+    currency: str
+    interval: str | None
+    stripe_price_id: str
+    credits: str | None
+    """For a bundle: the credits it grants."""
+
+
+class PlanEntitlement(msgspec.Struct):
+    meter: str
+    kind: str
+    period: str
+    limit: int | None
+
+
+class Plan(msgspec.Struct):
+    id: str
+    name: str
+    description: str
+    features: list[str]
+    included_credits: str
+    entitlements: list[PlanEntitlement]
+    prices: list[Price]
+
+
+class Catalog(msgspec.Struct):
+    plans: list[Plan]
+    bundles: list[Price]
+
+
+class CheckoutSession(msgspec.Struct):
+    id: str
+    url: str
+    mode: str
+    price: str
+
+
+class PortalSession(msgspec.Struct):
+    url: str
+
+
+class SubscriptionInfo(msgspec.Struct):
+    id: str
+    status: str
+    plan: str | None
+    price: str | None
+    stripe_item_id: str | None
+    current_period_start: str | None
+    current_period_end: str | None
+    cancel_at_period_end: bool
+    canceled_at: str | None
+    live: bool
+
+
+class BillingAccount(msgspec.Struct):
+    account_id: str
+    plan: str
+    subscribed_plan: str
+    stripe_customer_id: str | None
+    plan_grace_until: str | None
+    subscription: SubscriptionInfo | None
+
+
+class SubscriptionChange(msgspec.Struct):
+    id: str
+    status: str
+    price: str
+    applied: str
+
+
+class SubscriptionCancel(msgspec.Struct):
+    id: str
+    status: str
+    cancel_at_period_end: bool
+    current_period_end: str | None
+
+
+class WebhookResult(msgspec.Struct):
+    received: bool
+    status: str
+    """applied, stale, ignored (rejected events are answered 400)."""
+    duplicate: bool | None = None
+    event_id: str | None = None
+
+
+@get("/v1/plans", summary="Plans, prices and bundles", responses=problems(503))
+async def plans(request: Request) -> Response[Catalog]:
     """Public: active plans with their entitlements and Stripe prices (amount in minor units,
     currency, interval, Stripe price id), and the one-time credit bundles."""
     (body,) = await call(request, "SELECT api.plans()::text", [])
@@ -68,9 +157,9 @@ async def plans(request: Request) -> Response:
 
 
 @post("/v1/billing/checkout", status_code=201, dependencies=AUTH, security=SECURITY,
-      summary="Start a Stripe Checkout")
+      summary="Start a Stripe Checkout", responses=problems(400, 401, 403, 409, 415, 422, 502, 503))
 async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequest],
-                   idempotency_key: IdempotencyKey = None) -> dict:
+                   idempotency_key: IdempotencyKey = None) -> CheckoutSession:
     """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
     (payment mode): creates or reuses the account's Stripe customer, names the account in
     ``client_reference_id`` and metadata, and sends an idempotency key to Stripe (the request's
@@ -102,8 +191,8 @@ async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequ
 
 
 @post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
-      summary="Open the Stripe customer portal")
-async def portal(request: Request, caller: Caller) -> dict:
+      summary="Open the Stripe customer portal", responses=problems(400, 401, 403, 404, 502, 503))
+async def portal(request: Request, caller: Caller) -> PortalSession:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
     the account has a Stripe customer."""
     client = client_of(request)
@@ -114,16 +203,17 @@ async def portal(request: Request, caller: Caller) -> dict:
     return {"url": session.url}
 
 
-@get("/v1/billing/subscription", dependencies=AUTH, security=SECURITY, summary="The account's subscription")
-async def subscription(request: Request, caller: Caller) -> dict:
+@get("/v1/billing/subscription", dependencies=AUTH, security=SECURITY, summary="The account's subscription",
+     responses=problems(400, 401, 403, 503))
+async def subscription(request: Request, caller: Caller) -> BillingAccount:
     """The account's plan, payment grace and subscription (status, plan, period, cancel at period end)."""
     return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
 
 
 @post("/v1/billing/subscription/change", status_code=202, dependencies=AUTH, security=SECURITY,
-      summary="Switch plan, with proration")
+      summary="Switch plan, with proration", responses=problems(400, 401, 403, 404, 415, 422, 502, 503))
 async def change_subscription(request: Request, caller: Caller, data: JSONBody[ChangeRequest],
-                              idempotency_key: IdempotencyKey = None) -> dict:
+                              idempotency_key: IdempotencyKey = None) -> SubscriptionChange:
     """Move the live subscription to another plan price with proration (upgrade or downgrade).
     202: Stripe accepted it; the plan changes when its customer.subscription.updated arrives."""
     client = client_of(request)
@@ -137,8 +227,8 @@ async def change_subscription(request: Request, caller: Caller, data: JSONBody[C
 
 
 @delete("/v1/billing/subscription", status_code=202, dependencies=AUTH, security=SECURITY,
-        summary="Cancel at period end")
-async def cancel_subscription(request: Request, caller: Caller) -> dict:
+        summary="Cancel at period end", responses=problems(400, 401, 403, 404, 502, 503))
+async def cancel_subscription(request: Request, caller: Caller) -> SubscriptionCancel:
     """Cancel the live subscription at the end of its period: the plan stays until then, then the
     account falls back to free (when customer.subscription.deleted arrives)."""
     client = client_of(request)
@@ -149,10 +239,10 @@ async def cancel_subscription(request: Request, caller: Caller) -> dict:
             "current_period_end": sub["current_period_end"]}
 
 
-@post("/v1/webhooks/stripe", status_code=200, summary="Stripe webhook events")
+@post("/v1/webhooks/stripe", status_code=200, summary="Stripe webhook events", responses=problems(400, 502, 503))
 async def stripe_webhook(request: Request,
                          stripe_signature: Annotated[str | None, HeaderParameter(name="Stripe-Signature",
-                                                                                 required=False)] = None) -> Response:
+                                                                                 required=False)] = None) -> WebhookResult:
     """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``;
     timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
     ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
@@ -195,7 +285,7 @@ async def stripe_webhook(request: Request,
     if result["status"] == "rejected":
         raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
                                                     f"{result['reason']}", extra={"event_id": result["event_id"]})
-    return Response(result)
+    return result
 
 
 async def current_subscription(request: Request, subscription_id: str, event: dict[str, Any]) -> dict[str, Any]:

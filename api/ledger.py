@@ -11,6 +11,7 @@ from litestar import Request, Response, get
 from litestar.params import QueryParameter
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
+from api.errors import problems
 from api.usage import Allowance
 
 
@@ -37,7 +38,8 @@ class LedgerPage(msgspec.Struct):
     next_cursor: str | None
 
 
-@get("/v1/balance", security=SECURITY, dependencies=AUTH, summary="Credit balance and allowances")
+@get("/v1/balance", security=SECURITY, dependencies=AUTH, summary="Credit balance and allowances",
+     responses=problems(400, 401, 403, 404, 422, 503))
 async def get_balance(
     request: Request, caller: Caller,
     account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
@@ -49,7 +51,8 @@ async def get_balance(
     return json_response(body)
 
 
-@get("/v1/ledger", security=SECURITY, dependencies=AUTH, summary="Ledger entries, newest first")
+@get("/v1/ledger", security=SECURITY, dependencies=AUTH, summary="Ledger entries, newest first",
+     responses=problems(400, 401, 403, 404, 422, 503))
 async def get_ledger(
     request: Request, caller: Caller,
     cursor: Annotated[str | None, QueryParameter(max_length=32, description="next_cursor of the previous page")] = None,

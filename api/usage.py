@@ -12,6 +12,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
+from api.errors import problems
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 
@@ -103,7 +104,8 @@ ARGS = "%s::text, %s::bigint, %s::bigint, %s::bigint, %s::uuid"
 @post("/v1/usage/events", status_code=201, security=SECURITY, summary="Record and charge a usage event",
       dependencies=AUTH,
       responses={200: ResponseSpec(UsageEvent, description="Replay of an earlier request with this key "
-                                                           "(header Idempotent-Replayed: true)")})
+                                                           "(header Idempotent-Replayed: true)"),
+                 **problems(400, 401, 402, 403, 404, 409, 415, 422, 503)})
 async def create_usage_event(
     request: Request,
     caller: Caller,
@@ -125,7 +127,7 @@ async def create_usage_event(
 
 
 @post("/v1/usage/check", status_code=200, security=SECURITY, summary="What a usage event would cost",
-      dependencies=AUTH)
+      dependencies=AUTH, responses=problems(400, 401, 403, 404, 415, 422, 503))
 async def check_usage(request: Request, caller: Caller, data: JSONBody[UsageRequest]) -> Response[UsageCheck]:
     """What ``POST /v1/usage/events`` would do for this body now, with no side effect
     (``api.check_usage``): ``allowed``, the charge, and the allowance and balance after it."""

@@ -159,3 +159,31 @@ async def test_health_and_openapi(client):
     assert {"/v1/usage/events", "/v1/usage/check", "/v1/balance", "/v1/ledger"} <= set(schema["paths"])
     r = await client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.headers["content-type"].startswith(PROBLEM)
+
+
+async def test_every_operation_has_a_typed_answer_and_documents_its_problems(client):
+    schema = (await client.get("/schema/openapi.json")).json()
+    problem_schema = schema["components"]["schemas"]["Problem"]
+    assert set(problem_schema["required"]) == {"type", "title", "status", "detail"}
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            success = [code for code in responses if code.startswith("2")]
+            assert success, (method, path)
+            for code in success:
+                (media,) = responses[code]["content"].values()
+                assert "$ref" in media["schema"], (method, path, code)
+            problems = [code for code in responses if not code.startswith("2")]
+            assert "500" in problems, (method, path)
+            for code in problems:
+                assert responses[code]["content"] == {"application/problem+json": {
+                    "schema": {"$ref": "#/components/schemas/Problem"}}}, (method, path, code)
+
+
+async def test_the_docs_page_loads_nothing_from_elsewhere(client):
+    page = await client.get("/schema")
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "https://" not in page.text.replace("https://app.example.com", "")
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui-standalone-preset.js"):
+        assert f"/schema/assets/{asset}" in page.text
+        assert (await client.get(f"/schema/assets/{asset}")).status_code == 200
