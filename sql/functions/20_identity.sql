@@ -119,6 +119,9 @@ BEGIN
   IF p_credits_micros IS NULL OR p_credits_micros < 0 THEN
     PERFORM util.fail('TL422', 'initial credits cannot be negative');
   END IF;
+  IF length(p_name) > 200 THEN
+    PERFORM util.fail('TL422', 'an account name has at most 200 characters');
+  END IF;
   IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
     PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
   END IF;
