@@ -21,7 +21,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from swagger_ui_bundle import swagger_ui_path
 
-from api import db
+from api import db, web
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
 from api.validation import check_request
@@ -40,6 +40,21 @@ class Settings:
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
     stripe_webhook_secret: str | None = None
+    secret_key: str | None = None
+    """Signs browser cookies and CSRF tokens (PGTALLY_SECRET_KEY; default: a random key kept in
+    PGTALLY_HOME/secret-key). Every server of one deployment needs the same."""
+    google_client_id: str | None = None
+    google_client_secret: str | None = None
+    google_issuer: str = "https://accounts.google.com"
+    github_client_id: str | None = None
+    github_client_secret: str | None = None
+    github_url: str = "https://github.com"
+    github_api_url: str = "https://api.github.com"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies are Secure when the public URL is https."""
+        return self.public_url.startswith("https://")
 
     @property
     def upgrade_url(self) -> str:
@@ -58,6 +73,14 @@ class Settings:
             stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
             stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
             stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
+            secret_key=os.environ.get("PGTALLY_SECRET_KEY") or None,
+            google_client_id=os.environ.get("PGTALLY_GOOGLE_CLIENT_ID") or None,
+            google_client_secret=os.environ.get("PGTALLY_GOOGLE_CLIENT_SECRET") or None,
+            google_issuer=os.environ.get("PGTALLY_GOOGLE_ISSUER") or cls.google_issuer,
+            github_client_id=os.environ.get("PGTALLY_GITHUB_CLIENT_ID") or None,
+            github_client_secret=os.environ.get("PGTALLY_GITHUB_CLIENT_SECRET") or None,
+            github_url=os.environ.get("PGTALLY_GITHUB_URL") or cls.github_url,
+            github_api_url=os.environ.get("PGTALLY_GITHUB_API_URL") or cls.github_api_url,
         )
 
 
@@ -100,7 +123,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
-    from api import auth, billing, health, keys, ledger, usage
+    from api import auth, billing, device, health, keys, ledger, pages, usage
 
     settings = settings or Settings.from_env()
     pool = AsyncConnectionPool(
@@ -124,14 +147,18 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
 
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
+                        *device.ROUTES, pages.router(),
                         create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
                                                    include_in_schema=False),
                         *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "pool_check": None,
+        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": {},
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=check_request,
+        middleware=[web.session_config(settings).middleware],
+        csrf_config=web.csrf_config(settings),
+        template_config=web.template_config(),
         openapi_config=OpenAPIConfig(
             title="pgtally", version="0.1.0", path="/schema", render_plugins=[docs_page()],
             description="Accounts, usage metering and billing. Credits are decimal strings; "

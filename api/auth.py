@@ -169,9 +169,29 @@ async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentia
     An address already registered gets the same 202 and body (its owner gets an email instead).
     Send an anonymous device's access token as Bearer to move its usage and credits over.
     422 weak password or bad email; 429 with Retry-After over the rate limit."""
-    password_hash = await new_password_hash(data.password)
+    return await register(request, data.email, data.password, device_session(caller))
+
+
+async def register(request: Request, email: str, password: str, device: uuid.UUID | None) -> dict:
+    """Sign-up, for the JSON endpoint and the /signup page alike: check and hash the password,
+    then ``api.signup``."""
+    password_hash = await new_password_hash(password)
     return await call_json(request, "SELECT api.signup(%s::text, %s::text, %s::text, %s::text, %s::uuid)",
-                           [data.email, password_hash, *client(request), device_session(caller)])
+                           [email, password_hash, *client(request), device])
+
+
+async def password_login(request: Request, email: str, password: str, device: uuid.UUID | None) -> dict:
+    """Login, for the JSON endpoint and the /login page alike: ``api.login_start`` (rate limits),
+    the argon2id check off the event loop, then ``api.login_succeeded`` or ``api.login_failed``.
+    Returns the session (identity.tokens); PgtallyError 401/429 otherwise."""
+    ip, user_agent = client(request)
+    found = await call_json(request, "SELECT api.login_start(%s::text, %s::text)", [email, ip])
+    ok, rehash = await to_thread.run_sync(verify_password, found["password_hash"], password)
+    if not ok:
+        await call_json(request, "SELECT api.login_failed(%s::uuid, %s::text, %s::text, %s::text)",
+                        [found["user_id"], email, ip, user_agent])
+    return await call_json(request, "SELECT api.login_succeeded(%s::uuid, %s::text, %s::text, %s::text, %s::uuid)",
+                           [found["user_id"], rehash, ip, user_agent, device])
 
 
 @post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in",
@@ -181,14 +201,7 @@ async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credential
     after the same work (the password is checked against a dummy hash). Send an anonymous
     device's access token as Bearer to move its usage and credits to this account. 429 with
     Retry-After over the rate limit."""
-    ip, user_agent = client(request)
-    found = await call_json(request, "SELECT api.login_start(%s::text, %s::text)", [data.email, ip])
-    ok, rehash = await to_thread.run_sync(verify_password, found["password_hash"], data.password)
-    if not ok:
-        await call_json(request, "SELECT api.login_failed(%s::uuid, %s::text, %s::text, %s::text)",
-                        [found["user_id"], data.email, ip, user_agent])
-    session = await call_json(request, "SELECT api.login_succeeded(%s::uuid, %s::text, %s::text, %s::text, %s::uuid)",
-                              [found["user_id"], rehash, ip, user_agent, device_session(caller)])
+    session = await password_login(request, data.email, data.password, device_session(caller))
     return request.app.state.jwt_keys.issue(session)
 
 

@@ -98,16 +98,24 @@ def database_url() -> str:
     return server.get_uri(database=EMBEDDED_DBNAME)
 
 
-def api_password() -> str:
-    """The ``pgtally_api`` login's password, kept in ``PGTALLY_HOME/api-password`` (mode 0600)
-    and made on first use; ``pgtally db upgrade`` gives it to the role."""
-    path = home() / "api-password"
+def local_secret(name: str) -> str:
+    """A random secret kept in ``PGTALLY_HOME/<name>`` (mode 0600), made on first use."""
+    path = home() / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:          # made by another process meanwhile
+            return path.read_text().strip()
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def api_password() -> str:
+    """The ``pgtally_api`` login's password (``PGTALLY_HOME/api-password``); ``pgtally db
+    upgrade`` gives it to the role."""
+    return local_secret("api-password")
 
 
 def api_conninfo(url: str) -> str:

@@ -29,6 +29,7 @@ SQLSTATES: dict[str, tuple[int, str, str]] = {
     "TL403": (403, "forbidden", "Forbidden"),
     "TL404": (404, "not-found", "Not found"),
     "TL409": (409, "idempotency-key-reused", "The idempotency key was used for a different request"),
+    "TL40C": (409, "conflict", "This conflicts with the account's current state"),
     "TL422": (422, "invalid-request", "The request is not valid"),
     "TL429": (429, "rate-limited", "Too many attempts"),
     "TL503": (503, "retry-later", "Not ready yet: retry later"),

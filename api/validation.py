@@ -1,6 +1,7 @@
 """Every request is checked here before its handler runs, so that no malformed input reaches
 PostgreSQL or turns into a 500 (RFC 9457 problems, rendered by api.errors):
 
+- a form body needs ``Content-Type: application/x-www-form-urlencoded`` (415 otherwise);
 - a JSON body needs ``Content-Type: application/json`` (415 otherwise), must be UTF-8 (400),
   JSON (400), nested at most :data:`MAX_DEPTH` deep (400), and match its model *strictly*: no
   ``"1"`` or ``1.0`` for an integer, no unknown field (422, naming the field);
@@ -17,6 +18,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request
+from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException
 
 from api.errors import PgtallyError
@@ -92,6 +94,14 @@ async def check_request(request: Request) -> None:
         raise invalid("query and path parameters cannot contain the NUL character (U+0000)")
     field = request.route_handler.parsed_data_field
     if field is None or request.method in ("GET", "HEAD"):
+        return
+    media_type = getattr(field.kwarg_definition, "media_type", RequestEncodingType.JSON)
+    if media_type == RequestEncodingType.URL_ENCODED:
+        # HTML forms and the OAuth token endpoints.
+        if not request.headers.get("content-type", "").lower().startswith(RequestEncodingType.URL_ENCODED):
+            raise HTTPException(status_code=415, detail=f"send the body as {RequestEncodingType.URL_ENCODED}")
+        if any("\x00" in str(value) for value in (await request.form()).values()):
+            raise invalid("form fields cannot contain the NUL character (U+0000)")
         return
     if not is_json(request.headers.get("content-type", "")):
         raise HTTPException(status_code=415, detail="send the body as JSON with Content-Type: application/json")

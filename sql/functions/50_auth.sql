@@ -142,19 +142,21 @@ $$;
 COMMENT ON FUNCTION identity.tokens(uuid, text) IS
   'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
-CREATE OR REPLACE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text)
+CREATE OR REPLACE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text,
+                                                  p_method text DEFAULT 'password')
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
   v_session_id uuid;
 BEGIN
-  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at)
-  VALUES (p_account_id, p_user_id, p_ip, left(p_user_agent, 512), util.now(), util.now(), util.now() + interval '30 days')
+  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at, method)
+  VALUES (p_account_id, p_user_id, left(p_ip, 64), left(p_user_agent, 512), util.now(), util.now(),
+          util.now() + interval '30 days', p_method)
   RETURNING id INTO v_session_id;
   RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
 END $$;
-COMMENT ON FUNCTION identity.start_session(uuid, uuid, text, text) IS
-  'Start a session (a refresh-token family, 30 days at most) and return identity.tokens for it.';
+COMMENT ON FUNCTION identity.start_session(uuid, uuid, text, text, text) IS
+  'Start a session (a refresh-token family, 30 days at most) begun by p_method (password, google, github, device, device_code) and return identity.tokens for it.';
 
 CREATE OR REPLACE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
 LANGUAGE plpgsql AS $$
@@ -566,7 +568,7 @@ BEGIN
     UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
     WHERE id = v_account_id RETURNING * INTO a;
   END IF;
-  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent);
+  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
   PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
     jsonb_build_object('returning_install', v_returning,
                        'fingerprint_seen_before',

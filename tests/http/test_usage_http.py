@@ -176,6 +176,8 @@ async def test_every_operation_has_a_typed_answer_and_documents_its_problems(cli
             problems = [code for code in responses if not code.startswith("2")]
             assert "500" in problems, (method, path)
             for code in problems:
+                if (path, code) == ("/oauth/token", "400"):       # OAuth's own error JSON (RFC 6749 5.2)
+                    continue
                 assert responses[code]["content"] == {"application/problem+json": {
                     "schema": {"$ref": "#/components/schemas/Problem"}}}, (method, path, code)
 

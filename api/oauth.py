@@ -1,0 +1,172 @@
+"""Sign-in with Google (OpenID Connect) and GitHub (OAuth 2.0 and its user API), through authlib's
+httpx client: authorization code flow with PKCE (S256, RFC 7636), a state bound to the browser
+and a nonce bound to the ID token. The state, its single use, and who the provider account
+becomes (sign in, link, sign up) are decided in PostgreSQL (sql/functions/55_sign_in.sql).
+
+A provider is offered only when its client id and secret are configured; the issuer (Google)
+and base URLs (GitHub) can point at local stand-ins for tests and offline use."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from litestar import Request, get
+from litestar.params import FromPath, Parameter
+from litestar.response import Redirect
+
+from api.calls import call_json, client
+from api.errors import PgtallyError
+from api.web import browser_session, page, safe_next, sign_in_browser
+
+BINDING_COOKIE = "pgtally_oauth"
+PROVIDERS = ("google", "github")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the provider says signed in."""
+
+    subject: str
+    email: str | None
+    email_verified: bool
+
+
+def configured_providers(settings) -> list[str]:
+    """The providers this server offers: those with a client id and secret."""
+    return [p for p in PROVIDERS
+            if getattr(settings, f"{p}_client_id") and getattr(settings, f"{p}_client_secret")]
+
+
+def oauth_client(request: Request, provider: str) -> AsyncOAuth2Client:
+    settings = request.app.state.settings
+    return AsyncOAuth2Client(
+        client_id=getattr(settings, f"{provider}_client_id"), client_secret=getattr(settings, f"{provider}_client_secret"),
+        scope="openid email profile" if provider == "google" else "read:user user:email",
+        redirect_uri=f"{settings.public_url.rstrip('/')}/auth/{provider}/callback",
+        code_challenge_method="S256", timeout=10)
+
+
+async def google_metadata(request: Request) -> dict[str, Any]:
+    """The issuer's OpenID Connect discovery document (cached per server)."""
+    cache = request.app.state.oidc_metadata
+    issuer = request.app.state.settings.google_issuer.rstrip("/")
+    if issuer not in cache:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(f"{issuer}/.well-known/openid-configuration")
+            response.raise_for_status()
+            cache[issuer] = response.json()
+    return cache[issuer]
+
+
+async def authorization_url(request: Request, provider: str, flow: dict[str, Any]) -> str:
+    settings = request.app.state.settings
+    endpoint = ((await google_metadata(request))["authorization_endpoint"] if provider == "google"
+                else f"{settings.github_url.rstrip('/')}/login/oauth/authorize")
+    async with oauth_client(request, provider) as oauth:
+        url, _ = oauth.create_authorization_url(endpoint, state=flow["state"], code_verifier=flow["code_verifier"],
+                                                **({"nonce": flow["nonce"]} if provider == "google" else {}))
+    return url
+
+
+async def google_identity(request: Request, code: str, flow: dict[str, Any]) -> Identity:
+    """Exchange the code (with the PKCE verifier) and check the ID token: signature (the
+    issuer's JWKS), issuer, audience, expiry and nonce (OpenID Connect Core 1.0 section 3.1.3.7)."""
+    settings = request.app.state.settings
+    metadata = await google_metadata(request)
+    async with oauth_client(request, "google") as oauth:
+        token = await oauth.fetch_token(metadata["token_endpoint"], code=code, code_verifier=flow["code_verifier"])
+        keys = (await oauth.get(metadata["jwks_uri"])).json()
+    try:
+        decoded = jwt.decode(token["id_token"], KeySet.import_key_set(keys))
+        jwt.JWTClaimsRegistry(
+            iss={"essential": True, "value": metadata["issuer"]},
+            aud={"essential": True, "value": settings.google_client_id},
+            exp={"essential": True}, sub={"essential": True},
+            nonce={"essential": True, "value": flow["nonce"]}).validate(decoded.claims)
+    except (JoseError, KeyError, ValueError) as exc:
+        raise PgtallyError({"sqlstate": "TL400", "message": f"the ID token from Google is not valid: {exc}"}) from None
+    claims = decoded.claims
+    return Identity(str(claims["sub"]), claims.get("email"), claims.get("email_verified") is True)
+
+
+async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> Identity:
+    """Exchange the code, then read the user and its primary email from GitHub's REST API."""
+    settings = request.app.state.settings
+    api = settings.github_api_url.rstrip("/")
+    async with oauth_client(request, "github") as oauth:
+        await oauth.fetch_token(f"{settings.github_url.rstrip('/')}/login/oauth/access_token", code=code,
+                                code_verifier=flow["code_verifier"], headers={"Accept": "application/json"})
+        headers = {"Accept": "application/vnd.github+json"}
+        user = (await oauth.get(f"{api}/user", headers=headers)).raise_for_status().json()
+        emails = (await oauth.get(f"{api}/user/emails", headers=headers)).raise_for_status().json()
+    primary = next((e for e in emails if e.get("primary")), None) or next(iter(emails), None)
+    return Identity(str(user["id"]), primary and primary.get("email"), bool(primary and primary.get("verified")))
+
+
+@get("/auth/{provider:str}/start", include_in_schema=False)
+async def start(request: Request, provider: FromPath[str], next: str | None = None, link: bool = False) -> Redirect:
+    """Send the browser to the provider, with a state bound to a cookie set here. ``link``: link
+    the provider to the signed-in user instead of signing in."""
+    if provider not in configured_providers(request.app.state.settings):
+        return page("message.html", request, 404, title="Not available",
+                    message=f"Sign-in with {provider} is not configured on this server.")
+    binding = secrets.token_urlsafe(32)
+    session_id = browser_session(request) if link else None
+    if link and session_id is None:
+        return Redirect(f"/login?next=/account")
+    flow = await call_json(request, "SELECT api.oauth_begin(%s::text, %s::text, %s::text, %s::uuid, %s::uuid, %s::text, %s::text)",
+                           [provider, "link" if link else "sign_in", binding, session_id, None,
+                            safe_next(next), client(request)[0]])
+    response = Redirect(await authorization_url(request, provider, flow))
+    response.set_cookie(BINDING_COOKIE, binding, path="/auth", max_age=600, httponly=True, samesite="lax",
+                        secure=request.app.state.settings.secure_cookies)
+    return response
+
+
+@get("/auth/{provider:str}/callback", include_in_schema=False)
+async def callback(request: Request, provider: FromPath[str],
+                   oauth_state: Annotated[str | None, Parameter(query="state")] = None, code: str | None = None,
+                   error: str | None = None, error_description: str | None = None) -> Any:
+    """Where the provider sends the browser back: the state is claimed once (from the browser
+    that started it), the code exchanged, and the person signed in, linked or signed up."""
+    ip, user_agent = client(request)
+    try:
+        flow = await call_json(request, "SELECT api.oauth_claim(%s::text, %s::text, %s::text, %s::text)",
+                               [oauth_state or "", request.cookies.get(BINDING_COOKIE, ""), ip, user_agent])
+        if flow["provider"] != provider:
+            raise PgtallyError({"sqlstate": "TL400", "message": "this sign-in was started with another provider"})
+        if error or not code:
+            raise PgtallyError({"sqlstate": "TL400",
+                                "message": f"{provider.capitalize()} did not sign you in: {error_description or error or 'no code'}"})
+        who = await (google_identity if provider == "google" else github_identity)(request, code, flow)
+        if flow["purpose"] == "link":
+            await call_json(request, "SELECT api.oauth_link(%s::uuid, %s::text, %s::text, %s::text, %s::boolean, %s::text, %s::text)",
+                            [flow["session_id"], provider, who.subject, who.email, who.email_verified, ip, user_agent])
+            target = "/account"
+        else:
+            session = await call_json(
+                request, "SELECT api.oauth_sign_in(%s::text, %s::text, %s::text, %s::boolean, %s::uuid, %s::text, %s::text)",
+                [provider, who.subject, who.email, who.email_verified, flow["device_session_id"], ip, user_agent])
+            sign_in_browser(request, session)
+            target = safe_next(flow["return_to"])
+    except PgtallyError as exc:
+        from api.web import problem_text
+
+        response = page("login.html", request, 400, error=problem_text(exc), email="")
+    except httpx.HTTPError as exc:
+        response = page("login.html", request, 502, email="",
+                        error=f"{provider.capitalize()} could not be reached ({type(exc).__name__}): try again.")
+    else:
+        response = Redirect(target)
+    response.delete_cookie(BINDING_COOKIE, path="/auth")
+    return response
+
+
+ROUTES = [start, callback]

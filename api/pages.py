@@ -1,0 +1,289 @@
+"""Server-rendered pages for people: sign up, log in (password, Google, GitHub), verify an email,
+reset a password, the account page (providers, sessions, API keys) and /device (approve a
+command line). Each page is a view over the same ``api.*`` functions as the JSON endpoints,
+with plain forms (CSRF-protected) and no script of its own."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath
+from litestar.response import Redirect
+from litestar.static_files import create_static_files_router
+
+from api.auth import password_login, register
+from api.calls import call, call_json, client
+from api.errors import PgtallyError
+from api.web import STATIC, browser_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
+
+Form = Body(media_type=RequestEncodingType.URL_ENCODED)
+
+
+class CredentialsForm(msgspec.Struct):
+    email: str = ""
+    password: str = ""
+    next: str | None = None
+
+
+class EmailForm(msgspec.Struct):
+    email: str = ""
+
+
+class TokenForm(msgspec.Struct):
+    token: str = ""
+
+
+class NewPasswordForm(msgspec.Struct):
+    token: str = ""
+    password: str = ""
+
+
+class CodeForm(msgspec.Struct):
+    user_code: str = ""
+
+
+class DecisionForm(msgspec.Struct):
+    user_code: str = ""
+    decision: str = ""
+
+
+class KeyForm(msgspec.Struct):
+    name: str = ""
+
+
+@get("/")
+async def home(request: Request) -> Redirect:
+    return Redirect("/account" if browser_session(request) else "/login")
+
+
+@get("/login")
+async def login_page(request: Request, next: str | None = None) -> Any:
+    return page("login.html", request, next=safe_next(next), email="")
+
+
+@post("/login")
+async def login_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
+    try:
+        session = await password_login(request, data.email, data.password, None)
+    except PgtallyError as exc:
+        return page("login.html", request, 401, error=problem_text(exc), email=data.email, next=safe_next(data.next))
+    sign_in_browser(request, session)
+    return Redirect(safe_next(data.next))
+
+
+@get("/signup")
+async def signup_page(request: Request) -> Any:
+    return page("signup.html", request, email="")
+
+
+@post("/signup")
+async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
+    try:
+        await register(request, data.email, data.password, None)
+    except PgtallyError as exc:
+        return page("signup.html", request, 422, error=problem_text(exc), email=data.email)
+    # The same answer whether or not the address was registered already.
+    return page("message.html", request, title="Check your email",
+                message=f"We sent a link to {data.email.strip()} to confirm the address. It works once, for 24 hours.")
+
+
+@post("/logout")
+async def logout_submit(request: Request) -> Redirect:
+    session_id = browser_session(request)
+    if session_id:
+        try:
+            await call_json(request, "SELECT api.logout(%s::uuid, false)", [session_id])
+        except PgtallyError:
+            pass            # already ended
+    request.clear_session()
+    return Redirect("/login")
+
+
+@get("/verify-email")
+async def verify_page(request: Request, token: str = "") -> Any:
+    """A button, not an action: mail scanners that open links must not use the token."""
+    return page("verify.html", request, token=token)
+
+
+@post("/verify-email")
+async def verify_submit(request: Request, data: Annotated[TokenForm, Form]) -> Any:
+    try:
+        result = await call_json(request, "SELECT api.verify_email(%s::text, %s::text)", [data.token, client(request)[0]])
+    except PgtallyError as exc:
+        return page("verify.html", request, 400, token="", error=problem_text(exc))
+    return page("message.html", request, title="Email confirmed",
+                message=f"{result['email']} is confirmed.", link=("/login", "Log in"))
+
+
+@get("/reset-password")
+async def reset_page(request: Request, token: str | None = None) -> Any:
+    """Without a token: ask for the email. With the emailed token: choose a new password."""
+    return page("reset.html", request, token=token or "", email="")
+
+
+@post("/reset-password")
+async def reset_request(request: Request, data: Annotated[EmailForm, Form]) -> Any:
+    try:
+        await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)", [data.email, client(request)[0]])
+    except PgtallyError as exc:
+        return page("reset.html", request, 422, token="", email=data.email, error=problem_text(exc))
+    return page("message.html", request, title="Check your email",
+                message="If that address has an account, a link to choose a new password is on its way. It works once, for an hour.")
+
+
+@post("/reset-password/confirm")
+async def reset_confirm(request: Request, data: Annotated[NewPasswordForm, Form]) -> Any:
+    from api.auth import new_password_hash
+
+    try:
+        password_hash = await new_password_hash(data.password)
+        await call_json(request, "SELECT api.reset_password(%s::text, %s::text, %s::text)",
+                        [data.token, password_hash, client(request)[0]])
+    except PgtallyError as exc:
+        return page("reset.html", request, 400, token=data.token, email="", error=problem_text(exc))
+    request.clear_session()
+    return page("message.html", request, title="Password changed",
+                message="Your password is changed and every session was signed out.", link=("/login", "Log in"))
+
+
+async def account_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
+    me = await call_json(request, "SELECT api.me(NULL, %s::uuid)", [session_id])
+    methods = await call_json(request, "SELECT api.sign_in_methods(%s::uuid)", [session_id])
+    sessions = await call_json(request, "SELECT api.sessions(%s::uuid)", [session_id])
+    keys = await call_json(request, "SELECT api.list_api_keys(%s::uuid)", [session_id])
+    linked = {i["provider"] for i in methods["identities"]}
+    return page("account.html", request, me=me, methods=methods, linked=linked, sessions=sessions["data"],
+                keys=keys["data"], **extra)
+
+
+async def signed_in(request: Request, action) -> Any:
+    """Run a page action for the signed-in session; to /login when there is none or it ended."""
+    session_id = browser_session(request)
+    if session_id is None:
+        return to_login(request)
+    try:
+        return await action(session_id)
+    except PgtallyError as exc:
+        if exc.error.get("sqlstate") == "TL401":
+            request.clear_session()
+            return to_login(request)
+        return await account_view(request, session_id, error=problem_text(exc))
+
+
+@get("/account")
+async def account_page(request: Request) -> Any:
+    return await signed_in(request, lambda sid: account_view(request, sid))
+
+
+@post("/account/sessions/{target:uuid}/revoke")
+async def revoke_session(request: Request, target: FromPath[uuid.UUID]) -> Any:
+    async def action(sid):
+        await call_json(request, "SELECT api.revoke_session(%s::uuid, %s::uuid)", [sid, target])
+        if target == sid:
+            request.clear_session()
+            return Redirect("/login")
+        return Redirect("/account")
+    return await signed_in(request, action)
+
+
+@post("/account/api-keys")
+async def create_key(request: Request, data: Annotated[KeyForm, Form]) -> Any:
+    async def action(sid):
+        key = await call_json(request, "SELECT api.create_api_key(%s::uuid, %s::text, %s::text[], NULL)",
+                              [sid, data.name, ["usage:write", "usage:read"]])
+        return await account_view(request, sid, new_key=key)
+    return await signed_in(request, action)
+
+
+@post("/account/api-keys/{key_id:uuid}/revoke")
+async def revoke_key(request: Request, key_id: FromPath[uuid.UUID]) -> Any:
+    async def action(sid):
+        await call_json(request, "SELECT api.revoke_api_key(%s::uuid, %s::uuid)", [sid, key_id])
+        return Redirect("/account")
+    return await signed_in(request, action)
+
+
+@post("/account/providers/{provider:str}/unlink")
+async def unlink(request: Request, provider: FromPath[str]) -> Any:
+    async def action(sid):
+        await call_json(request, "SELECT api.oauth_unlink(%s::uuid, %s::text)", [sid, provider])
+        return Redirect("/account")
+    return await signed_in(request, action)
+
+
+@get("/device")
+async def device_page(request: Request, user_code: str = "") -> Any:
+    """Enter (or arrive with) the code a command line shows; sign in first if needed."""
+    if browser_session(request) is None:
+        return to_login(request)
+    return page("device.html", request, user_code=user_code, request_info=None)
+
+
+@post("/device")
+async def device_lookup(request: Request, data: Annotated[CodeForm, Form]) -> Any:
+    session_id = browser_session(request)
+    if session_id is None:
+        return to_login(request)
+    try:
+        found = await call_json(request, "SELECT api.device_lookup(%s::uuid, %s::text, %s::text)",
+                                [session_id, data.user_code, client(request)[0]])
+    except PgtallyError as exc:
+        return page("device.html", request, 400, user_code=data.user_code, request_info=None, error=problem_text(exc))
+    return page("device.html", request, user_code=found["user_code"], request_info=found)
+
+
+@post("/device/decide")
+async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -> Any:
+    session_id = browser_session(request)
+    if session_id is None:
+        return to_login(request)
+    try:
+        result = await call_json(request, "SELECT api.device_decide(%s::uuid, %s::text, %s::boolean, %s::text, %s::text)",
+                                 [session_id, data.user_code, data.decision == "approve", *client(request)])
+    except PgtallyError as exc:
+        return page("device.html", request, 400, user_code="", request_info=None, error=problem_text(exc))
+    if result["approved"]:
+        return page("message.html", request, title="Device approved",
+                    message=f"{result['client_id']} is signed in. You can close this page and go back to it.")
+    return page("message.html", request, title="Request denied", message=f"{result['client_id']} was not signed in.")
+
+
+@get("/upgrade")
+async def upgrade_page(request: Request) -> Any:
+    """The plans of the catalog (the billing pages build on this)."""
+    (catalog,) = await call(request, "SELECT api.plans()", [])
+    return page("upgrade.html", request, catalog=catalog)
+
+
+@get("/billing/success")
+async def billing_success(request: Request, session_id: str | None = None) -> Any:
+    return page("message.html", request, title="Thank you",
+                message="Your payment went through. It is applied as soon as Stripe confirms it.",
+                link=("/account", "Your account"))
+
+
+@get("/billing/cancel")
+async def billing_cancel(request: Request) -> Any:
+    return page("message.html", request, title="Nothing was bought", message="The checkout was cancelled.",
+                link=("/upgrade", "Plans"))
+
+
+@get("/billing")
+async def billing_page(request: Request) -> Redirect:
+    """Where the Stripe customer portal returns to."""
+    return Redirect("/account")
+
+
+def router() -> Router:
+    from api import oauth
+
+    return Router(path="/", after_request=page_headers, include_in_schema=False, route_handlers=[
+        home, login_page, login_submit, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
+        reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
+        device_page, device_lookup, device_decide, upgrade_page, billing_success, billing_cancel, billing_page,
+        *oauth.ROUTES,
+        create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)])

@@ -1,0 +1,111 @@
+"""What browser pages share: the signed session cookie, CSRF protection, security headers,
+templates, and the signed-in session of a request.
+
+A browser session is a row of ``identity.sessions``, like an access token's: the cookie only
+names it (encrypted and signed by Litestar's cookie session backend), and every page checks the
+row through the same ``api.*`` functions, so logging out anywhere ends it everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from litestar import Request, Response
+from litestar.config.csrf import CSRFConfig
+from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.middleware.session.client_side import CookieBackendConfig
+from litestar.response import Redirect, Template
+from litestar.template.config import TemplateConfig
+
+from api import db
+from api.errors import PgtallyError
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
+SESSION_COOKIE = "pgtally_session"
+SESSION_DAYS = 30
+# JSON and OAuth endpoints authenticate with a bearer token (or a signature), not a cookie.
+CSRF_EXEMPT = ["^/v1/", "^/oauth/", "^/healthz", "^/schema"]
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+"""On every page: no inline script, no framing, and no Referer (pages carry tokens in their URL)."""
+
+
+def secret(settings, purpose: str) -> bytes:
+    """A 32-byte key for one purpose, from PGTALLY_SECRET_KEY (or the local secret file)."""
+    base = settings.secret_key or db.local_secret("secret-key")
+    return hashlib.sha256(f"{purpose}:{base}".encode()).digest()
+
+
+def session_config(settings) -> CookieBackendConfig:
+    return CookieBackendConfig(secret=secret(settings, "session"), key=SESSION_COOKIE, max_age=SESSION_DAYS * 86400,
+                               secure=settings.secure_cookies, httponly=True, samesite="lax")
+
+
+def csrf_config(settings) -> CSRFConfig:
+    return CSRFConfig(secret=secret(settings, "csrf").hex(), cookie_name="pgtally_csrf",
+                      cookie_secure=settings.secure_cookies, cookie_httponly=True, cookie_samesite="lax",
+                      exclude=CSRF_EXEMPT)
+
+
+def template_config() -> TemplateConfig:
+    return TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine)
+
+
+def page_headers(response: Response) -> Response:
+    """``after_request`` of the pages: the security headers."""
+    for name, value in PAGE_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def browser_session(request: Request) -> uuid.UUID | None:
+    """The session id the cookie names, if any (whether it is still active, api.* decides)."""
+    sid = request.session.get("sid") if request.scope.get("session") else None
+    try:
+        return uuid.UUID(sid) if sid else None
+    except ValueError:
+        return None
+
+
+def sign_in_browser(request: Request, session: dict[str, Any]) -> None:
+    """Make the browser carry this session (identity.tokens of a sign-in)."""
+    request.set_session({"sid": session["session_id"]})
+
+
+def to_login(request: Request) -> Redirect:
+    """Send a visitor who is not signed in to /login, and back here afterwards."""
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return Redirect(f"/login?next={quote(here, safe='')}")
+
+
+def safe_next(target: str | None, default: str = "/account") -> str:
+    """Only a path of this site (never //host or a scheme): no open redirect."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return default
+
+
+def page(name: str, request: Request, status_code: int = 200, **context: Any) -> Template:
+    """Render a page with what every page shows: the signed-in state and the configured providers."""
+    from api.oauth import configured_providers
+
+    context.setdefault("signed_in", browser_session(request) is not None)
+    context.setdefault("providers", configured_providers(request.app.state.settings))
+    return Template(template_name=name, context=context, status_code=status_code)
+
+
+def problem_text(exc: PgtallyError) -> str:
+    """A refusal in plain words for a page."""
+    message = exc.error.get("message") or "That did not work"
+    return message[0].upper() + message[1:] + ("" if message.endswith(".") else ".")
