@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Sequence
 
+import psycopg
 from litestar import Request, Response
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
-from api.errors import PgtallyError
+from api.errors import SQLSTATES, PgtallyError
 from api.security import AuthorizationHeader, Principal, parse_bearer
 
 SECURITY = [{"bearer": []}]
@@ -52,10 +54,17 @@ def client(request: Request) -> list[str | None]:
 
 async def call(request: Request, sql: str, params: Sequence[Any]) -> tuple[Any, ...]:
     """Run one statement on the pool (autocommit: the function is the transaction) and return
-    its single row. Raised errors propagate to api.errors."""
-    async with request.app.state.pool.connection() as conn:
-        cur = await conn.execute(sql, params)
-        return await cur.fetchone()
+    its single row. A pgtally SQLSTATE raised by the function becomes a PgtallyError (the same
+    problem+json for the API, a message for a page); other errors propagate to api.errors."""
+    try:
+        async with request.app.state.pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return await cur.fetchone()
+    except psycopg.Error as exc:
+        if (exc.sqlstate or "") not in SQLSTATES:
+            raise
+        detail = json.loads(exc.diag.message_detail) if exc.diag.message_detail else {}
+        raise PgtallyError({**detail, "sqlstate": exc.sqlstate, "message": exc.diag.message_primary or ""}) from None
 
 
 async def call_json(request: Request, sql: str, params: Sequence[Any]) -> dict[str, Any]:

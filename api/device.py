@@ -54,8 +54,9 @@ class OAuthToken(msgspec.Struct):
     refresh_token: str
 
 
-def oauth_error(error: str, description: str, status: int = 400) -> Response:
-    return Response({"error": error, "error_description": description}, status_code=status, headers=NO_STORE)
+def oauth_error(error: str, error_description: str) -> Response:
+    """An OAuth error answer (RFC 6749 section 5.2): 400, JSON, not cached."""
+    return Response({"error": error, "error_description": error_description}, status_code=400, headers=NO_STORE)
 
 
 @post("/oauth/device_authorization", status_code=200, dependencies=OPTIONAL_AUTH, summary="Device authorization (RFC 8628)",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import httpx
+from authlib.common.errors import AuthlibBaseError
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -27,6 +28,7 @@ from api.web import browser_session, page, safe_next, sign_in_browser
 
 BINDING_COOKIE = "pgtally_oauth"
 PROVIDERS = ("google", "github")
+NAMES = {"google": "Google", "github": "GitHub"}
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ async def callback(request: Request, provider: FromPath[str],
             raise PgtallyError({"sqlstate": "TL400", "message": "this sign-in was started with another provider"})
         if error or not code:
             raise PgtallyError({"sqlstate": "TL400",
-                                "message": f"{provider.capitalize()} did not sign you in: {error_description or error or 'no code'}"})
+                                "message": f"{NAMES[provider]} did not sign you in ({error or 'no code'})"
+                                           + (f": {error_description}" if error_description else "")})
         who = await (google_identity if provider == "google" else github_identity)(request, code, flow)
         if flow["purpose"] == "link":
             await call_json(request, "SELECT api.oauth_link(%s::uuid, %s::text, %s::text, %s::text, %s::boolean, %s::text, %s::text)",
@@ -160,9 +163,12 @@ async def callback(request: Request, provider: FromPath[str],
         from api.web import problem_text
 
         response = page("login.html", request, 400, error=problem_text(exc), email="")
+    except AuthlibBaseError as exc:
+        response = page("login.html", request, 400, email="",
+                        error=f"{NAMES[provider]} refused the sign-in ({exc.error}): start again.")
     except httpx.HTTPError as exc:
         response = page("login.html", request, 502, email="",
-                        error=f"{provider.capitalize()} could not be reached ({type(exc).__name__}): try again.")
+                        error=f"{NAMES[provider]} could not be reached ({type(exc).__name__}): try again.")
     else:
         response = Redirect(target)
     response.delete_cookie(BINDING_COOKIE, path="/auth")

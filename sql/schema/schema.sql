@@ -312,6 +312,128 @@ END $$;
 
 COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) IS 'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
 
+CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_limited jsonb := identity.throttled('device_authorize', p_ip, 30, interval '1 hour');
+  v_alphabet constant text := 'BCDFGHJKLMNPQRSTVWXZ';
+  v_device_code text := util.random_token();
+  v_user_code text;
+  v_bytes bytea;
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  IF p_client_id IS NULL OR p_client_id !~ '^[A-Za-z0-9_.:-]{1,100}$' THEN
+    PERFORM util.fail('TL422', 'client_id: 1 to 100 letters, digits and ._:-', '{"field": "client_id"}');
+  END IF;
+  LOOP
+    -- 8 characters from a 20-letter alphabet: 34.6 bits, enough for 10 minutes with guesses limited.
+    v_bytes := uuid_send(gen_random_uuid());
+    SELECT string_agg(substr(v_alphabet, get_byte(v_bytes, i) % 20 + 1, 1), '' ORDER BY i)
+    INTO v_user_code FROM generate_series(0, 7) i;
+    EXIT WHEN NOT EXISTS (SELECT 1 FROM identity.device_codes WHERE user_code = v_user_code AND status = 'pending');
+  END LOOP;
+  INSERT INTO identity.device_codes (device_code_hash, user_code, client_id, scope, ip, user_agent, device_session_id,
+                                     created_at, expires_at)
+  VALUES (util.token_hash(v_device_code), v_user_code, p_client_id, left(p_scope, 200), left(p_ip, 64),
+          left(p_user_agent, 512), p_device_session_id, util.now(), util.now() + interval '10 minutes');
+  PERFORM identity.log_event('device_code_requested', NULL, NULL, p_device_session_id, p_ip, p_user_agent,
+                             jsonb_build_object('client_id', p_client_id));
+  RETURN jsonb_build_object('device_code', v_device_code, 'user_code', left(v_user_code, 4) || '-' || right(v_user_code, 4),
+                            'expires_in', 600, 'interval', 5);
+END $_$;
+
+COMMENT ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. 30 an hour per IP (TL429).';
+
+CREATE FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  r record;
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  SELECT * INTO r FROM identity.pending_device_code(p_session_id, p_user_code, p_ip);
+  IF r.error IS NOT NULL THEN
+    RETURN r.error;
+  END IF;
+  UPDATE identity.device_codes
+  SET status = CASE WHEN p_approve THEN 'approved' ELSE 'denied' END, user_id = s.user_id, decided_at = util.now()
+  WHERE id = (r.d).id;
+  PERFORM identity.log_event(CASE WHEN p_approve THEN 'device_code_approved' ELSE 'device_code_denied' END,
+                             s.user_id, s.account_id, s.id, p_ip, p_user_agent,
+                             jsonb_build_object('client_id', (r.d).client_id));
+  IF p_approve AND (r.d).device_session_id IS NOT NULL THEN
+    PERFORM identity.merge_device((r.d).device_session_id, s.account_id, p_ip, p_user_agent);
+  END IF;
+  RETURN jsonb_build_object('client_id', (r.d).client_id, 'approved', p_approve);
+END $$;
+
+COMMENT ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) IS '/device: approve or deny a pending user code, once (a second decision finds no pending code: TL404). On approval the command line''s anonymous device account is merged into the user, once.';
+
+CREATE FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  r record;
+BEGIN
+  SELECT * INTO r FROM identity.pending_device_code(p_session_id, p_user_code, p_ip);
+  IF r.error IS NOT NULL THEN
+    RETURN r.error;
+  END IF;
+  RETURN jsonb_build_object('user_code', left((r.d).user_code, 4) || '-' || right((r.d).user_code, 4),
+                            'client_id', (r.d).client_id, 'scope', (r.d).scope, 'ip', (r.d).ip,
+                            'user_agent', (r.d).user_agent, 'created_at', util.iso((r.d).created_at),
+                            'expires_at', util.iso((r.d).expires_at));
+END $$;
+
+COMMENT ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) IS '/device: which client asks with this user code (client_id, scope, where from), for the signed-in user to approve or deny. Errors as identity.pending_device_code.';
+
+CREATE FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  d identity.device_codes;
+  u identity.users;
+  v_tokens jsonb;
+BEGIN
+  -- Polls of one code queue here: exactly one of any number of concurrent polls gets the tokens.
+  SELECT * INTO d FROM identity.device_codes WHERE device_code_hash = util.token_hash(p_device_code) FOR UPDATE;
+  IF NOT FOUND OR d.client_id IS DISTINCT FROM p_client_id THEN
+    RETURN identity.oauth_error('invalid_grant', 'unknown device code, or issued to another client');
+  END IF;
+  IF d.issued_at IS NOT NULL THEN
+    RETURN identity.oauth_error('invalid_grant', 'this device code was already exchanged for tokens');
+  END IF;
+  IF d.expires_at <= util.now() THEN
+    RETURN identity.oauth_error('expired_token', 'the device code has expired: start again');
+  END IF;
+  IF d.last_polled_at > util.now() - make_interval(secs => d.interval_seconds) THEN
+    UPDATE identity.device_codes SET interval_seconds = least(interval_seconds + 5, 120), last_polled_at = util.now()
+    WHERE id = d.id;
+    RETURN identity.oauth_error('slow_down', format('poll at most every %s seconds', least(d.interval_seconds + 5, 120)));
+  END IF;
+  UPDATE identity.device_codes SET last_polled_at = util.now() WHERE id = d.id;
+  IF d.status = 'pending' THEN
+    RETURN identity.oauth_error('authorization_pending', 'waiting for the user to approve the code');
+  ELSIF d.status = 'denied' THEN
+    RETURN identity.oauth_error('access_denied', 'the user denied the request');
+  END IF;
+  UPDATE identity.device_codes SET issued_at = util.now() WHERE id = d.id;
+  SELECT * INTO u FROM identity.users WHERE id = d.user_id;
+  v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, 'device_code');
+  PERFORM identity.log_event('device_code_issued', u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+                             jsonb_build_object('client_id', d.client_id));
+  RETURN v_tokens;
+END $$;
+
+COMMENT ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) IS 'POST /oauth/token with grant_type urn:ietf:params:oauth:grant-type:device_code (RFC 8628 section 3.4-3.5): the tokens of a new session once the user approved, exactly once; otherwise {"oauth_error": {error}} with authorization_pending, slow_down (polled faster than the interval, which grows by 5 s), access_denied, expired_token or invalid_grant.';
+
 CREATE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text DEFAULT NULL::text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -392,7 +514,7 @@ BEGIN
     UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
     WHERE id = v_account_id RETURNING * INTO a;
   END IF;
-  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent);
+  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
   PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
     jsonb_build_object('returning_install', v_returning,
                        'fingerprint_seen_before',
@@ -734,6 +856,183 @@ END $$;
 
 COMMENT ON FUNCTION api.me(p_api_key text, p_session_id uuid) IS 'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
 
+CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_limited jsonb := identity.throttled('oauth', p_ip, 60, interval '10 minutes');
+  v_state text := util.random_token();
+  v_nonce text := util.random_token();
+  v_verifier text := util.random_token();
+BEGIN
+  IF v_limited IS NOT NULL THEN
+    RETURN v_limited;
+  END IF;
+  IF p_purpose = 'link' THEN
+    PERFORM identity.active_session(p_session_id);
+  END IF;
+  IF p_browser_secret IS NULL OR length(p_browser_secret) < 32 THEN
+    PERFORM util.fail('TL422', 'a browser binding secret of at least 32 characters is required');
+  END IF;
+  IF p_return_to IS NOT NULL AND p_return_to !~ '^/[A-Za-z0-9/_?=&.-]*$' THEN
+    p_return_to := NULL;                       -- only paths of this site: never an open redirect
+  END IF;
+  INSERT INTO identity.oauth_flows (provider, state_hash, browser_hash, nonce, code_verifier, purpose, session_id,
+                                    device_session_id, return_to, created_at, expires_at)
+  VALUES (p_provider, util.token_hash(v_state), util.token_hash(p_browser_secret), v_nonce, v_verifier, p_purpose,
+          CASE WHEN p_purpose = 'link' THEN p_session_id END, p_device_session_id, left(p_return_to, 500),
+          util.now(), util.now() + interval '10 minutes');
+  RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
+END $_$;
+
+COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) IS 'GET /auth/{provider}/start: a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+
+CREATE FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  f identity.oauth_flows;
+BEGIN
+  -- The claim: a state is used once, whoever presents it.
+  UPDATE identity.oauth_flows SET used_at = util.now()
+  WHERE state_hash = util.token_hash(p_state) AND used_at IS NULL AND expires_at > util.now()
+  RETURNING * INTO f;
+  IF f.id IS NULL OR f.browser_hash <> util.token_hash(p_browser_secret) THEN
+    PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+      jsonb_build_object('reason', CASE WHEN f.id IS NULL THEN 'unknown, used or expired state' ELSE 'another browser' END,
+                         'provider', f.provider));
+    RETURN identity.error('TL400', 'this sign-in link is not valid, was used already, has expired or was started in another browser: start again');
+  END IF;
+  RETURN jsonb_build_object('provider', f.provider, 'purpose', f.purpose, 'nonce', f.nonce,
+                            'code_verifier', f.code_verifier, 'session_id', f.session_id,
+                            'device_session_id', f.device_session_id, 'return_to', f.return_to);
+END $$;
+
+COMMENT ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) IS 'GET /auth/{provider}/callback, step 1: use the flow of this state, once, from the browser that started it (its binding cookie); returns its provider, purpose, nonce and PKCE verifier. A replayed, expired, unknown or foreign state is refused (TL400) and logged as oauth_refused.';
+
+CREATE FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_owner uuid;
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign in to link a provider');
+  END IF;
+  SELECT user_id INTO v_owner FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject;
+  IF v_owner = s.user_id THEN
+    RETURN jsonb_build_object('provider', p_provider, 'linked', true);
+  ELSIF v_owner IS NOT NULL THEN
+    PERFORM identity.log_event('oauth_refused', s.user_id, s.account_id, s.id, p_ip, p_user_agent,
+                               jsonb_build_object('provider', p_provider, 'reason', 'linked to another user'));
+    RETURN identity.error('TL40C', format('this %s account already signs in to another pgtally user', initcap(p_provider)));
+  ELSIF EXISTS (SELECT 1 FROM identity.user_identities WHERE user_id = s.user_id AND provider = p_provider) THEN
+    PERFORM util.fail('TL40C', format('another %s account is linked already: unlink it first', initcap(p_provider)));
+  END IF;
+  PERFORM identity.link_identity(s.user_id, p_provider, p_subject, p_email, p_email_verified);
+  PERFORM identity.log_event('oauth_linked', s.user_id, s.account_id, s.id, p_ip, p_user_agent,
+                             jsonb_build_object('provider', p_provider));
+  RETURN jsonb_build_object('provider', p_provider, 'linked', true);
+END $$;
+
+COMMENT ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) IS 'The account page''s "link Google/GitHub": link the provider account to the signed-in user. TL40C when it signs in to another user, or another account of that provider is linked.';
+
+CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  i identity.user_identities;
+  u identity.users;
+  v_email text;
+  v_account_id uuid;
+  v_kind text := 'oauth_sign_in';
+  v_tokens jsonb;
+BEGIN
+  IF p_subject IS NULL OR length(p_subject) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'the provider did not name the user');
+  END IF;
+  SELECT * INTO i FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject FOR UPDATE;
+  IF FOUND THEN
+    SELECT * INTO u FROM identity.users WHERE id = i.user_id;
+    UPDATE identity.user_identities SET last_sign_in_at = util.now(), email = coalesce(left(p_email, 320), email),
+                                        email_verified = coalesce(p_email_verified, email_verified)
+    WHERE provider = p_provider AND subject = p_subject;
+  ELSE
+    IF p_email IS NULL THEN
+      PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', p_provider, 'reason', 'no email'));
+      RETURN identity.error('TL422', format('%s did not share an email address: make one visible there, or sign up with a password', initcap(p_provider)));
+    END IF;
+    v_email := identity.normalize_email(p_email);
+    SELECT * INTO u FROM identity.users WHERE email_normalized = v_email FOR UPDATE;
+    IF FOUND AND NOT coalesce(p_email_verified, false) THEN
+      -- Linking on an unverified address would let whoever controls that provider account in.
+      PERFORM identity.log_event('oauth_refused', u.id, u.account_id, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', p_provider, 'reason', 'unverified email of an existing user'));
+      RETURN identity.error('TL40C', format('an account with this email exists: sign in with your password, then link %s from your account page', initcap(p_provider)));
+    ELSIF FOUND THEN
+      v_kind := 'oauth_linked';
+    ELSE
+      v_kind := 'oauth_signup';
+      v_account_id := util.uuid_v7();
+      INSERT INTO identity.users (account_id, email, email_normalized, password_hash, email_verified_at, created_at,
+                                  password_changed_at)
+      VALUES (v_account_id, btrim(p_email), v_email, NULL,
+              CASE WHEN p_email_verified THEN util.now() END, util.now(), util.now())
+      ON CONFLICT (email_normalized) DO NOTHING
+      RETURNING * INTO u;
+      IF u.id IS NULL THEN
+        PERFORM util.fail('TL503', 'a sign-up with this email is under way: try again');
+      END IF;
+      PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+    END IF;
+    PERFORM identity.link_identity(u.id, p_provider, p_subject, p_email, p_email_verified);
+    IF p_email_verified THEN
+      UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now()) WHERE id = u.id;
+    END IF;
+  END IF;
+  v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, p_provider);
+  PERFORM identity.log_event(v_kind, u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+                             jsonb_build_object('provider', p_provider));
+  IF p_device_session_id IS NOT NULL THEN
+    PERFORM identity.merge_device(p_device_session_id, u.account_id, p_ip, p_user_agent);
+  END IF;
+  RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
+END $$;
+
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+
+CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  u identity.users;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE id = s.user_id FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL403', 'sign in to unlink a provider');
+  END IF;
+  IF u.password_hash IS NULL AND NOT EXISTS (SELECT 1 FROM identity.user_identities
+                                             WHERE user_id = u.id AND provider <> p_provider) THEN
+    PERFORM util.fail('TL40C', 'this is your only way to sign in: set a password (reset it by email) or link another provider first');
+  END IF;
+  DELETE FROM identity.user_identities WHERE user_id = u.id AND provider = p_provider;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('%s is not linked', initcap(p_provider)));
+  END IF;
+  PERFORM identity.log_event('oauth_unlinked', u.id, u.account_id, s.id, NULL, NULL, jsonb_build_object('provider', p_provider));
+  RETURN jsonb_build_object('provider', p_provider, 'linked', false);
+END $$;
+
+COMMENT ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) IS 'The account page''s "unlink": allowed while another way to sign in remains (a password or another provider); TL40C otherwise, TL404 when not linked.';
+
 CREATE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10) RETURNS TABLE(id uuid, kind text, recipient text, payload jsonb, attempts integer)
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -940,6 +1239,24 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one.';
+
+CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  RETURN jsonb_build_object(
+    'password', (SELECT password_hash IS NOT NULL FROM identity.users WHERE id = s.user_id),
+    'identities', coalesce((SELECT jsonb_agg(jsonb_build_object('provider', provider, 'email', email,
+                                                                'linked_at', util.iso(linked_at),
+                                                                'last_sign_in_at', util.iso(last_sign_in_at))
+                                             ORDER BY provider)
+                            FROM identity.user_identities WHERE user_id = s.user_id), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.sign_in_methods(p_session_id uuid) IS 'The account page: whether the user has a password, and the linked providers {provider, email, linked_at, last_sign_in_at}.';
 
 CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1556,7 +1873,9 @@ CREATE TABLE identity.sessions (
     revoked_at timestamp with time zone,
     revoked_reason text,
     refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
+    method text DEFAULT 'password'::text NOT NULL,
     CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)),
+    CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
     CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text]))),
     CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512))
@@ -1567,6 +1886,8 @@ COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymou
 COMMENT ON COLUMN identity.sessions.expires_at IS 'Absolute end of the session: refresh tokens stop rotating then (30 days after sign-in).';
 
 COMMENT ON COLUMN identity.sessions.refresh_secret IS 'Random key of the refresh-token family: a token''s successor is HMAC-SHA256(refresh_secret, token), so a retry of the same token within the grace window gets the same successor, and the successor is never stored in plaintext.';
+
+COMMENT ON COLUMN identity.sessions.method IS 'How the session started: password, google, github (browser sign-in), device (an anonymous install, POST /v1/identify), device_code (a command line approved at /device).';
 
 CREATE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
     LANGUAGE plpgsql
@@ -1772,6 +2093,15 @@ END $$;
 
 COMMENT ON FUNCTION identity.issue_refresh_token(p_session_id uuid) IS 'A new refresh token for a session, valid until the session expires.';
 
+CREATE FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO identity.user_identities (provider, subject, user_id, email, email_verified, linked_at, last_sign_in_at)
+  VALUES (p_provider, p_subject, p_user_id, left(p_email, 320), coalesce(p_email_verified, false), util.now(), util.now())
+$$;
+
+COMMENT ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) IS 'Link a provider account to a user.';
+
 CREATE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}'::jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -1845,6 +2175,9 @@ BEGIN
   IF p_credits_micros IS NULL OR p_credits_micros < 0 THEN
     PERFORM util.fail('TL422', 'initial credits cannot be negative');
   END IF;
+  IF length(p_name) > 200 THEN
+    PERFORM util.fail('TL422', 'an account name has at most 200 characters');
+  END IF;
   IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
     PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
   END IF;
@@ -1874,6 +2207,22 @@ END $_$;
 
 COMMENT ON FUNCTION identity.normalize_email(p_email text) IS 'lower(trim(email)), after a shape check (one @, a dot in the domain, no spaces, at most 320 characters). TL422 otherwise.';
 
+CREATE FUNCTION identity.normalize_user_code(p_code text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT upper(regexp_replace(coalesce(p_code, ''), '[^A-Za-z]', '', 'g'))
+$$;
+
+COMMENT ON FUNCTION identity.normalize_user_code(p_code text) IS 'A user code as typed (any case, with or without the dash or spaces) in its stored form: XXXX-XXXX -> XXXXXXXX (RFC 8628 section 6.1).';
+
+CREATE FUNCTION identity.oauth_error(p_error text, p_description text) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT jsonb_build_object('oauth_error', jsonb_build_object('error', p_error, 'error_description', p_description))
+$$;
+
+COMMENT ON FUNCTION identity.oauth_error(p_error text, p_description text) IS 'An OAuth token endpoint error (RFC 6749 section 5.2, RFC 8628 section 3.5), returned so that what the call wrote commits: {"oauth_error": {"error", "error_description"}}.';
+
 CREATE FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -1886,6 +2235,67 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) IS 'Create a verify_email or password_reset token; returns the token, stored only as its hash.';
+
+CREATE TABLE identity.device_codes (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    device_code_hash bytea NOT NULL,
+    user_code text NOT NULL,
+    client_id text NOT NULL,
+    scope text,
+    ip text,
+    user_agent text,
+    device_session_id uuid,
+    status text DEFAULT 'pending'::text NOT NULL,
+    user_id uuid,
+    interval_seconds integer DEFAULT 5 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    last_polled_at timestamp with time zone,
+    decided_at timestamp with time zone,
+    issued_at timestamp with time zone,
+    CONSTRAINT device_codes_check CHECK (((status = 'pending'::text) = (decided_at IS NULL))),
+    CONSTRAINT device_codes_check1 CHECK (((status <> 'approved'::text) OR (user_id IS NOT NULL))),
+    CONSTRAINT device_codes_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 100))),
+    CONSTRAINT device_codes_interval_seconds_check CHECK (((interval_seconds >= 1) AND (interval_seconds <= 120))),
+    CONSTRAINT device_codes_ip_check CHECK ((length(ip) <= 64)),
+    CONSTRAINT device_codes_scope_check CHECK ((length(scope) <= 200)),
+    CONSTRAINT device_codes_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'denied'::text]))),
+    CONSTRAINT device_codes_user_agent_check CHECK ((length(user_agent) <= 512)),
+    CONSTRAINT device_codes_user_code_check CHECK ((user_code ~ '^[BCDFGHJKLMNPQRSTVWXZ]{8}$'::text))
+);
+
+COMMENT ON TABLE identity.device_codes IS 'Device authorization grant (RFC 8628): a command line asks for a device code, a signed-in person approves or denies its user code at /device, the command line polls /oauth/token and gets one token pair, once. Codes expire after 10 minutes.';
+
+COMMENT ON COLUMN identity.device_codes.user_code IS '8 characters from an alphabet without vowels or look-alikes (RFC 8628 section 6.1), shown as XXXX-XXXX.';
+
+COMMENT ON COLUMN identity.device_codes.device_session_id IS 'The command line''s anonymous device session (POST /v1/identify), when it sent one: merged into the user on approval, once.';
+
+CREATE FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_code text := identity.normalize_user_code(p_user_code);
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign in to approve a device');
+  END IF;
+  -- Guesses: 20 an hour per IP and per user, and 10 lookups of any one code.
+  error := identity.throttled('device_code', p_ip, 20, interval '1 hour', 'user', s.user_id::text, 20, interval '1 hour');
+  IF error IS NULL THEN
+    error := identity.throttled('device_code_lookup', NULL, 0, interval '1 hour', 'code', v_code, 10, interval '10 minutes');
+  END IF;
+  IF error IS NOT NULL THEN
+    RETURN;
+  END IF;
+  SELECT * INTO d FROM identity.device_codes
+  WHERE user_code = v_code AND status = 'pending' AND expires_at > util.now() FOR UPDATE;
+  IF NOT FOUND THEN
+    error := identity.error('TL404', 'no waiting request with this code: check it, or start again on the device');
+  END IF;
+END $$;
+
+COMMENT ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) IS 'The pending, unexpired device code a signed-in user typed, locked; or an error (TL404 unknown, decided or expired; TL429 too many guesses) to return.';
 
 CREATE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) RETURNS integer
     LANGUAGE plpgsql
@@ -1910,19 +2320,20 @@ END $$;
 
 COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
 
-CREATE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+CREATE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text DEFAULT 'password'::text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
   v_session_id uuid;
 BEGIN
-  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at)
-  VALUES (p_account_id, p_user_id, p_ip, left(p_user_agent, 512), util.now(), util.now(), util.now() + interval '30 days')
+  INSERT INTO identity.sessions (account_id, user_id, ip, user_agent, created_at, last_used_at, expires_at, method)
+  VALUES (p_account_id, p_user_id, left(p_ip, 64), left(p_user_agent, 512), util.now(), util.now(),
+          util.now() + interval '30 days', p_method)
   RETURNING id INTO v_session_id;
   RETURN identity.tokens(v_session_id, identity.issue_refresh_token(v_session_id));
 END $$;
 
-COMMENT ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) IS 'Start a session (a refresh-token family, 30 days at most) and return identity.tokens for it.';
+COMMENT ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) IS 'Start a session (a refresh-token family, 30 days at most) begun by p_method (password, google, github, device, device_code) and return identity.tokens for it.';
 
 CREATE FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) RETURNS text
     LANGUAGE sql
@@ -2516,7 +2927,7 @@ CREATE TABLE identity.auth_events (
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)),
-    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text]))),
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text]))),
     CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512))
 );
 
@@ -2539,6 +2950,33 @@ CREATE TABLE identity.jwt_keys (
 );
 
 COMMENT ON TABLE identity.jwt_keys IS 'HMAC keys for access tokens (HS256, RFC 7518). The newest signs; the server reads them through api.jwt_keys().';
+
+CREATE TABLE identity.oauth_flows (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    provider text NOT NULL,
+    state_hash bytea NOT NULL,
+    browser_hash bytea NOT NULL,
+    nonce text NOT NULL,
+    code_verifier text NOT NULL,
+    purpose text NOT NULL,
+    session_id uuid,
+    device_session_id uuid,
+    return_to text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    CONSTRAINT oauth_flows_code_verifier_check CHECK (((length(code_verifier) >= 43) AND (length(code_verifier) <= 128))),
+    CONSTRAINT oauth_flows_nonce_check CHECK ((length(nonce) <= 128)),
+    CONSTRAINT oauth_flows_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text]))),
+    CONSTRAINT oauth_flows_purpose_check CHECK ((purpose = ANY (ARRAY['sign_in'::text, 'link'::text]))),
+    CONSTRAINT oauth_flows_return_to_check CHECK ((length(return_to) <= 500))
+);
+
+COMMENT ON TABLE identity.oauth_flows IS 'One authorization-code flow with a provider (RFC 6749 section 4.1 with PKCE, RFC 7636): the state (stored hashed) binds the callback to the browser that started it (browser_hash: SHA-256 of a random cookie), the nonce binds the ID token (OpenID Connect), the PKCE verifier stays here. Single use, 10 minutes.';
+
+COMMENT ON COLUMN identity.oauth_flows.session_id IS 'For purpose = link: the signed-in session that asked to link a provider.';
+
+COMMENT ON COLUMN identity.oauth_flows.device_session_id IS 'An anonymous device session the browser carried: merged into the user at sign-in.';
 
 CREATE TABLE identity.one_time_tokens (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -2573,12 +3011,29 @@ CREATE TABLE identity.refresh_tokens (
 
 COMMENT ON TABLE identity.refresh_tokens IS 'Refresh tokens (stored as SHA-256 hashes), each usable once: POST /v1/auth/refresh claims it and issues its successor. Presenting a used one outside the grace window revokes the session (RFC 9700 section 4.14.2).';
 
+CREATE TABLE identity.user_identities (
+    provider text NOT NULL,
+    subject text NOT NULL,
+    user_id uuid NOT NULL,
+    email text,
+    email_verified boolean DEFAULT false NOT NULL,
+    linked_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_sign_in_at timestamp with time zone,
+    CONSTRAINT user_identities_email_check CHECK ((length(email) <= 320)),
+    CONSTRAINT user_identities_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text]))),
+    CONSTRAINT user_identities_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 255)))
+);
+
+COMMENT ON TABLE identity.user_identities IS 'A provider account (Google''s OpenID Connect sub, GitHub''s numeric user id) linked to a pgtally user: at most one per provider and user. Linked at first sign-in, by a verified email, or from the account page.';
+
+COMMENT ON COLUMN identity.user_identities.subject IS 'The provider''s stable user id (OIDC sub, GitHub id): never the email, which can change.';
+
 CREATE TABLE identity.users (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
     email text NOT NULL,
     email_normalized text NOT NULL,
-    password_hash text NOT NULL,
+    password_hash text,
     email_verified_at timestamp with time zone,
     password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -2591,7 +3046,7 @@ COMMENT ON TABLE identity.users IS 'People who sign in with an email and passwor
 
 COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
 
-COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database.';
+COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
 
 CREATE TABLE ledger.entries (
     id bigint NOT NULL,
@@ -2881,8 +3336,20 @@ ALTER TABLE ONLY identity.api_keys
 ALTER TABLE ONLY identity.auth_events
     ADD CONSTRAINT auth_events_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_device_code_hash_key UNIQUE (device_code_hash);
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY identity.jwt_keys
     ADD CONSTRAINT jwt_keys_pkey PRIMARY KEY (kid);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_state_hash_key UNIQUE (state_hash);
 
 ALTER TABLE ONLY identity.one_time_tokens
     ADD CONSTRAINT one_time_tokens_pkey PRIMARY KEY (id);
@@ -2901,6 +3368,12 @@ ALTER TABLE ONLY identity.refresh_tokens
 
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_user_id_provider_key UNIQUE (user_id, provider);
 
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_account_id_key UNIQUE (account_id);
@@ -2947,6 +3420,8 @@ CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (d
 CREATE INDEX api_keys_account_id_idx ON identity.api_keys USING btree (account_id);
 
 CREATE INDEX auth_events_user_id_idx ON identity.auth_events USING btree (user_id, id) WHERE (user_id IS NOT NULL);
+
+CREATE UNIQUE INDEX device_codes_pending_user_code_idx ON identity.device_codes USING btree (user_code) WHERE (status = 'pending'::text);
 
 CREATE INDEX one_time_tokens_user_id_idx ON identity.one_time_tokens USING btree (user_id, purpose);
 
@@ -3014,6 +3489,18 @@ ALTER TABLE ONLY identity.accounts
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
 
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
+
 ALTER TABLE ONLY identity.one_time_tokens
     ADD CONSTRAINT one_time_tokens_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
 
@@ -3025,6 +3512,9 @@ ALTER TABLE ONLY identity.sessions
 
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
@@ -3086,6 +3576,18 @@ REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, 
 REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
@@ -3126,6 +3628,21 @@ GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgt
 REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.outbox_claim(p_limit integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_claim(p_limit integer) TO pgtally_api;
 
@@ -3155,6 +3672,9 @@ GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id 
 
 REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
@@ -3223,6 +3743,8 @@ REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_
 
 REVOKE ALL ON FUNCTION identity.issue_refresh_token(p_session_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
@@ -3231,11 +3753,17 @@ REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name tex
 
 REVOKE ALL ON FUNCTION identity.normalize_email(p_email text) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.normalize_user_code(p_code text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.oauth_error(p_error text, p_description text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
 
