@@ -1,5 +1,5 @@
 # make run: install pgtally in .venv, start PostgreSQL (embedded, or DATABASE_URL) and serve the API.
-# make test: install the test dependencies too and run the whole suite.
+# make test: install the test dependencies (and Debian's chromium for the browser tests), run the whole suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +19,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/pgtally serve
 
-test: $(VENV)/.installed-test
+# Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq chromium >/dev/null
+
+test: $(VENV)/.installed-test $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 schema: $(VENV)/.installed

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from litestar import Request, Response
 from litestar.config.csrf import CSRFConfig
+from litestar.enums import MediaType
 from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.middleware.session.client_side import CookieBackendConfig
 from litestar.response import Redirect, Template
@@ -71,7 +72,8 @@ def page_headers(response: Response) -> Response:
 
 def browser_session(request: Request) -> uuid.UUID | None:
     """The session id the cookie names, if any (whether it is still active, api.* decides)."""
-    sid = request.session.get("sid") if request.scope.get("session") else None
+    data = request.scope.get("session")
+    sid = data.get("sid") if isinstance(data, dict) else None
     try:
         return uuid.UUID(sid) if sid else None
     except ValueError:
@@ -102,7 +104,7 @@ def page(name: str, request: Request, status_code: int = 200, **context: Any) ->
 
     context.setdefault("signed_in", browser_session(request) is not None)
     context.setdefault("providers", configured_providers(request.app.state.settings))
-    return Template(template_name=name, context=context, status_code=status_code)
+    return Template(template_name=name, context=context, status_code=status_code, media_type=MediaType.HTML)
 
 
 def problem_text(exc: PgtallyError) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,3 +120,52 @@ def reconciliation_problems(conn: psycopg.Connection) -> dict[str, list]:
     from api.cli import RECONCILIATION_VIEWS
 
     return {v: rows for v in RECONCILIATION_VIEWS if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def fresh_database(name: str):
+    """A database of its own (migrated, default catalog), for fixtures wider than one test."""
+    admin = make_conninfo(**{**SERVER, "dbname": "postgres"})
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(**{**SERVER, "dbname": name})
+    db.upgrade(url)
+    db.load_catalog(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def serving(app, port: int):
+    """The app under uvicorn on 127.0.0.1:port in a thread, until the block ends."""
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)

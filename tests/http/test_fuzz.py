@@ -6,23 +6,15 @@ so the suite stays fast; raise PGTALLY_FUZZ_EXAMPLES to search longer."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 
 import httpx
-import psycopg
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings, strategies as st
 from schemathesis import checks as st_checks
 
-from psycopg.conninfo import make_conninfo
-
-from api import db
 from api.app import Settings, create_app
-from tests.conftest import SERVER
+from tests.conftest import fresh_database, free_port, serving
 from tests.http.conftest import PUBLIC_URL
 from tests.stripe_standin import StripeStandIn
 
@@ -35,43 +27,14 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
 
 
 @pytest.fixture(scope="module")
-def fuzz_db(postgresql_noproc):
-    """One database for the whole module (the fuzz tests share a server): migrated, catalog loaded."""
-    name = f"pgtally_fuzz_{os.getpid()}"
-    with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres"}), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**SERVER, "dbname": name})
-    db.upgrade(url)
-    db.load_catalog(url)
-    yield url
-    with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres"}), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="module")
-def live(fuzz_db):
-    """The app on a real port (uvicorn in a thread), with the Stripe stand-in and a webhook secret."""
-    db_url = fuzz_db
-    with StripeStandIn() as stripe_api, socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        app = create_app(db_url, Settings(public_url=PUBLIC_URL, stripe_api_key="sk_test_fuzz",
-                                          stripe_api_base=stripe_api.url, stripe_webhook_secret="whsec_fuzz"))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        yield base
-        server.should_exit = True
-        thread.join(10)
+def live(postgresql_noproc):
+    """The app on a real port (uvicorn in a thread) over a database of this module's, with the
+    Stripe stand-in and a webhook secret."""
+    with fresh_database(f"pgtally_fuzz_{os.getpid()}") as url, StripeStandIn() as stripe_api:
+        app = create_app(url, Settings(public_url=PUBLIC_URL, stripe_api_key="sk_test_fuzz",
+                                       stripe_api_base=stripe_api.url, stripe_webhook_secret="whsec_fuzz"))
+        with serving(app, free_port()) as base:
+            yield base
 
 
 @pytest.fixture(scope="module")

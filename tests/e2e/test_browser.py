@@ -1,0 +1,168 @@
+"""The pages in real Chromium (Debian's chromium, driven by Playwright's Python package):
+sign up and confirm by the emailed link, log in with a password and with an OpenID Connect
+provider, reset a password by the emailed link, and approve a device code while
+``pgtally login`` polls in another process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+from oidc_provider_mock import User, run_server_in_thread
+from playwright.sync_api import Page, expect, sync_playwright
+
+from api import db
+from api.app import Settings, create_app
+from api.worker import deliver_due
+from tests.conftest import free_port, fresh_database, serving
+from tests.http.conftest import Inbox
+
+CHROMIUM = os.environ.get("PGTALLY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+PASSWORD = "violet-harbour-tangent-42"
+PGTALLY = Path(sys.executable).parent / "pgtally"
+
+
+@pytest.fixture(scope="module")
+def smtp():
+    from aiosmtpd.controller import Controller
+
+    inbox = Inbox()
+    inbox.port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=inbox.port)
+    controller.start()
+    yield inbox
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def site(postgresql_noproc, smtp):
+    """pgtally on a real port, with Google pointed at a local OpenID Connect provider."""
+    users = [User(sub="g-grace", claims={"email": "grace@example.com", "email_verified": True})]
+    port = free_port()
+    with fresh_database(f"pgtally_e2e_{os.getpid()}") as url, \
+            run_server_in_thread(user_claims=users, require_nonce=True) as oidc:
+        settings = Settings(public_url=f"http://127.0.0.1:{port}", smtp_url=f"smtp://127.0.0.1:{smtp.port}",
+                            google_client_id="pgtally-e2e", google_client_secret="s3cret",
+                            google_issuer=f"http://localhost:{oidc.server_port}")
+        with serving(create_app(url, settings), port) as base:
+            yield {"base": base, "url": url, "settings": settings}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, site) -> Page:
+    context = browser.new_context(base_url=site["base"])
+    yield context.new_page()
+    context.close()
+
+
+def deliver(site) -> None:
+    async def run():
+        async with await psycopg.AsyncConnection.connect(db.api_conninfo(site["url"]), autocommit=True) as conn:
+            await deliver_due(conn, site["settings"], limit=100)
+    # Playwright's sync API keeps an event loop in this thread: deliver from another one.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+def emailed_link(smtp, address: str, subject: str) -> str:
+    (message, *_) = [m for m in reversed(smtp.to(address)) if subject in m["Subject"]]
+    return re.search(r"(http://\S+token=[\w-]+)", message.get_content()).group(1)
+
+
+def log_in(page: Page, email: str, password: str) -> None:
+    page.goto("/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", name="Your account")).to_be_visible()
+
+
+def test_sign_up_confirm_by_email_log_in_and_reset_the_password(page, site, smtp):
+    page.goto("/signup")
+    page.get_by_label("Email").fill("ada@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+
+    deliver(site)
+    page.goto(emailed_link(smtp, "ada@example.com", "Confirm"))
+    page.get_by_role("button", name="Confirm my email address").click()
+    expect(page.get_by_text("ada@example.com is confirmed.")).to_be_visible()
+
+    log_in(page, "ada@example.com", PASSWORD)
+    expect(page.get_by_text("confirmed", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Log out").click()
+    expect(page.get_by_role("heading", name="Log in")).to_be_visible()
+
+    page.get_by_role("link", name="Forgot your password?").click()
+    page.get_by_label("Email").fill("ada@example.com")
+    page.get_by_role("button", name="Email me a link").click()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+    deliver(site)
+    page.goto(emailed_link(smtp, "ada@example.com", "Reset"))
+    page.get_by_label("New password").fill("quartz-meadow-lantern-9")
+    page.get_by_role("button", name="Set the new password").click()
+    expect(page.get_by_role("heading", name="Password changed")).to_be_visible()
+    log_in(page, "ada@example.com", "quartz-meadow-lantern-9")
+
+
+def test_log_in_with_the_openid_connect_provider(page):
+    page.goto("/login")
+    page.get_by_role("link", name="Continue with Google").click()
+    page.locator("input[name=sub]").fill("g-grace")
+    page.locator("input[name=sub]").press("Enter")
+    expect(page.get_by_role("heading", name="Your account")).to_be_visible()
+    expect(page.get_by_text("grace@example.com confirmed")).to_be_visible()
+    expect(page.get_by_text("Google (grace@example.com)")).to_be_visible()
+
+
+def test_approve_a_device_code_while_pgtally_login_polls(page, site, tmp_path):
+    env = {**os.environ, "PGTALLY_CONFIG_DIR": str(tmp_path)}
+    cli = subprocess.Popen([str(PGTALLY), "login", "--url", site["base"], "--no-browser"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = cli.stdout.readline()
+        code = re.search(r"enter the code ([A-Z]{4}-[A-Z]{4})", line).group(1)
+        page.goto("/login")
+        page.get_by_role("link", name="Continue with Google").click()
+        page.locator("input[name=sub]").fill("g-grace")
+        page.locator("input[name=sub]").press("Enter")
+        expect(page.get_by_role("heading", name="Your account")).to_be_visible()
+        page.goto(f"/device?user_code={code}")
+        page.get_by_role("button", name="Continue").click()
+        expect(page.get_by_text("pgtally-cli asks to sign in to your account")).to_be_visible()
+        page.get_by_role("button", name="Approve").click()
+        expect(page.get_by_role("heading", name="Device approved")).to_be_visible()
+        out, err = cli.communicate(timeout=60)
+    finally:
+        cli.kill()
+    assert cli.returncode == 0, err
+    credentials = tmp_path / "credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    assert json.loads(credentials.read_text())["url"] == site["base"]
+    whoami = subprocess.run([str(PGTALLY), "whoami"], env=env, capture_output=True, text=True, timeout=60)
+    assert whoami.returncode == 0 and whoami.stdout.startswith("grace@example.com"), whoami.stderr
+    usage = subprocess.run([str(PGTALLY), "usage"], env=env, capture_output=True, text=True, timeout=60)
+    assert "generation" in usage.stdout and "of 10" in usage.stdout, usage.stderr
+    assert subprocess.run([str(PGTALLY), "logout"], env=env, capture_output=True, timeout=60).returncode == 0
+    assert not credentials.exists()
+    assert subprocess.run([str(PGTALLY), "whoami"], env=env, capture_output=True, timeout=60).returncode != 0
