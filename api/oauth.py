@@ -24,7 +24,7 @@ from litestar.response import Redirect
 
 from api.calls import call_json, client
 from api.errors import PgtallyError
-from api.web import browser_session, page, safe_next, sign_in_browser
+from api.web import browser_session, device_session, page, safe_next, sign_in_browser
 
 BINDING_COOKIE = "pgtally_oauth"
 PROVIDERS = ("google", "github")
@@ -113,9 +113,11 @@ async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> 
 
 
 @get("/auth/{provider:str}/start", include_in_schema=False)
-async def start(request: Request, provider: FromPath[str], next: str | None = None, link: bool = False) -> Redirect:
+async def start(request: Request, provider: FromPath[str], next: str | None = None, link: bool = False,
+                device_token: str | None = None) -> Redirect:
     """Send the browser to the provider, with a state bound to a cookie set here. ``link``: link
-    the provider to the signed-in user instead of signing in."""
+    the provider to the signed-in user instead of signing in. ``device_token``: the access token
+    of an anonymous device (a browser extension's /v1/identify) to merge into the user."""
     if provider not in configured_providers(request.app.state.settings):
         return page("message.html", request, 404, title="Not available",
                     message=f"Sign-in with {provider} is not configured on this server.")
@@ -124,7 +126,8 @@ async def start(request: Request, provider: FromPath[str], next: str | None = No
     if link and session_id is None:
         return Redirect(f"/login?next=/account")
     flow = await call_json(request, "SELECT api.oauth_begin(%s::text, %s::text, %s::text, %s::uuid, %s::uuid, %s::text, %s::text)",
-                           [provider, "link" if link else "sign_in", binding, session_id, None,
+                           [provider, "link" if link else "sign_in", binding, session_id,
+                            device_session(request, device_token),
                             safe_next(next), client(request)[0]])
     response = Redirect(await authorization_url(request, provider, flow))
     response.set_cookie(BINDING_COOKIE, binding, path="/auth", max_age=600, httponly=True, samesite="lax",

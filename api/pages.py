@@ -18,7 +18,7 @@ from litestar.static_files import create_static_files_router
 from api.auth import password_login, register
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
-from api.web import STATIC, browser_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
+from api.web import STATIC, browser_session, device_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -27,6 +27,7 @@ class CredentialsForm(msgspec.Struct):
     email: str = ""
     password: str = ""
     next: str | None = None
+    device_token: str | None = None
 
 
 class EmailForm(msgspec.Struct):
@@ -61,31 +62,35 @@ async def home(request: Request) -> Redirect:
 
 
 @get("/login")
-async def login_page(request: Request, next: str | None = None) -> Any:
-    return page("login.html", request, next=safe_next(next), email="")
+async def login_page(request: Request, next: str | None = None, device_token: str | None = None) -> Any:
+    """``device_token``: an anonymous device's access token (an extension sending its user here):
+    its usage and credits move to the account signed in to."""
+    return page("login.html", request, next=safe_next(next), email="", device_token=device_token or "")
 
 
 @post("/login")
 async def login_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
-        session = await password_login(request, data.email, data.password, None)
+        session = await password_login(request, data.email, data.password, device_session(request, data.device_token))
     except PgtallyError as exc:
-        return page("login.html", request, 401, error=problem_text(exc), email=data.email, next=safe_next(data.next))
+        return page("login.html", request, 401, error=problem_text(exc), email=data.email, next=safe_next(data.next),
+                    device_token=data.device_token or "")
     sign_in_browser(request, session)
     return Redirect(safe_next(data.next))
 
 
 @get("/signup")
-async def signup_page(request: Request) -> Any:
-    return page("signup.html", request, email="")
+async def signup_page(request: Request, device_token: str | None = None) -> Any:
+    return page("signup.html", request, email="", device_token=device_token or "")
 
 
 @post("/signup")
 async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
-        await register(request, data.email, data.password, None)
+        await register(request, data.email, data.password, device_session(request, data.device_token))
     except PgtallyError as exc:
-        return page("signup.html", request, 422, error=problem_text(exc), email=data.email)
+        return page("signup.html", request, 422, error=problem_text(exc), email=data.email,
+                    device_token=data.device_token or "")
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
                 message=f"We sent a link to {data.email.strip()} to confirm the address. It works once, for 24 hours.")

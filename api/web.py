@@ -80,6 +80,19 @@ def browser_session(request: Request) -> uuid.UUID | None:
         return None
 
 
+def device_session(request: Request, device_token: str | None) -> uuid.UUID | None:
+    """The session of an anonymous device's access token a page was opened with (an extension
+    sending its user to sign in), to merge into the user; None when absent or not valid."""
+    from litestar.exceptions import NotAuthorizedException
+
+    if not device_token:
+        return None
+    try:
+        return request.app.state.jwt_keys.session_id(device_token)
+    except NotAuthorizedException:
+        return None
+
+
 def sign_in_browser(request: Request, session: dict[str, Any]) -> None:
     """Make the browser carry this session (identity.tokens of a sign-in)."""
     request.set_session({"sid": session["session_id"]})

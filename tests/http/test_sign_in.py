@@ -322,3 +322,16 @@ async def test_approving_merges_the_command_lines_anonymous_install_once(client,
     balance = (await client.get("/v1/balance", headers={"Authorization": f"Bearer {tokens['access_token']}"})).json()
     assert balance["allowances"][0]["used"] == 2
     assert events(owner, "device_merged") == 1
+
+
+async def test_a_browser_that_carried_an_anonymous_device_merges_it_at_first_sign_in(client, owner):
+    device = (await client.post("/v1/identify", json={"install_id": "ext-install-0123456789abcdef"})).json()
+    r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
+                          headers={"Authorization": f"Bearer {device['access_token']}", "Idempotency-Key": "x1"})
+    assert r.status_code == 201
+    login_page = await client.get(f"/login?device_token={device['access_token']}")
+    assert "device_token=" in login_page.text
+    await google(client, "g-ada", start=f"/auth/google/start?device_token={device['access_token']}")
+    me = owner.execute("SELECT a.id FROM identity.users u JOIN identity.accounts a ON a.id = u.account_id").fetchone()[0]
+    assert owner.execute("SELECT merged_into FROM identity.accounts WHERE id = %s", [device["account_id"]]).fetchone()[0] == me
+    assert owner.execute("SELECT count(*) FROM metering.usage_events WHERE account_id = %s", [me]).fetchone()[0] == 1
