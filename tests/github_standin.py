@@ -90,3 +90,16 @@ class GitHubStandIn:
 
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
+
+
+if __name__ == "__main__":
+    # Try GitHub sign-in offline: PGTALLY_GITHUB_URL=PGTALLY_GITHUB_API_URL=http://127.0.0.1:12112
+    import sys
+
+    standin = GitHubStandIn()
+    standin.server.server_close()
+    standin.server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 12112),
+                                         standin.server.RequestHandlerClass)
+    print(f"GitHub stand-in on http://127.0.0.1:{standin.server.server_address[1]} (signs in as octo@example.com)",
+          flush=True)
+    standin.server.serve_forever()
