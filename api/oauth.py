@@ -19,7 +19,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from litestar import Request, get
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect
 
 from api.calls import call_json, client
@@ -113,8 +113,9 @@ async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> 
 
 
 @get("/auth/{provider:str}/start", include_in_schema=False)
-async def start(request: Request, provider: FromPath[str], next: str | None = None, link: bool = False,
-                device_token: str | None = None) -> Redirect:
+async def start(request: Request, provider: FromPath[str], next: FromQuery[str | None] = None,
+                link: FromQuery[bool] = False,
+                device_token: FromQuery[str | None] = None) -> Redirect:
     """Send the browser to the provider, with a state bound to a cookie set here. ``link``: link
     the provider to the signed-in user instead of signing in. ``device_token``: the access token
     of an anonymous device (a browser extension's /v1/identify) to merge into the user."""
@@ -137,8 +138,8 @@ async def start(request: Request, provider: FromPath[str], next: str | None = No
 
 @get("/auth/{provider:str}/callback", include_in_schema=False)
 async def callback(request: Request, provider: FromPath[str],
-                   oauth_state: Annotated[str | None, Parameter(query="state")] = None, code: str | None = None,
-                   error: str | None = None, error_description: str | None = None) -> Any:
+                   oauth_state: Annotated[str | None, QueryParameter(name="state")] = None, code: FromQuery[str | None] = None,
+                   error: FromQuery[str | None] = None, error_description: FromQuery[str | None] = None) -> Any:
     """Where the provider sends the browser back: the state is claimed once (from the browser
     that started it), the code exchanged, and the person signed in, linked or signed up."""
     ip, user_agent = client(request)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Request, Router, get, post
 from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath
+from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
@@ -62,7 +62,8 @@ async def home(request: Request) -> Redirect:
 
 
 @get("/login")
-async def login_page(request: Request, next: str | None = None, device_token: str | None = None) -> Any:
+async def login_page(request: Request, next: FromQuery[str | None] = None,
+                     device_token: FromQuery[str | None] = None) -> Any:
     """``device_token``: an anonymous device's access token (an extension sending its user here):
     its usage and credits move to the account signed in to."""
     return page("login.html", request, next=safe_next(next), email="", device_token=device_token or "")
@@ -80,7 +81,7 @@ async def login_submit(request: Request, data: Annotated[CredentialsForm, Form])
 
 
 @get("/signup")
-async def signup_page(request: Request, device_token: str | None = None) -> Any:
+async def signup_page(request: Request, device_token: FromQuery[str | None] = None) -> Any:
     return page("signup.html", request, email="", device_token=device_token or "")
 
 
@@ -109,7 +110,7 @@ async def logout_submit(request: Request) -> Redirect:
 
 
 @get("/verify-email")
-async def verify_page(request: Request, token: str = "") -> Any:
+async def verify_page(request: Request, token: FromQuery[str] = "") -> Any:
     """A button, not an action: mail scanners that open links must not use the token."""
     return page("verify.html", request, token=token)
 
@@ -125,7 +126,7 @@ async def verify_submit(request: Request, data: Annotated[TokenForm, Form]) -> A
 
 
 @get("/reset-password")
-async def reset_page(request: Request, token: str | None = None) -> Any:
+async def reset_page(request: Request, token: FromQuery[str | None] = None) -> Any:
     """Without a token: ask for the email. With the emailed token: choose a new password."""
     return page("reset.html", request, token=token or "", email="")
 
@@ -221,7 +222,7 @@ async def unlink(request: Request, provider: FromPath[str]) -> Any:
 
 
 @get("/device")
-async def device_page(request: Request, user_code: str = "") -> Any:
+async def device_page(request: Request, user_code: FromQuery[str] = "") -> Any:
     """Enter (or arrive with) the code a command line shows; sign in first if needed."""
     if browser_session(request) is None:
         return to_login(request)
@@ -265,7 +266,7 @@ async def upgrade_page(request: Request) -> Any:
 
 
 @get("/billing/success")
-async def billing_success(request: Request, session_id: str | None = None) -> Any:
+async def billing_success(request: Request, session_id: FromQuery[str | None] = None) -> Any:
     return page("message.html", request, title="Thank you",
                 message="Your payment went through. It is applied as soon as Stripe confirms it.",
                 link=("/account", "Your account"))

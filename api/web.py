@@ -16,7 +16,7 @@ from urllib.parse import quote
 from litestar import Request, Response
 from litestar.config.csrf import CSRFConfig
 from litestar.enums import MediaType
-from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.middleware.session.client_side import CookieBackendConfig
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
