@@ -13,6 +13,7 @@ from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 
+from api.auth import TokenResponse
 from api.calls import OPTIONAL_AUTH, MaybeCaller, call, call_json, client
 from api.errors import problems
 
@@ -45,15 +46,6 @@ class DeviceAuthorization(msgspec.Struct):
     interval: int
 
 
-class OAuthToken(msgspec.Struct):
-    """RFC 6749 section 5.1 (an error is section 5.2: {error, error_description}, status 400)."""
-
-    access_token: str
-    token_type: str
-    expires_in: int
-    refresh_token: str
-
-
 def oauth_error(error: str, error_description: str) -> Response:
     """An OAuth error answer (RFC 6749 section 5.2): 400, JSON, not cached."""
     return Response({"error": error, "error_description": error_description}, status_code=400, headers=NO_STORE)
@@ -78,7 +70,7 @@ async def device_authorization(request: Request, caller: MaybeCaller,
 
 
 class OAuthErrorBody(msgspec.Struct):
-    """RFC 6749 section 5.2."""
+    """RFC 6749 section 5.2 (a token is section 5.1: TokenResponse)."""
 
     error: str
     error_description: str
@@ -90,7 +82,7 @@ class OAuthErrorBody(msgspec.Struct):
                                                                "section 3.5): not problem+json, as OAuth clients expect",
                                    generate_examples=False)})
 async def token(request: Request,
-                data: Annotated[TokenRequest, Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[OAuthToken]:
+                data: Annotated[TokenRequest, Body(media_type=RequestEncodingType.URL_ENCODED)]) -> Response[TokenResponse]:
     """``grant_type=urn:ietf:params:oauth:grant-type:device_code`` with ``device_code`` and
     ``client_id``: the tokens once the user approved (exactly once), else 400 with ``error``
     ``authorization_pending``, ``slow_down``, ``access_denied``, ``expired_token`` or
