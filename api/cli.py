@@ -300,20 +300,52 @@ def credentials_path() -> Path:
     return Path(os.environ.get("PGTALLY_CONFIG_DIR") or platformdirs.user_config_dir("pgtally")) / "credentials.json"
 
 
+KEYRING_SERVICE = "pgtally"
+
+
+def os_keyring():
+    """The OS keyring (the keyring package, when installed and backed by a real store), or None."""
+    try:
+        import keyring
+        from keyring.backends import fail
+    except ImportError:
+        return None
+    backend = keyring.get_keyring()
+    return None if isinstance(backend, fail.Keyring) or getattr(backend, "priority", 0) <= 0 else keyring
+
+
 def load_credentials() -> dict:
     path = credentials_path()
-    return json.loads(path.read_text()) if path.exists() else {}
+    credentials = json.loads(path.read_text()) if path.exists() else {}
+    if credentials.pop("in_keyring", False) and (keyring := os_keyring()):
+        credentials.update(json.loads(keyring.get_password(KEYRING_SERVICE, credentials["url"]) or "{}"))
+    return credentials
 
 
 def save_credentials(credentials: dict) -> None:
-    """Write the tokens readable by this user only (mode 0600), replacing the file atomically."""
+    """Keep the tokens in the OS keyring when there is one (the file then names the server
+    only), else in the file, readable by this user only (mode 0600), replaced atomically."""
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if keyring := os_keyring():
+        secrets_ = {k: v for k, v in credentials.items() if k != "url"}
+        keyring.set_password(KEYRING_SERVICE, credentials["url"], json.dumps(secrets_))
+        credentials = {"url": credentials["url"], "in_keyring": True}
     temporary = path.with_suffix(".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(credentials, f)
     os.replace(temporary, path)
+
+
+def forget_credentials() -> None:
+    credentials = load_credentials()
+    if credentials.get("url") and (keyring := os_keyring()):
+        try:
+            keyring.delete_password(KEYRING_SERVICE, credentials["url"])
+        except Exception:  # noqa: BLE001 - nothing stored there
+            pass
+    credentials_path().unlink(missing_ok=True)
 
 
 def server_url(url: str | None) -> str:
@@ -325,7 +357,8 @@ def server_url(url: str | None) -> str:
 @click.option("--no-browser", is_flag=True, help="Only print the address; do not try to open a browser.")
 def login(url: str | None, no_browser: bool) -> None:
     """Log in through the browser (OAuth 2.0 device authorization grant, RFC 8628): shows a code
-    to approve at /device, waits, and keeps the tokens in your config folder (mode 0600). An
+    to approve at /device, waits, and keeps the tokens in the OS keyring when there is one, else
+    in your config folder (mode 0600). An
     anonymous install's usage (its anonymous_access_token in that file) moves to your account."""
     import time
     import webbrowser
@@ -418,5 +451,5 @@ def logout() -> None:
             authorized("POST", "/v1/auth/logout")
         except click.ClickException:
             pass                    # already ended: forget it anyway
-    credentials_path().unlink(missing_ok=True)
+    forget_credentials()
     click.echo("Logged out.")

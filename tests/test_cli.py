@@ -105,3 +105,37 @@ def test_db_psql_opens_the_database(db_url, new_account):
                          env={**os.environ, "DATABASE_URL": db_url}, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == account
+
+
+def test_login_tokens_go_to_the_os_keyring_when_there_is_one(tmp_path, monkeypatch):
+    """With a keyring present the credentials file names the server only (an in-memory keyring
+    stands in for the OS's: the keyring package's own backend interface)."""
+    import keyring
+    from keyring.backend import KeyringBackend
+
+    from api import cli
+
+    class Memory(KeyringBackend):
+        priority = 1
+        store: dict = {}
+
+        def get_password(self, service, username):
+            return self.store.get((service, username))
+
+        def set_password(self, service, username, password):
+            self.store[(service, username)] = password
+
+        def delete_password(self, service, username):
+            del self.store[(service, username)]
+
+    monkeypatch.setenv("PGTALLY_CONFIG_DIR", str(tmp_path))
+    previous = keyring.get_keyring()
+    keyring.set_keyring(Memory())
+    try:
+        cli.save_credentials({"url": "http://pgtally.test", "access_token": "at", "refresh_token": "rt", "expires_at": 1})
+        assert json.loads((tmp_path / "credentials.json").read_text()) == {"url": "http://pgtally.test", "in_keyring": True}
+        assert cli.load_credentials()["refresh_token"] == "rt"
+        cli.forget_credentials()
+        assert Memory.store == {} and not (tmp_path / "credentials.json").exists()
+    finally:
+        keyring.set_keyring(previous)
