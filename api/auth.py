@@ -17,7 +17,7 @@ from litestar.params import FromPath, JSONBody
 
 from api.calls import (AUTH, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json,
                        client)
-from api.errors import PgtallyError, problems
+from api.errors import PgtallyError, problems, upgrade_url
 from api.usage import Allowance
 from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
 
@@ -269,7 +269,7 @@ async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> Identif
                             plan=found["plan"], credits=found["credits"], returning=found["returning"],
                             allowances=found["allowances"], meter=found["meter"], can_use=found["can_use"],
                             allowance=found["allowance"], resets_at=found["resets_at"],
-                            upgrade_url=request.app.state.settings.upgrade_url)
+                            upgrade_url=upgrade_url(request, found["account_id"]))
 
 
 @get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller", responses=problems(400, 401, 403, 503))

@@ -100,12 +100,19 @@ class PgtallyError(Exception):
         self.error = error
 
 
+def upgrade_url(request: Request, account_id: str | None) -> str:
+    """Where to send someone who ran out: the pricing page, with a signed token naming the
+    account (valid an hour) when it is known."""
+    base = request.app.state.settings.upgrade_url
+    return f"{base}?token={request.app.state.jwt_keys.upgrade_token(account_id)}" if account_id else base
+
+
 def pgtally_problem(request: Request, sqlstate: str, message: str, extra: dict[str, Any]) -> Response:
     """The problem for a pgtally SQLSTATE, raised or returned alike."""
     status, slug, title = SQLSTATES[sqlstate]
     headers = None
     if status == 402:
-        extra["upgrade_url"] = request.app.state.settings.upgrade_url
+        extra["upgrade_url"] = upgrade_url(request, extra.get("account_id"))
     if status == 429 and "retry_after" in extra:
         headers = {"Retry-After": str(extra["retry_after"])}
     if status == 503:

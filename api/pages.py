@@ -259,10 +259,13 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
 
 
 @get("/upgrade")
-async def upgrade_page(request: Request) -> Any:
-    """The plans of the catalog (the billing pages build on this)."""
+async def upgrade_page(request: Request, token: FromQuery[str | None] = None) -> Any:
+    """The plans of the catalog. ``token``: the signed upgrade token of a 402 or of /v1/identify,
+    naming the account (an anonymous device) the purchase is for."""
     (catalog,) = await call(request, "SELECT api.plans()", [])
-    return page("upgrade.html", request, catalog=catalog)
+    buyer = request.app.state.jwt_keys.upgrade_account(token) if token else None
+    return page("upgrade.html", request, catalog=catalog, buyer=buyer,
+                error=None if buyer or not token else "This link has expired: open it again from the app.")
 
 
 @get("/billing/success")

@@ -24,6 +24,8 @@ from litestar.params import HeaderParameter
 ACCESS_TOKEN_SECONDS = 15 * 60
 JWT_ALGORITHM = "HS256"
 JWT_AUDIENCE = "pgtally"
+UPGRADE_AUDIENCE = "pgtally:upgrade"
+UPGRADE_TOKEN_SECONDS = 3600
 PASSWORD_MIN, PASSWORD_MAX = 8, 1024
 API_KEY_RE = re.compile(r"^(pgt_[A-Za-z0-9_-]{64})([0-9a-f]{8})$")
 
@@ -80,6 +82,27 @@ class Keys:
         token = jwt.encode({"alg": JWT_ALGORITHM, "kid": kid}, claims, key, algorithms=[JWT_ALGORITHM])
         return {"access_token": token, "token_type": "bearer", "expires_in": ACCESS_TOKEN_SECONDS,
                 "refresh_token": session["refresh_token"]}
+
+    def upgrade_token(self, account_id: str) -> str:
+        """A short-lived signed token naming an account, for the ``upgrade_url`` of a 402 or of
+        /v1/identify: the pricing page then knows whose purchase it is (an anonymous device
+        has no other way to say). Audience ``pgtally:upgrade``, so it is never an access token."""
+        key = self.keys[0]
+        now = int(time.time())
+        claims = {"iss": self.issuer, "aud": UPGRADE_AUDIENCE, "sub": str(account_id), "iat": now,
+                  "exp": now + UPGRADE_TOKEN_SECONDS}
+        return jwt.encode({"alg": JWT_ALGORITHM, "kid": key.kid}, claims, key, algorithms=[JWT_ALGORITHM])
+
+    def upgrade_account(self, token: str) -> uuid.UUID | None:
+        """The account an upgrade token names, or None when it is not valid or has expired."""
+        try:
+            decoded = jwt.decode(token, KeySet(self.keys), algorithms=[JWT_ALGORITHM])
+            jwt.JWTClaimsRegistry(iss={"essential": True, "value": self.issuer},
+                                  aud={"essential": True, "value": UPGRADE_AUDIENCE},
+                                  exp={"essential": True}).validate(decoded.claims)
+            return uuid.UUID(decoded.claims["sub"])
+        except (JoseError, ValueError, TypeError, KeyError):
+            return None
 
     def session_id(self, token: str) -> uuid.UUID:
         """The session id of a valid access token: signature (HS256 only), issuer, audience and

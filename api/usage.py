@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Any
 
 import uuid
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import HeaderParameter, JSONBody
+from litestar.params import HeaderParameter, JSONBody, QueryParameter
+from psycopg.types.json import Jsonb
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
 from api.errors import problems
@@ -28,6 +30,9 @@ class UsageRequest(msgspec.Struct, forbid_unknown_fields=True):
     output_tokens: Count | None = None
     account_id: uuid.UUID | None = None
     """Service keys only: the account to charge."""
+    metadata: dict[str, Any] | None = None
+    """Your own JSON object (at most 2 KB): a request id, a thumbnail URL, a model name. Stored
+    and returned with the event, and part of its idempotency fingerprint; ignored by check."""
 
 
 class Charged(msgspec.Struct):
@@ -76,6 +81,7 @@ class UsageEvent(msgspec.Struct):
     balance: Credits
     warnings: list[Warning]
     created_at: str
+    metadata: dict[str, Any] | None = None
 
 
 class UsageCheck(msgspec.Struct):
@@ -117,10 +123,10 @@ async def create_usage_event(
     for a retry with the same key and body; 409 for the same key with another body; 402 with
     ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it (nothing is
     charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
-    service key; 422 unknown meter or bad quantity."""
+    service key; 422 unknown meter, bad quantity, or metadata that is not an object of at most 2 KB."""
     replayed, body = await call(
-        request, f"SELECT replayed, body::text FROM api.consume(%s::text, %s::uuid, %s::text, {ARGS})",
-        [*caller.params, idempotency_key, *usage_args(data)])
+        request, f"SELECT replayed, body::text FROM api.consume(%s::text, %s::uuid, %s::text, {ARGS}, %s::jsonb)",
+        [*caller.params, idempotency_key, *usage_args(data), Jsonb(data.metadata) if data.metadata is not None else None])
     if replayed:
         return json_response(body, 200, {"Idempotent-Replayed": "true"})
     return json_response(body, 201)
@@ -136,4 +142,45 @@ async def check_usage(request: Request, caller: Caller, data: JSONBody[UsageRequ
     return json_response(body)
 
 
-ROUTES = [create_usage_event, check_usage]
+class EventSummary(msgspec.Struct):
+    """A usage event as the list shows it."""
+
+    id: str
+    object: str
+    meter: str
+    quantity: int
+    input_tokens: int | None
+    output_tokens: int | None
+    charged: Charged
+    idempotency_key: str
+    metadata: dict[str, Any] | None
+    created_at: str
+
+
+class EventPage(msgspec.Struct):
+    data: list[EventSummary]
+    has_more: bool
+    next_cursor: str | None
+
+
+@get("/v1/usage/events", security=SECURITY, dependencies=AUTH, summary="Usage events, newest first",
+     responses=problems(400, 401, 403, 404, 422, 503))
+async def list_usage_events(
+    request: Request, caller: Caller,
+    cursor: Annotated[str | None, QueryParameter(max_length=36, description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+    meter: Annotated[str | None, QueryParameter(max_length=63, description="only this meter")] = None,
+    from_: Annotated[datetime | None, QueryParameter(name="from", description="created at or after (RFC 3339)")] = None,
+    to: Annotated[datetime | None, QueryParameter(description="created before (RFC 3339)")] = None,
+    account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
+) -> Response[EventPage]:
+    """The caller's usage events, newest first, with what each was charged and its metadata
+    (``api.usage_events``): ``{data, has_more, next_cursor}``; pass ``next_cursor`` back as
+    ``cursor``. 401 bad key; 403 missing usage:read; 422 a cursor this API did not return."""
+    (body,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, %s::text, %s::integer, %s::text, "
+                                  "%s::timestamptz, %s::timestamptz, %s::uuid)::text",
+                         [*caller.params, cursor, limit, meter, from_, to, account_id])
+    return json_response(body)
+
+
+ROUTES = [create_usage_event, check_usage, list_usage_events]

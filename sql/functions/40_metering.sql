@@ -174,16 +174,18 @@ COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigi
   'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
-                                                 p_input_tokens bigint, p_output_tokens bigint)
+                                                 p_input_tokens bigint, p_output_tokens bigint,
+                                                 p_metadata jsonb DEFAULT NULL)
 RETURNS bytea
 LANGUAGE sql IMMUTABLE AS $$
-  SELECT sha256(convert_to(jsonb_build_object(
+  SELECT sha256(convert_to((jsonb_build_object(
     'meter', p_meter,
     'quantity', coalesce(p_quantity, CASE WHEN p_input_tokens IS NULL AND p_output_tokens IS NULL THEN 1 END),
-    'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens)::text, 'UTF8'))
+    'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens)
+    || CASE WHEN p_metadata IS NULL THEN '{}' ELSE jsonb_build_object('metadata', p_metadata) END)::text, 'UTF8'))
 $$;
-COMMENT ON FUNCTION metering.request_hash(text, bigint, bigint, bigint) IS
-  'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
+COMMENT ON FUNCTION metering.request_hash(text, bigint, bigint, bigint, jsonb) IS
+  'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
 
 CREATE OR REPLACE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
 LANGUAGE sql AS $$
@@ -198,13 +200,13 @@ COMMENT ON FUNCTION metering.email_warnings(uuid, jsonb) IS
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
                                        p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
-                                       p_account_id uuid DEFAULT NULL)
+                                       p_account_id uuid DEFAULT NULL, p_metadata jsonb DEFAULT NULL)
 RETURNS TABLE (replayed boolean, body jsonb)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account_id uuid;
   v_account identity.accounts;
-  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_prior metering.usage_events;
   q record;
   v_event_id uuid := util.uuid_v7();
@@ -212,6 +214,9 @@ DECLARE
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  IF p_metadata IS NOT NULL AND (jsonb_typeof(p_metadata) <> 'object' OR length(p_metadata::text) > 2048) THEN
+    PERFORM util.fail('TL422', 'metadata is a JSON object of at most 2 KB', '{"field": "metadata"}');
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
@@ -234,7 +239,7 @@ BEGIN
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
-      jsonb_build_object('meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
+      jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
                          'balance', util.credits(v_account.credit_balance_micros),
                          'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
   END IF;
@@ -247,11 +252,13 @@ BEGIN
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', q.warnings,
+    'metadata', p_metadata,
     'created_at', util.iso(v_now));
   INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
-                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at)
+                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
+                                     metadata)
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now);
+          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata);
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -268,8 +275,8 @@ BEGIN
   replayed := false;
   RETURN NEXT;
 END $$;
-COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid) IS
-  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
                                            p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -298,7 +305,57 @@ END $$;
 COMMENT ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) IS
   'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
-GRANT EXECUTE ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid) TO pgtally_api;
+GRANT EXECUTE ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) TO pgtally_api;
+CREATE OR REPLACE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object('id', e.id, 'object', 'usage_event', 'meter', e.meter_id, 'quantity', e.quantity,
+                            'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
+                            'charged', jsonb_build_object('allowance_units', e.allowance_units,
+                                                          'credits', util.credits(e.credits_micros)),
+                            'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
+                            'created_at', util.iso(e.created_at))
+$$;
+COMMENT ON FUNCTION metering.event_json(metering.usage_events) IS
+  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits}, idempotency_key, metadata, created_at}.';
+
+CREATE OR REPLACE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
+                                            p_limit integer DEFAULT 20, p_meter text DEFAULT NULL,
+                                            p_from timestamptz DEFAULT NULL, p_to timestamptz DEFAULT NULL,
+                                            p_account_id uuid DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_before uuid;
+  v_rows jsonb;
+  v_more boolean;
+  v_last uuid;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'limit must be between 1 and 100');
+  END IF;
+  IF p_cursor IS NOT NULL AND p_cursor !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    PERFORM util.fail('TL422', 'cursor is not one this API returned');
+  END IF;
+  v_before := coalesce(p_cursor::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff');
+  -- Ids are time-ordered UUIDs (version 7): newest first is id order.
+  SELECT jsonb_agg(metering.event_json(p) ORDER BY p.id DESC), (array_agg(p.id ORDER BY p.id))[1]
+  INTO v_rows, v_last
+  FROM (SELECT * FROM metering.usage_events e
+        WHERE e.account_id = v_account_id AND e.id < v_before AND (p_meter IS NULL OR e.meter_id = p_meter)
+          AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+        ORDER BY e.id DESC LIMIT p_limit) p;
+  v_more := v_last IS NOT NULL AND EXISTS (
+    SELECT 1 FROM metering.usage_events e
+    WHERE e.account_id = v_account_id AND e.id < v_last AND (p_meter IS NULL OR e.meter_id = p_meter)
+      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to));
+  RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
+                            'next_cursor', CASE WHEN v_more THEN v_last::text END);
+END $$;
+COMMENT ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid) IS
+  'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter and within [p_from, p_to); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
+GRANT EXECUTE ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid) TO pgtally_api;
+
 GRANT EXECUTE ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) TO pgtally_api;
 GRANT EXECUTE ON FUNCTION api.balance(text, uuid, uuid) TO pgtally_api;
 GRANT EXECUTE ON FUNCTION api.ledger(text, uuid, text, integer, uuid) TO pgtally_api;

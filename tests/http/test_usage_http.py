@@ -31,7 +31,12 @@ async def test_meter_until_refused_with_402(client, new_account):
     assert r.headers["content-type"].startswith(PROBLEM)
     body = r.json()
     assert body["type"].endswith("/quota-exhausted") and body["status"] == 402
-    assert body["upgrade_url"] == "https://app.example.com/upgrade"
+    # The upgrade link names the account, signed and short-lived, for the pricing page.
+    assert body["upgrade_url"].startswith("https://app.example.com/upgrade?token=")
+    token = body["upgrade_url"].split("token=")[1]
+    assert str(client.app.state.jwt_keys.upgrade_account(token)) == body["account_id"]
+    page = await client.get(f"/upgrade?token={token}")
+    assert body["account_id"] in page.text
     assert body["resets_at"].endswith("T00:00:00.000000Z")
     assert body["required_credits"] == "1" and body["balance"] == "0"
 
@@ -189,3 +194,45 @@ async def test_the_docs_page_loads_nothing_from_elsewhere(client):
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui-standalone-preset.js"):
         assert f"/schema/assets/{asset}" in page.text
         assert (await client.get(f"/schema/assets/{asset}")).status_code == 200
+
+
+async def test_usage_events_list_newest_first_with_pages_filters_and_metadata(client, new_account, owner):
+    key = new_account("free", 10 * CREDIT)["api_key"]
+    other = new_account("free")["api_key"]
+    for i in range(5):
+        r = await client.post("/v1/usage/events", headers=auth(key, f"g{i}"),
+                              json={"meter": "generation", "metadata": {"request_id": f"r{i}", "thumbnail_url": f"https://cdn.example.com/{i}.png"}})
+        assert r.status_code == 201 and r.json()["metadata"]["request_id"] == f"r{i}"
+    await client.post("/v1/usage/events", headers=auth(key, "t1"), json={"meter": "llm_tokens", "input_tokens": 10, "output_tokens": 5})
+    await client.post("/v1/usage/events", headers=auth(other, "o1"), json={"meter": "generation"})
+
+    first = (await client.get("/v1/usage/events?limit=4", headers=auth(key))).json()
+    assert [e["meter"] for e in first["data"]] == ["llm_tokens", "generation", "generation", "generation"]
+    assert first["has_more"] is True and first["data"][1]["metadata"]["request_id"] == "r4"
+    second = (await client.get(f"/v1/usage/events?limit=4&cursor={first['next_cursor']}", headers=auth(key))).json()
+    assert [e["metadata"]["request_id"] for e in second["data"]] == ["r1", "r0"] and second["has_more"] is False
+    generation = (await client.get("/v1/usage/events?meter=generation&limit=100", headers=auth(key))).json()
+    assert len(generation["data"]) == 5 and generation["data"][0]["charged"] == {"allowance_units": 1, "credits": "0"}
+    future = (await client.get("/v1/usage/events?from=2999-01-01T00:00:00Z", headers=auth(key))).json()
+    assert future["data"] == []
+    # Another account's events are invisible.
+    others = (await client.get("/v1/usage/events", headers=auth(other))).json()
+    assert len(others["data"]) == 1 and others["data"][0]["idempotency_key"] == "o1"
+    assert (await client.get("/v1/usage/events?cursor=nope", headers=auth(key))).status_code == 422
+
+
+@pytest.mark.parametrize("metadata", [{"blob": "x" * 2100}, [1, 2], "text", 5])
+async def test_metadata_must_be_an_object_of_at_most_2_kb(client, new_account, owner, metadata):
+    key = new_account("free")["api_key"]
+    r = await client.post("/v1/usage/events", headers=auth(key, "m"), json={"meter": "generation", "metadata": metadata})
+    assert r.status_code == 422 and r.headers["content-type"].startswith(PROBLEM), r.text
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
+
+
+async def test_metadata_is_part_of_the_idempotency_fingerprint(client, new_account):
+    key = new_account("free")["api_key"]
+    body = {"meter": "generation", "metadata": {"model": "a"}}
+    assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=body)).status_code == 201
+    assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=body)).status_code == 200
+    changed = {"meter": "generation", "metadata": {"model": "b"}}
+    assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=changed)).status_code == 409
