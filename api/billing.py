@@ -190,17 +190,21 @@ async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequ
     return {"id": session.id, "url": session.url, "mode": prep["mode"], "price": prep["price"]}
 
 
+async def open_portal(request: Request, principal: list) -> str:
+    """A Stripe customer portal session for the principal's account (JSON endpoint and dashboard)."""
+    client = client_of(request)
+    (customer,) = await call(request, "SELECT api.stripe_customer(%s::text, %s::uuid)", principal)
+    session = await client.v1.billing_portal.sessions.create_async(params={
+        "customer": customer, "return_url": request.app.state.settings.public_url.rstrip("/") + "/billing"})
+    return session.url
+
+
 @post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
       summary="Open the Stripe customer portal", responses=problems(400, 401, 403, 404, 502, 503))
 async def portal(request: Request, caller: Caller) -> PortalSession:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
     the account has a Stripe customer."""
-    client = client_of(request)
-    (customer,) = await call(request, "SELECT api.stripe_customer(%s::text, %s::uuid)", caller.params)
-    session = await client.v1.billing_portal.sessions.create_async(params={
-        "customer": customer,
-        "return_url": request.app.state.settings.public_url.rstrip("/") + "/billing"})
-    return {"url": session.url}
+    return PortalSession(url=await open_portal(request, caller.params))
 
 
 @get("/v1/billing/subscription", dependencies=AUTH, security=SECURITY, summary="The account's subscription",
@@ -226,17 +230,31 @@ async def change_subscription(request: Request, caller: Caller, data: JSONBody[C
     return {"id": updated.id, "status": updated.status, "price": data.price, "applied": "on webhook"}
 
 
+async def cancel_at_period_end(request: Request, principal: list, cancel: bool) -> SubscriptionCancel:
+    """Set (or undo) cancel at period end on the principal's live subscription in Stripe; the
+    state here follows when its customer.subscription.updated arrives."""
+    client = client_of(request)
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid)", principal)
+    updated = await client.v1.subscriptions.update_async(
+        sub["id"], params={"cancel_at_period_end": cancel},
+        options={"idempotency_key": f"{'cancel' if cancel else 'resume'}-{uuid.uuid4()}"})
+    return SubscriptionCancel(id=updated.id, status=updated.status, cancel_at_period_end=cancel,
+                              current_period_end=sub["current_period_end"])
+
+
 @delete("/v1/billing/subscription", status_code=202, dependencies=AUTH, security=SECURITY,
         summary="Cancel at period end", responses=problems(400, 401, 403, 404, 502, 503))
 async def cancel_subscription(request: Request, caller: Caller) -> SubscriptionCancel:
     """Cancel the live subscription at the end of its period: the plan stays until then, then the
-    account falls back to free (when customer.subscription.deleted arrives)."""
-    client = client_of(request)
-    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid)", caller.params)
-    updated = await client.v1.subscriptions.update_async(
-        sub["id"], params={"cancel_at_period_end": True}, options={"idempotency_key": f"cancel-{sub['id']}"})
-    return {"id": updated.id, "status": updated.status, "cancel_at_period_end": True,
-            "current_period_end": sub["current_period_end"]}
+    account falls back to free (when customer.subscription.deleted arrives). 404 no live subscription."""
+    return await cancel_at_period_end(request, caller.params, True)
+
+
+@post("/v1/billing/subscription/resume", status_code=202, dependencies=AUTH, security=SECURITY,
+      summary="Undo cancel at period end", responses=problems(400, 401, 403, 404, 502, 503))
+async def resume_subscription(request: Request, caller: Caller) -> SubscriptionCancel:
+    """Keep the live subscription after all: undo a cancel at period end. 404 no live subscription."""
+    return await cancel_at_period_end(request, caller.params, False)
 
 
 @post("/v1/webhooks/stripe", status_code=200, summary="Stripe webhook events", responses=problems(400, 502, 503))
@@ -297,4 +315,5 @@ async def current_subscription(request: Request, subscription_id: str, event: di
     return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
-ROUTES = [plans, checkout, portal, subscription, change_subscription, cancel_subscription, stripe_webhook]
+ROUTES = [plans, checkout, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
+          stripe_webhook]

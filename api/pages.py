@@ -15,7 +15,10 @@ from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
+import stripe
+
 from api.auth import password_login, register
+from api.billing import cancel_at_period_end, open_portal
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
 from api.web import STATIC, browser_session, device_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
@@ -166,8 +169,9 @@ async def account_view(request: Request, session_id: uuid.UUID, **extra: Any) ->
                 keys=keys["data"], **extra)
 
 
-async def signed_in(request: Request, action) -> Any:
-    """Run a page action for the signed-in session; to /login when there is none or it ended."""
+async def signed_in(request: Request, action, view=None) -> Any:
+    """Run a page action for the signed-in session; to /login when there is none or it ended. A
+    refusal is shown on ``view`` (the account page unless said)."""
     session_id = browser_session(request)
     if session_id is None:
         return to_login(request)
@@ -177,7 +181,10 @@ async def signed_in(request: Request, action) -> Any:
         if exc.error.get("sqlstate") == "TL401":
             request.clear_session()
             return to_login(request)
-        return await account_view(request, session_id, error=problem_text(exc))
+        return await (view or account_view)(request, session_id, error=problem_text(exc))
+    except stripe.StripeError as exc:
+        return await (view or account_view)(request, session_id,
+                                            error=f"Stripe could not do it right now ({exc.user_message or type(exc).__name__}).")
 
 
 @get("/account")
@@ -258,6 +265,44 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
     return page("message.html", request, title="Request denied", message=f"{result['client_id']} was not signed in.")
 
 
+async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
+    principal = [None, session_id]
+    (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid)", principal)
+    billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", principal)
+    (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10)", principal)
+    return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"], **extra)
+
+
+@get("/dashboard")
+async def dashboard_page(request: Request) -> Any:
+    """What is left (credits, each allowance and its reset), the plan and its billing state, and
+    the last 10 usage events with their metadata."""
+    return await signed_in(request, lambda sid: dashboard_view(request, sid))
+
+
+@post("/dashboard/portal")
+async def dashboard_portal(request: Request) -> Any:
+    async def action(sid):
+        return Redirect(await open_portal(request, [None, sid]))
+    return await signed_in(request, action, dashboard_view)
+
+
+@post("/dashboard/cancel")
+async def dashboard_cancel(request: Request) -> Any:
+    async def action(sid):
+        await cancel_at_period_end(request, [None, sid], True)
+        return await dashboard_view(request, sid, notice="Your plan will end at the end of this period.")
+    return await signed_in(request, action, dashboard_view)
+
+
+@post("/dashboard/resume")
+async def dashboard_resume(request: Request) -> Any:
+    async def action(sid):
+        await cancel_at_period_end(request, [None, sid], False)
+        return await dashboard_view(request, sid, notice="Your plan continues.")
+    return await signed_in(request, action, dashboard_view)
+
+
 @get("/upgrade")
 async def upgrade_page(request: Request, token: FromQuery[str | None] = None) -> Any:
     """The plans of the catalog. ``token``: the signed upgrade token of a 402 or of /v1/identify,
@@ -272,7 +317,7 @@ async def upgrade_page(request: Request, token: FromQuery[str | None] = None) ->
 async def billing_success(request: Request, session_id: FromQuery[str | None] = None) -> Any:
     return page("message.html", request, title="Thank you",
                 message="Your payment went through. It is applied as soon as Stripe confirms it.",
-                link=("/account", "Your account"))
+                link=("/dashboard", "Your dashboard"))
 
 
 @get("/billing/cancel")
@@ -284,7 +329,7 @@ async def billing_cancel(request: Request) -> Any:
 @get("/billing")
 async def billing_page(request: Request) -> Redirect:
     """Where the Stripe customer portal returns to."""
-    return Redirect("/account")
+    return Redirect("/dashboard")
 
 
 def router() -> Router:
@@ -294,5 +339,6 @@ def router() -> Router:
         home, login_page, login_submit, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
         device_page, device_lookup, device_decide, upgrade_page, billing_success, billing_cancel, billing_page,
+        dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume,
         *oauth.ROUTES,
         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)])

@@ -32,7 +32,7 @@ SESSION_DAYS = 30
 CSRF_EXEMPT = ["^/v1/", "^/oauth/", "^/healthz", "^/schema"]
 
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; "
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",

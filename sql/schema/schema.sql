@@ -189,14 +189,14 @@ END $$;
 
 COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) IS 'POST /v1/billing/checkout, step 1: the caller''s account, email and Stripe customer (if any), and the Checkout mode for a price code (subscription for plan prices, payment for bundles). TL422 unknown price; TL409 a plan price while a subscription is live.';
 
-CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
+CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_account_id uuid;
   v_account identity.accounts;
-  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_prior metering.usage_events;
   q record;
   v_event_id uuid := util.uuid_v7();
@@ -204,6 +204,9 @@ DECLARE
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  IF p_metadata IS NOT NULL AND (jsonb_typeof(p_metadata) <> 'object' OR length(p_metadata::text) > 2048) THEN
+    PERFORM util.fail('TL422', 'metadata is a JSON object of at most 2 KB', '{"field": "metadata"}');
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
@@ -226,7 +229,7 @@ BEGIN
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
-      jsonb_build_object('meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
+      jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
                          'balance', util.credits(v_account.credit_balance_micros),
                          'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
   END IF;
@@ -239,11 +242,13 @@ BEGIN
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', q.warnings,
+    'metadata', p_metadata,
     'created_at', util.iso(v_now));
   INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
-                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at)
+                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
+                                     metadata)
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now);
+          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata);
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -261,7 +266,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1403,6 +1408,41 @@ CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) R
 $$;
 
 COMMENT ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) IS 'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
+
+CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_before uuid;
+  v_rows jsonb;
+  v_more boolean;
+  v_last uuid;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'limit must be between 1 and 100');
+  END IF;
+  IF p_cursor IS NOT NULL AND p_cursor !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    PERFORM util.fail('TL422', 'cursor is not one this API returned');
+  END IF;
+  v_before := coalesce(p_cursor::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff');
+  -- Ids are time-ordered UUIDs (version 7): newest first is id order.
+  SELECT jsonb_agg(metering.event_json(p) ORDER BY p.id DESC), (array_agg(p.id ORDER BY p.id))[1]
+  INTO v_rows, v_last
+  FROM (SELECT * FROM metering.usage_events e
+        WHERE e.account_id = v_account_id AND e.id < v_before AND (p_meter IS NULL OR e.meter_id = p_meter)
+          AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+        ORDER BY e.id DESC LIMIT p_limit) p;
+  v_more := v_last IS NOT NULL AND EXISTS (
+    SELECT 1 FROM metering.usage_events e
+    WHERE e.account_id = v_account_id AND e.id < v_last AND (p_meter IS NULL OR e.meter_id = p_meter)
+      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to));
+  RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
+                            'next_cursor', CASE WHEN v_more THEN v_last::text END);
+END $_$;
+
+COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter and within [p_from, p_to); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2601,6 +2641,54 @@ $$;
 
 COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
+CREATE TABLE metering.usage_events (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    meter_id text NOT NULL,
+    quantity bigint NOT NULL,
+    input_tokens bigint,
+    output_tokens bigint,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    response jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    metadata jsonb,
+    CONSTRAINT usage_events_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT usage_events_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT usage_events_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT usage_events_input_tokens_check CHECK ((input_tokens >= 0)),
+    CONSTRAINT usage_events_metadata_check CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
+    CONSTRAINT usage_events_output_tokens_check CHECK ((output_tokens >= 0)),
+    CONSTRAINT usage_events_quantity_check CHECK ((quantity > 0))
+);
+
+COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event. Unique on (account_id, idempotency_key): a retry with the same request replays response, a different request under the same key is refused (TL409).';
+
+COMMENT ON COLUMN metering.usage_events.request_hash IS 'sha256 of the canonical request (meter, quantity, tokens), to tell a retry from a different request.';
+
+COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
+
+COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
+
+COMMENT ON COLUMN metering.usage_events.response IS 'The JSON answer given the first time, returned as is on every replay.';
+
+COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
+
+CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', e.id, 'object', 'usage_event', 'meter', e.meter_id, 'quantity', e.quantity,
+                            'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
+                            'charged', jsonb_build_object('allowance_units', e.allowance_units,
+                                                          'credits', util.credits(e.credits_micros)),
+                            'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
+                            'created_at', util.iso(e.created_at))
+$$;
+
+COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits}, idempotency_key, metadata, created_at}.';
+
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
     LANGUAGE sql STABLE
     AS $$
@@ -2723,16 +2811,17 @@ END $$;
 
 COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
 
-CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) RETURNS bytea
+CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql IMMUTABLE
     AS $$
-  SELECT sha256(convert_to(jsonb_build_object(
+  SELECT sha256(convert_to((jsonb_build_object(
     'meter', p_meter,
     'quantity', coalesce(p_quantity, CASE WHEN p_input_tokens IS NULL AND p_output_tokens IS NULL THEN 1 END),
-    'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens)::text, 'UTF8'))
+    'input_tokens', p_input_tokens, 'output_tokens', p_output_tokens)
+    || CASE WHEN p_metadata IS NULL THEN '{}' ELSE jsonb_build_object('metadata', p_metadata) END)::text, 'UTF8'))
 $$;
 
-COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) IS 'Fingerprint of a usage request (quantity defaults to 1), compared on retries of an idempotency key.';
+COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
 
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -3099,37 +3188,6 @@ COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an
 
 COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
 
-CREATE TABLE metering.usage_events (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
-    request_hash bytea NOT NULL,
-    meter_id text NOT NULL,
-    quantity bigint NOT NULL,
-    input_tokens bigint,
-    output_tokens bigint,
-    allowance_units bigint NOT NULL,
-    credits_micros bigint NOT NULL,
-    response jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT usage_events_allowance_units_check CHECK ((allowance_units >= 0)),
-    CONSTRAINT usage_events_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT usage_events_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT usage_events_input_tokens_check CHECK ((input_tokens >= 0)),
-    CONSTRAINT usage_events_output_tokens_check CHECK ((output_tokens >= 0)),
-    CONSTRAINT usage_events_quantity_check CHECK ((quantity > 0))
-);
-
-COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event. Unique on (account_id, idempotency_key): a retry with the same request replays response, a different request under the same key is refused (TL409).';
-
-COMMENT ON COLUMN metering.usage_events.request_hash IS 'sha256 of the canonical request (meter, quantity, tokens), to tell a retry from a different request.';
-
-COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
-
-COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
-
-COMMENT ON COLUMN metering.usage_events.response IS 'The JSON answer given the first time, returned as is on every replay.';
-
 CREATE TABLE outbox.messages (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     kind text NOT NULL,
@@ -3437,6 +3495,8 @@ CREATE INDEX entries_transfer_id_idx ON ledger.entries USING btree (transfer_id)
 
 CREATE INDEX transfers_usage_event_id_idx ON ledger.transfers USING btree (usage_event_id) WHERE (usage_event_id IS NOT NULL);
 
+CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events USING btree (account_id, id);
+
 CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events USING btree (account_id, meter_id, created_at);
 
 CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
@@ -3568,8 +3628,8 @@ GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter
 REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
@@ -3688,6 +3748,9 @@ GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgta
 REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
 
@@ -3785,11 +3848,13 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 

@@ -432,3 +432,52 @@ async def test_stripe_down_is_a_502_not_a_500(db_url, events, new_account):
     async with AsyncTestClient(app=create_app(db_url, down)) as client:
         r = await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=bearer(acct["api_key"]))
     assert r.status_code == 502 and r.json()["type"].endswith("/payment-provider-error"), r.text
+
+
+async def test_dashboard_shows_what_is_left_and_cancels_then_keeps_the_plan(db_url, settings, events, stripe_api, owner):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+    from tests.http.test_sign_in import form
+
+    # Cookies are Secure with an https public URL: the browser side speaks https too.
+    async with AsyncTestClient(app=create_app(db_url, settings), base_url="https://testserver.local") as client:
+        await dashboard_flow(client, events, stripe_api)
+
+
+async def dashboard_flow(client, events, stripe_api):
+    from tests.http.test_sign_in import form
+
+    password = "violet-harbour-tangent-42"
+    await client.post("/v1/auth/signup", json={"email": "dash@example.com", "password": password})
+    tokens = (await client.post("/v1/auth/login", json={"email": "dash@example.com", "password": password})).json()
+    me = (await client.get("/v1/me", headers=bearer(tokens["access_token"]))).json()
+    acct = {"account_id": me["account"]["id"]}
+    for i in range(2):
+        r = await client.post("/v1/usage/events", headers=bearer(tokens["access_token"], **{"Idempotency-Key": f"d{i}"}),
+                              json={"meter": "generation", "metadata": {"thumbnail_url": f"https://cdn.example.com/{i}.png",
+                                                                        "model": "flux"}})
+        assert r.status_code == 201
+    sub = subscribe(events, acct, created=int(time.time()) - 10)
+    stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
+    await deliver(client, sub)
+
+    login = await form(client, "/login", {"email": "dash@example.com", "password": password})
+    assert login.status_code in (302, 303)
+    page = await client.get("/dashboard")
+    assert page.status_code == 200
+    assert "2 of 1000 generations used this billing period" in page.text, page.text
+    assert 'src="https://cdn.example.com/1.png"' in page.text and "flux" in page.text
+    assert "renewing" in page.text and "Cancel at period end" in page.text
+
+    r = await form(client, "/dashboard/cancel", {}, "/dashboard")
+    assert r.status_code == 200 and "will end at the end of this period" in r.text
+    assert stripe_api.requests[-1][2] == {"cancel_at_period_end": "true"}
+    await deliver(client, subscribe(events, acct, cancel=True, created=int(time.time())))
+    page = await client.get("/dashboard")
+    assert "ending" in page.text and "Keep my plan" in page.text
+    r = await form(client, "/dashboard/resume", {}, "/dashboard")
+    assert r.status_code == 200 and "continues" in r.text
+    assert stripe_api.requests[-1][2] == {"cancel_at_period_end": "false"}
+    resumed = await client.post("/v1/billing/subscription/resume", headers=bearer(tokens["access_token"]))
+    assert resumed.status_code == 202 and resumed.json()["cancel_at_period_end"] is False
