@@ -156,38 +156,106 @@ async def plans(request: Request) -> Response[Catalog]:
     return json_response(body)
 
 
-@post("/v1/billing/checkout", status_code=201, dependencies=AUTH, security=SECURITY,
-      summary="Start a Stripe Checkout", responses=problems(400, 401, 403, 409, 415, 422, 502, 503))
-async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequest],
-                   idempotency_key: IdempotencyKey = None) -> CheckoutSession:
-    """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
-    (payment mode): creates or reuses the account's Stripe customer, names the account in
-    ``client_reference_id`` and metadata, and sends an idempotency key to Stripe (the request's
-    ``Idempotency-Key`` when given). Returns ``{id, url}``; the purchase is applied when Stripe's
-    webhook arrives. 409 when buying a plan while a subscription is live."""
+async def start_checkout(request: Request, principal: list, price: str, account_id: uuid.UUID | None = None,
+                         success_url: str | None = None, cancel_url: str | None = None,
+                         idempotency_key: str | None = None) -> CheckoutSession:
+    """A Stripe Checkout Session for the principal's account (or the account a verified upgrade
+    link names): creates or reuses its Stripe customer, names the account in
+    ``client_reference_id`` and metadata, saves the card of a bundle purchase for one-click
+    top-ups, and sends an idempotency key to Stripe."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
-    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text)",
-                           [*caller.params, data.price])
+    buyer = [*principal, price, account_id]
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)", buyer)
     customer = prep["stripe_customer_id"]
     if customer is None:
         created = await client.v1.customers.create_async(
             params={"email": prep["email"], "metadata": {"account_id": prep["account_id"]}} if prep["email"]
             else {"metadata": {"account_id": prep["account_id"]}},
             options={"idempotency_key": f"customer-{prep['account_id']}"})
-        customer = (await call_json(request, "SELECT api.link_stripe_customer(%s::text, %s::uuid, %s::text)",
-                                    [*caller.params, created.id]))["stripe_customer_id"]
+        customer = (await call_json(request, "SELECT api.link_stripe_customer(%s::text, %s::uuid, %s::text, %s::uuid)",
+                                    [*principal, created.id, account_id]))["stripe_customer_id"]
     metadata = {"account_id": prep["account_id"], "price": prep["price"]}
     params: dict[str, Any] = {
         "mode": prep["mode"], "customer": customer, "client_reference_id": prep["account_id"],
         "line_items": [{"price": prep["stripe_price_id"], "quantity": 1}], "metadata": metadata,
-        "success_url": data.success_url or f"{public_url}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
-        "cancel_url": data.cancel_url or f"{public_url}/billing/cancel",
+        "success_url": success_url or f"{public_url}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
+        "cancel_url": cancel_url or f"{public_url}/billing/cancel",
     }
-    params["subscription_data" if prep["mode"] == "subscription" else "payment_intent_data"] = {"metadata": metadata}
+    if prep["mode"] == "subscription":
+        params["subscription_data"] = {"metadata": metadata}
+    else:
+        params["payment_intent_data"] = {"metadata": metadata, "setup_future_usage": "off_session"}
     session = await client.v1.checkout.sessions.create_async(
         params=params, options={"idempotency_key": idempotency_key or f"checkout-{uuid.uuid4()}"})
-    return {"id": session.id, "url": session.url, "mode": prep["mode"], "price": prep["price"]}
+    return CheckoutSession(id=session.id, url=session.url, mode=prep["mode"], price=prep["price"])
+
+
+@post("/v1/billing/checkout", status_code=201, dependencies=AUTH, security=SECURITY,
+      summary="Start a Stripe Checkout", responses=problems(400, 401, 403, 409, 415, 422, 502, 503))
+async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequest],
+                   idempotency_key: IdempotencyKey = None) -> CheckoutSession:
+    """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
+    (payment mode, saving the card for one-click top-ups): creates or reuses the account's
+    Stripe customer, names the account in ``client_reference_id`` and metadata, and sends an
+    idempotency key to Stripe (the request's ``Idempotency-Key`` when given). Returns ``{id,
+    url}``; the purchase is applied when Stripe's webhook arrives. 409 when buying a plan while
+    a subscription is live."""
+    return await start_checkout(request, caller.params, data.price, success_url=data.success_url,
+                                cancel_url=data.cancel_url, idempotency_key=idempotency_key)
+
+
+class TopUpRequest(msgspec.Struct, forbid_unknown_fields=True):
+    bundle: PriceCode
+
+
+class TopUp(msgspec.Struct):
+    """``paid``: the saved card was charged; the credits arrive with Stripe's
+    payment_intent.succeeded event (a moment later). ``checkout``: no saved card, or the bank
+    wants the person to authenticate: finish at ``url``."""
+
+    status: str
+    price: str
+    credits: str
+    payment_intent: str | None = None
+    url: str | None = None
+
+
+async def top_up(request: Request, principal: list, bundle: str, idempotency_key: str | None = None) -> TopUp:
+    """One-click top-up: charge the customer's saved card off-session for a bundle (an
+    idempotency key goes to Stripe), falling back to Checkout when there is no saved card or the
+    card needs authentication. Credits are granted only by the webhook, exactly once."""
+    client = client_of(request)
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, NULL)",
+                           [*principal, bundle])
+    if prep["mode"] != "payment":
+        raise PgtallyError({"sqlstate": "TL422", "message": f"{bundle} is not a credit bundle", "field": "bundle"})
+    cards = ((await client.v1.payment_methods.list_async(params={"customer": prep["stripe_customer_id"], "type": "card"})).data
+             if prep["stripe_customer_id"] else [])
+    if cards:
+        try:
+            intent = await client.v1.payment_intents.create_async(params={
+                "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
+                "payment_method": cards[0].id, "off_session": True, "confirm": True,
+                "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
+                options={"idempotency_key": idempotency_key or f"topup-{uuid.uuid4()}"})
+            if intent.status == "succeeded":
+                return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
+        except stripe.CardError as exc:
+            if exc.code != "authentication_required":
+                raise
+    session = await start_checkout(request, principal, bundle)
+    return TopUp(status="checkout", price=bundle, credits=prep["credits"], url=session.url)
+
+
+@post("/v1/billing/topup", status_code=201, dependencies=AUTH, security=SECURITY,
+      summary="Buy a credit bundle in one click", responses=problems(400, 401, 402, 403, 415, 422, 502, 503))
+async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
+                idempotency_key: IdempotencyKey = None) -> TopUp:
+    """Buy a credit bundle with the card saved by an earlier Checkout, at once (``paid``; the
+    credits follow with Stripe's event), else ``checkout`` with a Checkout ``url``. 402 a declined
+    card; 422 not a bundle."""
+    return await top_up(request, caller.params, data.bundle, idempotency_key)
 
 
 async def open_portal(request: Request, principal: list) -> str:
@@ -214,20 +282,36 @@ async def subscription(request: Request, caller: Caller) -> BillingAccount:
     return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
 
 
+async def change_plan(request: Request, principal: list, price: str, idempotency_key: str | None = None) -> SubscriptionChange:
+    """Move the principal's live subscription to another plan price, with proration."""
+    client = client_of(request)
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)", [*principal, price])
+    updated = await client.v1.subscriptions.update_async(
+        sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
+                           "proration_behavior": "create_prorations", "cancel_at_period_end": False},
+        options={"idempotency_key": idempotency_key or f"change-{uuid.uuid4()}"})
+    return SubscriptionChange(id=updated.id, status=updated.status, price=price, applied="on webhook")
+
+
+async def preview_change(request: Request, principal: list, price: str) -> dict[str, Any]:
+    """What the switch costs now, as Stripe previews the prorated invoice:
+    ``{amount_due (minor units), currency}``."""
+    client = client_of(request)
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)", [*principal, price])
+    preview = await client.v1.invoices.create_preview_async(params={
+        "subscription": sub["id"],
+        "subscription_details": {"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
+                                 "proration_behavior": "create_prorations"}})
+    return {"amount_due": preview.amount_due, "currency": preview.currency}
+
+
 @post("/v1/billing/subscription/change", status_code=202, dependencies=AUTH, security=SECURITY,
       summary="Switch plan, with proration", responses=problems(400, 401, 403, 404, 415, 422, 502, 503))
 async def change_subscription(request: Request, caller: Caller, data: JSONBody[ChangeRequest],
                               idempotency_key: IdempotencyKey = None) -> SubscriptionChange:
     """Move the live subscription to another plan price with proration (upgrade or downgrade).
     202: Stripe accepted it; the plan changes when its customer.subscription.updated arrives."""
-    client = client_of(request)
-    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)",
-                          [*caller.params, data.price])
-    updated = await client.v1.subscriptions.update_async(
-        sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
-                           "proration_behavior": "create_prorations", "cancel_at_period_end": False},
-        options={"idempotency_key": idempotency_key or f"change-{uuid.uuid4()}"})
-    return {"id": updated.id, "status": updated.status, "price": data.price, "applied": "on webhook"}
+    return await change_plan(request, caller.params, data.price, idempotency_key)
 
 
 async def cancel_at_period_end(request: Request, principal: list, cancel: bool) -> SubscriptionCancel:
@@ -315,5 +399,5 @@ async def current_subscription(request: Request, subscription_id: str, event: di
     return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
-ROUTES = [plans, checkout, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
+ROUTES = [plans, checkout, topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
           stripe_webhook]

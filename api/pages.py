@@ -18,7 +18,7 @@ from litestar.static_files import create_static_files_router
 import stripe
 
 from api.auth import password_login, register
-from api.billing import cancel_at_period_end, open_portal
+from api.billing import cancel_at_period_end, change_plan, open_portal, preview_change, start_checkout, top_up
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
 from api.web import STATIC, browser_session, device_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
@@ -270,7 +270,9 @@ async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) 
     (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid)", principal)
     billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", principal)
     (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10)", principal)
-    return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"], **extra)
+    (catalog,) = await call(request, "SELECT api.plans()", [])
+    return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"],
+                bundles=catalog["bundles"], **extra)
 
 
 @get("/dashboard")
@@ -304,20 +306,89 @@ async def dashboard_resume(request: Request) -> Any:
 
 
 @get("/upgrade")
-async def upgrade_page(request: Request, token: FromQuery[str | None] = None) -> Any:
-    """The plans of the catalog. ``token``: the signed upgrade token of a 402 or of /v1/identify,
-    naming the account (an anonymous device) the purchase is for."""
+async def upgrade_page(request: Request, token: FromQuery[str | None] = None, interval: FromQuery[str] = "month") -> Any:
+    """The plans (monthly or yearly) and bundles of the catalog, the buyer's plan marked, each
+    with the button that starts Stripe Checkout (or, for a subscriber, the plan change).
+    ``token``: the signed upgrade token of a 402 or of /v1/identify, naming the account (an
+    anonymous device) the purchase is for."""
     (catalog,) = await call(request, "SELECT api.plans()", [])
     buyer = request.app.state.jwt_keys.upgrade_account(token) if token else None
-    return page("upgrade.html", request, catalog=catalog, buyer=buyer,
+    session_id = browser_session(request)
+    billing = None
+    if session_id and not buyer:
+        try:
+            billing = await call_json(request, "SELECT api.billing_account(NULL, %s::uuid)", [session_id])
+        except PgtallyError:
+            billing = None
+    return page("upgrade.html", request, catalog=catalog, buyer=buyer, token=token if buyer else "",
+                interval="year" if interval == "year" else "month", billing=billing,
+                can_buy=bool(buyer or billing),
                 error=None if buyer or not token else "This link has expired: open it again from the app.")
 
 
+class PurchaseForm(msgspec.Struct):
+    price: str = ""
+    token: str = ""
+
+
+async def purchase(request: Request, data: PurchaseForm) -> Any:
+    """A plan or bundle for the signed-in account or the account of a valid upgrade token: a
+    subscriber switching plans goes to the change confirmation; everything else to Checkout."""
+    buyer = request.app.state.jwt_keys.upgrade_account(data.token) if data.token else None
+    session_id = None if buyer else browser_session(request)
+    if buyer is None and session_id is None:
+        return to_login(request)
+    principal = [None, session_id]
+    try:
+        if session_id and data.price and not data.price.startswith("bundle"):
+            billing = await call_json(request, "SELECT api.billing_account(NULL, %s::uuid)", [session_id])
+            if billing["subscription"] and billing["subscription"]["live"]:
+                return await change_preview(request, session_id, data.price)
+        session = await start_checkout(request, principal, data.price, account_id=buyer)
+    except (PgtallyError, stripe.StripeError) as exc:
+        message = problem_text(exc) if isinstance(exc, PgtallyError) else "Stripe could not start the checkout: try again."
+        (catalog,) = await call(request, "SELECT api.plans()", [])
+        return page("upgrade.html", request, 400, catalog=catalog, buyer=buyer, token=data.token, interval="month",
+                    billing=None, can_buy=True, error=message)
+    return Redirect(session.url)
+
+
+@post("/upgrade/checkout")
+async def upgrade_checkout(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
+    return await purchase(request, data)
+
+
+async def change_preview(request: Request, session_id: uuid.UUID, price: str) -> Any:
+    """What switching the live subscription to ``price`` costs now, as Stripe previews it."""
+    preview = await preview_change(request, [None, session_id], price)
+    return page("change.html", request, price=price, preview=preview)
+
+
+@post("/upgrade/change")
+async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
+    async def action(sid):
+        await change_plan(request, [None, sid], data.price)
+        return await dashboard_view(request, sid, notice="Your plan is changing; Stripe prorates the difference.")
+    return await signed_in(request, action, dashboard_view)
+
+
+@post("/dashboard/topup")
+async def dashboard_topup(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
+    async def action(sid):
+        result = await top_up(request, [None, sid], data.price)
+        if result.status == "checkout":
+            return Redirect(result.url)
+        return Redirect(f"/billing/success?payment_intent={result.payment_intent}")
+    return await signed_in(request, action, dashboard_view)
+
+
 @get("/billing/success")
-async def billing_success(request: Request, session_id: FromQuery[str | None] = None) -> Any:
-    return page("message.html", request, title="Thank you",
-                message="Your payment went through. It is applied as soon as Stripe confirms it.",
-                link=("/dashboard", "Your dashboard"))
+async def billing_success(request: Request, session_id: FromQuery[str | None] = None,
+                          payment_intent: FromQuery[str | None] = None) -> Any:
+    """Back from Stripe: what was bought and whether Stripe's event has been applied yet. It
+    grants nothing itself: until the webhook arrives it says "processing" and reloads."""
+    (status,) = await call(request, "SELECT api.payment_status(%s::text, %s::text)", [session_id, payment_intent])
+    return page("success.html", request, status=status)
 
 
 @get("/billing/cancel")
@@ -338,7 +409,7 @@ def router() -> Router:
     return Router(path="/", after_request=page_headers, include_in_schema=False, route_handlers=[
         home, login_page, login_submit, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
-        device_page, device_lookup, device_decide, upgrade_page, billing_success, billing_cancel, billing_page,
-        dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume,
+        device_page, device_lookup, device_decide, upgrade_page, upgrade_checkout, upgrade_change, billing_success,
+        billing_cancel, billing_page, dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume, dashboard_topup,
         *oauth.ROUTES,
         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)])

@@ -36,12 +36,42 @@ def _lists(node: Any) -> Any:
     return node
 
 
-class StripeStandIn:
-    """Customers, Checkout Sessions, billing portal sessions and subscriptions, in memory."""
+def catalog_prices(path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Stripe price id -> {amount, currency, interval}, from pgtally's catalog file."""
+    import tomllib
+    from pathlib import Path
 
-    def __init__(self) -> None:
+    catalog = tomllib.loads(Path(path or Path(__file__).resolve().parent.parent / "api" / "default_catalog.toml").read_text())
+    prices = {}
+    for plan in catalog.get("plans", {}).values():
+        for interval, price in plan.get("prices", {}).items():
+            prices[price["stripe_price"]] = {"amount": price["amount"], "currency": price.get("currency", "usd"),
+                                             "interval": "month" if interval == "monthly" else "year"}
+    for bundle in catalog.get("bundles", {}).values():
+        prices[bundle["stripe_price"]] = {"amount": bundle["amount"], "currency": bundle.get("currency", "usd"),
+                                          "interval": None}
+    return prices
+
+
+class StripeStandIn:
+    """Customers, Checkout Sessions (with a checkout page whose Pay button completes them and
+    sends Stripe-signed events to pgtally's webhook), billing portal sessions, subscriptions,
+    saved cards, PaymentIntents and invoice previews, in memory.
+
+    With ``webhook_url`` the events are POSTed there, signed with ``webhook_secret``; without, they
+    are kept in ``sent`` for a test to deliver."""
+
+    def __init__(self, webhook_url: str | None = None, webhook_secret: str | None = None,
+                 catalog: str | None = None) -> None:
         self.requests: list[tuple[str, str, dict[str, Any], str | None]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.cards: dict[str, list[str]] = {}          # customer -> saved payment method ids
+        self.needs_authentication: set[str] = set()    # customers whose bank asks for 3-D Secure
+        self.sent: list[dict[str, Any]] = []
+        self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
+        self.prices = catalog_prices(catalog)
+        self.events = Events()
         self.idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
@@ -77,10 +107,39 @@ class StripeStandIn:
                         standin.idempotent[(method, self.path, key)] = (status, body)
                 self._answer(status, body)
 
+            def _page(self, method: str) -> None:
+                session = standin.sessions.get(self.path.split("?")[0].rsplit("/", 1)[-1])
+                if session is None:
+                    return self._answer(404, {"error": {"message": "No such checkout session"}})
+                if method == "POST" and session["status"] == "open":
+                    standin.pay(session)
+                if session["status"] == "complete":
+                    self.send_response(303)
+                    self.send_header("Location", session["success_url"].replace("{CHECKOUT_SESSION_ID}", session["id"]))
+                    self.end_headers()
+                    return
+                price = standin.prices.get(session["line_items"][0]["price"], {"amount": 0, "currency": "usd"})
+                html = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Pay</title></head><body>"
+                        f"<h1>Stripe stand-in checkout</h1><p>{session['mode']}: {session['line_items'][0]['price']}, "
+                        f"{price['amount'] / 100:.2f} {price['currency'].upper()}</p>"
+                        f"<form method=post><button type=submit>Pay</button></form>"
+                        f"<p><a href=\"{session['cancel_url']}\">Cancel</a></p></body></html>").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(html)))
+                self.end_headers()
+                self.wfile.write(html)
+
             def do_GET(self) -> None:  # noqa: N802
+                if self.path.startswith("/c/pay/"):
+                    return self._page("GET")
                 self._handle("GET")
 
             def do_POST(self) -> None:  # noqa: N802
+                if self.path.startswith("/c/pay/"):
+                    length = int(self.headers.get("Content-Length") or 0)
+                    self.rfile.read(length)
+                    return self._page("POST")
                 self._handle("POST")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -99,12 +158,44 @@ class StripeStandIn:
         if (method, path) == ("POST", "/v1/customers"):
             return 200, {"id": f"cus_{n}", "object": "customer", "email": p.get("email"), "metadata": p.get("metadata", {})}
         if (method, path) == ("POST", "/v1/checkout/sessions"):
-            return 200, {"id": f"cs_test_{n}", "object": "checkout.session", "url": f"https://checkout.stripe.test/c/pay/cs_test_{n}",
-                         "mode": p["mode"], "customer": p.get("customer"), "client_reference_id": p.get("client_reference_id"),
-                         "metadata": p.get("metadata", {}), "status": "open"}
+            session = {"id": f"cs_test_{n}", "object": "checkout.session", "url": f"{self.url}/c/pay/cs_test_{n}",
+                       "mode": p["mode"], "customer": p.get("customer"), "client_reference_id": p.get("client_reference_id"),
+                       "metadata": p.get("metadata", {}), "status": "open", "payment_status": "unpaid",
+                       "success_url": p["success_url"], "cancel_url": p["cancel_url"], "line_items": p["line_items"],
+                       "subscription_data": p.get("subscription_data", {}),
+                       "payment_intent_data": p.get("payment_intent_data", {})}
+            self.sessions[session["id"]] = session
+            return 200, {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+        if (method, path.split("?")[0]) == ("GET", "/v1/payment_methods"):
+            query = dict(parse_qsl(path.partition("?")[2]))
+            cards = self.cards.get(query.get("customer", ""), [])
+            return 200, {"object": "list", "data": [{"id": pm, "object": "payment_method", "type": "card",
+                                                     "customer": query["customer"]} for pm in cards],
+                         "has_more": False, "url": "/v1/payment_methods"}
+        if (method, path) == ("POST", "/v1/payment_intents"):
+            if p.get("payment_method") not in self.cards.get(p.get("customer", ""), []):
+                return 400, {"error": {"type": "invalid_request_error", "message": "No such PaymentMethod"}}
+            if p["customer"] in self.needs_authentication:
+                return 402, {"error": {"type": "card_error", "code": "authentication_required",
+                                       "message": "This payment requires authentication."}}
+            intent = {"id": f"pi_{n}", "object": "payment_intent", "amount": int(p["amount"]), "amount_received": int(p["amount"]),
+                      "currency": p["currency"], "customer": p["customer"], "payment_method": p["payment_method"],
+                      "metadata": p.get("metadata", {}), "status": "succeeded"}
+            self.send_event("payment_intent.succeeded", intent)
+            return 200, intent
         if (method, path) == ("POST", "/v1/billing_portal/sessions"):
             return 200, {"id": f"bps_{n}", "object": "billing_portal.session", "customer": p["customer"],
                          "url": f"https://billing.stripe.test/p/session/bps_{n}"}
+        if (method, path) == ("POST", "/v1/invoices/create_preview"):
+            sub = self.subscriptions.get(p.get("subscription", ""))
+            if sub is None:
+                return 404, {"error": {"type": "invalid_request_error", "message": "No such subscription"}}
+            old = self.prices.get(sub["items"]["data"][0]["price"]["id"], {"amount": 0, "currency": "usd"})
+            new = self.prices.get(p["subscription_details"]["items"][0]["price"], old)
+            item = sub["items"]["data"][0]
+            left = max(item["current_period_end"] - time.time(), 0) / max(item["current_period_end"] - item["current_period_start"], 1)
+            return 200, {"object": "invoice", "amount_due": max(round((new["amount"] - old["amount"]) * left), 0),
+                         "currency": new["currency"], "subscription": sub["id"]}
         match = re.fullmatch(r"/v1/subscriptions/(\w+)", path)
         if match and match.group(1) in self.subscriptions:
             sub = self.subscriptions[match.group(1)]
@@ -115,6 +206,54 @@ class StripeStandIn:
                     sub["items"]["data"][0]["price"] = {"id": item["price"], "object": "price"}
             return 200, sub
         return 404, {"error": {"type": "invalid_request_error", "message": f"No such route {method} {path}"}}
+
+
+def _pay(self, session: dict[str, Any]) -> None:
+    """The Pay button: complete the session and send the events Stripe sends, in its order."""
+    with self.lock:
+        n = next(self.ids)
+        price_id = session["line_items"][0]["price"]
+        price = self.prices.get(price_id, {"amount": 0, "currency": "usd", "interval": "month"})
+        session.update(status="complete", payment_status="paid", amount_total=price["amount"], currency=price["currency"])
+        now = int(time.time())
+        if session["mode"] == "subscription":
+            end = now + (365 if price["interval"] == "year" else 30) * 86400
+            sub = Events.subscription(f"sub_{n}", session["customer"],
+                                      session["subscription_data"].get("metadata", {}).get("account_id"),
+                                      "active", price_id, now, end)
+            self.subscriptions[sub["id"]] = sub
+            session["subscription"] = sub["id"]
+            events = [("customer.subscription.created", sub), ("checkout.session.completed", session),
+                      ("invoice.paid", {"id": f"in_{n}", "object": "invoice", "customer": session["customer"],
+                                        "status": "paid", "amount_paid": price["amount"],
+                                        "parent": {"type": "subscription_details",
+                                                   "subscription_details": {"subscription": sub["id"]}},
+                                        "lines": {"data": [{"period": {"start": now, "end": end}}]}})]
+        else:
+            session["payment_intent"] = f"pi_{n}"
+            if session["payment_intent_data"].get("setup_future_usage") == "off_session":
+                self.cards.setdefault(session["customer"], []).append(f"pm_card_{n}")
+            events = [("checkout.session.completed", session)]
+    public = {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+    for type_, obj in events:
+        self.send_event(type_, public if obj is session else obj)
+
+
+def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
+    event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
+    self.sent.append(event)
+    if self.webhook_url:
+        import urllib.request
+
+        payload = json.dumps(event).encode()
+        request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
+            "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
+
+StripeStandIn.pay = _pay
+StripeStandIn.send_event = _send_event
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -147,12 +286,19 @@ class Events:
 
 
 if __name__ == "__main__":
-    # Try pgtally's billing offline: STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x make run
-    import sys
+    # Try pgtally's billing offline, checkout page included:
+    #   python -m tests.stripe_standin --webhook-url http://127.0.0.1:8000/v1/webhooks/stripe --webhook-secret whsec_local
+    #   STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x STRIPE_WEBHOOK_SECRET=whsec_local make run
+    import argparse
 
-    standin = StripeStandIn()
+    parser = argparse.ArgumentParser(description="A local Stripe stand-in for pgtally")
+    parser.add_argument("port", nargs="?", type=int, default=12111)
+    parser.add_argument("--webhook-url", help="where to send the signed events (pgtally's /v1/webhooks/stripe)")
+    parser.add_argument("--webhook-secret", default="whsec_local", help="the secret to sign them with")
+    args = parser.parse_args()
+    standin = StripeStandIn(args.webhook_url, args.webhook_secret)
     standin.server.server_close()
-    standin.server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 12111),
-                                         standin.server.RequestHandlerClass)
-    print(f"Stripe stand-in on http://127.0.0.1:{standin.server.server_address[1]}", flush=True)
+    standin.server = ThreadingHTTPServer(("127.0.0.1", args.port), standin.server.RequestHandlerClass)
+    standin.url = f"http://127.0.0.1:{args.port}"
+    print(f"Stripe stand-in on {standin.url}; events to {args.webhook_url or 'nowhere'}", flush=True)
     standin.server.serve_forever()

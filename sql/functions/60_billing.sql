@@ -145,6 +145,36 @@ END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
   'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
 
+CREATE OR REPLACE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+  v_price billing.prices;
+  v_payment text;
+BEGIN
+  SELECT * INTO v_price FROM billing.prices WHERE id = o -> 'metadata' ->> 'price' AND credits_micros IS NOT NULL;
+  IF v_account_id IS NULL OR NOT FOUND THEN
+    RETURN 'ignored: the payment names no pgtally account and credit bundle';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  -- One payment, one grant: a Checkout payment's own checkout.session.completed shares this key.
+  INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
+                                amount_minor, currency, credits_micros, paid_at)
+  VALUES (o ->> 'id', v_account_id, NULL, v_price.id, coalesce((o ->> 'amount_received')::bigint, v_price.amount_minor),
+          coalesce(o ->> 'currency', v_price.currency), v_price.credits_micros, billing.ts(p_event -> 'created'))
+  ON CONFLICT DO NOTHING
+  RETURNING stripe_payment_intent_id INTO v_payment;
+  IF v_payment IS NULL THEN
+    RETURN 'ignored: this payment was already credited';
+  END IF;
+  PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
+                               'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(jsonb) IS
+  'payment_intent.succeeded for a credit bundle (a one-click top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first.';
+
 CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -331,6 +361,7 @@ BEGIN
       WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
       WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
       WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+      WHEN 'payment_intent.succeeded' THEN billing.apply_payment_intent_succeeded(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
@@ -352,10 +383,26 @@ COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb) IS
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
 ------------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS uuid
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF p_api_key IS NULL AND p_session_id IS NULL AND p_account_id IS NOT NULL THEN
+    -- Named by a signed upgrade link the server verified (an anonymous device has no other way).
+    IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
+      PERFORM util.fail('TL404', 'this account no longer exists (it may have signed up since): sign in');
+    END IF;
+    RETURN p_account_id;
+  END IF;
+  RETURN identity.authenticate(p_api_key, p_session_id, 'usage:read');
+END $$;
+COMMENT ON FUNCTION billing.buyer(text, uuid, uuid) IS
+  'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
+
+CREATE OR REPLACE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text,
+                                                p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := billing.buyer(p_api_key, p_session_id, p_account_id);
   v_price billing.prices;
 BEGIN
   SELECT * INTO v_price FROM billing.prices WHERE id = p_price AND active;
@@ -374,16 +421,18 @@ BEGIN
     'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
-    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id);
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id,
+    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
 END $$;
-COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text) IS
-  'POST /v1/billing/checkout, step 1: the caller''s account, email and Stripe customer (if any), and the Checkout mode for a price code (subscription for plan prices, payment for bundles). TL422 unknown price; TL409 a plan price while a subscription is live.';
+COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text, uuid) IS
+  'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount. TL422 unknown price; TL409 a plan price while a subscription is live.';
 
-CREATE OR REPLACE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text)
+CREATE OR REPLACE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text,
+                                                    p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := billing.buyer(p_api_key, p_session_id, p_account_id);
 BEGIN
   INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
   VALUES (v_account_id, p_stripe_customer_id, util.now())
@@ -391,8 +440,29 @@ BEGIN
   RETURN jsonb_build_object('stripe_customer_id',
                             (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id));
 END $$;
-COMMENT ON FUNCTION api.link_stripe_customer(text, uuid, text) IS
-  'POST /v1/billing/checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
+COMMENT ON FUNCTION api.link_stripe_customer(text, uuid, text, uuid) IS
+  'Checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
+
+CREATE OR REPLACE FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE
+    WHEN p_payment_intent IS NOT NULL THEN
+      jsonb_build_object('payment_intent', p_payment_intent, 'mode', 'payment',
+        'state', CASE WHEN p.stripe_payment_intent_id IS NULL THEN 'processing' ELSE 'applied' END,
+        'price', p.price_id, 'credits', util.credits(p.credits_micros))
+    ELSE
+      jsonb_build_object('checkout_session', p_checkout_session,
+        'state', CASE WHEN e.status = 'applied' THEN 'applied' WHEN e.status IS NULL THEN 'processing' ELSE e.status END,
+        'mode', e.payload #>> '{data,object,mode}', 'price', e.payload #>> '{data,object,metadata,price}')
+  END
+  FROM (SELECT 1) one
+  LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = p_payment_intent
+  LEFT JOIN LATERAL (SELECT status, payload FROM billing.stripe_events
+                     WHERE type LIKE 'checkout.session.%' AND payload #>> '{data,object,id}' = p_checkout_session
+                     ORDER BY (status = 'applied') DESC LIMIT 1) e ON true
+$$;
+COMMENT ON FUNCTION api.payment_status(text, text) IS
+  '/billing/success: whether Stripe''s event for a Checkout Session (or the payment of a one-click top-up''s PaymentIntent) has been applied yet: state applied, processing until it arrives, or ignored/rejected; with mode and price. Nothing is granted here: only the webhook grants.';
 
 CREATE OR REPLACE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -462,7 +532,7 @@ END $$;
 COMMENT ON FUNCTION api.live_subscription(text, uuid, text) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
-GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text), api.checkout_prepare(text, uuid, text),
-  api.link_stripe_customer(text, uuid, text), api.billing_account(text, uuid), api.live_subscription(text, uuid, text),
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text),
+  api.checkout_prepare(text, uuid, text, uuid), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid), api.live_subscription(text, uuid, text),
   api.stripe_customer(text, uuid)
 TO pgtally_api;

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 
 from api.app import Settings
@@ -72,7 +73,7 @@ async def test_checkout_creates_the_customer_once_and_names_the_account(client, 
     r = await client.post("/v1/billing/checkout", json={"price": "bundle_10"},
                           headers=bearer(acct["api_key"], **{"Idempotency-Key": "buy-1"}))
     assert r.status_code == 201, r.text
-    assert r.json()["url"].startswith("https://checkout.stripe.test/") and r.json()["mode"] == "payment"
+    assert r.json()["url"].startswith(f"{stripe_api.url}/c/pay/") and r.json()["mode"] == "payment"
     (_, _, customer, customer_key), (_, _, session, session_key) = stripe_api.requests
     assert customer_key == f"customer-{acct['account_id']}" and customer["metadata"] == {"account_id": acct["account_id"]}
     assert session_key == "buy-1"
@@ -481,3 +482,58 @@ async def dashboard_flow(client, events, stripe_api):
     assert stripe_api.requests[-1][2] == {"cancel_at_period_end": "false"}
     resumed = await client.post("/v1/billing/subscription/resume", headers=bearer(tokens["access_token"]))
     assert resumed.status_code == 202 and resumed.json()["cancel_at_period_end"] is False
+
+
+async def pay_and_deliver(client, stripe_api, session_id: str) -> None:
+    """Press the stand-in checkout page's Pay button, then deliver the events Stripe sends."""
+    before = len(stripe_api.sent)
+    stripe_api.pay(stripe_api.sessions[session_id])
+    for event in stripe_api.sent[before:]:
+        assert (await deliver(client, event)).status_code == 200
+
+
+async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webhook(client, stripe_api, new_account, owner):
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    # Without a saved card: Checkout.
+    first = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
+    assert first.status_code == 201 and first.json()["status"] == "checkout", first.text
+    session_id = first.json()["url"].rsplit("/", 1)[-1]
+    status = (await client.get(f"/billing/success?session_id={session_id}")).text
+    assert "Processing" in status and 'http-equiv="refresh"' in status
+    await pay_and_deliver(client, stripe_api, session_id)
+    assert "is active" in (await client.get(f"/billing/success?session_id={session_id}")).text
+    assert account_row(owner, acct["account_id"])[1] == 10_000_000
+
+    # The card was saved: one click, paid at once, credited only by payment_intent.succeeded.
+    before = len(stripe_api.sent)
+    r = await client.post("/v1/billing/topup", json={"bundle": "bundle_25"}, headers=bearer(acct["api_key"], **{"Idempotency-Key": "t-1"}))
+    assert r.status_code == 201 and r.json()["status"] == "paid" and r.json()["credits"] == "25", r.text
+    method, path, params, key = stripe_api.requests[-1]
+    assert path == "/v1/payment_intents" and key == "t-1" and params["off_session"] == "true" and params["amount"] == "1000"
+    assert account_row(owner, acct["account_id"])[1] == 10_000_000          # nothing granted by the request itself
+    (succeeded,) = stripe_api.sent[before:]
+    assert succeeded["type"] == "payment_intent.succeeded"
+    for event in (succeeded, succeeded, {**succeeded, "id": "evt_same_payment_again"}):
+        assert (await deliver(client, event)).status_code == 200
+    assert account_row(owner, acct["account_id"])[1] == 35_000_000           # exactly once
+    assert "is active" in (await client.get(f"/billing/success?payment_intent={r.json()['payment_intent']}")).text
+    assert reconciliation_problems(owner) == {}
+
+    # A card that needs authentication falls back to Checkout.
+    stripe_api.needs_authentication.add(owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0])
+    r = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
+    assert r.json()["status"] == "checkout" and "/c/pay/" in r.json()["url"]
+    assert (await client.post("/v1/billing/topup", json={"bundle": "pro_monthly"}, headers=headers)).status_code == 422
+
+
+async def test_a_subscription_bought_on_the_checkout_page_is_applied_by_its_events(client, stripe_api, new_account, owner):
+    acct = new_account("free")
+    r = await client.post("/v1/billing/checkout", json={"price": "pro_yearly"}, headers=bearer(acct["api_key"]))
+    session_id = r.json()["id"]
+    page = httpx.get(r.json()["url"])
+    assert page.status_code == 200 and "Pay" in page.text
+    await pay_and_deliver(client, stripe_api, session_id)
+    plan, _, start, end, _ = account_row(owner, acct["account_id"])
+    assert plan == "pro" and (end - start).days == 365
+    assert "is active" in (await client.get(f"/billing/success?session_id={session_id}")).text
