@@ -147,7 +147,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
 
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
-                        *device.ROUTES, pages.router(),
+                        *device.ROUTES, pages.router(settings),
                         create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
                                                    include_in_schema=False),
                         *route_handlers],

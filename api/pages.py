@@ -403,10 +403,10 @@ async def billing_page(request: Request) -> Redirect:
     return Redirect("/dashboard")
 
 
-def router() -> Router:
+def router(settings) -> Router:
     from api import oauth
 
-    return Router(path="/", after_request=page_headers, include_in_schema=False, route_handlers=[
+    return Router(path="/", after_request=page_headers(settings), include_in_schema=False, route_handlers=[
         home, login_page, login_submit, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
         device_page, device_lookup, device_decide, upgrade_page, upgrade_checkout, upgrade_change, billing_success,

@@ -31,9 +31,8 @@ SESSION_DAYS = 30
 # JSON and OAuth endpoints authenticate with a bearer token (or a signature), not a cookie.
 CSRF_EXEMPT = ["^/v1/", "^/oauth/", "^/healthz", "^/schema"]
 
+STRIPE_PAGES = "https://checkout.stripe.com https://billing.stripe.com"
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -63,11 +62,25 @@ def template_config() -> TemplateConfig:
     return TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine)
 
 
-def page_headers(response: Response) -> Response:
-    """``after_request`` of the pages: the security headers."""
-    for name, value in PAGE_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
+def page_headers(settings):
+    """``after_request`` of the pages: the security headers. Forms may post to this site only,
+    and be redirected on to Stripe's Checkout and portal pages (or a stand-in's, with
+    STRIPE_API_BASE), which form-action governs too."""
+    from urllib.parse import urlsplit
+
+    stand_in = urlsplit(settings.stripe_api_base) if settings.stripe_api_base else None
+    stripe_pages = STRIPE_PAGES + (f" {stand_in.scheme}://{stand_in.netloc}" if stand_in else "")
+    headers = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                                          f"img-src 'self' data: https:; form-action 'self' {stripe_pages}; "
+                                          "frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+               **PAGE_HEADERS}
+
+    def add(response: Response) -> Response:
+        for name, value in headers.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    return add
 
 
 def browser_session(request: Request) -> uuid.UUID | None:

@@ -204,6 +204,9 @@ class StripeStandIn:
                     sub["cancel_at_period_end"] = p["cancel_at_period_end"] == "true"
                 for item in p.get("items", []):
                     sub["items"]["data"][0]["price"] = {"id": item["price"], "object": "price"}
+                if self.webhook_url:    # a stand-in with a webhook tells pgtally, as Stripe does
+                    threading.Thread(target=self.send_event, args=("customer.subscription.updated", dict(sub)),
+                                     daemon=True).start()
             return 200, sub
         return 404, {"error": {"type": "invalid_request_error", "message": f"No such route {method} {path}"}}
 

@@ -216,13 +216,23 @@ BEGIN
   WHERE account_id = v_device OR (account_id = p_target_account_id AND period_end > v_oldest);
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
   WHERE account_id = v_device AND revoked_at IS NULL;
+  -- What the device bought moves with it: its subscriptions, and its Stripe customer when the
+  -- user has none yet (webhooks naming the device find the user through merged_into).
+  UPDATE billing.subscriptions SET account_id = p_target_account_id WHERE account_id = v_device;
+  IF NOT EXISTS (SELECT 1 FROM billing.customers WHERE account_id = p_target_account_id) THEN
+    UPDATE billing.customers SET account_id = p_target_account_id WHERE account_id = v_device;
+  END IF;
+  UPDATE billing.payments SET account_id = p_target_account_id WHERE account_id = v_device;
+  IF EXISTS (SELECT 1 FROM billing.subscriptions WHERE account_id = p_target_account_id) THEN
+    PERFORM billing.sync_account_plan(p_target_account_id);
+  END IF;
   SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
   PERFORM identity.log_event('device_merged', v_user, p_target_account_id, NULL, p_ip, p_user_agent,
                              jsonb_build_object('device_account_id', v_device, 'credits_micros', v_credits));
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 COMMENT ON FUNCTION identity.merge_device(uuid, uuid, text, text) IS
-  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), device sessions revoked. NULL when there is nothing to merge.';
+  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
 
 ------------------------------------------------------------------------------------------------
 -- Sign-up, login, refresh, logout

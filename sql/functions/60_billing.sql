@@ -24,13 +24,13 @@ COMMENT ON FUNCTION billing.event_rank(text, text) IS
 CREATE OR REPLACE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
 LANGUAGE sql STABLE AS $$
   SELECT coalesce(
-    (SELECT a.id FROM identity.accounts a
+    (SELECT coalesce(a.merged_into, a.id) FROM identity.accounts a
      WHERE p_account_hint ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
        AND a.id = p_account_hint::uuid),
     (SELECT c.account_id FROM billing.customers c WHERE c.stripe_customer_id = p_customer))
 $$;
 COMMENT ON FUNCTION billing.account_of(text, text) IS
-  'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account, else the owner of its customer.';
+  'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account (the user it was merged into, for a device that signed up since), else the owner of its customer.';
 
 CREATE OR REPLACE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -46,7 +46,7 @@ BEGIN
       billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
       billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
       plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
-  WHERE id = p_account_id AND kind <> 'device';
+  WHERE id = p_account_id;
 END $$;
 COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
   'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';

@@ -160,12 +160,12 @@ END $$;
 
 COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
-CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) RETURNS jsonb
+CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := billing.buyer(p_api_key, p_session_id, p_account_id);
   v_price billing.prices;
 BEGIN
   SELECT * INTO v_price FROM billing.prices WHERE id = p_price AND active;
@@ -184,10 +184,11 @@ BEGIN
     'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
-    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id);
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id,
+    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
 END $$;
 
-COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) IS 'POST /v1/billing/checkout, step 1: the caller''s account, email and Stripe customer (if any), and the Checkout mode for a price code (subscription for plan prices, payment for bundles). TL422 unknown price; TL409 a plan price while a subscription is live.';
+COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount. TL422 unknown price; TL409 a plan price while a subscription is live.';
 
 CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -585,12 +586,12 @@ END $_$;
 
 COMMENT ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) IS 'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
-CREATE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) RETURNS jsonb
+CREATE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := billing.buyer(p_api_key, p_session_id, p_account_id);
 BEGIN
   INSERT INTO billing.customers (account_id, stripe_customer_id, created_at)
   VALUES (v_account_id, p_stripe_customer_id, util.now())
@@ -599,7 +600,7 @@ BEGIN
                             (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id));
 END $$;
 
-COMMENT ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) IS 'POST /v1/billing/checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
+COMMENT ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) IS 'Checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
 
 CREATE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1078,6 +1079,29 @@ $$;
 
 COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
 
+CREATE FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT CASE
+    WHEN p_payment_intent IS NOT NULL THEN
+      jsonb_build_object('payment_intent', p_payment_intent, 'mode', 'payment',
+        'state', CASE WHEN p.stripe_payment_intent_id IS NULL THEN 'processing' ELSE 'applied' END,
+        'price', p.price_id, 'credits', util.credits(p.credits_micros))
+    ELSE
+      jsonb_build_object('checkout_session', p_checkout_session,
+        'state', CASE WHEN e.status = 'applied' THEN 'applied' WHEN e.status IS NULL THEN 'processing' ELSE e.status END,
+        'mode', e.payload #>> '{data,object,mode}', 'price', e.payload #>> '{data,object,metadata,price}')
+  END
+  FROM (SELECT 1) one
+  LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = p_payment_intent
+  LEFT JOIN LATERAL (SELECT status, payload FROM billing.stripe_events
+                     WHERE type LIKE 'checkout.session.%' AND payload #>> '{data,object,id}' = p_checkout_session
+                     ORDER BY (status = 'applied') DESC LIMIT 1) e ON true
+$$;
+
+COMMENT ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) IS '/billing/success: whether Stripe''s event for a Checkout Session (or the payment of a one-click top-up''s PaymentIntent) has been applied yet: state applied, processing until it arrives, or ignored/rejected; with mode and price. Nothing is granted here: only the webhook grants.';
+
 CREATE FUNCTION api.plans() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1382,6 +1406,7 @@ BEGIN
       WHEN 'invoice.paid' THEN billing.apply_invoice_paid(p_event)
       WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
       WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
+      WHEN 'payment_intent.succeeded' THEN billing.apply_payment_intent_succeeded(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
@@ -1472,13 +1497,13 @@ CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS
     LANGUAGE sql STABLE
     AS $_$
   SELECT coalesce(
-    (SELECT a.id FROM identity.accounts a
+    (SELECT coalesce(a.merged_into, a.id) FROM identity.accounts a
      WHERE p_account_hint ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
        AND a.id = p_account_hint::uuid),
     (SELECT c.account_id FROM billing.customers c WHERE c.stripe_customer_id = p_customer))
 $_$;
 
-COMMENT ON FUNCTION billing.account_of(p_account_hint text, p_customer text) IS 'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account, else the owner of its customer.';
+COMMENT ON FUNCTION billing.account_of(p_account_hint text, p_customer text) IS 'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account (the user it was merged into, for a device that signed up since), else the owner of its customer.';
 
 CREATE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -1616,6 +1641,37 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
+CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+  v_price billing.prices;
+  v_payment text;
+BEGIN
+  SELECT * INTO v_price FROM billing.prices WHERE id = o -> 'metadata' ->> 'price' AND credits_micros IS NOT NULL;
+  IF v_account_id IS NULL OR NOT FOUND THEN
+    RETURN 'ignored: the payment names no pgtally account and credit bundle';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  -- One payment, one grant: a Checkout payment's own checkout.session.completed shares this key.
+  INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
+                                amount_minor, currency, credits_micros, paid_at)
+  VALUES (o ->> 'id', v_account_id, NULL, v_price.id, coalesce((o ->> 'amount_received')::bigint, v_price.amount_minor),
+          coalesce(o ->> 'currency', v_price.currency), v_price.credits_micros, billing.ts(p_event -> 'created'))
+  ON CONFLICT DO NOTHING
+  RETURNING stripe_payment_intent_id INTO v_payment;
+  IF v_payment IS NULL THEN
+    RETURN 'ignored: this payment was already credited';
+  END IF;
+  PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
+                               'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first.';
+
 CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -1665,6 +1721,22 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
+
+CREATE FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS uuid
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  IF p_api_key IS NULL AND p_session_id IS NULL AND p_account_id IS NOT NULL THEN
+    -- Named by a signed upgrade link the server verified (an anonymous device has no other way).
+    IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
+      PERFORM util.fail('TL404', 'this account no longer exists (it may have signed up since): sign in');
+    END IF;
+    RETURN p_account_id;
+  END IF;
+  RETURN identity.authenticate(p_api_key, p_session_id, 'usage:read');
+END $$;
+
+COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
 
 CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
     LANGUAGE sql IMMUTABLE
@@ -1824,7 +1896,7 @@ BEGIN
       billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
       billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
       plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
-  WHERE id = p_account_id AND kind <> 'device';
+  WHERE id = p_account_id;
 END $$;
 
 COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
@@ -2194,13 +2266,23 @@ BEGIN
   WHERE account_id = v_device OR (account_id = p_target_account_id AND period_end > v_oldest);
   UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'merged'
   WHERE account_id = v_device AND revoked_at IS NULL;
+  -- What the device bought moves with it: its subscriptions, and its Stripe customer when the
+  -- user has none yet (webhooks naming the device find the user through merged_into).
+  UPDATE billing.subscriptions SET account_id = p_target_account_id WHERE account_id = v_device;
+  IF NOT EXISTS (SELECT 1 FROM billing.customers WHERE account_id = p_target_account_id) THEN
+    UPDATE billing.customers SET account_id = p_target_account_id WHERE account_id = v_device;
+  END IF;
+  UPDATE billing.payments SET account_id = p_target_account_id WHERE account_id = v_device;
+  IF EXISTS (SELECT 1 FROM billing.subscriptions WHERE account_id = p_target_account_id) THEN
+    PERFORM billing.sync_account_plan(p_target_account_id);
+  END IF;
   SELECT id INTO v_user FROM identity.users WHERE account_id = p_target_account_id;
   PERFORM identity.log_event('device_merged', v_user, p_target_account_id, NULL, p_ip, p_user_agent,
                              jsonb_build_object('device_account_id', v_device, 'credits_micros', v_credits));
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 
-COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), device sessions revoked. NULL when there is nothing to merge.';
+COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
 
 CREATE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid DEFAULT NULL::uuid, p_fingerprint text DEFAULT NULL::text) RETURNS uuid
     LANGUAGE plpgsql
@@ -2960,6 +3042,8 @@ CREATE TABLE billing.payments (
 
 COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
 
+COMMENT ON COLUMN billing.payments.stripe_checkout_session IS 'The Checkout Session that sold it; NULL for a one-click top-up (an off-session PaymentIntent with a saved card).';
+
 CREATE TABLE billing.plans (
     id text NOT NULL,
     name text NOT NULL,
@@ -3469,6 +3553,10 @@ ALTER TABLE ONLY metering.usage_events
 ALTER TABLE ONLY outbox.messages
     ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
 
+CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
+
+CREATE INDEX stripe_events_checkout_session_idx ON billing.stripe_events USING btree (((payload #>> '{data,object,id}'::text[]))) WHERE (type ~~ 'checkout.session.%'::text);
+
 CREATE INDEX stripe_events_status_idx ON billing.stripe_events USING btree (status, received_at) WHERE (status <> 'applied'::text);
 
 CREATE INDEX subscriptions_account_id_idx ON billing.subscriptions USING btree (account_id);
@@ -3625,8 +3713,8 @@ GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) TO 
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
@@ -3662,8 +3750,8 @@ GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
 REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid) TO pgtally_api;
@@ -3711,6 +3799,9 @@ GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
@@ -3764,7 +3855,11 @@ REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
 

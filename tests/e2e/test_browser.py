@@ -15,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from oidc_provider_mock import User, run_server_in_thread
@@ -25,6 +26,9 @@ from api.app import Settings, create_app
 from api.worker import deliver_due
 from tests.conftest import free_port, fresh_database, serving
 from tests.http.conftest import Inbox
+from tests.stripe_standin import StripeStandIn
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 
 CHROMIUM = os.environ.get("PGTALLY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -51,12 +55,14 @@ def site(postgresql_noproc, smtp):
     users = [User(sub="g-grace", claims={"email": "grace@example.com", "email_verified": True})]
     port = free_port()
     with fresh_database(f"pgtally_e2e_{os.getpid()}") as url, \
-            run_server_in_thread(user_claims=users, require_nonce=True) as oidc:
+            run_server_in_thread(user_claims=users, require_nonce=True) as oidc, \
+            StripeStandIn(webhook_url=f"http://127.0.0.1:{port}/v1/webhooks/stripe", webhook_secret="whsec_e2e") as stripe_api:
         settings = Settings(public_url=f"http://127.0.0.1:{port}", smtp_url=f"smtp://127.0.0.1:{smtp.port}",
                             google_client_id="pgtally-e2e", google_client_secret="s3cret",
-                            google_issuer=f"http://localhost:{oidc.server_port}")
+                            google_issuer=f"http://localhost:{oidc.server_port}", stripe_api_key="sk_test_e2e",
+                            stripe_api_base=stripe_api.url, stripe_webhook_secret="whsec_e2e")
         with serving(create_app(url, settings), port) as base:
-            yield {"base": base, "url": url, "settings": settings}
+            yield {"base": base, "url": url, "settings": settings, "stripe": stripe_api}
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +172,74 @@ def test_approve_a_device_code_while_pgtally_login_polls(page, site, tmp_path):
     assert subprocess.run([str(PGTALLY), "logout"], env=env, capture_output=True, timeout=60).returncode == 0
     assert not credentials.exists()
     assert subprocess.run([str(PGTALLY), "whoami"], env=env, capture_output=True, timeout=60).returncode != 0
+
+
+def screenshot(page: Page, name: str) -> None:
+    """README pictures, when PGTALLY_SCREENSHOTS is set (they are committed, not made in CI)."""
+    if os.environ.get("PGTALLY_SCREENSHOTS"):
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.set_viewport_size({"width": 900, "height": 1000})
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def test_a_device_that_ran_out_buys_pro_through_checkout_and_meters_again(page, site):
+    api = httpx.Client(base_url=site["base"], timeout=30)
+    device = api.post("/v1/identify", json={"install_id": "e2e-extension-install-0001", "meter": "generation"}).json()
+    headers = {"Authorization": f"Bearer {device['access_token']}"}
+    for i in range(5):
+        assert api.post("/v1/usage/events", json={"meter": "generation"}, headers={**headers, "Idempotency-Key": f"e{i}"}).status_code == 201
+    refused = api.post("/v1/usage/events", json={"meter": "generation"}, headers={**headers, "Idempotency-Key": "e5"})
+    assert refused.status_code == 402
+
+    page.goto(refused.json()["upgrade_url"])
+    expect(page.get_by_text("Choosing for this device's account")).to_be_visible()
+    screenshot(page, "pricing")
+    page.get_by_role("button", name="Get Pro").click()
+    expect(page.get_by_role("heading", name="Stripe stand-in checkout")).to_be_visible()
+    page.get_by_role("button", name="Pay").click()
+    expect(page.get_by_role("heading", name="Thank you")).to_be_visible()
+    again = api.post("/v1/usage/events", json={"meter": "generation"}, headers={**headers, "Idempotency-Key": "e5"})
+    assert again.status_code == 201 and again.json()["allowance"]["limit"] == 1000
+
+
+def test_a_signed_in_user_tops_up_in_one_click_then_cancels_and_keeps_the_plan(page, site):
+    page.goto("/signup")
+    page.get_by_label("Email").fill("topup@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    log_in(page, "topup@example.com", PASSWORD)
+    # The first bundle goes through Checkout, which saves the card.
+    page.goto("/upgrade")
+    page.get_by_role("button", name="Buy 10 credits").click()
+    page.get_by_role("button", name="Pay").click()
+    expect(page.get_by_role("heading", name="Thank you")).to_be_visible()
+    page.goto("/dashboard")
+    expect(page.locator("#credits")).to_have_text("10")
+    # Then one click: the saved card is charged and the webhook grants the credits.
+    page.get_by_role("button", name=re.compile("Top up 25 credits")).click()
+    expect(page.get_by_role("heading", name="Thank you")).to_be_visible()
+    page.goto("/dashboard")
+    expect(page.locator("#credits")).to_have_text("35")
+
+    page.goto("/upgrade")
+    page.get_by_role("button", name="Get Pro").click()
+    page.get_by_role("button", name="Pay").click()
+    expect(page.get_by_role("heading", name="Thank you")).to_be_visible()
+    page.goto("/dashboard")
+    expect(page.get_by_text("You are on pro")).to_be_visible()
+    screenshot(page, "dashboard")
+    page.get_by_role("button", name="Cancel at period end").click()
+    expect(page.get_by_text("will end at the end of this period")).to_be_visible()
+    for _ in range(50):                      # Stripe's customer.subscription.updated follows
+        page.goto("/dashboard")
+        if page.get_by_role("button", name="Keep my plan").count():
+            break
+        page.wait_for_timeout(100)
+    page.get_by_role("button", name="Keep my plan").click()
+    expect(page.get_by_text("Your plan continues.")).to_be_visible()
+    for _ in range(50):
+        page.goto("/dashboard")
+        if page.get_by_role("button", name="Cancel at period end").count():
+            break
+        page.wait_for_timeout(100)
+    expect(page.get_by_role("button", name="Cancel at period end")).to_be_visible()
