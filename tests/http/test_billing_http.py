@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -537,3 +538,57 @@ async def test_a_subscription_bought_on_the_checkout_page_is_applied_by_its_even
     plan, _, start, end, _ = account_row(owner, acct["account_id"])
     assert plan == "pro" and (end - start).days == 365
     assert "is active" in (await client.get(f"/billing/success?session_id={session_id}")).text
+
+
+async def page_client(db_url, settings):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
+    # Cookies are Secure with an https public URL: the browser side speaks https too.
+    return AsyncTestClient(app=create_app(db_url, settings), base_url="https://testserver.local")
+
+
+async def test_what_a_device_buys_by_its_upgrade_link_moves_with_it_when_it_signs_up(db_url, settings, stripe_api, owner):
+    from tests.http.test_sign_in import form
+
+    async with await page_client(db_url, settings) as client:
+        device = (await client.post("/v1/identify", json={"install_id": "device-buying-0123456789ab"})).json()
+        token = device["upgrade_url"].split("token=")[1]
+        r = await form(client, "/upgrade/checkout", {"price": "pro_monthly", "token": token}, f"/upgrade?token={token}")
+        assert r.status_code in (302, 303) and "/c/pay/" in r.headers["location"], r.text
+        await pay_and_deliver(client, stripe_api, r.headers["location"].rsplit("/", 1)[-1])
+        assert account_row(owner, device["account_id"])[0] == "pro"
+
+        await client.post("/v1/auth/signup", json={"email": "buyer@example.com", "password": "violet-harbour-tangent-42"},
+                          headers=bearer(device["access_token"]))
+        (user_account,) = owner.execute("SELECT account_id FROM identity.users").fetchone()
+        assert account_row(owner, user_account)[0] == "pro"
+        assert owner.execute("SELECT account_id FROM billing.subscriptions").fetchone()[0] == user_account
+        # Stripe's later events name the device: they reach the user.
+        sub_id = owner.execute("SELECT stripe_subscription_id FROM billing.subscriptions").fetchone()[0]
+        stripe_api.subscriptions[sub_id]["cancel_at_period_end"] = True
+        event = Events().event("customer.subscription.updated", stripe_api.subscriptions[sub_id], created=int(time.time()) + 5)
+        assert (await deliver(client, event)).json()["status"] == "applied"
+        assert owner.execute("SELECT cancel_at_period_end FROM billing.subscriptions").fetchone()[0] is True
+
+
+async def test_a_subscriber_switching_plans_sees_the_proration_and_changes_the_subscription(db_url, settings, stripe_api, owner):
+    from tests.http.test_sign_in import form
+
+    password = "violet-harbour-tangent-42"
+    async with await page_client(db_url, settings) as client:
+        await client.post("/v1/auth/signup", json={"email": "switch@example.com", "password": password})
+        assert (await form(client, "/login", {"email": "switch@example.com", "password": password})).status_code in (302, 303)
+        r = await form(client, "/upgrade/checkout", {"price": "pro_monthly"}, "/upgrade")
+        await pay_and_deliver(client, stripe_api, r.headers["location"].rsplit("/", 1)[-1])
+        page = await client.get("/upgrade")
+        assert "your plan" in page.text and "Switch to Unlimited" in page.text
+        preview = await form(client, "/upgrade/checkout", {"price": "unlimited_monthly"}, "/upgrade")
+        assert preview.status_code == 200 and "Stripe prorates" in preview.text
+        assert re.search(r"<strong>(9\.\d\d|10\.00) USD</strong>", preview.text), preview.text   # about 19.99 - 9.99
+        changed = await form(client, "/upgrade/change", {"price": "unlimited_monthly"}, "/upgrade")
+        assert changed.status_code == 200 and "changing" in changed.text
+        _, path, params, _ = stripe_api.requests[-1]
+        assert path.startswith("/v1/subscriptions/sub_") and params["items"][0]["price"] == "price_unlimited_monthly"
+        assert owner.execute("SELECT count(*) FROM billing.subscriptions").fetchone()[0] == 1
