@@ -332,19 +332,22 @@ class PurchaseForm(msgspec.Struct):
 
 
 async def purchase(request: Request, data: PurchaseForm) -> Any:
-    """A plan or bundle for the signed-in account or the account of a valid upgrade token: a
-    subscriber switching plans goes to the change confirmation; everything else to Checkout."""
+    """A plan or bundle for the signed-in account or the account of a valid upgrade token, through
+    Checkout; a subscriber choosing another plan (which checkout refuses) goes to the change
+    confirmation instead."""
     buyer = request.app.state.jwt_keys.upgrade_account(data.token) if data.token else None
     session_id = None if buyer else browser_session(request)
     if buyer is None and session_id is None:
         return to_login(request)
     principal = [None, session_id]
     try:
-        if session_id and data.price and not data.price.startswith("bundle"):
-            billing = await call_json(request, "SELECT api.billing_account(NULL, %s::uuid)", [session_id])
-            if billing["subscription"] and billing["subscription"]["live"]:
+        try:
+            session = await start_checkout(request, principal, data.price, account_id=buyer)
+        except PgtallyError as exc:
+            # api.checkout_prepare refuses a second subscription (TL409): a subscriber switches.
+            if exc.error.get("sqlstate") == "TL409" and session_id:
                 return await change_preview(request, session_id, data.price)
-        session = await start_checkout(request, principal, data.price, account_id=buyer)
+            raise
     except (PgtallyError, stripe.StripeError) as exc:
         message = problem_text(exc) if isinstance(exc, PgtallyError) else "Stripe could not start the checkout: try again."
         (catalog,) = await call(request, "SELECT api.plans()", [])
