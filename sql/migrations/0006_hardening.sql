@@ -8,35 +8,38 @@ DROP FUNCTION IF EXISTS api.stripe_webhook(jsonb);
 
 ------------------------------------------------------------------------------------------------
 -- Bounded strings: what the database stores has a length limit (or a shape) of its own.
+-- NOT VALID: enforced for every new or changed row; rows stored before (a 5,000-character
+-- currency) do not stop the upgrade. A DBA validates each after a look:
+--   ALTER TABLE billing.payments VALIDATE CONSTRAINT payments_currency_shape;
 ------------------------------------------------------------------------------------------------
-ALTER TABLE identity.accounts ADD CONSTRAINT accounts_name_length CHECK (length(name) <= 200);
-ALTER TABLE identity.api_keys ADD CONSTRAINT api_keys_name_length CHECK (length(name) <= 100);
-ALTER TABLE identity.sessions ADD CONSTRAINT sessions_ip_length CHECK (length(ip) <= 64),
-  ADD CONSTRAINT sessions_user_agent_length CHECK (length(user_agent) <= 512);
-ALTER TABLE identity.auth_events ADD CONSTRAINT auth_events_ip_length CHECK (length(ip) <= 64),
-  ADD CONSTRAINT auth_events_user_agent_length CHECK (length(user_agent) <= 512);
-ALTER TABLE identity.rate_limits ADD CONSTRAINT rate_limits_bucket_length CHECK (length(bucket) <= 600);
-ALTER TABLE identity.users ADD CONSTRAINT users_password_hash_length CHECK (length(password_hash) <= 512);
-ALTER TABLE outbox.messages ADD CONSTRAINT messages_recipient_length CHECK (length(recipient) <= 320),
-  ADD CONSTRAINT messages_last_error_length CHECK (length(last_error) <= 1000);
-ALTER TABLE ledger.transfers ADD CONSTRAINT transfers_memo_length CHECK (length(memo) <= 500);
-ALTER TABLE billing.plans ADD CONSTRAINT plans_name_length CHECK (length(name) <= 200),
-  ADD CONSTRAINT plans_description_length CHECK (length(description) <= 2000);
-ALTER TABLE metering.meters ADD CONSTRAINT meters_name_length CHECK (length(name) <= 200),
-  ADD CONSTRAINT meters_unit_length CHECK (length(unit) <= 63);
-ALTER TABLE billing.prices ADD CONSTRAINT prices_name_length CHECK (length(name) <= 200),
-  ADD CONSTRAINT prices_stripe_price_id_length CHECK (length(stripe_price_id) <= 255);
+ALTER TABLE identity.accounts ADD CONSTRAINT accounts_name_length CHECK (length(name) <= 200) NOT VALID;
+ALTER TABLE identity.api_keys ADD CONSTRAINT api_keys_name_length CHECK (length(name) <= 100) NOT VALID;
+ALTER TABLE identity.sessions ADD CONSTRAINT sessions_ip_length CHECK (length(ip) <= 64) NOT VALID,
+  ADD CONSTRAINT sessions_user_agent_length CHECK (length(user_agent) <= 512) NOT VALID;
+ALTER TABLE identity.auth_events ADD CONSTRAINT auth_events_ip_length CHECK (length(ip) <= 64) NOT VALID,
+  ADD CONSTRAINT auth_events_user_agent_length CHECK (length(user_agent) <= 512) NOT VALID;
+ALTER TABLE identity.rate_limits ADD CONSTRAINT rate_limits_bucket_length CHECK (length(bucket) <= 600) NOT VALID;
+ALTER TABLE identity.users ADD CONSTRAINT users_password_hash_length CHECK (length(password_hash) <= 512) NOT VALID;
+ALTER TABLE outbox.messages ADD CONSTRAINT messages_recipient_length CHECK (length(recipient) <= 320) NOT VALID,
+  ADD CONSTRAINT messages_last_error_length CHECK (length(last_error) <= 1000) NOT VALID;
+ALTER TABLE ledger.transfers ADD CONSTRAINT transfers_memo_length CHECK (length(memo) <= 500) NOT VALID;
+ALTER TABLE billing.plans ADD CONSTRAINT plans_name_length CHECK (length(name) <= 200) NOT VALID,
+  ADD CONSTRAINT plans_description_length CHECK (length(description) <= 2000) NOT VALID;
+ALTER TABLE metering.meters ADD CONSTRAINT meters_name_length CHECK (length(name) <= 200) NOT VALID,
+  ADD CONSTRAINT meters_unit_length CHECK (length(unit) <= 63) NOT VALID;
+ALTER TABLE billing.prices ADD CONSTRAINT prices_name_length CHECK (length(name) <= 200) NOT VALID,
+  ADD CONSTRAINT prices_stripe_price_id_length CHECK (length(stripe_price_id) <= 255) NOT VALID;
 ALTER TABLE billing.customers ADD CONSTRAINT customers_stripe_customer_id_length
-  CHECK (length(stripe_customer_id) BETWEEN 1 AND 255);
+  CHECK (length(stripe_customer_id) BETWEEN 1 AND 255) NOT VALID;
 ALTER TABLE billing.subscriptions
-  ADD CONSTRAINT subscriptions_id_length CHECK (length(stripe_subscription_id) BETWEEN 1 AND 255),
-  ADD CONSTRAINT subscriptions_customer_length CHECK (length(stripe_customer_id) <= 255),
-  ADD CONSTRAINT subscriptions_item_length CHECK (length(stripe_item_id) <= 255),
-  ADD CONSTRAINT subscriptions_last_event_id_length CHECK (length(last_event_id) <= 255);
+  ADD CONSTRAINT subscriptions_id_length CHECK (length(stripe_subscription_id) BETWEEN 1 AND 255) NOT VALID,
+  ADD CONSTRAINT subscriptions_customer_length CHECK (length(stripe_customer_id) <= 255) NOT VALID,
+  ADD CONSTRAINT subscriptions_item_length CHECK (length(stripe_item_id) <= 255) NOT VALID,
+  ADD CONSTRAINT subscriptions_last_event_id_length CHECK (length(last_event_id) <= 255) NOT VALID;
 ALTER TABLE billing.payments
-  ADD CONSTRAINT payments_id_length CHECK (length(stripe_payment_intent_id) BETWEEN 1 AND 255),
-  ADD CONSTRAINT payments_session_length CHECK (length(stripe_checkout_session) <= 255),
-  ADD CONSTRAINT payments_currency_shape CHECK (currency ~ '^[a-z]{3}$');
+  ADD CONSTRAINT payments_id_length CHECK (length(stripe_payment_intent_id) BETWEEN 1 AND 255) NOT VALID,
+  ADD CONSTRAINT payments_session_length CHECK (length(stripe_checkout_session) <= 255) NOT VALID,
+  ADD CONSTRAINT payments_currency_shape CHECK (currency ~ '^[a-z]{3}$') NOT VALID;
 
 ------------------------------------------------------------------------------------------------
 -- Stripe events that are signed but malformed are recorded as rejected, with the reason.
@@ -44,9 +47,9 @@ ALTER TABLE billing.payments
 ALTER TABLE billing.stripe_events DROP CONSTRAINT stripe_events_status_check;
 ALTER TABLE billing.stripe_events
   ADD CONSTRAINT stripe_events_status_check CHECK (status IN ('applied', 'stale', 'ignored', 'rejected')),
-  ADD CONSTRAINT stripe_events_id_length CHECK (length(id) BETWEEN 1 AND 255),
-  ADD CONSTRAINT stripe_events_type_length CHECK (length(type) <= 100),
-  ADD CONSTRAINT stripe_events_note_length CHECK (length(note) <= 1000),
+  ADD CONSTRAINT stripe_events_id_length CHECK (length(id) BETWEEN 1 AND 255) NOT VALID,
+  ADD CONSTRAINT stripe_events_type_length CHECK (length(type) <= 100) NOT VALID,
+  ADD CONSTRAINT stripe_events_note_length CHECK (length(note) <= 1000) NOT VALID,
   ALTER COLUMN payload DROP NOT NULL,
   ALTER COLUMN created DROP NOT NULL,
   ADD CONSTRAINT stripe_events_rejected_only_unreadable

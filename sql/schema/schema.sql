@@ -1787,9 +1787,7 @@ CREATE TABLE billing.prices (
     CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
     CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
     CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text]))),
-    CONSTRAINT prices_name_length CHECK ((length(name) <= 200)),
-    CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255))
+    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text])))
 );
 
 COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
@@ -1850,10 +1848,6 @@ CREATE TABLE billing.subscriptions (
     last_event_rank integer NOT NULL,
     last_event_id text NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)),
-    CONSTRAINT subscriptions_id_length CHECK (((length(stripe_subscription_id) >= 1) AND (length(stripe_subscription_id) <= 255))),
-    CONSTRAINT subscriptions_item_length CHECK ((length(stripe_item_id) <= 255)),
-    CONSTRAINT subscriptions_last_event_id_length CHECK ((length(last_event_id) <= 255)),
     CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
 );
 
@@ -1986,11 +1980,9 @@ CREATE TABLE identity.sessions (
     revoked_reason text,
     refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
     method text DEFAULT 'password'::text NOT NULL,
-    CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)),
     CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
-    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text]))),
-    CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512))
+    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text])))
 );
 
 COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
@@ -2036,7 +2028,6 @@ CREATE TABLE identity.api_keys (
     revoked_at timestamp with time zone,
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
-    CONSTRAINT api_keys_name_length CHECK ((length(name) <= 100)),
     CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,service}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
@@ -2140,7 +2131,6 @@ CREATE TABLE identity.accounts (
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
     CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
-    CONSTRAINT accounts_name_length CHECK ((length(name) <= 200)),
     CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
 );
 
@@ -2533,8 +2523,7 @@ CREATE TABLE ledger.transfers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0)),
     CONSTRAINT transfers_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text]))),
-    CONSTRAINT transfers_memo_length CHECK ((length(memo) <= 500))
+    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text])))
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -2660,10 +2649,8 @@ END),
     CONSTRAINT meters_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
     CONSTRAINT meters_input_price_micros_per_mtok_check CHECK ((input_price_micros_per_mtok >= 0)),
     CONSTRAINT meters_margin_check CHECK ((margin > (0)::numeric)),
-    CONSTRAINT meters_name_length CHECK ((length(name) <= 200)),
     CONSTRAINT meters_output_price_micros_per_mtok_check CHECK ((output_price_micros_per_mtok >= 0)),
     CONSTRAINT meters_pricing_check CHECK ((pricing = ANY (ARRAY['unit'::text, 'tokens'::text]))),
-    CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)),
     CONSTRAINT meters_unit_price_micros_check CHECK ((unit_price_micros >= 0))
 );
 
@@ -3012,8 +2999,7 @@ COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token:
 CREATE TABLE billing.customers (
     account_id uuid NOT NULL,
     stripe_customer_id text NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255)))
+    created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
@@ -3033,10 +3019,7 @@ CREATE TABLE billing.payments (
     CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
     CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT payments_id_length CHECK (((length(stripe_payment_intent_id) >= 1) AND (length(stripe_payment_intent_id) <= 255))),
     CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT payments_session_length CHECK ((length(stripe_checkout_session) <= 255)),
     CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
 );
 
@@ -3052,11 +3035,9 @@ CREATE TABLE billing.plans (
     active boolean DEFAULT true NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     included_credits_micros bigint DEFAULT 0 NOT NULL,
-    CONSTRAINT plans_description_length CHECK ((length(description) <= 2000)),
     CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
     CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
-    CONSTRAINT plans_name_length CHECK ((length(name) <= 200))
+    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0))
 );
 
 COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
@@ -3076,11 +3057,8 @@ CREATE TABLE billing.stripe_events (
     received_at timestamp with time zone DEFAULT now() NOT NULL,
     status text NOT NULL,
     note text,
-    CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))),
-    CONSTRAINT stripe_events_note_length CHECK ((length(note) <= 1000)),
     CONSTRAINT stripe_events_rejected_only_unreadable CHECK (((status = 'rejected'::text) OR ((payload IS NOT NULL) AND (created IS NOT NULL)))),
-    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text, 'rejected'::text]))),
-    CONSTRAINT stripe_events_type_length CHECK ((length(type) <= 100))
+    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text, 'rejected'::text])))
 );
 
 COMMENT ON TABLE billing.stripe_events IS 'Inbox of Stripe webhook events, keyed by Stripe''s event id: an event is applied in the transaction that records it, and a redelivery changes nothing. status: applied, stale (older than the state already applied), ignored (a type pgtally does not handle, or nothing of pgtally''s to change; note says why).';
@@ -3099,9 +3077,7 @@ CREATE TABLE identity.auth_events (
     user_agent text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)),
-    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text]))),
-    CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512))
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text])))
 );
 
 COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
@@ -3167,8 +3143,7 @@ COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password re
 CREATE TABLE identity.rate_limits (
     bucket text NOT NULL,
     window_start timestamp with time zone NOT NULL,
-    hits integer NOT NULL,
-    CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600))
+    hits integer NOT NULL
 );
 
 COMMENT ON TABLE identity.rate_limits IS 'Fixed-window rate limit counters shared by every server process: bucket is action:dimension:value (login:ip:203.0.113.7). Old windows can be deleted at will.';
@@ -3211,8 +3186,7 @@ CREATE TABLE identity.users (
     password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
-    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
-    CONSTRAINT users_password_hash_length CHECK ((length(password_hash) <= 512))
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized)))
 );
 
 COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
@@ -3283,9 +3257,7 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text]))),
-    CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)),
-    CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
@@ -3439,17 +3411,38 @@ ALTER TABLE ONLY billing.customers
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_stripe_customer_id_key UNIQUE (stripe_customer_id);
 
+ALTER TABLE billing.customers
+    ADD CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255))) NOT VALID;
+
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
+
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
+
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_id_length CHECK (((length(stripe_payment_intent_id) >= 1) AND (length(stripe_payment_intent_id) <= 255))) NOT VALID;
 
 ALTER TABLE ONLY billing.payments
     ADD CONSTRAINT payments_pkey PRIMARY KEY (stripe_payment_intent_id);
 
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_session_length CHECK ((length(stripe_checkout_session) <= 255)) NOT VALID;
+
 ALTER TABLE ONLY billing.payments
     ADD CONSTRAINT payments_stripe_checkout_session_key UNIQUE (stripe_checkout_session);
 
+ALTER TABLE billing.plans
+    ADD CONSTRAINT plans_description_length CHECK ((length(description) <= 2000)) NOT VALID;
+
+ALTER TABLE billing.plans
+    ADD CONSTRAINT plans_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
 ALTER TABLE ONLY billing.plans
     ADD CONSTRAINT plans_pkey PRIMARY KEY (id);
+
+ALTER TABLE billing.prices
+    ADD CONSTRAINT prices_name_length CHECK ((length(name) <= 200)) NOT VALID;
 
 ALTER TABLE ONLY billing.prices
     ADD CONSTRAINT prices_pkey PRIMARY KEY (id);
@@ -3457,8 +3450,32 @@ ALTER TABLE ONLY billing.prices
 ALTER TABLE ONLY billing.prices
     ADD CONSTRAINT prices_stripe_price_id_key UNIQUE (stripe_price_id);
 
+ALTER TABLE billing.prices
+    ADD CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255)) NOT VALID;
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))) NOT VALID;
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_note_length CHECK ((length(note) <= 1000)) NOT VALID;
+
 ALTER TABLE ONLY billing.stripe_events
     ADD CONSTRAINT stripe_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_type_length CHECK ((length(type) <= 100)) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_id_length CHECK (((length(stripe_subscription_id) >= 1) AND (length(stripe_subscription_id) <= 255))) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_item_length CHECK ((length(stripe_item_id) <= 255)) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_last_event_id_length CHECK ((length(last_event_id) <= 255)) NOT VALID;
 
 ALTER TABLE ONLY billing.subscriptions
     ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
@@ -3466,17 +3483,29 @@ ALTER TABLE ONLY billing.subscriptions
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
 
+ALTER TABLE identity.accounts
+    ADD CONSTRAINT accounts_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_key_hash_key UNIQUE (key_hash);
 
+ALTER TABLE identity.api_keys
+    ADD CONSTRAINT api_keys_name_length CHECK ((length(name) <= 100)) NOT VALID;
+
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_pkey PRIMARY KEY (id);
 
+ALTER TABLE identity.auth_events
+    ADD CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
+
 ALTER TABLE ONLY identity.auth_events
     ADD CONSTRAINT auth_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE identity.auth_events
+    ADD CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
 
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_device_code_hash_key UNIQUE (device_code_hash);
@@ -3499,6 +3528,9 @@ ALTER TABLE ONLY identity.one_time_tokens
 ALTER TABLE ONLY identity.one_time_tokens
     ADD CONSTRAINT one_time_tokens_token_hash_key UNIQUE (token_hash);
 
+ALTER TABLE identity.rate_limits
+    ADD CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600)) NOT VALID;
+
 ALTER TABLE ONLY identity.rate_limits
     ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket, window_start);
 
@@ -3508,8 +3540,14 @@ ALTER TABLE ONLY identity.refresh_tokens
 ALTER TABLE ONLY identity.refresh_tokens
     ADD CONSTRAINT refresh_tokens_token_hash_key UNIQUE (token_hash);
 
+ALTER TABLE identity.sessions
+    ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
+
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_pkey PRIMARY KEY (id);
+
+ALTER TABLE identity.sessions
+    ADD CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
 
 ALTER TABLE ONLY identity.user_identities
     ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
@@ -3523,6 +3561,9 @@ ALTER TABLE ONLY identity.users
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_email_normalized_key UNIQUE (email_normalized);
 
+ALTER TABLE identity.users
+    ADD CONSTRAINT users_password_hash_length CHECK ((length(password_hash) <= 512)) NOT VALID;
+
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_pkey PRIMARY KEY (id);
 
@@ -3535,14 +3576,23 @@ ALTER TABLE ONLY ledger.system_accounts
 ALTER TABLE ONLY ledger.transfers
     ADD CONSTRAINT transfers_idempotency_key UNIQUE (account_id, idempotency_key);
 
+ALTER TABLE ledger.transfers
+    ADD CONSTRAINT transfers_memo_length CHECK ((length(memo) <= 500)) NOT VALID;
+
 ALTER TABLE ONLY ledger.transfers
     ADD CONSTRAINT transfers_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
 
+ALTER TABLE metering.meters
+    ADD CONSTRAINT meters_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
 ALTER TABLE ONLY metering.meters
     ADD CONSTRAINT meters_pkey PRIMARY KEY (id);
+
+ALTER TABLE metering.meters
+    ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
 
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_idempotency_key UNIQUE (account_id, idempotency_key);
@@ -3550,8 +3600,14 @@ ALTER TABLE ONLY metering.usage_events
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id);
 
+ALTER TABLE outbox.messages
+    ADD CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)) NOT VALID;
+
 ALTER TABLE ONLY outbox.messages
     ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
+
+ALTER TABLE outbox.messages
+    ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
 
 CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
 
