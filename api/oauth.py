@@ -15,10 +15,12 @@ from typing import Annotated, Any
 
 import httpx
 from authlib.common.errors import AuthlibBaseError
+from authlib.deprecate import AuthlibDeprecationWarning
 
 with warnings.catch_warnings():
-    # authlib 1.9 announces its move to httpx2 on import; the pinned httpx client is the one used.
-    warnings.simplefilter("ignore", DeprecationWarning)
+    # authlib 1.9 announces its move to httpx2 on import (its own filter says "always"); the
+    # pinned httpx client is the one used.
+    warnings.simplefilter("ignore", AuthlibDeprecationWarning)
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 from joserfc import jwt
 from joserfc.errors import JoseError
