@@ -1,7 +1,8 @@
 """Server-rendered pages for people: sign up, log in (password, Google, GitHub), verify an email,
-reset a password, the account page (providers, sessions, API keys) and /device (approve a
-command line). Each page is a view over the same ``api.*`` functions as the JSON endpoints,
-with plain forms (CSRF-protected) and no script of its own."""
+reset a password, the account page (providers, sessions, API keys), /device (approve a command
+line), the pricing page and checkout returns, and the dashboard (what is left, plan, usage,
+top-up). Each page is a view over the same ``api.*`` functions as the JSON endpoints, with plain
+forms (CSRF-protected) and no script of its own."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import uuid
 from typing import Annotated, Any
 
 import msgspec
+import stripe
 from litestar import Request, Router, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
-
-import stripe
 
 from api.auth import password_login, register
 from api.billing import cancel_at_period_end, change_plan, open_portal, preview_change, start_checkout, top_up
@@ -61,7 +61,7 @@ class KeyForm(msgspec.Struct):
 
 @get("/")
 async def home(request: Request) -> Redirect:
-    return Redirect("/account" if browser_session(request) else "/login")
+    return Redirect("/dashboard" if browser_session(request) else "/login")
 
 
 @get("/login")
