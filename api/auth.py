@@ -135,6 +135,8 @@ class Me(msgspec.Struct):
 class SessionInfo(msgspec.Struct):
     id: str
     current: bool
+    method: str
+    """How it began: password, google, github, device, device_code."""
     ip: str | None
     user_agent: str | None
     created_at: str

@@ -417,14 +417,15 @@ DECLARE
   s identity.sessions := identity.active_session(p_session_id);
 BEGIN
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'ip', x.ip, 'user_agent', x.user_agent,
+    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'method', x.method,
+                                        'ip', x.ip, 'user_agent', x.user_agent,
                                         'created_at', util.iso(x.created_at), 'last_used_at', util.iso(x.last_used_at),
                                         'expires_at', util.iso(x.expires_at)) ORDER BY x.created_at DESC)
     FROM identity.sessions x
     WHERE x.revoked_at IS NULL AND x.expires_at > util.now()
       AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.id = s.id))), '[]'));
 END $$;
-COMMENT ON FUNCTION api.sessions(uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one.';
+COMMENT ON FUNCTION api.sessions(uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one, with how each began (method: password, google, github, device, device_code).';
 
 CREATE OR REPLACE FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -1259,7 +1259,8 @@ DECLARE
   s identity.sessions := identity.active_session(p_session_id);
 BEGIN
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'ip', x.ip, 'user_agent', x.user_agent,
+    SELECT jsonb_agg(jsonb_build_object('id', x.id, 'current', x.id = s.id, 'method', x.method,
+                                        'ip', x.ip, 'user_agent', x.user_agent,
                                         'created_at', util.iso(x.created_at), 'last_used_at', util.iso(x.last_used_at),
                                         'expires_at', util.iso(x.expires_at)) ORDER BY x.created_at DESC)
     FROM identity.sessions x
@@ -1267,7 +1268,7 @@ BEGIN
       AND (x.user_id = s.user_id OR (s.user_id IS NULL AND x.id = s.id))), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one.';
+COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one, with how each began (method: password, google, github, device, device_code).';
 
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER

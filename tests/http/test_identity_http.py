@@ -164,6 +164,7 @@ async def test_logout_sessions_and_logout_all(client):
     second = (await login(client)).json()
     listed = (await client.get("/v1/me/sessions", headers=bearer(first["access_token"]))).json()["data"]
     assert len(listed) == 2 and sum(s["current"] for s in listed) == 1
+    assert {s["method"] for s in listed} == {"password"}
 
     other = next(s["id"] for s in listed if not s["current"])
     r = await client.delete(f"/v1/me/sessions/{other}", headers=bearer(first["access_token"]))
