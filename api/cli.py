@@ -144,7 +144,7 @@ def db_schema(write: bool) -> None:
 
 
 RECONCILIATION_VIEWS = ("balance_mismatches", "unbalanced_transfers", "entry_balance_breaks",
-                        "usage_charge_mismatches")
+                        "usage_charge_mismatches", "hold_mismatches")
 
 
 @main.command()

@@ -19,6 +19,10 @@ class Balance(msgspec.Struct):
     account_id: str
     plan: str
     credits: str
+    held: str
+    """Credits reserved by open holds."""
+    available: str
+    """Credits a charge may spend: credits - held."""
     allowances: list[Allowance]
 
 

@@ -17,14 +17,14 @@ from api.calls import AUTH, SECURITY, Caller, call, json_response
 from api.errors import problems
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+Meter = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$", examples=["generation"])]
 
 
 class UsageRequest(msgspec.Struct, forbid_unknown_fields=True):
     """One metered call. Unit meters take ``quantity`` (default 1); token meters take
     ``input_tokens`` and ``output_tokens`` instead."""
 
-    meter: Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$",
-                                       examples=["generation"])]
+    meter: Meter
     quantity: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
     input_tokens: Count | None = None
     output_tokens: Count | None = None

@@ -7,11 +7,12 @@ CREATE OR REPLACE FUNCTION ledger.post_transfer(
 LANGUAGE plpgsql AS $$
 BEGIN
   -- The balance update is the overdraft guard: it matches no row when the balance would go
-  -- negative (or past what a bigint holds; compared in numeric, so the guard cannot overflow).
+  -- below what open holds reserve (never negative), or past what a bigint holds (compared in
+  -- numeric, so the guard cannot overflow).
   UPDATE identity.accounts a
   SET credit_balance_micros = a.credit_balance_micros + p_amount_micros
   WHERE a.id = p_account_id
-    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN 0 AND 9223372036854775807
+    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN a.held_micros AND 9223372036854775807
   RETURNING a.credit_balance_micros INTO balance_after_micros;
   IF NOT FOUND THEN
     IF p_amount_micros > 0 AND EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
@@ -20,7 +21,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
       PERFORM util.fail('TL402', 'not enough credits',
         jsonb_build_object('required_credits', util.credits(-p_amount_micros),
-                           'balance', (SELECT util.credits(credit_balance_micros) FROM identity.accounts WHERE id = p_account_id)));
+                           'balance', (SELECT util.credits(credit_balance_micros - held_micros) FROM identity.accounts WHERE id = p_account_id)));
     END IF;
     PERFORM util.fail('TL404', format('no account %s', p_account_id));
   END IF;
@@ -33,7 +34,7 @@ BEGIN
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
 END $$;
 COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text) IS
-  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE OR REPLACE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint,
                                              p_balance_after_micros bigint, p_created_at timestamptz)
@@ -164,10 +165,12 @@ BEGIN
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
+    'held', util.credits(v_account.held_micros),
+    'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
     'allowances', metering.allowances_json(v_account));
 END $$;
 COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
-  'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+  'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                       p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL)

@@ -141,7 +141,8 @@ BEGIN
     PERFORM util.fail('TL422', 'the request is too large to charge');
   END IF;
   credits_micros := v_cost;
-  allowed := credits_micros <= p_account.credit_balance_micros;
+  -- Credits that open holds reserve are not spendable.
+  allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
   balance_after_micros := p_account.credit_balance_micros - CASE WHEN allowed THEN credits_micros ELSE 0 END;
 
   warnings := '[]';
@@ -222,6 +223,9 @@ BEGIN
   -- idempotency check below all read state no concurrent charge can change until we commit.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  IF metering.expire_holds(v_account.id) > 0 THEN
+    SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
+  END IF;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -240,7 +244,7 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
       jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(v_account.credit_balance_micros),
+                         'balance', util.credits(v_account.credit_balance_micros - v_account.held_micros),
                          'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
   END IF;
 

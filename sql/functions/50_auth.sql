@@ -719,10 +719,10 @@ DECLARE
 BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows);
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds());
 END $$;
 COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day).';
+  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day) and release expired holds (api.expire_holds).';
 
 GRANT EXECUTE ON FUNCTION
   api.housekeeping(), api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),

@@ -266,7 +266,7 @@ BEGIN
   v_target := CASE WHEN p.amount_minor = 0 THEN p.credits_micros
                    ELSE (p.credits_micros::numeric * least(v_refunded, p.amount_minor) / p.amount_minor)::bigint END;
   v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
-  SELECT least(v_delta, credit_balance_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
+  SELECT least(v_delta, credit_balance_micros - held_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
   IF v_take > 0 THEN
     PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
                                  'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,

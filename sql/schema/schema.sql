@@ -100,10 +100,12 @@ BEGIN
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
     'credits', util.credits(v_account.credit_balance_micros),
+    'held', util.credits(v_account.held_micros),
+    'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
     'allowances', metering.allowances_json(v_account));
 END $$;
 
-COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -133,6 +135,33 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) IS 'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+
+CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  h metering.holds;
+BEGIN
+  SELECT * INTO h FROM metering.holds WHERE id = p_hold_id AND account_id = a.id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such hold');
+  ELSIF h.status IN ('released', 'expired') THEN
+    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status), jsonb_build_object('status', h.status));
+  END IF;
+  -- Return the reservation, then charge the actual amount as one usage event, exactly once
+  -- (key hold:<id>; a repeated capture replays it). If the balance does not cover more than was
+  -- held, api.consume refuses (TL402) and everything here rolls back: the hold stays open.
+  PERFORM metering.settle_hold(h, 'captured');
+  RETURN QUERY SELECT * FROM api.consume(p_api_key, p_session_id, 'hold:' || h.id, h.meter_id,
+                                         CASE WHEN h.input_tokens IS NULL THEN coalesce(p_quantity, h.quantity) END,
+                                         CASE WHEN h.input_tokens IS NOT NULL THEN coalesce(p_input_tokens, h.input_tokens) END,
+                                         CASE WHEN h.input_tokens IS NOT NULL THEN coalesce(p_output_tokens, h.output_tokens) END,
+                                         p_account_id);
+END $$;
+
+COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
 
 CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -213,6 +242,9 @@ BEGIN
   -- idempotency check below all read state no concurrent charge can change until we commit.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  IF metering.expire_holds(v_account.id) > 0 THEN
+    SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
+  END IF;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -231,7 +263,7 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
       jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(v_account.credit_balance_micros),
+                         'balance', util.credits(v_account.credit_balance_micros - v_account.held_micros),
                          'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
   END IF;
 
@@ -440,6 +472,23 @@ END $$;
 
 COMMENT ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) IS 'POST /oauth/token with grant_type urn:ietf:params:oauth:grant-type:device_code (RFC 8628 section 3.4-3.5): the tokens of a new session once the user approved, exactly once; otherwise {"oauth_error": {error}} with authorization_pending, slow_down (polled faster than the interval, which grows by 5 s), access_denied, expired_token or invalid_grant.';
 
+CREATE FUNCTION api.expire_holds() RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account uuid;
+  v_count integer := 0;
+BEGIN
+  FOR v_account IN SELECT DISTINCT account_id FROM metering.holds WHERE status = 'open' AND expires_at <= util.now() LOOP
+    PERFORM 1 FROM identity.accounts WHERE id = v_account FOR NO KEY UPDATE;
+    v_count := v_count + metering.expire_holds(v_account);
+  END LOOP;
+  RETURN v_count;
+END $$;
+
+COMMENT ON FUNCTION api.expire_holds() IS 'pgtally worker (housekeeping): release every expired open hold, each exactly once (accounts locked one at a time, as a charge would).';
+
 CREATE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text DEFAULT NULL::text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -454,6 +503,74 @@ END $$;
 
 COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
+CREATE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_expires_in integer DEFAULT 900, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts;
+  v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  h metering.holds;
+  q record;
+BEGIN
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
+  END IF;
+  IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
+    PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
+  END IF;
+  a := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN
+    IF h.request_hash <> v_hash THEN
+      PERFORM util.fail('TL409', 'this idempotency key was already used for a different hold',
+                        jsonb_build_object('hold_id', h.id));
+    END IF;
+    replayed := true;
+    body := metering.hold_json(h);
+    RETURN NEXT;
+    RETURN;
+  END IF;
+  SELECT * INTO q FROM metering.quote(a, p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  IF NOT q.allowed THEN
+    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this hold', q.meter_id),
+      jsonb_build_object('account_id', a.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
+                         'balance', util.credits(a.credit_balance_micros - a.held_micros),
+                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+  END IF;
+  INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
+                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)
+  VALUES (a.id, p_idempotency_key, v_hash, q.meter_id, q.quantity, q.input_tokens, q.output_tokens,
+          CASE WHEN q.entitled THEN q.allowance_units ELSE 0 END, q.credits_micros, q.period_start,
+          util.now(), util.now() + make_interval(secs => p_expires_in))
+  RETURNING * INTO h;
+  IF q.entitled THEN
+    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+    VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
+  END IF;
+  UPDATE identity.accounts SET held_micros = held_micros + q.credits_micros WHERE id = a.id;
+  replayed := false;
+  body := metering.hold_json(h);
+  RETURN NEXT;
+END $$;
+
+COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there: nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+
+CREATE FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(metering.hold_json(h) ORDER BY h.id DESC) FROM metering.holds h
+    WHERE h.account_id = v_account_id AND h.status = 'open' AND h.expires_at > util.now()), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/holds: the caller''s open holds, newest first.';
+
 CREATE FUNCTION api.housekeeping() RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -463,10 +580,10 @@ DECLARE
 BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows);
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds());
 END $$;
 
-COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day).';
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day) and release expired holds (api.expire_holds).';
 
 CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1152,6 +1269,27 @@ END $$;
 
 COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
 
+CREATE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  a identity.accounts := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  h metering.holds;
+BEGIN
+  SELECT * INTO h FROM metering.holds WHERE id = p_hold_id AND account_id = a.id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such hold');
+  ELSIF h.status = 'captured' THEN
+    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"status": "captured"}');
+  ELSIF h.status = 'open' THEN
+    h := metering.settle_hold(h, 'released');
+  END IF;
+  RETURN metering.hold_json(h);
+END $$;
+
+COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
+
 CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1530,7 +1668,7 @@ BEGIN
   v_target := CASE WHEN p.amount_minor = 0 THEN p.credits_micros
                    ELSE (p.credits_micros::numeric * least(v_refunded, p.amount_minor) / p.amount_minor)::bigint END;
   v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
-  SELECT least(v_delta, credit_balance_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
+  SELECT least(v_delta, credit_balance_micros - held_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
   IF v_take > 0 THEN
     PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
                                  'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,
@@ -2128,11 +2266,13 @@ CREATE TABLE identity.accounts (
     device_fingerprint text,
     plan_grace_until timestamp with time zone,
     device_install_hash bytea,
+    held_micros bigint DEFAULT 0 NOT NULL,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
     CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
-    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0))
+    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0)),
+    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= credit_balance_micros)))
 );
 
 COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
@@ -2150,6 +2290,8 @@ COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous devi
 COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
 
 COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
+
+COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
 
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
@@ -2587,11 +2729,12 @@ CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p
     AS $$
 BEGIN
   -- The balance update is the overdraft guard: it matches no row when the balance would go
-  -- negative (or past what a bigint holds; compared in numeric, so the guard cannot overflow).
+  -- below what open holds reserve (never negative), or past what a bigint holds (compared in
+  -- numeric, so the guard cannot overflow).
   UPDATE identity.accounts a
   SET credit_balance_micros = a.credit_balance_micros + p_amount_micros
   WHERE a.id = p_account_id
-    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN 0 AND 9223372036854775807
+    AND a.credit_balance_micros::numeric + p_amount_micros BETWEEN a.held_micros AND 9223372036854775807
   RETURNING a.credit_balance_micros INTO balance_after_micros;
   IF NOT FOUND THEN
     IF p_amount_micros > 0 AND EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
@@ -2600,7 +2743,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id) THEN
       PERFORM util.fail('TL402', 'not enough credits',
         jsonb_build_object('required_credits', util.credits(-p_amount_micros),
-                           'balance', (SELECT util.credits(credit_balance_micros) FROM identity.accounts WHERE id = p_account_id)));
+                           'balance', (SELECT util.credits(credit_balance_micros - held_micros) FROM identity.accounts WHERE id = p_account_id)));
     END IF;
     PERFORM util.fail('TL404', format('no account %s', p_account_id));
   END IF;
@@ -2613,7 +2756,7 @@ BEGIN
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
 END $$;
 
-COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go negative, TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE TABLE billing.entitlements (
     plan_id text NOT NULL,
@@ -2759,6 +2902,82 @@ $$;
 
 COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits}, idempotency_key, metadata, created_at}.';
 
+CREATE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  h metering.holds;
+  v_count integer := 0;
+BEGIN
+  FOR h IN SELECT * FROM metering.holds
+           WHERE account_id = p_account_id AND status = 'open' AND expires_at <= util.now() ORDER BY id LOOP
+    IF (metering.settle_hold(h, 'expired')).id IS NOT NULL THEN   -- (a row with NULL columns is not IS NOT NULL)
+      v_count := v_count + 1;
+    END IF;
+  END LOOP;
+  RETURN v_count;
+END $$;
+
+COMMENT ON FUNCTION metering.expire_holds(p_account_id uuid) IS 'Release the account''s open holds that have expired (lazily, at its next charge, hold or capture, with the account locked); returns how many.';
+
+CREATE TABLE metering.holds (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    meter_id text NOT NULL,
+    quantity bigint NOT NULL,
+    input_tokens bigint,
+    output_tokens bigint,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    period_start timestamp with time zone,
+    status text DEFAULT 'open'::text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    settled_at timestamp with time zone,
+    CONSTRAINT holds_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT holds_check CHECK (((status = 'open'::text) = (settled_at IS NULL))),
+    CONSTRAINT holds_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT holds_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT holds_input_tokens_check CHECK ((input_tokens >= 0)),
+    CONSTRAINT holds_output_tokens_check CHECK ((output_tokens >= 0)),
+    CONSTRAINT holds_quantity_check CHECK ((quantity > 0)),
+    CONSTRAINT holds_status_check CHECK ((status = ANY (ARRAY['open'::text, 'captured'::text, 'released'::text, 'expired'::text])))
+);
+
+COMMENT ON TABLE metering.holds IS 'Reservations for pay-per-use work: the allowance units and micro-credits a request would cost, reserved in the account-row transaction that charges, so no other charge or hold can spend them. Captured (one usage event with the actual amount, key hold:<id>), released, or expired (released by itself), exactly once.';
+
+COMMENT ON COLUMN metering.holds.period_start IS 'The allowance window the reserved units were counted in.';
+
+CREATE FUNCTION metering.hold_json(h metering.holds) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', h.id, 'object', 'hold', 'status', h.status, 'meter', h.meter_id,
+                            'quantity', h.quantity, 'input_tokens', h.input_tokens, 'output_tokens', h.output_tokens,
+                            'held', jsonb_build_object('allowance_units', h.allowance_units,
+                                                       'credits', util.credits(h.credits_micros)),
+                            'idempotency_key', h.idempotency_key, 'created_at', util.iso(h.created_at),
+                            'expires_at', util.iso(h.expires_at), 'settled_at', util.iso(h.settled_at))
+$$;
+
+COMMENT ON FUNCTION metering.hold_json(h metering.holds) IS 'A hold as the API shows it: {id, status (open, captured, released, expired), meter, quantity, input_tokens, output_tokens, held {allowance_units, credits}, idempotency_key, created_at, expires_at, settled_at}.';
+
+CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  v_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+BEGIN
+  PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
+  PERFORM metering.expire_holds(v_id);
+  SELECT * INTO a FROM identity.accounts WHERE id = v_id;
+  RETURN a;
+END $$;
+
+COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released.';
+
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
     LANGUAGE sql STABLE
     AS $$
@@ -2849,7 +3068,8 @@ BEGIN
     PERFORM util.fail('TL422', 'the request is too large to charge');
   END IF;
   credits_micros := v_cost;
-  allowed := credits_micros <= p_account.credit_balance_micros;
+  -- Credits that open holds reserve are not spendable.
+  allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
   balance_after_micros := p_account.credit_balance_micros - CASE WHEN allowed THEN credits_micros ELSE 0 END;
 
   warnings := '[]';
@@ -2892,6 +3112,28 @@ CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_t
 $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
+
+CREATE FUNCTION metering.settle_hold(h metering.holds, p_status text) RETURNS metering.holds
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v metering.holds;
+BEGIN
+  -- The claim: an open hold is settled once, whoever else tries.
+  UPDATE metering.holds SET status = p_status, settled_at = util.now()
+  WHERE id = h.id AND status = 'open' RETURNING * INTO v;
+  IF v.id IS NULL THEN
+    RETURN NULL;
+  END IF;
+  UPDATE identity.accounts SET held_micros = held_micros - v.credits_micros WHERE id = v.account_id;
+  IF v.allowance_units > 0 THEN
+    UPDATE metering.allowance_usage SET used = greatest(used - v.allowance_units, 0)
+    WHERE account_id = v.account_id AND meter_id = v.meter_id AND period_start = v.period_start;
+  END IF;
+  RETURN v;
+END $$;
+
+COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
 
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -3304,6 +3546,20 @@ CREATE VIEW reporting.entry_balance_breaks AS
 
 COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries. Must be empty.';
 
+CREATE VIEW reporting.hold_mismatches AS
+ SELECT a.id AS account_id,
+    a.held_micros,
+    COALESCE(h.open_micros, (0)::bigint) AS open_holds_micros
+   FROM (identity.accounts a
+     LEFT JOIN ( SELECT holds.account_id,
+            (sum(holds.credits_micros))::bigint AS open_micros
+           FROM metering.holds
+          WHERE (holds.status = 'open'::text)
+          GROUP BY holds.account_id) h ON ((h.account_id = a.id)))
+  WHERE (a.held_micros <> COALESCE(h.open_micros, (0)::bigint));
+
+COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
+
 CREATE VIEW reporting.outbox_backlog AS
  SELECT kind,
     count(*) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS pending,
@@ -3586,6 +3842,12 @@ ALTER TABLE ONLY ledger.transfers
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
 
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_idempotency_key UNIQUE (account_id, idempotency_key);
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_pkey PRIMARY KEY (id);
+
 ALTER TABLE metering.meters
     ADD CONSTRAINT meters_name_length CHECK ((length(name) <= 200)) NOT VALID;
 
@@ -3639,6 +3901,10 @@ CREATE INDEX entries_account_id_idx ON ledger.entries USING btree (account_id, i
 CREATE INDEX entries_transfer_id_idx ON ledger.entries USING btree (transfer_id);
 
 CREATE INDEX transfers_usage_event_id_idx ON ledger.transfers USING btree (usage_event_id) WHERE (usage_event_id IS NOT NULL);
+
+CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WHERE (status = 'open'::text);
+
+CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
 
 CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events USING btree (account_id, id);
 
@@ -3745,6 +4011,12 @@ ALTER TABLE ONLY metering.allowance_usage
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
+
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
 
@@ -3766,6 +4038,9 @@ GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_i
 
 REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -3793,7 +4068,16 @@ GRANT ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_i
 REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.expire_holds() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.expire_holds() TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
@@ -3865,6 +4149,9 @@ GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
@@ -4002,11 +4289,19 @@ REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jso
 
 REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION metering.expire_holds(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.hold_json(h metering.holds) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
@@ -4033,6 +4328,8 @@ GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 

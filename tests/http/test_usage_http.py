@@ -236,3 +236,37 @@ async def test_metadata_is_part_of_the_idempotency_fingerprint(client, new_accou
     assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=body)).status_code == 200
     changed = {"meter": "generation", "metadata": {"model": "b"}}
     assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=changed)).status_code == 409
+
+
+async def test_holds_over_http_reserve_capture_release_and_list(client, new_account):
+    key = new_account("free", CREDIT)["api_key"]
+    r = await client.post("/v1/holds", json={"meter": "generation", "quantity": 11, "expires_in": 600}, headers=auth(key, "h1"))
+    assert r.status_code == 201 and r.json()["held"] == {"allowance_units": 10, "credits": "1"}, r.text
+    hold = r.json()
+    again = await client.post("/v1/holds", json={"meter": "generation", "quantity": 11, "expires_in": 600}, headers=auth(key, "h1"))
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true" and again.json() == hold
+    other = await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth(key, "h1"))
+    assert other.status_code == 409
+    refused = await client.post("/v1/holds", json={"meter": "generation"}, headers=auth(key, "h2"))
+    assert refused.status_code == 402 and refused.headers["content-type"].startswith(PROBLEM)
+    assert (await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "u1"))).status_code == 402
+    listed = (await client.get("/v1/holds", headers=auth(key))).json()["data"]
+    assert [h["id"] for h in listed] == [hold["id"]]
+    balance = (await client.get("/v1/balance", headers=auth(key))).json()
+    assert (balance["credits"], balance["held"], balance["available"]) == ("1", "1", "0")
+
+    captured = await client.post(f"/v1/holds/{hold['id']}/capture", json={"quantity": 4}, headers=auth(key))
+    assert captured.status_code == 200 and captured.json()["charged"] == {"allowance_units": 4, "credits": "0"}
+    replay = await client.post(f"/v1/holds/{hold['id']}/capture", json={"quantity": 4}, headers=auth(key))
+    assert replay.headers["idempotent-replayed"] == "true" and replay.json() == captured.json()
+    assert (await client.post(f"/v1/holds/{hold['id']}/release", headers=auth(key))).status_code == 409
+
+    second = (await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth(key, "h3"))).json()
+    released = await client.post(f"/v1/holds/{second['id']}/release", headers=auth(key))
+    assert released.status_code == 200 and released.json()["status"] == "released"
+    assert (await client.post(f"/v1/holds/{second['id']}/capture", json={}, headers=auth(key))).status_code == 409
+    assert (await client.post(f"/v1/holds/{second['id']}/release", headers=auth(key))).json()["status"] == "released"
+    unknown = "0190a1b2-0000-7000-8000-000000000000"
+    assert (await client.post(f"/v1/holds/{unknown}/release", headers=auth(key))).status_code == 404
+    bad = await client.post("/v1/holds", json={"meter": "generation", "expires_in": 100000}, headers=auth(key, "h4"))
+    assert bad.status_code == 422
