@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import msgspec
 import psycopg
 import stripe
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, post, put
 from litestar.exceptions import HTTPException
 from litestar.params import HeaderParameter, JSONBody
 
@@ -67,6 +67,8 @@ class Price(msgspec.Struct):
     currency: str
     interval: str | None
     stripe_price_id: str
+    usage_type: str
+    """licensed (a fixed amount per period) or metered (bills the period's reported usage)."""
     credits: str | None
     """For a bundle: the credits it grants."""
 
@@ -74,8 +76,11 @@ class Price(msgspec.Struct):
 class PlanEntitlement(msgspec.Struct):
     meter: str
     kind: str
+    """allowance, fair_use, unlimited or post_paid."""
     period: str
     limit: int | None
+    unit_amount: int | None
+    """post_paid: the price of one unit, in minor currency units (cents)."""
 
 
 class Plan(msgspec.Struct):
@@ -84,6 +89,8 @@ class Plan(msgspec.Struct):
     description: str
     features: list[str]
     included_credits: str
+    spending_limit: int | None
+    """Post-paid plans: the most post-paid usage may cost per billing period, in minor units."""
     entitlements: list[PlanEntitlement]
     prices: list[Price]
 
@@ -178,7 +185,9 @@ async def start_checkout(request: Request, principal: list, price: str, account_
     metadata = {"account_id": prep["account_id"], "price": prep["price"]}
     params: dict[str, Any] = {
         "mode": prep["mode"], "customer": customer, "client_reference_id": prep["account_id"],
-        "line_items": [{"price": prep["stripe_price_id"], "quantity": 1}], "metadata": metadata,
+        # A metered price bills the reported usage: Stripe takes no quantity for it.
+        "line_items": [{"price": prep["stripe_price_id"]} if prep["usage_type"] == "metered"
+                       else {"price": prep["stripe_price_id"], "quantity": 1}], "metadata": metadata,
         "success_url": success_url or f"{public_url}/billing/success?session_id={{CHECKOUT_SESSION_ID}}",
         "cancel_url": cancel_url or f"{public_url}/billing/cancel",
     }
@@ -256,6 +265,46 @@ async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
     credits follow with Stripe's event), else ``checkout`` with a Checkout ``url``. 402 a declined
     card; 422 not a bundle."""
     return await top_up(request, caller.params, data.bundle, idempotency_key)
+
+
+class AutoTopUpRequest(msgspec.Struct, forbid_unknown_fields=True):
+    below: Annotated[str, msgspec.Meta(min_length=1, max_length=30, examples=["5"])]
+    """Credits (a plain decimal): a charge that leaves the balance below this buys ``buy``."""
+    buy: PriceCode
+    """A credit bundle, paid with the card saved by an earlier Checkout."""
+
+
+class AutoTopUp(msgspec.Struct):
+    enabled: bool
+    below: str | None
+    bundle: str | None
+    failures: int
+    in_flight: bool
+    last_error: str | None
+
+
+@put("/v1/billing/auto-topup", status_code=200, dependencies=AUTH, security=SECURITY,
+     summary="Turn on auto top-up", responses=problems(400, 401, 403, 409, 415, 422, 503))
+async def set_auto_topup(request: Request, caller: Caller, data: JSONBody[AutoTopUpRequest]) -> AutoTopUp:
+    """When a charge leaves the balance below ``below`` credits, buy the ``buy`` bundle with the
+    saved card: one top-up in flight at a time, credits when Stripe confirms the payment; three
+    failed charges turn it off and email the user. 409 before any Checkout (no saved card yet)."""
+    return await call_json(request, "SELECT api.set_auto_topup(%s::text, %s::uuid, %s::text, %s::text)",
+                           [*caller.params, data.below, data.buy])
+
+
+@get("/v1/billing/auto-topup", dependencies=AUTH, security=SECURITY, summary="Auto top-up settings",
+     responses=problems(400, 401, 403, 503))
+async def get_auto_topup(request: Request, caller: Caller) -> AutoTopUp:
+    """The auto top-up settings and state (in flight, failures, last error)."""
+    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid)", caller.params)
+
+
+@delete("/v1/billing/auto-topup", status_code=200, dependencies=AUTH, security=SECURITY,
+        summary="Turn off auto top-up", responses=problems(400, 401, 403, 503))
+async def delete_auto_topup(request: Request, caller: Caller) -> AutoTopUp:
+    """Turn auto top-up off."""
+    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid, false)", caller.params)
 
 
 async def open_portal(request: Request, principal: list) -> str:
@@ -399,5 +448,5 @@ async def current_subscription(request: Request, subscription_id: str, event: di
     return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
-ROUTES = [plans, checkout, topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
+ROUTES = [plans, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
           stripe_webhook]

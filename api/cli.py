@@ -83,7 +83,8 @@ def ensure_port_free(host: str, port: int) -> None:
 @main.command()
 @click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
 def worker(once: bool) -> None:
-    """Deliver outbox emails over PGTALLY_SMTP_URL (or to the log when it is not set)."""
+    """Deliver the outbox: emails over PGTALLY_SMTP_URL (or to the log when it is not set), auto
+    top-ups and post-paid meter events through Stripe; release expired holds every five minutes."""
     import asyncio
     import logging
 
@@ -144,7 +145,7 @@ def db_schema(write: bool) -> None:
 
 
 RECONCILIATION_VIEWS = ("balance_mismatches", "unbalanced_transfers", "entry_balance_breaks",
-                        "usage_charge_mismatches", "hold_mismatches")
+                        "usage_charge_mismatches", "hold_mismatches", "unreported_post_paid_events")
 
 
 @main.command()

@@ -15,6 +15,16 @@ from api.errors import problems
 from api.usage import Allowance
 
 
+class Spending(msgspec.Struct):
+    limit: int | None
+    """The plan's spending limit per billing period, in minor currency units (null: none)."""
+    spent: int
+    """Post-paid usage this period, open holds included, in minor currency units."""
+    currency: str
+    period_start: str
+    resets_at: str
+
+
 class Balance(msgspec.Struct):
     account_id: str
     plan: str
@@ -24,6 +34,8 @@ class Balance(msgspec.Struct):
     available: str
     """Credits a charge may spend: credits - held."""
     allowances: list[Allowance]
+    spending: Spending | None
+    """Post-paid plans: this billing period's spending against the plan's limit."""
 
 
 class Entry(msgspec.Struct):

@@ -38,11 +38,15 @@ class UsageRequest(msgspec.Struct, forbid_unknown_fields=True):
 class Charged(msgspec.Struct):
     allowance_units: int
     credits: str
+    amount: int | None = None
+    """Post-paid: what the event costs in minor currency units (cents), billed by Stripe's invoice."""
+    currency: str | None = None
 
 
 class Allowance(msgspec.Struct):
     meter: str
     kind: str
+    """allowance, fair_use, unlimited or post_paid."""
     unit: str
     period: str
     limit: int | None
@@ -50,6 +54,10 @@ class Allowance(msgspec.Struct):
     remaining: int | None
     period_start: str
     resets_at: str
+    unit_amount: int | None = None
+    """post_paid: the price of one unit, in minor currency units."""
+    amount: int | None = None
+    """post_paid: what this period's units cost, in minor currency units."""
 
 
 class Credits(msgspec.Struct):
@@ -58,12 +66,17 @@ class Credits(msgspec.Struct):
 
 class Warning(msgspec.Struct):
     code: str
+    """allowance_threshold, fair_use_threshold or spending_limit_threshold."""
     meter: str
     threshold_percent: int
-    used: int
     limit: int
+    """Units, or for spending_limit_threshold minor currency units."""
     resets_at: str
     message: str
+    used: int | None = None
+    spent: int | None = None
+    """spending_limit_threshold: the period's post-paid spending, in minor units."""
+    currency: str | None = None
 
 
 class UsageEvent(msgspec.Struct):
@@ -95,6 +108,9 @@ class UsageCheck(msgspec.Struct):
     charge: Charged
     required_credits: str
     allowance: Allowance | None
+    amount: int | None
+    """Post-paid: what it would cost, in minor currency units."""
+    currency: str | None
     balance: Credits
     warnings: list[Warning]
     resets_at: str | None
@@ -121,8 +137,8 @@ async def create_usage_event(
     """Charge one usage event exactly once: the plan's allowance first, then credits at the
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
     for a retry with the same key and body; 409 for the same key with another body; 402 with
-    ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it (nothing is
-    charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
+    ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it, or when a
+    post-paid plan's spending limit for the billing period does not (nothing is charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
     service key; 422 unknown meter, bad quantity, or metadata that is not an object of at most 2 KB."""
     replayed, body = await call(
         request, f"SELECT replayed, body::text FROM api.consume(%s::text, %s::uuid, %s::text, {ARGS}, %s::jsonb)",

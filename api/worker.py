@@ -1,6 +1,7 @@
 """``pgtally worker``: deliver the outbox.
 
-Messages are rows written by the transaction that caused them (sign-up, password reset). The
+Messages are rows written by the transaction that caused them (sign-up, password reset, a charge
+that queues an auto top-up or reports post-paid usage to Stripe). The
 worker claims due rows with a lease (``api.outbox_claim``: FOR UPDATE SKIP LOCKED, so several
 workers never send the same row), renders and sends each one over SMTP (``PGTALLY_SMTP_URL``,
 for example ``smtp://127.0.0.1:1025``; ``smtps://`` for implicit TLS, ``?starttls=1`` to upgrade)
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 import psycopg
+import stripe
 
 from api import db
 from api.app import Settings
@@ -36,8 +38,12 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "Log in at {public_url}/login, or choose a new password at {public_url}/reset-password.\n"),
     "usage_warning": (
         "Your {meter} usage",
-        "{message}\n\nThe allowance resets at {resets_at}. To keep going without limits, see your plan at "
+        "{message}\n\nIt resets at {resets_at}. To keep going without limits, see your plan at "
         "{public_url}/upgrade.\n"),
+    "auto_topup_disabled": (
+        "Auto top-up is off",
+        "We could not charge your saved card for an automatic top-up ({error}), {failures} times in a row, so "
+        "automatic top-ups are now off. Update your card and turn them on again at {public_url}/dashboard.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"
@@ -74,13 +80,73 @@ async def send(message: EmailMessage, settings: Settings) -> None:
         timeout=30)
 
 
+async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any], settings: Settings) -> None:
+    """An auto top-up task: pay the bundle off-session with the saved card. The idempotency key is
+    the task's id, so a worker that dies after Stripe's answer and runs the task again pays once.
+    Credits arrive with payment_intent.succeeded; a declined card is counted as a failure (three
+    turn auto top-up off), anything else is retried later with the outbox's backoff."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid)", [payload["account_id"]])).fetchone()
+    if client is None or target is None:
+        return                                   # billing off, or auto top-up turned off meanwhile
+    cards = (await client.v1.payment_methods.list_async(
+        params={"customer": target["stripe_customer_id"], "type": "card"})).data
+    if not cards:
+        await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)", [payload["account_id"], "no saved card"])
+        return
+    try:
+        await client.v1.payment_intents.create_async(params={
+            "amount": target["amount"], "currency": target["currency"], "customer": target["stripe_customer_id"],
+            "payment_method": cards[0].id, "off_session": True, "confirm": True,
+            "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true"}},
+            options={"idempotency_key": f"auto-topup-{message_id}"})
+    except stripe.CardError as exc:
+        await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)",
+                           [payload["account_id"], f"{exc.code or 'card_error'}: {exc.user_message or exc}"])
+
+
+async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any],
+                             settings: Settings) -> None:
+    """A post-paid usage event, reported to Stripe's Billing Meter
+    (https://docs.stripe.com/api/billing/meter-event/create) with ``identifier`` = the usage event's
+    id (the outbox message's id): a report sent again after a crash is counted once, Stripe refusing
+    an identifier it already holds (400, "An event already exists with identifier ..."), which is
+    proof of delivery. No idempotency key of ours: Stripe keeps a key's first answer, a 500
+    included, for 24 hours, and the identifier already deduplicates. Any other failure raises and
+    is retried with the outbox's backoff (8 attempts, then ``reporting.meter_event_reports_daily``
+    counts it failed)."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        raise RuntimeError("STRIPE_API_KEY is not set: post-paid usage cannot be reported")
+    (customer,) = await (await conn.execute("SELECT api.stripe_customer_of(%s::uuid)", [payload["account_id"]])).fetchone()
+    if customer is None:
+        raise RuntimeError(f"account {payload['account_id']} has no Stripe customer")
+    try:
+        await client.v1.billing.meter_events.create_async(params={
+            "event_name": payload["event_name"], "identifier": str(message_id), "timestamp": payload["timestamp"],
+            "payload": {"stripe_customer_id": customer, "value": str(payload["value"])}})
+    except stripe.InvalidRequestError as exc:
+        if "already exists" not in str(exc.user_message or exc):
+            raise
+
+
 async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: int = 10) -> int:
-    """Claim, send and settle up to ``limit`` due messages; returns how many were claimed."""
+    """Claim, send and settle up to ``limit`` due messages (emails, auto top-ups, meter events);
+    returns how many were claimed."""
     rows = await (await conn.execute(
         "SELECT id, kind, recipient, payload FROM api.outbox_claim(%s)", [limit])).fetchall()
     for message_id, kind, recipient, payload in rows:
         try:
-            await send(render(kind, recipient, payload, settings), settings)
+            if kind == "auto_topup":
+                await pay_auto_topup(conn, message_id, payload, settings)
+            elif kind == "meter_event":
+                await report_meter_event(conn, message_id, payload, settings)
+            else:
+                await send(render(kind, recipient, payload, settings), settings)
         except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried later
             log.warning("sending %s to %s failed: %s", kind, recipient, exc)
             await conn.execute("SELECT api.outbox_failed(%s, %s)", [message_id, repr(exc)])

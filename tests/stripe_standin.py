@@ -37,19 +37,23 @@ def _lists(node: Any) -> Any:
 
 
 def catalog_prices(path: str | None = None) -> dict[str, dict[str, Any]]:
-    """Stripe price id -> {amount, currency, interval}, from pgtally's catalog file."""
+    """Stripe price id -> {amount, currency, interval, metered}, from pgtally's catalog file; a
+    metered price maps each Stripe meter's event_name to its unit amount (the post-paid
+    entitlements of its plan)."""
     import tomllib
     from pathlib import Path
 
     catalog = tomllib.loads(Path(path or Path(__file__).resolve().parent.parent / "api" / "default_catalog.toml").read_text())
     prices = {}
     for plan in catalog.get("plans", {}).values():
+        meters = {e["stripe_meter"]: e["post_paid"] for e in plan.get("entitlements", {}).values() if "post_paid" in e}
         for interval, price in plan.get("prices", {}).items():
             prices[price["stripe_price"]] = {"amount": price["amount"], "currency": price.get("currency", "usd"),
-                                             "interval": "month" if interval == "monthly" else "year"}
+                                             "interval": "month" if interval == "monthly" else "year",
+                                             "metered": meters if price.get("usage_type") == "metered" else None}
     for bundle in catalog.get("bundles", {}).values():
         prices[bundle["stripe_price"]] = {"amount": bundle["amount"], "currency": bundle.get("currency", "usd"),
-                                          "interval": None}
+                                          "interval": None, "metered": None}
     return prices
 
 
@@ -69,6 +73,8 @@ class StripeStandIn:
         self.cards: dict[str, list[str]] = {}          # customer -> saved payment method ids
         self.needs_authentication: set[str] = set()    # customers whose bank asks for 3-D Secure
         self.sent: list[dict[str, Any]] = []
+        self.meter_events: dict[str, dict[str, Any]] = {}   # identifier -> billing.meter_event
+        self.meter_event_failures = 0                       # answer the next N meter events with a 500
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
@@ -183,6 +189,18 @@ class StripeStandIn:
                       "metadata": p.get("metadata", {}), "status": "succeeded"}
             self.send_event("payment_intent.succeeded", intent)
             return 200, intent
+        if (method, path) == ("POST", "/v1/billing/meter_events"):
+            if self.meter_event_failures:
+                self.meter_event_failures -= 1
+                return 500, {"error": {"type": "api_error", "message": "An unknown error occurred"}}
+            if p.get("identifier") in self.meter_events:    # Stripe keeps identifiers unique for 24 hours at least
+                return 400, {"error": {"type": "invalid_request_error",
+                                       "message": f"An event already exists with identifier {p['identifier']}."}}
+            event = {"object": "billing.meter_event", "created": int(time.time()), "event_name": p["event_name"],
+                     "identifier": p.get("identifier") or f"mev_{n}", "livemode": False, "payload": p["payload"],
+                     "timestamp": int(p.get("timestamp") or time.time())}
+            self.meter_events[event["identifier"]] = event
+            return 200, event
         if (method, path) == ("POST", "/v1/billing_portal/sessions"):
             return 200, {"id": f"bps_{n}", "object": "billing_portal.session", "customer": p["customer"],
                          "url": f"https://billing.stripe.test/p/session/bps_{n}"}
@@ -242,6 +260,43 @@ def _pay(self, session: dict[str, Any]) -> None:
         self.send_event(type_, public if obj is session else obj)
 
 
+def _close_period(self, sub_id: str) -> dict[str, Any]:
+    """What Stripe does at the end of a subscription's period: the next invoice, with the new
+    period's fixed fee and, for a metered price, the ended period's meter events summed per meter
+    and priced (in arrears); then invoice.paid and the subscription's move to the next period."""
+    with self.lock:
+        sub = self.subscriptions[sub_id]
+        item = sub["items"]["data"][0]
+        price_id = item["price"]["id"]
+        price = self.prices[price_id]
+        start, end = item["current_period_start"], item["current_period_end"]
+        lines = []
+        for event_name, unit_amount in (price["metered"] or {}).items():
+            units = sum(int(e["payload"]["value"]) for e in self.meter_events.values()
+                        if e["event_name"] == event_name and e["payload"]["stripe_customer_id"] == sub["customer"]
+                        and start <= e["timestamp"] < end)
+            lines.append({"object": "line_item", "amount": units * unit_amount, "quantity": units,
+                          "period": {"start": start, "end": end},
+                          "pricing": {"type": "price_details", "price_details": {"price": price_id}}})
+        new_end = end + (end - start)
+        if not price["metered"]:
+            lines.insert(0, {"object": "line_item", "amount": price["amount"], "quantity": 1,
+                             "period": {"start": end, "end": new_end},
+                             "pricing": {"type": "price_details", "price_details": {"price": price_id}}})
+        n = next(self.ids)
+        invoice = {"id": f"in_{n}", "object": "invoice", "customer": sub["customer"], "status": "paid",
+                   "number": f"STANDIN-{n:04d}", "currency": price["currency"], "created": int(time.time()),
+                   "amount_paid": sum(line["amount"] for line in lines),
+                   "hosted_invoice_url": f"https://invoice.stripe.test/i/in_{n}",
+                   "invoice_pdf": f"https://invoice.stripe.test/i/in_{n}/pdf",
+                   "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub_id}},
+                   "lines": {"object": "list", "data": lines}}
+        item["current_period_start"], item["current_period_end"] = end, new_end
+    self.send_event("invoice.paid", invoice)
+    self.send_event("customer.subscription.updated", dict(sub))
+    return invoice
+
+
 def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
@@ -257,6 +312,7 @@ def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
 
 StripeStandIn.pay = _pay
 StripeStandIn.send_event = _send_event
+StripeStandIn.close_period = _close_period
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:

@@ -47,25 +47,31 @@ BEGIN
      OR (p_def ->> 'amount')::numeric <> trunc((p_def ->> 'amount')::numeric) THEN
     PERFORM util.fail('TL422', format('%s.amount: an amount in minor units (cents) is required', p_path));
   END IF;
-  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active)
+  IF coalesce(p_def ->> 'usage_type', 'licensed') NOT IN ('licensed', 'metered')
+     OR (p_def ->> 'usage_type' = 'metered' AND p_plan IS NULL) THEN
+    PERFORM util.fail('TL422', format('%s.usage_type: licensed, or metered (a plan''s price on a Stripe meter)', p_path));
+  END IF;
+  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active,
+                              usage_type)
   VALUES (p_id, p_def ->> 'stripe_price', p_plan, p_interval, p_credits_micros, (p_def ->> 'amount')::bigint,
-          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true)
+          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true,
+          coalesce(p_def ->> 'usage_type', 'licensed'))
   ON CONFLICT (id) DO UPDATE SET
     stripe_price_id = EXCLUDED.stripe_price_id, plan_id = EXCLUDED.plan_id, interval = EXCLUDED.interval,
     credits_micros = EXCLUDED.credits_micros, amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency,
-    name = EXCLUDED.name, active = true;
+    name = EXCLUDED.name, active = true, usage_type = EXCLUDED.usage_type;
 END $$;
 COMMENT ON FUNCTION billing.upsert_price(text, jsonb, text, text, text, bigint) IS
-  'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name}) of a plan or a bundle. TL422 naming p_path.';
+  'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name, usage_type: licensed | metered}) of a plan or a bundle. TL422 naming p_path.';
 
 CREATE OR REPLACE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
 LANGUAGE sql STABLE AS $$
   SELECT jsonb_build_object('id', x.id, 'name', x.name, 'amount', x.amount_minor, 'currency', x.currency,
-                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id,
+                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id, 'usage_type', x.usage_type,
                             'credits', util.credits(x.credits_micros))
 $$;
 COMMENT ON FUNCTION billing.price_json(billing.prices) IS
-  'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, credits (bundles)}.';
+  'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, usage_type (licensed or metered), credits (bundles)}.';
 
 CREATE OR REPLACE FUNCTION billing.plans_json() RETURNS jsonb
 LANGUAGE sql STABLE AS $$
@@ -74,8 +80,10 @@ LANGUAGE sql STABLE AS $$
       SELECT jsonb_agg(jsonb_build_object(
         'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
         'included_credits', util.credits(p.included_credits_micros),
+        'spending_limit', p.spending_limit_minor,
         'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
-                                                                      'period', e.period, 'limit', e.limit_units)
+                                                                      'period', e.period, 'limit', e.limit_units,
+                                                                      'unit_amount', e.unit_amount_minor)
                                                    ORDER BY e.meter_id)
                                   FROM billing.entitlements e WHERE e.plan_id = p.id), '[]'),
         'prices', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.interval)
@@ -86,7 +94,7 @@ LANGUAGE sql STABLE AS $$
                          FROM billing.prices x WHERE x.credits_micros IS NOT NULL AND x.active), '[]'))
 $$;
 COMMENT ON FUNCTION billing.plans_json() IS
-  'The public catalog: active plans (not anonymous) with entitlements and active prices, and credit bundles.';
+  'The public catalog: active plans (not anonymous) with entitlements (post_paid ones with unit_amount, minor units per unit), spending_limit (post-paid plans, minor units per billing period) and active prices, and credit bundles.';
 
 CREATE OR REPLACE FUNCTION api.plans() RETURNS jsonb
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -148,14 +156,19 @@ BEGIN
     IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
       PERFORM util.fail('TL422', format('plans.%s: a plan id is lower-case letters, digits and _', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, active, updated_at)
+    IF v_def ? 'spending_limit' AND NOT (jsonb_typeof(v_def -> 'spending_limit') = 'number'
+                                         AND (v_def ->> 'spending_limit') ~ '^[0-9]{1,18}$') THEN
+      PERFORM util.fail('TL422', format('plans.%s.spending_limit: a whole amount in minor units (cents) is required', v_id));
+    END IF;
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
             coalesce(v_def -> 'features', '[]'),
             billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
-            true, util.now())
+            (v_def ->> 'spending_limit')::bigint, true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
-      included_credits_micros = EXCLUDED.included_credits_micros, active = true, updated_at = EXCLUDED.updated_at;
+      included_credits_micros = EXCLUDED.included_credits_micros, spending_limit_minor = EXCLUDED.spending_limit_minor,
+      active = true, updated_at = EXCLUDED.updated_at;
     FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
       IF v_interval NOT IN ('monthly', 'yearly') THEN
         PERFORM util.fail('TL422', format('plans.%s.prices.%s: a plan price is monthly or yearly', v_id, v_interval));
@@ -173,9 +186,26 @@ BEGIN
       END IF;
       v_kind := CASE WHEN v_ent ? 'allowance' THEN 'allowance'
                      WHEN v_ent ? 'fair_use' THEN 'fair_use'
+                     WHEN v_ent ? 'post_paid' THEN 'post_paid'
                      WHEN (v_ent ->> 'unlimited')::boolean THEN 'unlimited' END;
       IF v_kind IS NULL THEN
-        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N or unlimited = true', v_id, v_meter));
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N, post_paid = CENTS or unlimited = true', v_id, v_meter));
+      END IF;
+      IF v_kind = 'post_paid' THEN
+        -- Post-paid: each unit costs money, billed by Stripe after the fact (no allowance, no credits).
+        v_path := format('plans.%s.entitlements.%s', v_id, v_meter);
+        IF (SELECT pricing FROM metering.meters WHERE id = v_meter) <> 'unit' THEN
+          PERFORM util.fail('TL422', format('%s.post_paid: only meters priced per unit can be post-paid', v_path));
+        ELSIF NOT (jsonb_typeof(v_ent -> 'post_paid') = 'number' AND (v_ent ->> 'post_paid') ~ '^[0-9]{1,12}$') THEN
+          PERFORM util.fail('TL422', format('%s.post_paid: the price of one unit in minor units (cents) is required', v_path));
+        ELSIF coalesce(v_ent ->> 'stripe_meter', '') !~ '^[A-Za-z0-9_.:-]{1,100}$' THEN
+          PERFORM util.fail('TL422', format('%s.stripe_meter: the event_name of the Stripe Billing Meter is required', v_path));
+        ELSIF coalesce(v_ent ->> 'period', 'billing_period') <> 'billing_period' THEN
+          PERFORM util.fail('TL422', format('%s.period: post-paid usage is billed per billing_period', v_path));
+        END IF;
+        INSERT INTO billing.entitlements (plan_id, meter_id, kind, period, limit_units, unit_amount_minor, stripe_meter_event)
+        VALUES (v_id, v_meter, 'post_paid', 'billing_period', NULL, (v_ent ->> 'post_paid')::bigint, v_ent ->> 'stripe_meter');
+        CONTINUE;
       END IF;
       -- Limits are what a person writes: units for unit meters, credits for token meters
       -- (stored as micro-credits of cost, the unit token allowances are counted in).
@@ -211,4 +241,4 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $$;
 COMMENT ON FUNCTION api.load_catalog(jsonb) IS
-  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

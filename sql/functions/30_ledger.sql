@@ -167,10 +167,11 @@ BEGIN
     'credits', util.credits(v_account.credit_balance_micros),
     'held', util.credits(v_account.held_micros),
     'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
-    'allowances', metering.allowances_json(v_account));
+    'allowances', metering.allowances_json(v_account),
+    'spending', metering.spending_json(v_account));
 END $$;
 COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
-  'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+  'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                       p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL)

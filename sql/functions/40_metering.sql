@@ -33,9 +33,12 @@ LANGUAGE sql STABLE AS $$
     'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
     'period_start', util.iso(p_period_start),
     'resets_at', util.iso(p_period_end))
+    || CASE WHEN e.kind = 'post_paid'
+            THEN jsonb_build_object('unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
+            ELSE '{}' END
 $$;
 COMMENT ON FUNCTION metering.allowance_json(billing.entitlements, metering.meters, timestamptz, timestamptz, bigint) IS
-  'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
+  'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited and post_paid; post_paid adds unit_amount and amount (what the period''s units cost, minor units).';
 
 CREATE OR REPLACE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters,
                                                  p_period_start timestamptz, p_period_end timestamptz)
@@ -64,12 +67,60 @@ $$;
 COMMENT ON FUNCTION metering.allowances_json(identity.accounts) IS
   'Each entitlement of the account''s plan with the current window''s usage (metering.allowance_json), as GET /v1/balance and POST /v1/identify show them.';
 
+CREATE OR REPLACE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE WHEN lower(p_currency) IN ('bif', 'clp', 'djf', 'gnf', 'jpy', 'kmf', 'krw', 'mga', 'pyg', 'rwf',
+                                         'ugx', 'vnd', 'vuv', 'xaf', 'xof', 'xpf')
+              THEN p_minor::text ELSE to_char(p_minor / 100.0, 'FM999999999999990.00') END || ' ' || upper(p_currency)
+$$;
+COMMENT ON FUNCTION billing.money(bigint, text) IS
+  'An amount in minor units for people: 4000, usd -> 40.00 USD (Stripe''s zero-decimal currencies have no minor unit: https://docs.stripe.com/currencies#zero-decimal).';
+
+CREATE OR REPLACE FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamptz)
+RETURNS bigint
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(sum(u.used * e.unit_amount_minor), 0)::bigint
+  FROM billing.entitlements e
+  JOIN metering.allowance_usage u ON u.account_id = p_account_id AND u.meter_id = e.meter_id AND u.period_start = p_period_start
+  WHERE e.plan_id = p_plan AND e.kind = 'post_paid'
+$$;
+COMMENT ON FUNCTION metering.post_paid_spent(uuid, text, timestamptz) IS
+  'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
+
+CREATE OR REPLACE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT jsonb_build_object('limit', p.spending_limit_minor, 'spent', metering.post_paid_spent(a.id, p.id, b.period_start),
+                            'currency', coalesce((SELECT x.currency FROM billing.prices x WHERE x.plan_id = p.id
+                                                  ORDER BY x.active DESC, x.id LIMIT 1), 'usd'),
+                            'period_start', util.iso(b.period_start), 'resets_at', util.iso(b.period_end))
+  FROM billing.plans p
+  CROSS JOIN LATERAL metering.period_bounds('billing_period', util.now(), a.billing_period_start, a.billing_period_end) b
+  WHERE p.id = identity.effective_plan(a)
+    AND EXISTS (SELECT 1 FROM billing.entitlements e WHERE e.plan_id = p.id AND e.kind = 'post_paid')
+$$;
+COMMENT ON FUNCTION metering.spending_json(identity.accounts) IS
+  'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
+
+CREATE OR REPLACE FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text,
+                                                      p_value bigint, p_at timestamptz) RETURNS void
+LANGUAGE sql AS $$
+  INSERT INTO outbox.messages (id, kind, recipient, payload, created_at, next_attempt_at)
+  VALUES (p_usage_event_id, 'meter_event', p_account_id::text,
+          jsonb_build_object('account_id', p_account_id, 'event_name', p_event_name, 'value', p_value,
+                             'timestamp', extract(epoch FROM p_at)::bigint),
+          p_at, p_at)
+$$;
+COMMENT ON FUNCTION billing.report_meter_event(uuid, uuid, text, bigint, timestamptz) IS
+  'Queue the report of a post-paid usage event to Stripe''s Billing Meter (outbox meter_event whose id is the usage event''s id, in the charge''s transaction): the worker sends it with identifier = the usage event id, so Stripe counts it once (https://docs.stripe.com/api/billing/meter-event/create).';
+
 CREATE OR REPLACE FUNCTION metering.quote(
   p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint,
   OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint,
   OUT entitled boolean, OUT period_start timestamptz, OUT period_end timestamptz,
   OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
-  OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb)
+  OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb,
+  OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint,
+  OUT stripe_meter_event text, OUT refusal jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
   m metering.meters;
@@ -123,7 +174,9 @@ BEGIN
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
     WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    IF NOT FOUND THEN
+    IF NOT FOUND AND e.kind = 'post_paid' THEN
+      v_used := 0;          -- a post-paid window counts only post-paid units: they are what it costs
+    ELSIF NOT FOUND THEN
       -- A window with no row yet: it starts from the usage already made in it (another plan's).
       v_used := metering.window_usage(p_account.id, m, period_start, period_end);
     END IF;
@@ -141,16 +194,47 @@ BEGIN
     PERFORM util.fail('TL422', 'the request is too large to charge');
   END IF;
   credits_micros := v_cost;
-  -- Credits that open holds reserve are not spendable.
-  allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
+  IF entitled AND e.kind = 'post_paid' THEN
+    -- Post-paid: the units cost money, billed by Stripe later; the plan's spending limit for the
+    -- billing period acts like a balance (open holds count, their units being in the window).
+    IF v_demand * e.unit_amount_minor > 9e15 THEN
+      PERFORM util.fail('TL422', 'the request is too large to charge');
+    END IF;
+    amount_minor := v_demand * e.unit_amount_minor;
+    stripe_meter_event := e.stripe_meter_event;
+    SELECT p.spending_limit_minor INTO spending_limit_minor FROM billing.plans p WHERE p.id = e.plan_id;
+    SELECT x.currency INTO currency FROM billing.prices x WHERE x.plan_id = e.plan_id ORDER BY x.active DESC, x.id LIMIT 1;
+    currency := coalesce(currency, 'usd');
+    spent_before_minor := metering.post_paid_spent(p_account.id, e.plan_id, period_start);
+    allowed := spending_limit_minor IS NULL OR spent_before_minor + amount_minor <= spending_limit_minor;
+  ELSE
+    -- Credits that open holds reserve are not spendable.
+    allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
+  END IF;
   balance_after_micros := p_account.credit_balance_micros - CASE WHEN allowed THEN credits_micros ELSE 0 END;
 
   warnings := '[]';
   IF entitled THEN
     v_after := v_used + CASE WHEN allowed THEN allowance_units ELSE 0 END;
     allowance := metering.allowance_json(e, m, period_start, period_end, v_after);
+    -- Warn when spending crosses 80% and 100% of a post-paid plan's limit.
+    IF e.kind = 'post_paid' AND spending_limit_minor > 0 AND allowed THEN
+      FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+        IF spent_before_minor * 100 < spending_limit_minor * v_pct
+           AND (spent_before_minor + amount_minor) * 100 >= spending_limit_minor * v_pct THEN
+          warnings := warnings || jsonb_build_object(
+            'code', 'spending_limit_threshold', 'meter', m.id, 'threshold_percent', v_pct,
+            'spent', spent_before_minor + amount_minor, 'limit', spending_limit_minor, 'currency', currency,
+            'resets_at', util.iso(period_end),
+            'message', format('%s%% of this billing period''s spending limit used: %s of %s%s', v_pct,
+                              billing.money(spent_before_minor + amount_minor, currency),
+                              billing.money(spending_limit_minor, currency),
+                              CASE WHEN v_pct = 100 THEN '; further use is refused until ' || util.iso(period_end) ELSE '' END));
+        END IF;
+      END LOOP;
+    END IF;
     -- Warn when usage crosses 80% and 100% of an allowance or soft limit (the extension seed warns at 8 of 10).
-    IF e.kind <> 'unlimited' AND e.limit_units > 0 THEN
+    IF e.kind IN ('allowance', 'fair_use') AND e.limit_units > 0 THEN
       FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
         IF v_used * 100 < e.limit_units * v_pct AND v_after * 100 >= e.limit_units * v_pct THEN
           warnings := warnings || jsonb_build_object(
@@ -170,9 +254,24 @@ BEGIN
       END LOOP;
     END IF;
   END IF;
+  IF NOT allowed THEN
+    refusal := CASE
+      WHEN amount_minor IS NOT NULL THEN jsonb_build_object(
+        'message', format('the spending limit of %s for this billing period does not cover this request',
+                          billing.money(spending_limit_minor, currency)),
+        'detail', jsonb_build_object('account_id', p_account.id, 'meter', m.id, 'required_amount', amount_minor,
+                                     'spent', spent_before_minor, 'spending_limit', spending_limit_minor,
+                                     'currency', currency, 'resets_at', util.iso(period_end)))
+      ELSE jsonb_build_object(
+        'message', format('the %s allowance and the credit balance do not cover this request', m.id),
+        'detail', jsonb_build_object('account_id', p_account.id, 'meter', m.id, 'required_credits', util.credits(credits_micros),
+                                     'balance', util.credits(p_account.credit_balance_micros - p_account.held_micros),
+                                     'allowance', allowance, 'resets_at', util.iso(period_end)))
+    END;
+  END IF;
 END $$;
 COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint) IS
-  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
                                                  p_input_tokens bigint, p_output_tokens bigint,
@@ -242,17 +341,16 @@ BEGIN
 
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
-    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
-      jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(v_account.credit_balance_micros - v_account.held_micros),
-                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+    PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
 
   body := jsonb_build_object(
     'id', v_event_id, 'object', 'usage_event', 'account_id', v_account.id,
     'meter', q.meter_id, 'quantity', q.quantity,
     'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
-    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros)),
+    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros))
+               || CASE WHEN q.amount_minor IS NULL THEN '{}'
+                       ELSE jsonb_build_object('amount', q.amount_minor, 'currency', q.currency) END,
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', q.warnings,
@@ -260,9 +358,12 @@ BEGIN
     'created_at', util.iso(v_now));
   INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
                                      input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
-                                     metadata)
+                                     metadata, amount_minor)
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata);
+          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata, q.amount_minor);
+  IF q.amount_minor IS NOT NULL THEN
+    PERFORM billing.report_meter_event(v_event_id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
+  END IF;
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -272,6 +373,9 @@ BEGIN
   IF q.credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
                                  format('%s x %s', q.quantity, q.meter_id));
+    IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(v_account.id);
+    END IF;
   END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(v_account.id, q.warnings);
@@ -280,7 +384,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS
-  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
                                            p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -301,13 +405,14 @@ BEGIN
     'charge', jsonb_build_object('allowance_units', CASE WHEN q.allowed THEN q.allowance_units ELSE 0 END,
                                  'credits', util.credits(CASE WHEN q.allowed THEN q.credits_micros ELSE 0 END)),
     'required_credits', util.credits(q.credits_micros),
+    'amount', q.amount_minor, 'currency', q.currency,
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', CASE WHEN q.allowed THEN q.warnings ELSE '[]' END,
     'resets_at', util.iso(q.period_end));
 END $$;
 COMMENT ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) IS
-  'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
+  'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, amount and currency (post-paid: what it would cost, minor units), allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
 GRANT EXECUTE ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) TO pgtally_api;
 CREATE OR REPLACE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
@@ -315,12 +420,13 @@ LANGUAGE sql STABLE AS $$
   SELECT jsonb_build_object('id', e.id, 'object', 'usage_event', 'meter', e.meter_id, 'quantity', e.quantity,
                             'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
                             'charged', jsonb_build_object('allowance_units', e.allowance_units,
-                                                          'credits', util.credits(e.credits_micros)),
+                                                          'credits', util.credits(e.credits_micros),
+                                                          'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
                             'created_at', util.iso(e.created_at))
 $$;
 COMMENT ON FUNCTION metering.event_json(metering.usage_events) IS
-  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits}, idempotency_key, metadata, created_at}.';
+  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, created_at}.';
 
 CREATE OR REPLACE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                             p_limit integer DEFAULT 20, p_meter text DEFAULT NULL,

@@ -99,10 +99,7 @@ BEGIN
   END IF;
   SELECT * INTO q FROM metering.quote(a, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
-    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this hold', q.meter_id),
-      jsonb_build_object('account_id', a.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(a.credit_balance_micros - a.held_micros),
-                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+    PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
   INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
                               output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)

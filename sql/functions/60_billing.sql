@@ -170,10 +170,14 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
+    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
+    WHERE account_id = v_account_id;
+  END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(jsonb) IS
-  'payment_intent.succeeded for a credit bundle (a one-click top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first.';
+  'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
 
 CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
 LANGUAGE plpgsql AS $$
@@ -199,7 +203,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
   o jsonb := p_event -> 'data' -> 'object';
   s billing.subscriptions := billing.subscription_of_invoice(o);
-  v_line jsonb := o -> 'lines' -> 'data' -> 0 -> 'period';
+  -- The period the invoice opens is its latest line's (metered lines bill the period before).
+  v_line jsonb := (SELECT l -> 'period' FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+                   ORDER BY (l #>> '{period,end}')::bigint DESC NULLS LAST LIMIT 1);
   v_start timestamptz := billing.ts(v_line -> 'start');
   v_end timestamptz := billing.ts(v_line -> 'end');
   v_credits bigint;
@@ -208,6 +214,19 @@ BEGIN
     RETURN 'ignored: not a subscription invoice';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.invoices (stripe_invoice_id, account_id, stripe_subscription_id, number, status, currency,
+                                amount_paid_minor, metered_amount_minor, metered_period_start, metered_period_end,
+                                hosted_invoice_url, invoice_pdf, created_at)
+  SELECT o ->> 'id', s.account_id, s.stripe_subscription_id, o ->> 'number', 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+         coalesce((o ->> 'amount_paid')::bigint, 0), coalesce(sum((l ->> 'amount')::bigint), 0),
+         min(billing.ts(l #> '{period,start}')), max(billing.ts(l #> '{period,end}')),
+         o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', coalesce(billing.ts(o -> 'created'), util.now())
+  FROM (SELECT 1) one
+  LEFT JOIN LATERAL (
+    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    JOIN billing.prices x ON x.usage_type = 'metered'
+     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -224,7 +243,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
-  'invoice.paid for a subscription: move the subscription and account to the invoiced period (never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -421,11 +440,11 @@ BEGIN
     'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
-    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id,
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id, 'usage_type', v_price.usage_type,
     'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
 END $$;
 COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text, uuid) IS
-  'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount. TL422 unknown price; TL409 a plan price while a subscription is live.';
+  'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
 
 CREATE OR REPLACE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text,
                                                     p_account_id uuid DEFAULT NULL)
@@ -505,6 +524,14 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION api.stripe_customer(text, uuid) IS
   'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
+
+CREATE OR REPLACE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT stripe_customer_id FROM billing.customers WHERE account_id = p_account_id
+$$;
+COMMENT ON FUNCTION api.stripe_customer_of(uuid) IS
+  'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
+GRANT EXECUTE ON FUNCTION api.stripe_customer_of(uuid) TO pgtally_api;
 
 CREATE OR REPLACE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL)
 RETURNS jsonb

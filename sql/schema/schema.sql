@@ -85,6 +85,62 @@ END $$;
 
 COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
 
+CREATE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL::boolean) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, CASE WHEN p_enabled IS NULL THEN 'usage:read' ELSE 'usage:write' END);
+  t billing.auto_topups;
+BEGIN
+  IF p_enabled = false THEN
+    PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+    UPDATE billing.auto_topups SET enabled = false, updated_at = util.now() WHERE account_id = v_account_id;
+    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = v_account_id;
+  END IF;
+  SELECT * INTO t FROM billing.auto_topups WHERE account_id = v_account_id;
+  RETURN billing.auto_topup_json(t);
+END $$;
+
+COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) IS 'GET /v1/billing/auto-topup (p_enabled NULL) and DELETE (p_enabled false: turn it off): the settings.';
+
+CREATE FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  t billing.auto_topups;
+BEGIN
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  UPDATE billing.auto_topups
+  SET failures = failures + 1, in_flight_since = NULL, last_error = left(p_error, 1000), updated_at = util.now(),
+      enabled = failures + 1 < 3
+  WHERE account_id = p_account_id RETURNING * INTO t;
+  IF t.account_id IS NOT NULL AND NOT t.enabled THEN
+    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = p_account_id;
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'auto_topup_disabled', u.email, jsonb_build_object('error', left(p_error, 300), 'failures', t.failures),
+           util.now(), util.now()
+    FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL;
+  END IF;
+  RETURN billing.auto_topup_json(t);
+END $$;
+
+COMMENT ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) IS 'pgtally worker: the card was declined or needs authentication: count the failure and let the next charge try again; the third failure turns auto top-up off and emails the user.';
+
+CREATE FUNCTION api.auto_topup_payment(p_account_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT jsonb_build_object('account_id', t.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                            'price', p.id, 'amount', p.amount_minor, 'currency', p.currency)
+  FROM billing.auto_topups t JOIN billing.prices p ON p.id = t.price_id
+  JOIN billing.customers c ON c.account_id = t.account_id
+  WHERE t.account_id = p_account_id AND t.enabled
+$$;
+
+COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid) IS 'pgtally worker: what an auto top-up task pays (customer, bundle, amount, currency); NULL when it was turned off meanwhile.';
+
 CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -102,10 +158,11 @@ BEGIN
     'credits', util.credits(v_account.credit_balance_micros),
     'held', util.credits(v_account.held_micros),
     'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
-    'allowances', metering.allowances_json(v_account));
+    'allowances', metering.allowances_json(v_account),
+    'spending', metering.spending_json(v_account));
 END $$;
 
-COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -181,13 +238,14 @@ BEGIN
     'charge', jsonb_build_object('allowance_units', CASE WHEN q.allowed THEN q.allowance_units ELSE 0 END,
                                  'credits', util.credits(CASE WHEN q.allowed THEN q.credits_micros ELSE 0 END)),
     'required_credits', util.credits(q.credits_micros),
+    'amount', q.amount_minor, 'currency', q.currency,
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', CASE WHEN q.allowed THEN q.warnings ELSE '[]' END,
     'resets_at', util.iso(q.period_end));
 END $$;
 
-COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
+COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, amount and currency (post-paid: what it would cost, minor units), allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
 CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -213,11 +271,11 @@ BEGIN
     'email', (SELECT email FROM identity.users WHERE account_id = v_account_id),
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
-    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id,
+    'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id, 'usage_type', v_price.usage_type,
     'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
 END $$;
 
-COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount. TL422 unknown price; TL409 a plan price while a subscription is live.';
+COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
 
 CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -261,17 +319,16 @@ BEGIN
 
   SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
-    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this request', q.meter_id),
-      jsonb_build_object('account_id', v_account.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(v_account.credit_balance_micros - v_account.held_micros),
-                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+    PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
 
   body := jsonb_build_object(
     'id', v_event_id, 'object', 'usage_event', 'account_id', v_account.id,
     'meter', q.meter_id, 'quantity', q.quantity,
     'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
-    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros)),
+    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros))
+               || CASE WHEN q.amount_minor IS NULL THEN '{}'
+                       ELSE jsonb_build_object('amount', q.amount_minor, 'currency', q.currency) END,
     'allowance', q.allowance,
     'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
     'warnings', q.warnings,
@@ -279,9 +336,12 @@ BEGIN
     'created_at', util.iso(v_now));
   INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
                                      input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
-                                     metadata)
+                                     metadata, amount_minor)
   VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata);
+          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata, q.amount_minor);
+  IF q.amount_minor IS NOT NULL THEN
+    PERFORM billing.report_meter_event(v_event_id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
+  END IF;
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -291,6 +351,9 @@ BEGIN
   IF q.credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
                                  format('%s x %s', q.quantity, q.meter_id));
+    IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(v_account.id);
+    END IF;
   END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(v_account.id, q.warnings);
@@ -299,7 +362,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer and any warning emails (outbox) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -533,10 +596,7 @@ BEGIN
   END IF;
   SELECT * INTO q FROM metering.quote(a, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
-    PERFORM util.fail('TL402', format('the %s allowance and the credit balance do not cover this hold', q.meter_id),
-      jsonb_build_object('account_id', a.id, 'meter', q.meter_id, 'required_credits', util.credits(q.credits_micros),
-                         'balance', util.credits(a.credit_balance_micros - a.held_micros),
-                         'allowance', q.allowance, 'resets_at', util.iso(q.period_end)));
+    PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
   INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
                               output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)
@@ -815,14 +875,19 @@ BEGIN
     IF v_id !~ '^[a-z][a-z0-9_]{0,62}$' THEN
       PERFORM util.fail('TL422', format('plans.%s: a plan id is lower-case letters, digits and _', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, active, updated_at)
+    IF v_def ? 'spending_limit' AND NOT (jsonb_typeof(v_def -> 'spending_limit') = 'number'
+                                         AND (v_def ->> 'spending_limit') ~ '^[0-9]{1,18}$') THEN
+      PERFORM util.fail('TL422', format('plans.%s.spending_limit: a whole amount in minor units (cents) is required', v_id));
+    END IF;
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
             coalesce(v_def -> 'features', '[]'),
             billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
-            true, util.now())
+            (v_def ->> 'spending_limit')::bigint, true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
-      included_credits_micros = EXCLUDED.included_credits_micros, active = true, updated_at = EXCLUDED.updated_at;
+      included_credits_micros = EXCLUDED.included_credits_micros, spending_limit_minor = EXCLUDED.spending_limit_minor,
+      active = true, updated_at = EXCLUDED.updated_at;
     FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
       IF v_interval NOT IN ('monthly', 'yearly') THEN
         PERFORM util.fail('TL422', format('plans.%s.prices.%s: a plan price is monthly or yearly', v_id, v_interval));
@@ -840,9 +905,26 @@ BEGIN
       END IF;
       v_kind := CASE WHEN v_ent ? 'allowance' THEN 'allowance'
                      WHEN v_ent ? 'fair_use' THEN 'fair_use'
+                     WHEN v_ent ? 'post_paid' THEN 'post_paid'
                      WHEN (v_ent ->> 'unlimited')::boolean THEN 'unlimited' END;
       IF v_kind IS NULL THEN
-        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N or unlimited = true', v_id, v_meter));
+        PERFORM util.fail('TL422', format('plans.%s.entitlements.%s: give allowance = N, fair_use = N, post_paid = CENTS or unlimited = true', v_id, v_meter));
+      END IF;
+      IF v_kind = 'post_paid' THEN
+        -- Post-paid: each unit costs money, billed by Stripe after the fact (no allowance, no credits).
+        v_path := format('plans.%s.entitlements.%s', v_id, v_meter);
+        IF (SELECT pricing FROM metering.meters WHERE id = v_meter) <> 'unit' THEN
+          PERFORM util.fail('TL422', format('%s.post_paid: only meters priced per unit can be post-paid', v_path));
+        ELSIF NOT (jsonb_typeof(v_ent -> 'post_paid') = 'number' AND (v_ent ->> 'post_paid') ~ '^[0-9]{1,12}$') THEN
+          PERFORM util.fail('TL422', format('%s.post_paid: the price of one unit in minor units (cents) is required', v_path));
+        ELSIF coalesce(v_ent ->> 'stripe_meter', '') !~ '^[A-Za-z0-9_.:-]{1,100}$' THEN
+          PERFORM util.fail('TL422', format('%s.stripe_meter: the event_name of the Stripe Billing Meter is required', v_path));
+        ELSIF coalesce(v_ent ->> 'period', 'billing_period') <> 'billing_period' THEN
+          PERFORM util.fail('TL422', format('%s.period: post-paid usage is billed per billing_period', v_path));
+        END IF;
+        INSERT INTO billing.entitlements (plan_id, meter_id, kind, period, limit_units, unit_amount_minor, stripe_meter_event)
+        VALUES (v_id, v_meter, 'post_paid', 'billing_period', NULL, (v_ent ->> 'post_paid')::bigint, v_ent ->> 'stripe_meter');
+        CONTINUE;
       END IF;
       -- Limits are what a person writes: units for unit meters, credits for token meters
       -- (stored as micro-credits of cost, the unit token allowances are counted in).
@@ -878,7 +960,7 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $_$;
 
-COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1408,6 +1490,36 @@ END $$;
 
 COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one, with how each began (method: password, google, github, device, device_code).';
 
+CREATE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write');
+  p_below_micros bigint := billing.to_micros(to_jsonb(p_below), 'below');
+  t billing.auto_topups;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM billing.prices WHERE id = p_bundle AND active AND credits_micros IS NOT NULL) THEN
+    PERFORM util.fail('TL422', format('there is no credit bundle %L', p_bundle), '{"field": "buy"}');
+  END IF;
+  IF p_below_micros IS NULL OR p_below_micros < 0 THEN
+    PERFORM util.fail('TL422', 'below is a non-negative amount of credits', '{"field": "below"}');
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM billing.customers WHERE account_id = v_account_id) THEN
+    PERFORM util.fail('TL40C', 'buy something once through Checkout first: auto top-up pays with the card saved then');
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.auto_topups AS x (account_id, below_micros, price_id, enabled, failures, updated_at)
+  VALUES (v_account_id, p_below_micros, p_bundle, true, 0, util.now())
+  ON CONFLICT (account_id) DO UPDATE SET below_micros = EXCLUDED.below_micros, price_id = EXCLUDED.price_id,
+    enabled = true, failures = 0, last_error = NULL, updated_at = EXCLUDED.updated_at
+  RETURNING * INTO t;
+  UPDATE identity.accounts SET auto_topup_below_micros = p_below_micros WHERE id = v_account_id;
+  RETURN billing.auto_topup_json(t);
+END $$;
+
+COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) IS 'PUT /v1/billing/auto-topup: when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1482,6 +1594,15 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) IS 'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
+
+CREATE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT stripe_customer_id FROM billing.customers WHERE account_id = p_account_id
+$$;
+
+COMMENT ON FUNCTION api.stripe_customer_of(p_account_id uuid) IS 'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
 
 CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1735,7 +1856,9 @@ CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
 DECLARE
   o jsonb := p_event -> 'data' -> 'object';
   s billing.subscriptions := billing.subscription_of_invoice(o);
-  v_line jsonb := o -> 'lines' -> 'data' -> 0 -> 'period';
+  -- The period the invoice opens is its latest line's (metered lines bill the period before).
+  v_line jsonb := (SELECT l -> 'period' FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+                   ORDER BY (l #>> '{period,end}')::bigint DESC NULLS LAST LIMIT 1);
   v_start timestamptz := billing.ts(v_line -> 'start');
   v_end timestamptz := billing.ts(v_line -> 'end');
   v_credits bigint;
@@ -1744,6 +1867,19 @@ BEGIN
     RETURN 'ignored: not a subscription invoice';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.invoices (stripe_invoice_id, account_id, stripe_subscription_id, number, status, currency,
+                                amount_paid_minor, metered_amount_minor, metered_period_start, metered_period_end,
+                                hosted_invoice_url, invoice_pdf, created_at)
+  SELECT o ->> 'id', s.account_id, s.stripe_subscription_id, o ->> 'number', 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+         coalesce((o ->> 'amount_paid')::bigint, 0), coalesce(sum((l ->> 'amount')::bigint), 0),
+         min(billing.ts(l #> '{period,start}')), max(billing.ts(l #> '{period,end}')),
+         o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', coalesce(billing.ts(o -> 'created'), util.now())
+  FROM (SELECT 1) one
+  LEFT JOIN LATERAL (
+    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    JOIN billing.prices x ON x.usage_type = 'metered'
+     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -1760,7 +1896,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: move the subscription and account to the invoiced period (never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
 
 CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -1806,10 +1942,14 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
+    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
+    WHERE account_id = v_account_id;
+  END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first.';
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
 
 CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -1861,6 +2001,32 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
+CREATE TABLE billing.auto_topups (
+    account_id uuid NOT NULL,
+    below_micros bigint NOT NULL,
+    price_id text NOT NULL,
+    enabled boolean DEFAULT true NOT NULL,
+    failures integer DEFAULT 0 NOT NULL,
+    in_flight_since timestamp with time zone,
+    last_error text,
+    updated_at timestamp with time zone NOT NULL,
+    CONSTRAINT auto_topups_below_micros_check CHECK ((below_micros >= 0)),
+    CONSTRAINT auto_topups_failures_check CHECK ((failures >= 0)),
+    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000))
+);
+
+COMMENT ON TABLE billing.auto_topups IS 'Auto top-up settings: buy price_id (a bundle) with the saved card when a charge leaves the balance below below_micros. in_flight_since: a top-up is queued or being paid (never two at once); cleared by its payment_intent.succeeded, or by a failure (3 failures turn it off and email the user).';
+
+CREATE FUNCTION billing.auto_topup_json(t billing.auto_topups) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('enabled', coalesce(t.enabled, false), 'below', util.credits(t.below_micros),
+                            'bundle', t.price_id, 'failures', coalesce(t.failures, 0),
+                            'in_flight', t.in_flight_since IS NOT NULL, 'last_error', t.last_error)
+$$;
+
+COMMENT ON FUNCTION billing.auto_topup_json(t billing.auto_topups) IS 'Auto top-up settings as the API shows them: {enabled, below (credits), bundle, failures, in_flight, last_error}.';
+
 CREATE FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS uuid
     LANGUAGE plpgsql
     AS $$
@@ -1877,6 +2043,25 @@ END $$;
 
 COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
 
+CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  t billing.auto_topups;
+BEGIN
+  -- The claim: one top-up in flight at a time, whatever the number of charges under the threshold.
+  UPDATE billing.auto_topups SET in_flight_since = util.now()
+  WHERE account_id = p_account_id AND enabled AND in_flight_since IS NULL
+  RETURNING * INTO t;
+  IF t.account_id IS NOT NULL THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    VALUES ('auto_topup', p_account_id::text, jsonb_build_object('account_id', p_account_id, 'price', t.price_id),
+            util.now(), util.now());
+  END IF;
+END $$;
+
+COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup) unless one is in flight.';
+
 CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -1889,6 +2074,16 @@ $$;
 
 COMMENT ON FUNCTION billing.event_rank(p_type text, p_status text) IS 'Order of two subscription events created in the same second (Stripe timestamps have one-second resolution and deliveries are unordered): later in the subscription lifecycle first, then created < updated < deleted; the event id breaks any remaining tie. Deterministic, so arrival order never changes the outcome.';
 
+CREATE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE WHEN lower(p_currency) IN ('bif', 'clp', 'djf', 'gnf', 'jpy', 'kmf', 'krw', 'mga', 'pyg', 'rwf',
+                                         'ugx', 'vnd', 'vuv', 'xaf', 'xof', 'xpf')
+              THEN p_minor::text ELSE to_char(p_minor / 100.0, 'FM999999999999990.00') END || ' ' || upper(p_currency)
+$$;
+
+COMMENT ON FUNCTION billing.money(p_minor bigint, p_currency text) IS 'An amount in minor units for people: 4000, usd -> 40.00 USD (Stripe''s zero-decimal currencies have no minor unit: https://docs.stripe.com/currencies#zero-decimal).';
+
 CREATE FUNCTION billing.plans_json() RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
@@ -1897,8 +2092,10 @@ CREATE FUNCTION billing.plans_json() RETURNS jsonb
       SELECT jsonb_agg(jsonb_build_object(
         'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
         'included_credits', util.credits(p.included_credits_micros),
+        'spending_limit', p.spending_limit_minor,
         'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
-                                                                      'period', e.period, 'limit', e.limit_units)
+                                                                      'period', e.period, 'limit', e.limit_units,
+                                                                      'unit_amount', e.unit_amount_minor)
                                                    ORDER BY e.meter_id)
                                   FROM billing.entitlements e WHERE e.plan_id = p.id), '[]'),
         'prices', coalesce((SELECT jsonb_agg(billing.price_json(x) ORDER BY x.interval)
@@ -1909,7 +2106,7 @@ CREATE FUNCTION billing.plans_json() RETURNS jsonb
                          FROM billing.prices x WHERE x.credits_micros IS NOT NULL AND x.active), '[]'))
 $$;
 
-COMMENT ON FUNCTION billing.plans_json() IS 'The public catalog: active plans (not anonymous) with entitlements and active prices, and credit bundles.';
+COMMENT ON FUNCTION billing.plans_json() IS 'The public catalog: active plans (not anonymous) with entitlements (post_paid ones with unit_amount, minor units per unit), spending_limit (post-paid plans, minor units per billing period) and active prices, and credit bundles.';
 
 CREATE TABLE billing.prices (
     id text NOT NULL,
@@ -1921,12 +2118,14 @@ CREATE TABLE billing.prices (
     currency text NOT NULL,
     name text NOT NULL,
     active boolean DEFAULT true NOT NULL,
+    usage_type text DEFAULT 'licensed'::text NOT NULL,
     CONSTRAINT prices_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT prices_check CHECK ((((plan_id IS NOT NULL) AND ("interval" IS NOT NULL) AND (credits_micros IS NULL)) OR ((plan_id IS NULL) AND ("interval" IS NULL) AND (credits_micros IS NOT NULL)))),
     CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
     CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
     CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text])))
+    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text]))),
+    CONSTRAINT prices_usage_type_check CHECK ((usage_type = ANY (ARRAY['licensed'::text, 'metered'::text])))
 );
 
 COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
@@ -1939,15 +2138,17 @@ COMMENT ON COLUMN billing.prices.credits_micros IS 'For a bundle: the micro-cred
 
 COMMENT ON COLUMN billing.prices.amount_minor IS 'Price in minor currency units (cents), as Stripe counts.';
 
+COMMENT ON COLUMN billing.prices.usage_type IS 'Stripe''s recurring.usage_type: licensed (a fixed amount per period) or metered (a price on a Billing Meter: Checkout sends no quantity, the invoice bills the period''s reported usage).';
+
 CREATE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
   SELECT jsonb_build_object('id', x.id, 'name', x.name, 'amount', x.amount_minor, 'currency', x.currency,
-                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id,
+                            'interval', x.interval, 'stripe_price_id', x.stripe_price_id, 'usage_type', x.usage_type,
                             'credits', util.credits(x.credits_micros))
 $$;
 
-COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, credits (bundles)}.';
+COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, usage_type (licensed or metered), credits (bundles)}.';
 
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -1961,6 +2162,18 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) IS 'Record a signed but malformed Stripe event as rejected, with the reason (once per id); nothing is applied.';
+
+CREATE FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (id, kind, recipient, payload, created_at, next_attempt_at)
+  VALUES (p_usage_event_id, 'meter_event', p_account_id::text,
+          jsonb_build_object('account_id', p_account_id, 'event_name', p_event_name, 'value', p_value,
+                             'timestamp', extract(epoch FROM p_at)::bigint),
+          p_at, p_at)
+$$;
+
+COMMENT ON FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) IS 'Queue the report of a post-paid usage event to Stripe''s Billing Meter (outbox meter_event whose id is the usage event''s id, in the charge''s transaction): the worker sends it with identifier = the usage event id, so Stripe counts it once (https://docs.stripe.com/api/billing/meter-event/create).';
 
 CREATE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bigint
     LANGUAGE sql IMMUTABLE
@@ -2081,16 +2294,22 @@ BEGIN
      OR (p_def ->> 'amount')::numeric <> trunc((p_def ->> 'amount')::numeric) THEN
     PERFORM util.fail('TL422', format('%s.amount: an amount in minor units (cents) is required', p_path));
   END IF;
-  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active)
+  IF coalesce(p_def ->> 'usage_type', 'licensed') NOT IN ('licensed', 'metered')
+     OR (p_def ->> 'usage_type' = 'metered' AND p_plan IS NULL) THEN
+    PERFORM util.fail('TL422', format('%s.usage_type: licensed, or metered (a plan''s price on a Stripe meter)', p_path));
+  END IF;
+  INSERT INTO billing.prices (id, stripe_price_id, plan_id, interval, credits_micros, amount_minor, currency, name, active,
+                              usage_type)
   VALUES (p_id, p_def ->> 'stripe_price', p_plan, p_interval, p_credits_micros, (p_def ->> 'amount')::bigint,
-          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true)
+          lower(coalesce(p_def ->> 'currency', 'usd')), coalesce(p_def ->> 'name', p_id), true,
+          coalesce(p_def ->> 'usage_type', 'licensed'))
   ON CONFLICT (id) DO UPDATE SET
     stripe_price_id = EXCLUDED.stripe_price_id, plan_id = EXCLUDED.plan_id, interval = EXCLUDED.interval,
     credits_micros = EXCLUDED.credits_micros, amount_minor = EXCLUDED.amount_minor, currency = EXCLUDED.currency,
-    name = EXCLUDED.name, active = true;
+    name = EXCLUDED.name, active = true, usage_type = EXCLUDED.usage_type;
 END $_$;
 
-COMMENT ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) IS 'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name}) of a plan or a bundle. TL422 naming p_path.';
+COMMENT ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) IS 'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name, usage_type: licensed | metered}) of a plan or a bundle. TL422 naming p_path.';
 
 CREATE FUNCTION util.uuid_v7() RETURNS uuid
     LANGUAGE sql PARALLEL SAFE
@@ -2267,6 +2486,8 @@ CREATE TABLE identity.accounts (
     plan_grace_until timestamp with time zone,
     device_install_hash bytea,
     held_micros bigint DEFAULT 0 NOT NULL,
+    auto_topup_below_micros bigint,
+    CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
@@ -2292,6 +2513,8 @@ COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription
 COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
 
 COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
+
+COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
 
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
@@ -2764,10 +2987,15 @@ CREATE TABLE billing.entitlements (
     kind text NOT NULL,
     period text NOT NULL,
     limit_units bigint,
-    CONSTRAINT entitlements_check CHECK (((kind = 'unlimited'::text) = (limit_units IS NULL))),
-    CONSTRAINT entitlements_kind_check CHECK ((kind = ANY (ARRAY['allowance'::text, 'unlimited'::text, 'fair_use'::text]))),
+    unit_amount_minor bigint,
+    stripe_meter_event text,
+    CONSTRAINT entitlements_check CHECK (((kind = ANY (ARRAY['unlimited'::text, 'post_paid'::text])) = (limit_units IS NULL))),
+    CONSTRAINT entitlements_kind_check CHECK ((kind = ANY (ARRAY['allowance'::text, 'unlimited'::text, 'fair_use'::text, 'post_paid'::text]))),
     CONSTRAINT entitlements_limit_units_check CHECK ((limit_units >= 0)),
-    CONSTRAINT entitlements_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text])))
+    CONSTRAINT entitlements_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
+    CONSTRAINT entitlements_post_paid CHECK (((kind = 'post_paid'::text) = ((unit_amount_minor IS NOT NULL) AND (stripe_meter_event IS NOT NULL)))),
+    CONSTRAINT entitlements_stripe_meter_event_check CHECK ((stripe_meter_event ~ '^[A-Za-z0-9_.:-]{1,100}$'::text)),
+    CONSTRAINT entitlements_unit_amount_minor_check CHECK ((unit_amount_minor >= 0))
 );
 
 COMMENT ON TABLE billing.entitlements IS 'What a plan grants per meter and period. allowance: limit_units free per period, then credits at the meter rate, refused when neither covers. unlimited: never charged. fair_use: limit_units is a soft limit that warns at 80% and 100% and never blocks or charges.';
@@ -2775,6 +3003,10 @@ COMMENT ON TABLE billing.entitlements IS 'What a plan grants per meter and perio
 COMMENT ON COLUMN billing.entitlements.period IS 'day: resets at midnight UTC. month: resets on the 1st at midnight UTC. billing_period: the account''s subscription period, a calendar month until one is set.';
 
 COMMENT ON COLUMN billing.entitlements.limit_units IS 'Allowance or soft limit per period, in allowance units: meter units for pricing=unit, micro-credits of cost for pricing=tokens. NULL for unlimited.';
+
+COMMENT ON COLUMN billing.entitlements.unit_amount_minor IS 'post_paid: the price of one meter unit in minor currency units (cents), billed after the fact by Stripe.';
+
+COMMENT ON COLUMN billing.entitlements.stripe_meter_event IS 'post_paid: the event_name of the Stripe Billing Meter each usage event is reported to (https://docs.stripe.com/api/billing/meter-event/create).';
 
 CREATE TABLE metering.meters (
     id text NOT NULL,
@@ -2823,9 +3055,12 @@ CREATE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meter
     'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
     'period_start', util.iso(p_period_start),
     'resets_at', util.iso(p_period_end))
+    || CASE WHEN e.kind = 'post_paid'
+            THEN jsonb_build_object('unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
+            ELSE '{}' END
 $$;
 
-COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited.';
+COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited and post_paid; post_paid adds unit_amount and amount (what the period''s units cost, minor units).';
 
 CREATE FUNCTION metering.allowances_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -2868,7 +3103,9 @@ CREATE TABLE metering.usage_events (
     response jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     metadata jsonb,
+    amount_minor bigint,
     CONSTRAINT usage_events_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT usage_events_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT usage_events_credits_micros_check CHECK ((credits_micros >= 0)),
     CONSTRAINT usage_events_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
     CONSTRAINT usage_events_input_tokens_check CHECK ((input_tokens >= 0)),
@@ -2889,18 +3126,21 @@ COMMENT ON COLUMN metering.usage_events.response IS 'The JSON answer given the f
 
 COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
 
+COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
+
 CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
   SELECT jsonb_build_object('id', e.id, 'object', 'usage_event', 'meter', e.meter_id, 'quantity', e.quantity,
                             'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
                             'charged', jsonb_build_object('allowance_units', e.allowance_units,
-                                                          'credits', util.credits(e.credits_micros)),
+                                                          'credits', util.credits(e.credits_micros),
+                                                          'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
                             'created_at', util.iso(e.created_at))
 $$;
 
-COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits}, idempotency_key, metadata, created_at}.';
+COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, created_at}.';
 
 CREATE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
     LANGUAGE plpgsql
@@ -2995,7 +3235,18 @@ $$;
 
 COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) RETURNS record
+CREATE FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(sum(u.used * e.unit_amount_minor), 0)::bigint
+  FROM billing.entitlements e
+  JOIN metering.allowance_usage u ON u.account_id = p_account_id AND u.meter_id = e.meter_id AND u.period_start = p_period_start
+  WHERE e.plan_id = p_plan AND e.kind = 'post_paid'
+$$;
+
+COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
+
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -3050,7 +3301,9 @@ BEGIN
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
     WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    IF NOT FOUND THEN
+    IF NOT FOUND AND e.kind = 'post_paid' THEN
+      v_used := 0;          -- a post-paid window counts only post-paid units: they are what it costs
+    ELSIF NOT FOUND THEN
       -- A window with no row yet: it starts from the usage already made in it (another plan's).
       v_used := metering.window_usage(p_account.id, m, period_start, period_end);
     END IF;
@@ -3068,16 +3321,47 @@ BEGIN
     PERFORM util.fail('TL422', 'the request is too large to charge');
   END IF;
   credits_micros := v_cost;
-  -- Credits that open holds reserve are not spendable.
-  allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
+  IF entitled AND e.kind = 'post_paid' THEN
+    -- Post-paid: the units cost money, billed by Stripe later; the plan's spending limit for the
+    -- billing period acts like a balance (open holds count, their units being in the window).
+    IF v_demand * e.unit_amount_minor > 9e15 THEN
+      PERFORM util.fail('TL422', 'the request is too large to charge');
+    END IF;
+    amount_minor := v_demand * e.unit_amount_minor;
+    stripe_meter_event := e.stripe_meter_event;
+    SELECT p.spending_limit_minor INTO spending_limit_minor FROM billing.plans p WHERE p.id = e.plan_id;
+    SELECT x.currency INTO currency FROM billing.prices x WHERE x.plan_id = e.plan_id ORDER BY x.active DESC, x.id LIMIT 1;
+    currency := coalesce(currency, 'usd');
+    spent_before_minor := metering.post_paid_spent(p_account.id, e.plan_id, period_start);
+    allowed := spending_limit_minor IS NULL OR spent_before_minor + amount_minor <= spending_limit_minor;
+  ELSE
+    -- Credits that open holds reserve are not spendable.
+    allowed := credits_micros <= p_account.credit_balance_micros - p_account.held_micros;
+  END IF;
   balance_after_micros := p_account.credit_balance_micros - CASE WHEN allowed THEN credits_micros ELSE 0 END;
 
   warnings := '[]';
   IF entitled THEN
     v_after := v_used + CASE WHEN allowed THEN allowance_units ELSE 0 END;
     allowance := metering.allowance_json(e, m, period_start, period_end, v_after);
+    -- Warn when spending crosses 80% and 100% of a post-paid plan's limit.
+    IF e.kind = 'post_paid' AND spending_limit_minor > 0 AND allowed THEN
+      FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
+        IF spent_before_minor * 100 < spending_limit_minor * v_pct
+           AND (spent_before_minor + amount_minor) * 100 >= spending_limit_minor * v_pct THEN
+          warnings := warnings || jsonb_build_object(
+            'code', 'spending_limit_threshold', 'meter', m.id, 'threshold_percent', v_pct,
+            'spent', spent_before_minor + amount_minor, 'limit', spending_limit_minor, 'currency', currency,
+            'resets_at', util.iso(period_end),
+            'message', format('%s%% of this billing period''s spending limit used: %s of %s%s', v_pct,
+                              billing.money(spent_before_minor + amount_minor, currency),
+                              billing.money(spending_limit_minor, currency),
+                              CASE WHEN v_pct = 100 THEN '; further use is refused until ' || util.iso(period_end) ELSE '' END));
+        END IF;
+      END LOOP;
+    END IF;
     -- Warn when usage crosses 80% and 100% of an allowance or soft limit (the extension seed warns at 8 of 10).
-    IF e.kind <> 'unlimited' AND e.limit_units > 0 THEN
+    IF e.kind IN ('allowance', 'fair_use') AND e.limit_units > 0 THEN
       FOREACH v_pct IN ARRAY ARRAY[80, 100] LOOP
         IF v_used * 100 < e.limit_units * v_pct AND v_after * 100 >= e.limit_units * v_pct THEN
           warnings := warnings || jsonb_build_object(
@@ -3097,9 +3381,24 @@ BEGIN
       END LOOP;
     END IF;
   END IF;
+  IF NOT allowed THEN
+    refusal := CASE
+      WHEN amount_minor IS NOT NULL THEN jsonb_build_object(
+        'message', format('the spending limit of %s for this billing period does not cover this request',
+                          billing.money(spending_limit_minor, currency)),
+        'detail', jsonb_build_object('account_id', p_account.id, 'meter', m.id, 'required_amount', amount_minor,
+                                     'spent', spent_before_minor, 'spending_limit', spending_limit_minor,
+                                     'currency', currency, 'resets_at', util.iso(period_end)))
+      ELSE jsonb_build_object(
+        'message', format('the %s allowance and the credit balance do not cover this request', m.id),
+        'detail', jsonb_build_object('account_id', p_account.id, 'meter', m.id, 'required_credits', util.credits(credits_micros),
+                                     'balance', util.credits(p_account.credit_balance_micros - p_account.held_micros),
+                                     'allowance', allowance, 'resets_at', util.iso(period_end)))
+    END;
+  END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. TL422 unknown meter or bad quantity.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql IMMUTABLE
@@ -3134,6 +3433,21 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
+
+CREATE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('limit', p.spending_limit_minor, 'spent', metering.post_paid_spent(a.id, p.id, b.period_start),
+                            'currency', coalesce((SELECT x.currency FROM billing.prices x WHERE x.plan_id = p.id
+                                                  ORDER BY x.active DESC, x.id LIMIT 1), 'usd'),
+                            'period_start', util.iso(b.period_start), 'resets_at', util.iso(b.period_end))
+  FROM billing.plans p
+  CROSS JOIN LATERAL metering.period_bounds('billing_period', util.now(), a.billing_period_start, a.billing_period_end) b
+  WHERE p.id = identity.effective_plan(a)
+    AND EXISTS (SELECT 1 FROM billing.entitlements e WHERE e.plan_id = p.id AND e.kind = 'post_paid')
+$$;
+
+COMMENT ON FUNCTION metering.spending_json(a identity.accounts) IS 'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
 
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -3247,6 +3561,36 @@ CREATE TABLE billing.customers (
 
 COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
 
+CREATE TABLE billing.invoices (
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_subscription_id text,
+    number text,
+    status text NOT NULL,
+    currency text NOT NULL,
+    amount_paid_minor bigint NOT NULL,
+    metered_amount_minor bigint DEFAULT 0 NOT NULL,
+    metered_period_start timestamp with time zone,
+    metered_period_end timestamp with time zone,
+    hosted_invoice_url text,
+    invoice_pdf text,
+    created_at timestamp with time zone NOT NULL,
+    CONSTRAINT invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
+    CONSTRAINT invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
+    CONSTRAINT invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
+    CONSTRAINT invoices_metered_amount_minor_check CHECK ((metered_amount_minor >= 0)),
+    CONSTRAINT invoices_number_check CHECK ((length(number) <= 255)),
+    CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text]))),
+    CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255))
+);
+
+COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid (invoice.paid), once per invoice. metered_*: the lines that bill metered prices (post-paid usage) and the period they cover.';
+
+COMMENT ON COLUMN billing.invoices.amount_paid_minor IS 'What the invoice collected, in minor currency units.';
+
+COMMENT ON COLUMN billing.invoices.metered_amount_minor IS 'The sum of its metered lines (usage reported through Billing Meters), in minor units.';
+
 CREATE TABLE billing.payments (
     stripe_payment_intent_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -3278,9 +3622,11 @@ CREATE TABLE billing.plans (
     active boolean DEFAULT true NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     included_credits_micros bigint DEFAULT 0 NOT NULL,
+    spending_limit_minor bigint,
     CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
     CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0))
+    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
+    CONSTRAINT plans_spending_limit_minor_check CHECK ((spending_limit_minor >= 0))
 );
 
 COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
@@ -3290,6 +3636,8 @@ COMMENT ON COLUMN billing.plans.id IS 'Stable plan code, for example free, pro, 
 COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array of strings) shown by clients.';
 
 COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at the start of every paid subscription period (on invoice.paid), in micro-credits.';
+
+COMMENT ON COLUMN billing.plans.spending_limit_minor IS 'Post-paid plans: the most their post-paid meters may cost per billing period, in minor currency units (cents) of the plan''s price; a charge past it is refused like an empty balance (TL402). NULL: no limit.';
 
 CREATE TABLE billing.stripe_events (
     id text NOT NULL,
@@ -3500,10 +3848,12 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
+
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
 
 COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
 
@@ -3560,6 +3910,22 @@ CREATE VIEW reporting.hold_mismatches AS
 
 COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
 
+CREATE VIEW reporting.meter_event_reports_daily AS
+ SELECT e.account_id,
+    (date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    count(*) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported,
+    count(*) FILTER (WHERE ((m.delivered_at IS NULL) AND (m.failed_at IS NULL))) AS pending,
+    count(*) FILTER (WHERE (m.failed_at IS NOT NULL)) AS failed,
+    count(*) FILTER (WHERE (m.id IS NULL)) AS missing,
+    sum(e.quantity) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported_units,
+    sum(e.amount_minor) AS amount_minor
+   FROM (metering.usage_events e
+     LEFT JOIN outbox.messages m ON ((m.id = e.id)))
+  WHERE (e.amount_minor IS NOT NULL)
+  GROUP BY e.account_id, ((date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date);
+
+COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events per account and UTC day: reported to Stripe (the meter event was accepted), pending (queued or retrying), failed (retries exhausted: see outbox.messages.last_error) and missing (no report queued: must be 0); units reported and the amount charged locally, in minor units.';
+
 CREATE VIEW reporting.outbox_backlog AS
  SELECT kind,
     count(*) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS pending,
@@ -3597,6 +3963,24 @@ CREATE VIEW reporting.payments_vs_ledger_daily AS
      FULL JOIN led ON ((led.day = pay.day)));
 
 COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundle payments (minor units) and the credits they sold against the purchase credits the ledger holds; difference_micros should be 0.';
+
+CREATE VIEW reporting.post_paid_invoice_drift AS
+ SELECT i.stripe_invoice_id,
+    i.account_id,
+    i.metered_period_start,
+    i.metered_period_end,
+    i.currency,
+    i.metered_amount_minor AS invoiced_minor,
+    COALESCE(u.amount, (0)::bigint) AS recorded_minor,
+    round(((100.0 * ((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint)))::numeric) / (NULLIF(COALESCE(u.amount, (0)::bigint), 0))::numeric), 2) AS drift_percent,
+    ((abs((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint))))::numeric <= (0.01 * (COALESCE(u.amount, (0)::bigint))::numeric)) AS within_1_percent
+   FROM (billing.invoices i
+     LEFT JOIN LATERAL ( SELECT (sum(e.amount_minor))::bigint AS amount
+           FROM metering.usage_events e
+          WHERE ((e.account_id = i.account_id) AND (e.amount_minor IS NOT NULL) AND (e.created_at >= i.metered_period_start) AND (e.created_at < i.metered_period_end))) u ON (true))
+  WHERE (i.metered_period_start IS NOT NULL);
+
+COMMENT ON VIEW reporting.post_paid_invoice_drift IS 'Each paid invoice with metered lines against the post-paid usage pgtally charged the account in the same period: invoiced vs recorded (minor units), the drift in percent of what was recorded, and whether it is within 1% (the generation app''s success criterion, seeds/4-saas-monetisation-plan.md).';
 
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
@@ -3639,6 +4023,18 @@ CREATE VIEW reporting.unbalanced_transfers AS
 
 COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
 
+CREATE VIEW reporting.unreported_post_paid_events AS
+ SELECT id AS usage_event_id,
+    account_id,
+    amount_minor,
+    created_at
+   FROM metering.usage_events e
+  WHERE ((amount_minor IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM outbox.messages m
+          WHERE (m.id = e.id)))));
+
+COMMENT ON VIEW reporting.unreported_post_paid_events IS 'Reconciliation: post-paid usage events with no report to Stripe queued (the charge writes both in one transaction). Must be empty.';
+
 CREATE VIEW reporting.usage_charge_mismatches AS
  SELECT u.id AS usage_event_id,
     u.account_id,
@@ -3662,6 +4058,9 @@ CREATE VIEW reporting.usage_daily AS
 
 COMMENT ON VIEW reporting.usage_daily IS 'Usage per UTC day and meter: events, units, allowance units and micro-credits spent.';
 
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
+
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_pkey PRIMARY KEY (account_id);
 
@@ -3673,6 +4072,9 @@ ALTER TABLE billing.customers
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
 
 ALTER TABLE billing.payments
     ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
@@ -3872,6 +4274,8 @@ ALTER TABLE ONLY outbox.messages
 ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
 
+CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, created_at);
+
 CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
 
 CREATE INDEX stripe_events_checkout_session_idx ON billing.stripe_events USING btree (((payload #>> '{data,object,id}'::text[]))) WHERE (type ~~ 'checkout.session.%'::text);
@@ -3924,6 +4328,12 @@ CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers
 
 CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
@@ -3932,6 +4342,12 @@ ALTER TABLE ONLY billing.entitlements
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
 
 ALTER TABLE ONLY billing.payments
     ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -4032,6 +4448,15 @@ REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION api.accounts_list(p_limit integer, p_plan text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
@@ -4168,6 +4593,9 @@ GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id 
 REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
 
@@ -4176,6 +4604,9 @@ GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, 
 
 REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
@@ -4203,15 +4634,23 @@ REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FRO
 
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.money(p_minor bigint, p_currency text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) FROM PUBLIC;
 
@@ -4297,11 +4736,15 @@ REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid
 
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
@@ -4331,9 +4774,13 @@ GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
 
+GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.post_paid_invoice_drift TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 
@@ -4342,6 +4789,8 @@ GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
 

@@ -60,12 +60,16 @@ def subscribe(events, account, sub="sub_1", status="active", price="price_pro_mo
 async def test_plans_are_public_with_prices_and_bundles(client):
     body = (await client.get("/v1/plans")).json()
     plans = {p["id"]: p for p in body["plans"]}
-    assert set(plans) == {"free", "pro", "unlimited"}
+    assert set(plans) == {"free", "pro", "unlimited", "pay_per_use"}
     assert {(x["interval"], x["amount"], x["currency"]) for x in plans["pro"]["prices"]} == {
         ("month", 999, "usd"), ("year", 9999, "usd")}
     assert {x["amount"] for x in plans["unlimited"]["prices"]} == {1999, 19999}
     assert plans["pro"]["entitlements"] == [{"meter": "generation", "kind": "allowance", "period": "billing_period",
-                                             "limit": 1000}]
+                                             "limit": 1000, "unit_amount": None}]
+    ppu = plans["pay_per_use"]
+    assert ppu["spending_limit"] == 5000 and ppu["entitlements"] == [
+        {"meter": "generation", "kind": "post_paid", "period": "billing_period", "limit": None, "unit_amount": 5}]
+    assert [(x["usage_type"], x["amount"]) for x in ppu["prices"]] == [("metered", 0)]
     assert [(b["id"], b["credits"]) for b in body["bundles"]] == [("bundle_10", "10"), ("bundle_25", "25")]
 
 
@@ -592,3 +596,138 @@ async def test_a_subscriber_switching_plans_sees_the_proration_and_changes_the_s
         _, path, params, _ = stripe_api.requests[-1]
         assert path.startswith("/v1/subscriptions/sub_") and params["items"][0]["price"] == "price_unlimited_monthly"
         assert owner.execute("SELECT count(*) FROM billing.subscriptions").fetchone()[0] == 1
+
+
+async def run_worker(db_url, settings) -> int:
+    import psycopg as pg
+
+    from api import db
+    from api.worker import deliver_due
+
+    async with await pg.AsyncConnection.connect(db.api_conninfo(db_url), autocommit=True) as conn:
+        return await deliver_due(conn, settings, limit=100)
+
+
+async def test_auto_top_up_buys_one_bundle_when_charges_cross_the_threshold(client, db_url, settings, stripe_api, new_account, owner):
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    assert (await client.put("/v1/billing/auto-topup", json={"below": "5", "buy": "bundle_10"}, headers=headers)).status_code == 409
+    # A first Checkout saves the card.
+    session = (await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=headers)).json()
+    await pay_and_deliver(client, stripe_api, session["id"])
+    r = await client.put("/v1/billing/auto-topup", json={"below": "5", "buy": "bundle_10"}, headers=headers)
+    assert r.status_code == 200 and r.json() == {"enabled": True, "below": "5", "bundle": "bundle_10", "failures": 0,
+                                                 "in_flight": False, "last_error": None}, r.text
+    assert (await client.put("/v1/billing/auto-topup", json={"below": "1e3", "buy": "bundle_10"}, headers=headers)).status_code == 422
+    assert (await client.put("/v1/billing/auto-topup", json={"below": "5", "buy": "pro_monthly"}, headers=headers)).status_code == 422
+
+    # Allowance (10), then credits: two charges under the threshold queue one top-up.
+    for i, quantity in enumerate((10, 6, 1)):
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": quantity},
+                              headers=bearer(acct["api_key"], **{"Idempotency-Key": f"a{i}"}))
+        assert r.status_code == 201
+    assert owner.execute("SELECT count(*) FROM outbox.messages WHERE kind = 'auto_topup'").fetchone()[0] == 1
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
+
+    before = len(stripe_api.sent)
+    assert await run_worker(db_url, settings) == 1
+    # The worker died before recording it? The task runs again with the same idempotency key: paid once.
+    owner.execute("UPDATE outbox.messages SET delivered_at = NULL, next_attempt_at = now() WHERE kind = 'auto_topup'")
+    assert await run_worker(db_url, settings) == 1
+    intents = [e for e in stripe_api.sent[before:] if e["type"] == "payment_intent.succeeded"]
+    assert len(intents) == 1 and intents[0]["data"]["object"]["metadata"]["auto_topup"] == "true"
+    assert account_row(owner, acct["account_id"])[1] == 3_000_000          # credits only with the event
+    await deliver(client, intents[0])
+    assert account_row(owner, acct["account_id"])[1] == 13_000_000
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is False
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_three_failed_auto_top_ups_turn_it_off(client, db_url, settings, stripe_api, new_account, owner):
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    session = (await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=headers)).json()
+    await pay_and_deliver(client, stripe_api, session["id"])
+    await client.put("/v1/billing/auto-topup", json={"below": "100", "buy": "bundle_10"}, headers=headers)
+    stripe_api.needs_authentication.add(owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0])
+    for attempt in range(3):
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 11 if attempt == 0 else 1},
+                              headers=bearer(acct["api_key"], **{"Idempotency-Key": f"f{attempt}"}))
+        assert r.status_code == 201
+        await run_worker(db_url, settings)
+    state = (await client.get("/v1/billing/auto-topup", headers=headers)).json()
+    assert state["enabled"] is False and state["failures"] == 3 and "authentication_required" in state["last_error"]
+    assert owner.execute("SELECT auto_topup_below_micros FROM identity.accounts WHERE id = %s",
+                         [acct["account_id"]]).fetchone()[0] is None
+    assert owner.execute("SELECT count(*) FROM outbox.messages WHERE kind = 'auto_topup'").fetchone()[0] == 3
+    assert (await client.delete("/v1/billing/auto-topup", headers=headers)).json()["enabled"] is False
+
+
+async def test_post_paid_usage_is_reported_to_stripe_once_and_the_invoice_matches_the_ledger(
+        client, db_url, settings, stripe_api, new_account, owner):
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    session = (await client.post("/v1/billing/checkout", json={"price": "pay_per_use_monthly"}, headers=headers)).json()
+    assert "quantity" not in stripe_api.sessions[session["id"]]["line_items"][0]     # a metered price
+    await pay_and_deliver(client, stripe_api, session["id"])
+    assert account_row(owner, acct["account_id"])[0] == "pay_per_use"
+
+    ids = []
+    for i, quantity in enumerate((3, 4, 5)):
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": quantity},
+                              headers=bearer(acct["api_key"], **{"Idempotency-Key": f"p{i}"}))
+        assert r.status_code == 201 and r.json()["charged"]["amount"] == quantity * 5, r.text
+        ids.append(r.json()["id"])
+    stripe_api.meter_event_failures = 1            # Stripe fails once: retried with the outbox's backoff
+    assert await run_worker(db_url, settings) == 3
+    assert len(stripe_api.meter_events) == 2
+    owner.execute("UPDATE outbox.messages SET next_attempt_at = now() WHERE kind = 'meter_event'")
+    assert await run_worker(db_url, settings) == 1
+    assert sorted(stripe_api.meter_events) == sorted(ids)
+    customer = owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0]
+    assert {(e["event_name"], e["payload"]["stripe_customer_id"], e["payload"]["value"])
+            for e in stripe_api.meter_events.values()} == {("pgtally_generation", customer, v) for v in ("3", "4", "5")}
+    # The worker died after Stripe's answer: the reports go again and are counted once.
+    owner.execute("UPDATE outbox.messages SET delivered_at = NULL, next_attempt_at = now() WHERE kind = 'meter_event'")
+    assert await run_worker(db_url, settings) == 3
+    assert len(stripe_api.meter_events) == 3
+    day = owner.execute("SELECT reported, pending, failed, missing, reported_units, amount_minor "
+                        "FROM reporting.meter_event_reports_daily").fetchall()
+    assert day == [(3, 0, 0, 0, 12, 60)]
+
+    # The period ends: Stripe invoices the reported usage, pgtally records it and they agree.
+    sub_id = owner.execute("SELECT stripe_subscription_id FROM billing.subscriptions").fetchone()[0]
+    before = len(stripe_api.sent)
+    invoice = stripe_api.close_period(sub_id)
+    for event in stripe_api.sent[before:]:
+        assert (await deliver(client, event)).status_code == 200
+    assert invoice["amount_paid"] == 60
+    row = owner.execute("SELECT amount_paid_minor, metered_amount_minor, number FROM billing.invoices "
+                        "WHERE stripe_invoice_id = %s", [invoice["id"]]).fetchone()
+    assert row == (60, 60, invoice["number"])
+    drift = owner.execute("SELECT invoiced_minor, recorded_minor, drift_percent, within_1_percent "
+                          "FROM reporting.post_paid_invoice_drift").fetchall()
+    assert drift == [(60, 60, 0, True)]
+    # The next period's spending starts from zero.
+    assert (await client.get("/v1/balance", headers=headers)).json()["spending"]["spent"] == 0
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_pay_per_use_on_the_pages_shows_the_unit_price_the_limit_and_the_spending(db_url, settings, stripe_api):
+    from tests.http.test_sign_in import form
+
+    password = "violet-harbour-tangent-42"
+    async with await page_client(db_url, settings) as client:
+        await client.post("/v1/auth/signup", json={"email": "ppu@example.com", "password": password})
+        assert (await form(client, "/login", {"email": "ppu@example.com", "password": password})).status_code in (302, 303)
+        page = await client.get("/upgrade?interval=year")      # a metered price shows whatever the interval
+        assert "0.05 USD a generation, billed each month for what you used (at most 50.00 USD)" in " ".join(page.text.split())
+        r = await form(client, "/upgrade/checkout", {"price": "pay_per_use_monthly"}, "/upgrade")
+        await pay_and_deliver(client, stripe_api, r.headers["location"].rsplit("/", 1)[-1])
+        tokens = (await client.post("/v1/auth/login", json={"email": "ppu@example.com", "password": password})).json()
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
+                              headers=bearer(tokens["access_token"], **{"Idempotency-Key": "ppu-1"}))
+        assert r.status_code == 201, r.text
+        text = " ".join((await client.get("/dashboard")).text.split())
+        assert "Spent this billing period: <strong>0.15 USD</strong> of your 50.00 USD limit" in text
+        assert "generation × 3 · 0.15 billed" in text and "3 generations this billing period at 0.05 each" in text

@@ -212,7 +212,7 @@ async def test_usage_events_list_newest_first_with_pages_filters_and_metadata(cl
     second = (await client.get(f"/v1/usage/events?limit=4&cursor={first['next_cursor']}", headers=auth(key))).json()
     assert [e["metadata"]["request_id"] for e in second["data"]] == ["r1", "r0"] and second["has_more"] is False
     generation = (await client.get("/v1/usage/events?meter=generation&limit=100", headers=auth(key))).json()
-    assert len(generation["data"]) == 5 and generation["data"][0]["charged"] == {"allowance_units": 1, "credits": "0"}
+    assert len(generation["data"]) == 5 and generation["data"][0]["charged"] == {"allowance_units": 1, "credits": "0", "amount": None}
     future = (await client.get("/v1/usage/events?from=2999-01-01T00:00:00Z", headers=auth(key))).json()
     assert future["data"] == []
     # Another account's events are invisible.
