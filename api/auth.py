@@ -31,6 +31,18 @@ class Credentials(msgspec.Struct, forbid_unknown_fields=True):
     password: Password
 
 
+ReferralCode = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9]+$", examples=["k7mq2xwd"])]
+
+
+class SignupRequest(msgspec.Struct, forbid_unknown_fields=True):
+    email: Email
+    password: Password
+    referral_code: ReferralCode | None = None
+    """The code of the person who referred this one (their link is /r/CODE); an unknown code is ignored."""
+    fingerprint: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    """A client's device fingerprint, a hint against self-referral."""
+
+
 class RefreshRequest(msgspec.Struct, forbid_unknown_fields=True):
     refresh_token: Token
 
@@ -166,20 +178,24 @@ def device_session(caller: MaybeCaller) -> uuid.UUID | None:
 
 @post("/v1/auth/signup", status_code=202, dependencies=OPTIONAL_AUTH, summary="Sign up",
       responses=problems(400, 401, 415, 422, 429, 503))
-async def signup(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> EmailQueued:
+async def signup(request: Request, caller: MaybeCaller, data: JSONBody[SignupRequest]) -> EmailQueued:
     """Create a user with a personal account on the free plan and email a verification link.
     An address already registered gets the same 202 and body (its owner gets an email instead).
-    Send an anonymous device's access token as Bearer to move its usage and credits over.
+    Send an anonymous device's access token as Bearer to move its usage and credits over, and
+    ``referral_code`` for the person who referred this one (one referrer, set here only).
     422 weak password or bad email; 429 with Retry-After over the rate limit."""
-    return await register(request, data.email, data.password, device_session(caller))
+    return await register(request, data.email, data.password, device_session(caller), data.referral_code,
+                          data.fingerprint)
 
 
-async def register(request: Request, email: str, password: str, device: uuid.UUID | None) -> dict:
+async def register(request: Request, email: str, password: str, device: uuid.UUID | None,
+                   referral_code: str | None = None, fingerprint: str | None = None) -> dict:
     """Sign-up, for the JSON endpoint and the /signup page alike: check and hash the password,
     then ``api.signup``."""
     password_hash = await new_password_hash(password)
-    return await call_json(request, "SELECT api.signup(%s::text, %s::text, %s::text, %s::text, %s::uuid)",
-                           [email, password_hash, *client(request), device])
+    return await call_json(
+        request, "SELECT api.signup(%s::text, %s::text, %s::text, %s::text, %s::uuid, %s::text, %s::text)",
+        [email, password_hash, *client(request), device, referral_code, fingerprint])
 
 
 async def password_login(request: Request, email: str, password: str, device: uuid.UUID | None) -> dict:

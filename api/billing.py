@@ -89,6 +89,10 @@ class Plan(msgspec.Struct):
     description: str
     features: list[str]
     included_credits: str
+    signup_bonus: str
+    """Credits granted once per person when they verify their email."""
+    monthly_credits: str
+    """Credits granted each billing period, expiring at its end."""
     spending_limit: int | None
     """Post-paid plans: the most post-paid usage may cost per billing period, in minor units."""
     entitlements: list[PlanEntitlement]

@@ -145,7 +145,8 @@ def db_schema(write: bool) -> None:
 
 
 RECONCILIATION_VIEWS = ("balance_mismatches", "unbalanced_transfers", "entry_balance_breaks",
-                        "usage_charge_mismatches", "hold_mismatches", "unreported_post_paid_events")
+                        "usage_charge_mismatches", "hold_mismatches", "unreported_post_paid_events",
+                        "lot_balance_mismatches", "referral_reward_mismatches")
 
 
 @main.command()

@@ -31,7 +31,7 @@ from litestar.response import Redirect
 
 from api.calls import call_json, client
 from api.errors import PgtallyError
-from api.web import browser_session, device_session, page, safe_next, sign_in_browser
+from api.web import browser_session, device_session, page, referral_of, safe_next, sign_in_browser
 
 BINDING_COOKIE = "pgtally_oauth"
 PROVIDERS = ("google", "github")
@@ -166,8 +166,10 @@ async def callback(request: Request, provider: FromPath[str],
             target = "/account"
         else:
             session = await call_json(
-                request, "SELECT api.oauth_sign_in(%s::text, %s::text, %s::text, %s::boolean, %s::uuid, %s::text, %s::text)",
-                [provider, who.subject, who.email, who.email_verified, flow["device_session_id"], ip, user_agent])
+                request, "SELECT api.oauth_sign_in(%s::text, %s::text, %s::text, %s::boolean, %s::uuid, %s::text, %s::text, "
+                "%s::text)",
+                [provider, who.subject, who.email, who.email_verified, flow["device_session_id"], ip, user_agent,
+                 referral_of(request)])
             sign_in_browser(request, session)
             target = safe_next(flow["return_to"])
     except PgtallyError as exc:

@@ -21,7 +21,8 @@ from api.auth import password_login, register
 from api.billing import cancel_at_period_end, change_plan, open_portal, preview_change, start_checkout, top_up
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
-from api.web import STATIC, browser_session, device_session, page, page_headers, problem_text, safe_next, sign_in_browser, to_login
+from api.web import (REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, page, page_headers,
+                     problem_text, referral_of, safe_next, sign_in_browser, to_login)
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -83,18 +84,31 @@ async def login_submit(request: Request, data: Annotated[CredentialsForm, Form])
     return Redirect(safe_next(data.next))
 
 
+@get("/r/{code:str}")
+async def referral_link(request: Request, code: FromPath[str]) -> Redirect:
+    """A person's referral link: remember the code in this browser (the first one wins, for 30
+    days) and lead to sign-up, where it is sent with the new account (``api.signup``, or the
+    Google/GitHub sign-up)."""
+    response = Redirect("/signup")
+    if code.isalnum() and len(code) <= 32 and referral_of(request) is None:
+        response.set_cookie(REFERRAL_COOKIE, code.lower(), max_age=REFERRAL_DAYS * 86400, httponly=True,
+                            samesite="lax", secure=request.app.state.settings.secure_cookies)
+    return response
+
+
 @get("/signup")
 async def signup_page(request: Request, device_token: FromQuery[str | None] = None) -> Any:
-    return page("signup.html", request, email="", device_token=device_token or "")
+    return page("signup.html", request, email="", device_token=device_token or "", referral=referral_of(request))
 
 
 @post("/signup")
 async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
-        await register(request, data.email, data.password, device_session(request, data.device_token))
+        await register(request, data.email, data.password, device_session(request, data.device_token),
+                       referral_of(request))
     except PgtallyError as exc:
         return page("signup.html", request, 422, error=problem_text(exc), email=data.email,
-                    device_token=data.device_token or "")
+                    device_token=data.device_token or "", referral=referral_of(request))
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
                 message=f"We sent a link to {data.email.strip()} to confirm the address. It works once, for 24 hours.")
@@ -410,7 +424,7 @@ def router(settings) -> Router:
     from api import oauth
 
     return Router(path="/", after_request=page_headers(settings), include_in_schema=False, route_handlers=[
-        home, login_page, login_submit, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
+        home, login_page, login_submit, referral_link, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
         device_page, device_lookup, device_decide, upgrade_page, upgrade_checkout, upgrade_change, billing_success,
         billing_cancel, billing_page, dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume, dashboard_topup,

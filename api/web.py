@@ -106,6 +106,16 @@ def device_session(request: Request, device_token: str | None) -> uuid.UUID | No
         return None
 
 
+REFERRAL_COOKIE = "pgtally_ref"
+REFERRAL_DAYS = 30
+
+
+def referral_of(request: Request) -> str | None:
+    """The referral code a /r/CODE link left in this browser (first touch), if any."""
+    code = request.cookies.get(REFERRAL_COOKIE)
+    return code if code and code.isalnum() and len(code) <= 32 else None
+
+
 def sign_in_browser(request: Request, session: dict[str, Any]) -> None:
     """Make the browser carry this session (identity.tokens of a sign-in)."""
     request.set_session({"sid": session["session_id"]})

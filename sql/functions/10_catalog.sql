@@ -80,6 +80,7 @@ LANGUAGE sql STABLE AS $$
       SELECT jsonb_agg(jsonb_build_object(
         'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
         'included_credits', util.credits(p.included_credits_micros),
+        'signup_bonus', util.credits(p.signup_bonus_micros), 'monthly_credits', util.credits(p.monthly_credits_micros),
         'spending_limit', p.spending_limit_minor,
         'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
                                                                       'period', e.period, 'limit', e.limit_units,
@@ -160,14 +161,19 @@ BEGIN
                                          AND (v_def ->> 'spending_limit') ~ '^[0-9]{1,18}$') THEN
       PERFORM util.fail('TL422', format('plans.%s.spending_limit: a whole amount in minor units (cents) is required', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor, active, updated_at)
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor,
+                               signup_bonus_micros, monthly_credits_micros, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
             coalesce(v_def -> 'features', '[]'),
             billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
-            (v_def ->> 'spending_limit')::bigint, true, util.now())
+            (v_def ->> 'spending_limit')::bigint,
+            billing.to_micros(coalesce(v_def -> 'signup_bonus', '0'), format('plans.%s.signup_bonus', v_id)),
+            billing.to_micros(coalesce(v_def -> 'monthly_credits', '0'), format('plans.%s.monthly_credits', v_id)),
+            true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
       included_credits_micros = EXCLUDED.included_credits_micros, spending_limit_minor = EXCLUDED.spending_limit_minor,
+      signup_bonus_micros = EXCLUDED.signup_bonus_micros, monthly_credits_micros = EXCLUDED.monthly_credits_micros,
       active = true, updated_at = EXCLUDED.updated_at;
     FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
       IF v_interval NOT IN ('monthly', 'yearly') THEN
@@ -234,6 +240,23 @@ BEGIN
     v_prices := v_prices || v_id;
   END LOOP;
 
+  -- The referral program (one row): [referrals] of the catalog, defaults where it is silent.
+  v_def := coalesce(p_catalog -> 'referrals', '{}');
+  IF coalesce(v_def ->> 'qualify_on', 'first_payment') NOT IN ('email_verified', 'first_payment') THEN
+    PERFORM util.fail('TL422', 'referrals.qualify_on: email_verified or first_payment');
+  END IF;
+  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap'] LOOP
+    IF v_def ? v_path AND NOT (jsonb_typeof(v_def -> v_path) = 'number' AND (v_def ->> v_path) ~ '^[0-9]{1,6}$') THEN
+      PERFORM util.fail('TL422', format('referrals.%s: a whole, non-negative number is required', v_path));
+    END IF;
+  END LOOP;
+  UPDATE billing.referral_program SET
+    qualify_on = coalesce(v_def ->> 'qualify_on', 'first_payment'),
+    referrer_reward_micros = billing.to_micros(coalesce(v_def -> 'referrer_credits', '10'), 'referrals.referrer_credits'),
+    referee_reward_micros = billing.to_micros(coalesce(v_def -> 'referee_credits', '0'), 'referrals.referee_credits'),
+    holdback = make_interval(days => coalesce((v_def ->> 'holdback_days')::integer, 14)),
+    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20);
+
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
   UPDATE billing.prices SET active = false WHERE active AND NOT id = ANY (v_prices);
@@ -241,4 +264,4 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $$;
 COMMENT ON FUNCTION api.load_catalog(jsonb) IS
-  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

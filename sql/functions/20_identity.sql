@@ -125,8 +125,9 @@ BEGIN
   IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
     PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
   END IF;
-  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at)
-  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now())
+  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at, credits_due_at)
+  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now(),
+          CASE WHEN (SELECT monthly_credits_micros FROM billing.plans WHERE id = p_plan) > 0 THEN util.now() END)
   RETURNING id INTO v_account_id;
   IF p_credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account_id, 'grants', p_credits_micros, 'grant',
@@ -135,7 +136,7 @@ BEGIN
   RETURN v_account_id;
 END $$;
 COMMENT ON FUNCTION identity.new_account(text, text, text, bigint, uuid, text) IS
-  'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger. TL422 unknown plan or bad input.';
+  'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger (a promotion lot); a plan with monthly credits makes them due at once. TL422 unknown plan or bad input.';
 
 CREATE OR REPLACE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0,
                                               p_name text DEFAULT NULL, p_kind text DEFAULT 'person')

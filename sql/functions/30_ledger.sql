@@ -1,8 +1,44 @@
 -- The double-entry credit ledger: the only code that changes a credit balance.
 
+CREATE OR REPLACE FUNCTION ledger.lot_source(p_kind text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE p_kind WHEN 'grant' THEN 'promotion' WHEN 'plan_credits' THEN 'subscription_grant' ELSE p_kind END
+$$;
+COMMENT ON FUNCTION ledger.lot_source(text) IS
+  'The credit lot source of credits a transfer of kind p_kind brings in: grant -> promotion, plan_credits -> subscription_grant, purchase, adjustment, signup_bonus, monthly_free, referral_reward as they are.';
+
+CREATE OR REPLACE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+  l record;
+  v_left bigint := p_amount_micros;
+  v_take bigint;
+BEGIN
+  -- The burn order: soonest expiry first (never-expiring last), then promotional before paid,
+  -- then oldest, as Stripe's credit grants (https://docs.stripe.com/billing/subscriptions/usage-based/billing-credits)
+  -- and Lago's wallets (https://getlago.com/docs/guide/wallet-and-prepaid-credits) apply them.
+  -- p_first_lot (a refund: the lot the payment bought) goes before all.
+  FOR l IN SELECT id, remaining_micros FROM ledger.credit_lots
+           WHERE account_id = p_account_id AND status = 'active' AND remaining_micros > 0
+           ORDER BY id IS NOT DISTINCT FROM p_first_lot DESC, expires_at ASC NULLS LAST, paid, created_at, id LOOP
+    v_take := least(l.remaining_micros, v_left);
+    UPDATE ledger.credit_lots SET remaining_micros = remaining_micros - v_take WHERE id = l.id;
+    v_left := v_left - v_take;
+    EXIT WHEN v_left = 0;
+  END LOOP;
+  IF v_left > 0 THEN
+    RAISE EXCEPTION 'the credit lots of account % do not cover its balance', p_account_id
+      USING HINT = 'SELECT * FROM reporting.lot_balance_mismatches';
+  END IF;
+END $$;
+COMMENT ON FUNCTION ledger.spend_lots(uuid, bigint, uuid) IS
+  'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots. Called by ledger.post_transfer with the account locked.';
+
 CREATE OR REPLACE FUNCTION ledger.post_transfer(
   p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text,
   p_idempotency_key text, p_usage_event_id uuid, p_memo text,
+  p_expires_at timestamptz DEFAULT NULL, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL,
   OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamptz)
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -32,9 +68,23 @@ BEGIN
   INSERT INTO ledger.entries (transfer_id, account_id, system_account, amount_micros, balance_after_micros, created_at)
   VALUES (transfer_id, p_account_id, NULL, p_amount_micros, balance_after_micros, created_at),
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
+  IF NOT p_lots THEN
+    RETURN;
+  ELSIF p_amount_micros > 0 THEN
+    INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key, transfer_id,
+                                    available_at, expires_at, created_at, memo)
+    VALUES (p_account_id, ledger.lot_source(p_kind), p_amount_micros, p_amount_micros, 'active',
+            coalesce(p_idempotency_key, 'transfer:' || transfer_id), transfer_id, created_at, p_expires_at, created_at,
+            left(p_memo, 500));
+    IF p_expires_at IS NOT NULL THEN
+      UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_expires_at) WHERE id = p_account_id;
+    END IF;
+  ELSE
+    PERFORM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot);
+  END IF;
 END $$;
-COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text) IS
-  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text, timestamptz, boolean, uuid) IS
+  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE OR REPLACE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint,
                                              p_balance_after_micros bigint, p_created_at timestamptz)
@@ -160,7 +210,7 @@ DECLARE
 BEGIN
   -- authenticate is volatile (it keeps last_used_at): call it once, never inside a WHERE clause.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
-  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
+  v_account := ledger.refreshed_account(v_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
@@ -168,10 +218,11 @@ BEGIN
     'held', util.credits(v_account.held_micros),
     'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
     'allowances', metering.allowances_json(v_account),
-    'spending', metering.spending_json(v_account));
+    'spending', metering.spending_json(v_account))
+    || ledger.credits_json(v_account);
 END $$;
 COMMENT ON FUNCTION api.balance(text, uuid, uuid) IS
-  'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+  'GET /v1/balance: the caller''s credit balance (credits: the spendable lots; held: reserved by open holds; available: what a charge may spend; pending: granted lots not spendable yet; next_expiry {credits, at}: what expires next) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE OR REPLACE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                       p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL)

@@ -325,6 +325,9 @@ BEGIN
   IF metering.expire_holds(v_account.id) > 0 THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
+  IF v_account.credits_due_at <= v_now AND ledger.refresh_lots(v_account.id) THEN
+    SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
+  END IF;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;

@@ -61,11 +61,12 @@ DECLARE
 BEGIN
   PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
   PERFORM metering.expire_holds(v_id);
+  PERFORM ledger.refresh_lots(v_id);
   SELECT * INTO a FROM identity.accounts WHERE id = v_id;
   RETURN a;
 END $$;
 COMMENT ON FUNCTION metering.locked_account(text, uuid, uuid) IS
-  'The principal''s account (scope usage:write), locked for a charge, with its expired holds released.';
+  'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
 
 CREATE OR REPLACE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                     p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,

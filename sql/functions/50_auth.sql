@@ -199,10 +199,16 @@ BEGIN
   END IF;
   IF v_credits > 0 THEN
     PERFORM ledger.post_transfer(v_device, 'adjustments', -v_credits, 'adjustment', 'merge:' || p_target_account_id,
-                                 NULL, 'moved to account ' || p_target_account_id);
+                                 NULL, 'moved to account ' || p_target_account_id, p_lots => false);
     PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
-                                 NULL, 'moved from device account ' || v_device);
+                                 NULL, 'moved from device account ' || v_device, p_lots => false);
   END IF;
+  -- The lots move as they are: where they came from, what remains, when they expire.
+  UPDATE ledger.credit_lots SET account_id = p_target_account_id,
+                                grant_key = left('merged:' || v_device || ':' || grant_key, 255)
+  WHERE account_id = v_device AND status IN ('active', 'pending');
+  UPDATE identity.accounts SET credits_due_at = least(credits_due_at, (SELECT credits_due_at FROM identity.accounts WHERE id = v_device))
+  WHERE id = p_target_account_id;
   WITH moved AS (
     UPDATE metering.usage_events e SET account_id = p_target_account_id
     WHERE e.account_id = v_device
@@ -238,7 +244,8 @@ COMMENT ON FUNCTION identity.merge_device(uuid, uuid, text, text) IS
 -- Sign-up, login, refresh, logout
 ------------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text,
-                                      p_device_session_id uuid DEFAULT NULL)
+                                      p_device_session_id uuid DEFAULT NULL, p_referral_code text DEFAULT NULL,
+                                      p_fingerprint text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -268,14 +275,16 @@ BEGIN
                                'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
             util.now(), util.now());
     PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+    PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, p_fingerprint,
+                                       (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     IF p_device_session_id IS NOT NULL THEN
       PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
     END IF;
   END IF;
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
-COMMENT ON FUNCTION api.signup(text, text, text, text, uuid) IS
-  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.signup(text, text, text, text, uuid, text, text) IS
+  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
 CREATE OR REPLACE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -461,13 +470,13 @@ BEGIN
   IF v_user_id IS NULL THEN
     RETURN identity.error('TL400', 'the verification link is not valid or has expired');
   END IF;
-  UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now())
-  WHERE id = v_user_id RETURNING * INTO u;
+  PERFORM identity.mark_email_verified(v_user_id);
+  SELECT * INTO u FROM identity.users WHERE id = v_user_id;
   PERFORM identity.log_event('email_verified', u.id, u.account_id, NULL, p_ip, NULL);
   RETURN jsonb_build_object('email', u.email, 'email_verified', true);
 END $$;
 COMMENT ON FUNCTION api.verify_email(text, text) IS
-  'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified. TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+  'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
 
 CREATE OR REPLACE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -509,9 +518,9 @@ BEGIN
   IF v_user_id IS NULL THEN
     RETURN identity.error('TL400', 'the reset link is not valid or has expired');
   END IF;
+  PERFORM identity.mark_email_verified(v_user_id);    -- the reset link reached the address
   UPDATE identity.users
-  SET password_hash = p_new_password_hash, password_changed_at = util.now(),
-      email_verified_at = coalesce(email_verified_at, util.now())
+  SET password_hash = p_new_password_hash, password_changed_at = util.now()
   WHERE id = v_user_id RETURNING * INTO u;
   UPDATE identity.one_time_tokens SET used_at = util.now()
   WHERE user_id = u.id AND purpose = 'password_reset' AND used_at IS NULL;
@@ -719,13 +728,14 @@ DECLARE
 BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds());
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
+                            'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day) and release expired holds (api.expire_holds).';
+  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits).';
 
 GRANT EXECUTE ON FUNCTION
-  api.housekeeping(), api.signup(text, text, text, text, uuid), api.login_start(text, text), api.login_failed(uuid, text, text, text),
+  api.housekeeping(), api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
   api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text, text, text),

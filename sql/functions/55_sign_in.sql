@@ -69,7 +69,8 @@ $$;
 COMMENT ON FUNCTION identity.link_identity(uuid, text, text, text, boolean) IS 'Link a provider account to a user.';
 
 CREATE OR REPLACE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean,
-                                             p_device_session_id uuid, p_ip text, p_user_agent text)
+                                             p_device_session_id uuid, p_ip text, p_user_agent text,
+                                             p_referral_code text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -109,18 +110,19 @@ BEGIN
       v_account_id := util.uuid_v7();
       INSERT INTO identity.users (account_id, email, email_normalized, password_hash, email_verified_at, created_at,
                                   password_changed_at)
-      VALUES (v_account_id, btrim(p_email), v_email, NULL,
-              CASE WHEN p_email_verified THEN util.now() END, util.now(), util.now())
+      VALUES (v_account_id, btrim(p_email), v_email, NULL, NULL, util.now(), util.now())
       ON CONFLICT (email_normalized) DO NOTHING
       RETURNING * INTO u;
       IF u.id IS NULL THEN
         PERFORM util.fail('TL503', 'a sign-up with this email is under way: try again');
       END IF;
       PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+      PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, NULL,
+                                         (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     END IF;
     PERFORM identity.link_identity(u.id, p_provider, p_subject, p_email, p_email_verified);
     IF p_email_verified THEN
-      UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now()) WHERE id = u.id;
+      PERFORM identity.mark_email_verified(u.id);
     END IF;
   END IF;
   v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, p_provider);
@@ -131,8 +133,8 @@ BEGIN
   END IF;
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
-COMMENT ON FUNCTION api.oauth_sign_in(text, text, text, boolean, uuid, text, text) IS
-  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text) IS
+  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE OR REPLACE FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text,
                                           p_email_verified boolean, p_ip text, p_user_agent text)
@@ -368,7 +370,7 @@ COMMENT ON FUNCTION api.device_decide(uuid, text, boolean, text, text) IS
 
 GRANT EXECUTE ON FUNCTION
   api.oauth_begin(text, text, text, uuid, uuid, text, text), api.oauth_claim(text, text, text, text),
-  api.oauth_sign_in(text, text, text, boolean, uuid, text, text),
+  api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text),
   api.oauth_link(uuid, text, text, text, boolean, text, text), api.oauth_unlink(uuid, text),
   api.sign_in_methods(uuid), api.device_authorize(text, text, uuid, text, text),
   api.device_token(text, text, text, text), api.device_lookup(uuid, text, text),

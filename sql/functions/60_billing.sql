@@ -45,7 +45,10 @@ BEGIN
   SET plan_id = coalesce(s.plan_id, 'free'),
       billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
       billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
-      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
+      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END,
+      -- The new plan's monthly credits are due (ledger.refresh_lots grants them at the next charge).
+      credits_due_at = CASE WHEN (SELECT monthly_credits_micros FROM billing.plans WHERE id = coalesce(s.plan_id, 'free')) > 0
+                            THEN least(credits_due_at, util.now()) ELSE credits_due_at END
   WHERE id = p_account_id;
 END $$;
 COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
@@ -140,6 +143,7 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'checkout:' || (o ->> 'id'), NULL, v_price.name);
+  PERFORM billing.first_payment(v_account_id, v_payment);
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
@@ -170,6 +174,7 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  PERFORM billing.first_payment(v_account_id, v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
     UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
     WHERE account_id = v_account_id;
@@ -234,6 +239,9 @@ BEGIN
     AND v_end > v_start AND (current_period_end IS NULL OR v_end > current_period_end);
   UPDATE identity.accounts SET plan_grace_until = NULL WHERE id = s.account_id;
   PERFORM billing.sync_account_plan(s.account_id);
+  IF (o ->> 'amount_paid')::bigint > 0 THEN
+    PERFORM billing.first_payment(s.account_id, coalesce(o ->> 'payment_intent', o ->> 'id'));
+  END IF;
   SELECT included_credits_micros INTO v_credits FROM billing.plans WHERE id = s.plan_id;
   IF v_credits > 0 AND NOT EXISTS (SELECT 1 FROM ledger.transfers
                                    WHERE account_id = s.account_id AND idempotency_key = 'invoice:' || (o ->> 'id')) THEN
@@ -272,6 +280,9 @@ DECLARE
   v_delta bigint;
   v_take bigint;
 BEGIN
+  -- A referral reward this payment earned is canceled if it is still in its holdback.
+  PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
+  PERFORM billing.cancel_referral_reward(o ->> 'invoice');
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
     RETURN 'ignored: not a credit bundle payment';
@@ -287,9 +298,15 @@ BEGIN
   v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
   SELECT least(v_delta, credit_balance_micros - held_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
   IF v_take > 0 THEN
+    -- From the lot this payment bought first, then in the burn order.
     PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
                                  'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,
-                                 'refund of ' || coalesce(p.price_id, 'a bundle'));
+                                 'refund of ' || coalesce(p.price_id, 'a bundle'),
+                                 p_first_lot => (SELECT l.id FROM ledger.credit_lots l
+                                                 WHERE l.account_id = p.account_id
+                                                   AND l.grant_key IN ('checkout:' || p.stripe_checkout_session,
+                                                                       'payment_intent:' || p.stripe_payment_intent_id)
+                                                 LIMIT 1));
   END IF;
   UPDATE billing.payments
   SET refunded_minor = v_refunded, clawed_back_micros = clawed_back_micros + greatest(v_take, 0),
@@ -298,7 +315,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_charge_refunded(jsonb) IS
-  'charge.refunded for a bundle payment: take back the credits in proportion to amount_refunded, never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+  'charge.refunded: a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
 CREATE OR REPLACE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text)
 RETURNS jsonb

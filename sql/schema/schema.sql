@@ -151,7 +151,7 @@ DECLARE
 BEGIN
   -- authenticate is volatile (it keeps last_used_at): call it once, never inside a WHERE clause.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
-  SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
+  v_account := ledger.refreshed_account(v_account_id);
   RETURN jsonb_build_object(
     'account_id', v_account.id,
     'plan', identity.effective_plan(v_account),
@@ -159,10 +159,11 @@ BEGIN
     'held', util.credits(v_account.held_micros),
     'available', util.credits(v_account.credit_balance_micros - v_account.held_micros),
     'allowances', metering.allowances_json(v_account),
-    'spending', metering.spending_json(v_account));
+    'spending', metering.spending_json(v_account))
+    || ledger.credits_json(v_account);
 END $$;
 
-COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits; held: reserved by open holds; available: what a charge may spend) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits: the spendable lots; held: reserved by open holds; available: what a charge may spend; pending: granted lots not spendable yet; next_expiry {credits, at}: what expires next) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
 CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -303,6 +304,9 @@ BEGIN
   IF metering.expire_holds(v_account.id) > 0 THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
+  IF v_account.credits_due_at <= v_now AND ledger.refresh_lots(v_account.id) THEN
+    SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
+  END IF;
 
   SELECT * INTO v_prior FROM metering.usage_events
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
@@ -412,6 +416,40 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) IS 'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
+
+CREATE FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text DEFAULT NULL::text, p_limit integer DEFAULT 50, p_cursor text DEFAULT NULL::text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_rows jsonb;
+  v_last uuid;
+  v_more boolean;
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
+  END IF;
+  IF p_status IS NOT NULL AND p_status NOT IN ('pending', 'active', 'expired', 'canceled') THEN
+    PERFORM util.fail('TL422', 'status is pending, active, expired or canceled', '{"field": "status"}');
+  END IF;
+  IF p_cursor IS NOT NULL AND p_cursor !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$' THEN
+    PERFORM util.fail('TL422', 'cursor is not one this API returned', '{"field": "cursor"}');
+  END IF;
+  PERFORM ledger.refreshed_account(v_account_id);
+  SELECT jsonb_agg(ledger.lot_json(l) ORDER BY l.id DESC), (array_agg(l.id ORDER BY l.id))[1] INTO v_rows, v_last
+  FROM (SELECT * FROM ledger.credit_lots
+        WHERE account_id = v_account_id AND (p_status IS NULL OR status = p_status)
+          AND id < coalesce(p_cursor::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff')
+        ORDER BY id DESC LIMIT p_limit) l;
+  v_more := v_last IS NOT NULL AND EXISTS (SELECT 1 FROM ledger.credit_lots
+                                           WHERE account_id = v_account_id AND (p_status IS NULL OR status = p_status)
+                                             AND id < v_last);
+  RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
+                            'next_cursor', CASE WHEN v_more THEN v_last::text END);
+END $_$;
+
+COMMENT ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) IS 'GET /v1/credits/lots: the caller''s credit lots, newest first (ledger.lot_json), optionally of one status, p_limit (1-100) per page; pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad status, limit or cursor.';
 
 CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -640,10 +678,11 @@ DECLARE
 BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds());
+  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
+                            'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 
-COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day) and release expired holds (api.expire_holds).';
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits).';
 
 CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -879,14 +918,19 @@ BEGIN
                                          AND (v_def ->> 'spending_limit') ~ '^[0-9]{1,18}$') THEN
       PERFORM util.fail('TL422', format('plans.%s.spending_limit: a whole amount in minor units (cents) is required', v_id));
     END IF;
-    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor, active, updated_at)
+    INSERT INTO billing.plans (id, name, description, features, included_credits_micros, spending_limit_minor,
+                               signup_bonus_micros, monthly_credits_micros, active, updated_at)
     VALUES (v_id, coalesce(v_def ->> 'name', initcap(v_id)), coalesce(v_def ->> 'description', ''),
             coalesce(v_def -> 'features', '[]'),
             billing.to_micros(coalesce(v_def -> 'included_credits', '0'), format('plans.%s.included_credits', v_id)),
-            (v_def ->> 'spending_limit')::bigint, true, util.now())
+            (v_def ->> 'spending_limit')::bigint,
+            billing.to_micros(coalesce(v_def -> 'signup_bonus', '0'), format('plans.%s.signup_bonus', v_id)),
+            billing.to_micros(coalesce(v_def -> 'monthly_credits', '0'), format('plans.%s.monthly_credits', v_id)),
+            true, util.now())
     ON CONFLICT (id) DO UPDATE SET
       name = EXCLUDED.name, description = EXCLUDED.description, features = EXCLUDED.features,
       included_credits_micros = EXCLUDED.included_credits_micros, spending_limit_minor = EXCLUDED.spending_limit_minor,
+      signup_bonus_micros = EXCLUDED.signup_bonus_micros, monthly_credits_micros = EXCLUDED.monthly_credits_micros,
       active = true, updated_at = EXCLUDED.updated_at;
     FOR v_interval, v_price IN SELECT key, value FROM jsonb_each(coalesce(v_def -> 'prices', '{}')) LOOP
       IF v_interval NOT IN ('monthly', 'yearly') THEN
@@ -953,6 +997,23 @@ BEGIN
     v_prices := v_prices || v_id;
   END LOOP;
 
+  -- The referral program (one row): [referrals] of the catalog, defaults where it is silent.
+  v_def := coalesce(p_catalog -> 'referrals', '{}');
+  IF coalesce(v_def ->> 'qualify_on', 'first_payment') NOT IN ('email_verified', 'first_payment') THEN
+    PERFORM util.fail('TL422', 'referrals.qualify_on: email_verified or first_payment');
+  END IF;
+  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap'] LOOP
+    IF v_def ? v_path AND NOT (jsonb_typeof(v_def -> v_path) = 'number' AND (v_def ->> v_path) ~ '^[0-9]{1,6}$') THEN
+      PERFORM util.fail('TL422', format('referrals.%s: a whole, non-negative number is required', v_path));
+    END IF;
+  END LOOP;
+  UPDATE billing.referral_program SET
+    qualify_on = coalesce(v_def ->> 'qualify_on', 'first_payment'),
+    referrer_reward_micros = billing.to_micros(coalesce(v_def -> 'referrer_credits', '10'), 'referrals.referrer_credits'),
+    referee_reward_micros = billing.to_micros(coalesce(v_def -> 'referee_credits', '0'), 'referrals.referee_credits'),
+    holdback = make_interval(days => coalesce((v_def ->> 'holdback_days')::integer, 14)),
+    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20);
+
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
   UPDATE billing.prices SET active = false WHERE active AND NOT id = ANY (v_prices);
@@ -960,7 +1021,7 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $_$;
 
-COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1146,7 +1207,7 @@ END $$;
 
 COMMENT ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) IS 'The account page''s "link Google/GitHub": link the provider account to the signed-in user. TL40C when it signs in to another user, or another account of that provider is linked.';
 
-CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
+CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -1187,18 +1248,19 @@ BEGIN
       v_account_id := util.uuid_v7();
       INSERT INTO identity.users (account_id, email, email_normalized, password_hash, email_verified_at, created_at,
                                   password_changed_at)
-      VALUES (v_account_id, btrim(p_email), v_email, NULL,
-              CASE WHEN p_email_verified THEN util.now() END, util.now(), util.now())
+      VALUES (v_account_id, btrim(p_email), v_email, NULL, NULL, util.now(), util.now())
       ON CONFLICT (email_normalized) DO NOTHING
       RETURNING * INTO u;
       IF u.id IS NULL THEN
         PERFORM util.fail('TL503', 'a sign-up with this email is under way: try again');
       END IF;
       PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+      PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, NULL,
+                                         (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     END IF;
     PERFORM identity.link_identity(u.id, p_provider, p_subject, p_email, p_email_verified);
     IF p_email_verified THEN
-      UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now()) WHERE id = u.id;
+      PERFORM identity.mark_email_verified(u.id);
     END IF;
   END IF;
   v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, p_provider);
@@ -1210,7 +1272,7 @@ BEGIN
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 
-COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1310,6 +1372,47 @@ $$;
 
 COMMENT ON FUNCTION api.plans() IS 'GET /v1/plans (public): billing.plans_json().';
 
+CREATE FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  u identity.users;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE account_id = v_account_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL40C', 'referrals are for people: sign up first');
+  END IF;
+  RETURN jsonb_build_object(
+    'code', u.referral_code,
+    'link', rtrim(p_public_url, '/') || '/r/' || u.referral_code,
+    'program', (SELECT jsonb_build_object('qualify_on', qualify_on, 'referrer_credits', util.credits(referrer_reward_micros),
+                                          'referee_credits', util.credits(referee_reward_micros),
+                                          'holdback_days', extract(day FROM holdback)::integer, 'monthly_cap', monthly_cap)
+                FROM billing.referral_program),
+    'earned', util.credits(coalesce((SELECT sum(l.amount_micros) FROM billing.referrals r
+                                     JOIN ledger.credit_lots l ON l.id = r.referrer_lot_id
+                                     WHERE r.referrer_account_id = v_account_id AND l.status IN ('active', 'expired')), 0)::bigint),
+    'pending', util.credits(coalesce((SELECT sum(l.amount_micros) FROM billing.referrals r
+                                      JOIN ledger.credit_lots l ON l.id = r.referrer_lot_id
+                                      WHERE r.referrer_account_id = v_account_id AND l.status = 'pending'), 0)::bigint),
+    'referrals', coalesce((
+      SELECT jsonb_agg(jsonb_build_object(
+               'referee', regexp_replace(coalesce(ru.email, 'an anonymous account'), '^(.)[^@]*', '\1***'),
+               'status', r.status, 'rejected_reason', r.rejected_reason,
+               'credits', util.credits(l.amount_micros), 'credits_status', l.status,
+               'available_at', util.iso(l.available_at),
+               'signed_up_at', util.iso(r.created_at), 'qualified_at', util.iso(r.qualified_at),
+               'rewarded_at', util.iso(r.rewarded_at)) ORDER BY r.created_at DESC)
+      FROM billing.referrals r
+      LEFT JOIN identity.users ru ON ru.account_id = r.referee_account_id
+      LEFT JOIN ledger.credit_lots l ON l.id = r.referrer_lot_id
+      WHERE r.referrer_account_id = v_account_id), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) IS 'GET /v1/referrals: the caller''s referral code and link (p_public_url/r/CODE), the program''s rules, credits earned (spendable) and pending (in the holdback), and each referred account (email masked) with its status (signed_up, qualified, rewarded, rejected and the reason) and its reward. TL40C for accounts without a person (devices, service accounts).';
+
 CREATE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1350,6 +1453,27 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+
+CREATE FUNCTION api.refresh_due_credits() RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account uuid;
+  v_count integer := 0;
+BEGIN
+  FOR v_account IN SELECT DISTINCT account_id FROM ledger.credit_lots
+                   WHERE coalesce(expires_at, available_at) <= util.now()
+                     AND (status = 'pending' OR (status = 'active' AND remaining_micros > 0 AND expires_at IS NOT NULL)) LOOP
+    PERFORM 1 FROM identity.accounts WHERE id = v_account FOR NO KEY UPDATE;
+    IF ledger.refresh_lots(v_account) THEN
+      v_count := v_count + 1;
+    END IF;
+  END LOOP;
+  RETURN v_count;
+END $$;
+
+COMMENT ON FUNCTION api.refresh_due_credits() IS 'pgtally worker (housekeeping): refresh every account with a lot to release or expire (ledger.refresh_lots), one account lock at a time, as a charge would; returns how many accounts it refreshed.';
 
 CREATE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1416,9 +1540,9 @@ BEGIN
   IF v_user_id IS NULL THEN
     RETURN identity.error('TL400', 'the reset link is not valid or has expired');
   END IF;
+  PERFORM identity.mark_email_verified(v_user_id);    -- the reset link reached the address
   UPDATE identity.users
-  SET password_hash = p_new_password_hash, password_changed_at = util.now(),
-      email_verified_at = coalesce(email_verified_at, util.now())
+  SET password_hash = p_new_password_hash, password_changed_at = util.now()
   WHERE id = v_user_id RETURNING * INTO u;
   UPDATE identity.one_time_tokens SET used_at = util.now()
   WHERE user_id = u.id AND purpose = 'password_reset' AND used_at IS NULL;
@@ -1538,7 +1662,7 @@ END $$;
 
 COMMENT ON FUNCTION api.sign_in_methods(p_session_id uuid) IS 'The account page: whether the user has a password, and the linked providers {provider, email, linked_at, last_sign_in_at}.';
 
-CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid, p_referral_code text DEFAULT NULL::text, p_fingerprint text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -1569,6 +1693,8 @@ BEGIN
                                'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
             util.now(), util.now());
     PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
+    PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, p_fingerprint,
+                                       (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     IF p_device_session_id IS NOT NULL THEN
       PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
     END IF;
@@ -1576,7 +1702,7 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
 
-COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
 CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1745,13 +1871,13 @@ BEGIN
   IF v_user_id IS NULL THEN
     RETURN identity.error('TL400', 'the verification link is not valid or has expired');
   END IF;
-  UPDATE identity.users SET email_verified_at = coalesce(email_verified_at, util.now())
-  WHERE id = v_user_id RETURNING * INTO u;
+  PERFORM identity.mark_email_verified(v_user_id);
+  SELECT * INTO u FROM identity.users WHERE id = v_user_id;
   PERFORM identity.log_event('email_verified', u.id, u.account_id, NULL, p_ip, NULL);
   RETURN jsonb_build_object('email', u.email, 'email_verified', true);
 END $$;
 
-COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified. TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
 
 CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
     LANGUAGE sql STABLE
@@ -1776,6 +1902,9 @@ DECLARE
   v_delta bigint;
   v_take bigint;
 BEGIN
+  -- A referral reward this payment earned is canceled if it is still in its holdback.
+  PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
+  PERFORM billing.cancel_referral_reward(o ->> 'invoice');
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
     RETURN 'ignored: not a credit bundle payment';
@@ -1791,9 +1920,15 @@ BEGIN
   v_delta := v_target - p.clawed_back_micros - p.shortfall_micros;
   SELECT least(v_delta, credit_balance_micros - held_micros) INTO v_take FROM identity.accounts WHERE id = p.account_id;
   IF v_take > 0 THEN
+    -- From the lot this payment bought first, then in the burn order.
     PERFORM ledger.post_transfer(p.account_id, 'purchases', -v_take, 'refund',
                                  'refund:' || p.stripe_payment_intent_id || ':' || v_refunded, NULL,
-                                 'refund of ' || coalesce(p.price_id, 'a bundle'));
+                                 'refund of ' || coalesce(p.price_id, 'a bundle'),
+                                 p_first_lot => (SELECT l.id FROM ledger.credit_lots l
+                                                 WHERE l.account_id = p.account_id
+                                                   AND l.grant_key IN ('checkout:' || p.stripe_checkout_session,
+                                                                       'payment_intent:' || p.stripe_payment_intent_id)
+                                                 LIMIT 1));
   END IF;
   UPDATE billing.payments
   SET refunded_minor = v_refunded, clawed_back_micros = clawed_back_micros + greatest(v_take, 0),
@@ -1802,7 +1937,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded for a bundle payment: take back the credits in proportion to amount_refunded, never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded: a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
 CREATE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -1845,6 +1980,7 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'checkout:' || (o ->> 'id'), NULL, v_price.name);
+  PERFORM billing.first_payment(v_account_id, v_payment);
   RETURN 'applied';
 END $$;
 
@@ -1887,6 +2023,9 @@ BEGIN
     AND v_end > v_start AND (current_period_end IS NULL OR v_end > current_period_end);
   UPDATE identity.accounts SET plan_grace_until = NULL WHERE id = s.account_id;
   PERFORM billing.sync_account_plan(s.account_id);
+  IF (o ->> 'amount_paid')::bigint > 0 THEN
+    PERFORM billing.first_payment(s.account_id, coalesce(o ->> 'payment_intent', o ->> 'id'));
+  END IF;
   SELECT included_credits_micros INTO v_credits FROM billing.plans WHERE id = s.plan_id;
   IF v_credits > 0 AND NOT EXISTS (SELECT 1 FROM ledger.transfers
                                    WHERE account_id = s.account_id AND idempotency_key = 'invoice:' || (o ->> 'id')) THEN
@@ -1942,6 +2081,7 @@ BEGIN
   END IF;
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
+  PERFORM billing.first_payment(v_account_id, v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
     UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
     WHERE account_id = v_account_id;
@@ -2001,6 +2141,50 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
+CREATE FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid DEFAULT NULL::uuid) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  ref identity.users;
+  v_reason text;
+  v_status text;
+  v_device_fingerprint text := (SELECT device_fingerprint FROM identity.accounts WHERE id = p_device_account_id);
+BEGIN
+  IF p_code IS NULL OR btrim(p_code) = '' THEN
+    RETURN NULL;
+  END IF;
+  SELECT * INTO ref FROM identity.users WHERE referral_code = lower(btrim(p_code));
+  IF NOT FOUND THEN
+    RETURN 'unknown_code';
+  END IF;
+  v_reason := CASE
+    WHEN ref.account_id = p_referee_account_id THEN 'self_referral'
+    WHEN v_device_fingerprint IS NOT NULL AND EXISTS (
+           SELECT 1 FROM identity.accounts d WHERE d.merged_into = ref.account_id AND d.device_fingerprint = v_device_fingerprint)
+      THEN 'own_device'
+    WHEN p_ip IS NOT NULL AND EXISTS (
+           SELECT 1 FROM identity.auth_events e
+           WHERE (e.user_id = ref.id OR e.account_id = ref.account_id) AND e.ip = p_ip
+             AND e.created_at > util.now() - (SELECT same_ip_window FROM billing.referral_program))
+      THEN 'same_ip'
+    WHEN p_fingerprint IS NOT NULL AND EXISTS (
+           SELECT 1 FROM identity.accounts d WHERE d.merged_into = ref.account_id AND d.device_fingerprint = p_fingerprint)
+      THEN 'same_fingerprint'
+  END;
+  -- One referrer per account, the first one: a second attribution changes nothing.
+  INSERT INTO billing.referrals (referee_account_id, referrer_account_id, referrer_user_id, code, status, rejected_reason,
+                                 signup_ip, signup_fingerprint, created_at, rejected_at)
+  VALUES (p_referee_account_id, ref.account_id, ref.id, ref.referral_code,
+          CASE WHEN v_reason IS NULL THEN 'signed_up' ELSE 'rejected' END, v_reason,
+          left(p_ip, 64), left(coalesce(p_fingerprint, v_device_fingerprint), 256), util.now(),
+          CASE WHEN v_reason IS NOT NULL THEN util.now() END)
+  ON CONFLICT (referee_account_id) DO NOTHING
+  RETURNING status INTO v_status;
+  RETURN coalesce(v_reason, v_status, 'already_referred');
+END $$;
+
+COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
+
 CREATE TABLE billing.auto_topups (
     account_id uuid NOT NULL,
     below_micros bigint NOT NULL,
@@ -2043,6 +2227,28 @@ END $$;
 
 COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
 
+CREATE FUNCTION billing.cancel_referral_reward(p_ref text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  r billing.referrals;
+BEGIN
+  SELECT * INTO r FROM billing.referrals WHERE qualifying_ref = p_ref AND status = 'rewarded';
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id IN (r.referrer_account_id, r.referee_account_id) ORDER BY id FOR NO KEY UPDATE;
+  -- Only inside the holdback: a reward already spendable stays.
+  UPDATE ledger.credit_lots SET status = 'canceled', settled_at = util.now()
+  WHERE id IN (r.referrer_lot_id, r.referee_lot_id) AND status = 'pending';
+  IF FOUND THEN
+    UPDATE billing.referrals SET status = 'rejected', rejected_reason = 'refunded', rejected_at = util.now()
+    WHERE referee_account_id = r.referee_account_id;
+  END IF;
+END $$;
+
+COMMENT ON FUNCTION billing.cancel_referral_reward(p_ref text) IS 'The qualifying payment p_ref (a PaymentIntent or invoice id) was refunded: inside the holdback, cancel the reward''s pending lots (never spendable, no transfer) and mark the referral rejected (refunded); after it, nothing changes.';
+
 CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
     LANGUAGE plpgsql
     AS $$
@@ -2074,6 +2280,14 @@ $$;
 
 COMMENT ON FUNCTION billing.event_rank(p_type text, p_status text) IS 'Order of two subscription events created in the same second (Stripe timestamps have one-second resolution and deliveries are unordered): later in the subscription lifecycle first, then created < updated < deleted; the event id breaks any remaining tie. Deterministic, so arrival order never changes the outcome.';
 
+CREATE FUNCTION billing.first_payment(p_account_id uuid, p_ref text) RETURNS void
+    LANGUAGE sql
+    AS $$
+  SELECT billing.qualify_referral(p_account_id, 'first_payment', p_ref)
+$$;
+
+COMMENT ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) IS 'A payment was recorded for the account (bundle, top-up or a paid subscription invoice; p_ref its PaymentIntent or invoice id): qualifies its referral when the program counts first payments (only the first does: the referral is claimed once).';
+
 CREATE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -2092,6 +2306,7 @@ CREATE FUNCTION billing.plans_json() RETURNS jsonb
       SELECT jsonb_agg(jsonb_build_object(
         'id', p.id, 'name', p.name, 'description', p.description, 'features', p.features,
         'included_credits', util.credits(p.included_credits_micros),
+        'signup_bonus', util.credits(p.signup_bonus_micros), 'monthly_credits', util.credits(p.monthly_credits_micros),
         'spending_limit', p.spending_limit_minor,
         'entitlements', coalesce((SELECT jsonb_agg(jsonb_build_object('meter', e.meter_id, 'kind', e.kind,
                                                                       'period', e.period, 'limit', e.limit_units,
@@ -2149,6 +2364,49 @@ CREATE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, usage_type (licensed or metered), credits (bundles)}.';
+
+CREATE FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  prog billing.referral_program;
+  r billing.referrals;
+  v_referrer_lot uuid;
+  v_referee_lot uuid;
+BEGIN
+  SELECT * INTO prog FROM billing.referral_program;
+  IF prog.qualify_on IS DISTINCT FROM p_event THEN
+    RETURN;
+  END IF;
+  -- The claim: once per referee, however often or concurrently the event is delivered.
+  UPDATE billing.referrals SET status = 'qualified', qualified_at = util.now(), qualifying_event = p_event,
+                               qualifying_ref = left(p_ref, 255)
+  WHERE referee_account_id = p_referee_account_id AND status = 'signed_up'
+  RETURNING * INTO r;
+  IF r.referee_account_id IS NULL THEN
+    RETURN;
+  END IF;
+  -- The referrer's row lock orders concurrent rewards of one referrer, so the cap is exact.
+  PERFORM 1 FROM identity.accounts WHERE id = r.referrer_account_id FOR NO KEY UPDATE;
+  IF (SELECT count(*) FROM billing.referrals
+      WHERE referrer_account_id = r.referrer_account_id AND status = 'rewarded'
+        AND rewarded_at >= date_trunc('month', util.now(), 'UTC')) >= prog.monthly_cap THEN
+    UPDATE billing.referrals SET status = 'rejected', rejected_reason = 'monthly_cap', rejected_at = util.now()
+    WHERE referee_account_id = r.referee_account_id;
+    RETURN;
+  END IF;
+  v_referrer_lot := ledger.grant_lot(r.referrer_account_id, 'referral_reward', prog.referrer_reward_micros,
+                                     'referral:' || r.referee_account_id, 'referral reward',
+                                     util.now() + prog.holdback);
+  v_referee_lot := ledger.grant_lot(r.referee_account_id, 'referral_reward', prog.referee_reward_micros,
+                                    'referral-welcome', 'credits for joining through a referral',
+                                    util.now() + prog.holdback);
+  UPDATE billing.referrals SET status = 'rewarded', rewarded_at = util.now(),
+                               referrer_lot_id = v_referrer_lot, referee_lot_id = v_referee_lot
+  WHERE referee_account_id = r.referee_account_id;
+END $$;
+
+COMMENT ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) IS 'The referee did what the program qualifies on (p_event: email_verified or first_payment; p_ref names it, e.g. the payment): in the caller''s transaction, qualify the referral once and reward it: the referrer''s reward and any referee bonus as referral_reward lots, pending for the holdback (spendable after it, through one ledger transfer each); over the referrer''s monthly cap it is rejected (monthly_cap) instead. Callers lock the referee''s account.';
 
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -2241,7 +2499,10 @@ BEGIN
   SET plan_id = coalesce(s.plan_id, 'free'),
       billing_period_start = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_start END,
       billing_period_end = CASE WHEN s.current_period_end > s.current_period_start THEN s.current_period_end END,
-      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END
+      plan_grace_until = CASE WHEN s.status = 'past_due' THEN plan_grace_until END,
+      -- The new plan's monthly credits are due (ledger.refresh_lots grants them at the next charge).
+      credits_due_at = CASE WHEN (SELECT monthly_credits_micros FROM billing.plans WHERE id = coalesce(s.plan_id, 'free')) > 0
+                            THEN least(credits_due_at, util.now()) ELSE credits_due_at END
   WHERE id = p_account_id;
 END $$;
 
@@ -2487,6 +2748,7 @@ CREATE TABLE identity.accounts (
     device_install_hash bytea,
     held_micros bigint DEFAULT 0 NOT NULL,
     auto_topup_below_micros bigint,
+    credits_due_at timestamp with time zone,
     CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
@@ -2515,6 +2777,8 @@ COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous dev
 COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
 
 COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
+
+COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
 
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
@@ -2579,6 +2843,29 @@ $$;
 
 COMMENT ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) IS 'Append one authentication event. Callers never pass a secret.';
 
+CREATE FUNCTION identity.mark_email_verified(p_user_id uuid) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  u identity.users;
+  v_bonus bigint;
+BEGIN
+  -- The claim: the first verification only, whatever the number of links or providers.
+  UPDATE identity.users SET email_verified_at = util.now()
+  WHERE id = p_user_id AND email_verified_at IS NULL RETURNING * INTO u;
+  IF u.id IS NULL THEN
+    RETURN false;
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = u.account_id FOR NO KEY UPDATE;
+  SELECT p.signup_bonus_micros INTO v_bonus
+  FROM identity.accounts a JOIN billing.plans p ON p.id = identity.effective_plan(a) WHERE a.id = u.account_id;
+  PERFORM ledger.grant_lot(u.account_id, 'signup_bonus', v_bonus, 'signup_bonus', 'sign-up bonus', util.now());
+  PERFORM billing.qualify_referral(u.account_id, 'email_verified', 'user:' || u.id);
+  RETURN true;
+END $$;
+
+COMMENT ON FUNCTION identity.mark_email_verified(p_user_id uuid) IS 'Mark a user''s email verified, the first time only (returns false after): in the same transaction grant the plan''s sign-up bonus once per person (a signup_bonus lot) and qualify a referral whose program qualifies on email_verified. Every path that verifies an address (the emailed link, a password reset, a provider that vouches for it) calls it.';
+
 CREATE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -2605,10 +2892,16 @@ BEGIN
   END IF;
   IF v_credits > 0 THEN
     PERFORM ledger.post_transfer(v_device, 'adjustments', -v_credits, 'adjustment', 'merge:' || p_target_account_id,
-                                 NULL, 'moved to account ' || p_target_account_id);
+                                 NULL, 'moved to account ' || p_target_account_id, p_lots => false);
     PERFORM ledger.post_transfer(p_target_account_id, 'adjustments', v_credits, 'adjustment', 'merge:' || v_device,
-                                 NULL, 'moved from device account ' || v_device);
+                                 NULL, 'moved from device account ' || v_device, p_lots => false);
   END IF;
+  -- The lots move as they are: where they came from, what remains, when they expire.
+  UPDATE ledger.credit_lots SET account_id = p_target_account_id,
+                                grant_key = left('merged:' || v_device || ':' || grant_key, 255)
+  WHERE account_id = v_device AND status IN ('active', 'pending');
+  UPDATE identity.accounts SET credits_due_at = least(credits_due_at, (SELECT credits_due_at FROM identity.accounts WHERE id = v_device))
+  WHERE id = p_target_account_id;
   WITH moved AS (
     UPDATE metering.usage_events e SET account_id = p_target_account_id
     WHERE e.account_id = v_device
@@ -2659,8 +2952,9 @@ BEGIN
   IF p_kind IS NULL OR p_kind NOT IN ('person', 'team', 'device', 'service') THEN
     PERFORM util.fail('TL422', 'an account kind is person, team, device or service');
   END IF;
-  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at)
-  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now())
+  INSERT INTO identity.accounts (id, kind, name, plan_id, device_fingerprint, created_at, credits_due_at)
+  VALUES (coalesce(p_id, util.uuid_v7()), p_kind, p_name, p_plan, p_fingerprint, util.now(),
+          CASE WHEN (SELECT monthly_credits_micros FROM billing.plans WHERE id = p_plan) > 0 THEN util.now() END)
   RETURNING id INTO v_account_id;
   IF p_credits_micros > 0 THEN
     PERFORM ledger.post_transfer(v_account_id, 'grants', p_credits_micros, 'grant',
@@ -2669,7 +2963,7 @@ BEGIN
   RETURN v_account_id;
 END $$;
 
-COMMENT ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) IS 'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger. TL422 unknown plan or bad input.';
+COMMENT ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) IS 'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger (a promotion lot); a plan with monthly credits makes them due at once. TL422 unknown plan or bad input.';
 
 CREATE FUNCTION identity.normalize_email(p_email text) RETURNS text
     LANGUAGE plpgsql IMMUTABLE
@@ -2878,6 +3172,22 @@ END $$;
 
 COMMENT ON FUNCTION ledger.check_transfer_balanced() IS 'Deferred constraint trigger: the entries of a transfer must sum to zero at commit (TL500 otherwise).';
 
+CREATE FUNCTION ledger.credits_json(a identity.accounts) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object(
+    'pending', util.credits(coalesce((SELECT sum(remaining_micros) FROM ledger.credit_lots
+                                      WHERE account_id = a.id AND status = 'pending'), 0)::bigint),
+    'next_expiry', (SELECT jsonb_build_object('credits', util.credits(sum(remaining_micros)::bigint), 'at', util.iso(expires_at))
+                    FROM ledger.credit_lots
+                    WHERE account_id = a.id AND status = 'active' AND remaining_micros > 0
+                      AND expires_at = (SELECT min(expires_at) FROM ledger.credit_lots
+                                        WHERE account_id = a.id AND status = 'active' AND remaining_micros > 0)
+                    GROUP BY expires_at))
+$$;
+
+COMMENT ON FUNCTION ledger.credits_json(a identity.accounts) IS 'What GET /v1/balance adds about lots: pending (credits granted, not spendable yet) and next_expiry {credits, at} (null when nothing expires).';
+
 CREATE TABLE ledger.transfers (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
@@ -2889,7 +3199,7 @@ CREATE TABLE ledger.transfers (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0)),
     CONSTRAINT transfers_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text])))
+    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])))
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -2908,6 +3218,83 @@ CREATE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_
 $$;
 
 COMMENT ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) IS 'A customer ledger entry as the API shows it: {transfer_id, kind, amount, balance_after, usage_event_id, memo, created_at}, credits as decimal strings.';
+
+CREATE FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS uuid
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_id uuid;
+BEGIN
+  SELECT id INTO v_id FROM ledger.credit_lots WHERE account_id = p_account_id AND grant_key = p_grant_key;
+  IF FOUND OR p_amount_micros <= 0 THEN
+    RETURN v_id;                        -- granted once per key
+  END IF;
+  IF p_available_at <= util.now() THEN
+    PERFORM ledger.post_transfer(p_account_id, CASE WHEN p_source IN ('purchase', 'subscription_grant') THEN 'purchases'
+                                                    WHEN p_source = 'adjustment' THEN 'adjustments' ELSE 'grants' END,
+                                 p_amount_micros, ledger.transfer_kind(p_source), p_grant_key, NULL, p_memo, p_expires_at);
+    SELECT id INTO v_id FROM ledger.credit_lots WHERE account_id = p_account_id AND grant_key = p_grant_key;
+  ELSE
+    INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key,
+                                    available_at, expires_at, created_at, memo)
+    VALUES (p_account_id, p_source, p_amount_micros, p_amount_micros, 'pending', p_grant_key, p_available_at, p_expires_at,
+            util.now(), left(p_memo, 500))
+    RETURNING id INTO v_id;
+    UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_available_at) WHERE id = p_account_id;
+  END IF;
+  RETURN v_id;
+END $$;
+
+COMMENT ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone) IS 'Grant a credit lot once per (account, p_grant_key): spendable now (a ledger transfer from grants, purchases or adjustments brings it into the balance), or pending until p_available_at (no transfer until then; ledger.refresh_lots releases it). Returns the lot id (the existing one on a repeat). Callers lock the account.';
+
+CREATE TABLE ledger.credit_lots (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    source text NOT NULL,
+    paid boolean GENERATED ALWAYS AS ((source = ANY (ARRAY['purchase'::text, 'subscription_grant'::text]))) STORED,
+    amount_micros bigint NOT NULL,
+    remaining_micros bigint NOT NULL,
+    status text NOT NULL,
+    grant_key text NOT NULL,
+    transfer_id uuid,
+    available_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL,
+    settled_at timestamp with time zone,
+    memo text,
+    CONSTRAINT credit_lots_amount_micros_check CHECK ((amount_micros > 0)),
+    CONSTRAINT credit_lots_check CHECK (((remaining_micros >= 0) AND (remaining_micros <= amount_micros))),
+    CONSTRAINT credit_lots_check1 CHECK (((status <> ALL (ARRAY['pending'::text, 'canceled'::text])) OR (transfer_id IS NULL))),
+    CONSTRAINT credit_lots_grant_key_check CHECK (((length(grant_key) >= 1) AND (length(grant_key) <= 255))),
+    CONSTRAINT credit_lots_memo_check CHECK ((length(memo) <= 500)),
+    CONSTRAINT credit_lots_source_check CHECK ((source = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text]))),
+    CONSTRAINT credit_lots_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'expired'::text, 'canceled'::text])))
+);
+
+COMMENT ON TABLE ledger.credit_lots IS 'Every credit that enters an account is a lot: where it came from (source), how much, what remains, when it expires and when it is spendable. The cached balance is the sum of active lots'' remaining (reporting.lot_balance_mismatches); charges spend lots in the burn order of ledger.spend_lots. pending: granted, not spendable before available_at (no ledger transfer yet); active: in the balance (its transfer_id brought it); expired: its remainder was taken by an expiry transfer; canceled: a pending lot that never became spendable (a referral reward whose payment was refunded).';
+
+COMMENT ON COLUMN ledger.credit_lots.paid IS 'Bought credits (purchase, subscription_grant); promotional credits (the rest) are spent before paid ones of the same expiry.';
+
+COMMENT ON COLUMN ledger.credit_lots.grant_key IS 'Once per account: the key of the grant that made the lot (its transfer''s idempotency key).';
+
+CREATE FUNCTION ledger.lot_json(l ledger.credit_lots) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', l.id, 'object', 'credit_lot', 'source', l.source, 'status', l.status,
+                            'amount', util.credits(l.amount_micros), 'remaining', util.credits(l.remaining_micros),
+                            'available_at', util.iso(l.available_at), 'expires_at', util.iso(l.expires_at),
+                            'memo', l.memo, 'created_at', util.iso(l.created_at))
+$$;
+
+COMMENT ON FUNCTION ledger.lot_json(l ledger.credit_lots) IS 'A credit lot as the API shows it: {id, source, status (pending, active, expired, canceled), amount, remaining (credits), available_at, expires_at, memo, created_at}.';
+
+CREATE FUNCTION ledger.lot_source(p_kind text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE p_kind WHEN 'grant' THEN 'promotion' WHEN 'plan_credits' THEN 'subscription_grant' ELSE p_kind END
+$$;
+
+COMMENT ON FUNCTION ledger.lot_source(p_kind text) IS 'The credit lot source of credits a transfer of kind p_kind brings in: grant -> promotion, plan_credits -> subscription_grant, purchase, adjustment, signup_bonus, monthly_free, referral_reward as they are.';
 
 CREATE FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -2947,7 +3334,7 @@ END $$;
 
 COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
-CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) RETURNS record
+CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) RETURNS record
     LANGUAGE plpgsql
     AS $$
 BEGIN
@@ -2977,9 +3364,139 @@ BEGIN
   INSERT INTO ledger.entries (transfer_id, account_id, system_account, amount_micros, balance_after_micros, created_at)
   VALUES (transfer_id, p_account_id, NULL, p_amount_micros, balance_after_micros, created_at),
          (transfer_id, NULL, p_system_account, -p_amount_micros, NULL, created_at);
+  IF NOT p_lots THEN
+    RETURN;
+  ELSIF p_amount_micros > 0 THEN
+    INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key, transfer_id,
+                                    available_at, expires_at, created_at, memo)
+    VALUES (p_account_id, ledger.lot_source(p_kind), p_amount_micros, p_amount_micros, 'active',
+            coalesce(p_idempotency_key, 'transfer:' || transfer_id), transfer_id, created_at, p_expires_at, created_at,
+            left(p_memo, 500));
+    IF p_expires_at IS NOT NULL THEN
+      UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_expires_at) WHERE id = p_account_id;
+    END IF;
+  ELSE
+    PERFORM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot);
+  END IF;
 END $$;
 
-COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries. TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+
+CREATE FUNCTION ledger.refresh_lots(p_account_id uuid) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  l ledger.credit_lots;
+  p billing.plans;
+  b record;
+  v_take bigint;
+  v_transfer uuid;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  IF a.credits_due_at IS NULL OR a.credits_due_at > util.now() THEN
+    RETURN false;
+  END IF;
+  -- Pending lots whose holdback is over become spendable, each through one transfer.
+  FOR l IN SELECT * FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'pending'
+                                              AND available_at <= util.now() ORDER BY available_at, id LOOP
+    SELECT t.transfer_id INTO v_transfer
+    FROM ledger.post_transfer(p_account_id, 'grants', l.remaining_micros, ledger.transfer_kind(l.source), l.grant_key,
+                              NULL, l.memo, p_lots => false) t;
+    UPDATE ledger.credit_lots SET status = 'active', transfer_id = v_transfer WHERE id = l.id;
+  END LOOP;
+  -- Expired lots give up what remains, exactly once (the lot's state changes in the same
+  -- transaction, under the account lock). Credits open holds reserve are not taken: they stay
+  -- in the lot until the hold is captured (which spends this lot first) or released.
+  FOR l IN SELECT * FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'active'
+                                              AND remaining_micros > 0 AND expires_at <= util.now()
+           ORDER BY expires_at, id LOOP
+    SELECT least(l.remaining_micros, credit_balance_micros - held_micros) INTO v_take
+    FROM identity.accounts WHERE id = p_account_id;
+    IF v_take > 0 THEN
+      PERFORM ledger.post_transfer(p_account_id, 'expirations', -v_take, 'expiry',
+                                   'expiry:' || l.id || ':' || l.remaining_micros, NULL,
+                                   'expired: ' || coalesce(l.memo, l.source), p_lots => false);
+      UPDATE ledger.credit_lots
+      SET remaining_micros = remaining_micros - v_take,
+          status = CASE WHEN remaining_micros = v_take THEN 'expired' ELSE status END,
+          settled_at = CASE WHEN remaining_micros = v_take THEN util.now() END
+      WHERE id = l.id;
+    END IF;
+  END LOOP;
+  -- Monthly free credits: one lot per billing period, expiring at its end (so they reset).
+  SELECT * INTO p FROM billing.plans WHERE id = identity.effective_plan(a);
+  IF p.monthly_credits_micros > 0 THEN
+    SELECT * INTO b FROM metering.period_bounds('billing_period', util.now(), a.billing_period_start, a.billing_period_end);
+    PERFORM ledger.grant_lot(p_account_id, 'monthly_free', p.monthly_credits_micros,
+                             'monthly:' || p.id || ':' || util.iso(b.period_start), p.name || ' monthly credits',
+                             util.now(), b.period_end);
+  END IF;
+  UPDATE identity.accounts SET credits_due_at = (
+    SELECT min(x) FROM (
+      SELECT min(available_at) AS x FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'pending'
+      UNION ALL
+      SELECT min(expires_at) FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'active' AND remaining_micros > 0
+      UNION ALL
+      SELECT b.period_end WHERE p.monthly_credits_micros > 0) d)
+  WHERE id = p_account_id;
+  RETURN true;
+END $$;
+
+COMMENT ON FUNCTION ledger.refresh_lots(p_account_id uuid) IS 'When the account''s credits_due_at has passed: make pending lots spendable (one ledger transfer each), expire what remains of expired lots (one expiry transfer each, exactly once; credits held by open holds wait for the hold), grant the plan''s monthly credits for the current billing period (once per period, expiring at its end), and set the next credits_due_at. Returns whether it ran. Called with the account locked: lazily by every charge, hold and balance read, and by the worker (api.refresh_due_credits).';
+
+CREATE FUNCTION ledger.refreshed_account(p_account_id uuid) RETURNS identity.accounts
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  IF a.credits_due_at <= util.now() THEN
+    PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+    PERFORM ledger.refresh_lots(p_account_id);
+    SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  END IF;
+  RETURN a;
+END $$;
+
+COMMENT ON FUNCTION ledger.refreshed_account(p_account_id uuid) IS 'An account row for a read (balance, lots): refreshed first, under its lock, only when a lot is due.';
+
+CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  l record;
+  v_left bigint := p_amount_micros;
+  v_take bigint;
+BEGIN
+  -- The burn order: soonest expiry first (never-expiring last), then promotional before paid,
+  -- then oldest, as Stripe's credit grants (https://docs.stripe.com/billing/subscriptions/usage-based/billing-credits)
+  -- and Lago's wallets (https://getlago.com/docs/guide/wallet-and-prepaid-credits) apply them.
+  -- p_first_lot (a refund: the lot the payment bought) goes before all.
+  FOR l IN SELECT id, remaining_micros FROM ledger.credit_lots
+           WHERE account_id = p_account_id AND status = 'active' AND remaining_micros > 0
+           ORDER BY id IS NOT DISTINCT FROM p_first_lot DESC, expires_at ASC NULLS LAST, paid, created_at, id LOOP
+    v_take := least(l.remaining_micros, v_left);
+    UPDATE ledger.credit_lots SET remaining_micros = remaining_micros - v_take WHERE id = l.id;
+    v_left := v_left - v_take;
+    EXIT WHEN v_left = 0;
+  END LOOP;
+  IF v_left > 0 THEN
+    RAISE EXCEPTION 'the credit lots of account % do not cover its balance', p_account_id
+      USING HINT = 'SELECT * FROM reporting.lot_balance_mismatches';
+  END IF;
+END $$;
+
+COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots. Called by ledger.post_transfer with the account locked.';
+
+CREATE FUNCTION ledger.transfer_kind(p_source text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE p_source WHEN 'promotion' THEN 'grant' WHEN 'subscription_grant' THEN 'plan_credits' ELSE p_source END
+$$;
+
+COMMENT ON FUNCTION ledger.transfer_kind(p_source text) IS 'The transfer kind that brings in a lot of this source (the inverse of ledger.lot_source).';
 
 CREATE TABLE billing.entitlements (
     plan_id text NOT NULL,
@@ -3212,11 +3729,12 @@ DECLARE
 BEGIN
   PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
   PERFORM metering.expire_holds(v_id);
+  PERFORM ledger.refresh_lots(v_id);
   SELECT * INTO a FROM identity.accounts WHERE id = v_id;
   RETURN a;
 END $$;
 
-COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released.';
+COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
 
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
     LANGUAGE sql STABLE
@@ -3545,6 +4063,16 @@ $$;
 
 COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
 
+CREATE FUNCTION util.referral_code() RETURNS text
+    LANGUAGE sql
+    AS $$
+  -- 8 characters of an unambiguous alphabet (31^8, about 8.5e11 codes) from random uuid bytes.
+  SELECT string_agg(substr('abcdefghjkmnpqrstuvwxyz23456789', 1 + get_byte(b, i) % 31, 1), '' ORDER BY i)
+  FROM (SELECT uuid_send(gen_random_uuid()) AS b) x, unnest(ARRAY[0, 1, 2, 3, 4, 5, 10, 11]) i
+$$;
+
+COMMENT ON FUNCTION util.referral_code() IS 'A new random referral code: 8 lower-case letters and digits, no 0/o/1/l/i.';
+
 CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -3623,9 +4151,13 @@ CREATE TABLE billing.plans (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     included_credits_micros bigint DEFAULT 0 NOT NULL,
     spending_limit_minor bigint,
+    signup_bonus_micros bigint DEFAULT 0 NOT NULL,
+    monthly_credits_micros bigint DEFAULT 0 NOT NULL,
     CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
     CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
     CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
+    CONSTRAINT plans_monthly_credits_micros_check CHECK ((monthly_credits_micros >= 0)),
+    CONSTRAINT plans_signup_bonus_micros_check CHECK ((signup_bonus_micros >= 0)),
     CONSTRAINT plans_spending_limit_minor_check CHECK ((spending_limit_minor >= 0))
 );
 
@@ -3638,6 +4170,56 @@ COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array 
 COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at the start of every paid subscription period (on invoice.paid), in micro-credits.';
 
 COMMENT ON COLUMN billing.plans.spending_limit_minor IS 'Post-paid plans: the most their post-paid meters may cost per billing period, in minor currency units (cents) of the plan''s price; a charge past it is refused like an empty balance (TL402). NULL: no limit.';
+
+COMMENT ON COLUMN billing.plans.signup_bonus_micros IS 'Micro-credits granted once per person when they verify their email on this plan (a signup_bonus lot, no expiry).';
+
+COMMENT ON COLUMN billing.plans.monthly_credits_micros IS 'Micro-credits granted every billing period (a calendar month without a subscription) to accounts on this plan, expiring at its end: they reset.';
+
+CREATE TABLE billing.referral_program (
+    singleton boolean DEFAULT true NOT NULL,
+    qualify_on text DEFAULT 'first_payment'::text NOT NULL,
+    referrer_reward_micros bigint DEFAULT 10000000 NOT NULL,
+    referee_reward_micros bigint DEFAULT 0 NOT NULL,
+    holdback interval DEFAULT '14 days'::interval NOT NULL,
+    monthly_cap integer DEFAULT 20 NOT NULL,
+    same_ip_window interval DEFAULT '30 days'::interval NOT NULL,
+    CONSTRAINT referral_program_holdback_check CHECK ((holdback >= '00:00:00'::interval)),
+    CONSTRAINT referral_program_monthly_cap_check CHECK ((monthly_cap >= 0)),
+    CONSTRAINT referral_program_qualify_on_check CHECK ((qualify_on = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
+    CONSTRAINT referral_program_referee_reward_micros_check CHECK ((referee_reward_micros >= 0)),
+    CONSTRAINT referral_program_referrer_reward_micros_check CHECK ((referrer_reward_micros >= 0)),
+    CONSTRAINT referral_program_singleton_check CHECK (singleton)
+);
+
+COMMENT ON TABLE billing.referral_program IS 'The referral rules (one row, from the catalog''s [referrals] table): the event a referral qualifies on, the referrer''s and referee''s rewards (micro-credits), the holdback before a reward is spendable, the most rewarded referrals per referrer per calendar month, and how long a referrer''s IP counts against a referee signing up from it.';
+
+CREATE TABLE billing.referrals (
+    referee_account_id uuid NOT NULL,
+    referrer_account_id uuid NOT NULL,
+    referrer_user_id uuid NOT NULL,
+    code text NOT NULL,
+    status text NOT NULL,
+    rejected_reason text,
+    signup_ip text,
+    signup_fingerprint text,
+    qualifying_event text,
+    qualifying_ref text,
+    referrer_lot_id uuid,
+    referee_lot_id uuid,
+    created_at timestamp with time zone NOT NULL,
+    qualified_at timestamp with time zone,
+    rewarded_at timestamp with time zone,
+    rejected_at timestamp with time zone,
+    CONSTRAINT referrals_check CHECK (((status = 'rejected'::text) = (rejected_reason IS NOT NULL))),
+    CONSTRAINT referrals_qualifying_event_check CHECK ((qualifying_event = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
+    CONSTRAINT referrals_qualifying_ref_check CHECK ((length(qualifying_ref) <= 255)),
+    CONSTRAINT referrals_rejected_reason_check CHECK ((rejected_reason = ANY (ARRAY['self_referral'::text, 'own_device'::text, 'same_ip'::text, 'same_fingerprint'::text, 'monthly_cap'::text, 'refunded'::text]))),
+    CONSTRAINT referrals_signup_fingerprint_check CHECK ((length(signup_fingerprint) <= 256)),
+    CONSTRAINT referrals_signup_ip_check CHECK ((length(signup_ip) <= 64)),
+    CONSTRAINT referrals_status_check CHECK ((status = ANY (ARRAY['signed_up'::text, 'qualified'::text, 'rewarded'::text, 'rejected'::text])))
+);
+
+COMMENT ON TABLE billing.referrals IS 'Who referred whom: one referrer per account, the first one, set at sign-up only. signed_up -> qualified (on the program''s event, once) -> rewarded (lots granted in that same transaction, pending for the holdback), or rejected with the reason (self_referral, own_device, same_ip, same_fingerprint at sign-up; monthly_cap at qualification; refunded: the qualifying payment was refunded inside the holdback).';
 
 CREATE TABLE billing.stripe_events (
     id text NOT NULL,
@@ -3776,8 +4358,10 @@ CREATE TABLE identity.users (
     email_verified_at timestamp with time zone,
     password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    referral_code text DEFAULT util.referral_code() NOT NULL,
     CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
-    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized)))
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
+    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text))
 );
 
 COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
@@ -3785,6 +4369,8 @@ COMMENT ON TABLE identity.users IS 'People who sign in with an email and passwor
 COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
 
 COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
+
+COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
 
 CREATE TABLE ledger.entries (
     id bigint NOT NULL,
@@ -3910,6 +4496,20 @@ CREATE VIEW reporting.hold_mismatches AS
 
 COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
 
+CREATE VIEW reporting.lot_balance_mismatches AS
+ SELECT a.id AS account_id,
+    a.credit_balance_micros,
+    COALESCE(l.remaining, (0)::bigint) AS active_lots_micros
+   FROM (identity.accounts a
+     LEFT JOIN ( SELECT credit_lots.account_id,
+            (sum(credit_lots.remaining_micros))::bigint AS remaining
+           FROM ledger.credit_lots
+          WHERE (credit_lots.status = 'active'::text)
+          GROUP BY credit_lots.account_id) l ON ((l.account_id = a.id)))
+  WHERE (a.credit_balance_micros <> COALESCE(l.remaining, (0)::bigint));
+
+COMMENT ON VIEW reporting.lot_balance_mismatches IS 'Reconciliation: accounts whose cached balance differs from what remains of their active credit lots. Must be empty.';
+
 CREATE VIEW reporting.meter_event_reports_daily AS
  SELECT e.account_id,
     (date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
@@ -3981,6 +4581,49 @@ CREATE VIEW reporting.post_paid_invoice_drift AS
   WHERE (i.metered_period_start IS NOT NULL);
 
 COMMENT ON VIEW reporting.post_paid_invoice_drift IS 'Each paid invoice with metered lines against the post-paid usage pgtally charged the account in the same period: invoiced vs recorded (minor units), the drift in percent of what was recorded, and whether it is within 1% (the generation app''s success criterion, seeds/4-saas-monetisation-plan.md).';
+
+CREATE VIEW reporting.referral_funnel_daily AS
+ SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    count(*) AS signed_up,
+    count(qualified_at) AS qualified,
+    count(*) FILTER (WHERE (status = 'rewarded'::text)) AS rewarded,
+    count(*) FILTER (WHERE (rejected_reason = 'self_referral'::text)) AS rejected_self_referral,
+    count(*) FILTER (WHERE (rejected_reason = 'own_device'::text)) AS rejected_own_device,
+    count(*) FILTER (WHERE (rejected_reason = 'same_ip'::text)) AS rejected_same_ip,
+    count(*) FILTER (WHERE (rejected_reason = 'same_fingerprint'::text)) AS rejected_same_fingerprint,
+    count(*) FILTER (WHERE (rejected_reason = 'monthly_cap'::text)) AS rejected_monthly_cap,
+    count(*) FILTER (WHERE (rejected_reason = 'refunded'::text)) AS rejected_refunded
+   FROM billing.referrals
+  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date);
+
+COMMENT ON VIEW reporting.referral_funnel_daily IS 'Referrals by the UTC day the referee signed up: signed up, qualified, rewarded, and rejected by reason.';
+
+CREATE VIEW reporting.referral_reward_mismatches AS
+ SELECT r.referee_account_id,
+    r.status,
+    l.id AS lot_id,
+    l.status AS lot_status,
+    count(t.id) AS transfers
+   FROM ((billing.referrals r
+     JOIN ledger.credit_lots l ON (((l.id = r.referrer_lot_id) OR (l.id = r.referee_lot_id))))
+     LEFT JOIN ledger.transfers t ON (((t.account_id = l.account_id) AND (t.idempotency_key = l.grant_key))))
+  GROUP BY r.referee_account_id, r.status, l.id, l.status
+ HAVING (count(t.id) <>
+        CASE
+            WHEN (l.status = ANY (ARRAY['active'::text, 'expired'::text])) THEN 1
+            ELSE 0
+        END)
+UNION ALL
+ SELECT r.referee_account_id,
+    r.status,
+    NULL::uuid AS lot_id,
+    NULL::text AS lot_status,
+    0 AS transfers
+   FROM billing.referrals r
+  WHERE ((r.status = 'rewarded'::text) AND (r.referrer_lot_id IS NULL) AND (( SELECT referral_program.referrer_reward_micros
+           FROM billing.referral_program) > 0));
+
+COMMENT ON VIEW reporting.referral_reward_mismatches IS 'Reconciliation: referral rewards without exactly one ledger transfer once spendable (none while pending or canceled), and rewarded referrals without a reward lot. Must be empty.';
 
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
@@ -4112,6 +4755,12 @@ ALTER TABLE ONLY billing.prices
 ALTER TABLE billing.prices
     ADD CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255)) NOT VALID;
 
+ALTER TABLE ONLY billing.referral_program
+    ADD CONSTRAINT referral_program_pkey PRIMARY KEY (singleton);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_pkey PRIMARY KEY (referee_account_id);
+
 ALTER TABLE billing.stripe_events
     ADD CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))) NOT VALID;
 
@@ -4226,6 +4875,15 @@ ALTER TABLE identity.users
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_referral_code_key UNIQUE (referral_code);
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_grant_key UNIQUE (account_id, grant_key);
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY ledger.entries
     ADD CONSTRAINT entries_pkey PRIMARY KEY (id);
 
@@ -4278,6 +4936,8 @@ CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, c
 
 CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
 
+CREATE INDEX referrals_referrer_idx ON billing.referrals USING btree (referrer_account_id, created_at);
+
 CREATE INDEX stripe_events_checkout_session_idx ON billing.stripe_events USING btree (((payload #>> '{data,object,id}'::text[]))) WHERE (type ~~ 'checkout.session.%'::text);
 
 CREATE INDEX stripe_events_status_idx ON billing.stripe_events USING btree (status, received_at) WHERE (status <> 'applied'::text);
@@ -4299,6 +4959,10 @@ CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btre
 CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_id) WHERE (revoked_at IS NULL);
 
 CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
+
+CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE ((status = 'pending'::text) OR ((status = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
+
+CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE ((status = 'active'::text) AND (remaining_micros > 0));
 
 CREATE INDEX entries_account_id_idx ON ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
 
@@ -4358,6 +5022,21 @@ ALTER TABLE ONLY billing.payments
 ALTER TABLE ONLY billing.prices
     ADD CONSTRAINT prices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
 
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referee_account_id_fkey FOREIGN KEY (referee_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referee_lot_id_fkey FOREIGN KEY (referee_lot_id) REFERENCES ledger.credit_lots(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_account_id_fkey FOREIGN KEY (referrer_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_lot_id_fkey FOREIGN KEY (referrer_lot_id) REFERENCES ledger.credit_lots(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_user_id_fkey FOREIGN KEY (referrer_user_id) REFERENCES identity.users(id);
+
 ALTER TABLE ONLY billing.subscriptions
     ADD CONSTRAINT subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
@@ -4405,6 +5084,12 @@ ALTER TABLE ONLY identity.user_identities
 
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_transfer_id_fkey FOREIGN KEY (transfer_id) REFERENCES ledger.transfers(id);
 
 ALTER TABLE ONLY ledger.entries
     ADD CONSTRAINT entries_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE RESTRICT;
@@ -4481,6 +5166,9 @@ REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, 
 REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
 
@@ -4551,8 +5239,8 @@ GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip 
 REVOKE ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
@@ -4572,8 +5260,14 @@ GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_inte
 REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.refresh_due_credits() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.refresh_due_credits() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
@@ -4599,8 +5293,8 @@ GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_be
 REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
@@ -4634,19 +5328,27 @@ REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FRO
 
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.money(p_minor bigint, p_currency text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
 
@@ -4688,6 +5390,8 @@ REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p
 
 REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.mark_email_verified(p_user_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) FROM PUBLIC;
@@ -4714,11 +5418,27 @@ REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) 
 
 REVOKE ALL ON FUNCTION ledger.check_transfer_balanced() FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION ledger.credits_json(a identity.accounts) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.lot_json(l ledger.credit_lots) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.lot_source(p_kind text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.refresh_lots(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.refreshed_account(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ledger.transfer_kind(p_source text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
 
@@ -4764,6 +5484,8 @@ REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
 
 GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
@@ -4774,6 +5496,8 @@ GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
 
+GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
@@ -4781,6 +5505,10 @@ GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.post_paid_invoice_drift TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.referral_funnel_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.referral_reward_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 

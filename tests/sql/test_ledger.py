@@ -125,7 +125,7 @@ def test_analyst_role_reads_reporting_views_only(db_url, new_account):
     new_account("free", CREDIT)
     with psycopg.connect(psycopg.conninfo.make_conninfo(db_url, options="-c role=pgtally_analyst"),
                          autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM reporting.system_balances").fetchone()[0] == 4
+        assert conn.execute("SELECT count(*) FROM reporting.system_balances").fetchone()[0] == 5
         assert sqlstate_of(lambda: conn.execute("SELECT * FROM ledger.entries")) == "42501"
 
 
@@ -144,7 +144,8 @@ def test_catalog_load_validates_and_deactivates_missing_plans(owner):
 def test_housekeeping_deletes_old_rate_limit_windows(owner, api_conn):
     owner.execute("INSERT INTO identity.rate_limits VALUES ('login:ip:x', now() - interval '3 days', 5), "
                   "('login:ip:x', now(), 1)")
-    assert api_conn.execute("SELECT api.housekeeping()").fetchone()[0] == {"rate_limit_windows_deleted": 1, "holds_expired": 0}
+    assert api_conn.execute("SELECT api.housekeeping()").fetchone()[0] == {"rate_limit_windows_deleted": 1, "holds_expired": 0,
+                                                                          "credit_accounts_refreshed": 0}
     assert owner.execute("SELECT count(*) FROM identity.rate_limits").fetchone()[0] == 1
 
 
