@@ -285,14 +285,16 @@ async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) 
     billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", principal)
     (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10)", principal)
     (catalog,) = await call(request, "SELECT api.plans()", [])
+    referrals = await call_json(request, "SELECT api.referrals(%s::text, %s::uuid, %s::text)",
+                                [*principal, request.app.state.settings.public_url])
     return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"],
-                bundles=catalog["bundles"], **extra)
+                bundles=catalog["bundles"], referrals=referrals, **extra)
 
 
 @get("/dashboard")
 async def dashboard_page(request: Request) -> Any:
-    """What is left (credits, each allowance and its reset), the plan and its billing state, and
-    the last 10 usage events with their metadata."""
+    """What is left (credits, pending and expiring ones, each allowance and its reset), the plan
+    and its billing state, the last 10 usage events with their metadata, and the referral link."""
     return await signed_in(request, lambda sid: dashboard_view(request, sid))
 
 

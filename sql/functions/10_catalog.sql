@@ -245,7 +245,7 @@ BEGIN
   IF coalesce(v_def ->> 'qualify_on', 'first_payment') NOT IN ('email_verified', 'first_payment') THEN
     PERFORM util.fail('TL422', 'referrals.qualify_on: email_verified or first_payment');
   END IF;
-  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap'] LOOP
+  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap', 'same_ip_days'] LOOP
     IF v_def ? v_path AND NOT (jsonb_typeof(v_def -> v_path) = 'number' AND (v_def ->> v_path) ~ '^[0-9]{1,6}$') THEN
       PERFORM util.fail('TL422', format('referrals.%s: a whole, non-negative number is required', v_path));
     END IF;
@@ -255,7 +255,8 @@ BEGIN
     referrer_reward_micros = billing.to_micros(coalesce(v_def -> 'referrer_credits', '10'), 'referrals.referrer_credits'),
     referee_reward_micros = billing.to_micros(coalesce(v_def -> 'referee_credits', '0'), 'referrals.referee_credits'),
     holdback = make_interval(days => coalesce((v_def ->> 'holdback_days')::integer, 14)),
-    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20);
+    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20),
+    same_ip_window = make_interval(days => coalesce((v_def ->> 'same_ip_days')::integer, 30));
 
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
@@ -264,4 +265,4 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $$;
 COMMENT ON FUNCTION api.load_catalog(jsonb) IS
-  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+  'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20), same_ip_days (30)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';

@@ -55,6 +55,7 @@ DECLARE
   b record;
   v_take bigint;
   v_transfer uuid;
+  v_next_grant timestamptz;
 BEGIN
   SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
   IF a.credits_due_at IS NULL OR a.credits_due_at > util.now() THEN
@@ -94,6 +95,7 @@ BEGIN
     PERFORM ledger.grant_lot(p_account_id, 'monthly_free', p.monthly_credits_micros,
                              'monthly:' || p.id || ':' || util.iso(b.period_start), p.name || ' monthly credits',
                              util.now(), b.period_end);
+    v_next_grant := b.period_end;
   END IF;
   UPDATE identity.accounts SET credits_due_at = (
     SELECT min(x) FROM (
@@ -101,7 +103,7 @@ BEGIN
       UNION ALL
       SELECT min(expires_at) FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'active' AND remaining_micros > 0
       UNION ALL
-      SELECT b.period_end WHERE p.monthly_credits_micros > 0) d)
+      SELECT v_next_grant) d)
   WHERE id = p_account_id;
   RETURN true;
 END $$;

@@ -23,6 +23,14 @@ END $$;
 COMMENT ON FUNCTION identity.mark_email_verified(uuid) IS
   'Mark a user''s email verified, the first time only (returns false after): in the same transaction grant the plan''s sign-up bonus once per person (a signup_bonus lot) and qualify a referral whose program qualifies on email_verified. Every path that verifies an address (the emailed link, a password reset, a provider that vouches for it) calls it.';
 
+CREATE OR REPLACE FUNCTION billing.mailbox(p_email text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT regexp_replace(split_part(p_email, '@', 1), '\+.*$', '')
+         || '@' || split_part(p_email, '@', 2)
+$$;
+COMMENT ON FUNCTION billing.mailbox(text) IS
+  'The mailbox an address delivers to, as far as a referral cares: the local part without a +tag (alice+2@example.com -> alice@example.com).';
+
 CREATE OR REPLACE FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text,
                                                       p_fingerprint text, p_device_account_id uuid DEFAULT NULL)
 RETURNS text
@@ -41,7 +49,10 @@ BEGIN
     RETURN 'unknown_code';
   END IF;
   v_reason := CASE
-    WHEN ref.account_id = p_referee_account_id THEN 'self_referral'
+    WHEN ref.account_id = p_referee_account_id
+         OR billing.mailbox(ref.email_normalized) = billing.mailbox((SELECT email_normalized FROM identity.users
+                                                                    WHERE account_id = p_referee_account_id))
+      THEN 'self_referral'
     WHEN v_device_fingerprint IS NOT NULL AND EXISTS (
            SELECT 1 FROM identity.accounts d WHERE d.merged_into = ref.account_id AND d.device_fingerprint = v_device_fingerprint)
       THEN 'own_device'
@@ -66,7 +77,7 @@ BEGIN
   RETURN coalesce(v_reason, v_status, 'already_referred');
 END $$;
 COMMENT ON FUNCTION billing.attribute_referral(uuid, text, text, text, uuid) IS
-  'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
+  'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox: alice+2@ is alice@), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
 CREATE OR REPLACE FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -122,7 +133,7 @@ BEGIN
   PERFORM 1 FROM identity.accounts WHERE id IN (r.referrer_account_id, r.referee_account_id) ORDER BY id FOR NO KEY UPDATE;
   -- Only inside the holdback: a reward already spendable stays.
   UPDATE ledger.credit_lots SET status = 'canceled', settled_at = util.now()
-  WHERE id IN (r.referrer_lot_id, r.referee_lot_id) AND status = 'pending';
+  WHERE id IN (r.referrer_lot_id, r.referee_lot_id) AND status = 'pending' AND available_at > util.now();
   IF FOUND THEN
     UPDATE billing.referrals SET status = 'rejected', rejected_reason = 'refunded', rejected_at = util.now()
     WHERE referee_account_id = r.referee_account_id;
@@ -148,6 +159,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL40C', 'referrals are for people: sign up first');
   END IF;
+  PERFORM ledger.refreshed_account(v_account_id);      -- rewards whose holdback ended are spendable now
   RETURN jsonb_build_object(
     'code', u.referral_code,
     'link', rtrim(p_public_url, '/') || '/r/' || u.referral_code,

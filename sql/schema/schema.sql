@@ -1002,7 +1002,7 @@ BEGIN
   IF coalesce(v_def ->> 'qualify_on', 'first_payment') NOT IN ('email_verified', 'first_payment') THEN
     PERFORM util.fail('TL422', 'referrals.qualify_on: email_verified or first_payment');
   END IF;
-  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap'] LOOP
+  FOREACH v_path IN ARRAY ARRAY['holdback_days', 'monthly_cap', 'same_ip_days'] LOOP
     IF v_def ? v_path AND NOT (jsonb_typeof(v_def -> v_path) = 'number' AND (v_def ->> v_path) ~ '^[0-9]{1,6}$') THEN
       PERFORM util.fail('TL422', format('referrals.%s: a whole, non-negative number is required', v_path));
     END IF;
@@ -1012,7 +1012,8 @@ BEGIN
     referrer_reward_micros = billing.to_micros(coalesce(v_def -> 'referrer_credits', '10'), 'referrals.referrer_credits'),
     referee_reward_micros = billing.to_micros(coalesce(v_def -> 'referee_credits', '0'), 'referrals.referee_credits'),
     holdback = make_interval(days => coalesce((v_def ->> 'holdback_days')::integer, 14)),
-    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20);
+    monthly_cap = coalesce((v_def ->> 'monthly_cap')::integer, 20),
+    same_ip_window = make_interval(days => coalesce((v_def ->> 'same_ip_days')::integer, 30));
 
   UPDATE billing.plans SET active = false, updated_at = util.now()
   WHERE active AND NOT id = ANY (v_plans);
@@ -1021,7 +1022,7 @@ BEGIN
   RETURN jsonb_build_object('plans', to_jsonb(v_plans), 'meters', to_jsonb(v_meters), 'prices', to_jsonb(v_prices));
 END $_$;
 
-COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20), same_ip_days (30)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1384,6 +1385,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL40C', 'referrals are for people: sign up first');
   END IF;
+  PERFORM ledger.refreshed_account(v_account_id);      -- rewards whose holdback ended are spendable now
   RETURN jsonb_build_object(
     'code', u.referral_code,
     'link', rtrim(p_public_url, '/') || '/r/' || u.referral_code,
@@ -2158,7 +2160,10 @@ BEGIN
     RETURN 'unknown_code';
   END IF;
   v_reason := CASE
-    WHEN ref.account_id = p_referee_account_id THEN 'self_referral'
+    WHEN ref.account_id = p_referee_account_id
+         OR billing.mailbox(ref.email_normalized) = billing.mailbox((SELECT email_normalized FROM identity.users
+                                                                    WHERE account_id = p_referee_account_id))
+      THEN 'self_referral'
     WHEN v_device_fingerprint IS NOT NULL AND EXISTS (
            SELECT 1 FROM identity.accounts d WHERE d.merged_into = ref.account_id AND d.device_fingerprint = v_device_fingerprint)
       THEN 'own_device'
@@ -2183,7 +2188,7 @@ BEGIN
   RETURN coalesce(v_reason, v_status, 'already_referred');
 END $$;
 
-COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
+COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox: alice+2@ is alice@), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
 CREATE TABLE billing.auto_topups (
     account_id uuid NOT NULL,
@@ -2240,7 +2245,7 @@ BEGIN
   PERFORM 1 FROM identity.accounts WHERE id IN (r.referrer_account_id, r.referee_account_id) ORDER BY id FOR NO KEY UPDATE;
   -- Only inside the holdback: a reward already spendable stays.
   UPDATE ledger.credit_lots SET status = 'canceled', settled_at = util.now()
-  WHERE id IN (r.referrer_lot_id, r.referee_lot_id) AND status = 'pending';
+  WHERE id IN (r.referrer_lot_id, r.referee_lot_id) AND status = 'pending' AND available_at > util.now();
   IF FOUND THEN
     UPDATE billing.referrals SET status = 'rejected', rejected_reason = 'refunded', rejected_at = util.now()
     WHERE referee_account_id = r.referee_account_id;
@@ -2287,6 +2292,15 @@ CREATE FUNCTION billing.first_payment(p_account_id uuid, p_ref text) RETURNS voi
 $$;
 
 COMMENT ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) IS 'A payment was recorded for the account (bundle, top-up or a paid subscription invoice; p_ref its PaymentIntent or invoice id): qualifies its referral when the program counts first payments (only the first does: the referral is claimed once).';
+
+CREATE FUNCTION billing.mailbox(p_email text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $_$
+  SELECT regexp_replace(split_part(p_email, '@', 1), '\+.*$', '')
+         || '@' || split_part(p_email, '@', 2)
+$_$;
+
+COMMENT ON FUNCTION billing.mailbox(p_email text) IS 'The mailbox an address delivers to, as far as a referral cares: the local part without a +tag (alice+2@example.com -> alice@example.com).';
 
 CREATE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -3392,6 +3406,7 @@ DECLARE
   b record;
   v_take bigint;
   v_transfer uuid;
+  v_next_grant timestamptz;
 BEGIN
   SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
   IF a.credits_due_at IS NULL OR a.credits_due_at > util.now() THEN
@@ -3431,6 +3446,7 @@ BEGIN
     PERFORM ledger.grant_lot(p_account_id, 'monthly_free', p.monthly_credits_micros,
                              'monthly:' || p.id || ':' || util.iso(b.period_start), p.name || ' monthly credits',
                              util.now(), b.period_end);
+    v_next_grant := b.period_end;
   END IF;
   UPDATE identity.accounts SET credits_due_at = (
     SELECT min(x) FROM (
@@ -3438,7 +3454,7 @@ BEGIN
       UNION ALL
       SELECT min(expires_at) FROM ledger.credit_lots WHERE account_id = p_account_id AND status = 'active' AND remaining_micros > 0
       UNION ALL
-      SELECT b.period_end WHERE p.monthly_credits_micros > 0) d)
+      SELECT v_next_grant) d)
   WHERE id = p_account_id;
   RETURN true;
 END $$;
@@ -5341,6 +5357,8 @@ REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.mailbox(p_email text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.money(p_minor bigint, p_currency text) FROM PUBLIC;
 
