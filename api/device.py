@@ -27,12 +27,13 @@ class DeviceAuthorizationRequest(msgspec.Struct):
 
 
 class TokenRequest(msgspec.Struct):
-    """Every field optional: what is missing is answered the OAuth way (invalid_request)."""
+    """Every field optional, and a repeated one arrives as a list: both are answered the OAuth way
+    (invalid_request, RFC 6749 section 5.2), not as a problem."""
 
-    grant_type: str | None = None
-    client_id: str | None = None
-    device_code: str | None = None
-    refresh_token: str | None = None
+    grant_type: str | list[str] | None = None
+    client_id: str | list[str] | None = None
+    device_code: str | list[str] | None = None
+    refresh_token: str | list[str] | None = None
 
 
 class DeviceAuthorization(msgspec.Struct):
@@ -89,6 +90,8 @@ async def token(request: Request,
     ``invalid_grant``. ``grant_type=refresh_token``: rotate a refresh token, as
     ``/v1/auth/refresh``. Other grant types: ``unsupported_grant_type``."""
     ip, user_agent = client(request)
+    if repeated := [name for name in data.__struct_fields__ if isinstance(getattr(data, name), list)]:
+        return oauth_error("invalid_request", f"{', '.join(repeated)} must be sent once")
     if not data.grant_type:
         return oauth_error("invalid_request", "grant_type is required")
     if data.grant_type == DEVICE_GRANT:

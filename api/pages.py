@@ -416,6 +416,15 @@ async def billing_cancel(request: Request) -> Any:
                 link=("/upgrade", "Plans"))
 
 
+@get("/billing/portal")
+async def billing_portal(request: Request) -> Any:
+    """The link billing emails carry: Stripe's customer portal (update the card, see invoices) for
+    the signed-in person, after the login page when needed."""
+    async def action(sid):
+        return Redirect(await open_portal(request, [None, sid]))
+    return await signed_in(request, action, dashboard_view)
+
+
 @get("/billing")
 async def billing_page(request: Request) -> Redirect:
     """Where the Stripe customer portal returns to."""
@@ -423,12 +432,12 @@ async def billing_page(request: Request) -> Redirect:
 
 
 def router(settings) -> Router:
-    from api import oauth
+    from api import admin, oauth
 
     return Router(path="/", after_request=page_headers(settings), include_in_schema=False, route_handlers=[
         home, login_page, login_submit, referral_link, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
         device_page, device_lookup, device_decide, upgrade_page, upgrade_checkout, upgrade_change, billing_success,
-        billing_cancel, billing_page, dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume, dashboard_topup,
-        *oauth.ROUTES,
+        billing_cancel, billing_portal, billing_page, dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume, dashboard_topup,
+        *oauth.ROUTES, *admin.ROUTES,
         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)])

@@ -44,6 +44,26 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "Auto top-up is off",
         "We could not charge your saved card for an automatic top-up ({error}), {failures} times in a row, so "
         "automatic top-ups are now off. Update your card and turn them on again at {public_url}/dashboard.\n"),
+    "payment_failed": (
+        "Your payment did not go through",
+        "We could not collect {amount} for your subscription. Your plan stays as it is until {grace_until}; "
+        "update your card before then at {public_url}/billing/portal (Stripe's secure page).\n"),
+    "receipt": (
+        "Receipt: {bundle}",
+        "Thank you. We received {amount} on {paid_at} for {bundle}: {credits} credits are in your account.\n\n"
+        "Payment reference: {payment}. Your balance and usage: {public_url}/dashboard\n"),
+    "subscription_ending": (
+        "Your {plan} plan ends on {ends_at}",
+        "As you asked, your {plan} plan will not renew: it ends on {ends_at}, and then your account moves to the "
+        "free plan. Changed your mind? Keep your plan at {public_url}/dashboard.\n"),
+    "subscription_canceled": (
+        "Your {plan} plan has ended",
+        "Your {plan} plan has ended and your account is on the free plan. You can subscribe again at any time at "
+        "{public_url}/upgrade.\n"),
+    "alert": (
+        "[pgtally alert] {condition}",
+        "pgtally noticed {condition}:\n\n{detail}\n\nThis alert is sent at most once an hour per condition. "
+        "The views in reporting.* and pgtally reconcile tell more.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"
@@ -158,14 +178,25 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
 HOUSEKEEPING_SECONDS = 300
 
 
+async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
+    """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
+    credit lots), the analytics rollup until it is caught up (``api.rollup_usage``), and the
+    operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""
+    await conn.execute("SELECT api.housekeeping()")
+    while (await (await conn.execute("SELECT api.rollup_usage(50000)")).fetchone())[0] == 50000:
+        pass
+    if settings.alert_email:
+        await conn.execute("SELECT api.check_alerts(%s)", [settings.alert_email])
+
+
 async def run(database_url: str, settings: Settings, once: bool = False, poll_seconds: float = 1.0) -> None:
-    """Deliver until stopped (or until nothing is due, with ``once``); every five minutes also run
-    ``api.housekeeping`` (old rate-limit windows)."""
+    """Deliver until stopped (or until nothing is due, with ``once``); at the start and every five
+    minutes also run :func:`housekeeping`."""
     async with await psycopg.AsyncConnection.connect(db.api_conninfo(database_url), autocommit=True) as conn:
         last_housekeeping = 0.0
         while True:
             if asyncio.get_running_loop().time() - last_housekeeping > HOUSEKEEPING_SECONDS:
-                await conn.execute("SELECT api.housekeeping()")
+                await housekeeping(conn, settings)
                 last_housekeeping = asyncio.get_running_loop().time()
             claimed = await deliver_due(conn, settings)
             if once and not claimed:

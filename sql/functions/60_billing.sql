@@ -98,6 +98,18 @@ BEGIN
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
   PERFORM billing.sync_account_plan(v_account_id);
+  PERFORM billing.record_mrr(v_account_id, v_created);
+  -- Tell the customer when their plan is set to end, and when it has ended (once each).
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+    PERFORM billing.email_account(v_account_id, 'subscription_canceled',
+                                  jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
+  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+        AND v_status IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.email_account(v_account_id, 'subscription_ending',
+      jsonb_build_object('plan', v_price.plan_id,
+                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                                                     billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
+  END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_subscription(jsonb, jsonb) IS
@@ -144,6 +156,7 @@ BEGIN
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'checkout:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
+  PERFORM billing.email_receipt(v_payment);
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
@@ -175,6 +188,7 @@ BEGIN
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
+  PERFORM billing.email_receipt(v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
     UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
     WHERE account_id = v_account_id;
@@ -219,19 +233,7 @@ BEGIN
     RETURN 'ignored: not a subscription invoice';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
-  INSERT INTO billing.invoices (stripe_invoice_id, account_id, stripe_subscription_id, number, status, currency,
-                                amount_paid_minor, metered_amount_minor, metered_period_start, metered_period_end,
-                                hosted_invoice_url, invoice_pdf, created_at)
-  SELECT o ->> 'id', s.account_id, s.stripe_subscription_id, o ->> 'number', 'paid', lower(coalesce(o ->> 'currency', 'usd')),
-         coalesce((o ->> 'amount_paid')::bigint, 0), coalesce(sum((l ->> 'amount')::bigint), 0),
-         min(billing.ts(l #> '{period,start}')), max(billing.ts(l #> '{period,end}')),
-         o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', coalesce(billing.ts(o -> 'created'), util.now())
-  FROM (SELECT 1) one
-  LEFT JOIN LATERAL (
-    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
-    JOIN billing.prices x ON x.usage_type = 'metered'
-     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
-  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -262,13 +264,20 @@ BEGIN
   IF s.stripe_subscription_id IS NULL THEN
     RETURN 'ignored: not a subscription invoice';
   END IF;
+  PERFORM billing.record_invoice(o, s, 'open', NULL);
   UPDATE identity.accounts
   SET plan_grace_until = coalesce(plan_grace_until, billing.ts(p_event -> 'created') + interval '7 days')
   WHERE id = s.account_id;
+  -- The customer hears of it once per invoice (Stripe retries the payment and sends this again).
+  IF NOT EXISTS (SELECT 1 FROM outbox.messages WHERE kind = 'payment_failed' AND payload ->> 'invoice' = o ->> 'id') THEN
+    PERFORM billing.email_account(s.account_id, 'payment_failed', jsonb_build_object(
+      'invoice', o ->> 'id', 'amount', billing.money(coalesce((o ->> 'amount_due')::bigint, 0), coalesce(o ->> 'currency', 'usd')),
+      'grace_until', (SELECT to_char(plan_grace_until AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM identity.accounts WHERE id = s.account_id)));
+  END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(jsonb) IS
-  'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+  'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
 CREATE OR REPLACE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -283,9 +292,12 @@ BEGIN
   -- A referral reward this payment earned is canceled if it is still in its holdback.
   PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
   PERFORM billing.cancel_referral_reward(o ->> 'invoice');
+  UPDATE billing.invoices SET refunded_minor = greatest(refunded_minor, coalesce((o ->> 'amount_refunded')::bigint, 0))
+  WHERE stripe_invoice_id = o ->> 'invoice';
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
-    RETURN 'ignored: not a credit bundle payment';
+    RETURN CASE WHEN o ->> 'invoice' IS NOT NULL AND EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice')
+                THEN 'applied' ELSE 'ignored: not a payment pgtally recorded' END;
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
@@ -398,6 +410,9 @@ BEGIN
       WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
       WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
       WHEN 'payment_intent.succeeded' THEN billing.apply_payment_intent_succeeded(p_event)
+      WHEN 'charge.dispute.created' THEN billing.apply_dispute(p_event)
+      WHEN 'charge.dispute.updated' THEN billing.apply_dispute(p_event)
+      WHEN 'charge.dispute.closed' THEN billing.apply_dispute(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN

@@ -20,6 +20,10 @@ CREATE SCHEMA metering;
 
 COMMENT ON SCHEMA metering IS 'pgtally meters (with their rate cards), allowance usage and usage events.';
 
+CREATE SCHEMA ops;
+
+COMMENT ON SCHEMA ops IS 'pgtally operations: alert state.';
+
 CREATE SCHEMA outbox;
 
 COMMENT ON SCHEMA outbox IS 'pgtally outbox: messages written by the transaction that caused them, delivered by pgtally worker.';
@@ -220,6 +224,61 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+
+CREATE FUNCTION api.check_alerts(p_email text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_condition text;
+  v_detail jsonb;
+  v_since timestamptz;
+  v_sent text[] := '{}';
+BEGIN
+  IF p_email IS NULL OR p_email !~ '^[^@\s]+@[^@\s]+$' THEN
+    RETURN jsonb_build_object('sent', '[]'::jsonb);
+  END IF;
+  FOREACH v_condition IN ARRAY ARRAY['webhook_rejected', 'reconciliation', 'outbox_failed'] LOOP
+    -- At most once an hour per condition; each alert tells what happened since the last one.
+    SELECT last_sent_at INTO v_since FROM ops.alerts WHERE condition = v_condition FOR UPDATE;
+    IF v_since > util.now() - interval '1 hour' THEN
+      CONTINUE;
+    END IF;
+    v_detail := CASE v_condition
+      WHEN 'webhook_rejected' THEN (
+        SELECT jsonb_build_object('count', count(*), 'examples', jsonb_agg(jsonb_build_object('id', id, 'type', type, 'note', note)))
+        FROM (SELECT * FROM billing.stripe_events WHERE status = 'rejected' AND received_at > coalesce(v_since, '-infinity')
+              ORDER BY received_at DESC LIMIT 5) e
+        HAVING count(*) > 0)
+      WHEN 'reconciliation' THEN (
+        SELECT jsonb_object_agg(v, n) FROM (
+          SELECT 'balance_mismatches' AS v, (SELECT count(*) FROM reporting.balance_mismatches) AS n
+          UNION ALL SELECT 'unbalanced_transfers', (SELECT count(*) FROM reporting.unbalanced_transfers)
+          UNION ALL SELECT 'entry_balance_breaks', (SELECT count(*) FROM reporting.entry_balance_breaks)
+          UNION ALL SELECT 'usage_charge_mismatches', (SELECT count(*) FROM reporting.usage_charge_mismatches)
+          UNION ALL SELECT 'hold_mismatches', (SELECT count(*) FROM reporting.hold_mismatches)
+          UNION ALL SELECT 'unreported_post_paid_events', (SELECT count(*) FROM reporting.unreported_post_paid_events)
+          UNION ALL SELECT 'lot_balance_mismatches', (SELECT count(*) FROM reporting.lot_balance_mismatches)
+          UNION ALL SELECT 'referral_reward_mismatches', (SELECT count(*) FROM reporting.referral_reward_mismatches)
+          UNION ALL SELECT 'revenue_drift', (SELECT count(*) FROM reporting.revenue_reconciliation_daily WHERE drift_percent <> 0)) c
+        WHERE n > 0)
+      WHEN 'outbox_failed' THEN (
+        SELECT jsonb_build_object('count', count(*), 'kinds', jsonb_agg(DISTINCT kind))
+        FROM outbox.messages WHERE failed_at > coalesce(v_since, '-infinity') AND kind <> 'alert'
+        HAVING count(*) > 0)
+    END;
+    IF v_detail IS NOT NULL THEN
+      INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+      VALUES ('alert', p_email, jsonb_build_object('condition', v_condition, 'detail', v_detail::text), util.now(), util.now());
+      INSERT INTO ops.alerts (condition, last_sent_at, last_detail) VALUES (v_condition, util.now(), v_detail)
+      ON CONFLICT (condition) DO UPDATE SET last_sent_at = EXCLUDED.last_sent_at, last_detail = EXCLUDED.last_detail;
+      v_sent := v_sent || v_condition;
+    END IF;
+  END LOOP;
+  RETURN jsonb_build_object('sent', to_jsonb(v_sent));
+END $_$;
+
+COMMENT ON FUNCTION api.check_alerts(p_email text) IS 'pgtally worker (housekeeping), with PGTALLY_ALERT_EMAIL: for each condition that holds, queue one alert email (outbox kind alert) unless one went out in the last hour (ops.alerts): webhook_rejected (signed Stripe events rejected since the last alert), reconciliation (any row in a reconciliation view, or revenue drift), outbox_failed (messages that exhausted their retries since the last alert). Returns {sent: [conditions]}.';
 
 CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -758,6 +817,28 @@ END $_$;
 
 COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
+CREATE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+BEGIN
+  IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
+  END IF;
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(jsonb_build_object(
+             'id', i.stripe_invoice_id, 'object', 'invoice', 'number', i.number, 'status', i.status,
+             'amount_paid', i.amount_paid_minor, 'tax', i.tax_minor, 'refunded', i.refunded_minor, 'currency', i.currency,
+             'plan', i.plan_id, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
+             'created_at', util.iso(i.created_at), 'paid_at', util.iso(i.paid_at),
+             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
+    FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) IS 'GET /v1/billing/invoices: the caller''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+
 CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1123,6 +1204,27 @@ END $$;
 
 COMMENT ON FUNCTION api.me(p_api_key text, p_session_id uuid) IS 'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
 
+CREATE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  IF api.staff_role(p_session_id) IS NULL THEN
+    PERFORM util.fail('TL403', 'staff only');
+  END IF;
+  RETURN CASE p_name
+    WHEN 'mrr' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY month), '[]') FROM reporting.mrr_monthly r)
+    WHEN 'active_accounts' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY day), '[]')
+                                 FROM (SELECT * FROM reporting.active_accounts_daily ORDER BY day DESC LIMIT 90) r)
+    WHEN 'conversion' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY cohort), '[]') FROM reporting.conversion_by_cohort r)
+    WHEN 'usage' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY day), '[]')
+                       FROM (SELECT day, sum(events) AS events, sum(quantity) AS quantity FROM metering.usage_rollup_daily
+                             GROUP BY day ORDER BY day DESC LIMIT 90) r)
+  END;
+END $$;
+
+COMMENT ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) IS '/admin/metrics: a report for staff (mrr, active_accounts, conversion, usage: the last 90 days) as JSON rows. TL403 for customers.';
+
 CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1300,6 +1402,20 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) IS 'The account page''s "unlink": allowed while another way to sign in remains (a password or another provider); TL40C otherwise, TL404 when not linked.';
+
+CREATE FUNCTION api.ops_gauges() RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT jsonb_build_object(
+    'outbox', coalesce((SELECT jsonb_object_agg(kind, jsonb_build_object('pending', pending, 'failed', failed))
+                        FROM reporting.outbox_backlog), '{}'),
+    'rollup_lag_seconds', coalesce((
+      SELECT extract(epoch FROM util.now() - e.created_at) FROM metering.usage_events e
+      WHERE e.id > (SELECT last_id FROM metering.rollup_state) ORDER BY e.id LIMIT 1), 0))
+$$;
+
+COMMENT ON FUNCTION api.ops_gauges() IS '/metrics: outbox messages pending and failed per kind, and the age in seconds of the oldest usage event not yet in the analytics rollup (0 when it is caught up).';
 
 CREATE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10) RETURNS TABLE(id uuid, kind text, recipient text, payload jsonb, attempts integer)
     LANGUAGE sql SECURITY DEFINER
@@ -1597,6 +1713,73 @@ END $$;
 
 COMMENT ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) IS 'DELETE /v1/me/sessions/{id}: revoke one of the caller''s sessions. TL404 when it is not theirs or not active.';
 
+CREATE FUNCTION api.rollup_usage(p_limit integer DEFAULT 50000) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  st metering.rollup_state;
+  v_count integer;
+  v_last uuid;
+  v_first_day date;
+  v_day date;
+BEGIN
+  -- One worker at a time: the state row is the lock; a second worker skips.
+  SELECT * INTO st FROM metering.rollup_state FOR UPDATE SKIP LOCKED;
+  IF NOT FOUND THEN
+    RETURN 0;
+  END IF;
+  CREATE TEMP TABLE IF NOT EXISTS rollup_batch (LIKE metering.usage_events) ON COMMIT DROP;
+  TRUNCATE rollup_batch;
+  -- In id order (ids are time-ordered), up to the first event less than a minute old: a charge
+  -- still committing (its id and created_at are from its start) is never passed over.
+  INSERT INTO rollup_batch
+  SELECT * FROM metering.usage_events e WHERE e.id > st.last_id ORDER BY e.id LIMIT p_limit;
+  DELETE FROM rollup_batch WHERE id >= (SELECT id FROM rollup_batch WHERE created_at >= util.now() - interval '1 minute'
+                                        ORDER BY id LIMIT 1);
+  SELECT count(*), (array_agg(id ORDER BY id DESC))[1] INTO v_count, v_last FROM rollup_batch;
+  IF v_count = 0 THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO metering.usage_rollup_daily AS r (day, account_id, meter_id, plan_id, events, quantity, credits_micros)
+  SELECT (b.created_at AT TIME ZONE 'UTC')::date, b.account_id, b.meter_id, identity.effective_plan(a),
+         count(*), sum(b.quantity), sum(b.credits_micros)
+  FROM rollup_batch b JOIN identity.accounts a ON a.id = b.account_id
+  GROUP BY 1, 2, 3, 4
+  ON CONFLICT (day, account_id, meter_id) DO UPDATE SET
+    events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity,
+    credits_micros = r.credits_micros + EXCLUDED.credits_micros;
+  INSERT INTO metering.usage_rollup_hourly AS r (hour, meter_id, events, quantity)
+  SELECT date_trunc('hour', b.created_at, 'UTC'), b.meter_id, count(*), sum(b.quantity)
+  FROM rollup_batch b GROUP BY 1, 2
+  ON CONFLICT (hour, meter_id) DO UPDATE SET events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity;
+  -- Active accounts for each day the batch touched, and the days whose 7- and 30-day windows include it.
+  SELECT min((created_at AT TIME ZONE 'UTC')::date) INTO v_first_day FROM rollup_batch;
+  FOR v_day IN SELECT generate_series(v_first_day, least(v_first_day + 29, (util.now() AT TIME ZONE 'UTC')::date), '1 day')::date LOOP
+    INSERT INTO metering.active_accounts_daily AS x (day, dau, wau, mau)
+    SELECT v_day,
+           count(DISTINCT account_id) FILTER (WHERE day = v_day),
+           count(DISTINCT account_id) FILTER (WHERE day > v_day - 7),
+           count(DISTINCT account_id)
+    FROM metering.usage_rollup_daily WHERE day > v_day - 30 AND day <= v_day
+    ON CONFLICT (day) DO UPDATE SET dau = EXCLUDED.dau, wau = EXCLUDED.wau, mau = EXCLUDED.mau;
+  END LOOP;
+  UPDATE metering.rollup_state SET last_id = v_last, updated_at = util.now();
+  RETURN v_count;
+END $$;
+
+COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and recompute metering.active_accounts_daily for the days they touch; returns how many. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
+
+CREATE FUNCTION api.schema_version() RETURNS text
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN (SELECT max(migration_id) FROM public._yoyo_migration);
+END $$;
+
+COMMENT ON FUNCTION api.schema_version() IS '/readyz: the newest migration applied to this database (yoyo''s _yoyo_migration).';
+
 CREATE FUNCTION api.sessions(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1706,6 +1889,35 @@ END $$;
 
 COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
 
+CREATE FUNCTION api.staff_grant(p_email text, p_role text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  u identity.users;
+BEGIN
+  IF p_role IS NOT NULL AND p_role NOT IN ('support', 'admin') THEN
+    PERFORM util.fail('TL422', 'a staff role is support or admin', '{"field": "role"}');
+  END IF;
+  UPDATE identity.users SET staff_role = p_role WHERE email_normalized = lower(btrim(p_email)) RETURNING * INTO u;
+  IF u.id IS NULL THEN
+    PERFORM util.fail('TL404', format('no user %s', p_email));
+  END IF;
+  RETURN jsonb_build_object('email', u.email, 'staff_role', u.staff_role);
+END $$;
+
+COMMENT ON FUNCTION api.staff_grant(p_email text, p_role text) IS 'pgtally staff grant EMAIL ROLE (revoke: NULL): make a user staff (support or admin). TL404 unknown user, TL422 bad role. Operators only (not granted to pgtally_api).';
+
+CREATE FUNCTION api.staff_role(p_session_id uuid) RETURNS text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT u.staff_role FROM identity.sessions s JOIN identity.users u ON u.id = s.user_id
+  WHERE s.id = p_session_id AND s.revoked_at IS NULL AND s.expires_at > util.now()
+$$;
+
+COMMENT ON FUNCTION api.staff_role(p_session_id uuid) IS 'The staff role of a signed-in session''s user (support, admin), NULL for customers: what /admin pages check.';
+
 CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1795,6 +2007,9 @@ BEGIN
       WHEN 'invoice.payment_failed' THEN billing.apply_invoice_payment_failed(p_event)
       WHEN 'charge.refunded' THEN billing.apply_charge_refunded(p_event)
       WHEN 'payment_intent.succeeded' THEN billing.apply_payment_intent_succeeded(p_event)
+      WHEN 'charge.dispute.created' THEN billing.apply_dispute(p_event)
+      WHEN 'charge.dispute.updated' THEN billing.apply_dispute(p_event)
+      WHEN 'charge.dispute.closed' THEN billing.apply_dispute(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
@@ -1881,6 +2096,20 @@ END $$;
 
 COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
 
+CREATE FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) RETURNS record
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(max(p.currency),
+                  (SELECT x.currency FROM billing.subscriptions s2 JOIN billing.prices x ON x.id = s2.price_id
+                   WHERE s2.account_id = p_account_id ORDER BY s2.updated_at DESC LIMIT 1), 'usd'),
+         coalesce(sum(CASE p.interval WHEN 'year' THEN p.amount_minor / 12.0 ELSE p.amount_minor END), 0),
+         max(s.plan_id)
+  FROM billing.subscriptions s JOIN billing.prices p ON p.id = s.price_id
+  WHERE s.account_id = p_account_id AND s.status IN ('active', 'past_due') AND p.usage_type = 'licensed'
+$$;
+
+COMMENT ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) IS 'An account''s monthly recurring revenue now: its active and past_due licensed subscription prices (minor units; yearly ones / 12), the currency and plan.';
+
 CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
     LANGUAGE sql STABLE
     AS $_$
@@ -1907,9 +2136,12 @@ BEGIN
   -- A referral reward this payment earned is canceled if it is still in its holdback.
   PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
   PERFORM billing.cancel_referral_reward(o ->> 'invoice');
+  UPDATE billing.invoices SET refunded_minor = greatest(refunded_minor, coalesce((o ->> 'amount_refunded')::bigint, 0))
+  WHERE stripe_invoice_id = o ->> 'invoice';
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
-    RETURN 'ignored: not a credit bundle payment';
+    RETURN CASE WHEN o ->> 'invoice' IS NOT NULL AND EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice')
+                THEN 'applied' ELSE 'ignored: not a payment pgtally recorded' END;
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
@@ -1983,10 +2215,37 @@ BEGIN
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'checkout:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
+  PERFORM billing.email_receipt(v_payment);
   RETURN 'applied';
 END $$;
 
 COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+
+CREATE FUNCTION billing.apply_dispute(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid;
+BEGIN
+  SELECT account_id INTO v_account_id FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
+  IF v_account_id IS NULL THEN
+    SELECT account_id INTO v_account_id FROM billing.customers
+    WHERE stripe_customer_id = o #>> '{evidence_details,customer}' OR stripe_customer_id = o ->> 'customer';
+  END IF;
+  INSERT INTO billing.disputes AS d (stripe_dispute_id, account_id, stripe_charge_id, stripe_payment_intent_id,
+                                     amount_minor, currency, reason, status, created_at, closed_at)
+  VALUES (o ->> 'id', v_account_id, o ->> 'charge', o ->> 'payment_intent', (o ->> 'amount')::bigint,
+          lower(o ->> 'currency'), left(o ->> 'reason', 100), left(coalesce(o ->> 'status', 'needs_response'), 50),
+          coalesce(billing.ts(o -> 'created'), billing.ts(p_event -> 'created')),
+          CASE WHEN p_event ->> 'type' = 'charge.dispute.closed' THEN billing.ts(p_event -> 'created') END)
+  ON CONFLICT (stripe_dispute_id) DO UPDATE SET
+    status = EXCLUDED.status, amount_minor = EXCLUDED.amount_minor,
+    closed_at = coalesce(EXCLUDED.closed_at, d.closed_at), account_id = coalesce(d.account_id, EXCLUDED.account_id);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_dispute(p_event jsonb) IS 'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. The account is found through the bundle payment or the customer.';
 
 CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -2005,19 +2264,7 @@ BEGIN
     RETURN 'ignored: not a subscription invoice';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
-  INSERT INTO billing.invoices (stripe_invoice_id, account_id, stripe_subscription_id, number, status, currency,
-                                amount_paid_minor, metered_amount_minor, metered_period_start, metered_period_end,
-                                hosted_invoice_url, invoice_pdf, created_at)
-  SELECT o ->> 'id', s.account_id, s.stripe_subscription_id, o ->> 'number', 'paid', lower(coalesce(o ->> 'currency', 'usd')),
-         coalesce((o ->> 'amount_paid')::bigint, 0), coalesce(sum((l ->> 'amount')::bigint), 0),
-         min(billing.ts(l #> '{period,start}')), max(billing.ts(l #> '{period,end}')),
-         o ->> 'hosted_invoice_url', o ->> 'invoice_pdf', coalesce(billing.ts(o -> 'created'), util.now())
-  FROM (SELECT 1) one
-  LEFT JOIN LATERAL (
-    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
-    JOIN billing.prices x ON x.usage_type = 'metered'
-     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
-  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -2049,13 +2296,20 @@ BEGIN
   IF s.stripe_subscription_id IS NULL THEN
     RETURN 'ignored: not a subscription invoice';
   END IF;
+  PERFORM billing.record_invoice(o, s, 'open', NULL);
   UPDATE identity.accounts
   SET plan_grace_until = coalesce(plan_grace_until, billing.ts(p_event -> 'created') + interval '7 days')
   WHERE id = s.account_id;
+  -- The customer hears of it once per invoice (Stripe retries the payment and sends this again).
+  IF NOT EXISTS (SELECT 1 FROM outbox.messages WHERE kind = 'payment_failed' AND payload ->> 'invoice' = o ->> 'id') THEN
+    PERFORM billing.email_account(s.account_id, 'payment_failed', jsonb_build_object(
+      'invoice', o ->> 'id', 'amount', billing.money(coalesce((o ->> 'amount_due')::bigint, 0), coalesce(o ->> 'currency', 'usd')),
+      'grace_until', (SELECT to_char(plan_grace_until AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM identity.accounts WHERE id = s.account_id)));
+  END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: start a 7-day grace period (from the event''s time, once); after it the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
 CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -2084,6 +2338,7 @@ BEGIN
   PERFORM ledger.post_transfer(v_account_id, 'purchases', v_price.credits_micros, 'purchase',
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
+  PERFORM billing.email_receipt(v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
     UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
     WHERE account_id = v_account_id;
@@ -2138,6 +2393,18 @@ BEGIN
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
   PERFORM billing.sync_account_plan(v_account_id);
+  PERFORM billing.record_mrr(v_account_id, v_created);
+  -- Tell the customer when their plan is set to end, and when it has ended (once each).
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+    PERFORM billing.email_account(v_account_id, 'subscription_canceled',
+                                  jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
+  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+        AND v_status IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.email_account(v_account_id, 'subscription_ending',
+      jsonb_build_object('plan', v_price.plan_id,
+                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                                                     billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
+  END IF;
   RETURN 'applied';
 END $$;
 
@@ -2253,6 +2520,29 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.cancel_referral_reward(p_ref text) IS 'The qualifying payment p_ref (a PaymentIntent or invoice id) was refunded: inside the holdback, cancel the reward''s pending lots (never spendable, no transfer) and mark the referral rejected (refunded); after it, nothing changes.';
+
+CREATE FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT p_kind, u.email, p_payload, util.now(), util.now()
+  FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL
+$$;
+
+COMMENT ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) IS 'Queue a billing email (payment_failed, receipt, subscription_ending, subscription_canceled) to the account''s person, when their address is verified, in the caller''s transaction.';
+
+CREATE FUNCTION billing.email_receipt(p_payment text) RETURNS void
+    LANGUAGE sql
+    AS $$
+  SELECT billing.email_account(p.account_id, 'receipt', jsonb_build_object(
+           'payment', p.stripe_payment_intent_id, 'bundle', coalesce(x.name, p.price_id),
+           'amount', billing.money(p.amount_minor, p.currency), 'credits', util.credits(p.credits_micros),
+           'paid_at', to_char(p.paid_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI "UTC"')))
+  FROM billing.payments p LEFT JOIN billing.prices x ON x.id = p.price_id
+  WHERE p.stripe_payment_intent_id = p_payment
+$$;
+
+COMMENT ON FUNCTION billing.email_receipt(p_payment text) IS 'Queue the receipt of a recorded bundle payment (once: called where the payment is first recorded).';
 
 CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
     LANGUAGE plpgsql
@@ -2422,6 +2712,81 @@ END $$;
 
 COMMENT ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) IS 'The referee did what the program qualifies on (p_event: email_verified or first_payment; p_ref names it, e.g. the payment): in the caller''s transaction, qualify the referral once and reward it: the referrer''s reward and any referee bonus as referral_reward lots, pending for the holdback (spendable after it, through one ledger transfer each); over the referrer''s monthly cap it is rejected (monthly_cap) instead. Callers lock the referee''s account.';
 
+CREATE TABLE billing.subscriptions (
+    stripe_subscription_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_customer_id text,
+    status text NOT NULL,
+    stripe_item_id text,
+    price_id text,
+    plan_id text,
+    current_period_start timestamp with time zone,
+    current_period_end timestamp with time zone,
+    cancel_at_period_end boolean DEFAULT false NOT NULL,
+    canceled_at timestamp with time zone,
+    last_event_created timestamp with time zone NOT NULL,
+    last_event_rank integer NOT NULL,
+    last_event_id text NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
+);
+
+COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
+
+COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+
+CREATE FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO billing.invoices AS i (stripe_invoice_id, account_id, stripe_subscription_id, number, status, currency,
+                                     amount_paid_minor, tax_minor, plan_id, period_start, period_end,
+                                     metered_amount_minor, metered_period_start, metered_period_end,
+                                     hosted_invoice_url, invoice_pdf, created_at, paid_at)
+  SELECT o ->> 'id', s.account_id, s.stripe_subscription_id, left(o ->> 'number', 255), p_status,
+         lower(coalesce(o ->> 'currency', 'usd')),
+         CASE WHEN p_status = 'paid' THEN coalesce((o ->> 'amount_paid')::bigint, 0) ELSE 0 END,
+         coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(o -> 'total_taxes') t),
+                  (o ->> 'tax')::bigint, 0),
+         s.plan_id,
+         (SELECT min(billing.ts(l #> '{period,start}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
+         (SELECT max(billing.ts(l #> '{period,end}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
+         coalesce(sum((m.l ->> 'amount')::bigint), 0),
+         min(billing.ts(m.l #> '{period,start}')), max(billing.ts(m.l #> '{period,end}')),
+         left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
+         coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at
+  FROM (SELECT 1) one
+  LEFT JOIN LATERAL (
+    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    JOIN billing.prices x ON x.usage_type = 'metered'
+     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
+  ON CONFLICT (stripe_invoice_id) DO UPDATE SET
+    status = EXCLUDED.status, amount_paid_minor = EXCLUDED.amount_paid_minor, paid_at = EXCLUDED.paid_at,
+    hosted_invoice_url = coalesce(EXCLUDED.hosted_invoice_url, i.hosted_invoice_url),
+    invoice_pdf = coalesce(EXCLUDED.invoice_pdf, i.invoice_pdf)
+  WHERE i.status <> 'paid' AND EXCLUDED.status = 'paid'
+$$;
+
+COMMENT ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) IS 'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid one never changes.';
+
+CREATE FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  m record;
+  last billing.mrr_changes;
+BEGIN
+  SELECT * INTO m FROM billing.account_mrr(p_account_id);
+  SELECT * INTO last FROM billing.mrr_changes WHERE account_id = p_account_id ORDER BY at DESC, id DESC LIMIT 1;
+  IF (last.id IS NULL AND m.mrr_minor = 0)
+     OR (last.mrr_minor = m.mrr_minor AND last.currency = m.currency AND last.plan_id IS NOT DISTINCT FROM m.plan_id) THEN
+    RETURN;
+  END IF;
+  INSERT INTO billing.mrr_changes (account_id, at, currency, mrr_minor, plan_id)
+  VALUES (p_account_id, greatest(coalesce(p_at, util.now()), last.at), m.currency, m.mrr_minor, m.plan_id);
+END $$;
+
+COMMENT ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) IS 'After a subscription event: append the account''s MRR to billing.mrr_changes when it changed (amount, currency or plan), at the event''s time (never before the last change).';
+
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -2455,29 +2820,6 @@ CREATE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bi
 $$;
 
 COMMENT ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) IS 'A plain decimal number of credits with an optional minus sign (-5, 0.25) as micro-credits, by billing.to_micros''s rules.';
-
-CREATE TABLE billing.subscriptions (
-    stripe_subscription_id text NOT NULL,
-    account_id uuid NOT NULL,
-    stripe_customer_id text,
-    status text NOT NULL,
-    stripe_item_id text,
-    price_id text,
-    plan_id text,
-    current_period_start timestamp with time zone,
-    current_period_end timestamp with time zone,
-    cancel_at_period_end boolean DEFAULT false NOT NULL,
-    canceled_at timestamp with time zone,
-    last_event_created timestamp with time zone NOT NULL,
-    last_event_rank integer NOT NULL,
-    last_event_id text NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
-);
-
-COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
-
-COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
 
 CREATE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
     LANGUAGE plpgsql
@@ -4105,6 +4447,28 @@ CREATE TABLE billing.customers (
 
 COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
 
+CREATE TABLE billing.disputes (
+    stripe_dispute_id text NOT NULL,
+    account_id uuid,
+    stripe_charge_id text,
+    stripe_payment_intent_id text,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    reason text,
+    status text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    closed_at timestamp with time zone,
+    CONSTRAINT disputes_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT disputes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT disputes_reason_check CHECK ((length(reason) <= 100)),
+    CONSTRAINT disputes_status_check CHECK ((length(status) <= 50)),
+    CONSTRAINT disputes_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
+    CONSTRAINT disputes_stripe_dispute_id_check CHECK ((length(stripe_dispute_id) <= 255)),
+    CONSTRAINT disputes_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
+);
+
+COMMENT ON TABLE billing.disputes IS 'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
+
 CREATE TABLE billing.invoices (
     stripe_invoice_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -4119,14 +4483,22 @@ CREATE TABLE billing.invoices (
     hosted_invoice_url text,
     invoice_pdf text,
     created_at timestamp with time zone NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
+    plan_id text,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    paid_at timestamp with time zone,
     CONSTRAINT invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
     CONSTRAINT invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
     CONSTRAINT invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
     CONSTRAINT invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
     CONSTRAINT invoices_metered_amount_minor_check CHECK ((metered_amount_minor >= 0)),
     CONSTRAINT invoices_number_check CHECK ((length(number) <= 255)),
+    CONSTRAINT invoices_refunded_minor_check CHECK ((refunded_minor >= 0)),
     CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text]))),
-    CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255))
+    CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT invoices_tax_minor_check CHECK ((tax_minor >= 0))
 );
 
 COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid (invoice.paid), once per invoice. metered_*: the lines that bill metered prices (post-paid usage) and the period they cover.';
@@ -4134,6 +4506,34 @@ COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid
 COMMENT ON COLUMN billing.invoices.amount_paid_minor IS 'What the invoice collected, in minor currency units.';
 
 COMMENT ON COLUMN billing.invoices.metered_amount_minor IS 'The sum of its metered lines (usage reported through Billing Meters), in minor units.';
+
+COMMENT ON COLUMN billing.invoices.tax_minor IS 'Tax on the invoice, in minor units (Stripe''s total_taxes, or tax on older API versions).';
+
+COMMENT ON COLUMN billing.invoices.refunded_minor IS 'What charge.refunded events took back of this invoice''s payment, in minor units.';
+
+COMMENT ON COLUMN billing.invoices.paid_at IS 'When Stripe reported it paid (the invoice.paid event''s time).';
+
+CREATE TABLE billing.mrr_changes (
+    id bigint NOT NULL,
+    account_id uuid NOT NULL,
+    at timestamp with time zone NOT NULL,
+    currency text NOT NULL,
+    mrr_minor numeric(20,4) NOT NULL,
+    plan_id text,
+    CONSTRAINT mrr_changes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT mrr_changes_mrr_minor_check CHECK ((mrr_minor >= (0)::numeric))
+);
+
+COMMENT ON TABLE billing.mrr_changes IS 'Each change of an account''s monthly recurring revenue, at the time of the Stripe event that made it: the sum of its live (active or past_due) licensed subscription prices, yearly ones divided by 12 (hence numeric: an analytic, not money that moves). Metered prices bill usage, not MRR. Written by billing.record_mrr when a subscription event changes it.';
+
+ALTER TABLE billing.mrr_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME billing.mrr_changes_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 CREATE TABLE billing.payments (
     stripe_payment_intent_id text NOT NULL,
@@ -4375,9 +4775,11 @@ CREATE TABLE identity.users (
     password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     referral_code text DEFAULT util.referral_code() NOT NULL,
+    staff_role text,
     CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
     CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
-    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text))
+    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text)),
+    CONSTRAINT users_staff_role_check CHECK ((staff_role = ANY (ARRAY['support'::text, 'admin'::text])))
 );
 
 COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
@@ -4387,6 +4789,8 @@ COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one us
 COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
 
 COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
+
+COMMENT ON COLUMN identity.users.staff_role IS 'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
 
 CREATE TABLE ledger.entries (
     id bigint NOT NULL,
@@ -4425,6 +4829,15 @@ CREATE TABLE ledger.system_accounts (
 
 COMMENT ON TABLE ledger.system_accounts IS 'The house side of every transfer. Their balances are not cached (a cached house balance would be one row every charge locks); reporting.system_balances sums them.';
 
+CREATE TABLE metering.active_accounts_daily (
+    day date NOT NULL,
+    dau bigint NOT NULL,
+    wau bigint NOT NULL,
+    mau bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.active_accounts_daily IS 'Accounts with usage on the UTC day (dau), in the 7 days (wau) and the 30 days (mau) ending on it. Recomputed by api.rollup_usage for the days its new events touch.';
+
 CREATE TABLE metering.allowance_usage (
     account_id uuid NOT NULL,
     meter_id text NOT NULL,
@@ -4439,6 +4852,45 @@ COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an
 
 COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
 
+CREATE TABLE metering.rollup_state (
+    singleton boolean DEFAULT true NOT NULL,
+    last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
+    updated_at timestamp with time zone,
+    CONSTRAINT rollup_state_singleton_check CHECK (singleton)
+);
+
+COMMENT ON TABLE metering.rollup_state IS 'How far api.rollup_usage has read metering.usage_events: the id (time-ordered, version 7) of the last event folded in. It reads in id order and stops at the first event less than a minute old, so a charge still committing is never passed over; no index beyond the primary key is needed.';
+
+CREATE TABLE metering.usage_rollup_daily (
+    day date NOT NULL,
+    account_id uuid NOT NULL,
+    meter_id text NOT NULL,
+    plan_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL,
+    credits_micros bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_daily IS 'Usage per UTC day, account and meter (events, units, micro-credits), with the account''s plan when it was rolled up. Maintained by api.rollup_usage from metering.usage_events.';
+
+CREATE TABLE metering.usage_rollup_hourly (
+    hour timestamp with time zone NOT NULL,
+    meter_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_hourly IS 'Usage per UTC hour and meter, all accounts together. Maintained by api.rollup_usage.';
+
+CREATE TABLE ops.alerts (
+    condition text NOT NULL,
+    last_sent_at timestamp with time zone NOT NULL,
+    last_detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    CONSTRAINT alerts_condition_check CHECK ((condition = ANY (ARRAY['webhook_rejected'::text, 'reconciliation'::text, 'outbox_failed'::text])))
+);
+
+COMMENT ON TABLE ops.alerts IS 'When each alert condition last emailed the operators (PGTALLY_ALERT_EMAIL): at most once an hour per condition. webhook_rejected: signed Stripe events that could not be applied; reconciliation: a row in a reconciliation view; outbox_failed: messages that exhausted their retries (emails, meter events, top-ups).';
+
 CREATE TABLE outbox.messages (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     kind text NOT NULL,
@@ -4450,14 +4902,117 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
 
-COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
 
 COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
+
+CREATE VIEW reporting.active_accounts_daily AS
+ SELECT day,
+    dau,
+    wau,
+    mau
+   FROM metering.active_accounts_daily;
+
+COMMENT ON VIEW reporting.active_accounts_daily IS 'DAU, WAU and MAU: accounts with usage on the UTC day, and in the 7 and 30 days ending on it (from the usage rollup: events of the last minute are not in yet).';
+
+CREATE VIEW reporting.mrr_account_months AS
+ WITH months AS (
+         SELECT generate_series(date_trunc('month'::text, min(mrr_changes.at), 'UTC'::text), date_trunc('month'::text, util.now(), 'UTC'::text), '1 mon'::interval) AS month
+           FROM billing.mrr_changes
+        ), accounts AS (
+         SELECT DISTINCT mrr_changes.account_id
+           FROM billing.mrr_changes
+        )
+ SELECT ((m.month AT TIME ZONE 'UTC'::text))::date AS month,
+    a.account_id,
+    COALESCE(e.currency, s.currency) AS currency,
+    s.plan_id AS plan_at_start,
+    e.plan_id AS plan_at_end,
+    COALESCE(s.mrr_minor, (0)::numeric) AS mrr_start_minor,
+    COALESCE(e.mrr_minor, (0)::numeric) AS mrr_end_minor,
+    (EXISTS ( SELECT 1
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < m.month) AND (c.mrr_minor > (0)::numeric)))) AS paid_before
+   FROM (((months m
+     CROSS JOIN accounts a)
+     LEFT JOIN LATERAL ( SELECT c.currency,
+            c.mrr_minor,
+            c.plan_id
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < m.month))
+          ORDER BY c.at DESC, c.id DESC
+         LIMIT 1) s ON (true))
+     LEFT JOIN LATERAL ( SELECT c.currency,
+            c.mrr_minor,
+            c.plan_id
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < (m.month + '1 mon'::interval)))
+          ORDER BY c.at DESC, c.id DESC
+         LIMIT 1) e ON (true))
+  WHERE ((s.mrr_minor > (0)::numeric) OR (e.mrr_minor > (0)::numeric));
+
+COMMENT ON VIEW reporting.mrr_account_months IS 'Each subscribing account''s MRR at the start and the end of each UTC month (from billing.mrr_changes; minor units, yearly prices / 12), its plan then, and whether it had paid before the month: what the MRR, movement and churn views add up.';
+
+CREATE VIEW reporting.churn_by_plan_monthly AS
+ SELECT month,
+    plan_at_start AS plan_id,
+    currency,
+    count(*) AS subscribers_at_start,
+    count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)) AS churned,
+    round(((100.0 * (count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)))::numeric) / (count(*))::numeric), 2) AS subscriber_churn_percent,
+    sum(mrr_start_minor) AS mrr_start_minor,
+    sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor))) AS mrr_lost_minor,
+    round(((100.0 * sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor)))) / sum(mrr_start_minor)), 2) AS revenue_churn_percent
+   FROM reporting.mrr_account_months
+  WHERE (mrr_start_minor > (0)::numeric)
+  GROUP BY month, plan_at_start, currency;
+
+COMMENT ON VIEW reporting.churn_by_plan_monthly IS 'Churn per UTC month and the plan subscribers had at its start: subscribers then, how many stopped paying by its end (subscriber churn %), and the MRR lost to churn and contraction over the MRR at the start (gross revenue churn %).';
+
+CREATE VIEW reporting.revenue_monthly AS
+ SELECT ((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS month,
+    currency,
+    sum((amount_minor - refunded_minor)) AS revenue_minor,
+    count(DISTINCT account_id) AS paying_accounts
+   FROM ( SELECT invoices.account_id,
+            invoices.paid_at,
+            invoices.currency,
+            invoices.amount_paid_minor AS amount_minor,
+            invoices.refunded_minor
+           FROM billing.invoices
+          WHERE (invoices.status = 'paid'::text)
+        UNION ALL
+         SELECT payments.account_id,
+            payments.paid_at,
+            payments.currency,
+            payments.amount_minor,
+            payments.refunded_minor
+           FROM billing.payments) r
+  GROUP BY (((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date), currency;
+
+COMMENT ON VIEW reporting.revenue_monthly IS 'Money in per UTC month and currency, net of refunds (subscription invoices, bundles and top-ups; minor units), and how many accounts paid.';
+
+CREATE VIEW reporting.arpu_monthly AS
+ SELECT r.month,
+    r.currency,
+    r.revenue_minor,
+    r.paying_accounts,
+    round((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric), 2) AS arpu_minor,
+    c.churn_percent,
+    round(((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric) / NULLIF((c.churn_percent / (100)::numeric), (0)::numeric)), 2) AS clv_minor
+   FROM (reporting.revenue_monthly r
+     LEFT JOIN ( SELECT churn_by_plan_monthly.month,
+            churn_by_plan_monthly.currency,
+            round(((100.0 * sum(churn_by_plan_monthly.churned)) / sum(churn_by_plan_monthly.subscribers_at_start)), 2) AS churn_percent
+           FROM reporting.churn_by_plan_monthly
+          GROUP BY churn_by_plan_monthly.month, churn_by_plan_monthly.currency) c ON (((c.month = r.month) AND (c.currency = r.currency))));
+
+COMMENT ON VIEW reporting.arpu_monthly IS 'ARPU (revenue / paying accounts, minor units) per UTC month and currency, the month''s subscriber churn (all plans, %), and a simple CLV = ARPU / monthly churn (null when nobody churned).';
 
 CREATE VIEW reporting.auth_events_daily AS
  SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
@@ -4482,6 +5037,28 @@ CREATE VIEW reporting.balance_mismatches AS
   WHERE (a.credit_balance_micros <> COALESCE(e.total, (0)::bigint));
 
 COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries. Must be empty.';
+
+CREATE VIEW reporting.conversion_by_cohort AS
+ WITH firsts AS (
+         SELECT u.account_id,
+            ((date_trunc('month'::text, u.created_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS cohort,
+            u.created_at,
+            LEAST(( SELECT min(c.at) AS min
+                   FROM billing.mrr_changes c
+                  WHERE ((c.account_id = u.account_id) AND (c.mrr_minor > (0)::numeric))), ( SELECT min(p.paid_at) AS min
+                   FROM billing.payments p
+                  WHERE (p.account_id = u.account_id))) AS first_paid_at
+           FROM identity.users u
+        )
+ SELECT cohort,
+    count(*) AS signed_up,
+    count(first_paid_at) AS converted,
+    count(*) FILTER (WHERE (first_paid_at < (created_at + '30 days'::interval))) AS converted_in_30_days,
+    round(((100.0 * (count(first_paid_at))::numeric) / (count(*))::numeric), 2) AS conversion_percent
+   FROM firsts
+  GROUP BY cohort;
+
+COMMENT ON VIEW reporting.conversion_by_cohort IS 'Free-to-paid conversion by sign-up cohort (UTC month a person signed up): how many signed up, how many have paid since (a subscription or a bundle), how many within 30 days, and the %.';
 
 CREATE VIEW reporting.entry_balance_breaks AS
  SELECT id AS entry_id,
@@ -4541,6 +5118,31 @@ CREATE VIEW reporting.meter_event_reports_daily AS
   GROUP BY e.account_id, ((date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date);
 
 COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events per account and UTC day: reported to Stripe (the meter event was accepted), pending (queued or retrying), failed (retries exhausted: see outbox.messages.last_error) and missing (no report queued: must be 0); units reported and the amount charged locally, in minor units.';
+
+CREATE VIEW reporting.mrr_monthly AS
+ SELECT month,
+    currency,
+    sum(mrr_end_minor) AS mrr_minor,
+    ((12)::numeric * sum(mrr_end_minor)) AS arr_minor,
+    count(*) FILTER (WHERE (mrr_end_minor > (0)::numeric)) AS subscribers
+   FROM reporting.mrr_account_months
+  GROUP BY month, currency;
+
+COMMENT ON VIEW reporting.mrr_monthly IS 'MRR and ARR (= 12 x MRR) at the end of each UTC month (the current one: now), per currency, in minor units; yearly prices count as a twelfth a month. subscribers: accounts paying then.';
+
+CREATE VIEW reporting.mrr_movements_monthly AS
+ SELECT month,
+    currency,
+    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND (NOT paid_before))), (0)::numeric) AS new_minor,
+    COALESCE(sum((mrr_end_minor - mrr_start_minor)) FILTER (WHERE ((mrr_start_minor > (0)::numeric) AND (mrr_end_minor > mrr_start_minor))), (0)::numeric) AS expansion_minor,
+    COALESCE(sum((mrr_start_minor - mrr_end_minor)) FILTER (WHERE ((mrr_end_minor > (0)::numeric) AND (mrr_end_minor < mrr_start_minor))), (0)::numeric) AS contraction_minor,
+    COALESCE(sum(mrr_start_minor) FILTER (WHERE (mrr_end_minor = (0)::numeric)), (0)::numeric) AS churned_minor,
+    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND paid_before)), (0)::numeric) AS reactivated_minor,
+    (sum(mrr_end_minor) - sum(mrr_start_minor)) AS net_minor
+   FROM reporting.mrr_account_months
+  GROUP BY month, currency;
+
+COMMENT ON VIEW reporting.mrr_movements_monthly IS 'MRR movements per UTC month and currency (minor units), account by account from the month''s start to its end: new (first paid month), expansion, contraction, churned (to zero), reactivated (paying again after a gap); net = the month''s MRR change.';
 
 CREATE VIEW reporting.outbox_backlog AS
  SELECT kind,
@@ -4641,6 +5243,95 @@ UNION ALL
 
 COMMENT ON VIEW reporting.referral_reward_mismatches IS 'Reconciliation: referral rewards without exactly one ledger transfer once spendable (none while pending or canceled), and rewarded referrals without a reward lot. Must be empty.';
 
+CREATE VIEW reporting.retention_weekly AS
+ WITH weeks AS (
+         SELECT DISTINCT usage_rollup_daily.account_id,
+            (date_trunc('week'::text, (usage_rollup_daily.day)::timestamp with time zone))::date AS week
+           FROM metering.usage_rollup_daily
+        ), cohorts AS (
+         SELECT weeks.account_id,
+            min(weeks.week) AS cohort
+           FROM weeks
+          GROUP BY weeks.account_id
+        )
+ SELECT c.cohort,
+    ((w.week - c.cohort) / 7) AS weeks_since,
+    count(*) AS active_accounts,
+    round(((100.0 * (count(*))::numeric) / (max(s.size))::numeric), 2) AS retention_percent
+   FROM ((weeks w
+     JOIN cohorts c USING (account_id))
+     JOIN ( SELECT cohorts.cohort,
+            count(*) AS size
+           FROM cohorts
+          GROUP BY cohorts.cohort) s ON ((s.cohort = c.cohort)))
+  GROUP BY c.cohort, w.week;
+
+COMMENT ON VIEW reporting.retention_weekly IS 'Weekly retention cohorts: accounts by the ISO week of their first usage, and how many of them had usage n weeks later (weeks_since 0 is the cohort itself, 100%).';
+
+CREATE VIEW reporting.revenue_reconciliation_daily AS
+ WITH stripe AS (
+         SELECT (date_trunc('day'::text, (e.created AT TIME ZONE 'UTC'::text)))::date AS day,
+                CASE
+                    WHEN (e.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    ELSE 'bundle'::text
+                END AS kind,
+            lower((e.payload #>> '{data,object,currency}'::text[])) AS currency,
+            sum(
+                CASE e.type
+                    WHEN 'invoice.paid'::text THEN ((e.payload #>> '{data,object,amount_paid}'::text[]))::bigint
+                    WHEN 'payment_intent.succeeded'::text THEN ((e.payload #>> '{data,object,amount_received}'::text[]))::bigint
+                    ELSE ((e.payload #>> '{data,object,amount_total}'::text[]))::bigint
+                END) AS stripe_minor
+           FROM billing.stripe_events e
+          WHERE ((e.status = 'applied'::text) AND ((e.type = 'payment_intent.succeeded'::text) OR ((e.type = ANY (ARRAY['checkout.session.completed'::text, 'checkout.session.async_payment_succeeded'::text])) AND ((e.payload #>> '{data,object,mode}'::text[]) = 'payment'::text) AND ((e.payload #>> '{data,object,payment_status}'::text[]) = 'paid'::text)) OR ((e.type = 'invoice.paid'::text) AND (EXISTS ( SELECT 1
+                   FROM billing.invoices i
+                  WHERE (i.stripe_invoice_id = (e.payload #>> '{data,object,id}'::text[])))))))
+          GROUP BY ((date_trunc('day'::text, (e.created AT TIME ZONE 'UTC'::text)))::date),
+                CASE
+                    WHEN (e.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    ELSE 'bundle'::text
+                END, (lower((e.payload #>> '{data,object,currency}'::text[])))
+        ), recorded AS (
+         SELECT (date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            'bundle'::text AS kind,
+            p.currency,
+            sum(p.amount_minor) AS recorded_minor,
+            sum(p.refunded_minor) AS refunded_minor,
+            sum(p.credits_micros) AS expected_credits_micros,
+            sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
+                   FROM ledger.transfers t
+                  WHERE ((t.account_id = p.account_id) AND (t.kind = 'purchase'::text) AND (t.idempotency_key = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
+           FROM billing.payments p
+          GROUP BY ((date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date), 'bundle'::text, p.currency
+        UNION ALL
+         SELECT (date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date AS date_trunc,
+            'subscription'::text,
+            i.currency,
+            sum(i.amount_paid_minor) AS sum,
+            sum(i.refunded_minor) AS sum,
+            sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
+            sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
+                   FROM ledger.transfers t
+                  WHERE ((t.account_id = i.account_id) AND (t.idempotency_key = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
+           FROM (billing.invoices i
+             LEFT JOIN billing.plans pl ON ((pl.id = i.plan_id)))
+          WHERE (i.status = 'paid'::text)
+          GROUP BY ((date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date), 'subscription'::text, i.currency
+        )
+ SELECT COALESCE(r.day, s.day) AS day,
+    COALESCE(r.kind, s.kind) AS kind,
+    COALESCE(r.currency, s.currency) AS currency,
+    COALESCE(s.stripe_minor, (0)::numeric) AS stripe_minor,
+    COALESCE(r.recorded_minor, (0)::numeric) AS recorded_minor,
+    COALESCE(r.refunded_minor, (0)::numeric) AS refunded_minor,
+    COALESCE(r.expected_credits_micros, (0)::numeric) AS expected_credits_micros,
+    COALESCE(r.ledger_credits_micros, (0)::numeric) AS ledger_credits_micros,
+    round((100.0 * GREATEST((abs((COALESCE(s.stripe_minor, (0)::numeric) - COALESCE(r.recorded_minor, (0)::numeric))) / GREATEST(COALESCE(s.stripe_minor, (0)::numeric), COALESCE(r.recorded_minor, (0)::numeric), (1)::numeric)), (abs((COALESCE(r.expected_credits_micros, (0)::numeric) - COALESCE(r.ledger_credits_micros, (0)::numeric))) / GREATEST(COALESCE(r.expected_credits_micros, (0)::numeric), (1)::numeric)))), 2) AS drift_percent
+   FROM (recorded r
+     FULL JOIN stripe s ON (((s.day = r.day) AND (s.kind = r.kind) AND (s.currency = r.currency))));
+
+COMMENT ON VIEW reporting.revenue_reconciliation_daily IS 'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
+
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
     type,
@@ -4694,6 +5385,17 @@ CREATE VIEW reporting.unreported_post_paid_events AS
 
 COMMENT ON VIEW reporting.unreported_post_paid_events IS 'Reconciliation: post-paid usage events with no report to Stripe queued (the charge writes both in one transaction). Must be empty.';
 
+CREATE VIEW reporting.usage_by_hour AS
+ SELECT (EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer AS hour_of_day,
+    meter_id,
+    sum(events) AS events,
+    sum(quantity) AS quantity,
+    round(((100.0 * sum(events)) / sum(sum(events)) OVER (PARTITION BY meter_id)), 2) AS percent_of_events
+   FROM metering.usage_rollup_hourly
+  GROUP BY ((EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer), meter_id;
+
+COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
+
 CREATE VIEW reporting.usage_charge_mismatches AS
  SELECT u.id AS usage_event_id,
     u.account_id,
@@ -4717,6 +5419,25 @@ CREATE VIEW reporting.usage_daily AS
 
 COMMENT ON VIEW reporting.usage_daily IS 'Usage per UTC day and meter: events, units, allowance units and micro-credits spent.';
 
+CREATE VIEW reporting.usage_per_meter_plan_monthly AS
+ SELECT month,
+    meter_id,
+    plan_id,
+    count(*) AS accounts,
+    sum(quantity) AS quantity,
+    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p50_per_account,
+    percentile_cont((0.95)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p95_per_account
+   FROM ( SELECT (date_trunc('month'::text, (usage_rollup_daily.day)::timestamp with time zone))::date AS month,
+            usage_rollup_daily.meter_id,
+            usage_rollup_daily.plan_id,
+            usage_rollup_daily.account_id,
+            sum(usage_rollup_daily.quantity) AS quantity
+           FROM metering.usage_rollup_daily
+          GROUP BY ((date_trunc('month'::text, (usage_rollup_daily.day)::timestamp with time zone))::date), usage_rollup_daily.meter_id, usage_rollup_daily.plan_id, usage_rollup_daily.account_id) a
+  GROUP BY month, meter_id, plan_id;
+
+COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS 'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
+
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
 
@@ -4729,11 +5450,17 @@ ALTER TABLE ONLY billing.customers
 ALTER TABLE billing.customers
     ADD CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255))) NOT VALID;
 
+ALTER TABLE ONLY billing.disputes
+    ADD CONSTRAINT disputes_pkey PRIMARY KEY (stripe_dispute_id);
+
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
 
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_pkey PRIMARY KEY (id);
 
 ALTER TABLE billing.payments
     ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
@@ -4915,6 +5642,9 @@ ALTER TABLE ledger.transfers
 ALTER TABLE ONLY ledger.transfers
     ADD CONSTRAINT transfers_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY metering.active_accounts_daily
+    ADD CONSTRAINT active_accounts_daily_pkey PRIMARY KEY (day);
+
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
 
@@ -4933,11 +5663,23 @@ ALTER TABLE ONLY metering.meters
 ALTER TABLE metering.meters
     ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
 
+ALTER TABLE ONLY metering.rollup_state
+    ADD CONSTRAINT rollup_state_pkey PRIMARY KEY (singleton);
+
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_idempotency_key UNIQUE (account_id, idempotency_key);
 
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY metering.usage_rollup_daily
+    ADD CONSTRAINT usage_rollup_daily_pkey PRIMARY KEY (day, account_id, meter_id);
+
+ALTER TABLE ONLY metering.usage_rollup_hourly
+    ADD CONSTRAINT usage_rollup_hourly_pkey PRIMARY KEY (hour, meter_id);
+
+ALTER TABLE ONLY ops.alerts
+    ADD CONSTRAINT alerts_pkey PRIMARY KEY (condition);
 
 ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)) NOT VALID;
@@ -4949,6 +5691,8 @@ ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
 
 CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, created_at);
+
+CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes USING btree (account_id, at DESC, id DESC);
 
 CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
 
@@ -4994,6 +5738,8 @@ CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events USING btree
 
 CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events USING btree (account_id, meter_id, created_at);
 
+CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
+
 CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
 
 CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
@@ -5017,6 +5763,9 @@ ALTER TABLE ONLY billing.auto_topups
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
+ALTER TABLE ONLY billing.disputes
+    ADD CONSTRAINT disputes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
@@ -5027,7 +5776,16 @@ ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
 
 ALTER TABLE ONLY billing.payments
     ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -5142,6 +5900,8 @@ ALTER TABLE ONLY metering.usage_events
 
 GRANT USAGE ON SCHEMA api TO pgtally_api;
 
+GRANT USAGE ON SCHEMA ops TO pgtally_analyst;
+
 GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 
 REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
@@ -5167,6 +5927,9 @@ GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) TO 
 
 REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.check_alerts(p_email text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.check_alerts(p_email text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -5214,6 +5977,9 @@ GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
 
@@ -5246,6 +6012,9 @@ GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgt
 REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) TO pgtally_api;
 
@@ -5260,6 +6029,9 @@ GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email
 
 REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.ops_gauges() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.ops_gauges() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.outbox_claim(p_limit integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_claim(p_limit integer) TO pgtally_api;
@@ -5300,6 +6072,12 @@ GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) T
 REVOKE ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.rollup_usage(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.rollup_usage(p_limit integer) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.schema_version() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.schema_version() TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 
@@ -5311,6 +6089,11 @@ GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.staff_grant(p_email text, p_role text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.staff_role(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.staff_role(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
@@ -5330,11 +6113,15 @@ GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_curs
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.account_of(p_account_hint text, p_customer text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_charge_refunded(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_dispute(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
 
@@ -5352,6 +6139,10 @@ REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_accoun
 
 REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.email_receipt(p_payment text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
@@ -5367,6 +6158,10 @@ REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
 
@@ -5506,9 +6301,21 @@ REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
 
+GRANT SELECT ON TABLE reporting.active_accounts_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.mrr_account_months TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.churn_by_plan_monthly TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.revenue_monthly TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.arpu_monthly TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.conversion_by_cohort TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
 
@@ -5517,6 +6324,10 @@ GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.mrr_monthly TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.mrr_movements_monthly TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 
@@ -5528,6 +6339,10 @@ GRANT SELECT ON TABLE reporting.referral_funnel_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.referral_reward_mismatches TO pgtally_analyst;
 
+GRANT SELECT ON TABLE reporting.retention_weekly TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
@@ -5538,8 +6353,12 @@ GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
 
+GRANT SELECT ON TABLE reporting.usage_by_hour TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.usage_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.usage_per_meter_plan_monthly TO pgtally_analyst;
 
 ALTER DEFAULT PRIVILEGES FOR ROLE <owner> REVOKE ALL ON FUNCTIONS FROM PUBLIC;

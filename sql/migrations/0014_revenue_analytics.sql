@@ -1,0 +1,283 @@
+-- pgtally 0014: money in, recorded (subscription invoices, refunds, disputes); MRR history; usage
+-- rollups for analytics at scale; operator alerts; staff roles.
+-- depends: 0013_credit_lots
+
+-- The analytics views below read the clock; sql/functions/00_util.sql keeps this definition.
+CREATE OR REPLACE FUNCTION util.now() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(nullif(current_setting('pgtally.now', true), '')::timestamptz, now())
+$$;
+
+ALTER TABLE billing.invoices
+  ADD COLUMN tax_minor bigint NOT NULL DEFAULT 0 CHECK (tax_minor >= 0),
+  ADD COLUMN plan_id text REFERENCES billing.plans,
+  ADD COLUMN period_start timestamptz,
+  ADD COLUMN period_end timestamptz,
+  ADD COLUMN refunded_minor bigint NOT NULL DEFAULT 0 CHECK (refunded_minor >= 0),
+  ADD COLUMN paid_at timestamptz;
+COMMENT ON COLUMN billing.invoices.tax_minor IS 'Tax on the invoice, in minor units (Stripe''s total_taxes, or tax on older API versions).';
+COMMENT ON COLUMN billing.invoices.refunded_minor IS 'What charge.refunded events took back of this invoice''s payment, in minor units.';
+COMMENT ON COLUMN billing.invoices.paid_at IS 'When Stripe reported it paid (the invoice.paid event''s time).';
+
+CREATE TABLE billing.disputes (
+  stripe_dispute_id        text PRIMARY KEY CHECK (length(stripe_dispute_id) <= 255),
+  account_id               uuid REFERENCES identity.accounts,
+  stripe_charge_id         text CHECK (length(stripe_charge_id) <= 255),
+  stripe_payment_intent_id text CHECK (length(stripe_payment_intent_id) <= 255),
+  amount_minor             bigint NOT NULL CHECK (amount_minor >= 0),
+  currency                 text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  reason                   text CHECK (length(reason) <= 100),
+  status                   text NOT NULL CHECK (length(status) <= 50),
+  created_at               timestamptz NOT NULL,
+  closed_at                timestamptz
+);
+COMMENT ON TABLE billing.disputes IS
+  'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
+
+CREATE TABLE billing.mrr_changes (
+  id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  account_id uuid NOT NULL REFERENCES identity.accounts,
+  at         timestamptz NOT NULL,
+  currency   text NOT NULL CHECK (currency ~ '^[a-z]{3}$'),
+  mrr_minor  numeric(20, 4) NOT NULL CHECK (mrr_minor >= 0),
+  plan_id    text REFERENCES billing.plans
+);
+CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes (account_id, at DESC, id DESC);
+COMMENT ON TABLE billing.mrr_changes IS
+  'Each change of an account''s monthly recurring revenue, at the time of the Stripe event that made it: the sum of its live (active or past_due) licensed subscription prices, yearly ones divided by 12 (hence numeric: an analytic, not money that moves). Metered prices bill usage, not MRR. Written by billing.record_mrr when a subscription event changes it.';
+
+-- Usage rollups: the worker folds usage events into them (api.rollup_usage), so analytics read
+-- thousands of rows, not millions.
+CREATE TABLE metering.usage_rollup_daily (
+  day            date NOT NULL,
+  account_id     uuid NOT NULL,
+  meter_id       text NOT NULL,
+  plan_id        text NOT NULL,
+  events         bigint NOT NULL,
+  quantity       bigint NOT NULL,
+  credits_micros bigint NOT NULL,
+  PRIMARY KEY (day, account_id, meter_id)
+);
+CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily (account_id, day);
+COMMENT ON TABLE metering.usage_rollup_daily IS
+  'Usage per UTC day, account and meter (events, units, micro-credits), with the account''s plan when it was rolled up. Maintained by api.rollup_usage from metering.usage_events.';
+
+CREATE TABLE metering.usage_rollup_hourly (
+  hour     timestamptz NOT NULL,
+  meter_id text NOT NULL,
+  events   bigint NOT NULL,
+  quantity bigint NOT NULL,
+  PRIMARY KEY (hour, meter_id)
+);
+COMMENT ON TABLE metering.usage_rollup_hourly IS 'Usage per UTC hour and meter, all accounts together. Maintained by api.rollup_usage.';
+
+CREATE TABLE metering.active_accounts_daily (
+  day date PRIMARY KEY,
+  dau bigint NOT NULL,
+  wau bigint NOT NULL,
+  mau bigint NOT NULL
+);
+COMMENT ON TABLE metering.active_accounts_daily IS
+  'Accounts with usage on the UTC day (dau), in the 7 days (wau) and the 30 days (mau) ending on it. Recomputed by api.rollup_usage for the days its new events touch.';
+
+CREATE TABLE metering.rollup_state (
+  singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  last_id    uuid NOT NULL DEFAULT '00000000-0000-0000-0000-000000000000',
+  updated_at timestamptz
+);
+INSERT INTO metering.rollup_state DEFAULT VALUES;
+COMMENT ON TABLE metering.rollup_state IS
+  'How far api.rollup_usage has read metering.usage_events: the id (time-ordered, version 7) of the last event folded in. It reads in id order and stops at the first event less than a minute old, so a charge still committing is never passed over; no index beyond the primary key is needed.';
+
+ALTER TABLE outbox.messages DROP CONSTRAINT messages_kind_check;
+ALTER TABLE outbox.messages ADD CONSTRAINT messages_kind_check
+  CHECK (kind IN ('verify_email', 'account_exists', 'password_reset', 'usage_warning', 'auto_topup',
+                  'auto_topup_disabled', 'meter_event', 'alert', 'payment_failed', 'receipt',
+                  'subscription_ending', 'subscription_canceled'));
+COMMENT ON COLUMN outbox.messages.kind IS
+  'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
+
+CREATE SCHEMA IF NOT EXISTS ops;
+COMMENT ON SCHEMA ops IS 'pgtally operations: alert state.';
+CREATE TABLE ops.alerts (
+  condition    text PRIMARY KEY CHECK (condition IN ('webhook_rejected', 'reconciliation', 'outbox_failed')),
+  last_sent_at timestamptz NOT NULL,
+  last_detail  jsonb NOT NULL DEFAULT '{}'
+);
+COMMENT ON TABLE ops.alerts IS
+  'When each alert condition last emailed the operators (PGTALLY_ALERT_EMAIL): at most once an hour per condition. webhook_rejected: signed Stripe events that could not be applied; reconciliation: a row in a reconciliation view; outbox_failed: messages that exhausted their retries (emails, meter events, top-ups).';
+
+ALTER TABLE identity.users ADD COLUMN staff_role text CHECK (staff_role IN ('support', 'admin'));
+COMMENT ON COLUMN identity.users.staff_role IS
+  'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
+
+------------------------------------------------------------------------------------------------
+-- Reconciliation: what Stripe reported, what pgtally recorded, what the ledger granted
+------------------------------------------------------------------------------------------------
+CREATE VIEW reporting.revenue_reconciliation_daily AS
+WITH stripe AS (
+  SELECT (date_trunc('day', e.created AT TIME ZONE 'UTC'))::date AS day,
+         CASE WHEN e.type = 'invoice.paid' THEN 'subscription' ELSE 'bundle' END AS kind,
+         lower(e.payload #>> '{data,object,currency}') AS currency,
+         sum(CASE e.type WHEN 'invoice.paid' THEN (e.payload #>> '{data,object,amount_paid}')::bigint
+                         WHEN 'payment_intent.succeeded' THEN (e.payload #>> '{data,object,amount_received}')::bigint
+                         ELSE (e.payload #>> '{data,object,amount_total}')::bigint END) AS stripe_minor
+  FROM billing.stripe_events e
+  WHERE e.status = 'applied'
+    AND (e.type = 'payment_intent.succeeded'
+         OR (e.type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded')
+             AND e.payload #>> '{data,object,mode}' = 'payment' AND e.payload #>> '{data,object,payment_status}' = 'paid')
+         OR (e.type = 'invoice.paid' AND EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_invoice_id = e.payload #>> '{data,object,id}')))
+  GROUP BY 1, 2, 3),
+recorded AS (
+  SELECT (date_trunc('day', p.paid_at AT TIME ZONE 'UTC'))::date AS day, 'bundle' AS kind, p.currency,
+         sum(p.amount_minor) AS recorded_minor, sum(p.refunded_minor) AS refunded_minor,
+         sum(p.credits_micros) AS expected_credits_micros,
+         sum((SELECT coalesce(sum(t.amount_micros), 0) FROM ledger.transfers t
+              WHERE t.account_id = p.account_id AND t.kind = 'purchase'
+                AND t.idempotency_key IN ('checkout:' || p.stripe_checkout_session, 'payment_intent:' || p.stripe_payment_intent_id))
+            ) AS ledger_credits_micros
+  FROM billing.payments p GROUP BY 1, 2, 3
+  UNION ALL
+  SELECT (date_trunc('day', i.paid_at AT TIME ZONE 'UTC'))::date, 'subscription', i.currency,
+         sum(i.amount_paid_minor), sum(i.refunded_minor),
+         sum(coalesce(pl.included_credits_micros, 0)),
+         sum((SELECT coalesce(sum(t.amount_micros), 0) FROM ledger.transfers t
+              WHERE t.account_id = i.account_id AND t.idempotency_key = 'invoice:' || i.stripe_invoice_id))
+  FROM billing.invoices i LEFT JOIN billing.plans pl ON pl.id = i.plan_id
+  WHERE i.status = 'paid' GROUP BY 1, 2, 3)
+SELECT coalesce(r.day, s.day) AS day, coalesce(r.kind, s.kind) AS kind, coalesce(r.currency, s.currency) AS currency,
+       coalesce(s.stripe_minor, 0) AS stripe_minor, coalesce(r.recorded_minor, 0) AS recorded_minor,
+       coalesce(r.refunded_minor, 0) AS refunded_minor,
+       coalesce(r.expected_credits_micros, 0) AS expected_credits_micros,
+       coalesce(r.ledger_credits_micros, 0) AS ledger_credits_micros,
+       round(100.0 * greatest(abs(coalesce(s.stripe_minor, 0) - coalesce(r.recorded_minor, 0))
+                                / greatest(coalesce(s.stripe_minor, 0), coalesce(r.recorded_minor, 0), 1),
+                              abs(coalesce(r.expected_credits_micros, 0) - coalesce(r.ledger_credits_micros, 0))
+                                / greatest(coalesce(r.expected_credits_micros, 0), 1)), 2) AS drift_percent
+FROM recorded r FULL JOIN stripe s ON s.day = r.day AND s.kind = r.kind AND s.currency = r.currency;
+COMMENT ON VIEW reporting.revenue_reconciliation_daily IS
+  'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
+
+------------------------------------------------------------------------------------------------
+-- Analytics (documented in README.md, "For DBAs"; pgtally report NAME prints any of them)
+------------------------------------------------------------------------------------------------
+CREATE VIEW reporting.mrr_account_months AS
+WITH months AS (
+  SELECT generate_series(date_trunc('month', min(at), 'UTC'), date_trunc('month', util.now(), 'UTC'), interval '1 month') AS month
+  FROM billing.mrr_changes),
+accounts AS (SELECT DISTINCT account_id FROM billing.mrr_changes)
+SELECT (m.month AT TIME ZONE 'UTC')::date AS month, a.account_id,
+       coalesce(e.currency, s.currency) AS currency, s.plan_id AS plan_at_start, e.plan_id AS plan_at_end,
+       coalesce(s.mrr_minor, 0) AS mrr_start_minor, coalesce(e.mrr_minor, 0) AS mrr_end_minor,
+       EXISTS (SELECT 1 FROM billing.mrr_changes c WHERE c.account_id = a.account_id AND c.at < m.month AND c.mrr_minor > 0) AS paid_before
+FROM months m CROSS JOIN accounts a
+LEFT JOIN LATERAL (SELECT c.currency, c.mrr_minor, c.plan_id FROM billing.mrr_changes c
+                   WHERE c.account_id = a.account_id AND c.at < m.month ORDER BY c.at DESC, c.id DESC LIMIT 1) s ON true
+LEFT JOIN LATERAL (SELECT c.currency, c.mrr_minor, c.plan_id FROM billing.mrr_changes c
+                   WHERE c.account_id = a.account_id AND c.at < m.month + interval '1 month'
+                   ORDER BY c.at DESC, c.id DESC LIMIT 1) e ON true
+WHERE s.mrr_minor > 0 OR e.mrr_minor > 0;
+COMMENT ON VIEW reporting.mrr_account_months IS
+  'Each subscribing account''s MRR at the start and the end of each UTC month (from billing.mrr_changes; minor units, yearly prices / 12), its plan then, and whether it had paid before the month: what the MRR, movement and churn views add up.';
+
+CREATE VIEW reporting.mrr_monthly AS
+SELECT month, currency, sum(mrr_end_minor) AS mrr_minor, 12 * sum(mrr_end_minor) AS arr_minor,
+       count(*) FILTER (WHERE mrr_end_minor > 0) AS subscribers
+FROM reporting.mrr_account_months GROUP BY month, currency;
+COMMENT ON VIEW reporting.mrr_monthly IS
+  'MRR and ARR (= 12 x MRR) at the end of each UTC month (the current one: now), per currency, in minor units; yearly prices count as a twelfth a month. subscribers: accounts paying then.';
+
+CREATE VIEW reporting.mrr_movements_monthly AS
+SELECT month, currency,
+       coalesce(sum(mrr_end_minor) FILTER (WHERE mrr_start_minor = 0 AND NOT paid_before), 0) AS new_minor,
+       coalesce(sum(mrr_end_minor - mrr_start_minor) FILTER (WHERE mrr_start_minor > 0 AND mrr_end_minor > mrr_start_minor), 0) AS expansion_minor,
+       coalesce(sum(mrr_start_minor - mrr_end_minor) FILTER (WHERE mrr_end_minor > 0 AND mrr_end_minor < mrr_start_minor), 0) AS contraction_minor,
+       coalesce(sum(mrr_start_minor) FILTER (WHERE mrr_end_minor = 0), 0) AS churned_minor,
+       coalesce(sum(mrr_end_minor) FILTER (WHERE mrr_start_minor = 0 AND paid_before), 0) AS reactivated_minor,
+       sum(mrr_end_minor) - sum(mrr_start_minor) AS net_minor
+FROM reporting.mrr_account_months GROUP BY month, currency;
+COMMENT ON VIEW reporting.mrr_movements_monthly IS
+  'MRR movements per UTC month and currency (minor units), account by account from the month''s start to its end: new (first paid month), expansion, contraction, churned (to zero), reactivated (paying again after a gap); net = the month''s MRR change.';
+
+CREATE VIEW reporting.churn_by_plan_monthly AS
+SELECT month, plan_at_start AS plan_id, currency,
+       count(*) AS subscribers_at_start,
+       count(*) FILTER (WHERE mrr_end_minor = 0) AS churned,
+       round(100.0 * count(*) FILTER (WHERE mrr_end_minor = 0) / count(*), 2) AS subscriber_churn_percent,
+       sum(mrr_start_minor) AS mrr_start_minor,
+       sum(mrr_start_minor - least(mrr_end_minor, mrr_start_minor)) AS mrr_lost_minor,
+       round(100.0 * sum(mrr_start_minor - least(mrr_end_minor, mrr_start_minor)) / sum(mrr_start_minor), 2) AS revenue_churn_percent
+FROM reporting.mrr_account_months WHERE mrr_start_minor > 0
+GROUP BY month, plan_at_start, currency;
+COMMENT ON VIEW reporting.churn_by_plan_monthly IS
+  'Churn per UTC month and the plan subscribers had at its start: subscribers then, how many stopped paying by its end (subscriber churn %), and the MRR lost to churn and contraction over the MRR at the start (gross revenue churn %).';
+
+CREATE VIEW reporting.revenue_monthly AS
+SELECT (date_trunc('month', paid_at, 'UTC') AT TIME ZONE 'UTC')::date AS month, currency,
+       sum(amount_minor - refunded_minor) AS revenue_minor, count(DISTINCT account_id) AS paying_accounts
+FROM (SELECT account_id, paid_at, currency, amount_paid_minor AS amount_minor, refunded_minor FROM billing.invoices WHERE status = 'paid'
+      UNION ALL
+      SELECT account_id, paid_at, currency, amount_minor, refunded_minor FROM billing.payments) r
+GROUP BY 1, 2;
+COMMENT ON VIEW reporting.revenue_monthly IS 'Money in per UTC month and currency, net of refunds (subscription invoices, bundles and top-ups; minor units), and how many accounts paid.';
+
+CREATE VIEW reporting.arpu_monthly AS
+SELECT r.month, r.currency, r.revenue_minor, r.paying_accounts,
+       round(r.revenue_minor::numeric / nullif(r.paying_accounts, 0), 2) AS arpu_minor,
+       c.churn_percent,
+       round(r.revenue_minor::numeric / nullif(r.paying_accounts, 0) / nullif(c.churn_percent / 100, 0), 2) AS clv_minor
+FROM reporting.revenue_monthly r
+LEFT JOIN (SELECT month, currency, round(100.0 * sum(churned) / sum(subscribers_at_start), 2) AS churn_percent
+           FROM reporting.churn_by_plan_monthly GROUP BY month, currency) c ON c.month = r.month AND c.currency = r.currency;
+COMMENT ON VIEW reporting.arpu_monthly IS
+  'ARPU (revenue / paying accounts, minor units) per UTC month and currency, the month''s subscriber churn (all plans, %), and a simple CLV = ARPU / monthly churn (null when nobody churned).';
+
+CREATE VIEW reporting.conversion_by_cohort AS
+WITH firsts AS (
+  SELECT u.account_id, (date_trunc('month', u.created_at, 'UTC') AT TIME ZONE 'UTC')::date AS cohort, u.created_at,
+         least((SELECT min(c.at) FROM billing.mrr_changes c WHERE c.account_id = u.account_id AND c.mrr_minor > 0),
+               (SELECT min(p.paid_at) FROM billing.payments p WHERE p.account_id = u.account_id)) AS first_paid_at
+  FROM identity.users u)
+SELECT cohort, count(*) AS signed_up, count(first_paid_at) AS converted,
+       count(*) FILTER (WHERE first_paid_at < created_at + interval '30 days') AS converted_in_30_days,
+       round(100.0 * count(first_paid_at) / count(*), 2) AS conversion_percent
+FROM firsts GROUP BY cohort;
+COMMENT ON VIEW reporting.conversion_by_cohort IS
+  'Free-to-paid conversion by sign-up cohort (UTC month a person signed up): how many signed up, how many have paid since (a subscription or a bundle), how many within 30 days, and the %.';
+
+CREATE VIEW reporting.active_accounts_daily AS
+SELECT day, dau, wau, mau FROM metering.active_accounts_daily;
+COMMENT ON VIEW reporting.active_accounts_daily IS
+  'DAU, WAU and MAU: accounts with usage on the UTC day, and in the 7 and 30 days ending on it (from the usage rollup: events of the last minute are not in yet).';
+
+CREATE VIEW reporting.retention_weekly AS
+WITH weeks AS (SELECT DISTINCT account_id, date_trunc('week', day)::date AS week FROM metering.usage_rollup_daily),
+cohorts AS (SELECT account_id, min(week) AS cohort FROM weeks GROUP BY account_id)
+SELECT c.cohort, (w.week - c.cohort) / 7 AS weeks_since, count(*) AS active_accounts,
+       round(100.0 * count(*) / max(s.size), 2) AS retention_percent
+FROM weeks w JOIN cohorts c USING (account_id)
+JOIN (SELECT cohort, count(*) AS size FROM cohorts GROUP BY cohort) s ON s.cohort = c.cohort
+GROUP BY c.cohort, w.week;
+COMMENT ON VIEW reporting.retention_weekly IS
+  'Weekly retention cohorts: accounts by the ISO week of their first usage, and how many of them had usage n weeks later (weeks_since 0 is the cohort itself, 100%).';
+
+CREATE VIEW reporting.usage_per_meter_plan_monthly AS
+SELECT month, meter_id, plan_id, count(*) AS accounts, sum(quantity) AS quantity,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY quantity) AS p50_per_account,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY quantity) AS p95_per_account
+FROM (SELECT date_trunc('month', day)::date AS month, meter_id, plan_id, account_id, sum(quantity) AS quantity
+      FROM metering.usage_rollup_daily GROUP BY 1, 2, 3, 4) a
+GROUP BY month, meter_id, plan_id;
+COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS
+  'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
+
+CREATE VIEW reporting.usage_by_hour AS
+SELECT extract(hour FROM hour AT TIME ZONE 'UTC')::integer AS hour_of_day, meter_id,
+       sum(events) AS events, sum(quantity) AS quantity,
+       round(100.0 * sum(events) / sum(sum(events)) OVER (PARTITION BY meter_id), 2) AS percent_of_events
+FROM metering.usage_rollup_hourly GROUP BY 1, 2;
+COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
+
+GRANT USAGE ON SCHEMA ops TO pgtally_analyst;
+GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO pgtally_analyst;
