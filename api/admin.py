@@ -12,7 +12,7 @@ from litestar import Request, Response, get
 from litestar.params import FromPath
 from pygal.style import CleanStyle
 
-from api.calls import call_json
+from api.calls import call, call_json
 from api.errors import PgtallyError
 from api.web import browser_session, page, to_login
 
@@ -52,10 +52,11 @@ def draw(name: str, rows: list[dict[str, Any]]) -> bytes:
 
 
 async def staff_only(request: Request) -> Any:
+    """The signed-in session id of a staff user; False for a customer; None when signed out."""
     session_id = browser_session(request)
     if session_id is None:
         return None
-    role = await call_json(request, "SELECT to_jsonb(api.staff_role(%s::uuid))", [session_id])
+    (role,) = await call(request, "SELECT api.staff_role(%s::uuid)", [session_id])
     return session_id if role else False
 
 
@@ -70,7 +71,7 @@ async def metrics_page(request: Request) -> Any:
     return page("admin_metrics.html", request, charts=CHARTS)
 
 
-@get("/admin/metrics/{name:str}.svg")
+@get("/admin/metrics/charts/{name:str}")
 async def metrics_chart(request: Request, name: FromPath[str]) -> Response[bytes]:
     session_id = await staff_only(request)
     if not session_id or name not in CHARTS:

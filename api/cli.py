@@ -153,9 +153,9 @@ def db_schema(write: bool) -> None:
         click.echo(text, nl=False)
 
 
-RECONCILIATION_VIEWS = ("balance_mismatches", "unbalanced_transfers", "entry_balance_breaks",
-                        "usage_charge_mismatches", "hold_mismatches", "unreported_post_paid_events",
-                        "lot_balance_mismatches", "referral_reward_mismatches")
+def reconciliation_views(conn: psycopg.Connection) -> list[str]:
+    """The reporting views that must always be empty (ops.reconciliation_views(), the one list)."""
+    return [v for (v,) in conn.execute("SELECT unnest(ops.reconciliation_views())")]
 
 
 @main.command()
@@ -163,7 +163,7 @@ def reconcile() -> None:
     """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty."""
     problems = 0
     with psycopg.connect(owner_url(), autocommit=True) as conn:
-        for view in RECONCILIATION_VIEWS:
+        for view in reconciliation_views(conn):
             rows = conn.execute(f"SELECT * FROM reporting.{view}").fetchall()
             problems += len(rows)
             click.echo(f"{'ok  ' if not rows else 'FAIL'}  reporting.{view}: {len(rows)} row(s)")
@@ -211,7 +211,8 @@ def report(name: str | None, since, until, fmt: str) -> None:
         query = sql.SQL("SELECT * FROM reporting.{}").format(sql.Identifier(name))
         params: list = []
         if column:
-            query += sql.SQL(" WHERE ({col} >= %s OR %s IS NULL) AND ({col} < %s OR %s IS NULL) ORDER BY {col}").format(
+            query += sql.SQL(" WHERE ({col} >= %s::timestamptz OR %s::timestamptz IS NULL)"
+                             " AND ({col} < %s::timestamptz OR %s::timestamptz IS NULL) ORDER BY {col}").format(
                 col=sql.Identifier(column))
             params = [since, since, until, until]
         cur = conn.execute(query, params)

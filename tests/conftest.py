@@ -117,9 +117,9 @@ def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
 
 def reconciliation_problems(conn: psycopg.Connection) -> dict[str, list]:
     """Rows of every reconciliation view; all must be empty."""
-    from api.cli import RECONCILIATION_VIEWS
+    from api.cli import reconciliation_views
 
-    return {v: rows for v in RECONCILIATION_VIEWS if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}
+    return {v: rows for v in reconciliation_views(conn) if (rows := conn.execute(f"SELECT * FROM reporting.{v}").fetchall())}
 
 
 def free_port() -> int:

@@ -140,6 +140,8 @@ DECLARE
   v_count integer;
   v_last uuid;
   v_first_day date;
+  v_pending_day date;
+  v_today date;
   v_day date;
 BEGIN
   -- One worker at a time: the state row is the lock; a second worker skips.
@@ -156,9 +158,6 @@ BEGIN
   DELETE FROM rollup_batch WHERE id >= (SELECT id FROM rollup_batch WHERE created_at >= util.now() - interval '1 minute'
                                         ORDER BY id LIMIT 1);
   SELECT count(*), (array_agg(id ORDER BY id DESC))[1] INTO v_count, v_last FROM rollup_batch;
-  IF v_count = 0 THEN
-    RETURN 0;
-  END IF;
   INSERT INTO metering.usage_rollup_daily AS r (day, account_id, meter_id, plan_id, events, quantity, credits_micros)
   SELECT (b.created_at AT TIME ZONE 'UTC')::date, b.account_id, b.meter_id, identity.effective_plan(a),
          count(*), sum(b.quantity), sum(b.credits_micros)
@@ -171,9 +170,21 @@ BEGIN
   SELECT date_trunc('hour', b.created_at, 'UTC'), b.meter_id, count(*), sum(b.quantity)
   FROM rollup_batch b GROUP BY 1, 2
   ON CONFLICT (hour, meter_id) DO UPDATE SET events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity;
-  -- Active accounts for each day the batch touched, and the days whose 7- and 30-day windows include it.
-  SELECT min((created_at AT TIME ZONE 'UTC')::date) INTO v_first_day FROM rollup_batch;
-  FOR v_day IN SELECT generate_series(v_first_day, least(v_first_day + 29, (util.now() AT TIME ZONE 'UTC')::date), '1 day')::date LOOP
+  -- Active accounts per day. A day is final once every event of it is folded in: each is computed
+  -- when it completes, and the day the next unfolded event falls on (today, when caught up) is
+  -- recomputed each run. Events folded into days already final (a clock moved back) recompute
+  -- from their day on, as the 7- and 30-day windows after it include them.
+  v_today := (util.now() AT TIME ZONE 'UTC')::date;
+  SELECT least((SELECT (e.created_at AT TIME ZONE 'UTC')::date FROM metering.usage_events e
+                WHERE e.id > coalesce(v_last, st.last_id) ORDER BY e.id LIMIT 1), v_today)
+  INTO v_pending_day;
+  v_pending_day := coalesce(v_pending_day, v_today);
+  SELECT least((SELECT min((created_at AT TIME ZONE 'UTC')::date) FROM rollup_batch),
+               coalesce((SELECT max(day) + 1 FROM metering.active_accounts_daily),
+                        (SELECT min(day) FROM metering.usage_rollup_daily)))
+  INTO v_first_day;
+  v_first_day := least(v_first_day, v_pending_day);
+  FOR v_day IN SELECT generate_series(v_first_day, v_pending_day, '1 day')::date LOOP
     INSERT INTO metering.active_accounts_daily AS x (day, dau, wau, mau)
     SELECT v_day,
            count(DISTINCT account_id) FILTER (WHERE day = v_day),
@@ -182,15 +193,42 @@ BEGIN
     FROM metering.usage_rollup_daily WHERE day > v_day - 30 AND day <= v_day
     ON CONFLICT (day) DO UPDATE SET dau = EXCLUDED.dau, wau = EXCLUDED.wau, mau = EXCLUDED.mau;
   END LOOP;
-  UPDATE metering.rollup_state SET last_id = v_last, updated_at = util.now();
+  UPDATE metering.rollup_state SET last_id = coalesce(v_last, last_id), updated_at = util.now();
   RETURN v_count;
 END $$;
 COMMENT ON FUNCTION api.rollup_usage(integer) IS
-  'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and recompute metering.active_accounts_daily for the days they touch; returns how many. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
+  'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
 ------------------------------------------------------------------------------------------------
 -- Alerts to operators
 ------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION ops.reconciliation_views() RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
+               'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
+               'referral_reward_mismatches', 'revenue_drift']
+$$;
+COMMENT ON FUNCTION ops.reconciliation_views() IS
+  'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
+
+CREATE OR REPLACE FUNCTION ops.reconciliation_problems() RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  v text;
+  n bigint;
+  problems jsonb := '{}';
+BEGIN
+  FOREACH v IN ARRAY ops.reconciliation_views() LOOP
+    EXECUTE format('SELECT count(*) FROM reporting.%I', v) INTO n;
+    IF n > 0 THEN
+      problems := problems || jsonb_build_object(v, n);
+    END IF;
+  END LOOP;
+  RETURN nullif(problems, '{}');
+END $$;
+COMMENT ON FUNCTION ops.reconciliation_problems() IS
+  'How many rows each non-empty reconciliation view has ({view: rows}); NULL when all are empty.';
+
 CREATE OR REPLACE FUNCTION api.check_alerts(p_email text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -214,18 +252,7 @@ BEGIN
         FROM (SELECT * FROM billing.stripe_events WHERE status = 'rejected' AND received_at > coalesce(v_since, '-infinity')
               ORDER BY received_at DESC LIMIT 5) e
         HAVING count(*) > 0)
-      WHEN 'reconciliation' THEN (
-        SELECT jsonb_object_agg(v, n) FROM (
-          SELECT 'balance_mismatches' AS v, (SELECT count(*) FROM reporting.balance_mismatches) AS n
-          UNION ALL SELECT 'unbalanced_transfers', (SELECT count(*) FROM reporting.unbalanced_transfers)
-          UNION ALL SELECT 'entry_balance_breaks', (SELECT count(*) FROM reporting.entry_balance_breaks)
-          UNION ALL SELECT 'usage_charge_mismatches', (SELECT count(*) FROM reporting.usage_charge_mismatches)
-          UNION ALL SELECT 'hold_mismatches', (SELECT count(*) FROM reporting.hold_mismatches)
-          UNION ALL SELECT 'unreported_post_paid_events', (SELECT count(*) FROM reporting.unreported_post_paid_events)
-          UNION ALL SELECT 'lot_balance_mismatches', (SELECT count(*) FROM reporting.lot_balance_mismatches)
-          UNION ALL SELECT 'referral_reward_mismatches', (SELECT count(*) FROM reporting.referral_reward_mismatches)
-          UNION ALL SELECT 'revenue_drift', (SELECT count(*) FROM reporting.revenue_reconciliation_daily WHERE drift_percent <> 0)) c
-        WHERE n > 0)
+      WHEN 'reconciliation' THEN ops.reconciliation_problems()
       WHEN 'outbox_failed' THEN (
         SELECT jsonb_build_object('count', count(*), 'kinds', jsonb_agg(DISTINCT kind))
         FROM outbox.messages WHERE failed_at > coalesce(v_since, '-infinity') AND kind <> 'alert'

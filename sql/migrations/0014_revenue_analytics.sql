@@ -111,24 +111,35 @@ ALTER TABLE identity.users ADD COLUMN staff_role text CHECK (staff_role IN ('sup
 COMMENT ON COLUMN identity.users.staff_role IS
   'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
 
+-- Post-paid events only (a partial index: prepaid charges add nothing to it), for the meter
+-- report and invoice drift views.
+CREATE INDEX usage_events_post_paid_idx ON metering.usage_events (account_id, created_at) WHERE amount_minor IS NOT NULL;
+
 ------------------------------------------------------------------------------------------------
 -- Reconciliation: what Stripe reported, what pgtally recorded, what the ledger granted
 ------------------------------------------------------------------------------------------------
 CREATE VIEW reporting.revenue_reconciliation_daily AS
-WITH stripe AS (
-  SELECT (date_trunc('day', e.created AT TIME ZONE 'UTC'))::date AS day,
-         CASE WHEN e.type = 'invoice.paid' THEN 'subscription' ELSE 'bundle' END AS kind,
-         lower(e.payload #>> '{data,object,currency}') AS currency,
-         sum(CASE e.type WHEN 'invoice.paid' THEN (e.payload #>> '{data,object,amount_paid}')::bigint
-                         WHEN 'payment_intent.succeeded' THEN (e.payload #>> '{data,object,amount_received}')::bigint
-                         ELSE (e.payload #>> '{data,object,amount_total}')::bigint END) AS stripe_minor
-  FROM billing.stripe_events e
-  WHERE e.status = 'applied'
-    AND (e.type = 'payment_intent.succeeded'
-         OR (e.type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded')
-             AND e.payload #>> '{data,object,mode}' = 'payment' AND e.payload #>> '{data,object,payment_status}' = 'paid')
-         OR (e.type = 'invoice.paid' AND EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_invoice_id = e.payload #>> '{data,object,id}')))
-  GROUP BY 1, 2, 3),
+WITH stripe_payments AS (
+  -- One row per payment Stripe reported, however many events told of it (a redelivered invoice,
+  -- a Checkout payment's own payment_intent.succeeded).
+  SELECT DISTINCT ON (key) e.created, e.type, e.payload -> 'data' -> 'object' AS o
+  FROM (SELECT *, CASE type WHEN 'invoice.paid' THEN 'in:' || (payload #>> '{data,object,id}')
+                            WHEN 'payment_intent.succeeded' THEN 'pi:' || (payload #>> '{data,object,id}')
+                            ELSE 'pi:' || coalesce(payload #>> '{data,object,payment_intent}', payload #>> '{data,object,id}') END AS key
+        FROM billing.stripe_events WHERE status = 'applied') e
+  WHERE e.type = 'payment_intent.succeeded'
+     OR (e.type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded')
+         AND e.payload #>> '{data,object,mode}' = 'payment' AND e.payload #>> '{data,object,payment_status}' = 'paid')
+     OR (e.type = 'invoice.paid' AND EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_invoice_id = e.payload #>> '{data,object,id}'))
+  ORDER BY key, e.created, e.id),
+stripe AS (
+  SELECT (date_trunc('day', created AT TIME ZONE 'UTC'))::date AS day,
+         CASE WHEN type = 'invoice.paid' THEN 'subscription' ELSE 'bundle' END AS kind,
+         lower(coalesce(o ->> 'currency', 'usd')) AS currency,
+         sum(CASE type WHEN 'invoice.paid' THEN (o ->> 'amount_paid')::bigint
+                       WHEN 'payment_intent.succeeded' THEN (o ->> 'amount_received')::bigint
+                       ELSE (o ->> 'amount_total')::bigint END) AS stripe_minor
+  FROM stripe_payments GROUP BY 1, 2, 3),
 recorded AS (
   SELECT (date_trunc('day', p.paid_at AT TIME ZONE 'UTC'))::date AS day, 'bundle' AS kind, p.currency,
          sum(p.amount_minor) AS recorded_minor, sum(p.refunded_minor) AS refunded_minor,
@@ -159,6 +170,11 @@ FROM recorded r FULL JOIN stripe s ON s.day = r.day AND s.kind = r.kind AND s.cu
 COMMENT ON VIEW reporting.revenue_reconciliation_daily IS
   'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
 
+CREATE VIEW reporting.revenue_drift AS
+SELECT * FROM reporting.revenue_reconciliation_daily WHERE drift_percent <> 0;
+COMMENT ON VIEW reporting.revenue_drift IS
+  'Reconciliation: the days, kinds and currencies where Stripe, pgtally''s records and the ledger disagree (reporting.revenue_reconciliation_daily with a drift). Must be empty.';
+
 ------------------------------------------------------------------------------------------------
 -- Analytics (documented in README.md, "For DBAs"; pgtally report NAME prints any of them)
 ------------------------------------------------------------------------------------------------
@@ -182,7 +198,7 @@ COMMENT ON VIEW reporting.mrr_account_months IS
   'Each subscribing account''s MRR at the start and the end of each UTC month (from billing.mrr_changes; minor units, yearly prices / 12), its plan then, and whether it had paid before the month: what the MRR, movement and churn views add up.';
 
 CREATE VIEW reporting.mrr_monthly AS
-SELECT month, currency, sum(mrr_end_minor) AS mrr_minor, 12 * sum(mrr_end_minor) AS arr_minor,
+SELECT month, currency, round(sum(mrr_end_minor), 2) AS mrr_minor, round(12 * sum(mrr_end_minor), 2) AS arr_minor,
        count(*) FILTER (WHERE mrr_end_minor > 0) AS subscribers
 FROM reporting.mrr_account_months GROUP BY month, currency;
 COMMENT ON VIEW reporting.mrr_monthly IS

@@ -250,18 +250,7 @@ BEGIN
         FROM (SELECT * FROM billing.stripe_events WHERE status = 'rejected' AND received_at > coalesce(v_since, '-infinity')
               ORDER BY received_at DESC LIMIT 5) e
         HAVING count(*) > 0)
-      WHEN 'reconciliation' THEN (
-        SELECT jsonb_object_agg(v, n) FROM (
-          SELECT 'balance_mismatches' AS v, (SELECT count(*) FROM reporting.balance_mismatches) AS n
-          UNION ALL SELECT 'unbalanced_transfers', (SELECT count(*) FROM reporting.unbalanced_transfers)
-          UNION ALL SELECT 'entry_balance_breaks', (SELECT count(*) FROM reporting.entry_balance_breaks)
-          UNION ALL SELECT 'usage_charge_mismatches', (SELECT count(*) FROM reporting.usage_charge_mismatches)
-          UNION ALL SELECT 'hold_mismatches', (SELECT count(*) FROM reporting.hold_mismatches)
-          UNION ALL SELECT 'unreported_post_paid_events', (SELECT count(*) FROM reporting.unreported_post_paid_events)
-          UNION ALL SELECT 'lot_balance_mismatches', (SELECT count(*) FROM reporting.lot_balance_mismatches)
-          UNION ALL SELECT 'referral_reward_mismatches', (SELECT count(*) FROM reporting.referral_reward_mismatches)
-          UNION ALL SELECT 'revenue_drift', (SELECT count(*) FROM reporting.revenue_reconciliation_daily WHERE drift_percent <> 0)) c
-        WHERE n > 0)
+      WHEN 'reconciliation' THEN ops.reconciliation_problems()
       WHEN 'outbox_failed' THEN (
         SELECT jsonb_build_object('count', count(*), 'kinds', jsonb_agg(DISTINCT kind))
         FROM outbox.messages WHERE failed_at > coalesce(v_since, '-infinity') AND kind <> 'alert'
@@ -1722,6 +1711,8 @@ DECLARE
   v_count integer;
   v_last uuid;
   v_first_day date;
+  v_pending_day date;
+  v_today date;
   v_day date;
 BEGIN
   -- One worker at a time: the state row is the lock; a second worker skips.
@@ -1738,9 +1729,6 @@ BEGIN
   DELETE FROM rollup_batch WHERE id >= (SELECT id FROM rollup_batch WHERE created_at >= util.now() - interval '1 minute'
                                         ORDER BY id LIMIT 1);
   SELECT count(*), (array_agg(id ORDER BY id DESC))[1] INTO v_count, v_last FROM rollup_batch;
-  IF v_count = 0 THEN
-    RETURN 0;
-  END IF;
   INSERT INTO metering.usage_rollup_daily AS r (day, account_id, meter_id, plan_id, events, quantity, credits_micros)
   SELECT (b.created_at AT TIME ZONE 'UTC')::date, b.account_id, b.meter_id, identity.effective_plan(a),
          count(*), sum(b.quantity), sum(b.credits_micros)
@@ -1753,9 +1741,21 @@ BEGIN
   SELECT date_trunc('hour', b.created_at, 'UTC'), b.meter_id, count(*), sum(b.quantity)
   FROM rollup_batch b GROUP BY 1, 2
   ON CONFLICT (hour, meter_id) DO UPDATE SET events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity;
-  -- Active accounts for each day the batch touched, and the days whose 7- and 30-day windows include it.
-  SELECT min((created_at AT TIME ZONE 'UTC')::date) INTO v_first_day FROM rollup_batch;
-  FOR v_day IN SELECT generate_series(v_first_day, least(v_first_day + 29, (util.now() AT TIME ZONE 'UTC')::date), '1 day')::date LOOP
+  -- Active accounts per day. A day is final once every event of it is folded in: each is computed
+  -- when it completes, and the day the next unfolded event falls on (today, when caught up) is
+  -- recomputed each run. Events folded into days already final (a clock moved back) recompute
+  -- from their day on, as the 7- and 30-day windows after it include them.
+  v_today := (util.now() AT TIME ZONE 'UTC')::date;
+  SELECT least((SELECT (e.created_at AT TIME ZONE 'UTC')::date FROM metering.usage_events e
+                WHERE e.id > coalesce(v_last, st.last_id) ORDER BY e.id LIMIT 1), v_today)
+  INTO v_pending_day;
+  v_pending_day := coalesce(v_pending_day, v_today);
+  SELECT least((SELECT min((created_at AT TIME ZONE 'UTC')::date) FROM rollup_batch),
+               coalesce((SELECT max(day) + 1 FROM metering.active_accounts_daily),
+                        (SELECT min(day) FROM metering.usage_rollup_daily)))
+  INTO v_first_day;
+  v_first_day := least(v_first_day, v_pending_day);
+  FOR v_day IN SELECT generate_series(v_first_day, v_pending_day, '1 day')::date LOOP
     INSERT INTO metering.active_accounts_daily AS x (day, dau, wau, mau)
     SELECT v_day,
            count(DISTINCT account_id) FILTER (WHERE day = v_day),
@@ -1764,11 +1764,11 @@ BEGIN
     FROM metering.usage_rollup_daily WHERE day > v_day - 30 AND day <= v_day
     ON CONFLICT (day) DO UPDATE SET dau = EXCLUDED.dau, wau = EXCLUDED.wau, mau = EXCLUDED.mau;
   END LOOP;
-  UPDATE metering.rollup_state SET last_id = v_last, updated_at = util.now();
+  UPDATE metering.rollup_state SET last_id = coalesce(v_last, last_id), updated_at = util.now();
   RETURN v_count;
 END $$;
 
-COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and recompute metering.active_accounts_daily for the days they touch; returns how many. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
+COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
 CREATE FUNCTION api.schema_version() RETURNS text
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -4336,6 +4336,35 @@ $$;
 
 COMMENT ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) IS 'All usage an account made on a meter in [p_period_start, p_period_end), whatever plan it was charged under: units for unit meters, micro-credits of cost for token meters. Where a window''s metering.allowance_usage row starts, so that a plan change or a device merge counts the usage already made (13 generations today on Pro, then Free: no Free generations left today).';
 
+CREATE FUNCTION ops.reconciliation_problems() RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+  v text;
+  n bigint;
+  problems jsonb := '{}';
+BEGIN
+  FOREACH v IN ARRAY ops.reconciliation_views() LOOP
+    EXECUTE format('SELECT count(*) FROM reporting.%I', v) INTO n;
+    IF n > 0 THEN
+      problems := problems || jsonb_build_object(v, n);
+    END IF;
+  END LOOP;
+  RETURN nullif(problems, '{}');
+END $$;
+
+COMMENT ON FUNCTION ops.reconciliation_problems() IS 'How many rows each non-empty reconciliation view has ({view: rows}); NULL when all are empty.';
+
+CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
+               'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
+               'referral_reward_mismatches', 'revenue_drift']
+$$;
+
+COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
+
 CREATE FUNCTION util.base64url(p_bytes bytea) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -5122,8 +5151,8 @@ COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events p
 CREATE VIEW reporting.mrr_monthly AS
  SELECT month,
     currency,
-    sum(mrr_end_minor) AS mrr_minor,
-    ((12)::numeric * sum(mrr_end_minor)) AS arr_minor,
+    round(sum(mrr_end_minor), 2) AS mrr_minor,
+    round(((12)::numeric * sum(mrr_end_minor)), 2) AS arr_minor,
     count(*) FILTER (WHERE (mrr_end_minor > (0)::numeric)) AS subscribers
    FROM reporting.mrr_account_months
   GROUP BY month, currency;
@@ -5269,28 +5298,48 @@ CREATE VIEW reporting.retention_weekly AS
 COMMENT ON VIEW reporting.retention_weekly IS 'Weekly retention cohorts: accounts by the ISO week of their first usage, and how many of them had usage n weeks later (weeks_since 0 is the cohort itself, 100%).';
 
 CREATE VIEW reporting.revenue_reconciliation_daily AS
- WITH stripe AS (
-         SELECT (date_trunc('day'::text, (e.created AT TIME ZONE 'UTC'::text)))::date AS day,
+ WITH stripe_payments AS (
+         SELECT DISTINCT ON (e.key) e.created,
+            e.type,
+            ((e.payload -> 'data'::text) -> 'object'::text) AS o
+           FROM ( SELECT stripe_events.id,
+                    stripe_events.type,
+                    stripe_events.created,
+                    stripe_events.livemode,
+                    stripe_events.payload,
+                    stripe_events.received_at,
+                    stripe_events.status,
+                    stripe_events.note,
+                        CASE stripe_events.type
+                            WHEN 'invoice.paid'::text THEN ('in:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
+                            WHEN 'payment_intent.succeeded'::text THEN ('pi:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
+                            ELSE ('pi:'::text || COALESCE((stripe_events.payload #>> '{data,object,payment_intent}'::text[]), (stripe_events.payload #>> '{data,object,id}'::text[])))
+                        END AS key
+                   FROM billing.stripe_events
+                  WHERE (stripe_events.status = 'applied'::text)) e
+          WHERE ((e.type = 'payment_intent.succeeded'::text) OR ((e.type = ANY (ARRAY['checkout.session.completed'::text, 'checkout.session.async_payment_succeeded'::text])) AND ((e.payload #>> '{data,object,mode}'::text[]) = 'payment'::text) AND ((e.payload #>> '{data,object,payment_status}'::text[]) = 'paid'::text)) OR ((e.type = 'invoice.paid'::text) AND (EXISTS ( SELECT 1
+                   FROM billing.invoices i
+                  WHERE (i.stripe_invoice_id = (e.payload #>> '{data,object,id}'::text[]))))))
+          ORDER BY e.key, e.created, e.id
+        ), stripe AS (
+         SELECT (date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date AS day,
                 CASE
-                    WHEN (e.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
                     ELSE 'bundle'::text
                 END AS kind,
-            lower((e.payload #>> '{data,object,currency}'::text[])) AS currency,
+            lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)) AS currency,
             sum(
-                CASE e.type
-                    WHEN 'invoice.paid'::text THEN ((e.payload #>> '{data,object,amount_paid}'::text[]))::bigint
-                    WHEN 'payment_intent.succeeded'::text THEN ((e.payload #>> '{data,object,amount_received}'::text[]))::bigint
-                    ELSE ((e.payload #>> '{data,object,amount_total}'::text[]))::bigint
+                CASE stripe_payments.type
+                    WHEN 'invoice.paid'::text THEN ((stripe_payments.o ->> 'amount_paid'::text))::bigint
+                    WHEN 'payment_intent.succeeded'::text THEN ((stripe_payments.o ->> 'amount_received'::text))::bigint
+                    ELSE ((stripe_payments.o ->> 'amount_total'::text))::bigint
                 END) AS stripe_minor
-           FROM billing.stripe_events e
-          WHERE ((e.status = 'applied'::text) AND ((e.type = 'payment_intent.succeeded'::text) OR ((e.type = ANY (ARRAY['checkout.session.completed'::text, 'checkout.session.async_payment_succeeded'::text])) AND ((e.payload #>> '{data,object,mode}'::text[]) = 'payment'::text) AND ((e.payload #>> '{data,object,payment_status}'::text[]) = 'paid'::text)) OR ((e.type = 'invoice.paid'::text) AND (EXISTS ( SELECT 1
-                   FROM billing.invoices i
-                  WHERE (i.stripe_invoice_id = (e.payload #>> '{data,object,id}'::text[])))))))
-          GROUP BY ((date_trunc('day'::text, (e.created AT TIME ZONE 'UTC'::text)))::date),
+           FROM stripe_payments
+          GROUP BY ((date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date),
                 CASE
-                    WHEN (e.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
                     ELSE 'bundle'::text
-                END, (lower((e.payload #>> '{data,object,currency}'::text[])))
+                END, (lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)))
         ), recorded AS (
          SELECT (date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
             'bundle'::text AS kind,
@@ -5331,6 +5380,21 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
      FULL JOIN stripe s ON (((s.day = r.day) AND (s.kind = r.kind) AND (s.currency = r.currency))));
 
 COMMENT ON VIEW reporting.revenue_reconciliation_daily IS 'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
+
+CREATE VIEW reporting.revenue_drift AS
+ SELECT day,
+    kind,
+    currency,
+    stripe_minor,
+    recorded_minor,
+    refunded_minor,
+    expected_credits_micros,
+    ledger_credits_micros,
+    drift_percent
+   FROM reporting.revenue_reconciliation_daily
+  WHERE (drift_percent <> (0)::numeric);
+
+COMMENT ON VIEW reporting.revenue_drift IS 'Reconciliation: the days, kinds and currencies where Stripe, pgtally''s records and the ledger disagree (reporting.revenue_reconciliation_daily with a drift). Must be empty.';
 
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
@@ -5737,6 +5801,8 @@ CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_a
 CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events USING btree (account_id, id);
 
 CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events USING btree (account_id, meter_id, created_at);
+
+CREATE INDEX usage_events_post_paid_idx ON metering.usage_events USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
 
 CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
 
@@ -6281,6 +6347,10 @@ REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION ops.reconciliation_problems() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION ops.reconciliation_views() FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
@@ -6342,6 +6412,8 @@ GRANT SELECT ON TABLE reporting.referral_reward_mismatches TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.retention_weekly TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.revenue_drift TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 
