@@ -169,3 +169,20 @@ async def test_the_metrics_page_is_for_staff_and_draws_its_charts_itself(db_url,
             assert "<svg" in svg.text and not re.search(r"<script[^>]*(src|href)=", svg.text)
             assert svg.headers["content-security-policy"].startswith("default-src 'none'")
         assert (await browser.get("/admin/metrics/charts/nope")).status_code == 404
+
+
+async def test_disputes_are_recorded_once_with_their_latest_status(client, new_account, owner):
+    acct = new_account("free")
+    events = Events()
+    await deliver(client, events.event("checkout.session.completed", {
+        "id": "cs_dp", "object": "checkout.session", "mode": "payment", "payment_status": "paid", "customer": "cus_dp",
+        "client_reference_id": acct["account_id"], "payment_intent": "pi_dp", "amount_total": 500, "currency": "usd",
+        "metadata": {"price": "bundle_10"}}))
+    dispute = {"id": "dp_1", "object": "dispute", "charge": "ch_dp", "payment_intent": "pi_dp", "amount": 500,
+               "currency": "usd", "reason": "fraudulent", "status": "needs_response", "created": int(time.time())}
+    created = events.event("charge.dispute.created", dispute)
+    assert (await deliver(client, created)).json()["status"] == "applied"
+    assert (await deliver(client, created)).json()["duplicate"] is True
+    await deliver(client, events.event("charge.dispute.closed", {**dispute, "status": "lost"}))
+    rows = owner.execute("SELECT account_id::text, amount_minor, reason, status, closed_at IS NOT NULL FROM billing.disputes").fetchall()
+    assert rows == [(acct["account_id"], 500, "fraudulent", "lost", True)]
