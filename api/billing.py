@@ -31,6 +31,8 @@ Url = Annotated[str, msgspec.Meta(min_length=8, max_length=2000, pattern=r"^http
 IdempotencyKey = Annotated[str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255,
                                                        required=False)]
 SIGNATURE_TOLERANCE = 300   # seconds, as Stripe's own libraries
+AccountParam = Annotated[uuid.UUID | None, QueryParameter(
+    description="Act on this account: a team whose role lets you (billing:read or billing:manage), or any account for a service key")]
 
 
 def stripe_client(settings) -> stripe.StripeClient | None:
@@ -168,17 +170,19 @@ async def plans(request: Request) -> Response[Catalog]:
     return json_response(body)
 
 
-async def start_checkout(request: Request, principal: list, price: str, account_id: uuid.UUID | None = None,
+async def start_checkout(request: Request, principal: list, price: str,
                          success_url: str | None = None, cancel_url: str | None = None,
                          idempotency_key: str | None = None) -> CheckoutSession:
-    """A Stripe Checkout Session for the principal's account (or the account a verified upgrade
-    link names): creates or reuses its Stripe customer, names the account in
-    ``client_reference_id`` and metadata, saves the card of a bundle purchase for one-click
-    top-ups, and sends an idempotency key to Stripe."""
+    """A Stripe Checkout Session for the account of ``principal`` ([API key, session id, account
+    id]: the principal's own account, a team it may buy for, or with neither key nor session the
+    account a verified upgrade link names): creates or reuses its Stripe customer, names the
+    account in ``client_reference_id`` and metadata, saves the card of a bundle purchase for
+    one-click top-ups, and sends an idempotency key to Stripe."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
-    buyer = [*principal, price, account_id]
-    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)", buyer)
+    key, session_id, account_id = principal
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)",
+                           [key, session_id, price, account_id])
     customer = prep["stripe_customer_id"]
     if customer is None:
         created = await client.v1.customers.create_async(
@@ -186,7 +190,7 @@ async def start_checkout(request: Request, principal: list, price: str, account_
             else {"metadata": {"account_id": prep["account_id"]}},
             options={"idempotency_key": f"customer-{prep['account_id']}"})
         customer = (await call_json(request, "SELECT api.link_stripe_customer(%s::text, %s::uuid, %s::text, %s::uuid)",
-                                    [*principal, created.id, account_id]))["stripe_customer_id"]
+                                    [key, session_id, created.id, account_id]))["stripe_customer_id"]
     metadata = {"account_id": prep["account_id"], "price": prep["price"]}
     params: dict[str, Any] = {
         "mode": prep["mode"], "customer": customer, "client_reference_id": prep["account_id"],
@@ -208,14 +212,14 @@ async def start_checkout(request: Request, principal: list, price: str, account_
 @post("/v1/billing/checkout", status_code=201, dependencies=AUTH, security=SECURITY,
       summary="Start a Stripe Checkout", responses=problems(400, 401, 403, 409, 415, 422, 502, 503))
 async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequest],
-                   idempotency_key: IdempotencyKey = None) -> CheckoutSession:
+                   idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> CheckoutSession:
     """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
     (payment mode, saving the card for one-click top-ups): creates or reuses the account's
     Stripe customer, names the account in ``client_reference_id`` and metadata, and sends an
     idempotency key to Stripe (the request's ``Idempotency-Key`` when given). Returns ``{id,
     url}``; the purchase is applied when Stripe's webhook arrives. 409 when buying a plan while
     a subscription is live."""
-    return await start_checkout(request, caller.params, data.price, success_url=data.success_url,
+    return await start_checkout(request, [*caller.params, account_id], data.price, success_url=data.success_url,
                                 cancel_url=data.cancel_url, idempotency_key=idempotency_key)
 
 
@@ -240,8 +244,8 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
     idempotency key goes to Stripe), falling back to Checkout when there is no saved card or the
     card needs authentication. Credits are granted only by the webhook, exactly once."""
     client = client_of(request)
-    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, NULL)",
-                           [*principal, bundle])
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)",
+                           [principal[0], principal[1], bundle, principal[2]])
     if prep["mode"] != "payment":
         raise PgtallyError({"sqlstate": "TL422", "message": f"{bundle} is not a credit bundle", "field": "bundle"})
     cards = ((await client.v1.payment_methods.list_async(params={"customer": prep["stripe_customer_id"], "type": "card"})).data
@@ -265,11 +269,11 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
 @post("/v1/billing/topup", status_code=201, dependencies=AUTH, security=SECURITY,
       summary="Buy a credit bundle in one click", responses=problems(400, 401, 402, 403, 415, 422, 502, 503))
 async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
-                idempotency_key: IdempotencyKey = None) -> TopUp:
+                idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> TopUp:
     """Buy a credit bundle with the card saved by an earlier Checkout, at once (``paid``; the
     credits follow with Stripe's event), else ``checkout`` with a Checkout ``url``. 402 a declined
     card; 422 not a bundle."""
-    return await top_up(request, caller.params, data.bundle, idempotency_key)
+    return await top_up(request, [*caller.params, account_id], data.bundle, idempotency_key)
 
 
 class AutoTopUpRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -290,32 +294,33 @@ class AutoTopUp(msgspec.Struct):
 
 @put("/v1/billing/auto-topup", status_code=200, dependencies=AUTH, security=SECURITY,
      summary="Turn on auto top-up", responses=problems(400, 401, 403, 409, 415, 422, 503))
-async def set_auto_topup(request: Request, caller: Caller, data: JSONBody[AutoTopUpRequest]) -> AutoTopUp:
+async def set_auto_topup(request: Request, caller: Caller, data: JSONBody[AutoTopUpRequest],
+                         account_id: AccountParam = None) -> AutoTopUp:
     """When a charge leaves the balance below ``below`` credits, buy the ``buy`` bundle with the
     saved card: one top-up in flight at a time, credits when Stripe confirms the payment; three
     failed charges turn it off and email the user. 409 before any Checkout (no saved card yet)."""
-    return await call_json(request, "SELECT api.set_auto_topup(%s::text, %s::uuid, %s::text, %s::text)",
-                           [*caller.params, data.below, data.buy])
+    return await call_json(request, "SELECT api.set_auto_topup(%s::text, %s::uuid, %s::text, %s::text, %s::uuid)",
+                           [*caller.params, data.below, data.buy, account_id])
 
 
 @get("/v1/billing/auto-topup", dependencies=AUTH, security=SECURITY, summary="Auto top-up settings",
      responses=problems(400, 401, 403, 503))
-async def get_auto_topup(request: Request, caller: Caller) -> AutoTopUp:
+async def get_auto_topup(request: Request, caller: Caller, account_id: AccountParam = None) -> AutoTopUp:
     """The auto top-up settings and state (in flight, failures, last error)."""
-    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid)", caller.params)
+    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid, NULL, %s::uuid)", [*caller.params, account_id])
 
 
 @delete("/v1/billing/auto-topup", status_code=200, dependencies=AUTH, security=SECURITY,
         summary="Turn off auto top-up", responses=problems(400, 401, 403, 503))
-async def delete_auto_topup(request: Request, caller: Caller) -> AutoTopUp:
+async def delete_auto_topup(request: Request, caller: Caller, account_id: AccountParam = None) -> AutoTopUp:
     """Turn auto top-up off."""
-    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid, false)", caller.params)
+    return await call_json(request, "SELECT api.auto_topup(%s::text, %s::uuid, false, %s::uuid)", [*caller.params, account_id])
 
 
 async def open_portal(request: Request, principal: list) -> str:
     """A Stripe customer portal session for the principal's account (JSON endpoint and dashboard)."""
     client = client_of(request)
-    (customer,) = await call(request, "SELECT api.stripe_customer(%s::text, %s::uuid)", principal)
+    (customer,) = await call(request, "SELECT api.stripe_customer(%s::text, %s::uuid, %s::uuid)", principal)
     session = await client.v1.billing_portal.sessions.create_async(params={
         "customer": customer, "return_url": request.app.state.settings.public_url.rstrip("/") + "/billing"})
     return session.url
@@ -323,23 +328,24 @@ async def open_portal(request: Request, principal: list) -> str:
 
 @post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
       summary="Open the Stripe customer portal", responses=problems(400, 401, 403, 404, 502, 503))
-async def portal(request: Request, caller: Caller) -> PortalSession:
+async def portal(request: Request, caller: Caller, account_id: AccountParam = None) -> PortalSession:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
     the account has a Stripe customer."""
-    return PortalSession(url=await open_portal(request, caller.params))
+    return PortalSession(url=await open_portal(request, [*caller.params, account_id]))
 
 
 @get("/v1/billing/subscription", dependencies=AUTH, security=SECURITY, summary="The account's subscription",
      responses=problems(400, 401, 403, 503))
-async def subscription(request: Request, caller: Caller) -> BillingAccount:
+async def subscription(request: Request, caller: Caller, account_id: AccountParam = None) -> BillingAccount:
     """The account's plan, payment grace and subscription (status, plan, period, cancel at period end)."""
-    return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", caller.params)
+    return await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)", [*caller.params, account_id])
 
 
 async def change_plan(request: Request, principal: list, price: str, idempotency_key: str | None = None) -> SubscriptionChange:
     """Move the principal's live subscription to another plan price, with proration."""
     client = client_of(request)
-    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)", [*principal, price])
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text, %s::uuid)",
+                          [principal[0], principal[1], price, principal[2]])
     updated = await client.v1.subscriptions.update_async(
         sub["id"], params={"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
                            "proration_behavior": "create_prorations", "cancel_at_period_end": False},
@@ -351,7 +357,8 @@ async def preview_change(request: Request, principal: list, price: str) -> dict[
     """What the switch costs now, as Stripe previews the prorated invoice:
     ``{amount_due (minor units), currency}``."""
     client = client_of(request)
-    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text)", [*principal, price])
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, %s::text, %s::uuid)",
+                          [principal[0], principal[1], price, principal[2]])
     preview = await client.v1.invoices.create_preview_async(params={
         "subscription": sub["id"],
         "subscription_details": {"items": [{"id": sub["stripe_item_id"], "price": sub["stripe_price_id"]}],
@@ -362,17 +369,17 @@ async def preview_change(request: Request, principal: list, price: str) -> dict[
 @post("/v1/billing/subscription/change", status_code=202, dependencies=AUTH, security=SECURITY,
       summary="Switch plan, with proration", responses=problems(400, 401, 403, 404, 415, 422, 502, 503))
 async def change_subscription(request: Request, caller: Caller, data: JSONBody[ChangeRequest],
-                              idempotency_key: IdempotencyKey = None) -> SubscriptionChange:
+                              idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> SubscriptionChange:
     """Move the live subscription to another plan price with proration (upgrade or downgrade).
     202: Stripe accepted it; the plan changes when its customer.subscription.updated arrives."""
-    return await change_plan(request, caller.params, data.price, idempotency_key)
+    return await change_plan(request, [*caller.params, account_id], data.price, idempotency_key)
 
 
 async def cancel_at_period_end(request: Request, principal: list, cancel: bool) -> SubscriptionCancel:
     """Set (or undo) cancel at period end on the principal's live subscription in Stripe; the
     state here follows when its customer.subscription.updated arrives."""
     client = client_of(request)
-    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid)", principal)
+    sub = await call_json(request, "SELECT api.live_subscription(%s::text, %s::uuid, NULL, %s::uuid)", principal)
     updated = await client.v1.subscriptions.update_async(
         sub["id"], params={"cancel_at_period_end": cancel},
         options={"idempotency_key": f"{'cancel' if cancel else 'resume'}-{uuid.uuid4()}"})
@@ -382,17 +389,17 @@ async def cancel_at_period_end(request: Request, principal: list, cancel: bool) 
 
 @delete("/v1/billing/subscription", status_code=202, dependencies=AUTH, security=SECURITY,
         summary="Cancel at period end", responses=problems(400, 401, 403, 404, 502, 503))
-async def cancel_subscription(request: Request, caller: Caller) -> SubscriptionCancel:
+async def cancel_subscription(request: Request, caller: Caller, account_id: AccountParam = None) -> SubscriptionCancel:
     """Cancel the live subscription at the end of its period: the plan stays until then, then the
     account falls back to free (when customer.subscription.deleted arrives). 404 no live subscription."""
-    return await cancel_at_period_end(request, caller.params, True)
+    return await cancel_at_period_end(request, [*caller.params, account_id], True)
 
 
 @post("/v1/billing/subscription/resume", status_code=202, dependencies=AUTH, security=SECURITY,
       summary="Undo cancel at period end", responses=problems(400, 401, 403, 404, 502, 503))
-async def resume_subscription(request: Request, caller: Caller) -> SubscriptionCancel:
+async def resume_subscription(request: Request, caller: Caller, account_id: AccountParam = None) -> SubscriptionCancel:
     """Keep the live subscription after all: undo a cancel at period end. 404 no live subscription."""
-    return await cancel_at_period_end(request, caller.params, False)
+    return await cancel_at_period_end(request, [*caller.params, account_id], False)
 
 
 class Invoice(msgspec.Struct):
@@ -422,11 +429,13 @@ class InvoiceList(msgspec.Struct):
 @get("/v1/billing/invoices", dependencies=AUTH, security=SECURITY, summary="Your invoices",
      responses=problems(400, 401, 403, 422, 503))
 async def invoices(request: Request, caller: Caller,
-                   limit: Annotated[int, QueryParameter(ge=1, le=100)] = 24) -> Response[InvoiceList]:
+                   limit: Annotated[int, QueryParameter(ge=1, le=100)] = 24,
+                   account_id: AccountParam = None) -> Response[InvoiceList]:
     """The caller's subscription invoices, newest first, as Stripe reported them (``api.invoices``):
     number, status, amounts in minor units (paid, tax, refunded), plan, period and Stripe's
     hosted page and PDF."""
-    (body,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, %s::integer)::text", [*caller.params, limit])
+    (body,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, %s::integer, %s::uuid)::text",
+                         [*caller.params, limit, account_id])
     return json_response(body)
 
 

@@ -22,7 +22,7 @@ from api.billing import cancel_at_period_end, change_plan, open_portal, preview_
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
 from api.web import (REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, page, page_headers,
-                     problem_text, referral_of, safe_next, sign_in_browser, to_login)
+                     principal_of, problem_text, referral_of, safe_next, sign_in_browser, to_login)
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -280,13 +280,14 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
 
 
 async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
-    principal = [None, session_id]
-    (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid)", principal)
-    billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid)", principal)
-    (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10)", principal)
+    principal = principal_of(request, session_id)
+    (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid, %s::uuid)", principal)
+    billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)", principal)
+    (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10, NULL, NULL, NULL, %s::uuid)",
+                           principal)
     (catalog,) = await call(request, "SELECT api.plans()", [])
-    referrals = await call_json(request, "SELECT api.referrals(%s::text, %s::uuid, %s::text)",
-                                [*principal, request.app.state.settings.public_url])
+    referrals = await call_json(request, "SELECT api.referrals(NULL, %s::uuid, %s::text)",
+                                [session_id, request.app.state.settings.public_url])
     return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"],
                 bundles=catalog["bundles"], referrals=referrals, **extra)
 
@@ -301,14 +302,14 @@ async def dashboard_page(request: Request) -> Any:
 @post("/dashboard/portal")
 async def dashboard_portal(request: Request) -> Any:
     async def action(sid):
-        return Redirect(await open_portal(request, [None, sid]))
+        return Redirect(await open_portal(request, principal_of(request, sid)))
     return await signed_in(request, action, dashboard_view)
 
 
 @post("/dashboard/cancel")
 async def dashboard_cancel(request: Request) -> Any:
     async def action(sid):
-        await cancel_at_period_end(request, [None, sid], True)
+        await cancel_at_period_end(request, principal_of(request, sid), True)
         return await dashboard_view(request, sid, notice="Your plan will end at the end of this period.")
     return await signed_in(request, action, dashboard_view)
 
@@ -316,7 +317,7 @@ async def dashboard_cancel(request: Request) -> Any:
 @post("/dashboard/resume")
 async def dashboard_resume(request: Request) -> Any:
     async def action(sid):
-        await cancel_at_period_end(request, [None, sid], False)
+        await cancel_at_period_end(request, principal_of(request, sid), False)
         return await dashboard_view(request, sid, notice="Your plan continues.")
     return await signed_in(request, action, dashboard_view)
 
@@ -333,7 +334,8 @@ async def upgrade_page(request: Request, token: FromQuery[str | None] = None, in
     billing = None
     if session_id and not buyer:
         try:
-            billing = await call_json(request, "SELECT api.billing_account(NULL, %s::uuid)", [session_id])
+            billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)",
+                                      principal_of(request, session_id))
         except PgtallyError:
             billing = None
     return page("upgrade.html", request, catalog=catalog, buyer=buyer, token=token if buyer else "",
@@ -355,10 +357,10 @@ async def purchase(request: Request, data: PurchaseForm) -> Any:
     session_id = None if buyer else browser_session(request)
     if buyer is None and session_id is None:
         return to_login(request)
-    principal = [None, session_id]
+    principal = [None, None, buyer] if buyer else principal_of(request, session_id)
     try:
         try:
-            session = await start_checkout(request, principal, data.price, account_id=buyer)
+            session = await start_checkout(request, principal, data.price)
         except PgtallyError as exc:
             # api.checkout_prepare refuses a second subscription (TL409): a subscriber switches.
             if exc.error.get("sqlstate") == "TL409" and session_id:
@@ -379,14 +381,14 @@ async def upgrade_checkout(request: Request, data: Annotated[PurchaseForm, Form]
 
 async def change_preview(request: Request, session_id: uuid.UUID, price: str) -> Any:
     """What switching the live subscription to ``price`` costs now, as Stripe previews it."""
-    preview = await preview_change(request, [None, session_id], price)
+    preview = await preview_change(request, principal_of(request, session_id), price)
     return page("change.html", request, price=price, preview=preview)
 
 
 @post("/upgrade/change")
 async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
-        await change_plan(request, [None, sid], data.price)
+        await change_plan(request, principal_of(request, sid), data.price)
         return await dashboard_view(request, sid, notice="Your plan is changing; Stripe prorates the difference.")
     return await signed_in(request, action, dashboard_view)
 
@@ -394,7 +396,7 @@ async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) 
 @post("/dashboard/topup")
 async def dashboard_topup(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
-        result = await top_up(request, [None, sid], data.price)
+        result = await top_up(request, principal_of(request, sid), data.price)
         if result.status == "checkout":
             return Redirect(result.url)
         return Redirect(f"/billing/success?payment_intent={result.payment_intent}")
@@ -421,7 +423,7 @@ async def billing_portal(request: Request) -> Any:
     """The link billing emails carry: Stripe's customer portal (update the card, see invoices) for
     the signed-in person, after the login page when needed."""
     async def action(sid):
-        return Redirect(await open_portal(request, [None, sid]))
+        return Redirect(await open_portal(request, principal_of(request, sid)))
     return await signed_in(request, action, dashboard_view)
 
 
@@ -432,12 +434,12 @@ async def billing_page(request: Request) -> Redirect:
 
 
 def router(settings) -> Router:
-    from api import admin, oauth
+    from api import admin, oauth, teams
 
     return Router(path="/", after_request=page_headers(settings), include_in_schema=False, route_handlers=[
         home, login_page, login_submit, referral_link, signup_page, signup_submit, logout_submit, verify_page, verify_submit,
         reset_page, reset_request, reset_confirm, account_page, revoke_session, create_key, revoke_key, unlink,
         device_page, device_lookup, device_decide, upgrade_page, upgrade_checkout, upgrade_change, billing_success,
         billing_cancel, billing_portal, billing_page, dashboard_page, dashboard_portal, dashboard_cancel, dashboard_resume, dashboard_topup,
-        *oauth.ROUTES, *admin.ROUTES,
+        *oauth.ROUTES, *admin.PAGES, *teams.PAGES,
         create_static_files_router(path="/static", directories=[STATIC], include_in_schema=False)])

@@ -106,6 +106,13 @@ def device_session(request: Request, device_token: str | None) -> uuid.UUID | No
         return None
 
 
+def principal_of(request: Request, session_id: uuid.UUID | None) -> list:
+    """[API key, session id, account id] for a page's api.* calls: the signed-in person, acting on
+    the account the team switcher chose (None: their own)."""
+    chosen = request.session.get("account_id") if request.scope.get("session") is not None else None
+    return [None, session_id, uuid.UUID(chosen) if chosen else None]
+
+
 REFERRAL_COOKIE = "pgtally_ref"
 REFERRAL_DAYS = 30
 

@@ -64,6 +64,11 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "[pgtally alert] {condition}",
         "pgtally noticed {condition}:\n\n{detail}\n\nThis alert is sent at most once an hour per condition. "
         "The views in reporting.* and pgtally reconcile tell more.\n"),
+    "invitation": (
+        "{inviter} invited you to {team} on pgtally",
+        "{inviter} invited you to join the team {team} as {role}.\n\n"
+        "Accept by opening this link, signed in with {email} (sign up first if you have no account):\n\n"
+        "{public_url}/invitations/accept?token={token}\n\nIt works once, within 7 days.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"

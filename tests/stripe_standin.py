@@ -60,7 +60,8 @@ def catalog_prices(path: str | None = None) -> dict[str, dict[str, Any]]:
 class StripeStandIn:
     """Customers, Checkout Sessions (with a checkout page whose Pay button completes them and
     sends Stripe-signed events to pgtally's webhook), billing portal sessions, subscriptions,
-    saved cards, PaymentIntents and invoice previews, in memory.
+    saved cards, PaymentIntents, refunds (charge.refunded follows), invoice previews, Billing
+    Meter events and period-end invoices (``close_period``), in memory.
 
     With ``webhook_url`` the events are POSTed there, signed with ``webhook_secret``; without, they
     are kept in ``sent`` for a test to deliver."""
@@ -75,6 +76,7 @@ class StripeStandIn:
         self.sent: list[dict[str, Any]] = []
         self.meter_events: dict[str, dict[str, Any]] = {}   # identifier -> billing.meter_event
         self.meter_event_failures = 0                       # answer the next N meter events with a 500
+        self.charges: dict[str, dict[str, Any]] = {}       # payment intent -> {amount, currency, refunded}
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
@@ -187,8 +189,28 @@ class StripeStandIn:
             intent = {"id": f"pi_{n}", "object": "payment_intent", "amount": int(p["amount"]), "amount_received": int(p["amount"]),
                       "currency": p["currency"], "customer": p["customer"], "payment_method": p["payment_method"],
                       "metadata": p.get("metadata", {}), "status": "succeeded"}
+            self.charges[intent["id"]] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0}
             self.send_event("payment_intent.succeeded", intent)
             return 200, intent
+        if (method, path) == ("POST", "/v1/refunds"):
+            charge = self.charges.get(p.get("payment_intent", ""))
+            if charge is None:
+                return 400, {"error": {"type": "invalid_request_error", "message": "No such payment_intent"}}
+            amount = int(p.get("amount") or charge["amount"] - charge["refunded"])
+            if amount > charge["amount"] - charge["refunded"]:
+                return 400, {"error": {"type": "invalid_request_error", "code": "charge_already_refunded",
+                                       "message": "Refund amount is greater than what is left to refund"}}
+            charge["refunded"] += amount
+            refund = {"id": f"re_{n}", "object": "refund", "amount": amount, "payment_intent": p["payment_intent"],
+                      "status": "succeeded", "metadata": p.get("metadata", {})}
+            event = {"id": f"ch_{p['payment_intent']}", "object": "charge", "payment_intent": p["payment_intent"],
+                     "amount": charge["amount"], "amount_refunded": charge["refunded"], "currency": charge["currency"],
+                     "refunded": charge["refunded"] == charge["amount"]}
+            if self.webhook_url:
+                threading.Thread(target=self.send_event, args=("charge.refunded", event), daemon=True).start()
+            else:
+                self.send_event("charge.refunded", event)
+            return 200, refund
         if (method, path) == ("POST", "/v1/billing/meter_events"):
             if self.meter_event_failures:
                 self.meter_event_failures -= 1
@@ -252,6 +274,7 @@ def _pay(self, session: dict[str, Any]) -> None:
                                         "lines": {"data": [{"period": {"start": now, "end": end}}]}})]
         else:
             session["payment_intent"] = f"pi_{n}"
+            self.charges[f"pi_{n}"] = {"amount": price["amount"], "currency": price["currency"], "refunded": 0}
             if session["payment_intent_data"].get("setup_future_usage") == "off_session":
                 self.cards.setdefault(session["customer"], []).append(f"pm_card_{n}")
             events = [("checkout.session.completed", session)]

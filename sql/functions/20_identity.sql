@@ -44,6 +44,15 @@ END $$;
 COMMENT ON FUNCTION identity.issue_api_key(uuid, text, text[], timestamptz) IS
   'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
 
+CREATE OR REPLACE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT EXISTS (SELECT 1 FROM identity.memberships m
+                 JOIN identity.role_permissions r ON r.role = m.role AND r.permission = p_permission
+                 WHERE m.account_id = p_account_id AND m.user_id = p_user_id)
+$$;
+COMMENT ON FUNCTION identity.member_may(uuid, uuid, text) IS
+  'Whether a user''s role on an account grants a permission (identity.role_permissions).';
+
 CREATE OR REPLACE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text,
                                                  p_account_id uuid DEFAULT NULL)
 RETURNS uuid
@@ -51,6 +60,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
   k identity.api_keys;
   s identity.sessions;
+  v_account_id uuid;
 BEGIN
   IF p_api_key IS NOT NULL THEN
     SELECT * INTO k FROM identity.api_keys
@@ -69,33 +79,48 @@ BEGIN
       IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
         PERFORM util.fail('TL404', format('no account %s', p_account_id));
       END IF;
-      RETURN p_account_id;
-    END IF;
-    IF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
+      v_account_id := p_account_id;
+    ELSIF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
       PERFORM util.fail('TL403', format('this API key lacks the %s scope', p_scope));
+    ELSIF k.created_by IS NOT NULL AND NOT identity.member_may(k.created_by, k.account_id, p_scope) THEN
+      -- A member's key holds at most what the member's role allows now.
+      PERFORM util.fail('TL403', format('the member who made this key may no longer %s on this account', p_scope));
+    ELSE
+      v_account_id := k.account_id;
     END IF;
-    RETURN k.account_id;
-  END IF;
-
-  IF p_session_id IS NOT NULL THEN
+  ELSIF p_session_id IS NOT NULL THEN
     SELECT * INTO s FROM identity.sessions
     WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
     IF NOT FOUND THEN
       PERFORM util.fail('TL401', 'the session has ended: sign in again');
     END IF;
-    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
-      PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
-    END IF;
     IF s.last_used_at < util.now() - interval '1 minute' THEN
       UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
     END IF;
-    RETURN s.account_id;
+    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
+      -- Another account the person belongs to (a team), if their role there allows it.
+      IF s.user_id IS NULL OR NOT identity.member_may(s.user_id, p_account_id, p_scope) THEN
+        PERFORM util.fail('TL403', format('you may not %s on account %s', p_scope, p_account_id),
+                          jsonb_build_object('account_id', p_account_id, 'permission', p_scope));
+      END IF;
+      v_account_id := p_account_id;
+    ELSE
+      v_account_id := s.account_id;
+    END IF;
+  ELSE
+    PERFORM util.fail('TL401', 'an API key or access token is required');
   END IF;
-
-  PERFORM util.fail('TL401', 'an API key or access token is required');
+  IF p_scope IN ('usage:write', 'billing:manage') THEN
+    IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = v_account_id AND suspended_at IS NOT NULL) THEN
+      PERFORM util.fail('TL4S3', 'this account is suspended',
+                        (SELECT jsonb_build_object('account_id', id, 'reason', suspended_reason, 'suspended_at', util.iso(suspended_at))
+                         FROM identity.accounts WHERE id = v_account_id));
+    END IF;
+  END IF;
+  RETURN v_account_id;
 END $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
-  'The account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope) or a session id from a verified access token (not revoked or expired). p_account_id: act on that account, allowed to service keys only. TL401 unknown key or ended session, TL403 missing scope or not a service key, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
 
 CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -138,6 +163,17 @@ END $$;
 COMMENT ON FUNCTION identity.new_account(text, text, text, bigint, uuid, text) IS
   'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger (a promotion lot); a plan with monthly credits makes them due at once. TL422 unknown plan or bad input.';
 
+CREATE OR REPLACE FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) RETURNS uuid
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM identity.new_account('free', 'person', NULL, 0, p_account_id);
+  INSERT INTO identity.memberships (account_id, user_id, role, created_at)
+  VALUES (p_account_id, p_user_id, 'owner', util.now());
+  RETURN p_account_id;
+END $$;
+COMMENT ON FUNCTION identity.new_personal_account(uuid, uuid) IS
+  'A new person''s own account (free plan), which they own: every sign-up path calls it.';
+
 CREATE OR REPLACE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0,
                                               p_name text DEFAULT NULL, p_kind text DEFAULT 'person')
 RETURNS jsonb
@@ -148,11 +184,12 @@ DECLARE
 BEGIN
   SELECT * INTO v_key FROM identity.issue_api_key(
     v_account_id, 'default',
-    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[] ELSE '{usage:write,usage:read}' END);
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[]
+         ELSE '{usage:write,usage:read,billing:read,billing:manage}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
     'api_key_id', v_key.id, 'api_key', v_key.api_key,
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 COMMENT ON FUNCTION api.create_account(text, bigint, text, text) IS
-  'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+  'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';

@@ -268,7 +268,7 @@ BEGIN
     VALUES ('account_exists', v_email, jsonb_build_object('email', v_email), util.now(), util.now());
     PERFORM identity.log_event('signup_existing_email', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
   ELSE
-    PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+    PERFORM identity.new_personal_account(v_user_id, v_account_id);
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('verify_email', v_email,
             jsonb_build_object('email', v_email,
@@ -621,51 +621,73 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION identity.api_key_json(identity.api_keys) IS 'An API key as GET /v1/api-keys shows it (never the key itself).';
 
+CREATE OR REPLACE FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) RETURNS identity.sessions
+LANGUAGE plpgsql AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign up or log in to manage API keys');
+  END IF;
+  s.account_id := identity.authenticate(NULL, p_session_id, 'keys:manage', p_account_id);
+  RETURN s;
+END $$;
+COMMENT ON FUNCTION identity.key_account(uuid, uuid) IS
+  'The signed-in person''s session, its account_id set to the account whose keys they manage (their own, or p_account_id where their role grants keys:manage). TL403 otherwise.';
+
 CREATE OR REPLACE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[],
-                                              p_expires_at timestamptz DEFAULT NULL)
+                                              p_expires_at timestamptz DEFAULT NULL, p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
   v_key record;
   k identity.api_keys;
+  v_allowed text[];
 BEGIN
-  IF s.user_id IS NULL THEN
-    PERFORM util.fail('TL403', 'sign up or log in to create API keys');
-  END IF;
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
-  IF p_scopes IS NULL OR cardinality(p_scopes) = 0 OR NOT p_scopes <@ '{usage:write,usage:read}'::text[] THEN
-    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read');
+  IF p_scopes IS NULL OR cardinality(p_scopes) = 0
+     OR NOT p_scopes <@ '{usage:write,usage:read,billing:read,billing:manage}'::text[] THEN
+    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read, billing:read, billing:manage');
+  END IF;
+  -- A key holds at most what its maker's role allows (and is cut down on use if the role shrinks).
+  SELECT array_agg(r.permission) INTO v_allowed FROM identity.memberships m
+  JOIN identity.role_permissions r ON r.role = m.role WHERE m.account_id = s.account_id AND m.user_id = s.user_id;
+  IF NOT p_scopes <@ coalesce(v_allowed, '{}') THEN
+    PERFORM util.fail('TL403', 'your role on this account does not allow a key with these scopes',
+                      jsonb_build_object('allowed', to_jsonb(v_allowed)));
   END IF;
   IF p_expires_at IS NOT NULL AND p_expires_at <= util.now() THEN
     PERFORM util.fail('TL422', 'expires_at must be in the future');
   END IF;
   SELECT * INTO v_key FROM identity.issue_api_key(s.account_id, btrim(p_name), p_scopes, p_expires_at);
-  SELECT * INTO k FROM identity.api_keys WHERE id = v_key.id;
+  UPDATE identity.api_keys SET created_by = s.user_id WHERE id = v_key.id RETURNING * INTO k;
   PERFORM identity.log_event('api_key_created', s.user_id, s.account_id, s.id, NULL, NULL,
                              jsonb_build_object('api_key_id', k.id, 'scopes', to_jsonb(p_scopes)));
   RETURN identity.api_key_json(k) || jsonb_build_object('api_key', v_key.api_key);
 END $$;
-COMMENT ON FUNCTION api.create_api_key(uuid, text, text[], timestamptz) IS
-  'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
+COMMENT ON FUNCTION api.create_api_key(uuid, text, text[], timestamptz, uuid) IS
+  'POST /v1/api-keys: a new API key for the signed-in person''s account, or a team''s (p_account_id; permission keys:manage), returned once in api_key (only its hash is kept). Its scopes (usage:write, usage:read, billing:read, billing:manage) are at most what the person''s role allows. TL403 anonymous session, no keys:manage, or scopes beyond the role; TL422 bad name, scopes or expiry.';
 
-CREATE OR REPLACE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
 BEGIN
   RETURN jsonb_build_object('data', coalesce((
     SELECT jsonb_agg(identity.api_key_json(k) ORDER BY k.created_at DESC)
     FROM identity.api_keys k WHERE k.account_id = s.account_id AND k.revoked_at IS NULL), '[]'));
 END $$;
-COMMENT ON FUNCTION api.list_api_keys(uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves).';
+COMMENT ON FUNCTION api.list_api_keys(uuid, uuid) IS
+  'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves); p_account_id: a team (keys:manage).';
 
-CREATE OR REPLACE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
 BEGIN
   UPDATE identity.api_keys SET revoked_at = util.now()
   WHERE id = p_api_key_id AND account_id = s.account_id AND revoked_at IS NULL;
@@ -676,7 +698,8 @@ BEGIN
                              jsonb_build_object('api_key_id', p_api_key_id));
   RETURN jsonb_build_object('id', p_api_key_id, 'revoked', true);
 END $$;
-COMMENT ON FUNCTION api.revoke_api_key(uuid, uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys; it stops working at once. TL404 otherwise.';
+COMMENT ON FUNCTION api.revoke_api_key(uuid, uuid, uuid) IS
+  'DELETE /v1/api-keys/{id}: revoke one of the account''s keys (p_account_id: a team; keys:manage); it stops working at once. TL404 otherwise.';
 
 CREATE OR REPLACE FUNCTION api.jwt_keys() RETURNS TABLE (kid text, secret bytea)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -739,6 +762,6 @@ GRANT EXECUTE ON FUNCTION
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
   api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text, text, text),
-  api.create_api_key(uuid, text, text[], timestamptz), api.list_api_keys(uuid), api.revoke_api_key(uuid, uuid),
+  api.create_api_key(uuid, text, text[], timestamptz, uuid), api.list_api_keys(uuid, uuid), api.revoke_api_key(uuid, uuid, uuid),
   api.jwt_keys(), api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text)
 TO pgtally_api;

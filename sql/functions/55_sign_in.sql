@@ -116,7 +116,7 @@ BEGIN
       IF u.id IS NULL THEN
         PERFORM util.fail('TL503', 'a sign-up with this email is under way: try again');
       END IF;
-      PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+      PERFORM identity.new_personal_account(u.id, v_account_id);
       PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, NULL,
                                          (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     END IF;

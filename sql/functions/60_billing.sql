@@ -444,10 +444,10 @@ BEGIN
     END IF;
     RETURN p_account_id;
   END IF;
-  RETURN identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  RETURN identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
 END $$;
 COMMENT ON FUNCTION billing.buyer(text, uuid, uuid) IS
-  'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
+  'The account a purchase is for: the principal''s (API key or session), or a team the person may buy for (p_account_id, permission billing:manage), or, with neither principal, the account of a signed upgrade link the server verified (p_account_id).';
 
 CREATE OR REPLACE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text,
                                                 p_account_id uuid DEFAULT NULL) RETURNS jsonb
@@ -515,14 +515,14 @@ $$;
 COMMENT ON FUNCTION api.payment_status(text, text) IS
   '/billing/success: whether Stripe''s event for a Checkout Session (or the payment of a one-click top-up''s PaymentIntent) has been applied yet: state applied, processing until it arrives, or ignored/rejected; with mode and price. Nothing is granted here: only the webhook grants.';
 
-CREATE OR REPLACE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account_id uuid;
   a identity.accounts;
   s billing.subscriptions;
 BEGIN
-  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'billing:read', p_account_id);
   SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO s FROM billing.subscriptions
   WHERE account_id = a.id
@@ -539,13 +539,13 @@ BEGIN
       'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
-COMMENT ON FUNCTION api.billing_account(text, uuid) IS
-  'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+COMMENT ON FUNCTION api.billing_account(text, uuid, uuid) IS
+  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
 
-CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
+CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   v_customer text;
 BEGIN
   SELECT stripe_customer_id INTO v_customer FROM billing.customers WHERE account_id = v_account_id;
@@ -554,8 +554,8 @@ BEGIN
   END IF;
   RETURN v_customer;
 END $$;
-COMMENT ON FUNCTION api.stripe_customer(text, uuid) IS
-  'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
+COMMENT ON FUNCTION api.stripe_customer(text, uuid, uuid) IS
+  'POST /v1/billing/portal (permission billing:manage; p_account_id: a team): the account''s Stripe customer id. TL404 before the first checkout.';
 
 CREATE OR REPLACE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -565,11 +565,12 @@ COMMENT ON FUNCTION api.stripe_customer_of(uuid) IS
   'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
 GRANT EXECUTE ON FUNCTION api.stripe_customer_of(uuid) TO pgtally_api;
 
-CREATE OR REPLACE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL,
+                                                 p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   s billing.subscriptions;
   v_stripe_price text;
 BEGIN
@@ -588,10 +589,10 @@ BEGIN
   RETURN jsonb_build_object('id', s.stripe_subscription_id, 'stripe_item_id', s.stripe_item_id,
                             'stripe_price_id', v_stripe_price, 'current_period_end', util.iso(s.current_period_end));
 END $$;
-COMMENT ON FUNCTION api.live_subscription(text, uuid, text) IS
-  'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
+COMMENT ON FUNCTION api.live_subscription(text, uuid, text, uuid) IS
+  'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
 GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text),
-  api.checkout_prepare(text, uuid, text, uuid), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid), api.live_subscription(text, uuid, text),
-  api.stripe_customer(text, uuid)
+  api.checkout_prepare(text, uuid, text, uuid), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),
+  api.stripe_customer(text, uuid, uuid)
 TO pgtally_api;

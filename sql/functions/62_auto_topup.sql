@@ -11,11 +11,12 @@ $$;
 COMMENT ON FUNCTION billing.auto_topup_json(billing.auto_topups) IS
   'Auto top-up settings as the API shows them: {enabled, below (credits), bundle, failures, in_flight, last_error}.';
 
-CREATE OR REPLACE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text)
+CREATE OR REPLACE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text,
+                                              p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   p_below_micros bigint := billing.to_micros(to_jsonb(p_below), 'below');
   t billing.auto_topups;
 BEGIN
@@ -37,14 +38,16 @@ BEGIN
   UPDATE identity.accounts SET auto_topup_below_micros = p_below_micros WHERE id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
-COMMENT ON FUNCTION api.set_auto_topup(text, uuid, text, text) IS
-  'PUT /v1/billing/auto-topup: when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+COMMENT ON FUNCTION api.set_auto_topup(text, uuid, text, text, uuid) IS
+  'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
 
-CREATE OR REPLACE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL)
+CREATE OR REPLACE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL,
+                                          p_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, CASE WHEN p_enabled IS NULL THEN 'usage:read' ELSE 'usage:write' END);
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id,
+                                             CASE WHEN p_enabled IS NULL THEN 'billing:read' ELSE 'billing:manage' END, p_account_id);
   t billing.auto_topups;
 BEGIN
   IF p_enabled = false THEN
@@ -55,8 +58,8 @@ BEGIN
   SELECT * INTO t FROM billing.auto_topups WHERE account_id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
-COMMENT ON FUNCTION api.auto_topup(text, uuid, boolean) IS
-  'GET /v1/billing/auto-topup (p_enabled NULL) and DELETE (p_enabled false: turn it off): the settings.';
+COMMENT ON FUNCTION api.auto_topup(text, uuid, boolean, uuid) IS
+  'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off; billing:manage): the settings. p_account_id: a team.';
 
 CREATE OR REPLACE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -109,6 +112,6 @@ END $$;
 COMMENT ON FUNCTION api.auto_topup_failed(uuid, text) IS
   'pgtally worker: the card was declined or needs authentication: count the failure and let the next charge try again; the third failure turns auto top-up off and emails the user.';
 
-GRANT EXECUTE ON FUNCTION api.set_auto_topup(text, uuid, text, text), api.auto_topup(text, uuid, boolean),
+GRANT EXECUTE ON FUNCTION api.set_auto_topup(text, uuid, text, text, uuid), api.auto_topup(text, uuid, boolean, uuid),
   api.auto_topup_payment(uuid), api.auto_topup_failed(uuid, text)
 TO pgtally_api;

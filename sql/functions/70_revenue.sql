@@ -110,10 +110,11 @@ END $$;
 COMMENT ON FUNCTION billing.record_mrr(uuid, timestamptz) IS
   'After a subscription event: append the account''s MRR to billing.mrr_changes when it changed (amount, currency or plan), at the event''s time (never before the last change).';
 
-CREATE OR REPLACE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24,
+                                        p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:read', p_account_id);
 BEGIN
   IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
@@ -127,8 +128,8 @@ BEGIN
              'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
     FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
 END $$;
-COMMENT ON FUNCTION api.invoices(text, uuid, integer) IS
-  'GET /v1/billing/invoices: the caller''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+COMMENT ON FUNCTION api.invoices(text, uuid, integer, uuid) IS
+  'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 ------------------------------------------------------------------------------------------------
 -- Usage rollups
@@ -166,6 +167,14 @@ BEGIN
   ON CONFLICT (day, account_id, meter_id) DO UPDATE SET
     events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity,
     credits_micros = r.credits_micros + EXCLUDED.credits_micros;
+  INSERT INTO metering.usage_rollup_monthly AS r (month, account_id, meter_id, plan_id, events, quantity, credits_micros)
+  SELECT date_trunc('month', b.created_at AT TIME ZONE 'UTC')::date, b.account_id, b.meter_id, identity.effective_plan(a),
+         count(*), sum(b.quantity), sum(b.credits_micros)
+  FROM rollup_batch b JOIN identity.accounts a ON a.id = b.account_id
+  GROUP BY 1, 2, 3, 4
+  ON CONFLICT (month, account_id, meter_id, plan_id) DO UPDATE SET
+    events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity,
+    credits_micros = r.credits_micros + EXCLUDED.credits_micros;
   INSERT INTO metering.usage_rollup_hourly AS r (hour, meter_id, events, quantity)
   SELECT date_trunc('hour', b.created_at, 'UTC'), b.meter_id, count(*), sum(b.quantity)
   FROM rollup_batch b GROUP BY 1, 2
@@ -197,7 +206,7 @@ BEGIN
   RETURN v_count;
 END $$;
 COMMENT ON FUNCTION api.rollup_usage(integer) IS
-  'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
+  'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily, usage_rollup_monthly and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
 ------------------------------------------------------------------------------------------------
 -- Alerts to operators
@@ -317,7 +326,7 @@ END $$;
 COMMENT ON FUNCTION api.metrics_report(uuid, text) IS
   '/admin/metrics: a report for staff (mrr, active_accounts, conversion, usage: the last 90 days) as JSON rows. TL403 for customers.';
 
-GRANT EXECUTE ON FUNCTION api.invoices(text, uuid, integer), api.rollup_usage(integer), api.check_alerts(text),
+GRANT EXECUTE ON FUNCTION api.invoices(text, uuid, integer, uuid), api.rollup_usage(integer), api.check_alerts(text),
   api.staff_role(uuid), api.metrics_report(uuid, text) TO pgtally_api;
 
 ------------------------------------------------------------------------------------------------

@@ -62,6 +62,19 @@ CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily (acco
 COMMENT ON TABLE metering.usage_rollup_daily IS
   'Usage per UTC day, account and meter (events, units, micro-credits), with the account''s plan when it was rolled up. Maintained by api.rollup_usage from metering.usage_events.';
 
+CREATE TABLE metering.usage_rollup_monthly (
+  month          date NOT NULL,
+  account_id     uuid NOT NULL,
+  meter_id       text NOT NULL,
+  plan_id        text NOT NULL,
+  events         bigint NOT NULL,
+  quantity       bigint NOT NULL,
+  credits_micros bigint NOT NULL,
+  PRIMARY KEY (month, account_id, meter_id, plan_id)
+);
+COMMENT ON TABLE metering.usage_rollup_monthly IS
+  'Usage per UTC month, account, meter and plan (as rolled up): what the per-account percentiles read. Maintained by api.rollup_usage.';
+
 CREATE TABLE metering.usage_rollup_hourly (
   hour     timestamptz NOT NULL,
   meter_id text NOT NULL,
@@ -282,8 +295,7 @@ CREATE VIEW reporting.usage_per_meter_plan_monthly AS
 SELECT month, meter_id, plan_id, count(*) AS accounts, sum(quantity) AS quantity,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY quantity) AS p50_per_account,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY quantity) AS p95_per_account
-FROM (SELECT date_trunc('month', day)::date AS month, meter_id, plan_id, account_id, sum(quantity) AS quantity
-      FROM metering.usage_rollup_daily GROUP BY 1, 2, 3, 4) a
+FROM metering.usage_rollup_monthly
 GROUP BY month, meter_id, plan_id;
 COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS
   'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';

@@ -36,6 +36,33 @@ CREATE SCHEMA util;
 
 COMMENT ON SCHEMA util IS 'pgtally helpers shared by every domain (clock, ids, units, errors).';
 
+CREATE FUNCTION api.accept_invitation(p_session_id uuid, p_token text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  u identity.users := identity.member_user(p_session_id);
+  i identity.invitations;
+BEGIN
+  -- The claim: one accept wins, however many arrive at once.
+  DELETE FROM identity.invitations WHERE token_hash = util.token_hash(p_token) AND expires_at > util.now()
+  RETURNING * INTO i;
+  IF i.id IS NULL THEN
+    PERFORM util.fail('TL400', 'this invitation is not valid: it was used, revoked, replaced or has expired');
+  END IF;
+  IF u.email_normalized <> i.email_normalized OR u.email_verified_at IS NULL THEN
+    -- Raised: the claim rolls back and the invitation stays for its address.
+    PERFORM util.fail('TL403', format('this invitation is for %s: sign in with that address (confirmed)', i.email_normalized));
+  END IF;
+  INSERT INTO identity.memberships (account_id, user_id, role, created_at, invited_by)
+  VALUES (i.account_id, u.id, i.role, util.now(), i.invited_by)
+  ON CONFLICT (account_id, user_id) DO NOTHING;
+  RETURN identity.account_json((SELECT a FROM identity.accounts a WHERE id = i.account_id),
+                               (SELECT role FROM identity.memberships WHERE account_id = i.account_id AND user_id = u.id));
+END $$;
+
+COMMENT ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) IS 'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). TL400 used, revoked, replaced or expired.';
+
 CREATE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -58,6 +85,21 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.account_summary(p_account_id uuid) IS 'pgtally accounts show: an account for an operator: {account_id, kind, name, plan, subscribed_plan, credits, created_at, email, merged_into, stripe_customer_id, allowances, api_keys (live), usage_events (count)}. TL404 unknown account. Operators only.';
+
+CREATE FUNCTION api.accounts(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  u identity.users := identity.member_user(p_session_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(identity.account_json(a, m.role) ORDER BY (a.id = u.account_id) DESC, a.created_at)
+    FROM identity.memberships m JOIN identity.accounts a ON a.id = m.account_id
+    WHERE m.user_id = u.id AND a.merged_into IS NULL), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.accounts(p_session_id uuid) IS 'GET /v1/accounts: the accounts the signed-in person belongs to (their own first) with their role.';
 
 CREATE FUNCTION api.accounts_list(p_limit integer DEFAULT 50, p_plan text DEFAULT NULL::text) RETURNS TABLE(account_id uuid, kind text, plan text, credits text, email text, created_at text)
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -89,12 +131,245 @@ END $$;
 
 COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
 
-CREATE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL::boolean) RETURNS jsonb
+CREATE FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, CASE WHEN p_enabled IS NULL THEN 'usage:read' ELSE 'usage:write' END);
+  v_staff identity.users := identity.staff(p_session_id, 'read');
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  RETURN identity.account_json(a, NULL) || jsonb_build_object(
+    'subscribed_plan', a.plan_id, 'held', util.credits(a.held_micros),
+    'suspended_at', util.iso(a.suspended_at), 'suspended_reason', a.suspended_reason,
+    'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
+    'members', coalesce((SELECT jsonb_agg(jsonb_build_object('user_id', u.id, 'email', u.email, 'role', m.role,
+                                                             'email_verified', u.email_verified_at IS NOT NULL))
+                         FROM identity.memberships m JOIN identity.users u ON u.id = m.user_id WHERE m.account_id = a.id), '[]'),
+    'allowances', metering.allowances_json(a),
+    'lots', coalesce((SELECT jsonb_agg(ledger.lot_json(l) ORDER BY l.id DESC)
+                      FROM (SELECT * FROM ledger.credit_lots WHERE account_id = a.id ORDER BY id DESC LIMIT 20) l), '[]'),
+    'usage_events', coalesce((SELECT jsonb_agg(metering.event_json(e) ORDER BY e.id DESC)
+                              FROM (SELECT * FROM metering.usage_events WHERE account_id = a.id ORDER BY id DESC LIMIT 20) e), '[]'),
+    'ledger', coalesce((SELECT jsonb_agg(ledger.entry_json(t, e.amount_micros, e.balance_after_micros, e.created_at) ORDER BY e.id DESC)
+                        FROM (SELECT * FROM ledger.entries WHERE account_id = a.id ORDER BY id DESC LIMIT 20) e
+                        JOIN ledger.transfers t ON t.id = e.transfer_id), '[]'),
+    'holds', coalesce((SELECT jsonb_agg(metering.hold_json(h) ORDER BY h.id DESC)
+                       FROM metering.holds h WHERE h.account_id = a.id AND h.status = 'open'), '[]'),
+    'subscriptions', coalesce((SELECT jsonb_agg(jsonb_build_object('id', s.stripe_subscription_id, 'status', s.status,
+                                                                   'plan', s.plan_id, 'current_period_end', util.iso(s.current_period_end),
+                                                                   'cancel_at_period_end', s.cancel_at_period_end))
+                               FROM billing.subscriptions s WHERE s.account_id = a.id), '[]'),
+    'payments', coalesce((SELECT jsonb_agg(jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'price', p.price_id,
+                                                              'amount', p.amount_minor, 'currency', p.currency,
+                                                              'refunded', p.refunded_minor, 'paid_at', util.iso(p.paid_at))
+                                           ORDER BY p.paid_at DESC)
+                          FROM billing.payments p WHERE p.account_id = a.id), '[]'),
+    'referrals', coalesce((SELECT jsonb_agg(jsonb_build_object('referee_account_id', r.referee_account_id, 'status', r.status,
+                                                               'rejected_reason', r.rejected_reason))
+                           FROM billing.referrals r WHERE r.referrer_account_id = a.id OR r.referee_account_id = a.id), '[]'),
+    'auth_events', coalesce((SELECT jsonb_agg(jsonb_build_object('kind', e.kind, 'ip', e.ip, 'at', util.iso(e.created_at)) ORDER BY e.id DESC)
+                             FROM (SELECT * FROM identity.auth_events WHERE account_id = a.id ORDER BY id DESC LIMIT 20) e), '[]'),
+    'webhook_events', coalesce((SELECT jsonb_agg(jsonb_build_object('id', x.id, 'type', x.type, 'status', x.status,
+                                                                    'received_at', util.iso(x.received_at)) ORDER BY x.received_at DESC)
+                                FROM (SELECT * FROM billing.stripe_events x
+                                      WHERE x.payload #>> '{data,object,customer}' = (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id)
+                                      ORDER BY x.received_at DESC LIMIT 20) x), '[]'),
+    'audit', coalesce((SELECT jsonb_agg(to_jsonb(l) ORDER BY l.id DESC)
+                       FROM (SELECT * FROM reporting.audit_log WHERE target_account_id = a.id ORDER BY id DESC LIMIT 20) l), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) IS 'GET /v1/admin/accounts/{id} (staff: read): the account with its members, plan, balance, allowances, and the latest 20 lots, usage events, ledger entries, auth events, webhook events and staff actions; its open holds, subscriptions, payments and referrals. TL404.';
+
+CREATE FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'adjust_credits');
+  p_amount_micros bigint := billing.signed_to_micros(p_amount, 'amount');
+  v_before bigint := (SELECT credit_balance_micros FROM identity.accounts WHERE id = p_account_id);
+  r record;
+BEGIN
+  IF p_amount_micros IS NULL OR p_amount_micros = 0 THEN
+    PERFORM util.fail('TL422', 'an adjustment is a non-zero amount of credits', '{"field": "amount"}');
+  END IF;
+  IF v_staff.staff_role = 'support' AND (p_amount_micros < 0 OR p_amount_micros > 50000000) THEN
+    PERFORM util.fail('TL403', 'support grants at most 50 credits at a time and takes none back: ask an admin');
+  END IF;
+  SELECT * INTO r FROM ledger.operator_transfer(p_account_id, 'adjustments', 'adjustment', p_amount_micros,
+                                                p_idempotency_key, btrim(p_reason));
+  IF NOT r.replayed THEN
+    PERFORM ops.audit(v_staff, 'adjust_credits', p_account_id, NULL, p_reason,
+                      jsonb_build_object('credits', util.credits(v_before)),
+                      jsonb_build_object('credits', util.credits(v_before + p_amount_micros),
+                                         'transfer_id', r.body ->> 'transfer_id', 'amount', util.credits(p_amount_micros)));
+  END IF;
+  replayed := r.replayed;
+  body := r.body;
+  RETURN NEXT;
+END $$;
+
+COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
+
+CREATE FUNCTION api.admin_audit(p_session_id uuid, p_limit integer DEFAULT 100) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'read');
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(to_jsonb(l) ORDER BY l.id DESC)
+    FROM (SELECT * FROM reporting.audit_log ORDER BY id DESC LIMIT least(greatest(coalesce(p_limit, 100), 1), 1000)) l), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) IS 'GET /v1/admin/audit: the latest staff actions (staff: read).';
+
+CREATE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'refund');
+  r jsonb;
+BEGIN
+  SELECT jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'account_id', p.account_id, 'kind', 'bundle',
+                            'amount', p.amount_minor, 'refunded', p.refunded_minor, 'currency', p.currency)
+  INTO r FROM billing.payments p WHERE p.stripe_payment_intent_id = p_payment_intent;
+  IF r IS NULL THEN
+    PERFORM util.fail('TL404', 'no payment pgtally recorded with this PaymentIntent');
+  END IF;
+  RETURN r;
+END $$;
+
+COMMENT ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) IS 'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund (account, amount, refunded so far, in minor units). TL404.';
+
+CREATE FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'refund');
+  p billing.payments;
+BEGIN
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p_payment_intent;
+  PERFORM ops.audit(v_staff, 'refund', p.account_id, NULL, p_reason,
+                    jsonb_build_object('payment_intent', p_payment_intent, 'amount', p.amount_minor, 'refunded', p.refunded_minor),
+                    jsonb_build_object('refund', p_stripe_refund, 'amount', p_amount));
+  RETURN jsonb_build_object('refund', p_stripe_refund, 'payment_intent', p_payment_intent, 'amount', p_amount,
+                            'status', 'refunded: the credits come back out with Stripe''s charge.refunded event');
+END $$;
+
+COMMENT ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) IS 'POST /v1/admin/refunds, step 2, after Stripe accepted the refund: the audit row. The credits are taken back by the charge.refunded webhook, as for any refund.';
+
+CREATE FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'revoke_sessions');
+  v_count integer;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.users WHERE id = p_user_id) THEN
+    PERFORM util.fail('TL404', 'no such user');
+  END IF;
+  UPDATE identity.sessions SET revoked_at = util.now(), revoked_reason = 'staff'
+  WHERE user_id = p_user_id AND revoked_at IS NULL;
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM ops.audit(v_staff, 'revoke_sessions', (SELECT account_id FROM identity.users WHERE id = p_user_id), p_user_id,
+                    p_reason, NULL, jsonb_build_object('sessions_revoked', v_count));
+  RETURN jsonb_build_object('user_id', p_user_id, 'sessions_revoked', v_count);
+END $$;
+
+COMMENT ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) IS 'POST /v1/admin/users/{id}/revoke-sessions (staff: admin): sign the user out everywhere (every session and its refresh tokens); audited. TL404.';
+
+CREATE FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer DEFAULT 50) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'read');
+  q text := btrim(coalesce(p_query, ''));
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(x ORDER BY x ->> 'created_at' DESC) FROM (
+      SELECT identity.account_json(a, NULL) || jsonb_build_object(
+               'email', (SELECT u.email FROM identity.users u WHERE u.account_id = a.id),
+               'stripe_customer_id', (SELECT c.stripe_customer_id FROM billing.customers c WHERE c.account_id = a.id)) AS x
+      FROM identity.accounts a
+      WHERE a.merged_into IS NULL AND (
+            q = ''
+         OR a.id::text = q
+         OR a.name ILIKE '%' || q || '%'
+         OR EXISTS (SELECT 1 FROM identity.users u JOIN identity.memberships m ON m.user_id = u.id
+                    WHERE m.account_id = a.id AND u.email_normalized LIKE '%' || lower(q) || '%')
+         OR EXISTS (SELECT 1 FROM billing.customers c WHERE c.account_id = a.id AND c.stripe_customer_id = q))
+      ORDER BY a.created_at DESC LIMIT least(greatest(coalesce(p_limit, 50), 1), 200)) r), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) IS 'GET /v1/admin/accounts?q=: accounts by id, name, a member''s email (part of it) or Stripe customer id, newest first (staff: read).';
+
+CREATE FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'set_plan');
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM billing.plans WHERE id = p_plan AND active) THEN
+    PERFORM util.fail('TL422', format('there is no active plan %L', p_plan), '{"field": "plan"}');
+  END IF;
+  UPDATE identity.accounts SET plan_id = p_plan, plan_grace_until = NULL,
+    credits_due_at = CASE WHEN (SELECT monthly_credits_micros FROM billing.plans WHERE id = p_plan) > 0
+                          THEN least(credits_due_at, util.now()) ELSE credits_due_at END
+  WHERE id = p_account_id;
+  PERFORM ops.audit(v_staff, 'set_plan', p_account_id, NULL, p_reason, jsonb_build_object('plan', a.plan_id),
+                    jsonb_build_object('plan', p_plan));
+  RETURN api.admin_account(p_session_id, p_account_id);
+END $$;
+
+COMMENT ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) IS 'POST /v1/admin/accounts/{id}/plan (staff: admin): put the account on a plan without Stripe (a comp); audited. A later Stripe subscription event for the account sets its plan again. TL404, TL422.';
+
+CREATE FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, CASE WHEN p_suspend THEN 'suspend' ELSE 'unsuspend' END);
+  a identity.accounts;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  UPDATE identity.accounts
+  SET suspended_at = CASE WHEN p_suspend THEN coalesce(suspended_at, util.now()) END,
+      suspended_reason = CASE WHEN p_suspend THEN left(btrim(p_reason), 500) END
+  WHERE id = p_account_id;
+  PERFORM ops.audit(v_staff, CASE WHEN p_suspend THEN 'suspend' ELSE 'unsuspend' END, p_account_id, NULL, p_reason,
+                    jsonb_build_object('suspended', a.suspended_at IS NOT NULL), jsonb_build_object('suspended', p_suspend));
+  RETURN api.admin_account(p_session_id, p_account_id);
+END $$;
+
+COMMENT ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) IS 'POST /v1/admin/accounts/{id}/suspend and /unsuspend (staff: admin): while suspended every charge, hold, purchase and key of the account is refused (403 account-suspended, with the reason); audited. TL404, TL422.';
+
+CREATE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL::boolean, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id,
+                                             CASE WHEN p_enabled IS NULL THEN 'billing:read' ELSE 'billing:manage' END, p_account_id);
   t billing.auto_topups;
 BEGIN
   IF p_enabled = false THEN
@@ -106,7 +381,7 @@ BEGIN
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) IS 'GET /v1/billing/auto-topup (p_enabled NULL) and DELETE (p_enabled false: turn it off): the settings.';
+COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off; billing:manage): the settings. p_account_id: a team.';
 
 CREATE FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -169,7 +444,7 @@ END $$;
 
 COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits: the spendable lots; held: reserved by open holds; available: what a charge may spend; pending: granted lots not spendable yet; next_expiry {credits, at}: what expires next) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
 
-CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid) RETURNS jsonb
+CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -178,7 +453,7 @@ DECLARE
   a identity.accounts;
   s billing.subscriptions;
 BEGIN
-  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id := identity.authenticate(p_api_key, p_session_id, 'billing:read', p_account_id);
   SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
   SELECT * INTO s FROM billing.subscriptions
   WHERE account_id = a.id
@@ -196,7 +471,7 @@ BEGIN
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 
-COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) IS 'GET /v1/billing/subscription: the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
 
 CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -426,44 +701,69 @@ DECLARE
 BEGIN
   SELECT * INTO v_key FROM identity.issue_api_key(
     v_account_id, 'default',
-    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[] ELSE '{usage:write,usage:read}' END);
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[]
+         ELSE '{usage:write,usage:read,billing:read,billing:manage}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
     'api_key_id', v_key.id, 'api_key', v_key.api_key,
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 
-COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
 
-CREATE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS jsonb
+CREATE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
   v_key record;
   k identity.api_keys;
+  v_allowed text[];
 BEGIN
-  IF s.user_id IS NULL THEN
-    PERFORM util.fail('TL403', 'sign up or log in to create API keys');
-  END IF;
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
-  IF p_scopes IS NULL OR cardinality(p_scopes) = 0 OR NOT p_scopes <@ '{usage:write,usage:read}'::text[] THEN
-    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read');
+  IF p_scopes IS NULL OR cardinality(p_scopes) = 0
+     OR NOT p_scopes <@ '{usage:write,usage:read,billing:read,billing:manage}'::text[] THEN
+    PERFORM util.fail('TL422', 'scopes are one or more of usage:write, usage:read, billing:read, billing:manage');
+  END IF;
+  -- A key holds at most what its maker's role allows (and is cut down on use if the role shrinks).
+  SELECT array_agg(r.permission) INTO v_allowed FROM identity.memberships m
+  JOIN identity.role_permissions r ON r.role = m.role WHERE m.account_id = s.account_id AND m.user_id = s.user_id;
+  IF NOT p_scopes <@ coalesce(v_allowed, '{}') THEN
+    PERFORM util.fail('TL403', 'your role on this account does not allow a key with these scopes',
+                      jsonb_build_object('allowed', to_jsonb(v_allowed)));
   END IF;
   IF p_expires_at IS NOT NULL AND p_expires_at <= util.now() THEN
     PERFORM util.fail('TL422', 'expires_at must be in the future');
   END IF;
   SELECT * INTO v_key FROM identity.issue_api_key(s.account_id, btrim(p_name), p_scopes, p_expires_at);
-  SELECT * INTO k FROM identity.api_keys WHERE id = v_key.id;
+  UPDATE identity.api_keys SET created_by = s.user_id WHERE id = v_key.id RETURNING * INTO k;
   PERFORM identity.log_event('api_key_created', s.user_id, s.account_id, s.id, NULL, NULL,
                              jsonb_build_object('api_key_id', k.id, 'scopes', to_jsonb(p_scopes)));
   RETURN identity.api_key_json(k) || jsonb_build_object('api_key', v_key.api_key);
 END $$;
 
-COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) IS 'POST /v1/api-keys: a new API key for the signed-in user''s account, returned once in api_key (only its hash is kept). TL403 for anonymous sessions, TL422 bad name, scopes or expiry.';
+COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) IS 'POST /v1/api-keys: a new API key for the signed-in person''s account, or a team''s (p_account_id; permission keys:manage), returned once in api_key (only its hash is kept). Its scopes (usage:write, usage:read, billing:read, billing:manage) are at most what the person''s role allows. TL403 anonymous session, no keys:manage, or scopes beyond the role; TL422 bad name, scopes or expiry.';
+
+CREATE FUNCTION api.create_team(p_session_id uuid, p_name text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  u identity.users := identity.member_user(p_session_id);
+  v_account_id uuid;
+BEGIN
+  IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
+    PERFORM util.fail('TL422', 'a team name of 1 to 100 characters is required', '{"field": "name"}');
+  END IF;
+  v_account_id := identity.new_account('free', 'team', btrim(p_name), 0);
+  INSERT INTO identity.memberships (account_id, user_id, role, created_at) VALUES (v_account_id, u.id, 'owner', util.now());
+  RETURN identity.account_json((SELECT a FROM identity.accounts a WHERE id = v_account_id), 'owner');
+END $$;
+
+COMMENT ON FUNCTION api.create_team(p_session_id uuid, p_name text) IS 'POST /v1/accounts: a team account (free plan, its own credits, usage, keys and Stripe customer) owned by the signed-in person. TL403 anonymous, TL422 bad name.';
 
 CREATE FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text DEFAULT NULL::text, p_limit integer DEFAULT 50, p_cursor text DEFAULT NULL::text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -806,12 +1106,68 @@ END $_$;
 
 COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
-CREATE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24) RETURNS jsonb
+CREATE FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'members:read', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(identity.invitation_json(i) ORDER BY i.created_at DESC)
+    FROM identity.invitations i WHERE i.account_id = v_account_id AND i.expires_at > util.now()), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) IS 'GET /v1/accounts/{id}/invitations: the pending invitations (members:read).';
+
+CREATE FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_actor identity.users := identity.member_user(p_session_id);
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'members:manage', p_account_id);
+  v_email text := identity.normalize_email(p_email);
+  v_token text := encode(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()), 'hex');
+  i identity.invitations;
+BEGIN
+  IF p_role IS NULL OR p_role NOT IN ('owner', 'admin', 'member', 'billing', 'viewer') THEN
+    PERFORM util.fail('TL422', 'a role is owner, admin, member, billing or viewer', '{"field": "role"}');
+  END IF;
+  IF p_role = 'owner' AND NOT EXISTS (SELECT 1 FROM identity.memberships
+                                      WHERE account_id = v_account_id AND user_id = v_actor.id AND role = 'owner') THEN
+    PERFORM util.fail('TL403', 'only an owner invites owners');
+  END IF;
+  IF (SELECT kind FROM identity.accounts WHERE id = v_account_id) <> 'team' THEN
+    PERFORM util.fail('TL40C', 'invite people to a team account (POST /v1/accounts makes one)');
+  END IF;
+  IF EXISTS (SELECT 1 FROM identity.memberships m JOIN identity.users u ON u.id = m.user_id
+             WHERE m.account_id = v_account_id AND u.email_normalized = v_email) THEN
+    PERFORM util.fail('TL40C', format('%s is a member already', v_email));
+  END IF;
+  -- One pending invitation per address: inviting again sends a new link (the old one stops).
+  INSERT INTO identity.invitations AS x (account_id, email_normalized, role, token_hash, invited_by, created_at, expires_at)
+  VALUES (v_account_id, v_email, p_role, util.token_hash(v_token), v_actor.id, util.now(), util.now() + interval '7 days')
+  ON CONFLICT (account_id, email_normalized) DO UPDATE SET
+    role = EXCLUDED.role, token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by,
+    expires_at = EXCLUDED.expires_at, sent_count = x.sent_count + 1
+  RETURNING * INTO i;
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('invitation', v_email,
+          jsonb_build_object('token', v_token, 'team', (SELECT name FROM identity.accounts WHERE id = v_account_id),
+                             'inviter', v_actor.email, 'role', p_role, 'email', v_email),
+          util.now(), util.now());
+  RETURN identity.invitation_json(i);
+END $$;
+
+COMMENT ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) IS 'POST /v1/accounts/{id}/invitations (and resend): invite an address to a team with a role (members:manage; owners only for owner), valid 7 days; emails a single-use link. Inviting the same address again replaces the link. TL40C a member already or not a team, TL403, TL422.';
+
+CREATE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:read', p_account_id);
 BEGIN
   IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
@@ -826,7 +1182,7 @@ BEGIN
     FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) IS 'GET /v1/billing/invoices: the caller''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -888,26 +1244,26 @@ END $$;
 
 COMMENT ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) IS 'Checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
 
-CREATE FUNCTION api.list_api_keys(p_session_id uuid) RETURNS jsonb
+CREATE FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
 BEGIN
   RETURN jsonb_build_object('data', coalesce((
     SELECT jsonb_agg(identity.api_key_json(k) ORDER BY k.created_at DESC)
     FROM identity.api_keys k WHERE k.account_id = s.account_id AND k.revoked_at IS NULL), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.list_api_keys(p_session_id uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves).';
+COMMENT ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves); p_account_id: a team (keys:manage).';
 
-CREATE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL::text) RETURNS jsonb
+CREATE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL::text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   s billing.subscriptions;
   v_stripe_price text;
 BEGIN
@@ -927,7 +1283,7 @@ BEGIN
                             'stripe_price_id', v_stripe_price, 'current_period_end', util.iso(s.current_period_end));
 END $$;
 
-COMMENT ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) IS 'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription: the caller''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
+COMMENT ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
 CREATE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1193,6 +1549,22 @@ END $$;
 
 COMMENT ON FUNCTION api.me(p_api_key text, p_session_id uuid) IS 'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
 
+CREATE FUNCTION api.members(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'members:read', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('data', coalesce((
+    SELECT jsonb_agg(jsonb_build_object('user_id', u.id, 'email', u.email, 'role', m.role,
+                                        'joined_at', util.iso(m.created_at)) ORDER BY m.created_at)
+    FROM identity.memberships m JOIN identity.users u ON u.id = m.user_id
+    WHERE m.account_id = v_account_id), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) IS 'GET /v1/accounts/{id}/members: the members and their roles (permission members:read: every member).';
+
 CREATE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1346,7 +1718,7 @@ BEGIN
       IF u.id IS NULL THEN
         PERFORM util.fail('TL503', 'a sign-up with this email is under way: try again');
       END IF;
-      PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+      PERFORM identity.new_personal_account(u.id, v_account_id);
       PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, NULL,
                                          (SELECT account_id FROM identity.sessions WHERE id = p_device_session_id));
     END IF;
@@ -1603,6 +1975,15 @@ END $$;
 
 COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
 
+CREATE FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT identity.change_membership(p_session_id, p_account_id, p_user_id, NULL)
+$$;
+
+COMMENT ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) IS 'DELETE /v1/accounts/{id}/members/{user_id}: remove a member (members:manage) or leave (yourself); the last owner stays (TL40C).';
+
 CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1663,12 +2044,12 @@ END $$;
 
 COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
 
-CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) RETURNS jsonb
+CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions := identity.key_account(p_session_id, p_account_id);
 BEGIN
   UPDATE identity.api_keys SET revoked_at = util.now()
   WHERE id = p_api_key_id AND account_id = s.account_id AND revoked_at IS NULL;
@@ -1680,7 +2061,24 @@ BEGIN
   RETURN jsonb_build_object('id', p_api_key_id, 'revoked', true);
 END $$;
 
-COMMENT ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys; it stops working at once. TL404 otherwise.';
+COMMENT ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys (p_account_id: a team; keys:manage); it stops working at once. TL404 otherwise.';
+
+CREATE FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'members:manage', p_account_id);
+  i identity.invitations;
+BEGIN
+  DELETE FROM identity.invitations WHERE id = p_invitation_id AND account_id = v_account_id RETURNING * INTO i;
+  IF i.id IS NULL THEN
+    PERFORM util.fail('TL404', 'no such invitation');
+  END IF;
+  RETURN identity.invitation_json(i) || '{"revoked": true}';
+END $$;
+
+COMMENT ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) IS 'DELETE /v1/accounts/{id}/invitations/{invitation_id}: the link stops working (members:manage). TL404.';
 
 CREATE FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1737,6 +2135,14 @@ BEGIN
   ON CONFLICT (day, account_id, meter_id) DO UPDATE SET
     events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity,
     credits_micros = r.credits_micros + EXCLUDED.credits_micros;
+  INSERT INTO metering.usage_rollup_monthly AS r (month, account_id, meter_id, plan_id, events, quantity, credits_micros)
+  SELECT date_trunc('month', b.created_at AT TIME ZONE 'UTC')::date, b.account_id, b.meter_id, identity.effective_plan(a),
+         count(*), sum(b.quantity), sum(b.credits_micros)
+  FROM rollup_batch b JOIN identity.accounts a ON a.id = b.account_id
+  GROUP BY 1, 2, 3, 4
+  ON CONFLICT (month, account_id, meter_id, plan_id) DO UPDATE SET
+    events = r.events + EXCLUDED.events, quantity = r.quantity + EXCLUDED.quantity,
+    credits_micros = r.credits_micros + EXCLUDED.credits_micros;
   INSERT INTO metering.usage_rollup_hourly AS r (hour, meter_id, events, quantity)
   SELECT date_trunc('hour', b.created_at, 'UTC'), b.meter_id, count(*), sum(b.quantity)
   FROM rollup_batch b GROUP BY 1, 2
@@ -1768,7 +2174,7 @@ BEGIN
   RETURN v_count;
 END $$;
 
-COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
+COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily, usage_rollup_monthly and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
 CREATE FUNCTION api.schema_version() RETURNS text
     LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -1799,12 +2205,12 @@ END $$;
 
 COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one, with how each began (method: password, google, github, device, device_code).';
 
-CREATE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) RETURNS jsonb
+CREATE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   p_below_micros bigint := billing.to_micros(to_jsonb(p_below), 'below');
   t billing.auto_topups;
 BEGIN
@@ -1827,7 +2233,16 @@ BEGIN
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) IS 'PUT /v1/billing/auto-topup: when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+
+CREATE FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT identity.change_membership(p_session_id, p_account_id, p_user_id, coalesce(p_role, '?'))
+$$;
+
+COMMENT ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'PATCH /v1/accounts/{id}/members/{user_id}: change a member''s role (members:manage; owners only for the owner role; the last owner stays). TL403, TL404, TL40C, TL422.';
 
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1871,7 +2286,7 @@ BEGIN
     VALUES ('account_exists', v_email, jsonb_build_object('email', v_email), util.now(), util.now());
     PERFORM identity.log_event('signup_existing_email', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
   ELSE
-    PERFORM identity.new_account('free', 'person', NULL, 0, v_account_id);
+    PERFORM identity.new_personal_account(v_user_id, v_account_id);
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('verify_email', v_email,
             jsonb_build_object('email', v_email,
@@ -1918,12 +2333,12 @@ $$;
 
 COMMENT ON FUNCTION api.staff_role(p_session_id uuid) IS 'The staff role of a signed-in session''s user (support, admin), NULL for customers: what /admin pages check.';
 
-CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) RETURNS text
+CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  v_account_id uuid := identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
   v_customer text;
 BEGIN
   SELECT stripe_customer_id INTO v_customer FROM billing.customers WHERE account_id = v_account_id;
@@ -1933,7 +2348,7 @@ BEGIN
   RETURN v_customer;
 END $$;
 
-COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) IS 'POST /v1/billing/portal: the caller''s Stripe customer id. TL404 before the first checkout.';
+COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'POST /v1/billing/portal (permission billing:manage; p_account_id: a team): the account''s Stripe customer id. TL404 before the first checkout.';
 
 CREATE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -2494,10 +2909,10 @@ BEGIN
     END IF;
     RETURN p_account_id;
   END IF;
-  RETURN identity.authenticate(p_api_key, p_session_id, 'usage:read');
+  RETURN identity.authenticate(p_api_key, p_session_id, 'billing:manage', p_account_id);
 END $$;
 
-COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or, with neither, the account of a signed upgrade link the server verified (p_account_id).';
+COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or a team the person may buy for (p_account_id, permission billing:manage), or, with neither principal, the account of a signed upgrade link the server verified (p_account_id).';
 
 CREATE FUNCTION billing.cancel_referral_reward(p_ref text) RETURNS void
     LANGUAGE plpgsql
@@ -2942,6 +3357,68 @@ $$;
 
 COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 48-bit Unix milliseconds, then random bits. Used for every public id.';
 
+CREATE TABLE identity.accounts (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    kind text DEFAULT 'person'::text NOT NULL,
+    name text,
+    plan_id text NOT NULL,
+    credit_balance_micros bigint DEFAULT 0 NOT NULL,
+    billing_period_start timestamp with time zone,
+    billing_period_end timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    merged_into uuid,
+    device_fingerprint text,
+    plan_grace_until timestamp with time zone,
+    device_install_hash bytea,
+    held_micros bigint DEFAULT 0 NOT NULL,
+    auto_topup_below_micros bigint,
+    credits_due_at timestamp with time zone,
+    suspended_at timestamp with time zone,
+    suspended_reason text,
+    CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
+    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
+    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
+    CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
+    CONSTRAINT accounts_suspended_reason_check CHECK ((length(suspended_reason) <= 500)),
+    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0)),
+    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= credit_balance_micros)))
+);
+
+COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
+
+COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
+
+COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
+
+COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
+
+COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
+
+COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
+
+COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
+
+COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
+
+COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
+
+COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
+
+COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
+
+COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
+
+CREATE FUNCTION identity.account_json(a identity.accounts, p_role text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', a.id, 'object', 'account', 'kind', a.kind, 'name', a.name, 'role', p_role,
+                            'plan', identity.effective_plan(a), 'credits', util.credits(a.credit_balance_micros),
+                            'suspended', a.suspended_at IS NOT NULL, 'created_at', util.iso(a.created_at))
+$$;
+
+COMMENT ON FUNCTION identity.account_json(a identity.accounts, p_role text) IS 'An account as /v1/accounts shows it to a member: {id, kind (person, team), name, role, plan, credits, suspended, created_at}.';
+
 CREATE TABLE identity.sessions (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
@@ -2957,7 +3434,7 @@ CREATE TABLE identity.sessions (
     method text DEFAULT 'password'::text NOT NULL,
     CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
-    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text])))
+    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text])))
 );
 
 COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
@@ -3003,7 +3480,8 @@ CREATE TABLE identity.api_keys (
     revoked_at timestamp with time zone,
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,service}'::text[]) AND (cardinality(scopes) > 0)))
+    created_by uuid,
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -3015,6 +3493,8 @@ COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four 
 COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), service (act on behalf of any account: account_id in the request).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
+
+COMMENT ON COLUMN identity.api_keys.created_by IS 'The member who created the key: on every use its scopes are cut to what that member''s role allows now (a demoted member''s keys lose what the role lost; a removed member''s keys stop). NULL for operator keys.';
 
 CREATE FUNCTION identity.api_key_json(k identity.api_keys) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -3032,6 +3512,7 @@ CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope
 DECLARE
   k identity.api_keys;
   s identity.sessions;
+  v_account_id uuid;
 BEGIN
   IF p_api_key IS NOT NULL THEN
     SELECT * INTO k FROM identity.api_keys
@@ -3050,33 +3531,95 @@ BEGIN
       IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND merged_into IS NULL) THEN
         PERFORM util.fail('TL404', format('no account %s', p_account_id));
       END IF;
-      RETURN p_account_id;
-    END IF;
-    IF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
+      v_account_id := p_account_id;
+    ELSIF NOT (p_scope = ANY (k.scopes) OR 'service' = ANY (k.scopes)) THEN
       PERFORM util.fail('TL403', format('this API key lacks the %s scope', p_scope));
+    ELSIF k.created_by IS NOT NULL AND NOT identity.member_may(k.created_by, k.account_id, p_scope) THEN
+      -- A member's key holds at most what the member's role allows now.
+      PERFORM util.fail('TL403', format('the member who made this key may no longer %s on this account', p_scope));
+    ELSE
+      v_account_id := k.account_id;
     END IF;
-    RETURN k.account_id;
-  END IF;
-
-  IF p_session_id IS NOT NULL THEN
+  ELSIF p_session_id IS NOT NULL THEN
     SELECT * INTO s FROM identity.sessions
     WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
     IF NOT FOUND THEN
       PERFORM util.fail('TL401', 'the session has ended: sign in again');
     END IF;
-    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
-      PERFORM util.fail('TL403', 'only a service key may act on behalf of another account');
-    END IF;
     IF s.last_used_at < util.now() - interval '1 minute' THEN
       UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
     END IF;
-    RETURN s.account_id;
+    IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
+      -- Another account the person belongs to (a team), if their role there allows it.
+      IF s.user_id IS NULL OR NOT identity.member_may(s.user_id, p_account_id, p_scope) THEN
+        PERFORM util.fail('TL403', format('you may not %s on account %s', p_scope, p_account_id),
+                          jsonb_build_object('account_id', p_account_id, 'permission', p_scope));
+      END IF;
+      v_account_id := p_account_id;
+    ELSE
+      v_account_id := s.account_id;
+    END IF;
+  ELSE
+    PERFORM util.fail('TL401', 'an API key or access token is required');
   END IF;
-
-  PERFORM util.fail('TL401', 'an API key or access token is required');
+  IF p_scope IN ('usage:write', 'billing:manage') THEN
+    IF EXISTS (SELECT 1 FROM identity.accounts WHERE id = v_account_id AND suspended_at IS NOT NULL) THEN
+      PERFORM util.fail('TL4S3', 'this account is suspended',
+                        (SELECT jsonb_build_object('account_id', id, 'reason', suspended_reason, 'suspended_at', util.iso(suspended_at))
+                         FROM identity.accounts WHERE id = v_account_id));
+    END IF;
+  END IF;
+  RETURN v_account_id;
 END $$;
 
-COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope) or a session id from a verified access token (not revoked or expired). p_account_id: act on that account, allowed to service keys only. TL401 unknown key or ended session, TL403 missing scope or not a service key, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+
+CREATE FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_actor identity.users := identity.member_user(p_session_id);
+  v_account_id uuid;
+  v_actor_role text;
+  m identity.memberships;
+BEGIN
+  IF p_role IS NOT NULL AND p_role NOT IN ('owner', 'admin', 'member', 'billing', 'viewer') THEN
+    PERFORM util.fail('TL422', 'a role is owner, admin, member, billing or viewer', '{"field": "role"}');
+  END IF;
+  -- Leaving an account needs no permission; changing someone else does.
+  IF p_user_id = v_actor.id AND p_role IS NULL THEN
+    v_account_id := identity.authenticate(NULL, p_session_id, 'members:read', p_account_id);
+  ELSE
+    v_account_id := identity.authenticate(NULL, p_session_id, 'members:manage', p_account_id);
+  END IF;
+  -- Every change of an account's members serialises on its row: the owner count below is exact.
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  SELECT role INTO v_actor_role FROM identity.memberships WHERE account_id = v_account_id AND user_id = v_actor.id;
+  SELECT * INTO m FROM identity.memberships WHERE account_id = v_account_id AND user_id = p_user_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such member');
+  END IF;
+  IF (m.role = 'owner' OR p_role = 'owner') AND coalesce(v_actor_role, '') <> 'owner' AND p_user_id <> v_actor.id THEN
+    PERFORM util.fail('TL403', 'only an owner makes or unmakes owners');
+  END IF;
+  IF p_user_id = (SELECT u.id FROM identity.users u WHERE u.account_id = v_account_id) THEN
+    PERFORM util.fail('TL40C', 'a person''s own account stays theirs');
+  END IF;
+  IF p_role IS NULL THEN
+    DELETE FROM identity.memberships WHERE account_id = v_account_id AND user_id = p_user_id;
+    -- Their keys on this account stop at once.
+    UPDATE identity.api_keys SET revoked_at = util.now()
+    WHERE account_id = v_account_id AND created_by = p_user_id AND revoked_at IS NULL;
+  ELSE
+    UPDATE identity.memberships SET role = p_role WHERE account_id = v_account_id AND user_id = p_user_id;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM identity.memberships WHERE account_id = v_account_id AND role = 'owner') THEN
+    PERFORM util.fail('TL40C', 'an account keeps at least one owner: make someone else owner first');
+  END IF;
+  RETURN api.members(p_session_id, v_account_id);
+END $$;
+
+COMMENT ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked.';
 
 CREATE FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) RETURNS uuid
     LANGUAGE sql
@@ -3088,53 +3631,6 @@ CREATE FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) RETU
 $$;
 
 COMMENT ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) IS 'Use a one-time token: its user id, or NULL when unknown, used or expired. Atomic: of two concurrent claims one wins.';
-
-CREATE TABLE identity.accounts (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    kind text DEFAULT 'person'::text NOT NULL,
-    name text,
-    plan_id text NOT NULL,
-    credit_balance_micros bigint DEFAULT 0 NOT NULL,
-    billing_period_start timestamp with time zone,
-    billing_period_end timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    merged_into uuid,
-    device_fingerprint text,
-    plan_grace_until timestamp with time zone,
-    device_install_hash bytea,
-    held_micros bigint DEFAULT 0 NOT NULL,
-    auto_topup_below_micros bigint,
-    credits_due_at timestamp with time zone,
-    CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
-    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
-    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
-    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
-    CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
-    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0)),
-    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= credit_balance_micros)))
-);
-
-COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
-
-COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
-
-COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
-
-COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
-
-COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
-
-COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
-
-COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
-
-COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
-
-COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
-
-COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
-
-COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
 
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
@@ -3152,6 +3648,32 @@ CREATE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DE
 $$;
 
 COMMENT ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) IS 'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
+
+CREATE TABLE identity.invitations (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    email_normalized text NOT NULL,
+    role text NOT NULL,
+    token_hash bytea NOT NULL,
+    invited_by uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    sent_count integer DEFAULT 1 NOT NULL,
+    CONSTRAINT invitations_email_normalized_check CHECK (((length(email_normalized) >= 3) AND (length(email_normalized) <= 320))),
+    CONSTRAINT invitations_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.invitations IS 'Pending invitations to join an account: single use (claimed by DELETE ... RETURNING, so two accepts cannot both succeed), expiring (7 days), for one address (the accepting user''s verified email must match). Only the token''s SHA-256 is kept; the link is emailed.';
+
+CREATE FUNCTION identity.invitation_json(i identity.invitations) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('id', i.id, 'object', 'invitation', 'account_id', i.account_id, 'email', i.email_normalized,
+                            'role', i.role, 'created_at', util.iso(i.created_at), 'expires_at', util.iso(i.expires_at),
+                            'sent', i.sent_count)
+$$;
+
+COMMENT ON FUNCTION identity.invitation_json(i identity.invitations) IS 'An invitation as the API shows it (never its token).';
 
 CREATE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT ''::text, p_scopes text[] DEFAULT '{usage:write,usage:read}'::text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, OUT id uuid, OUT api_key text) RETURNS record
     LANGUAGE plpgsql
@@ -3180,6 +3702,21 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.issue_refresh_token(p_session_id uuid) IS 'A new refresh token for a session, valid until the session expires.';
+
+CREATE FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) RETURNS identity.sessions
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+BEGIN
+  IF s.user_id IS NULL THEN
+    PERFORM util.fail('TL403', 'sign up or log in to manage API keys');
+  END IF;
+  s.account_id := identity.authenticate(NULL, p_session_id, 'keys:manage', p_account_id);
+  RETURN s;
+END $$;
+
+COMMENT ON FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) IS 'The signed-in person''s session, its account_id set to the account whose keys they manage (their own, or p_account_id where their role grants keys:manage). TL403 otherwise.';
 
 CREATE FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) RETURNS void
     LANGUAGE sql
@@ -3221,6 +3758,69 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.mark_email_verified(p_user_id uuid) IS 'Mark a user''s email verified, the first time only (returns false after): in the same transaction grant the plan''s sign-up bonus once per person (a signup_bonus lot) and qualify a referral whose program qualifies on email_verified. Every path that verifies an address (the emailed link, a password reset, a provider that vouches for it) calls it.';
+
+CREATE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT EXISTS (SELECT 1 FROM identity.memberships m
+                 JOIN identity.role_permissions r ON r.role = m.role AND r.permission = p_permission
+                 WHERE m.account_id = p_account_id AND m.user_id = p_user_id)
+$$;
+
+COMMENT ON FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) IS 'Whether a user''s role on an account grants a permission (identity.role_permissions).';
+
+CREATE FUNCTION util.referral_code() RETURNS text
+    LANGUAGE sql
+    AS $$
+  -- 8 characters of an unambiguous alphabet (31^8, about 8.5e11 codes) from random uuid bytes.
+  SELECT string_agg(substr('abcdefghjkmnpqrstuvwxyz23456789', 1 + get_byte(b, i) % 31, 1), '' ORDER BY i)
+  FROM (SELECT uuid_send(gen_random_uuid()) AS b) x, unnest(ARRAY[0, 1, 2, 3, 4, 5, 10, 11]) i
+$$;
+
+COMMENT ON FUNCTION util.referral_code() IS 'A new random referral code: 8 lower-case letters and digits, no 0/o/1/l/i.';
+
+CREATE TABLE identity.users (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    email text NOT NULL,
+    email_normalized text NOT NULL,
+    password_hash text,
+    email_verified_at timestamp with time zone,
+    password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    referral_code text DEFAULT util.referral_code() NOT NULL,
+    staff_role text,
+    CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
+    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text)),
+    CONSTRAINT users_staff_role_check CHECK ((staff_role = ANY (ARRAY['support'::text, 'admin'::text])))
+);
+
+COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
+
+COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
+
+COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
+
+COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
+
+COMMENT ON COLUMN identity.users.staff_role IS 'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
+
+CREATE FUNCTION identity.member_user(p_session_id uuid) RETURNS identity.users
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  u identity.users;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE id = s.user_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL403', 'sign up or log in first: teams are for people');
+  END IF;
+  RETURN u;
+END $$;
+
+COMMENT ON FUNCTION identity.member_user(p_session_id uuid) IS 'The signed-in person of a session; TL403 for an anonymous device or none.';
 
 CREATE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -3320,6 +3920,18 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) IS 'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger (a promotion lot); a plan with monthly credits makes them due at once. TL422 unknown plan or bad input.';
+
+CREATE FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) RETURNS uuid
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  PERFORM identity.new_account('free', 'person', NULL, 0, p_account_id);
+  INSERT INTO identity.memberships (account_id, user_id, role, created_at)
+  VALUES (p_account_id, p_user_id, 'owner', util.now());
+  RETURN p_account_id;
+END $$;
+
+COMMENT ON FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) IS 'A new person''s own account (free plan), which they own: every sign-up path calls it.';
 
 CREATE FUNCTION identity.normalize_email(p_email text) RETURNS text
     LANGUAGE plpgsql IMMUTABLE
@@ -3447,6 +4059,26 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
+
+CREATE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identity.users
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  u identity.users;
+BEGIN
+  SELECT * INTO u FROM identity.users WHERE id = s.user_id;
+  IF u.staff_role IS NULL THEN
+    PERFORM util.fail('TL403', 'staff only');
+  END IF;
+  -- support reads and grants (within a limit, checked by the action); admin does everything.
+  IF u.staff_role = 'support' AND p_action NOT IN ('read', 'adjust_credits') THEN
+    PERFORM util.fail('TL403', format('%s needs the admin staff role', p_action), jsonb_build_object('staff_role', u.staff_role));
+  END IF;
+  RETURN u;
+END $$;
+
+COMMENT ON FUNCTION identity.staff(p_session_id uuid, p_action text) IS 'The signed-in staff user for an admin action: read (support, admin), adjust_credits (support: grants up to 50 credits; admin: any), refund, set_plan, suspend, unsuspend, revoke_sessions (admin). TL403 for customers and for support doing an admin''s action.';
 
 CREATE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text DEFAULT 'password'::text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -4336,6 +4968,24 @@ $$;
 
 COMMENT ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) IS 'All usage an account made on a meter in [p_period_start, p_period_end), whatever plan it was charged under: units for unit meters, micro-credits of cost for token meters. Where a window''s metering.allowance_usage row starts, so that a plan change or a device merge counts the usage already made (13 generations today on Pro, then Free: no Free generations left today).';
 
+CREATE FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_id bigint;
+BEGIN
+  IF p_reason IS NULL OR length(btrim(p_reason)) = 0 THEN
+    PERFORM util.fail('TL422', 'every staff action needs a reason', '{"field": "reason"}');
+  END IF;
+  INSERT INTO ops.audit_log (at, staff_user_id, staff_role, action, target_account_id, target_user_id, reason, before, after)
+  VALUES (util.now(), p_staff.id, p_staff.staff_role, p_action, p_account_id, p_user_id, left(btrim(p_reason), 500),
+          p_before, p_after)
+  RETURNING id INTO v_id;
+  RETURN v_id;
+END $$;
+
+COMMENT ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) IS 'Append a staff action to ops.audit_log (in the caller''s transaction: the action and its record commit together). TL422 without a reason.';
+
 CREATE FUNCTION ops.reconciliation_problems() RETURNS jsonb
     LANGUAGE plpgsql STABLE
     AS $$
@@ -4449,16 +5099,6 @@ CREATE FUNCTION util.random_token() RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
-
-CREATE FUNCTION util.referral_code() RETURNS text
-    LANGUAGE sql
-    AS $$
-  -- 8 characters of an unambiguous alphabet (31^8, about 8.5e11 codes) from random uuid bytes.
-  SELECT string_agg(substr('abcdefghjkmnpqrstuvwxyz23456789', 1 + get_byte(b, i) % 31, 1), '' ORDER BY i)
-  FROM (SELECT uuid_send(gen_random_uuid()) AS b) x, unnest(ARRAY[0, 1, 2, 3, 4, 5, 10, 11]) i
-$$;
-
-COMMENT ON FUNCTION util.referral_code() IS 'A new random referral code: 8 lower-case letters and digits, no 0/o/1/l/i.';
 
 CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
     LANGUAGE sql IMMUTABLE
@@ -4718,6 +5358,17 @@ CREATE TABLE identity.jwt_keys (
 
 COMMENT ON TABLE identity.jwt_keys IS 'HMAC keys for access tokens (HS256, RFC 7518). The newest signs; the server reads them through api.jwt_keys().';
 
+CREATE TABLE identity.memberships (
+    account_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    role text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    invited_by uuid,
+    CONSTRAINT memberships_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.memberships IS 'Who belongs to which account, with which role. A person owns their personal account; team accounts have members by invitation. An account always keeps at least one owner (enforced by the functions that change roles, under the account row''s lock).';
+
 CREATE TABLE identity.oauth_flows (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     provider text NOT NULL,
@@ -4777,6 +5428,15 @@ CREATE TABLE identity.refresh_tokens (
 
 COMMENT ON TABLE identity.refresh_tokens IS 'Refresh tokens (stored as SHA-256 hashes), each usable once: POST /v1/auth/refresh claims it and issues its successor. Presenting a used one outside the grace window revokes the session (RFC 9700 section 4.14.2).';
 
+CREATE TABLE identity.role_permissions (
+    role text NOT NULL,
+    permission text NOT NULL,
+    CONSTRAINT role_permissions_permission_check CHECK ((permission = ANY (ARRAY['usage:read'::text, 'usage:write'::text, 'billing:read'::text, 'billing:manage'::text, 'members:read'::text, 'members:manage'::text, 'keys:manage'::text, 'sso:manage'::text]))),
+    CONSTRAINT role_permissions_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.role_permissions IS 'What each role of an account member may do: the one table identity.authenticate decides by. owner: everything; admin: everything but SSO (and only owners make owners); member: meter, read, manage its own API keys; billing: pay, see invoices, read usage (no members, no metering); viewer: read.';
+
 CREATE TABLE identity.user_identities (
     provider text NOT NULL,
     subject text NOT NULL,
@@ -4793,33 +5453,6 @@ CREATE TABLE identity.user_identities (
 COMMENT ON TABLE identity.user_identities IS 'A provider account (Google''s OpenID Connect sub, GitHub''s numeric user id) linked to a pgtally user: at most one per provider and user. Linked at first sign-in, by a verified email, or from the account page.';
 
 COMMENT ON COLUMN identity.user_identities.subject IS 'The provider''s stable user id (OIDC sub, GitHub id): never the email, which can change.';
-
-CREATE TABLE identity.users (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    email text NOT NULL,
-    email_normalized text NOT NULL,
-    password_hash text,
-    email_verified_at timestamp with time zone,
-    password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    referral_code text DEFAULT util.referral_code() NOT NULL,
-    staff_role text,
-    CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
-    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
-    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text)),
-    CONSTRAINT users_staff_role_check CHECK ((staff_role = ANY (ARRAY['support'::text, 'admin'::text])))
-);
-
-COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
-
-COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
-
-COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
-
-COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
-
-COMMENT ON COLUMN identity.users.staff_role IS 'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
 
 CREATE TABLE ledger.entries (
     id bigint NOT NULL,
@@ -4911,6 +5544,18 @@ CREATE TABLE metering.usage_rollup_hourly (
 
 COMMENT ON TABLE metering.usage_rollup_hourly IS 'Usage per UTC hour and meter, all accounts together. Maintained by api.rollup_usage.';
 
+CREATE TABLE metering.usage_rollup_monthly (
+    month date NOT NULL,
+    account_id uuid NOT NULL,
+    meter_id text NOT NULL,
+    plan_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL,
+    credits_micros bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_monthly IS 'Usage per UTC month, account, meter and plan (as rolled up): what the per-account percentiles read. Maintained by api.rollup_usage.';
+
 CREATE TABLE ops.alerts (
     condition text NOT NULL,
     last_sent_at timestamp with time zone NOT NULL,
@@ -4919,6 +5564,32 @@ CREATE TABLE ops.alerts (
 );
 
 COMMENT ON TABLE ops.alerts IS 'When each alert condition last emailed the operators (PGTALLY_ALERT_EMAIL): at most once an hour per condition. webhook_rejected: signed Stripe events that could not be applied; reconciliation: a row in a reconciliation view; outbox_failed: messages that exhausted their retries (emails, meter events, top-ups).';
+
+CREATE TABLE ops.audit_log (
+    id bigint NOT NULL,
+    at timestamp with time zone NOT NULL,
+    staff_user_id uuid NOT NULL,
+    staff_role text NOT NULL,
+    action text NOT NULL,
+    target_account_id uuid,
+    target_user_id uuid,
+    reason text NOT NULL,
+    before jsonb,
+    after jsonb,
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text]))),
+    CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
+);
+
+COMMENT ON TABLE ops.audit_log IS 'Every staff action (who, their role, what, on which account or user, why, the state before and after), written in the action''s own transaction. Append-only.';
+
+ALTER TABLE ops.audit_log ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME ops.audit_log_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
 
 CREATE TABLE outbox.messages (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -4931,7 +5602,7 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
@@ -5042,6 +5713,22 @@ CREATE VIEW reporting.arpu_monthly AS
           GROUP BY churn_by_plan_monthly.month, churn_by_plan_monthly.currency) c ON (((c.month = r.month) AND (c.currency = r.currency))));
 
 COMMENT ON VIEW reporting.arpu_monthly IS 'ARPU (revenue / paying accounts, minor units) per UTC month and currency, the month''s subscriber churn (all plans, %), and a simple CLV = ARPU / monthly churn (null when nobody churned).';
+
+CREATE VIEW reporting.audit_log AS
+ SELECT l.id,
+    l.at,
+    u.email AS staff_email,
+    l.staff_role,
+    l.action,
+    l.target_account_id,
+    l.target_user_id,
+    l.reason,
+    l.before,
+    l.after
+   FROM (ops.audit_log l
+     JOIN identity.users u ON ((u.id = l.staff_user_id)));
+
+COMMENT ON VIEW reporting.audit_log IS 'The operators'' actions, newest last: who (email, role), what, on what, why, before and after.';
 
 CREATE VIEW reporting.auth_events_daily AS
  SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
@@ -5491,13 +6178,7 @@ CREATE VIEW reporting.usage_per_meter_plan_monthly AS
     sum(quantity) AS quantity,
     percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p50_per_account,
     percentile_cont((0.95)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p95_per_account
-   FROM ( SELECT (date_trunc('month'::text, (usage_rollup_daily.day)::timestamp with time zone))::date AS month,
-            usage_rollup_daily.meter_id,
-            usage_rollup_daily.plan_id,
-            usage_rollup_daily.account_id,
-            sum(usage_rollup_daily.quantity) AS quantity
-           FROM metering.usage_rollup_daily
-          GROUP BY ((date_trunc('month'::text, (usage_rollup_daily.day)::timestamp with time zone))::date), usage_rollup_daily.meter_id, usage_rollup_daily.plan_id, usage_rollup_daily.account_id) a
+   FROM metering.usage_rollup_monthly
   GROUP BY month, meter_id, plan_id;
 
 COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS 'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
@@ -5628,8 +6309,20 @@ ALTER TABLE ONLY identity.device_codes
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_one_per_address UNIQUE (account_id, email_normalized);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_token_hash_key UNIQUE (token_hash);
+
 ALTER TABLE ONLY identity.jwt_keys
     ADD CONSTRAINT jwt_keys_pkey PRIMARY KEY (kid);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_pkey PRIMARY KEY (account_id, user_id);
 
 ALTER TABLE ONLY identity.oauth_flows
     ADD CONSTRAINT oauth_flows_pkey PRIMARY KEY (id);
@@ -5654,6 +6347,9 @@ ALTER TABLE ONLY identity.refresh_tokens
 
 ALTER TABLE ONLY identity.refresh_tokens
     ADD CONSTRAINT refresh_tokens_token_hash_key UNIQUE (token_hash);
+
+ALTER TABLE ONLY identity.role_permissions
+    ADD CONSTRAINT role_permissions_pkey PRIMARY KEY (role, permission);
 
 ALTER TABLE identity.sessions
     ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
@@ -5742,8 +6438,14 @@ ALTER TABLE ONLY metering.usage_rollup_daily
 ALTER TABLE ONLY metering.usage_rollup_hourly
     ADD CONSTRAINT usage_rollup_hourly_pkey PRIMARY KEY (hour, meter_id);
 
+ALTER TABLE ONLY metering.usage_rollup_monthly
+    ADD CONSTRAINT usage_rollup_monthly_pkey PRIMARY KEY (month, account_id, meter_id, plan_id);
+
 ALTER TABLE ONLY ops.alerts
     ADD CONSTRAINT alerts_pkey PRIMARY KEY (condition);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id);
 
 ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)) NOT VALID;
@@ -5776,6 +6478,8 @@ CREATE INDEX auth_events_user_id_idx ON identity.auth_events USING btree (user_i
 
 CREATE UNIQUE INDEX device_codes_pending_user_code_idx ON identity.device_codes USING btree (user_code) WHERE (status = 'pending'::text);
 
+CREATE INDEX memberships_user_idx ON identity.memberships USING btree (user_id);
+
 CREATE INDEX one_time_tokens_user_id_idx ON identity.one_time_tokens USING btree (user_id, purpose);
 
 CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btree (session_id);
@@ -5806,6 +6510,8 @@ CREATE INDEX usage_events_post_paid_idx ON metering.usage_events USING btree (ac
 
 CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
 
+CREATE INDEX audit_log_account_idx ON ops.audit_log USING btree (target_account_id, at);
+
 CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
 
 CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
@@ -5819,6 +6525,10 @@ CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries FOR EACH ST
 CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
 CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER audit_log_append_only BEFORE DELETE OR UPDATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -5895,11 +6605,29 @@ ALTER TABLE ONLY identity.accounts
 ALTER TABLE ONLY identity.api_keys
     ADD CONSTRAINT api_keys_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
 
+ALTER TABLE ONLY identity.api_keys
+    ADD CONSTRAINT api_keys_created_by_fkey FOREIGN KEY (created_by) REFERENCES identity.users(id) ON DELETE SET NULL;
+
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
 
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY identity.oauth_flows
     ADD CONSTRAINT oauth_flows_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
@@ -5964,20 +6692,62 @@ ALTER TABLE ONLY metering.usage_events
 ALTER TABLE ONLY metering.usage_events
     ADD CONSTRAINT usage_events_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_target_account_id_fkey FOREIGN KEY (target_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_target_user_id_fkey FOREIGN KEY (target_user_id) REFERENCES identity.users(id);
+
 GRANT USAGE ON SCHEMA api TO pgtally_api;
 
 GRANT USAGE ON SCHEMA ops TO pgtally_analyst;
 
 GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 
+REVOKE ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.accounts(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.accounts(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.accounts_list(p_limit integer, p_plan text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
@@ -5988,8 +6758,8 @@ GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -6008,8 +6778,11 @@ GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempoten
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
@@ -6043,8 +6816,14 @@ GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
@@ -6055,11 +6834,11 @@ GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor tex
 REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.load_catalog(p_catalog jsonb) FROM PUBLIC;
 
@@ -6077,6 +6856,9 @@ GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgt
 
 REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
@@ -6126,14 +6908,20 @@ GRANT ALL ON FUNCTION api.refresh_due_credits() TO pgtally_api;
 REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) TO pgtally_api;
@@ -6147,8 +6935,11 @@ GRANT ALL ON FUNCTION api.schema_version() TO pgtally_api;
 REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
@@ -6161,8 +6952,8 @@ REVOKE ALL ON FUNCTION api.staff_grant(p_email text, p_role text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION api.staff_role(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.staff_role(p_session_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
@@ -6247,6 +7038,8 @@ REVOKE ALL ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text,
 
 REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.account_json(a identity.accounts, p_role text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.active_session(p_session_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) FROM PUBLIC;
@@ -6255,15 +7048,21 @@ REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.effective_plan(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.invitation_json(i identity.invitations) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.issue_refresh_token(p_session_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) FROM PUBLIC;
 
@@ -6271,9 +7070,17 @@ REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account
 
 REVOKE ALL ON FUNCTION identity.mark_email_verified(p_user_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.member_user(p_session_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.normalize_email(p_email text) FROM PUBLIC;
 
@@ -6286,6 +7093,8 @@ REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p
 REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.staff(p_session_id uuid, p_action text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) FROM PUBLIC;
 
@@ -6347,6 +7156,8 @@ REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION ops.reconciliation_problems() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ops.reconciliation_views() FROM PUBLIC;
@@ -6367,8 +7178,6 @@ REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
-
 REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
 
 GRANT SELECT ON TABLE reporting.active_accounts_daily TO pgtally_analyst;
@@ -6380,6 +7189,8 @@ GRANT SELECT ON TABLE reporting.churn_by_plan_monthly TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.revenue_monthly TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.arpu_monthly TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.audit_log TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
 

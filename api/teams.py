@@ -1,0 +1,289 @@
+"""``/v1/accounts``: teams. A person belongs to their own account and to any number of team
+accounts, each with a role (owner, admin, member, billing, viewer); the usage, billing and key
+endpoints act on a team when given its ``account_id``. Invitations go by email and are single
+use. The rules live in sql/functions/57_teams.sql; who may do what, in
+``identity.role_permissions``, decided by ``identity.authenticate``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, delete, get, patch, post
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath, FromQuery, JSONBody
+from litestar.response import Redirect
+
+from api.calls import SECURITY, SESSION, Session, call_json
+from api.errors import PgtallyError, problems
+from api.web import browser_session, page, problem_text, to_login
+
+Role = Literal["owner", "admin", "member", "billing", "viewer"]
+
+
+class Account(msgspec.Struct):
+    id: str
+    object: str
+    kind: str
+    """person (your own) or team."""
+    name: str | None
+    role: str | None
+    plan: str
+    credits: str
+    suspended: bool
+    created_at: str
+
+
+class AccountList(msgspec.Struct):
+    data: list[Account]
+
+
+class NewTeam(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+
+
+class Member(msgspec.Struct):
+    user_id: str
+    email: str
+    role: str
+    joined_at: str
+
+
+class MemberList(msgspec.Struct):
+    data: list[Member]
+
+
+class RoleChange(msgspec.Struct, forbid_unknown_fields=True):
+    role: Role
+
+
+class NewInvitation(msgspec.Struct, forbid_unknown_fields=True):
+    email: Annotated[str, msgspec.Meta(min_length=3, max_length=320)]
+    role: Role = "member"
+
+
+class Invitation(msgspec.Struct):
+    id: str
+    object: str
+    account_id: str
+    email: str
+    role: str
+    created_at: str
+    expires_at: str
+    sent: int
+    """How many times the link was sent (inviting again sends a new one)."""
+    revoked: bool | None = None
+
+
+class InvitationList(msgspec.Struct):
+    data: list[Invitation]
+
+
+class Acceptance(msgspec.Struct, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+TEAM = {"security": SECURITY, "dependencies": SESSION}
+
+
+@get("/v1/accounts", summary="Your accounts", responses=problems(400, 401, 403, 503), **TEAM)
+async def accounts(request: Request, session: Session) -> AccountList:
+    """The accounts you belong to, your own first, with your role in each."""
+    return await call_json(request, "SELECT api.accounts(%s::uuid)", [session])
+
+
+@post("/v1/accounts", status_code=201, summary="Create a team", responses=problems(400, 401, 403, 415, 422, 503), **TEAM)
+async def create_team(request: Request, session: Session, data: JSONBody[NewTeam]) -> Account:
+    """A team account you own: its own plan, credits, usage, API keys and Stripe customer."""
+    return await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [session, data.name])
+
+
+@get("/v1/accounts/{account_id:uuid}/members", summary="Members", responses=problems(400, 401, 403, 404, 503), **TEAM)
+async def members(request: Request, session: Session, account_id: FromPath[uuid.UUID]) -> MemberList:
+    """The members and their roles (any member may look)."""
+    return await call_json(request, "SELECT api.members(%s::uuid, %s::uuid)", [session, account_id])
+
+
+@patch("/v1/accounts/{account_id:uuid}/members/{user_id:uuid}", summary="Change a member's role",
+       responses=problems(400, 401, 403, 404, 409, 415, 422, 503), **TEAM)
+async def set_role(request: Request, session: Session, account_id: FromPath[uuid.UUID], user_id: FromPath[uuid.UUID],
+                   data: JSONBody[RoleChange]) -> MemberList:
+    """Owners and admins change roles; only owners make or unmake owners; 409 when the account
+    would be left without an owner."""
+    return await call_json(request, "SELECT api.set_member_role(%s::uuid, %s::uuid, %s::uuid, %s::text)",
+                           [session, account_id, user_id, data.role])
+
+
+@delete("/v1/accounts/{account_id:uuid}/members/{user_id:uuid}", status_code=200, summary="Remove a member, or leave",
+        responses=problems(400, 401, 403, 404, 409, 503), **TEAM)
+async def remove_member(request: Request, session: Session, account_id: FromPath[uuid.UUID],
+                        user_id: FromPath[uuid.UUID]) -> MemberList:
+    """Owners and admins remove members (their keys on the account stop); anyone may leave; 409
+    for the last owner."""
+    return await call_json(request, "SELECT api.remove_member(%s::uuid, %s::uuid, %s::uuid)", [session, account_id, user_id])
+
+
+@get("/v1/accounts/{account_id:uuid}/invitations", summary="Pending invitations",
+     responses=problems(400, 401, 403, 404, 503), **TEAM)
+async def invitations(request: Request, session: Session, account_id: FromPath[uuid.UUID]) -> InvitationList:
+    """Invitations not yet accepted, revoked or expired."""
+    return await call_json(request, "SELECT api.invitations(%s::uuid, %s::uuid)", [session, account_id])
+
+
+@post("/v1/accounts/{account_id:uuid}/invitations", status_code=201, summary="Invite someone (or send again)",
+      responses=problems(400, 401, 403, 404, 409, 415, 422, 503), **TEAM)
+async def invite(request: Request, session: Session, account_id: FromPath[uuid.UUID],
+                 data: JSONBody[NewInvitation]) -> Invitation:
+    """Email a single-use link (7 days) to join the team with a role; inviting the same address
+    again sends a new link and the old one stops. 409 a member already, or not a team."""
+    return await call_json(request, "SELECT api.invite(%s::uuid, %s::uuid, %s::text, %s::text)",
+                           [session, account_id, data.email, data.role])
+
+
+@delete("/v1/accounts/{account_id:uuid}/invitations/{invitation_id:uuid}", status_code=200,
+        summary="Revoke an invitation", responses=problems(400, 401, 403, 404, 503), **TEAM)
+async def revoke_invitation(request: Request, session: Session, account_id: FromPath[uuid.UUID],
+                            invitation_id: FromPath[uuid.UUID]) -> Invitation:
+    """The link stops working."""
+    return await call_json(request, "SELECT api.revoke_invitation(%s::uuid, %s::uuid, %s::uuid)",
+                           [session, account_id, invitation_id])
+
+
+@post("/v1/invitations/accept", status_code=200, summary="Accept an invitation",
+      responses=problems(400, 401, 403, 415, 422, 503), **TEAM)
+async def accept(request: Request, session: Session, data: JSONBody[Acceptance]) -> Account:
+    """Join the team with the token from the email, once. Your verified email must be the invited
+    address (403; the invitation stays for it). 400 used, revoked, replaced or expired."""
+    return await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [session, data.token])
+
+
+ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept]
+
+
+# Pages: /teams (your accounts, the switcher, a new team), /teams/{id} (members, roles,
+# invitations), /invitations/accept (the emailed link). ----------------------------------------
+
+class TeamForm(msgspec.Struct):
+    name: str = ""
+    account_id: str = ""
+    email: str = ""
+    role: str = "member"
+    user_id: str = ""
+    invitation_id: str = ""
+    token: str = ""
+
+
+Form = Body(media_type=RequestEncodingType.URL_ENCODED)
+
+
+async def signed_in_page(request: Request, render) -> Any:
+    session_id = browser_session(request)
+    if session_id is None:
+        return to_login(request)
+    try:
+        return await render(session_id)
+    except PgtallyError as exc:
+        if exc.error.get("sqlstate") == "TL401":
+            request.clear_session()
+            return to_login(request)
+        return page("message.html", request, 400, title="Not done", message=problem_text(exc), link=("/teams", "Teams"))
+
+
+async def teams_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
+    mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [session_id])
+    return page("teams.html", request, accounts=mine["data"], current=request.session.get("account_id"), **extra)
+
+
+@get("/teams")
+async def teams_page(request: Request) -> Any:
+    """Your accounts with your role in each; which one the dashboard and plans act on; a new team."""
+    return await signed_in_page(request, lambda sid: teams_view(request, sid))
+
+
+@post("/teams")
+async def teams_create(request: Request, data: Annotated[TeamForm, Form]) -> Any:
+    async def render(sid):
+        team = await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [sid, data.name])
+        return Redirect(f"/teams/{team['id']}")
+    return await signed_in_page(request, render)
+
+
+@post("/teams/switch")
+async def teams_switch(request: Request, data: Annotated[TeamForm, Form]) -> Any:
+    """The team switcher: the dashboard, plans and purchases act on this account from now on
+    (your own when empty). Membership is checked by every call, not here."""
+    async def render(sid):
+        mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [sid])
+        ids = {a["id"]: a for a in mine["data"]}
+        if data.account_id and data.account_id in ids and ids[data.account_id]["kind"] == "team":
+            request.session["account_id"] = data.account_id
+        else:
+            request.session.pop("account_id", None)
+        return Redirect("/dashboard")
+    return await signed_in_page(request, render)
+
+
+async def team_view(request: Request, session_id: uuid.UUID, account_id: uuid.UUID, **extra: Any) -> Any:
+    mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [session_id])
+    team = next((a for a in mine["data"] if a["id"] == str(account_id)), None)
+    if team is None:
+        raise PgtallyError({"sqlstate": "TL403", "message": "you are not a member of this account"})
+    people = await call_json(request, "SELECT api.members(%s::uuid, %s::uuid)", [session_id, account_id])
+    pending = await call_json(request, "SELECT api.invitations(%s::uuid, %s::uuid)", [session_id, account_id])
+    return page("team.html", request, team=team, members=people["data"], invitations=pending["data"],
+                roles=["owner", "admin", "member", "billing", "viewer"], **extra)
+
+
+@get("/teams/{account_id:uuid}")
+async def team_page(request: Request, account_id: FromPath[uuid.UUID]) -> Any:
+    """A team: members and their roles, pending invitations, and the forms to change them."""
+    return await signed_in_page(request, lambda sid: team_view(request, sid, account_id))
+
+
+@post("/teams/{account_id:uuid}")
+async def team_action(request: Request, account_id: FromPath[uuid.UUID], data: Annotated[TeamForm, Form],
+                      action: FromQuery[str] = "") -> Any:
+    """invite (or send again), revoke an invitation, change a role, remove a member (or leave)."""
+    async def render(sid):
+        if action == "invite":
+            await call_json(request, "SELECT api.invite(%s::uuid, %s::uuid, %s::text, %s::text)",
+                            [sid, account_id, data.email, data.role])
+            notice = f"Invitation sent to {data.email.strip()}."
+        elif action == "revoke":
+            await call_json(request, "SELECT api.revoke_invitation(%s::uuid, %s::uuid, %s::uuid)",
+                            [sid, account_id, data.invitation_id])
+            notice = "Invitation revoked."
+        elif action == "role":
+            await call_json(request, "SELECT api.set_member_role(%s::uuid, %s::uuid, %s::uuid, %s::text)",
+                            [sid, account_id, data.user_id, data.role])
+            notice = "Role changed."
+        elif action == "remove":
+            await call_json(request, "SELECT api.remove_member(%s::uuid, %s::uuid, %s::uuid)", [sid, account_id, data.user_id])
+            notice = "Removed."
+        else:
+            raise PgtallyError({"sqlstate": "TL422", "message": "no such action"})
+        try:
+            return await team_view(request, sid, account_id, notice=notice)
+        except PgtallyError:
+            return Redirect("/teams")          # you left it
+    return await signed_in_page(request, render)
+
+
+@get("/invitations/accept")
+async def invitation_page(request: Request, token: FromQuery[str] = "") -> Any:
+    """The emailed link: sign in (or up) first, then one button joins the team."""
+    if browser_session(request) is None:
+        return page("invitation.html", request, token=token, signed_in_now=False)
+    return page("invitation.html", request, token=token, signed_in_now=True)
+
+
+@post("/invitations/accept")
+async def invitation_accept(request: Request, data: Annotated[TeamForm, Form]) -> Any:
+    async def render(sid):
+        team = await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [sid, data.token])
+        return Redirect(f"/teams/{team['id']}")
+    return await signed_in_page(request, render)
+
+
+PAGES = [teams_page, teams_create, teams_switch, team_page, team_action, invitation_page, invitation_accept]
