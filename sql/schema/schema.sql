@@ -3599,7 +3599,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such member');
   END IF;
-  IF (m.role = 'owner' OR p_role = 'owner') AND coalesce(v_actor_role, '') <> 'owner' AND p_user_id <> v_actor.id THEN
+  IF coalesce(v_actor_role, '') <> 'owner' AND (p_role = 'owner' OR (m.role = 'owner' AND p_user_id <> v_actor.id)) THEN
     PERFORM util.fail('TL403', 'only an owner makes or unmakes owners');
   END IF;
   IF p_user_id = (SELECT u.id FROM identity.users u WHERE u.account_id = v_account_id) THEN
@@ -3615,6 +3615,9 @@ BEGIN
   END IF;
   IF NOT EXISTS (SELECT 1 FROM identity.memberships WHERE account_id = v_account_id AND role = 'owner') THEN
     PERFORM util.fail('TL40C', 'an account keeps at least one owner: make someone else owner first');
+  END IF;
+  IF p_role IS NULL AND p_user_id = v_actor.id THEN
+    RETURN jsonb_build_object('data', '[]'::jsonb);     -- they left: the list is no longer theirs to see
   END IF;
   RETURN api.members(p_session_id, v_account_id);
 END $$;

@@ -243,3 +243,89 @@ def test_a_signed_in_user_tops_up_in_one_click_then_cancels_and_keeps_the_plan(p
             break
         page.wait_for_timeout(100)
     expect(page.get_by_role("button", name="Cancel at period end")).to_be_visible()
+
+
+def sign_up(page: Page, email: str) -> None:
+    page.goto("/signup")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    expect(page.get_by_role("heading", name="Check your email")).to_be_visible()
+
+
+def confirm_email(page: Page, site, smtp, email: str) -> None:
+    deliver(site)
+    page.goto(emailed_link(smtp, email, "Confirm"))
+    page.get_by_role("button", name="Confirm my email address").click()
+    expect(page.get_by_text(f"{email} is confirmed.")).to_be_visible()
+
+
+def test_an_owner_invites_a_colleague_who_signs_up_from_the_email_and_sees_the_team(browser, site, smtp):
+    lead = browser.new_context(base_url=site["base"]).new_page()
+    sign_up(lead, "lead@example.com")
+    log_in(lead, "lead@example.com", PASSWORD)
+    lead.goto("/teams")
+    lead.get_by_label("Name").fill("Studio")
+    lead.get_by_role("button", name="Create team").click()
+    expect(lead.get_by_role("heading", name="Studio")).to_be_visible()
+    lead.get_by_label("Email").fill("mate@example.com")
+    lead.get_by_role("button", name="Invite").click()
+    expect(lead.get_by_text("Invitation sent to mate@example.com.")).to_be_visible()
+    expect(lead.locator("#invitations")).to_contain_text("mate@example.com as member")
+
+    deliver(site)
+    link = emailed_link(smtp, "mate@example.com", "invited you")
+    mate = browser.new_context(base_url=site["base"]).new_page()
+    mate.goto(link)
+    expect(mate.get_by_text("Log in (or sign up, then confirm your email)")).to_be_visible()
+    mate.get_by_role("link", name="Sign up", exact=True).last.click()
+    mate.get_by_label("Email").fill("mate@example.com")
+    mate.get_by_label("Password").fill(PASSWORD)
+    mate.get_by_role("button", name="Sign up").click()
+    confirm_email(mate, site, smtp, "mate@example.com")
+    log_in(mate, "mate@example.com", PASSWORD)
+    mate.goto(link)
+    mate.get_by_role("button", name="Accept the invitation").click()
+    expect(mate.get_by_role("heading", name="Studio")).to_be_visible()
+    expect(mate.locator("#members")).to_contain_text("lead@example.com")
+    expect(mate.locator("#members")).to_contain_text("mate@example.com")
+    mate.goto("/teams")
+    expect(mate.get_by_role("link", name="Studio")).to_be_visible()
+    lead.context.close()
+    mate.context.close()
+
+
+def test_an_admin_adjusts_credits_and_refunds_a_payment_in_admin(page, site):
+    api = httpx.Client(base_url=site["base"], timeout=30)
+    assert api.post("/v1/auth/signup", json={"email": "buyer@example.com", "password": PASSWORD}).status_code == 202
+    buyer = api.post("/v1/auth/login", json={"email": "buyer@example.com", "password": PASSWORD}).json()["access_token"]
+    session = api.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers={"Authorization": f"Bearer {buyer}"}).json()
+    site["stripe"].pay(site["stripe"].sessions[session["id"]])           # the Pay button; the webhook follows
+    assert api.post("/v1/auth/signup", json={"email": "root@pgtally.example", "password": PASSWORD}).status_code == 202
+    with psycopg.connect(site["url"], autocommit=True) as conn:
+        conn.execute("SELECT api.staff_grant('root@pgtally.example', 'admin')")
+    balance = lambda: api.get("/v1/balance", headers={"Authorization": f"Bearer {buyer}"}).json()["credits"]
+    assert balance() == "10"
+
+    log_in(page, "root@pgtally.example", PASSWORD)
+    page.goto("/admin")
+    page.get_by_label("Search").fill("buyer@")
+    page.get_by_role("button", name="Search").click()
+    page.get_by_role("link", name=re.compile("^[0-9a-f-]{36}$")).first.click()
+    expect(page.locator("#credits")).to_have_text("10")
+    page.get_by_label("Credits (+/-)").fill("7")
+    page.locator("#credit-reason").fill("support ticket 42")
+    page.get_by_role("button", name="Adjust credits").click()
+    expect(page.get_by_text("adjust_credits")).to_be_visible()
+    expect(page.locator("#credits")).to_have_text("17")
+    page.get_by_label("Refund reason").fill("duplicate purchase")
+    page.get_by_role("button", name="Refund").click()
+    expect(page.locator("#audit")).to_contain_text("refund · duplicate purchase")
+    for _ in range(50):                      # Stripe's charge.refunded takes the 10 credits back
+        if balance() == "7":
+            break
+        page.wait_for_timeout(100)
+    assert balance() == "7"
+    page.goto("/admin/audit")
+    expect(page.locator("#audit")).to_contain_text("support ticket 42")
+    expect(page.locator("#audit")).to_contain_text("duplicate purchase")
