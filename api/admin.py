@@ -15,7 +15,7 @@ import msgspec
 import pygal
 from litestar import Request, Response, get, post
 from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath, FromQuery, JSONBody
+from litestar.params import Body, FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Redirect
 from pygal.style import CleanStyle
 
@@ -204,7 +204,8 @@ async def refund(request: Request, session_id: uuid.UUID, payment_intent: str, a
 
 
 @get("/v1/admin/accounts", summary="Staff: search accounts", responses=problems(400, 401, 403, 422, 503), **ADMIN)
-async def search(request: Request, session: Session, q: str = "") -> AdminAccounts:
+async def search(request: Request, session: Session,
+                 q: Annotated[str, QueryParameter(max_length=320, description="id, name, email (part) or cus_...")] = "") -> AdminAccounts:
     """Accounts by id, name, a member's email (or part of it) or Stripe customer id (staff)."""
     return await call_json(request, "SELECT api.admin_search(%s::uuid, %s::text)", [session, q])
 

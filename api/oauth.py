@@ -29,13 +29,13 @@ from litestar import Request, get
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect
 
-from api.calls import call_json, client
+from api.calls import call, call_json, client
 from api.errors import PgtallyError
 from api.web import browser_session, device_session, page, referral_of, safe_next, sign_in_browser
 
 BINDING_COOKIE = "pgtally_oauth"
 PROVIDERS = ("google", "github")
-NAMES = {"google": "Google", "github": "GitHub"}
+NAMES = {"google": "Google", "github": "GitHub", "sso": "Your organisation's sign-in"}
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,26 @@ def configured_providers(settings) -> list[str]:
             if getattr(settings, f"{p}_client_id") and getattr(settings, f"{p}_client_secret")]
 
 
-def oauth_client(request: Request, provider: str) -> AsyncOAuth2Client:
+def oauth_client(request: Request, provider: str, sso: dict[str, Any] | None = None) -> AsyncOAuth2Client:
+    """The authlib client of a provider: Google's and GitHub's from the settings, a team's own
+    OpenID Connect provider (``sso``: its client id and secret from api.sso_flow_config)."""
     settings = request.app.state.settings
+    client_id, client_secret = ((sso["client_id"], sso["client_secret"]) if sso else
+                                (getattr(settings, f"{provider}_client_id"), getattr(settings, f"{provider}_client_secret")))
     return AsyncOAuth2Client(
-        client_id=getattr(settings, f"{provider}_client_id"), client_secret=getattr(settings, f"{provider}_client_secret"),
-        scope="openid email profile" if provider == "google" else "read:user user:email",
+        client_id=client_id, client_secret=client_secret,
+        scope="read:user user:email" if provider == "github" else "openid email profile",
         redirect_uri=f"{settings.public_url.rstrip('/')}/auth/{provider}/callback",
         code_challenge_method="S256", timeout=10)
 
 
-async def google_metadata(request: Request) -> dict[str, Any]:
-    """The issuer's OpenID Connect discovery document (cached per server)."""
+def issuer_of(request: Request, provider: str, sso: dict[str, Any] | None) -> str:
+    return (sso["issuer"] if sso else request.app.state.settings.google_issuer).rstrip("/")
+
+
+async def oidc_metadata(request: Request, issuer: str) -> dict[str, Any]:
+    """An issuer's OpenID Connect discovery document (cached per server and issuer)."""
     cache = request.app.state.oidc_metadata
-    issuer = request.app.state.settings.google_issuer.rstrip("/")
     if issuer not in cache:
         async with httpx.AsyncClient(timeout=10) as http:
             response = await http.get(f"{issuer}/.well-known/openid-configuration")
@@ -74,33 +81,39 @@ async def google_metadata(request: Request) -> dict[str, Any]:
     return cache[issuer]
 
 
-async def authorization_url(request: Request, provider: str, flow: dict[str, Any]) -> str:
+async def authorization_url(request: Request, provider: str, flow: dict[str, Any], sso: dict[str, Any] | None = None,
+                            login_hint: str | None = None) -> str:
     settings = request.app.state.settings
-    endpoint = ((await google_metadata(request))["authorization_endpoint"] if provider == "google"
+    oidc = provider != "github"
+    endpoint = ((await oidc_metadata(request, issuer_of(request, provider, sso)))["authorization_endpoint"] if oidc
                 else f"{settings.github_url.rstrip('/')}/login/oauth/authorize")
-    async with oauth_client(request, provider) as oauth:
-        url, _ = oauth.create_authorization_url(endpoint, state=flow["state"], code_verifier=flow["code_verifier"],
-                                                **({"nonce": flow["nonce"]} if provider == "google" else {}))
+    extra = {"nonce": flow["nonce"]} if oidc else {}
+    if login_hint:
+        extra["login_hint"] = login_hint
+    async with oauth_client(request, provider, sso) as oauth:
+        url, _ = oauth.create_authorization_url(endpoint, state=flow["state"], code_verifier=flow["code_verifier"], **extra)
     return url
 
 
-async def google_identity(request: Request, code: str, flow: dict[str, Any]) -> Identity:
+async def oidc_identity(request: Request, provider: str, code: str, flow: dict[str, Any],
+                        sso: dict[str, Any] | None = None) -> Identity:
     """Exchange the code (with the PKCE verifier) and check the ID token: signature (the
-    issuer's JWKS), issuer, audience, expiry and nonce (OpenID Connect Core 1.0 section 3.1.3.7)."""
-    settings = request.app.state.settings
-    metadata = await google_metadata(request)
-    async with oauth_client(request, "google") as oauth:
+    issuer's JWKS), issuer, audience, expiry and nonce (OpenID Connect Core 1.0 section 3.1.3.7).
+    Google's, or a team's own provider (``sso``)."""
+    metadata = await oidc_metadata(request, issuer_of(request, provider, sso))
+    audience = sso["client_id"] if sso else request.app.state.settings.google_client_id
+    async with oauth_client(request, provider, sso) as oauth:
         token = await oauth.fetch_token(metadata["token_endpoint"], code=code, code_verifier=flow["code_verifier"])
         keys = (await oauth.get(metadata["jwks_uri"])).json()
     try:
         decoded = jwt.decode(token["id_token"], KeySet.import_key_set(keys))
         jwt.JWTClaimsRegistry(
             iss={"essential": True, "value": metadata["issuer"]},
-            aud={"essential": True, "value": settings.google_client_id},
+            aud={"essential": True, "value": audience},
             exp={"essential": True}, sub={"essential": True},
             nonce={"essential": True, "value": flow["nonce"]}).validate(decoded.claims)
     except (JoseError, KeyError, ValueError) as exc:
-        raise PgtallyError({"sqlstate": "TL400", "message": f"the ID token from Google is not valid: {exc}"}) from None
+        raise PgtallyError({"sqlstate": "TL400", "message": f"the ID token from {NAMES[provider]} is not valid: {exc}"}) from None
     claims = decoded.claims
     return Identity(str(claims["sub"]), claims.get("email"), claims.get("email_verified") is True)
 
@@ -122,22 +135,33 @@ async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> 
 @get("/auth/{provider:str}/start", include_in_schema=False)
 async def start(request: Request, provider: FromPath[str], next: FromQuery[str | None] = None,
                 link: FromQuery[bool] = False,
-                device_token: FromQuery[str | None] = None) -> Redirect:
+                device_token: FromQuery[str | None] = None, email: FromQuery[str | None] = None) -> Any:
     """Send the browser to the provider, with a state bound to a cookie set here. ``link``: link
     the provider to the signed-in user instead of signing in. ``device_token``: the access token
-    of an anonymous device (a browser extension's /v1/identify) to merge into the user."""
-    if provider not in configured_providers(request.app.state.settings):
+    of an anonymous device (a browser extension's /v1/identify) to merge into the user.
+    ``/auth/sso/start?email=``: the provider of the team the address's domain belongs to."""
+    sso = None
+    if provider == "sso":
+        if not email:
+            return Redirect("/login")
+        (sso,) = await call(request, "SELECT api.sso_flow_config(%s::text)", [email])
+        if sso is None:
+            return page("message.html", request, 404, title="No single sign-on",
+                        message="No team signs in people of this email domain through its own provider: "
+                                "log in with your password, Google or GitHub.", link=("/login", "Log in"))
+    elif provider not in configured_providers(request.app.state.settings):
         return page("message.html", request, 404, title="Not available",
                     message=f"Sign-in with {provider} is not configured on this server.")
     binding = secrets.token_urlsafe(32)
     session_id = browser_session(request) if link else None
     if link and session_id is None:
         return Redirect(f"/login?next=/account")
-    flow = await call_json(request, "SELECT api.oauth_begin(%s::text, %s::text, %s::text, %s::uuid, %s::uuid, %s::text, %s::text)",
-                           [provider, "link" if link else "sign_in", binding, session_id,
+    flow = await call_json(request, "SELECT api.oauth_begin(%s::text, %s::text, %s::text, %s::uuid, %s::uuid, %s::text, "
+                                    "%s::text, %s::uuid)",
+                           [provider, "link" if link and not sso else "sign_in", binding, None if sso else session_id,
                             device_session(request, device_token),
-                            safe_next(next), client(request)[0]])
-    response = Redirect(await authorization_url(request, provider, flow))
+                            safe_next(next), client(request)[0], sso and sso["account_id"]])
+    response = Redirect(await authorization_url(request, provider, flow, sso, login_hint=email if sso else None))
     response.set_cookie(BINDING_COOKIE, binding, path="/auth", max_age=600, httponly=True, samesite="lax",
                         secure=request.app.state.settings.secure_cookies)
     return response
@@ -159,7 +183,13 @@ async def callback(request: Request, provider: FromPath[str],
             raise PgtallyError({"sqlstate": "TL400",
                                 "message": f"{NAMES[provider]} did not sign you in ({error or 'no code'})"
                                            + (f": {error_description}" if error_description else "")})
-        who = await (google_identity if provider == "google" else github_identity)(request, code, flow)
+        sso = None
+        if provider == "sso":
+            (sso,) = await call(request, "SELECT api.sso_flow_config(NULL, %s::uuid)", [flow["sso_account_id"]])
+            if sso is None:
+                raise PgtallyError({"sqlstate": "TL400", "message": "this team no longer signs in through its own provider"})
+        who = await (github_identity(request, code, flow) if provider == "github"
+                     else oidc_identity(request, provider, code, flow, sso))
         if flow["purpose"] == "link":
             await call_json(request, "SELECT api.oauth_link(%s::uuid, %s::text, %s::text, %s::text, %s::boolean, %s::text, %s::text)",
                             [flow["session_id"], provider, who.subject, who.email, who.email_verified, ip, user_agent])
@@ -167,9 +197,9 @@ async def callback(request: Request, provider: FromPath[str],
         else:
             session = await call_json(
                 request, "SELECT api.oauth_sign_in(%s::text, %s::text, %s::text, %s::boolean, %s::uuid, %s::text, %s::text, "
-                "%s::text)",
+                "%s::text, %s::uuid)",
                 [provider, who.subject, who.email, who.email_verified, flow["device_session_id"], ip, user_agent,
-                 referral_of(request)])
+                 referral_of(request), flow["sso_account_id"]])
             sign_in_browser(request, session)
             target = safe_next(flow["return_to"])
     except PgtallyError as exc:

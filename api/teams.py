@@ -10,7 +10,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, delete, get, patch, post
+from litestar import Request, delete, get, patch, post, put
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath, FromQuery, JSONBody
 from litestar.response import Redirect
@@ -158,7 +158,52 @@ async def accept(request: Request, session: Session, data: JSONBody[Acceptance])
     return await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [session, data.token])
 
 
-ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept]
+class SsoSettings(msgspec.Struct, forbid_unknown_fields=True):
+    issuer: Annotated[str, msgspec.Meta(min_length=8, max_length=500, examples=["https://login.acme.example"])]
+    """The provider's URL: its /.well-known/openid-configuration is read."""
+    client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    client_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    domains: Annotated[list[Annotated[str, msgspec.Meta(min_length=3, max_length=253)]], msgspec.Meta(min_length=1, max_length=50)]
+    """Email domains whose people sign in through it and join the team as members."""
+    require_sso: bool = False
+    """Those people may not sign in with a password or Google/GitHub."""
+
+
+class Sso(msgspec.Struct):
+    account_id: str
+    issuer: str
+    client_id: str
+    domains: list[str]
+    require_sso: bool
+    updated_at: str
+
+
+@put("/v1/accounts/{account_id:uuid}/sso", summary="Set up the team's single sign-on",
+     responses=problems(400, 401, 403, 404, 409, 415, 422, 503), **TEAM)
+async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.UUID], data: JSONBody[SsoSettings]) -> Sso:
+    """The team's own OpenID Connect provider (owners: sso:manage). Its people sign in at
+    ``/auth/sso/start?email=`` and join the team as members; with ``require_sso`` they may sign in
+    no other way. The redirect URI to register there: ``PGTALLY_PUBLIC_URL/auth/sso/callback``.
+    409 when a domain signs in through another team."""
+    return await call_json(request, "SELECT api.set_sso(%s::uuid, %s::uuid, %s::text, %s::text, %s::text, %s::text[], %s::boolean)",
+                           [session, account_id, data.issuer, data.client_id, data.client_secret, data.domains, data.require_sso])
+
+
+@get("/v1/accounts/{account_id:uuid}/sso", summary="The team's single sign-on", responses=problems(400, 401, 403, 404, 503), **TEAM)
+async def get_sso(request: Request, session: Session, account_id: FromPath[uuid.UUID]) -> Sso:
+    """The settings (never the client secret). 404 none."""
+    return await call_json(request, "SELECT api.sso(%s::uuid, %s::uuid)", [session, account_id])
+
+
+@delete("/v1/accounts/{account_id:uuid}/sso", status_code=200, summary="Turn the team's single sign-on off",
+        responses=problems(400, 401, 403, 404, 503), **TEAM)
+async def delete_sso(request: Request, session: Session, account_id: FromPath[uuid.UUID]) -> Sso:
+    """Its people sign in as before; the settings removed are returned."""
+    return await call_json(request, "SELECT api.sso(%s::uuid, %s::uuid, true)", [session, account_id])
+
+
+ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,
+          set_sso, get_sso, delete_sso]
 
 
 # Pages: /teams (your accounts, the switcher, a new team), /teams/{id} (members, roles,

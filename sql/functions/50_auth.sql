@@ -325,6 +325,10 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the email or password is not right');
   END IF;
+  IF identity.sso_required(u.email_normalized) THEN
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
+  END IF;
   IF p_new_password_hash IS NOT NULL THEN
     UPDATE identity.users SET password_hash = p_new_password_hash WHERE id = u.id;
     PERFORM identity.log_event('password_rehashed', u.id, u.account_id, NULL, p_ip, p_user_agent);

@@ -5,7 +5,8 @@
 -- Provider sign-in
 ------------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text,
-                                           p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text)
+                                           p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text,
+                                           p_sso_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -27,14 +28,14 @@ BEGIN
     p_return_to := NULL;                       -- only paths of this site: never an open redirect
   END IF;
   INSERT INTO identity.oauth_flows (provider, state_hash, browser_hash, nonce, code_verifier, purpose, session_id,
-                                    device_session_id, return_to, created_at, expires_at)
+                                    device_session_id, return_to, created_at, expires_at, sso_account_id)
   VALUES (p_provider, util.token_hash(v_state), util.token_hash(p_browser_secret), v_nonce, v_verifier, p_purpose,
           CASE WHEN p_purpose = 'link' THEN p_session_id END, p_device_session_id, left(p_return_to, 500),
-          util.now(), util.now() + interval '10 minutes');
+          util.now(), util.now() + interval '10 minutes', CASE WHEN p_provider = 'sso' THEN p_sso_account_id END);
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $$;
-COMMENT ON FUNCTION api.oauth_begin(text, text, text, uuid, uuid, text, text) IS
-  'GET /auth/{provider}/start: a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+COMMENT ON FUNCTION api.oauth_begin(text, text, text, uuid, uuid, text, text, uuid) IS
+  'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
 
 CREATE OR REPLACE FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text)
 RETURNS jsonb
@@ -54,7 +55,8 @@ BEGIN
   END IF;
   RETURN jsonb_build_object('provider', f.provider, 'purpose', f.purpose, 'nonce', f.nonce,
                             'code_verifier', f.code_verifier, 'session_id', f.session_id,
-                            'device_session_id', f.device_session_id, 'return_to', f.return_to);
+                            'device_session_id', f.device_session_id, 'return_to', f.return_to,
+                            'sso_account_id', f.sso_account_id);
 END $$;
 COMMENT ON FUNCTION api.oauth_claim(text, text, text, text) IS
   'GET /auth/{provider}/callback, step 1: use the flow of this state, once, from the browser that started it (its binding cookie); returns its provider, purpose, nonce and PKCE verifier. A replayed, expired, unknown or foreign state is refused (TL400) and logged as oauth_refused.';
@@ -70,7 +72,7 @@ COMMENT ON FUNCTION identity.link_identity(uuid, text, text, text, boolean) IS '
 
 CREATE OR REPLACE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean,
                                              p_device_session_id uuid, p_ip text, p_user_agent text,
-                                             p_referral_code text DEFAULT NULL)
+                                             p_referral_code text DEFAULT NULL, p_sso_account_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -81,8 +83,21 @@ DECLARE
   v_kind text := 'oauth_sign_in';
   v_tokens jsonb;
 BEGIN
-  IF p_subject IS NULL OR length(p_subject) NOT BETWEEN 1 AND 255 THEN
+  IF p_subject IS NULL OR length(p_subject) NOT BETWEEN 1 AND 200 THEN
     PERFORM util.fail('TL422', 'the provider did not name the user');
+  END IF;
+  IF p_provider = 'sso' THEN
+    -- A team's provider signs in people of the team's domains only, as members of the team.
+    IF NOT EXISTS (SELECT 1 FROM identity.sso_domains
+                   WHERE account_id = p_sso_account_id AND domain = split_part(identity.normalize_email(p_email), '@', 2)) THEN
+      PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
+      RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
+    END IF;
+    p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
+  ELSIF identity.sso_required(p_email) THEN
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || identity.normalize_email(p_email)));
   END IF;
   SELECT * INTO i FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject FOR UPDATE;
   IF FOUND THEN
@@ -125,16 +140,20 @@ BEGIN
       PERFORM identity.mark_email_verified(u.id);
     END IF;
   END IF;
+  IF p_provider = 'sso' THEN
+    INSERT INTO identity.memberships (account_id, user_id, role, created_at)
+    VALUES (p_sso_account_id, u.id, 'member', util.now()) ON CONFLICT (account_id, user_id) DO NOTHING;
+  END IF;
   v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, p_provider);
   PERFORM identity.log_event(v_kind, u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-                             jsonb_build_object('provider', p_provider));
+                             jsonb_build_object('provider', p_provider, 'team', p_sso_account_id));
   IF p_device_session_id IS NOT NULL THEN
     PERFORM identity.merge_device(p_device_session_id, u.account_id, p_ip, p_user_agent);
   END IF;
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
-COMMENT ON FUNCTION api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text) IS
-  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text, uuid) IS
+  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; people whose domain''s team requires SSO may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE OR REPLACE FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text,
                                           p_email_verified boolean, p_ip text, p_user_agent text)
@@ -369,8 +388,8 @@ COMMENT ON FUNCTION api.device_decide(uuid, text, boolean, text, text) IS
   '/device: approve or deny a pending user code, once (a second decision finds no pending code: TL404). On approval the command line''s anonymous device account is merged into the user, once.';
 
 GRANT EXECUTE ON FUNCTION
-  api.oauth_begin(text, text, text, uuid, uuid, text, text), api.oauth_claim(text, text, text, text),
-  api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text),
+  api.oauth_begin(text, text, text, uuid, uuid, text, text, uuid), api.oauth_claim(text, text, text, text),
+  api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text, uuid),
   api.oauth_link(uuid, text, text, text, boolean, text, text), api.oauth_unlink(uuid, text),
   api.sign_in_methods(uuid), api.device_authorize(text, text, uuid, text, text),
   api.device_token(text, text, text, text), api.device_lookup(uuid, text, text),

@@ -1492,6 +1492,10 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the email or password is not right');
   END IF;
+  IF identity.sso_required(u.email_normalized) THEN
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
+  END IF;
   IF p_new_password_hash IS NOT NULL THEN
     UPDATE identity.users SET password_hash = p_new_password_hash WHERE id = u.id;
     PERFORM identity.log_event('password_rehashed', u.id, u.account_id, NULL, p_ip, p_user_agent);
@@ -1586,7 +1590,7 @@ END $$;
 
 COMMENT ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) IS '/admin/metrics: a report for staff (mrr, active_accounts, conversion, usage: the last 90 days) as JSON rows. TL403 for customers.';
 
-CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) RETURNS jsonb
+CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -1609,14 +1613,14 @@ BEGIN
     p_return_to := NULL;                       -- only paths of this site: never an open redirect
   END IF;
   INSERT INTO identity.oauth_flows (provider, state_hash, browser_hash, nonce, code_verifier, purpose, session_id,
-                                    device_session_id, return_to, created_at, expires_at)
+                                    device_session_id, return_to, created_at, expires_at, sso_account_id)
   VALUES (p_provider, util.token_hash(v_state), util.token_hash(p_browser_secret), v_nonce, v_verifier, p_purpose,
           CASE WHEN p_purpose = 'link' THEN p_session_id END, p_device_session_id, left(p_return_to, 500),
-          util.now(), util.now() + interval '10 minutes');
+          util.now(), util.now() + interval '10 minutes', CASE WHEN p_provider = 'sso' THEN p_sso_account_id END);
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $_$;
 
-COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) IS 'GET /auth/{provider}/start: a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) IS 'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
 
 CREATE FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1637,7 +1641,8 @@ BEGIN
   END IF;
   RETURN jsonb_build_object('provider', f.provider, 'purpose', f.purpose, 'nonce', f.nonce,
                             'code_verifier', f.code_verifier, 'session_id', f.session_id,
-                            'device_session_id', f.device_session_id, 'return_to', f.return_to);
+                            'device_session_id', f.device_session_id, 'return_to', f.return_to,
+                            'sso_account_id', f.sso_account_id);
 END $$;
 
 COMMENT ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) IS 'GET /auth/{provider}/callback, step 1: use the flow of this state, once, from the browser that started it (its binding cookie); returns its provider, purpose, nonce and PKCE verifier. A replayed, expired, unknown or foreign state is refused (TL400) and logged as oauth_refused.';
@@ -1671,7 +1676,7 @@ END $$;
 
 COMMENT ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) IS 'The account page''s "link Google/GitHub": link the provider account to the signed-in user. TL40C when it signs in to another user, or another account of that provider is linked.';
 
-CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text DEFAULT NULL::text) RETURNS jsonb
+CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text DEFAULT NULL::text, p_sso_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -1683,8 +1688,21 @@ DECLARE
   v_kind text := 'oauth_sign_in';
   v_tokens jsonb;
 BEGIN
-  IF p_subject IS NULL OR length(p_subject) NOT BETWEEN 1 AND 255 THEN
+  IF p_subject IS NULL OR length(p_subject) NOT BETWEEN 1 AND 200 THEN
     PERFORM util.fail('TL422', 'the provider did not name the user');
+  END IF;
+  IF p_provider = 'sso' THEN
+    -- A team's provider signs in people of the team's domains only, as members of the team.
+    IF NOT EXISTS (SELECT 1 FROM identity.sso_domains
+                   WHERE account_id = p_sso_account_id AND domain = split_part(identity.normalize_email(p_email), '@', 2)) THEN
+      PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
+      RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
+    END IF;
+    p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
+  ELSIF identity.sso_required(p_email) THEN
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || identity.normalize_email(p_email)));
   END IF;
   SELECT * INTO i FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject FOR UPDATE;
   IF FOUND THEN
@@ -1727,16 +1745,20 @@ BEGIN
       PERFORM identity.mark_email_verified(u.id);
     END IF;
   END IF;
+  IF p_provider = 'sso' THEN
+    INSERT INTO identity.memberships (account_id, user_id, role, created_at)
+    VALUES (p_sso_account_id, u.id, 'member', util.now()) ON CONFLICT (account_id, user_id) DO NOTHING;
+  END IF;
   v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, p_provider);
   PERFORM identity.log_event(v_kind, u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-                             jsonb_build_object('provider', p_provider));
+                             jsonb_build_object('provider', p_provider, 'team', p_sso_account_id));
   IF p_device_session_id IS NOT NULL THEN
     PERFORM identity.merge_device(p_device_session_id, u.account_id, p_ip, p_user_agent);
   END IF;
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 
-COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; people whose domain''s team requires SSO may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2244,6 +2266,49 @@ $$;
 
 COMMENT ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'PATCH /v1/accounts/{id}/members/{user_id}: change a member''s role (members:manage; owners only for the owner role; the last owner stays). TL403, TL404, TL40C, TL422.';
 
+CREATE FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+  v_domain text;
+  v_taken uuid;
+BEGIN
+  IF (SELECT kind FROM identity.accounts WHERE id = v_account_id) <> 'team' THEN
+    PERFORM util.fail('TL40C', 'single sign-on is set up for a team account');
+  END IF;
+  IF p_issuer IS NULL OR p_issuer !~ '^https?://\S+$' OR length(p_issuer) > 500 THEN
+    PERFORM util.fail('TL422', 'issuer is the provider''s URL (its /.well-known/openid-configuration is read)', '{"field": "issuer"}');
+  END IF;
+  IF coalesce(length(p_client_id), 0) NOT BETWEEN 1 AND 255 OR coalesce(length(p_client_secret), 0) NOT BETWEEN 1 AND 500 THEN
+    PERFORM util.fail('TL422', 'client_id and client_secret from the provider are required', '{"field": "client_id"}');
+  END IF;
+  IF p_domains IS NULL OR cardinality(p_domains) = 0 THEN
+    PERFORM util.fail('TL422', 'at least one email domain is required', '{"field": "domains"}');
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO identity.sso_connections AS c (account_id, issuer, client_id, client_secret, require_sso, created_at, updated_at)
+  VALUES (v_account_id, rtrim(p_issuer, '/'), p_client_id, p_client_secret, coalesce(p_require, false), util.now(), util.now())
+  ON CONFLICT (account_id) DO UPDATE SET issuer = EXCLUDED.issuer, client_id = EXCLUDED.client_id,
+    client_secret = EXCLUDED.client_secret, require_sso = EXCLUDED.require_sso, updated_at = EXCLUDED.updated_at;
+  DELETE FROM identity.sso_domains WHERE account_id = v_account_id;
+  FOREACH v_domain IN ARRAY p_domains LOOP
+    v_domain := lower(btrim(v_domain));
+    IF v_domain !~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$' OR v_domain NOT LIKE '%.%' THEN
+      PERFORM util.fail('TL422', format('%L is not an email domain', v_domain), '{"field": "domains"}');
+    END IF;
+    INSERT INTO identity.sso_domains (domain, account_id) VALUES (v_domain, v_account_id)
+    ON CONFLICT (domain) DO NOTHING RETURNING account_id INTO v_taken;
+    IF v_taken IS NULL THEN
+      PERFORM util.fail('TL40C', format('%s signs in through another team''s provider', v_domain), '{"field": "domains"}');
+    END IF;
+  END LOOP;
+  RETURN identity.sso_json(v_account_id);
+END $_$;
+
+COMMENT ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) IS 'PUT /v1/accounts/{id}/sso (permission sso:manage: owners): the team''s OpenID Connect provider (issuer, client id and secret) and its email domains (one team per domain), and whether its people must sign in through it. TL40C not a team or a domain of another team, TL422 bad input.';
+
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2303,6 +2368,38 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+
+CREATE FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean DEFAULT false) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+  v jsonb := identity.sso_json(v_account_id);
+BEGIN
+  IF v IS NULL THEN
+    PERFORM util.fail('TL404', 'this team has no single sign-on');
+  END IF;
+  IF p_delete THEN
+    DELETE FROM identity.sso_connections WHERE account_id = v_account_id;
+  END IF;
+  RETURN v;
+END $$;
+
+COMMENT ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) IS 'GET /v1/accounts/{id}/sso (and DELETE, p_delete): the team''s SSO settings (sso:manage). TL404 none.';
+
+CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT jsonb_build_object('account_id', c.account_id, 'issuer', c.issuer, 'client_id', c.client_id,
+                            'client_secret', c.client_secret)
+  FROM identity.sso_connections c
+  WHERE c.account_id = coalesce(p_account_id, (SELECT d.account_id FROM identity.sso_domains d
+                                               WHERE d.domain = split_part(lower(btrim(p_email)), '@', 2)))
+$$;
+
+COMMENT ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) IS '/auth/sso/start and its callback: the provider of the team an address''s domain belongs to (or of p_account_id): issuer, client id and secret; NULL when none.';
 
 CREATE FUNCTION api.staff_grant(p_email text, p_role text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3432,7 +3529,7 @@ CREATE TABLE identity.sessions (
     revoked_reason text,
     refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
     method text DEFAULT 'password'::text NOT NULL,
-    CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text]))),
+    CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text, 'sso'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
     CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text])))
 );
@@ -4062,6 +4159,27 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
+
+CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('account_id', c.account_id, 'issuer', c.issuer, 'client_id', c.client_id,
+                            'domains', coalesce((SELECT jsonb_agg(d.domain ORDER BY d.domain) FROM identity.sso_domains d
+                                                 WHERE d.account_id = c.account_id), '[]'),
+                            'require_sso', c.require_sso, 'updated_at', util.iso(c.updated_at))
+  FROM identity.sso_connections c WHERE c.account_id = p_account_id
+$$;
+
+COMMENT ON FUNCTION identity.sso_json(p_account_id uuid) IS 'A team''s SSO settings as the API shows them (never the client secret).';
+
+CREATE FUNCTION identity.sso_required(p_email text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT EXISTS (SELECT 1 FROM identity.sso_domains d JOIN identity.sso_connections c ON c.account_id = d.account_id
+                 WHERE d.domain = split_part(lower(btrim(p_email)), '@', 2) AND c.require_sso)
+$$;
+
+COMMENT ON FUNCTION identity.sso_required(p_email text) IS 'Whether the address''s domain belongs to a team that requires its own provider: its people may not sign in with a password or Google/GitHub.';
 
 CREATE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identity.users
     LANGUAGE plpgsql
@@ -5386,9 +5504,10 @@ CREATE TABLE identity.oauth_flows (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     expires_at timestamp with time zone NOT NULL,
     used_at timestamp with time zone,
+    sso_account_id uuid,
     CONSTRAINT oauth_flows_code_verifier_check CHECK (((length(code_verifier) >= 43) AND (length(code_verifier) <= 128))),
     CONSTRAINT oauth_flows_nonce_check CHECK ((length(nonce) <= 128)),
-    CONSTRAINT oauth_flows_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text]))),
+    CONSTRAINT oauth_flows_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
     CONSTRAINT oauth_flows_purpose_check CHECK ((purpose = ANY (ARRAY['sign_in'::text, 'link'::text]))),
     CONSTRAINT oauth_flows_return_to_check CHECK ((length(return_to) <= 500))
 );
@@ -5398,6 +5517,8 @@ COMMENT ON TABLE identity.oauth_flows IS 'One authorization-code flow with a pro
 COMMENT ON COLUMN identity.oauth_flows.session_id IS 'For purpose = link: the signed-in session that asked to link a provider.';
 
 COMMENT ON COLUMN identity.oauth_flows.device_session_id IS 'An anonymous device session the browser carried: merged into the user at sign-in.';
+
+COMMENT ON COLUMN identity.oauth_flows.sso_account_id IS 'For provider sso: the team whose provider this flow signs in with.';
 
 CREATE TABLE identity.one_time_tokens (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -5440,6 +5561,31 @@ CREATE TABLE identity.role_permissions (
 
 COMMENT ON TABLE identity.role_permissions IS 'What each role of an account member may do: the one table identity.authenticate decides by. owner: everything; admin: everything but SSO (and only owners make owners); member: meter, read, manage its own API keys; billing: pay, see invoices, read usage (no members, no metering); viewer: read.';
 
+CREATE TABLE identity.sso_connections (
+    account_id uuid NOT NULL,
+    issuer text NOT NULL,
+    client_id text NOT NULL,
+    client_secret text NOT NULL,
+    require_sso boolean DEFAULT false NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    updated_at timestamp with time zone NOT NULL,
+    CONSTRAINT sso_connections_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 255))),
+    CONSTRAINT sso_connections_client_secret_check CHECK (((length(client_secret) >= 1) AND (length(client_secret) <= 500))),
+    CONSTRAINT sso_connections_issuer_check CHECK (((issuer ~ '^https?://\S+$'::text) AND (length(issuer) <= 500)))
+);
+
+COMMENT ON TABLE identity.sso_connections IS 'A team''s OpenID Connect provider (set by an owner, permission sso:manage): people of its domains who sign in through it join the team as members. require_sso: those people may not sign in with a password or Google/GitHub.';
+
+COMMENT ON COLUMN identity.sso_connections.client_secret IS 'The team''s client secret at its provider, readable by the database owner (and by the server through api.sso_flow_config); never shown by the API.';
+
+CREATE TABLE identity.sso_domains (
+    domain text NOT NULL,
+    account_id uuid NOT NULL,
+    CONSTRAINT sso_domains_domain_check CHECK (((domain ~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$'::text) AND (domain ~~ '%.%'::text)))
+);
+
+COMMENT ON TABLE identity.sso_domains IS 'Email domains and the team whose provider signs their people in: one team per domain.';
+
 CREATE TABLE identity.user_identities (
     provider text NOT NULL,
     subject text NOT NULL,
@@ -5449,7 +5595,7 @@ CREATE TABLE identity.user_identities (
     linked_at timestamp with time zone DEFAULT now() NOT NULL,
     last_sign_in_at timestamp with time zone,
     CONSTRAINT user_identities_email_check CHECK ((length(email) <= 320)),
-    CONSTRAINT user_identities_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text]))),
+    CONSTRAINT user_identities_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
     CONSTRAINT user_identities_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 255)))
 );
 
@@ -6363,6 +6509,12 @@ ALTER TABLE ONLY identity.sessions
 ALTER TABLE identity.sessions
     ADD CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
 
+ALTER TABLE ONLY identity.sso_connections
+    ADD CONSTRAINT sso_connections_pkey PRIMARY KEY (account_id);
+
+ALTER TABLE ONLY identity.sso_domains
+    ADD CONSTRAINT sso_domains_pkey PRIMARY KEY (domain);
+
 ALTER TABLE ONLY identity.user_identities
     ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
 
@@ -6638,6 +6790,9 @@ ALTER TABLE ONLY identity.oauth_flows
 ALTER TABLE ONLY identity.oauth_flows
     ADD CONSTRAINT oauth_flows_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
 
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_sso_account_id_fkey FOREIGN KEY (sso_account_id) REFERENCES identity.accounts(id);
+
 ALTER TABLE ONLY identity.one_time_tokens
     ADD CONSTRAINT one_time_tokens_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
 
@@ -6649,6 +6804,12 @@ ALTER TABLE ONLY identity.sessions
 
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.sso_connections
+    ADD CONSTRAINT sso_connections_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.sso_domains
+    ADD CONSTRAINT sso_domains_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.sso_connections(account_id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY identity.user_identities
     ADD CONSTRAINT user_identities_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
@@ -6866,8 +7027,8 @@ GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtal
 REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) TO pgtally_api;
@@ -6875,8 +7036,8 @@ GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip 
 REVOKE ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
@@ -6944,11 +7105,20 @@ GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_be
 REVOKE ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.staff_grant(p_email text, p_role text) FROM PUBLIC;
 
@@ -7096,6 +7266,10 @@ REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p
 REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.sso_json(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.sso_required(p_email text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.staff(p_session_id uuid, p_action text) FROM PUBLIC;
 
