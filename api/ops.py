@@ -80,7 +80,8 @@ class Observe:
 
 
 def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
-    """Log to stderr as one JSON object a line (python-json-logger), or as text (``fmt="text"``)."""
+    """Log to stderr as one JSON object a line (python-json-logger), or as text (``fmt="text"``):
+    pgtally's and uvicorn's own messages from ``level`` on, libraries' warnings and errors."""
     from pythonjsonlogger.json import JsonFormatter
 
     handler = logging.StreamHandler()
@@ -89,7 +90,9 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
                          if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)
+    for name in ("pgtally", "uvicorn"):
+        logging.getLogger(name).setLevel(level)
 
 
 @get("/metrics", include_in_schema=False)

@@ -159,7 +159,7 @@ async def accept(request: Request, session: Session, data: JSONBody[Acceptance])
 
 
 class SsoSettings(msgspec.Struct, forbid_unknown_fields=True):
-    issuer: Annotated[str, msgspec.Meta(min_length=8, max_length=500, examples=["https://login.acme.example"])]
+    issuer: Annotated[str, msgspec.Meta(min_length=8, max_length=500, examples=["https://app.example.com/sso"])]
     """The provider's URL: its /.well-known/openid-configuration is read."""
     client_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
     client_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]

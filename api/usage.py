@@ -14,7 +14,7 @@ from litestar.params import HeaderParameter, JSONBody, QueryParameter
 from psycopg.types.json import Jsonb
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
-from api.errors import problems
+from api.errors import PROBLEM_BASE, SQLSTATES, problems, upgrade_url
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
 Meter = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$", examples=["generation"])]
@@ -199,4 +199,56 @@ async def list_usage_events(
     return json_response(body)
 
 
-ROUTES = [create_usage_event, check_usage, list_usage_events]
+class BatchEvent(UsageRequest, forbid_unknown_fields=True):
+    """One event of a batch: a usage request with its own idempotency key."""
+
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] = ""
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[BatchEvent], msgspec.Meta(min_length=1, max_length=1000)]
+
+
+class BatchAnswer(msgspec.Struct):
+    index: int
+    status: str
+    """charged, replayed or refused."""
+    event: UsageEvent | None = None
+    problem: dict[str, Any] | None = None
+    """For a refused event: the problem (type, title, status, detail and its fields) a single
+    POST /v1/usage/events would have answered."""
+
+
+class BatchResult(msgspec.Struct):
+    data: list[BatchAnswer]
+    charged: int
+    replayed: int
+    refused: int
+
+
+@post("/v1/usage/events/batch", status_code=200, security=SECURITY, summary="Record and charge up to 1,000 usage events",
+      dependencies=AUTH, responses=problems(400, 401, 415, 422, 503))
+async def create_usage_batch(request: Request, caller: Caller, data: JSONBody[BatchRequest]) -> Response[BatchResult]:
+    """Charge up to 1,000 usage events in one transaction, each exactly as ``POST
+    /v1/usage/events`` would and exactly once per its own ``idempotency_key`` (a service key may
+    name a different ``account_id`` on each; the accounts are locked in a fixed order). Each is
+    answered on its own: ``charged`` or ``replayed`` with the event, or ``refused`` with the
+    problem it would have got alone (402, 403, 409, 422...); a refused event changes nothing and
+    the others go on (``api.consume_batch``). 422 when the body is not 1 to 1,000 events."""
+    events = [{**msgspec.to_builtins(e), "account_id": str(e.account_id) if e.account_id else None} for e in data.events]
+    (result,) = await call(request, "SELECT api.consume_batch(%s::text, %s::uuid, %s::jsonb)", [*caller.params, Jsonb(events)])
+    answers = []
+    for row in result["data"]:
+        if row["status"] == "refused":
+            status, slug, title = SQLSTATES.get(row["sqlstate"], SQLSTATES["TL422"])
+            extra = row.get("detail") or {}
+            if status == 402:
+                extra["upgrade_url"] = upgrade_url(request, extra.get("account_id"))
+            row = {"index": row["index"], "status": "refused",
+                   "problem": {**extra, "type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": row["message"]}}
+        answers.append(row)
+    counts = {k: sum(1 for a in answers if a["status"] == k) for k in ("charged", "replayed", "refused")}
+    return Response(msgspec.json.encode({"data": answers, **counts}), media_type="application/json")
+
+
+ROUTES = [create_usage_event, create_usage_batch, check_usage, list_usage_events]

@@ -691,6 +691,100 @@ END $$;
 
 COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
+CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  e jsonb;
+  v_named text;
+  i integer := 0;
+  v_accounts uuid[] := '{}';
+  v_account_id uuid;
+  a identity.accounts;
+  q record;
+  r record;
+  v_prior metering.usage_events;
+  v_answer jsonb;
+  v_results jsonb := '[]';
+  v_state text;
+  v_message text;
+  v_detail text;
+BEGIN
+  IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' OR jsonb_array_length(p_events) NOT BETWEEN 1 AND 1000 THEN
+    PERFORM util.fail('TL422', 'events is an array of 1 to 1,000 usage events', '{"field": "events"}');
+  END IF;
+  -- Who may charge which account, decided once per account (identity.authenticate, read-only but
+  -- for last_used_at); then every account the batch charges is locked, in id order, so that two
+  -- batches over the same accounts never wait on each other in a cycle.
+  CREATE TEMP TABLE IF NOT EXISTS batch_accounts (named text PRIMARY KEY, account_id uuid, refusal jsonb) ON COMMIT DROP;
+  TRUNCATE batch_accounts;
+  FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
+    BEGIN
+      v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      INSERT INTO batch_accounts VALUES (v_named, v_account_id, NULL);
+      v_accounts := v_accounts || v_account_id;
+    EXCEPTION WHEN SQLSTATE 'TL401' THEN
+      RAISE;                                      -- no principal: the whole batch is refused
+    WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+      INSERT INTO batch_accounts VALUES (v_named, NULL,
+        metering.batch_refusal(CASE WHEN v_state LIKE 'TL%' THEN v_state ELSE 'TL422' END, v_message,
+                               CASE WHEN v_detail ~ '^\{' THEN v_detail::jsonb END));
+    END;
+  END LOOP;
+  PERFORM 1 FROM identity.accounts WHERE id = ANY (v_accounts) ORDER BY id FOR NO KEY UPDATE;
+  FOREACH v_account_id IN ARRAY v_accounts LOOP
+    PERFORM metering.expire_holds(v_account_id);
+    PERFORM ledger.refresh_lots(v_account_id);
+  END LOOP;
+
+  FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
+    SELECT b.account_id, b.refusal INTO v_account_id, v_answer FROM batch_accounts b WHERE b.named = coalesce(e ->> 'account_id', '');
+    -- Each event is checked first with the rules api.consume applies (key, metadata, the same
+    -- idempotency record, metering.quote); only one that will be charged is handed to it, so that
+    -- nothing in it raises and no event needs a subtransaction of its own.
+    IF v_answer IS NULL AND coalesce(length(e ->> 'idempotency_key'), 0) NOT BETWEEN 1 AND 255 THEN
+      v_answer := metering.batch_refusal('TL422', 'an idempotency key of 1 to 255 characters is required');
+    ELSIF v_answer IS NULL AND e ? 'metadata' AND (jsonb_typeof(e -> 'metadata') NOT IN ('object', 'null')
+                                                   OR length((e -> 'metadata')::text) > 2048) THEN
+      v_answer := metering.batch_refusal('TL422', 'metadata is a JSON object of at most 2 KB');
+    END IF;
+    IF v_answer IS NULL THEN
+      SELECT * INTO v_prior FROM metering.usage_events WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
+      BEGIN
+        IF v_prior.id IS NULL THEN
+          SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
+                                              (e ->> 'output_tokens')::bigint);
+          IF NOT q.allowed THEN
+            v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
+          END IF;
+        ELSIF v_prior.request_hash <> metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
+                                                            (e ->> 'output_tokens')::bigint, nullif(e -> 'metadata', 'null'::jsonb)) THEN
+          v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
+                                             jsonb_build_object('usage_event_id', v_prior.id));
+        END IF;
+      EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
+        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
+        v_answer := metering.batch_refusal('TL422', v_message);
+      END;
+    END IF;
+    IF v_answer IS NULL THEN
+      SELECT * INTO r FROM api.consume(
+        p_api_key, p_session_id, e ->> 'idempotency_key', e ->> 'meter',
+        (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint, (e ->> 'output_tokens')::bigint,
+        nullif(e ->> 'account_id', '')::uuid, nullif(e -> 'metadata', 'null'::jsonb));
+      v_answer := jsonb_build_object('status', CASE WHEN r.replayed THEN 'replayed' ELSE 'charged' END, 'event', r.body);
+    END IF;
+    v_results := v_results || (jsonb_build_object('index', i) || v_answer);
+    i := i + 1;
+  END LOOP;
+  RETURN jsonb_build_object('data', v_results);
+END $$;
+
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (each accepted event is api.consume itself), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked before they are charged rather than rolled back one by one, so a batch holds no subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -4706,6 +4800,14 @@ $$;
 
 COMMENT ON FUNCTION metering.allowances_json(a identity.accounts) IS 'Each entitlement of the account''s plan with the current window''s usage (metering.allowance_json), as GET /v1/balance and POST /v1/identify show them.';
 
+CREATE FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS jsonb
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT jsonb_build_object('status', 'refused', 'sqlstate', p_state, 'message', p_message, 'detail', p_detail)
+$$;
+
+COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
+
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -6940,6 +7042,9 @@ GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
@@ -7308,6 +7413,8 @@ REVOKE ALL ON FUNCTION ledger.transfer_kind(p_source text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 

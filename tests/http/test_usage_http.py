@@ -270,3 +270,24 @@ async def test_holds_over_http_reserve_capture_release_and_list(client, new_acco
     assert (await client.post(f"/v1/holds/{unknown}/release", headers=auth(key))).status_code == 404
     bad = await client.post("/v1/holds", json={"meter": "generation", "expires_in": 100000}, headers=auth(key, "h4"))
     assert bad.status_code == 422
+
+
+async def test_a_batch_answers_each_event_as_a_single_request_would(client, new_account, owner):
+    key = new_account("free", CREDIT)["api_key"]
+    body = {"events": [{"idempotency_key": "b1", "meter": "generation", "quantity": 10},
+                       {"idempotency_key": "b2", "meter": "generation", "quantity": 5},
+                       {"idempotency_key": "b3", "meter": "generation", "metadata": {"job": "x"}},
+                       {"idempotency_key": "b1", "meter": "generation", "quantity": 10}]}
+    r = await client.post("/v1/usage/events/batch", json=body, headers=auth(key))
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert (result["charged"], result["replayed"], result["refused"]) == (2, 1, 1)
+    refused = result["data"][1]
+    assert refused["status"] == "refused" and refused["problem"]["status"] == 402
+    assert refused["problem"]["type"].endswith("/quota-exhausted") and "upgrade_url" in refused["problem"]
+    assert result["data"][2]["event"]["metadata"] == {"job": "x"}
+    assert result["data"][3]["event"] == result["data"][0]["event"]
+    assert (await client.post("/v1/usage/events/batch", json={"events": []}, headers=auth(key))).status_code == 422
+    assert (await client.post("/v1/usage/events/batch", json={"events": [{"meter": "generation"}] * 1001},
+                              headers=auth(key))).status_code == 422
+    assert (await client.post("/v1/usage/events/batch", json=body)).status_code == 401

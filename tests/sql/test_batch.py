@@ -1,0 +1,71 @@
+"""Batches of usage events: each charged exactly once and answered on its own, one transaction,
+accounts locked in a fixed order so that concurrent batches never deadlock."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from tests.conftest import reconciliation_problems, run_concurrently
+from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
+from tests.sql.test_metering import CREDIT
+
+
+def batch(conn, key, events):
+    return conn.execute("SELECT api.consume_batch(%s, NULL, %s::jsonb)", [key, json.dumps(events)]).fetchone()[0]["data"]
+
+
+def test_each_event_is_answered_on_its_own_and_a_refusal_stops_nothing(api_conn, owner, new_account):
+    acct = new_account("free", 2 * CREDIT)
+    answers = batch(api_conn, acct["api_key"], [
+        {"idempotency_key": "a", "meter": "generation", "quantity": 10},
+        {"idempotency_key": "b", "meter": "generation", "quantity": 50},          # 50 credits: refused
+        {"idempotency_key": "c", "meter": "nope"},
+        {"idempotency_key": "a", "meter": "generation", "quantity": 10},          # the same key again: a replay
+        {"idempotency_key": "a", "meter": "generation", "quantity": 3},           # the same key, another request
+        {"idempotency_key": "d", "meter": "generation", "quantity": 2},           # 2 credits: charged
+        {"idempotency_key": "", "meter": "generation"},
+        {"idempotency_key": "e", "meter": "generation", "quantity": "x"},
+    ])
+    assert [(a["index"], a["status"], a.get("sqlstate")) for a in answers] == [
+        (0, "charged", None), (1, "refused", "TL402"), (2, "refused", "TL422"), (3, "replayed", None),
+        (4, "refused", "TL409"), (5, "charged", None), (6, "refused", "TL422"), (7, "refused", "TL422")]
+    assert answers[1]["detail"]["required_credits"] == "50" and answers[0]["event"] == answers[3]["event"]
+    assert answers[5]["event"]["charged"] == {"allowance_units": 0, "credits": "2"}
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 2
+    assert owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s",
+                         [acct["account_id"]]).fetchone()[0] == 0
+    # The same batch again: every charge replays, nothing is charged twice.
+    again = batch(api_conn, acct["api_key"], [{"idempotency_key": "a", "meter": "generation", "quantity": 10},
+                                               {"idempotency_key": "d", "meter": "generation", "quantity": 2}])
+    assert [a["status"] for a in again] == ["replayed", "replayed"]
+    assert reconciliation_problems(owner) == {}
+
+
+def test_concurrent_batches_over_shared_accounts_charge_each_event_once(owner, connections):
+    service = owner.execute("SELECT api.create_account('free', 0, 'meter', 'service')").fetchone()[0]["api_key"]
+    accounts = [owner.execute("SELECT api.create_account('unlimited')").fetchone()[0]["account_id"] for _ in range(10)]
+    conns = connections(12)
+
+    def run(i):
+        rng = random.Random(i)
+        events = [{"idempotency_key": f"k{n}", "meter": "generation", "account_id": accounts[n % 10]}
+                  for n in range(60)]
+        rng.shuffle(events)                        # every batch names the accounts in another order
+        return batch(conns[i], service, events)
+
+    results = run_concurrently(12, run)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    statuses = [a["status"] for r in results for a in r]
+    assert statuses.count("charged") == 60 and statuses.count("replayed") == 11 * 60
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 60
+    assert reconciliation_problems(owner) == {}
+
+
+def test_a_batch_refuses_accounts_the_key_may_not_charge(api_conn, new_account):
+    mine, other = new_account("free"), new_account("free")
+    answers = batch(api_conn, mine["api_key"], [
+        {"idempotency_key": "x", "meter": "generation"},
+        {"idempotency_key": "y", "meter": "generation", "account_id": other["account_id"]},
+        {"idempotency_key": "z", "meter": "generation", "account_id": "not-a-uuid"}])
+    assert [(a["status"], a.get("sqlstate")) for a in answers] == [("charged", None), ("refused", "TL403"), ("refused", "TL422")]
