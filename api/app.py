@@ -172,3 +172,12 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
             }),
         ),
     )
+
+
+def worker_app() -> Litestar:
+    """The app of one ``pgtally serve --workers N`` process: its logging as ``serve`` set it up
+    (``PGTALLY_LOG_FORMAT``), the database the parent started (``DATABASE_URL``)."""
+    from api.ops import configure_logging
+
+    configure_logging(os.environ.get("PGTALLY_LOG_FORMAT", "json"))
+    return create_app()

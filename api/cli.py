@@ -47,15 +47,17 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=lambda: os.environ.get("HOST", "127.0.0.1"), show_default="HOST or 127.0.0.1")
 @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", "8000")), show_default="PORT or 8000")
-def serve(host: str, port: int) -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=lambda: int(os.environ.get("PGTALLY_WORKERS", "1")),
+              show_default="PGTALLY_WORKERS or 1", help="Server processes (uvicorn workers) sharing one PostgreSQL.")
+def serve(host: str, port: int, workers: int) -> None:
     """Upgrade the database, apply the catalog (PGTALLY_CATALOG or the default) and serve the API.
     Ctrl-C or SIGTERM stops the server and the embedded PostgreSQL (unless another pgtally
-    process still uses it)."""
+    process still uses it). With --workers N, N processes serve the same port; the embedded
+    PostgreSQL is started once, here, and every worker connects to it."""
     import uvicorn
 
     from api.app import create_app
-
-    from api.ops import configure_logging
+    from api.ops import configure_logging, prepare_multiprocess_metrics
 
     ensure_port_free(host, port)
     configure_logging(os.environ.get("PGTALLY_LOG_FORMAT", "json"))
@@ -68,7 +70,15 @@ def serve(host: str, port: int) -> None:
         db.load_catalog(url)
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
-        uvicorn.run(create_app(url), host=host, port=port, log_level="info", log_config=None, access_log=False)
+        options = dict(host=host, port=port, log_level="info", log_config=None, access_log=False)
+        if workers == 1:
+            uvicorn.run(create_app(url), **options)
+        else:
+            # Workers are new processes: they find the server started here through DATABASE_URL,
+            # and count their metrics in files /metrics adds up.
+            os.environ["DATABASE_URL"] = url
+            prepare_multiprocess_metrics(db.home() / "metrics")
+            uvicorn.run("api.app:worker_app", factory=True, workers=workers, **options)
     except KeyboardInterrupt:
         pass
     finally:

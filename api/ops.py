@@ -10,6 +10,7 @@ line carrying it. Metrics use prometheus-client's default registry; the database
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -33,10 +34,38 @@ LATENCY = Histogram("pgtally_http_request_seconds", "HTTP request latency by rou
 CONSUME = Counter("pgtally_consume", "POST /v1/usage/events outcomes: charged, replayed, refused (402), invalid (4xx)",
                   ["outcome"])
 WEBHOOKS = Counter("pgtally_stripe_webhook_events", "Stripe webhook events by type and outcome", ["type", "outcome"])
-OUTBOX_PENDING = Gauge("pgtally_outbox_pending", "Outbox messages waiting to be delivered", ["kind"])
-OUTBOX_FAILED = Gauge("pgtally_outbox_failed", "Outbox messages that exhausted their retries", ["kind"])
-ROLLUP_LAG = Gauge("pgtally_usage_rollup_lag_seconds", "Age of the oldest usage event not yet in the analytics rollup")
-POOL = Gauge("pgtally_pool_connections", "Database pool: size, available and waiting requests", ["state"])
+# Database-side gauges are read at scrape time (the newest reading wins across workers); pool
+# gauges add up over the server processes.
+OUTBOX_PENDING = Gauge("pgtally_outbox_pending", "Outbox messages waiting to be delivered", ["kind"],
+                       multiprocess_mode="mostrecent")
+OUTBOX_FAILED = Gauge("pgtally_outbox_failed", "Outbox messages that exhausted their retries", ["kind"],
+                      multiprocess_mode="mostrecent")
+ROLLUP_LAG = Gauge("pgtally_usage_rollup_lag_seconds", "Age of the oldest usage event not yet in the analytics rollup",
+                   multiprocess_mode="mostrecent")
+POOL = Gauge("pgtally_pool_connections", "Database pool: size, available and waiting requests", ["state"],
+             multiprocess_mode="livesum")
+
+
+def prepare_multiprocess_metrics(directory) -> None:
+    """For ``pgtally serve --workers N``: every worker writes its metrics to files in an empty
+    ``directory`` (prometheus-client's multiprocess mode, set before the workers import it) and
+    ``/metrics`` adds them up."""
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def registry():
+    """The registry /metrics reads: this process's, or all workers' in multiprocess mode."""
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)
+    return combined
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 CONSUME_ROUTE = ("POST", "/v1/usage/events")
@@ -116,7 +145,7 @@ async def metrics(request: Request) -> Response[bytes]:
             OUTBOX_PENDING.labels(kind).set(row["pending"])
             OUTBOX_FAILED.labels(kind).set(row["failed"])
         ROLLUP_LAG.set(gauges["rollup_lag_seconds"])
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 class Ready(msgspec.Struct):

@@ -1,5 +1,6 @@
 """The app under HTTP load: pgtally itself plus the ceiling route, a handler that authenticates
-the same way (bearer key) and runs ``SELECT 1`` through the same pool."""
+exactly as the real path does (the bearer key's SHA-256 and its index probe, in
+``api.principal_account``) and answers from the same pool."""
 
 from litestar import Request, get
 
@@ -8,9 +9,9 @@ from api.calls import AUTH, Caller, call
 
 
 @get("/bench/ceiling", dependencies=AUTH)
-async def ceiling(request: Request, caller: Caller) -> dict[str, int]:
-    (one,) = await call(request, "SELECT 1", [])
-    return {"one": one}
+async def ceiling(request: Request, caller: Caller) -> dict[str, str]:
+    (account,) = await call(request, "SELECT api.principal_account(%s::text, %s::uuid)", caller.params)
+    return {"account": str(account)}
 
 
 app = create_app(route_handlers=[ceiling])

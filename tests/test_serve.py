@@ -142,3 +142,31 @@ def test_with_postgresql_down_requests_fail_fast_with_503_and_recover_without_50
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_several_workers_share_one_embedded_postgresql(home):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}
+    proc = subprocess.Popen([str(PGTALLY), "serve", "--port", str(port), "--workers", "2"],
+                            env={**env, "PGTALLY_HOME": str(home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(proc, port)
+        key = json.loads(cli(home, "accounts", "create", "--plan", "free", "--json"))["api_key"]
+        headers = {"Authorization": f"Bearer {key}"}
+        for i in range(20):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/usage/events", json={"meter": "generation"},
+                           headers={**headers, "Idempotency-Key": f"w{i % 10}"})
+            assert r.status_code in (200, 201, 402), r.text
+        balance = httpx.get(f"http://127.0.0.1:{port}/v1/balance", headers=headers).json()
+        assert balance["allowances"][0]["used"] == 10            # ten keys, each charged once, across processes
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        total = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("pgtally_http_requests_total{") and 'route="/v1/usage/events"' in line)
+        assert total == 20                                       # counted across both workers
+        postmasters = [p for p in psutil.process_iter(["name", "cmdline"])
+                       if p.info["name"] == "postgres" and str(home) in " ".join(p.info["cmdline"] or [])]
+        assert len(postmasters) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert wait_stopped(postmaster_pid(home) or 0) if postmaster_pid(home) else True

@@ -99,3 +99,11 @@ COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
   'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (each accepted event is api.consume itself), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked before they are charged rather than rolled back one by one, so a batch holds no subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
+
+CREATE OR REPLACE FUNCTION api.principal_account(p_api_key text, p_session_id uuid) RETURNS uuid
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT identity.authenticate(p_api_key, p_session_id, 'usage:read')
+$$;
+COMMENT ON FUNCTION api.principal_account(text, uuid) IS
+  'The account a key or session acts on: the authentication every request makes (SHA-256 of the key, one index probe), alone. bench/http_app.py''s ceiling route calls it, so the HTTP ceiling authenticates exactly as the real path does.';
+GRANT EXECUTE ON FUNCTION api.principal_account(text, uuid) TO pgtally_api;

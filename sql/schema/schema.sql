@@ -1966,6 +1966,15 @@ $$;
 
 COMMENT ON FUNCTION api.plans() IS 'GET /v1/plans (public): billing.plans_json().';
 
+CREATE FUNCTION api.principal_account(p_api_key text, p_session_id uuid) RETURNS uuid
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT identity.authenticate(p_api_key, p_session_id, 'usage:read')
+$$;
+
+COMMENT ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) IS 'The account a key or session acts on: the authentication every request makes (SHA-256 of the key, one index probe), alone. bench/http_app.py''s ceiling route calls it, so the HTTP ceiling authenticates exactly as the real path does.';
+
 CREATE FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -7164,6 +7173,9 @@ GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_inte
 
 REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) TO pgtally_api;
