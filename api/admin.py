@@ -14,15 +14,14 @@ from typing import Annotated, Any
 import msgspec
 import pygal
 from litestar import Request, Response, get, post
-from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Redirect
 from pygal.style import CleanStyle
 
 from api.billing import IdempotencyKey, client_of
 from api.calls import SECURITY, SESSION, Session, call, call_json
 from api.errors import PgtallyError, problems
-from api.web import browser_session, page, problem_text, to_login
+from api.web import FORM, browser_session, page, problem_text, to_login
 
 CHARTS = {
     "mrr": "Monthly recurring revenue",
@@ -290,7 +289,7 @@ class ActionForm(msgspec.Struct):
     key: str = ""
 
 
-Form = Body(media_type=RequestEncodingType.URL_ENCODED)
+Form = FORM
 
 
 async def staff_page(request: Request, render) -> Any:

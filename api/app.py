@@ -158,6 +158,9 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": {},
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
+        # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own
+        # configuration would replace its handlers.
+        logging_config=None,
         before_request=check_request,
         middleware=[ops.Observe, web.session_config(settings).middleware],
         csrf_config=web.csrf_config(settings),

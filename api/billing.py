@@ -131,6 +131,11 @@ class SubscriptionInfo(msgspec.Struct):
     live: bool
 
 
+class Suspension(msgspec.Struct):
+    at: str
+    reason: str | None
+
+
 class BillingAccount(msgspec.Struct):
     account_id: str
     plan: str
@@ -138,6 +143,8 @@ class BillingAccount(msgspec.Struct):
     stripe_customer_id: str | None
     plan_grace_until: str | None
     subscription: SubscriptionInfo | None
+    suspended: Suspension | None = None
+    """Set by an operator: charges, holds and purchases are refused (403 account-suspended)."""
 
 
 class SubscriptionChange(msgspec.Struct):

@@ -12,8 +12,7 @@ from typing import Annotated, Any
 import msgspec
 import stripe
 from litestar import Request, Router, get, post
-from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath, FromQuery
+from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
@@ -21,10 +20,10 @@ from api.auth import password_login, register
 from api.billing import cancel_at_period_end, change_plan, open_portal, preview_change, start_checkout, top_up
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
-from api.web import (REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, page, page_headers,
+from api.web import (FORM, REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, page, page_headers,
                      principal_of, problem_text, referral_of, safe_next, sign_in_browser, to_login)
 
-Form = Body(media_type=RequestEncodingType.URL_ENCODED)
+Form = FORM
 
 
 class CredentialsForm(msgspec.Struct):

@@ -11,13 +11,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, patch, post, put
-from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Redirect
 
 from api.calls import SECURITY, SESSION, Session, call_json
 from api.errors import PgtallyError, problems
-from api.web import browser_session, page, problem_text, to_login
+from api.web import FORM, browser_session, page
 
 Role = Literal["owner", "admin", "member", "billing", "viewer"]
 
@@ -219,20 +218,18 @@ class TeamForm(msgspec.Struct):
     token: str = ""
 
 
-Form = Body(media_type=RequestEncodingType.URL_ENCODED)
+Form = FORM
 
 
 async def signed_in_page(request: Request, render) -> Any:
-    session_id = browser_session(request)
-    if session_id is None:
-        return to_login(request)
-    try:
-        return await render(session_id)
-    except PgtallyError as exc:
-        if exc.error.get("sqlstate") == "TL401":
-            request.clear_session()
-            return to_login(request)
-        return page("message.html", request, 400, title="Not done", message=problem_text(exc), link=("/teams", "Teams"))
+    """A team page's action for the signed-in person (pages.signed_in: to the login page when
+    signed out); a refusal is shown on a message page that leads back to /teams."""
+    from api.pages import signed_in
+
+    async def refused(request: Request, session_id, error: str) -> Any:
+        return page("message.html", request, 400, title="Not done", message=error, link=("/teams", "Teams"))
+
+    return await signed_in(request, render, refused)
 
 
 async def teams_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:

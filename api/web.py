@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from litestar.enums import RequestEncodingType
+from litestar.params import Body
 from litestar import Request, Response
 from litestar.config.csrf import CSRFConfig
 from litestar.enums import MediaType
@@ -112,6 +114,9 @@ def principal_of(request: Request, session_id: uuid.UUID | None) -> list:
     chosen = request.session.get("account_id") if request.scope.get("session") is not None else None
     return [None, session_id, uuid.UUID(chosen) if chosen else None]
 
+
+FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
+"""A page's form body (application/x-www-form-urlencoded): ``Annotated[SomeForm, FORM]``."""
 
 REFERRAL_COOKIE = "pgtally_ref"
 REFERRAL_DAYS = 30

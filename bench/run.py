@@ -64,9 +64,9 @@ def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
     return float(re.search(r"tps = ([\d.]+)", out).group(1))
 
 
-def wrk(path: str, seconds: int, connections: int, port: int, script: str = "bench/wrk.lua") -> tuple[float, str]:
+def wrk(path: str, seconds: int, connections: int, port: int) -> tuple[float, str]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", script, "--latency",
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", "bench/wrk.lua", "--latency",
          f"http://127.0.0.1:{port}{path}"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     non2xx = re.search(r"non-2xx: (\d+)", out).group(1)
@@ -119,7 +119,7 @@ def main() -> None:
         rows.append(("http", "authenticate (key hash probe) through the pool (ceiling)", http_ceiling, 1.0, "", note))
         rps, note = wrk("/v1/usage/events", args.seconds, args.connections, args.port)
         rows.append(("http", "POST /v1/usage/events", rps, rps / http_ceiling, 0.7, note))
-        rps, note = wrk("/v1/usage/events/batch", args.seconds, args.connections, args.port, "bench/wrk_batch.lua")
+        rps, note = wrk("/v1/usage/events/batch", args.seconds, args.connections, args.port)
         rows.append(("http", "POST /v1/usage/events/batch, 100 events (events/s)", rps * 100, rps * 100 / ceiling, 2.0,
                      note + "; ratio to the db ceiling"))
     finally:

@@ -532,6 +532,8 @@ BEGIN
     'account_id', a.id, 'plan', identity.effective_plan(a), 'subscribed_plan', a.plan_id,
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = a.id),
     'plan_grace_until', util.iso(a.plan_grace_until),
+    'suspended', CASE WHEN a.suspended_at IS NOT NULL
+                      THEN jsonb_build_object('at', util.iso(a.suspended_at), 'reason', a.suspended_reason) END,
     'subscription', CASE WHEN s.stripe_subscription_id IS NULL THEN NULL ELSE jsonb_build_object(
       'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
       'stripe_item_id', s.stripe_item_id,
@@ -540,7 +542,7 @@ BEGIN
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 COMMENT ON FUNCTION api.billing_account(text, uuid, uuid) IS
-  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, payment grace and its subscription (the live one, else the latest).';
+  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
 
 CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

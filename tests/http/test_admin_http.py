@@ -7,30 +7,12 @@ import uuid
 
 import pytest
 
-from api.app import Settings
 from tests.conftest import reconciliation_problems
 from tests.http.conftest import PUBLIC_URL, bearer
-from tests.http.test_billing_http import SECRET, deliver, pay_and_deliver
-from tests.stripe_standin import StripeStandIn
+from tests.http.test_billing_http import deliver, pay_and_deliver
+from tests.http.test_credits_http import deliver_mail, settings, stripe_api  # noqa: F401 - fixtures
 
 PASSWORD = "violet-harbour-tangent-42"
-
-
-@pytest.fixture
-def stripe_api():
-    with StripeStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def settings(smtp, stripe_api) -> Settings:
-    return Settings(public_url=PUBLIC_URL, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-                    stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url, stripe_webhook_secret=SECRET)
-
-
-@pytest.fixture
-def deliver_mail(deliver):
-    return deliver
 
 
 async def person(client, owner, email: str, staff: str | None = None) -> dict:
@@ -122,6 +104,8 @@ async def test_every_staff_action_is_audited_and_support_may_not_act_as_admin(cl
                           headers=bearer(customer["token"], **{"Idempotency-Key": "s1"}))
     assert r.status_code == 403 and r.json()["type"].endswith("/account-suspended") and r.json()["reason"] == "chargebacks"
     assert (await client.get("/v1/me", headers=bearer(customer["token"]))).status_code == 200   # signing in still works
+    why = (await client.get("/v1/billing/subscription", headers=bearer(customer["token"]))).json()["suspended"]
+    assert why["reason"] == "chargebacks"
     assert (await client.post(f"/v1/admin/accounts/{acct}/unsuspend", json={"reason": "resolved"},
                               headers=bearer(admin["token"]))).status_code == 200
     r = await client.post("/v1/usage/events", json={"meter": "generation"},
