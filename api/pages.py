@@ -194,6 +194,10 @@ async def signed_in(request: Request, action, view=None) -> Any:
         if exc.error.get("sqlstate") == "TL401":
             request.clear_session()
             return to_login(request)
+        if exc.error.get("sqlstate") == "TL403" and request.session.pop("account_id", None):
+            # The team the switcher chose is no longer theirs (removed, or the role shrank): back
+            # to their own account.
+            return Redirect("/dashboard")
         return await (view or account_view)(request, session_id, error=problem_text(exc))
     except stripe.StripeError as exc:
         return await (view or account_view)(request, session_id,
@@ -281,7 +285,12 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
 async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
     principal = principal_of(request, session_id)
     (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid, %s::uuid)", principal)
-    billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)", principal)
+    try:
+        billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)", principal)
+    except PgtallyError as exc:
+        if exc.error.get("sqlstate") != "TL403":
+            raise
+        billing = None                  # a team member whose role does not see billing
     (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10, NULL, NULL, NULL, %s::uuid)",
                            principal)
     (catalog,) = await call(request, "SELECT api.plans()", [])

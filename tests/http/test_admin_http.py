@@ -151,3 +151,27 @@ async def test_staff_endpoints_refuse_customers_and_anonymous_callers(client, ow
     for method, path in (("GET", "/v1/admin/accounts"), ("GET", f"/v1/admin/accounts/{some}"), ("GET", "/v1/admin/audit")):
         assert (await client.request(method, path, headers=bearer(customer["token"]))).status_code == 403
         assert (await client.request(method, path)).status_code == 401
+
+
+async def test_the_team_switcher_acts_on_the_team_and_falls_back_when_it_is_no_longer_yours(db_url, settings, owner):
+    from tests.http.test_billing_http import page_client
+    from tests.http.test_sign_in import form
+
+    async with await page_client(db_url, settings) as boss_browser, await page_client(db_url, settings) as dev_browser:
+        boss = await person(boss_browser, owner, "boss@example.com")
+        dev = await person(dev_browser, owner, "dev@example.com")
+        team = (await boss_browser.post("/v1/accounts", json={"name": "Acme"}, headers=bearer(boss["token"]))).json()
+        owner.execute("SELECT api.grant_credits(%s, 7000000, 'seed')", [team["id"]])
+        await boss_browser.post(f"/v1/accounts/{team['id']}/invitations", json={"email": "dev@example.com"},
+                                headers=bearer(boss["token"]))
+        token = owner.execute("SELECT payload ->> 'token' FROM outbox.messages WHERE kind = 'invitation'").fetchone()[0]
+        await dev_browser.post("/v1/invitations/accept", json={"token": token}, headers=bearer(dev["token"]))
+        assert (await form(dev_browser, "/login", {"email": "dev@example.com", "password": PASSWORD})).status_code in (302, 303)
+        assert "Acme" in (await dev_browser.get("/teams")).text
+        r = await form(dev_browser, "/teams/switch", {"account_id": team["id"]}, "/teams")
+        assert r.status_code in (302, 303)
+        page = await dev_browser.get("/dashboard")
+        assert '<strong id="credits">7</strong>' in page.text          # the team's credits, not their own 5
+        await boss_browser.delete(f"/v1/accounts/{team['id']}/members/{dev['user_id']}", headers=bearer(boss["token"]))
+        page = await dev_browser.get("/dashboard", follow_redirects=True)
+        assert page.status_code == 200 and '<strong id="credits">5</strong>' in page.text
