@@ -190,16 +190,13 @@ async def refund(request: Request, session_id: uuid.UUID, payment_intent: str, a
     """Refund a recorded payment through Stripe (its idempotency key: the payment and amount
     refunded so far, so a retried click refunds once); the credits come back out with Stripe's
     charge.refunded webhook, as for any refund. Then the audit row."""
-    target = await call_json(request, "SELECT api.admin_refund_target(%s::uuid, %s::text)", [session_id, payment_intent])
-    left = target["amount"] - target["refunded"]
-    amount = left if amount is None else amount
-    if amount > left or amount <= 0:
-        raise PgtallyError({"sqlstate": "TL422", "message": f"at most {left} (minor units) is left to refund", "field": "amount"})
+    target = await call_json(request, "SELECT api.admin_refund_target(%s::uuid, %s::text, %s::bigint)",
+                             [session_id, payment_intent, amount])
     result = await client_of(request).v1.refunds.create_async(
-        params={"payment_intent": payment_intent, "amount": amount, "metadata": {"reason": reason[:500]}},
-        options={"idempotency_key": f"admin-refund-{payment_intent}-{target['refunded']}-{amount}"})
+        params={"payment_intent": payment_intent, "amount": target["amount"], "metadata": {"reason": reason[:500]}},
+        options={"idempotency_key": f"admin-refund-{payment_intent}-{target['refunded']}-{target['amount']}"})
     return await call_json(request, "SELECT api.admin_refunded(%s::uuid, %s::text, %s::bigint, %s::text, %s::text)",
-                           [session_id, payment_intent, amount, result.id, reason])
+                           [session_id, payment_intent, target["amount"], result.id, reason])
 
 
 @get("/v1/admin/accounts", summary="Staff: search accounts", responses=problems(400, 401, 403, 422, 503), **ADMIN)

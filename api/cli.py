@@ -213,7 +213,8 @@ def report(name: str | None, since, until, fmt: str) -> None:
         views = report_views(conn)
         if name is None or name not in views:
             if name is not None:
-                click.echo(f"pgtally: there is no report {name!r}; the reports are:", err=True)
+                click.echo(f"pgtally: there is no report {name!r} in this database (one made before it needs "
+                           f"`pgtally db upgrade`); the reports are:", err=True)
             for view, column in views.items():
                 click.echo(f"{view}" + (f"  (by {column})" if column else ""), err=name is not None)
             raise SystemExit(0 if name is None else 2)

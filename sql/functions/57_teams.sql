@@ -9,11 +9,11 @@ DECLARE
 BEGIN
   SELECT * INTO u FROM identity.users WHERE id = s.user_id;
   IF NOT FOUND THEN
-    PERFORM util.fail('TL403', 'sign up or log in first: teams are for people');
+    PERFORM util.fail('TL403', 'sign up or log in first: this is for people, not devices');
   END IF;
   RETURN u;
 END $$;
-COMMENT ON FUNCTION identity.member_user(uuid) IS 'The signed-in person of a session; TL403 for an anonymous device or none.';
+COMMENT ON FUNCTION identity.member_user(uuid) IS 'The signed-in person of a session (teams, staff); TL403 for an anonymous device.';
 
 CREATE OR REPLACE FUNCTION identity.account_json(a identity.accounts, p_role text) RETURNS jsonb
 LANGUAGE sql STABLE AS $$

@@ -4,10 +4,8 @@
 CREATE OR REPLACE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identity.users
 LANGUAGE plpgsql AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
-  u identity.users;
+  u identity.users := identity.member_user(p_session_id);
 BEGIN
-  SELECT * INTO u FROM identity.users WHERE id = s.user_id;
   IF u.staff_role IS NULL THEN
     PERFORM util.fail('TL403', 'staff only');
   END IF;
@@ -145,22 +143,27 @@ END $$;
 COMMENT ON FUNCTION api.admin_adjust_credits(uuid, uuid, text, text, text) IS
   'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
 
-CREATE OR REPLACE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_staff identity.users := identity.staff(p_session_id, 'refund');
-  r jsonb;
+  p billing.payments;
+  v_left bigint;
 BEGIN
-  SELECT jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'account_id', p.account_id, 'kind', 'bundle',
-                            'amount', p.amount_minor, 'refunded', p.refunded_minor, 'currency', p.currency)
-  INTO r FROM billing.payments p WHERE p.stripe_payment_intent_id = p_payment_intent;
-  IF r IS NULL THEN
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p_payment_intent;
+  IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no payment pgtally recorded with this PaymentIntent');
   END IF;
-  RETURN r;
+  v_left := p.amount_minor - p.refunded_minor;
+  IF coalesce(p_amount, v_left) NOT BETWEEN 1 AND v_left THEN
+    PERFORM util.fail('TL422', format('between 1 and %s (minor units) is left to refund', v_left), '{"field": "amount"}');
+  END IF;
+  RETURN jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'account_id', p.account_id,
+                            'amount', coalesce(p_amount, v_left), 'refunded', p.refunded_minor, 'currency', p.currency);
 END $$;
-COMMENT ON FUNCTION api.admin_refund_target(uuid, text) IS
-  'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund (account, amount, refunded so far, in minor units). TL404.';
+COMMENT ON FUNCTION api.admin_refund_target(uuid, text, bigint) IS
+  'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund and how much: p_amount (minor units), or all that is left when NULL; refunded so far. TL404 unknown payment, TL422 more than is left (or nothing).';
 
 CREATE OR REPLACE FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint,
                                               p_stripe_refund text, p_reason text) RETURNS jsonb
@@ -256,7 +259,7 @@ END $$;
 COMMENT ON FUNCTION api.admin_audit(uuid, integer) IS 'GET /v1/admin/audit: the latest staff actions (staff: read).';
 
 GRANT EXECUTE ON FUNCTION api.admin_search(uuid, text, integer), api.admin_account(uuid, uuid),
-  api.admin_adjust_credits(uuid, uuid, text, text, text), api.admin_refund_target(uuid, text),
+  api.admin_adjust_credits(uuid, uuid, text, text, text), api.admin_refund_target(uuid, text, bigint),
   api.admin_refunded(uuid, text, bigint, text, text), api.admin_set_plan(uuid, uuid, text, text),
   api.admin_suspend(uuid, uuid, boolean, text), api.admin_revoke_sessions(uuid, uuid, text), api.admin_audit(uuid, integer)
 TO pgtally_api;

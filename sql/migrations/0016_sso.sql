@@ -32,3 +32,5 @@ ALTER TABLE identity.sessions ADD CONSTRAINT sessions_method_check
 
 DROP FUNCTION IF EXISTS api.oauth_begin(text, text, text, uuid, uuid, text, text);
 DROP FUNCTION IF EXISTS api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text);
+-- The refund's amount rule moved into api.admin_refund_target (sql/functions/75_admin.sql).
+DROP FUNCTION IF EXISTS api.admin_refund_target(uuid, text);

@@ -230,24 +230,28 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) IS 'GET /v1/admin/audit: the latest staff actions (staff: read).';
 
-CREATE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) RETURNS jsonb
+CREATE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint DEFAULT NULL::bigint) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_staff identity.users := identity.staff(p_session_id, 'refund');
-  r jsonb;
+  p billing.payments;
+  v_left bigint;
 BEGIN
-  SELECT jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'account_id', p.account_id, 'kind', 'bundle',
-                            'amount', p.amount_minor, 'refunded', p.refunded_minor, 'currency', p.currency)
-  INTO r FROM billing.payments p WHERE p.stripe_payment_intent_id = p_payment_intent;
-  IF r IS NULL THEN
+  SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p_payment_intent;
+  IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no payment pgtally recorded with this PaymentIntent');
   END IF;
-  RETURN r;
+  v_left := p.amount_minor - p.refunded_minor;
+  IF coalesce(p_amount, v_left) NOT BETWEEN 1 AND v_left THEN
+    PERFORM util.fail('TL422', format('between 1 and %s (minor units) is left to refund', v_left), '{"field": "amount"}');
+  END IF;
+  RETURN jsonb_build_object('payment_intent', p.stripe_payment_intent_id, 'account_id', p.account_id,
+                            'amount', coalesce(p_amount, v_left), 'refunded', p.refunded_minor, 'currency', p.currency);
 END $$;
 
-COMMENT ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) IS 'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund (account, amount, refunded so far, in minor units). TL404.';
+COMMENT ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) IS 'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund and how much: p_amount (minor units), or all that is left when NULL; refunded so far. TL404 unknown payment, TL422 more than is left (or nothing).';
 
 CREATE FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4020,12 +4024,12 @@ DECLARE
 BEGIN
   SELECT * INTO u FROM identity.users WHERE id = s.user_id;
   IF NOT FOUND THEN
-    PERFORM util.fail('TL403', 'sign up or log in first: teams are for people');
+    PERFORM util.fail('TL403', 'sign up or log in first: this is for people, not devices');
   END IF;
   RETURN u;
 END $$;
 
-COMMENT ON FUNCTION identity.member_user(p_session_id uuid) IS 'The signed-in person of a session; TL403 for an anonymous device or none.';
+COMMENT ON FUNCTION identity.member_user(p_session_id uuid) IS 'The signed-in person of a session (teams, staff); TL403 for an anonymous device.';
 
 CREATE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -4290,10 +4294,8 @@ CREATE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identit
     LANGUAGE plpgsql
     AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
-  u identity.users;
+  u identity.users := identity.member_user(p_session_id);
 BEGIN
-  SELECT * INTO u FROM identity.users WHERE id = s.user_id;
   IF u.staff_role IS NULL THEN
     PERFORM util.fail('TL403', 'staff only');
   END IF;
@@ -7005,8 +7007,8 @@ GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id u
 REVOKE ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) TO pgtally_api;

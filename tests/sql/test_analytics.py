@@ -10,7 +10,8 @@ from decimal import Decimal
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import reconciliation_problems
+from tests.conftest import reconciliation_problems, run_concurrently
+from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 from tests.sql.test_metering import consume
 from tests.stripe_standin import Events
 
@@ -205,3 +206,17 @@ def test_pgtally_report_prints_a_view_filtered_by_date(owner, history, db_url, m
     listing = CliRunner().invoke(main, ["report"])
     assert "mrr_movements_monthly  (by month)" in listing.output and "usage_by_hour" in listing.output
     assert CliRunner().invoke(main, ["report", "no_such_view"]).exit_code == 2
+
+
+def test_concurrent_rollups_fold_each_event_once(owner, new_account, connections):
+    key = new_account("unlimited")["api_key"]
+    for i in range(300):
+        owner.execute("SELECT * FROM api.consume(%s, NULL, %s, 'generation', 2)", [key, f"r{i}"])
+    conns = connections(6)
+    for conn in conns:
+        conn.execute("SELECT set_config('pgtally.now', (now() + interval '2 minutes')::text, false)")
+
+    folded = run_concurrently(6, lambda i: sum(iter(lambda: conns[i].execute("SELECT api.rollup_usage(40)").fetchone()[0], 0)))
+    assert not [f for f in folded if isinstance(f, Exception)] and sum(folded) == 300
+    assert owner.execute("SELECT sum(events), sum(quantity) FROM metering.usage_rollup_daily").fetchone() == (300, 600)
+    assert owner.execute("SELECT sum(events) FROM metering.usage_rollup_monthly").fetchone()[0] == 300

@@ -9,7 +9,7 @@ import json
 from tests.conftest import reconciliation_problems, run_concurrently
 from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 from tests.sql.test_holds import hold, release
-from tests.sql.test_metering import balance, consume, sqlstate_of
+from tests.sql.test_metering import CREDIT, balance, consume, sqlstate_of
 
 LIMIT_UNITS = 1000          # the default catalog: 5 cents a generation, at most 5000 cents a period
 
@@ -92,3 +92,17 @@ def test_only_unit_meters_can_be_post_paid_and_the_meter_name_is_required(owner)
     owner.rollback()
     catalog["plans"]["ppu"]["entitlements"] = {"gen": {"post_paid": "0.5", "stripe_meter": "g"}}
     assert sqlstate_of(lambda: owner.execute("SELECT api.load_catalog(%s)", [json.dumps(catalog)])) == "TL422"
+
+
+def test_20_concurrent_charges_under_the_threshold_queue_one_auto_top_up(owner, new_account, connections):
+    acct = new_account("free", 100 * CREDIT)
+    owner.execute("INSERT INTO billing.customers (account_id, stripe_customer_id, created_at) VALUES (%s, 'cus_auto', now())",
+                  [acct["account_id"]])
+    owner.execute("SELECT api.set_auto_topup(%s, NULL, '99', 'bundle_10')", [acct["api_key"]])
+    owner.execute("SELECT * FROM api.consume(%s, NULL, 'allowance', 'generation', 10)", [acct["api_key"]])
+    conns = connections(20)
+    results = run_concurrently(20, lambda i: conns[i].execute(
+        "SELECT * FROM api.consume(%s, NULL, %s, 'generation')", [acct["api_key"], f"c{i}"]).fetchone())
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert owner.execute("SELECT count(*) FROM outbox.messages WHERE kind = 'auto_topup'").fetchone()[0] == 1
+    assert owner.execute("SELECT in_flight_since IS NOT NULL FROM billing.auto_topups").fetchone()[0] is True

@@ -174,3 +174,16 @@ def test_a_program_that_qualifies_on_email_verification_rewards_then(owner):
     assert referral(owner, bob) == ("rewarded", None)
     assert balance_of(owner, bob) == 5 * CREDIT                  # the free plan's sign-up bonus
     assert reconciliation_problems(owner) == {}
+
+
+def test_the_monthly_cap_holds_when_the_qualifying_payments_arrive_at_once(owner, connections):
+    owner.execute("UPDATE billing.referral_program SET monthly_cap = 2, holdback = '0'")
+    alice = signup(owner, "alice@example.com")
+    friends = [signup(owner, f"pal{i}@example.com", code=alice["code"]) for i in range(6)]
+    conns = connections(6)
+    results = run_concurrently(6, lambda i: deliver(conns[i], checkout_event(friends[i], f"pi_pal{i}")))
+    assert not [r for r in results if isinstance(r, Exception)], results
+    statuses = sorted(referral(owner, f) for f in friends)
+    assert statuses == [("rejected", "monthly_cap")] * 4 + [("rewarded", None)] * 2
+    assert balance_of(owner, alice) == 20 * CREDIT
+    assert reconciliation_problems(owner) == {}
