@@ -241,6 +241,32 @@ def report(name: str | None, since, until, fmt: str) -> None:
 
 
 @main.group()
+def partitions() -> None:
+    """Operators: the monthly partitions of usage events and ledger entries."""
+
+
+@partitions.command("list")
+def partitions_list() -> None:
+    """Every monthly partition (attached, or detached and kept) with its size (api.partitions)."""
+    from tabulate import tabulate
+
+    with psycopg.connect(owner_url(), autocommit=True) as conn:
+        cur = conn.execute("SELECT * FROM api.partitions()")
+        click.echo(tabulate(cur.fetchall(), headers=[c.name for c in cur.description], tablefmt="psql"))
+
+
+@partitions.command("detach")
+@click.argument("month", type=click.DateTime(["%Y-%m"]))
+def partitions_detach(month) -> None:
+    """Detach MONTH (YYYY-MM) of usage events and ledger entries (api.detach_month): once the
+    idempotency window has passed its end, their partitions become standalone tables to archive
+    (pg_dump -t) and drop; what the month's entries summed to stays in ledger.archived_balances."""
+    (result,) = run_sql("SELECT api.detach_month(%s::date)", [month.date()])
+    click.echo(f"{result['month']}: detached {result['usage_events']} ({result['usage_event_count']} usage events) "
+               f"and {result['entries']} ({result['archived_balances']} archived balances)")
+
+
+@main.group()
 def staff() -> None:
     """Operators: who may use /admin."""
 

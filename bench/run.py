@@ -45,13 +45,17 @@ def prepare(url: str) -> None:
     (RESULTS / "keys.txt").write_text("\n".join(keys) + "\n")
 
 
+STORED = ("metering.usage_events", "ledger.entries", "ledger.transfers", "metering.idempotency_keys")
+
+
 def storage(url: str) -> tuple[int, int]:
-    """(bytes of the usage event and ledger tables with their indexes and TOAST, usage events)."""
+    """(bytes of the usage event, idempotency key and ledger tables, every partition, with their
+    indexes and TOAST; usage events)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")
         return conn.execute(
-            "SELECT pg_total_relation_size('metering.usage_events') + pg_total_relation_size('ledger.transfers')"
-            " + pg_total_relation_size('ledger.entries'), (SELECT count(*) FROM metering.usage_events)").fetchone()
+            "SELECT sum(pg_total_relation_size(p.relid)), (SELECT count(*) FROM metering.usage_events) "
+            "FROM unnest(%s::regclass[]) t, pg_partition_tree(t) p", [list(STORED)]).fetchone()
 
 
 def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="pgbench clients")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="uvicorn worker processes (as pgtally serve --workers)")
     args = parser.parse_args()
 
     os.environ.setdefault("PGTALLY_HOME", str(ROOT / ".pgtally" / "bench"))
@@ -92,20 +98,24 @@ def main() -> None:
     rows = []
     ceiling = pgbench(url, "ceiling.sql", args.seconds, args.clients)
     rows.append(("db", "pgbench one-row UPDATE (ceiling)", ceiling, 1.0, "", ""))
-    before = storage(url)
+    grown = []
     for script, label, target in (("consume_allowance.sql", "api.consume, allowance path", 0.4),
                                   ("consume_credits.sql", "api.consume, credit path (ledger)", 0.3)):
+        before = storage(url)
         tps = pgbench(url, script, args.seconds, args.clients)
-        rows.append(("db", label, tps, tps / ceiling, target, ""))
-    after = storage(url)
-    per_event = (after[0] - before[0]) / max(after[1] - before[1], 1)
+        after = storage(url)
+        grown.append((after[0] - before[0], after[1] - before[1]))
+        rows.append(("db", label, tps, tps / ceiling, target,
+                     f"{grown[-1][0] / max(grown[-1][1], 1):,.0f} bytes/event"))
+    per_event = sum(b for b, _ in grown) / max(sum(n for _, n in grown), 1)
+    events = sum(n for _, n in grown)
     tps = pgbench(url, "consume_batch.sql", args.seconds, args.clients)
     rows.append(("db", "api.consume_batch, 100 events a call (events/s)", tps * 100, tps * 100 / ceiling, 2.0, ""))
 
     env = {**os.environ, "DATABASE_URL": url, "PGTALLY_POOL_MIN": "8", "PGTALLY_POOL_MAX": "8"}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "bench.http_app:app", "--port", str(args.port), "--log-level", "warning",
-         "--no-access-log"], cwd=ROOT, env=env)
+         "--no-access-log", "--workers", str(args.workers)], cwd=ROOT, env=env)
     try:
         for _ in range(100):
             try:
@@ -129,8 +139,8 @@ def main() -> None:
     print("| layer | what | per second | ratio to ceiling | target | notes |\n|---|---|---:|---:|---:|---|")
     for layer, label, value, ratio, target, note in rows:
         print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {target} | {note} |")
-    print(f"\nStorage: {per_event:,.0f} bytes per usage event (usage events, ledger transfers and entries, with"
-          f" indexes and TOAST; {after[1] - before[1]:,} events; target 600).")
+    print(f"\nStorage: {per_event:,.0f} bytes per usage event over both paths (usage events, idempotency keys,"
+          f" ledger transfers and entries, every partition with indexes and TOAST; {events:,} events; target 600).")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ CREATE OR REPLACE FUNCTION metering.quote(
   OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
   OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb,
   OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint,
-  OUT stripe_meter_event text, OUT refusal jsonb)
+  OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text)
 LANGUAGE plpgsql AS $$
 DECLARE
   m metering.meters;
@@ -167,9 +167,10 @@ BEGIN
   END IF;
 
   SELECT * INTO e FROM billing.entitlements
-  WHERE plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
+  WHERE billing.entitlements.plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
   entitled := FOUND;
   IF entitled THEN
+    plan_id := e.plan_id;
     SELECT b.period_start, b.period_end INTO period_start, period_end
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
@@ -271,7 +272,7 @@ BEGIN
   END IF;
 END $$;
 COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint) IS
-  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. TL422 unknown meter or bad quantity.';
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
                                                  p_input_tokens bigint, p_output_tokens bigint,
@@ -297,6 +298,33 @@ $$;
 COMMENT ON FUNCTION metering.email_warnings(uuid, jsonb) IS
   'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
+CREATE OR REPLACE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT coalesce(e.response, jsonb_build_object(
+    'id', e.id, 'object', 'usage_event', 'account_id', e.account_id,
+    'meter', e.meter_id, 'quantity', e.quantity,
+    'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
+    'charged', jsonb_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
+               || CASE WHEN e.amount_minor IS NULL THEN '{}'
+                       ELSE jsonb_build_object('amount', e.amount_minor, 'currency', e.currency) END,
+    'allowance', p_allowance,
+    'balance', jsonb_build_object('credits', util.credits(e.balance_after_micros)),
+    'warnings', coalesce(e.warnings, '[]'),
+    'metadata', e.metadata,
+    'created_at', util.iso(e.created_at)))
+$$;
+COMMENT ON FUNCTION metering.usage_event_answer(metering.usage_events, jsonb) IS
+  'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
+
+CREATE OR REPLACE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT metering.allowance_json(en, m, e.period_start, e.period_end, e.used_after)
+  FROM billing.entitlements en JOIN metering.meters m ON m.id = en.meter_id
+  WHERE en.plan_id = e.plan_id AND en.meter_id = e.meter_id
+$$;
+COMMENT ON FUNCTION metering.event_allowance(metering.usage_events) IS
+  'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
+
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
                                        p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
@@ -307,9 +335,9 @@ DECLARE
   v_account_id uuid;
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
-  v_prior metering.usage_events;
+  v_key metering.idempotency_keys;
+  v_event metering.usage_events;
   q record;
-  v_event_id uuid := util.uuid_v7();
   v_now timestamptz := util.now();
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
@@ -329,15 +357,16 @@ BEGIN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
   END IF;
 
-  SELECT * INTO v_prior FROM metering.usage_events
+  SELECT * INTO v_key FROM metering.idempotency_keys
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN
-    IF v_prior.request_hash <> v_hash THEN
+    IF v_key.request_hash <> v_hash THEN
       PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
-                        jsonb_build_object('usage_event_id', v_prior.id));
+                        jsonb_build_object('usage_event_id', v_key.usage_event_id));
     END IF;
+    SELECT * INTO v_event FROM metering.usage_events WHERE id = v_key.usage_event_id AND created_at = v_key.created_at;
     replayed := true;
-    body := v_prior.response;
+    body := metering.usage_event_answer(v_event, metering.event_allowance(v_event));
     RETURN NEXT;
     RETURN;
   END IF;
@@ -347,25 +376,18 @@ BEGIN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
 
-  body := jsonb_build_object(
-    'id', v_event_id, 'object', 'usage_event', 'account_id', v_account.id,
-    'meter', q.meter_id, 'quantity', q.quantity,
-    'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
-    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros))
-               || CASE WHEN q.amount_minor IS NULL THEN '{}'
-                       ELSE jsonb_build_object('amount', q.amount_minor, 'currency', q.currency) END,
-    'allowance', q.allowance,
-    'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
-    'warnings', q.warnings,
-    'metadata', p_metadata,
-    'created_at', util.iso(v_now));
-  INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
-                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
-                                     metadata, amount_minor)
-  VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata, q.amount_minor);
+  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
+                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
+                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
+  VALUES (v_account.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
+          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
+          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
+          nullif(q.warnings, '[]'), p_metadata)
+  RETURNING * INTO v_event;
+  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
+  VALUES (v_account.id, p_idempotency_key, v_event.id, v_now, v_hash);
   IF q.amount_minor IS NOT NULL THEN
-    PERFORM billing.report_meter_event(v_event_id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
+    PERFORM billing.report_meter_event(v_event.id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
   END IF;
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
@@ -374,7 +396,7 @@ BEGIN
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
   IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
+    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
                                  format('%s x %s', q.quantity, q.meter_id));
     IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
       PERFORM billing.enqueue_auto_topup(v_account.id);
@@ -384,10 +406,11 @@ BEGIN
     PERFORM metering.email_warnings(v_account.id, q.warnings);
   END IF;
   replayed := false;
+  body := metering.usage_event_answer(v_event, q.allowance);
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS
-  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
                                            p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,

@@ -17,7 +17,7 @@ DECLARE
   a identity.accounts;
   q record;
   r record;
-  v_prior metering.usage_events;
+  v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb := '[]';
   v_state text;
@@ -64,10 +64,10 @@ BEGIN
       v_answer := metering.batch_refusal('TL422', 'metadata is a JSON object of at most 2 KB');
     END IF;
     IF v_answer IS NULL THEN
-      SELECT * INTO v_prior FROM metering.usage_events WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
-        IF v_prior.id IS NULL THEN
+        IF v_prior.usage_event_id IS NULL THEN
           SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                               (e ->> 'output_tokens')::bigint);
           IF NOT q.allowed THEN
@@ -76,7 +76,7 @@ BEGIN
         ELSIF v_prior.request_hash <> metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                                             (e ->> 'output_tokens')::bigint, nullif(e -> 'metadata', 'null'::jsonb)) THEN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.id));
+                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;

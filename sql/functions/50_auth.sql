@@ -209,11 +209,17 @@ BEGIN
   WHERE account_id = v_device AND status IN ('active', 'pending');
   UPDATE identity.accounts SET credits_due_at = least(credits_due_at, (SELECT credits_due_at FROM identity.accounts WHERE id = v_device))
   WHERE id = p_target_account_id;
+  -- The device's usage events move with their idempotency keys, except those whose key the user
+  -- already used (they stay with the device, as the same key cannot name two events).
+  UPDATE metering.idempotency_keys k SET account_id = p_target_account_id
+  WHERE k.account_id = v_device
+    AND NOT EXISTS (SELECT 1 FROM metering.idempotency_keys t
+                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = k.idempotency_key);
   WITH moved AS (
     UPDATE metering.usage_events e SET account_id = p_target_account_id
     WHERE e.account_id = v_device
-      AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
-                      WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key)
+      AND NOT EXISTS (SELECT 1 FROM metering.idempotency_keys t
+                      WHERE t.account_id = v_device AND t.idempotency_key = e.idempotency_key)
     RETURNING e.created_at)
   SELECT min(created_at) INTO v_oldest FROM moved;
   -- Windows that now hold the device's usage start again from the events (metering.window_usage),
@@ -756,10 +762,10 @@ BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
   RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits());
+                            'credit_accounts_refreshed', api.refresh_due_credits(), 'storage', api.maintain_storage());
 END $$;
 COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits).';
+  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), release and expire due credit lots (api.refresh_due_credits), and make next months'' partitions and forget idempotency keys past their window (api.maintain_storage).';
 
 GRANT EXECUTE ON FUNCTION
   api.housekeeping(), api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),

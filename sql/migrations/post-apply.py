@@ -2,7 +2,8 @@
 
 yoyo runs files named post-apply* after each apply; pgtally drives yoyo from Python
 (api.db.upgrade) so this also runs when no migration is pending. Function files are
-idempotent: CREATE OR REPLACE, then REVOKE/GRANT.
+idempotent: CREATE OR REPLACE, then REVOKE/GRANT. Then the monthly partitions are made
+(util.ensure_partitions).
 """
 
 from pathlib import Path
@@ -18,6 +19,8 @@ def apply_functions(conn):
         cursor.execute(path.read_text())
     # Nothing in api is executable unless a function file grants it to pgtally_api.
     cursor.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC")
+    # This month's and the next months' partitions exist before anything is charged in them.
+    cursor.execute("SELECT util.ensure_partitions()")
 
 
 steps = [step(apply_functions)]

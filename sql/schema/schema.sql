@@ -615,9 +615,9 @@ DECLARE
   v_account_id uuid;
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
-  v_prior metering.usage_events;
+  v_key metering.idempotency_keys;
+  v_event metering.usage_events;
   q record;
-  v_event_id uuid := util.uuid_v7();
   v_now timestamptz := util.now();
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
@@ -637,15 +637,16 @@ BEGIN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
   END IF;
 
-  SELECT * INTO v_prior FROM metering.usage_events
+  SELECT * INTO v_key FROM metering.idempotency_keys
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN
-    IF v_prior.request_hash <> v_hash THEN
+    IF v_key.request_hash <> v_hash THEN
       PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
-                        jsonb_build_object('usage_event_id', v_prior.id));
+                        jsonb_build_object('usage_event_id', v_key.usage_event_id));
     END IF;
+    SELECT * INTO v_event FROM metering.usage_events WHERE id = v_key.usage_event_id AND created_at = v_key.created_at;
     replayed := true;
-    body := v_prior.response;
+    body := metering.usage_event_answer(v_event, metering.event_allowance(v_event));
     RETURN NEXT;
     RETURN;
   END IF;
@@ -655,25 +656,18 @@ BEGIN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
 
-  body := jsonb_build_object(
-    'id', v_event_id, 'object', 'usage_event', 'account_id', v_account.id,
-    'meter', q.meter_id, 'quantity', q.quantity,
-    'input_tokens', q.input_tokens, 'output_tokens', q.output_tokens,
-    'charged', jsonb_build_object('allowance_units', q.allowance_units, 'credits', util.credits(q.credits_micros))
-               || CASE WHEN q.amount_minor IS NULL THEN '{}'
-                       ELSE jsonb_build_object('amount', q.amount_minor, 'currency', q.currency) END,
-    'allowance', q.allowance,
-    'balance', jsonb_build_object('credits', util.credits(q.balance_after_micros)),
-    'warnings', q.warnings,
-    'metadata', p_metadata,
-    'created_at', util.iso(v_now));
-  INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
-                                     input_tokens, output_tokens, allowance_units, credits_micros, response, created_at,
-                                     metadata, amount_minor)
-  VALUES (v_event_id, v_account.id, p_idempotency_key, v_hash, q.meter_id, q.quantity,
-          q.input_tokens, q.output_tokens, q.allowance_units, q.credits_micros, body, v_now, p_metadata, q.amount_minor);
+  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
+                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
+                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
+  VALUES (v_account.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
+          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
+          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
+          nullif(q.warnings, '[]'), p_metadata)
+  RETURNING * INTO v_event;
+  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
+  VALUES (v_account.id, p_idempotency_key, v_event.id, v_now, v_hash);
   IF q.amount_minor IS NOT NULL THEN
-    PERFORM billing.report_meter_event(v_event_id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
+    PERFORM billing.report_meter_event(v_event.id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
   END IF;
   IF q.entitled THEN
     -- The account row is locked, so used_before is still the window's usage.
@@ -682,7 +676,7 @@ BEGIN
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
   IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event_id,
+    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
                                  format('%s x %s', q.quantity, q.meter_id));
     IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
       PERFORM billing.enqueue_auto_topup(v_account.id);
@@ -692,10 +686,11 @@ BEGIN
     PERFORM metering.email_warnings(v_account.id, q.warnings);
   END IF;
   replayed := false;
+  body := metering.usage_event_answer(v_event, q.allowance);
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event, allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request returns the stored body with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -710,7 +705,7 @@ DECLARE
   a identity.accounts;
   q record;
   r record;
-  v_prior metering.usage_events;
+  v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb := '[]';
   v_state text;
@@ -757,10 +752,10 @@ BEGIN
       v_answer := metering.batch_refusal('TL422', 'metadata is a JSON object of at most 2 KB');
     END IF;
     IF v_answer IS NULL THEN
-      SELECT * INTO v_prior FROM metering.usage_events WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
-        IF v_prior.id IS NULL THEN
+        IF v_prior.usage_event_id IS NULL THEN
           SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                               (e ->> 'output_tokens')::bigint);
           IF NOT q.allowed THEN
@@ -769,7 +764,7 @@ BEGIN
         ELSIF v_prior.request_hash <> metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                                             (e ->> 'output_tokens')::bigint, nullif(e -> 'metadata', 'null'::jsonb)) THEN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.id));
+                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -898,6 +893,51 @@ BEGIN
 END $_$;
 
 COMMENT ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) IS 'GET /v1/credits/lots: the caller''s credit lots, newest first (ledger.lot_json), optionally of one status, p_limit (1-100) per page; pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad status, limit or cursor.';
+
+CREATE FUNCTION api.detach_month(p_month date) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_start date := date_trunc('month', p_month)::date;
+  v_from timestamptz := date_trunc('month', p_month)::timestamp AT TIME ZONE 'UTC';
+  v_to timestamptz := (date_trunc('month', p_month) + interval '1 month')::timestamp AT TIME ZONE 'UTC';
+  v_events text := util.partition_name('metering.usage_events', date_trunc('month', p_month)::date);
+  v_entries text := util.partition_name('ledger.entries', date_trunc('month', p_month)::date);
+  v_name text;
+  v_event_count bigint;
+  v_entry_count bigint;
+BEGIN
+  IF p_month IS NULL OR v_to > util.now() - metering.idempotency_window() THEN
+    PERFORM util.fail('TL422', format('a month leaves once the idempotency window (%s) has passed its end: %s can leave from %s',
+                                      metering.idempotency_window(), to_char(v_start, 'YYYY-MM'),
+                                      util.iso(v_to + metering.idempotency_window())));
+  END IF;
+  FOREACH v_name IN ARRAY ARRAY[v_events, v_entries] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(v_name)) THEN
+      PERFORM util.fail('TL404', format('%s is not an attached partition (never made, or detached already)', v_name));
+    END IF;
+  END LOOP;
+  -- The analytics rollup must have read the month's events before they leave.
+  IF EXISTS (SELECT 1 FROM metering.usage_events e, metering.rollup_state s
+             WHERE e.created_at >= v_from AND e.created_at < v_to AND e.id > s.last_id) THEN
+    PERFORM util.fail('TL409', format('the usage rollup has not read all of %s yet: run the worker (api.rollup_usage) first',
+                                      to_char(v_start, 'YYYY-MM')));
+  END IF;
+  LOCK TABLE metering.usage_events, ledger.entries IN SHARE ROW EXCLUSIVE MODE;
+  EXECUTE format('SELECT count(*) FROM %s', v_events) INTO v_event_count;
+  EXECUTE format('INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries) '
+                 'SELECT $1, account_id, system_account, sum(amount_micros), count(*) FROM %s GROUP BY 2, 3', v_entries)
+    USING v_start;
+  GET DIAGNOSTICS v_entry_count = ROW_COUNT;
+  DELETE FROM metering.idempotency_keys WHERE created_at < v_to;      -- past the window already
+  EXECUTE format('ALTER TABLE metering.usage_events DETACH PARTITION %s', v_events);
+  EXECUTE format('ALTER TABLE ledger.entries DETACH PARTITION %s', v_entries);
+  RETURN jsonb_build_object('month', to_char(v_start, 'YYYY-MM'), 'usage_events', v_events, 'usage_event_count', v_event_count,
+                            'entries', v_entries, 'archived_balances', v_entry_count);
+END $_$;
+
+COMMENT ON FUNCTION api.detach_month(p_month date) IS 'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances, so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), and once the analytics rollup has read it (TL409). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
 
 CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1127,10 +1167,10 @@ BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
   RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits());
+                            'credit_accounts_refreshed', api.refresh_due_credits(), 'storage', api.maintain_storage());
 END $$;
 
-COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits).';
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), release and expire due credit lots (api.refresh_due_credits), and make next months'' partitions and forget idempotency keys past their window (api.maintain_storage).';
 
 CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1630,6 +1670,21 @@ END $$;
 
 COMMENT ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) IS 'POST /v1/auth/logout (this session) and /v1/auth/logout-all (p_everywhere: every session of the user): revokes them, with their refresh tokens. TL401 when the session has ended.';
 
+CREATE FUNCTION api.maintain_storage() RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_made text[] := util.ensure_partitions(3);
+  v_forgotten bigint;
+BEGIN
+  DELETE FROM metering.idempotency_keys WHERE created_at < util.now() - metering.idempotency_window();
+  GET DIAGNOSTICS v_forgotten = ROW_COUNT;
+  RETURN jsonb_build_object('partitions_made', to_jsonb(v_made), 'idempotency_keys_forgotten', v_forgotten);
+END $$;
+
+COMMENT ON FUNCTION api.maintain_storage() IS 'pgtally worker (api.housekeeping): make next months'' partitions (util.ensure_partitions(3)) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
+
 CREATE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1939,6 +1994,22 @@ CREATE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
 $$;
 
 COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
+
+CREATE FUNCTION api.partitions() RETURNS TABLE(table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+  SELECT t.parent, c.oid::regclass::text, to_char(to_date(substring(c.relname FROM '_y(\d{4}m\d{2})$'), 'YYYY"m"MM'), 'YYYY-MM'),
+         EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid), greatest(c.reltuples, 0)::bigint,
+         pg_total_relation_size(c.oid)
+  FROM (VALUES ('metering.usage_events', 'metering', 'usage_events'), ('ledger.entries', 'ledger', 'entries')) t(parent, nsp, base)
+  JOIN pg_namespace n ON n.nspname = t.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r'
+                 AND (c.relname ~ ('^' || t.base || '_y\d{4}m\d{2}$') OR c.relname = t.base || '_default')
+  ORDER BY 1, 3 NULLS FIRST
+$_$;
+
+COMMENT ON FUNCTION api.partitions() IS 'pgtally partitions list: every monthly partition of metering.usage_events and ledger.entries (and their default partitions, month NULL), attached or detached and kept, with the planner''s row estimate and its size in bytes. Operators only.';
 
 CREATE FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -4067,11 +4138,17 @@ BEGIN
   WHERE account_id = v_device AND status IN ('active', 'pending');
   UPDATE identity.accounts SET credits_due_at = least(credits_due_at, (SELECT credits_due_at FROM identity.accounts WHERE id = v_device))
   WHERE id = p_target_account_id;
+  -- The device's usage events move with their idempotency keys, except those whose key the user
+  -- already used (they stay with the device, as the same key cannot name two events).
+  UPDATE metering.idempotency_keys k SET account_id = p_target_account_id
+  WHERE k.account_id = v_device
+    AND NOT EXISTS (SELECT 1 FROM metering.idempotency_keys t
+                    WHERE t.account_id = p_target_account_id AND t.idempotency_key = k.idempotency_key);
   WITH moved AS (
     UPDATE metering.usage_events e SET account_id = p_target_account_id
     WHERE e.account_id = v_device
-      AND NOT EXISTS (SELECT 1 FROM metering.usage_events t
-                      WHERE t.account_id = p_target_account_id AND t.idempotency_key = e.idempotency_key)
+      AND NOT EXISTS (SELECT 1 FROM metering.idempotency_keys t
+                      WHERE t.account_id = v_device AND t.idempotency_key = e.idempotency_key)
     RETURNING e.created_at)
   SELECT min(created_at) INTO v_oldest FROM moved;
   -- Windows that now hold the device's usage start again from the events (metering.window_usage),
@@ -4371,22 +4448,20 @@ $$;
 
 COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
-CREATE FUNCTION ledger.check_transfer_balanced() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER
-    SET search_path TO 'pg_catalog', 'pg_temp'
+CREATE FUNCTION ledger.check_transfers_balanced() RETURNS trigger
+    LANGUAGE plpgsql
     AS $$
 DECLARE
-  v_sum numeric;
+  v record;
 BEGIN
-  SELECT sum(amount_micros) INTO v_sum FROM ledger.entries WHERE transfer_id = NEW.transfer_id;
-  IF v_sum <> 0 THEN
-    RAISE EXCEPTION 'transfer % is unbalanced by % micro-credits', NEW.transfer_id, v_sum
-      USING ERRCODE = 'TL500';
+  SELECT transfer_id, sum(amount_micros) AS off INTO v FROM inserted GROUP BY transfer_id HAVING sum(amount_micros) <> 0 LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'transfer % is unbalanced by % micro-credits', v.transfer_id, v.off USING ERRCODE = 'TL500';
   END IF;
   RETURN NULL;
 END $$;
 
-COMMENT ON FUNCTION ledger.check_transfer_balanced() IS 'Deferred constraint trigger: the entries of a transfer must sum to zero at commit (TL500 otherwise).';
+COMMENT ON FUNCTION ledger.check_transfers_balanced() IS 'Statement-level trigger over the inserted entries: the entries each INSERT writes for a transfer must sum to zero (TL500 otherwise). ledger.post_transfer writes both sides in one statement, so every transfer balances as it is written.';
 
 CREATE FUNCTION ledger.credits_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4833,43 +4908,74 @@ $$;
 COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
 CREATE TABLE metering.usage_events (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
-    request_hash bytea NOT NULL,
-    meter_id text NOT NULL,
-    quantity bigint NOT NULL,
+    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
+    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
+    quantity bigint CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units bigint CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros bigint CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    used_after bigint,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
     input_tokens bigint,
     output_tokens bigint,
-    allowance_units bigint NOT NULL,
-    credits_micros bigint NOT NULL,
-    response jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    metadata jsonb,
     amount_minor bigint,
-    CONSTRAINT usage_events_allowance_units_check CHECK ((allowance_units >= 0)),
-    CONSTRAINT usage_events_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT usage_events_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT usage_events_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT usage_events_input_tokens_check CHECK ((input_tokens >= 0)),
-    CONSTRAINT usage_events_metadata_check CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
-    CONSTRAINT usage_events_output_tokens_check CHECK ((output_tokens >= 0)),
-    CONSTRAINT usage_events_quantity_check CHECK ((quantity > 0))
-);
+    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
+    idempotency_key text CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    plan_id text,
+    currency text,
+    warnings jsonb,
+    metadata jsonb,
+    response jsonb,
+    CONSTRAINT usage_events_allowance_units_check1 CHECK ((allowance_units >= 0)),
+    CONSTRAINT usage_events_amount_minor_check1 CHECK ((amount_minor >= 0)),
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL))),
+    CONSTRAINT usage_events_credits_micros_check1 CHECK ((credits_micros >= 0)),
+    CONSTRAINT usage_events_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT usage_events_idempotency_key_check1 CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT usage_events_input_tokens_check1 CHECK ((input_tokens >= 0)),
+    CONSTRAINT usage_events_metadata_check1 CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
+    CONSTRAINT usage_events_output_tokens_check1 CHECK ((output_tokens >= 0)),
+    CONSTRAINT usage_events_quantity_check1 CHECK ((quantity > 0)),
+    CONSTRAINT usage_events_used_after_check CHECK ((used_after >= 0)),
+    CONSTRAINT usage_events_warnings_check CHECK ((jsonb_typeof(warnings) = 'array'::text))
+)
+PARTITION BY RANGE (created_at);
 
-COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event. Unique on (account_id, idempotency_key): a retry with the same request replays response, a different request under the same key is refused (TL409).';
-
-COMMENT ON COLUMN metering.usage_events.request_hash IS 'sha256 of the canonical request (meter, quantity, tokens), to tell a retry from a different request.';
+COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event, partitioned by month of created_at (metering.usage_events_yYYYYmMM, made ahead by util.ensure_partitions; rows outside them land in usage_events_default). A charge''s answer is rebuilt from the row (metering.usage_event_answer); its idempotency key is remembered in metering.idempotency_keys for the idempotency window. Old months leave with api.detach_month.';
 
 COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
 
 COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
 
-COMMENT ON COLUMN metering.usage_events.response IS 'The JSON answer given the first time, returned as is on every replay.';
+COMMENT ON COLUMN metering.usage_events.balance_after_micros IS 'The account''s credit balance right after the charge (micro-credits), as the answer shows it.';
+
+COMMENT ON COLUMN metering.usage_events.used_after IS 'The allowance window''s usage right after the charge (units, or micro-credits of cost for token meters); NULL when the plan has no entitlement for the meter.';
+
+COMMENT ON COLUMN metering.usage_events.period_start IS 'The allowance window the event was counted in: [period_start, period_end).';
+
+COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
+
+COMMENT ON COLUMN metering.usage_events.plan_id IS 'The plan whose entitlement the event was charged under (NULL: none), to rebuild the answer''s allowance.';
+
+COMMENT ON COLUMN metering.usage_events.currency IS 'Post-paid events: the currency of amount_minor.';
+
+COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the charge crossed (NULL: none).';
 
 COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
 
-COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
+COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
+
+CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT metering.allowance_json(en, m, e.period_start, e.period_end, e.used_after)
+  FROM billing.entitlements en JOIN metering.meters m ON m.id = en.meter_id
+  WHERE en.plan_id = e.plan_id AND en.meter_id = e.meter_id
+$$;
+
+COMMENT ON FUNCTION metering.event_allowance(e metering.usage_events) IS 'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
 
 CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4946,6 +5052,15 @@ $$;
 
 COMMENT ON FUNCTION metering.hold_json(h metering.holds) IS 'A hold as the API shows it: {id, status (open, captured, released, expired), meter, quantity, input_tokens, output_tokens, held {allowance_units, credits}, idempotency_key, created_at, expires_at, settled_at}.';
 
+CREATE FUNCTION metering.idempotency_window() RETURNS interval
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT greatest(coalesce(nullif(current_setting('pgtally.idempotency_window', true), '')::interval, interval '30 days'),
+                  interval '1 day')
+$$;
+
+COMMENT ON FUNCTION metering.idempotency_window() IS 'How long a usage event''s idempotency key is remembered after the event: 30 days, or the pgtally.idempotency_window setting (ALTER DATABASE ... SET pgtally.idempotency_window = ''90 days''), never less than a day. Within it a retry is answered from the first charge (or TL409 for a different request); after it the key is forgotten and the same key charges again. A month of usage events leaves (api.detach_month) only once the window has passed its end.';
+
 CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
     LANGUAGE plpgsql
     AS $$
@@ -4990,7 +5105,7 @@ $$;
 
 COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) RETURNS record
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5038,9 +5153,10 @@ BEGIN
   END IF;
 
   SELECT * INTO e FROM billing.entitlements
-  WHERE plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
+  WHERE billing.entitlements.plan_id = identity.effective_plan(p_account) AND billing.entitlements.meter_id = m.id;
   entitled := FOUND;
   IF entitled THEN
+    plan_id := e.plan_id;
     SELECT b.period_start, b.period_end INTO period_start, period_end
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
     SELECT u.used INTO v_used FROM metering.allowance_usage u
@@ -5142,7 +5258,7 @@ BEGIN
   END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). TL422 unknown meter or bad quantity.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql IMMUTABLE
@@ -5192,6 +5308,25 @@ CREATE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION metering.spending_json(a identity.accounts) IS 'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
+
+CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(e.response, jsonb_build_object(
+    'id', e.id, 'object', 'usage_event', 'account_id', e.account_id,
+    'meter', e.meter_id, 'quantity', e.quantity,
+    'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
+    'charged', jsonb_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
+               || CASE WHEN e.amount_minor IS NULL THEN '{}'
+                       ELSE jsonb_build_object('amount', e.amount_minor, 'currency', e.currency) END,
+    'allowance', p_allowance,
+    'balance', jsonb_build_object('credits', util.credits(e.balance_after_micros)),
+    'warnings', coalesce(e.warnings, '[]'),
+    'metadata', e.metadata,
+    'created_at', util.iso(e.created_at)))
+$$;
+
+COMMENT ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) IS 'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
 
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -5246,7 +5381,7 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -5267,6 +5402,59 @@ CREATE FUNCTION util.credits(p_micros bigint) RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.credits(p_micros bigint) IS 'Micro-credits as an exact decimal string of credits, as JSON shows them, for any bigint: 12500000 -> ''12.5'', 6000000000000052392 -> ''6000000000000.052392''. NULL stays NULL.';
+
+CREATE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3) RETURNS text[]
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+  t regclass;
+  v_default text;
+  v_first date;
+  v_month date;
+  v_name text;
+  v_moving boolean;
+  v_made text[] := '{}';
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metering.usage_events'::regclass, 'ledger.entries'::regclass] LOOP
+    v_default := t::text || '_default';
+    EXECUTE format('SELECT date_trunc(''month'', min(created_at), ''UTC'')::date FROM %s', v_default) INTO v_first;
+    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date),
+                                          date_trunc('month', util.now(), 'UTC')::date + make_interval(months => p_months_ahead),
+                                          interval '1 month')::date LOOP
+      v_name := util.partition_name(t, v_month);
+      CONTINUE WHEN to_regclass(v_name) IS NOT NULL;       -- made before (or detached and kept)
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE created_at >= $1 AND created_at < $2)', v_default)
+        INTO v_moving USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+      IF v_moving THEN
+        -- Rows of this month wait in the default partition (written before the month had its
+        -- own, as by migration 0017): they move into it, the default detached meanwhile.
+        EXECUTE format('ALTER TABLE %s DETACH PARTITION %s', t, v_default);
+      END IF;
+      EXECUTE format('CREATE TABLE %s PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', v_name, t,
+                     v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC');
+      IF v_moving THEN
+        EXECUTE format('INSERT INTO %s OVERRIDING SYSTEM VALUE SELECT * FROM %s WHERE created_at >= $1 AND created_at < $2',
+                       v_name, v_default) USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s DISABLE TRIGGER USER', v_default);
+        EXECUTE format('DELETE FROM %s WHERE created_at >= $1 AND created_at < $2', v_default)
+          USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s ENABLE TRIGGER USER', v_default);
+        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %s DEFAULT', t, v_default);
+      END IF;
+      IF t = 'ledger.entries'::regclass THEN
+        -- A statement on the partition itself is not one on the parent: it gets its own guards.
+        EXECUTE format('CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+        EXECUTE format('CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+      END IF;
+      v_made := v_made || v_name;
+    END LOOP;
+  END LOOP;
+  RETURN v_made;
+END $_$;
+
+COMMENT ON FUNCTION util.ensure_partitions(p_months_ahead integer) IS 'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, or the current month, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
 
 CREATE FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS void
     LANGUAGE plpgsql
@@ -5326,6 +5514,14 @@ CREATE FUNCTION util.now() RETURNS timestamp with time zone
 $$;
 
 COMMENT ON FUNCTION util.now() IS 'The one clock of pgtally: now(), unless the session sets pgtally.now (tests move time with SET pgtally.now = ''2026-01-31 23:59:59+00'').';
+
+CREATE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT p_table::text || '_y' || to_char(p_month, 'YYYY') || 'm' || to_char(p_month, 'MM')
+$$;
+
+COMMENT ON FUNCTION util.partition_name(p_table regclass, p_month date) IS 'The name of a monthly partition: metering.usage_events, 2026-11-01 -> metering.usage_events_y2026m11.';
 
 CREATE FUNCTION util.random_token() RETURNS text
     LANGUAGE sql
@@ -5718,26 +5914,51 @@ COMMENT ON TABLE identity.user_identities IS 'A provider account (Google''s Open
 
 COMMENT ON COLUMN identity.user_identities.subject IS 'The provider''s stable user id (OIDC sub, GitHub id): never the email, which can change.';
 
-CREATE TABLE ledger.entries (
-    id bigint NOT NULL,
-    transfer_id uuid NOT NULL,
+CREATE TABLE ledger.archived_balances (
+    month date NOT NULL,
     account_id uuid,
     system_account text,
-    amount_micros bigint NOT NULL,
-    balance_after_micros bigint,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT entries_amount_micros_check CHECK ((amount_micros <> 0)),
-    CONSTRAINT entries_check CHECK (((account_id IS NULL) <> (system_account IS NULL))),
-    CONSTRAINT entries_check1 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
+    amount_micros numeric NOT NULL,
+    entries bigint NOT NULL,
+    CONSTRAINT archived_balances_check CHECK (((account_id IS NULL) <> (system_account IS NULL)))
 );
 
-COMMENT ON TABLE ledger.entries IS 'One side of a transfer: micro-credits added to (positive) or taken from (negative) one account. Append-only.';
+COMMENT ON TABLE ledger.archived_balances IS 'What each account''s entries of a detached month summed to (micro-credits) and how many there were, written by api.detach_month in the transaction that detaches the month: the reconciliation views add these sums to the entries still attached.';
+
+CREATE TABLE ledger.entries (
+    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
+    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
+    account_id uuid,
+    system_account text,
+    amount_micros bigint CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
+    CONSTRAINT entries_amount_micros_check1 CHECK ((amount_micros <> 0)),
+    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
+    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
+)
+PARTITION BY RANGE (created_at);
+
+COMMENT ON TABLE ledger.entries IS 'One side of a transfer: micro-credits added to (positive) or taken from (negative) one account. Append-only. Partitioned by month of created_at like metering.usage_events; a month that leaves (api.detach_month) leaves its sums per account in ledger.archived_balances, so the reconciliation views still balance.';
 
 COMMENT ON COLUMN ledger.entries.account_id IS 'Customer account of this side, or NULL for a system account.';
 
 COMMENT ON COLUMN ledger.entries.system_account IS 'System account of this side, or NULL for a customer account.';
 
 COMMENT ON COLUMN ledger.entries.balance_after_micros IS 'The customer account''s balance right after this entry (NULL for system accounts).';
+
+CREATE TABLE ledger.entries_default (
+    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
+    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
+    account_id uuid,
+    system_account text,
+    amount_micros bigint CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
+    CONSTRAINT entries_amount_micros_check1 CHECK ((amount_micros <> 0)),
+    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
+    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
+);
 
 ALTER TABLE ledger.entries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME ledger.entries_id_seq
@@ -5778,6 +5999,19 @@ COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an
 
 COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
 
+CREATE TABLE metering.idempotency_keys (
+    account_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    usage_event_id uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    request_hash bytea NOT NULL,
+    CONSTRAINT idempotency_keys_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255)))
+);
+
+COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
+
+COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
+
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
     last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
@@ -5786,6 +6020,41 @@ CREATE TABLE metering.rollup_state (
 );
 
 COMMENT ON TABLE metering.rollup_state IS 'How far api.rollup_usage has read metering.usage_events: the id (time-ordered, version 7) of the last event folded in. It reads in id order and stops at the first event less than a minute old, so a charge still committing is never passed over; no index beyond the primary key is needed.';
+
+CREATE TABLE metering.usage_events_default (
+    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
+    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
+    quantity bigint CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units bigint CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros bigint CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    used_after bigint,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    input_tokens bigint,
+    output_tokens bigint,
+    amount_minor bigint,
+    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
+    idempotency_key text CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    plan_id text,
+    currency text,
+    warnings jsonb,
+    metadata jsonb,
+    response jsonb,
+    CONSTRAINT usage_events_allowance_units_check1 CHECK ((allowance_units >= 0)),
+    CONSTRAINT usage_events_amount_minor_check1 CHECK ((amount_minor >= 0)),
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL))),
+    CONSTRAINT usage_events_credits_micros_check1 CHECK ((credits_micros >= 0)),
+    CONSTRAINT usage_events_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT usage_events_idempotency_key_check1 CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT usage_events_input_tokens_check1 CHECK ((input_tokens >= 0)),
+    CONSTRAINT usage_events_metadata_check1 CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
+    CONSTRAINT usage_events_output_tokens_check1 CHECK ((output_tokens >= 0)),
+    CONSTRAINT usage_events_quantity_check1 CHECK ((quantity > 0)),
+    CONSTRAINT usage_events_used_after_check CHECK ((used_after >= 0)),
+    CONSTRAINT usage_events_warnings_check CHECK ((jsonb_typeof(warnings) = 'array'::text))
+);
 
 CREATE TABLE metering.usage_rollup_daily (
     day date NOT NULL,
@@ -6009,14 +6278,21 @@ CREATE VIEW reporting.balance_mismatches AS
     COALESCE(e.total, (0)::bigint) AS ledger_micros,
     (a.credit_balance_micros - COALESCE(e.total, (0)::bigint)) AS difference_micros
    FROM (identity.accounts a
-     LEFT JOIN ( SELECT entries.account_id,
-            (sum(entries.amount_micros))::bigint AS total
-           FROM ledger.entries
-          WHERE (entries.account_id IS NOT NULL)
-          GROUP BY entries.account_id) e ON ((e.account_id = a.id)))
+     LEFT JOIN ( SELECT x.account_id,
+            (sum(x.amount))::bigint AS total
+           FROM ( SELECT entries.account_id,
+                    entries.amount_micros AS amount
+                   FROM ledger.entries
+                  WHERE (entries.account_id IS NOT NULL)
+                UNION ALL
+                 SELECT archived_balances.account_id,
+                    archived_balances.amount_micros
+                   FROM ledger.archived_balances
+                  WHERE (archived_balances.account_id IS NOT NULL)) x
+          GROUP BY x.account_id) e ON ((e.account_id = a.id)))
   WHERE (a.credit_balance_micros <> COALESCE(e.total, (0)::bigint));
 
-COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries. Must be empty.';
+COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries (with the sums of detached months, ledger.archived_balances). Must be empty.';
 
 CREATE VIEW reporting.conversion_by_cohort AS
  WITH firsts AS (
@@ -6045,15 +6321,17 @@ CREATE VIEW reporting.entry_balance_breaks AS
     account_id,
     balance_after_micros,
     running_micros
-   FROM ( SELECT entries.id,
-            entries.account_id,
-            entries.balance_after_micros,
-            sum(entries.amount_micros) OVER (PARTITION BY entries.account_id ORDER BY entries.id) AS running_micros
-           FROM ledger.entries
-          WHERE (entries.account_id IS NOT NULL)) s
+   FROM ( SELECT e.id,
+            e.account_id,
+            e.balance_after_micros,
+            (COALESCE(( SELECT sum(b.amount_micros) AS sum
+                   FROM ledger.archived_balances b
+                  WHERE (b.account_id = e.account_id)), (0)::numeric) + sum(e.amount_micros) OVER (PARTITION BY e.account_id ORDER BY e.id)) AS running_micros
+           FROM ledger.entries e
+          WHERE (e.account_id IS NOT NULL)) s
   WHERE ((balance_after_micros)::numeric <> running_micros);
 
-COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries. Must be empty.';
+COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries (starting from what its detached months summed to). Must be empty.';
 
 CREATE VIEW reporting.hold_mismatches AS
  SELECT a.id AS account_id,
@@ -6068,6 +6346,63 @@ CREATE VIEW reporting.hold_mismatches AS
   WHERE (a.held_micros <> COALESCE(h.open_micros, (0)::bigint));
 
 COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
+
+CREATE VIEW reporting.ledger_reference_breaks AS
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'transfer'::text AS missing,
+    (e.transfer_id)::text AS reference
+   FROM ledger.entries e
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM ledger.transfers t
+          WHERE (t.id = e.transfer_id))))
+UNION ALL
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'account'::text AS missing,
+    (e.account_id)::text AS reference
+   FROM ledger.entries e
+  WHERE ((e.account_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = e.account_id)))))
+UNION ALL
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'system_account'::text AS missing,
+    e.system_account AS reference
+   FROM ledger.entries e
+  WHERE ((e.system_account IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM ledger.system_accounts s
+          WHERE (s.code = e.system_account)))))
+UNION ALL
+ SELECT 'transfer'::text AS row_kind,
+    (t.id)::text AS row_id,
+    'account'::text AS missing,
+    (t.account_id)::text AS reference
+   FROM ledger.transfers t
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = t.account_id))))
+UNION ALL
+ SELECT 'usage_event'::text AS row_kind,
+    (u.id)::text AS row_id,
+    'account'::text AS missing,
+    (u.account_id)::text AS reference
+   FROM metering.usage_events u
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = u.account_id))))
+UNION ALL
+ SELECT 'usage_event'::text AS row_kind,
+    (u.id)::text AS row_id,
+    'meter'::text AS missing,
+    u.meter_id AS reference
+   FROM metering.usage_events u
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM metering.meters m
+          WHERE (m.id = u.meter_id))));
+
+COMMENT ON VIEW reporting.ledger_reference_breaks IS 'Reconciliation: ledger entries, transfers and usage events that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost; ledger.post_transfer and api.consume write them from rows they just locked or read); this view proves them. Must be empty.';
 
 CREATE VIEW reporting.lot_balance_mismatches AS
  SELECT a.id AS account_id,
@@ -6370,13 +6705,15 @@ CREATE VIEW reporting.subscriptions_by_status AS
 COMMENT ON VIEW reporting.subscriptions_by_status IS 'Subscriptions per plan and Stripe status.';
 
 CREATE VIEW reporting.system_balances AS
- SELECT s.code AS system_account,
-    (COALESCE(sum(e.amount_micros), (0)::numeric))::bigint AS balance_micros
-   FROM (ledger.system_accounts s
-     LEFT JOIN ledger.entries e ON ((e.system_account = s.code)))
-  GROUP BY s.code;
+ SELECT code AS system_account,
+    ((COALESCE(( SELECT sum(e.amount_micros) AS sum
+           FROM ledger.entries e
+          WHERE (e.system_account = s.code)), (0)::numeric) + COALESCE(( SELECT sum(b.amount_micros) AS sum
+           FROM ledger.archived_balances b
+          WHERE (b.system_account = s.code)), (0)::numeric)))::bigint AS balance_micros
+   FROM ledger.system_accounts s;
 
-COMMENT ON VIEW reporting.system_balances IS 'Balance of each system account in micro-credits (grants is negative: credits issued). With customer balances it sums to zero.';
+COMMENT ON VIEW reporting.system_balances IS 'Balance of each system account in micro-credits, detached months included (grants is negative: credits issued). With customer balances it sums to zero.';
 
 CREATE VIEW reporting.unbalanced_transfers AS
  SELECT transfer_id,
@@ -6446,6 +6783,10 @@ CREATE VIEW reporting.usage_per_meter_plan_monthly AS
   GROUP BY month, meter_id, plan_id;
 
 COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS 'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
+
+ALTER TABLE ONLY ledger.entries ATTACH PARTITION ledger.entries_default DEFAULT;
+
+ALTER TABLE ONLY metering.usage_events ATTACH PARTITION metering.usage_events_default DEFAULT;
 
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
@@ -6651,6 +6992,9 @@ ALTER TABLE ONLY identity.users
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_referral_code_key UNIQUE (referral_code);
 
+ALTER TABLE ONLY ledger.archived_balances
+    ADD CONSTRAINT archived_balances_month_account_id_system_account_key UNIQUE NULLS NOT DISTINCT (month, account_id, system_account);
+
 ALTER TABLE ONLY ledger.credit_lots
     ADD CONSTRAINT credit_lots_grant_key UNIQUE (account_id, grant_key);
 
@@ -6658,7 +7002,10 @@ ALTER TABLE ONLY ledger.credit_lots
     ADD CONSTRAINT credit_lots_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY ledger.entries
-    ADD CONSTRAINT entries_pkey PRIMARY KEY (id);
+    ADD CONSTRAINT entries_pkey PRIMARY KEY (id, created_at);
+
+ALTER TABLE ONLY ledger.entries_default
+    ADD CONSTRAINT entries_default_pkey PRIMARY KEY (id, created_at);
 
 ALTER TABLE ONLY ledger.system_accounts
     ADD CONSTRAINT system_accounts_pkey PRIMARY KEY (code);
@@ -6684,6 +7031,9 @@ ALTER TABLE ONLY metering.holds
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY metering.idempotency_keys
+    ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (account_id, idempotency_key);
+
 ALTER TABLE metering.meters
     ADD CONSTRAINT meters_name_length CHECK ((length(name) <= 200)) NOT VALID;
 
@@ -6697,10 +7047,10 @@ ALTER TABLE ONLY metering.rollup_state
     ADD CONSTRAINT rollup_state_pkey PRIMARY KEY (singleton);
 
 ALTER TABLE ONLY metering.usage_events
-    ADD CONSTRAINT usage_events_idempotency_key UNIQUE (account_id, idempotency_key);
+    ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id, created_at);
 
-ALTER TABLE ONLY metering.usage_events
-    ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id);
+ALTER TABLE ONLY metering.usage_events_default
+    ADD CONSTRAINT usage_events_default_pkey PRIMARY KEY (id, created_at);
 
 ALTER TABLE ONLY metering.usage_rollup_daily
     ADD CONSTRAINT usage_rollup_daily_pkey PRIMARY KEY (day, account_id, meter_id);
@@ -6762,21 +7112,29 @@ CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(exp
 
 CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE ((status = 'active'::text) AND (remaining_micros > 0));
 
-CREATE INDEX entries_account_id_idx ON ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
+CREATE INDEX entries_account_id_idx ON ONLY ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
 
-CREATE INDEX entries_transfer_id_idx ON ledger.entries USING btree (transfer_id);
+CREATE INDEX entries_default_account_id_id_idx ON ledger.entries_default USING btree (account_id, id) WHERE (account_id IS NOT NULL);
 
-CREATE INDEX transfers_usage_event_id_idx ON ledger.transfers USING btree (usage_event_id) WHERE (usage_event_id IS NOT NULL);
+CREATE INDEX entries_transfer_id_idx ON ONLY ledger.entries USING btree (transfer_id) WHERE (account_id IS NOT NULL);
+
+CREATE INDEX entries_default_transfer_id_idx ON ledger.entries_default USING btree (transfer_id) WHERE (account_id IS NOT NULL);
 
 CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WHERE (status = 'open'::text);
 
 CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
 
-CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events USING btree (account_id, id);
+CREATE INDEX usage_events_account_id_id_idx ON ONLY metering.usage_events USING btree (account_id, id);
 
-CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events USING btree (account_id, meter_id, created_at);
+CREATE INDEX usage_events_account_meter_created_idx ON ONLY metering.usage_events USING btree (account_id, meter_id, created_at);
 
-CREATE INDEX usage_events_post_paid_idx ON metering.usage_events USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
+CREATE INDEX usage_events_post_paid_idx ON ONLY metering.usage_events USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
+
+CREATE INDEX usage_events_default_account_id_created_at_idx ON metering.usage_events_default USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
+
+CREATE INDEX usage_events_default_account_id_id_idx ON metering.usage_events_default USING btree (account_id, id);
+
+CREATE INDEX usage_events_default_account_id_meter_id_created_at_idx ON metering.usage_events_default USING btree (account_id, meter_id, created_at);
 
 CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
 
@@ -6784,13 +7142,31 @@ CREATE INDEX audit_log_account_idx ON ops.audit_log USING btree (target_account_
 
 CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
 
+ALTER INDEX ledger.entries_account_id_idx ATTACH PARTITION ledger.entries_default_account_id_id_idx;
+
+ALTER INDEX ledger.entries_pkey ATTACH PARTITION ledger.entries_default_pkey;
+
+ALTER INDEX ledger.entries_transfer_id_idx ATTACH PARTITION ledger.entries_default_transfer_id_idx;
+
+ALTER INDEX metering.usage_events_post_paid_idx ATTACH PARTITION metering.usage_events_default_account_id_created_at_idx;
+
+ALTER INDEX metering.usage_events_account_id_id_idx ATTACH PARTITION metering.usage_events_default_account_id_id_idx;
+
+ALTER INDEX metering.usage_events_account_meter_created_idx ATTACH PARTITION metering.usage_events_default_account_id_meter_id_created_at_idx;
+
+ALTER INDEX metering.usage_events_pkey ATTACH PARTITION metering.usage_events_default_pkey;
+
 CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
 CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
-CREATE CONSTRAINT TRIGGER entries_balanced AFTER INSERT ON ledger.entries DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION ledger.check_transfer_balanced();
+CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER entries_balanced AFTER INSERT ON ledger.entries REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION ledger.check_transfers_balanced();
 
 CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
 CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
 
@@ -6938,21 +7314,6 @@ ALTER TABLE ONLY ledger.credit_lots
 ALTER TABLE ONLY ledger.credit_lots
     ADD CONSTRAINT credit_lots_transfer_id_fkey FOREIGN KEY (transfer_id) REFERENCES ledger.transfers(id);
 
-ALTER TABLE ONLY ledger.entries
-    ADD CONSTRAINT entries_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE RESTRICT;
-
-ALTER TABLE ONLY ledger.entries
-    ADD CONSTRAINT entries_system_account_fkey FOREIGN KEY (system_account) REFERENCES ledger.system_accounts(code);
-
-ALTER TABLE ONLY ledger.entries
-    ADD CONSTRAINT entries_transfer_id_fkey FOREIGN KEY (transfer_id) REFERENCES ledger.transfers(id);
-
-ALTER TABLE ONLY ledger.transfers
-    ADD CONSTRAINT transfers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE RESTRICT;
-
-ALTER TABLE ONLY ledger.transfers
-    ADD CONSTRAINT transfers_usage_event_id_fkey FOREIGN KEY (usage_event_id) REFERENCES metering.usage_events(id);
-
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
 
@@ -6964,12 +7325,6 @@ ALTER TABLE ONLY metering.holds
 
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
-
-ALTER TABLE ONLY metering.usage_events
-    ADD CONSTRAINT usage_events_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY metering.usage_events
-    ADD CONSTRAINT usage_events_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
 ALTER TABLE ONLY ops.audit_log
     ADD CONSTRAINT audit_log_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
@@ -7069,6 +7424,8 @@ GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally
 REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.detach_month(p_month date) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
 
@@ -7136,6 +7493,9 @@ GRANT ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash te
 REVOKE ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.maintain_storage() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.maintain_storage() TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
 
@@ -7171,6 +7531,8 @@ GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.partitions() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) TO pgtally_api;
@@ -7402,7 +7764,7 @@ REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit i
 
 REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION ledger.check_transfer_balanced() FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.check_transfers_balanced() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.credits_json(a identity.accounts) FROM PUBLIC;
 
@@ -7434,11 +7796,15 @@ REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_de
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION metering.event_allowance(e metering.usage_events) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.expire_holds(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.hold_json(h metering.holds) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
@@ -7446,13 +7812,15 @@ REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with
 
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
@@ -7466,6 +7834,8 @@ REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION util.ensure_partitions(p_months_ahead integer) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.forbid_change() FROM PUBLIC;
@@ -7475,6 +7845,8 @@ REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLI
 REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.partition_name(p_table regclass, p_month date) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
 
@@ -7501,6 +7873,8 @@ GRANT SELECT ON TABLE reporting.conversion_by_cohort TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.ledger_reference_breaks TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
 

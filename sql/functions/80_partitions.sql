@@ -1,0 +1,142 @@
+-- Monthly partitions of usage events and ledger entries, the idempotency window, and old months
+-- leaving the database (issue #14).
+
+CREATE OR REPLACE FUNCTION metering.idempotency_window() RETURNS interval
+LANGUAGE sql STABLE AS $$
+  SELECT greatest(coalesce(nullif(current_setting('pgtally.idempotency_window', true), '')::interval, interval '30 days'),
+                  interval '1 day')
+$$;
+COMMENT ON FUNCTION metering.idempotency_window() IS
+  'How long a usage event''s idempotency key is remembered after the event: 30 days, or the pgtally.idempotency_window setting (ALTER DATABASE ... SET pgtally.idempotency_window = ''90 days''), never less than a day. Within it a retry is answered from the first charge (or TL409 for a different request); after it the key is forgotten and the same key charges again. A month of usage events leaves (api.detach_month) only once the window has passed its end.';
+
+CREATE OR REPLACE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
+LANGUAGE sql STABLE AS $$
+  SELECT p_table::text || '_y' || to_char(p_month, 'YYYY') || 'm' || to_char(p_month, 'MM')
+$$;
+COMMENT ON FUNCTION util.partition_name(regclass, date) IS
+  'The name of a monthly partition: metering.usage_events, 2026-11-01 -> metering.usage_events_y2026m11.';
+
+CREATE OR REPLACE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+  t regclass;
+  v_default text;
+  v_first date;
+  v_month date;
+  v_name text;
+  v_moving boolean;
+  v_made text[] := '{}';
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metering.usage_events'::regclass, 'ledger.entries'::regclass] LOOP
+    v_default := t::text || '_default';
+    EXECUTE format('SELECT date_trunc(''month'', min(created_at), ''UTC'')::date FROM %s', v_default) INTO v_first;
+    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date),
+                                          date_trunc('month', util.now(), 'UTC')::date + make_interval(months => p_months_ahead),
+                                          interval '1 month')::date LOOP
+      v_name := util.partition_name(t, v_month);
+      CONTINUE WHEN to_regclass(v_name) IS NOT NULL;       -- made before (or detached and kept)
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE created_at >= $1 AND created_at < $2)', v_default)
+        INTO v_moving USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+      IF v_moving THEN
+        -- Rows of this month wait in the default partition (written before the month had its
+        -- own, as by migration 0017): they move into it, the default detached meanwhile.
+        EXECUTE format('ALTER TABLE %s DETACH PARTITION %s', t, v_default);
+      END IF;
+      EXECUTE format('CREATE TABLE %s PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', v_name, t,
+                     v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC');
+      IF v_moving THEN
+        EXECUTE format('INSERT INTO %s OVERRIDING SYSTEM VALUE SELECT * FROM %s WHERE created_at >= $1 AND created_at < $2',
+                       v_name, v_default) USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s DISABLE TRIGGER USER', v_default);
+        EXECUTE format('DELETE FROM %s WHERE created_at >= $1 AND created_at < $2', v_default)
+          USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s ENABLE TRIGGER USER', v_default);
+        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %s DEFAULT', t, v_default);
+      END IF;
+      IF t = 'ledger.entries'::regclass THEN
+        -- A statement on the partition itself is not one on the parent: it gets its own guards.
+        EXECUTE format('CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+        EXECUTE format('CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+      END IF;
+      v_made := v_made || v_name;
+    END LOOP;
+  END LOOP;
+  RETURN v_made;
+END $$;
+COMMENT ON FUNCTION util.ensure_partitions(integer) IS
+  'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, or the current month, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
+
+CREATE OR REPLACE FUNCTION api.maintain_storage() RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_made text[] := util.ensure_partitions(3);
+  v_forgotten bigint;
+BEGIN
+  DELETE FROM metering.idempotency_keys WHERE created_at < util.now() - metering.idempotency_window();
+  GET DIAGNOSTICS v_forgotten = ROW_COUNT;
+  RETURN jsonb_build_object('partitions_made', to_jsonb(v_made), 'idempotency_keys_forgotten', v_forgotten);
+END $$;
+COMMENT ON FUNCTION api.maintain_storage() IS
+  'pgtally worker (api.housekeeping): make next months'' partitions (util.ensure_partitions(3)) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
+
+CREATE OR REPLACE FUNCTION api.detach_month(p_month date) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_start date := date_trunc('month', p_month)::date;
+  v_from timestamptz := date_trunc('month', p_month)::timestamp AT TIME ZONE 'UTC';
+  v_to timestamptz := (date_trunc('month', p_month) + interval '1 month')::timestamp AT TIME ZONE 'UTC';
+  v_events text := util.partition_name('metering.usage_events', date_trunc('month', p_month)::date);
+  v_entries text := util.partition_name('ledger.entries', date_trunc('month', p_month)::date);
+  v_name text;
+  v_event_count bigint;
+  v_entry_count bigint;
+BEGIN
+  IF p_month IS NULL OR v_to > util.now() - metering.idempotency_window() THEN
+    PERFORM util.fail('TL422', format('a month leaves once the idempotency window (%s) has passed its end: %s can leave from %s',
+                                      metering.idempotency_window(), to_char(v_start, 'YYYY-MM'),
+                                      util.iso(v_to + metering.idempotency_window())));
+  END IF;
+  FOREACH v_name IN ARRAY ARRAY[v_events, v_entries] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(v_name)) THEN
+      PERFORM util.fail('TL404', format('%s is not an attached partition (never made, or detached already)', v_name));
+    END IF;
+  END LOOP;
+  -- The analytics rollup must have read the month's events before they leave.
+  IF EXISTS (SELECT 1 FROM metering.usage_events e, metering.rollup_state s
+             WHERE e.created_at >= v_from AND e.created_at < v_to AND e.id > s.last_id) THEN
+    PERFORM util.fail('TL409', format('the usage rollup has not read all of %s yet: run the worker (api.rollup_usage) first',
+                                      to_char(v_start, 'YYYY-MM')));
+  END IF;
+  LOCK TABLE metering.usage_events, ledger.entries IN SHARE ROW EXCLUSIVE MODE;
+  EXECUTE format('SELECT count(*) FROM %s', v_events) INTO v_event_count;
+  EXECUTE format('INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries) '
+                 'SELECT $1, account_id, system_account, sum(amount_micros), count(*) FROM %s GROUP BY 2, 3', v_entries)
+    USING v_start;
+  GET DIAGNOSTICS v_entry_count = ROW_COUNT;
+  DELETE FROM metering.idempotency_keys WHERE created_at < v_to;      -- past the window already
+  EXECUTE format('ALTER TABLE metering.usage_events DETACH PARTITION %s', v_events);
+  EXECUTE format('ALTER TABLE ledger.entries DETACH PARTITION %s', v_entries);
+  RETURN jsonb_build_object('month', to_char(v_start, 'YYYY-MM'), 'usage_events', v_events, 'usage_event_count', v_event_count,
+                            'entries', v_entries, 'archived_balances', v_entry_count);
+END $$;
+COMMENT ON FUNCTION api.detach_month(date) IS
+  'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances, so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), and once the analytics rollup has read it (TL409). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
+
+CREATE OR REPLACE FUNCTION api.partitions() RETURNS TABLE (table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT t.parent, c.oid::regclass::text, to_char(to_date(substring(c.relname FROM '_y(\d{4}m\d{2})$'), 'YYYY"m"MM'), 'YYYY-MM'),
+         EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid), greatest(c.reltuples, 0)::bigint,
+         pg_total_relation_size(c.oid)
+  FROM (VALUES ('metering.usage_events', 'metering', 'usage_events'), ('ledger.entries', 'ledger', 'entries')) t(parent, nsp, base)
+  JOIN pg_namespace n ON n.nspname = t.nsp
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relkind = 'r'
+                 AND (c.relname ~ ('^' || t.base || '_y\d{4}m\d{2}$') OR c.relname = t.base || '_default')
+  ORDER BY 1, 3 NULLS FIRST
+$$;
+COMMENT ON FUNCTION api.partitions() IS
+  'pgtally partitions list: every monthly partition of metering.usage_events and ledger.entries (and their default partitions, month NULL), attached or detached and kept, with the planner''s row estimate and its size in bytes. Operators only.';
+
+REVOKE EXECUTE ON FUNCTION util.ensure_partitions(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION api.maintain_storage() TO pgtally_api;

@@ -1,0 +1,142 @@
+"""Monthly partitions of usage events and ledger entries, the idempotency window, and detaching a
+month (issue #14), in SQL against the real database."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.conftest import reconciliation_problems
+
+CREDIT = 1_000_000
+
+
+def at(conn, when: str) -> None:
+    conn.execute("SELECT set_config('pgtally.now', %s, false)", [when])
+
+
+def consume(conn, key, idem, quantity=None, metadata=None):
+    return conn.execute("SELECT replayed, body FROM api.consume(%s::text, NULL, %s::text, 'generation', %s::bigint, "
+                        "NULL, NULL, NULL, %s::jsonb)", [key, idem, quantity, metadata]).fetchone()
+
+
+def partition_of_event(conn, event_id) -> str:
+    return conn.execute("SELECT tableoid::regclass::text FROM metering.usage_events WHERE id = %s", [event_id]).fetchone()[0]
+
+
+def partitions_of_entries(conn, event_id) -> set[str]:
+    return {p for (p,) in conn.execute(
+        "SELECT e.tableoid::regclass::text FROM ledger.entries e JOIN ledger.transfers t ON t.id = e.transfer_id "
+        "WHERE t.usage_event_id = %s", [event_id])}
+
+
+def sqlstate_of(fn) -> str:
+    with pytest.raises(psycopg.Error) as info:
+        fn()
+    return info.value.sqlstate
+
+
+def test_an_event_and_its_ledger_entries_land_in_the_month_of_their_utc_time(owner, new_account):
+    acct = new_account("free", 100 * CREDIT)
+    owner.execute("SELECT util.ensure_partitions()")
+    key = acct["api_key"]
+    at(owner, "2026-12-31 23:59:59.999999+00")
+    _, last = consume(owner, key, "last-of-december", quantity=11)       # past the allowance: credits too
+    at(owner, "2027-01-01 00:00:00+00")
+    _, first = consume(owner, key, "first-of-january", quantity=11)
+    at(owner, "2027-01-01 00:59:59+01")                                    # 23:59:59 UTC the day before
+    _, local = consume(owner, key, "december-in-utc", quantity=11)
+    assert partition_of_event(owner, last["id"]) == "metering.usage_events_y2026m12"
+    assert partitions_of_entries(owner, last["id"]) == {"ledger.entries_y2026m12"}
+    assert partition_of_event(owner, first["id"]) == "metering.usage_events_y2027m01"
+    assert partitions_of_entries(owner, first["id"]) == {"ledger.entries_y2027m01"}
+    assert partition_of_event(owner, local["id"]) == "metering.usage_events_y2026m12"
+    assert reconciliation_problems(owner) == {}
+
+
+def test_rows_outside_every_month_wait_in_the_default_partition_and_move_into_their_month(owner, new_account):
+    acct = new_account("free", 100 * CREDIT)
+    at(owner, "2024-02-29 12:00:00+00")                # no partition for that month yet
+    _, body = consume(owner, acct["api_key"], "leap-day", quantity=12)
+    assert partition_of_event(owner, body["id"]) == "metering.usage_events_default"
+    assert partitions_of_entries(owner, body["id"]) == {"ledger.entries_default"}
+    made = owner.execute("SELECT util.ensure_partitions(0)").fetchone()[0]
+    assert {"metering.usage_events_y2024m02", "ledger.entries_y2024m02"} <= set(made)
+    assert partition_of_event(owner, body["id"]) == "metering.usage_events_y2024m02"
+    assert partitions_of_entries(owner, body["id"]) == {"ledger.entries_y2024m02"}
+    assert owner.execute("SELECT count(*) FROM ledger.entries_default").fetchone()[0] == 0
+    # The moved event still answers its retry, and nothing was lost or doubled.
+    assert consume(owner, acct["api_key"], "leap-day", quantity=12) == (True, body)
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 1
+    assert reconciliation_problems(owner) == {}
+
+
+def test_a_monthly_partition_of_the_ledger_is_append_only_itself(owner, new_account):
+    acct = new_account("free", 100 * CREDIT)
+    consume(owner, acct["api_key"], "k", quantity=12)
+    month = owner.execute("SELECT util.partition_name('ledger.entries', date_trunc('month', now())::date)").fetchone()[0]
+    assert owner.execute(f"SELECT count(*) FROM {month}").fetchone()[0] == 4     # the grant and the charge
+    for sql in [f"DELETE FROM {month}", f"UPDATE {month} SET amount_micros = 1", f"TRUNCATE {month}",
+                "DELETE FROM ledger.entries_default"]:
+        assert sqlstate_of(lambda sql=sql: owner.execute(sql)) == "TL403", sql
+
+
+def test_a_key_is_remembered_for_the_window_then_forgotten(owner, api_conn, new_account):
+    acct = new_account("free", 100 * CREDIT)
+    key = acct["api_key"]
+    at(owner, "2027-01-10 12:00:00+00")
+    first = consume(owner, key, "nightly-job")
+    at(owner, "2027-02-09 11:59:59+00")                 # 30 days less a second later
+    assert consume(owner, key, "nightly-job") == (True, first[1])
+    assert sqlstate_of(lambda: consume(owner, key, "nightly-job", quantity=2)) == "TL409"
+    owner.execute("SELECT api.maintain_storage()")
+    assert owner.execute("SELECT count(*) FROM metering.idempotency_keys").fetchone()[0] == 1
+    at(owner, "2027-02-09 12:00:01+00")                 # the window has passed
+    assert owner.execute("SELECT api.maintain_storage()").fetchone()[0]["idempotency_keys_forgotten"] == 1
+    replayed, again = consume(owner, key, "nightly-job", quantity=2)
+    assert replayed is False and again["id"] != first[1]["id"]
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 2
+
+
+def test_the_window_is_a_setting_of_at_least_a_day(owner):
+    assert owner.execute("SELECT metering.idempotency_window()").fetchone()[0].days == 30
+    owner.execute("SET pgtally.idempotency_window = '90 days'")
+    assert owner.execute("SELECT metering.idempotency_window()").fetchone()[0].days == 90
+    owner.execute("SET pgtally.idempotency_window = '1 hour'")
+    assert owner.execute("SELECT metering.idempotency_window()").fetchone()[0].days == 1
+
+
+def test_a_month_detaches_after_the_window_and_the_books_still_balance(owner, new_account):
+    at(owner, "2026-09-10 12:00:00+00")
+    owner.execute("SELECT util.ensure_partitions(1)")
+    acct = new_account("free", 100 * CREDIT)          # granted in September too
+    key = acct["api_key"]
+    september = [consume(owner, key, f"sep-{i}", quantity=6)[1] for i in range(3)]   # 10 free, then credits
+    at(owner, "2026-10-02 12:00:00+00")
+    october = consume(owner, key, "oct-1", quantity=6)[1]
+    balance_before = owner.execute("SELECT api.balance(%s, NULL)", [key]).fetchone()[0]["credits"]
+
+    at(owner, "2026-10-30 00:00:00+00")                  # the window has not passed September's end
+    assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-09-01')")) == "TL422"
+    at(owner, "2026-11-01 00:00:00+00")
+    assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-09-01')")) == "TL409"   # not rolled up
+    owner.execute("SELECT api.rollup_usage(100000)")
+    result = owner.execute("SELECT api.detach_month('2026-09-15')").fetchone()[0]
+    assert result == {"month": "2026-09", "usage_events": "metering.usage_events_y2026m09", "usage_event_count": 3,
+                      "entries": "ledger.entries_y2026m09", "archived_balances": 3}
+    # The month left: its tables stay, standalone, for archiving.
+    assert owner.execute("SELECT count(*) FROM metering.usage_events_y2026m09").fetchone()[0] == 3
+    assert [e for (e,) in owner.execute("SELECT id::text FROM metering.usage_events")] == [october["id"]]
+    assert owner.execute("SELECT count(*) FROM metering.idempotency_keys").fetchone()[0] == 1
+    assert owner.execute("SELECT api.balance(%s, NULL)", [key]).fetchone()[0]["credits"] == balance_before
+    assert reconciliation_problems(owner) == {}
+    assert owner.execute("SELECT sum(balance_micros) FROM reporting.system_balances").fetchone()[0] \
+        + owner.execute("SELECT sum(credit_balance_micros) FROM identity.accounts").fetchone()[0] == 0
+    # Charging goes on, and the running balances continue from the archived ones.
+    consume(owner, key, "nov-1", quantity=6)
+    assert reconciliation_problems(owner) == {}
+    assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-09-01')")) == "TL404"
+    assert september[0]["id"] not in {e for (e,) in owner.execute("SELECT id::text FROM metering.usage_events")}
+    listed = {r["partition"]: r["attached"] for r in owner.execute(
+        "SELECT to_jsonb(p) FROM api.partitions() p").fetchall() for r in [r[0]]}
+    assert listed["metering.usage_events_y2026m09"] is False and listed["metering.usage_events_y2026m10"] is True
