@@ -325,6 +325,56 @@ $$;
 COMMENT ON FUNCTION metering.event_allowance(metering.usage_events) IS
   'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
 
+CREATE OR REPLACE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+  SELECT metering.usage_event_answer(e, metering.event_allowance(e))
+  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at
+$$;
+COMMENT ON FUNCTION metering.replayed_answer(metering.idempotency_keys) IS
+  'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition.';
+
+CREATE OR REPLACE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb,
+                                           q record)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_event metering.usage_events;
+  v_now timestamptz := util.now();
+BEGIN
+  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
+                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
+                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
+  VALUES (a.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
+          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
+          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
+          nullif(q.warnings, '[]'), p_metadata)
+  RETURNING * INTO v_event;
+  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
+  VALUES (a.id, p_idempotency_key, v_event.id, v_now, p_hash);
+  IF q.amount_minor IS NOT NULL THEN
+    PERFORM billing.report_meter_event(v_event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
+  END IF;
+  IF q.entitled THEN
+    -- The account row is locked, so used_before is still the window's usage.
+    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+    VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
+  END IF;
+  IF q.credits_micros > 0 THEN
+    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
+                                 format('%s x %s', q.quantity, q.meter_id));
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
+  IF q.warnings <> '[]' THEN
+    PERFORM metering.email_warnings(a.id, q.warnings);
+  END IF;
+  RETURN metering.usage_event_answer(v_event, q.allowance);
+END $$;
+COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record) IS
+  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Writes the usage event, its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; returns the answer (metering.usage_event_answer). api.consume and api.consume_batch charge through it.';
+
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
                                        p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
@@ -336,9 +386,7 @@ DECLARE
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_key metering.idempotency_keys;
-  v_event metering.usage_events;
   q record;
-  v_now timestamptz := util.now();
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -353,7 +401,7 @@ BEGIN
   IF metering.expire_holds(v_account.id) > 0 THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
-  IF v_account.credits_due_at <= v_now AND ledger.refresh_lots(v_account.id) THEN
+  IF v_account.credits_due_at <= util.now() AND ledger.refresh_lots(v_account.id) THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
   END IF;
 
@@ -364,9 +412,8 @@ BEGIN
       PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
                         jsonb_build_object('usage_event_id', v_key.usage_event_id));
     END IF;
-    SELECT * INTO v_event FROM metering.usage_events WHERE id = v_key.usage_event_id AND created_at = v_key.created_at;
     replayed := true;
-    body := metering.usage_event_answer(v_event, metering.event_allowance(v_event));
+    body := metering.replayed_answer(v_key);
     RETURN NEXT;
     RETURN;
   END IF;
@@ -375,38 +422,8 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
-
-  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
-                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
-                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
-  VALUES (v_account.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
-          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
-          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
-          nullif(q.warnings, '[]'), p_metadata)
-  RETURNING * INTO v_event;
-  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
-  VALUES (v_account.id, p_idempotency_key, v_event.id, v_now, v_hash);
-  IF q.amount_minor IS NOT NULL THEN
-    PERFORM billing.report_meter_event(v_event.id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
-  END IF;
-  IF q.entitled THEN
-    -- The account row is locked, so used_before is still the window's usage.
-    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
-    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(v_account.id);
-    END IF;
-  END IF;
-  IF q.warnings <> '[]' THEN
-    PERFORM metering.email_warnings(v_account.id, q.warnings);
-  END IF;
   replayed := false;
-  body := metering.usage_event_answer(v_event, q.allowance);
+  body := metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q);
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS

@@ -16,7 +16,8 @@ DECLARE
   v_account_id uuid;
   a identity.accounts;
   q record;
-  r record;
+  v_hash bytea;
+  v_metadata jsonb;
   v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb := '[]';
@@ -54,9 +55,10 @@ BEGIN
 
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     SELECT b.account_id, b.refusal INTO v_account_id, v_answer FROM batch_accounts b WHERE b.named = coalesce(e ->> 'account_id', '');
-    -- Each event is checked first with the rules api.consume applies (key, metadata, the same
-    -- idempotency record, metering.quote); only one that will be charged is handed to it, so that
-    -- nothing in it raises and no event needs a subtransaction of its own.
+    -- Each event is checked (key, metadata, its idempotency record, metering.quote) in a read-only
+    -- block, then charged outside it by metering.charge, as api.consume charges: a refused event
+    -- writes nothing, and no event holds a subtransaction that writes (more than 64 of those in a
+    -- transaction slow every snapshot of the server).
     IF v_answer IS NULL AND coalesce(length(e ->> 'idempotency_key'), 0) NOT BETWEEN 1 AND 255 THEN
       v_answer := metering.batch_refusal('TL422', 'an idempotency key of 1 to 255 characters is required');
     ELSIF v_answer IS NULL AND e ? 'metadata' AND (jsonb_typeof(e -> 'metadata') NOT IN ('object', 'null')
@@ -64,19 +66,23 @@ BEGIN
       v_answer := metering.batch_refusal('TL422', 'metadata is a JSON object of at most 2 KB');
     END IF;
     IF v_answer IS NULL THEN
+      v_metadata := nullif(e -> 'metadata', 'null'::jsonb);
       SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
+        v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
+                                        (e ->> 'output_tokens')::bigint, v_metadata);
         IF v_prior.usage_event_id IS NULL THEN
           SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                               (e ->> 'output_tokens')::bigint);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                                                            (e ->> 'output_tokens')::bigint, nullif(e -> 'metadata', 'null'::jsonb)) THEN
+        ELSIF v_prior.request_hash <> v_hash THEN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
+        ELSE
+          v_answer := jsonb_build_object('status', 'replayed', 'event', metering.replayed_answer(v_prior));
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -84,11 +90,8 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL THEN
-      SELECT * INTO r FROM api.consume(
-        p_api_key, p_session_id, e ->> 'idempotency_key', e ->> 'meter',
-        (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint, (e ->> 'output_tokens')::bigint,
-        nullif(e ->> 'account_id', '')::uuid, nullif(e -> 'metadata', 'null'::jsonb));
-      v_answer := jsonb_build_object('status', CASE WHEN r.replayed THEN 'replayed' ELSE 'charged' END, 'event', r.body);
+      v_answer := jsonb_build_object('status', 'charged',
+                                     'event', metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q));
     END IF;
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
@@ -96,7 +99,7 @@ BEGIN
   RETURN jsonb_build_object('data', v_results);
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (each accepted event is api.consume itself), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked before they are charged rather than rolled back one by one, so a batch holds no subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

@@ -616,9 +616,7 @@ DECLARE
   v_account identity.accounts;
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_key metering.idempotency_keys;
-  v_event metering.usage_events;
   q record;
-  v_now timestamptz := util.now();
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -633,7 +631,7 @@ BEGIN
   IF metering.expire_holds(v_account.id) > 0 THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
-  IF v_account.credits_due_at <= v_now AND ledger.refresh_lots(v_account.id) THEN
+  IF v_account.credits_due_at <= util.now() AND ledger.refresh_lots(v_account.id) THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
   END IF;
 
@@ -644,9 +642,8 @@ BEGIN
       PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
                         jsonb_build_object('usage_event_id', v_key.usage_event_id));
     END IF;
-    SELECT * INTO v_event FROM metering.usage_events WHERE id = v_key.usage_event_id AND created_at = v_key.created_at;
     replayed := true;
-    body := metering.usage_event_answer(v_event, metering.event_allowance(v_event));
+    body := metering.replayed_answer(v_key);
     RETURN NEXT;
     RETURN;
   END IF;
@@ -655,38 +652,8 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
-
-  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
-                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
-                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
-  VALUES (v_account.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
-          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
-          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
-          nullif(q.warnings, '[]'), p_metadata)
-  RETURNING * INTO v_event;
-  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
-  VALUES (v_account.id, p_idempotency_key, v_event.id, v_now, v_hash);
-  IF q.amount_minor IS NOT NULL THEN
-    PERFORM billing.report_meter_event(v_event.id, v_account.id, q.stripe_meter_event, q.quantity, v_now);
-  END IF;
-  IF q.entitled THEN
-    -- The account row is locked, so used_before is still the window's usage.
-    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-    VALUES (v_account.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
-    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(v_account.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < v_account.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(v_account.id);
-    END IF;
-  END IF;
-  IF q.warnings <> '[]' THEN
-    PERFORM metering.email_warnings(v_account.id, q.warnings);
-  END IF;
   replayed := false;
-  body := metering.usage_event_answer(v_event, q.allowance);
+  body := metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q);
   RETURN NEXT;
 END $$;
 
@@ -704,7 +671,8 @@ DECLARE
   v_account_id uuid;
   a identity.accounts;
   q record;
-  r record;
+  v_hash bytea;
+  v_metadata jsonb;
   v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb := '[]';
@@ -742,9 +710,10 @@ BEGIN
 
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     SELECT b.account_id, b.refusal INTO v_account_id, v_answer FROM batch_accounts b WHERE b.named = coalesce(e ->> 'account_id', '');
-    -- Each event is checked first with the rules api.consume applies (key, metadata, the same
-    -- idempotency record, metering.quote); only one that will be charged is handed to it, so that
-    -- nothing in it raises and no event needs a subtransaction of its own.
+    -- Each event is checked (key, metadata, its idempotency record, metering.quote) in a read-only
+    -- block, then charged outside it by metering.charge, as api.consume charges: a refused event
+    -- writes nothing, and no event holds a subtransaction that writes (more than 64 of those in a
+    -- transaction slow every snapshot of the server).
     IF v_answer IS NULL AND coalesce(length(e ->> 'idempotency_key'), 0) NOT BETWEEN 1 AND 255 THEN
       v_answer := metering.batch_refusal('TL422', 'an idempotency key of 1 to 255 characters is required');
     ELSIF v_answer IS NULL AND e ? 'metadata' AND (jsonb_typeof(e -> 'metadata') NOT IN ('object', 'null')
@@ -752,19 +721,23 @@ BEGIN
       v_answer := metering.batch_refusal('TL422', 'metadata is a JSON object of at most 2 KB');
     END IF;
     IF v_answer IS NULL THEN
+      v_metadata := nullif(e -> 'metadata', 'null'::jsonb);
       SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
+        v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
+                                        (e ->> 'output_tokens')::bigint, v_metadata);
         IF v_prior.usage_event_id IS NULL THEN
           SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                               (e ->> 'output_tokens')::bigint);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                                                            (e ->> 'output_tokens')::bigint, nullif(e -> 'metadata', 'null'::jsonb)) THEN
+        ELSIF v_prior.request_hash <> v_hash THEN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
+        ELSE
+          v_answer := jsonb_build_object('status', 'replayed', 'event', metering.replayed_answer(v_prior));
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -772,11 +745,8 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL THEN
-      SELECT * INTO r FROM api.consume(
-        p_api_key, p_session_id, e ->> 'idempotency_key', e ->> 'meter',
-        (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint, (e ->> 'output_tokens')::bigint,
-        nullif(e ->> 'account_id', '')::uuid, nullif(e -> 'metadata', 'null'::jsonb));
-      v_answer := jsonb_build_object('status', CASE WHEN r.replayed THEN 'replayed' ELSE 'charged' END, 'event', r.body);
+      v_answer := jsonb_build_object('status', 'charged',
+                                     'event', metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q));
     END IF;
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
@@ -784,7 +754,7 @@ BEGIN
   RETURN jsonb_build_object('data', v_results);
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (each accepted event is api.consume itself), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked before they are charged rather than rolled back one by one, so a batch holds no subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4896,6 +4866,47 @@ $$;
 
 COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
 
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_event metering.usage_events;
+  v_now timestamptz := util.now();
+BEGIN
+  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
+                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
+                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
+  VALUES (a.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
+          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
+          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
+          nullif(q.warnings, '[]'), p_metadata)
+  RETURNING * INTO v_event;
+  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
+  VALUES (a.id, p_idempotency_key, v_event.id, v_now, p_hash);
+  IF q.amount_minor IS NOT NULL THEN
+    PERFORM billing.report_meter_event(v_event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
+  END IF;
+  IF q.entitled THEN
+    -- The account row is locked, so used_before is still the window's usage.
+    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+    VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
+  END IF;
+  IF q.credits_micros > 0 THEN
+    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
+                                 format('%s x %s', q.quantity, q.meter_id));
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
+  IF q.warnings <> '[]' THEN
+    PERFORM metering.email_warnings(a.id, q.warnings);
+  END IF;
+  RETURN metering.usage_event_answer(v_event, q.allowance);
+END $$;
+
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Writes the usage event, its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; returns the answer (metering.usage_event_answer). api.consume and api.consume_batch charge through it.';
+
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -5259,6 +5270,28 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). TL422 unknown meter or bad quantity.';
+
+CREATE TABLE metering.idempotency_keys (
+    account_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    usage_event_id uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    request_hash bytea NOT NULL,
+    CONSTRAINT idempotency_keys_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255)))
+);
+
+COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
+
+COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
+
+CREATE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT metering.usage_event_answer(e, metering.event_allowance(e))
+  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at
+$$;
+
+COMMENT ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) IS 'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql IMMUTABLE
@@ -5998,19 +6031,6 @@ CREATE TABLE metering.allowance_usage (
 COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an entitlement per account, meter and period. A new period starts a new row, which is how allowances reset.';
 
 COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
-
-CREATE TABLE metering.idempotency_keys (
-    account_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
-    usage_event_id uuid NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    request_hash bytea NOT NULL,
-    CONSTRAINT idempotency_keys_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255)))
-);
-
-COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
-
-COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
 
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
@@ -7794,6 +7814,8 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.event_allowance(e metering.usage_events) FROM PUBLIC;
@@ -7813,6 +7835,8 @@ REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
