@@ -47,8 +47,10 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=lambda: os.environ.get("HOST", "127.0.0.1"), show_default="HOST or 127.0.0.1")
 @click.option("--port", type=int, default=lambda: int(os.environ.get("PORT", "8000")), show_default="PORT or 8000")
-@click.option("--workers", type=click.IntRange(1, 64), default=lambda: int(os.environ.get("PGTALLY_WORKERS", "1")),
-              show_default="PGTALLY_WORKERS or 1", help="Server processes (uvicorn workers) sharing one PostgreSQL.")
+@click.option("--workers", type=click.IntRange(1, 64),
+              default=lambda: int(os.environ.get("PGTALLY_WORKERS") or os.cpu_count() or 1),
+              show_default="PGTALLY_WORKERS or the number of CPUs",
+              help="Server processes (uvicorn workers) sharing one PostgreSQL.")
 def serve(host: str, port: int, workers: int) -> None:
     """Upgrade the database, apply the catalog (PGTALLY_CATALOG or the default) and serve the API.
     Ctrl-C or SIGTERM stops the server and the embedded PostgreSQL (unless another pgtally

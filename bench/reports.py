@@ -43,6 +43,7 @@ def load(url: str, events: int, accounts: int, days: int) -> None:
                          FROM generate_series(1, {accounts}) n""")
         conn.execute("SELECT set_config('pgtally.now', (now() - make_interval(days => %s))::text, false)", [days])
         start = conn.execute("SELECT util.now()").fetchone()[0]
+        conn.execute("SELECT util.ensure_partitions(%s)", [days // 28 + 2])     # every month of the period
         # A tenth of the accounts subscribe, at a steady pace over the period; a few cancel.
         e = Events()
         for n in range(10, accounts + 1, 10):
@@ -63,13 +64,17 @@ def load(url: str, events: int, accounts: int, days: int) -> None:
         for first in range(0, events, chunk):
             n = min(chunk, events - first)
             conn.execute(f"""
-                INSERT INTO metering.usage_events (id, account_id, idempotency_key, request_hash, meter_id, quantity,
-                                                   allowance_units, credits_micros, response, created_at)
-                SELECT util.uuid_v7(), a.id, 'bench-' || g, '\\x00', 'generation', 1 + g %% 3, 1 + g %% 3, 0, '{{}}',
+                INSERT INTO metering.usage_events (id, account_id, idempotency_key, meter_id, quantity,
+                                                   allowance_units, credits_micros, balance_after_micros, created_at)
+                SELECT util.uuid_v7(), a.id, 'bench-' || g, 'generation', 1 + g %% 3, 1 + g %% 3, 0, 0,
                        %s::timestamptz + (g::float8 / %s) * make_interval(days => %s)
                 FROM generate_series({first}, {first + n - 1}) g
                 JOIN bench_accounts a ON a.n = 1 + (g::bigint * 7919) %% {accounts}""", [start, events, days])
             print(f"loaded {first + n:,} events", file=sys.stderr, flush=True)
+        # The keys of the idempotency window (the last 30 days) are remembered, as a live database's are.
+        conn.execute("INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash) "
+                     "SELECT account_id, idempotency_key, id, created_at, '\\x00' FROM metering.usage_events "
+                     "WHERE created_at >= now() - metering.idempotency_window()")
 
 
 def main() -> None:

@@ -43,7 +43,8 @@ def postmaster_pid(home: Path) -> int | None:
 
 def serve(home: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}
-    return subprocess.Popen([str(PGTALLY), "serve", "--port", str(port)], env={**env, "PGTALLY_HOME": str(home)},
+    return subprocess.Popen([str(PGTALLY), "serve", "--port", str(port), "--workers", "1"],
+                            env={**env, "PGTALLY_HOME": str(home)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -675,7 +675,7 @@ DECLARE
   v_metadata jsonb;
   v_prior metering.idempotency_keys;
   v_answer jsonb;
-  v_results jsonb := '[]';
+  v_results jsonb[] := '{}';           -- appended in place (an expanded array), turned into JSON once
   v_state text;
   v_message text;
   v_detail text;
@@ -751,7 +751,7 @@ BEGIN
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
   END LOOP;
-  RETURN jsonb_build_object('data', v_results);
+  RETURN jsonb_build_object('data', to_jsonb(v_results));
 END $$;
 
 COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
