@@ -139,3 +139,20 @@ def test_login_tokens_go_to_the_os_keyring_when_there_is_one(tmp_path, monkeypat
         assert Memory.store == {} and not (tmp_path / "credentials.json").exists()
     finally:
         keyring.set_keyring(previous)
+
+
+def test_partitions_list_and_detach(pgtally, owner, new_account):
+    owner.execute("SET pgtally.now = '2026-08-10 12:00+00'")
+    owner.execute("SELECT util.ensure_partitions(0)")
+    acct = new_account("free", 3_000_000)
+    owner.execute("SELECT * FROM api.consume(%s, NULL, 'aug', 'generation', 12)", [acct["api_key"]])
+    owner.execute("SET pgtally.now = '2026-10-01 00:00+00'")
+    owner.execute("SELECT api.rollup_usage(1000)")
+    listed = pgtally("partitions", "list")
+    assert "metering.usage_events_y2026m08" in listed and "ledger.entries_y2026m08" in listed
+    # The CLI's own connection has the real clock: August is long past its window.
+    out = pgtally("partitions", "detach", "2026-08")
+    assert "2026-08: detached metering.usage_events_y2026m08 (1 usage events)" in out
+    assert "already" in pgtally("partitions", "detach", "2026-08", ok=False)
+    assert "window" in pgtally("partitions", "detach", "2099-01", ok=False)
+    assert reconciliation_problems(owner) == {}

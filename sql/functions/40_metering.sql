@@ -401,8 +401,10 @@ BEGIN
   IF metering.expire_holds(v_account.id) > 0 THEN
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
-  IF v_account.credits_due_at <= util.now() AND ledger.refresh_lots(v_account.id) THEN
-    SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;    -- lots released, expired or granted
+  IF v_account.credits_due_at <= util.now() THEN     -- (NULL AND f() would still call f)
+    IF ledger.refresh_lots(v_account.id) THEN
+      SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;  -- lots released, expired or granted
+    END IF;
   END IF;
 
   SELECT * INTO v_key FROM metering.idempotency_keys

@@ -287,6 +287,12 @@ async def test_anonymous_device_meters_then_merges_into_the_user_once(client, ow
     assert owner.execute("SELECT count(*) FROM metering.usage_events WHERE account_id = %s",
                          [user_account := balance["account_id"]]).fetchone()[0] == 3
     assert user_account != device_account["id"]
+    # The device's idempotency keys moved with its events: a late retry replays, charging nothing.
+    r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                          headers=bearer(user["access_token"], **{"Idempotency-Key": "d2"}))
+    assert r.status_code == 200 and r.headers["Idempotent-Replayed"] == "true"
+    assert owner.execute("SELECT count(*) FROM metering.idempotency_keys WHERE account_id = %s",
+                         [user_account]).fetchone()[0] == 3
     assert reconciliation_problems(owner) == {}
 
 
