@@ -261,3 +261,9 @@ GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO pgtally_analyst;
 
 -- metering.quote gains OUT plan_id (re-created by the functions step).
 DROP FUNCTION IF EXISTS metering.quote(identity.accounts, text, bigint, bigint, bigint);
+
+-- Usage transfers carry no idempotency key (their usage event's key is the idempotency record):
+-- the per-account key index only needs the transfers that have one.
+ALTER TABLE ledger.transfers DROP CONSTRAINT transfers_idempotency_key;
+CREATE UNIQUE INDEX transfers_idempotency_key ON ledger.transfers (account_id, idempotency_key)
+  WHERE idempotency_key IS NOT NULL;

@@ -7032,9 +7032,6 @@ ALTER TABLE ONLY ledger.entries_default
 ALTER TABLE ONLY ledger.system_accounts
     ADD CONSTRAINT system_accounts_pkey PRIMARY KEY (code);
 
-ALTER TABLE ONLY ledger.transfers
-    ADD CONSTRAINT transfers_idempotency_key UNIQUE (account_id, idempotency_key);
-
 ALTER TABLE ledger.transfers
     ADD CONSTRAINT transfers_memo_length CHECK ((length(memo) <= 500)) NOT VALID;
 
@@ -7141,6 +7138,8 @@ CREATE INDEX entries_default_account_id_id_idx ON ledger.entries_default USING b
 CREATE INDEX entries_transfer_id_idx ON ONLY ledger.entries USING btree (transfer_id) WHERE (account_id IS NOT NULL);
 
 CREATE INDEX entries_default_transfer_id_idx ON ledger.entries_default USING btree (transfer_id) WHERE (account_id IS NOT NULL);
+
+CREATE UNIQUE INDEX transfers_idempotency_key ON ledger.transfers USING btree (account_id, idempotency_key) WHERE (idempotency_key IS NOT NULL);
 
 CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WHERE (status = 'open'::text);
 
