@@ -670,6 +670,7 @@ DECLARE
   v_named text;
   i integer := 0;
   v_accounts uuid[] := '{}';
+  v_principals jsonb := '{}';          -- per account_id named in the batch: {account_id} or {refusal}
   v_account_id uuid;
   a identity.accounts;
   q record;
@@ -688,20 +689,18 @@ BEGIN
   -- Who may charge which account, decided once per account (identity.authenticate, read-only but
   -- for last_used_at); then every account the batch charges is locked, in id order, so that two
   -- batches over the same accounts never wait on each other in a cycle.
-  CREATE TEMP TABLE IF NOT EXISTS batch_accounts (named text PRIMARY KEY, account_id uuid, refusal jsonb) ON COMMIT DROP;
-  TRUNCATE batch_accounts;
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
       v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
-      INSERT INTO batch_accounts VALUES (v_named, v_account_id, NULL);
+      v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('account_id', v_account_id));
       v_accounts := v_accounts || v_account_id;
     EXCEPTION WHEN SQLSTATE 'TL401' THEN
       RAISE;                                      -- no principal: the whole batch is refused
     WHEN OTHERS THEN
       GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
-      INSERT INTO batch_accounts VALUES (v_named, NULL,
+      v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('refusal',
         metering.batch_refusal(CASE WHEN v_state LIKE 'TL%' THEN v_state ELSE 'TL422' END, v_message,
-                               CASE WHEN v_detail ~ '^\{' THEN v_detail::jsonb END));
+                               CASE WHEN v_detail ~ '^\{' THEN v_detail::jsonb END)));
     END;
   END LOOP;
   PERFORM 1 FROM identity.accounts WHERE id = ANY (v_accounts) ORDER BY id FOR NO KEY UPDATE;
@@ -711,7 +710,8 @@ BEGIN
   END LOOP;
 
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
-    SELECT b.account_id, b.refusal INTO v_account_id, v_answer FROM batch_accounts b WHERE b.named = coalesce(e ->> 'account_id', '');
+    v_account_id := (v_principals -> coalesce(e ->> 'account_id', '') ->> 'account_id')::uuid;
+    v_answer := v_principals -> coalesce(e ->> 'account_id', '') -> 'refusal';
     -- Each event is checked (key, metadata, its idempotency record, metering.quote) in a read-only
     -- block, then charged outside it by metering.charge, as api.consume charges: a refused event
     -- writes nothing, and no event holds a subtransaction that writes (more than 64 of those in a
