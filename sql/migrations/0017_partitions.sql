@@ -86,6 +86,8 @@ CREATE TABLE metering.usage_events_default PARTITION OF metering.usage_events DE
 COMMENT ON TABLE metering.usage_events IS
   'One row per charged usage event, partitioned by month of created_at (metering.usage_events_yYYYYmMM, made ahead by util.ensure_partitions; rows outside them land in usage_events_default). A charge''s answer is rebuilt from the row (metering.usage_event_answer); its idempotency key is remembered in metering.idempotency_keys for the idempotency window. Old months leave with api.detach_month.';
 COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
+COMMENT ON COLUMN metering.usage_events.idempotency_key IS 'The caller''s idempotency key for the event, as listed with it; unique per account through metering.idempotency_keys while the key is remembered.';
+COMMENT ON TABLE metering.usage_events_default IS 'Usage events of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
 COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
 COMMENT ON COLUMN metering.usage_events.balance_after_micros IS 'The account''s credit balance right after the charge (micro-credits), as the answer shows it.';
 COMMENT ON COLUMN metering.usage_events.used_after IS 'The allowance window''s usage right after the charge (units, or micro-credits of cost for token meters); NULL when the plan has no entitlement for the meter.';
@@ -134,6 +136,7 @@ CREATE TABLE ledger.entries (
   PRIMARY KEY (id, created_at)
 ) PARTITION BY RANGE (created_at);
 CREATE TABLE ledger.entries_default PARTITION OF ledger.entries DEFAULT;
+COMMENT ON TABLE ledger.entries_default IS 'Ledger entries of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
 COMMENT ON TABLE ledger.entries IS
   'One side of a transfer: micro-credits added to (positive) or taken from (negative) one account. Append-only. Partitioned by month of created_at like metering.usage_events; a month that leaves (api.detach_month) leaves its sums per account in ledger.archived_balances, so the reconciliation views still balance.';
 COMMENT ON COLUMN ledger.entries.account_id IS 'Customer account of this side, or NULL for a system account.';

@@ -4970,6 +4970,8 @@ COMMENT ON COLUMN metering.usage_events.period_start IS 'The allowance window th
 
 COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
 
+COMMENT ON COLUMN metering.usage_events.idempotency_key IS 'The caller''s idempotency key for the event, as listed with it; unique per account through metering.idempotency_keys while the key is remembered.';
+
 COMMENT ON COLUMN metering.usage_events.plan_id IS 'The plan whose entitlement the event was charged under (NULL: none), to rebuild the answer''s allowance.';
 
 COMMENT ON COLUMN metering.usage_events.currency IS 'Post-paid events: the currency of amount_minor.';
@@ -5995,6 +5997,8 @@ CREATE TABLE ledger.entries_default (
     CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
 );
 
+COMMENT ON TABLE ledger.entries_default IS 'Ledger entries of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
+
 ALTER TABLE ledger.entries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     SEQUENCE NAME ledger.entries_id_seq
     START WITH 1
@@ -6077,6 +6081,8 @@ CREATE TABLE metering.usage_events_default (
     CONSTRAINT usage_events_used_after_check CHECK ((used_after >= 0)),
     CONSTRAINT usage_events_warnings_check CHECK ((jsonb_typeof(warnings) = 'array'::text))
 );
+
+COMMENT ON TABLE metering.usage_events_default IS 'Usage events of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
 
 CREATE TABLE metering.usage_rollup_daily (
     day date NOT NULL,
