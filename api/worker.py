@@ -185,9 +185,12 @@ HOUSEKEEPING_SECONDS = 300
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
     """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
-    credit lots), the analytics rollup until it is caught up (``api.rollup_usage``), and the
+    credit lots), next months' partitions and forgetting idempotency keys past their window
+    (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
     operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""
     await conn.execute("SELECT api.housekeeping()")
+    # Its own transaction: making a partition locks the tables, and must not wait holding accounts.
+    await conn.execute("SELECT api.maintain_storage()")
     while (await (await conn.execute("SELECT api.rollup_usage(50000)")).fetchone())[0] == 50000:
         pass
     if settings.alert_email:

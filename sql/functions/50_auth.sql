@@ -762,10 +762,10 @@ BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
   RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits(), 'storage', api.maintain_storage());
+                            'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), release and expire due credit lots (api.refresh_due_credits), and make next months'' partitions and forget idempotency keys past their window (api.maintain_storage).';
+  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
 
 GRANT EXECUTE ON FUNCTION
   api.housekeeping(), api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),

@@ -71,15 +71,25 @@ COMMENT ON FUNCTION util.ensure_partitions(integer) IS
 CREATE OR REPLACE FUNCTION api.maintain_storage() RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_made text[] := util.ensure_partitions(3);
+  v_made text[];
   v_forgotten bigint;
 BEGIN
+  -- Making a partition locks the parent table: charges queue behind a DDL that waits, so it waits
+  -- at most two seconds (a long transaction holding the table) and tries again next time; the
+  -- months are made three ahead.
+  PERFORM set_config('lock_timeout', '2s', true);
+  BEGIN
+    v_made := util.ensure_partitions(3);
+  EXCEPTION WHEN lock_not_available THEN
+    v_made := NULL;
+  END;
+  PERFORM set_config('lock_timeout', '0', true);
   DELETE FROM metering.idempotency_keys WHERE created_at < util.now() - metering.idempotency_window();
   GET DIAGNOSTICS v_forgotten = ROW_COUNT;
   RETURN jsonb_build_object('partitions_made', to_jsonb(v_made), 'idempotency_keys_forgotten', v_forgotten);
 END $$;
 COMMENT ON FUNCTION api.maintain_storage() IS
-  'pgtally worker (api.housekeeping): make next months'' partitions (util.ensure_partitions(3)) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
+  'pgtally worker, every few minutes in its own transaction: make next months'' partitions (util.ensure_partitions(3); partitions_made is null when the tables stayed busy for two seconds: tried again next time) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
 
 CREATE OR REPLACE FUNCTION api.detach_month(p_month date) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

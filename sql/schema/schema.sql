@@ -1139,10 +1139,10 @@ BEGIN
   DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
   GET DIAGNOSTICS v_windows = ROW_COUNT;
   RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits(), 'storage', api.maintain_storage());
+                            'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 
-COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), release and expire due credit lots (api.refresh_due_credits), and make next months'' partitions and forget idempotency keys past their window (api.maintain_storage).';
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
 
 CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1647,15 +1647,25 @@ CREATE FUNCTION api.maintain_storage() RETURNS jsonb
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_made text[] := util.ensure_partitions(3);
+  v_made text[];
   v_forgotten bigint;
 BEGIN
+  -- Making a partition locks the parent table: charges queue behind a DDL that waits, so it waits
+  -- at most two seconds (a long transaction holding the table) and tries again next time; the
+  -- months are made three ahead.
+  PERFORM set_config('lock_timeout', '2s', true);
+  BEGIN
+    v_made := util.ensure_partitions(3);
+  EXCEPTION WHEN lock_not_available THEN
+    v_made := NULL;
+  END;
+  PERFORM set_config('lock_timeout', '0', true);
   DELETE FROM metering.idempotency_keys WHERE created_at < util.now() - metering.idempotency_window();
   GET DIAGNOSTICS v_forgotten = ROW_COUNT;
   RETURN jsonb_build_object('partitions_made', to_jsonb(v_made), 'idempotency_keys_forgotten', v_forgotten);
 END $$;
 
-COMMENT ON FUNCTION api.maintain_storage() IS 'pgtally worker (api.housekeeping): make next months'' partitions (util.ensure_partitions(3)) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
+COMMENT ON FUNCTION api.maintain_storage() IS 'pgtally worker, every few minutes in its own transaction: make next months'' partitions (util.ensure_partitions(3); partitions_made is null when the tables stayed busy for two seconds: tried again next time) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
 
 CREATE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER

@@ -3,6 +3,8 @@ month (issue #14), in SQL against the real database."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -140,3 +142,16 @@ def test_a_month_detaches_after_the_window_and_the_books_still_balance(owner, ne
     listed = {r["partition"]: r["attached"] for r in owner.execute(
         "SELECT to_jsonb(p) FROM api.partitions() p").fetchall() for r in [r[0]]}
     assert listed["metering.usage_events_y2026m09"] is False and listed["metering.usage_events_y2026m10"] is True
+
+
+def test_making_partitions_gives_way_to_a_long_transaction(owner, db_url):
+    at(owner, "2027-06-15 12:00:00+00")                 # months up to 2027-09 are due
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM metering.usage_events")       # holds the table until it ends
+        started = time.monotonic()
+        result = owner.execute("SELECT api.maintain_storage()").fetchone()[0]
+        assert result["partitions_made"] is None and 1.5 < time.monotonic() - started < 10
+        assert owner.execute("SELECT to_regclass('metering.usage_events_y2027m06')").fetchone()[0] is None
+        reader.rollback()
+    made = owner.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"]
+    assert "metering.usage_events_y2027m09" in made and "ledger.entries_y2027m06" in made
