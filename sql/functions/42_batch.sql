@@ -22,6 +22,13 @@ DECLARE
   v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb[] := '{}';           -- appended in place (an expanded array), turned into JSON once
+  v_events metering.usage_events[] := '{}';         -- the charged events and their keys, written at the end
+  v_keys metering.idempotency_keys[] := '{}';
+  v_key metering.idempotency_keys;
+  v_event metering.usage_events;
+  v_charged jsonb := '{}';             -- "account key" -> [its place in v_keys, its place in v_results]
+  v_seen jsonb;
+  v_charge record;
   v_state text;
   v_message text;
   v_detail text;
@@ -67,7 +74,13 @@ BEGIN
     END IF;
     IF v_answer IS NULL THEN
       v_metadata := nullif(e -> 'metadata', 'null'::jsonb);
-      SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      -- A key charged earlier in this batch is not in the table yet.
+      v_seen := v_charged -> (v_account_id || ' ' || (e ->> 'idempotency_key'));
+      IF v_seen IS NOT NULL THEN
+        v_prior := v_keys[(v_seen ->> 0)::integer];
+      ELSE
+        SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      END IF;
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
@@ -82,7 +95,9 @@ BEGIN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         ELSE
-          v_answer := jsonb_build_object('status', 'replayed', 'event', metering.replayed_answer(v_prior));
+          v_answer := jsonb_build_object('status', 'replayed', 'event',
+                                         CASE WHEN v_seen IS NOT NULL THEN v_results[(v_seen ->> 1)::integer] -> 'event'
+                                              ELSE metering.replayed_answer(v_prior) END);
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -90,16 +105,29 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL THEN
-      v_answer := jsonb_build_object('status', 'charged',
-                                     'event', metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q));
+      SELECT * INTO v_charge FROM metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
+      v_event := v_charge.event;
+      v_answer := jsonb_build_object('status', 'charged', 'event', v_charge.answer);
+      v_key.account_id := v_event.account_id;
+      v_key.idempotency_key := v_event.idempotency_key;
+      v_key.usage_event_id := v_event.id;
+      v_key.created_at := v_event.created_at;
+      v_key.request_hash := v_hash;
+      v_events := v_events || v_event;
+      v_keys := v_keys || v_key;
+      v_charged := v_charged || jsonb_build_object(v_account_id || ' ' || v_event.idempotency_key,
+                                                   jsonb_build_array(cardinality(v_keys), i + 1));
     END IF;
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
   END LOOP;
+  -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
+  INSERT INTO metering.usage_events SELECT * FROM unnest(v_events);
+  INSERT INTO metering.idempotency_keys SELECT * FROM unnest(v_keys);
   RETURN jsonb_build_object('data', to_jsonb(v_results));
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

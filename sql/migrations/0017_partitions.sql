@@ -264,6 +264,7 @@ GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO pgtally_analyst;
 
 -- metering.quote gains OUT plan_id (re-created by the functions step).
 DROP FUNCTION IF EXISTS metering.quote(identity.accounts, text, bigint, bigint, bigint);
+DROP FUNCTION IF EXISTS metering.charge(identity.accounts, text, bytea, jsonb, record);
 
 -- Usage transfers carry no idempotency key (their usage event's key is the idempotency record):
 -- the per-account key index only needs the transfers that have one.

@@ -655,7 +655,7 @@ BEGIN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
   replayed := false;
-  body := metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q);
+  SELECT c.answer INTO body FROM metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q) c;
   RETURN NEXT;
 END $$;
 
@@ -679,6 +679,13 @@ DECLARE
   v_prior metering.idempotency_keys;
   v_answer jsonb;
   v_results jsonb[] := '{}';           -- appended in place (an expanded array), turned into JSON once
+  v_events metering.usage_events[] := '{}';         -- the charged events and their keys, written at the end
+  v_keys metering.idempotency_keys[] := '{}';
+  v_key metering.idempotency_keys;
+  v_event metering.usage_events;
+  v_charged jsonb := '{}';             -- "account key" -> [its place in v_keys, its place in v_results]
+  v_seen jsonb;
+  v_charge record;
   v_state text;
   v_message text;
   v_detail text;
@@ -724,7 +731,13 @@ BEGIN
     END IF;
     IF v_answer IS NULL THEN
       v_metadata := nullif(e -> 'metadata', 'null'::jsonb);
-      SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      -- A key charged earlier in this batch is not in the table yet.
+      v_seen := v_charged -> (v_account_id || ' ' || (e ->> 'idempotency_key'));
+      IF v_seen IS NOT NULL THEN
+        v_prior := v_keys[(v_seen ->> 0)::integer];
+      ELSE
+        SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      END IF;
       SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
@@ -739,7 +752,9 @@ BEGIN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         ELSE
-          v_answer := jsonb_build_object('status', 'replayed', 'event', metering.replayed_answer(v_prior));
+          v_answer := jsonb_build_object('status', 'replayed', 'event',
+                                         CASE WHEN v_seen IS NOT NULL THEN v_results[(v_seen ->> 1)::integer] -> 'event'
+                                              ELSE metering.replayed_answer(v_prior) END);
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -747,16 +762,29 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL THEN
-      v_answer := jsonb_build_object('status', 'charged',
-                                     'event', metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q));
+      SELECT * INTO v_charge FROM metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
+      v_event := v_charge.event;
+      v_answer := jsonb_build_object('status', 'charged', 'event', v_charge.answer);
+      v_key.account_id := v_event.account_id;
+      v_key.idempotency_key := v_event.idempotency_key;
+      v_key.usage_event_id := v_event.id;
+      v_key.created_at := v_event.created_at;
+      v_key.request_hash := v_hash;
+      v_events := v_events || v_event;
+      v_keys := v_keys || v_key;
+      v_charged := v_charged || jsonb_build_object(v_account_id || ' ' || v_event.idempotency_key,
+                                                   jsonb_build_array(cardinality(v_keys), i + 1));
     END IF;
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
   END LOOP;
+  -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
+  INSERT INTO metering.usage_events SELECT * FROM unnest(v_events);
+  INSERT INTO metering.idempotency_keys SELECT * FROM unnest(v_keys);
   RETURN jsonb_build_object('data', to_jsonb(v_results));
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4878,58 +4906,6 @@ $$;
 
 COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
 
-CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) RETURNS jsonb
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-  v_event metering.usage_events;
-  v_now timestamptz := util.now();
-BEGIN
-  INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, balance_after_micros,
-                                     used_after, period_start, period_end, input_tokens, output_tokens, amount_minor,
-                                     meter_id, idempotency_key, plan_id, currency, warnings, metadata)
-  VALUES (a.id, v_now, q.quantity, q.allowance_units, q.credits_micros, q.balance_after_micros,
-          q.used_before + q.allowance_units, q.period_start, q.period_end, q.input_tokens, q.output_tokens, q.amount_minor,
-          q.meter_id, p_idempotency_key, q.plan_id, CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END,
-          nullif(q.warnings, '[]'), p_metadata)
-  RETURNING * INTO v_event;
-  INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
-  VALUES (a.id, p_idempotency_key, v_event.id, v_now, p_hash);
-  IF q.amount_minor IS NOT NULL THEN
-    PERFORM billing.report_meter_event(v_event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
-  END IF;
-  IF q.entitled THEN
-    -- The account row is locked, so used_before is still the window's usage.
-    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
-    VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
-    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, v_event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < a.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(a.id);
-    END IF;
-  END IF;
-  IF q.warnings <> '[]' THEN
-    PERFORM metering.email_warnings(a.id, q.warnings);
-  END IF;
-  RETURN metering.usage_event_answer(v_event, q.allowance);
-END $$;
-
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Writes the usage event, its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; returns the answer (metering.usage_event_answer). api.consume and api.consume_batch charge through it.';
-
-CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
-    LANGUAGE sql
-    AS $$
-  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
-  SELECT 'usage_warning', u.email, w, util.now(), util.now()
-  FROM identity.users u CROSS JOIN jsonb_array_elements(p_warnings) w
-  WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL
-$$;
-
-COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
-
 CREATE TABLE metering.usage_events (
     id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
     account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
@@ -4991,6 +4967,71 @@ COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the 
 COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
 
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
+
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, OUT answer jsonb, OUT event metering.usage_events) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_now timestamptz := util.now();
+BEGIN
+  event.id := util.uuid_v7();
+  event.account_id := a.id;
+  event.created_at := v_now;
+  event.meter_id := q.meter_id;
+  event.idempotency_key := p_idempotency_key;
+  event.quantity := q.quantity;
+  event.input_tokens := q.input_tokens;
+  event.output_tokens := q.output_tokens;
+  event.allowance_units := q.allowance_units;
+  event.credits_micros := q.credits_micros;
+  event.balance_after_micros := q.balance_after_micros;
+  event.used_after := q.used_before + q.allowance_units;
+  event.period_start := q.period_start;
+  event.period_end := q.period_end;
+  event.plan_id := q.plan_id;
+  event.amount_minor := q.amount_minor;
+  event.currency := CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END;
+  event.warnings := nullif(q.warnings, '[]');
+  event.metadata := p_metadata;
+  IF NOT p_defer_rows THEN
+    INSERT INTO metering.usage_events SELECT event.*;
+    INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
+    VALUES (a.id, p_idempotency_key, event.id, v_now, p_hash);
+  END IF;
+  IF q.amount_minor IS NOT NULL THEN
+    PERFORM billing.report_meter_event(event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
+  END IF;
+  IF q.entitled THEN
+    -- The account row is locked, so used_before is still the window's usage.
+    INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+    VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
+    ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
+  END IF;
+  IF q.credits_micros > 0 THEN
+    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
+                                 format('%s x %s', q.quantity, q.meter_id));
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
+  IF q.warnings <> '[]' THEN
+    PERFORM metering.email_warnings(a.id, q.warnings);
+  END IF;
+  answer := metering.usage_event_answer(event, q.allowance);
+END $$;
+
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows are left to the caller, who must insert them before its transaction ends (api.consume_batch writes a batch''s with one INSERT each: a third of the cost a row). api.consume and api.consume_batch charge through it.';
+
+CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT 'usage_warning', u.email, w, util.now(), util.now()
+  FROM identity.users u CROSS JOIN jsonb_array_elements(p_warnings) w
+  WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL
+$$;
+
+COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
 CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -7831,7 +7872,7 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
