@@ -1,5 +1,5 @@
--- Monthly partitions of usage events and ledger entries, the idempotency window, and old months
--- leaving the database (issue #14).
+-- The idempotency window, making next months' partitions (util.ensure_partitions, with the tables, in
+-- migration 0017) and old months leaving the database (issue #14).
 
 CREATE OR REPLACE FUNCTION metering.idempotency_window() RETURNS interval
 LANGUAGE sql STABLE AS $$
@@ -8,65 +8,6 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION metering.idempotency_window() IS
   'How long a usage event''s idempotency key is remembered after the event: 30 days, or the pgtally.idempotency_window setting (ALTER DATABASE ... SET pgtally.idempotency_window = ''90 days''), never less than a day. Within it a retry is answered from the first charge (or TL409 for a different request); after it the key is forgotten and the same key charges again. A month of usage events leaves (api.detach_month) only once the window has passed its end.';
-
-CREATE OR REPLACE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
-LANGUAGE sql STABLE AS $$
-  SELECT p_table::text || '_y' || to_char(p_month, 'YYYY') || 'm' || to_char(p_month, 'MM')
-$$;
-COMMENT ON FUNCTION util.partition_name(regclass, date) IS
-  'The name of a monthly partition: metering.usage_events, 2026-11-01 -> metering.usage_events_y2026m11.';
-
-CREATE OR REPLACE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3) RETURNS text[]
-LANGUAGE plpgsql AS $$
-DECLARE
-  t regclass;
-  v_default text;
-  v_first date;
-  v_month date;
-  v_name text;
-  v_moving boolean;
-  v_made text[] := '{}';
-BEGIN
-  FOREACH t IN ARRAY ARRAY['metering.usage_events'::regclass, 'ledger.entries'::regclass] LOOP
-    v_default := t::text || '_default';
-    EXECUTE format('SELECT date_trunc(''month'', min(created_at), ''UTC'')::date FROM %s', v_default) INTO v_first;
-    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date),
-                                          date_trunc('month', util.now(), 'UTC')::date + make_interval(months => p_months_ahead),
-                                          interval '1 month')::date LOOP
-      v_name := util.partition_name(t, v_month);
-      CONTINUE WHEN to_regclass(v_name) IS NOT NULL;       -- made before (or detached and kept)
-      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE created_at >= $1 AND created_at < $2)', v_default)
-        INTO v_moving USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
-      IF v_moving THEN
-        -- Rows of this month wait in the default partition (written before the month had its
-        -- own, as by migration 0017): they move into it, the default detached meanwhile.
-        EXECUTE format('ALTER TABLE %s DETACH PARTITION %s', t, v_default);
-      END IF;
-      EXECUTE format('CREATE TABLE %s PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', v_name, t,
-                     v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC');
-      IF v_moving THEN
-        EXECUTE format('INSERT INTO %s OVERRIDING SYSTEM VALUE SELECT * FROM %s WHERE created_at >= $1 AND created_at < $2',
-                       v_name, v_default) USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
-        EXECUTE format('ALTER TABLE %s DISABLE TRIGGER USER', v_default);
-        EXECUTE format('DELETE FROM %s WHERE created_at >= $1 AND created_at < $2', v_default)
-          USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
-        EXECUTE format('ALTER TABLE %s ENABLE TRIGGER USER', v_default);
-        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %s DEFAULT', t, v_default);
-      END IF;
-      IF t = 'ledger.entries'::regclass THEN
-        -- A statement on the partition itself is not one on the parent: it gets its own guards.
-        EXECUTE format('CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
-        EXECUTE format('CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
-      END IF;
-      v_made := v_made || v_name;
-    END LOOP;
-  END LOOP;
-  RETURN v_made;
-END $$;
-COMMENT ON FUNCTION util.ensure_partitions(integer) IS
-  'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, or the current month, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
 
 CREATE OR REPLACE FUNCTION api.maintain_storage() RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -148,5 +89,4 @@ $$;
 COMMENT ON FUNCTION api.partitions() IS
   'pgtally partitions list: every monthly partition of metering.usage_events and ledger.entries (and their default partitions, month NULL), attached or detached and kept, with the planner''s row estimate and its size in bytes. Operators only.';
 
-REVOKE EXECUTE ON FUNCTION util.ensure_partitions(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION api.maintain_storage() TO pgtally_api;

@@ -4,9 +4,9 @@
 -- statement-level trigger. Issue #14.
 -- depends: 0016_sso
 --
--- Existing rows are copied into the new tables (they land in the default partitions; the
--- post-apply step's util.ensure_partitions() moves them into their months). On a large database
--- this rewrites both tables once: plan the upgrade like a VACUUM FULL.
+-- Existing rows are copied into the new tables, straight into their months (made first by
+-- util.ensure_partitions). On a large database this rewrites both tables once: plan the upgrade
+-- like a VACUUM FULL.
 
 -- 1. Views over the two tables are saved, dropped, and recreated over the new tables below.
 CREATE TEMP TABLE saved_views ON COMMIT DROP AS
@@ -99,15 +99,6 @@ COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the 
 COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
 
-INSERT INTO metering.usage_events (id, account_id, created_at, quantity, allowance_units, credits_micros,
-                                   input_tokens, output_tokens, amount_minor, meter_id, idempotency_key,
-                                   metadata, response)
-SELECT id, account_id, created_at, quantity, allowance_units, credits_micros, input_tokens, output_tokens,
-       amount_minor, meter_id, idempotency_key, metadata, response
-FROM metering.usage_events_old;
-CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events (account_id, id);
-CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events (account_id, meter_id, created_at);
-CREATE INDEX usage_events_post_paid_idx ON metering.usage_events (account_id, created_at) WHERE amount_minor IS NOT NULL;
 
 CREATE TABLE metering.idempotency_keys (
   account_id uuid NOT NULL,
@@ -142,6 +133,85 @@ COMMENT ON TABLE ledger.entries IS
 COMMENT ON COLUMN ledger.entries.account_id IS 'Customer account of this side, or NULL for a system account.';
 COMMENT ON COLUMN ledger.entries.system_account IS 'System account of this side, or NULL for a customer account.';
 COMMENT ON COLUMN ledger.entries.balance_after_micros IS 'The customer account''s balance right after this entry (NULL for system accounts).';
+
+
+-- The months the existing rows fall in are made before they are copied, so that each row is
+-- written once, into its month (the worker makes the next months with the same function).
+CREATE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
+LANGUAGE sql STABLE AS $$
+  SELECT p_table::text || '_y' || to_char(p_month, 'YYYY') || 'm' || to_char(p_month, 'MM')
+$$;
+COMMENT ON FUNCTION util.partition_name(regclass, date) IS
+  'The name of a monthly partition: metering.usage_events, 2026-11-01 -> metering.usage_events_y2026m11.';
+
+CREATE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3, p_from date DEFAULT NULL) RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+  t regclass;
+  v_default text;
+  v_first date;
+  v_month date;
+  v_name text;
+  v_moving boolean;
+  v_made text[] := '{}';
+BEGIN
+  FOREACH t IN ARRAY ARRAY['metering.usage_events'::regclass, 'ledger.entries'::regclass] LOOP
+    v_default := t::text || '_default';
+    EXECUTE format('SELECT date_trunc(''month'', min(created_at), ''UTC'')::date FROM %s', v_default) INTO v_first;
+    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date,
+                                                date_trunc('month', p_from)::date),
+                                          date_trunc('month', util.now(), 'UTC')::date + make_interval(months => p_months_ahead),
+                                          interval '1 month')::date LOOP
+      v_name := util.partition_name(t, v_month);
+      CONTINUE WHEN to_regclass(v_name) IS NOT NULL;       -- made before (or detached and kept)
+      EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE created_at >= $1 AND created_at < $2)', v_default)
+        INTO v_moving USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+      IF v_moving THEN
+        -- Rows of this month wait in the default partition (written before the month had its
+        -- own, as by migration 0017): they move into it, the default detached meanwhile.
+        EXECUTE format('ALTER TABLE %s DETACH PARTITION %s', t, v_default);
+      END IF;
+      EXECUTE format('CREATE TABLE %s PARTITION OF %s FOR VALUES FROM (%L) TO (%L)', v_name, t,
+                     v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC');
+      IF v_moving THEN
+        EXECUTE format('INSERT INTO %s OVERRIDING SYSTEM VALUE SELECT * FROM %s WHERE created_at >= $1 AND created_at < $2',
+                       v_name, v_default) USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s DISABLE TRIGGER USER', v_default);
+        EXECUTE format('DELETE FROM %s WHERE created_at >= $1 AND created_at < $2', v_default)
+          USING v_month::timestamp AT TIME ZONE 'UTC', (v_month + interval '1 month') AT TIME ZONE 'UTC';
+        EXECUTE format('ALTER TABLE %s ENABLE TRIGGER USER', v_default);
+        EXECUTE format('ALTER TABLE %s ATTACH PARTITION %s DEFAULT', t, v_default);
+      END IF;
+      IF t = 'ledger.entries'::regclass THEN
+        -- A statement on the partition itself is not one on the parent: it gets its own guards.
+        EXECUTE format('CREATE TRIGGER entries_append_only BEFORE UPDATE OR DELETE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+        EXECUTE format('CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change()', v_name);
+      END IF;
+      v_made := v_made || v_name;
+    END LOOP;
+  END LOOP;
+  RETURN v_made;
+END $$;
+COMMENT ON FUNCTION util.ensure_partitions(integer, date) IS
+  'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, the current month or p_from, whichever is first, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
+
+REVOKE EXECUTE ON FUNCTION util.ensure_partitions(integer, date) FROM PUBLIC;
+DO $$ BEGIN
+  PERFORM util.ensure_partitions(3, (SELECT least((SELECT min(created_at) FROM metering.usage_events_old),
+                                                  (SELECT min(created_at) FROM ledger.entries_old)) AT TIME ZONE 'UTC')::date);
+END $$;
+
+INSERT INTO metering.usage_events (id, account_id, created_at, quantity, allowance_units, credits_micros,
+                                   input_tokens, output_tokens, amount_minor, meter_id, idempotency_key,
+                                   metadata, response)
+SELECT id, account_id, created_at, quantity, allowance_units, credits_micros, input_tokens, output_tokens,
+       amount_minor, meter_id, idempotency_key, metadata, response
+FROM metering.usage_events_old;
+CREATE INDEX usage_events_account_id_id_idx ON metering.usage_events (account_id, id);
+CREATE INDEX usage_events_account_meter_created_idx ON metering.usage_events (account_id, meter_id, created_at);
+CREATE INDEX usage_events_post_paid_idx ON metering.usage_events (account_id, created_at) WHERE amount_minor IS NOT NULL;
 INSERT INTO ledger.entries (id, transfer_id, account_id, system_account, amount_micros, balance_after_micros, created_at)
 OVERRIDING SYSTEM VALUE
 SELECT id, transfer_id, account_id, system_account, amount_micros, balance_after_micros, created_at FROM ledger.entries_old;

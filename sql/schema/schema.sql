@@ -5491,7 +5491,7 @@ $$;
 
 COMMENT ON FUNCTION util.credits(p_micros bigint) IS 'Micro-credits as an exact decimal string of credits, as JSON shows them, for any bigint: 12500000 -> ''12.5'', 6000000000000052392 -> ''6000000000000.052392''. NULL stays NULL.';
 
-CREATE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3) RETURNS text[]
+CREATE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3, p_from date DEFAULT NULL::date) RETURNS text[]
     LANGUAGE plpgsql
     AS $_$
 DECLARE
@@ -5506,7 +5506,8 @@ BEGIN
   FOREACH t IN ARRAY ARRAY['metering.usage_events'::regclass, 'ledger.entries'::regclass] LOOP
     v_default := t::text || '_default';
     EXECUTE format('SELECT date_trunc(''month'', min(created_at), ''UTC'')::date FROM %s', v_default) INTO v_first;
-    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date),
+    FOR v_month IN SELECT generate_series(least(v_first, date_trunc('month', util.now(), 'UTC')::date,
+                                                date_trunc('month', p_from)::date),
                                           date_trunc('month', util.now(), 'UTC')::date + make_interval(months => p_months_ahead),
                                           interval '1 month')::date LOOP
       v_name := util.partition_name(t, v_month);
@@ -5542,7 +5543,7 @@ BEGIN
   RETURN v_made;
 END $_$;
 
-COMMENT ON FUNCTION util.ensure_partitions(p_months_ahead integer) IS 'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, or the current month, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
+COMMENT ON FUNCTION util.ensure_partitions(p_months_ahead integer, p_from date) IS 'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, the current month or p_from, whichever is first, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
 
 CREATE FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS void
     LANGUAGE plpgsql
@@ -7916,7 +7917,7 @@ REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION util.ensure_partitions(p_months_ahead integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION util.ensure_partitions(p_months_ahead integer, p_from date) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) FROM PUBLIC;
 
