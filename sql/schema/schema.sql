@@ -1677,6 +1677,7 @@ CREATE FUNCTION api.maintain_storage() RETURNS jsonb
 DECLARE
   v_made text[];
   v_forgotten bigint;
+  v_lock_timeout text := current_setting('lock_timeout');
 BEGIN
   -- Making a partition locks the parent table: charges queue behind a DDL that waits, so it waits
   -- at most two seconds (a long transaction holding the table) and tries again next time; the
@@ -1687,7 +1688,7 @@ BEGIN
   EXCEPTION WHEN lock_not_available THEN
     v_made := NULL;
   END;
-  PERFORM set_config('lock_timeout', '0', true);
+  PERFORM set_config('lock_timeout', v_lock_timeout, true);
   DELETE FROM metering.idempotency_keys WHERE created_at < util.now() - metering.idempotency_window();
   GET DIAGNOSTICS v_forgotten = ROW_COUNT;
   RETURN jsonb_build_object('partitions_made', to_jsonb(v_made), 'idempotency_keys_forgotten', v_forgotten);
