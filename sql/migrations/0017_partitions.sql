@@ -113,6 +113,8 @@ COMMENT ON TABLE metering.idempotency_keys IS
 COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
 INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
 SELECT account_id, idempotency_key, id, created_at, request_hash FROM metering.usage_events_old;
+-- What api.maintain_storage forgets every few minutes is found by this index, not a scan of the window.
+CREATE INDEX idempotency_keys_created_at_idx ON metering.idempotency_keys (created_at);
 
 CREATE TABLE ledger.entries (
   id bigint GENERATED ALWAYS AS IDENTITY,

@@ -7204,6 +7204,8 @@ CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WH
 
 CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
 
+CREATE INDEX idempotency_keys_created_at_idx ON metering.idempotency_keys USING btree (created_at);
+
 CREATE INDEX usage_events_account_id_id_idx ON ONLY metering.usage_events USING btree (account_id, id);
 
 CREATE INDEX usage_events_account_meter_created_idx ON ONLY metering.usage_events USING btree (account_id, meter_id, created_at);
