@@ -155,3 +155,10 @@ def test_making_partitions_gives_way_to_a_long_transaction(owner, db_url):
         reader.rollback()
     made = owner.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"]
     assert "metering.usage_events_y2027m09" in made and "ledger.entries_y2027m06" in made
+
+
+def test_the_server_role_the_worker_uses_makes_next_months(api_conn):
+    api_conn.execute("SET pgtally.now = '2027-08-01 00:00+00'")
+    made = api_conn.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"]
+    assert "metering.usage_events_y2027m11" in made and "ledger.entries_y2027m08" in made
+    assert api_conn.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"] == []
