@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import psycopg
+import psycopg.types.json
 import pytest
 
 from tests.conftest import reconciliation_problems
@@ -162,3 +163,17 @@ def test_the_server_role_the_worker_uses_makes_next_months(api_conn):
     made = api_conn.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"]
     assert "metering.usage_events_y2027m11" in made and "ledger.entries_y2027m08" in made
     assert api_conn.execute("SELECT api.maintain_storage()").fetchone()[0]["partitions_made"] == []
+
+
+def test_an_event_charged_before_0017_replays_its_stored_answer(owner, new_account):
+    acct = new_account("free")
+    stored = {"id": "legacy", "object": "usage_event", "charged": {"allowance_units": 1, "credits": "0"}}
+    hash_ = owner.execute("SELECT metering.request_hash('generation', NULL, NULL, NULL)").fetchone()[0]
+    (event_id, created_at) = owner.execute(
+        "INSERT INTO metering.usage_events (account_id, created_at, quantity, allowance_units, credits_micros, meter_id, "
+        "idempotency_key, response) VALUES (%s, now() - interval '1 day', 1, 1, 0, 'generation', 'old-key', %s) "
+        "RETURNING id, created_at", [acct["account_id"], psycopg.types.json.Jsonb(stored)]).fetchone()
+    owner.execute("INSERT INTO metering.idempotency_keys VALUES (%s, 'old-key', %s, %s, %s)",
+                  [acct["account_id"], event_id, created_at, hash_])
+    assert consume(owner, acct["api_key"], "old-key") == (True, stored)
+    assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 1
