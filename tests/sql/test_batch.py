@@ -69,3 +69,21 @@ def test_a_batch_refuses_accounts_the_key_may_not_charge(api_conn, new_account):
         {"idempotency_key": "y", "meter": "generation", "account_id": other["account_id"]},
         {"idempotency_key": "z", "meter": "generation", "account_id": "not-a-uuid"}])
     assert [(a["status"], a.get("sqlstate")) for a in answers] == [("charged", None), ("refused", "TL403"), ("refused", "TL422")]
+
+
+def test_one_key_on_two_accounts_is_two_charges_and_each_repeat_replays_its_own(owner):
+    service = owner.execute("SELECT api.create_account('free', 0, 'meter', 'service')").fetchone()[0]["api_key"]
+    first, second = (owner.execute("SELECT api.create_account('unlimited')").fetchone()[0]["account_id"] for _ in range(2))
+    events = [{"idempotency_key": "same", "meter": "generation", "account_id": account, "quantity": quantity}
+              for account, quantity in ((first, 1), (second, 2), (second, 2), (first, 1), (first, 3))]
+    answers = batch(owner, service, events)
+    assert [(a["status"], a.get("sqlstate")) for a in answers] == [
+        ("charged", None), ("charged", None), ("replayed", None), ("replayed", None), ("refused", "TL409")]
+    assert answers[2]["event"] == answers[1]["event"] and answers[3]["event"] == answers[0]["event"]
+    assert {answers[0]["event"]["account_id"], answers[1]["event"]["account_id"]} == {first, second}
+    # A thousand events, every fifth a repeat of the one before it: a repeat replays within the batch.
+    account = owner.execute("SELECT api.create_account('unlimited')").fetchone()[0]
+    events = [{"idempotency_key": f"k{n - (n % 5 == 4)}", "meter": "generation"} for n in range(1000)]
+    statuses = [a["status"] for a in batch(owner, account["api_key"], events)]
+    assert statuses.count("charged") == 800 and statuses.count("replayed") == 200
+    assert reconciliation_problems(owner) == {}
