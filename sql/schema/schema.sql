@@ -683,8 +683,12 @@ DECLARE
   v_keys metering.idempotency_keys[] := '{}';
   v_key metering.idempotency_keys;
   v_event metering.usage_events;
-  v_charged jsonb := '{}';             -- "account key" -> [its place in v_keys, its place in v_results]
-  v_seen jsonb;
+  v_group integer[];                   -- per event: its (account, key) group: events that share account and key
+  v_priors metering.idempotency_keys[];  -- per event: its key's record from an earlier request (NULL: none)
+  v_group_key integer[] := '{}';       -- per group: the place in v_keys of the event that charged it
+  v_group_result integer[] := '{}';    -- per group: that event's place in v_results
+  v_seen integer;
+  v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
   v_state text;
   v_message text;
@@ -715,6 +719,15 @@ BEGIN
     PERFORM metering.expire_holds(v_account_id);
     PERFORM ledger.refresh_lots(v_account_id);
   END LOOP;
+  -- Every event's idempotency record from earlier requests, read in one statement now that the
+  -- accounts are locked; and its group, so that a key charged earlier in this batch (not in the
+  -- table yet) is found by array index, not by a lookup that grows with the batch.
+  SELECT array_agg(x.grp ORDER BY x.n), array_agg(k ORDER BY x.n) INTO v_group, v_priors
+  FROM (SELECT t.n, dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'idempotency_key') AS grp,
+               p.account_id, t.x ->> 'idempotency_key' AS idempotency_key
+        FROM jsonb_array_elements(p_events) WITH ORDINALITY t(x, n)
+        CROSS JOIN LATERAL (SELECT (v_principals -> coalesce(t.x ->> 'account_id', '') ->> 'account_id')::uuid AS account_id) p) x
+  LEFT JOIN metering.idempotency_keys k ON k.account_id = x.account_id AND k.idempotency_key = x.idempotency_key;
 
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     v_account_id := (v_principals -> coalesce(e ->> 'account_id', '') ->> 'account_id')::uuid;
@@ -732,13 +745,12 @@ BEGIN
     IF v_answer IS NULL THEN
       v_metadata := nullif(e -> 'metadata', 'null'::jsonb);
       -- A key charged earlier in this batch is not in the table yet.
-      v_seen := v_charged -> (v_account_id || ' ' || (e ->> 'idempotency_key'));
-      IF v_seen IS NOT NULL THEN
-        v_prior := v_keys[(v_seen ->> 0)::integer];
-      ELSE
-        SELECT * INTO v_prior FROM metering.idempotency_keys WHERE account_id = v_account_id AND idempotency_key = e ->> 'idempotency_key';
+      v_seen := v_group_key[v_group[i + 1]];
+      v_prior := CASE WHEN v_seen IS NOT NULL THEN v_keys[v_seen] ELSE v_priors[i + 1] END;
+      IF v_read OR a.id IS DISTINCT FROM v_account_id THEN
+        SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
+        v_read := false;
       END IF;
-      SELECT * INTO a FROM identity.accounts WHERE id = v_account_id;
       BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                         (e ->> 'output_tokens')::bigint, v_metadata);
@@ -753,7 +765,7 @@ BEGIN
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         ELSE
           v_answer := jsonb_build_object('status', 'replayed', 'event',
-                                         CASE WHEN v_seen IS NOT NULL THEN v_results[(v_seen ->> 1)::integer] -> 'event'
+                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                               ELSE metering.replayed_answer(v_prior) END);
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
@@ -772,8 +784,9 @@ BEGIN
       v_key.request_hash := v_hash;
       v_events := v_events || v_event;
       v_keys := v_keys || v_key;
-      v_charged := v_charged || jsonb_build_object(v_account_id || ' ' || v_event.idempotency_key,
-                                                   jsonb_build_array(cardinality(v_keys), i + 1));
+      v_group_key[v_group[i + 1]] := cardinality(v_keys);
+      v_group_result[v_group[i + 1]] := i + 1;
+      v_read := q.credits_micros > 0;      -- the balance changed (an allowance charge leaves the account row alone)
     END IF;
     v_results := v_results || (jsonb_build_object('index', i) || v_answer);
     i := i + 1;
