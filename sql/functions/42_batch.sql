@@ -65,12 +65,16 @@ BEGIN
   -- Every event's idempotency record from earlier requests, read in one statement now that the
   -- accounts are locked; and its group, so that a key charged earlier in this batch (not in the
   -- table yet) is found by array index, not by a lookup that grows with the batch.
-  SELECT array_agg(x.grp ORDER BY x.n), array_agg(k ORDER BY x.n) INTO v_group, v_priors
+  -- (A subquery per event, so that each is one probe of the key index: as a join, the planner
+  -- may hash the whole key table for a batch of a hundred.)
+  SELECT array_agg(x.grp ORDER BY x.n),
+         array_agg((SELECT k FROM metering.idempotency_keys k
+                    WHERE k.account_id = x.account_id AND k.idempotency_key = x.idempotency_key) ORDER BY x.n)
+  INTO v_group, v_priors
   FROM (SELECT t.n, dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'idempotency_key') AS grp,
                p.account_id, t.x ->> 'idempotency_key' AS idempotency_key
         FROM jsonb_array_elements(p_events) WITH ORDINALITY t(x, n)
-        CROSS JOIN LATERAL (SELECT (v_principals -> coalesce(t.x ->> 'account_id', '') ->> 'account_id')::uuid AS account_id) p) x
-  LEFT JOIN metering.idempotency_keys k ON k.account_id = x.account_id AND k.idempotency_key = x.idempotency_key;
+        CROSS JOIN LATERAL (SELECT (v_principals -> coalesce(t.x ->> 'account_id', '') ->> 'account_id')::uuid AS account_id) p) x;
 
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     v_account_id := (v_principals -> coalesce(e ->> 'account_id', '') ->> 'account_id')::uuid;
