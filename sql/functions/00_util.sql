@@ -37,7 +37,9 @@ COMMENT ON FUNCTION util.hmac_sha256(bytea, bytea) IS
   'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
 
 CREATE OR REPLACE FUNCTION util.iso(p_at timestamptz) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+-- STABLE as to_char is, so that PostgreSQL inlines it where it is used (an IMMUTABLE function
+-- over a STABLE one is called, not inlined: a function call of its own each time).
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
   SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
 COMMENT ON FUNCTION util.iso(timestamptz) IS

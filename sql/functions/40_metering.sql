@@ -278,7 +278,7 @@ CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint
                                                  p_input_tokens bigint, p_output_tokens bigint,
                                                  p_metadata jsonb DEFAULT NULL)
 RETURNS bytea
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$        -- STABLE as jsonb_build_object and convert_to are, so that it is inlined
   SELECT sha256(convert_to((jsonb_build_object(
     'meter', p_meter,
     'quantity', coalesce(p_quantity, CASE WHEN p_input_tokens IS NULL AND p_output_tokens IS NULL THEN 1 END),
@@ -411,7 +411,9 @@ BEGIN
   -- idempotency check below all read state no concurrent charge can change until we commit.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
-  IF metering.expire_holds(v_account.id) > 0 THEN
+  IF EXISTS (SELECT 1 FROM metering.holds h
+             WHERE h.account_id = v_account.id AND h.status = 'open' AND h.expires_at <= util.now()) THEN
+    PERFORM metering.expire_holds(v_account.id);       -- (most accounts have none: no call)
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
   IF v_account.credits_due_at <= util.now() THEN     -- (NULL AND f() would still call f)
@@ -433,12 +435,13 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  -- (Calls in expressions, not SELECT ... FROM f(): no executor and tuplestore for a one-row result.)
+  q := metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
   replayed := false;
-  SELECT c.answer INTO body FROM metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q) c;
+  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q)).answer;
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS

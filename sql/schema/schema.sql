@@ -628,7 +628,9 @@ BEGIN
   -- idempotency check below all read state no concurrent charge can change until we commit.
   v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
-  IF metering.expire_holds(v_account.id) > 0 THEN
+  IF EXISTS (SELECT 1 FROM metering.holds h
+             WHERE h.account_id = v_account.id AND h.status = 'open' AND h.expires_at <= util.now()) THEN
+    PERFORM metering.expire_holds(v_account.id);       -- (most accounts have none: no call)
     SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id;
   END IF;
   IF v_account.credits_due_at <= util.now() THEN     -- (NULL AND f() would still call f)
@@ -650,12 +652,13 @@ BEGIN
     RETURN;
   END IF;
 
-  SELECT * INTO q FROM metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
+  -- (Calls in expressions, not SELECT ... FROM f(): no executor and tuplestore for a one-row result.)
+  q := metering.quote(v_account, p_meter, p_quantity, p_input_tokens, p_output_tokens);
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
   replayed := false;
-  SELECT c.answer INTO body FROM metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q) c;
+  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q)).answer;
   RETURN NEXT;
 END $$;
 
@@ -5367,8 +5370,8 @@ $$;
 COMMENT ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) IS 'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
-    LANGUAGE sql IMMUTABLE
-    AS $$
+    LANGUAGE sql STABLE
+    AS $$        -- STABLE as jsonb_build_object and convert_to are, so that it is inlined
   SELECT sha256(convert_to((jsonb_build_object(
     'meter', p_meter,
     'quantity', coalesce(p_quantity, CASE WHEN p_input_tokens IS NULL AND p_output_tokens IS NULL THEN 1 END),
@@ -5607,7 +5610,7 @@ END $$;
 COMMENT ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) IS 'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
 
 CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
   SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
 $$;
@@ -5640,8 +5643,8 @@ $$;
 COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
 
 CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
-    LANGUAGE sql IMMUTABLE
-    AS $$
+    LANGUAGE sql STABLE
+    AS $$        -- STABLE as convert_to is, so that it is inlined
   SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
 $$;
 
