@@ -62,11 +62,30 @@ BEGIN
                                       to_char(v_start, 'YYYY-MM')));
   END IF;
   LOCK TABLE metering.usage_events, ledger.entries IN SHARE ROW EXCLUSIVE MODE;
+  -- Months leave oldest first: the archived sums are where an account's running balance starts.
+  IF EXISTS (SELECT 1 FROM ledger.entries WHERE created_at < v_from) THEN
+    PERFORM util.fail('TL409', format('an earlier month than %s still has ledger entries: detach the oldest month first',
+                                      to_char(v_start, 'YYYY-MM')));
+  END IF;
   EXECUTE format('SELECT count(*) FROM %s', v_events) INTO v_event_count;
-  EXECUTE format('INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries) '
-                 'SELECT $1, account_id, system_account, sum(amount_micros), count(*) FROM %s GROUP BY 2, 3', v_entries)
-    USING v_start;
-  GET DIAGNOSTICS v_entry_count = ROW_COUNT;
+  -- The month's entries summed per account and system account, but for those written after an
+  -- entry of a later month of the same account (a transaction that began before the month ended
+  -- and charged after the next one had begun): those are kept one by one, with their ids, so
+  -- that reporting.entry_balance_breaks counts them where they came. Only the few entries near
+  -- the month's end are looked at (ids come from a sequence, in the order entries are written).
+  EXECUTE format($f$
+    WITH later AS (SELECT l.account_id, min(l.id) AS first_id FROM ledger.entries l
+                   WHERE l.created_at >= $2 AND l.account_id IS NOT NULL AND l.id < (SELECT max(id) FROM %1$s)
+                   GROUP BY l.account_id),
+         one_by_one AS (SELECT m.id, m.account_id, m.amount_micros FROM %1$s m
+                        JOIN later ON later.account_id = m.account_id AND m.id > later.first_id),
+         kept AS (INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries, entry_id)
+                  SELECT $1, account_id, NULL, amount_micros, 1, id FROM one_by_one RETURNING 1)
+    INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries)
+    SELECT $1, m.account_id, m.system_account, sum(m.amount_micros), count(*) FROM %1$s m
+    WHERE m.id NOT IN (SELECT id FROM one_by_one) GROUP BY 2, 3$f$, v_entries)
+    USING v_start, v_to;
+  SELECT count(*) INTO v_entry_count FROM ledger.archived_balances WHERE month = v_start;
   DELETE FROM metering.idempotency_keys WHERE created_at < v_to;      -- past the window already
   EXECUTE format('ALTER TABLE metering.usage_events DETACH PARTITION %s', v_events);
   EXECUTE format('ALTER TABLE ledger.entries DETACH PARTITION %s', v_entries);
@@ -74,7 +93,7 @@ BEGIN
                             'entries', v_entries, 'archived_balances', v_entry_count);
 END $$;
 COMMENT ON FUNCTION api.detach_month(date) IS
-  'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances, so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), and once the analytics rollup has read it (TL409). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
+  'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances (an entry written after an entry of a later month of its account stays there by itself, with its id), so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), once the analytics rollup has read it (TL409), and oldest month first (TL409 while an earlier month has ledger entries). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
 
 CREATE OR REPLACE FUNCTION api.partitions() RETURNS TABLE (table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

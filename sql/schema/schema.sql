@@ -945,11 +945,30 @@ BEGIN
                                       to_char(v_start, 'YYYY-MM')));
   END IF;
   LOCK TABLE metering.usage_events, ledger.entries IN SHARE ROW EXCLUSIVE MODE;
+  -- Months leave oldest first: the archived sums are where an account's running balance starts.
+  IF EXISTS (SELECT 1 FROM ledger.entries WHERE created_at < v_from) THEN
+    PERFORM util.fail('TL409', format('an earlier month than %s still has ledger entries: detach the oldest month first',
+                                      to_char(v_start, 'YYYY-MM')));
+  END IF;
   EXECUTE format('SELECT count(*) FROM %s', v_events) INTO v_event_count;
-  EXECUTE format('INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries) '
-                 'SELECT $1, account_id, system_account, sum(amount_micros), count(*) FROM %s GROUP BY 2, 3', v_entries)
-    USING v_start;
-  GET DIAGNOSTICS v_entry_count = ROW_COUNT;
+  -- The month's entries summed per account and system account, but for those written after an
+  -- entry of a later month of the same account (a transaction that began before the month ended
+  -- and charged after the next one had begun): those are kept one by one, with their ids, so
+  -- that reporting.entry_balance_breaks counts them where they came. Only the few entries near
+  -- the month's end are looked at (ids come from a sequence, in the order entries are written).
+  EXECUTE format($f$
+    WITH later AS (SELECT l.account_id, min(l.id) AS first_id FROM ledger.entries l
+                   WHERE l.created_at >= $2 AND l.account_id IS NOT NULL AND l.id < (SELECT max(id) FROM %1$s)
+                   GROUP BY l.account_id),
+         one_by_one AS (SELECT m.id, m.account_id, m.amount_micros FROM %1$s m
+                        JOIN later ON later.account_id = m.account_id AND m.id > later.first_id),
+         kept AS (INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries, entry_id)
+                  SELECT $1, account_id, NULL, amount_micros, 1, id FROM one_by_one RETURNING 1)
+    INSERT INTO ledger.archived_balances (month, account_id, system_account, amount_micros, entries)
+    SELECT $1, m.account_id, m.system_account, sum(m.amount_micros), count(*) FROM %1$s m
+    WHERE m.id NOT IN (SELECT id FROM one_by_one) GROUP BY 2, 3$f$, v_entries)
+    USING v_start, v_to;
+  SELECT count(*) INTO v_entry_count FROM ledger.archived_balances WHERE month = v_start;
   DELETE FROM metering.idempotency_keys WHERE created_at < v_to;      -- past the window already
   EXECUTE format('ALTER TABLE metering.usage_events DETACH PARTITION %s', v_events);
   EXECUTE format('ALTER TABLE ledger.entries DETACH PARTITION %s', v_entries);
@@ -957,7 +976,7 @@ BEGIN
                             'entries', v_entries, 'archived_balances', v_entry_count);
 END $_$;
 
-COMMENT ON FUNCTION api.detach_month(p_month date) IS 'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances, so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), and once the analytics rollup has read it (TL409). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
+COMMENT ON FUNCTION api.detach_month(p_month date) IS 'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances (an entry written after an entry of a later month of its account stays there by itself, with its id), so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), once the analytics rollup has read it (TL409), and oldest month first (TL409 while an earlier month has ledger entries). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
 
 CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -6030,10 +6049,13 @@ CREATE TABLE ledger.archived_balances (
     system_account text,
     amount_micros numeric NOT NULL,
     entries bigint NOT NULL,
+    entry_id bigint,
     CONSTRAINT archived_balances_check CHECK (((account_id IS NULL) <> (system_account IS NULL)))
 );
 
-COMMENT ON TABLE ledger.archived_balances IS 'What each account''s entries of a detached month summed to (micro-credits) and how many there were, written by api.detach_month in the transaction that detaches the month: the reconciliation views add these sums to the entries still attached.';
+COMMENT ON TABLE ledger.archived_balances IS 'What each account''s entries of a detached month summed to (micro-credits) and how many there were, written by api.detach_month in the transaction that detaches the month: the reconciliation views add these sums to the entries still attached. entry_id NULL: the month''s sum; set: one entry of the month kept by itself (entries = 1) because it was written after an entry of a later month of the same account, so reporting.entry_balance_breaks counts it at its place (its id).';
+
+COMMENT ON COLUMN ledger.archived_balances.entry_id IS 'NULL for a month''s sum; the id of a single detached entry that came after the next month had begun for its account (see the table comment).';
 
 CREATE TABLE ledger.entries (
     id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
@@ -6422,17 +6444,34 @@ CREATE VIEW reporting.entry_balance_breaks AS
     account_id,
     balance_after_micros,
     running_micros
-   FROM ( SELECT e.id,
-            e.account_id,
-            e.balance_after_micros,
-            (COALESCE(( SELECT sum(b.amount_micros) AS sum
+   FROM ( SELECT x.id,
+            x.account_id,
+            x.balance_after_micros,
+            x.attached,
+            (COALESCE(s.archived, (0)::numeric) + sum(x.amount_micros) OVER (PARTITION BY x.account_id ORDER BY x.id)) AS running_micros
+           FROM (( SELECT e.id,
+                    e.account_id,
+                    (e.amount_micros)::numeric AS amount_micros,
+                    e.balance_after_micros,
+                    true AS attached
+                   FROM ledger.entries e
+                  WHERE (e.account_id IS NOT NULL)
+                UNION ALL
+                 SELECT b.entry_id,
+                    b.account_id,
+                    b.amount_micros,
+                    NULL::bigint,
+                    false
                    FROM ledger.archived_balances b
-                  WHERE (b.account_id = e.account_id)), (0)::numeric) + sum(e.amount_micros) OVER (PARTITION BY e.account_id ORDER BY e.id)) AS running_micros
-           FROM ledger.entries e
-          WHERE (e.account_id IS NOT NULL)) s
-  WHERE ((balance_after_micros)::numeric <> running_micros);
+                  WHERE ((b.entry_id IS NOT NULL) AND (b.account_id IS NOT NULL))) x
+             LEFT JOIN ( SELECT archived_balances.account_id,
+                    sum(archived_balances.amount_micros) AS archived
+                   FROM ledger.archived_balances
+                  WHERE ((archived_balances.entry_id IS NULL) AND (archived_balances.account_id IS NOT NULL))
+                  GROUP BY archived_balances.account_id) s ON ((s.account_id = x.account_id)))) r
+  WHERE (attached AND ((balance_after_micros)::numeric <> running_micros));
 
-COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries (starting from what its detached months summed to). Must be empty.';
+COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries in id order (starting from what its detached months summed to, with the detached entries kept one by one at their places). Must be empty.';
 
 CREATE VIEW reporting.hold_mismatches AS
  SELECT a.id AS account_id,
@@ -7094,7 +7133,7 @@ ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_referral_code_key UNIQUE (referral_code);
 
 ALTER TABLE ONLY ledger.archived_balances
-    ADD CONSTRAINT archived_balances_month_account_id_system_account_key UNIQUE NULLS NOT DISTINCT (month, account_id, system_account);
+    ADD CONSTRAINT archived_balances_month_account_id_system_account_key UNIQUE NULLS NOT DISTINCT (month, account_id, system_account, entry_id);
 
 ALTER TABLE ONLY ledger.credit_lots
     ADD CONSTRAINT credit_lots_grant_key UNIQUE (account_id, grant_key);

@@ -177,3 +177,34 @@ def test_an_event_charged_before_0017_replays_its_stored_answer(owner, new_accou
                   [acct["account_id"], event_id, created_at, hash_])
     assert consume(owner, acct["api_key"], "old-key") == (True, stored)
     assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 1
+
+
+def test_a_charge_that_began_before_the_month_ended_but_came_after_the_next_began_still_balances(owner, db_url, new_account):
+    # The late transaction's entry belongs to September (its transaction began then) but was
+    # written after October's first charge of the same account: the detached month keeps it by
+    # itself, so the running balances of October still start right.
+    at(owner, "2026-09-10 12:00:00+00")
+    owner.execute("SELECT util.ensure_partitions(1)")
+    acct = new_account("free", 100 * CREDIT)
+    key = acct["api_key"]
+    consume(owner, key, "sep-1", quantity=12)                            # 10 free, 2 credits
+    at(owner, "2026-10-01 00:00:00.01+00")
+    october = consume(owner, key, "oct-1", quantity=12)[1]
+    with psycopg.connect(db_url, autocommit=True) as late:
+        at(late, "2026-09-30 23:59:59.99+00")
+        september_late = consume(late, key, "sep-late", quantity=13)[1]   # 3 credits, written after oct-1
+    assert partition_of_event(owner, september_late["id"]) == "metering.usage_events_y2026m09"
+    assert reconciliation_problems(owner) == {}
+
+    at(owner, "2026-12-15 00:00:00+00")
+    owner.execute("SELECT api.rollup_usage(100000)")
+    # Months leave oldest first.
+    assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-10-01')")) == "TL409"
+    owner.execute("SELECT api.detach_month('2026-09-01')")
+    kept = owner.execute("SELECT amount_micros, entries FROM ledger.archived_balances "
+                         "WHERE entry_id IS NOT NULL").fetchall()
+    assert kept == [(-3 * CREDIT, 1)]
+    assert reconciliation_problems(owner) == {}
+    consume(owner, key, "dec-1", quantity=1)
+    assert reconciliation_problems(owner) == {}
+    assert october["balance"]["credits"] == "96" and september_late["balance"]["credits"] == "93"
