@@ -6540,9 +6540,45 @@ UNION ALL
    FROM metering.usage_events u
   WHERE (NOT (EXISTS ( SELECT 1
            FROM metering.meters m
-          WHERE (m.id = u.meter_id))));
+          WHERE (m.id = u.meter_id))))
+UNION ALL
+ SELECT 'allowance_window'::text AS row_kind,
+    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
+    'account'::text AS missing,
+    (w.account_id)::text AS reference
+   FROM metering.allowance_usage w
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = w.account_id))))
+UNION ALL
+ SELECT 'allowance_window'::text AS row_kind,
+    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
+    'meter'::text AS missing,
+    w.meter_id AS reference
+   FROM metering.allowance_usage w
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM metering.meters m
+          WHERE (m.id = w.meter_id))))
+UNION ALL
+ SELECT 'credit_lot'::text AS row_kind,
+    (l.id)::text AS row_id,
+    'account'::text AS missing,
+    (l.account_id)::text AS reference
+   FROM ledger.credit_lots l
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = l.account_id))))
+UNION ALL
+ SELECT 'credit_lot'::text AS row_kind,
+    (l.id)::text AS row_id,
+    'transfer'::text AS missing,
+    (l.transfer_id)::text AS reference
+   FROM ledger.credit_lots l
+  WHERE ((l.transfer_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM ledger.transfers t
+          WHERE (t.id = l.transfer_id)))));
 
-COMMENT ON VIEW reporting.ledger_reference_breaks IS 'Reconciliation: ledger entries, transfers and usage events that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost; ledger.post_transfer and api.consume write them from rows they just locked or read); this view proves them. Must be empty.';
+COMMENT ON VIEW reporting.ledger_reference_breaks IS 'Reconciliation: ledger entries, transfers, usage events, allowance windows and credit lots that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost, and a batch paid one per event again on the rows it updates more than once; ledger.post_transfer, ledger.grant_lot and metering.charge write them from rows they just locked, read or wrote); this view proves them. Must be empty.';
 
 CREATE VIEW reporting.lot_balance_mismatches AS
  SELECT a.id AS account_id,
@@ -7448,18 +7484,6 @@ ALTER TABLE ONLY identity.user_identities
 
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
-
-ALTER TABLE ONLY ledger.credit_lots
-    ADD CONSTRAINT credit_lots_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY ledger.credit_lots
-    ADD CONSTRAINT credit_lots_transfer_id_fkey FOREIGN KEY (transfer_id) REFERENCES ledger.transfers(id);
-
-ALTER TABLE ONLY metering.allowance_usage
-    ADD CONSTRAINT allowance_usage_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY metering.allowance_usage
-    ADD CONSTRAINT allowance_usage_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
 
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);

@@ -87,3 +87,19 @@ def test_one_key_on_two_accounts_is_two_charges_and_each_repeat_replays_its_own(
     statuses = [a["status"] for a in batch(owner, account["api_key"], events)]
     assert statuses.count("charged") == 800 and statuses.count("replayed") == 200
     assert reconciliation_problems(owner) == {}
+
+
+def test_windows_and_lots_naming_what_does_not_exist_are_reconciliation_breaks(owner, new_account):
+    # Not foreign keys (a batch updates them once per event): reporting.ledger_reference_breaks proves them.
+    acct = new_account("free", 5 * CREDIT)
+    batch(owner, acct["api_key"], [{"idempotency_key": f"k{n}", "meter": "generation", "quantity": 3} for n in range(5)])
+    assert reconciliation_problems(owner) == {}
+    owner.execute("INSERT INTO metering.allowance_usage (account_id, meter_id, period_start, period_end, used) "
+                  "VALUES (gen_random_uuid(), 'generation', now(), now() + interval '1 day', 1), "
+                  "(%s, 'no-such-meter', now(), now() + interval '1 day', 1)", [acct["account_id"]])
+    owner.execute("INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key, "
+                  "transfer_id, available_at, created_at) SELECT gen_random_uuid(), 'promotion', 1, 1, 'active', 'orphan', "
+                  "gen_random_uuid(), now(), now()")
+    breaks = reconciliation_problems(owner)["ledger_reference_breaks"]
+    assert sorted((kind, missing) for kind, _, missing, _ in breaks) == [
+        ("allowance_window", "account"), ("allowance_window", "meter"), ("credit_lot", "account"), ("credit_lot", "transfer")]
