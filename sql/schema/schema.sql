@@ -762,8 +762,8 @@ BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                         (e ->> 'output_tokens')::bigint, v_metadata);
         IF v_prior.usage_event_id IS NULL THEN
-          SELECT * INTO q FROM metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                                              (e ->> 'output_tokens')::bigint);
+          q := metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
+                              (e ->> 'output_tokens')::bigint);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
@@ -781,7 +781,7 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL THEN
-      SELECT * INTO v_charge FROM metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
       v_event := v_charge.event;
       v_answer := jsonb_build_object('status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
