@@ -123,7 +123,7 @@ BEGIN
     IF v_answer IS NULL THEN
       v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
       v_event := v_charge.event;
-      v_answer := jsonb_build_object('status', 'charged', 'event', v_charge.answer);
+      v_answer := jsonb_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);  -- (built once: answers are copied whole)
       v_key.account_id := v_event.account_id;
       v_key.idempotency_key := v_event.idempotency_key;
       v_key.usage_event_id := v_event.id;
@@ -135,13 +135,13 @@ BEGIN
       v_group_result[v_group[i + 1]] := i + 1;
       v_read := q.credits_micros > 0;      -- the balance changed (an allowance charge leaves the account row alone)
     END IF;
-    v_results := v_results || (jsonb_build_object('index', i) || v_answer);
+    v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
     i := i + 1;
   END LOOP;
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
   INSERT INTO metering.usage_events SELECT * FROM unnest(v_events);
   INSERT INTO metering.idempotency_keys SELECT * FROM unnest(v_keys);
-  RETURN jsonb_build_object('data', to_jsonb(v_results));
+  RETURN jsonb_build_object('data', v_results);
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
   'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
