@@ -115,6 +115,7 @@ COMMENT ON FUNCTION billing.report_meter_event(uuid, uuid, text, bigint, timesta
 
 CREATE OR REPLACE FUNCTION metering.quote(
   p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint,
+  p_window_start timestamptz DEFAULT NULL, p_window_used bigint DEFAULT NULL,
   OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint,
   OUT entitled boolean, OUT period_start timestamptz, OUT period_end timestamptz,
   OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
@@ -173,11 +174,15 @@ BEGIN
     plan_id := e.plan_id;
     SELECT b.period_start, b.period_end INTO period_start, period_end
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
-    SELECT u.used INTO v_used FROM metering.allowance_usage u
-    WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    IF NOT FOUND AND e.kind = 'post_paid' THEN
+    IF p_window_start = period_start THEN
+      v_used := p_window_used;          -- charged earlier in the caller's transaction, not written yet
+    ELSE
+      SELECT u.used INTO v_used FROM metering.allowance_usage u
+      WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
+    END IF;                             -- (NULL: the window has no row yet)
+    IF v_used IS NULL AND e.kind = 'post_paid' THEN
       v_used := 0;          -- a post-paid window counts only post-paid units: they are what it costs
-    ELSIF NOT FOUND THEN
+    ELSIF v_used IS NULL THEN
       -- A window with no row yet: it starts from the usage already made in it (another plan's).
       v_used := metering.window_usage(p_account.id, m, period_start, period_end);
     END IF;
@@ -271,8 +276,8 @@ BEGIN
     END;
   END IF;
 END $$;
-COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint) IS
-  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint, timestamptz, bigint) IS
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in. TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
                                                  p_input_tokens bigint, p_output_tokens bigint,
@@ -367,8 +372,9 @@ BEGIN
   IF q.amount_minor IS NOT NULL THEN
     PERFORM billing.report_meter_event(event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
   END IF;
-  IF q.entitled THEN
-    -- The account row is locked, so used_before is still the window's usage.
+  IF q.entitled AND (NOT p_defer_rows OR q.amount_minor IS NOT NULL) THEN
+    -- The account row is locked, so used_before is still the window's usage. (Deferred: the
+    -- caller writes it; a post-paid window is written now, as the plan's spending reads it.)
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
@@ -386,7 +392,7 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record, boolean) IS
-  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows are left to the caller, who must insert them before its transaction ends (api.consume_batch writes a batch''s with one INSERT each: a third of the cost a row). api.consume and api.consume_batch charge through it.';
+  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
 
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,

@@ -31,6 +31,13 @@ DECLARE
   v_group_key integer[] := '{}';       -- per group: the place in v_keys of the event that charged it
   v_group_result integer[] := '{}';    -- per group: that event's place in v_results
   v_seen integer;
+  v_window integer[];                  -- per event: its (account, meter) group, whose window the batch keeps
+  v_w integer;
+  v_w_account uuid[] := '{}';          -- per (account, meter) group charged: its allowance window, written at the end
+  v_w_meter text[] := '{}';
+  v_w_start timestamptz[] := '{}';
+  v_w_end timestamptz[] := '{}';
+  v_w_used bigint[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
   v_state text;
@@ -67,11 +74,12 @@ BEGIN
   -- table yet) is found by array index, not by a lookup that grows with the batch.
   -- (A subquery per event, so that each is one probe of the key index: as a join, the planner
   -- may hash the whole key table for a batch of a hundred.)
-  SELECT array_agg(x.grp ORDER BY x.n),
+  SELECT array_agg(x.grp ORDER BY x.n), array_agg(x.wgrp ORDER BY x.n),
          array_agg((SELECT k FROM metering.idempotency_keys k
                     WHERE k.account_id = x.account_id AND k.idempotency_key = x.idempotency_key) ORDER BY x.n)
-  INTO v_group, v_priors
+  INTO v_group, v_window, v_priors
   FROM (SELECT t.n, dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'idempotency_key') AS grp,
+               dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'meter') AS wgrp,
                p.account_id, t.x ->> 'idempotency_key' AS idempotency_key
         FROM jsonb_array_elements(p_events) WITH ORDINALITY t(x, n)
         CROSS JOIN LATERAL (SELECT (v_principals -> coalesce(t.x ->> 'account_id', '') ->> 'account_id')::uuid AS account_id) p) x;
@@ -102,8 +110,9 @@ BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                         (e ->> 'output_tokens')::bigint, v_metadata);
         IF v_prior.usage_event_id IS NULL THEN
+          v_w := v_window[i + 1];
           q := metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                              (e ->> 'output_tokens')::bigint);
+                              (e ->> 'output_tokens')::bigint, v_w_start[v_w], v_w_used[v_w]);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
@@ -134,6 +143,13 @@ BEGIN
       v_group_key[v_group[i + 1]] := cardinality(v_keys);
       v_group_result[v_group[i + 1]] := i + 1;
       v_read := q.credits_micros > 0;      -- the balance changed (an allowance charge leaves the account row alone)
+      IF q.entitled AND q.amount_minor IS NULL THEN   -- the window metering.charge left to the batch
+        v_w_account[v_w] := v_account_id;
+        v_w_meter[v_w] := q.meter_id;
+        v_w_start[v_w] := q.period_start;
+        v_w_end[v_w] := q.period_end;
+        v_w_used[v_w] := q.used_before + q.allowance_units;
+      END IF;
     END IF;
     v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
     i := i + 1;
@@ -141,6 +157,11 @@ BEGIN
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
   INSERT INTO metering.usage_events SELECT * FROM unnest(v_events);
   INSERT INTO metering.idempotency_keys SELECT * FROM unnest(v_keys);
+  -- Each allowance window the batch charged, once, with its usage after the batch's last charge of it.
+  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+  SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
+  WHERE w.account_id IS NOT NULL
+  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   RETURN jsonb_build_object('data', v_results);
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS

@@ -47,3 +47,6 @@ SELECT 'credit_lot', l.id::text, 'transfer', l.transfer_id::text
 FROM ledger.credit_lots l WHERE l.transfer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ledger.transfers t WHERE t.id = l.transfer_id);
 COMMENT ON VIEW reporting.ledger_reference_breaks IS
   'Reconciliation: ledger entries, transfers, usage events, allowance windows and credit lots that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost, and a batch paid one per event again on the rows it updates more than once; ledger.post_transfer, ledger.grant_lot and metering.charge write them from rows they just locked, read or wrote); this view proves them. Must be empty.';
+
+-- metering.quote gains p_window_start and p_window_used (re-created by the functions step).
+DROP FUNCTION IF EXISTS metering.quote(identity.accounts, text, bigint, bigint, bigint);

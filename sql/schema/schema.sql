@@ -691,6 +691,13 @@ DECLARE
   v_group_key integer[] := '{}';       -- per group: the place in v_keys of the event that charged it
   v_group_result integer[] := '{}';    -- per group: that event's place in v_results
   v_seen integer;
+  v_window integer[];                  -- per event: its (account, meter) group, whose window the batch keeps
+  v_w integer;
+  v_w_account uuid[] := '{}';          -- per (account, meter) group charged: its allowance window, written at the end
+  v_w_meter text[] := '{}';
+  v_w_start timestamptz[] := '{}';
+  v_w_end timestamptz[] := '{}';
+  v_w_used bigint[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
   v_state text;
@@ -727,11 +734,12 @@ BEGIN
   -- table yet) is found by array index, not by a lookup that grows with the batch.
   -- (A subquery per event, so that each is one probe of the key index: as a join, the planner
   -- may hash the whole key table for a batch of a hundred.)
-  SELECT array_agg(x.grp ORDER BY x.n),
+  SELECT array_agg(x.grp ORDER BY x.n), array_agg(x.wgrp ORDER BY x.n),
          array_agg((SELECT k FROM metering.idempotency_keys k
                     WHERE k.account_id = x.account_id AND k.idempotency_key = x.idempotency_key) ORDER BY x.n)
-  INTO v_group, v_priors
+  INTO v_group, v_window, v_priors
   FROM (SELECT t.n, dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'idempotency_key') AS grp,
+               dense_rank() OVER (ORDER BY p.account_id, t.x ->> 'meter') AS wgrp,
                p.account_id, t.x ->> 'idempotency_key' AS idempotency_key
         FROM jsonb_array_elements(p_events) WITH ORDINALITY t(x, n)
         CROSS JOIN LATERAL (SELECT (v_principals -> coalesce(t.x ->> 'account_id', '') ->> 'account_id')::uuid AS account_id) p) x;
@@ -762,8 +770,9 @@ BEGIN
         v_hash := metering.request_hash(e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
                                         (e ->> 'output_tokens')::bigint, v_metadata);
         IF v_prior.usage_event_id IS NULL THEN
+          v_w := v_window[i + 1];
           q := metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                              (e ->> 'output_tokens')::bigint);
+                              (e ->> 'output_tokens')::bigint, v_w_start[v_w], v_w_used[v_w]);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
@@ -794,6 +803,13 @@ BEGIN
       v_group_key[v_group[i + 1]] := cardinality(v_keys);
       v_group_result[v_group[i + 1]] := i + 1;
       v_read := q.credits_micros > 0;      -- the balance changed (an allowance charge leaves the account row alone)
+      IF q.entitled AND q.amount_minor IS NULL THEN   -- the window metering.charge left to the batch
+        v_w_account[v_w] := v_account_id;
+        v_w_meter[v_w] := q.meter_id;
+        v_w_start[v_w] := q.period_start;
+        v_w_end[v_w] := q.period_end;
+        v_w_used[v_w] := q.used_before + q.allowance_units;
+      END IF;
     END IF;
     v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
     i := i + 1;
@@ -801,6 +817,11 @@ BEGIN
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
   INSERT INTO metering.usage_events SELECT * FROM unnest(v_events);
   INSERT INTO metering.idempotency_keys SELECT * FROM unnest(v_keys);
+  -- Each allowance window the batch charged, once, with its usage after the batch's last charge of it.
+  INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
+  SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
+  WHERE w.account_id IS NOT NULL
+  ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   RETURN jsonb_build_object('data', v_results);
 END $$;
 
@@ -5041,8 +5062,9 @@ BEGIN
   IF q.amount_minor IS NOT NULL THEN
     PERFORM billing.report_meter_event(event.id, a.id, q.stripe_meter_event, q.quantity, v_now);
   END IF;
-  IF q.entitled THEN
-    -- The account row is locked, so used_before is still the window's usage.
+  IF q.entitled AND (NOT p_defer_rows OR q.amount_minor IS NOT NULL) THEN
+    -- The account row is locked, so used_before is still the window's usage. (Deferred: the
+    -- caller writes it; a post-paid window is written now, as the plan's spending reads it.)
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
@@ -5060,7 +5082,7 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows are left to the caller, who must insert them before its transaction ends (api.consume_batch writes a batch''s with one INSERT each: a third of the cost a row). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
 
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
@@ -5211,7 +5233,7 @@ $$;
 
 COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5265,11 +5287,15 @@ BEGIN
     plan_id := e.plan_id;
     SELECT b.period_start, b.period_end INTO period_start, period_end
     FROM metering.period_bounds(e.period, util.now(), p_account.billing_period_start, p_account.billing_period_end) b;
-    SELECT u.used INTO v_used FROM metering.allowance_usage u
-    WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
-    IF NOT FOUND AND e.kind = 'post_paid' THEN
+    IF p_window_start = period_start THEN
+      v_used := p_window_used;          -- charged earlier in the caller's transaction, not written yet
+    ELSE
+      SELECT u.used INTO v_used FROM metering.allowance_usage u
+      WHERE u.account_id = p_account.id AND u.meter_id = m.id AND u.period_start = quote.period_start;
+    END IF;                             -- (NULL: the window has no row yet)
+    IF v_used IS NULL AND e.kind = 'post_paid' THEN
       v_used := 0;          -- a post-paid window counts only post-paid units: they are what it costs
-    ELSIF NOT FOUND THEN
+    ELSIF v_used IS NULL THEN
       -- A window with no row yet: it starts from the usage already made in it (another plan's).
       v_used := metering.window_usage(p_account.id, m, period_start, period_end);
     END IF;
@@ -5364,7 +5390,7 @@ BEGIN
   END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in. TL422 unknown meter or bad quantity.';
 
 CREATE TABLE metering.idempotency_keys (
     account_id uuid NOT NULL,
@@ -7979,7 +8005,7 @@ REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with
 
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 

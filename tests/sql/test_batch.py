@@ -103,3 +103,27 @@ def test_windows_and_lots_naming_what_does_not_exist_are_reconciliation_breaks(o
     breaks = reconciliation_problems(owner)["ledger_reference_breaks"]
     assert sorted((kind, missing) for kind, _, missing, _ in breaks) == [
         ("allowance_window", "account"), ("allowance_window", "meter"), ("credit_lot", "account"), ("credit_lot", "transfer")]
+
+
+def test_a_batch_counts_each_window_as_it_goes_and_leaves_it_right(owner, new_account):
+    # The batch keeps each account's window in hand between its events and writes it once at the
+    # end: every answer still sees the usage before it, thresholds and the allowance's end included.
+    service = owner.execute("SELECT api.create_account('free', 0, 'meter', 'service')").fetchone()[0]["api_key"]
+    first, second = new_account("free", 5 * CREDIT), new_account("free", 5 * CREDIT)
+    events = []
+    for n, quantity in enumerate([4, 4, 4, 1]):
+        for acct in (first, second):
+            events.append({"idempotency_key": f"k{n}", "meter": "generation", "quantity": quantity,
+                           "account_id": acct["account_id"]})
+    answers = batch(owner, service, events)
+    for acct in (first, second):
+        mine = [a["event"] for a in answers if a["event"]["account_id"] == acct["account_id"]]
+        assert [e["allowance"]["used"] for e in mine] == [4, 8, 10, 10]
+        assert [e["charged"]["credits"] for e in mine] == ["0", "0", "2", "1"]
+        assert [[w["threshold_percent"] for w in e["warnings"]] for e in mine] == [[], [80], [100], []]
+        assert owner.execute("SELECT used FROM metering.allowance_usage WHERE account_id = %s",
+                             [acct["account_id"]]).fetchall() == [(10,)]
+    # A charge after the batch counts from where it left the window.
+    after = owner.execute("SELECT body FROM api.consume(%s, NULL, 'after', 'generation', 1)", [first["api_key"]]).fetchone()[0]
+    assert after["allowance"]["used"] == 10 and after["charged"]["credits"] == "1" and after["balance"]["credits"] == "1"
+    assert reconciliation_problems(owner) == {}
