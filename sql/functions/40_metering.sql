@@ -1,9 +1,11 @@
 -- Metering: allowance periods, quotes (the charging rule), consume and check.
 
 CREATE OR REPLACE FUNCTION metering.period_bounds(p_period text, p_at timestamptz,
-                                                 p_billing_start timestamptz, p_billing_end timestamptz,
-                                                 OUT period_start timestamptz, OUT period_end timestamptz)
-LANGUAGE sql STABLE AS $$
+                                                 p_billing_start timestamptz, p_billing_end timestamptz)
+-- A one-row table function, so that PostgreSQL inlines it into the query that reads it (a
+-- function returning a record would be called on its own every time).
+RETURNS TABLE (period_start timestamptz, period_end timestamptz)
+LANGUAGE sql STABLE ROWS 1 AS $$
   SELECT CASE
            WHEN p_period = 'day' THEN date_trunc('day', p_at, 'UTC')
            WHEN p_period = 'billing_period' AND p_at >= p_billing_start AND p_at < p_billing_end THEN p_billing_start

@@ -50,3 +50,5 @@ COMMENT ON VIEW reporting.ledger_reference_breaks IS
 
 -- metering.quote gains p_window_start and p_window_used (re-created by the functions step).
 DROP FUNCTION IF EXISTS metering.quote(identity.accounts, text, bigint, bigint, bigint);
+-- metering.period_bounds becomes a one-row table function, which PostgreSQL inlines.
+DROP FUNCTION IF EXISTS metering.period_bounds(text, timestamptz, timestamptz, timestamptz);

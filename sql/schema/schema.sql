@@ -5205,8 +5205,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
 
-CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) RETURNS record
-    LANGUAGE sql STABLE
+CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone)
+    LANGUAGE sql STABLE ROWS 1
     AS $$
   SELECT CASE
            WHEN p_period = 'day' THEN date_trunc('day', p_at, 'UTC')
@@ -5220,7 +5220,7 @@ CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time z
          END
 $$;
 
-COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
+COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
 
 CREATE FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -8001,7 +8001,7 @@ REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
