@@ -30,6 +30,8 @@ MAX_DEPTH = 32
 def json_depth_ok(body: bytes, limit: int = MAX_DEPTH) -> bool:
     """Whether the JSON text nests at most ``limit`` deep: one pass over the bytes, brackets inside
     strings ignored. Run before decoding, so a 10,000-deep body never reaches a recursive parser."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return True                 # too few brackets to nest deeper (most bodies: no scan)
     depth = 0
     in_string = escaped = False
     for byte in body:
@@ -118,5 +120,6 @@ async def check_request(request: Request) -> None:
         raise invalid(message.replace("`", ""), where) from None
     except msgspec.DecodeError as exc:
         raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {exc}") from None
-    if where := nul_path(msgspec.to_builtins(value)):
+    # Decoded JSON holds U+0000 only where the text escapes it (a raw NUL is not JSON).
+    if b"\\u0000" in body and (where := nul_path(msgspec.to_builtins(value))):
         raise invalid(f"text cannot contain the NUL character (U+0000): {where}", where)
