@@ -50,8 +50,9 @@ def secret(settings, purpose: str) -> bytes:
 
 
 def session_config(settings) -> CookieBackendConfig:
+    # The JSON API never reads the page session: no cookie to decrypt or write on its requests.
     return CookieBackendConfig(secret=secret(settings, "session"), key=SESSION_COOKIE, max_age=SESSION_DAYS * 86400,
-                               secure=settings.secure_cookies, httponly=True, samesite="lax")
+                               secure=settings.secure_cookies, httponly=True, samesite="lax", exclude=["^/v1/"])
 
 
 def csrf_config(settings) -> CSRFConfig:

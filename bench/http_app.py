@@ -8,7 +8,7 @@ from api.app import create_app
 from api.calls import AUTH, Caller, call
 
 
-@get("/bench/ceiling", dependencies=AUTH)
+@get("/v1/bench/ceiling", dependencies=AUTH)   # under /v1/: the same middleware as the API
 async def ceiling(request: Request, caller: Caller) -> dict[str, str]:
     (account,) = await call(request, "SELECT api.principal_account(%s::text, %s::uuid)", caller.params)
     return {"account": str(account)}

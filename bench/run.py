@@ -141,7 +141,7 @@ def main() -> None:
                 break
             except Exception:  # noqa: BLE001 - still starting
                 time.sleep(0.1)
-        http_ceiling, note = wrk("/bench/ceiling", args.seconds, args.connections, args.port)
+        http_ceiling, note = wrk("/v1/bench/ceiling", args.seconds, args.connections, args.port)
         rows.append(("http", "authenticate (key hash probe) through the pool (ceiling)", http_ceiling, 1.0, "", note))
         peak, note = wrk("/v1/usage/events", args.seconds, args.connections, args.port)
         rows.append(("http", "POST /v1/usage/events", peak, peak / http_ceiling, 0.7, note))
