@@ -36,6 +36,41 @@ CREATE SCHEMA util;
 
 COMMENT ON SCHEMA util IS 'pgtally helpers shared by every domain (clock, ids, units, errors).';
 
+CREATE DOMAIN identity.account_kind AS text
+	CONSTRAINT account_kind_check CHECK ((VALUE = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text])));
+
+COMMENT ON DOMAIN identity.account_kind IS 'What an account is: person, team, device (an anonymous install) or service.';
+
+CREATE DOMAIN identity.device_fingerprint AS text
+	CONSTRAINT device_fingerprint_check CHECK (((length(VALUE) >= 1) AND (length(VALUE) <= 256)));
+
+COMMENT ON DOMAIN identity.device_fingerprint IS 'A device''s fingerprint as its client sends it: 1 to 256 characters.';
+
+CREATE DOMAIN ledger.lot_source AS text
+	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text])));
+
+COMMENT ON DOMAIN ledger.lot_source IS 'Where a credit lot came from.';
+
+CREATE DOMAIN ledger.lot_status AS text
+	CONSTRAINT lot_status_check CHECK ((VALUE = ANY (ARRAY['pending'::text, 'active'::text, 'expired'::text, 'canceled'::text])));
+
+COMMENT ON DOMAIN ledger.lot_status IS 'A credit lot''s state: pending (held back), active (spendable), expired, canceled.';
+
+CREATE DOMAIN ledger.transfer_kind AS text
+	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])));
+
+COMMENT ON DOMAIN ledger.transfer_kind IS 'Why credits moved: the kind of a ledger transfer.';
+
+CREATE DOMAIN util.idempotency_key AS text
+	CONSTRAINT idempotency_key_check CHECK (((length(VALUE) >= 1) AND (length(VALUE) <= 255)));
+
+COMMENT ON DOMAIN util.idempotency_key IS 'An idempotency key (or a grant key): 1 to 255 characters.';
+
+CREATE DOMAIN util.note AS text
+	CONSTRAINT note_check CHECK ((length(VALUE) <= 500));
+
+COMMENT ON DOMAIN util.note IS 'Free text of at most 500 characters: a memo, a reason.';
+
 CREATE FUNCTION api.accept_invitation(p_session_id uuid, p_token text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3707,7 +3742,7 @@ COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 
 
 CREATE TABLE identity.accounts (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
-    kind text DEFAULT 'person'::text NOT NULL,
+    kind identity.account_kind DEFAULT 'person'::text NOT NULL,
     name text,
     plan_id text NOT NULL,
     credit_balance_micros bigint DEFAULT 0 NOT NULL,
@@ -3715,20 +3750,17 @@ CREATE TABLE identity.accounts (
     billing_period_end timestamp with time zone,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     merged_into uuid,
-    device_fingerprint text,
+    device_fingerprint identity.device_fingerprint,
     plan_grace_until timestamp with time zone,
     device_install_hash bytea,
     held_micros bigint DEFAULT 0 NOT NULL,
     auto_topup_below_micros bigint,
     credits_due_at timestamp with time zone,
     suspended_at timestamp with time zone,
-    suspended_reason text,
+    suspended_reason util.note,
     CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
-    CONSTRAINT accounts_device_fingerprint_check CHECK (((length(device_fingerprint) >= 1) AND (length(device_fingerprint) <= 256))),
-    CONSTRAINT accounts_kind_check CHECK ((kind = ANY (ARRAY['person'::text, 'team'::text, 'device'::text, 'service'::text]))),
-    CONSTRAINT accounts_suspended_reason_check CHECK ((length(suspended_reason) <= 500)),
     CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0)),
     CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= credit_balance_micros)))
 );
@@ -4553,15 +4585,13 @@ COMMENT ON FUNCTION ledger.credits_json(a identity.accounts) IS 'What GET /v1/ba
 CREATE TABLE ledger.transfers (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
-    kind text NOT NULL,
+    kind ledger.transfer_kind NOT NULL,
     amount_micros bigint NOT NULL,
-    idempotency_key text,
+    idempotency_key util.idempotency_key,
     usage_event_id uuid,
     memo text,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0)),
-    CONSTRAINT transfers_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT transfers_kind_check CHECK ((kind = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])))
+    CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0))
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -4612,32 +4642,28 @@ COMMENT ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_
 CREATE TABLE ledger.credit_lots (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
-    source text NOT NULL,
-    paid boolean GENERATED ALWAYS AS ((source = ANY (ARRAY['purchase'::text, 'subscription_grant'::text]))) STORED,
+    source ledger.lot_source NOT NULL,
     amount_micros bigint NOT NULL,
     remaining_micros bigint NOT NULL,
-    status text NOT NULL,
-    grant_key text NOT NULL,
+    status ledger.lot_status NOT NULL,
+    grant_key util.idempotency_key NOT NULL,
     transfer_id uuid,
     available_at timestamp with time zone NOT NULL,
     expires_at timestamp with time zone,
     created_at timestamp with time zone NOT NULL,
     settled_at timestamp with time zone,
-    memo text,
+    memo util.note,
+    paid boolean GENERATED ALWAYS AS (((source)::text = ANY (ARRAY['purchase'::text, 'subscription_grant'::text]))) STORED,
     CONSTRAINT credit_lots_amount_micros_check CHECK ((amount_micros > 0)),
     CONSTRAINT credit_lots_check CHECK (((remaining_micros >= 0) AND (remaining_micros <= amount_micros))),
-    CONSTRAINT credit_lots_check1 CHECK (((status <> ALL (ARRAY['pending'::text, 'canceled'::text])) OR (transfer_id IS NULL))),
-    CONSTRAINT credit_lots_grant_key_check CHECK (((length(grant_key) >= 1) AND (length(grant_key) <= 255))),
-    CONSTRAINT credit_lots_memo_check CHECK ((length(memo) <= 500)),
-    CONSTRAINT credit_lots_source_check CHECK ((source = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text]))),
-    CONSTRAINT credit_lots_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'expired'::text, 'canceled'::text])))
+    CONSTRAINT credit_lots_check1 CHECK ((((status)::text <> ALL (ARRAY['pending'::text, 'canceled'::text])) OR (transfer_id IS NULL)))
 );
 
 COMMENT ON TABLE ledger.credit_lots IS 'Every credit that enters an account is a lot: where it came from (source), how much, what remains, when it expires and when it is spendable. The cached balance is the sum of active lots'' remaining (reporting.lot_balance_mismatches); charges spend lots in the burn order of ledger.spend_lots. pending: granted, not spendable before available_at (no ledger transfer yet); active: in the balance (its transfer_id brought it); expired: its remainder was taken by an expiry transfer; canceled: a pending lot that never became spendable (a referral reward whose payment was refunded).';
 
-COMMENT ON COLUMN ledger.credit_lots.paid IS 'Bought credits (purchase, subscription_grant); promotional credits (the rest) are spent before paid ones of the same expiry.';
-
 COMMENT ON COLUMN ledger.credit_lots.grant_key IS 'Once per account: the key of the grant that made the lot (its transfer''s idempotency key).';
+
+COMMENT ON COLUMN ledger.credit_lots.paid IS 'Bought credits (purchase, subscription_grant); promotional credits (the rest) are spent before paid ones of the same expiry.';
 
 CREATE FUNCTION ledger.lot_json(l ledger.credit_lots) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -6614,7 +6640,7 @@ CREATE VIEW reporting.lot_balance_mismatches AS
      LEFT JOIN ( SELECT credit_lots.account_id,
             (sum(credit_lots.remaining_micros))::bigint AS remaining
            FROM ledger.credit_lots
-          WHERE (credit_lots.status = 'active'::text)
+          WHERE ((credit_lots.status)::text = 'active'::text)
           GROUP BY credit_lots.account_id) l ON ((l.account_id = a.id)))
   WHERE (a.credit_balance_micros <> COALESCE(l.remaining, (0)::bigint));
 
@@ -6684,7 +6710,7 @@ CREATE VIEW reporting.payments_vs_ledger_daily AS
          SELECT (date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
             sum(t.amount_micros) AS ledger_purchase_micros
            FROM ledger.transfers t
-          WHERE (t.kind = 'purchase'::text)
+          WHERE ((t.kind)::text = 'purchase'::text)
           GROUP BY ((date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date)
         )
  SELECT COALESCE(pay.day, led.day) AS day,
@@ -6741,11 +6767,11 @@ CREATE VIEW reporting.referral_reward_mismatches AS
     count(t.id) AS transfers
    FROM ((billing.referrals r
      JOIN ledger.credit_lots l ON (((l.id = r.referrer_lot_id) OR (l.id = r.referee_lot_id))))
-     LEFT JOIN ledger.transfers t ON (((t.account_id = l.account_id) AND (t.idempotency_key = l.grant_key))))
+     LEFT JOIN ledger.transfers t ON (((t.account_id = l.account_id) AND ((t.idempotency_key)::text = (l.grant_key)::text))))
   GROUP BY r.referee_account_id, r.status, l.id, l.status
  HAVING (count(t.id) <>
         CASE
-            WHEN (l.status = ANY (ARRAY['active'::text, 'expired'::text])) THEN 1
+            WHEN ((l.status)::text = ANY (ARRAY['active'::text, 'expired'::text])) THEN 1
             ELSE 0
         END)
 UNION ALL
@@ -6837,19 +6863,19 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
             sum(p.credits_micros) AS expected_credits_micros,
             sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
-                  WHERE ((t.account_id = p.account_id) AND (t.kind = 'purchase'::text) AND (t.idempotency_key = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
+                  WHERE ((t.account_id = p.account_id) AND ((t.kind)::text = 'purchase'::text) AND ((t.idempotency_key)::text = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
            FROM billing.payments p
           GROUP BY ((date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date), 'bundle'::text, p.currency
         UNION ALL
          SELECT (date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date AS date_trunc,
-            'subscription'::text,
+            'subscription'::text AS text,
             i.currency,
             sum(i.amount_paid_minor) AS sum,
             sum(i.refunded_minor) AS sum,
             sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
             sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
-                  WHERE ((t.account_id = i.account_id) AND (t.idempotency_key = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
+                  WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
            FROM (billing.invoices i
              LEFT JOIN billing.plans pl ON ((pl.id = i.plan_id)))
           WHERE (i.status = 'paid'::text)
@@ -7307,9 +7333,9 @@ CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_i
 
 CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
 
-CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE ((status = 'pending'::text) OR ((status = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
+CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE (((status)::text = 'pending'::text) OR (((status)::text = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
 
-CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE ((status = 'active'::text) AND (remaining_micros > 0));
+CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE (((status)::text = 'active'::text) AND (remaining_micros > 0));
 
 CREATE INDEX entries_account_id_idx ON ONLY ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
 
