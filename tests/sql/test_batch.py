@@ -127,3 +127,26 @@ def test_a_batch_counts_each_window_as_it_goes_and_leaves_it_right(owner, new_ac
     after = owner.execute("SELECT body FROM api.consume(%s, NULL, 'after', 'generation', 1)", [first["api_key"]]).fetchone()[0]
     assert after["allowance"]["used"] == 10 and after["charged"]["credits"] == "1" and after["balance"]["credits"] == "1"
     assert reconciliation_problems(owner) == {}
+
+
+def test_batches_and_single_charges_racing_on_one_account_count_every_unit_once(owner, new_account, connections):
+    # A batch writes its windows when it ends, while holding the account: single charges waiting on
+    # the account read the window after it, so the allowance and the credits add up exactly.
+    acct = new_account("free", 100 * CREDIT)           # 10 units a day free, then 1 credit a unit
+    conns = connections(16)
+
+    def run(i):
+        if i % 2:
+            return [a["status"] for a in batch(conns[i], acct["api_key"],
+                                               [{"idempotency_key": f"b{i}-{n}", "meter": "generation"} for n in range(5)])]
+        return [conns[i].execute("SELECT replayed FROM api.consume(%s, NULL, %s, 'generation')",
+                                 [acct["api_key"], f"s{i}"]).fetchone() and "charged"]
+
+    results = run_concurrently(16, run)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sum(r.count("charged") for r in results) == 8 * 5 + 8      # 48 units: 10 free, 38 credits
+    used = owner.execute("SELECT used FROM metering.allowance_usage WHERE account_id = %s", [acct["account_id"]]).fetchall()
+    assert used == [(10,)]
+    assert owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s",
+                         [acct["account_id"]]).fetchone()[0] == (100 - 38) * CREDIT
+    assert reconciliation_problems(owner) == {}
