@@ -175,3 +175,26 @@ def test_a_grant_past_the_largest_balance_is_invalid_not_an_overflow(owner, new_
     assert sqlstate_of(lambda: owner.execute("SELECT api.grant_credits(%s, 9000000000000000000, 'k')", [account])) == "TL422"
     assert owner.execute("SELECT util.credits(credit_balance_micros) FROM identity.accounts WHERE id = %s",
                          [account]).fetchone()[0] == "9000000000000"
+
+
+def test_the_string_rules_of_accounts_transfers_and_lots_still_refuse_bad_values(owner, new_account):
+    # Migration 0020 moved them from table checks into domains: the same rules, the same SQLSTATE.
+    acct = new_account("free", CREDIT)
+    lot = owner.execute("SELECT id FROM ledger.credit_lots WHERE account_id = %s", [acct["account_id"]]).fetchone()[0]
+    for sql, args in [
+        ("UPDATE identity.accounts SET kind = 'robot' WHERE id = %s", [acct["account_id"]]),
+        ("UPDATE identity.accounts SET device_fingerprint = '' WHERE id = %s", [acct["account_id"]]),
+        ("UPDATE identity.accounts SET suspended_reason = repeat('x', 501) WHERE id = %s", [acct["account_id"]]),
+        ("UPDATE ledger.credit_lots SET status = 'spent' WHERE id = %s", [lot]),
+        ("UPDATE ledger.credit_lots SET source = 'gift' WHERE id = %s", [lot]),
+        ("UPDATE ledger.credit_lots SET grant_key = '' WHERE id = %s", [lot]),
+        ("UPDATE ledger.credit_lots SET memo = repeat('x', 501) WHERE id = %s", [lot]),
+        ("INSERT INTO ledger.transfers (account_id, kind, amount_micros, created_at) VALUES (%s, 'gift', 1, now())",
+         [acct["account_id"]]),
+        ("INSERT INTO ledger.transfers (account_id, kind, amount_micros, idempotency_key, created_at) "
+         "VALUES (%s, 'grant', 1, repeat('k', 256), now())", [acct["account_id"]]),
+    ]:
+        assert sqlstate_of(lambda: owner.execute(sql, args)) == "23514", sql
+    # Valid values still go in.
+    owner.execute("UPDATE identity.accounts SET suspended_reason = repeat('x', 500), device_fingerprint = 'fp' "
+                  "WHERE id = %s", [acct["account_id"]])
