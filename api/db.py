@@ -155,20 +155,25 @@ def _yoyo_backend(url: str):
     return get_backend(f"postgresql+psycopg://{auth}@/{quote(dbname)}?{urlencode(params)}")
 
 
-def upgrade(url: str) -> list[str]:
+def upgrade(url: str, until: str | None = None) -> list[str]:
     """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always,
     and let the ``pgtally_api`` role log in (:func:`grant_api_login`).
 
-    ``yoyo apply`` skips post-apply steps when nothing is pending; this does not.
+    ``yoyo apply`` skips post-apply steps when nothing is pending; this does not. ``until`` (a
+    migration id such as ``0020_check_domains``) stops after that migration, for tests of the
+    next one's upgrade; the functions applied are still this checkout's.
     Returns the ids of the migrations applied now.
     """
     from yoyo import read_migrations
+    from yoyo.migrations import MigrationList
 
     backend = _yoyo_backend(url)
     migrations = read_migrations(str(MIGRATIONS))
     try:
         with backend.lock():
             pending = backend.to_apply(migrations)
+            if until is not None:
+                pending = MigrationList([m for m in pending if m.id <= until])
             backend.apply_migrations_only(pending)
             backend.run_post_apply(migrations)
     finally:

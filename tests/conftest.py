@@ -131,14 +131,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def fresh_database(name: str):
-    """A database of its own (migrated, default catalog), for fixtures wider than one test."""
+def fresh_database(name: str, until: str | None = None):
+    """A database of its own (migrated, default catalog), for fixtures wider than one test, or
+    for an upgrade's test (migrated only ``until`` that migration: api.db.upgrade)."""
     admin = make_conninfo(**{**SERVER, "dbname": "postgres"})
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     url = make_conninfo(**{**SERVER, "dbname": name})
-    db.upgrade(url)
+    db.upgrade(url, until)
     db.load_catalog(url)
     try:
         yield url

@@ -41,10 +41,19 @@ CREATE DOMAIN identity.account_kind AS text
 
 COMMENT ON DOMAIN identity.account_kind IS 'What an account is: person, team, device (an anonymous install) or service.';
 
+CREATE DOMAIN identity.account_name AS text;
+
+COMMENT ON DOMAIN identity.account_name IS 'An account''s display name: at most 200 characters (checked on new values since 0006).';
+
 CREATE DOMAIN identity.device_fingerprint AS text
 	CONSTRAINT device_fingerprint_check CHECK (((length(VALUE) >= 1) AND (length(VALUE) <= 256)));
 
 COMMENT ON DOMAIN identity.device_fingerprint IS 'A device''s fingerprint as its client sends it: 1 to 256 characters.';
+
+CREATE DOMAIN ledger.amount_micros AS bigint
+	CONSTRAINT amount_micros_check CHECK ((VALUE <> 0));
+
+COMMENT ON DOMAIN ledger.amount_micros IS 'A ledger transfer''s or entry''s signed amount in micro-credits: never zero.';
 
 CREATE DOMAIN ledger.lot_source AS text
 	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text])));
@@ -56,20 +65,59 @@ CREATE DOMAIN ledger.lot_status AS text
 
 COMMENT ON DOMAIN ledger.lot_status IS 'A credit lot''s state: pending (held back), active (spendable), expired, canceled.';
 
+CREATE DOMAIN ledger.memo AS text;
+
+COMMENT ON DOMAIN ledger.memo IS 'A ledger transfer''s memo: at most 500 characters (checked on new values since 0006).';
+
 CREATE DOMAIN ledger.transfer_kind AS text
 	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])));
 
 COMMENT ON DOMAIN ledger.transfer_kind IS 'Why credits moved: the kind of a ledger transfer.';
+
+CREATE DOMAIN metering.event_metadata AS jsonb
+	CONSTRAINT event_metadata_check CHECK (((jsonb_typeof(VALUE) = 'object'::text) AND (length((VALUE)::text) <= 2048)));
+
+COMMENT ON DOMAIN metering.event_metadata IS 'A caller''s metadata for a usage event: a JSON object of at most 2 KB (as text).';
+
+CREATE DOMAIN metering.warnings AS jsonb
+	CONSTRAINT warnings_check CHECK ((jsonb_typeof(VALUE) = 'array'::text));
+
+COMMENT ON DOMAIN metering.warnings IS 'The threshold warnings of a charge: a JSON array.';
+
+CREATE DOMAIN util.count AS bigint
+	CONSTRAINT count_check CHECK ((VALUE >= 0));
+
+COMMENT ON DOMAIN util.count IS 'A count of units or tokens: never negative.';
+
+CREATE DOMAIN util.currency AS text
+	CONSTRAINT currency_check CHECK ((VALUE ~ '^[a-z]{3}$'::text));
+
+COMMENT ON DOMAIN util.currency IS 'A currency as Stripe writes it: three lower-case letters (ISO 4217, https://docs.stripe.com/currencies).';
 
 CREATE DOMAIN util.idempotency_key AS text
 	CONSTRAINT idempotency_key_check CHECK (((length(VALUE) >= 1) AND (length(VALUE) <= 255)));
 
 COMMENT ON DOMAIN util.idempotency_key IS 'An idempotency key (or a grant key): 1 to 255 characters.';
 
+CREATE DOMAIN util.micro_credits AS bigint
+	CONSTRAINT micro_credits_check CHECK ((VALUE >= 0));
+
+COMMENT ON DOMAIN util.micro_credits IS 'An amount of credits in micro-credits (1 credit = 1,000,000): never negative.';
+
+CREATE DOMAIN util.minor_units AS bigint
+	CONSTRAINT minor_units_check CHECK ((VALUE >= 0));
+
+COMMENT ON DOMAIN util.minor_units IS 'An amount of money in minor currency units (cents): never negative.';
+
 CREATE DOMAIN util.note AS text
 	CONSTRAINT note_check CHECK ((length(VALUE) <= 500));
 
 COMMENT ON DOMAIN util.note IS 'Free text of at most 500 characters: a memo, a reason.';
+
+CREATE DOMAIN util.quantity AS bigint
+	CONSTRAINT quantity_check CHECK ((VALUE > 0));
+
+COMMENT ON DOMAIN util.quantity IS 'How many units a usage event or hold is for: at least 1.';
 
 CREATE FUNCTION api.accept_invitation(p_session_id uuid, p_token text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3743,9 +3791,9 @@ COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 
 CREATE TABLE identity.accounts (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     kind identity.account_kind DEFAULT 'person'::text NOT NULL,
-    name text,
+    name identity.account_name,
     plan_id text NOT NULL,
-    credit_balance_micros bigint DEFAULT 0 NOT NULL,
+    credit_balance_micros util.micro_credits DEFAULT 0 NOT NULL,
     billing_period_start timestamp with time zone,
     billing_period_end timestamp with time zone,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -3754,15 +3802,13 @@ CREATE TABLE identity.accounts (
     plan_grace_until timestamp with time zone,
     device_install_hash bytea,
     held_micros bigint DEFAULT 0 NOT NULL,
-    auto_topup_below_micros bigint,
+    auto_topup_below_micros util.micro_credits,
     credits_due_at timestamp with time zone,
     suspended_at timestamp with time zone,
     suspended_reason util.note,
-    CONSTRAINT accounts_auto_topup_below_micros_check CHECK ((auto_topup_below_micros >= 0)),
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
-    CONSTRAINT credit_balance_not_negative CHECK ((credit_balance_micros >= 0)),
-    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= credit_balance_micros)))
+    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
 );
 
 COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
@@ -4586,12 +4632,11 @@ CREATE TABLE ledger.transfers (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
     kind ledger.transfer_kind NOT NULL,
-    amount_micros bigint NOT NULL,
+    amount_micros ledger.amount_micros NOT NULL,
     idempotency_key util.idempotency_key,
     usage_event_id uuid,
-    memo text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT transfers_amount_micros_check CHECK ((amount_micros <> 0))
+    memo ledger.memo,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
 COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
@@ -4997,35 +5042,24 @@ CREATE TABLE metering.usage_events (
     id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
     account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
     created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
-    quantity bigint CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
-    allowance_units bigint CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
-    credits_micros bigint CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
     balance_after_micros bigint,
-    used_after bigint,
+    used_after util.count,
     period_start timestamp with time zone,
     period_end timestamp with time zone,
-    input_tokens bigint,
-    output_tokens bigint,
-    amount_minor bigint,
+    input_tokens util.count,
+    output_tokens util.count,
+    amount_minor util.minor_units,
     meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
-    idempotency_key text CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
     plan_id text,
-    currency text,
-    warnings jsonb,
-    metadata jsonb,
+    currency util.currency,
+    warnings metering.warnings,
+    metadata metering.event_metadata,
     response jsonb,
-    CONSTRAINT usage_events_allowance_units_check1 CHECK ((allowance_units >= 0)),
-    CONSTRAINT usage_events_amount_minor_check1 CHECK ((amount_minor >= 0)),
-    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL))),
-    CONSTRAINT usage_events_credits_micros_check1 CHECK ((credits_micros >= 0)),
-    CONSTRAINT usage_events_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT usage_events_idempotency_key_check1 CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT usage_events_input_tokens_check1 CHECK ((input_tokens >= 0)),
-    CONSTRAINT usage_events_metadata_check1 CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
-    CONSTRAINT usage_events_output_tokens_check1 CHECK ((output_tokens >= 0)),
-    CONSTRAINT usage_events_quantity_check1 CHECK ((quantity > 0)),
-    CONSTRAINT usage_events_used_after_check CHECK ((used_after >= 0)),
-    CONSTRAINT usage_events_warnings_check CHECK ((jsonb_typeof(warnings) = 'array'::text))
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 )
 PARTITION BY RANGE (created_at);
 
@@ -5420,11 +5454,10 @@ COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_
 
 CREATE TABLE metering.idempotency_keys (
     account_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
+    idempotency_key util.idempotency_key NOT NULL,
     usage_event_id uuid NOT NULL,
     created_at timestamp with time zone NOT NULL,
-    request_hash bytea NOT NULL,
-    CONSTRAINT idempotency_keys_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255)))
+    request_hash bytea NOT NULL
 );
 
 COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
@@ -5565,6 +5598,53 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
+
+CREATE FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v record;
+  g text;
+  saved jsonb;
+BEGIN
+  WITH RECURSIVE deps(view_oid, depth) AS (
+    SELECT r.ev_class, 1
+    FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND d.refobjid = ANY (p_tables)
+    UNION ALL
+    SELECT r.ev_class, deps.depth + 1
+    FROM deps JOIN pg_depend d ON d.refobjid = deps.view_oid AND d.refclassid = 'pg_class'::regclass
+                                  AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    WHERE r.ev_class <> deps.view_oid
+  )
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+           'name', view_oid::regclass::text, 'depth', depth, 'def', pg_get_viewdef(view_oid),
+           'comment', obj_description(view_oid, 'pg_class'),
+           'grants', (SELECT coalesce(jsonb_agg(format('GRANT %s ON %s TO %I', a.privilege_type, view_oid::regclass,
+                                                       r.rolname)), '[]')
+                      FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN pg_roles r ON r.oid = a.grantee
+                      WHERE c.oid = view_oid AND a.grantee <> c.relowner))), '[]')
+  INTO saved
+  FROM (SELECT view_oid, max(depth) AS depth FROM deps GROUP BY view_oid) x;
+
+  FOR v IN SELECT * FROM jsonb_to_recordset(saved) AS s(name text, depth integer) ORDER BY depth DESC LOOP
+    EXECUTE format('DROP VIEW %s', v.name);
+  END LOOP;
+  EXECUTE p_ddl;
+  FOR v IN SELECT * FROM jsonb_to_recordset(saved) AS s(name text, depth integer, def text, comment text, grants jsonb)
+           ORDER BY depth LOOP
+    EXECUTE format('CREATE VIEW %s AS %s', v.name, v.def);
+    EXECUTE format('COMMENT ON VIEW %s IS %L', v.name, v.comment);
+    FOR g IN SELECT jsonb_array_elements_text(v.grants) LOOP
+      EXECUTE g;
+    END LOOP;
+  END LOOP;
+  RETURN jsonb_array_length(saved);
+END $$;
+
+COMMENT ON FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) IS 'For migrations: run the DDL p_ddl with the views that read the tables p_tables (and the views over those) out of its way: they are dropped first and made again after it, in dependency order, with their comments and grants (a column a view reads cannot change type). Returns how many views it made again.';
 
 CREATE FUNCTION util.base64url(p_bytes bytea) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -6114,10 +6194,9 @@ CREATE TABLE ledger.entries (
     transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
     account_id uuid,
     system_account text,
-    amount_micros bigint CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
     balance_after_micros bigint,
     created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
-    CONSTRAINT entries_amount_micros_check1 CHECK ((amount_micros <> 0)),
     CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
     CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
 )
@@ -6136,10 +6215,9 @@ CREATE TABLE ledger.entries_default (
     transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
     account_id uuid,
     system_account text,
-    amount_micros bigint CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
     balance_after_micros bigint,
     created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
-    CONSTRAINT entries_amount_micros_check1 CHECK ((amount_micros <> 0)),
     CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
     CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
 );
@@ -6176,9 +6254,8 @@ CREATE TABLE metering.allowance_usage (
     meter_id text NOT NULL,
     period_start timestamp with time zone NOT NULL,
     period_end timestamp with time zone NOT NULL,
-    used bigint DEFAULT 0 NOT NULL,
-    CONSTRAINT allowance_usage_check CHECK ((period_end > period_start)),
-    CONSTRAINT allowance_usage_used_check CHECK ((used >= 0))
+    used util.count DEFAULT 0 NOT NULL,
+    CONSTRAINT allowance_usage_check CHECK ((period_end > period_start))
 );
 
 COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an entitlement per account, meter and period. A new period starts a new row, which is how allowances reset.';
@@ -6198,35 +6275,24 @@ CREATE TABLE metering.usage_events_default (
     id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
     account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
     created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
-    quantity bigint CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
-    allowance_units bigint CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
-    credits_micros bigint CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
     balance_after_micros bigint,
-    used_after bigint,
+    used_after util.count,
     period_start timestamp with time zone,
     period_end timestamp with time zone,
-    input_tokens bigint,
-    output_tokens bigint,
-    amount_minor bigint,
+    input_tokens util.count,
+    output_tokens util.count,
+    amount_minor util.minor_units,
     meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
-    idempotency_key text CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
     plan_id text,
-    currency text,
-    warnings jsonb,
-    metadata jsonb,
+    currency util.currency,
+    warnings metering.warnings,
+    metadata metering.event_metadata,
     response jsonb,
-    CONSTRAINT usage_events_allowance_units_check1 CHECK ((allowance_units >= 0)),
-    CONSTRAINT usage_events_amount_minor_check1 CHECK ((amount_minor >= 0)),
-    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL))),
-    CONSTRAINT usage_events_credits_micros_check1 CHECK ((credits_micros >= 0)),
-    CONSTRAINT usage_events_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT usage_events_idempotency_key_check1 CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT usage_events_input_tokens_check1 CHECK ((input_tokens >= 0)),
-    CONSTRAINT usage_events_metadata_check1 CHECK (((jsonb_typeof(metadata) = 'object'::text) AND (length((metadata)::text) <= 2048))),
-    CONSTRAINT usage_events_output_tokens_check1 CHECK ((output_tokens >= 0)),
-    CONSTRAINT usage_events_quantity_check1 CHECK ((quantity > 0)),
-    CONSTRAINT usage_events_used_after_check CHECK ((used_after >= 0)),
-    CONSTRAINT usage_events_warnings_check CHECK ((jsonb_typeof(warnings) = 'array'::text))
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 );
 
 COMMENT ON TABLE metering.usage_events_default IS 'Usage events of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
@@ -6451,7 +6517,7 @@ CREATE VIEW reporting.balance_mismatches AS
  SELECT a.id AS account_id,
     a.credit_balance_micros AS cached_micros,
     COALESCE(e.total, (0)::bigint) AS ledger_micros,
-    (a.credit_balance_micros - COALESCE(e.total, (0)::bigint)) AS difference_micros
+    ((a.credit_balance_micros)::bigint - COALESCE(e.total, (0)::bigint)) AS difference_micros
    FROM (identity.accounts a
      LEFT JOIN ( SELECT x.account_id,
             (sum(x.amount))::bigint AS total
@@ -6465,7 +6531,7 @@ CREATE VIEW reporting.balance_mismatches AS
                    FROM ledger.archived_balances
                   WHERE (archived_balances.account_id IS NOT NULL)) x
           GROUP BY x.account_id) e ON ((e.account_id = a.id)))
-  WHERE (a.credit_balance_micros <> COALESCE(e.total, (0)::bigint));
+  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(e.total, (0)::bigint));
 
 COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries (with the sums of detached months, ledger.archived_balances). Must be empty.';
 
@@ -6512,7 +6578,7 @@ CREATE VIEW reporting.entry_balance_breaks AS
                  SELECT b.entry_id,
                     b.account_id,
                     b.amount_micros,
-                    NULL::bigint,
+                    NULL::bigint AS int8,
                     false
                    FROM ledger.archived_balances b
                   WHERE ((b.entry_id IS NOT NULL) AND (b.account_id IS NOT NULL))) x
@@ -6642,7 +6708,7 @@ CREATE VIEW reporting.lot_balance_mismatches AS
            FROM ledger.credit_lots
           WHERE ((credit_lots.status)::text = 'active'::text)
           GROUP BY credit_lots.account_id) l ON ((l.account_id = a.id)))
-  WHERE (a.credit_balance_micros <> COALESCE(l.remaining, (0)::bigint));
+  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(l.remaining, (0)::bigint));
 
 COMMENT ON VIEW reporting.lot_balance_mismatches IS 'Reconciliation: accounts whose cached balance differs from what remains of their active credit lots. Must be empty.';
 
@@ -6653,8 +6719,8 @@ CREATE VIEW reporting.meter_event_reports_daily AS
     count(*) FILTER (WHERE ((m.delivered_at IS NULL) AND (m.failed_at IS NULL))) AS pending,
     count(*) FILTER (WHERE (m.failed_at IS NOT NULL)) AS failed,
     count(*) FILTER (WHERE (m.id IS NULL)) AS missing,
-    sum(e.quantity) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported_units,
-    sum(e.amount_minor) AS amount_minor
+    sum((e.quantity)::bigint) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported_units,
+    sum((e.amount_minor)::bigint) AS amount_minor
    FROM (metering.usage_events e
      LEFT JOIN outbox.messages m ON ((m.id = e.id)))
   WHERE (e.amount_minor IS NOT NULL)
@@ -6708,7 +6774,7 @@ CREATE VIEW reporting.payments_vs_ledger_daily AS
           GROUP BY ((date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date), payments.currency
         ), led AS (
          SELECT (date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-            sum(t.amount_micros) AS ledger_purchase_micros
+            sum((t.amount_micros)::bigint) AS ledger_purchase_micros
            FROM ledger.transfers t
           WHERE ((t.kind)::text = 'purchase'::text)
           GROUP BY ((date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date)
@@ -6736,7 +6802,7 @@ CREATE VIEW reporting.post_paid_invoice_drift AS
     round(((100.0 * ((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint)))::numeric) / (NULLIF(COALESCE(u.amount, (0)::bigint), 0))::numeric), 2) AS drift_percent,
     ((abs((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint))))::numeric <= (0.01 * (COALESCE(u.amount, (0)::bigint))::numeric)) AS within_1_percent
    FROM (billing.invoices i
-     LEFT JOIN LATERAL ( SELECT (sum(e.amount_minor))::bigint AS amount
+     LEFT JOIN LATERAL ( SELECT (sum((e.amount_minor)::bigint))::bigint AS amount
            FROM metering.usage_events e
           WHERE ((e.account_id = i.account_id) AND (e.amount_minor IS NOT NULL) AND (e.created_at >= i.metered_period_start) AND (e.created_at < i.metered_period_end))) u ON (true))
   WHERE (i.metered_period_start IS NOT NULL);
@@ -6861,7 +6927,7 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
             sum(p.amount_minor) AS recorded_minor,
             sum(p.refunded_minor) AS refunded_minor,
             sum(p.credits_micros) AS expected_credits_micros,
-            sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
+            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
                   WHERE ((t.account_id = p.account_id) AND ((t.kind)::text = 'purchase'::text) AND ((t.idempotency_key)::text = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
            FROM billing.payments p
@@ -6873,7 +6939,7 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
             sum(i.amount_paid_minor) AS sum,
             sum(i.refunded_minor) AS sum,
             sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
-            sum(( SELECT COALESCE(sum(t.amount_micros), (0)::numeric) AS "coalesce"
+            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
                   WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
            FROM (billing.invoices i
@@ -6934,7 +7000,7 @@ COMMENT ON VIEW reporting.subscriptions_by_status IS 'Subscriptions per plan and
 
 CREATE VIEW reporting.system_balances AS
  SELECT code AS system_account,
-    ((COALESCE(( SELECT sum(e.amount_micros) AS sum
+    ((COALESCE(( SELECT sum((e.amount_micros)::bigint) AS sum
            FROM ledger.entries e
           WHERE (e.system_account = s.code)), (0)::numeric) + COALESCE(( SELECT sum(b.amount_micros) AS sum
            FROM ledger.archived_balances b
@@ -6945,11 +7011,11 @@ COMMENT ON VIEW reporting.system_balances IS 'Balance of each system account in 
 
 CREATE VIEW reporting.unbalanced_transfers AS
  SELECT transfer_id,
-    sum(amount_micros) AS sum_micros,
+    sum((amount_micros)::bigint) AS sum_micros,
     count(*) AS entries
    FROM ledger.entries
   GROUP BY transfer_id
- HAVING ((sum(amount_micros) <> (0)::numeric) OR (count(*) <> 2));
+ HAVING ((sum((amount_micros)::bigint) <> (0)::numeric) OR (count(*) <> 2));
 
 COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
 
@@ -6980,10 +7046,10 @@ CREATE VIEW reporting.usage_charge_mismatches AS
  SELECT u.id AS usage_event_id,
     u.account_id,
     u.credits_micros,
-    COALESCE((- t.amount_micros), (0)::bigint) AS ledger_micros
+    COALESCE((- (t.amount_micros)::bigint), (0)::bigint) AS ledger_micros
    FROM (metering.usage_events u
      LEFT JOIN ledger.transfers t ON ((t.usage_event_id = u.id)))
-  WHERE (u.credits_micros <> COALESCE((- t.amount_micros), (0)::bigint));
+  WHERE ((u.credits_micros)::bigint <> COALESCE((- (t.amount_micros)::bigint), (0)::bigint));
 
 COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them. Must be empty.';
 
@@ -6991,9 +7057,9 @@ CREATE VIEW reporting.usage_daily AS
  SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
     meter_id,
     count(*) AS events,
-    sum(quantity) AS quantity,
-    sum(allowance_units) AS allowance_units,
-    sum(credits_micros) AS credits_micros
+    sum((quantity)::bigint) AS quantity,
+    sum((allowance_units)::bigint) AS allowance_units,
+    sum((credits_micros)::bigint) AS credits_micros
    FROM metering.usage_events
   GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), meter_id;
 
@@ -7109,11 +7175,11 @@ ALTER TABLE billing.subscriptions
 ALTER TABLE ONLY billing.subscriptions
     ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
 
+ALTER DOMAIN identity.account_name
+    ADD CONSTRAINT account_name_check CHECK ((length(VALUE) <= 200)) NOT VALID;
+
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
-
-ALTER TABLE identity.accounts
-    ADD CONSTRAINT accounts_name_length CHECK ((length(name) <= 200)) NOT VALID;
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
@@ -7235,11 +7301,11 @@ ALTER TABLE ONLY ledger.entries
 ALTER TABLE ONLY ledger.entries_default
     ADD CONSTRAINT entries_default_pkey PRIMARY KEY (id, created_at);
 
+ALTER DOMAIN ledger.memo
+    ADD CONSTRAINT memo_check CHECK ((length(VALUE) <= 500)) NOT VALID;
+
 ALTER TABLE ONLY ledger.system_accounts
     ADD CONSTRAINT system_accounts_pkey PRIMARY KEY (code);
-
-ALTER TABLE ledger.transfers
-    ADD CONSTRAINT transfers_memo_length CHECK ((length(memo) <= 500)) NOT VALID;
 
 ALTER TABLE ONLY ledger.transfers
     ADD CONSTRAINT transfers_pkey PRIMARY KEY (id);
@@ -8050,6 +8116,8 @@ REVOKE ALL ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_accoun
 REVOKE ALL ON FUNCTION ops.reconciliation_problems() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ops.reconciliation_views() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
