@@ -41,8 +41,10 @@ def fresh_database() -> str:
     return psycopg.conninfo.make_conninfo(server_url, dbname="pgtally_bench")
 
 
-def prepare(url: str) -> None:
-    db.upgrade(url)
+def prepare(url: str, until: str | None = None) -> None:
+    """Migrate (``until`` that migration only: api.db.upgrade), load the catalog, and make the
+    bench's 1,000 accounts a plan (``bench_keys``)."""
+    db.upgrade(url, until)
     db.load_catalog(url)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS bench_keys")
