@@ -38,6 +38,8 @@ DECLARE
   v_w_start timestamptz[] := '{}';
   v_w_end timestamptz[] := '{}';
   v_w_used bigint[] := '{}';
+  v_w_meter_def metering.meters[] := '{}';          -- and the meter and entitlement its quote read
+  v_w_entitlement_def billing.entitlements[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
   v_state text;
@@ -112,7 +114,8 @@ BEGIN
         IF v_prior.usage_event_id IS NULL THEN
           v_w := v_window[i + 1];
           q := metering.quote(a, e ->> 'meter', (e ->> 'quantity')::bigint, (e ->> 'input_tokens')::bigint,
-                              (e ->> 'output_tokens')::bigint, v_w_start[v_w], v_w_used[v_w]);
+                              (e ->> 'output_tokens')::bigint, v_w_start[v_w], v_w_used[v_w], v_w_end[v_w],
+                              v_w_meter_def[v_w], v_w_entitlement_def[v_w]);
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
@@ -149,6 +152,8 @@ BEGIN
         v_w_start[v_w] := q.period_start;
         v_w_end[v_w] := q.period_end;
         v_w_used[v_w] := q.used_before + q.allowance_units;
+        v_w_meter_def[v_w] := q.meter_def;
+        v_w_entitlement_def[v_w] := q.entitlement_def;
       END IF;
     END IF;
     v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;

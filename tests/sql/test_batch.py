@@ -150,3 +150,29 @@ def test_batches_and_single_charges_racing_on_one_account_count_every_unit_once(
     assert owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s",
                          [acct["account_id"]]).fetchone()[0] == (100 - 38) * CREDIT
     assert reconciliation_problems(owner) == {}
+
+
+def test_a_batch_mixing_plans_and_meters_answers_as_single_charges_would(owner, new_account):
+    # A batch reads each account's meter, entitlement and window once and keeps them for that
+    # account and meter: every answer must still be what api.consume gives for the same requests.
+    service = owner.execute("SELECT api.create_account('free', 0, 'meter', 'service')").fetchone()[0]["api_key"]
+    batched, single = ([new_account("free", 50 * CREDIT), new_account("unlimited", 50 * CREDIT)] for _ in range(2))
+    requests = [(1, "generation", {"quantity": 150}), (0, "generation", {"quantity": 4}),
+                (0, "llm_tokens", {"input_tokens": 100000, "output_tokens": 20000}), (1, "generation", {"quantity": 20}),
+                (0, "generation", {"quantity": 4}), (1, "llm_tokens", {"input_tokens": 5000, "output_tokens": 0}),
+                (0, "generation", {"quantity": 4}), (1, "generation", {"quantity": 40}), (0, "generation", {"quantity": 1})]
+    answers = batch(owner, service, [{"idempotency_key": f"k{n}", "meter": meter, "account_id": batched[i]["account_id"],
+                                      **args} for n, (i, meter, args) in enumerate(requests)])
+    assert all(a["status"] == "charged" for a in answers), answers
+
+    def comparable(event):
+        return {k: v for k, v in event.items() if k not in ("id", "account_id", "created_at")}
+
+    for n, (i, meter, args) in enumerate(requests):
+        (one,) = owner.execute("SELECT body FROM api.consume(%s, NULL, %s, %s, %s, %s, %s)",
+                               [single[i]["api_key"], f"k{n}", meter, args.get("quantity"), args.get("input_tokens"),
+                                args.get("output_tokens")]).fetchone()
+        assert comparable(answers[n]["event"]) == comparable(one), (n, answers[n], one)
+    assert [(w["code"], w["threshold_percent"]) for a in answers for w in a["event"]["warnings"]] == [
+        ("fair_use_threshold", 80), ("allowance_threshold", 80), ("allowance_threshold", 100), ("fair_use_threshold", 100)]
+    assert reconciliation_problems(owner) == {}
