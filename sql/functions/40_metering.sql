@@ -124,8 +124,7 @@ CREATE OR REPLACE FUNCTION metering.quote(
   OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
   OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb,
   OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint,
-  OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text,
-  OUT meter_def metering.meters, OUT entitlement_def billing.entitlements)
+  OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text)
 LANGUAGE plpgsql AS $$
 DECLARE
   m metering.meters;
@@ -137,7 +136,8 @@ DECLARE
   v_cost numeric;
   v_pct integer;
 BEGIN
-  IF p_meter_def.id = p_meter AND p_entitlement_def.meter_id = p_meter THEN
+  -- (The scalar test first: a single charge passes no definitions and reads no field of them.)
+  IF p_window_end IS NOT NULL AND p_meter_def.id = p_meter AND p_entitlement_def.meter_id = p_meter THEN
     m := p_meter_def;               -- read by the caller for this account earlier in its transaction
   ELSE
     SELECT * INTO m FROM metering.meters WHERE id = p_meter;
@@ -147,7 +147,6 @@ BEGIN
     END IF;
   END IF;
   meter_id := m.id;
-  meter_def := m;
 
   IF m.pricing = 'unit' THEN
     IF p_input_tokens IS NOT NULL OR p_output_tokens IS NOT NULL THEN
@@ -176,7 +175,7 @@ BEGIN
     v_price := 1;
   END IF;
 
-  IF p_entitlement_def.meter_id = m.id AND p_meter_def.id = m.id THEN
+  IF p_window_end IS NOT NULL AND p_entitlement_def.meter_id = m.id AND p_meter_def.id = m.id THEN
     e := p_entitlement_def;
     entitled := true;
   ELSE
@@ -186,7 +185,6 @@ BEGIN
   END IF;
   IF entitled THEN
     plan_id := e.plan_id;
-    entitlement_def := e;
     IF p_window_start <= util.now() AND util.now() < p_window_end THEN
       period_start := p_window_start;   -- the caller's window of this account and meter holds now
       period_end := p_window_end;
@@ -298,7 +296,7 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION metering.quote(identity.accounts, text, bigint, bigint, bigint, timestamptz, bigint, timestamptz,
                                    metering.meters, billing.entitlements) IS
-  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the meter_def and entitlement_def an earlier quote of this account and meter returned in the same transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
+  'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the window''s end, the meter and the plan''s entitlement of it, as the caller read them for an earlier charge of this account and meter in its transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
 
 CREATE OR REPLACE FUNCTION metering.request_hash(p_meter text, p_quantity bigint,
                                                  p_input_tokens bigint, p_output_tokens bigint,

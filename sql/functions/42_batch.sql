@@ -38,7 +38,7 @@ DECLARE
   v_w_start timestamptz[] := '{}';
   v_w_end timestamptz[] := '{}';
   v_w_used bigint[] := '{}';
-  v_w_meter_def metering.meters[] := '{}';          -- and the meter and entitlement its quote read
+  v_w_meter_def metering.meters[] := '{}';          -- and its meter and entitlement, given to its next quotes
   v_w_entitlement_def billing.entitlements[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
@@ -152,8 +152,11 @@ BEGIN
         v_w_start[v_w] := q.period_start;
         v_w_end[v_w] := q.period_end;
         v_w_used[v_w] := q.used_before + q.allowance_units;
-        v_w_meter_def[v_w] := q.meter_def;
-        v_w_entitlement_def[v_w] := q.entitlement_def;
+        IF v_w_meter_def[v_w] IS NULL THEN      -- the group's first charge: its definitions, read once
+          v_w_meter_def[v_w] := (SELECT m FROM metering.meters m WHERE m.id = q.meter_id);
+          v_w_entitlement_def[v_w] := (SELECT en FROM billing.entitlements en
+                                       WHERE en.plan_id = q.plan_id AND en.meter_id = q.meter_id);
+        END IF;
       END IF;
     END IF;
     v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;

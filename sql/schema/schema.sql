@@ -781,7 +781,7 @@ DECLARE
   v_w_start timestamptz[] := '{}';
   v_w_end timestamptz[] := '{}';
   v_w_used bigint[] := '{}';
-  v_w_meter_def metering.meters[] := '{}';          -- and the meter and entitlement its quote read
+  v_w_meter_def metering.meters[] := '{}';          -- and its meter and entitlement, given to its next quotes
   v_w_entitlement_def billing.entitlements[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
@@ -895,8 +895,11 @@ BEGIN
         v_w_start[v_w] := q.period_start;
         v_w_end[v_w] := q.period_end;
         v_w_used[v_w] := q.used_before + q.allowance_units;
-        v_w_meter_def[v_w] := q.meter_def;
-        v_w_entitlement_def[v_w] := q.entitlement_def;
+        IF v_w_meter_def[v_w] IS NULL THEN      -- the group's first charge: its definitions, read once
+          v_w_meter_def[v_w] := (SELECT m FROM metering.meters m WHERE m.id = q.meter_id);
+          v_w_entitlement_def[v_w] := (SELECT en FROM billing.entitlements en
+                                       WHERE en.plan_id = q.plan_id AND en.meter_id = q.meter_id);
+        END IF;
       END IF;
     END IF;
     v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
@@ -5298,7 +5301,7 @@ $$;
 
 COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, p_window_end timestamp with time zone DEFAULT NULL::timestamp with time zone, p_meter_def metering.meters DEFAULT NULL::metering.meters, p_entitlement_def billing.entitlements DEFAULT NULL::billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text, OUT meter_def metering.meters, OUT entitlement_def billing.entitlements) RETURNS record
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, p_window_end timestamp with time zone DEFAULT NULL::timestamp with time zone, p_meter_def metering.meters DEFAULT NULL::metering.meters, p_entitlement_def billing.entitlements DEFAULT NULL::billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5311,7 +5314,8 @@ DECLARE
   v_cost numeric;
   v_pct integer;
 BEGIN
-  IF p_meter_def.id = p_meter AND p_entitlement_def.meter_id = p_meter THEN
+  -- (The scalar test first: a single charge passes no definitions and reads no field of them.)
+  IF p_window_end IS NOT NULL AND p_meter_def.id = p_meter AND p_entitlement_def.meter_id = p_meter THEN
     m := p_meter_def;               -- read by the caller for this account earlier in its transaction
   ELSE
     SELECT * INTO m FROM metering.meters WHERE id = p_meter;
@@ -5321,7 +5325,6 @@ BEGIN
     END IF;
   END IF;
   meter_id := m.id;
-  meter_def := m;
 
   IF m.pricing = 'unit' THEN
     IF p_input_tokens IS NOT NULL OR p_output_tokens IS NOT NULL THEN
@@ -5350,7 +5353,7 @@ BEGIN
     v_price := 1;
   END IF;
 
-  IF p_entitlement_def.meter_id = m.id AND p_meter_def.id = m.id THEN
+  IF p_window_end IS NOT NULL AND p_entitlement_def.meter_id = m.id AND p_meter_def.id = m.id THEN
     e := p_entitlement_def;
     entitled := true;
   ELSE
@@ -5360,7 +5363,6 @@ BEGIN
   END IF;
   IF entitled THEN
     plan_id := e.plan_id;
-    entitlement_def := e;
     IF p_window_start <= util.now() AND util.now() < p_window_end THEN
       period_start := p_window_start;   -- the caller's window of this account and meter holds now
       period_end := p_window_end;
@@ -5471,7 +5473,7 @@ BEGIN
   END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text, OUT meter_def metering.meters, OUT entitlement_def billing.entitlements) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the meter_def and entitlement_def an earlier quote of this account and meter returned in the same transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the window''s end, the meter and the plan''s entitlement of it, as the caller read them for an earlier charge of this account and meter in its transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
 
 CREATE TABLE metering.idempotency_keys (
     account_id uuid NOT NULL,
@@ -8118,7 +8120,7 @@ REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with
 
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text, OUT meter_def metering.meters, OUT entitlement_def billing.entitlements) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 
