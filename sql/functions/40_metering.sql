@@ -350,12 +350,21 @@ COMMENT ON FUNCTION metering.event_allowance(metering.usage_events) IS
   'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
 
 CREATE OR REPLACE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-  SELECT metering.usage_event_answer(e, metering.event_allowance(e))
-  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at
-$$;
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+  v_answer jsonb;
+BEGIN
+  SELECT metering.usage_event_answer(e, metering.event_allowance(e)) INTO v_answer
+  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at;
+  IF v_answer IS NULL THEN        -- never answer a retry with nothing
+    RAISE EXCEPTION 'usage event % of idempotency key % is missing', k.usage_event_id, k.idempotency_key
+      USING ERRCODE = 'TL500',
+            HINT = 'pgtally partitions detach forgets the keys of the month it detaches; was a partition dropped by hand?';
+  END IF;
+  RETURN v_answer;
+END $$;
 COMMENT ON FUNCTION metering.replayed_answer(metering.idempotency_keys) IS
-  'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition.';
+  'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition. TL500 (a server error) when the event is missing, as it is only if its partition was dropped by hand: a retry never gets an empty answer.';
 
 CREATE OR REPLACE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb,
                                            q record, p_defer_rows boolean DEFAULT false,

@@ -5488,13 +5488,22 @@ COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage eve
 COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
 
 CREATE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-  SELECT metering.usage_event_answer(e, metering.event_allowance(e))
-  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at
-$$;
+DECLARE
+  v_answer jsonb;
+BEGIN
+  SELECT metering.usage_event_answer(e, metering.event_allowance(e)) INTO v_answer
+  FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at;
+  IF v_answer IS NULL THEN        -- never answer a retry with nothing
+    RAISE EXCEPTION 'usage event % of idempotency key % is missing', k.usage_event_id, k.idempotency_key
+      USING ERRCODE = 'TL500',
+            HINT = 'pgtally partitions detach forgets the keys of the month it detaches; was a partition dropped by hand?';
+  END IF;
+  RETURN v_answer;
+END $$;
 
-COMMENT ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) IS 'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition.';
+COMMENT ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) IS 'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition. TL500 (a server error) when the event is missing, as it is only if its partition was dropped by hand: a retry never gets an empty answer.';
 
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql STABLE

@@ -101,6 +101,17 @@ def test_a_key_is_remembered_for_the_window_then_forgotten(owner, api_conn, new_
     assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 2
 
 
+def test_a_remembered_key_whose_event_is_gone_is_a_loud_error_not_an_empty_answer(owner, new_account):
+    # Only someone dropping a month by hand (not `pgtally partitions detach`, which forgets the
+    # month's keys with it) leaves a key without its event: a retry must not get a null body.
+    acct = new_account("free", 100 * CREDIT)
+    _, first = consume(owner, acct["api_key"], "orphaned")
+    owner.execute("DELETE FROM metering.usage_events WHERE id = %s", [first["id"]])
+    assert sqlstate_of(lambda: consume(owner, acct["api_key"], "orphaned")) == "TL500"
+    events = psycopg.types.json.Jsonb([{"idempotency_key": "orphaned", "meter": "generation"}])
+    assert sqlstate_of(lambda: owner.execute("SELECT api.consume_batch(%s, NULL, %s)", [acct["api_key"], events])) == "TL500"
+
+
 def test_the_window_is_a_setting_of_at_least_a_day(owner):
     assert owner.execute("SELECT metering.idempotency_window()").fetchone()[0].days == 30
     owner.execute("SET pgtally.idempotency_window = '90 days'")
