@@ -174,7 +174,6 @@ def grant_api_login(conn: psycopg.Connection) -> None:
     """Let ``pgtally_api`` log in, with the password of :func:`api_password` (unless the operator
     manages it: ``PGTALLY_API_DATABASE_URL`` set). It stays NOSUPERUSER, NOCREATEDB, NOCREATEROLE,
     NOBYPASSRLS and a member of no role, so RESET ROLE leads nowhere."""
-
     conn.execute(sql.SQL("ALTER ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOREPLICATION").format(
         sql.Identifier(API_ROLE)))
     if not os.environ.get("PGTALLY_API_DATABASE_URL"):
