@@ -85,6 +85,12 @@ def new_account(owner: psycopg.Connection) -> Callable[..., dict]:
     return create
 
 
+def set_clock(conn: psycopg.Connection, when: str) -> None:
+    """Make util.now() answer ``when`` (timestamptz text) on this connection (pgtally.now), for
+    tests of windows, expiries, partitions and reports."""
+    conn.execute("SELECT set_config('pgtally.now', %s, false)", [when])
+
+
 def run_concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
     """Run fn(0..n-1) on n threads released together; return results (or raised exceptions) in order."""
     barrier = threading.Barrier(n)

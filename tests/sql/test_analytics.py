@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 from psycopg.types.json import Jsonb
 
-from tests.conftest import reconciliation_problems, run_concurrently
+from tests.conftest import reconciliation_problems, run_concurrently, set_clock
 from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 from tests.sql.test_metering import consume
 from tests.stripe_standin import Events
@@ -22,8 +22,8 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
 
 
-def set_clock(conn, when: str) -> None:
-    conn.execute("SELECT set_config('pgtally.now', %s, false)", [f"{when}+00"])
+def set_utc_clock(conn, when: str) -> None:
+    set_clock(conn, f"{when}+00")
 
 
 def event(conn, type_: str, obj: dict, when: str) -> dict:
@@ -37,7 +37,7 @@ class History:
         self.people: dict[str, dict] = {}
 
     def sign_up(self, name: str, when: str) -> None:
-        set_clock(self.conn, when)
+        set_utc_clock(self.conn, when)
         self.conn.execute("SELECT api.signup(%s, 'argon2-hash', %s, 'test')", [f"{name}@example.com", f"10.3.0.{len(self.people)}"])
         user_id, account_id = self.conn.execute("SELECT id, account_id FROM identity.users WHERE email_normalized = %s",
                                                 [f"{name}@example.com"]).fetchone()
@@ -60,7 +60,7 @@ class History:
             when)["status"] == "applied"
 
     def use(self, name: str, quantity: int, when: str) -> None:
-        set_clock(self.conn, when)
+        set_utc_clock(self.conn, when)
         session = self.conn.execute("SELECT api.login_succeeded(%s, NULL, '10.4.0.1', 'test')",
                                     [self.people[name]["user_id"]]).fetchone()[0]
         self.conn.execute("SELECT * FROM api.consume(NULL, %s, %s, 'generation', %s)",
@@ -109,7 +109,7 @@ def history(owner) -> History:
     h.invoice("dan", "sub_dan", 999, "2026-03-12 09:00:00", "D-2")
     h.subscription("bob", "sub_bob2", "price_pro_monthly", "2026-03-15 09:00:00", "customer.subscription.created")
     h.invoice("bob", "sub_bob2", 999, "2026-03-15 09:00:01", "B-2")
-    set_clock(owner, "2026-03-31 12:00:00")
+    set_utc_clock(owner, "2026-03-31 12:00:00")
     owner.execute("SELECT api.rollup_usage()")      # the worker's next run: the days since are computed too
     return h
 

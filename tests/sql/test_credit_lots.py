@@ -3,7 +3,7 @@ directly in SQL and with many real connections at once."""
 
 from __future__ import annotations
 
-from tests.conftest import reconciliation_problems, run_concurrently
+from tests.conftest import reconciliation_problems, run_concurrently, set_clock
 from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 from tests.sql.test_holds import capture, hold
 from tests.sql.test_metering import CREDIT, balance, consume, sqlstate_of
@@ -22,7 +22,7 @@ def move_clock(owner, conns, interval: str, since: str = "now()") -> None:
     """Set pgtally.now on each connection to the database's now() (or since) + interval."""
     at = owner.execute(f"SELECT ({since} + %s::interval)::text", [interval]).fetchone()[0]
     for conn in conns:
-        conn.execute("SELECT set_config('pgtally.now', %s, false)", [at])
+        set_clock(conn, at)
 
 
 def remaining(owner, account_id) -> dict[str, float]:

@@ -9,13 +9,9 @@ import psycopg
 import psycopg.types.json
 import pytest
 
-from tests.conftest import reconciliation_problems
+from tests.conftest import reconciliation_problems, set_clock
 
 CREDIT = 1_000_000
-
-
-def at(conn, when: str) -> None:
-    conn.execute("SELECT set_config('pgtally.now', %s, false)", [when])
 
 
 def consume(conn, key, idem, quantity=None, metadata=None):
@@ -43,11 +39,11 @@ def test_an_event_and_its_ledger_entries_land_in_the_month_of_their_utc_time(own
     acct = new_account("free", 100 * CREDIT)
     owner.execute("SELECT util.ensure_partitions()")
     key = acct["api_key"]
-    at(owner, "2026-12-31 23:59:59.999999+00")
+    set_clock(owner, "2026-12-31 23:59:59.999999+00")
     _, last = consume(owner, key, "last-of-december", quantity=11)       # past the allowance: credits too
-    at(owner, "2027-01-01 00:00:00+00")
+    set_clock(owner, "2027-01-01 00:00:00+00")
     _, first = consume(owner, key, "first-of-january", quantity=11)
-    at(owner, "2027-01-01 00:59:59+01")                                    # 23:59:59 UTC the day before
+    set_clock(owner, "2027-01-01 00:59:59+01")                                    # 23:59:59 UTC the day before
     _, local = consume(owner, key, "december-in-utc", quantity=11)
     assert partition_of_event(owner, last["id"]) == "metering.usage_events_y2026m12"
     assert partitions_of_entries(owner, last["id"]) == {"ledger.entries_y2026m12"}
@@ -59,7 +55,7 @@ def test_an_event_and_its_ledger_entries_land_in_the_month_of_their_utc_time(own
 
 def test_rows_outside_every_month_wait_in_the_default_partition_and_move_into_their_month(owner, new_account):
     acct = new_account("free", 100 * CREDIT)
-    at(owner, "2024-02-29 12:00:00+00")                # no partition for that month yet
+    set_clock(owner, "2024-02-29 12:00:00+00")                # no partition for that month yet
     _, body = consume(owner, acct["api_key"], "leap-day", quantity=12)
     assert partition_of_event(owner, body["id"]) == "metering.usage_events_default"
     assert partitions_of_entries(owner, body["id"]) == {"ledger.entries_default"}
@@ -87,14 +83,14 @@ def test_a_monthly_partition_of_the_ledger_is_append_only_itself(owner, new_acco
 def test_a_key_is_remembered_for_the_window_then_forgotten(owner, api_conn, new_account):
     acct = new_account("free", 100 * CREDIT)
     key = acct["api_key"]
-    at(owner, "2027-01-10 12:00:00+00")
+    set_clock(owner, "2027-01-10 12:00:00+00")
     first = consume(owner, key, "nightly-job")
-    at(owner, "2027-02-09 11:59:59+00")                 # 30 days less a second later
+    set_clock(owner, "2027-02-09 11:59:59+00")                 # 30 days less a second later
     assert consume(owner, key, "nightly-job") == (True, first[1])
     assert sqlstate_of(lambda: consume(owner, key, "nightly-job", quantity=2)) == "TL409"
     owner.execute("SELECT api.maintain_storage()")
     assert owner.execute("SELECT count(*) FROM metering.idempotency_keys").fetchone()[0] == 1
-    at(owner, "2027-02-09 12:00:01+00")                 # the window has passed
+    set_clock(owner, "2027-02-09 12:00:01+00")                 # the window has passed
     assert owner.execute("SELECT api.maintain_storage()").fetchone()[0]["idempotency_keys_forgotten"] == 1
     replayed, again = consume(owner, key, "nightly-job", quantity=2)
     assert replayed is False and again["id"] != first[1]["id"]
@@ -121,18 +117,18 @@ def test_the_window_is_a_setting_of_at_least_a_day(owner):
 
 
 def test_a_month_detaches_after_the_window_and_the_books_still_balance(owner, new_account):
-    at(owner, "2026-09-10 12:00:00+00")
+    set_clock(owner, "2026-09-10 12:00:00+00")
     owner.execute("SELECT util.ensure_partitions(1)")
     acct = new_account("free", 100 * CREDIT)          # granted in September too
     key = acct["api_key"]
     september = [consume(owner, key, f"sep-{i}", quantity=6)[1] for i in range(3)]   # 10 free, then credits
-    at(owner, "2026-10-02 12:00:00+00")
+    set_clock(owner, "2026-10-02 12:00:00+00")
     october = consume(owner, key, "oct-1", quantity=6)[1]
     balance_before = owner.execute("SELECT api.balance(%s, NULL)", [key]).fetchone()[0]["credits"]
 
-    at(owner, "2026-10-30 00:00:00+00")                  # the window has not passed September's end
+    set_clock(owner, "2026-10-30 00:00:00+00")                  # the window has not passed September's end
     assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-09-01')")) == "TL422"
-    at(owner, "2026-11-01 00:00:00+00")
+    set_clock(owner, "2026-11-01 00:00:00+00")
     assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-09-01')")) == "TL409"   # not rolled up
     owner.execute("SELECT api.rollup_usage(100000)")
     result = owner.execute("SELECT api.detach_month('2026-09-15')").fetchone()[0]
@@ -157,7 +153,7 @@ def test_a_month_detaches_after_the_window_and_the_books_still_balance(owner, ne
 
 
 def test_making_partitions_gives_way_to_a_long_transaction(owner, db_url):
-    at(owner, "2027-06-15 12:00:00+00")                 # months up to 2027-09 are due
+    set_clock(owner, "2027-06-15 12:00:00+00")                 # months up to 2027-09 are due
     with psycopg.connect(db_url) as reader:
         reader.execute("SELECT count(*) FROM metering.usage_events")       # holds the table until it ends
         started = time.monotonic()
@@ -194,20 +190,20 @@ def test_a_charge_that_began_before_the_month_ended_but_came_after_the_next_bega
     # The late transaction's entry belongs to September (its transaction began then) but was
     # written after October's first charge of the same account: the detached month keeps it by
     # itself, so the running balances of October still start right.
-    at(owner, "2026-09-10 12:00:00+00")
+    set_clock(owner, "2026-09-10 12:00:00+00")
     owner.execute("SELECT util.ensure_partitions(1)")
     acct = new_account("free", 100 * CREDIT)
     key = acct["api_key"]
     consume(owner, key, "sep-1", quantity=12)                            # 10 free, 2 credits
-    at(owner, "2026-10-01 00:00:00.01+00")
+    set_clock(owner, "2026-10-01 00:00:00.01+00")
     october = consume(owner, key, "oct-1", quantity=12)[1]
     with psycopg.connect(db_url, autocommit=True) as late:
-        at(late, "2026-09-30 23:59:59.99+00")
+        set_clock(late, "2026-09-30 23:59:59.99+00")
         september_late = consume(late, key, "sep-late", quantity=13)[1]   # 3 credits, written after oct-1
     assert partition_of_event(owner, september_late["id"]) == "metering.usage_events_y2026m09"
     assert reconciliation_problems(owner) == {}
 
-    at(owner, "2026-12-15 00:00:00+00")
+    set_clock(owner, "2026-12-15 00:00:00+00")
     owner.execute("SELECT api.rollup_usage(100000)")
     # Months leave oldest first.
     assert sqlstate_of(lambda: owner.execute("SELECT api.detach_month('2026-10-01')")) == "TL409"
