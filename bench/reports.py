@@ -102,7 +102,8 @@ def main() -> None:
             folded += n
         rolled = time.perf_counter() - started
         conn.execute("VACUUM ANALYZE")
-        size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('metering.usage_events'))").fetchone()[0]
+        size = conn.execute("SELECT pg_size_pretty(sum(pg_total_relation_size(relid))) "
+                            "FROM pg_partition_tree('metering.usage_events')").fetchone()[0]   # every month
         print(f"{args.events:,} usage events ({size} with indexes) for {args.accounts:,} accounts over {args.days} days: "
               f"loaded in {loaded:.0f} s, rolled up ({folded:,} events) in {rolled:.0f} s\n")
         print("| view | rows | ms |\n|---|---:|---:|")
