@@ -235,9 +235,8 @@ async def create_usage_batch(request: Request, caller: Caller, data: JSONBody[Ba
     answered on its own: ``charged`` or ``replayed`` with the event, or ``refused`` with the
     problem it would have got alone (402, 403, 409, 422...); a refused event changes nothing and
     the others go on (``api.consume_batch``). 422 when the body is not 1 to 1,000 events."""
-    events = [{**msgspec.to_builtins(e), "account_id": str(e.account_id) if e.account_id else None} for e in data.events]
     (text,) = await call(request, "SELECT api.consume_batch(%s::text, %s::uuid, %s::jsonb)::text",
-                         [*caller.params, Jsonb(events)])
+                         [*caller.params, msgspec.json.encode(data.events).decode()])
     result = msgspec.json.decode(text)
     answers = []
     for row in result["data"]:

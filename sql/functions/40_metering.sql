@@ -322,17 +322,20 @@ $$;
 COMMENT ON FUNCTION metering.email_warnings(uuid, jsonb) IS
   'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
-CREATE OR REPLACE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS json
+-- json, not jsonb: the answer is built once as text, in this order, and goes out as it is (into a
+-- batch's answer too, where a jsonb would be taken apart and encoded again). Migration 0023.
 LANGUAGE sql STABLE AS $$
-  SELECT coalesce(e.response, jsonb_build_object(
+  SELECT coalesce(e.response::json, json_build_object(
     'id', e.id, 'object', 'usage_event', 'account_id', e.account_id,
     'meter', e.meter_id, 'quantity', e.quantity,
     'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
-    'charged', jsonb_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
-               || CASE WHEN e.amount_minor IS NULL THEN '{}'
-                       ELSE jsonb_build_object('amount', e.amount_minor, 'currency', e.currency) END,
+    'charged', CASE WHEN e.amount_minor IS NULL
+                    THEN json_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
+                    ELSE json_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros),
+                                           'amount', e.amount_minor, 'currency', e.currency) END,
     'allowance', p_allowance,
-    'balance', jsonb_build_object('credits', util.credits(e.balance_after_micros)),
+    'balance', json_build_object('credits', util.credits(e.balance_after_micros)),
     'warnings', coalesce(e.warnings, '[]'),
     'metadata', e.metadata,
     'created_at', util.iso(e.created_at)))
@@ -349,10 +352,10 @@ $$;
 COMMENT ON FUNCTION metering.event_allowance(metering.usage_events) IS
   'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
 
-CREATE OR REPLACE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
+CREATE OR REPLACE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS json
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-  v_answer jsonb;
+  v_answer json;
 BEGIN
   SELECT metering.usage_event_answer(e, metering.event_allowance(e)) INTO v_answer
   FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at;
@@ -368,7 +371,7 @@ COMMENT ON FUNCTION metering.replayed_answer(metering.idempotency_keys) IS
 
 CREATE OR REPLACE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb,
                                            q record, p_defer_rows boolean DEFAULT false,
-                                           OUT answer jsonb, OUT event metering.usage_events)
+                                           OUT answer json, OUT event metering.usage_events)
 LANGUAGE plpgsql AS $$
 DECLARE
   v_now timestamptz := util.now();
@@ -426,7 +429,7 @@ CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idem
                                        p_quantity bigint DEFAULT NULL,
                                        p_input_tokens bigint DEFAULT NULL, p_output_tokens bigint DEFAULT NULL,
                                        p_account_id uuid DEFAULT NULL, p_metadata jsonb DEFAULT NULL)
-RETURNS TABLE (replayed boolean, body jsonb)
+RETURNS TABLE (replayed boolean, body json)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account_id uuid;

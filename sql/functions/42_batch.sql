@@ -6,7 +6,7 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 COMMENT ON FUNCTION metering.batch_refusal(text, text, jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
 
-CREATE OR REPLACE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS json
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e jsonb;
@@ -20,8 +20,10 @@ DECLARE
   v_hash bytea;
   v_metadata jsonb;
   v_prior metering.idempotency_keys;
-  v_answer jsonb;
-  v_results jsonb[] := '{}';           -- appended in place (an expanded array), turned into JSON once
+  v_answer jsonb;                      -- a refusal
+  v_result json;                       -- a charge or a replay: {index, status, event}
+  v_results json[] := '{}';            -- appended in place (an expanded array); json, so that each answer
+                                       -- is built once as text and never taken apart again (migration 0023)
   v_events metering.usage_events[] := '{}';         -- the charged events and their keys, written at the end
   v_keys metering.idempotency_keys[] := '{}';
   v_key metering.idempotency_keys;
@@ -89,6 +91,7 @@ BEGIN
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     v_account_id := (v_principals -> coalesce(e ->> 'account_id', '') ->> 'account_id')::uuid;
     v_answer := v_principals -> coalesce(e ->> 'account_id', '') -> 'refusal';
+    v_result := NULL;
     -- Each event is checked (key, metadata, its idempotency record, metering.quote) in a read-only
     -- block, then charged outside it by metering.charge, as api.consume charges: a refused event
     -- writes nothing, and no event holds a subtransaction that writes (more than 64 of those in a
@@ -123,19 +126,19 @@ BEGIN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         ELSE
-          v_answer := jsonb_build_object('status', 'replayed', 'event',
-                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
-                                              ELSE metering.replayed_answer(v_prior) END);
+          v_result := json_build_object('index', i, 'status', 'replayed', 'event',
+                                        CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
+                                             ELSE metering.replayed_answer(v_prior) END);
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
         v_answer := metering.batch_refusal('TL422', v_message);
       END;
     END IF;
-    IF v_answer IS NULL THEN
+    IF v_answer IS NULL AND v_result IS NULL THEN
       v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
       v_event := v_charge.event;
-      v_answer := jsonb_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);  -- (built once: answers are copied whole)
+      v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
       v_key.idempotency_key := v_event.idempotency_key;
       v_key.usage_event_id := v_event.id;
@@ -159,7 +162,7 @@ BEGIN
         END IF;
       END IF;
     END IF;
-    v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
+    v_results := v_results || coalesce(v_result, (jsonb_build_object('index', i) || v_answer)::json);
     i := i + 1;
   END LOOP;
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
@@ -170,7 +173,7 @@ BEGIN
   SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
   WHERE w.account_id IS NOT NULL
   ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  RETURN jsonb_build_object('data', v_results);
+  RETURN json_build_object('data', v_results);
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
   'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';

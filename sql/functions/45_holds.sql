@@ -124,7 +124,7 @@ COMMENT ON FUNCTION api.hold(text, uuid, text, text, bigint, bigint, bigint, int
 CREATE OR REPLACE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
                                             p_output_tokens bigint DEFAULT NULL, p_account_id uuid DEFAULT NULL)
-RETURNS TABLE (replayed boolean, body jsonb)
+RETURNS TABLE (replayed boolean, body json)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   a identity.accounts := metering.locked_account(p_api_key, p_session_id, p_account_id);

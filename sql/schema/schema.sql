@@ -562,7 +562,7 @@ END $$;
 
 COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
 
-CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
+CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -690,7 +690,7 @@ END $$;
 
 COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
 
-CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body jsonb)
+CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -747,7 +747,7 @@ END $$;
 
 COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
-CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS jsonb
+CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS json
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -763,8 +763,10 @@ DECLARE
   v_hash bytea;
   v_metadata jsonb;
   v_prior metering.idempotency_keys;
-  v_answer jsonb;
-  v_results jsonb[] := '{}';           -- appended in place (an expanded array), turned into JSON once
+  v_answer jsonb;                      -- a refusal
+  v_result json;                       -- a charge or a replay: {index, status, event}
+  v_results json[] := '{}';            -- appended in place (an expanded array); json, so that each answer
+                                       -- is built once as text and never taken apart again (migration 0023)
   v_events metering.usage_events[] := '{}';         -- the charged events and their keys, written at the end
   v_keys metering.idempotency_keys[] := '{}';
   v_key metering.idempotency_keys;
@@ -832,6 +834,7 @@ BEGIN
   FOR e IN SELECT value FROM jsonb_array_elements(p_events) LOOP
     v_account_id := (v_principals -> coalesce(e ->> 'account_id', '') ->> 'account_id')::uuid;
     v_answer := v_principals -> coalesce(e ->> 'account_id', '') -> 'refusal';
+    v_result := NULL;
     -- Each event is checked (key, metadata, its idempotency record, metering.quote) in a read-only
     -- block, then charged outside it by metering.charge, as api.consume charges: a refused event
     -- writes nothing, and no event holds a subtransaction that writes (more than 64 of those in a
@@ -866,19 +869,19 @@ BEGIN
           v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
                                              jsonb_build_object('usage_event_id', v_prior.usage_event_id));
         ELSE
-          v_answer := jsonb_build_object('status', 'replayed', 'event',
-                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
-                                              ELSE metering.replayed_answer(v_prior) END);
+          v_result := json_build_object('index', i, 'status', 'replayed', 'event',
+                                        CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
+                                             ELSE metering.replayed_answer(v_prior) END);
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
         v_answer := metering.batch_refusal('TL422', v_message);
       END;
     END IF;
-    IF v_answer IS NULL THEN
+    IF v_answer IS NULL AND v_result IS NULL THEN
       v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
       v_event := v_charge.event;
-      v_answer := jsonb_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);  -- (built once: answers are copied whole)
+      v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
       v_key.idempotency_key := v_event.idempotency_key;
       v_key.usage_event_id := v_event.id;
@@ -902,7 +905,7 @@ BEGIN
         END IF;
       END IF;
     END IF;
-    v_results := v_results || CASE WHEN v_answer ? 'index' THEN v_answer ELSE jsonb_build_object('index', i) || v_answer END;
+    v_results := v_results || coalesce(v_result, (jsonb_build_object('index', i) || v_answer)::json);
     i := i + 1;
   END LOOP;
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
@@ -913,7 +916,7 @@ BEGIN
   SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
   WHERE w.account_id IS NOT NULL
   ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  RETURN jsonb_build_object('data', v_results);
+  RETURN json_build_object('data', v_results);
 END $$;
 
 COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
@@ -5097,7 +5100,7 @@ COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for 
 
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
 
-CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, OUT answer jsonb, OUT event metering.usage_events) RETURNS record
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5150,7 +5153,7 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
 
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
@@ -5487,11 +5490,11 @@ COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage eve
 
 COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
 
-CREATE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS jsonb
+CREATE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS json
     LANGUAGE plpgsql STABLE
     AS $$
 DECLARE
-  v_answer jsonb;
+  v_answer json;
 BEGIN
   SELECT metering.usage_event_answer(e, metering.event_allowance(e)) INTO v_answer
   FROM metering.usage_events e WHERE e.id = k.usage_event_id AND e.created_at = k.created_at;
@@ -5554,18 +5557,19 @@ $$;
 
 COMMENT ON FUNCTION metering.spending_json(a identity.accounts) IS 'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
 
-CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS jsonb
+CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS json
     LANGUAGE sql STABLE
     AS $$
-  SELECT coalesce(e.response, jsonb_build_object(
+  SELECT coalesce(e.response::json, json_build_object(
     'id', e.id, 'object', 'usage_event', 'account_id', e.account_id,
     'meter', e.meter_id, 'quantity', e.quantity,
     'input_tokens', e.input_tokens, 'output_tokens', e.output_tokens,
-    'charged', jsonb_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
-               || CASE WHEN e.amount_minor IS NULL THEN '{}'
-                       ELSE jsonb_build_object('amount', e.amount_minor, 'currency', e.currency) END,
+    'charged', CASE WHEN e.amount_minor IS NULL
+                    THEN json_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros))
+                    ELSE json_build_object('allowance_units', e.allowance_units, 'credits', util.credits(e.credits_micros),
+                                           'amount', e.amount_minor, 'currency', e.currency) END,
     'allowance', p_allowance,
-    'balance', jsonb_build_object('credits', util.credits(e.balance_after_micros)),
+    'balance', json_build_object('credits', util.credits(e.balance_after_micros)),
     'warnings', coalesce(e.warnings, '[]'),
     'metadata', e.metadata,
     'created_at', util.iso(e.created_at)))
@@ -8109,7 +8113,7 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer jsonb, OUT event metering.usage_events) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
