@@ -23,21 +23,21 @@ COMMENT ON FUNCTION metering.period_bounds(text, timestamptz, timestamptz, times
 CREATE OR REPLACE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters,
                                                    p_period_start timestamptz, p_period_end timestamptz,
                                                    p_used bigint)
-RETURNS jsonb
+RETURNS json
+-- json, built once as text in this order (it goes into every charge's answer as it is; migration
+-- 0023). json has no ||, so post_paid's two more keys make a second list.
 LANGUAGE sql STABLE AS $$
-  SELECT jsonb_build_object(
-    'meter', e.meter_id,
-    'kind', e.kind,
-    'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
-    'period', e.period,
-    'limit', e.limit_units,
-    'used', p_used,
+  SELECT CASE WHEN e.kind = 'post_paid' THEN json_build_object(
+    'meter', e.meter_id, 'kind', e.kind, 'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
+    'period', e.period, 'limit', e.limit_units, 'used', p_used,
     'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
-    'period_start', util.iso(p_period_start),
-    'resets_at', util.iso(p_period_end))
-    || CASE WHEN e.kind = 'post_paid'
-            THEN jsonb_build_object('unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
-            ELSE '{}' END
+    'period_start', util.iso(p_period_start), 'resets_at', util.iso(p_period_end),
+    'unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
+  ELSE json_build_object(
+    'meter', e.meter_id, 'kind', e.kind, 'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
+    'period', e.period, 'limit', e.limit_units, 'used', p_used,
+    'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
+    'period_start', util.iso(p_period_start), 'resets_at', util.iso(p_period_end)) END
 $$;
 COMMENT ON FUNCTION metering.allowance_json(billing.entitlements, metering.meters, timestamptz, timestamptz, bigint) IS
   'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited and post_paid; post_paid adds unit_amount and amount (what the period''s units cost, minor units).';
@@ -122,7 +122,7 @@ CREATE OR REPLACE FUNCTION metering.quote(
   OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint,
   OUT entitled boolean, OUT period_start timestamptz, OUT period_end timestamptz,
   OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint,
-  OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb,
+  OUT allowed boolean, OUT allowance json, OUT warnings jsonb,
   OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint,
   OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text)
 LANGUAGE plpgsql AS $$
@@ -322,7 +322,7 @@ $$;
 COMMENT ON FUNCTION metering.email_warnings(uuid, jsonb) IS
   'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
-CREATE OR REPLACE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS json
+CREATE OR REPLACE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) RETURNS json
 -- json, not jsonb: the answer is built once as text, in this order, and goes out as it is (into a
 -- batch's answer too, where a jsonb would be taken apart and encoded again). Migration 0023.
 LANGUAGE sql STABLE AS $$
@@ -340,10 +340,10 @@ LANGUAGE sql STABLE AS $$
     'metadata', e.metadata,
     'created_at', util.iso(e.created_at)))
 $$;
-COMMENT ON FUNCTION metering.usage_event_answer(metering.usage_events, jsonb) IS
+COMMENT ON FUNCTION metering.usage_event_answer(metering.usage_events, json) IS
   'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
 
-CREATE OR REPLACE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS jsonb
+CREATE OR REPLACE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS json
 LANGUAGE sql STABLE AS $$
   SELECT metering.allowance_json(en, m, e.period_start, e.period_end, e.used_after)
   FROM billing.entitlements en JOIN metering.meters m ON m.id = en.meter_id

@@ -12,3 +12,8 @@ DROP FUNCTION IF EXISTS api.consume_batch(text, uuid, jsonb);
 DROP FUNCTION IF EXISTS metering.charge(identity.accounts, text, bytea, jsonb, record, boolean);
 DROP FUNCTION IF EXISTS metering.replayed_answer(metering.idempotency_keys);
 DROP FUNCTION IF EXISTS metering.usage_event_answer(metering.usage_events, jsonb);
+-- An allowance's state (in every answer, from metering.quote) is json too.
+DROP FUNCTION IF EXISTS metering.event_allowance(metering.usage_events);
+DROP FUNCTION IF EXISTS metering.quote(identity.accounts, text, bigint, bigint, bigint, timestamptz, bigint, timestamptz,
+                                       metering.meters, billing.entitlements);
+DROP FUNCTION IF EXISTS metering.allowance_json(billing.entitlements, metering.meters, timestamptz, timestamptz, bigint);

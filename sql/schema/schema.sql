@@ -5005,22 +5005,20 @@ COMMENT ON COLUMN metering.meters.output_price_micros_per_mtok IS 'Micro-credits
 
 COMMENT ON COLUMN metering.meters.margin IS 'Multiplier applied to the token cost (1.2 = 20% margin), for pricing=tokens.';
 
-CREATE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) RETURNS jsonb
+CREATE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) RETURNS json
     LANGUAGE sql STABLE
     AS $$
-  SELECT jsonb_build_object(
-    'meter', e.meter_id,
-    'kind', e.kind,
-    'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
-    'period', e.period,
-    'limit', e.limit_units,
-    'used', p_used,
+  SELECT CASE WHEN e.kind = 'post_paid' THEN json_build_object(
+    'meter', e.meter_id, 'kind', e.kind, 'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
+    'period', e.period, 'limit', e.limit_units, 'used', p_used,
     'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
-    'period_start', util.iso(p_period_start),
-    'resets_at', util.iso(p_period_end))
-    || CASE WHEN e.kind = 'post_paid'
-            THEN jsonb_build_object('unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
-            ELSE '{}' END
+    'period_start', util.iso(p_period_start), 'resets_at', util.iso(p_period_end),
+    'unit_amount', e.unit_amount_minor, 'amount', p_used * e.unit_amount_minor)
+  ELSE json_build_object(
+    'meter', e.meter_id, 'kind', e.kind, 'unit', CASE m.pricing WHEN 'unit' THEN m.unit ELSE 'micro_credit' END,
+    'period', e.period, 'limit', e.limit_units, 'used', p_used,
+    'remaining', CASE WHEN e.kind = 'unlimited' THEN NULL ELSE greatest(e.limit_units - p_used, 0) END,
+    'period_start', util.iso(p_period_start), 'resets_at', util.iso(p_period_end)) END
 $$;
 
 COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited and post_paid; post_paid adds unit_amount and amount (what the period''s units cost, minor units).';
@@ -5166,7 +5164,7 @@ $$;
 
 COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
-CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS jsonb
+CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS json
     LANGUAGE sql STABLE
     AS $$
   SELECT metering.allowance_json(en, m, e.period_start, e.period_end, e.used_after)
@@ -5304,7 +5302,7 @@ $$;
 
 COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
 
-CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, p_window_end timestamp with time zone DEFAULT NULL::timestamp with time zone, p_meter_def metering.meters DEFAULT NULL::metering.meters, p_entitlement_def billing.entitlements DEFAULT NULL::billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
+CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, p_window_end timestamp with time zone DEFAULT NULL::timestamp with time zone, p_meter_def metering.meters DEFAULT NULL::metering.meters, p_entitlement_def billing.entitlements DEFAULT NULL::billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5476,7 +5474,7 @@ BEGIN
   END IF;
 END $$;
 
-COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the window''s end, the meter and the plan''s entitlement of it, as the caller read them for an earlier charge of this account and meter in its transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
+COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the window''s end, the meter and the plan''s entitlement of it, as the caller read them for an earlier charge of this account and meter in its transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
 
 CREATE TABLE metering.idempotency_keys (
     account_id uuid NOT NULL,
@@ -5557,7 +5555,7 @@ $$;
 
 COMMENT ON FUNCTION metering.spending_json(a identity.accounts) IS 'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
 
-CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) RETURNS json
+CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) RETURNS json
     LANGUAGE sql STABLE
     AS $$
   SELECT coalesce(e.response::json, json_build_object(
@@ -5575,7 +5573,7 @@ CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance
     'created_at', util.iso(e.created_at)))
 $$;
 
-COMMENT ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) IS 'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
+COMMENT ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) IS 'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
 
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
@@ -8133,7 +8131,7 @@ REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with
 
 REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance jsonb, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 
@@ -8143,7 +8141,7 @@ REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FRO
 
 REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
