@@ -235,21 +235,24 @@ async def create_usage_batch(request: Request, caller: Caller, data: JSONBody[Ba
     answered on its own: ``charged`` or ``replayed`` with the event, or ``refused`` with the
     problem it would have got alone (402, 403, 409, 422...); a refused event changes nothing and
     the others go on (``api.consume_batch``). 422 when the body is not 1 to 1,000 events."""
-    (text,) = await call(request, "SELECT api.consume_batch(%s::text, %s::uuid, %s::jsonb)::text",
-                         [*caller.params, msgspec.json.encode(data.events).decode()])
-    result = msgspec.json.decode(text)
-    answers = []
-    for row in result["data"]:
+    answers_json, charged, replayed, refused = await call(
+        request, "SELECT data::text, charged, replayed, refused FROM api.consume_batch(%s::text, %s::uuid, %s::jsonb)",
+        [*caller.params, msgspec.json.encode(data.events).decode()])
+    if not refused:         # the database's answers as they are: no decoding, no encoding
+        return Response(f'{{"data": {answers_json}, "charged": {charged}, "replayed": {replayed}, "refused": 0}}'.encode(),
+                        media_type="application/json")
+    answers = msgspec.json.decode(answers_json)
+    for i, row in enumerate(answers):
         if row["status"] == "refused":
             status, slug, title = SQLSTATES.get(row["sqlstate"], SQLSTATES["TL422"])
             extra = row.get("detail") or {}
             if status == 402:
                 extra["upgrade_url"] = upgrade_url(request, extra.get("account_id"))
-            row = {"index": row["index"], "status": "refused",
-                   "problem": {**extra, "type": PROBLEM_BASE + slug, "title": title, "status": status, "detail": row["message"]}}
-        answers.append(row)
-    counts = {k: sum(1 for a in answers if a["status"] == k) for k in ("charged", "replayed", "refused")}
-    return Response(msgspec.json.encode({"data": answers, **counts}), media_type="application/json")
+            answers[i] = {"index": row["index"], "status": "refused",
+                          "problem": {**extra, "type": PROBLEM_BASE + slug, "title": title, "status": status,
+                                      "detail": row["message"]}}
+    return Response(msgspec.json.encode({"data": answers, "charged": charged, "replayed": replayed, "refused": refused}),
+                    media_type="application/json")
 
 
 ROUTES = [create_usage_event, create_usage_batch, check_usage, list_usage_events]

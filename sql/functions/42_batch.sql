@@ -6,7 +6,8 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 COMMENT ON FUNCTION metering.batch_refusal(text, text, jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
 
-CREATE OR REPLACE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS json
+CREATE OR REPLACE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb,
+                                             OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   e jsonb;
@@ -48,6 +49,8 @@ DECLARE
   v_message text;
   v_detail text;
 BEGIN
+  replayed := 0;
+  refused := 0;
   IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' OR jsonb_array_length(p_events) NOT BETWEEN 1 AND 1000 THEN
     PERFORM util.fail('TL422', 'events is an array of 1 to 1,000 usage events', '{"field": "events"}');
   END IF;
@@ -129,6 +132,7 @@ BEGIN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
+          replayed := replayed + 1;
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -163,6 +167,7 @@ BEGIN
       END IF;
     END IF;
     v_results := v_results || coalesce(v_result, (jsonb_build_object('index', i) || v_answer)::json);
+    refused := refused + (v_answer IS NOT NULL)::integer;
     i := i + 1;
   END LOOP;
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
@@ -173,10 +178,11 @@ BEGIN
   SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
   WHERE w.account_id IS NOT NULL
   ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  RETURN json_build_object('data', v_results);
+  data := array_to_json(v_results);
+  charged := i - replayed - refused;
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

@@ -747,7 +747,7 @@ END $$;
 
 COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
 
-CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) RETURNS json
+CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -791,6 +791,8 @@ DECLARE
   v_message text;
   v_detail text;
 BEGIN
+  replayed := 0;
+  refused := 0;
   IF jsonb_typeof(p_events) IS DISTINCT FROM 'array' OR jsonb_array_length(p_events) NOT BETWEEN 1 AND 1000 THEN
     PERFORM util.fail('TL422', 'events is an array of 1 to 1,000 usage events', '{"field": "events"}');
   END IF;
@@ -872,6 +874,7 @@ BEGIN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
+          replayed := replayed + 1;
         END IF;
       EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
         GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
@@ -906,6 +909,7 @@ BEGIN
       END IF;
     END IF;
     v_results := v_results || coalesce(v_result, (jsonb_build_object('index', i) || v_answer)::json);
+    refused := refused + (v_answer IS NOT NULL)::integer;
     i := i + 1;
   END LOOP;
   -- The charged events and their keys, one INSERT each (a third of the cost a row of one INSERT per event).
@@ -916,10 +920,11 @@ BEGIN
   SELECT * FROM unnest(v_w_account, v_w_meter, v_w_start, v_w_end, v_w_used) w (account_id, meter_id, period_start, period_end, used)
   WHERE w.account_id IS NOT NULL
   ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  RETURN json_build_object('data', v_results);
+  data := array_to_json(v_results);
+  charged := i - replayed - refused;
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns {data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}]}: a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -7727,8 +7732,8 @@ GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 

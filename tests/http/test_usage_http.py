@@ -287,6 +287,12 @@ async def test_a_batch_answers_each_event_as_a_single_request_would(client, new_
     assert refused["problem"]["type"].endswith("/quota-exhausted") and "upgrade_url" in refused["problem"]
     assert result["data"][2]["event"]["metadata"] == {"job": "x"}
     assert result["data"][3]["event"] == result["data"][0]["event"]
+    # Nothing refused: the database's answers are relayed as they are, in the same shape.
+    again = await client.post("/v1/usage/events/batch", json={"events": [body["events"][0], body["events"][2]]}, headers=auth(key))
+    assert again.headers["content-type"] == "application/json"
+    assert again.json() == {"data": [{"index": 0, "status": "replayed", "event": result["data"][0]["event"]},
+                                     {"index": 1, "status": "replayed", "event": result["data"][2]["event"]}],
+                            "charged": 0, "replayed": 2, "refused": 0}
     assert (await client.post("/v1/usage/events/batch", json={"events": []}, headers=auth(key))).status_code == 422
     assert (await client.post("/v1/usage/events/batch", json={"events": [{"meter": "generation"}] * 1001},
                               headers=auth(key))).status_code == 422

@@ -12,7 +12,7 @@ from tests.sql.test_metering import CREDIT
 
 
 def batch(conn, key, events):
-    return conn.execute("SELECT api.consume_batch(%s, NULL, %s::jsonb)", [key, json.dumps(events)]).fetchone()[0]["data"]
+    return conn.execute("SELECT data FROM api.consume_batch(%s, NULL, %s::jsonb)", [key, json.dumps(events)]).fetchone()[0]
 
 
 def test_each_event_is_answered_on_its_own_and_a_refusal_stops_nothing(api_conn, owner, new_account):
@@ -32,6 +32,8 @@ def test_each_event_is_answered_on_its_own_and_a_refusal_stops_nothing(api_conn,
         (4, "refused", "TL409"), (5, "charged", None), (6, "refused", "TL422"), (7, "refused", "TL422")]
     assert answers[1]["detail"]["required_credits"] == "50" and answers[0]["event"] == answers[3]["event"]
     assert answers[5]["event"]["charged"] == {"allowance_units": 0, "credits": "2"}
+    assert api_conn.execute("SELECT charged, replayed, refused FROM api.consume_batch(%s, NULL, %s::jsonb)", [acct["api_key"], json.dumps([
+        {"idempotency_key": "a", "meter": "generation", "quantity": 10}, {"idempotency_key": "z", "meter": "nope"}])]).fetchone() == (0, 1, 1)
     assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 2
     assert owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s",
                          [acct["account_id"]]).fetchone()[0] == 0
