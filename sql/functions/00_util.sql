@@ -7,6 +7,19 @@ $$;
 COMMENT ON FUNCTION util.now() IS
   'The one clock of pgtally: now(), unless the session sets pgtally.now (tests move time with SET pgtally.now = ''2026-01-31 23:59:59+00'').';
 
+CREATE OR REPLACE FUNCTION util.uuid_v7s(p_count integer) RETURNS uuid[]
+-- One util.uuid_v7 (one read of random bits: /dev/urandom, opened anew on every call when
+-- PostgreSQL is built without OpenSSL, as the embedded one is), then a counter: rand_b's 62 bits
+-- with their top bit cleared, so that adding up to 2^61 never reaches the variant bits.
+LANGUAGE sql AS $$
+  SELECT array_agg(encode(substring(f.first FROM 1 FOR 8) || int8send(f.counter + n), 'hex')::uuid ORDER BY n)
+  FROM (SELECT b AS first, ('x' || encode(substring(b FROM 9 FOR 8), 'hex'))::bit(64)::bigint & ~(1::bigint << 61) AS counter
+        FROM uuid_send(util.uuid_v7()) b) f
+  CROSS JOIN generate_series(0, p_count - 1) n
+$$;
+COMMENT ON FUNCTION util.uuid_v7s(integer) IS
+  'p_count version 7 UUIDs (at most 2^61), ascending, made together: the first is util.uuid_v7(), each next one more in its random part (RFC 9562 section 6.2, method 2, monotonic random). For a batch: one draw of random bits instead of one per id. NULL for 0.';
+
 CREATE OR REPLACE FUNCTION util.credits(p_micros bigint) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   -- Multiplying by 0.000001 is exact in numeric (a division would round to about 16 digits).

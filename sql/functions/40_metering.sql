@@ -370,13 +370,13 @@ COMMENT ON FUNCTION metering.replayed_answer(metering.idempotency_keys) IS
   'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition. TL500 (a server error) when the event is missing, as it is only if its partition was dropped by hand: a retry never gets an empty answer.';
 
 CREATE OR REPLACE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb,
-                                           q record, p_defer_rows boolean DEFAULT false,
+                                           q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL,
                                            OUT answer json, OUT event metering.usage_events)
 LANGUAGE plpgsql AS $$
 DECLARE
   v_now timestamptz := util.now();
 BEGIN
-  event.id := util.uuid_v7();
+  event.id := coalesce(p_event_id, util.uuid_v7());
   event.account_id := a.id;
   event.created_at := v_now;
   event.meter_id := q.meter_id;
@@ -422,8 +422,8 @@ BEGIN
   END IF;
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
-COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record, boolean) IS
-  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record, boolean, uuid) IS
+  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). api.consume and api.consume_batch charge through it.';
 
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,

@@ -45,6 +45,7 @@ DECLARE
   v_w_entitlement_def billing.entitlements[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
+  v_ids uuid[];                        -- the events' ids, made together (util.uuid_v7s)
   v_state text;
   v_message text;
   v_detail text;
@@ -72,6 +73,7 @@ BEGIN
     END;
   END LOOP;
   PERFORM 1 FROM identity.accounts WHERE id = ANY (v_accounts) ORDER BY id FOR NO KEY UPDATE;
+  v_ids := util.uuid_v7s(jsonb_array_length(p_events));
   FOREACH v_account_id IN ARRAY v_accounts LOOP
     PERFORM metering.expire_holds(v_account_id);
     PERFORM ledger.refresh_lots(v_account_id);
@@ -140,7 +142,7 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;

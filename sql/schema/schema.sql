@@ -787,6 +787,7 @@ DECLARE
   v_w_entitlement_def billing.entitlements[] := '{}';
   v_read boolean := true;              -- whether a must be read again (another account, or credits spent)
   v_charge record;
+  v_ids uuid[];                        -- the events' ids, made together (util.uuid_v7s)
   v_state text;
   v_message text;
   v_detail text;
@@ -814,6 +815,7 @@ BEGIN
     END;
   END LOOP;
   PERFORM 1 FROM identity.accounts WHERE id = ANY (v_accounts) ORDER BY id FOR NO KEY UPDATE;
+  v_ids := util.uuid_v7s(jsonb_array_length(p_events));
   FOREACH v_account_id IN ARRAY v_accounts LOOP
     PERFORM metering.expire_holds(v_account_id);
     PERFORM ledger.refresh_lots(v_account_id);
@@ -882,7 +884,7 @@ BEGIN
       END;
     END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
@@ -5103,13 +5105,13 @@ COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for 
 
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
 
-CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, OUT answer json, OUT event metering.usage_events) RETURNS record
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
   v_now timestamptz := util.now();
 BEGIN
-  event.id := util.uuid_v7();
+  event.id := coalesce(p_event_id, util.uuid_v7());
   event.account_id := a.id;
   event.created_at := v_now;
   event.meter_id := q.meter_id;
@@ -5156,7 +5158,7 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). api.consume and api.consume_batch charge through it.';
 
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
@@ -5839,6 +5841,17 @@ CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
 $$;
 
 COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
+
+CREATE FUNCTION util.uuid_v7s(p_count integer) RETURNS uuid[]
+    LANGUAGE sql
+    AS $$
+  SELECT array_agg(encode(substring(f.first FROM 1 FOR 8) || int8send(f.counter + n), 'hex')::uuid ORDER BY n)
+  FROM (SELECT b AS first, ('x' || encode(substring(b FROM 9 FOR 8), 'hex'))::bit(64)::bigint & ~(1::bigint << 61) AS counter
+        FROM uuid_send(util.uuid_v7()) b) f
+  CROSS JOIN generate_series(0, p_count - 1) n
+$$;
+
+COMMENT ON FUNCTION util.uuid_v7s(p_count integer) IS 'p_count version 7 UUIDs (at most 2^61), ascending, made together: the first is util.uuid_v7(), each next one more in its random part (RFC 9562 section 6.2, method 2, monotonic random). For a batch: one draw of random bits instead of one per id. NULL for 0.';
 
 CREATE TABLE billing.customers (
     account_id uuid NOT NULL,
@@ -8116,7 +8129,7 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
@@ -8179,6 +8192,8 @@ REVOKE ALL ON FUNCTION util.partition_name(p_table regclass, p_month date) FROM 
 REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.uuid_v7s(p_count integer) FROM PUBLIC;
 
 GRANT SELECT ON TABLE reporting.active_accounts_daily TO pgtally_analyst;
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 
 from tests.conftest import reconciliation_problems, run_concurrently
 from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
@@ -178,3 +179,19 @@ def test_a_batch_mixing_plans_and_meters_answers_as_single_charges_would(owner, 
     assert [(w["code"], w["threshold_percent"]) for a in answers for w in a["event"]["warnings"]] == [
         ("fair_use_threshold", 80), ("allowance_threshold", 80), ("allowance_threshold", 100), ("fair_use_threshold", 100)]
     assert reconciliation_problems(owner) == {}
+
+
+def test_a_batch_s_events_get_version_7_ids_made_together_in_order(owner, new_account):
+    """util.uuid_v7s: one random draw a batch, then a counter (RFC 9562 section 6.2, method 2)."""
+    key = new_account("unlimited")["api_key"]
+    answers = batch(owner, key, [{"idempotency_key": f"id-{n}", "meter": "generation"} for n in range(300)])
+    ids = [uuid.UUID(a["event"]["id"]) for a in answers]
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert [i.int - ids[0].int for i in ids] == list(range(300))         # ascending by one, in the events' order
+    stamp = owner.execute("SELECT (extract(epoch FROM created_at) * 1000)::bigint FROM metering.usage_events WHERE id = %s",
+                          [ids[0]]).fetchone()[0]
+    assert abs((ids[0].int >> 80) - stamp) < 1000                          # 48-bit Unix milliseconds first
+    assert (ids[0].int >> 61) & 1 == 0                                      # the counter's top bit starts clear
+    again = batch(owner, key, [{"idempotency_key": f"again-{n}", "meter": "generation"} for n in range(300)])
+    assert not {uuid.UUID(a["event"]["id"]) for a in again} & set(ids)
+    assert owner.execute("SELECT util.uuid_v7s(0)").fetchone()[0] is None
