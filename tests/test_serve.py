@@ -176,7 +176,7 @@ def test_several_workers_share_one_embedded_postgresql(home):
         with psycopg.connect(host=str(home / "data"), user="postgres", dbname="postgres") as conn:
             assert conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers')) = pg_size_bytes(%s)",
                                 [shared_buffers]).fetchone()[0]
-        assert cli(home, "db", "psql", "-Atc", "SELECT 1").strip() == "1"   # (psql, exec'd: its pid stays listed)
+        assert cli(home, "db", "psql", "-Atc", "SELECT 1").strip() == "1"   # (psql alongside serve)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -200,3 +200,15 @@ def test_settings_never_restart_an_embedded_server_another_process_uses(home):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_db_psql_lets_go_of_the_embedded_server_when_psql_exits(home):
+    assert cli(home, "db", "psql", "-Atc", "SELECT 40 + 2").strip() == "42"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "XDG_RUNTIME_DIR")}
+    out = subprocess.run([str(PGTALLY), "db", "psql", "-Atc", "SELECT 1/0"], capture_output=True, text=True, timeout=60,
+                         env={**env, "PGTALLY_HOME": str(home)})
+    assert out.returncode != 0 and "division by zero" in out.stderr          # psql's exit status is pgtally's
+    # Nothing else used the server: it stopped with psql, and no pid stays listed as using it.
+    assert postmaster_pid(home) is None
+    assert not [p for p in psutil.process_iter(["name", "cmdline"])
+                if p.info["name"] == "postgres" and str(home) in " ".join(p.info["cmdline"] or [])]
