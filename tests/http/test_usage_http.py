@@ -112,6 +112,16 @@ async def test_malformed_json_is_a_400_problem(client, owner, new_account, conte
     assert owner.execute("SELECT count(*) FROM metering.usage_events").fetchone()[0] == 0
 
 
+async def test_brackets_inside_strings_do_not_count_as_nesting(client, new_account):
+    key = new_account()["api_key"]
+    note = '\\"' + "[{" * 40 + '\\\\'                       # an escaped quote, 80 brackets, an escaped backslash
+    content = ('{"meter": "generation", "metadata": {"note": "' + note + '", "list": [[1]]}}').encode()
+    r = await client.post("/v1/usage/events", content=content, headers={**auth(key, "strings"),
+                                                                      "Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+    assert r.json()["metadata"]["note"] == '"' + "[{" * 40 + "\\"
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
 async def test_a_body_that_is_not_declared_json_is_415(client, owner, new_account, content_type):
     key = new_account()["api_key"]
