@@ -8,6 +8,7 @@ there.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -32,7 +33,9 @@ def start_test_server() -> dict[str, Any]:
     if url:
         return conninfo_to_dict(url)
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    pgdata = base / f"pgtally-test-{os.getuid()}" / "data"
+    # One test cluster per checkout: two checkouts can run the suite on one machine at once.
+    checkout = hashlib.sha256(str(db.ROOT).encode()).hexdigest()[:8]
+    pgdata = base / f"pgtally-test-{os.getuid()}-{checkout}" / "data"
     server = db.embedded_server(pgdata)
     # A throwaway test cluster: more connections for the concurrency tests, no fsync.
     db.configure_embedded(server, TEST_SERVER_SETTINGS)
