@@ -14,13 +14,14 @@ from typing import Annotated, Any
 import msgspec
 import pygal
 from litestar import Request, Response, get, post
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
 from litestar.response import Redirect
 from pygal.style import CleanStyle
 
 from api.billing import IdempotencyKey, client_of
 from api.calls import SECURITY, SESSION, Session, call, call_json
 from api.errors import PgtallyError, problems
+from api.teams import Sso
 from api.web import FORM, browser_session, page, problem_text, to_login
 
 CHARTS = {
@@ -271,7 +272,18 @@ async def audit(request: Request, session: Session) -> AuditLog:
     return await call_json(request, "SELECT api.admin_audit(%s::uuid)", [session])
 
 
-ROUTES = [search, account, credits, set_plan, suspend, unsuspend, revoke_sessions, refunds, audit]
+@post("/v1/admin/accounts/{account_id:uuid}/sso-domains/{domain:str}/approval", status_code=200,
+      summary="Staff: approve a team's SSO domain without DNS", responses=problems(400, 401, 403, 404, 409, 415, 422, 503),
+      **ADMIN)
+async def approve_sso_domain(request: Request, session: Session, account_id: FromPath[uuid.UUID],
+                             domain: Annotated[str, Parameter(max_length=253)], data: JSONBody[Why]) -> Sso:
+    """Prove a domain the team claimed for single sign-on, when it showed ownership another way
+    than a DNS TXT record (say how in ``reason``). Admin only. Audited. 409 another team proved it."""
+    return await call_json(request, "SELECT api.admin_approve_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text)",
+                           [session, account_id, domain, data.reason])
+
+
+ROUTES = [search, account, credits, set_plan, suspend, unsuspend, revoke_sessions, refunds, audit, approve_sso_domain]
 
 
 # Pages ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from swagger_ui_bundle import swagger_ui_path
 
-from api import db, web
+from api import db, outbound, web
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
 from api.validation import check_request
@@ -52,6 +52,16 @@ class Settings:
     github_api_url: str = "https://api.github.com"
     alert_email: str | None = None
     """Where the worker sends operator alerts (PGTALLY_ALERT_EMAIL); none when unset."""
+    env: str = "production"
+    """PGTALLY_ENV: ``production`` (the default) or ``development``, which lets pgtally fetch plain
+    http provider URLs (api/outbound.py)."""
+    outbound_allow: tuple[str, ...] = ()
+    """PGTALLY_OUTBOUND_ALLOW: networks (CIDR or address, comma-separated) outbound requests may
+    reach beyond the public internet, e.g. ``127.0.0.1/32`` for a provider on this machine. Loopback,
+    private and link-local addresses are refused unless listed."""
+    dns_nameservers: tuple[str, ...] = ()
+    """PGTALLY_DNS_NAMESERVERS: ``host[:port]`` resolvers for domain verification (comma-separated);
+    the system's when unset."""
 
     @property
     def secure_cookies(self) -> bool:
@@ -84,6 +94,9 @@ class Settings:
             github_url=os.environ.get("PGTALLY_GITHUB_URL") or cls.github_url,
             github_api_url=os.environ.get("PGTALLY_GITHUB_API_URL") or cls.github_api_url,
             alert_email=os.environ.get("PGTALLY_ALERT_EMAIL") or None,
+            env=os.environ.get("PGTALLY_ENV") or cls.env,
+            outbound_allow=tuple(filter(None, os.environ.get("PGTALLY_OUTBOUND_ALLOW", "").split(","))),
+            dns_nameservers=tuple(filter(None, os.environ.get("PGTALLY_DNS_NAMESERVERS", "").split(","))),
         )
 
 
@@ -155,7 +168,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
                                                    include_in_schema=False),
                         *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": {},
+        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": outbound.metadata_cache(),
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own

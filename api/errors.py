@@ -33,6 +33,7 @@ SQLSTATES: dict[str, tuple[int, str, str]] = {
     "TL40C": (409, "conflict", "This conflicts with the account's current state"),
     "TL422": (422, "invalid-request", "The request is not valid"),
     "TL429": (429, "rate-limited", "Too many attempts"),
+    "TL502": (502, "upstream-unavailable", "A service pgtally asked (DNS, an identity provider) failed"),
     "TL503": (503, "retry-later", "Not ready yet: retry later"),
 }
 # Litestar's own HTTP errors (routing, body and header validation) -> (problem type slug, title).
@@ -67,7 +68,8 @@ STATUS_TEXT = {400: "Malformed request (not JSON, not UTF-8, nested too deep, a 
                415: "The body is not declared as application/json (unsupported-media-type)",
                422: "The input is not valid (invalid-request): detail and field say what",
                429: "Too many attempts (rate-limited): retry after Retry-After seconds",
-               500: "Internal error", 502: "Stripe failed (payment-provider-error)",
+               500: "Internal error",
+               502: "Stripe failed (payment-provider-error), or DNS or an identity provider did (upstream-unavailable)",
                503: "The database or a dependency is not ready (retry-later): retry after Retry-After seconds"}
 
 

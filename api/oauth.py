@@ -25,13 +25,16 @@ with warnings.catch_warnings():
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
-from litestar import Request, get
+from litestar import Request, get, post
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect
 
+from api import outbound
 from api.calls import call, call_json, client
 from api.errors import PgtallyError
-from api.web import browser_session, device_session, page, referral_of, safe_next, sign_in_browser
+from api.pages import TokenForm
+from api.web import (FORM, browser_session, device_session, page, problem_text, referral_of, safe_next,
+                     sign_in_browser)
 
 BINDING_COOKIE = "pgtally_oauth"
 PROVIDERS = ("google", "github")
@@ -59,11 +62,12 @@ def oauth_client(request: Request, provider: str, sso: dict[str, Any] | None = N
     settings = request.app.state.settings
     client_id, client_secret = ((sso["client_id"], sso["client_secret"]) if sso else
                                 (getattr(settings, f"{provider}_client_id"), getattr(settings, f"{provider}_client_secret")))
-    return AsyncOAuth2Client(
+    # Every request it makes goes only where the operator allowed (api/outbound.py).
+    return outbound.guarded(AsyncOAuth2Client(
         client_id=client_id, client_secret=client_secret,
         scope="read:user user:email" if provider == "github" else "openid email profile",
         redirect_uri=f"{settings.public_url.rstrip('/')}/auth/{provider}/callback",
-        code_challenge_method="S256", timeout=10)
+        code_challenge_method="S256", timeout=outbound.TIMEOUT, trust_env=False), settings)
 
 
 def issuer_of(request: Request, provider: str, sso: dict[str, Any] | None) -> str:
@@ -71,14 +75,8 @@ def issuer_of(request: Request, provider: str, sso: dict[str, Any] | None) -> st
 
 
 async def oidc_metadata(request: Request, issuer: str) -> dict[str, Any]:
-    """An issuer's OpenID Connect discovery document (cached per server and issuer)."""
-    cache = request.app.state.oidc_metadata
-    if issuer not in cache:
-        async with httpx.AsyncClient(timeout=10) as http:
-            response = await http.get(f"{issuer}/.well-known/openid-configuration")
-            response.raise_for_status()
-            cache[issuer] = response.json()
-    return cache[issuer]
+    """An issuer's OpenID Connect discovery document, checked and cached (outbound.oidc_metadata)."""
+    return await outbound.oidc_metadata(request.app.state.oidc_metadata, request.app.state.settings, issuer)
 
 
 async def authorization_url(request: Request, provider: str, flow: dict[str, Any], sso: dict[str, Any] | None = None,
@@ -102,9 +100,11 @@ async def oidc_identity(request: Request, provider: str, code: str, flow: dict[s
     Google's, or a team's own provider (``sso``)."""
     metadata = await oidc_metadata(request, issuer_of(request, provider, sso))
     audience = sso["client_id"] if sso else request.app.state.settings.google_client_id
+    settings = request.app.state.settings
     async with oauth_client(request, provider, sso) as oauth:
         token = await oauth.fetch_token(metadata["token_endpoint"], code=code, code_verifier=flow["code_verifier"])
-        keys = (await oauth.get(metadata["jwks_uri"])).json()
+    async with outbound.client(settings) as http:     # no token of the user goes to the keys' address
+        keys = await outbound.read_json(http, settings, metadata["jwks_uri"], f"the keys of {NAMES[provider]}")
     try:
         decoded = jwt.decode(token["id_token"], KeySet.import_key_set(keys))
         jwt.JWTClaimsRegistry(
@@ -112,7 +112,7 @@ async def oidc_identity(request: Request, provider: str, code: str, flow: dict[s
             aud={"essential": True, "value": audience},
             exp={"essential": True}, sub={"essential": True},
             nonce={"essential": True, "value": flow["nonce"]}).validate(decoded.claims)
-    except (JoseError, KeyError, ValueError) as exc:
+    except (JoseError, KeyError, ValueError, TypeError) as exc:
         raise PgtallyError({"sqlstate": "TL400", "message": f"the ID token from {NAMES[provider]} is not valid: {exc}"}) from None
     claims = decoded.claims
     return Identity(str(claims["sub"]), claims.get("email"), claims.get("email_verified") is True)
@@ -128,8 +128,11 @@ async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> 
         headers = {"Accept": "application/vnd.github+json"}
         user = (await oauth.get(f"{api}/user", headers=headers)).raise_for_status().json()
         emails = (await oauth.get(f"{api}/user/emails", headers=headers)).raise_for_status().json()
-    primary = next((e for e in emails if e.get("primary")), None) or next(iter(emails), None)
-    return Identity(str(user["id"]), primary and primary.get("email"), bool(primary and primary.get("verified")))
+    try:         # GitHub's answers, read as its REST API documents them
+        primary = next((e for e in emails if e.get("primary")), None) or next(iter(emails), None)
+        return Identity(str(user["id"]), primary and primary.get("email"), bool(primary and primary.get("verified")))
+    except (AttributeError, KeyError, TypeError):
+        raise outbound.Unavailable("GitHub answered in a shape pgtally does not know") from None
 
 
 @get("/auth/{provider:str}/start", include_in_schema=False)
@@ -161,7 +164,12 @@ async def start(request: Request, provider: FromPath[str], next: FromQuery[str |
                            [provider, "link" if link and not sso else "sign_in", binding, None if sso else session_id,
                             device_session(request, device_token),
                             safe_next(next), client(request)[0], sso and sso["account_id"]])
-    response = Redirect(await authorization_url(request, provider, flow, sso, login_hint=email if sso else None))
+    try:
+        response = Redirect(await authorization_url(request, provider, flow, sso, login_hint=email if sso else None))
+    except outbound.Unavailable as exc:
+        return page("message.html", request, 502, title="Sign-in is unavailable",
+                    message=f"{NAMES[provider]} cannot be used right now: {exc}. Try again later, or ask your administrator.",
+                    link=("/login", "Log in another way"))
     response.set_cookie(BINDING_COOKIE, binding, path="/auth", max_age=600, httponly=True, samesite="lax",
                         secure=request.app.state.settings.secure_cookies)
     return response
@@ -200,11 +208,16 @@ async def callback(request: Request, provider: FromPath[str],
                 "%s::text, %s::uuid)",
                 [provider, who.subject, who.email, who.email_verified, flow["device_session_id"], ip, user_agent,
                  referral_of(request), flow["sso_account_id"]])
+            if session.get("status") == "sso_link_email_sent":
+                # An existing user who never linked this team's provider confirms from their mailbox.
+                response = page("message.html", request, 200, title="Check your email",
+                                message=f"{session['email']} already has an account. To sign in with your organisation "
+                                        "from now on, open the link we emailed to that address (it works once, within an hour).")
+                response.delete_cookie(BINDING_COOKIE, path="/auth")
+                return response
             sign_in_browser(request, session)
             target = safe_next(flow["return_to"])
     except PgtallyError as exc:
-        from api.web import problem_text
-
         response = page("login.html", request, 400, error=problem_text(exc), email="")
     except AuthlibBaseError as exc:
         response = page("login.html", request, 400, email="",
@@ -212,10 +225,31 @@ async def callback(request: Request, provider: FromPath[str],
     except httpx.HTTPError as exc:
         response = page("login.html", request, 502, email="",
                         error=f"{NAMES[provider]} could not be reached ({type(exc).__name__}): try again.")
+    except outbound.Unavailable as exc:
+        response = page("login.html", request, 502, email="", error=f"{NAMES[provider]} cannot be used right now: {exc}.")
     else:
         response = Redirect(target)
     response.delete_cookie(BINDING_COOKIE, path="/auth")
     return response
 
 
-ROUTES = [start, callback]
+@get("/auth/sso/confirm", include_in_schema=False)
+async def sso_confirm_page(request: Request, token: FromQuery[str] = "") -> Any:
+    """The link of the sso_link email: a button, not an action (mail scanners open links)."""
+    return page("sso_confirm.html", request, token=token[:200])
+
+
+@post("/auth/sso/confirm", include_in_schema=False)
+async def sso_confirm(request: Request, data: Annotated[TokenForm, FORM]) -> Any:
+    """Link the team's provider to the user the email went to, and sign them in (api.confirm_sso_link)."""
+    ip, user_agent = client(request)
+    try:
+        session = await call_json(request, "SELECT api.confirm_sso_link(%s::text, %s::text, %s::text)",
+                                  [data.token[:200], ip, user_agent])
+    except PgtallyError as exc:
+        return page("sso_confirm.html", request, 400, token="", error=problem_text(exc))
+    sign_in_browser(request, session)
+    return Redirect("/teams")
+
+
+ROUTES = [start, callback, sso_confirm_page, sso_confirm]

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, patch, post, put
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Redirect
 
 from api.calls import SECURITY, SESSION, Session, call_json
@@ -168,11 +168,30 @@ class SsoSettings(msgspec.Struct, forbid_unknown_fields=True):
     """Those people may not sign in with a password or Google/GitHub."""
 
 
+class TxtRecord(msgspec.Struct):
+    name: str
+    """The domain itself."""
+    value: str
+    """``pgtally-domain-verification=<token>``."""
+
+
+class DomainVerification(msgspec.Struct):
+    domain: str
+    verified: bool
+    """Only a verified domain signs its people in through the team's provider."""
+    verified_by: Literal["dns", "staff"] | None
+    verified_at: str | None
+    txt_record: TxtRecord
+    """Publish it in DNS, then ask ``POST .../sso/domains/{domain}/verify``."""
+
+
 class Sso(msgspec.Struct):
     account_id: str
     issuer: str
     client_id: str
     domains: list[str]
+    """Claimed domains; see domain_verification for which are proven."""
+    domain_verification: list[DomainVerification]
     require_sso: bool
     updated_at: str
 
@@ -180,10 +199,12 @@ class Sso(msgspec.Struct):
 @put("/v1/accounts/{account_id:uuid}/sso", summary="Set up the team's single sign-on",
      responses=problems(400, 401, 403, 404, 409, 415, 422, 503), **TEAM)
 async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.UUID], data: JSONBody[SsoSettings]) -> Sso:
-    """The team's own OpenID Connect provider (owners: sso:manage). Its people sign in at
-    ``/auth/sso/start?email=`` and join the team as members; with ``require_sso`` they may sign in
-    no other way. The redirect URI to register there: ``PGTALLY_PUBLIC_URL/auth/sso/callback``.
-    409 when a domain signs in through another team."""
+    """The team's own OpenID Connect provider (owners: sso:manage). People of its domains sign in
+    at ``/auth/sso/start?email=`` and join the team as members; with ``require_sso`` its members
+    (of those domains) may sign in no other way. A domain takes effect only once proven: publish
+    its ``txt_record`` and ``POST .../sso/domains/{domain}/verify`` (or ask staff to approve it).
+    The redirect URI to register there: ``PGTALLY_PUBLIC_URL/auth/sso/callback``.
+    409 when another team proved a domain; 422 a public mail domain (gmail.com, outlook.com...)."""
     return await call_json(request, "SELECT api.set_sso(%s::uuid, %s::uuid, %s::text, %s::text, %s::text, %s::text[], %s::boolean)",
                            [session, account_id, data.issuer, data.client_id, data.client_secret, data.domains, data.require_sso])
 
@@ -201,8 +222,26 @@ async def delete_sso(request: Request, session: Session, account_id: FromPath[uu
     return await call_json(request, "SELECT api.sso(%s::uuid, %s::uuid, true)", [session, account_id])
 
 
+@post("/v1/accounts/{account_id:uuid}/sso/domains/{domain:str}/verify", status_code=200,
+      summary="Prove the team owns an SSO domain", responses=problems(400, 401, 403, 404, 409, 422, 502, 503), **TEAM)
+async def verify_sso_domain(request: Request, session: Session, account_id: FromPath[uuid.UUID],
+                            domain: Annotated[str, Parameter(max_length=253)]) -> Sso:
+    """Look up the domain's TXT records in DNS (RFC 1035 section 3.3.14) and prove the claim when
+    one is the claim's ``txt_record.value`` (api.verify_sso_domain decides). 422 no such record yet
+    (the problem names the record to publish), 404 not claimed, 409 another team proved it, 502
+    DNS could not be asked."""
+    from api import outbound
+
+    try:
+        records = await outbound.txt_records(request.app.state.settings, domain)
+    except outbound.Unavailable as exc:
+        raise PgtallyError({"sqlstate": "TL502", "message": str(exc)}) from None
+    return await call_json(request, "SELECT api.verify_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text[])",
+                           [session, account_id, domain, records])
+
+
 ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,
-          set_sso, get_sso, delete_sso]
+          set_sso, get_sso, delete_sso, verify_sso_domain]
 
 
 # Pages: /teams (your accounts, the switcher, a new team), /teams/{id} (members, roles,

@@ -69,6 +69,12 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "{inviter} invited you to join the team {team} as {role}.\n\n"
         "Accept by opening this link, signed in with {email} (sign up first if you have no account):\n\n"
         "{public_url}/invitations/accept?token={token}\n\nIt works once, within 7 days.\n"),
+    "sso_link": (
+        "Sign in with {team}'s single sign-on",
+        "Someone, hopefully you, signed in through the single sign-on of {team} with {email}, which already has "
+        "an account. To let that sign-in open your account from now on (and join {team}), open this link:\n\n"
+        "{public_url}/auth/sso/confirm?token={token}\n\n"
+        "It works once, within an hour. If it was not you, ignore this email: nothing changes.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"

@@ -45,6 +45,18 @@ def start_test_server() -> dict[str, Any]:
 SERVER = start_test_server()
 
 
+def drop_leftover_template() -> None:
+    """A run killed before its end leaves its template database behind (pytest-postgresql drops
+    it at the end of a session), and the next run would stop on it: drop it first."""
+    with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres"}), autocommit=True) as conn:
+        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'pgtally\\_test%%'").fetchall():
+            conn.execute(f'ALTER DATABASE "{name}" IS_TEMPLATE false')
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+drop_leftover_template()
+
+
 def build_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any) -> None:
     url = make_conninfo(host=host, port=port, user=user, dbname=dbname, password=password or None)
     db.upgrade(url)
@@ -169,3 +181,43 @@ def serving(app, port: int):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+LOCAL_PROVIDERS: dict[str, Any] = {"env": "development", "outbound_allow": ("127.0.0.0/8", "::1/128")}
+"""Settings that let pgtally reach sign-in providers and stand-ins on this machine over plain http
+(outside development, and without the operator's allow-list, it refuses both: api/outbound.py)."""
+
+
+class Zone:
+    """The TXT records a local DNS server (dnslib) answers: ``zone.txt["corp.example"] = [...]``."""
+
+    def __init__(self) -> None:
+        self.txt: dict[str, list[str]] = {}
+        self.port = 0
+
+    def resolve(self, request, handler):
+        from dnslib import QTYPE, RR, TXT
+
+        reply = request.reply()
+        if request.q.qtype == QTYPE.TXT:
+            for value in self.txt.get(str(request.q.qname).rstrip(".").lower(), []):
+                reply.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT(value), ttl=60))
+        return reply
+
+
+@pytest.fixture
+def dns_zone():
+    """A real DNS server on 127.0.0.1 (UDP) answering from a :class:`Zone`; point
+    ``Settings(dns_nameservers=(f"127.0.0.1:{zone.port}",))`` at it."""
+    import socket
+
+    from dnslib.server import DNSLogger, DNSServer
+
+    zone = Zone()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        zone.port = probe.getsockname()[1]
+    server = DNSServer(zone, port=zone.port, address="127.0.0.1", logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data"))
+    server.start_thread()
+    yield zone
+    server.stop()

@@ -331,7 +331,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the email or password is not right');
   END IF;
-  IF identity.sso_required(u.email_normalized) THEN
+  IF identity.sso_required(u.id) THEN
     RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
                           jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
   END IF;

@@ -87,21 +87,26 @@ BEGIN
     PERFORM util.fail('TL422', 'the provider did not name the user');
   END IF;
   IF p_provider = 'sso' THEN
-    -- A team's provider signs in people of the team's domains only, as members of the team.
-    IF NOT EXISTS (SELECT 1 FROM identity.sso_domains
-                   WHERE account_id = p_sso_account_id AND domain = split_part(identity.normalize_email(p_email), '@', 2)) THEN
+    -- A team's provider signs in people of the domains the team proved it owns, as members of the team.
+    IF p_sso_account_id IS NULL OR identity.sso_team_of(p_email) IS DISTINCT FROM p_sso_account_id THEN
       PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
       RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
     END IF;
     p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
-  ELSIF identity.sso_required(p_email) THEN
-    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
-                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || identity.normalize_email(p_email)));
   END IF;
   SELECT * INTO i FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject FOR UPDATE;
-  IF FOUND THEN
+  IF NOT FOUND AND p_email IS NOT NULL THEN
+    SELECT * INTO u FROM identity.users WHERE email_normalized = lower(btrim(p_email));
+  ELSE
     SELECT * INTO u FROM identity.users WHERE id = i.user_id;
+  END IF;
+  IF p_provider <> 'sso' AND u.id IS NOT NULL AND identity.sso_required(u.id) THEN
+    -- Only members of a team that requires its provider, of a domain the team proved.
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
+  END IF;
+  IF i.user_id IS NOT NULL THEN
     UPDATE identity.user_identities SET last_sign_in_at = util.now(), email = coalesce(left(p_email, 320), email),
                                         email_verified = coalesce(p_email_verified, email_verified)
     WHERE provider = p_provider AND subject = p_subject;
@@ -118,6 +123,9 @@ BEGIN
       PERFORM identity.log_event('oauth_refused', u.id, u.account_id, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', p_provider, 'reason', 'unverified email of an existing user'));
       RETURN identity.error('TL40C', format('an account with this email exists: sign in with your password, then link %s from your account page', initcap(p_provider)));
+    ELSIF FOUND AND p_provider = 'sso' THEN
+      -- A team's provider never takes over a user who did not link it: the user confirms by email.
+      RETURN identity.request_sso_link(u, p_sso_account_id, p_subject, p_email, p_ip, p_user_agent);
     ELSIF FOUND THEN
       v_kind := 'oauth_linked';
     ELSE
@@ -153,7 +161,7 @@ BEGIN
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 COMMENT ON FUNCTION api.oauth_sign_in(text, text, text, boolean, uuid, text, text, text, uuid) IS
-  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; people whose domain''s team requires SSO may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+  'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE OR REPLACE FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text,
                                           p_email_verified boolean, p_ip text, p_user_agent text)

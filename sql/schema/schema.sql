@@ -299,6 +299,34 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
 
+CREATE FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_staff identity.users := identity.staff(p_session_id, 'approve_sso_domain');
+  d identity.sso_domains;
+BEGIN
+  SELECT * INTO d FROM identity.sso_domains WHERE account_id = p_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'this team has not claimed that domain');
+  ELSIF d.verified_at IS NOT NULL THEN
+    RETURN identity.sso_json(p_account_id);
+  END IF;
+  BEGIN
+    UPDATE identity.sso_domains SET verified_at = util.now(), verified_by = 'staff'
+    WHERE account_id = d.account_id AND domain = d.domain;
+  EXCEPTION WHEN unique_violation THEN
+    PERFORM util.fail('TL40C', format('%s signs in through another team''s provider', d.domain), '{"field": "domain"}');
+  END;
+  PERFORM ops.audit(v_staff, 'approve_sso_domain', p_account_id, NULL, p_reason,
+                    jsonb_build_object('domain', d.domain, 'verified', false),
+                    jsonb_build_object('domain', d.domain, 'verified', true));
+  RETURN identity.sso_json(p_account_id);
+END $$;
+
+COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason.';
+
 CREATE FUNCTION api.admin_audit(p_session_id uuid, p_limit integer DEFAULT 100) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -689,6 +717,44 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
+
+CREATE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  r record;                        -- an identity.sso_link_requests row (0024)
+  u identity.users;
+  v_owner uuid;
+  v_tokens jsonb;
+BEGIN
+  -- The claim: one use, before it expires.
+  UPDATE identity.sso_link_requests SET used_at = util.now()
+  WHERE token_hash = util.token_hash(p_token) AND used_at IS NULL AND expires_at > util.now()
+  RETURNING * INTO r;
+  IF NOT FOUND THEN
+    RETURN identity.error('TL400', 'this link is not valid, was used already or has expired: sign in through your organisation again');
+  END IF;
+  SELECT * INTO u FROM identity.users WHERE id = r.user_id FOR UPDATE;
+  IF identity.sso_team_of(u.email_normalized) IS DISTINCT FROM r.account_id THEN
+    RETURN identity.error('TL400', 'this team no longer signs in people of your address''s domain');
+  END IF;
+  SELECT user_id INTO v_owner FROM identity.user_identities WHERE provider = 'sso' AND subject = r.subject;
+  IF v_owner IS NULL THEN
+    PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+  ELSIF v_owner <> u.id THEN
+    RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
+  END IF;
+  PERFORM identity.mark_email_verified(u.id);
+  INSERT INTO identity.memberships (account_id, user_id, role, created_at)
+  VALUES (r.account_id, u.id, 'member', util.now()) ON CONFLICT (account_id, user_id) DO NOTHING;
+  v_tokens := identity.start_session(u.account_id, u.id, p_ip, p_user_agent, 'sso');
+  PERFORM identity.log_event('oauth_linked', u.id, u.account_id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+                             jsonb_build_object('provider', 'sso', 'team', r.account_id, 'confirmed_by', 'email'));
+  RETURN v_tokens;
+END $$;
+
+COMMENT ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) IS 'POST /auth/sso/confirm: the user opened the link identity.request_sso_link emailed: link the team''s provider to them (once, within an hour), make them a member of the team, confirm their address, sign them in (identity.tokens). TL400 unknown, used or expired link, or the team lost the domain; TL40C the provider account is linked to someone else.';
 
 CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1793,7 +1859,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the email or password is not right');
   END IF;
-  IF identity.sso_required(u.email_normalized) THEN
+  IF identity.sso_required(u.id) THEN
     RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
                           jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
   END IF;
@@ -2019,21 +2085,26 @@ BEGIN
     PERFORM util.fail('TL422', 'the provider did not name the user');
   END IF;
   IF p_provider = 'sso' THEN
-    -- A team's provider signs in people of the team's domains only, as members of the team.
-    IF NOT EXISTS (SELECT 1 FROM identity.sso_domains
-                   WHERE account_id = p_sso_account_id AND domain = split_part(identity.normalize_email(p_email), '@', 2)) THEN
+    -- A team's provider signs in people of the domains the team proved it owns, as members of the team.
+    IF p_sso_account_id IS NULL OR identity.sso_team_of(p_email) IS DISTINCT FROM p_sso_account_id THEN
       PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
       RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
     END IF;
     p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
-  ELSIF identity.sso_required(p_email) THEN
-    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
-                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || identity.normalize_email(p_email)));
   END IF;
   SELECT * INTO i FROM identity.user_identities WHERE provider = p_provider AND subject = p_subject FOR UPDATE;
-  IF FOUND THEN
+  IF NOT FOUND AND p_email IS NOT NULL THEN
+    SELECT * INTO u FROM identity.users WHERE email_normalized = lower(btrim(p_email));
+  ELSE
     SELECT * INTO u FROM identity.users WHERE id = i.user_id;
+  END IF;
+  IF p_provider <> 'sso' AND u.id IS NOT NULL AND identity.sso_required(u.id) THEN
+    -- Only members of a team that requires its provider, of a domain the team proved.
+    RETURN identity.error('TL403', 'your organisation signs you in through its own provider: use single sign-on',
+                          jsonb_build_object('sso_url', '/auth/sso/start?email=' || u.email_normalized));
+  END IF;
+  IF i.user_id IS NOT NULL THEN
     UPDATE identity.user_identities SET last_sign_in_at = util.now(), email = coalesce(left(p_email, 320), email),
                                         email_verified = coalesce(p_email_verified, email_verified)
     WHERE provider = p_provider AND subject = p_subject;
@@ -2050,6 +2121,9 @@ BEGIN
       PERFORM identity.log_event('oauth_refused', u.id, u.account_id, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', p_provider, 'reason', 'unverified email of an existing user'));
       RETURN identity.error('TL40C', format('an account with this email exists: sign in with your password, then link %s from your account page', initcap(p_provider)));
+    ELSIF FOUND AND p_provider = 'sso' THEN
+      -- A team's provider never takes over a user who did not link it: the user confirms by email.
+      RETURN identity.request_sso_link(u, p_sso_account_id, p_subject, p_email, p_ip, p_user_agent);
     ELSIF FOUND THEN
       v_kind := 'oauth_linked';
     ELSE
@@ -2085,7 +2159,7 @@ BEGIN
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 
-COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; people whose domain''s team requires SSO may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2624,8 +2698,8 @@ CREATE FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text,
     AS $_$
 DECLARE
   v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+  v_domains text[];
   v_domain text;
-  v_taken uuid;
 BEGIN
   IF (SELECT kind FROM identity.accounts WHERE id = v_account_id) <> 'team' THEN
     PERFORM util.fail('TL40C', 'single sign-on is set up for a team account');
@@ -2636,30 +2710,37 @@ BEGIN
   IF coalesce(length(p_client_id), 0) NOT BETWEEN 1 AND 255 OR coalesce(length(p_client_secret), 0) NOT BETWEEN 1 AND 500 THEN
     PERFORM util.fail('TL422', 'client_id and client_secret from the provider are required', '{"field": "client_id"}');
   END IF;
-  IF p_domains IS NULL OR cardinality(p_domains) = 0 THEN
+  SELECT array_agg(DISTINCT lower(btrim(x))) INTO v_domains FROM unnest(p_domains) x;
+  IF v_domains IS NULL THEN
     PERFORM util.fail('TL422', 'at least one email domain is required', '{"field": "domains"}');
   END IF;
+  FOREACH v_domain IN ARRAY v_domains LOOP
+    IF v_domain IS NULL OR v_domain !~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$' OR v_domain NOT LIKE '%.%' THEN
+      PERFORM util.fail('TL422', format('%L is not an email domain', v_domain), '{"field": "domains"}');
+    ELSIF identity.public_mail_domain(v_domain) THEN
+      PERFORM util.fail('TL422', format('%s is a public mail domain: anyone can have an address there, so no team can sign its people in', v_domain),
+                        '{"field": "domains"}');
+    ELSIF EXISTS (SELECT 1 FROM identity.sso_domains WHERE domain = v_domain AND verified_at IS NOT NULL
+                                                     AND account_id <> v_account_id) THEN
+      PERFORM util.fail('TL40C', format('%s signs in through another team''s provider', v_domain), '{"field": "domains"}');
+    END IF;
+  END LOOP;
   PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   INSERT INTO identity.sso_connections AS c (account_id, issuer, client_id, client_secret, require_sso, created_at, updated_at)
   VALUES (v_account_id, rtrim(p_issuer, '/'), p_client_id, p_client_secret, coalesce(p_require, false), util.now(), util.now())
   ON CONFLICT (account_id) DO UPDATE SET issuer = EXCLUDED.issuer, client_id = EXCLUDED.client_id,
     client_secret = EXCLUDED.client_secret, require_sso = EXCLUDED.require_sso, updated_at = EXCLUDED.updated_at;
-  DELETE FROM identity.sso_domains WHERE account_id = v_account_id;
-  FOREACH v_domain IN ARRAY p_domains LOOP
-    v_domain := lower(btrim(v_domain));
-    IF v_domain !~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$' OR v_domain NOT LIKE '%.%' THEN
-      PERFORM util.fail('TL422', format('%L is not an email domain', v_domain), '{"field": "domains"}');
-    END IF;
-    INSERT INTO identity.sso_domains (domain, account_id) VALUES (v_domain, v_account_id)
-    ON CONFLICT (domain) DO NOTHING RETURNING account_id INTO v_taken;
-    IF v_taken IS NULL THEN
-      PERFORM util.fail('TL40C', format('%s signs in through another team''s provider', v_domain), '{"field": "domains"}');
-    END IF;
-  END LOOP;
+  -- Domains kept keep their proof; new ones start unproven.
+  DELETE FROM identity.sso_domains WHERE account_id = v_account_id AND domain <> ALL (v_domains);
+  INSERT INTO identity.sso_domains (account_id, domain, verification_token, claimed_at)
+  SELECT v_account_id, d, util.random_token(), util.now() FROM unnest(v_domains) d
+  ON CONFLICT (account_id, domain) DO NOTHING;
+  PERFORM identity.log_event('sso_domain_claimed', NULL, v_account_id, p_session_id, NULL, NULL,
+                             jsonb_build_object('domains', to_jsonb(v_domains)));
   RETURN identity.sso_json(v_account_id);
 END $_$;
 
-COMMENT ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) IS 'PUT /v1/accounts/{id}/sso (permission sso:manage: owners): the team''s OpenID Connect provider (issuer, client id and secret) and its email domains (one team per domain), and whether its people must sign in through it. TL40C not a team or a domain of another team, TL422 bad input.';
+COMMENT ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) IS 'PUT /v1/accounts/{id}/sso (permission sso:manage: owners): the team''s OpenID Connect provider (issuer, client id and secret), the email domains it claims, and whether its members must sign in through it. A claimed domain takes effect only once proven (api.verify_sso_domain: a DNS TXT record; or api.admin_approve_sso_domain); domains kept keep their proof. TL422 bad input or a public mail domain (identity.public_mail_domains), TL40C not a team or a domain another team proved.';
 
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2747,11 +2828,10 @@ CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL
   SELECT jsonb_build_object('account_id', c.account_id, 'issuer', c.issuer, 'client_id', c.client_id,
                             'client_secret', c.client_secret)
   FROM identity.sso_connections c
-  WHERE c.account_id = coalesce(p_account_id, (SELECT d.account_id FROM identity.sso_domains d
-                                               WHERE d.domain = split_part(lower(btrim(p_email)), '@', 2)))
+  WHERE c.account_id = coalesce(p_account_id, identity.sso_team_of(p_email))
 $$;
 
-COMMENT ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) IS '/auth/sso/start and its callback: the provider of the team an address''s domain belongs to (or of p_account_id): issuer, client id and secret; NULL when none.';
+COMMENT ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) IS '/auth/sso/start and its callback: the provider of the team that proved the address''s domain (or of p_account_id): issuer, client id and secret; NULL when none.';
 
 CREATE FUNCTION api.staff_grant(p_email text, p_role text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2959,6 +3039,37 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+
+CREATE FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+  d identity.sso_domains;
+BEGIN
+  SELECT * INTO d FROM identity.sso_domains WHERE account_id = v_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'this team has not claimed that domain: add it to the SSO settings first');
+  ELSIF d.verified_at IS NOT NULL THEN
+    RETURN identity.sso_json(v_account_id);
+  ELSIF identity.sso_txt_value(d.verification_token) <> ALL (coalesce(p_txt_records, '{}')) THEN
+    PERFORM util.fail('TL422', format('no TXT record on %s carries this team''s token yet (DNS changes can take a while to be seen)', d.domain),
+                      jsonb_build_object('field', 'domain', 'txt_record',
+                                         jsonb_build_object('name', d.domain, 'value', identity.sso_txt_value(d.verification_token))));
+  END IF;
+  BEGIN
+    UPDATE identity.sso_domains SET verified_at = util.now(), verified_by = 'dns'
+    WHERE account_id = d.account_id AND domain = d.domain;
+  EXCEPTION WHEN unique_violation THEN
+    PERFORM util.fail('TL40C', format('%s signs in through another team''s provider', d.domain), '{"field": "domain"}');
+  END;
+  PERFORM identity.log_event('sso_domain_verified', NULL, v_account_id, p_session_id, NULL, NULL,
+                             jsonb_build_object('domain', d.domain, 'by', 'dns'));
+  RETURN identity.sso_json(v_account_id);
+END $$;
+
+COMMENT ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) IS 'POST /v1/accounts/{id}/sso/domains/{domain}/verify (sso:manage): the server looked up the TXT records of the domain (p_txt_records, through DNS) and this decides: one of them equal to identity.sso_txt_value(token) proves the claim, and the domain takes effect. Idempotent for a proven domain. TL404 not claimed by this team, TL422 no matching record (detail names the record to publish), TL40C another team proved it first.';
 
 CREATE FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) RETURNS record
     LANGUAGE sql STABLE
@@ -4088,6 +4199,14 @@ $$;
 
 COMMENT ON FUNCTION identity.effective_plan(a identity.accounts) IS 'The plan an account is metered on now: its plan, or free once a payment grace period (plan_grace_until) has passed.';
 
+CREATE FUNCTION identity.email_domain(p_email text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT split_part(lower(btrim(p_email)), '@', 2)
+$$;
+
+COMMENT ON FUNCTION identity.email_domain(p_email text) IS 'The domain of an address, lower case ('''' when it has no @).';
+
 CREATE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DEFAULT '{}'::jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4490,6 +4609,16 @@ END $$;
 
 COMMENT ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) IS 'The pending, unexpired device code a signed-in user typed, locked; or an error (TL404 unknown, decided or expired; TL429 too many guesses) to return.';
 
+CREATE FUNCTION identity.public_mail_domain(p_domain text) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  RETURN (SELECT EXISTS (SELECT 1 FROM identity.public_mail_domains p
+                 WHERE p_domain = p.domain OR p_domain LIKE '%.' || p.domain));
+END $$;
+
+COMMENT ON FUNCTION identity.public_mail_domain(p_domain text) IS 'Whether a domain is a public mail domain (identity.public_mail_domains) or a subdomain of one: never claimable for SSO.';
+
 CREATE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) RETURNS integer
     LANGUAGE plpgsql
     AS $$
@@ -4513,26 +4642,77 @@ END $$;
 
 COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
 
-CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
-    LANGUAGE sql STABLE
+CREATE FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
+    LANGUAGE plpgsql
     AS $$
-  SELECT jsonb_build_object('account_id', c.account_id, 'issuer', c.issuer, 'client_id', c.client_id,
+DECLARE
+  v_token text := util.random_token();
+BEGIN
+  INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
+  VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('sso_link', u.email_normalized,
+          jsonb_build_object('email', u.email_normalized, 'token', v_token,
+                             'team', (SELECT name FROM identity.accounts WHERE id = p_team_id)),
+          util.now(), util.now());
+  PERFORM identity.log_event('sso_link_requested', u.id, u.account_id, NULL, p_ip, p_user_agent,
+                             jsonb_build_object('team', p_team_id));
+  RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+END $$;
+
+COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
+
+CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  RETURN (SELECT jsonb_build_object('account_id', c.account_id, 'issuer', c.issuer, 'client_id', c.client_id,
                             'domains', coalesce((SELECT jsonb_agg(d.domain ORDER BY d.domain) FROM identity.sso_domains d
                                                  WHERE d.account_id = c.account_id), '[]'),
+                            'domain_verification', coalesce((
+                              SELECT jsonb_agg(jsonb_build_object(
+                                       'domain', d.domain, 'verified', d.verified_at IS NOT NULL,
+                                       'verified_by', d.verified_by, 'verified_at', util.iso(d.verified_at),
+                                       'txt_record', jsonb_build_object('name', d.domain,
+                                                                        'value', identity.sso_txt_value(d.verification_token)))
+                                     ORDER BY d.domain)
+                              FROM identity.sso_domains d WHERE d.account_id = c.account_id), '[]'),
                             'require_sso', c.require_sso, 'updated_at', util.iso(c.updated_at))
-  FROM identity.sso_connections c WHERE c.account_id = p_account_id
-$$;
+  FROM identity.sso_connections c WHERE c.account_id = p_account_id);
+END $$;
 
-COMMENT ON FUNCTION identity.sso_json(p_account_id uuid) IS 'A team''s SSO settings as the API shows them (never the client secret).';
+COMMENT ON FUNCTION identity.sso_json(p_account_id uuid) IS 'A team''s SSO settings as the API shows them (never the client secret): its claimed domains and, per domain, whether it is verified and the TXT record that proves it.';
 
-CREATE FUNCTION identity.sso_required(p_email text) RETURNS boolean
-    LANGUAGE sql STABLE
+CREATE FUNCTION identity.sso_required(p_user_id uuid) RETURNS boolean
+    LANGUAGE plpgsql STABLE
     AS $$
-  SELECT EXISTS (SELECT 1 FROM identity.sso_domains d JOIN identity.sso_connections c ON c.account_id = d.account_id
-                 WHERE d.domain = split_part(lower(btrim(p_email)), '@', 2) AND c.require_sso)
+BEGIN
+  RETURN (SELECT EXISTS (SELECT 1 FROM identity.users u
+                 JOIN identity.sso_domains d ON d.domain = identity.email_domain(u.email_normalized) AND d.verified_at IS NOT NULL
+                 JOIN identity.sso_connections c ON c.account_id = d.account_id AND c.require_sso
+                 JOIN identity.memberships m ON m.account_id = c.account_id AND m.user_id = u.id
+                 WHERE u.id = p_user_id));
+END $$;
+
+COMMENT ON FUNCTION identity.sso_required(p_user_id uuid) IS 'Whether this user must sign in through their team''s provider: they are a member of a team that requires SSO and proved the domain of their address. Strangers who merely share the domain are never bound by it.';
+
+CREATE FUNCTION identity.sso_team_of(p_email text) RETURNS uuid
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  RETURN (SELECT d.account_id FROM identity.sso_domains d
+  WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL);
+END $$;
+
+COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims count for nothing.';
+
+CREATE FUNCTION identity.sso_txt_value(p_token text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT 'pgtally-domain-verification=' || p_token
 $$;
 
-COMMENT ON FUNCTION identity.sso_required(p_email text) IS 'Whether the address''s domain belongs to a team that requires its own provider: its people may not sign in with a password or Google/GitHub.';
+COMMENT ON FUNCTION identity.sso_txt_value(p_token text) IS 'The TXT record value that proves a team owns a domain it claimed for SSO (published on the domain itself, as Google''s and Microsoft''s domain verifications are).';
 
 CREATE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identity.users
     LANGUAGE plpgsql
@@ -6080,7 +6260,7 @@ CREATE TABLE identity.auth_events (
     user_agent text,
     detail jsonb DEFAULT '{}'::jsonb NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text])))
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text, 'sso_domain_claimed'::text, 'sso_domain_verified'::text, 'sso_link_requested'::text])))
 );
 
 COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
@@ -6157,6 +6337,13 @@ CREATE TABLE identity.one_time_tokens (
 
 COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password reset tokens: 256 random bits, stored as SHA-256 hashes, claimed once with UPDATE ... RETURNING before they expire.';
 
+CREATE TABLE identity.public_mail_domains (
+    domain text NOT NULL,
+    CONSTRAINT public_mail_domains_domain_check CHECK ((domain = lower(domain)))
+);
+
+COMMENT ON TABLE identity.public_mail_domains IS 'Mail domains anyone can have an address at (Gmail, Outlook, ...): no team may claim them (or a subdomain of one) for single sign-on. Operators may add rows.';
+
 CREATE TABLE identity.rate_limits (
     bucket text NOT NULL,
     window_start timestamp with time zone NOT NULL,
@@ -6205,10 +6392,44 @@ COMMENT ON COLUMN identity.sso_connections.client_secret IS 'The team''s client 
 CREATE TABLE identity.sso_domains (
     domain text NOT NULL,
     account_id uuid NOT NULL,
-    CONSTRAINT sso_domains_domain_check CHECK (((domain ~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$'::text) AND (domain ~~ '%.%'::text)))
+    verification_token text NOT NULL,
+    claimed_at timestamp with time zone NOT NULL,
+    verified_at timestamp with time zone,
+    verified_by text,
+    CONSTRAINT sso_domains_domain_check CHECK (((domain ~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$'::text) AND (domain ~~ '%.%'::text))),
+    CONSTRAINT sso_domains_verified_by_check CHECK ((verified_by = ANY (ARRAY['dns'::text, 'staff'::text]))),
+    CONSTRAINT sso_domains_verified_check CHECK (((verified_at IS NULL) = (verified_by IS NULL)))
 );
 
-COMMENT ON TABLE identity.sso_domains IS 'Email domains and the team whose provider signs their people in: one team per domain.';
+COMMENT ON TABLE identity.sso_domains IS 'Email domains a team claims for its provider. A claim takes effect (sign-in through the team''s provider, require_sso) only once verified: a DNS TXT record "pgtally-domain-verification=<verification_token>" on the domain (api.verify_sso_domain), or a staff approval written to ops.audit_log (api.admin_approve_sso_domain). Any number of teams may claim a domain; one may prove it (sso_domains_verified_domain_key).';
+
+COMMENT ON COLUMN identity.sso_domains.verification_token IS 'Random value the team publishes in a TXT record on the domain to prove it owns it.';
+
+COMMENT ON COLUMN identity.sso_domains.verified_at IS 'When ownership was proven; NULL: claimed only, no effect.';
+
+COMMENT ON COLUMN identity.sso_domains.verified_by IS 'How: dns (the TXT record was found) or staff (an approval in ops.audit_log).';
+
+CREATE TABLE identity.sso_link_requests (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    token_hash bytea NOT NULL,
+    user_id uuid NOT NULL,
+    account_id uuid NOT NULL,
+    subject text NOT NULL,
+    email text NOT NULL,
+    return_to text,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    CONSTRAINT sso_link_requests_email_check CHECK ((length(email) <= 320)),
+    CONSTRAINT sso_link_requests_return_to_check CHECK ((length(return_to) <= 500)),
+    CONSTRAINT sso_link_requests_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 300)))
+);
+
+COMMENT ON TABLE identity.sso_link_requests IS 'A team''s provider signed in an address that already has a pgtally user who never linked that team''s sign-in: nothing is linked until the user opens the link emailed to that address (api.confirm_sso_link, once, within an hour). The token is stored as its SHA-256 hash.';
+
+COMMENT ON COLUMN identity.sso_link_requests.account_id IS 'The team whose provider signed the person in.';
+
+COMMENT ON COLUMN identity.sso_link_requests.subject IS 'The team''s provider''s subject, as identity.user_identities stores it for provider sso ("<team id>:<sub>").';
 
 CREATE TABLE identity.user_identities (
     provider text NOT NULL,
@@ -6402,7 +6623,7 @@ CREATE TABLE ops.audit_log (
     reason text NOT NULL,
     before jsonb,
     after jsonb,
-    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text]))),
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text]))),
     CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
 );
 
@@ -6428,7 +6649,7 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
@@ -7287,6 +7508,9 @@ ALTER TABLE ONLY identity.one_time_tokens
 ALTER TABLE ONLY identity.one_time_tokens
     ADD CONSTRAINT one_time_tokens_token_hash_key UNIQUE (token_hash);
 
+ALTER TABLE ONLY identity.public_mail_domains
+    ADD CONSTRAINT public_mail_domains_pkey PRIMARY KEY (domain);
+
 ALTER TABLE identity.rate_limits
     ADD CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600)) NOT VALID;
 
@@ -7315,7 +7539,13 @@ ALTER TABLE ONLY identity.sso_connections
     ADD CONSTRAINT sso_connections_pkey PRIMARY KEY (account_id);
 
 ALTER TABLE ONLY identity.sso_domains
-    ADD CONSTRAINT sso_domains_pkey PRIMARY KEY (domain);
+    ADD CONSTRAINT sso_domains_pkey PRIMARY KEY (account_id, domain);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_token_hash_key UNIQUE (token_hash);
 
 ALTER TABLE ONLY identity.user_identities
     ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
@@ -7450,6 +7680,10 @@ CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btre
 CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_id) WHERE (revoked_at IS NULL);
 
 CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
+
+CREATE UNIQUE INDEX sso_domains_verified_domain_key ON identity.sso_domains USING btree (domain) WHERE (verified_at IS NOT NULL);
+
+CREATE INDEX sso_link_requests_user_idx ON identity.sso_link_requests USING btree (user_id);
 
 CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE (((status)::text = 'pending'::text) OR (((status)::text = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
 
@@ -7649,6 +7883,12 @@ ALTER TABLE ONLY identity.sso_connections
 ALTER TABLE ONLY identity.sso_domains
     ADD CONSTRAINT sso_domains_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.sso_connections(account_id) ON DELETE CASCADE;
 
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
 ALTER TABLE ONLY identity.user_identities
     ADD CONSTRAINT user_identities_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
 
@@ -7693,6 +7933,9 @@ GRANT ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) TO
 
 REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) TO pgtally_api;
@@ -7741,6 +7984,9 @@ GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter
 
 REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
@@ -7961,6 +8207,9 @@ GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_curs
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.account_of(p_account_hint text, p_customer text) FROM PUBLIC;
@@ -8045,6 +8294,8 @@ REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose tex
 
 REVOKE ALL ON FUNCTION identity.effective_plan(a identity.accounts) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.email_domain(p_email text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.invitation_json(i identity.invitations) FROM PUBLIC;
@@ -8083,11 +8334,19 @@ REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p
 
 REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION identity.public_mail_domain(p_domain text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.sso_json(p_account_id uuid) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION identity.sso_required(p_email text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.sso_required(p_user_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.sso_team_of(p_email text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.sso_txt_value(p_token text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.staff(p_session_id uuid, p_action text) FROM PUBLIC;
 

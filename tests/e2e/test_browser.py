@@ -24,7 +24,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from api import db
 from api.app import Settings, create_app
 from api.worker import deliver_due
-from tests.conftest import free_port, fresh_database, serving
+from tests.conftest import LOCAL_PROVIDERS, free_port, fresh_database, serving
 from tests.http.conftest import Inbox
 from tests.stripe_standin import StripeStandIn
 
@@ -59,7 +59,7 @@ def site(postgresql_noproc, smtp):
             StripeStandIn(webhook_url=f"http://127.0.0.1:{port}/v1/webhooks/stripe", webhook_secret="whsec_e2e") as stripe_api:
         settings = Settings(public_url=f"http://127.0.0.1:{port}", smtp_url=f"smtp://127.0.0.1:{smtp.port}",
                             google_client_id="pgtally-e2e", google_client_secret="s3cret",
-                            google_issuer=f"http://localhost:{oidc.server_port}", stripe_api_key="sk_test_e2e",
+                            google_issuer=f"http://localhost:{oidc.server_port}", stripe_api_key="sk_test_e2e", **LOCAL_PROVIDERS,
                             stripe_api_base=stripe_api.url, stripe_webhook_secret="whsec_e2e")
         with serving(create_app(url, settings), port) as base:
             yield {"base": base, "url": url, "settings": settings, "stripe": stripe_api}

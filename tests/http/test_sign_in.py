@@ -14,6 +14,7 @@ from litestar.testing import AsyncTestClient
 from oidc_provider_mock import User, run_server_in_thread
 
 from api.app import Settings, create_app
+from tests.conftest import LOCAL_PROVIDERS
 from tests.github_standin import GitHubStandIn
 
 PASSWORD = "violet-harbour-tangent-42"
@@ -41,7 +42,7 @@ def settings(smtp, oidc, github) -> Settings:
     return Settings(public_url=BASE, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
                     google_client_id="pgtally-test", google_client_secret="s3cret", google_issuer=oidc,
                     github_client_id="gh-client", github_client_secret="gh-secret", github_url=github.url,
-                    github_api_url=github.url)
+                    github_api_url=github.url, **LOCAL_PROVIDERS)
 
 
 @pytest.fixture
@@ -342,55 +343,3 @@ async def test_a_browser_that_carried_an_anonymous_device_merges_it_at_first_sig
     assert owner.execute("SELECT count(*) FROM metering.usage_events WHERE account_id = %s", [me]).fetchone()[0] == 1
 
 
-# Enterprise single sign-on: a team's own OpenID Connect provider -------------------------------
-
-async def team_with_sso(client, owner, oidc, require: bool = False) -> tuple[str, str]:
-    await client.post("/v1/auth/signup", json={"email": "lead@corp.example", "password": PASSWORD})
-    owner.execute("SELECT identity.mark_email_verified(id) FROM identity.users WHERE email_normalized = 'lead@corp.example'")
-    lead = (await client.post("/v1/auth/login", json={"email": "lead@corp.example", "password": PASSWORD})).json()["access_token"]
-    headers = {"Authorization": f"Bearer {lead}"}
-    team = (await client.post("/v1/accounts", json={"name": "Corp"}, headers=headers)).json()["id"]
-    r = await client.put(f"/v1/accounts/{team}/sso", headers=headers, json={
-        "issuer": oidc, "client_id": "corp-sso", "client_secret": "corp-secret", "domains": ["Corp.example"],
-        "require_sso": require})
-    assert r.status_code == 200 and r.json()["domains"] == ["corp.example"] and "client_secret" not in r.json(), r.text
-    return team, lead
-
-
-async def test_a_teams_own_provider_signs_its_people_in_as_members(client, owner, oidc):
-    team, lead = await team_with_sso(client, owner, oidc)
-    r = await google(client, "sso-kim", start="/auth/sso/start?email=kim@corp.example&next=/teams")
-    assert r.status_code in (302, 303) and r.headers["location"] == "/teams", r.text
-    (user_id, verified) = owner.execute("SELECT id, email_verified_at IS NOT NULL FROM identity.users "
-                                        "WHERE email_normalized = 'kim@corp.example'").fetchone()
-    assert verified
-    role = owner.execute("SELECT role FROM identity.memberships WHERE account_id = %s AND user_id = %s", [team, user_id]).fetchone()
-    assert role == ("member",)
-    assert owner.execute("SELECT method FROM identity.sessions WHERE user_id = %s", [user_id]).fetchone() == ("sso",)
-    # A domain no team signs in: a page that says so.
-    assert (await client.get("/auth/sso/start?email=x@elsewhere.example")).status_code == 404
-    # Another team may not claim the domain.
-    other = (await client.post("/v1/accounts", json={"name": "Other"}, headers={"Authorization": f"Bearer {lead}"})).json()["id"]
-    r = await client.put(f"/v1/accounts/{other}/sso", headers={"Authorization": f"Bearer {lead}"}, json={
-        "issuer": oidc, "client_id": "x", "client_secret": "y", "domains": ["corp.example"]})
-    assert r.status_code == 409
-
-
-async def test_a_provider_signs_in_its_teams_domains_only(client, owner, oidc):
-    await team_with_sso(client, owner, oidc)
-    r = await google(client, "g-ada", start="/auth/sso/start?email=kim@corp.example")    # the provider says ada@example.com
-    assert r.status_code == 400 and "its team" in r.text
-    assert owner.execute("SELECT count(*) FROM identity.users WHERE email_normalized = 'ada@example.com'").fetchone()[0] == 0
-
-
-async def test_a_team_that_requires_sso_keeps_its_people_from_other_ways_in(client, owner, oidc):
-    await client.post("/v1/auth/signup", json={"email": "pat@corp.example", "password": PASSWORD})
-    assert (await client.post("/v1/auth/login", json={"email": "pat@corp.example", "password": PASSWORD})).status_code == 200
-    team, lead = await team_with_sso(client, owner, oidc, require=True)
-    r = await client.post("/v1/auth/login", json={"email": "pat@corp.example", "password": PASSWORD})
-    assert r.status_code == 403 and r.json()["sso_url"] == "/auth/sso/start?email=pat@corp.example"
-    assert (await google(client, "sso-pat", start="/auth/sso/start?email=pat@corp.example")).status_code in (302, 303)
-    # The lead, whose domain it is, must use it too; they turn it off again.
-    assert (await client.post("/v1/auth/login", json={"email": "lead@corp.example", "password": PASSWORD})).status_code == 403
-    assert (await client.delete(f"/v1/accounts/{team}/sso", headers={"Authorization": f"Bearer {lead}"})).status_code == 200
-    assert (await client.post("/v1/auth/login", json={"email": "pat@corp.example", "password": PASSWORD})).status_code == 200
