@@ -232,12 +232,16 @@ async def verify_sso_domain(request: Request, session: Session, account_id: From
     DNS could not be asked."""
     from api import outbound
 
+    query = "SELECT api.verify_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text[])"
+    # First who asks and whether the domain is theirs: DNS is asked for claimed domains only.
+    settings = await call_json(request, query, [session, account_id, domain, None])
+    if any(d["domain"] == domain.lower() and d["verified"] for d in settings["domain_verification"]):
+        return settings
     try:
         records = await outbound.txt_records(request.app.state.settings, domain)
     except outbound.Unavailable as exc:
         raise PgtallyError({"sqlstate": "TL502", "message": str(exc)}) from None
-    return await call_json(request, "SELECT api.verify_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text[])",
-                           [session, account_id, domain, records])
+    return await call_json(request, query, [session, account_id, domain, records])
 
 
 ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,

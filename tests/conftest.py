@@ -193,11 +193,13 @@ class Zone:
 
     def __init__(self) -> None:
         self.txt: dict[str, list[str]] = {}
+        self.queries: list[str] = []
         self.port = 0
 
     def resolve(self, request, handler):
         from dnslib import QTYPE, RR, TXT
 
+        self.queries.append(str(request.q.qname).rstrip(".").lower())
         reply = request.reply()
         if request.q.qtype == QTYPE.TXT:
             for value in self.txt.get(str(request.q.qname).rstrip(".").lower(), []):

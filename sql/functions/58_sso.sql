@@ -130,9 +130,9 @@ BEGIN
   SELECT * INTO d FROM identity.sso_domains WHERE account_id = v_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'this team has not claimed that domain: add it to the SSO settings first');
-  ELSIF d.verified_at IS NOT NULL THEN
+  ELSIF d.verified_at IS NOT NULL OR p_txt_records IS NULL THEN
     RETURN identity.sso_json(v_account_id);
-  ELSIF identity.sso_txt_value(d.verification_token) <> ALL (coalesce(p_txt_records, '{}')) THEN
+  ELSIF identity.sso_txt_value(d.verification_token) <> ALL (p_txt_records) THEN
     PERFORM util.fail('TL422', format('no TXT record on %s carries this team''s token yet (DNS changes can take a while to be seen)', d.domain),
                       jsonb_build_object('field', 'domain', 'txt_record',
                                          jsonb_build_object('name', d.domain, 'value', identity.sso_txt_value(d.verification_token))));
@@ -148,7 +148,7 @@ BEGIN
   RETURN identity.sso_json(v_account_id);
 END $$;
 COMMENT ON FUNCTION api.verify_sso_domain(uuid, uuid, text, text[]) IS
-  'POST /v1/accounts/{id}/sso/domains/{domain}/verify (sso:manage): the server looked up the TXT records of the domain (p_txt_records, through DNS) and this decides: one of them equal to identity.sso_txt_value(token) proves the claim, and the domain takes effect. Idempotent for a proven domain. TL404 not claimed by this team, TL422 no matching record (detail names the record to publish), TL40C another team proved it first.';
+  'POST /v1/accounts/{id}/sso/domains/{domain}/verify (sso:manage). Called first with p_txt_records NULL: checks the caller may and the domain is claimed (the server asks DNS only then), returns the settings. Then the server looked up the TXT records of the domain (p_txt_records, through DNS) and this decides: one of them equal to identity.sso_txt_value(token) proves the claim, and the domain takes effect. Idempotent for a proven domain. TL404 not claimed by this team, TL422 no matching record (detail names the record to publish), TL40C another team proved it first.';
 
 CREATE OR REPLACE FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text)
 RETURNS jsonb

@@ -166,9 +166,13 @@ async def test_item1_a_dns_record_proves_a_domain_once_for_one_team(client, owne
         "issuer": corp_idp, "client_id": "corp-sso", "client_secret": "corp-secret", "domains": ["corp.example", "corp.test"]})
     assert [(d["domain"], d["verified"], d["verified_by"]) for d in r.json()["domain_verification"]] == [
         ("corp.example", True, "dns"), ("corp.test", False, None)]
-    # Only owners (sso:manage) ask for a proof.
+    # Only owners (sso:manage) ask for a proof, of a domain their team claimed: DNS is not asked otherwise.
+    asked = len(dns_zone.queries)
     assert (await client.post(f"/v1/accounts/{team}/sso/domains/corp.test/verify",
                               headers={"Authorization": f"Bearer {squatter}"})).status_code == 403
+    assert (await client.post(f"/v1/accounts/{team}/sso/domains/victim.example/verify",
+                              headers={"Authorization": f"Bearer {lead}"})).status_code == 404
+    assert len(dns_zone.queries) == asked
     assert count(owner, "SELECT count(*) FROM identity.auth_events WHERE kind = 'sso_domain_verified'") == 1
 
 
