@@ -426,9 +426,10 @@ def _pay(self, session: dict[str, Any]) -> None:
                                       prices=self.prices)
             self.subscriptions[sub["id"]] = sub
             session["subscription"] = sub["id"]
-            line = Shapes.line(f"in_{n}", sub["id"], price_id, 0 if price["metered"] else price["amount"], now, end,
-                               currency=price["currency"])
-            invoice = Shapes.invoice(f"in_{n}", session["customer"], sub["id"], [line], currency=price["currency"],
+            # A metered price bills in arrears: its first invoice has nothing to bill (no line here).
+            lines = [] if price["metered"] else [Shapes.line(f"in_{n}", sub["id"], price_id, price["amount"], now, end,
+                                                             currency=price["currency"])]
+            invoice = Shapes.invoice(f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"],
                                      payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
                                      billing_reason="subscription_create", account_id=account_id)
             session["invoice"] = invoice["id"]

@@ -286,7 +286,7 @@ CREATE OR REPLACE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
   v_refunded bigint := (o ->> 'amount_refunded')::bigint;
-  ip billing.invoice_payments;
+  ip record;     -- a billing.invoice_payments row (a record: the table is younger than some migrations tested)
 BEGIN
   SELECT * INTO ip FROM billing.invoice_payments
   WHERE stripe_payment_intent_id = o ->> 'payment_intent' OR stripe_charge_id = o ->> 'id'

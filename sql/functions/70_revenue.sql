@@ -56,15 +56,16 @@ COMMENT ON FUNCTION billing.record_invoice(jsonb, billing.subscriptions, text, t
   'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid (or since refunded) one never changes here.';
 
 CREATE OR REPLACE FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
   INSERT INTO billing.invoice_payments (stripe_invoice_payment_id, stripe_invoice_id, account_id, stripe_payment_intent_id,
                                         stripe_charge_id, amount_minor, currency, paid_at)
   SELECT ip ->> 'id', ip ->> 'invoice', p_account_id, ip #>> '{payment,payment_intent}', ip #>> '{payment,charge}',
          coalesce((ip ->> 'amount_paid')::bigint, 0), lower(coalesce(ip ->> 'currency', 'usd')),
          billing.ts(ip #> '{status_transitions,paid_at}')
   WHERE ip ->> 'status' = 'paid' AND ip ->> 'id' IS NOT NULL AND ip ->> 'invoice' IS NOT NULL
-  ON CONFLICT (stripe_invoice_payment_id) DO NOTHING
-$$;
+  ON CONFLICT (stripe_invoice_payment_id) DO NOTHING;
+END $$;
 COMMENT ON FUNCTION billing.record_invoice_payment(jsonb, uuid) IS
   'Record a paid Stripe InvoicePayment (once): which PaymentIntent or Charge paid which invoice of the account, amount paid in minor units. Source: Stripe API 2025-03-31, where Charge.invoice and Invoice.payment_intent were removed in favour of InvoicePayment.';
 
