@@ -184,12 +184,13 @@ async def start_checkout(request: Request, principal: list, price: str,
     id]: the principal's own account, a team it may buy for, or with neither key nor session the
     account a verified upgrade link names): creates or reuses its Stripe customer, names the
     account in ``client_reference_id`` and metadata, saves the card of a bundle purchase for
-    one-click top-ups, and sends an idempotency key to Stripe."""
+    one-click top-ups, and sends Stripe an idempotency key: ``checkout-`` and the account-scoped
+    key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without)."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
     key, session_id, account_id = principal
-    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)",
-                           [key, session_id, price, account_id])
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid, %s::text)",
+                           [key, session_id, price, account_id, idempotency_key])
     customer = prep["stripe_customer_id"]
     if customer is None:
         created = await client.v1.customers.create_async(
@@ -212,7 +213,7 @@ async def start_checkout(request: Request, principal: list, price: str,
     else:
         params["payment_intent_data"] = {"metadata": metadata, "setup_future_usage": "off_session"}
     session = await client.v1.checkout.sessions.create_async(
-        params=params, options={"idempotency_key": idempotency_key or f"checkout-{uuid.uuid4()}"})
+        params=params, options={"idempotency_key": f"checkout-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
     return CheckoutSession(id=session.id, url=session.url, mode=prep["mode"], price=prep["price"])
 
 
@@ -223,9 +224,10 @@ async def checkout(request: Request, caller: Caller, data: JSONBody[CheckoutRequ
     """A Stripe Checkout Session for a plan price (subscription mode) or a credit bundle
     (payment mode, saving the card for one-click top-ups): creates or reuses the account's
     Stripe customer, names the account in ``client_reference_id`` and metadata, and sends an
-    idempotency key to Stripe (the request's ``Idempotency-Key`` when given). Returns ``{id,
-    url}``; the purchase is applied when Stripe's webhook arrives. 409 when buying a plan while
-    a subscription is live."""
+    idempotency key to Stripe (derived from the account and the request's ``Idempotency-Key`` when
+    given: a retry gets the same session). Returns ``{id, url}``; the purchase is applied when
+    Stripe's webhook arrives. 409 ``conflict`` when buying a plan while a subscription is live;
+    409 ``idempotency-key-reused`` when the key was used for another purchase."""
     return await start_checkout(request, [*caller.params, account_id], data.price, success_url=data.success_url,
                                 cancel_url=data.cancel_url, idempotency_key=idempotency_key)
 
@@ -249,10 +251,11 @@ class TopUp(msgspec.Struct):
 async def top_up(request: Request, principal: list, bundle: str, idempotency_key: str | None = None) -> TopUp:
     """One-click top-up: charge the customer's saved card off-session for a bundle (an
     idempotency key goes to Stripe), falling back to Checkout when there is no saved card or the
-    card needs authentication. Credits are granted only by the webhook, exactly once."""
+    card needs authentication. Credits are granted only by the webhook, exactly once. Stripe's
+    idempotency key is ``topup-`` and the account-scoped key derived from ``idempotency_key``."""
     client = client_of(request)
-    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid)",
-                           [principal[0], principal[1], bundle, principal[2]])
+    prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid, %s::text)",
+                           [principal[0], principal[1], bundle, principal[2], idempotency_key])
     if prep["mode"] != "payment":
         raise PgtallyError({"sqlstate": "TL422", "message": f"{bundle} is not a credit bundle", "field": "bundle"})
     cards = ((await client.v1.payment_methods.list_async(params={"customer": prep["stripe_customer_id"], "type": "card"})).data
@@ -263,7 +266,7 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
                 "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
                 "payment_method": cards[0].id, "off_session": True, "confirm": True,
                 "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
-                options={"idempotency_key": idempotency_key or f"topup-{uuid.uuid4()}"})
+                options={"idempotency_key": f"topup-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
             if intent.status == "succeeded":
                 return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
         except stripe.CardError as exc:
@@ -274,7 +277,7 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
 
 
 @post("/v1/billing/topup", status_code=201, dependencies=AUTH, security=SECURITY,
-      summary="Buy a credit bundle in one click", responses=problems(400, 401, 402, 403, 415, 422, 502, 503))
+      summary="Buy a credit bundle in one click", responses=problems(400, 401, 402, 403, 409, 415, 422, 502, 503))
 async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
                 idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> TopUp:
     """Buy a credit bundle with the card saved by an earlier Checkout, at once (``paid``; the
@@ -454,9 +457,11 @@ async def stripe_webhook(request: Request,
     timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
     ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
     signature, or a signed event that is malformed (recorded as rejected with the reason, nothing
-    applied); 500/503 when applying fails, so Stripe retries. Two events about one subscription in
-    the same second are settled by re-reading the subscription from Stripe (502 when Stripe
-    cannot be reached, so Stripe retries)."""
+    applied); 500/503 when applying fails, so Stripe retries. Concurrent deliveries, duplicates
+    included, are answered 2xx (the database applies one customer's events one at a time). Two
+    events about one subscription in the same second, and an invoice of a subscription not known
+    yet, are settled by re-reading the subscription from Stripe (502 when Stripe cannot be
+    reached, so Stripe retries)."""
     secret = request.app.state.settings.stripe_webhook_secret
     if not secret:
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
@@ -500,11 +505,15 @@ async def stripe_webhook(request: Request,
 
 async def current_subscription(request: Request, subscription_id: str, event: dict[str, Any]) -> dict[str, Any]:
     """The subscription as Stripe has it now (how Stripe recommends settling events whose order is
-    unknown); the event's own copy when no Stripe API key is configured."""
+    unknown), as JSON (``for_json``: prices' ``unit_amount_decimal`` is a ``Decimal`` in the SDK);
+    the event's own copy when no Stripe API key is configured (503 for an invoice event: its
+    subscription's own events must arrive first)."""
     client = request.app.state.stripe
     if client is None:
+        if event["data"]["object"].get("object") != "subscription":
+            raise PgtallyError({"sqlstate": "TL503", "message": f"subscription {subscription_id} is not known yet"})
         return event["data"]["object"]
-    return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict()
+    return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict(for_json=True)
 
 
 ROUTES = [plans, invoices, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,

@@ -153,12 +153,17 @@ def http_error(request: Request, exc: HTTPException) -> Response:
 
 def stripe_error(request: Request, exc: stripe.StripeError) -> Response:
     """Stripe's answer to a call pgtally made (never inside a database transaction): a declined
-    card is 402; anything else (an unknown object, Stripe unreachable or failing) is 502, with
+    card is 402; an idempotency key Stripe saw with other parameters is 409; anything else (an unknown object, Stripe unreachable or failing) is 502, with
     Stripe's request id for support (https://docs.stripe.com/error-handling)."""
     extra = {"stripe_request_id": exc.request_id, "stripe_code": exc.code}
     if isinstance(exc, stripe.CardError):
         return problem(request, 402, "card-declined", "The card was declined",
                        exc.user_message or "the card was declined", extra)
+    if isinstance(exc, stripe.IdempotencyError):
+        # pgtally's key for Stripe is the account's own (api.checkout_prepare): this client sent
+        # the same Idempotency-Key before for another purchase.
+        return problem(request, 409, "idempotency-key-reused", SQLSTATES["TL409"][2],
+                       "this Idempotency-Key was already used for a different purchase", extra)
     log.warning("Stripe call failed: %s (request %s)", exc.user_message or exc, exc.request_id)
     return problem(request, 502, "payment-provider-error", "The payment provider failed",
                    f"Stripe could not complete the request: {exc.user_message or type(exc).__name__}", extra)

@@ -370,8 +370,8 @@ async def purchase(request: Request, data: PurchaseForm) -> Any:
         try:
             session = await start_checkout(request, principal, data.price)
         except PgtallyError as exc:
-            # api.checkout_prepare refuses a second subscription (TL409): a subscriber switches.
-            if exc.error.get("sqlstate") == "TL409" and session_id:
+            # api.checkout_prepare refuses a second subscription (TL40C): a subscriber switches.
+            if exc.error.get("sqlstate") == "TL40C" and session_id:
                 return await change_preview(request, session_id, data.price)
             raise
     except (PgtallyError, stripe.StripeError) as exc:

@@ -1,9 +1,16 @@
 """A local stand-in for the part of Stripe's API pgtally calls, spoken over real HTTP to the real
 ``stripe`` SDK (form-encoded requests, JSON objects back, idempotency keys honoured), and a signer
-for webhook events the way Stripe signs them (HMAC-SHA256 of ``"{t}.{payload}"``)."""
+for webhook events the way Stripe signs them (HMAC-SHA256 of ``"{t}.{payload}"``).
+
+Every object it serves or sends is one of Stripe's published example objects
+(``tests/stripe_fixtures.json``, trimmed from ``openapi/fixtures3.json`` of github.com/stripe/openapi)
+with pgtally's ids and amounts laid over it (``Shapes``): prices carry ``unit_amount_decimal``,
+invoices ``parent``, ``payments`` and ``total_taxes``, charges no ``invoice``, disputes no customer."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import hmac
 import itertools
@@ -12,8 +19,19 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
+
+FIXTURES: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).resolve().parent / "stripe_fixtures.json").read_text())["resources"]
+
+
+def fixture(resource: str, **overlay: Any) -> dict[str, Any]:
+    """A fresh copy of Stripe's published example ``resource`` with ``overlay``'s fields set."""
+    obj = copy.deepcopy(FIXTURES[resource])
+    obj.update(overlay)
+    return obj
 
 
 def nested(form: list[tuple[str, str]]) -> dict[str, Any]:
@@ -57,6 +75,140 @@ def catalog_prices(path: str | None = None) -> dict[str, dict[str, Any]]:
     return prices
 
 
+@functools.cache
+def default_prices() -> dict[str, dict[str, Any]]:
+    return catalog_prices()
+
+
+class Shapes:
+    """Stripe objects as API 2026-10-28 has them: Stripe's published example of each resource
+    with pgtally's ids, amounts and times laid over it."""
+
+    @staticmethod
+    def price(stripe_price: str, prices: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        known = (prices or default_prices()).get(stripe_price, {"amount": 0, "currency": "usd", "interval": "month",
+                                                                 "metered": None})
+        recurring = None if known["interval"] is None else {
+            "interval": known["interval"], "interval_count": 1, "meter": None, "trial_period_days": None,
+            "usage_type": "metered" if known["metered"] is not None else "licensed"}
+        return fixture("price", id=stripe_price, currency=known["currency"], unit_amount=known["amount"],
+                       unit_amount_decimal=str(known["amount"]), recurring=recurring, transform_quantity=None,
+                       type="one_time" if recurring is None else "recurring", product=f"prod_{stripe_price}")
+
+    @staticmethod
+    def subscription(sub_id: str, customer: str, account_id: str | None, status: str, stripe_price: str,
+                     start: int, end: int, cancel_at_period_end: bool = False,
+                     prices: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        price = Shapes.price(stripe_price, prices)
+        item = copy.deepcopy(FIXTURES["subscription"]["items"]["data"][0])
+        item.update(id=f"si_{sub_id}", subscription=sub_id, price=price, created=start, quantity=1,
+                    current_period_start=start, current_period_end=end, billing_thresholds=None,
+                    plan={**item["plan"], "id": stripe_price, "amount": price["unit_amount"],
+                          "amount_decimal": price["unit_amount_decimal"], "currency": price["currency"],
+                          "interval": (price["recurring"] or {}).get("interval", "month"), "interval_count": 1,
+                          "product": price["product"], "billing_scheme": "per_unit", "transform_usage": None,
+                          "usage_type": (price["recurring"] or {}).get("usage_type", "licensed")})
+        return fixture("subscription", id=sub_id, customer=customer, status=status, currency=price["currency"],
+                       cancel_at_period_end=cancel_at_period_end, cancel_at=end if cancel_at_period_end else None,
+                       canceled_at=None, ended_at=None, trial_start=None, trial_end=None, pause_collection=None,
+                       pending_update=None, pending_invoice_item_interval=None, transfer_data=None,
+                       next_pending_invoice_item_invoice=None, billing_schedules=[], billing_thresholds=None,
+                       created=start, start_date=start, billing_cycle_anchor=start, billing_cycle_anchor_config=None,
+                       metadata={"account_id": account_id} if account_id else {},
+                       items={"object": "list", "data": [item], "has_more": False,
+                              "url": f"/v1/subscription_items?subscription={sub_id}"})
+
+    @staticmethod
+    def line(invoice_id: str, sub_id: str, stripe_price: str, amount: int, start: int, end: int,
+             quantity: int = 1, currency: str = "usd", n: int = 0) -> dict[str, Any]:
+        return copy.deepcopy(FIXTURES["invoice"]["lines"]["data"][0]) | {
+            "id": f"il_{invoice_id}_{n}", "invoice": invoice_id, "amount": amount, "subtotal": amount,
+            "currency": currency, "quantity": quantity, "period": {"start": start, "end": end},
+            "description": f"{quantity} × {stripe_price}",
+            "parent": {"type": "subscription_item_details", "invoice_item_details": None,
+                       "subscription_item_details": {"invoice_item": None, "proration": False,
+                                                     "proration_details": {"credited_items": None},
+                                                     "subscription": sub_id, "subscription_item": f"si_{sub_id}"}},
+            "pricing": {"type": "price_details", "price_details": {"price": stripe_price, "product": f"prod_{stripe_price}"},
+                        "unit_amount_decimal": str(amount // quantity if quantity else 0)}}
+
+    @staticmethod
+    def invoice_payment(invoice_id: str, payment_intent: str, amount: int, currency: str = "usd",
+                        paid_at: int | None = None) -> dict[str, Any]:
+        return fixture("invoice_payment", id=f"inpay_{invoice_id}", invoice=invoice_id, amount_paid=amount,
+                       amount_requested=amount, currency=currency, livemode=False, created=paid_at or int(time.time()),
+                       payment={"type": "payment_intent", "payment_intent": payment_intent},
+                       status="paid", status_transitions={"canceled_at": None, "paid_at": paid_at or int(time.time())})
+
+    @staticmethod
+    def invoice(invoice_id: str, customer: str, sub_id: str | None, lines: list[dict[str, Any]], status: str = "paid",
+                currency: str = "usd", payment_intent: str | None = None, number: str | None = None,
+                created: int | None = None, billing_reason: str = "subscription_cycle",
+                account_id: str | None = None) -> dict[str, Any]:
+        """An invoice of a subscription (parent.subscription_details); paid: one InvoicePayment
+        naming its PaymentIntent in ``payments``."""
+        total = sum(line["amount"] for line in lines)
+        now = created or int(time.time())
+        paid = status == "paid"
+        return fixture(
+            "invoice", id=invoice_id, customer=customer, status=status, currency=currency, number=number,
+            amount_due=total, amount_paid=total if paid else 0, amount_remaining=0 if paid else total,
+            subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total, total_taxes=[],
+            amount_overpaid=0, attempted=True, attempt_count=1, billing_reason=billing_reason, created=now,
+            effective_at=now, period_start=lines[0]["period"]["start"] if lines else now,
+            period_end=lines[0]["period"]["end"] if lines else now, due_date=None, from_invoice=None,
+            last_finalization_error=None, shipping_cost=None, next_payment_attempt=None if paid else now + 86400,
+            webhooks_delivered_at=now, auto_advance=not paid,
+            hosted_invoice_url=f"https://invoice.stripe.test/i/{invoice_id}",
+            invoice_pdf=f"https://invoice.stripe.test/i/{invoice_id}/pdf",
+            status_transitions={"finalized_at": now, "marked_uncollectible_at": None,
+                                "paid_at": now if paid else None, "voided_at": None},
+            parent=None if sub_id is None else {
+                "type": "subscription_details", "quote_details": None,
+                "subscription_details": {"metadata": {"account_id": account_id} if account_id else {},
+                                         "subscription": sub_id}},
+            lines={"object": "list", "data": lines, "has_more": False, "url": f"/v1/invoices/{invoice_id}/lines"},
+            payments={"object": "list", "has_more": False, "url": "/v1/invoice_payments",
+                      "data": [Shapes.invoice_payment(invoice_id, payment_intent, total, currency, now)]
+                      if paid and payment_intent else []})
+
+    @staticmethod
+    def payment_intent(pi_id: str, customer: str | None, amount: int, currency: str = "usd", status: str = "succeeded",
+                       metadata: dict[str, str] | None = None, payment_method: str | None = None) -> dict[str, Any]:
+        return fixture("payment_intent", id=pi_id, customer=customer, amount=amount,
+                       amount_received=amount if status == "succeeded" else 0, currency=currency, status=status,
+                       metadata=metadata or {}, payment_method=payment_method, latest_charge=f"ch_{pi_id}",
+                       client_secret=f"{pi_id}_secret_standin", canceled_at=None, last_payment_error=None,
+                       next_action=None, processing=None, transfer_data=None, created=int(time.time()))
+
+    @staticmethod
+    def charge(payment_intent: str, customer: str | None, amount: int, currency: str = "usd",
+               amount_refunded: int = 0) -> dict[str, Any]:
+        """A Charge of a PaymentIntent: since API 2025-03-31 it names no invoice."""
+        return fixture("charge", id=f"ch_{payment_intent}", payment_intent=payment_intent, customer=customer,
+                       amount=amount, amount_captured=amount, amount_refunded=amount_refunded, captured=True,
+                       refunded=amount_refunded >= amount, currency=currency, transfer_data=None, created=int(time.time()),
+                       description=None, balance_transaction=f"txn_{payment_intent}",
+                       refunds={"object": "list", "data": [], "has_more": False,
+                                "url": f"/v1/charges/ch_{payment_intent}/refunds"})
+
+    @staticmethod
+    def dispute(dispute_id: str, charge: str, payment_intent: str | None, amount: int, currency: str = "usd",
+                status: str = "needs_response", reason: str = "fraudulent") -> dict[str, Any]:
+        """A Dispute: it names the charge and PaymentIntent, never a customer."""
+        return fixture("dispute", id=dispute_id, charge=charge, payment_intent=payment_intent, amount=amount,
+                       currency=currency, status=status, reason=reason, created=int(time.time()))
+
+    @staticmethod
+    def checkout_session(session_id: str, mode: str, customer: str | None, **fields: Any) -> dict[str, Any]:
+        return fixture("checkout.session", **{
+            "id": session_id, "mode": mode, "customer": customer, "currency": "usd", "invoice_creation": None,
+            "payment_intent": None, "shipping_address_collection": None, "shipping_cost": None,
+            "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}, "currency_conversion": None,
+            "after_expiration": None, "custom_text": None, "created": int(time.time()),
+            "expires_at": int(time.time()) + 86400, **fields})
+
+
 class StripeStandIn:
     """Customers, Checkout Sessions (with a checkout page whose Pay button completes them and
     sends Stripe-signed events to pgtally's webhook), billing portal sessions, subscriptions,
@@ -80,7 +232,7 @@ class StripeStandIn:
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
-        self.idempotent: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.idempotent: dict[str, tuple[str, dict[str, Any], tuple[int, dict[str, Any]]]] = {}
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
         standin = self
@@ -108,11 +260,18 @@ class StripeStandIn:
                     if not auth.startswith("Bearer sk_"):
                         return self._answer(401, {"error": {"type": "invalid_request_error",
                                                             "message": "Invalid API Key provided"}})
-                    if key and method == "POST" and (method, self.path, key) in standin.idempotent:
-                        return self._answer(*standin.idempotent[(method, self.path, key)])
+                    if key and method == "POST" and key in standin.idempotent:
+                        # Stripe's keys are shared by the whole Stripe account, every endpoint.
+                        seen_path, seen_params, answer = standin.idempotent[key]
+                        if (seen_path, seen_params) != (self.path, params):
+                            return self._answer(400, {"error": {
+                                "type": "idempotency_error",
+                                "message": "Keys for idempotent requests can only be used with the same parameters "
+                                           "they were first used with."}})
+                        return self._answer(*answer)
                     status, body = standin.route(method, self.path, params)
                     if key and method == "POST":
-                        standin.idempotent[(method, self.path, key)] = (status, body)
+                        standin.idempotent[key] = (self.path, params, (status, body))
                 self._answer(status, body)
 
             def _page(self, method: str) -> None:
@@ -164,14 +323,15 @@ class StripeStandIn:
     def route(self, method: str, path: str, p: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         n = next(self.ids)
         if (method, path) == ("POST", "/v1/customers"):
-            return 200, {"id": f"cus_{n}", "object": "customer", "email": p.get("email"), "metadata": p.get("metadata", {})}
+            return 200, fixture("customer", id=f"cus_{n}", email=p.get("email"), metadata=p.get("metadata", {}),
+                                discount=None, created=int(time.time()), invoice_prefix=f"SI{n:05d}")
         if (method, path) == ("POST", "/v1/checkout/sessions"):
-            session = {"id": f"cs_test_{n}", "object": "checkout.session", "url": f"{self.url}/c/pay/cs_test_{n}",
-                       "mode": p["mode"], "customer": p.get("customer"), "client_reference_id": p.get("client_reference_id"),
-                       "metadata": p.get("metadata", {}), "status": "open", "payment_status": "unpaid",
-                       "success_url": p["success_url"], "cancel_url": p["cancel_url"], "line_items": p["line_items"],
-                       "subscription_data": p.get("subscription_data", {}),
-                       "payment_intent_data": p.get("payment_intent_data", {})}
+            session = Shapes.checkout_session(
+                f"cs_test_{n}", p["mode"], p.get("customer"), url=f"{self.url}/c/pay/cs_test_{n}",
+                client_reference_id=p.get("client_reference_id"), metadata=p.get("metadata", {}), status="open",
+                payment_status="unpaid", success_url=p["success_url"], cancel_url=p["cancel_url"],
+                line_items=p["line_items"], subscription_data=p.get("subscription_data", {}),
+                payment_intent_data=p.get("payment_intent_data", {}))
             self.sessions[session["id"]] = session
             return 200, {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
         if (method, path.split("?")[0]) == ("GET", "/v1/payment_methods"):
@@ -186,10 +346,10 @@ class StripeStandIn:
             if p["customer"] in self.needs_authentication:
                 return 402, {"error": {"type": "card_error", "code": "authentication_required",
                                        "message": "This payment requires authentication."}}
-            intent = {"id": f"pi_{n}", "object": "payment_intent", "amount": int(p["amount"]), "amount_received": int(p["amount"]),
-                      "currency": p["currency"], "customer": p["customer"], "payment_method": p["payment_method"],
-                      "metadata": p.get("metadata", {}), "status": "succeeded"}
-            self.charges[intent["id"]] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0}
+            intent = Shapes.payment_intent(f"pi_{n}", p["customer"], int(p["amount"]), p["currency"],
+                                           metadata=p.get("metadata", {}), payment_method=p["payment_method"])
+            self.charges[intent["id"]] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0,
+                                          "customer": p["customer"]}
             self.send_event("payment_intent.succeeded", intent)
             return 200, intent
         if (method, path) == ("POST", "/v1/refunds"):
@@ -201,11 +361,11 @@ class StripeStandIn:
                 return 400, {"error": {"type": "invalid_request_error", "code": "charge_already_refunded",
                                        "message": "Refund amount is greater than what is left to refund"}}
             charge["refunded"] += amount
-            refund = {"id": f"re_{n}", "object": "refund", "amount": amount, "payment_intent": p["payment_intent"],
-                      "status": "succeeded", "metadata": p.get("metadata", {})}
-            event = {"id": f"ch_{p['payment_intent']}", "object": "charge", "payment_intent": p["payment_intent"],
-                     "amount": charge["amount"], "amount_refunded": charge["refunded"], "currency": charge["currency"],
-                     "refunded": charge["refunded"] == charge["amount"]}
+            refund = fixture("refund", id=f"re_{n}", amount=amount, payment_intent=p["payment_intent"],
+                             charge=f"ch_{p['payment_intent']}", currency=charge["currency"], created=int(time.time()),
+                             metadata=p.get("metadata", {}), customer=charge.get("customer"))
+            event = Shapes.charge(p["payment_intent"], charge.get("customer"), charge["amount"], charge["currency"],
+                                  charge["refunded"])
             if self.webhook_url:
                 threading.Thread(target=self.send_event, args=("charge.refunded", event), daemon=True).start()
             else:
@@ -243,7 +403,7 @@ class StripeStandIn:
                 if "cancel_at_period_end" in p:
                     sub["cancel_at_period_end"] = p["cancel_at_period_end"] == "true"
                 for item in p.get("items", []):
-                    sub["items"]["data"][0]["price"] = {"id": item["price"], "object": "price"}
+                    sub["items"]["data"][0]["price"] = Shapes.price(item["price"], self.prices)
                 if self.webhook_url:    # a stand-in with a webhook tells pgtally, as Stripe does
                     threading.Thread(target=self.send_event, args=("customer.subscription.updated", dict(sub)),
                                      daemon=True).start()
@@ -261,20 +421,26 @@ def _pay(self, session: dict[str, Any]) -> None:
         now = int(time.time())
         if session["mode"] == "subscription":
             end = now + (365 if price["interval"] == "year" else 30) * 86400
-            sub = Events.subscription(f"sub_{n}", session["customer"],
-                                      session["subscription_data"].get("metadata", {}).get("account_id"),
-                                      "active", price_id, now, end)
+            account_id = session["subscription_data"].get("metadata", {}).get("account_id")
+            sub = Shapes.subscription(f"sub_{n}", session["customer"], account_id, "active", price_id, now, end,
+                                      prices=self.prices)
             self.subscriptions[sub["id"]] = sub
             session["subscription"] = sub["id"]
+            # A metered price bills in arrears: its first invoice has nothing to bill (no line here).
+            lines = [] if price["metered"] else [Shapes.line(f"in_{n}", sub["id"], price_id, price["amount"], now, end,
+                                                             currency=price["currency"])]
+            invoice = Shapes.invoice(f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"],
+                                     payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
+                                     billing_reason="subscription_create", account_id=account_id)
+            session["invoice"] = invoice["id"]
+            self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
+                                          "customer": session["customer"], "invoice": invoice["id"]}
             events = [("customer.subscription.created", sub), ("checkout.session.completed", session),
-                      ("invoice.paid", {"id": f"in_{n}", "object": "invoice", "customer": session["customer"],
-                                        "status": "paid", "amount_paid": price["amount"],
-                                        "parent": {"type": "subscription_details",
-                                                   "subscription_details": {"subscription": sub["id"]}},
-                                        "lines": {"data": [{"period": {"start": now, "end": end}}]}})]
+                      ("invoice.paid", invoice)]
         else:
             session["payment_intent"] = f"pi_{n}"
-            self.charges[f"pi_{n}"] = {"amount": price["amount"], "currency": price["currency"], "refunded": 0}
+            self.charges[f"pi_{n}"] = {"amount": price["amount"], "currency": price["currency"], "refunded": 0,
+                                       "customer": session["customer"]}
             if session["payment_intent_data"].get("setup_future_usage") == "off_session":
                 self.cards.setdefault(session["customer"], []).append(f"pm_card_{n}")
             events = [("checkout.session.completed", session)]
@@ -293,27 +459,23 @@ def _close_period(self, sub_id: str) -> dict[str, Any]:
         price_id = item["price"]["id"]
         price = self.prices[price_id]
         start, end = item["current_period_start"], item["current_period_end"]
-        lines = []
+        lines: list[dict[str, Any]] = []
+        n = next(self.ids)
         for event_name, unit_amount in (price["metered"] or {}).items():
             units = sum(int(e["payload"]["value"]) for e in self.meter_events.values()
                         if e["event_name"] == event_name and e["payload"]["stripe_customer_id"] == sub["customer"]
                         and start <= e["timestamp"] < end)
-            lines.append({"object": "line_item", "amount": units * unit_amount, "quantity": units,
-                          "period": {"start": start, "end": end},
-                          "pricing": {"type": "price_details", "price_details": {"price": price_id}}})
+            lines.append(Shapes.line(f"in_{n}", sub_id, price_id, units * unit_amount, start, end, quantity=units,
+                                     currency=price["currency"], n=len(lines)))
         new_end = end + (end - start)
         if not price["metered"]:
-            lines.insert(0, {"object": "line_item", "amount": price["amount"], "quantity": 1,
-                             "period": {"start": end, "end": new_end},
-                             "pricing": {"type": "price_details", "price_details": {"price": price_id}}})
-        n = next(self.ids)
-        invoice = {"id": f"in_{n}", "object": "invoice", "customer": sub["customer"], "status": "paid",
-                   "number": f"STANDIN-{n:04d}", "currency": price["currency"], "created": int(time.time()),
-                   "amount_paid": sum(line["amount"] for line in lines),
-                   "hosted_invoice_url": f"https://invoice.stripe.test/i/in_{n}",
-                   "invoice_pdf": f"https://invoice.stripe.test/i/in_{n}/pdf",
-                   "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub_id}},
-                   "lines": {"object": "list", "data": lines}}
+            lines.insert(0, Shapes.line(f"in_{n}", sub_id, price_id, price["amount"], end, new_end,
+                                        currency=price["currency"], n=len(lines)))
+        invoice = Shapes.invoice(f"in_{n}", sub["customer"], sub_id, lines, currency=price["currency"],
+                                 payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
+                                 account_id=sub["metadata"].get("account_id"))
+        self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
+                                      "customer": sub["customer"], "invoice": invoice["id"]}
         item["current_period_start"], item["current_period_end"] = end, new_end
     self.send_event("invoice.paid", invoice)
     self.send_event("customer.subscription.updated", dict(sub))
@@ -359,12 +521,8 @@ class Events:
     @staticmethod
     def subscription(sub_id: str, customer: str, account_id: str | None, status: str, stripe_price: str,
                      start: int, end: int, cancel_at_period_end: bool = False) -> dict[str, Any]:
-        return {"id": sub_id, "object": "subscription", "customer": customer, "status": status,
-                "cancel_at_period_end": cancel_at_period_end, "canceled_at": None,
-                "metadata": {"account_id": account_id} if account_id else {},
-                "items": {"object": "list", "data": [{
-                    "id": f"si_{sub_id}", "object": "subscription_item", "price": {"id": stripe_price, "object": "price"},
-                    "current_period_start": start, "current_period_end": end}]}}
+        """A full-shape subscription (``Shapes.subscription``)."""
+        return Shapes.subscription(sub_id, customer, account_id, status, stripe_price, start, end, cancel_at_period_end)
 
 
 if __name__ == "__main__":

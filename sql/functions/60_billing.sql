@@ -234,6 +234,9 @@ BEGIN
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
+  -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
+  PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
+    CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -253,7 +256,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
-  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -279,6 +282,38 @@ END $$;
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(jsonb) IS
   'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
+CREATE OR REPLACE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_refunded bigint := (o ->> 'amount_refunded')::bigint;
+  ip record;     -- a billing.invoice_payments row (a record: the table is younger than some migrations tested)
+BEGIN
+  SELECT * INTO ip FROM billing.invoice_payments
+  WHERE stripe_payment_intent_id = o ->> 'payment_intent' OR stripe_charge_id = o ->> 'id'
+  ORDER BY stripe_invoice_payment_id LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = ip.account_id FOR NO KEY UPDATE;
+  UPDATE billing.invoice_payments
+  SET refunded_minor = least(v_refunded, amount_minor), stripe_charge_id = coalesce(stripe_charge_id, o ->> 'id')
+  WHERE stripe_invoice_payment_id = ip.stripe_invoice_payment_id AND refunded_minor < least(v_refunded, amount_minor);
+  IF NOT FOUND THEN
+    RETURN 'stale';
+  END IF;
+  UPDATE billing.invoices i
+  SET refunded_minor = r.refunded,
+      status = CASE WHEN i.status = 'paid' AND r.refunded >= i.amount_paid_minor THEN 'refunded' ELSE i.status END
+  FROM (SELECT sum(refunded_minor) AS refunded FROM billing.invoice_payments
+        WHERE stripe_invoice_id = ip.stripe_invoice_id) r
+  WHERE i.stripe_invoice_id = ip.stripe_invoice_id;
+  -- A referral reward this invoice earned is canceled if it is still in its holdback.
+  PERFORM billing.cancel_referral_reward(ip.stripe_invoice_id);
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_invoice_refund(jsonb) IS
+  'charge.refunded of a subscription invoice''s payment (found by PaymentIntent or charge in billing.invoice_payments: since API 2025-03-31 a Charge names no invoice): record what was refunded of the payment and the invoice (minor units; refunded in full: status refunded, out of the revenue views), cancel a referral reward the invoice earned inside its holdback. NULL when the charge paid no recorded invoice; stale when no more was refunded than already recorded.';
+
 CREATE OR REPLACE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -288,16 +323,16 @@ DECLARE
   v_target bigint;
   v_delta bigint;
   v_take bigint;
+  v_invoice text := billing.apply_invoice_refund(o);
 BEGIN
+  IF v_invoice IS NOT NULL THEN
+    RETURN v_invoice;
+  END IF;
   -- A referral reward this payment earned is canceled if it is still in its holdback.
   PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
-  PERFORM billing.cancel_referral_reward(o ->> 'invoice');
-  UPDATE billing.invoices SET refunded_minor = greatest(refunded_minor, coalesce((o ->> 'amount_refunded')::bigint, 0))
-  WHERE stripe_invoice_id = o ->> 'invoice';
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
-    RETURN CASE WHEN o ->> 'invoice' IS NOT NULL AND EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice')
-                THEN 'applied' ELSE 'ignored: not a payment pgtally recorded' END;
+    RETURN 'ignored: not a payment pgtally recorded (listed in reporting.unmatched_refunds)';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
@@ -327,7 +362,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_charge_refunded(jsonb) IS
-  'charge.refunded: a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+  'charge.refunded: a subscription invoice''s payment is billing.apply_invoice_refund''s. Otherwise a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
 CREATE OR REPLACE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text)
 RETURNS jsonb
@@ -359,6 +394,7 @@ DECLARE
   v_reason text;
   v_status text;
   v_sub billing.subscriptions;
+  v_sub_id text;
 BEGIN
   -- The envelope (https://docs.stripe.com/api/events/object). A signed event that breaks it is rejected.
   v_reason := CASE
@@ -378,6 +414,11 @@ BEGIN
            ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
       CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
   END IF;
+  -- One event about a customer at a time (Stripe delivers concurrently and out of order): a
+  -- duplicate waits here and then finds the first one recorded; events about one customer apply
+  -- one after another. Taken before any row lock, so it cannot deadlock with them.
+  PERFORM pg_advisory_xact_lock(hashtextextended(
+    'stripe:' || coalesce(v_object ->> 'customer', v_object ->> 'charge', v_object ->> 'invoice', v_object ->> 'id', v_id), 0));
   SELECT status, note INTO v_status, v_reason FROM billing.stripe_events WHERE id = v_id;
   IF FOUND THEN
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id)
@@ -391,15 +432,31 @@ BEGIN
       RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub.stripe_subscription_id);
     END IF;
   END IF;
+  -- An invoice of a subscription whose own events have not arrived (or are being delivered at
+  -- the same moment): ask the server for the subscription as Stripe has it now, and apply that first.
+  IF v_type LIKE 'invoice.%' THEN
+    v_sub_id := coalesce(v_object #>> '{parent,subscription_details,subscription}', v_object ->> 'subscription');
+    IF v_sub_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.subscriptions WHERE stripe_subscription_id = v_sub_id) THEN
+      IF p_current IS NULL THEN
+        RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub_id);
+      ELSIF p_current ->> 'id' IS DISTINCT FROM v_sub_id THEN
+        PERFORM util.fail('TL422', 'p_current is not the subscription this invoice bills');
+      END IF;
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
           p_event, util.now(), 'ignored')
   ON CONFLICT (id) DO NOTHING;
   IF NOT FOUND THEN
-    RETURN jsonb_build_object('received', true, 'duplicate', true);
+    SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
   END IF;
   BEGIN
+    IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
+      PERFORM billing.apply_subscription(p_event, p_current);
+    END IF;
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
@@ -413,6 +470,7 @@ BEGIN
       WHEN 'charge.dispute.created' THEN billing.apply_dispute(p_event)
       WHEN 'charge.dispute.updated' THEN billing.apply_dispute(p_event)
       WHEN 'charge.dispute.closed' THEN billing.apply_dispute(p_event)
+      WHEN 'invoice_payment.paid' THEN billing.apply_invoice_payment_paid(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
@@ -429,7 +487,7 @@ BEGIN
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $$;
 COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb) IS
-  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). A subscription event in the same second as the one last applied returns status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current. Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
@@ -450,7 +508,8 @@ COMMENT ON FUNCTION billing.buyer(text, uuid, uuid) IS
   'The account a purchase is for: the principal''s (API key or session), or a team the person may buy for (p_account_id, permission billing:manage), or, with neither principal, the account of a signed upgrade link the server verified (p_account_id).';
 
 CREATE OR REPLACE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text,
-                                                p_account_id uuid DEFAULT NULL) RETURNS jsonb
+                                                p_account_id uuid DEFAULT NULL, p_idempotency_key text DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_account_id uuid := billing.buyer(p_api_key, p_session_id, p_account_id);
@@ -464,7 +523,7 @@ BEGIN
   IF v_price.plan_id IS NOT NULL AND EXISTS (
        SELECT 1 FROM billing.subscriptions
        WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')) THEN
-    PERFORM util.fail('TL409', 'the account already has a subscription: change it instead',
+    PERFORM util.fail('TL40C', 'the account already has a subscription: change it instead',
                       jsonb_build_object('change_url', '/v1/billing/subscription/change'));
   END IF;
   RETURN jsonb_build_object(
@@ -473,10 +532,14 @@ BEGIN
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
     'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id, 'usage_type', v_price.usage_type,
-    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
+    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros),
+    -- Stripe's idempotency keys are shared by the whole Stripe account: a client's key is made
+    -- pgtally's own, the account's, so two accounts sending the same key never collide.
+    'stripe_idempotency_key', CASE WHEN p_idempotency_key IS NOT NULL THEN
+      v_account_id || '-' || encode(sha256(convert_to(p_idempotency_key, 'UTF8')), 'hex') END);
 END $$;
-COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text, uuid) IS
-  'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
+COMMENT ON FUNCTION api.checkout_prepare(text, uuid, text, uuid, text) IS
+  'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). stripe_idempotency_key: with the client''s Idempotency-Key (p_idempotency_key), the account id and the key''s SHA-256 (hex), which the server prefixes with the call (checkout-, topup-) and sends to Stripe; NULL without one. TL422 unknown price; TL40C (409 conflict) a plan price while a subscription is live.';
 
 CREATE OR REPLACE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text,
                                                     p_account_id uuid DEFAULT NULL)
@@ -595,6 +658,6 @@ COMMENT ON FUNCTION api.live_subscription(text, uuid, text, uuid) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
 GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text),
-  api.checkout_prepare(text, uuid, text, uuid), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),
+  api.checkout_prepare(text, uuid, text, uuid, text), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),
   api.stripe_customer(text, uuid, uuid)
 TO pgtally_api;

@@ -34,25 +34,56 @@ LANGUAGE sql AS $$
          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(o -> 'total_taxes') t),
                   (o ->> 'tax')::bigint, 0),
          s.plan_id,
-         (SELECT min(billing.ts(l #> '{period,start}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
-         (SELECT max(billing.ts(l #> '{period,end}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
-         coalesce(sum((m.l ->> 'amount')::bigint), 0),
-         min(billing.ts(m.l #> '{period,start}')), max(billing.ts(m.l #> '{period,end}')),
+         -- Qualified: a bare name here would be the metered line m.line (NULL with no metered line).
+         (SELECT min(billing.ts(a.line #> '{period,start}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') AS a(line)),
+         (SELECT max(billing.ts(a.line #> '{period,end}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') AS a(line)),
+         coalesce(sum((m.line ->> 'amount')::bigint), 0),
+         min(billing.ts(m.line #> '{period,start}')), max(billing.ts(m.line #> '{period,end}')),
          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at
   FROM (SELECT 1) one
   LEFT JOIN LATERAL (
-    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    SELECT b.line FROM jsonb_array_elements(o -> 'lines' -> 'data') AS b(line)
     JOIN billing.prices x ON x.usage_type = 'metered'
-     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
+     AND x.stripe_price_id = coalesce(b.line #>> '{pricing,price_details,price}', b.line #>> '{price,id}')) m ON true
   ON CONFLICT (stripe_invoice_id) DO UPDATE SET
     status = EXCLUDED.status, amount_paid_minor = EXCLUDED.amount_paid_minor, paid_at = EXCLUDED.paid_at,
     hosted_invoice_url = coalesce(EXCLUDED.hosted_invoice_url, i.hosted_invoice_url),
     invoice_pdf = coalesce(EXCLUDED.invoice_pdf, i.invoice_pdf)
-  WHERE i.status <> 'paid' AND EXCLUDED.status = 'paid'
+  WHERE i.status NOT IN ('paid', 'refunded') AND EXCLUDED.status = 'paid'
 $$;
 COMMENT ON FUNCTION billing.record_invoice(jsonb, billing.subscriptions, text, timestamptz) IS
-  'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid one never changes.';
+  'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid (or since refunded) one never changes here.';
+
+CREATE OR REPLACE FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO billing.invoice_payments (stripe_invoice_payment_id, stripe_invoice_id, account_id, stripe_payment_intent_id,
+                                        stripe_charge_id, amount_minor, currency, paid_at)
+  SELECT ip ->> 'id', ip ->> 'invoice', p_account_id, ip #>> '{payment,payment_intent}', ip #>> '{payment,charge}',
+         coalesce((ip ->> 'amount_paid')::bigint, 0), lower(coalesce(ip ->> 'currency', 'usd')),
+         billing.ts(ip #> '{status_transitions,paid_at}')
+  WHERE ip ->> 'status' = 'paid' AND ip ->> 'id' IS NOT NULL AND ip ->> 'invoice' IS NOT NULL
+  ON CONFLICT (stripe_invoice_payment_id) DO NOTHING;
+END $$;
+COMMENT ON FUNCTION billing.record_invoice_payment(jsonb, uuid) IS
+  'Record a paid Stripe InvoicePayment (once): which PaymentIntent or Charge paid which invoice of the account, amount paid in minor units. Source: Stripe API 2025-03-31, where Charge.invoice and Invoice.payment_intent were removed in favour of InvoicePayment.';
+
+CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := (SELECT account_id FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: not an invoice pgtally recorded';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  PERFORM billing.record_invoice_payment(o, v_account_id);
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_invoice_payment_paid(jsonb) IS
+  'invoice_payment.paid: record which PaymentIntent or Charge paid a recorded subscription invoice (billing.invoice_payments), for Stripe accounts whose invoice.paid events do not include the invoice''s payments list.';
 
 CREATE OR REPLACE FUNCTION billing.apply_dispute(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -60,7 +91,14 @@ DECLARE
   o jsonb := p_event -> 'data' -> 'object';
   v_account_id uuid;
 BEGIN
+  -- A Dispute names no customer (API 2026-10-28): find the payment pgtally recorded, by
+  -- PaymentIntent (bundles and top-ups, subscription invoice payments) or charge.
   SELECT account_id INTO v_account_id FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
+  IF v_account_id IS NULL THEN
+    SELECT account_id INTO v_account_id FROM billing.invoice_payments
+    WHERE stripe_payment_intent_id = o ->> 'payment_intent' OR stripe_charge_id = o ->> 'charge'
+    LIMIT 1;
+  END IF;
   IF v_account_id IS NULL THEN
     SELECT account_id INTO v_account_id FROM billing.customers
     WHERE stripe_customer_id = o #>> '{evidence_details,customer}' OR stripe_customer_id = o ->> 'customer';
@@ -77,7 +115,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_dispute(jsonb) IS
-  'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. The account is found through the bundle payment or the customer.';
+  'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. A Dispute names no customer: the account is found through the payment pgtally recorded (a bundle''s PaymentIntent, a subscription invoice''s PaymentIntent or charge in billing.invoice_payments), else a customer an older API version named.';
 
 CREATE OR REPLACE FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text)
 LANGUAGE sql STABLE AS $$
@@ -215,7 +253,7 @@ CREATE OR REPLACE FUNCTION ops.reconciliation_views() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
 $$;
 COMMENT ON FUNCTION ops.reconciliation_views() IS
   'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';

@@ -688,7 +688,7 @@ END $$;
 
 COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, amount and currency (post-paid: what it would cost, minor units), allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
-CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid, p_idempotency_key text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -704,7 +704,7 @@ BEGIN
   IF v_price.plan_id IS NOT NULL AND EXISTS (
        SELECT 1 FROM billing.subscriptions
        WHERE account_id = v_account_id AND status IN ('active', 'trialing', 'past_due')) THEN
-    PERFORM util.fail('TL409', 'the account already has a subscription: change it instead',
+    PERFORM util.fail('TL40C', 'the account already has a subscription: change it instead',
                       jsonb_build_object('change_url', '/v1/billing/subscription/change'));
   END IF;
   RETURN jsonb_build_object(
@@ -713,10 +713,14 @@ BEGIN
     'stripe_customer_id', (SELECT stripe_customer_id FROM billing.customers WHERE account_id = v_account_id),
     'mode', CASE WHEN v_price.plan_id IS NULL THEN 'payment' ELSE 'subscription' END,
     'price', v_price.id, 'stripe_price_id', v_price.stripe_price_id, 'usage_type', v_price.usage_type,
-    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros));
+    'amount', v_price.amount_minor, 'currency', v_price.currency, 'credits', util.credits(v_price.credits_micros),
+    -- Stripe's idempotency keys are shared by the whole Stripe account: a client's key is made
+    -- pgtally's own, the account's, so two accounts sending the same key never collide.
+    'stripe_idempotency_key', CASE WHEN p_idempotency_key IS NOT NULL THEN
+      v_account_id || '-' || encode(sha256(convert_to(p_idempotency_key, 'UTF8')), 'hex') END);
 END $$;
 
-COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). TL422 unknown price; TL409 a plan price while a subscription is live.';
+COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). stripe_idempotency_key: with the client''s Idempotency-Key (p_idempotency_key), the account id and the key''s SHA-256 (hex), which the server prefixes with the call (checkout-, topup-) and sends to Stripe; NULL without one. TL422 unknown price; TL40C (409 conflict) a plan price while a subscription is live.';
 
 CREATE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2900,6 +2904,7 @@ DECLARE
   v_reason text;
   v_status text;
   v_sub billing.subscriptions;
+  v_sub_id text;
 BEGIN
   -- The envelope (https://docs.stripe.com/api/events/object). A signed event that breaks it is rejected.
   v_reason := CASE
@@ -2919,6 +2924,11 @@ BEGIN
            ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
       CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
   END IF;
+  -- One event about a customer at a time (Stripe delivers concurrently and out of order): a
+  -- duplicate waits here and then finds the first one recorded; events about one customer apply
+  -- one after another. Taken before any row lock, so it cannot deadlock with them.
+  PERFORM pg_advisory_xact_lock(hashtextextended(
+    'stripe:' || coalesce(v_object ->> 'customer', v_object ->> 'charge', v_object ->> 'invoice', v_object ->> 'id', v_id), 0));
   SELECT status, note INTO v_status, v_reason FROM billing.stripe_events WHERE id = v_id;
   IF FOUND THEN
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id)
@@ -2932,15 +2942,31 @@ BEGIN
       RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub.stripe_subscription_id);
     END IF;
   END IF;
+  -- An invoice of a subscription whose own events have not arrived (or are being delivered at
+  -- the same moment): ask the server for the subscription as Stripe has it now, and apply that first.
+  IF v_type LIKE 'invoice.%' THEN
+    v_sub_id := coalesce(v_object #>> '{parent,subscription_details,subscription}', v_object ->> 'subscription');
+    IF v_sub_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM billing.subscriptions WHERE stripe_subscription_id = v_sub_id) THEN
+      IF p_current IS NULL THEN
+        RETURN jsonb_build_object('received', false, 'status', 'refetch', 'subscription', v_sub_id);
+      ELSIF p_current ->> 'id' IS DISTINCT FROM v_sub_id THEN
+        PERFORM util.fail('TL422', 'p_current is not the subscription this invoice bills');
+      END IF;
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
           p_event, util.now(), 'ignored')
   ON CONFLICT (id) DO NOTHING;
   IF NOT FOUND THEN
-    RETURN jsonb_build_object('received', true, 'duplicate', true);
+    SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
   END IF;
   BEGIN
+    IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
+      PERFORM billing.apply_subscription(p_event, p_current);
+    END IF;
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
@@ -2954,6 +2980,7 @@ BEGIN
       WHEN 'charge.dispute.created' THEN billing.apply_dispute(p_event)
       WHEN 'charge.dispute.updated' THEN billing.apply_dispute(p_event)
       WHEN 'charge.dispute.closed' THEN billing.apply_dispute(p_event)
+      WHEN 'invoice_payment.paid' THEN billing.apply_invoice_payment_paid(p_event)
       ELSE 'ignored: pgtally does not handle ' || v_type
     END;
   EXCEPTION WHEN data_exception OR check_violation OR not_null_violation OR SQLSTATE 'TL422' THEN
@@ -2970,7 +2997,7 @@ BEGIN
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $_$;
 
-COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). A subscription event in the same second as the one last applied returns status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current. Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
 CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -3107,16 +3134,16 @@ DECLARE
   v_target bigint;
   v_delta bigint;
   v_take bigint;
+  v_invoice text := billing.apply_invoice_refund(o);
 BEGIN
+  IF v_invoice IS NOT NULL THEN
+    RETURN v_invoice;
+  END IF;
   -- A referral reward this payment earned is canceled if it is still in its holdback.
   PERFORM billing.cancel_referral_reward(o ->> 'payment_intent');
-  PERFORM billing.cancel_referral_reward(o ->> 'invoice');
-  UPDATE billing.invoices SET refunded_minor = greatest(refunded_minor, coalesce((o ->> 'amount_refunded')::bigint, 0))
-  WHERE stripe_invoice_id = o ->> 'invoice';
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
   IF NOT FOUND THEN
-    RETURN CASE WHEN o ->> 'invoice' IS NOT NULL AND EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice')
-                THEN 'applied' ELSE 'ignored: not a payment pgtally recorded' END;
+    RETURN 'ignored: not a payment pgtally recorded (listed in reporting.unmatched_refunds)';
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = p.account_id FOR NO KEY UPDATE;
   SELECT * INTO p FROM billing.payments WHERE stripe_payment_intent_id = p.stripe_payment_intent_id FOR UPDATE;
@@ -3146,7 +3173,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded: a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
+COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded: a subscription invoice''s payment is billing.apply_invoice_refund''s. Otherwise a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
 CREATE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3203,7 +3230,14 @@ DECLARE
   o jsonb := p_event -> 'data' -> 'object';
   v_account_id uuid;
 BEGIN
+  -- A Dispute names no customer (API 2026-10-28): find the payment pgtally recorded, by
+  -- PaymentIntent (bundles and top-ups, subscription invoice payments) or charge.
   SELECT account_id INTO v_account_id FROM billing.payments WHERE stripe_payment_intent_id = o ->> 'payment_intent';
+  IF v_account_id IS NULL THEN
+    SELECT account_id INTO v_account_id FROM billing.invoice_payments
+    WHERE stripe_payment_intent_id = o ->> 'payment_intent' OR stripe_charge_id = o ->> 'charge'
+    LIMIT 1;
+  END IF;
   IF v_account_id IS NULL THEN
     SELECT account_id INTO v_account_id FROM billing.customers
     WHERE stripe_customer_id = o #>> '{evidence_details,customer}' OR stripe_customer_id = o ->> 'customer';
@@ -3220,7 +3254,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_dispute(p_event jsonb) IS 'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. The account is found through the bundle payment or the customer.';
+COMMENT ON FUNCTION billing.apply_dispute(p_event jsonb) IS 'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. A Dispute names no customer: the account is found through the payment pgtally recorded (a bundle''s PaymentIntent, a subscription invoice''s PaymentIntent or charge in billing.invoice_payments), else a customer an older API version named.';
 
 CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3240,6 +3274,9 @@ BEGIN
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
+  -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
+  PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
+    CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -3259,7 +3296,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
 
 CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3285,6 +3322,56 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+
+CREATE FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_account_id uuid := (SELECT account_id FROM billing.invoices WHERE stripe_invoice_id = o ->> 'invoice');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: not an invoice pgtally recorded';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  PERFORM billing.record_invoice_payment(o, v_account_id);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) IS 'invoice_payment.paid: record which PaymentIntent or Charge paid a recorded subscription invoice (billing.invoice_payments), for Stripe accounts whose invoice.paid events do not include the invoice''s payments list.';
+
+CREATE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_refunded bigint := (o ->> 'amount_refunded')::bigint;
+  ip record;     -- a billing.invoice_payments row (a record: the table is younger than some migrations tested)
+BEGIN
+  SELECT * INTO ip FROM billing.invoice_payments
+  WHERE stripe_payment_intent_id = o ->> 'payment_intent' OR stripe_charge_id = o ->> 'id'
+  ORDER BY stripe_invoice_payment_id LIMIT 1;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = ip.account_id FOR NO KEY UPDATE;
+  UPDATE billing.invoice_payments
+  SET refunded_minor = least(v_refunded, amount_minor), stripe_charge_id = coalesce(stripe_charge_id, o ->> 'id')
+  WHERE stripe_invoice_payment_id = ip.stripe_invoice_payment_id AND refunded_minor < least(v_refunded, amount_minor);
+  IF NOT FOUND THEN
+    RETURN 'stale';
+  END IF;
+  UPDATE billing.invoices i
+  SET refunded_minor = r.refunded,
+      status = CASE WHEN i.status = 'paid' AND r.refunded >= i.amount_paid_minor THEN 'refunded' ELSE i.status END
+  FROM (SELECT sum(refunded_minor) AS refunded FROM billing.invoice_payments
+        WHERE stripe_invoice_id = ip.stripe_invoice_id) r
+  WHERE i.stripe_invoice_id = ip.stripe_invoice_id;
+  -- A referral reward this invoice earned is canceled if it is still in its holdback.
+  PERFORM billing.cancel_referral_reward(ip.stripe_invoice_id);
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_invoice_refund(o jsonb) IS 'charge.refunded of a subscription invoice''s payment (found by PaymentIntent or charge in billing.invoice_payments: since API 2025-03-31 a Charge names no invoice): record what was refunded of the payment and the invoice (minor units; refunded in full: status refunded, out of the revenue views), cancel a referral reward the invoice earned inside its holdback. NULL when the charge paid no recorded invoice; stale when no more was refunded than already recorded.';
 
 CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3723,25 +3810,41 @@ CREATE FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_statu
          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(o -> 'total_taxes') t),
                   (o ->> 'tax')::bigint, 0),
          s.plan_id,
-         (SELECT min(billing.ts(l #> '{period,start}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
-         (SELECT max(billing.ts(l #> '{period,end}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') l),
-         coalesce(sum((m.l ->> 'amount')::bigint), 0),
-         min(billing.ts(m.l #> '{period,start}')), max(billing.ts(m.l #> '{period,end}')),
+         -- Qualified: a bare name here would be the metered line m.line (NULL with no metered line).
+         (SELECT min(billing.ts(a.line #> '{period,start}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') AS a(line)),
+         (SELECT max(billing.ts(a.line #> '{period,end}')) FROM jsonb_array_elements(o -> 'lines' -> 'data') AS a(line)),
+         coalesce(sum((m.line ->> 'amount')::bigint), 0),
+         min(billing.ts(m.line #> '{period,start}')), max(billing.ts(m.line #> '{period,end}')),
          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at
   FROM (SELECT 1) one
   LEFT JOIN LATERAL (
-    SELECT l FROM jsonb_array_elements(o -> 'lines' -> 'data') l
+    SELECT b.line FROM jsonb_array_elements(o -> 'lines' -> 'data') AS b(line)
     JOIN billing.prices x ON x.usage_type = 'metered'
-     AND x.stripe_price_id = coalesce(l #>> '{pricing,price_details,price}', l #>> '{price,id}')) m ON true
+     AND x.stripe_price_id = coalesce(b.line #>> '{pricing,price_details,price}', b.line #>> '{price,id}')) m ON true
   ON CONFLICT (stripe_invoice_id) DO UPDATE SET
     status = EXCLUDED.status, amount_paid_minor = EXCLUDED.amount_paid_minor, paid_at = EXCLUDED.paid_at,
     hosted_invoice_url = coalesce(EXCLUDED.hosted_invoice_url, i.hosted_invoice_url),
     invoice_pdf = coalesce(EXCLUDED.invoice_pdf, i.invoice_pdf)
-  WHERE i.status <> 'paid' AND EXCLUDED.status = 'paid'
+  WHERE i.status NOT IN ('paid', 'refunded') AND EXCLUDED.status = 'paid'
 $$;
 
-COMMENT ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) IS 'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid one never changes.';
+COMMENT ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) IS 'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid (or since refunded) one never changes here.';
+
+CREATE FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  INSERT INTO billing.invoice_payments (stripe_invoice_payment_id, stripe_invoice_id, account_id, stripe_payment_intent_id,
+                                        stripe_charge_id, amount_minor, currency, paid_at)
+  SELECT ip ->> 'id', ip ->> 'invoice', p_account_id, ip #>> '{payment,payment_intent}', ip #>> '{payment,charge}',
+         coalesce((ip ->> 'amount_paid')::bigint, 0), lower(coalesce(ip ->> 'currency', 'usd')),
+         billing.ts(ip #> '{status_transitions,paid_at}')
+  WHERE ip ->> 'status' = 'paid' AND ip ->> 'id' IS NOT NULL AND ip ->> 'invoice' IS NOT NULL
+  ON CONFLICT (stripe_invoice_payment_id) DO NOTHING;
+END $$;
+
+COMMENT ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) IS 'Record a paid Stripe InvoicePayment (once): which PaymentIntent or Charge paid which invoice of the account, amount paid in minor units. Source: Stripe API 2025-03-31, where Charge.invoice and Invoice.payment_intent were removed in favour of InvoicePayment.';
 
 CREATE FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) RETURNS void
     LANGUAGE plpgsql
@@ -5815,7 +5918,7 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -6063,6 +6166,35 @@ CREATE TABLE billing.disputes (
 
 COMMENT ON TABLE billing.disputes IS 'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
 
+CREATE TABLE billing.invoice_payments (
+    stripe_invoice_payment_id text NOT NULL,
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_payment_intent_id text,
+    stripe_charge_id text,
+    amount_minor bigint NOT NULL,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    currency text NOT NULL,
+    paid_at timestamp with time zone,
+    CONSTRAINT invoice_payments_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT invoice_payments_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT invoice_payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT invoice_payments_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_invoice_payment_id_check CHECK ((length(stripe_invoice_payment_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
+);
+
+COMMENT ON TABLE billing.invoice_payments IS 'Stripe InvoicePayments (API 2025-03-31 on): which PaymentIntent or Charge paid which subscription invoice, from invoice.paid''s payments list or an invoice_payment.paid event, once each. How a charge.refunded or charge.dispute.* of a subscription payment finds its invoice and account (neither object names them).';
+
+COMMENT ON COLUMN billing.invoice_payments.stripe_payment_intent_id IS 'The PaymentIntent that paid it (payment.payment_intent), when the payment was one.';
+
+COMMENT ON COLUMN billing.invoice_payments.stripe_charge_id IS 'The Charge that paid it: payment.charge, or learnt from the first charge.refunded of its PaymentIntent.';
+
+COMMENT ON COLUMN billing.invoice_payments.amount_minor IS 'What this payment paid of the invoice (amount_paid), in minor currency units.';
+
+COMMENT ON COLUMN billing.invoice_payments.refunded_minor IS 'What charge.refunded events took back of this payment (the charge''s amount_refunded), in minor units.';
+
 CREATE TABLE billing.invoices (
     stripe_invoice_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -6090,12 +6222,14 @@ CREATE TABLE billing.invoices (
     CONSTRAINT invoices_metered_amount_minor_check CHECK ((metered_amount_minor >= 0)),
     CONSTRAINT invoices_number_check CHECK ((length(number) <= 255)),
     CONSTRAINT invoices_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text]))),
+    CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text, 'refunded'::text]))),
     CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
     CONSTRAINT invoices_tax_minor_check CHECK ((tax_minor >= 0))
 );
 
 COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid (invoice.paid), once per invoice. metered_*: the lines that bill metered prices (post-paid usage) and the period they cover.';
+
+COMMENT ON COLUMN billing.invoices.status IS 'paid; open (its payment failed and Stripe is retrying); refunded (paid, then refunded in full: it leaves the revenue views).';
 
 COMMENT ON COLUMN billing.invoices.amount_paid_minor IS 'What the invoice collected, in minor currency units.';
 
@@ -7207,7 +7341,7 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
           GROUP BY ((date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date), 'bundle'::text, p.currency
         UNION ALL
          SELECT (date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date AS date_trunc,
-            'subscription'::text AS text,
+            'subscription'::text,
             i.currency,
             sum(i.amount_paid_minor) AS sum,
             sum(i.refunded_minor) AS sum,
@@ -7217,7 +7351,7 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
                   WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
            FROM (billing.invoices i
              LEFT JOIN billing.plans pl ON ((pl.id = i.plan_id)))
-          WHERE (i.status = 'paid'::text)
+          WHERE (i.status = ANY (ARRAY['paid'::text, 'refunded'::text]))
           GROUP BY ((date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date), 'subscription'::text, i.currency
         )
  SELECT COALESCE(r.day, s.day) AS day,
@@ -7291,6 +7425,20 @@ CREATE VIEW reporting.unbalanced_transfers AS
  HAVING ((sum((amount_micros)::bigint) <> (0)::numeric) OR (count(*) <> 2));
 
 COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
+
+CREATE VIEW reporting.unmatched_refunds AS
+ SELECT id AS event_id,
+    created,
+    (payload #>> '{data,object,id}'::text[]) AS stripe_charge_id,
+    (payload #>> '{data,object,payment_intent}'::text[]) AS stripe_payment_intent_id,
+    (payload #>> '{data,object,customer}'::text[]) AS stripe_customer_id,
+    ((payload #>> '{data,object,amount_refunded}'::text[]))::numeric AS amount_refunded_minor,
+    lower((payload #>> '{data,object,currency}'::text[])) AS currency,
+    note
+   FROM billing.stripe_events e
+  WHERE ((type = 'charge.refunded'::text) AND (status = 'ignored'::text));
+
+COMMENT ON VIEW reporting.unmatched_refunds IS 'Reconciliation: charge.refunded events that changed nothing because no payment pgtally recorded matched them (no bundle payment, no subscription invoice payment): money Stripe gave back that pgtally''s revenue still counts, or a payment pgtally never saw. Must be empty.';
 
 CREATE VIEW reporting.unreported_post_paid_events AS
  SELECT id AS usage_event_id,
@@ -7372,6 +7520,9 @@ ALTER TABLE ONLY billing.disputes
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
+
+ALTER TABLE ONLY billing.invoice_payments
+    ADD CONSTRAINT invoice_payments_pkey PRIMARY KEY (stripe_invoice_payment_id);
 
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
@@ -7649,6 +7800,12 @@ ALTER TABLE ONLY outbox.messages
 ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
 
+CREATE INDEX invoice_payments_charge_idx ON billing.invoice_payments USING btree (stripe_charge_id);
+
+CREATE INDEX invoice_payments_invoice_idx ON billing.invoice_payments USING btree (stripe_invoice_id);
+
+CREATE INDEX invoice_payments_payment_intent_idx ON billing.invoice_payments USING btree (stripe_payment_intent_id);
+
 CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, created_at);
 
 CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes USING btree (account_id, at DESC, id DESC);
@@ -7774,6 +7931,9 @@ ALTER TABLE ONLY billing.entitlements
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY billing.invoice_payments
+    ADD CONSTRAINT invoice_payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -7982,8 +8142,8 @@ GRANT ALL ON FUNCTION api.check_alerts(p_email text) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) TO pgtally_api;
@@ -8224,6 +8384,10 @@ REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_invoice_refund(o jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
@@ -8257,6 +8421,8 @@ REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
 REVOKE ALL ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
 
@@ -8509,6 +8675,8 @@ GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.unmatched_refunds TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
 

@@ -81,7 +81,7 @@ async def test_checkout_creates_the_customer_once_and_names_the_account(client, 
     assert r.json()["url"].startswith(f"{stripe_api.url}/c/pay/") and r.json()["mode"] == "payment"
     (_, _, customer, customer_key), (_, _, session, session_key) = stripe_api.requests
     assert customer_key == f"customer-{acct['account_id']}" and customer["metadata"] == {"account_id": acct["account_id"]}
-    assert session_key == "buy-1"
+    assert session_key.startswith(f"checkout-{acct['account_id']}-")       # the client's key, scoped to the account
     assert session["mode"] == "payment" and session["client_reference_id"] == acct["account_id"]
     assert session["metadata"] == {"account_id": acct["account_id"], "price": "bundle_10"}
     assert session["line_items"] == [{"price": "price_bundle_10", "quantity": "1"}]
@@ -340,17 +340,24 @@ async def test_unknown_events_are_recorded_and_acknowledged(client, events, owne
     assert "customer.created" in note
 
 
-async def test_invoice_for_an_unknown_subscription_is_retried_later(client, events, new_account, owner):
+async def test_invoice_for_an_unknown_subscription_is_retried_later(db_url, events, new_account, owner):
+    """Without a Stripe API key the subscription cannot be re-read: 503 until its own event arrives."""
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
     acct = new_account("free")
     now = int(time.time())
     paid = events.event("invoice.paid", {"id": "in_9", "object": "invoice", "customer": "cus_1",
                                          "parent": {"subscription_details": {"subscription": "sub_1"}},
                                          "lines": {"data": [{"period": {"start": now, "end": now + 30 * DAY}}]}})
-    r = await deliver(client, paid)
-    assert r.status_code == 503                                          # Stripe will retry
-    assert owner.execute("SELECT count(*) FROM billing.stripe_events").fetchone()[0] == 0
-    await deliver(client, subscribe(events, acct, created=now - 10))
-    assert (await deliver(client, paid)).json()["status"] == "applied"
+    no_api = Settings(public_url=PUBLIC_URL, stripe_webhook_secret=SECRET)
+    async with AsyncTestClient(app=create_app(db_url, no_api)) as client:
+        r = await deliver(client, paid)
+        assert r.status_code == 503                                      # Stripe will retry
+        assert owner.execute("SELECT count(*) FROM billing.stripe_events").fetchone()[0] == 0
+        await deliver(client, subscribe(events, acct, created=now - 10))
+        assert (await deliver(client, paid)).json()["status"] == "applied"
 
 
 async def test_reporting_views_for_dbas(client, events, new_account, owner):
@@ -515,7 +522,8 @@ async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webh
     r = await client.post("/v1/billing/topup", json={"bundle": "bundle_25"}, headers=bearer(acct["api_key"], **{"Idempotency-Key": "t-1"}))
     assert r.status_code == 201 and r.json()["status"] == "paid" and r.json()["credits"] == "25", r.text
     method, path, params, key = stripe_api.requests[-1]
-    assert path == "/v1/payment_intents" and key == "t-1" and params["off_session"] == "true" and params["amount"] == "1000"
+    assert path == "/v1/payment_intents" and key.startswith(f"topup-{acct['account_id']}-")
+    assert params["off_session"] == "true" and params["amount"] == "1000"
     assert account_row(owner, acct["account_id"])[1] == 10_000_000          # nothing granted by the request itself
     (succeeded,) = stripe_api.sent[before:]
     assert succeeded["type"] == "payment_intent.succeeded"
