@@ -142,6 +142,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     from api import admin, auth, billing, device, health, holds, keys, ledger, ops, pages, teams, usage
 
     settings = settings or Settings.from_env()
+    outbound.check_settings(settings)
     pool = AsyncConnectionPool(
         db.api_conninfo(database_url or db.database_url()),
         min_size=settings.pool_min_size, max_size=settings.pool_max_size,

@@ -310,6 +310,8 @@ BEGIN
   SELECT * INTO d FROM identity.sso_domains WHERE account_id = p_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'this team has not claimed that domain');
+  ELSIF identity.public_mail_domain(d.domain) THEN
+    PERFORM util.fail('TL422', format('%s is a public mail domain: no team can sign its people in', d.domain), '{"field": "domain"}');
   ELSIF d.verified_at IS NOT NULL THEN
     RETURN identity.sso_json(p_account_id);
   END IF;
@@ -325,7 +327,7 @@ BEGIN
   RETURN identity.sso_json(p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason.';
+COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason or a public mail domain (added to identity.public_mail_domains since it was claimed).';
 
 CREATE FUNCTION api.admin_audit(p_session_id uuid, p_limit integer DEFAULT 100) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -745,7 +747,11 @@ BEGIN
   END IF;
   SELECT user_id INTO v_owner FROM identity.user_identities WHERE provider = 'sso' AND subject = r.subject;
   IF v_owner IS NULL THEN
-    PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    BEGIN
+      PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    EXCEPTION WHEN unique_violation THEN     -- another user's confirmation of the same subject won
+      RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
+    END;
   ELSIF v_owner <> u.id THEN
     RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
   END IF;
@@ -2094,6 +2100,10 @@ BEGIN
       PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
       RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
+    ELSIF NOT coalesce(p_email_verified, false) THEN
+      PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', 'sso', 'reason', 'unverified email'));
+      RETURN identity.error('TL403', 'your organisation''s provider did not confirm your address: ask its administrator');
     END IF;
     p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
   END IF;
@@ -2163,7 +2173,7 @@ BEGIN
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 
-COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses it says are verified, of the domains the team proved, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4751,6 +4761,11 @@ CREATE FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_su
 DECLARE
   v_token text := util.random_token();
 BEGIN
+  -- One email per user and team every 10 minutes, however often the provider signs them in.
+  IF EXISTS (SELECT 1 FROM identity.sso_link_requests WHERE user_id = u.id AND account_id = p_team_id AND used_at IS NULL
+                                                        AND created_at > util.now() - interval '10 minutes') THEN
+    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+  END IF;
   INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
   VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
@@ -4763,7 +4778,7 @@ BEGIN
   RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
 END $$;
 
-COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
+COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
 
 CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql STABLE
@@ -4804,10 +4819,11 @@ CREATE FUNCTION identity.sso_team_of(p_email text) RETURNS uuid
     AS $$
 BEGIN
   RETURN (SELECT d.account_id FROM identity.sso_domains d
-  WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL);
+          WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL
+            AND NOT identity.public_mail_domain(d.domain));
 END $$;
 
-COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims count for nothing.';
+COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims, and public mail domains however they were proven, count for nothing.';
 
 CREATE FUNCTION identity.sso_txt_value(p_token text) RETURNS text
     LANGUAGE sql IMMUTABLE
