@@ -191,3 +191,10 @@ def internal_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {psycopg.Error: database_error, PoolTimeout: database_unavailable, PgtallyError: pgtally_error,
                       HTTPException: http_error, stripe.StripeError: stripe_error, Exception: internal_error}
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc`` by the most specific of :data:`EXCEPTION_HANDLERS` (as Litestar picks
+    it: the first class of the exception's MRO that has one)."""
+    handler = next(EXCEPTION_HANDLERS[cls] for cls in type(exc).__mro__ if cls in EXCEPTION_HANDLERS)
+    return handler(request, exc)
