@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from tests.http.conftest import bearer
 from tests.http.test_operations import samples
 
 
@@ -30,3 +31,73 @@ async def test_item7_refusals_are_logged_and_counted_as_what_they_are(client, ca
     assert after.get("403", 0) - before.get("403", 0) == 1
     assert after.get("400", 0) - before.get("400", 0) == 1
     assert after.get("500", 0) == before.get("500", 0)
+
+
+PASSWORD = "violet-harbour-tangent-42"
+CREDIT = 1_000_000
+
+
+async def signed_up(client, owner, email: str) -> dict:
+    """A verified person, logged in over the JSON API: its login answer."""
+    assert (await client.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})).status_code == 202
+    owner.execute("SELECT identity.mark_email_verified(id) FROM identity.users WHERE email_normalized = %s", [email])
+    r = await client.post("/v1/auth/login", json={"email": email, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def test_item12_conflict_problems_carry_status_as_a_number(client, new_account):
+    key = new_account("free", 10 * CREDIT)["api_key"]
+    auth = lambda idem=None: bearer(key, **({"Idempotency-Key": idem} if idem else {}))
+    released = (await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth("a"))).json()
+    assert (await client.post(f"/v1/holds/{released['id']}/release", headers=auth())).status_code == 200
+    captured = (await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth("b"))).json()
+    assert (await client.post(f"/v1/holds/{captured['id']}/capture", json={}, headers=auth())).status_code == 200
+    for path, hold_status in [(f"/v1/holds/{released['id']}/capture", "released"),
+                              (f"/v1/holds/{captured['id']}/release", "captured")]:
+        r = await client.post(path, json={}, headers=auth())
+        problem = r.json()
+        assert r.status_code == 409 and problem["status"] == 409, problem
+        assert problem["hold_status"] == hold_status and problem["type"].endswith("/conflict")
+
+
+async def test_item12_holds_list_honours_account_id(client, owner, new_account):
+    service = owner.execute("SELECT api.create_account('free', 0, 'backend', 'service')").fetchone()[0]["api_key"]
+    customer = new_account("free", 10 * CREDIT)
+    held = await client.post("/v1/holds", json={"meter": "generation", "quantity": 2, "account_id": customer["account_id"]},
+                             headers=bearer(service, **{"Idempotency-Key": "svc-h"}))
+    assert held.status_code == 201, held.text
+    listed = await client.get("/v1/holds", params={"account_id": customer["account_id"]}, headers=bearer(service))
+    assert listed.status_code == 200 and [h["id"] for h in listed.json()["data"]] == [held.json()["id"]]
+    assert (await client.get("/v1/holds", headers=bearer(service))).json()["data"] == []     # its own account's
+    bad = await client.get("/v1/holds", params={"account_id": "not-a-uuid"}, headers=bearer(service))
+    assert bad.status_code == 400
+    # A customer's key cannot read another account's holds.
+    other = new_account("free")["api_key"]
+    r = await client.get("/v1/holds", params={"account_id": customer["account_id"]}, headers=bearer(other))
+    assert r.status_code == 403
+
+
+async def test_item12_api_key_scopes_are_stored_once(client, owner):
+    token = (await signed_up(client, owner, "keys@example.com")).json()["access_token"]
+    r = await client.post("/v1/api-keys", json={"name": "ci", "scopes": ["usage:write"] * 1000 + ["usage:read", "usage:write"]},
+                          headers=bearer(token))
+    assert r.status_code == 201 and r.json()["scopes"] == ["usage:write", "usage:read"]
+    assert owner.execute("SELECT scopes FROM identity.api_keys WHERE id = %s", [r.json()["id"]]).fetchone()[0] == \
+        ["usage:write", "usage:read"]
+    logged = owner.execute("SELECT detail -> 'scopes' FROM identity.auth_events WHERE kind = 'api_key_created'").fetchone()[0]
+    assert logged == ["usage:write", "usage:read"]
+
+
+async def test_item12_answers_carrying_a_secret_are_not_stored(client, owner):
+    def no_store(r) -> bool:
+        return r.status_code in (200, 201) and "no-store" in r.headers.get("cache-control", "")
+
+    login = await signed_up(client, owner, "secret@example.com")
+    tokens = login.json()
+    identified = await client.post("/v1/identify", json={"fingerprint": "fp-secret"})
+    refreshed = await client.post("/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    key = await client.post("/v1/api-keys", json={"name": "ci"}, headers=bearer(refreshed.json()["access_token"]))
+    device = await client.post("/oauth/device_authorization", data={"client_id": "pgtally-cli"})
+    answers = {"login": login, "identify": identified, "refresh": refreshed, "api key": key, "device code": device}
+    assert [name for name, r in answers.items() if not no_store(r)] == [], {n: (r.status_code, r.headers) for n, r in answers.items()}
