@@ -21,6 +21,16 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
+UserCode = Annotated[str, msgspec.Meta(min_length=1, max_length=32, examples=["BCDF-GHJK"])]
+"""The code a person types at /device: 8 letters, with or without a dash or spaces."""
+
+
+class UserCodeForm(msgspec.Struct, forbid_unknown_fields=True):
+    """The /device forms' code (pages.device_lookup, pages.device_decide)."""
+
+    user_code: UserCode
+
+
 class DeviceAuthorizationRequest(msgspec.Struct):
     client_id: str
     scope: str | None = None

@@ -101,3 +101,81 @@ async def test_item12_answers_carrying_a_secret_are_not_stored(client, owner):
     device = await client.post("/oauth/device_authorization", data={"client_id": "pgtally-cli"})
     answers = {"login": login, "identify": identified, "refresh": refreshed, "api key": key, "device code": device}
     assert [name for name, r in answers.items() if not no_store(r)] == [], {n: (r.status_code, r.headers) for n, r in answers.items()}
+
+
+LONG = "x" * 10_000
+STATE = {"users": "SELECT count(*) FROM identity.users", "accounts": "SELECT count(*) FROM identity.accounts",
+         "sessions": "SELECT count(*) FROM identity.sessions WHERE revoked_at IS NULL",
+         "memberships": "SELECT count(*), string_agg(role, ',' ORDER BY role) FROM identity.memberships",
+         "invitations": "SELECT count(*) FROM identity.invitations",
+         "api_keys": "SELECT count(*) FROM identity.api_keys", "audit": "SELECT count(*) FROM ops.audit_log",
+         "transfers": "SELECT count(*) FROM ledger.transfers", "outbox": "SELECT count(*) FROM outbox.messages"}
+
+
+def state(owner) -> dict:
+    return {name: owner.execute(sql).fetchone() for name, sql in STATE.items()}
+
+
+async def test_item8_page_forms_refuse_long_or_malformed_fields_in_the_page(db_url, settings, owner):
+    from tests.http.test_billing_http import page_client
+    from tests.http.test_sign_in import form
+
+    async with await page_client(db_url, settings) as browser:
+        # Signed out: the login, sign-up and reset forms.
+        signed_out = [("/login", {"email": LONG, "password": PASSWORD}),
+                      ("/login", {"email": "ada@example.com", "password": LONG}),
+                      ("/signup", {"email": LONG, "password": PASSWORD}),
+                      ("/reset-password", {"email": LONG}),
+                      ("/verify-email", {"token": LONG}),
+                      ("/reset-password/confirm", {"token": LONG, "password": PASSWORD})]
+        await signed_up(browser, owner, "ada@example.com")
+        owner.execute("SELECT api.staff_grant('ada@example.com', 'admin')")
+        await signed_up(browser, owner, "bob@example.com")
+        ada, bob = [owner.execute("SELECT id, account_id FROM identity.users WHERE email_normalized = %s", [e]).fetchone()
+                    for e in ("ada@example.com", "bob@example.com")]
+        before = state(owner)
+        refused = []
+        for path, fields in signed_out:
+            refused.append((path, fields, await form(browser, path, fields, "/login")))
+
+        signed_in = await form(browser, "/login", {"email": "ada@example.com", "password": PASSWORD})
+        assert signed_in.status_code in (302, 303), signed_in.text
+        team = await form(browser, "/teams", {"name": "Acme"})
+        team_id = team.headers["location"].rsplit("/", 1)[-1]
+        before = state(owner)
+        after_sign_in = [
+            ("/device", {"user_code": LONG}, "/device"),
+            ("/device/decide", {"user_code": LONG, "decision": "approve"}, "/device"),
+            ("/account/api-keys", {"name": LONG}, "/account"),
+            ("/teams", {"name": LONG}, "/teams"),
+            (f"/teams/{team_id}?action=role", {"user_id": "not-a-uuid", "role": "admin"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}?action=role", {"user_id": str(bob[0]), "role": "emperor"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}?action=remove", {"user_id": "not-a-uuid"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}?action=revoke", {"invitation_id": "not-a-uuid"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}?action=invite", {"email": LONG, "role": "member"}, f"/teams/{team_id}"),
+            ("/invitations/accept", {"token": LONG}, "/teams"),
+            (f"/admin/accounts/{bob[1]}", {"action": "refund", "payment_intent": "pi_123", "amount": "abc", "reason": "r"},
+             f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "refund", "payment_intent": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "abc", "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "5", "reason": LONG}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "5", "reason": "r", "key": LONG},
+             f"/admin/accounts/{bob[1]}"),
+            ("/upgrade/checkout", {"price": LONG}, "/upgrade"),
+            ("/upgrade/change", {"price": LONG}, "/upgrade"),
+            ("/dashboard/topup", {"price": LONG}, "/dashboard"),
+            (f"/admin/accounts/{bob[1]}", {"action": "plan", "plan": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "suspend", "reason": LONG}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}", {"action": "revoke_sessions", "user_id": "not-a-uuid", "reason": "r"},
+             f"/admin/accounts/{bob[1]}"),
+        ]
+        for path, fields, page_path in after_sign_in:
+            refused.append((path, fields, await form(browser, path, fields, page_path)))
+        wrong = [(path[:60], {k: v[:20] for k, v in fields.items()}, r.status_code, r.headers.get("content-type"))
+                 for path, fields, r in refused
+                 if not (400 <= r.status_code < 500 and r.headers.get("content-type", "").startswith("text/html"))]
+        assert wrong == [], "\n".join(map(str, wrong))
+        shown = {(path, tuple(fields)): r.text for path, fields, r in refused}
+        assert "Email: expected str of length &lt;= 320" in refused[0][2].text
+        assert "Amount: expected int" in shown[(f"/admin/accounts/{bob[1]}", ("action", "payment_intent", "amount", "reason"))]
+        assert state(owner) == before
