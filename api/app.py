@@ -5,7 +5,9 @@ Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import os
 import time
 from contextlib import asynccontextmanager
@@ -18,14 +20,16 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
 from litestar.openapi.spec import Components, SecurityScheme
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection, OperationalError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from swagger_ui_bundle import swagger_ui_path
 
 from api import db, outbound, web
-from api.errors import EXCEPTION_HANDLERS
+from api.errors import EXCEPTION_HANDLERS, PgtallyError
 from api.security import Keys
 from api.validation import check_request
+
+log = logging.getLogger("pgtally")
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,26 @@ async def check_if_idle(conn: AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+READ_ONLY_RENEW_SECONDS = 5.0
+
+
+async def note_connected(conn: AsyncConnection) -> None:
+    """Pool ``configure``: remember when a connection was made."""
+    conn.pgtally_connected_at = time.monotonic()
+
+
 async def mark_returned(conn: AsyncConnection) -> None:
-    """Pool ``reset``: remember when a connection went back to the pool."""
-    conn.pgtally_returned_at = time.monotonic()
+    """Pool ``reset``: remember when a connection went back to the pool. A session that started
+    read-only keeps that default (``ALTER DATABASE`` or ``ROLE ... SET default_transaction_read_only``
+    applies to new sessions only): one older than 5 s is closed (the pool makes a new one), so
+    that writes resume soon after the database takes them again. PostgreSQL 14+ reports the
+    setting with every change: no round trip."""
+    now = time.monotonic()
+    if (conn.info.parameter_status("default_transaction_read_only") == "on"
+            and now - getattr(conn, "pgtally_connected_at", 0.0) > READ_ONLY_RENEW_SECONDS):
+        await conn.close()
+        return
+    conn.pgtally_returned_at = now
 
 
 async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
@@ -138,6 +159,31 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT kid, secret FROM api.jwt_keys()")).fetchall()
     return Keys.from_rows(issuer, rows)
+
+
+class KeysPending:
+    """The access-token keys before they could be read (the database was away when the worker
+    started): whatever needs them answers 503 retry-later, as the database calls do."""
+
+    def _unavailable(self, *args: Any) -> Any:
+        raise PgtallyError({"sqlstate": "TL503", "message": "the database is not reachable right now"})
+
+    issue = upgrade_token = upgrade_account = session_id = _unavailable
+
+
+KEYS_RETRY_SECONDS = 1.0
+
+
+async def keep_loading_keys(app: Litestar, pool: AsyncConnectionPool, issuer: str) -> None:
+    """Read the access-token keys (:func:`load_keys`) into ``app.state.jwt_keys``, trying again
+    every second while the database is away."""
+    while True:
+        try:
+            app.state.jwt_keys = await load_keys(pool, issuer)
+            return
+        except (PoolTimeout, OperationalError) as exc:
+            log.warning("access-token keys not loaded yet (%s): trying again", exc)
+            await asyncio.sleep(KEYS_RETRY_SECONDS)
 
 
 DOCS_ASSETS = "/schema/assets"
@@ -168,16 +214,21 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # with no BEGIN/COMMIT round trips.
         kwargs={"autocommit": True}, open=False,
         # With PostgreSQL down a request waits this long for a connection, then gets a 503.
-        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned,
+        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned, configure=note_connected,
     )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await pool.open(wait=True)
-        app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        # The pool opens without waiting for PostgreSQL: a worker that starts while the database
+        # is away serves 503 retry-later until it is back, instead of failing its startup.
+        await pool.open(wait=False)
+        app.state.jwt_keys = KeysPending()
+        keys = asyncio.create_task(keep_loading_keys(app, pool, settings.public_url.rstrip("/")))
+        await asyncio.wait([keys], timeout=settings.pool_timeout)
         try:
             yield
         finally:
+            keys.cancel()
             await pool.close()
 
     return Litestar(
@@ -187,7 +238,8 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
                                                    include_in_schema=False),
                         *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": outbound.metadata_cache(),
+        state=State({"settings": settings, "pool": pool, "pool_check": None, "cannot_write": (0.0, ""),
+                     "oidc_metadata": outbound.metadata_cache(),
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own

