@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from swagger_ui_bundle import swagger_ui_path
 
 from api import db, outbound, web
-from api.errors import EXCEPTION_HANDLERS, PgtallyError
+from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
 from api.validation import check_request
 
@@ -133,6 +133,7 @@ async def check_if_idle(conn: AsyncConnection) -> None:
 
 
 READ_ONLY_RENEW_SECONDS = 5.0
+RECONNECT_SECONDS = 5.0
 
 
 async def note_connected(conn: AsyncConnection) -> None:
@@ -162,28 +163,24 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
 
 
 class KeysPending:
-    """The access-token keys before they could be read (the database was away when the worker
-    started): whatever needs them answers 503 retry-later, as the database calls do."""
-
-    def _unavailable(self, *args: Any) -> Any:
-        raise PgtallyError({"sqlstate": "TL503", "message": "the database is not reachable right now"})
-
-    issue = upgrade_token = upgrade_account = session_id = _unavailable
+    """The access-token keys before they could be read (the database was away when the process
+    started); :func:`before_request` reads them on the next request."""
 
 
-KEYS_RETRY_SECONDS = 1.0
+KEYLESS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-async def keep_loading_keys(app: Litestar, pool: AsyncConnectionPool, issuer: str) -> None:
-    """Read the access-token keys (:func:`load_keys`) into ``app.state.jwt_keys``, trying again
-    every second while the database is away."""
-    while True:
-        try:
-            app.state.jwt_keys = await load_keys(pool, issuer)
-            return
-        except (PoolTimeout, OperationalError) as exc:
-            log.warning("access-token keys not loaded yet (%s): trying again", exc)
-            await asyncio.sleep(KEYS_RETRY_SECONDS)
+async def before_request(request: Request) -> None:
+    """Litestar ``before_request`` hook: the input checks (:func:`api.validation.check_request`),
+    then the access-token keys, read now when the database was away at startup: until it is
+    back, a request gets 503 retry-later before any database call (the health routes excepted,
+    they answer on their own)."""
+    await check_request(request)
+    state = request.app.state
+    if isinstance(state.jwt_keys, KeysPending) and request.url.path not in KEYLESS_PATHS:
+        async with state.keys_lock:               # one reader at a time; the others find them read
+            if isinstance(state.jwt_keys, KeysPending):
+                state.jwt_keys = await load_keys(state.pool, state.settings.public_url.rstrip("/"))
 
 
 DOCS_ASSETS = "/schema/assets"
@@ -215,6 +212,9 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         kwargs={"autocommit": True}, open=False,
         # With PostgreSQL down a request waits this long for a connection, then gets a 503.
         timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned, configure=note_connected,
+        # A connection attempt that keeps failing backs off (1, 2, 4 s...): give it up after 5 s,
+        # so that the next request starts a new one and the pool is back soon after PostgreSQL.
+        reconnect_timeout=RECONNECT_SECONDS,
     )
 
     @asynccontextmanager
@@ -222,13 +222,15 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # The pool opens without waiting for PostgreSQL: a worker that starts while the database
         # is away serves 503 retry-later until it is back, instead of failing its startup.
         await pool.open(wait=False)
-        app.state.jwt_keys = KeysPending()
-        keys = asyncio.create_task(keep_loading_keys(app, pool, settings.public_url.rstrip("/")))
-        await asyncio.wait([keys], timeout=settings.pool_timeout)
+        app.state.keys_lock = asyncio.Lock()
+        try:
+            app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        except (PoolTimeout, OperationalError) as exc:
+            log.warning("starting without the database (%s): requests get 503 until it is back", exc)
+            app.state.jwt_keys = KeysPending()
         try:
             yield
         finally:
-            keys.cancel()
             await pool.close()
 
     return Litestar(
@@ -245,7 +247,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own
         # configuration would replace its handlers.
         logging_config=None,
-        before_request=check_request,
+        before_request=before_request,
         middleware=[ops.Observe, web.session_config(settings).middleware],
         csrf_config=web.csrf_config(settings),
         template_config=web.template_config(),
