@@ -68,12 +68,11 @@ def serve(host: str, port: int, workers: int) -> None:
     # so that the embedded PostgreSQL is released below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     stop_watching = threading.Event()
+    watcher = threading.Thread(target=db.keep_embedded_running, args=(stop_watching,), daemon=True,
+                               name="embedded-postgres")
     try:
-        url = owner_url()
-        db.upgrade(url)
-        db.load_catalog(url)
-        threading.Thread(target=db.keep_embedded_running, args=(stop_watching,), daemon=True,
-                         name="embedded-postgres").start()
+        url = prepared_database()
+        watcher.start()
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
         # The app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES), not uvicorn.
@@ -93,7 +92,33 @@ def serve(host: str, port: int, workers: int) -> None:
         pass
     finally:
         stop_watching.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)         # (it may be starting PostgreSQL)
         db.release_embedded()
+
+
+DATABASE_WAIT_SECONDS = 2.0
+
+
+def prepared_database() -> str:
+    """The owner URL, once the database is upgraded and the catalog applied. While PostgreSQL
+    cannot be reached (``DATABASE_URL`` down, or the embedded server failing to start, say on a
+    full disk), try again every 2 s, logging why: ``serve`` waits for its database rather than
+    exiting (Ctrl-C or SIGTERM stop it)."""
+    import logging
+    import subprocess
+    import time
+
+    log = logging.getLogger("pgtally")
+    while True:
+        try:
+            url = owner_url()
+            db.upgrade(url)
+            db.load_catalog(url)
+            return url
+        except (psycopg.OperationalError, subprocess.SubprocessError, OSError) as exc:
+            log.error("waiting for the database: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            time.sleep(DATABASE_WAIT_SECONDS)
 
 
 def run_workers(config) -> int:

