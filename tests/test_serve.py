@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -420,11 +421,22 @@ def fill(path: Path) -> None:
                 pass
 
 
+def keep_full(path: Path, stop: threading.Event) -> None:
+    """Take every page freed on ``path``'s file system, within milliseconds, until ``stop``."""
+    with open(path, "ab", buffering=0) as f:
+        while not stop.is_set():
+            try:
+                f.write(b"\0" * 4096)
+            except OSError:
+                time.sleep(0.002)
+
+
 def test_item4_a_full_disk_answers_503_and_the_embedded_postgresql_starts_again_once_space_is_back(small_disk):
     home = small_disk / "home"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = serve(home, port)
+    stop_hog = threading.Event()
     try:
         wait_healthy(proc, port)
         key = json.loads(cli(home, "accounts", "create", "--plan", "free", "--credits", "1000", "--json"))["api_key"]
@@ -445,7 +457,10 @@ def test_item4_a_full_disk_answers_503_and_the_embedded_postgresql_starts_again_
         r = httpx.get(f"{base}/readyz", timeout=10)
         assert r.status_code == 503 and "SQLSTATE 53100" in r.json()["detail"], r.text
 
-        # PostgreSQL stops (as it does when it cannot write its WAL) and cannot start on a full disk.
+        # PostgreSQL stops (as it does when it cannot write its WAL) and cannot start on a full disk
+        # (what its exit frees, a pid file's page, is taken back at once).
+        hog = threading.Thread(target=keep_full, args=(small_disk / "filler-2", stop_hog), daemon=True)
+        hog.start()
         postgres = postmaster_pid(home)
         os.kill(postgres, signal.SIGQUIT)
         wait_for(lambda: not psutil.pid_exists(postgres))
@@ -457,12 +472,16 @@ def test_item4_a_full_disk_answers_503_and_the_embedded_postgresql_starts_again_
             assert r.status_code == 503 and r.json()["type"].endswith("/retry-later"), r.text
         assert proc.poll() is None
 
+        stop_hog.set()
+        hog.join()
         filler.unlink()                              # space is back: serve starts PostgreSQL again
+        (small_disk / "filler-2").unlink()
         wait_for(lambda: status_of(f"{base}/v1/balance", headers=headers) == 200, 30, 0.5)
         r = httpx.post(f"{base}/v1/usage/events", json={"meter": "generation"},
                        headers={**headers, "Idempotency-Key": "after-full"}, timeout=10)
         assert r.status_code == 201, r.text
     finally:
+        stop_hog.set()
         proc.terminate()
         proc.wait(timeout=30)
     assert not [p for p in psutil.process_iter(["name", "cmdline"])
