@@ -5,27 +5,31 @@ Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.static_files import create_static_files_router
 from litestar.openapi.spec import Components, SecurityScheme
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection, OperationalError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from swagger_ui_bundle import swagger_ui_path
 
 from api import db, outbound, web
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
 from api.validation import check_request
+
+log = logging.getLogger("pgtally")
 
 
 @dataclass(frozen=True)
@@ -128,9 +132,27 @@ async def check_if_idle(conn: AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+READ_ONLY_RENEW_SECONDS = 5.0
+RECONNECT_SECONDS = 5.0
+
+
+async def note_connected(conn: AsyncConnection) -> None:
+    """Pool ``configure``: remember when a connection was made."""
+    conn.pgtally_connected_at = time.monotonic()
+
+
 async def mark_returned(conn: AsyncConnection) -> None:
-    """Pool ``reset``: remember when a connection went back to the pool."""
-    conn.pgtally_returned_at = time.monotonic()
+    """Pool ``reset``: remember when a connection went back to the pool. A session that started
+    read-only keeps that default (``ALTER DATABASE`` or ``ROLE ... SET default_transaction_read_only``
+    applies to new sessions only): one older than 5 s is closed (the pool makes a new one), so
+    that writes resume soon after the database takes them again. PostgreSQL 14+ reports the
+    setting with every change: no round trip."""
+    now = time.monotonic()
+    if (conn.info.parameter_status("default_transaction_read_only") == "on"
+            and now - getattr(conn, "pgtally_connected_at", 0.0) > READ_ONLY_RENEW_SECONDS):
+        await conn.close()
+        return
+    conn.pgtally_returned_at = now
 
 
 async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
@@ -138,6 +160,27 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT kid, secret FROM api.jwt_keys()")).fetchall()
     return Keys.from_rows(issuer, rows)
+
+
+class KeysPending:
+    """The access-token keys before they could be read (the database was away when the process
+    started); :func:`before_request` reads them on the next request."""
+
+
+KEYLESS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def before_request(request: Request) -> None:
+    """Litestar ``before_request`` hook: the input checks (:func:`api.validation.check_request`),
+    then the access-token keys, read now when the database was away at startup: until it is
+    back, a request gets 503 retry-later before any database call (the health routes excepted,
+    they answer on their own)."""
+    await check_request(request)
+    state = request.app.state
+    if isinstance(state.jwt_keys, KeysPending) and request.url.path not in KEYLESS_PATHS:
+        async with state.keys_lock:               # one reader at a time; the others find them read
+            if isinstance(state.jwt_keys, KeysPending):
+                state.jwt_keys = await load_keys(state.pool, state.settings.public_url.rstrip("/"))
 
 
 DOCS_ASSETS = "/schema/assets"
@@ -168,13 +211,23 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # with no BEGIN/COMMIT round trips.
         kwargs={"autocommit": True}, open=False,
         # With PostgreSQL down a request waits this long for a connection, then gets a 503.
-        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned,
+        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned, configure=note_connected,
+        # A connection attempt that keeps failing backs off (1, 2, 4 s...): give it up after 5 s,
+        # so that the next request starts a new one and the pool is back soon after PostgreSQL.
+        reconnect_timeout=RECONNECT_SECONDS,
     )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await pool.open(wait=True)
-        app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        # The pool opens without waiting for PostgreSQL: a worker that starts while the database
+        # is away serves 503 retry-later until it is back, instead of failing its startup.
+        await pool.open(wait=False)
+        app.state.keys_lock = asyncio.Lock()
+        try:
+            app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        except (PoolTimeout, OperationalError) as exc:
+            log.warning("starting without the database (%s): requests get 503 until it is back", exc)
+            app.state.jwt_keys = KeysPending()
         try:
             yield
         finally:
@@ -187,13 +240,14 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
                                                    include_in_schema=False),
                         *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": outbound.metadata_cache(),
+        state=State({"settings": settings, "pool": pool, "pool_check": None, "cannot_write": (0.0, ""),
+                     "oidc_metadata": outbound.metadata_cache(),
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own
         # configuration would replace its handlers.
         logging_config=None,
-        before_request=check_request,
+        before_request=before_request,
         middleware=[ops.Observe, web.session_config(settings).middleware],
         csrf_config=web.csrf_config(settings),
         template_config=web.template_config(),

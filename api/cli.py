@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def serve(host: str, port: int, workers: int) -> None:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; exit through Python then,
     # so that the embedded PostgreSQL is released below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_watching = threading.Event()
+    watcher = threading.Thread(target=db.keep_embedded_running, args=(stop_watching,), daemon=True,
+                               name="embedded-postgres")
     try:
-        url = owner_url()
-        db.upgrade(url)
-        db.load_catalog(url)
+        url = prepared_database()
+        watcher.start()
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
         # The app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES), not uvicorn.
@@ -82,11 +85,54 @@ def serve(host: str, port: int, workers: int) -> None:
             # and count their metrics in files /metrics adds up.
             os.environ["DATABASE_URL"] = url
             prepare_multiprocess_metrics(db.home() / "metrics")
-            uvicorn.run("api.app:worker_app", factory=True, workers=workers, **options)
+            code = run_workers(uvicorn.Config("api.app:worker_app", factory=True, workers=workers, **options))
+            if code:
+                raise SystemExit(code)
     except KeyboardInterrupt:
         pass
     finally:
+        stop_watching.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)         # (it may be starting PostgreSQL)
         db.release_embedded()
+
+
+DATABASE_WAIT_SECONDS = 2.0
+
+
+def prepared_database() -> str:
+    """The owner URL, once the database is upgraded and the catalog applied. While PostgreSQL
+    cannot be reached (``DATABASE_URL`` down, or the embedded server failing to start, say on a
+    full disk), try again every 2 s, logging why: ``serve`` waits for its database rather than
+    exiting (Ctrl-C or SIGTERM stop it)."""
+    import logging
+    import subprocess
+    import time
+
+    log = logging.getLogger("pgtally")
+    while True:
+        try:
+            url = owner_url()
+            db.upgrade(url)
+            db.load_catalog(url)
+            return url
+        except (psycopg.OperationalError, subprocess.SubprocessError, OSError) as exc:
+            log.error("waiting for the database: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            time.sleep(DATABASE_WAIT_SECONDS)
+
+
+def run_workers(config) -> int:
+    """Run uvicorn's worker supervisor (what ``uvicorn.run`` does with workers > 1) and return
+    the exit status ``serve`` owes: uvicorn's supervisor stops every worker when one fails before
+    it serves, then returns as if all were well (status 0, which ``Restart=on-failure`` takes for
+    a deliberate stop); that is uvicorn's startup-failure status (3) here. A worker does not fail
+    because PostgreSQL is away (it starts and answers 503): this is for a broken app or socket."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 def ensure_port_free(host: str, port: int) -> None:
@@ -159,7 +205,8 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     # psql's (it cancels the running query); this process only waits (a handler, not SIG_IGN,
     # which psql would inherit).
     signal.signal(signal.SIGINT, lambda signum, frame: None)
-    code = subprocess.call([psql, "--dbname", url, *psql_args])
+    conninfo, env = db.client_env(url)
+    code = subprocess.call([psql, "--dbname", conninfo, *psql_args], env=env)
     db.release_embedded()
     sys.exit(code)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -131,6 +132,8 @@ def database_error(request: Request, exc: psycopg.Error) -> Response:
     and answered 500."""
     if isinstance(exc, psycopg.OperationalError) and (exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))):
         return database_unavailable(request, exc)
+    if cannot_write(exc.sqlstate):
+        return database_cannot_write(request, exc)
     if (exc.sqlstate or "") not in SQLSTATES:
         log.exception("database error %s", exc.sqlstate, exc_info=exc)
         return problem(request, 500, "internal-error", "Internal error", "the request could not be completed")
@@ -185,6 +188,32 @@ def database_unavailable(request: Request, exc: Exception) -> Response:
         state.pool_check = asyncio.ensure_future(state.pool.check())
     return problem(request, 503, "retry-later", "Not ready yet: retry later",
                    "the database is not reachable right now", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def cannot_write(sqlstate: str | None) -> bool:
+    """Whether an error says the database cannot take writes now: read-only (25006: a standby,
+    or ``default_transaction_read_only`` set) or out of a resource (class 53: 53100 disk full,
+    53200 out of memory, 53300 too many connections)."""
+    return sqlstate is not None and (sqlstate == "25006" or sqlstate.startswith("53"))
+
+
+CANNOT_WRITE_SECONDS = 30.0
+"""How long /readyz of a server process says "not ready" after one of its requests met a
+database out of space or other resources (class 53): no read tells that a disk is full."""
+
+
+def database_cannot_write(request: Request, exc: psycopg.Error) -> Response:
+    """The database answers but cannot write (read-only, disk full): 503 retry-later with
+    Retry-After, never a 500; reads that need no write are still served. /readyz says not ready
+    while the database is read-only, and for a while (:data:`CANNOT_WRITE_SECONDS`) after it ran
+    out of space."""
+    reason = "read-only" if exc.sqlstate == "25006" else "out of resources (disk full?)"
+    log.error("the database cannot write: %s (SQLSTATE %s)", exc.diag.message_primary or exc, exc.sqlstate)
+    if exc.sqlstate != "25006":     # (/readyz asks the database whether it is read-only)
+        request.app.state.cannot_write = (time.monotonic() + CANNOT_WRITE_SECONDS, f"{reason}, SQLSTATE {exc.sqlstate}")
+    return problem(request, 503, "retry-later", "Not ready yet: retry later",
+                   f"the database cannot take writes right now ({reason})",
+                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def internal_error(request: Request, exc: Exception) -> Response:

@@ -166,18 +166,24 @@ class Ready(msgspec.Struct):
     """The newest migration applied."""
 
 
-@get("/readyz", summary="Readiness: database and schema current", responses=problems(503))
+@get("/readyz", summary="Readiness: database writable and schema current", responses=problems(503))
 async def readyz(request: Request) -> Ready:
-    """200 ``{"status": "ready", "schema": <latest migration>}`` when the database answers and
-    its newest applied migration is the newest this server ships; 503 ``retry-later``
-    otherwise (an upgrade is due, or PostgreSQL is down)."""
+    """200 ``{"status": "ready", "schema": <latest migration>}`` when the database answers, can
+    write, and its newest applied migration is the newest this server ships (``api.readiness``);
+    503 ``retry-later`` otherwise: an upgrade is due, PostgreSQL is down, read-only, or it failed
+    a request of this process for lack of space or other resources in the last 30 s."""
     async with request.app.state.pool.connection(timeout=1.0) as conn:
-        (applied,) = await (await conn.execute("SELECT api.schema_version()")).fetchone()
+        (ready,) = await (await conn.execute("SELECT api.readiness()")).fetchone()
     expected = db.latest_migration()
-    if applied != expected:
-        raise PgtallyError({"sqlstate": "TL503",
-                            "message": f"the database schema is at {applied}, this server needs {expected}: run pgtally db upgrade"})
-    return Ready(status="ready", schema=applied)
+    if ready["schema"] != expected:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"the database schema is at {ready['schema']}, "
+                                                            f"this server needs {expected}: run pgtally db upgrade"})
+    if ready["read_only"]:
+        raise PgtallyError({"sqlstate": "TL503", "message": "the database is read-only"})
+    until, reason = request.app.state.cannot_write
+    if time.monotonic() < until:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"the database could not write just now ({reason})"})
+    return Ready(status="ready", schema=ready["schema"])
 
 
 ROUTES = [metrics, readyz]

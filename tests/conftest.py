@@ -39,7 +39,7 @@ def start_test_server() -> dict[str, Any]:
     server = db.embedded_server(pgdata)
     # A throwaway test cluster: more connections for the concurrency tests, no fsync.
     db.configure_embedded(server, TEST_SERVER_SETTINGS)
-    return conninfo_to_dict(server.get_uri())
+    return conninfo_to_dict(db.embedded_uri(server))
 
 
 SERVER = start_test_server()

@@ -77,7 +77,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the API key is not valid');
     END IF;
     IF k.last_used_at IS NULL OR k.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      BEGIN
+        UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- a database that cannot write still serves reads: last_used_at waits
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> k.account_id THEN
       IF NOT 'service' = ANY (k.scopes) THEN
@@ -102,7 +106,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the session has ended: sign in again');
     END IF;
     IF s.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      BEGIN
+        UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- as above
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
       -- Another account the person belongs to (a team), if their role there allows it.
@@ -127,7 +135,7 @@ BEGIN
   RETURN v_account_id;
 END $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
-  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
 
 CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
 LANGUAGE sql STABLE AS $$

@@ -76,6 +76,44 @@ async def test_readyz_is_ready_when_the_schema_is_current(client, owner):
     assert r.status_code == 503 and "pgtally db upgrade" in r.json()["detail"]
 
 
+async def test_item4_read_only_database_answers_503_serves_reads_and_readyz_says_not_ready(db_url, settings, owner,
+                                                                                          new_account):
+    import asyncio
+
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
+    key = new_account("free")["api_key"]              # never used: a read would note last_used_at
+    headers = bearer(key)
+    dbname = owner.info.dbname
+    owner.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    async with AsyncTestClient(app=create_app(db_url, settings)) as client:
+        for _ in range(2):
+            r = await client.get("/v1/balance", headers=headers)
+            assert r.status_code == 200, r.text                       # a read is served
+            r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                                  headers={**headers, "Idempotency-Key": "ro-1"})
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert r.json()["type"].endswith("/retry-later") and "read-only" in r.json()["detail"]
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "read-only" in r.json()["detail"]
+        assert (await client.get("/healthz")).status_code == 200     # alive: a restart would not help
+        assert owner.execute("SELECT last_used_at FROM identity.api_keys WHERE key_hash = util.token_hash(%s)",
+                             [key]).fetchone() == (None,)
+
+        owner.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        # The pool replaces a read-only session 5 s old (it keeps the default it started with).
+        for _ in range(150):
+            r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                                  headers={**headers, "Idempotency-Key": "ro-1"})
+            if r.status_code != 503:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 201, r.text
+        assert (await client.get("/readyz")).status_code == 200
+
+
 def test_alerts_go_out_once_an_hour_per_condition(owner, api_conn, new_account):
     check = lambda: api_conn.execute("SELECT api.check_alerts('ops@example.com')").fetchone()[0]["sent"]
     clock = lambda minutes: api_conn.execute(
