@@ -155,6 +155,19 @@ END $$;
 
 COMMENT ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) IS 'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). The sender must still be allowed to send it (identity.may_invite: still a member whose role grants members:manage, an owner for an owner invitation), else TL400 and the invitation is used up. TL400 used, revoked, replaced or expired.';
 
+CREATE FUNCTION api.account_page(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN jsonb_build_object('me', api.me(NULL, p_session_id),
+                            'methods', api.sign_in_methods(p_session_id),
+                            'sessions', api.sessions(p_session_id) -> 'data',
+                            'keys', api.list_api_keys(p_session_id) -> 'data');
+END $$;
+
+COMMENT ON FUNCTION api.account_page(p_session_id uuid) IS 'GET /account: the signed-in person (api.me), their ways to sign in (api.sign_in_methods), sessions (api.sessions) and API keys (api.list_api_keys). TL401 signed out.';
+
 CREATE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -276,6 +289,16 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) IS 'GET /v1/admin/accounts/{id} (staff: read): the account with its members, plan, balance, allowances, and the latest 20 lots, usage events, ledger entries, auth events, webhook events and staff actions; its open holds, subscriptions, payments and referrals. TL404.';
+
+CREATE FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN jsonb_build_object('account', api.admin_account(p_session_id, p_account_id), 'plans', api.plans() -> 'plans');
+END $$;
+
+COMMENT ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) IS 'GET /admin/accounts/{id} (staff): everything about the account (api.admin_account) and the plans a staff member may put it on. TL403 not staff, TL404.';
 
 CREATE FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1122,6 +1145,27 @@ BEGIN
 END $_$;
 
 COMMENT ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) IS 'GET /v1/credits/lots: the caller''s credit lots, newest first (ledger.lot_json), optionally of one status, p_limit (1-100) per page; pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad status, limit or cursor.';
+
+CREATE FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_billing jsonb;
+BEGIN
+  BEGIN
+    v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+  EXCEPTION WHEN SQLSTATE 'TL403' THEN
+    v_billing := NULL;                    -- a team member whose role does not see billing
+  END;
+  RETURN jsonb_build_object('balance', api.balance(NULL, p_session_id, p_account_id),
+                            'billing', v_billing,
+                            'events', api.usage_events(NULL, p_session_id, NULL, 10, NULL, NULL, NULL, p_account_id) -> 'data',
+                            'bundles', api.plans() -> 'bundles',
+                            'referrals', api.referrals(NULL, p_session_id, p_public_url));
+END $$;
+
+COMMENT ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) IS 'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
 
 CREATE FUNCTION api.detach_month(p_month date) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3037,6 +3081,44 @@ CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) R
 $$;
 
 COMMENT ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) IS 'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
+
+CREATE FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_team jsonb;
+BEGIN
+  SELECT a INTO v_team FROM jsonb_array_elements(api.accounts(p_session_id) -> 'data') a
+  WHERE a ->> 'id' = p_account_id::text;
+  IF v_team IS NULL THEN
+    PERFORM util.fail('TL403', 'you are not a member of this account');
+  END IF;
+  RETURN jsonb_build_object('team', v_team,
+                            'members', api.members(p_session_id, p_account_id) -> 'data',
+                            'invitations', api.invitations(p_session_id, p_account_id) -> 'data');
+END $$;
+
+COMMENT ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) IS 'GET /teams/{id}: the team as the person''s account list shows it (api.accounts), its members (api.members) and pending invitations (api.invitations). TL401 signed out, TL403 not a member.';
+
+CREATE FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_billing jsonb;
+BEGIN
+  IF p_session_id IS NOT NULL THEN
+    BEGIN
+      v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+    EXCEPTION WHEN SQLSTATE 'TL401' OR SQLSTATE 'TL403' OR SQLSTATE 'TL404' THEN
+      v_billing := NULL;                  -- signed out since, or a role that may not buy: the catalog only
+    END;
+  END IF;
+  RETURN jsonb_build_object('catalog', api.plans(), 'billing', v_billing);
+END $$;
+
+COMMENT ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) IS 'GET /upgrade: the catalog (api.plans) and, for a signed-in buyer (p_session_id, acting on p_account_id), the billing state that marks the current plan (api.billing_account; null when signed out or not allowed).';
 
 CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -8149,6 +8231,9 @@ GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 REVOKE ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.account_page(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.account_page(p_session_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.accounts(p_session_id uuid) FROM PUBLIC;
@@ -8160,6 +8245,9 @@ REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros big
 
 REVOKE ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
@@ -8234,6 +8322,9 @@ GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally
 
 REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.detach_month(p_month date) FROM PUBLIC;
 
@@ -8433,6 +8524,12 @@ GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgta
 
 REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) TO pgtally_api;
