@@ -155,7 +155,7 @@ def worker(once: bool) -> None:
     import asyncio
     import logging
 
-    from api.app import Settings
+    from api.settings import Settings
     from api.worker import run
 
     from api.ops import configure_logging

@@ -1,7 +1,7 @@
 """The device authorization grant (RFC 8628) for command lines: ``POST /oauth/device_authorization``
 and the token endpoint ``POST /oauth/token`` (device codes and refresh tokens), form-encoded as
 RFC 8628 sections 3.1-3.5 and RFC 6749 section 5 say, with OAuth's own JSON errors. A person
-approves the code at ``/device`` (api/pages.py). The rules are in sql/functions/55_sign_in.sql."""
+approves the code at ``/device`` (api/pages/sign_in.py). The rules are in sql/functions/55_sign_in.sql."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ UserCode = Annotated[str, msgspec.Meta(min_length=1, max_length=32, examples=["B
 
 
 class UserCodeForm(msgspec.Struct, forbid_unknown_fields=True):
-    """The /device forms' code (pages.device_lookup, pages.device_decide)."""
+    """The /device forms' code (api/pages/sign_in.py: device_lookup, device_decide)."""
 
     user_code: UserCode
 

@@ -22,7 +22,7 @@ import psycopg
 import stripe
 
 from api import db
-from api.app import Settings
+from api.settings import Settings
 
 log = logging.getLogger("pgtally.worker")
 

@@ -13,7 +13,8 @@ from aiosmtpd.controller import Controller
 from litestar.testing import AsyncTestClient
 
 from api import db
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from api.worker import deliver_due
 
 PUBLIC_URL = "https://app.example.com"

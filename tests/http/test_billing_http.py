@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from api.app import Settings
+from api.settings import Settings
 from tests.conftest import reconciliation_problems
 from tests.http.conftest import PUBLIC_URL, bearer
 from tests.stripe_standin import Events, StripeStandIn, sign

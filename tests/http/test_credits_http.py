@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.app import Settings
+from api.settings import Settings
 from tests.conftest import reconciliation_problems
 from tests.http.conftest import PUBLIC_URL, bearer
 from tests.http.test_billing_http import SECRET, deliver, page_client, pay_and_deliver

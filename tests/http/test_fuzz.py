@@ -13,7 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 from schemathesis import checks as st_checks
 
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from tests.conftest import fresh_database, free_port, serving
 from tests.http.conftest import PUBLIC_URL
 from tests.stripe_standin import StripeStandIn

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import db
-from api.app import Settings
+from api.settings import Settings
 from tests.http.conftest import PUBLIC_URL, bearer
 from tests.http.test_billing_http import SECRET, deliver, page_client
 from tests.http.test_sign_in import form

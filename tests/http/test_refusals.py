@@ -4,7 +4,9 @@ dedupe, no-store on secrets)."""
 
 from __future__ import annotations
 
+
 import logging
+import uuid
 
 from tests.http.conftest import bearer
 from tests.http.test_operations import samples
@@ -148,25 +150,24 @@ async def test_item8_page_forms_refuse_long_or_malformed_fields_in_the_page(db_u
             ("/device/decide", {"user_code": LONG, "decision": "approve"}, "/device"),
             ("/account/api-keys", {"name": LONG}, "/account"),
             ("/teams", {"name": LONG}, "/teams"),
-            (f"/teams/{team_id}?action=role", {"user_id": "not-a-uuid", "role": "admin"}, f"/teams/{team_id}"),
-            (f"/teams/{team_id}?action=role", {"user_id": str(bob[0]), "role": "emperor"}, f"/teams/{team_id}"),
-            (f"/teams/{team_id}?action=remove", {"user_id": "not-a-uuid"}, f"/teams/{team_id}"),
-            (f"/teams/{team_id}?action=revoke", {"invitation_id": "not-a-uuid"}, f"/teams/{team_id}"),
-            (f"/teams/{team_id}?action=invite", {"email": LONG, "role": "member"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}/members/{bob[0]}/role", {"role": "emperor"}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}/members/{uuid.uuid4()}/remove", {}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}/invitations/{uuid.uuid4()}/revoke", {}, f"/teams/{team_id}"),
+            (f"/teams/{team_id}/invitations", {"email": LONG, "role": "member"}, f"/teams/{team_id}"),
             ("/invitations/accept", {"token": LONG}, "/teams"),
-            (f"/admin/accounts/{bob[1]}", {"action": "refund", "payment_intent": "pi_123", "amount": "abc", "reason": "r"},
+            (f"/admin/accounts/{bob[1]}/refund", {"payment_intent": "pi_123", "amount": "abc", "reason": "r"},
              f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "refund", "payment_intent": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "abc", "reason": "r"}, f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "5", "reason": LONG}, f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "credits", "amount": "5", "reason": "r", "key": LONG},
+            (f"/admin/accounts/{bob[1]}/refund", {"payment_intent": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}/credits", {"amount": "abc", "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}/credits", {"amount": "5", "reason": LONG}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}/credits", {"amount": "5", "reason": "r", "key": LONG},
              f"/admin/accounts/{bob[1]}"),
             ("/upgrade/checkout", {"price": LONG}, "/upgrade"),
             ("/upgrade/change", {"price": LONG}, "/upgrade"),
             ("/dashboard/topup", {"price": LONG}, "/dashboard"),
-            (f"/admin/accounts/{bob[1]}", {"action": "plan", "plan": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "suspend", "reason": LONG}, f"/admin/accounts/{bob[1]}"),
-            (f"/admin/accounts/{bob[1]}", {"action": "revoke_sessions", "user_id": "not-a-uuid", "reason": "r"},
+            (f"/admin/accounts/{bob[1]}/plan", {"plan": LONG, "reason": "r"}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}/suspend", {"reason": LONG}, f"/admin/accounts/{bob[1]}"),
+            (f"/admin/accounts/{bob[1]}/revoke-sessions", {"user_id": "not-a-uuid", "reason": "r"},
              f"/admin/accounts/{bob[1]}"),
         ]
         for path, fields, page_path in after_sign_in:
@@ -177,5 +178,9 @@ async def test_item8_page_forms_refuse_long_or_malformed_fields_in_the_page(db_u
         assert wrong == [], "\n".join(map(str, wrong))
         shown = {(path, tuple(fields)): r.text for path, fields, r in refused}
         assert "Email: expected str of length &lt;= 320" in refused[0][2].text
-        assert "Amount: expected int" in shown[(f"/admin/accounts/{bob[1]}", ("action", "payment_intent", "amount", "reason"))]
+        assert "Amount: expected int" in shown[(f"/admin/accounts/{bob[1]}/refund", ("payment_intent", "amount", "reason"))]
+        # An id that is not one in a page's path matches no page: 404, never a 500.
+        token = (await browser.get(f"/teams/{team_id}")).text.split('name="_csrf_token" value="')[1].split('"')[0]
+        r = await browser.post(f"/teams/{team_id}/members/not-a-uuid/remove", data={"_csrf_token": token})
+        assert r.status_code == 404
         assert state(owner) == before

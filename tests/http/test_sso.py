@@ -16,7 +16,8 @@ from litestar.testing import AsyncTestClient
 from oidc_provider_mock import User, run_server_in_thread
 
 from api import outbound
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
 from tests.http.test_sign_in import BASE, PASSWORD, google
 
