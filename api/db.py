@@ -196,12 +196,14 @@ def _yoyo_backend(url: str):
 
 
 def upgrade(url: str, until: str | None = None) -> list[str]:
-    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always,
-    and let the ``pgtally_api`` role log in (:func:`grant_api_login`).
+    """Apply pending migrations, then re-apply every ``sql/functions`` file and, once every
+    migration is applied, every ``sql/views`` file (post-apply), always, and let the
+    ``pgtally_api`` role log in (:func:`grant_api_login`).
 
     ``yoyo apply`` skips post-apply steps when nothing is pending; this does not. ``until`` (a
     migration id such as ``0020_check_domains``) stops after that migration, for tests of the
-    next one's upgrade; the functions applied are still this checkout's.
+    next one's upgrade; the functions applied are still this checkout's (the views stay as
+    the migrations made them).
     Returns the ids of the migrations applied now.
     """
     from yoyo import read_migrations

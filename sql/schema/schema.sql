@@ -6985,7 +6985,7 @@ CREATE VIEW reporting.entry_balance_breaks AS
                  SELECT b.entry_id,
                     b.account_id,
                     b.amount_micros,
-                    NULL::bigint AS int8,
+                    NULL::bigint,
                     false
                    FROM ledger.archived_balances b
                   WHERE ((b.entry_id IS NOT NULL) AND (b.account_id IS NOT NULL))) x
