@@ -144,3 +144,17 @@ def test_schema_file_reads_banner_then_tables_then_views_then_functions():
                                 ("\nCREATE FUNCTION ", functions, len(text))]:
         found = [m.start() for m in re.finditer(keyword, text)]
         assert found and all(start < at < end for at in found), keyword
+
+
+def functions_defined_in(path) -> set[str]:
+    return set(re.findall(r"^CREATE OR REPLACE FUNCTION ([\w.]+)\(", path.read_text(), re.M))
+
+
+def test_sql_files_match_their_headers_util_in_00_util_outbox_and_housekeeping_in_85_outbox():
+    files = {path.name: functions_defined_in(path) for path in sorted((db.ROOT / "sql" / "functions").glob("*.sql"))}
+    util = {name: [f for f, fns in files.items() if name in fns] for fns in files.values() for name in fns
+            if name.startswith("util.")}
+    assert util and all(where == ["00_util.sql"] for where in util.values()), util
+    outbox = {"api.outbox_claim", "api.outbox_delivered", "api.outbox_failed", "api.housekeeping"}
+    assert files["85_outbox.sql"] == outbox
+    assert not outbox & files["50_auth.sql"]
