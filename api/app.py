@@ -5,6 +5,7 @@ Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from contextlib import asynccontextmanager
@@ -62,6 +63,9 @@ class Settings:
     dns_nameservers: tuple[str, ...] = ()
     """PGTALLY_DNS_NAMESERVERS: ``host[:port]`` resolvers for domain verification (comma-separated);
     the system's when unset."""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """The reverse proxies whose ``X-Forwarded-For`` entries are believed (PGTALLY_TRUSTED_PROXIES,
+    comma-separated IPs or CIDRs; none when unset): see :func:`api.calls.client_ip`."""
 
     @property
     def secure_cookies(self) -> bool:
@@ -73,8 +77,21 @@ class Settings:
         """Where a 402 sends the user to upgrade: ``PGTALLY_PUBLIC_URL`` + ``/upgrade``."""
         return self.public_url.rstrip("/") + "/upgrade"
 
+    @staticmethod
+    def parse_proxies(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Networks from a comma-separated list of IPs and CIDRs (``127.0.0.1, 10.0.0.0/8``); a
+        ValueError naming PGTALLY_TRUSTED_PROXIES and the bad item otherwise."""
+        networks = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"PGTALLY_TRUSTED_PROXIES: {item!r} is not an IP address or CIDR network") from None
+        return tuple(networks)
+
     @classmethod
     def from_env(cls) -> "Settings":
+        """Settings from the environment variables (README, Configuration)."""
         return cls(
             public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
             pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
@@ -97,6 +114,7 @@ class Settings:
             env=os.environ.get("PGTALLY_ENV") or cls.env,
             outbound_allow=tuple(filter(None, os.environ.get("PGTALLY_OUTBOUND_ALLOW", "").split(","))),
             dns_nameservers=tuple(filter(None, os.environ.get("PGTALLY_DNS_NAMESERVERS", "").split(","))),
+            trusted_proxies=cls.parse_proxies(os.environ.get("PGTALLY_TRUSTED_PROXIES", "")),
         )
 
 
@@ -142,6 +160,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     from api import admin, auth, billing, device, health, holds, keys, ledger, ops, pages, teams, usage
 
     settings = settings or Settings.from_env()
+    outbound.check_settings(settings)
     pool = AsyncConnectionPool(
         db.api_conninfo(database_url or db.database_url()),
         min_size=settings.pool_min_size, max_size=settings.pool_max_size,

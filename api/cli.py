@@ -72,7 +72,9 @@ def serve(host: str, port: int, workers: int) -> None:
         db.load_catalog(url)
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
-        options = dict(host=host, port=port, log_level="info", log_config=None, access_log=False)
+        # The app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES), not uvicorn.
+        options = dict(host=host, port=port, log_level="info", log_config=None, access_log=False,
+                       proxy_headers=False)
         if workers == 1:
             uvicorn.run(create_app(url), **options)
         else:

@@ -67,7 +67,8 @@ def oauth_client(request: Request, provider: str, sso: dict[str, Any] | None = N
         client_id=client_id, client_secret=client_secret,
         scope="read:user user:email" if provider == "github" else "openid email profile",
         redirect_uri=f"{settings.public_url.rstrip('/')}/auth/{provider}/callback",
-        code_challenge_method="S256", timeout=outbound.TIMEOUT, trust_env=False), settings)
+        code_challenge_method="S256", timeout=outbound.TIMEOUT, trust_env=False,
+        event_hooks=outbound.hooks(settings)), settings)
 
 
 def issuer_of(request: Request, provider: str, sso: dict[str, Any] | None) -> str:
@@ -101,8 +102,9 @@ async def oidc_identity(request: Request, provider: str, code: str, flow: dict[s
     metadata = await oidc_metadata(request, issuer_of(request, provider, sso))
     audience = sso["client_id"] if sso else request.app.state.settings.google_client_id
     settings = request.app.state.settings
-    async with oauth_client(request, provider, sso) as oauth:
-        token = await oauth.fetch_token(metadata["token_endpoint"], code=code, code_verifier=flow["code_verifier"])
+    async with outbound.exchange(NAMES[provider]):
+        async with oauth_client(request, provider, sso) as oauth:
+            token = await oauth.fetch_token(metadata["token_endpoint"], code=code, code_verifier=flow["code_verifier"])
     async with outbound.client(settings) as http:     # no token of the user goes to the keys' address
         keys = await outbound.read_json(http, settings, metadata["jwks_uri"], f"the keys of {NAMES[provider]}")
     try:
@@ -114,25 +116,34 @@ async def oidc_identity(request: Request, provider: str, code: str, flow: dict[s
             nonce={"essential": True, "value": flow["nonce"]}).validate(decoded.claims)
     except (JoseError, KeyError, ValueError, TypeError) as exc:
         raise PgtallyError({"sqlstate": "TL400", "message": f"the ID token from {NAMES[provider]} is not valid: {exc}"}) from None
-    claims = decoded.claims
-    return Identity(str(claims["sub"]), claims.get("email"), claims.get("email_verified") is True)
+    return identity_of(provider, decoded.claims.get("sub"), decoded.claims.get("email"),
+                       decoded.claims.get("email_verified") is True)
+
+
+def identity_of(provider: str, subject: Any, email: Any, verified: bool) -> Identity:
+    """The provider's answer as pgtally stores it: a subject (string or number) and an email
+    (a string or none), neither with a NUL character; anything else is refused (400)."""
+    if not isinstance(subject, (str, int)) or isinstance(subject, bool) or not isinstance(email, (str, type(None))) \
+            or "\x00" in str(subject) + (email or ""):
+        raise PgtallyError({"sqlstate": "TL400", "message": f"{NAMES[provider]} named the user in a way pgtally cannot use"})
+    return Identity(str(subject), email, verified)
 
 
 async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> Identity:
     """Exchange the code, then read the user and its primary email from GitHub's REST API."""
     settings = request.app.state.settings
     api = settings.github_api_url.rstrip("/")
-    async with oauth_client(request, "github") as oauth:
+    async with outbound.exchange("GitHub"), oauth_client(request, "github") as oauth:
         await oauth.fetch_token(f"{settings.github_url.rstrip('/')}/login/oauth/access_token", code=code,
                                 code_verifier=flow["code_verifier"], headers={"Accept": "application/json"})
         headers = {"Accept": "application/vnd.github+json"}
         user = (await oauth.get(f"{api}/user", headers=headers)).raise_for_status().json()
         emails = (await oauth.get(f"{api}/user/emails", headers=headers)).raise_for_status().json()
-    try:         # GitHub's answers, read as its REST API documents them
+        # GitHub's answers, read as its REST API documents them (a shape error is Unavailable).
         primary = next((e for e in emails if e.get("primary")), None) or next(iter(emails), None)
-        return Identity(str(user["id"]), primary and primary.get("email"), bool(primary and primary.get("verified")))
-    except (AttributeError, KeyError, TypeError):
-        raise outbound.Unavailable("GitHub answered in a shape pgtally does not know") from None
+        email, verified = (primary.get("email"), bool(primary.get("verified"))) if primary else (None, False)
+        subject = user["id"]
+    return identity_of("github", subject, email, verified)
 
 
 @get("/auth/{provider:str}/start", include_in_schema=False)
@@ -222,9 +233,8 @@ async def callback(request: Request, provider: FromPath[str],
     except AuthlibBaseError as exc:
         response = page("login.html", request, 400, email="",
                         error=f"{NAMES[provider]} refused the sign-in ({exc.error}): start again.")
-    except httpx.HTTPError as exc:
-        response = page("login.html", request, 502, email="",
-                        error=f"{NAMES[provider]} could not be reached ({type(exc).__name__}): try again.")
+    except httpx.HTTPError:
+        response = page("login.html", request, 502, email="", error=f"{NAMES[provider]} could not be reached: try again.")
     except outbound.Unavailable as exc:
         response = page("login.html", request, 502, email="", error=f"{NAMES[provider]} cannot be used right now: {exc}.")
     else:

@@ -14,6 +14,7 @@ from litestar import Request, delete, get, patch, post, put
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Redirect
 
+from api import outbound
 from api.calls import SECURITY, SESSION, Session, call_json
 from api.errors import PgtallyError, problems
 from api.web import FORM, browser_session, page
@@ -205,6 +206,10 @@ async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.
     its ``txt_record`` and ``POST .../sso/domains/{domain}/verify`` (or ask staff to approve it).
     The redirect URI to register there: ``PGTALLY_PUBLIC_URL/auth/sso/callback``.
     409 when another team proved a domain; 422 a public mail domain (gmail.com, outlook.com...)."""
+    try:        # a URL pgtally will fetch: https outside development (api/outbound.py)
+        outbound.check_url(request.app.state.settings, data.issuer, "the issuer")
+    except outbound.Unavailable as exc:
+        raise PgtallyError({"sqlstate": "TL422", "message": str(exc), "field": "issuer"}) from None
     return await call_json(request, "SELECT api.set_sso(%s::uuid, %s::uuid, %s::text, %s::text, %s::text, %s::text[], %s::boolean)",
                            [session, account_id, data.issuer, data.client_id, data.client_secret, data.domains, data.require_sso])
 
@@ -230,15 +235,14 @@ async def verify_sso_domain(request: Request, session: Session, account_id: From
     one is the claim's ``txt_record.value`` (api.verify_sso_domain decides). 422 no such record yet
     (the problem names the record to publish), 404 not claimed, 409 another team proved it, 502
     DNS could not be asked."""
-    from api import outbound
-
     query = "SELECT api.verify_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text[])"
     # First who asks and whether the domain is theirs: DNS is asked for claimed domains only.
     settings = await call_json(request, query, [session, account_id, domain, None])
-    if any(d["domain"] == domain.lower() and d["verified"] for d in settings["domain_verification"]):
+    (claim,) = [d for d in settings["domain_verification"] if d["domain"] == domain.strip().lower()]
+    if claim["verified"]:
         return settings
     try:
-        records = await outbound.txt_records(request.app.state.settings, domain)
+        records = await outbound.txt_records(request.app.state.settings, claim["domain"])
     except outbound.Unavailable as exc:
         raise PgtallyError({"sqlstate": "TL502", "message": str(exc)}) from None
     return await call_json(request, query, [session, account_id, domain, records])

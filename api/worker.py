@@ -190,7 +190,7 @@ HOUSEKEEPING_SECONDS = 300
 
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
-    """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
+    """The periodic chores: ``api.housekeeping`` (old rate-limit buckets, expired holds, due
     credit lots), next months' partitions and forgetting idempotency keys past their window
     (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
     operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""

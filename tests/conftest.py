@@ -165,7 +165,8 @@ def serving(app, port: int):
     import httpx
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # As pgtally serve runs it: the app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES).
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", proxy_headers=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

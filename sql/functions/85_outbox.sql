@@ -39,15 +39,15 @@ COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
 CREATE OR REPLACE FUNCTION api.housekeeping() RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_windows integer;
+  v_buckets integer;
 BEGIN
-  DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
-  GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
+  DELETE FROM identity.rate_limits WHERE coalesce(hits[cardinality(hits)], '-infinity') < util.now() - interval '2 days';
+  GET DIAGNOSTICS v_buckets = ROW_COUNT;
+  RETURN jsonb_build_object('rate_limit_buckets_deleted', v_buckets, 'holds_expired', api.expire_holds(),
                             'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
+  'pgtally worker, every few minutes: delete rate-limit buckets whose newest attempt is older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
 
 GRANT EXECUTE ON FUNCTION
   api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text), api.housekeeping()

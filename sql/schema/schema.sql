@@ -1009,18 +1009,19 @@ ALTER TABLE ONLY identity.public_mail_domains
     ADD CONSTRAINT public_mail_domains_pkey PRIMARY KEY (domain);
 
 CREATE TABLE identity.rate_limits (
-    bucket text NOT NULL,
-    window_start timestamp with time zone NOT NULL,
-    hits integer NOT NULL
+    bucket text CONSTRAINT rate_limits_bucket_not_null1 NOT NULL,
+    hits timestamp with time zone[] CONSTRAINT rate_limits_hits_not_null1 NOT NULL,
+    CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600))
 );
 
-COMMENT ON TABLE identity.rate_limits IS 'Fixed-window rate limit counters shared by every server process: bucket is action:dimension:value (login:ip:203.0.113.7). Old windows can be deleted at will.';
+COMMENT ON TABLE identity.rate_limits IS 'Sliding-window rate limits shared by every server process, one row a bucket, locked by identity.throttled while it decides. A row may be deleted at will once its newest hit is older than the longest window (one day).';
 
-ALTER TABLE identity.rate_limits
-    ADD CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600)) NOT VALID;
+COMMENT ON COLUMN identity.rate_limits.bucket IS 'action:dimension:value, e.g. login:ip:203.0.113.7 or signup:email:ada@example.com (at most 600 characters).';
+
+COMMENT ON COLUMN identity.rate_limits.hits IS 'When the allowed attempts of the bucket happened, oldest first: those inside the window, at most the limit (refused attempts are not kept).';
 
 ALTER TABLE ONLY identity.rate_limits
-    ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket, window_start);
+    ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket);
 
 CREATE TABLE identity.refresh_tokens (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -2598,6 +2599,11 @@ DECLARE
   u identity.users := identity.member_user(p_session_id);
   i identity.invitations;
 BEGIN
+  -- Members of an account change under its row's lock (identity.change_membership): taken first,
+  -- so the sender's role read below stays true until this commits.
+  PERFORM 1 FROM identity.accounts
+  WHERE id = (SELECT account_id FROM identity.invitations WHERE token_hash = util.token_hash(p_token))
+  FOR NO KEY UPDATE;
   -- The claim: one accept wins, however many arrive at once.
   DELETE FROM identity.invitations WHERE token_hash = util.token_hash(p_token) AND expires_at > util.now()
   RETURNING * INTO i;
@@ -2608,6 +2614,10 @@ BEGIN
     -- Raised: the claim rolls back and the invitation stays for its address.
     PERFORM util.fail('TL403', format('this invitation is for %s: sign in with that address (confirmed)', i.email_normalized));
   END IF;
+  IF NOT identity.may_invite(i.invited_by, i.account_id, i.role) THEN
+    -- Returned, not raised: the void invitation stays claimed.
+    RETURN identity.error('TL400', 'this invitation is no longer valid: whoever sent it may no longer invite to this team with that role');
+  END IF;
   INSERT INTO identity.memberships (account_id, user_id, role, created_at, invited_by)
   VALUES (i.account_id, u.id, i.role, util.now(), i.invited_by)
   ON CONFLICT (account_id, user_id) DO NOTHING;
@@ -2615,7 +2625,7 @@ BEGIN
                                (SELECT role FROM identity.memberships WHERE account_id = i.account_id AND user_id = u.id));
 END $$;
 
-COMMENT ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) IS 'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). TL400 used, revoked, replaced or expired.';
+COMMENT ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) IS 'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). The sender must still be allowed to send it (identity.may_invite: still a member whose role grants members:manage, an owner for an owner invitation), else TL400 and the invitation is used up. TL400 used, revoked, replaced or expired.';
 
 REVOKE ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) TO pgtally_api;
@@ -2799,6 +2809,8 @@ BEGIN
   SELECT * INTO d FROM identity.sso_domains WHERE account_id = p_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'this team has not claimed that domain');
+  ELSIF identity.public_mail_domain(d.domain) THEN
+    PERFORM util.fail('TL422', format('%s is a public mail domain: no team can sign its people in', d.domain), '{"field": "domain"}');
   ELSIF d.verified_at IS NOT NULL THEN
     RETURN identity.sso_json(p_account_id);
   END IF;
@@ -2814,7 +2826,7 @@ BEGIN
   RETURN identity.sso_json(p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason.';
+COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason or a public mail domain (added to identity.public_mail_domains since it was claimed).';
 
 REVOKE ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) TO pgtally_api;
@@ -3285,7 +3297,11 @@ BEGIN
   END IF;
   SELECT user_id INTO v_owner FROM identity.user_identities WHERE provider = 'sso' AND subject = r.subject;
   IF v_owner IS NULL THEN
-    PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    BEGIN
+      PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    EXCEPTION WHEN unique_violation THEN     -- another user's confirmation of the same subject won
+      RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
+    END;
   ELSIF v_owner <> u.id THEN
     RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
   END IF;
@@ -3978,15 +3994,15 @@ CREATE FUNCTION api.housekeeping() RETURNS jsonb
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_windows integer;
+  v_buckets integer;
 BEGIN
-  DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
-  GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
+  DELETE FROM identity.rate_limits WHERE coalesce(hits[cardinality(hits)], '-infinity') < util.now() - interval '2 days';
+  GET DIAGNOSTICS v_buckets = ROW_COUNT;
+  RETURN jsonb_build_object('rate_limit_buckets_deleted', v_buckets, 'holds_expired', api.expire_holds(),
                             'credit_accounts_refreshed', api.refresh_due_credits());
 END $$;
 
-COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
+COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit buckets whose newest attempt is older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
 
 REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
@@ -4099,8 +4115,7 @@ BEGIN
   IF p_role IS NULL OR p_role NOT IN ('owner', 'admin', 'member', 'billing', 'viewer') THEN
     PERFORM util.fail('TL422', 'a role is owner, admin, member, billing or viewer', '{"field": "role"}');
   END IF;
-  IF p_role = 'owner' AND NOT EXISTS (SELECT 1 FROM identity.memberships
-                                      WHERE account_id = v_account_id AND user_id = v_actor.id AND role = 'owner') THEN
+  IF NOT identity.may_invite(v_actor.id, v_account_id, p_role) THEN
     PERFORM util.fail('TL403', 'only an owner invites owners');
   END IF;
   IF (SELECT kind FROM identity.accounts WHERE id = v_account_id) <> 'team' THEN
@@ -4744,6 +4759,10 @@ BEGIN
       PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
                                  jsonb_build_object('provider', 'sso', 'reason', 'email domain not of the team'));
       RETURN identity.error('TL403', 'this provider signs in addresses of its team''s domains only');
+    ELSIF NOT coalesce(p_email_verified, false) THEN
+      PERFORM identity.log_event('oauth_refused', NULL, NULL, NULL, p_ip, p_user_agent,
+                                 jsonb_build_object('provider', 'sso', 'reason', 'unverified email'));
+      RETURN identity.error('TL403', 'your organisation''s provider did not confirm your address: ask its administrator');
     END IF;
     p_subject := p_sso_account_id || ':' || p_subject;    -- subjects are per provider, and each team has its own
   END IF;
@@ -4813,7 +4832,7 @@ BEGIN
   RETURN v_tokens || jsonb_build_object('new_user', v_kind = 'oauth_signup');
 END $$;
 
-COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses of the team''s domains, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
+COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses it says are verified, of the domains the team proved, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
 REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) TO pgtally_api;
@@ -5145,7 +5164,7 @@ BEGIN
   v_email := identity.normalize_email(p_email);
   SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
   -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
-  IF u.id IS NOT NULL AND identity.rate_limit('password_reset', 'email', v_email, 3, interval '1 hour') = 0 THEN
+  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 0, interval '1 hour', 'email', v_email, 3, interval '1 hour') IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
             jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
@@ -6304,7 +6323,7 @@ BEGIN
   RETURN coalesce(v_reason, v_status, 'already_referred');
 END $$;
 
-COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox: alice+2@ is alice@), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
+COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox, billing.mailbox: alice+2@ is alice@, a.lice@gmail.com is alice@googlemail.com), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
 REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
 
@@ -6437,11 +6456,13 @@ REVOKE ALL ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) FROM
 CREATE FUNCTION billing.mailbox(p_email text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $_$
-  SELECT regexp_replace(split_part(p_email, '@', 1), '\+.*$', '')
-         || '@' || split_part(p_email, '@', 2)
+  SELECT CASE WHEN domain IN ('gmail.com', 'googlemail.com') THEN replace(local, '.', '') || '@gmail.com'
+              ELSE local || '@' || domain END
+  FROM (SELECT regexp_replace(split_part(lower(btrim(p_email)), '@', 1), '\+.*$', '') AS local,
+               rtrim(split_part(lower(btrim(p_email)), '@', 2), '.') AS domain) AS address
 $_$;
 
-COMMENT ON FUNCTION billing.mailbox(p_email text) IS 'The mailbox an address delivers to, as far as a referral cares: the local part without a +tag (alice+2@example.com -> alice@example.com).';
+COMMENT ON FUNCTION billing.mailbox(p_email text) IS 'The mailbox an address delivers to, as far as the self-referral rule cares: lower case, the local part without a +tag (alice+2@example.com -> alice@example.com), and Gmail''s rules: dots in the local part do not count and googlemail.com is gmail.com (A.Lice+x@googlemail.com -> alice@gmail.com). Other providers'' dots are kept. Issue #22 item 10.';
 
 REVOKE ALL ON FUNCTION billing.mailbox(p_email text) FROM PUBLIC;
 
@@ -6933,6 +6954,10 @@ BEGIN
   ELSE
     UPDATE identity.memberships SET role = p_role WHERE account_id = v_account_id AND user_id = p_user_id;
   END IF;
+  -- Their pending invitations go too, unless their role still lets them send each one.
+  DELETE FROM identity.invitations i
+  WHERE i.account_id = v_account_id AND i.invited_by = p_user_id
+    AND NOT identity.may_invite(i.invited_by, i.account_id, i.role);
   IF NOT EXISTS (SELECT 1 FROM identity.memberships WHERE account_id = v_account_id AND role = 'owner') THEN
     PERFORM util.fail('TL40C', 'an account keeps at least one owner: make someone else owner first');
   END IF;
@@ -6942,7 +6967,7 @@ BEGIN
   RETURN api.members(p_session_id, v_account_id);
 END $$;
 
-COMMENT ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked.';
+COMMENT ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked, and so are the pending invitations they sent that their new role (or none) no longer allows (identity.may_invite; issue #22 item 5).';
 
 REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
 
@@ -7097,6 +7122,18 @@ END $$;
 COMMENT ON FUNCTION identity.mark_email_verified(p_user_id uuid) IS 'Mark a user''s email verified, the first time only (returns false after): in the same transaction grant the plan''s sign-up bonus once per person (a signup_bonus lot) and qualify a referral whose program qualifies on email_verified. Every path that verifies an address (the emailed link, a password reset, a provider that vouches for it) calls it.';
 
 REVOKE ALL ON FUNCTION identity.mark_email_verified(p_user_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT identity.member_may(p_user_id, p_account_id, 'members:manage')
+         AND (p_role <> 'owner' OR EXISTS (SELECT 1 FROM identity.memberships
+                                           WHERE account_id = p_account_id AND user_id = p_user_id AND role = 'owner'))
+$$;
+
+COMMENT ON FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) IS 'Whether a person may, now, invite someone to an account with p_role: their role there grants members:manage, and only owners invite owners. Checked when the invitation is sent (api.invite), again when it is accepted (api.accept_invitation), and when the sender''s role changes (identity.change_membership revokes what it no longer allows). Issue #22 item 5.';
+
+REVOKE ALL ON FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) FROM PUBLIC;
 
 CREATE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
     LANGUAGE sql STABLE
@@ -7343,37 +7380,17 @@ COMMENT ON FUNCTION identity.public_mail_domain(p_domain text) IS 'Whether a dom
 
 REVOKE ALL ON FUNCTION identity.public_mail_domain(p_domain text) FROM PUBLIC;
 
-CREATE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) RETURNS integer
-    LANGUAGE plpgsql
-    AS $$
-DECLARE
-  v_seconds numeric := extract(epoch FROM p_window);
-  v_start timestamptz := to_timestamp(floor(extract(epoch FROM util.now()) / v_seconds) * v_seconds);
-  v_hits integer;
-BEGIN
-  IF p_value IS NULL THEN
-    RETURN 0;
-  END IF;
-  INSERT INTO identity.rate_limits AS r (bucket, window_start, hits)
-  VALUES (p_action || ':' || p_dimension || ':' || p_value, v_start, 1)
-  ON CONFLICT (bucket, window_start) DO UPDATE SET hits = r.hits + 1
-  RETURNING hits INTO v_hits;
-  IF v_hits <= p_limit THEN
-    RETURN 0;
-  END IF;
-  RETURN greatest(1, ceil(extract(epoch FROM v_start + p_window - util.now())))::integer;
-END $$;
-
-COMMENT ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
-
-REVOKE ALL ON FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
-
 CREATE FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
   v_token text := util.random_token();
 BEGIN
+  -- One email per user and team every 10 minutes, however often the provider signs them in.
+  IF EXISTS (SELECT 1 FROM identity.sso_link_requests WHERE user_id = u.id AND account_id = p_team_id AND used_at IS NULL
+                                                        AND created_at > util.now() - interval '10 minutes') THEN
+    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+  END IF;
   INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
   VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
@@ -7386,7 +7403,7 @@ BEGIN
   RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
 END $$;
 
-COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
+COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
 
 REVOKE ALL ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
 
@@ -7433,10 +7450,11 @@ CREATE FUNCTION identity.sso_team_of(p_email text) RETURNS uuid
     AS $$
 BEGIN
   RETURN (SELECT d.account_id FROM identity.sso_domains d
-  WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL);
+          WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL
+            AND NOT identity.public_mail_domain(d.domain));
 END $$;
 
-COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims count for nothing.';
+COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims, and public mail domains however they were proven, count for nothing.';
 
 REVOKE ALL ON FUNCTION identity.sso_team_of(p_email text) FROM PUBLIC;
 
@@ -7512,12 +7530,36 @@ CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer,
     LANGUAGE plpgsql
     AS $$
 DECLARE
-  v_retry integer := greatest(identity.rate_limit(p_action, 'ip', p_ip, p_ip_limit, p_ip_window),
-                              CASE WHEN p_dimension IS NOT NULL
-                                   THEN identity.rate_limit(p_action, p_dimension, p_value, p_limit, p_window)
-                                   ELSE 0 END);
+  v_now timestamptz := util.now();
+  v_retry integer := 0;
+  v_recent timestamptz[];
+  b record;
 BEGIN
+  -- Each bucket's row is locked (in bucket order, so two attempts never wait on each other
+  -- crosswise) until the caller's transaction ends: attempts on one bucket are decided one at a time.
+  FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
+                                 (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
+           WHERE bucket IS NOT NULL ORDER BY bucket LOOP
+    INSERT INTO identity.rate_limits (bucket, hits) VALUES (b.bucket, '{}') ON CONFLICT (bucket) DO NOTHING;
+    SELECT ARRAY(SELECT h FROM unnest(r.hits) h WHERE h > v_now - b.win ORDER BY h) INTO v_recent
+    FROM identity.rate_limits r WHERE r.bucket = b.bucket FOR UPDATE;
+    IF cardinality(v_recent) >= b.lim THEN
+      -- Allowed again once enough of the attempts counted now are older than the window.
+      v_retry := greatest(v_retry, 1, CASE WHEN b.lim < 1 THEN ceil(extract(epoch FROM b.win))
+                                          ELSE ceil(extract(epoch FROM v_recent[cardinality(v_recent) - b.lim + 1] + b.win - v_now))
+                                          END::integer);
+    END IF;
+  END LOOP;
   IF v_retry = 0 THEN
+    -- Allowed: the attempt counts in every bucket; what left the window is dropped.
+    FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
+                                   (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
+             WHERE bucket IS NOT NULL LOOP
+      UPDATE identity.rate_limits r
+      SET hits = ARRAY(SELECT h FROM (SELECT h FROM unnest(r.hits || v_now) h WHERE h > v_now - b.win
+                                      ORDER BY h DESC LIMIT b.lim) newest ORDER BY h)
+      WHERE r.bucket = b.bucket;
+    END LOOP;
     RETURN NULL;
   END IF;
   PERFORM identity.log_event('rate_limited', NULL, NULL, NULL, p_ip, NULL, jsonb_build_object('action', p_action));
@@ -7525,7 +7567,7 @@ BEGIN
                         jsonb_build_object('retry_after', v_retry));
 END $$;
 
-COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Apply the rate limits of an action (per IP, and optionally per email or fingerprint): NULL when allowed, else a TL429 error with retry_after, logged.';
+COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Apply the rate limits of an action: at most p_ip_limit attempts per IP in any p_ip_window, and optionally at most p_limit per p_dimension = p_value (email, fingerprint, user, code) in any p_window (sliding windows: the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value skips that limit. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
 
 REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
 

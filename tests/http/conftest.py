@@ -26,8 +26,9 @@ def settings(smtp) -> Settings:
 
 @pytest.fixture
 def frozen_db_clock(owner, db_url):
-    """Stop the database clock (util.now) mid-window for every new connection of this test's
-    database, so fixed-window rate limits cannot roll over during a test. Use it before ``client``."""
+    """Stop the database clock (util.now) for every new connection of this test's database, so
+    the attempts a test makes stay inside the rate limits' sliding windows however long the test
+    runs, and the answers (retry_after) do not depend on the time. Use it before ``client``."""
     dbname = owner.info.dbname
     owner.execute(f"ALTER DATABASE \"{dbname}\" SET pgtally.now = '2026-06-15 12:02:30+00'")
 

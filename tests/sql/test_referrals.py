@@ -187,3 +187,14 @@ def test_the_monthly_cap_holds_when_the_qualifying_payments_arrive_at_once(owner
     assert statuses == [("rejected", "monthly_cap")] * 4 + [("rewarded", None)] * 2
     assert balance_of(owner, alice) == 20 * CREDIT
     assert reconciliation_problems(owner) == {}
+
+
+def test_item10_gmail_dots_tags_and_googlemail_are_one_mailbox_for_the_self_referral_rule(owner):
+    alice = signup(owner, "alice.smith@gmail.com")
+    for alias in ("alicesmith@gmail.com", "a.l.i.c.e.s.m.i.t.h+ref@googlemail.com", "al.icesmith+2@gmail.com"):
+        assert referral(owner, signup(owner, alias, code=alice["code"])) == ("rejected", "self_referral"), alias
+    assert owner.execute("SELECT billing.mailbox('Ali.Ce+x@GoogleMail.com')").fetchone()[0] == "alice@gmail.com"
+    # Other providers' dots are part of the address: another person.
+    bob = signup(owner, "bob.jones@example.com")
+    assert referral(owner, signup(owner, "bobjones@example.com", code=bob["code"])) == ("signed_up", None)
+    assert referral(owner, signup(owner, "bob.jones+x@example.com", code=bob["code"])) == ("rejected", "self_referral")
