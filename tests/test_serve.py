@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psycopg
 import psutil
+import psycopg
 import pytest
 
 from api import db
