@@ -22,7 +22,7 @@ from api.billing import IdempotencyKey, client_of
 from api.calls import SECURITY, SESSION, Session, call, call_json
 from api.errors import PgtallyError, problems
 from api.teams import Sso
-from api.web import FORM, browser_session, page, problem_text, to_login
+from api.web import FORM, browser_session, form_as, page, problem_text, refusal_status, to_login
 
 CHARTS = {
     "mrr": "Monthly recurring revenue",
@@ -298,6 +298,12 @@ class ActionForm(msgspec.Struct):
     key: str = ""
 
 
+class RevokeSessionsForm(Why, forbid_unknown_fields=True):
+    """The account page's "sign out everywhere" (the JSON endpoint takes the user in the path)."""
+
+    user_id: uuid.UUID
+
+
 Form = FORM
 
 
@@ -310,7 +316,8 @@ async def staff_page(request: Request, render) -> Any:
     try:
         return await render(session_id)
     except PgtallyError as exc:
-        return page("message.html", request, 400, title="Not done", message=problem_text(exc), link=("/admin", "Back"))
+        return page("message.html", request, refusal_status(exc, 400), title="Not done", message=problem_text(exc),
+                    link=("/admin", "Back"))
 
 
 @get("/admin")
@@ -338,18 +345,23 @@ async def admin_action(request: Request, account_id: FromPath[uuid.UUID], data: 
     """One staff action from the account page; each is audited by its api.admin_* function."""
     async def render(sid):
         if data.action == "credits":
-            await adjust_credits(request, sid, account_id, data.amount.strip(), data.reason, data.key or uuid.uuid4().hex)
+            adjustment = form_as(Adjustment, amount=data.amount.strip(), reason=data.reason)
+            await adjust_credits(request, sid, account_id, adjustment.amount, adjustment.reason, data.key or uuid.uuid4().hex)
         elif data.action == "refund":
-            await refund(request, sid, data.payment_intent, int(data.amount) if data.amount.strip() else None, data.reason)
+            asked = form_as(RefundRequest, payment_intent=data.payment_intent, amount=data.amount.strip(), reason=data.reason)
+            await refund(request, sid, asked.payment_intent, asked.amount, asked.reason)
         elif data.action == "plan":
+            change = form_as(PlanChange, plan=data.plan, reason=data.reason)
             await call_json(request, "SELECT api.admin_set_plan(%s::uuid, %s::uuid, %s::text, %s::text)",
-                            [sid, account_id, data.plan, data.reason])
+                            [sid, account_id, change.plan, change.reason])
         elif data.action in ("suspend", "unsuspend"):
+            why = form_as(Why, reason=data.reason)
             await call_json(request, "SELECT api.admin_suspend(%s::uuid, %s::uuid, %s::boolean, %s::text)",
-                            [sid, account_id, data.action == "suspend", data.reason])
+                            [sid, account_id, data.action == "suspend", why.reason])
         elif data.action == "revoke_sessions":
+            target = form_as(RevokeSessionsForm, user_id=data.user_id, reason=data.reason)
             await call_json(request, "SELECT api.admin_revoke_sessions(%s::uuid, %s::uuid, %s::text)",
-                            [sid, data.user_id, data.reason])
+                            [sid, target.user_id, target.reason])
         else:
             raise PgtallyError({"sqlstate": "TL422", "message": "no such action"})
         return Redirect(f"/admin/accounts/{account_id}?done={data.action}")

@@ -19,7 +19,7 @@ from litestar import Request, Response, delete, get, post, put
 from litestar.exceptions import HTTPException
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
 
-from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
+from api.calls import AUTH, NO_STORE_CACHE, SECURITY, Caller, call, call_json, json_response
 from api.errors import PgtallyError, problems
 from api.ops import WEBHOOKS
 from api.validation import decode_json, nul_path
@@ -336,7 +336,7 @@ async def open_portal(request: Request, principal: list) -> str:
     return session.url
 
 
-@post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
+@post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY, cache_control=NO_STORE_CACHE,
       summary="Open the Stripe customer portal", responses=problems(400, 401, 403, 404, 502, 503))
 async def portal(request: Request, caller: Caller, account_id: AccountParam = None) -> PortalSession:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before

@@ -81,6 +81,7 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
 
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "instance"})
 
 
 def problem(request: Request, status: int, slug: str, title: str, detail: str,
@@ -113,6 +114,8 @@ def upgrade_url(request: Request, account_id: str | None) -> str:
 def pgtally_problem(request: Request, sqlstate: str, message: str, extra: dict[str, Any]) -> Response:
     """The problem for a pgtally SQLSTATE, raised or returned alike."""
     status, slug, title = SQLSTATES[sqlstate]
+    # A detail member never replaces one of the problem's own (RFC 9457 section 3.1).
+    extra = {k: v for k, v in extra.items() if k not in PROBLEM_MEMBERS}
     headers = None
     if status == 402:
         extra["upgrade_url"] = upgrade_url(request, extra.get("account_id"))
@@ -191,3 +194,10 @@ def internal_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {psycopg.Error: database_error, PoolTimeout: database_unavailable, PgtallyError: pgtally_error,
                       HTTPException: http_error, stripe.StripeError: stripe_error, Exception: internal_error}
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc`` by the most specific of :data:`EXCEPTION_HANDLERS` (as Litestar picks
+    it: the first class of the exception's MRO that has one)."""
+    handler = next(EXCEPTION_HANDLERS[cls] for cls in type(exc).__mro__ if cls in EXCEPTION_HANDLERS)
+    return handler(request, exc)

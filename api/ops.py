@@ -3,7 +3,8 @@
 
 Every matched request is timed and counted by route template and status, answered with an
 ``X-Request-Id`` (the caller's, when it sends a sane one, else a new one) and logged as one JSON
-line carrying it. Metrics use prometheus-client's default registry; the database-side gauges
+line carrying it; that includes refusals made before the handler runs (a CSRF failure, a form
+body that cannot be parsed). Metrics use prometheus-client's default registry; the database-side gauges
 (outbox backlog and failures, rollup lag) are read at scrape time from ``api.ops_gauges()``.
 """
 
@@ -23,7 +24,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from api import db
-from api.errors import PgtallyError, problems
+from api.errors import PgtallyError, error_response, problems
 
 log = logging.getLogger("pgtally.http")
 
@@ -86,17 +87,28 @@ class Observe:
         request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
+        responded = False
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 MutableScopeHeaders.from_message(message)["X-Request-Id"] = request_id
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                if responded:
+                    raise
+                # Raised by the middleware inside this one (Litestar's CSRF check, which also
+                # parses a form body for its token), so past the handler's exception handling:
+                # answered here by the same handlers, with the request id, and counted as itself.
+                request = scope["litestar_app"].request_class(scope=scope, receive=receive)
+                response = error_response(request, exc)
+                await response.to_asgi_response(app=None, request=request)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route, method = scope.get("path_template") or "unmatched", scope["method"]

@@ -16,12 +16,16 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
-from api.auth import password_login, register
-from api.billing import cancel_at_period_end, change_plan, open_portal, preview_change, start_checkout, top_up
+from api.auth import Credentials, EmailRequest, ResetConfirm, TokenRequest, password_login, register
+from api.billing import (ChangeRequest, CheckoutRequest, TopUpRequest, cancel_at_period_end, change_plan, open_portal,
+                         preview_change, start_checkout, top_up)
 from api.calls import call, call_json, client
+from api.device import UserCodeForm
 from api.errors import PgtallyError
-from api.web import (FORM, REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, page, page_headers,
-                     principal_of, problem_text, referral_of, safe_next, sign_in_browser, to_login)
+from api.keys import NewApiKey
+from api.web import (FORM, REFERRAL_COOKIE, REFERRAL_DAYS, STATIC, browser_session, device_session, form_as, page,
+                     page_headers, principal_of, problem_text, referral_of, safe_next, sign_in_browser, refusal_status,
+                     to_login)
 
 Form = FORM
 
@@ -75,10 +79,12 @@ async def login_page(request: Request, next: FromQuery[str | None] = None,
 @post("/login")
 async def login_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
-        session = await password_login(request, data.email, data.password, device_session(request, data.device_token))
+        credentials = form_as(Credentials, email=data.email, password=data.password)
+        session = await password_login(request, credentials.email, credentials.password,
+                                       device_session(request, data.device_token))
     except PgtallyError as exc:
-        return page("login.html", request, 401, error=problem_text(exc), email=data.email, next=safe_next(data.next),
-                    device_token=data.device_token or "")
+        return page("login.html", request, refusal_status(exc, 401), error=problem_text(exc), email=data.email[:320],
+                    next=safe_next(data.next), device_token=data.device_token or "")
     sign_in_browser(request, session)
     return Redirect(safe_next(data.next))
 
@@ -103,10 +109,11 @@ async def signup_page(request: Request, device_token: FromQuery[str | None] = No
 @post("/signup")
 async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
-        await register(request, data.email, data.password, device_session(request, data.device_token),
+        credentials = form_as(Credentials, email=data.email, password=data.password)
+        await register(request, credentials.email, credentials.password, device_session(request, data.device_token),
                        referral_of(request))
     except PgtallyError as exc:
-        return page("signup.html", request, 422, error=problem_text(exc), email=data.email,
+        return page("signup.html", request, 422, error=problem_text(exc), email=data.email[:320],
                     device_token=data.device_token or "", referral=referral_of(request))
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
@@ -134,7 +141,8 @@ async def verify_page(request: Request, token: FromQuery[str] = "") -> Any:
 @post("/verify-email")
 async def verify_submit(request: Request, data: Annotated[TokenForm, Form]) -> Any:
     try:
-        result = await call_json(request, "SELECT api.verify_email(%s::text, %s::text)", [data.token, client(request)[0]])
+        token = form_as(TokenRequest, token=data.token).token
+        result = await call_json(request, "SELECT api.verify_email(%s::text, %s::text)", [token, client(request)[0]])
     except PgtallyError as exc:
         return page("verify.html", request, 400, token="", error=problem_text(exc))
     return page("message.html", request, title="Email confirmed",
@@ -150,9 +158,10 @@ async def reset_page(request: Request, token: FromQuery[str | None] = None) -> A
 @post("/reset-password")
 async def reset_request(request: Request, data: Annotated[EmailForm, Form]) -> Any:
     try:
-        await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)", [data.email, client(request)[0]])
+        email = form_as(EmailRequest, email=data.email).email
+        await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)", [email, client(request)[0]])
     except PgtallyError as exc:
-        return page("reset.html", request, 422, token="", email=data.email, error=problem_text(exc))
+        return page("reset.html", request, 422, token="", email=data.email[:320], error=problem_text(exc))
     return page("message.html", request, title="Check your email",
                 message="If that address has an account, a link to choose a new password is on its way. It works once, for an hour.")
 
@@ -162,11 +171,12 @@ async def reset_confirm(request: Request, data: Annotated[NewPasswordForm, Form]
     from api.auth import new_password_hash
 
     try:
-        password_hash = await new_password_hash(data.password)
+        confirm = form_as(ResetConfirm, token=data.token, password=data.password)
+        password_hash = await new_password_hash(confirm.password)
         await call_json(request, "SELECT api.reset_password(%s::text, %s::text, %s::text)",
-                        [data.token, password_hash, client(request)[0]])
+                        [confirm.token, password_hash, client(request)[0]])
     except PgtallyError as exc:
-        return page("reset.html", request, 400, token=data.token, email="", error=problem_text(exc))
+        return page("reset.html", request, 400, token=data.token[:200], email="", error=problem_text(exc))
     request.clear_session()
     return page("message.html", request, title="Password changed",
                 message="Your password is changed and every session was signed out.", link=("/login", "Log in"))
@@ -198,7 +208,8 @@ async def signed_in(request: Request, action, view=None) -> Any:
             # The team the switcher chose is no longer theirs (removed, or the role shrank): back
             # to their own account.
             return Redirect("/dashboard")
-        return await (view or account_view)(request, session_id, error=problem_text(exc))
+        return await (view or account_view)(request, session_id, error=problem_text(exc),
+                                            status_code=refusal_status(exc, 200))
     except stripe.StripeError as exc:
         return await (view or account_view)(request, session_id,
                                             error=f"Stripe could not do it right now ({exc.user_message or type(exc).__name__}).")
@@ -223,8 +234,9 @@ async def revoke_session(request: Request, target: FromPath[uuid.UUID]) -> Any:
 @post("/account/api-keys")
 async def create_key(request: Request, data: Annotated[KeyForm, Form]) -> Any:
     async def action(sid):
+        new = form_as(NewApiKey, name=data.name)
         key = await call_json(request, "SELECT api.create_api_key(%s::uuid, %s::text, %s::text[], NULL)",
-                              [sid, data.name, ["usage:write", "usage:read"]])
+                              [sid, new.name, new.scopes])
         return await account_view(request, sid, new_key=key)
     return await signed_in(request, action)
 
@@ -259,10 +271,12 @@ async def device_lookup(request: Request, data: Annotated[CodeForm, Form]) -> An
     if session_id is None:
         return to_login(request)
     try:
+        user_code = form_as(UserCodeForm, user_code=data.user_code).user_code
         found = await call_json(request, "SELECT api.device_lookup(%s::uuid, %s::text, %s::text)",
-                                [session_id, data.user_code, client(request)[0]])
+                                [session_id, user_code, client(request)[0]])
     except PgtallyError as exc:
-        return page("device.html", request, 400, user_code=data.user_code, request_info=None, error=problem_text(exc))
+        return page("device.html", request, refusal_status(exc, 400), user_code=data.user_code[:32], request_info=None,
+                    error=problem_text(exc))
     return page("device.html", request, user_code=found["user_code"], request_info=found)
 
 
@@ -272,8 +286,9 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
     if session_id is None:
         return to_login(request)
     try:
+        user_code = form_as(UserCodeForm, user_code=data.user_code).user_code
         result = await call_json(request, "SELECT api.device_decide(%s::uuid, %s::text, %s::boolean, %s::text, %s::text)",
-                                 [session_id, data.user_code, data.decision == "approve", *client(request)])
+                                 [session_id, user_code, data.decision == "approve", *client(request)])
     except PgtallyError as exc:
         return page("device.html", request, 400, user_code="", request_info=None, error=problem_text(exc))
     if result["approved"]:
@@ -368,7 +383,7 @@ async def purchase(request: Request, data: PurchaseForm) -> Any:
     principal = [None, None, buyer] if buyer else principal_of(request, session_id)
     try:
         try:
-            session = await start_checkout(request, principal, data.price)
+            session = await start_checkout(request, principal, form_as(CheckoutRequest, price=data.price).price)
         except PgtallyError as exc:
             # api.checkout_prepare refuses a second subscription (TL40C): a subscriber switches.
             if exc.error.get("sqlstate") == "TL40C" and session_id:
@@ -396,7 +411,7 @@ async def change_preview(request: Request, session_id: uuid.UUID, price: str) ->
 @post("/upgrade/change")
 async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
-        await change_plan(request, principal_of(request, sid), data.price)
+        await change_plan(request, principal_of(request, sid), form_as(ChangeRequest, price=data.price).price)
         return await dashboard_view(request, sid, notice="Your plan is changing; Stripe prorates the difference.")
     return await signed_in(request, action, dashboard_view)
 
@@ -404,7 +419,7 @@ async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) 
 @post("/dashboard/topup")
 async def dashboard_topup(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
-        result = await top_up(request, principal_of(request, sid), data.price)
+        result = await top_up(request, principal_of(request, sid), form_as(TopUpRequest, bundle=data.price).bundle)
         if result.status == "checkout":
             return Redirect(result.url)
         return Redirect(f"/billing/success?payment_intent={result.payment_intent}")

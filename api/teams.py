@@ -17,7 +17,7 @@ from litestar.response import Redirect
 from api import outbound
 from api.calls import SECURITY, SESSION, Session, call_json
 from api.errors import PgtallyError, problems
-from api.web import FORM, browser_session, page
+from api.web import FORM, browser_session, form_as, page
 
 Role = Literal["owner", "admin", "member", "billing", "viewer"]
 
@@ -265,6 +265,22 @@ class TeamForm(msgspec.Struct):
     token: str = ""
 
 
+class MemberForm(msgspec.Struct, forbid_unknown_fields=True):
+    """A team page's action on a member (the JSON endpoints take the id in the path)."""
+
+    user_id: uuid.UUID
+
+
+class MemberRoleForm(RoleChange, forbid_unknown_fields=True):
+    """A team page's role change: the JSON body's role, and the member."""
+
+    user_id: uuid.UUID
+
+
+class InvitationForm(msgspec.Struct, forbid_unknown_fields=True):
+    invitation_id: uuid.UUID
+
+
 Form = FORM
 
 
@@ -273,8 +289,8 @@ async def signed_in_page(request: Request, render) -> Any:
     signed out); a refusal is shown on a message page that leads back to /teams."""
     from api.pages import signed_in
 
-    async def refused(request: Request, session_id, error: str) -> Any:
-        return page("message.html", request, 400, title="Not done", message=error, link=("/teams", "Teams"))
+    async def refused(request: Request, session_id, error: str, status_code: int = 400) -> Any:
+        return page("message.html", request, max(status_code, 400), title="Not done", message=error, link=("/teams", "Teams"))
 
     return await signed_in(request, render, refused)
 
@@ -293,7 +309,8 @@ async def teams_page(request: Request) -> Any:
 @post("/teams")
 async def teams_create(request: Request, data: Annotated[TeamForm, Form]) -> Any:
     async def render(sid):
-        team = await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [sid, data.name])
+        new = form_as(NewTeam, name=data.name)
+        team = await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [sid, new.name])
         return Redirect(f"/teams/{team['id']}")
     return await signed_in_page(request, render)
 
@@ -336,19 +353,23 @@ async def team_action(request: Request, account_id: FromPath[uuid.UUID], data: A
     """invite (or send again), revoke an invitation, change a role, remove a member (or leave)."""
     async def render(sid):
         if action == "invite":
+            invitation = form_as(NewInvitation, email=data.email, role=data.role)
             await call_json(request, "SELECT api.invite(%s::uuid, %s::uuid, %s::text, %s::text)",
-                            [sid, account_id, data.email, data.role])
-            notice = f"Invitation sent to {data.email.strip()}."
+                            [sid, account_id, invitation.email, invitation.role])
+            notice = f"Invitation sent to {invitation.email.strip()}."
         elif action == "revoke":
+            invitation_id = form_as(InvitationForm, invitation_id=data.invitation_id).invitation_id
             await call_json(request, "SELECT api.revoke_invitation(%s::uuid, %s::uuid, %s::uuid)",
-                            [sid, account_id, data.invitation_id])
+                            [sid, account_id, invitation_id])
             notice = "Invitation revoked."
         elif action == "role":
+            change = form_as(MemberRoleForm, user_id=data.user_id, role=data.role)
             await call_json(request, "SELECT api.set_member_role(%s::uuid, %s::uuid, %s::uuid, %s::text)",
-                            [sid, account_id, data.user_id, data.role])
+                            [sid, account_id, change.user_id, change.role])
             notice = "Role changed."
         elif action == "remove":
-            await call_json(request, "SELECT api.remove_member(%s::uuid, %s::uuid, %s::uuid)", [sid, account_id, data.user_id])
+            user_id = form_as(MemberForm, user_id=data.user_id).user_id
+            await call_json(request, "SELECT api.remove_member(%s::uuid, %s::uuid, %s::uuid)", [sid, account_id, user_id])
             notice = "Removed."
         else:
             raise PgtallyError({"sqlstate": "TL422", "message": "no such action"})
@@ -370,7 +391,8 @@ async def invitation_page(request: Request, token: FromQuery[str] = "") -> Any:
 @post("/invitations/accept")
 async def invitation_accept(request: Request, data: Annotated[TeamForm, Form]) -> Any:
     async def render(sid):
-        team = await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [sid, data.token])
+        token = form_as(Acceptance, token=data.token).token
+        team = await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [sid, token])
         return Redirect(f"/teams/{team['id']}")
     return await signed_in_page(request, render)
 

@@ -8,10 +8,13 @@ row through the same ``api.*`` functions, so logging out anywhere ends it everyw
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
+
+import msgspec
 
 from litestar.enums import RequestEncodingType
 from litestar.params import Body
@@ -25,6 +28,7 @@ from litestar.template.config import TemplateConfig
 
 from api import db
 from api.errors import PgtallyError
+from api.validation import invalid
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
@@ -118,6 +122,32 @@ def principal_of(request: Request, session_id: uuid.UUID | None) -> list:
 
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 """A page's form body (application/x-www-form-urlencoded): ``Annotated[SomeForm, FORM]``."""
+
+T = TypeVar("T")
+
+
+def form_as(model: type[T], **fields: Any) -> T:
+    """A page form's fields as the JSON endpoint's body ``model``, so a page takes the same types
+    and limits as the API (one place for them: the model). An empty field counts as not sent. A
+    field that does not fit raises TL422 naming it (PgtallyError), which the page shows as it shows
+    any refusal: nothing reaches the database."""
+    try:
+        return msgspec.convert({name: value for name, value in fields.items() if value not in ("", None)}, model,
+                               strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$.")
+        field = where.rstrip("`") or None
+        if missing := re.fullmatch(r"Object missing required field `(.+)`", message):
+            raise invalid(f"{missing[1]} is required", missing[1]) from None
+        message = message.replace("`", "")
+        raise invalid(f"{field}: {message[0].lower()}{message[1:]}" if field else message, field) from None
+
+
+def refusal_status(exc: PgtallyError, otherwise: int) -> int:
+    """The status of a page that shows a refusal: 422 for input that does not fit (form_as, or
+    the database's TL422), else the page's own (``otherwise``)."""
+    return 422 if exc.error.get("sqlstate") == "TL422" else otherwise
+
 
 REFERRAL_COOKIE = "pgtally_ref"
 REFERRAL_DAYS = 30

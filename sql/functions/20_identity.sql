@@ -7,6 +7,13 @@ $$;
 COMMENT ON FUNCTION identity.api_key_checksum(text) IS
   'The 8 hex characters that end an API key: the start of SHA-256(pgt_ + body). api/security.py checks it before any lookup, so a mistyped key is refused without touching the database.';
 
+CREATE OR REPLACE FUNCTION identity.scope_set(p_scopes text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT coalesce(array_agg(s ORDER BY i), '{}') FROM (SELECT s, min(i) AS i FROM unnest(p_scopes) WITH ORDINALITY AS u(s, i) GROUP BY s) d
+$$;
+COMMENT ON FUNCTION identity.scope_set(text[]) IS
+  'A key''s scopes as a set: each scope once, in the order first given (empty for NULL). A key sent usage:write a thousand times stores it once (issue 22).';
+
 CREATE OR REPLACE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT '',
                                                   p_scopes text[] DEFAULT '{usage:write,usage:read}',
                                                   p_expires_at timestamptz DEFAULT NULL,
@@ -18,11 +25,11 @@ BEGIN
   api_key := v_body || identity.api_key_checksum(v_body);
   INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
   VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
-          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
+          left(api_key, 8) || '...' || right(api_key, 4), identity.scope_set(p_scopes), p_expires_at, util.now())
   RETURNING identity.api_keys.id INTO id;
 END $$;
 COMMENT ON FUNCTION identity.issue_api_key(uuid, text, text[], timestamptz) IS
-  'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
+  'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash; its scopes are stored once each (identity.scope_set).';
 
 CREATE OR REPLACE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
 LANGUAGE sql STABLE AS $$

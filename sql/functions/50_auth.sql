@@ -655,6 +655,7 @@ DECLARE
   k identity.api_keys;
   v_allowed text[];
 BEGIN
+  p_scopes := identity.scope_set(p_scopes);             -- each scope once, for the checks and the log too
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;

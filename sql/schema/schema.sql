@@ -3142,7 +3142,8 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status IN ('released', 'expired') THEN
-    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status), jsonb_build_object('status', h.status));
+    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status),
+                      jsonb_build_object('hold_status', h.status));
   END IF;
   -- Return the reservation, then charge the actual amount as one usage event, exactly once
   -- (key hold:<id>; a repeated capture replays it). If the balance does not cover more than was
@@ -3155,7 +3156,7 @@ BEGIN
                                          p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
 
 REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -3595,6 +3596,7 @@ DECLARE
   k identity.api_keys;
   v_allowed text[];
 BEGIN
+  p_scopes := identity.scope_set(p_scopes);             -- each scope once, for the checks and the log too
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
@@ -3984,7 +3986,7 @@ BEGIN
     WHERE h.account_id = v_account_id AND h.status = 'open' AND h.expires_at > util.now()), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/holds: the caller''s open holds, newest first.';
+COMMENT ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/holds: the open holds of the caller''s account, or of p_account_id (a service key, or a team member with usage:read), newest first.';
 
 REVOKE ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
@@ -5125,14 +5127,14 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status = 'captured' THEN
-    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"status": "captured"}');
+    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"hold_status": "captured"}');
   ELSIF h.status = 'open' THEN
     h := metering.settle_hold(h, 'released');
   END IF;
   RETURN metering.hold_json(h);
 END $$;
 
-COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
+COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture (DETAIL hold_status: captured), TL404 unknown hold.';
 
 REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
@@ -7036,11 +7038,11 @@ BEGIN
   api_key := v_body || identity.api_key_checksum(v_body);
   INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
   VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
-          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
+          left(api_key, 8) || '...' || right(api_key, 4), identity.scope_set(p_scopes), p_expires_at, util.now())
   RETURNING identity.api_keys.id INTO id;
 END $$;
 
-COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
+COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash; its scopes are stored once each (identity.scope_set).';
 
 REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) FROM PUBLIC;
 
@@ -7406,6 +7408,16 @@ END $$;
 COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
 
 REVOKE ALL ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
+
+CREATE FUNCTION identity.scope_set(p_scopes text[]) RETURNS text[]
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT coalesce(array_agg(s ORDER BY i), '{}') FROM (SELECT s, min(i) AS i FROM unnest(p_scopes) WITH ORDINALITY AS u(s, i) GROUP BY s) d
+$$;
+
+COMMENT ON FUNCTION identity.scope_set(p_scopes text[]) IS 'A key''s scopes as a set: each scope once, in the order first given (empty for NULL). A key sent usage:write a thousand times stores it once (issue 22).';
+
+REVOKE ALL ON FUNCTION identity.scope_set(p_scopes text[]) FROM PUBLIC;
 
 CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql STABLE

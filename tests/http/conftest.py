@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from api import db
 from api.app import Settings, create_app
@@ -178,3 +179,10 @@ def account_row(owner, account_id):
     """(plan_id, credit_balance_micros, billing_period_start, billing_period_end, plan_grace_until)."""
     return owner.execute("SELECT plan_id, credit_balance_micros, billing_period_start, billing_period_end, "
                          "plan_grace_until FROM identity.accounts WHERE id = %s", [account_id]).fetchone()
+
+
+# Metrics.
+def samples(text: str, name: str) -> dict[tuple, float]:
+    """The samples of one metric in a Prometheus text exposition, by their sorted labels."""
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}

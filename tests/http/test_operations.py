@@ -8,11 +8,10 @@ import re
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from api import db
 from api.app import Settings
-from tests.http.conftest import PUBLIC_URL, SECRET, bearer, form, page_client, webhook
+from tests.http.conftest import PUBLIC_URL, SECRET, bearer, form, page_client, samples, webhook
 from tests.stripe_standin import Events
 
 PASSWORD = "violet-harbour-tangent-42"
@@ -23,11 +22,6 @@ DAY = 86400
 def settings(smtp) -> Settings:
     return Settings(public_url=PUBLIC_URL, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
                     stripe_webhook_secret=SECRET)
-
-
-def samples(text: str, name: str) -> dict[tuple, float]:
-    return {tuple(sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
 
 
 async def test_metrics_count_requests_consume_outcomes_and_webhooks(client, new_account, owner):
