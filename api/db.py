@@ -295,12 +295,14 @@ def _yoyo_backend(url: str):
 
 
 def upgrade(url: str, until: str | None = None) -> list[str]:
-    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always,
-    and let the ``pgtally_api`` role log in (:func:`grant_api_login`).
+    """Apply pending migrations, then re-apply every ``sql/functions`` file and, once every
+    migration is applied, every ``sql/views`` file (post-apply), always, and let the
+    ``pgtally_api`` role log in (:func:`grant_api_login`).
 
     ``yoyo apply`` skips post-apply steps when nothing is pending; this does not. ``until`` (a
     migration id such as ``0020_check_domains``) stops after that migration, for tests of the
-    next one's upgrade; the functions applied are still this checkout's.
+    next one's upgrade; the functions applied are still this checkout's (the views stay as
+    the migrations made them).
     Returns the ids of the migrations applied now.
     """
     from yoyo import read_migrations
@@ -376,10 +378,26 @@ def pg_dump_path() -> Path:
     return Path(POSTGRES_BIN_PATH) / "pg_dump"
 
 
+SCHEMA_BANNER = """\
+-- GENERATED: do not edit. `make schema` (pgtally db upgrade && pgtally db schema --write) writes it
+-- from what sql/migrations, sql/functions and sql/views build; tests/sql/test_schema.py fails when it
+-- drifts. For reading, not for restoring: schemas and domains, then each table with its comments,
+-- constraints, indexes, triggers and grants, then the views, then the functions."""
+
+SCHEMA_SECTIONS = {"schemas": "Schemas, domains and default privileges", "tables": "Tables",
+                   "views": "Views", "functions": "Functions"}
+_SECTION_OF = {"SCHEMA": "schemas", "EXTENSION": "schemas", "TYPE": "schemas", "DOMAIN": "schemas",
+               "DEFAULT ACL": "schemas", "TABLE": "tables", "SEQUENCE": "tables", "VIEW": "views",
+               "MATERIALIZED VIEW": "views", "FUNCTION": "functions", "PROCEDURE": "functions",
+               "AGGREGATE": "functions"}
+
+
 def dump_schema(url: str) -> str:
-    """The schema as the migrations and functions build it: ``pg_dump --schema-only``, with what
-    varies between runs (comments, settings, restrict keys, the owner) removed. The first line
-    names the server's major version, which shapes how views and functions are printed."""
+    """The schema as the migrations, functions and views build it (``pg_dump --schema-only``), laid
+    out for reading: :data:`SCHEMA_BANNER`, then schemas and domains, tables (each with what belongs
+    to it), views and functions (:data:`SCHEMA_SECTIONS`). What varies between runs (settings,
+    restrict keys, the owner) is removed. The line after the banner names the server's major
+    version, which shapes how views and functions are printed."""
     conninfo, env = client_env(url)
     out = subprocess.run(
         [str(pg_dump_path()), "--schema-only", "--no-owner", "--exclude-schema=public",
@@ -390,9 +408,42 @@ def dump_schema(url: str) -> str:
     owner = conninfo_to_dict(url).get("user") or os.environ.get("PGUSER") or "postgres"
     with psycopg.connect(url) as conn:
         major = conn.info.server_version // 10000
-    lines = [f"-- PostgreSQL {major}: another major version deparses views and functions differently"]
-    for line in out.splitlines():
-        if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")):
-            continue
-        lines.append(re.sub(rf"\bFOR ROLE {re.escape(owner)}\b", "FOR ROLE <owner>", line))
+    groups: dict[str, list[tuple[tuple[str, str], list[str]]]] = {name: [] for name in SCHEMA_SECTIONS}
+    by_name: dict[tuple[str, str], list[str]] = {}     # (schema, object name) -> its group
+    group: list[str] = []
+    # pg_dump heads each object "-- Name: <name>; Type: <kind>; Schema: <schema>; Owner: -".
+    for name, kind, schema, body in re.findall(
+            r"^-- Name: (.*?); Type: (.*?); Schema: (.*?); Owner: .*?\n--\n(.*?)(?=^--\n-- Name: |\Z)", out, re.M | re.S):
+        text = "\n".join(line for line in body.splitlines()
+                         if not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")))
+        text = re.sub(rf"\bFOR ROLE {re.escape(owner)}\b", "FOR ROLE <owner>", text).strip()
+        if kind in _SECTION_OF and not (kind == "SEQUENCE" and text.startswith("ALTER TABLE")):
+            group = []
+            groups[_SECTION_OF[kind]].append(((schema, name), group))
+            by_name[(schema, re.sub(r"\(.*", "", name))] = group
+            by_name[(schema, name)] = group
+        elif kind in ("CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "DEFAULT", "TABLE ATTACH",
+                      "SEQUENCE", "SEQUENCE OWNED BY"):
+            owner_table = re.match(r"ALTER TABLE (?:ONLY )?([\w.]+)|CREATE (?:CONSTRAINT )?TRIGGER .*? ON ([\w.]+)",
+                                   text, re.S)
+            qualified = owner_table and (owner_table.group(1) or owner_table.group(2))
+            group = by_name.get(tuple(qualified.split(".", 1)), group) if qualified else group
+            by_name.setdefault((schema, name), group)    # (an identity column's sequence: its grants)
+        elif kind == "INDEX":
+            table = re.search(r" ON (?:ONLY )?([\w.]+) USING ", text)
+            group = by_name.get(tuple(table.group(1).split(".", 1)), group) if table else group
+            by_name[(schema, name)] = group
+        elif kind == "INDEX ATTACH":
+            parent = re.match(r"ALTER INDEX ([\w.]+) ATTACH", text)
+            group = by_name.get(tuple(parent.group(1).split(".", 1)), group) if parent else group
+        elif kind == "ACL":
+            target = name.split(" ", 1)[-1]            # "TABLE accounts", "FUNCTION balance(...)", "SCHEMA api"
+            group = by_name.get((schema, target), by_name.get((schema, re.sub(r"\(.*", "", target)), group))
+        group.append(text)                            # COMMENT: right after its object, as pg_dump prints it
+    lines = [SCHEMA_BANNER, f"-- PostgreSQL {major}: another major version deparses views and functions differently"]
+    for section, title in SCHEMA_SECTIONS.items():
+        lines += ["", "-" * 100, f"-- {title}", "-" * 100]
+        # Tables, views and functions by schema and name (pg_dump moves some earlier for dependencies).
+        ordered = groups[section] if section == "schemas" else sorted(groups[section], key=lambda g: g[0])
+        lines += ["\n\n".join(text for text in group if text) + "\n" for _, group in ordered]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"

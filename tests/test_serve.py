@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 import psutil
+import psycopg
 import pytest
 
 from api import db

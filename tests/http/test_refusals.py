@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from tests.http.conftest import bearer
-from tests.http.test_operations import samples
+from tests.http.conftest import bearer, form, page_client, samples
 
 
 def http_requests(text: str, route: str) -> dict[str, float]:
@@ -119,9 +118,6 @@ def state(owner) -> dict:
 
 
 async def test_item8_page_forms_refuse_long_or_malformed_fields_in_the_page(db_url, settings, owner):
-    from tests.http.test_billing_http import page_client
-    from tests.http.test_sign_in import form
-
     async with await page_client(db_url, settings) as browser:
         # Signed out: the login, sign-up and reset forms.
         signed_out = [("/login", {"email": LONG, "password": PASSWORD}),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -19,7 +19,7 @@ from api import outbound
 from api.app import create_app
 from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
-from tests.http.test_sign_in import BASE, PASSWORD, google
+from tests.http.conftest import BASE, PASSWORD, google
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +355,7 @@ class Upstream:
                         self.wfile.write(part)
                         self.wfile.flush()
 
-            do_GET = do_POST = answer
+            do_GET = do_POST = answer  # noqa: N815 - http.server's method names
 
             def log_message(self, *args):
                 pass

@@ -5,7 +5,6 @@ connection."""
 from __future__ import annotations
 
 from tests.conftest import run_concurrently, set_clock
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 
 IP = "198.51.100.23"
 

@@ -8,9 +8,7 @@ import itertools
 
 import pytest
 
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
+from tests.conftest import CREDIT, consume, reconciliation_problems, run_concurrently, sqlstate_of
 
 ips = (f"10.7.{i // 250}.{i % 250}" for i in itertools.count(1))
 
@@ -58,7 +56,8 @@ def test_the_permission_matrix(owner):
     people["owner"] = boss
     for role, who in people.items():
         for permission in PERMISSIONS:
-            run = lambda: call(owner, "identity.authenticate(NULL, %s::uuid, %s::text, %s::uuid)", who["session"], permission, team)
+            run = lambda who=who, permission=permission: call(
+                owner, "identity.authenticate(NULL, %s::uuid, %s::text, %s::uuid)", who["session"], permission, team)
             if permission in MATRIX[role]:
                 assert str(run()) == team, (role, permission)
             else:
