@@ -20,7 +20,6 @@ from api.calls import SECURITY, SESSION, Session, call, call_json
 from api.errors import PgtallyError, problems
 from api.teams import Sso
 
-
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
 

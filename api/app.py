@@ -10,23 +10,24 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.static_files import create_static_files_router
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.static_files import create_static_files_router
 from psycopg import AsyncConnection, OperationalError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from swagger_ui_bundle import swagger_ui_path
 
 from api import db, outbound, web
-from api.settings import Settings
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
+from api.settings import Settings
 from api.validation import check_request
 
 log = logging.getLogger("pgtally")

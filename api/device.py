@@ -5,7 +5,7 @@ approves the code at ``/device`` (api/pages/sign_in.py). The rules are in sql/fu
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, post

@@ -159,8 +159,8 @@ def http_error(request: Request, exc: HTTPException) -> Response:
 
 def stripe_error(request: Request, exc: stripe.StripeError) -> Response:
     """Stripe's answer to a call pgtally made (never inside a database transaction): a declined
-    card is 402; an idempotency key Stripe saw with other parameters is 409; anything else (an unknown object, Stripe unreachable or failing) is 502, with
-    Stripe's request id for support (https://docs.stripe.com/error-handling)."""
+    card is 402; an idempotency key Stripe saw with other parameters is 409; anything else (an
+    unknown object, Stripe unreachable or failing) is 502, with Stripe's request id for support (https://docs.stripe.com/error-handling)."""
     extra = {"stripe_request_id": exc.request_id, "stripe_code": exc.code}
     if isinstance(exc, stripe.CardError):
         return problem(request, 402, "card-declined", "The card was declined",

@@ -123,7 +123,7 @@ async def github_identity(request: Request, code: str, flow: dict[str, Any]) -> 
         headers = {"Accept": "application/vnd.github+json"}
         user = (await oauth.get(f"{api}/user", headers=headers)).raise_for_status().json()
         emails = (await oauth.get(f"{api}/user/emails", headers=headers)).raise_for_status().json()
-        # GitHub's answers, read as its REST API documents them (a shape error is Unavailable).
+        # GitHub's answers, read as its REST API documents them (a shape error is OutboundError).
         primary = next((e for e in emails if e.get("primary")), None) or next(iter(emails), None)
         email, verified = (primary.get("email"), bool(primary.get("verified"))) if primary else (None, False)
         subject = user["id"]

@@ -15,7 +15,6 @@ import os
 import re
 import time
 import uuid
-from typing import Any
 
 import msgspec
 from litestar import Request, Response, get

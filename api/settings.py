@@ -74,7 +74,7 @@ class Settings:
         return tuple(networks)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         """Settings from the environment variables (README, Configuration)."""
         return cls(
             public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),

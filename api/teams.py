@@ -206,7 +206,7 @@ async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.
     409 when another team proved a domain; 422 a public mail domain (gmail.com, outlook.com...)."""
     try:        # a URL pgtally will fetch: https outside development (api/outbound.py)
         outbound.check_url(request.app.state.settings, data.issuer, "the issuer")
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         raise PgtallyError({"sqlstate": "TL422", "message": str(exc), "field": "issuer"}) from None
     return await call_json(request, "SELECT api.set_sso(%s::uuid, %s::uuid, %s::text, %s::text, %s::text, %s::text[], %s::boolean)",
                            [session, account_id, data.issuer, data.client_id, data.client_secret, data.domains, data.require_sso])
@@ -241,7 +241,7 @@ async def verify_sso_domain(request: Request, session: Session, account_id: From
         return settings
     try:
         records = await outbound.txt_records(request.app.state.settings, claim["domain"])
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         raise PgtallyError({"sqlstate": "TL502", "message": str(exc)}) from None
     return await call_json(request, query, [session, account_id, domain, records])
 

@@ -266,7 +266,7 @@ async def start(request: Request, provider: FromPath[str], next: FromQuery[str |
                             safe_next(next), client(request)[0], sso and sso["account_id"]])
     try:
         response = Redirect(await oauth.authorization_url(request, provider, flow, sso, login_hint=email if sso else None))
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         return page("message.html", request, 502, title="Sign-in is unavailable",
                     message=f"{NAMES[provider]} cannot be used right now: {exc}. Try again later, or ask your administrator.",
                     link=("/login", "Log in another way"))
@@ -324,7 +324,7 @@ async def callback(request: Request, provider: FromPath[str],
                         error=f"{NAMES[provider]} refused the sign-in ({exc.error}): start again.")
     except httpx.HTTPError:
         response = page("sign_in/login.html", request, 502, email="", error=f"{NAMES[provider]} could not be reached: try again.")
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         response = page("sign_in/login.html", request, 502, email="", error=f"{NAMES[provider]} cannot be used right now: {exc}.")
     else:
         response = Redirect(target)

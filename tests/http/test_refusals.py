@@ -4,7 +4,6 @@ dedupe, no-store on secrets)."""
 
 from __future__ import annotations
 
-
 import logging
 import uuid
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.settings import Settings
 from api.calls import client_ip
+from api.settings import Settings
 from tests.conftest import free_port, serving
 from tests.http.conftest import PUBLIC_URL
 
