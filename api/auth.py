@@ -106,6 +106,8 @@ class EmailQueued(msgspec.Struct):
 
     email: str
     status: str
+    valid_for: str
+    """How long the emailed link works, in words (``24 hours``; identity.link_lifetime)."""
 
 
 class SessionsRevoked(msgspec.Struct):

@@ -31,7 +31,7 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "Confirm your email address",
         "Welcome!\n\nConfirm your email address by opening this link:\n\n"
         "{public_url}/verify-email?token={token}\n\n"
-        "It works once, within 24 hours. If you did not sign up, you can ignore this email.\n"),
+        "It works once, within {valid_for}. If you did not sign up, you can ignore this email.\n"),
     "account_exists": (
         "You already have an account",
         "Someone, hopefully you, tried to sign up with {email}, which already has an account.\n\n"
@@ -68,25 +68,27 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "{inviter} invited you to {team} on pgtally",
         "{inviter} invited you to join the team {team} as {role}.\n\n"
         "Accept by opening this link, signed in with {email} (sign up first if you have no account):\n\n"
-        "{public_url}/invitations/accept?token={token}\n\nIt works once, within 7 days.\n"),
+        "{public_url}/invitations/accept?token={token}\n\nIt works once, within {valid_for}.\n"),
     "sso_link": (
         "Sign in with {team}'s single sign-on",
         "Someone, hopefully you, signed in through the single sign-on of {team} with {email}, which already has "
         "an account. To let that sign-in open your account from now on (and join {team}), open this link:\n\n"
         "{public_url}/auth/sso/confirm?token={token}\n\n"
-        "It works once, within an hour. If it was not you, ignore this email: nothing changes.\n"),
+        "It works once, within {valid_for}. If it was not you, ignore this email: nothing changes.\n"),
     "password_reset": (
         "Reset your password",
         "Open this link to choose a new password:\n\n"
         "{public_url}/reset-password?token={token}\n\n"
-        "It works once, within an hour. If you did not ask for it, you can ignore this email.\n"),
+        "It works once, within {valid_for}. If you did not ask for it, you can ignore this email.\n"),
 }
 
 
 def render(kind: str, recipient: str, payload: dict[str, Any], settings: Settings) -> EmailMessage:
     """The email for an outbox row; links start with ``PGTALLY_PUBLIC_URL``."""
     subject, body = TEMPLATES[kind]
-    values = {**payload, "public_url": settings.public_url.rstrip("/")}
+    # valid_for: how long a link works (identity.link_lifetime); a message queued before it was
+    # in the payload says less.
+    values = {"valid_for": "a limited time", **payload, "public_url": settings.public_url.rstrip("/")}
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = recipient

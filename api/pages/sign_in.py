@@ -123,14 +123,14 @@ async def signup_page(request: Request, device_token: FromQuery[str | None] = No
 async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]) -> Any:
     try:
         credentials = form_as(Credentials, email=data.email, password=data.password)
-        await register(request, credentials.email, credentials.password, device_session(request, data.device_token),
-                       referral_of(request))
+        sent = await register(request, credentials.email, credentials.password,
+                              device_session(request, data.device_token), referral_of(request))
     except PgtallyError as exc:
         return page("sign_in/signup.html", request, 422, error=problem_text(exc), email=data.email[:320],
                     device_token=data.device_token or "", referral=referral_of(request))
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
-                message=f"We sent a link to {data.email.strip()} to confirm the address. It works once, for 24 hours.")
+                message=f"We sent a link to {sent['email']} to confirm the address. It works once, for {sent['valid_for']}.")
 
 
 @post("/logout")
@@ -172,11 +172,12 @@ async def reset_page(request: Request, token: FromQuery[str | None] = None) -> A
 async def reset_request(request: Request, data: Annotated[EmailForm, Form]) -> Any:
     try:
         email = form_as(EmailRequest, email=data.email).email
-        await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)", [email, client(request)[0]])
+        sent = await call_json(request, "SELECT api.request_password_reset(%s::text, %s::text)", [email, client(request)[0]])
     except PgtallyError as exc:
         return page("sign_in/reset.html", request, 422, token="", email=data.email[:320], error=problem_text(exc))
     return page("message.html", request, title="Check your email",
-                message="If that address has an account, a link to choose a new password is on its way. It works once, for an hour.")
+                message="If that address has an account, a link to choose a new password is on its way. "
+                        f"It works once, for {sent['valid_for']}.")
 
 
 @post("/reset-password/confirm")
@@ -312,7 +313,7 @@ async def callback(request: Request, provider: FromPath[str],
                 # An existing user who never linked this team's provider confirms from their mailbox.
                 response = page("message.html", request, 200, title="Check your email",
                                 message=f"{session['email']} already has an account. To sign in with your organisation "
-                                        "from now on, open the link we emailed to that address (it works once, within an hour).")
+                                        f"from now on, open the link we emailed to that address (it works once, within {session['valid_for']}).")
                 response.delete_cookie(BINDING_COOKIE, path="/auth")
                 return response
             sign_in_browser(request, session)

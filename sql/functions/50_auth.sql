@@ -87,6 +87,14 @@ END $$;
 COMMENT ON FUNCTION identity.normalize_email(text) IS
   'lower(trim(email)), after a shape check (one @, a dot in the domain, no spaces, at most 320 characters). TL422 otherwise.';
 
+CREATE OR REPLACE FUNCTION identity.link_lifetime(p_purpose text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE p_purpose WHEN 'verify_email' THEN '24 hours' WHEN 'password_reset' THEN '1 hour'
+                        WHEN 'invitation' THEN '7 days' WHEN 'sso_link' THEN '1 hour' END
+$$;
+COMMENT ON FUNCTION identity.link_lifetime(text) IS
+  'How long an emailed link of each purpose works, as words an email can say and an interval casts from (''24 hours''): verify_email, password_reset, invitation, sso_link. The one place these lifetimes are written: the tokens expire by it and the emails (payload valid_for) and pages say it.';
+
 CREATE OR REPLACE FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval)
 RETURNS text
 LANGUAGE plpgsql AS $$
@@ -283,8 +291,9 @@ BEGIN
     PERFORM identity.new_personal_account(v_user_id, v_account_id);
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('verify_email', v_email,
-            jsonb_build_object('email', v_email,
-                               'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
+            jsonb_build_object('email', v_email, 'valid_for', identity.link_lifetime('verify_email'),
+                               'token', identity.one_time_token(v_user_id, 'verify_email',
+                                                                identity.link_lifetime('verify_email')::interval)),
             util.now(), util.now());
     PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
     PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, p_fingerprint,
@@ -293,7 +302,8 @@ BEGIN
       PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
     END IF;
   END IF;
-  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
+  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent',
+                            'valid_for', identity.link_lifetime('verify_email'));
 END $$;
 COMMENT ON FUNCTION api.signup(text, text, text, text, uuid, text, text) IS
   'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limited per IP and per address (identity.rate_limit_rules, TL429). TL422 bad email.';
@@ -510,11 +520,14 @@ BEGIN
   IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 'email', v_email) IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
-            jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
+            jsonb_build_object('email', v_email, 'valid_for', identity.link_lifetime('password_reset'),
+                               'token', identity.one_time_token(u.id, 'password_reset',
+                                                                identity.link_lifetime('password_reset')::interval)),
             util.now(), util.now());
     PERFORM identity.log_event('password_reset_requested', u.id, u.account_id, NULL, p_ip, NULL);
   END IF;
-  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
+  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered',
+                            'valid_for', identity.link_lifetime('password_reset'));
 END $$;
 COMMENT ON FUNCTION api.request_password_reset(text, text) IS
   'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. Emails per address are limited silently, requests per IP with TL429 (identity.rate_limit_rules). TL422 bad email.';

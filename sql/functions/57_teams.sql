@@ -175,7 +175,7 @@ BEGIN
   END IF;
   -- One pending invitation per address: inviting again sends a new link (the old one stops).
   INSERT INTO identity.invitations AS x (account_id, email_normalized, role, token_hash, invited_by, created_at, expires_at)
-  VALUES (v_account_id, v_email, p_role, util.token_hash(v_token), v_actor.id, util.now(), util.now() + interval '7 days')
+  VALUES (v_account_id, v_email, p_role, util.token_hash(v_token), v_actor.id, util.now(), util.now() + identity.link_lifetime('invitation')::interval)
   ON CONFLICT (account_id, email_normalized) DO UPDATE SET
     role = EXCLUDED.role, token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by,
     expires_at = EXCLUDED.expires_at, sent_count = x.sent_count + 1
@@ -183,7 +183,8 @@ BEGIN
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
   VALUES ('invitation', v_email,
           jsonb_build_object('token', v_token, 'team', (SELECT name FROM identity.accounts WHERE id = v_account_id),
-                             'inviter', v_actor.email, 'role', p_role, 'email', v_email),
+                             'inviter', v_actor.email, 'role', p_role, 'email', v_email,
+                             'valid_for', identity.link_lifetime('invitation')),
           util.now(), util.now());
   RETURN identity.invitation_json(i);
 END $$;

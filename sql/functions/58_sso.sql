@@ -215,18 +215,20 @@ BEGIN
   -- One email per user and team every 10 minutes, however often the provider signs them in.
   IF EXISTS (SELECT 1 FROM identity.sso_link_requests WHERE user_id = u.id AND account_id = p_team_id AND used_at IS NULL
                                                         AND created_at > util.now() - interval '10 minutes') THEN
-    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized,
+                              'valid_for', identity.link_lifetime('sso_link'));
   END IF;
   INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
-  VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
+  VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + identity.link_lifetime('sso_link')::interval);
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
   VALUES ('sso_link', u.email_normalized,
-          jsonb_build_object('email', u.email_normalized, 'token', v_token,
+          jsonb_build_object('email', u.email_normalized, 'token', v_token, 'valid_for', identity.link_lifetime('sso_link'),
                              'team', (SELECT name FROM identity.accounts WHERE id = p_team_id)),
           util.now(), util.now());
   PERFORM identity.log_event('sso_link_requested', u.id, u.account_id, NULL, p_ip, p_user_agent,
                              jsonb_build_object('team', p_team_id));
-  RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+  RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized,
+                            'valid_for', identity.link_lifetime('sso_link'));
 END $$;
 COMMENT ON FUNCTION identity.request_sso_link(identity.users, uuid, text, text, text, text) IS
   'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';

@@ -4197,7 +4197,7 @@ BEGIN
   END IF;
   -- One pending invitation per address: inviting again sends a new link (the old one stops).
   INSERT INTO identity.invitations AS x (account_id, email_normalized, role, token_hash, invited_by, created_at, expires_at)
-  VALUES (v_account_id, v_email, p_role, util.token_hash(v_token), v_actor.id, util.now(), util.now() + interval '7 days')
+  VALUES (v_account_id, v_email, p_role, util.token_hash(v_token), v_actor.id, util.now(), util.now() + identity.link_lifetime('invitation')::interval)
   ON CONFLICT (account_id, email_normalized) DO UPDATE SET
     role = EXCLUDED.role, token_hash = EXCLUDED.token_hash, invited_by = EXCLUDED.invited_by,
     expires_at = EXCLUDED.expires_at, sent_count = x.sent_count + 1
@@ -4205,7 +4205,8 @@ BEGIN
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
   VALUES ('invitation', v_email,
           jsonb_build_object('token', v_token, 'team', (SELECT name FROM identity.accounts WHERE id = v_account_id),
-                             'inviter', v_actor.email, 'role', p_role, 'email', v_email),
+                             'inviter', v_actor.email, 'role', p_role, 'email', v_email,
+                             'valid_for', identity.link_lifetime('invitation')),
           util.now(), util.now());
   RETURN identity.invitation_json(i);
 END $$;
@@ -5250,11 +5251,14 @@ BEGIN
   IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 'email', v_email) IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
-            jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
+            jsonb_build_object('email', v_email, 'valid_for', identity.link_lifetime('password_reset'),
+                               'token', identity.one_time_token(u.id, 'password_reset',
+                                                                identity.link_lifetime('password_reset')::interval)),
             util.now(), util.now());
     PERFORM identity.log_event('password_reset_requested', u.id, u.account_id, NULL, p_ip, NULL);
   END IF;
-  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
+  RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered',
+                            'valid_for', identity.link_lifetime('password_reset'));
 END $$;
 
 COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. Emails per address are limited silently, requests per IP with TL429 (identity.rate_limit_rules). TL422 bad email.';
@@ -5623,8 +5627,9 @@ BEGIN
     PERFORM identity.new_personal_account(v_user_id, v_account_id);
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('verify_email', v_email,
-            jsonb_build_object('email', v_email,
-                               'token', identity.one_time_token(v_user_id, 'verify_email', interval '24 hours')),
+            jsonb_build_object('email', v_email, 'valid_for', identity.link_lifetime('verify_email'),
+                               'token', identity.one_time_token(v_user_id, 'verify_email',
+                                                                identity.link_lifetime('verify_email')::interval)),
             util.now(), util.now());
     PERFORM identity.log_event('signup', v_user_id, v_account_id, NULL, p_ip, p_user_agent);
     PERFORM billing.attribute_referral(v_account_id, p_referral_code, p_ip, p_fingerprint,
@@ -5633,7 +5638,8 @@ BEGIN
       PERFORM identity.merge_device(p_device_session_id, v_account_id, p_ip, p_user_agent);
     END IF;
   END IF;
-  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
+  RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent',
+                            'valid_for', identity.link_lifetime('verify_email'));
 END $$;
 
 COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limited per IP and per address (identity.rate_limit_rules, TL429). TL422 bad email.';
@@ -7222,6 +7228,17 @@ COMMENT ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_su
 
 REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) FROM PUBLIC;
 
+CREATE FUNCTION identity.link_lifetime(p_purpose text) RETURNS text
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT CASE p_purpose WHEN 'verify_email' THEN '24 hours' WHEN 'password_reset' THEN '1 hour'
+                        WHEN 'invitation' THEN '7 days' WHEN 'sso_link' THEN '1 hour' END
+$$;
+
+COMMENT ON FUNCTION identity.link_lifetime(p_purpose text) IS 'How long an emailed link of each purpose works, as words an email can say and an interval casts from (''24 hours''): verify_email, password_reset, invitation, sso_link. The one place these lifetimes are written: the tokens expire by it and the emails (payload valid_for) and pages say it.';
+
+REVOKE ALL ON FUNCTION identity.link_lifetime(p_purpose text) FROM PUBLIC;
+
 CREATE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}'::jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -7524,18 +7541,20 @@ BEGIN
   -- One email per user and team every 10 minutes, however often the provider signs them in.
   IF EXISTS (SELECT 1 FROM identity.sso_link_requests WHERE user_id = u.id AND account_id = p_team_id AND used_at IS NULL
                                                         AND created_at > util.now() - interval '10 minutes') THEN
-    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized,
+                              'valid_for', identity.link_lifetime('sso_link'));
   END IF;
   INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
-  VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
+  VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + identity.link_lifetime('sso_link')::interval);
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
   VALUES ('sso_link', u.email_normalized,
-          jsonb_build_object('email', u.email_normalized, 'token', v_token,
+          jsonb_build_object('email', u.email_normalized, 'token', v_token, 'valid_for', identity.link_lifetime('sso_link'),
                              'team', (SELECT name FROM identity.accounts WHERE id = p_team_id)),
           util.now(), util.now());
   PERFORM identity.log_event('sso_link_requested', u.id, u.account_id, NULL, p_ip, p_user_agent,
                              jsonb_build_object('team', p_team_id));
-  RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+  RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized,
+                            'valid_for', identity.link_lifetime('sso_link'));
 END $$;
 
 COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';

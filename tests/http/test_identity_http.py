@@ -37,7 +37,7 @@ async def signed_in(client, email="ada@example.com") -> dict:
 async def test_signup_verify_login_me(client, smtp, deliver, owner):
     r = await signup(client, "Ada@Example.com")
     assert r.status_code == 202
-    assert r.json() == {"email": "ada@example.com", "status": "verification_email_sent"}
+    assert r.json() == {"email": "ada@example.com", "status": "verification_email_sent", "valid_for": "24 hours"}
     assert await deliver() == 1
     (mail,) = smtp.to("ada@example.com")
     assert mail["Subject"] == "Confirm your email address"
