@@ -181,11 +181,18 @@ def reconciliation_views(conn: psycopg.Connection) -> list[str]:
     return [v for (v,) in conn.execute("SELECT unnest(ops.reconciliation_views())")]
 
 
+def reporting_url() -> str:
+    """Where reports and reconciliation read: PGTALLY_REPORTING_DATABASE_URL (a streaming
+    replica) when set, else the owner's database."""
+    return db.reporting_url() or owner_url()
+
+
 @main.command()
 def reconcile() -> None:
-    """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty."""
+    """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty.
+    Reads PGTALLY_REPORTING_DATABASE_URL (a replica) when set."""
     problems = 0
-    with psycopg.connect(owner_url(), autocommit=True) as conn:
+    with psycopg.connect(reporting_url(), autocommit=True) as conn:
         for view in reconciliation_views(conn):
             rows = conn.execute(f"SELECT * FROM reporting.{view}").fetchall()
             problems += len(rows)
@@ -216,13 +223,14 @@ def report(name: str | None, since, until, fmt: str) -> None:
     """Print the reporting view NAME (mrr_monthly, mrr_movements_monthly, churn_by_plan_monthly,
     arpu_monthly, conversion_by_cohort, active_accounts_daily, retention_weekly,
     usage_per_meter_plan_monthly, usage_by_hour, revenue_reconciliation_daily, ...), rows whose
-    first date column falls in [--from, --to). Without NAME: the list of views."""
+    first date column falls in [--from, --to). Without NAME: the list of views. Reads
+    PGTALLY_REPORTING_DATABASE_URL (a replica) when set."""
     import csv
 
     from psycopg import sql
     from tabulate import tabulate
 
-    with psycopg.connect(owner_url(), autocommit=True) as conn:
+    with psycopg.connect(reporting_url(), autocommit=True) as conn:
         views = report_views(conn)
         if name is None or name not in views:
             if name is not None:
