@@ -36,8 +36,9 @@ schema: $(VENV)/.installed
 	$(BIN)/pgtally db upgrade
 	$(BIN)/pgtally db schema --write
 
-bench: $(VENV)/.installed-test
-	$(BIN)/python bench/run.py
+# make bench ARGS='--quick' (pgtally bench --help lists the options).
+bench: $(VENV)/.installed
+	$(BIN)/pgtally bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pgtally

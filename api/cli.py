@@ -231,11 +231,18 @@ def reconciliation_views(conn: psycopg.Connection) -> list[str]:
     return [v for (v,) in conn.execute("SELECT unnest(ops.reconciliation_views())")]
 
 
+def reporting_url() -> str:
+    """Where reports and reconciliation read: PGTALLY_REPORTING_DATABASE_URL (a streaming
+    replica) when set, else the owner's database."""
+    return db.reporting_url() or owner_url()
+
+
 @main.command()
 def reconcile() -> None:
-    """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty."""
+    """Run the reconciliation views (reporting.*) and exit 1 if any has a row: each must be empty.
+    Reads PGTALLY_REPORTING_DATABASE_URL (a replica) when set."""
     problems = 0
-    with psycopg.connect(owner_url(), autocommit=True) as conn:
+    with psycopg.connect(reporting_url(), autocommit=True) as conn:
         for view in reconciliation_views(conn):
             rows = conn.execute(f"SELECT * FROM reporting.{view}").fetchall()
             problems += len(rows)
@@ -266,13 +273,14 @@ def report(name: str | None, since, until, fmt: str) -> None:
     """Print the reporting view NAME (mrr_monthly, mrr_movements_monthly, churn_by_plan_monthly,
     arpu_monthly, conversion_by_cohort, active_accounts_daily, retention_weekly,
     usage_per_meter_plan_monthly, usage_by_hour, revenue_reconciliation_daily, ...), rows whose
-    first date column falls in [--from, --to). Without NAME: the list of views."""
+    first date column falls in [--from, --to). Without NAME: the list of views. Reads
+    PGTALLY_REPORTING_DATABASE_URL (a replica) when set."""
     import csv
 
     from psycopg import sql
     from tabulate import tabulate
 
-    with psycopg.connect(owner_url(), autocommit=True) as conn:
+    with psycopg.connect(reporting_url(), autocommit=True) as conn:
         views = report_views(conn)
         if name is None or name not in views:
             if name is not None:
@@ -470,6 +478,51 @@ def print_transfer(body: dict, replayed: bool, key: str, as_json: bool, verb: st
         state = f"already {verb}" if replayed else verb
         click.echo(f"{state} {body['amount']} credits on {body['account_id']}; balance {body['balance_after']} "
                    f"(idempotency key {key})")
+
+
+def client_counts(ctx, param, value: str) -> tuple[int, ...]:
+    """A comma-separated list of client counts (``2,8``)."""
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or max(counts) > 256:
+        raise click.BadParameter("a comma-separated list of numbers from 1 to 256, e.g. 2,8")
+    return counts
+
+
+@main.command()
+@click.option("--accounts", type=click.IntRange(1, 10_000_000), default=None, help="N accounts per path [10,000].")
+@click.option("--events", type=click.IntRange(1, 10**9), default=None, help="M events per measured row [1,000,000].")
+@click.option("--hot-share", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of events that go to the hottest 1% of accounts.")
+@click.option("--zipf", type=float, default=0.0, show_default=True,
+              help="Zipf exponent of the accounts' popularity (> 1; 0: uniform).")
+@click.option("--batch", type=click.IntRange(1, 1000), default=None, help="Events a batch call [100].")
+@click.option("--sql-clients", callback=client_counts, default="2,8", show_default=True, help="pgbench clients.")
+@click.option("--http-connections", callback=client_counts, default="4,32", show_default=True, help="HTTP connections.")
+@click.option("--no-http", is_flag=True, help="Measure SQL only.")
+@click.option("--quick", is_flag=True, help="A smoke run of seconds: 100 accounts, 1,000 events a row, 2 clients, 4 connections.")
+def bench(accounts, events, hot_share, zipf, batch, sql_clients, http_connections, no_http, quick) -> None:
+    """Benchmark pgtally on this server (DATABASE_URL's, or the embedded one) in a database of its
+    own, dropped after: N accounts, M events a row with a hot share and a Zipf skew, single and
+    batched, straight in SQL and over HTTP. Prints events/s, p50/p99/p999, bytes per event and
+    the ratios to the ceilings (a one-row UPDATE; an authenticated no-op request) on the same server."""
+    from api import bench as runner
+
+    if zipf and zipf <= 1:
+        raise click.BadParameter("the Zipf exponent is 0 (uniform) or greater than 1", param_hint="--zipf")
+    explicit = {name: value for name, value in (("accounts", accounts), ("events", events), ("batch", batch))
+                if value is not None}
+    counts = {"sql_clients": sql_clients, "http_connections": http_connections}
+    ctx = click.get_current_context()
+    if quick:
+        counts = {k: v for k, v in counts.items()
+                  if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    common = {"hot_share": hot_share, "zipf": zipf, "http": not no_http, **explicit, **counts}
+    options = runner.Options.quick(**common) if quick else runner.Options(**common)
+    rows = runner.run(owner_url(), options, echo=lambda line: click.echo(line, err=True))
+    click.echo(runner.table(rows, options))
 
 
 # The people's commands (a person's console signing in to a pgtally server): api/cli_people.py.

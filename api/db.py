@@ -269,6 +269,22 @@ def api_conninfo(url: str) -> str:
     return make_conninfo(url, user=API_ROLE, password=api_password())
 
 
+def reporting_url() -> str | None:
+    """``PGTALLY_REPORTING_DATABASE_URL``: a streaming replica (a hot standby of pgtally's
+    database) that ``pgtally report``, ``pgtally reconcile`` and ``/admin/metrics`` read from,
+    with a login that can read ``reporting.*`` (the owner, or ``pgtally_analyst`` for the
+    commands); None when unset (they read the primary)."""
+    return os.environ.get("PGTALLY_REPORTING_DATABASE_URL") or None
+
+
+def reporting_api_conninfo(url: str) -> str:
+    """How the server reaches the reporting replica ``url``: its host, port and database, logging
+    in as the server does (:func:`api_conninfo`'s user and password: a replica is a copy of the
+    primary, roles and passwords included)."""
+    login = conninfo_to_dict(api_conninfo(url))
+    return make_conninfo(url, user=login.get("user"), password=login.get("password"))
+
+
 def grant_api_login(conn: psycopg.Connection) -> None:
     """Let ``pgtally_api`` log in, with the password of :func:`api_password` (unless the operator
     manages it: ``PGTALLY_API_DATABASE_URL`` set). It stays NOSUPERUSER, NOCREATEDB, NOCREATEROLE,

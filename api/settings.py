@@ -50,6 +50,9 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """The reverse proxies whose ``X-Forwarded-For`` entries are believed (PGTALLY_TRUSTED_PROXIES,
     comma-separated IPs or CIDRs; none when unset): see :func:`api.calls.client_ip`."""
+    reporting_database_url: str | None = None
+    """PGTALLY_REPORTING_DATABASE_URL: a streaming replica /admin/metrics reads its charts from
+    (as the server's own login: :func:`api.db.reporting_api_conninfo`); the pool's database when unset."""
 
     @property
     def secure_cookies(self) -> bool:
@@ -99,6 +102,7 @@ class Settings:
             outbound_allow=tuple(filter(None, os.environ.get("PGTALLY_OUTBOUND_ALLOW", "").split(","))),
             dns_nameservers=tuple(filter(None, os.environ.get("PGTALLY_DNS_NAMESERVERS", "").split(","))),
             trusted_proxies=cls.parse_proxies(os.environ.get("PGTALLY_TRUSTED_PROXIES", "")),
+            reporting_database_url=db.reporting_url(),
         )
 
     @property

