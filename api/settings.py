@@ -79,6 +79,8 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """Settings from the environment variables (README, Configuration)."""
+        from api import db
+
         return cls(
             public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
             pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
