@@ -19,6 +19,7 @@ from api.calls import AUTH, NO_STORE_CACHE, OPTIONAL_AUTH, SECURITY, SESSION, Ca
 from api.errors import PgtallyError, problems, upgrade_url
 from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
 from api.usage import Allowance
+from api.web import REFERRAL_CODE
 
 Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, examples=["ada@example.com"])]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX)]
@@ -30,7 +31,8 @@ class Credentials(msgspec.Struct, forbid_unknown_fields=True):
     password: Password
 
 
-ReferralCode = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9]+$", examples=["k7mq2xwd"])]
+ReferralCode = Annotated[str, msgspec.Meta(pattern=f"^{REFERRAL_CODE.pattern}$", examples=["k7mq2xwd"])]
+"""A person's referral code (api.web.REFERRAL_CODE: the format util.referral_code() makes)."""
 
 
 class SignupRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -152,10 +152,19 @@ REFERRAL_COOKIE = "pgtally_ref"
 REFERRAL_DAYS = 30
 
 
+REFERRAL_CODE = re.compile(r"[A-Za-z0-9]{8}")
+"""A referral code as util.referral_code() makes them (8 letters and digits; compared in lower
+case by billing.attribute_referral): the one check of the format on this side."""
+
+
+def referral_code(text: str | None) -> str | None:
+    """``text`` in lower case when it has a referral code's format, else None."""
+    return text.lower() if text and REFERRAL_CODE.fullmatch(text) else None
+
+
 def referral_of(request: Request) -> str | None:
     """The referral code a /r/CODE link left in this browser (first touch), if any."""
-    code = request.cookies.get(REFERRAL_COOKIE)
-    return code if code and code.isalnum() and len(code) <= 32 else None
+    return referral_code(request.cookies.get(REFERRAL_COOKIE))
 
 
 def sign_in_browser(request: Request, session: dict[str, Any]) -> None:

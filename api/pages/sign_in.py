@@ -37,6 +37,7 @@ from api.web import (
     form_as,
     page,
     problem_text,
+    referral_code,
     referral_of,
     refusal_status,
     safe_next,
@@ -108,8 +109,8 @@ async def referral_link(request: Request, code: FromPath[str]) -> Redirect:
     days) and lead to sign-up, where it is sent with the new account (``api.signup``, or the
     Google/GitHub sign-up)."""
     response = Redirect("/signup")
-    if code.isalnum() and len(code) <= 32 and referral_of(request) is None:
-        response.set_cookie(REFERRAL_COOKIE, code.lower(), max_age=REFERRAL_DAYS * 86400, httponly=True,
+    if referral_code(code) and referral_of(request) is None:
+        response.set_cookie(REFERRAL_COOKIE, referral_code(code), max_age=REFERRAL_DAYS * 86400, httponly=True,
                             samesite="lax", secure=request.app.state.settings.secure_cookies)
     return response
 

@@ -100,3 +100,16 @@ async def test_the_dashboard_shows_the_referral_link_and_expiring_credits(db_url
         text = " ".join((await browser.get("/dashboard")).text.split())
         assert f'href="{PUBLIC_URL}/r/{code}"' in text and "you get 10 credits" in text
         assert "2 expire 2030-01-01 00:00 UTC" in text
+
+
+async def test_referral_codes_have_one_format_on_every_way_in(client):
+    """One place for the referral code's format (issue 24): the sign-up body, the /r/ link and the
+    cookie it leaves take codes shaped as util.referral_code() makes them, and nothing else."""
+    r = await client.post("/v1/auth/signup", json={"email": "x@example.com", "password": PASSWORD,
+                                                   "referral_code": "not-a-code-at-all"})
+    assert r.status_code == 422 and r.json()["field"].endswith("referral_code")
+    r = await client.get("/r/K7MQ2XWD", follow_redirects=False)
+    assert r.status_code in (302, 303) and r.cookies.get("pgtally_ref") == "k7mq2xwd"
+    client.cookies.clear()
+    r = await client.get("/r/k7mq2xwdtoolong", follow_redirects=False)
+    assert r.status_code in (302, 303) and "pgtally_ref" not in r.cookies
