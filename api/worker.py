@@ -111,31 +111,44 @@ async def send(message: EmailMessage, settings: Settings) -> None:
         timeout=30)
 
 
+class CannotAct(Exception):
+    """This worker cannot do the task (no ``STRIPE_API_KEY``): it stays queued, with the reason."""
+
+
 async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any], settings: Settings) -> None:
     """An auto top-up task: pay the bundle off-session with the saved card. The idempotency key is
-    the task's id, so a worker that dies after Stripe's answer and runs the task again pays once.
-    Credits arrive with payment_intent.succeeded; a declined card is counted as a failure (three
-    turn auto top-up off), anything else is retried later with the outbox's backoff."""
+    ``auto-topup-`` and the task's id, so a worker that dies after Stripe's answer and runs the task
+    again pays once. Credits arrive with payment_intent.succeeded; a declined card is counted as a
+    failure (three turn auto top-up off), anything else is retried later with the outbox's backoff.
+    Without ``STRIPE_API_KEY`` the task is left queued (:class:`CannotAct`); a task that is no longer
+    the one in flight (auto top-up turned off, or off and on) pays nothing."""
     from api.billing import stripe_client
 
     client = stripe_client(settings)
-    (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid)", [payload["account_id"]])).fetchone()
-    if client is None or target is None:
-        return                                   # billing off, or auto top-up turned off meanwhile
+    if client is None:
+        raise CannotAct("STRIPE_API_KEY is not set in this worker: the auto top-up waits for a worker that has it")
+    (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid, %s::uuid)",
+                                          [payload["account_id"], message_id])).fetchone()
+    if target is None:
+        return                                   # turned off meanwhile, or this task was superseded
     cards = (await client.v1.payment_methods.list_async(
         params={"customer": target["stripe_customer_id"], "type": "card"})).data
     if not cards:
         await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)", [payload["account_id"], "no saved card"])
         return
     try:
-        await client.v1.payment_intents.create_async(params={
+        intent = await client.v1.payment_intents.create_async(params={
             "amount": target["amount"], "currency": target["currency"], "customer": target["stripe_customer_id"],
             "payment_method": cards[0].id, "off_session": True, "confirm": True,
-            "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true"}},
-            options={"idempotency_key": f"auto-topup-{message_id}"})
+            "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true",
+                         "auto_topup_task": str(message_id)}},
+            options={"idempotency_key": target["stripe_idempotency_key"]})
     except stripe.CardError as exc:
         await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)",
                            [payload["account_id"], f"{exc.code or 'card_error'}: {exc.user_message or exc}"])
+        return
+    await conn.execute("SELECT api.auto_topup_started(%s::uuid, %s::uuid, %s::text)",
+                       [payload["account_id"], message_id, intent.id])
 
 
 async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any],
@@ -152,7 +165,7 @@ async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload:
 
     client = stripe_client(settings)
     if client is None:
-        raise RuntimeError("STRIPE_API_KEY is not set: post-paid usage cannot be reported")
+        raise CannotAct("STRIPE_API_KEY is not set in this worker: post-paid usage waits for a worker that has it")
     (customer,) = await (await conn.execute("SELECT api.stripe_customer_of(%s::uuid)", [payload["account_id"]])).fetchone()
     if customer is None:
         raise RuntimeError(f"account {payload['account_id']} has no Stripe customer")
@@ -178,6 +191,10 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
                 await report_meter_event(conn, message_id, payload, settings)
             else:
                 await send(render(kind, recipient, payload, settings), settings)
+        except CannotAct as exc:
+            log.warning("%s task %s left queued: %s", kind, message_id, exc)
+            await conn.execute("SELECT api.outbox_postpone(%s, %s)", [message_id, str(exc)])
+            continue
         except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried later
             log.warning("sending %s to %s failed: %s", kind, recipient, exc)
             await conn.execute("SELECT api.outbox_failed(%s, %s)", [message_id, repr(exc)])
@@ -191,10 +208,11 @@ HOUSEKEEPING_SECONDS = 300
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
     """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
-    credit lots), next months' partitions and forgetting idempotency keys past their window
-    (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
+    credit lots), auto top-ups stuck in flight (``api.release_stuck_auto_topups``), next months'
+    partitions and forgetting idempotency keys past their window (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
     operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""
     await conn.execute("SELECT api.housekeeping()")
+    await conn.execute("SELECT api.release_stuck_auto_topups()")
     # Its own transaction: making a partition locks the tables, and must not wait holding accounts.
     await conn.execute("SELECT api.maintain_storage()")
     while (await (await conn.execute("SELECT api.rollup_usage(50000)")).fetchone())[0] == 50000:

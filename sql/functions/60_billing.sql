@@ -190,13 +190,16 @@ BEGIN
   PERFORM billing.first_payment(v_account_id, v_payment);
   PERFORM billing.email_receipt(v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
-    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
-    WHERE account_id = v_account_id;
+    -- Ends the top-up in flight only if it is this payment's (one released as stuck may succeed late).
+    UPDATE billing.auto_topups SET in_flight_since = NULL, task_id = NULL, failures = 0, last_error = NULL,
+                                   stripe_payment_intent_id = o ->> 'id', updated_at = util.now()
+    WHERE account_id = v_account_id
+      AND (task_id::text = o -> 'metadata' ->> 'auto_topup_task' OR o -> 'metadata' ->> 'auto_topup_task' IS NULL);
   END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(jsonb) IS
-  'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
+  'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task).';
 
 CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
 LANGUAGE plpgsql AS $$

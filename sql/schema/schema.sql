@@ -489,51 +489,51 @@ DECLARE
 BEGIN
   IF p_enabled = false THEN
     PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
-    UPDATE billing.auto_topups SET enabled = false, updated_at = util.now() WHERE account_id = v_account_id;
+    UPDATE billing.auto_topups SET enabled = false, in_flight_since = NULL, task_id = NULL, updated_at = util.now()
+    WHERE account_id = v_account_id;
     UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = v_account_id;
   END IF;
   SELECT * INTO t FROM billing.auto_topups WHERE account_id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off; billing:manage): the settings. p_account_id: a team.';
+COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off, forgetting any top-up in flight, whose queued task then pays nothing; billing:manage): the settings. p_account_id: a team.';
 
 CREATE FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) RETURNS jsonb
-    LANGUAGE plpgsql SECURITY DEFINER
+    LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-DECLARE
-  t billing.auto_topups;
-BEGIN
-  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
-  UPDATE billing.auto_topups
-  SET failures = failures + 1, in_flight_since = NULL, last_error = left(p_error, 1000), updated_at = util.now(),
-      enabled = failures + 1 < 3
-  WHERE account_id = p_account_id RETURNING * INTO t;
-  IF t.account_id IS NOT NULL AND NOT t.enabled THEN
-    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = p_account_id;
-    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
-    SELECT 'auto_topup_disabled', u.email, jsonb_build_object('error', left(p_error, 300), 'failures', t.failures),
-           util.now(), util.now()
-    FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL;
-  END IF;
-  RETURN billing.auto_topup_json(t);
-END $$;
+  SELECT billing.auto_topup_json(billing.auto_topup_failure(p_account_id, p_error))
+$$;
 
 COMMENT ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) IS 'pgtally worker: the card was declined or needs authentication: count the failure and let the next charge try again; the third failure turns auto top-up off and emails the user.';
 
-CREATE FUNCTION api.auto_topup_payment(p_account_id uuid) RETURNS jsonb
-    LANGUAGE sql STABLE SECURITY DEFINER
+CREATE FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-  SELECT jsonb_build_object('account_id', t.account_id, 'stripe_customer_id', c.stripe_customer_id,
-                            'price', p.id, 'amount', p.amount_minor, 'currency', p.currency)
+BEGIN
+  -- plpgsql (checked when run): task_id is younger than some migration levels the functions are applied at.
+  RETURN (SELECT jsonb_build_object('account_id', t.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                            'price', p.id, 'amount', p.amount_minor, 'currency', p.currency,
+                            'stripe_idempotency_key', 'auto-topup-' || t.task_id)
   FROM billing.auto_topups t JOIN billing.prices p ON p.id = t.price_id
   JOIN billing.customers c ON c.account_id = t.account_id
-  WHERE t.account_id = p_account_id AND t.enabled
-$$;
+  WHERE t.account_id = p_account_id AND t.enabled AND t.task_id = p_task_id);
+END $$;
 
-COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid) IS 'pgtally worker: what an auto top-up task pays (customer, bundle, amount, currency); NULL when it was turned off meanwhile.';
+COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) IS 'pgtally worker: what the auto top-up task p_task_id pays (customer, bundle, amount in minor units, currency, and Stripe''s idempotency key auto-topup-<task id>); NULL when auto top-up was turned off meanwhile or this task is no longer the one in flight (turned off and on, or released as stuck).';
+
+CREATE FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  UPDATE billing.auto_topups SET stripe_payment_intent_id = left(p_payment_intent, 255), updated_at = util.now()
+  WHERE account_id = p_account_id AND task_id = p_task_id;
+END $$;
+
+COMMENT ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) IS 'pgtally worker: Stripe answered the top-up of task p_task_id with PaymentIntent p_payment_intent (its credits arrive with payment_intent.succeeded).';
 
 CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2245,6 +2245,18 @@ $$;
 
 COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
 
+CREATE FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer DEFAULT 60) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  UPDATE outbox.messages
+  SET attempts = greatest(attempts - 1, 0), last_error = left(p_reason, 1000),
+      next_attempt_at = util.now() + make_interval(secs => greatest(p_seconds, 1))
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+
+COMMENT ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) IS 'pgtally worker: it cannot act on this task (no STRIPE_API_KEY for an auto top-up or a meter event): leave it queued, say why (last_error), claim it again after p_seconds; the attempt is not counted, so a worker that can act still gets all eight.';
+
 CREATE FUNCTION api.partitions() RETURNS TABLE(table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2426,6 +2438,30 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
+
+CREATE FUNCTION api.release_stuck_auto_topups(p_after interval DEFAULT '00:30:00'::interval) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  r record;
+  n integer := 0;
+BEGIN
+  FOR r IN SELECT t.account_id, t.stripe_payment_intent_id, m.failed_at IS NOT NULL AS failed, m.last_error
+           FROM billing.auto_topups t LEFT JOIN outbox.messages m ON m.id = t.task_id
+           WHERE t.in_flight_since < util.now() - p_after
+             AND (m.id IS NULL OR m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL)
+           ORDER BY t.account_id
+  LOOP
+    PERFORM billing.auto_topup_failure(r.account_id, CASE
+      WHEN r.failed THEN 'the top-up task failed: ' || coalesce(r.last_error, '?')
+      ELSE format('no answer from Stripe about %s within %s: released', coalesce(r.stripe_payment_intent_id, 'the payment'), p_after) END);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $$;
+
+COMMENT ON FUNCTION api.release_stuck_auto_topups(p_after interval) IS 'pgtally worker housekeeping: release auto top-ups in flight for longer than p_after whose task is settled (Stripe was asked and its payment_intent.succeeded never came, the task gave up, or it is gone), counting each as a failure (three turn auto top-up off). A payment_intent.succeeded arriving later still grants its credits. Queued tasks are left to the outbox''s retries. Returns how many were released.';
 
 CREATE FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -2679,13 +2715,15 @@ BEGIN
   INSERT INTO billing.auto_topups AS x (account_id, below_micros, price_id, enabled, failures, updated_at)
   VALUES (v_account_id, p_below_micros, p_bundle, true, 0, util.now())
   ON CONFLICT (account_id) DO UPDATE SET below_micros = EXCLUDED.below_micros, price_id = EXCLUDED.price_id,
-    enabled = true, failures = 0, last_error = NULL, updated_at = EXCLUDED.updated_at
+    enabled = true, failures = 0, last_error = NULL, updated_at = EXCLUDED.updated_at,
+    -- Turned on again after being off: whatever was in flight then is forgotten (its task pays nothing).
+    in_flight_since = CASE WHEN x.enabled THEN x.in_flight_since END, task_id = CASE WHEN x.enabled THEN x.task_id END
   RETURNING * INTO t;
   UPDATE identity.accounts SET auto_topup_below_micros = p_below_micros WHERE id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight; turning it on after it was off clears a top-up left in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
 
 CREATE FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -3402,13 +3440,16 @@ BEGIN
   PERFORM billing.first_payment(v_account_id, v_payment);
   PERFORM billing.email_receipt(v_payment);
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
-    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
-    WHERE account_id = v_account_id;
+    -- Ends the top-up in flight only if it is this payment's (one released as stuck may succeed late).
+    UPDATE billing.auto_topups SET in_flight_since = NULL, task_id = NULL, failures = 0, last_error = NULL,
+                                   stripe_payment_intent_id = o ->> 'id', updated_at = util.now()
+    WHERE account_id = v_account_id
+      AND (task_id::text = o -> 'metadata' ->> 'auto_topup_task' OR o -> 'metadata' ->> 'auto_topup_task' IS NULL);
   END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task).';
 
 CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3528,12 +3569,42 @@ CREATE TABLE billing.auto_topups (
     in_flight_since timestamp with time zone,
     last_error text,
     updated_at timestamp with time zone NOT NULL,
+    task_id uuid,
+    stripe_payment_intent_id text,
     CONSTRAINT auto_topups_below_micros_check CHECK ((below_micros >= 0)),
     CONSTRAINT auto_topups_failures_check CHECK ((failures >= 0)),
-    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000))
+    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000)),
+    CONSTRAINT auto_topups_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
 );
 
 COMMENT ON TABLE billing.auto_topups IS 'Auto top-up settings: buy price_id (a bundle) with the saved card when a charge leaves the balance below below_micros. in_flight_since: a top-up is queued or being paid (never two at once); cleared by its payment_intent.succeeded, or by a failure (3 failures turn it off and email the user).';
+
+COMMENT ON COLUMN billing.auto_topups.task_id IS 'The outbox task (outbox.messages.id, kind auto_topup) of the top-up in flight: only that task may pay, and Stripe''s idempotency key is auto-topup-<task_id>. NULL when none is in flight.';
+
+COMMENT ON COLUMN billing.auto_topups.stripe_payment_intent_id IS 'The PaymentIntent the worker created for the top-up in flight (or the last one), as Stripe answered it.';
+
+CREATE FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) RETURNS billing.auto_topups
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  t billing.auto_topups;
+BEGIN
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  UPDATE billing.auto_topups
+  SET failures = failures + 1, in_flight_since = NULL, task_id = NULL, last_error = left(p_error, 1000),
+      updated_at = util.now(), enabled = failures + 1 < 3
+  WHERE account_id = p_account_id RETURNING * INTO t;
+  IF t.account_id IS NOT NULL AND NOT t.enabled THEN
+    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = p_account_id;
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'auto_topup_disabled', u.email, jsonb_build_object('error', left(p_error, 300), 'failures', t.failures),
+           util.now(), util.now()
+    FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL;
+  END IF;
+  RETURN t;
+END $$;
+
+COMMENT ON FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) IS 'An auto top-up did not happen (declined, needs authentication, or no answer from Stripe): count the failure, end the in-flight state so the next charge may try again; the third failure in a row turns auto top-up off and emails the user.';
 
 CREATE FUNCTION billing.auto_topup_json(t billing.auto_topups) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -3611,6 +3682,7 @@ CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
     AS $$
 DECLARE
   t billing.auto_topups;
+  v_task uuid;
 BEGIN
   -- The claim: one top-up in flight at a time, whatever the number of charges under the threshold.
   UPDATE billing.auto_topups SET in_flight_since = util.now()
@@ -3619,11 +3691,13 @@ BEGIN
   IF t.account_id IS NOT NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('auto_topup', p_account_id::text, jsonb_build_object('account_id', p_account_id, 'price', t.price_id),
-            util.now(), util.now());
+            util.now(), util.now())
+    RETURNING id INTO v_task;
+    UPDATE billing.auto_topups SET task_id = v_task, stripe_payment_intent_id = NULL WHERE account_id = p_account_id;
   END IF;
 END $$;
 
-COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup) unless one is in flight.';
+COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup, remembered as billing.auto_topups.task_id) unless one is in flight.';
 
 CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
     LANGUAGE sql IMMUTABLE
@@ -5918,7 +5992,8 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
+               'stuck_auto_topups']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -7395,6 +7470,27 @@ CREATE VIEW reporting.stripe_events_not_applied AS
 
 COMMENT ON VIEW reporting.stripe_events_not_applied IS 'Webhook events received but not applied (stale or ignored), with the reason.';
 
+CREATE VIEW reporting.stuck_auto_topups AS
+ SELECT t.account_id,
+    t.in_flight_since,
+    t.task_id,
+    t.stripe_payment_intent_id,
+    t.failures,
+    t.last_error,
+        CASE
+            WHEN (m.id IS NULL) THEN 'missing'::text
+            WHEN (m.delivered_at IS NOT NULL) THEN 'delivered'::text
+            WHEN (m.failed_at IS NOT NULL) THEN 'failed'::text
+            ELSE 'queued'::text
+        END AS task_state,
+    m.attempts AS task_attempts,
+    m.last_error AS task_error
+   FROM (billing.auto_topups t
+     LEFT JOIN outbox.messages m ON ((m.id = t.task_id)))
+  WHERE (t.in_flight_since < (util.now() - '00:30:00'::interval));
+
+COMMENT ON VIEW reporting.stuck_auto_topups IS 'Reconciliation: auto top-ups in flight for more than 30 minutes (no payment_intent.succeeded and no failure recorded): the task''s state (queued: the worker could not act yet, see task_error; delivered: Stripe was asked and its event never arrived; failed or missing). The worker''s housekeeping (api.release_stuck_auto_topups) releases the delivered, failed and missing ones; a queued one waits for a worker that can pay it. Must be empty.';
+
 CREATE VIEW reporting.subscriptions_by_status AS
  SELECT plan_id,
     status,
@@ -8124,8 +8220,11 @@ GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enable
 REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
@@ -8273,6 +8372,9 @@ GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.partitions() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) FROM PUBLIC;
@@ -8295,6 +8397,9 @@ GRANT ALL ON FUNCTION api.refresh_due_credits() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.release_stuck_auto_topups(p_after interval) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.release_stuck_auto_topups(p_after interval) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) TO pgtally_api;
@@ -8393,6 +8498,8 @@ REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FRO
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLIC;
 
@@ -8669,6 +8776,8 @@ GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.revenue_drift TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.stuck_auto_topups TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
 

@@ -242,3 +242,94 @@ async def test_item7_buying_a_plan_while_subscribed_is_a_state_conflict(client, 
     r = await client.post("/v1/billing/checkout", json={"price": "unlimited_monthly"}, headers=bearer(acct["api_key"]))
     assert r.status_code == 409 and r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["type"].endswith("/conflict") and r.json()["change_url"] == "/v1/billing/subscription/change"
+
+
+async def auto_topup_account(client, stripe_api, new_account, below="5"):
+    """An account with a saved card (a first bundle bought through Checkout) and auto top-up on."""
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    session = (await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=headers)).json()
+    await pay_and_deliver(client, stripe_api, session["id"])
+    r = await client.put("/v1/billing/auto-topup", json={"below": below, "buy": "bundle_10"}, headers=headers)
+    assert r.status_code == 200, r.text
+    return acct, headers
+
+
+async def spend_below_threshold(client, acct, key: str) -> None:
+    r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 18},
+                          headers=bearer(acct["api_key"], **{"Idempotency-Key": key}))
+    assert r.status_code == 201, r.text
+
+
+async def test_item9_a_worker_without_stripe_leaves_the_top_up_queued_and_says_why(
+        client, db_url, settings, stripe_api, new_account, owner):
+    from api.app import Settings
+    from tests.http.test_billing_http import run_worker
+
+    acct, headers = await auto_topup_account(client, stripe_api, new_account)
+    await spend_below_threshold(client, acct, "w1")
+    without_stripe = Settings(public_url=settings.public_url, smtp_url=settings.smtp_url)
+    assert await run_worker(db_url, without_stripe) >= 1
+    delivered, attempts, error = owner.execute(
+        "SELECT delivered_at, attempts, last_error FROM outbox.messages WHERE kind = 'auto_topup'").fetchone()
+    assert delivered is None and attempts == 0 and "STRIPE_API_KEY" in error
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
+    # A worker that has the key pays it, once.
+    owner.execute("UPDATE outbox.messages SET next_attempt_at = now() WHERE kind = 'auto_topup'")
+    before = len(stripe_api.sent)
+    await run_worker(db_url, settings)
+    (paid,) = [e for e in stripe_api.sent[before:] if e["type"] == "payment_intent.succeeded"]
+    assert owner.execute("SELECT stripe_payment_intent_id FROM billing.auto_topups").fetchone()[0] == paid["data"]["object"]["id"]
+    assert (await deliver(client, paid)).status_code == 200
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is False
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_item9_off_and_on_clears_a_top_up_in_flight_whose_task_then_pays_nothing(
+        client, db_url, settings, stripe_api, new_account, owner):
+    from tests.http.test_billing_http import run_worker
+
+    acct, headers = await auto_topup_account(client, stripe_api, new_account)
+    await spend_below_threshold(client, acct, "o1")
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
+    assert (await client.delete("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is False
+    r = await client.put("/v1/billing/auto-topup", json={"below": "5", "buy": "bundle_10"}, headers=headers)
+    assert r.json()["in_flight"] is False and r.json()["enabled"] is True
+    before = len(stripe_api.requests)
+    await run_worker(db_url, settings)                      # the old task: superseded, pays nothing
+    assert not [p for _, p, _, _ in stripe_api.requests[before:] if p == "/v1/payment_intents"]
+    # The next charge under the threshold queues a new one, which pays.
+    r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 1},
+                          headers=bearer(acct["api_key"], **{"Idempotency-Key": "o2"}))
+    assert r.status_code == 201
+    await run_worker(db_url, settings)
+    keys = [k for _, p, _, k in stripe_api.requests[before:] if p == "/v1/payment_intents"]
+    (task,) = owner.execute("SELECT id FROM outbox.messages WHERE kind = 'auto_topup' ORDER BY created_at DESC LIMIT 1").fetchone()
+    assert keys == [f"auto-topup-{task}"]
+
+
+async def test_item9_a_top_up_stripe_never_answers_is_listed_then_released(
+        client, db_url, settings, stripe_api, new_account, owner):
+    from tests.http.test_billing_http import run_worker
+
+    acct, headers = await auto_topup_account(client, stripe_api, new_account)
+    await spend_below_threshold(client, acct, "s1")
+    before = len(stripe_api.sent)
+    await run_worker(db_url, settings)
+    (lost,) = [e for e in stripe_api.sent[before:] if e["type"] == "payment_intent.succeeded"]   # never delivered
+    owner.execute("UPDATE billing.auto_topups SET in_flight_since = now() - interval '2 hours'")
+    stuck = owner.execute("SELECT account_id::text, task_state, stripe_payment_intent_id FROM reporting.stuck_auto_topups").fetchall()
+    assert stuck == [(acct["account_id"], "delivered", lost["data"]["object"]["id"])]
+    assert list(reconciliation_problems(owner)) == ["stuck_auto_topups"]
+    assert owner.execute("SELECT api.release_stuck_auto_topups()").fetchone()[0] == 1
+    state = (await client.get("/v1/billing/auto-topup", headers=headers)).json()
+    assert state["in_flight"] is False and state["failures"] == 1 and "no answer from Stripe" in state["last_error"]
+    assert reconciliation_problems(owner) == {}
+    # A new top-up starts; the lost event arrives late: credited, and the new one stays in flight.
+    await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 1},
+                      headers=bearer(acct["api_key"], **{"Idempotency-Key": "s2"}))
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
+    balance = account_row(owner, acct["account_id"])[1]
+    assert (await deliver(client, lost)).json()["status"] == "applied"
+    assert account_row(owner, acct["account_id"])[1] == balance + 10_000_000
+    assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
