@@ -238,8 +238,9 @@ class TopUpRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class TopUp(msgspec.Struct):
     """``paid``: the saved card was charged; the credits arrive with Stripe's
-    payment_intent.succeeded event (a moment later). ``checkout``: no saved card, or the bank
-    wants the person to authenticate: finish at ``url``."""
+    payment_intent.succeeded event (a moment later). ``requires_action``: the bank wants the
+    person to authenticate this PaymentIntent: send them to ``url`` (Stripe's page, which comes back
+    to /billing/success). ``checkout``: no saved card: finish at ``url``."""
 
     status: str
     price: str
@@ -249,10 +250,13 @@ class TopUp(msgspec.Struct):
 
 
 async def top_up(request: Request, principal: list, bundle: str, idempotency_key: str | None = None) -> TopUp:
-    """One-click top-up: charge the customer's saved card off-session for a bundle (an
-    idempotency key goes to Stripe), falling back to Checkout when there is no saved card or the
-    card needs authentication. Credits are granted only by the webhook, exactly once. Stripe's
-    idempotency key is ``topup-`` and the account-scoped key derived from ``idempotency_key``."""
+    """One-click top-up: charge the customer's saved card off-session for a bundle, card payment
+    methods only (``payment_method_types=["card"]``: the confirm never needs a ``return_url``).
+    When the bank wants the person to authenticate, that same PaymentIntent is confirmed again
+    on-session with a ``return_url`` and the person is sent to Stripe's authentication page
+    (``requires_action`` with its ``url``), as Stripe advises; with no saved card, Checkout.
+    Credits are granted only by the webhook, exactly once. Stripe's idempotency key is ``topup-``
+    and the account-scoped key derived from ``idempotency_key`` (a fresh one without)."""
     client = client_of(request)
     prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid, %s::text)",
                            [principal[0], principal[1], bundle, principal[2], idempotency_key])
@@ -260,20 +264,36 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
         raise PgtallyError({"sqlstate": "TL422", "message": f"{bundle} is not a credit bundle", "field": "bundle"})
     cards = ((await client.v1.payment_methods.list_async(params={"customer": prep["stripe_customer_id"], "type": "card"})).data
              if prep["stripe_customer_id"] else [])
-    if cards:
-        try:
-            intent = await client.v1.payment_intents.create_async(params={
-                "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
-                "payment_method": cards[0].id, "off_session": True, "confirm": True,
-                "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
-                options={"idempotency_key": f"topup-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
-            if intent.status == "succeeded":
-                return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
-        except stripe.CardError as exc:
-            if exc.code != "authentication_required":
-                raise
-    session = await start_checkout(request, principal, bundle)
-    return TopUp(status="checkout", price=bundle, credits=prep["credits"], url=session.url)
+    if not cards:
+        session = await start_checkout(request, principal, bundle)
+        return TopUp(status="checkout", price=bundle, credits=prep["credits"], url=session.url)
+    key = f"topup-{prep['stripe_idempotency_key'] or uuid.uuid4()}"
+    try:
+        intent = await client.v1.payment_intents.create_async(params={
+            "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
+            "payment_method": cards[0].id, "payment_method_types": ["card"], "off_session": True, "confirm": True,
+            "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
+            options={"idempotency_key": key})
+    except stripe.CardError as exc:
+        pending = getattr(exc.error, "payment_intent", None)
+        if exc.code != "authentication_required" or pending is None:
+            raise
+        intent_id = pending.id
+    else:
+        if intent.status in ("succeeded", "processing"):
+            return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
+        intent_id = intent.id
+    # The bank asks the person to authenticate: bring them back to confirm this same PaymentIntent.
+    public_url = request.app.state.settings.public_url.rstrip("/")
+    confirmed = await client.v1.payment_intents.confirm_async(intent_id, params={
+        "payment_method": cards[0].id, "return_url": f"{public_url}/billing/success?payment_intent={intent_id}"},
+        options={"idempotency_key": f"{key}-confirm"})
+    if confirmed.status == "succeeded":
+        return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent_id)
+    action = confirmed.next_action.redirect_to_url.url if confirmed.next_action and confirmed.next_action.redirect_to_url else None
+    if action is None:
+        raise stripe.CardError(f"the payment could not be completed ({confirmed.status})", None, "payment_intent_incomplete")
+    return TopUp(status="requires_action", price=bundle, credits=prep["credits"], payment_intent=intent_id, url=action)
 
 
 @post("/v1/billing/topup", status_code=201, dependencies=AUTH, security=SECURITY,
@@ -281,8 +301,9 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
 async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
                 idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> TopUp:
     """Buy a credit bundle with the card saved by an earlier Checkout, at once (``paid``; the
-    credits follow with Stripe's event), else ``checkout`` with a Checkout ``url``. 402 a declined
-    card; 422 not a bundle."""
+    credits follow with Stripe's event); ``requires_action`` with the ``url`` where the person
+    authenticates that same payment; ``checkout`` with a Checkout ``url`` when no card is saved.
+    402 a declined card; 422 not a bundle."""
     return await top_up(request, [*caller.params, account_id], data.bundle, idempotency_key)
 
 

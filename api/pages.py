@@ -405,7 +405,7 @@ async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) 
 async def dashboard_topup(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
         result = await top_up(request, principal_of(request, sid), data.price)
-        if result.status == "checkout":
+        if result.url:                      # Checkout, or the bank's authentication of this payment
             return Redirect(result.url)
         return Redirect(f"/billing/success?payment_intent={result.payment_intent}")
     return await signed_in(request, action, dashboard_view)

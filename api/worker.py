@@ -139,7 +139,7 @@ async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dic
     try:
         intent = await client.v1.payment_intents.create_async(params={
             "amount": target["amount"], "currency": target["currency"], "customer": target["stripe_customer_id"],
-            "payment_method": cards[0].id, "off_session": True, "confirm": True,
+            "payment_method": cards[0].id, "payment_method_types": ["card"], "off_session": True, "confirm": True,
             "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true",
                          "auto_topup_task": str(message_id)}},
             options={"idempotency_key": target["stripe_idempotency_key"]})

@@ -229,6 +229,7 @@ class StripeStandIn:
         self.meter_events: dict[str, dict[str, Any]] = {}   # identifier -> billing.meter_event
         self.meter_event_failures = 0                       # answer the next N meter events with a 500
         self.charges: dict[str, dict[str, Any]] = {}       # payment intent -> {amount, currency, refunded}
+        self.intents: dict[str, dict[str, Any]] = {}       # payment intent id -> PaymentIntent
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
@@ -297,12 +298,38 @@ class StripeStandIn:
                 self.end_headers()
                 self.wfile.write(html)
 
+            def _authenticate(self, method: str) -> None:
+                intent = standin.intents.get(self.path.split("?")[0].rsplit("/", 1)[-1])
+                if intent is None or intent["status"] not in ("requires_action", "succeeded"):
+                    return self._answer(404, {"error": {"message": "No such authentication"}})
+                if method == "POST":
+                    return_url = ((intent["next_action"] or {}).get("redirect_to_url") or {}).get("return_url")
+                    standin.authenticate(intent["id"])
+                    self.send_response(303)
+                    self.send_header("Location", return_url or "/")
+                    self.end_headers()
+                    return
+                html = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Authenticate</title></head>"
+                        f"<body><h1>Your bank asks you to confirm {intent['amount'] / 100:.2f} "
+                        f"{intent['currency'].upper()}</h1><form method=post><button type=submit>Complete</button>"
+                        f"</form></body></html>").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(html)))
+                self.end_headers()
+                self.wfile.write(html)
+
             def do_GET(self) -> None:  # noqa: N802
+                if self.path.startswith("/authenticate/"):
+                    return self._authenticate("GET")
                 if self.path.startswith("/c/pay/"):
                     return self._page("GET")
                 self._handle("GET")
 
             def do_POST(self) -> None:  # noqa: N802
+                if self.path.startswith("/authenticate/"):
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    return self._authenticate("POST")
                 if self.path.startswith("/c/pay/"):
                     length = int(self.headers.get("Content-Length") or 0)
                     self.rfile.read(length)
@@ -343,14 +370,44 @@ class StripeStandIn:
         if (method, path) == ("POST", "/v1/payment_intents"):
             if p.get("payment_method") not in self.cards.get(p.get("customer", ""), []):
                 return 400, {"error": {"type": "invalid_request_error", "message": "No such PaymentMethod"}}
+            if (p.get("confirm") == "true" and not p.get("return_url") and not p.get("payment_method_types")
+                    and (p.get("automatic_payment_methods") or {}).get("allow_redirects") != "never"):
+                # Stripe's answer since automatic payment methods are on by default (API 2023-08-16).
+                return 400, {"error": {"type": "invalid_request_error", "message": (
+                    "This PaymentIntent is configured to accept payment methods enabled in your Dashboard, some of "
+                    "which may require a full page redirect to succeed. If you do not want to accept redirect-based "
+                    "payment methods, set `automatic_payment_methods[enabled]` to `true` and "
+                    "`automatic_payment_methods[allow_redirects]` to `never` when creating Setup Intents and Payment "
+                    "Intents. If you do want to accept redirect-based payment methods, set the `return_url` parameter "
+                    "when confirming Setup Intents and Payment Intents.")}}
             if p["customer"] in self.needs_authentication:
+                # Off-session and the bank wants 3-D Secure: declined, the PaymentIntent kept for the customer.
+                intent = Shapes.payment_intent(f"pi_{n}", p["customer"], int(p["amount"]), p["currency"],
+                                               status="requires_payment_method", metadata=p.get("metadata", {}),
+                                               payment_method=p["payment_method"])
+                intent["last_payment_error"] = {"type": "card_error", "code": "authentication_required",
+                                                "decline_code": "authentication_required",
+                                                "message": "This payment requires authentication."}
+                self.intents[intent["id"]] = intent
                 return 402, {"error": {"type": "card_error", "code": "authentication_required",
-                                       "message": "This payment requires authentication."}}
+                                       "decline_code": "authentication_required",
+                                       "message": "This payment requires authentication.", "payment_intent": intent}}
             intent = Shapes.payment_intent(f"pi_{n}", p["customer"], int(p["amount"]), p["currency"],
                                            metadata=p.get("metadata", {}), payment_method=p["payment_method"])
+            self.intents[intent["id"]] = intent
             self.charges[intent["id"]] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0,
                                           "customer": p["customer"]}
             self.send_event("payment_intent.succeeded", intent)
+            return 200, intent
+        match = re.fullmatch(r"/v1/payment_intents/(\w+)/confirm", path)
+        if method == "POST" and match and match.group(1) in self.intents:
+            intent = self.intents[match.group(1)]
+            if intent["status"] not in ("requires_payment_method", "requires_confirmation", "requires_action"):
+                return 400, {"error": {"type": "invalid_request_error", "code": "payment_intent_unexpected_state",
+                                       "message": f"This PaymentIntent's status is {intent['status']}."}}
+            intent.update(status="requires_action", payment_method=p.get("payment_method", intent["payment_method"]),
+                          next_action={"type": "redirect_to_url", "redirect_to_url": {
+                              "url": f"{self.url}/authenticate/{intent['id']}", "return_url": p.get("return_url")}})
             return 200, intent
         if (method, path) == ("POST", "/v1/refunds"):
             charge = self.charges.get(p.get("payment_intent", ""))
@@ -482,6 +539,20 @@ def _close_period(self, sub_id: str) -> dict[str, Any]:
     return invoice
 
 
+def _authenticate(self, intent_id: str) -> dict[str, Any]:
+    """The customer completes the bank's authentication of a PaymentIntent that required action:
+    it succeeds and payment_intent.succeeded is sent."""
+    with self.lock:
+        intent = self.intents[intent_id]
+        if intent["status"] == "succeeded":
+            return intent
+        intent.update(status="succeeded", amount_received=intent["amount"], last_payment_error=None, next_action=None)
+        self.charges[intent_id] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0,
+                                   "customer": intent["customer"]}
+    self.send_event("payment_intent.succeeded", dict(intent))
+    return intent
+
+
 def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
@@ -496,6 +567,7 @@ def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
 
 
 StripeStandIn.pay = _pay
+StripeStandIn.authenticate = _authenticate
 StripeStandIn.send_event = _send_event
 StripeStandIn.close_period = _close_period
 

@@ -533,10 +533,10 @@ async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webh
     assert "is active" in (await client.get(f"/billing/success?payment_intent={r.json()['payment_intent']}")).text
     assert reconciliation_problems(owner) == {}
 
-    # A card that needs authentication falls back to Checkout.
+    # A card that needs authentication: the person confirms that same payment with their bank.
     stripe_api.needs_authentication.add(owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0])
     r = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
-    assert r.json()["status"] == "checkout" and "/c/pay/" in r.json()["url"]
+    assert r.json()["status"] == "requires_action" and "/authenticate/" in r.json()["url"]
     assert (await client.post("/v1/billing/topup", json={"bundle": "pro_monthly"}, headers=headers)).status_code == 422
 
 

@@ -333,3 +333,37 @@ async def test_item9_a_top_up_stripe_never_answers_is_listed_then_released(
     assert (await deliver(client, lost)).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[1] == balance + 10_000_000
     assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
+
+
+async def test_item8_off_session_top_ups_need_no_return_url_and_authenticate_the_same_payment(
+        client, db_url, settings, stripe_api, new_account, owner):
+    from tests.http.test_billing_http import run_worker
+
+    acct, headers = await auto_topup_account(client, stripe_api, new_account)
+    r = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
+    assert r.status_code == 201 and r.json()["status"] == "paid", r.text
+    _, path, params, _ = stripe_api.requests[-1]
+    assert path == "/v1/payment_intents" and params["payment_method_types"] == ["card"] and "return_url" not in params
+    await spend_below_threshold(client, acct, "a1")
+    await run_worker(db_url, settings)                    # the worker's auto top-up: card only too
+    (auto,) = [p for _, path, p, _ in stripe_api.requests if path == "/v1/payment_intents" and "auto_topup" in p["metadata"]]
+    assert auto["payment_method_types"] == ["card"]
+
+    # The bank wants the person to authenticate: they confirm the PaymentIntent Stripe declined, no new Checkout.
+    stripe_api.needs_authentication.add(owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0])
+    sessions, before = len(stripe_api.sessions), len(stripe_api.requests)
+    r = await client.post("/v1/billing/topup", json={"bundle": "bundle_25"}, headers=headers)
+    assert r.status_code == 201 and r.json()["status"] == "requires_action", r.text
+    intent = r.json()["payment_intent"]
+    calls = [(path, p) for _, path, p, _ in stripe_api.requests[before:] if path.startswith("/v1/payment_intents")]
+    assert [c[0] for c in calls] == ["/v1/payment_intents", f"/v1/payment_intents/{intent}/confirm"]
+    assert calls[1][1]["return_url"] == f"{settings.public_url}/billing/success?payment_intent={intent}"
+    assert len(stripe_api.sessions) == sessions
+    sent = len(stripe_api.sent)
+    page = httpx.post(r.json()["url"], follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"].endswith(f"payment_intent={intent}")
+    (succeeded,) = stripe_api.sent[sent:]
+    assert succeeded["type"] == "payment_intent.succeeded" and succeeded["data"]["object"]["id"] == intent
+    balance = account_row(owner, acct["account_id"])[1]
+    assert (await deliver(client, succeeded)).json()["status"] == "applied"
+    assert account_row(owner, acct["account_id"])[1] == balance + 25_000_000
