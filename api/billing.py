@@ -129,6 +129,10 @@ class SubscriptionInfo(msgspec.Struct):
     cancel_at_period_end: bool
     canceled_at: str | None
     live: bool
+    cancel_at: str | None = None
+    """When it is scheduled to end (at period end, or a date set in Stripe's dashboard or portal)."""
+    ending: bool = False
+    """It will not renew: it ends at ``cancel_at``."""
 
 
 class Suspension(msgspec.Struct):
@@ -481,8 +485,9 @@ async def stripe_webhook(request: Request,
     applied); 500/503 when applying fails, so Stripe retries. Concurrent deliveries, duplicates
     included, are answered 2xx (the database applies one customer's events one at a time). Two
     events about one subscription in the same second, and an invoice of a subscription not known
-    yet, are settled by re-reading the subscription from Stripe (502 when Stripe cannot be
-    reached, so Stripe retries)."""
+    yet, are settled by re-reading the subscription from Stripe, and an invoice whose lines do not
+    all fit in the event by reading all of them (502 when Stripe cannot be reached, so Stripe
+    retries)."""
     secret = request.app.state.settings.stripe_webhook_secret
     if not secret:
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
@@ -512,16 +517,32 @@ async def stripe_webhook(request: Request,
         (result,) = await call(request, "SELECT api.stripe_webhook_rejected(%s::text, %s::text)",
                                [hashlib.sha256(body).hexdigest(), reason])
     else:
-        if result["status"] == "refetch":
-            current = await current_subscription(request, result["subscription"], event)
-            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb)",
-                                   [text, Jsonb(current)])
+        current = lines = None
+        while result["status"] in ("refetch", "refetch_lines"):     # what the database asks for, then again
+            if result["status"] == "refetch":
+                current = await current_subscription(request, result["subscription"], event)
+            else:
+                lines = await invoice_lines(request, result["invoice"])
+            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb, %s::jsonb)",
+                                   [text, Jsonb(current) if current is not None else None,
+                                    Jsonb(lines) if lines is not None else None])
     event_type = event.get("type") if not reason and isinstance(event, dict) else None
     WEBHOOKS.labels(str(event_type or "malformed")[:100], "duplicate" if result.get("duplicate") else result["status"]).inc()
     if result["status"] == "rejected":
         raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
                                                     f"{result['reason']}", extra={"event_id": result["event_id"]})
     return result
+
+
+async def invoice_lines(request: Request, invoice_id: str) -> list[dict[str, Any]]:
+    """Every line of an invoice, page after page (an event carries only the first ones, with
+    ``lines.has_more``), as JSON."""
+    client = request.app.state.stripe
+    if client is None:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"invoice {invoice_id} has more lines than its event: "
+                                                            "set STRIPE_API_KEY to read them"})
+    page = await client.v1.invoices.line_items.list_async(invoice_id, params={"limit": 100})
+    return [line.to_dict(for_json=True) async for line in page.auto_paging_iter()]
 
 
 async def current_subscription(request: Request, subscription_id: str, event: dict[str, Any]) -> dict[str, Any]:

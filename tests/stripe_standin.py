@@ -230,6 +230,7 @@ class StripeStandIn:
         self.meter_event_failures = 0                       # answer the next N meter events with a 500
         self.charges: dict[str, dict[str, Any]] = {}       # payment intent -> {amount, currency, refunded}
         self.intents: dict[str, dict[str, Any]] = {}       # payment intent id -> PaymentIntent
+        self.invoices: dict[str, dict[str, Any]] = {}      # invoice id -> Invoice (all its lines)
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
@@ -453,6 +454,14 @@ class StripeStandIn:
             left = max(item["current_period_end"] - time.time(), 0) / max(item["current_period_end"] - item["current_period_start"], 1)
             return 200, {"object": "invoice", "amount_due": max(round((new["amount"] - old["amount"]) * left), 0),
                          "currency": new["currency"], "subscription": sub["id"]}
+        match = re.fullmatch(r"/v1/invoices/(\w+)/lines(\?.*)?", path)
+        if method == "GET" and match and match.group(1) in self.invoices:
+            query = dict(parse_qsl((match.group(2) or "?")[1:]))
+            lines = self.invoices[match.group(1)]["lines"]["data"]
+            after = [line["id"] for line in lines].index(query["starting_after"]) + 1 if "starting_after" in query else 0
+            page = lines[after:after + int(query.get("limit", 10))]
+            return 200, {"object": "list", "data": page, "has_more": after + len(page) < len(lines),
+                         "url": f"/v1/invoices/{match.group(1)}/lines"}
         match = re.fullmatch(r"/v1/subscriptions/(\w+)", path)
         if match and match.group(1) in self.subscriptions:
             sub = self.subscriptions[match.group(1)]
@@ -490,6 +499,7 @@ def _pay(self, session: dict[str, Any]) -> None:
                                      payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
                                      billing_reason="subscription_create", account_id=account_id)
             session["invoice"] = invoice["id"]
+            self.invoices[invoice["id"]] = invoice
             self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
                                           "customer": session["customer"], "invoice": invoice["id"]}
             events = [("customer.subscription.created", sub), ("checkout.session.completed", session),
@@ -534,6 +544,7 @@ def _close_period(self, sub_id: str) -> dict[str, Any]:
         self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
                                       "customer": sub["customer"], "invoice": invoice["id"]}
         item["current_period_start"], item["current_period_end"] = end, new_end
+        self.invoices[invoice["id"]] = invoice
     self.send_event("invoice.paid", invoice)
     self.send_event("customer.subscription.updated", dict(sub))
     return invoice

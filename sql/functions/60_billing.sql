@@ -58,7 +58,15 @@ CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb, p_current j
 LANGUAGE plpgsql AS $$
 DECLARE
   o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
-  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  -- Every item is read: the plan is the item whose price is a plan's (licensed first), not items[0].
+  v_item jsonb := coalesce(
+    (SELECT i FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o #> '{items,data}') = 'array' THEN o #> '{items,data}'
+                                             ELSE '[]' END) WITH ORDINALITY AS x(i, n)
+     JOIN billing.prices p ON p.stripe_price_id = i #>> '{price,id}' AND p.plan_id IS NOT NULL
+     ORDER BY (p.usage_type = 'licensed') DESC, x.n LIMIT 1),
+    o -> 'items' -> 'data' -> 0);
+  v_cancel_at timestamptz := billing.ts(o -> 'cancel_at');
+  v_ending boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false) OR billing.ts(o -> 'cancel_at') IS NOT NULL;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
   v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
@@ -83,37 +91,37 @@ BEGIN
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
-    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at,
     last_event_created, last_event_rank, last_event_id, updated_at)
   VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
-          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), v_cancel_at, billing.ts(o -> 'canceled_at'),
           v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
     current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
-    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
-  -- Tell the customer when their plan is set to end, and when it has ended (once each).
+  -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
   IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
-  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+  ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
         AND v_status IN ('active', 'trialing', 'past_due') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_ending',
       jsonb_build_object('plan', v_price.plan_id,
-                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                         'ends_at', to_char(coalesce(v_cancel_at, billing.ts(v_item -> 'current_period_end'),
                                                      billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
   END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_subscription(jsonb, jsonb) IS
-  'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
+  'customer.subscription.created/updated/deleted: store the subscription (status, the plan of whichever item has a plan''s price (licensed first), that item''s period, cancel at period end, cancel_at: a scheduled end by date) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 CREATE OR REPLACE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -387,7 +395,8 @@ $$;
 COMMENT ON FUNCTION api.stripe_webhook_rejected(text, text) IS
   'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
 
-CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL, p_lines jsonb DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_id text := p_event ->> 'id';
@@ -447,6 +456,15 @@ BEGIN
       END IF;
     END IF;
   END IF;
+  -- An invoice whose lines do not all fit in the event (Stripe sends the first ones): ask the
+  -- server for all of them (GET /v1/invoices/:id/lines), applied in place of the event's.
+  IF v_type LIKE 'invoice.%' AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    IF p_lines IS NULL THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch_lines', 'invoice', v_object ->> 'id');
+    ELSIF jsonb_typeof(p_lines) <> 'array' THEN
+      PERFORM util.fail('TL422', 'p_lines is the array of the invoice''s lines');
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
@@ -455,6 +473,10 @@ BEGIN
   IF NOT FOUND THEN
     SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
+  END IF;
+  IF p_lines IS NOT NULL AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    p_event := jsonb_set(p_event, '{data,object,lines}',
+                         (v_object -> 'lines') || jsonb_build_object('data', p_lines, 'has_more', false));
   END IF;
   BEGIN
     IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
@@ -489,8 +511,8 @@ BEGIN
   RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $$;
-COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb) IS
-  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb) IS
+  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
@@ -604,11 +626,12 @@ BEGIN
       'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
       'stripe_item_id', s.stripe_item_id,
       'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
-      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'cancel_at_period_end', s.cancel_at_period_end, 'cancel_at', util.iso(s.cancel_at),
+      'ending', s.cancel_at_period_end OR s.cancel_at IS NOT NULL, 'canceled_at', util.iso(s.canceled_at),
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 COMMENT ON FUNCTION api.billing_account(text, uuid, uuid) IS
-  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
+  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest; ending: it will not renew, at cancel_at or its period end).';
 
 CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -660,7 +683,7 @@ END $$;
 COMMENT ON FUNCTION api.live_subscription(text, uuid, text, uuid) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
-GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text),
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb), api.stripe_webhook_rejected(text, text),
   api.checkout_prepare(text, uuid, text, uuid, text), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),
   api.stripe_customer(text, uuid, uuid)
 TO pgtally_api;

@@ -584,11 +584,12 @@ BEGIN
       'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
       'stripe_item_id', s.stripe_item_id,
       'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
-      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'cancel_at_period_end', s.cancel_at_period_end, 'cancel_at', util.iso(s.cancel_at),
+      'ending', s.cancel_at_period_end OR s.cancel_at IS NOT NULL, 'canceled_at', util.iso(s.canceled_at),
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 
-COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
+COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest; ending: it will not renew, at cancel_at or its period end).';
 
 CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2930,7 +2931,7 @@ $$;
 
 COMMENT ON FUNCTION api.stripe_customer_of(p_account_id uuid) IS 'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
 
-CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS jsonb
+CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb, p_lines jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -2992,6 +2993,15 @@ BEGIN
       END IF;
     END IF;
   END IF;
+  -- An invoice whose lines do not all fit in the event (Stripe sends the first ones): ask the
+  -- server for all of them (GET /v1/invoices/:id/lines), applied in place of the event's.
+  IF v_type LIKE 'invoice.%' AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    IF p_lines IS NULL THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch_lines', 'invoice', v_object ->> 'id');
+    ELSIF jsonb_typeof(p_lines) <> 'array' THEN
+      PERFORM util.fail('TL422', 'p_lines is the array of the invoice''s lines');
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
@@ -3000,6 +3010,10 @@ BEGIN
   IF NOT FOUND THEN
     SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
+  END IF;
+  IF p_lines IS NOT NULL AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    p_event := jsonb_set(p_event, '{data,object,lines}',
+                         (v_object -> 'lines') || jsonb_build_object('data', p_lines, 'has_more', false));
   END IF;
   BEGIN
     IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
@@ -3035,7 +3049,7 @@ BEGIN
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $_$;
 
-COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
 CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -3456,7 +3470,15 @@ CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAUL
     AS $$
 DECLARE
   o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
-  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  -- Every item is read: the plan is the item whose price is a plan's (licensed first), not items[0].
+  v_item jsonb := coalesce(
+    (SELECT i FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o #> '{items,data}') = 'array' THEN o #> '{items,data}'
+                                             ELSE '[]' END) WITH ORDINALITY AS x(i, n)
+     JOIN billing.prices p ON p.stripe_price_id = i #>> '{price,id}' AND p.plan_id IS NOT NULL
+     ORDER BY (p.usage_type = 'licensed') DESC, x.n LIMIT 1),
+    o -> 'items' -> 'data' -> 0);
+  v_cancel_at timestamptz := billing.ts(o -> 'cancel_at');
+  v_ending boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false) OR billing.ts(o -> 'cancel_at') IS NOT NULL;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
   v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
@@ -3481,37 +3503,37 @@ BEGIN
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
-    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at,
     last_event_created, last_event_rank, last_event_id, updated_at)
   VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
-          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), v_cancel_at, billing.ts(o -> 'canceled_at'),
           v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
     current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
-    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
-  -- Tell the customer when their plan is set to end, and when it has ended (once each).
+  -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
   IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
-  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+  ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
         AND v_status IN ('active', 'trialing', 'past_due') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_ending',
       jsonb_build_object('plan', v_price.plan_id,
-                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                         'ends_at', to_char(coalesce(v_cancel_at, billing.ts(v_item -> 'current_period_end'),
                                                      billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
   END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
+COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, the plan of whichever item has a plan''s price (licensed first), that item''s period, cancel at period end, cancel_at: a scheduled end by date) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 CREATE FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid DEFAULT NULL::uuid) RETURNS text
     LANGUAGE plpgsql
@@ -3864,12 +3886,15 @@ CREATE TABLE billing.subscriptions (
     last_event_rank integer NOT NULL,
     last_event_id text NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    cancel_at timestamp with time zone,
     CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
 );
 
 COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
 
 COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+
+COMMENT ON COLUMN billing.subscriptions.cancel_at IS 'Stripe''s cancel_at: when the subscription is scheduled to end (set by cancel at period end, or a date chosen in the dashboard or the customer portal); NULL when it renews.';
 
 CREATE FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) RETURNS void
     LANGUAGE sql
@@ -8460,8 +8485,8 @@ GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_a
 REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;

@@ -5,6 +5,7 @@ real ``stripe`` SDK and signed webhook deliveries."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 
@@ -367,3 +368,63 @@ async def test_item8_off_session_top_ups_need_no_return_url_and_authenticate_the
     balance = account_row(owner, acct["account_id"])[1]
     assert (await deliver(client, succeeded)).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[1] == balance + 25_000_000
+
+
+async def test_item10_a_cancellation_scheduled_by_date_shows_as_ending(client, events, stripe_api, owner):
+    from tests.sql.test_referrals import signup
+
+    person = signup(owner, "ending@example.com")
+    acct = {"account_id": person["account_id"], "api_key": new_api_key(owner, person)}
+    now = int(time.time())
+    sub = Shapes.subscription("sub_date", "cus_date", acct["account_id"], "active", "price_pro_monthly", now, now + 30 * DAY)
+    assert (await deliver(client, events.event("customer.subscription.created", sub, created=now))).status_code == 200
+    ends = now + 10 * DAY          # chosen in the dashboard or portal: not the period's end
+    scheduled = {**sub, "cancel_at": ends, "cancel_at_period_end": False}
+    event = events.event("customer.subscription.updated", scheduled, created=now + 1)
+    for _ in range(2):
+        assert (await deliver(client, event)).status_code == 200
+    info = (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]
+    assert info["ending"] is True and info["cancel_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime(ends)))
+    assert info["cancel_at_period_end"] is False
+    emails = owner.execute("SELECT payload ->> 'ends_at' FROM outbox.messages WHERE kind = 'subscription_ending'").fetchall()
+    assert emails == [(time.strftime("%Y-%m-%d", time.gmtime(ends)),)]                       # told once
+    kept = {**sub, "cancel_at": None}
+    assert (await deliver(client, events.event("customer.subscription.updated", kept, created=now + 2))).status_code == 200
+    info = (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]
+    assert info["ending"] is False and info["cancel_at"] is None
+
+
+async def test_item10_every_subscription_item_is_read(client, events, stripe_api, new_account, owner):
+    acct = new_account("free")
+    now = int(time.time())
+    sub = Shapes.subscription("sub_items", "cus_items", acct["account_id"], "active", "price_pro_monthly", now, now + 30 * DAY)
+    addon = copy.deepcopy(sub["items"]["data"][0])
+    addon.update(id="si_addon", price=Shapes.price("price_support_addon"))
+    sub["items"]["data"].insert(0, addon)          # an add-on pgtally does not sell comes first
+    assert (await deliver(client, events.event("customer.subscription.created", sub, created=now))).json()["status"] == "applied"
+    assert account_row(owner, acct["account_id"])[0] == "pro"
+    assert owner.execute("SELECT plan_id, stripe_item_id FROM billing.subscriptions").fetchone() == ("pro", "si_sub_items")
+
+
+async def test_item10_an_invoice_with_more_lines_than_its_event_is_read_whole(client, events, stripe_api, new_account, owner):
+    acct = new_account("free")
+    sub_id = await subscribe_through_checkout(client, stripe_api, acct)
+    item = stripe_api.subscriptions[sub_id]["items"]["data"][0]
+    start, end = item["current_period_start"], item["current_period_end"]
+    # A renewal invoice with many proration lines first: the new period's line is on a later page.
+    lines = [Shapes.line("in_long", sub_id, "price_pro_monthly", 10, start, end, n=i) for i in range(12)]
+    lines.append(Shapes.line("in_long", sub_id, "price_pro_monthly", 999, end, end + 30 * DAY, n=12))
+    invoice = Shapes.invoice("in_long", stripe_api.subscriptions[sub_id]["customer"], sub_id, lines,
+                             payment_intent="pi_long", number="LONG-1", account_id=acct["account_id"])
+    stripe_api.invoices["in_long"] = invoice
+    sent = copy.deepcopy(invoice)
+    sent["lines"].update(data=lines[:10], has_more=True)          # what the event carries
+    r = await deliver(client, events.event("invoice.paid", sent))
+    assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+    row = owner.execute("SELECT period_start, period_end, amount_paid_minor FROM billing.invoices "
+                        "WHERE stripe_invoice_id = 'in_long'").fetchone()
+    assert (int(row[0].timestamp()), int(row[1].timestamp()), row[2]) == (start, end + 30 * DAY, 1119)
+    assert int(account_row(owner, acct["account_id"])[3].timestamp()) == end + 30 * DAY
+    recorded = owner.execute("SELECT payload #> '{data,object,lines,has_more}' FROM billing.stripe_events "
+                             "WHERE type = 'invoice.paid' AND payload #>> '{data,object,id}' = 'in_long'").fetchone()[0]
+    assert recorded is True                                        # recorded as Stripe sent it
