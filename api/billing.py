@@ -189,7 +189,8 @@ async def start_checkout(request: Request, principal: list, price: str,
     account a verified upgrade link names): creates or reuses its Stripe customer, names the
     account in ``client_reference_id`` and metadata, saves the card of a bundle purchase for
     one-click top-ups, and sends Stripe an idempotency key: ``checkout-`` and the account-scoped
-    key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without)."""
+    key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without).
+    A subscription Checkout expires the account's older open one (``api.checkout_opened``)."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
     key, session_id, account_id = principal
@@ -218,6 +219,14 @@ async def start_checkout(request: Request, principal: list, price: str,
         params["payment_intent_data"] = {"metadata": metadata, "setup_future_usage": "off_session"}
     session = await client.v1.checkout.sessions.create_async(
         params=params, options={"idempotency_key": f"checkout-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
+    # At most one subscription Checkout open per account: the older ones can no longer be paid.
+    opened = await call_json(request, "SELECT api.checkout_opened(%s::uuid, %s::text, %s::text, %s::text)",
+                             [prep["account_id"], session.id, prep["mode"], prep["price"]])
+    for older in opened["expire"]:
+        try:
+            await client.v1.checkout.sessions.expire_async(older, options={"idempotency_key": f"expire-{older}"})
+        except stripe.InvalidRequestError:
+            pass            # paid or expired meanwhile: a second subscription is caught when it arrives
     return CheckoutSession(id=session.id, url=session.url, mode=prep["mode"], price=prep["price"])
 
 

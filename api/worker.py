@@ -56,6 +56,11 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "Your {plan} plan ends on {ends_at}",
         "As you asked, your {plan} plan will not renew: it ends on {ends_at}, and then your account moves to the "
         "free plan. Changed your mind? Keep your plan at {public_url}/dashboard.\n"),
+    "subscription_duplicate": (
+        "You were subscribed twice: we canceled the second subscription",
+        "Two checkouts for your {plan} plan were paid at about the same time, which would have billed you twice. "
+        "We kept your first subscription, canceled the second one ({subscription}) at once and refunded everything it "
+        "charged; the refund reaches your card in 5-10 days. Nothing else changes: {public_url}/dashboard\n"),
     "subscription_canceled": (
         "Your {plan} plan has ended",
         "Your {plan} plan has ended and your account is on the free plan. You can subscribe again at any time at "
@@ -151,6 +156,39 @@ async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dic
                        [payload["account_id"], message_id, intent.id])
 
 
+async def cancel_duplicate_subscription(conn: psycopg.AsyncConnection, payload: dict[str, Any],
+                                        settings: Settings) -> None:
+    """A second live subscription of one account (two Checkouts paid at once): cancel it at Stripe
+    now and refund what its invoices charged, with idempotency keys made of Stripe's own ids
+    (``cancel-duplicate-<subscription>``, ``refund-duplicate-<invoice payment>``). Until its paid
+    invoices are known (invoice.paid may come later) the task raises and is retried."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        raise CannotAct("STRIPE_API_KEY is not set in this worker: the duplicate subscription waits for one that has it")
+    sub = payload["subscription"]
+    (dup,) = await (await conn.execute("SELECT api.duplicate_subscription(%s::text)", [sub])).fetchone()
+    if dup is None:
+        return
+    try:
+        await client.v1.subscriptions.cancel_async(sub, options={"idempotency_key": f"cancel-duplicate-{sub}"})
+    except stripe.InvalidRequestError as exc:
+        if exc.code != "resource_missing" and "canceled" not in str(exc.user_message or exc):
+            raise
+    if dup["waiting"]:
+        raise RuntimeError(f"duplicate subscription {sub} canceled; its paid invoice is not recorded yet, to refund")
+    refunded = 0
+    for payment in dup["payments"]:
+        target = {"payment_intent": payment["payment_intent"]} if payment["payment_intent"] else {"charge": payment["charge"]}
+        await client.v1.refunds.create_async(
+            params={**target, "amount": payment["refund"], "reason": "duplicate",
+                    "metadata": {"account_id": dup["account_id"], "duplicate_subscription": sub}},
+            options={"idempotency_key": f"refund-duplicate-{payment['invoice_payment']}"})
+        refunded += payment["refund"]
+    await conn.execute("SELECT api.duplicate_subscription_settled(%s::text, %s::bigint)", [sub, refunded])
+
+
 async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any],
                              settings: Settings) -> None:
     """A post-paid usage event, reported to Stripe's Billing Meter
@@ -189,6 +227,8 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
                 await pay_auto_topup(conn, message_id, payload, settings)
             elif kind == "meter_event":
                 await report_meter_event(conn, message_id, payload, settings)
+            elif kind == "cancel_duplicate_subscription":
+                await cancel_duplicate_subscription(conn, payload, settings)
             else:
                 await send(render(kind, recipient, payload, settings), settings)
         except CannotAct as exc:

@@ -327,6 +327,9 @@ class StripeStandIn:
                     return self._page("GET")
                 self._handle("GET")
 
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._handle("DELETE")
+
             def do_POST(self) -> None:  # noqa: N802
                 if self.path.startswith("/authenticate/"):
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -362,6 +365,16 @@ class StripeStandIn:
                 payment_intent_data=p.get("payment_intent_data", {}))
             self.sessions[session["id"]] = session
             return 200, {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+        match = re.fullmatch(r"/v1/checkout/sessions/(\w+)/expire", path)
+        if method == "POST" and match and match.group(1) in self.sessions:
+            session = self.sessions[match.group(1)]
+            if session["status"] != "open":
+                return 400, {"error": {"type": "invalid_request_error", "code": "checkout_session_not_open",
+                                       "message": "Only Checkout Sessions with a status in [\"open\"] can be expired."}}
+            session["status"] = "expired"
+            public = {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+            self.send_event_later("checkout.session.expired", public)
+            return 200, public
         if (method, path.split("?")[0]) == ("GET", "/v1/payment_methods"):
             query = dict(parse_qsl(path.partition("?")[2]))
             cards = self.cards.get(query.get("customer", ""), [])
@@ -465,6 +478,13 @@ class StripeStandIn:
         match = re.fullmatch(r"/v1/subscriptions/(\w+)", path)
         if match and match.group(1) in self.subscriptions:
             sub = self.subscriptions[match.group(1)]
+            if method == "DELETE":
+                if sub["status"] == "canceled":
+                    return 400, {"error": {"type": "invalid_request_error", "message": "This subscription is already canceled."}}
+                now = int(time.time())
+                sub.update(status="canceled", canceled_at=now, ended_at=now)
+                self.send_event_later("customer.subscription.deleted", copy.deepcopy(sub))
+                return 200, sub
             if method == "POST":
                 if "cancel_at_period_end" in p:
                     sub["cancel_at_period_end"] = p["cancel_at_period_end"] == "true"
@@ -564,6 +584,15 @@ def _authenticate(self, intent_id: str) -> dict[str, Any]:
     return intent
 
 
+def _send_event_later(self, type_: str, obj: dict[str, Any]) -> None:
+    """An event caused by an API request: sent after the answer when there is a webhook (Stripe
+    answers first), kept in ``sent`` at once without."""
+    if self.webhook_url:
+        threading.Thread(target=self.send_event, args=(type_, obj), daemon=True).start()
+    else:
+        self.send_event(type_, obj)
+
+
 def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
@@ -580,6 +609,7 @@ def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
 StripeStandIn.pay = _pay
 StripeStandIn.authenticate = _authenticate
 StripeStandIn.send_event = _send_event
+StripeStandIn.send_event_later = _send_event_later
 StripeStandIn.close_period = _close_period
 
 

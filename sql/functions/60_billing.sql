@@ -37,8 +37,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO s FROM billing.subscriptions
+  SELECT * INTO s FROM billing.subscriptions x
   WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
   ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
   LIMIT 1;
   UPDATE identity.accounts
@@ -52,7 +53,37 @@ BEGIN
   WHERE id = p_account_id;
 END $$;
 COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
-  'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+  'Set an account''s plan and billing period from its live subscription (active, trialing or past_due, not a duplicate being canceled; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+
+CREATE OR REPLACE FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text,
+                                                               p_currency text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_kept text;
+BEGIN
+  SELECT x.stripe_subscription_id INTO v_kept FROM billing.subscriptions x
+  WHERE x.account_id = p_account_id AND x.stripe_subscription_id <> p_subscription
+    AND x.status IN ('active', 'trialing', 'past_due')
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
+  ORDER BY x.last_event_created, x.stripe_subscription_id LIMIT 1;
+  IF v_kept IS NULL THEN
+    RETURN false;
+  END IF;
+  INSERT INTO billing.duplicate_subscriptions (stripe_subscription_id, account_id, kept_subscription_id, detected_at, currency)
+  VALUES (p_subscription, p_account_id, v_kept, util.now(), CASE WHEN p_currency ~ '^[a-z]{3}$' THEN p_currency END)
+  ON CONFLICT DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN true;
+  END IF;
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('cancel_duplicate_subscription', p_account_id::text,
+          jsonb_build_object('subscription', p_subscription, 'account_id', p_account_id), util.now(), util.now());
+  PERFORM billing.email_account(p_account_id, 'subscription_duplicate',
+                                jsonb_build_object('plan', coalesce(p_plan, 'a'), 'subscription', p_subscription));
+  RETURN true;
+END $$;
+COMMENT ON FUNCTION billing.catch_duplicate_subscription(text, uuid, text, text) IS
+  'A subscription just became live: if the account already has another live one (two Checkouts paid at once), record it in billing.duplicate_subscriptions (once), queue the worker task that cancels it at Stripe and refunds its invoices (cancel_duplicate_subscription), and email the customer (subscription_duplicate). Returns whether it is a duplicate. The first live subscription is kept.';
 
 CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -105,10 +136,15 @@ BEGIN
     cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  IF v_status IN ('active', 'trialing', 'past_due') AND cur.status IS DISTINCT FROM v_status
+     AND coalesce(cur.status, 'incomplete') NOT IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.catch_duplicate_subscription(o ->> 'id', v_account_id, v_price.plan_id, lower(o ->> 'currency'));
+  END IF;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
   -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
-  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled'
+     AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = o ->> 'id') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
   ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
@@ -141,6 +177,8 @@ BEGIN
     VALUES (v_account_id, o ->> 'customer', util.now())
     ON CONFLICT DO NOTHING;
   END IF;
+  UPDATE billing.checkout_sessions SET status = 'complete', closed_at = util.now()
+  WHERE stripe_checkout_session_id = o ->> 'id' AND status <> 'complete';
   IF o ->> 'mode' <> 'payment' THEN
     RETURN 'applied';          -- subscriptions: their own events carry the state
   END IF;
@@ -169,6 +207,16 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
   'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+
+CREATE OR REPLACE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+  WHERE stripe_checkout_session_id = p_event #>> '{data,object,id}' AND status = 'open';
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: not an open session pgtally opened' END;
+END $$;
+COMMENT ON FUNCTION billing.apply_checkout_expired(jsonb) IS
+  'checkout.session.expired: the session can no longer be paid (Stripe expired it after 24 hours, or pgtally asked because a newer one replaced it): close it in billing.checkout_sessions.';
 
 CREATE OR REPLACE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -248,6 +296,9 @@ BEGIN
   -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
   PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
     CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
+  IF EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = s.stripe_subscription_id) THEN
+    RETURN 'applied: a duplicate subscription''s invoice, recorded to be refunded';
+  END IF;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -267,7 +318,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
-  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -485,6 +536,7 @@ BEGIN
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.expired' THEN billing.apply_checkout_expired(p_event)
       WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
@@ -682,6 +734,72 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION api.live_subscription(text, uuid, text, uuid) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
+
+CREATE OR REPLACE FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_expire jsonb;
+BEGIN
+  -- One at a time per account: of two Checkouts opened at once, the later one sees the earlier.
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.checkout_sessions (stripe_checkout_session_id, account_id, mode, price_id, created_at)
+  VALUES (p_checkout_session, p_account_id, p_mode, p_price, util.now())
+  ON CONFLICT (stripe_checkout_session_id) DO NOTHING;
+  IF p_mode <> 'subscription' THEN
+    RETURN jsonb_build_object('expire', '[]'::jsonb);
+  END IF;
+  WITH expired AS (
+    UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+    WHERE account_id = p_account_id AND mode = 'subscription' AND status = 'open'
+      AND stripe_checkout_session_id <> p_checkout_session
+    RETURNING stripe_checkout_session_id)
+  SELECT coalesce(jsonb_agg(stripe_checkout_session_id ORDER BY stripe_checkout_session_id), '[]') INTO v_expire FROM expired;
+  RETURN jsonb_build_object('expire', v_expire);
+END $$;
+COMMENT ON FUNCTION api.checkout_opened(uuid, text, text, text) IS
+  'Checkout, last step (the server, after Stripe created the session for the account api.checkout_prepare authenticated): record the session; for a subscription, mark the account''s other open subscription sessions expired and return their ids ({expire: [...]}) for the server to expire at Stripe (POST /v1/checkout/sessions/:id/expire), so at most one can be paid. Serialised per account.';
+
+CREATE OR REPLACE FUNCTION api.duplicate_subscription(p_subscription text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  d record;
+BEGIN
+  SELECT * INTO d FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = p_subscription;
+  IF NOT FOUND OR d.canceled_at IS NOT NULL THEN
+    RETURN NULL;
+  END IF;
+  RETURN jsonb_build_object(
+    'subscription', d.stripe_subscription_id, 'account_id', d.account_id, 'kept', d.kept_subscription_id,
+    -- Its invoice.paid has not arrived yet (or not all its payments): refund once they are known.
+    'waiting', NOT EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_subscription_id = p_subscription)
+               OR (SELECT coalesce(sum(i.amount_paid_minor), 0) FROM billing.invoices i
+                   WHERE i.stripe_subscription_id = p_subscription)
+                  > (SELECT coalesce(sum(ip.amount_minor), 0) FROM billing.invoice_payments ip
+                     JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                     WHERE i.stripe_subscription_id = p_subscription),
+    'payments', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                   'invoice_payment', ip.stripe_invoice_payment_id, 'payment_intent', ip.stripe_payment_intent_id,
+                   'charge', ip.stripe_charge_id, 'refund', ip.amount_minor - ip.refunded_minor)
+                   ORDER BY ip.stripe_invoice_payment_id)
+                 FROM billing.invoice_payments ip JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                 WHERE i.stripe_subscription_id = p_subscription AND ip.amount_minor > ip.refunded_minor), '[]'));
+END $$;
+COMMENT ON FUNCTION api.duplicate_subscription(text) IS
+  'pgtally worker, task cancel_duplicate_subscription: a duplicate subscription still to cancel and refund: {subscription, account_id, kept, waiting (its paid invoices are not all known yet), payments: [{invoice_payment, payment_intent, charge, refund (minor units left to refund)}]}; NULL when it is not one or is done.';
+
+CREATE OR REPLACE FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  UPDATE billing.duplicate_subscriptions
+  SET canceled_at = coalesce(canceled_at, util.now()), refunded_minor = refunded_minor + greatest(p_refunded_minor, 0)
+  WHERE stripe_subscription_id = p_subscription;
+END $$;
+COMMENT ON FUNCTION api.duplicate_subscription_settled(text, bigint) IS
+  'pgtally worker: the duplicate subscription was canceled at Stripe and p_refunded_minor (minor units) refunded; its customer.subscription.deleted and charge.refunded events follow.';
+
+GRANT EXECUTE ON FUNCTION api.checkout_opened(uuid, text, text, text), api.duplicate_subscription(text),
+  api.duplicate_subscription_settled(text, bigint) TO pgtally_api;
 
 GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb), api.stripe_webhook_rejected(text, text),
   api.checkout_prepare(text, uuid, text, uuid, text), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),

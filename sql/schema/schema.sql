@@ -689,6 +689,32 @@ END $$;
 
 COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, amount and currency (post-paid: what it would cost, minor units), allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
 
+CREATE FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_expire jsonb;
+BEGIN
+  -- One at a time per account: of two Checkouts opened at once, the later one sees the earlier.
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.checkout_sessions (stripe_checkout_session_id, account_id, mode, price_id, created_at)
+  VALUES (p_checkout_session, p_account_id, p_mode, p_price, util.now())
+  ON CONFLICT (stripe_checkout_session_id) DO NOTHING;
+  IF p_mode <> 'subscription' THEN
+    RETURN jsonb_build_object('expire', '[]'::jsonb);
+  END IF;
+  WITH expired AS (
+    UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+    WHERE account_id = p_account_id AND mode = 'subscription' AND status = 'open'
+      AND stripe_checkout_session_id <> p_checkout_session
+    RETURNING stripe_checkout_session_id)
+  SELECT coalesce(jsonb_agg(stripe_checkout_session_id ORDER BY stripe_checkout_session_id), '[]') INTO v_expire FROM expired;
+  RETURN jsonb_build_object('expire', v_expire);
+END $$;
+
+COMMENT ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) IS 'Checkout, last step (the server, after Stripe created the session for the account api.checkout_prepare authenticated): record the session; for a subscription, mark the account''s other open subscription sessions expired and return their ids ({expire: [...]}) for the server to expire at Stripe (POST /v1/checkout/sessions/:id/expire), so at most one can be paid. Serialised per account.';
+
 CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid, p_idempotency_key text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1292,6 +1318,48 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) IS 'POST /oauth/token with grant_type urn:ietf:params:oauth:grant-type:device_code (RFC 8628 section 3.4-3.5): the tokens of a new session once the user approved, exactly once; otherwise {"oauth_error": {error}} with authorization_pending, slow_down (polled faster than the interval, which grows by 5 s), access_denied, expired_token or invalid_grant.';
+
+CREATE FUNCTION api.duplicate_subscription(p_subscription text) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  d record;
+BEGIN
+  SELECT * INTO d FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = p_subscription;
+  IF NOT FOUND OR d.canceled_at IS NOT NULL THEN
+    RETURN NULL;
+  END IF;
+  RETURN jsonb_build_object(
+    'subscription', d.stripe_subscription_id, 'account_id', d.account_id, 'kept', d.kept_subscription_id,
+    -- Its invoice.paid has not arrived yet (or not all its payments): refund once they are known.
+    'waiting', NOT EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_subscription_id = p_subscription)
+               OR (SELECT coalesce(sum(i.amount_paid_minor), 0) FROM billing.invoices i
+                   WHERE i.stripe_subscription_id = p_subscription)
+                  > (SELECT coalesce(sum(ip.amount_minor), 0) FROM billing.invoice_payments ip
+                     JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                     WHERE i.stripe_subscription_id = p_subscription),
+    'payments', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                   'invoice_payment', ip.stripe_invoice_payment_id, 'payment_intent', ip.stripe_payment_intent_id,
+                   'charge', ip.stripe_charge_id, 'refund', ip.amount_minor - ip.refunded_minor)
+                   ORDER BY ip.stripe_invoice_payment_id)
+                 FROM billing.invoice_payments ip JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                 WHERE i.stripe_subscription_id = p_subscription AND ip.amount_minor > ip.refunded_minor), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.duplicate_subscription(p_subscription text) IS 'pgtally worker, task cancel_duplicate_subscription: a duplicate subscription still to cancel and refund: {subscription, account_id, kept, waiting (its paid invoices are not all known yet), payments: [{invoice_payment, payment_intent, charge, refund (minor units left to refund)}]}; NULL when it is not one or is done.';
+
+CREATE FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  UPDATE billing.duplicate_subscriptions
+  SET canceled_at = coalesce(canceled_at, util.now()), refunded_minor = refunded_minor + greatest(p_refunded_minor, 0)
+  WHERE stripe_subscription_id = p_subscription;
+END $$;
+
+COMMENT ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) IS 'pgtally worker: the duplicate subscription was canceled at Stripe and p_refunded_minor (minor units) refunded; its customer.subscription.deleted and charge.refunded events follow.';
 
 CREATE FUNCTION api.expire_holds() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3022,6 +3090,7 @@ BEGIN
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.expired' THEN billing.apply_checkout_expired(p_event)
       WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
@@ -3246,6 +3315,8 @@ BEGIN
     VALUES (v_account_id, o ->> 'customer', util.now())
     ON CONFLICT DO NOTHING;
   END IF;
+  UPDATE billing.checkout_sessions SET status = 'complete', closed_at = util.now()
+  WHERE stripe_checkout_session_id = o ->> 'id' AND status <> 'complete';
   IF o ->> 'mode' <> 'payment' THEN
     RETURN 'applied';          -- subscriptions: their own events carry the state
   END IF;
@@ -3274,6 +3345,17 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+
+CREATE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+  WHERE stripe_checkout_session_id = p_event #>> '{data,object,id}' AND status = 'open';
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: not an open session pgtally opened' END;
+END $$;
+
+COMMENT ON FUNCTION billing.apply_checkout_expired(p_event jsonb) IS 'checkout.session.expired: the session can no longer be paid (Stripe expired it after 24 hours, or pgtally asked because a newer one replaced it): close it in billing.checkout_sessions.';
 
 CREATE FUNCTION billing.apply_dispute(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3329,6 +3411,9 @@ BEGIN
   -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
   PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
     CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
+  IF EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = s.stripe_subscription_id) THEN
+    RETURN 'applied: a duplicate subscription''s invoice, recorded to be refunded';
+  END IF;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -3348,7 +3433,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else.';
 
 CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3517,10 +3602,15 @@ BEGIN
     cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  IF v_status IN ('active', 'trialing', 'past_due') AND cur.status IS DISTINCT FROM v_status
+     AND coalesce(cur.status, 'incomplete') NOT IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.catch_duplicate_subscription(o ->> 'id', v_account_id, v_price.plan_id, lower(o ->> 'currency'));
+  END IF;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
   -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
-  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled'
+     AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = o ->> 'id') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
   ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
@@ -3675,6 +3765,36 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.cancel_referral_reward(p_ref text) IS 'The qualifying payment p_ref (a PaymentIntent or invoice id) was refunded: inside the holdback, cancel the reward''s pending lots (never spendable, no transfer) and mark the referral rejected (refunded); after it, nothing changes.';
+
+CREATE FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+  v_kept text;
+BEGIN
+  SELECT x.stripe_subscription_id INTO v_kept FROM billing.subscriptions x
+  WHERE x.account_id = p_account_id AND x.stripe_subscription_id <> p_subscription
+    AND x.status IN ('active', 'trialing', 'past_due')
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
+  ORDER BY x.last_event_created, x.stripe_subscription_id LIMIT 1;
+  IF v_kept IS NULL THEN
+    RETURN false;
+  END IF;
+  INSERT INTO billing.duplicate_subscriptions (stripe_subscription_id, account_id, kept_subscription_id, detected_at, currency)
+  VALUES (p_subscription, p_account_id, v_kept, util.now(), CASE WHEN p_currency ~ '^[a-z]{3}$' THEN p_currency END)
+  ON CONFLICT DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN true;
+  END IF;
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('cancel_duplicate_subscription', p_account_id::text,
+          jsonb_build_object('subscription', p_subscription, 'account_id', p_account_id), util.now(), util.now());
+  PERFORM billing.email_account(p_account_id, 'subscription_duplicate',
+                                jsonb_build_object('plan', coalesce(p_plan, 'a'), 'subscription', p_subscription));
+  RETURN true;
+END $_$;
+
+COMMENT ON FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) IS 'A subscription just became live: if the account already has another live one (two Checkouts paid at once), record it in billing.duplicate_subscriptions (once), queue the worker task that cancels it at Stripe and refunds its invoices (cancel_duplicate_subscription), and email the customer (subscription_duplicate). Returns whether it is a duplicate. The first live subscription is kept.';
 
 CREATE FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) RETURNS void
     LANGUAGE sql
@@ -4024,8 +4144,9 @@ CREATE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
 DECLARE
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO s FROM billing.subscriptions
+  SELECT * INTO s FROM billing.subscriptions x
   WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
   ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
   LIMIT 1;
   UPDATE identity.accounts
@@ -4039,7 +4160,7 @@ BEGIN
   WHERE id = p_account_id;
 END $$;
 
-COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due, not a duplicate being canceled; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
 
 CREATE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
@@ -6236,6 +6357,23 @@ $$;
 
 COMMENT ON FUNCTION util.uuid_v7s(p_count integer) IS 'p_count version 7 UUIDs (at most 2^61), ascending, made together: the first is util.uuid_v7(), each next one more in its random part (RFC 9562 section 6.2, method 2, monotonic random). For a batch: one draw of random bits instead of one per id. NULL for 0.';
 
+CREATE TABLE billing.checkout_sessions (
+    stripe_checkout_session_id text NOT NULL,
+    account_id uuid NOT NULL,
+    mode text NOT NULL,
+    price_id text,
+    status text DEFAULT 'open'::text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    closed_at timestamp with time zone,
+    CONSTRAINT checkout_sessions_mode_check CHECK ((mode = ANY (ARRAY['payment'::text, 'subscription'::text, 'setup'::text]))),
+    CONSTRAINT checkout_sessions_status_check CHECK ((status = ANY (ARRAY['open'::text, 'complete'::text, 'expired'::text]))),
+    CONSTRAINT checkout_sessions_stripe_checkout_session_id_check CHECK ((length(stripe_checkout_session_id) <= 255))
+);
+
+COMMENT ON TABLE billing.checkout_sessions IS 'Stripe Checkout Sessions pgtally opened (api.checkout_opened): at most one subscription session per account is open; opening another expires the older one (here, and at Stripe by the server). checkout.session.completed and .expired close them.';
+
+COMMENT ON COLUMN billing.checkout_sessions.status IS 'open; complete (paid: checkout.session.completed); expired (a newer one replaced it, or Stripe expired it after 24 hours).';
+
 CREATE TABLE billing.customers (
     account_id uuid NOT NULL,
     stripe_customer_id text NOT NULL,
@@ -6265,6 +6403,28 @@ CREATE TABLE billing.disputes (
 );
 
 COMMENT ON TABLE billing.disputes IS 'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
+
+CREATE TABLE billing.duplicate_subscriptions (
+    stripe_subscription_id text NOT NULL,
+    account_id uuid NOT NULL,
+    kept_subscription_id text NOT NULL,
+    detected_at timestamp with time zone NOT NULL,
+    canceled_at timestamp with time zone,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    currency text,
+    CONSTRAINT duplicate_subscriptions_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT duplicate_subscriptions_kept_subscription_id_check CHECK ((length(kept_subscription_id) <= 255)),
+    CONSTRAINT duplicate_subscriptions_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT duplicate_subscriptions_stripe_subscription_id_check CHECK ((length(stripe_subscription_id) <= 255))
+);
+
+COMMENT ON TABLE billing.duplicate_subscriptions IS 'A second live subscription of an account that already had one (two Checkouts paid at once): it never sets the plan or grants credits; the worker cancels it at Stripe at once and refunds what its invoices charged (task cancel_duplicate_subscription), and the customer is emailed (subscription_duplicate). Why: Stripe bills every live subscription.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.kept_subscription_id IS 'The account''s live subscription it duplicated, which stays.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.canceled_at IS 'When the worker had it canceled at Stripe and refunded.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.refunded_minor IS 'What the worker asked Stripe to refund of its invoices, in minor currency units.';
 
 CREATE TABLE billing.invoice_payments (
     stripe_invoice_payment_id text NOT NULL,
@@ -6883,12 +7043,12 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text, 'cancel_duplicate_subscription'::text, 'subscription_duplicate'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
 
-COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled, subscription_duplicate, invitation, sso_link; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id; cancel_duplicate_subscription: cancel and refund a second subscription).';
 
 COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
 
@@ -7445,7 +7605,13 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
             i.currency,
             sum(i.amount_paid_minor) AS sum,
             sum(i.refunded_minor) AS sum,
-            sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
+            sum(
+                CASE
+                    WHEN (EXISTS ( SELECT 1
+                       FROM billing.duplicate_subscriptions d
+                      WHERE (d.stripe_subscription_id = i.stripe_subscription_id))) THEN (0)::bigint
+                    ELSE COALESCE(pl.included_credits_micros, (0)::bigint)
+                END) AS sum,
             sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
                   WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
@@ -7627,6 +7793,9 @@ ALTER TABLE ONLY metering.usage_events ATTACH PARTITION metering.usage_events_de
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
 
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_pkey PRIMARY KEY (stripe_checkout_session_id);
+
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_pkey PRIMARY KEY (account_id);
 
@@ -7638,6 +7807,9 @@ ALTER TABLE billing.customers
 
 ALTER TABLE ONLY billing.disputes
     ADD CONSTRAINT disputes_pkey PRIMARY KEY (stripe_dispute_id);
+
+ALTER TABLE ONLY billing.duplicate_subscriptions
+    ADD CONSTRAINT duplicate_subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
@@ -7921,6 +8093,8 @@ ALTER TABLE ONLY outbox.messages
 ALTER TABLE outbox.messages
     ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
 
+CREATE INDEX checkout_sessions_open_idx ON billing.checkout_sessions USING btree (account_id) WHERE (status = 'open'::text);
+
 CREATE INDEX invoice_payments_charge_idx ON billing.invoice_payments USING btree (stripe_charge_id);
 
 CREATE INDEX invoice_payments_invoice_idx ON billing.invoice_payments USING btree (stripe_invoice_id);
@@ -8041,11 +8215,20 @@ ALTER TABLE ONLY billing.auto_topups
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
 
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
 ALTER TABLE ONLY billing.customers
     ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 ALTER TABLE ONLY billing.disputes
     ADD CONSTRAINT disputes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.duplicate_subscriptions
+    ADD CONSTRAINT duplicate_subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 ALTER TABLE ONLY billing.entitlements
     ADD CONSTRAINT entitlements_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
@@ -8266,6 +8449,9 @@ GRANT ALL ON FUNCTION api.check_alerts(p_email text) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
 
@@ -8302,6 +8488,12 @@ GRANT ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_i
 
 REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.duplicate_subscription(p_subscription text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.duplicate_subscription(p_subscription text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.expire_holds() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.expire_holds() TO pgtally_api;
@@ -8508,6 +8700,8 @@ REVOKE ALL ON FUNCTION billing.apply_charge_refunded(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION billing.apply_checkout_expired(p_event jsonb) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION billing.apply_dispute(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
@@ -8531,6 +8725,8 @@ REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLI
 REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) FROM PUBLIC;
 

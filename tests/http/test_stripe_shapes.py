@@ -428,3 +428,70 @@ async def test_item10_an_invoice_with_more_lines_than_its_event_is_read_whole(cl
     recorded = owner.execute("SELECT payload #> '{data,object,lines,has_more}' FROM billing.stripe_events "
                              "WHERE type = 'invoice.paid' AND payload #>> '{data,object,id}' = 'in_long'").fetchone()[0]
     assert recorded is True                                        # recorded as Stripe sent it
+
+
+async def test_item12_a_new_subscription_checkout_expires_the_one_still_open(client, stripe_api, new_account, owner):
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    first = (await client.post("/v1/billing/checkout", json={"price": "pro_monthly"}, headers=headers)).json()["id"]
+    answers = await asyncio.gather(*[client.post("/v1/billing/checkout", json={"price": p}, headers=headers)
+                                     for p in ("pro_monthly", "unlimited_monthly")])     # two tabs, at once
+    assert [r.status_code for r in answers] == [201, 201], [r.text for r in answers]
+    ids = [first] + [r.json()["id"] for r in answers]
+    assert sorted(stripe_api.sessions[i]["status"] for i in ids) == ["expired", "expired", "open"]
+    assert owner.execute("SELECT count(*) FROM billing.checkout_sessions WHERE status = 'open'").fetchone()[0] == 1
+    expired = [e for e in stripe_api.sent if e["type"] == "checkout.session.expired"]
+    assert len(expired) == 2
+    for event in expired:           # pgtally closed them already
+        assert (await deliver(client, event)).json()["status"] == "ignored"
+    # A bundle's Checkout leaves the subscription's open.
+    await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=headers)
+    assert sum(stripe_api.sessions[i]["status"] == "open" for i in ids) == 1
+    (still_open,) = [i for i in ids if stripe_api.sessions[i]["status"] == "open"]
+    await pay_and_deliver(client, stripe_api, still_open)
+    assert owner.execute("SELECT status FROM billing.checkout_sessions WHERE stripe_checkout_session_id = %s",
+                         [still_open]).fetchone()[0] == "complete"
+
+
+async def test_item12_a_second_subscription_that_arrives_anyway_is_canceled_refunded_and_told(
+        client, db_url, settings, stripe_api, owner):
+    from tests.http.test_billing_http import run_worker
+    from tests.sql.test_referrals import signup
+
+    owner.execute("UPDATE billing.plans SET included_credits_micros = 5000000 WHERE id = 'pro'")
+    person = signup(owner, "twice@example.com")
+    acct = {"account_id": person["account_id"], "api_key": new_api_key(owner, person)}
+    first = (await client.post("/v1/billing/checkout", json={"price": "pro_monthly"},
+                               headers=bearer(acct["api_key"]))).json()["id"]
+    customer = owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0]
+    # A second session pgtally could not expire in time (opened elsewhere, or paid as it was expired).
+    metadata = {"account_id": acct["account_id"], "price": "pro_monthly"}
+    second = sdk(stripe_api).v1.checkout.sessions.create(params={
+        "mode": "subscription", "customer": customer, "client_reference_id": acct["account_id"], "metadata": metadata,
+        "line_items": [{"price": "price_pro_monthly", "quantity": 1}], "subscription_data": {"metadata": metadata},
+        "success_url": "https://app.example.com/ok", "cancel_url": "https://app.example.com/no"}).id
+    await pay_and_deliver(client, stripe_api, first)
+    await pay_and_deliver(client, stripe_api, second)
+    kept, extra = stripe_api.sessions[first]["subscription"], stripe_api.sessions[second]["subscription"]
+    assert owner.execute("SELECT stripe_subscription_id, kept_subscription_id FROM billing.duplicate_subscriptions").fetchall() == [
+        (extra, kept)]
+    assert account_row(owner, acct["account_id"])[0] == "pro"
+    plan_credits = owner.execute("SELECT count(*) FROM ledger.transfers WHERE kind = 'plan_credits'").fetchone()[0]
+
+    before = len(stripe_api.sent)
+    await run_worker(db_url, settings)
+    calls = [(m, p, k) for m, p, _, k in stripe_api.requests if p.startswith(("/v1/subscriptions/", "/v1/refunds"))]
+    assert calls == [("DELETE", f"/v1/subscriptions/{extra}", f"cancel-duplicate-{extra}"),
+                     ("POST", "/v1/refunds", f"refund-duplicate-inpay_{stripe_api.sessions[second]['invoice']}")]
+    for event in stripe_api.sent[before:]:
+        assert (await deliver(client, event)).status_code == 200
+    assert sorted(owner.execute("SELECT stripe_subscription_id, status FROM billing.subscriptions").fetchall()) == sorted(
+        [(kept, "active"), (extra, "canceled")])
+    assert owner.execute("SELECT status FROM billing.invoices WHERE stripe_subscription_id = %s", [extra]).fetchone()[0] == "refunded"
+    assert owner.execute("SELECT canceled_at IS NOT NULL, refunded_minor FROM billing.duplicate_subscriptions").fetchone() == (True, 999)
+    assert account_row(owner, acct["account_id"])[0] == "pro"
+    assert owner.execute("SELECT count(*) FROM ledger.transfers WHERE kind = 'plan_credits'").fetchone()[0] == plan_credits == 1
+    told = owner.execute("SELECT kind, payload ->> 'subscription', delivered_at IS NOT NULL FROM outbox.messages "
+                         "WHERE recipient = 'twice@example.com' AND kind LIKE 'subscription_%'").fetchall()
+    assert told == [("subscription_duplicate", extra, True)]          # and no "your plan has ended"
+    assert reconciliation_problems(owner) == {}
