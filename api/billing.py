@@ -496,7 +496,9 @@ async def stripe_webhook(request: Request,
     events about one subscription in the same second, and an invoice of a subscription not known
     yet, are settled by re-reading the subscription from Stripe, and an invoice whose lines do not
     all fit in the event by reading all of them (502 when Stripe cannot be reached, so Stripe
-    retries)."""
+    retries). A thin event (``object`` v2.core.event, from an event destination, such as
+    ``v1.billing.meter.error_report_triggered``) is read whole from Stripe and handed to
+    ``api.stripe_thin_event``."""
     secret = request.app.state.settings.stripe_webhook_secret
     if not secret:
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
@@ -517,6 +519,12 @@ async def stripe_webhook(request: Request,
     except HTTPException as exc:
         reason = exc.detail
     text = body.decode() if not reason else ""
+    if not reason and isinstance(event, dict) and event.get("object") == "v2.core.event":
+        # A thin event (an event destination's): only its id is to be trusted; read it whole from Stripe.
+        result = await call_json(request, "SELECT api.stripe_thin_event(%s::jsonb)",
+                                 [Jsonb(await whole_thin_event(request, event))])
+        WEBHOOKS.labels(str(event.get("type"))[:100], "duplicate" if result.get("duplicate") else result["status"]).inc()
+        return result
     if not reason:
         try:
             (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)", [text])
@@ -541,6 +549,17 @@ async def stripe_webhook(request: Request,
         raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
                                                     f"{result['reason']}", extra={"event_id": result["event_id"]})
     return result
+
+
+async def whole_thin_event(request: Request, notification: dict[str, Any]) -> dict[str, Any]:
+    """The v2 event a thin event notification names, as Stripe has it (``GET /v2/core/events/:id``),
+    as JSON; 503 without a Stripe API key (Stripe retries), 400 when the notification has no id."""
+    client = request.app.state.stripe
+    if not isinstance(notification.get("id"), str) or not notification["id"]:
+        raise HTTPException(status_code=400, detail="a thin event names its event id")
+    if client is None:
+        raise PgtallyError({"sqlstate": "TL503", "message": "thin events are read from Stripe: set STRIPE_API_KEY"})
+    return (await client.v2.core.events.retrieve_async(notification["id"])).to_dict(for_json=True)
 
 
 async def invoice_lines(request: Request, invoice_id: str) -> list[dict[str, Any]]:

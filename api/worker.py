@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -216,6 +217,37 @@ async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload:
             raise
 
 
+async def compare_meter_totals(conn: psycopg.AsyncConnection, settings: Settings, limit: int = 100) -> int:
+    """Once per account, meter and UTC day with post-paid usage reported (the day after it ends):
+    read Stripe's meter event summary for that day (``GET /v1/billing/meters/:id/event_summaries``)
+    and record it (``api.record_meter_summary``); ``reporting.meter_total_mismatches`` lists any
+    difference with what pgtally reported. Returns how many days were compared."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        return 0
+    (due,) = await (await conn.execute("SELECT api.meter_summaries_due(%s)", [limit])).fetchone()
+    if not due:
+        return 0
+    meters = {meter.event_name: meter.id async for meter in
+              (await client.v1.billing.meters.list_async(params={"limit": 100})).auto_paging_iter()}
+    compared = 0
+    for day in due:
+        meter = meters.get(day["event_name"])
+        if meter is None:
+            log.warning("Stripe has no meter with event_name %s: its totals cannot be compared", day["event_name"])
+            continue
+        summaries = await client.v1.billing.meters.event_summaries.list_async(meter, params={
+            "customer": day["stripe_customer_id"], "start_time": day["start_time"], "end_time": day["end_time"],
+            "limit": 100})
+        total = sum([Decimal(str(s.aggregated_value)) async for s in summaries.auto_paging_iter()], Decimal(0))
+        await conn.execute("SELECT api.record_meter_summary(%s::uuid, %s::text, %s::date, %s::numeric)",
+                           [day["account_id"], day["event_name"], day["day"], total])
+        compared += 1
+    return compared
+
+
 async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: int = 10) -> int:
     """Claim, send and settle up to ``limit`` due messages (emails, auto top-ups, meter events);
     returns how many were claimed."""
@@ -248,11 +280,17 @@ HOUSEKEEPING_SECONDS = 300
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
     """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
-    credit lots), auto top-ups stuck in flight (``api.release_stuck_auto_topups``), next months'
-    partitions and forgetting idempotency keys past their window (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
-    operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""
+    credit lots), auto top-ups stuck in flight (``api.release_stuck_auto_topups``), yesterday's
+    meter totals against Stripe's (:func:`compare_meter_totals`), next months' partitions and
+    forgetting idempotency keys past their window (``api.maintain_storage``), the analytics rollup
+    until it is caught up (``api.rollup_usage``), and the operator alerts (``api.check_alerts``,
+    with ``PGTALLY_ALERT_EMAIL``)."""
     await conn.execute("SELECT api.housekeeping()")
     await conn.execute("SELECT api.release_stuck_auto_topups()")
+    try:
+        await compare_meter_totals(conn, settings)
+    except stripe.StripeError as exc:          # tried again at the next housekeeping
+        log.warning("comparing meter totals with Stripe failed: %s", exc)
     # Its own transaction: making a partition locks the tables, and must not wait holding accounts.
     await conn.execute("SELECT api.maintain_storage()")
     while (await (await conn.execute("SELECT api.rollup_usage(50000)")).fetchone())[0] == 50000:

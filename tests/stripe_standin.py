@@ -200,6 +200,12 @@ class Shapes:
                        currency=currency, status=status, reason=reason, created=int(time.time()))
 
     @staticmethod
+    def meter(event_name: str) -> dict[str, Any]:
+        """A Billing Meter summing the values of ``event_name`` per customer."""
+        return fixture("billing.meter", id=f"mtr_{event_name}", event_name=event_name, display_name=event_name,
+                       livemode=False, created=int(time.time()), updated=int(time.time()))
+
+    @staticmethod
     def checkout_session(session_id: str, mode: str, customer: str | None, **fields: Any) -> dict[str, Any]:
         return fixture("checkout.session", **{
             "id": session_id, "mode": mode, "customer": customer, "currency": "usd", "invoice_creation": None,
@@ -231,6 +237,7 @@ class StripeStandIn:
         self.charges: dict[str, dict[str, Any]] = {}       # payment intent -> {amount, currency, refunded}
         self.intents: dict[str, dict[str, Any]] = {}       # payment intent id -> PaymentIntent
         self.invoices: dict[str, dict[str, Any]] = {}      # invoice id -> Invoice (all its lines)
+        self.v2_events: dict[str, dict[str, Any]] = {}     # thin events' whole v2 events, by id
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
         self.prices = catalog_prices(catalog)
         self.events = Events()
@@ -454,6 +461,26 @@ class StripeStandIn:
                      "timestamp": int(p.get("timestamp") or time.time())}
             self.meter_events[event["identifier"]] = event
             return 200, event
+        if (method, path.split("?")[0]) == ("GET", "/v1/billing/meters"):
+            names = sorted({name for price in self.prices.values() for name in (price["metered"] or {})})
+            return 200, {"object": "list", "url": "/v1/billing/meters", "has_more": False,
+                         "data": [Shapes.meter(name) for name in names]}
+        match = re.fullmatch(r"/v1/billing/meters/mtr_([\w.:-]+)/event_summaries\?(.*)", path)
+        if method == "GET" and match:
+            query = dict(parse_qsl(match.group(2)))
+            start, end = int(query["start_time"]), int(query["end_time"])
+            total = sum(int(e["payload"]["value"]) for e in self.meter_events.values()
+                        if e["event_name"] == match.group(1) and e["payload"]["stripe_customer_id"] == query["customer"]
+                        and start <= e["timestamp"] < end)
+            return 200, {"object": "list", "url": f"/v1/billing/meters/mtr_{match.group(1)}/event_summaries",
+                         "has_more": False, "data": [fixture("billing.meter_event_summary", id=f"mtrusg_{n}",
+                                                             aggregated_value=total, start_time=start, end_time=end,
+                                                             meter=f"mtr_{match.group(1)}", livemode=False)]}
+        match = re.fullmatch(r"/v2/core/events/(\w+)", path)
+        if method == "GET" and match:
+            event = self.v2_events.get(match.group(1))
+            return (200, event) if event else (404, {"error": {"type": "invalid_request_error",
+                                                               "message": "No such event"}})
         if (method, path) == ("POST", "/v1/billing_portal/sessions"):
             return 200, {"id": f"bps_{n}", "object": "billing_portal.session", "customer": p["customer"],
                          "url": f"https://billing.stripe.test/p/session/bps_{n}"}
@@ -584,6 +611,44 @@ def _authenticate(self, intent_id: str) -> dict[str, Any]:
     return intent
 
 
+def _reject_meter_events(self, identifiers: list[str], code: str = "meter_event_customer_not_found",
+                         message: str = "No customer was found with the given id") -> dict[str, Any]:
+    """What Stripe does when meter events it accepted fail validation later: they stop counting,
+    and an error report follows as the thin event v1.billing.meter.error_report_triggered (its
+    whole v2 event served at /v2/core/events/:id)."""
+    with self.lock:
+        rejected = [self.meter_events.pop(i) for i in identifiers]
+        n = next(self.ids)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        meter = f"mtr_{rejected[0]['event_name']}"
+        event = {"id": f"evt_test_thin_{n}", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
+                 "livemode": False, "created": now, "context": None, "reason": None,
+                 "related_object": {"id": meter, "type": "billing.meter", "url": f"/v1/billing/meters/{meter}"},
+                 "data": {"developer_message_summary": f"{len(rejected)} meter events failed validation",
+                          "validation_start": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(min(e["timestamp"] for e in rejected))),
+                          "validation_end": now,
+                          "reason": {"error_count": len(rejected), "error_types": [{
+                              "code": code, "error_count": len(rejected),
+                              "sample_errors": [{"error_message": message, "request": {"identifier": e["identifier"]}}
+                                                for e in rejected[:3]]}]}}}
+        self.v2_events[event["id"]] = event
+    notification = {k: v for k, v in event.items() if k not in ("data", "reason")}
+    self.sent.append(notification)
+    if self.webhook_url:
+        self.post_signed(notification)
+    return notification
+
+
+def _post_signed(self, event: dict[str, Any]) -> None:
+    import urllib.request
+
+    payload = json.dumps(event).encode()
+    request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
+        "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+
+
 def _send_event_later(self, type_: str, obj: dict[str, Any]) -> None:
     """An event caused by an API request: sent after the answer when there is a webhook (Stripe
     answers first), kept in ``sent`` at once without."""
@@ -597,19 +662,15 @@ def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
     if self.webhook_url:
-        import urllib.request
-
-        payload = json.dumps(event).encode()
-        request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
-            "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
-        with urllib.request.urlopen(request, timeout=30):
-            pass
+        self.post_signed(event)
 
 
 StripeStandIn.pay = _pay
 StripeStandIn.authenticate = _authenticate
 StripeStandIn.send_event = _send_event
 StripeStandIn.send_event_later = _send_event_later
+StripeStandIn.post_signed = _post_signed
+StripeStandIn.reject_meter_events = _reject_meter_events
 StripeStandIn.close_period = _close_period
 
 

@@ -566,6 +566,86 @@ END $$;
 COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb) IS
   'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
+CREATE OR REPLACE FUNCTION billing.apply_meter_error_report(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  d jsonb := p_event -> 'data';
+BEGIN
+  INSERT INTO billing.meter_error_reports (stripe_event_id, stripe_meter_id, error_count, summary, error_types,
+                                           identifiers, validation_start, validation_end, received_at)
+  VALUES (p_event ->> 'id', p_event #>> '{related_object,id}', coalesce((d #>> '{reason,error_count}')::integer, 0),
+          left(d ->> 'developer_message_summary', 2000),
+          CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array' THEN d #> '{reason,error_types}' ELSE '[]' END,
+          coalesce((SELECT array_agg(DISTINCT left(e #>> '{request,identifier}', 255))
+                    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array'
+                                                   THEN d #> '{reason,error_types}' ELSE '[]' END) t,
+                         jsonb_array_elements(CASE WHEN jsonb_typeof(t -> 'sample_errors') = 'array'
+                                                   THEN t -> 'sample_errors' ELSE '[]' END) e
+                    WHERE e #>> '{request,identifier}' IS NOT NULL), '{}'),
+          (d ->> 'validation_start')::timestamptz, (d ->> 'validation_end')::timestamptz, util.now())
+  ON CONFLICT DO NOTHING;
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_meter_error_report(jsonb) IS
+  'v1.billing.meter.error_report_triggered (a thin event, read whole from Stripe): record which meter, how many meter events Stripe rejected in the validation window, the error types and the sample identifiers (billing.meter_error_reports). The daily comparison of totals (reporting.meter_total_mismatches) shows what it cost.';
+
+CREATE OR REPLACE FUNCTION api.stripe_thin_event(p_event jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_created timestamptz;
+  v_status text;
+  v_result text;
+  v_reason text;
+BEGIN
+  -- A v2 event (https://docs.stripe.com/api/v2/core/events/object): created is an RFC 3339 string.
+  BEGIN
+    v_created := (p_event ->> 'created')::timestamptz;
+  EXCEPTION WHEN data_exception THEN
+    v_created := NULL;
+  END;
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' OR p_event ->> 'object' IS DISTINCT FROM 'v2.core.event' THEN 'a v2 event object is required'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN v_created IS NULL OR v_created > '3000-01-01'::timestamptz THEN 'created: an RFC 3339 time before the year 3000 is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe:' || coalesce(p_event #>> '{related_object,id}', v_id), 0));
+  SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id);
+  END IF;
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, v_created, coalesce((p_event ->> 'livemode') = 'true', false), p_event, util.now(), 'ignored');
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'v1.billing.meter.error_report_triggered' THEN billing.apply_meter_error_report(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation THEN
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
+  END;
+  v_status := split_part(v_result, ':', 1);
+  UPDATE billing.stripe_events
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+END $$;
+COMMENT ON FUNCTION api.stripe_thin_event(jsonb) IS
+  'POST /v1/webhooks/stripe for a thin event (object v2.core.event, an event destination''s payload): after the server verified the signature and read the whole event from Stripe (GET /v2/core/events/:id), record it in billing.stripe_events by id (a duplicate returns its recorded status) and apply it: v1.billing.meter.error_report_triggered (billing.apply_meter_error_report); other types are recorded as ignored, a malformed one as rejected. Returns {received, duplicate, status, event_id, reason}.';
+GRANT EXECUTE ON FUNCTION api.stripe_thin_event(jsonb) TO pgtally_api;
+
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
 ------------------------------------------------------------------------------------------------

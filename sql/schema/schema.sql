@@ -2035,6 +2035,31 @@ END $$;
 
 COMMENT ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) IS 'GET /v1/accounts/{id}/members: the members and their roles (permission members:read: every member).';
 
+CREATE FUNCTION api.meter_summaries_due(p_limit integer DEFAULT 100) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN coalesce((
+    SELECT jsonb_agg(jsonb_build_object('account_id', r.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                                        'event_name', r.event_name, 'day', r.day,
+                                        'start_time', extract(epoch FROM r.day::timestamp AT TIME ZONE 'UTC')::bigint,
+                                        'end_time', extract(epoch FROM (r.day + 1)::timestamp AT TIME ZONE 'UTC')::bigint)
+                     ORDER BY r.day, r.account_id, r.event_name)
+    FROM (SELECT DISTINCT (m.payload ->> 'account_id')::uuid AS account_id, m.payload ->> 'event_name' AS event_name,
+                 (to_timestamp((m.payload ->> 'timestamp')::bigint) AT TIME ZONE 'UTC')::date AS day
+          FROM outbox.messages m
+          WHERE m.kind = 'meter_event' AND m.delivered_at IS NOT NULL
+            AND m.created_at >= util.now() - interval '35 days') r
+    JOIN billing.customers c ON c.account_id = r.account_id
+    WHERE r.day < (util.now() AT TIME ZONE 'UTC')::date
+      AND NOT EXISTS (SELECT 1 FROM billing.meter_event_summaries s
+                      WHERE s.account_id = r.account_id AND s.event_name = r.event_name AND s.day = r.day)
+    LIMIT greatest(p_limit, 1)), '[]');
+END $$;
+
+COMMENT ON FUNCTION api.meter_summaries_due(p_limit integer) IS 'pgtally worker, housekeeping: the (account, Stripe customer, meter event_name, UTC day) triples of the last 35 days whose post-paid usage was reported to Stripe and whose day has ended but whose Stripe total was not read yet (at most p_limit): each is compared once, the day after. start_time and end_time are the day''s bounds in Unix seconds, as Stripe''s meter event summaries take them.';
+
 CREATE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2382,6 +2407,18 @@ CREATE FUNCTION api.principal_account(p_api_key text, p_session_id uuid) RETURNS
 $$;
 
 COMMENT ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) IS 'The account a key or session acts on: the authentication every request makes (SHA-256 of the key, one index probe), alone. bench/http_app.py''s ceiling route calls it, so the HTTP ceiling authenticates exactly as the real path does.';
+
+CREATE FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  INSERT INTO billing.meter_event_summaries AS s (account_id, event_name, day, stripe_units, checked_at)
+  VALUES (p_account_id, p_event_name, p_day, coalesce(p_stripe_units, 0), util.now())
+  ON CONFLICT (account_id, event_name, day) DO UPDATE SET stripe_units = EXCLUDED.stripe_units, checked_at = EXCLUDED.checked_at;
+END $$;
+
+COMMENT ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) IS 'pgtally worker: what Stripe''s meter event summary counts for an account''s meter (event_name) on a UTC day (units); reporting.meter_total_mismatches compares it with what pgtally reported.';
 
 CREATE FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2999,6 +3036,64 @@ $$;
 
 COMMENT ON FUNCTION api.stripe_customer_of(p_account_id uuid) IS 'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
 
+CREATE FUNCTION api.stripe_thin_event(p_event jsonb) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_created timestamptz;
+  v_status text;
+  v_result text;
+  v_reason text;
+BEGIN
+  -- A v2 event (https://docs.stripe.com/api/v2/core/events/object): created is an RFC 3339 string.
+  BEGIN
+    v_created := (p_event ->> 'created')::timestamptz;
+  EXCEPTION WHEN data_exception THEN
+    v_created := NULL;
+  END;
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' OR p_event ->> 'object' IS DISTINCT FROM 'v2.core.event' THEN 'a v2 event object is required'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN v_created IS NULL OR v_created > '3000-01-01'::timestamptz THEN 'created: an RFC 3339 time before the year 3000 is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe:' || coalesce(p_event #>> '{related_object,id}', v_id), 0));
+  SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id);
+  END IF;
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, v_created, coalesce((p_event ->> 'livemode') = 'true', false), p_event, util.now(), 'ignored');
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'v1.billing.meter.error_report_triggered' THEN billing.apply_meter_error_report(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation THEN
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
+  END;
+  v_status := split_part(v_result, ':', 1);
+  UPDATE billing.stripe_events
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+END $_$;
+
+COMMENT ON FUNCTION api.stripe_thin_event(p_event jsonb) IS 'POST /v1/webhooks/stripe for a thin event (object v2.core.event, an event destination''s payload): after the server verified the signature and read the whole event from Stripe (GET /v2/core/events/:id), record it in billing.stripe_events by id (a duplicate returns its recorded status) and apply it: v1.billing.meter.error_report_triggered (billing.apply_meter_error_report); other types are recorded as ignored, a malformed one as rejected. Returns {received, duplicate, status, event_id, reason}.';
+
 CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb, p_lines jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3509,6 +3604,30 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_refund(o jsonb) IS 'charge.refunded of a subscription invoice''s payment (found by PaymentIntent or charge in billing.invoice_payments: since API 2025-03-31 a Charge names no invoice): record what was refunded of the payment and the invoice (minor units; refunded in full: status refunded, out of the revenue views), cancel a referral reward the invoice earned inside its holdback. NULL when the charge paid no recorded invoice; stale when no more was refunded than already recorded.';
+
+CREATE FUNCTION billing.apply_meter_error_report(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  d jsonb := p_event -> 'data';
+BEGIN
+  INSERT INTO billing.meter_error_reports (stripe_event_id, stripe_meter_id, error_count, summary, error_types,
+                                           identifiers, validation_start, validation_end, received_at)
+  VALUES (p_event ->> 'id', p_event #>> '{related_object,id}', coalesce((d #>> '{reason,error_count}')::integer, 0),
+          left(d ->> 'developer_message_summary', 2000),
+          CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array' THEN d #> '{reason,error_types}' ELSE '[]' END,
+          coalesce((SELECT array_agg(DISTINCT left(e #>> '{request,identifier}', 255))
+                    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array'
+                                                   THEN d #> '{reason,error_types}' ELSE '[]' END) t,
+                         jsonb_array_elements(CASE WHEN jsonb_typeof(t -> 'sample_errors') = 'array'
+                                                   THEN t -> 'sample_errors' ELSE '[]' END) e
+                    WHERE e #>> '{request,identifier}' IS NOT NULL), '{}'),
+          (d ->> 'validation_start')::timestamptz, (d ->> 'validation_end')::timestamptz, util.now())
+  ON CONFLICT DO NOTHING;
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_meter_error_report(p_event jsonb) IS 'v1.billing.meter.error_report_triggered (a thin event, read whole from Stripe): record which meter, how many meter events Stripe rejected in the validation window, the error types and the sample identifiers (billing.meter_error_reports). The daily comparison of totals (reporting.meter_total_mismatches) shows what it cost.';
 
 CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -6139,7 +6258,7 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
                'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
-               'stuck_auto_topups']
+               'stuck_auto_topups', 'meter_total_mismatches']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -6500,6 +6619,43 @@ COMMENT ON COLUMN billing.invoices.tax_minor IS 'Tax on the invoice, in minor un
 COMMENT ON COLUMN billing.invoices.refunded_minor IS 'What charge.refunded events took back of this invoice''s payment, in minor units.';
 
 COMMENT ON COLUMN billing.invoices.paid_at IS 'When Stripe reported it paid (the invoice.paid event''s time).';
+
+CREATE TABLE billing.meter_error_reports (
+    stripe_event_id text NOT NULL,
+    stripe_meter_id text,
+    error_count integer NOT NULL,
+    summary text,
+    error_types jsonb DEFAULT '[]'::jsonb NOT NULL,
+    identifiers text[] DEFAULT '{}'::text[] NOT NULL,
+    validation_start timestamp with time zone,
+    validation_end timestamp with time zone,
+    received_at timestamp with time zone NOT NULL,
+    CONSTRAINT meter_error_reports_error_count_check CHECK ((error_count >= 0)),
+    CONSTRAINT meter_error_reports_stripe_event_id_check CHECK ((length(stripe_event_id) <= 255)),
+    CONSTRAINT meter_error_reports_stripe_meter_id_check CHECK ((length(stripe_meter_id) <= 255)),
+    CONSTRAINT meter_error_reports_summary_check CHECK ((length(summary) <= 2000))
+);
+
+COMMENT ON TABLE billing.meter_error_reports IS 'Stripe''s v1.billing.meter.error_report_triggered events: meter events it accepted and then rejected in a validation window (an unknown customer, a timestamp too old, a bad value...). Source: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage#handle-meter-event-errors.';
+
+COMMENT ON COLUMN billing.meter_error_reports.error_count IS 'How many meter events Stripe rejected in the window (reason.error_count).';
+
+COMMENT ON COLUMN billing.meter_error_reports.error_types IS 'reason.error_types as Stripe sent them: [{code, error_count, sample_errors: [{error_message, request: {identifier}}]}].';
+
+COMMENT ON COLUMN billing.meter_error_reports.identifiers IS 'The identifiers of the sample rejected meter events (pgtally sends the usage event id): a sample, not every one.';
+
+CREATE TABLE billing.meter_event_summaries (
+    account_id uuid NOT NULL,
+    event_name text NOT NULL,
+    day date NOT NULL,
+    stripe_units numeric NOT NULL,
+    checked_at timestamp with time zone NOT NULL,
+    CONSTRAINT meter_event_summaries_event_name_check CHECK ((length(event_name) <= 100))
+);
+
+COMMENT ON TABLE billing.meter_event_summaries IS 'What Stripe counted of an account''s meter events per meter and UTC day (GET /v1/billing/meters/:id/event_summaries, aggregated_value), read once by the worker after the day ended, for the days pgtally reported usage.';
+
+COMMENT ON COLUMN billing.meter_event_summaries.stripe_units IS 'Stripe''s aggregated_value for the day: units (the meter sums the values pgtally sent).';
 
 CREATE TABLE billing.mrr_changes (
     id bigint NOT NULL,
@@ -7395,6 +7551,32 @@ CREATE VIEW reporting.meter_event_reports_daily AS
 
 COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events per account and UTC day: reported to Stripe (the meter event was accepted), pending (queued or retrying), failed (retries exhausted: see outbox.messages.last_error) and missing (no report queued: must be 0); units reported and the amount charged locally, in minor units.';
 
+CREATE VIEW reporting.meter_total_mismatches AS
+ WITH reported AS (
+         SELECT ((m.payload ->> 'account_id'::text))::uuid AS account_id,
+            (m.payload ->> 'event_name'::text) AS event_name,
+            ((to_timestamp((((m.payload ->> 'timestamp'::text))::bigint)::double precision) AT TIME ZONE 'UTC'::text))::date AS day,
+            sum(((m.payload ->> 'value'::text))::numeric) AS reported_units
+           FROM outbox.messages m
+          WHERE ((m.kind = 'meter_event'::text) AND (m.delivered_at IS NOT NULL))
+          GROUP BY ((m.payload ->> 'account_id'::text))::uuid, (m.payload ->> 'event_name'::text), (((to_timestamp((((m.payload ->> 'timestamp'::text))::bigint)::double precision) AT TIME ZONE 'UTC'::text))::date)
+        )
+ SELECT s.account_id,
+    s.event_name,
+    s.day,
+    COALESCE(r.reported_units, (0)::numeric) AS reported_units,
+    s.stripe_units,
+    (s.stripe_units - COALESCE(r.reported_units, (0)::numeric)) AS difference_units,
+    s.checked_at,
+    ( SELECT array_agg(DISTINCT e.stripe_event_id) AS array_agg
+           FROM billing.meter_error_reports e
+          WHERE ((e.validation_start < ((s.day + 1))::timestamp with time zone) AND (e.validation_end >= (s.day)::timestamp with time zone))) AS error_reports
+   FROM (billing.meter_event_summaries s
+     LEFT JOIN reported r USING (account_id, event_name, day))
+  WHERE (s.stripe_units <> COALESCE(r.reported_units, (0)::numeric));
+
+COMMENT ON VIEW reporting.meter_total_mismatches IS 'Reconciliation: per account, Stripe meter (event_name) and UTC day, the post-paid units pgtally reported (and Stripe accepted) against what Stripe''s meter event summaries count, where they differ (difference_units = Stripe - pgtally), with the error reports of that day (billing.meter_error_reports): usage pgtally charged that Stripe will not bill. Must be empty.';
+
 CREATE VIEW reporting.mrr_monthly AS
  SELECT month,
     currency,
@@ -7819,6 +8001,12 @@ ALTER TABLE ONLY billing.invoice_payments
 
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
+
+ALTER TABLE ONLY billing.meter_error_reports
+    ADD CONSTRAINT meter_error_reports_pkey PRIMARY KEY (stripe_event_id);
+
+ALTER TABLE ONLY billing.meter_event_summaries
+    ADD CONSTRAINT meter_event_summaries_pkey PRIMARY KEY (account_id, event_name, day);
 
 ALTER TABLE ONLY billing.mrr_changes
     ADD CONSTRAINT mrr_changes_pkey PRIMARY KEY (id);
@@ -8248,6 +8436,9 @@ ALTER TABLE ONLY billing.invoices
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
 
+ALTER TABLE ONLY billing.meter_event_summaries
+    ADD CONSTRAINT meter_event_summaries_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 ALTER TABLE ONLY billing.mrr_changes
     ADD CONSTRAINT mrr_changes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
@@ -8559,6 +8750,9 @@ GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
 REVOKE ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.meter_summaries_due(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.meter_summaries_due(p_limit integer) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
 
@@ -8602,6 +8796,9 @@ GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) TO pgtally_api;
@@ -8677,6 +8874,9 @@ GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_a
 REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.stripe_thin_event(p_event jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_thin_event(p_event jsonb) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) TO pgtally_api;
 
@@ -8711,6 +8911,8 @@ REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM 
 REVOKE ALL ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_refund(o jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.apply_meter_error_report(p_event jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
 
@@ -8975,6 +9177,8 @@ GRANT SELECT ON TABLE reporting.ledger_reference_breaks TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.meter_total_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.mrr_monthly TO pgtally_analyst;
 

@@ -495,3 +495,45 @@ async def test_item12_a_second_subscription_that_arrives_anyway_is_canceled_refu
                          "WHERE recipient = 'twice@example.com' AND kind LIKE 'subscription_%'").fetchall()
     assert told == [("subscription_duplicate", extra, True)]          # and no "your plan has ended"
     assert reconciliation_problems(owner) == {}
+
+
+async def test_item11_meter_events_stripe_rejects_later_are_recorded_and_the_daily_totals_differ(
+        client, db_url, settings, stripe_api, new_account, owner):
+    import psycopg
+
+    from api import db
+    from api.worker import compare_meter_totals
+    from tests.http.test_billing_http import run_worker
+
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    session = (await client.post("/v1/billing/checkout", json={"price": "pay_per_use_monthly"}, headers=headers)).json()
+    await pay_and_deliver(client, stripe_api, session["id"])
+    ids = []
+    for i, quantity in enumerate((3, 4, 5)):
+        r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": quantity},
+                              headers=bearer(acct["api_key"], **{"Idempotency-Key": f"m{i}"}))
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    await run_worker(db_url, settings)
+    assert sorted(stripe_api.meter_events) == sorted(ids)
+
+    # Stripe accepted them, then rejects one in validation: a thin event, read whole from Stripe.
+    notification = stripe_api.reject_meter_events([ids[1]])
+    assert "data" not in notification and notification["object"] == "v2.core.event"
+    for _ in range(2):
+        r = await deliver(client, notification)
+        assert r.status_code == 200 and r.json()["status"] == "applied", r.text
+    assert owner.execute("SELECT stripe_meter_id, error_count, identifiers FROM billing.meter_error_reports").fetchall() == [
+        ("mtr_pgtally_generation", 1, [ids[1]])]
+    assert ("GET", f"/v2/core/events/{notification['id']}") in [(m, p) for m, p, _, _ in stripe_api.requests]
+
+    # The day after: the worker compares what pgtally reported with Stripe's meter event summaries, once.
+    owner.execute(f"ALTER DATABASE \"{owner.info.dbname}\" SET pgtally.now = '{time.strftime('%Y-%m-%d', time.gmtime(time.time() + DAY))} 06:00+00'")
+    async with await psycopg.AsyncConnection.connect(db.api_conninfo(db_url), autocommit=True) as conn:
+        assert await compare_meter_totals(conn, settings) == 1
+        assert await compare_meter_totals(conn, settings) == 0
+    rows = owner.execute("SELECT account_id::text, event_name, reported_units, stripe_units, difference_units, error_reports "
+                         "FROM reporting.meter_total_mismatches").fetchall()
+    assert rows == [(acct["account_id"], "pgtally_generation", 12, 8, -4, [notification["id"]])]
+    assert "meter_total_mismatches" in reconciliation_problems(owner)
