@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import random
 import re
 import threading
 import time
@@ -225,7 +226,7 @@ class StripeStandIn:
     are kept in ``sent`` for a test to deliver."""
 
     def __init__(self, webhook_url: str | None = None, webhook_secret: str | None = None,
-                 catalog: str | None = None) -> None:
+                 catalog: str | None = None, like_stripe: bool = False, seed: int | None = None) -> None:
         self.requests: list[tuple[str, str, dict[str, Any], str | None]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
@@ -238,7 +239,10 @@ class StripeStandIn:
         self.intents: dict[str, dict[str, Any]] = {}       # payment intent id -> PaymentIntent
         self.invoices: dict[str, dict[str, Any]] = {}      # invoice id -> Invoice (all its lines)
         self.v2_events: dict[str, dict[str, Any]] = {}     # thin events' whole v2 events, by id
+        self.disputes: dict[str, dict[str, Any]] = {}      # dispute id -> Dispute
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
+        self.like_stripe = like_stripe                     # deliver late, concurrently, some twice, retried
+        self.random = random.Random(seed)
         self.prices = catalog_prices(catalog)
         self.events = Events()
         self.idempotent: dict[str, tuple[str, dict[str, Any], tuple[int, dict[str, Any]]]] = {}
@@ -328,16 +332,34 @@ class StripeStandIn:
                 self.wfile.write(html)
 
             def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] == "/_control":
+                    return self._control("GET")
                 if self.path.startswith("/authenticate/"):
                     return self._authenticate("GET")
                 if self.path.startswith("/c/pay/"):
                     return self._page("GET")
                 self._handle("GET")
 
+            def _control(self, method: str) -> None:
+                if method == "GET":
+                    return self._answer(200, standin.state())
+                action = self.path.split("?")[0].rsplit("/", 1)[-1]
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if action not in CONTROLS or not isinstance(body.get(CONTROLS[action][0]), str):
+                    return self._answer(400, {"error": {"message": f"POST /_control/<{'|'.join(CONTROLS)}> with "
+                                                                   f"{{\"{CONTROLS.get(action, ('id',))[0]}\": ...}}"}})
+                try:
+                    obj = standin.control(action, body.pop(CONTROLS[action][0]), **body)
+                except (KeyError, ValueError, TypeError) as exc:
+                    return self._answer(404, {"error": {"message": f"{action}: {exc!r}"}})
+                self._answer(200, obj)
+
             def do_DELETE(self) -> None:  # noqa: N802
                 self._handle("DELETE")
 
             def do_POST(self) -> None:  # noqa: N802
+                if self.path.startswith("/_control/"):
+                    return self._control("POST")
                 if self.path.startswith("/authenticate/"):
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
                     return self._authenticate("POST")
@@ -639,14 +661,136 @@ def _reject_meter_events(self, identifiers: list[str], code: str = "meter_event_
     return notification
 
 
-def _post_signed(self, event: dict[str, Any]) -> None:
+def _post_signed(self, event: dict[str, Any], delay: float = 0, attempts: int = 1) -> None:
+    """POST an event to the webhook URL, signed; after ``delay`` seconds, tried ``attempts``
+    times (1 s, 2 s, 4 s... apart) until answered 2xx, as Stripe retries."""
+    import urllib.error
     import urllib.request
 
+    time.sleep(delay)
     payload = json.dumps(event).encode()
-    request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
-        "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
-    with urllib.request.urlopen(request, timeout=30):
-        pass
+    for attempt in range(attempts):
+        request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
+            "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                return
+        except (urllib.error.URLError, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
+
+
+def _fail_renewal(self, sub_id: str) -> dict[str, Any]:
+    """A renewal whose payment fails, as a test clock shows it: the subscription moves to its next
+    period, the new invoice stays open (invoice.payment_failed) and the subscription is past_due
+    (customer.subscription.updated). ``pay_invoice`` is the retry that succeeds."""
+    with self.lock:
+        sub = self.subscriptions[sub_id]
+        item = sub["items"]["data"][0]
+        price_id = item["price"]["id"]
+        price = self.prices[price_id]
+        start, end = item["current_period_start"], item["current_period_end"]
+        n = next(self.ids)
+        lines = [Shapes.line(f"in_{n}", sub_id, price_id, price["amount"], end, end + (end - start),
+                             currency=price["currency"])]
+        invoice = Shapes.invoice(f"in_{n}", sub["customer"], sub_id, lines, status="open", currency=price["currency"],
+                                 number=f"STANDIN-{n:04d}", account_id=sub["metadata"].get("account_id"))
+        self.invoices[invoice["id"]] = invoice
+        item["current_period_start"], item["current_period_end"] = end, end + (end - start)
+        sub["status"] = "past_due"
+        updated = copy.deepcopy(sub)
+    self.send_event("invoice.payment_failed", invoice)
+    self.send_event("customer.subscription.updated", updated)
+    return invoice
+
+
+def _pay_invoice(self, invoice_id: str) -> dict[str, Any]:
+    """Stripe's retry of an open invoice succeeds: invoice.paid, and its subscription active again."""
+    with self.lock:
+        invoice = self.invoices[invoice_id]
+        sub_id = invoice["parent"]["subscription_details"]["subscription"]
+        paid = Shapes.invoice(invoice_id, invoice["customer"], sub_id, invoice["lines"]["data"], currency=invoice["currency"],
+                              payment_intent=f"pi_{invoice_id}", number=invoice["number"],
+                              account_id=invoice["parent"]["subscription_details"]["metadata"].get("account_id"))
+        self.invoices[invoice_id] = paid
+        self.charges[f"pi_{invoice_id}"] = {"amount": paid["amount_paid"], "currency": paid["currency"], "refunded": 0,
+                                             "customer": paid["customer"], "invoice": invoice_id}
+        sub = self.subscriptions[sub_id]
+        sub["status"] = "active"
+        updated = copy.deepcopy(sub)
+    self.send_event("invoice.paid", paid)
+    self.send_event("customer.subscription.updated", updated)
+    return paid
+
+
+def _end_period(self, sub_id: str) -> dict[str, Any]:
+    """The subscription ends now (its period ran out after a cancel at period end, or it was
+    canceled at once): customer.subscription.deleted."""
+    with self.lock:
+        sub = self.subscriptions[sub_id]
+        now = int(time.time())
+        sub.update(status="canceled", canceled_at=now, ended_at=now)
+        ended = copy.deepcopy(sub)
+    self.send_event("customer.subscription.deleted", ended)
+    return ended
+
+
+def _refund(self, payment_intent: str, amount: int | None = None) -> dict[str, Any]:
+    """Refund a payment (all of what is left, or ``amount`` minor units): charge.refunded follows."""
+    with self.lock:
+        status, body = self.route("POST", "/v1/refunds", {"payment_intent": payment_intent,
+                                                          **({"amount": str(amount)} if amount else {})})
+    if status != 200:
+        raise ValueError(body["error"]["message"])
+    return body
+
+
+def _dispute(self, payment_intent: str, status: str = "needs_response", reason: str = "fraudulent") -> dict[str, Any]:
+    """The cardholder disputes a payment: charge.dispute.created (a Dispute names no customer)."""
+    with self.lock:
+        charge = self.charges[payment_intent]
+        dispute = Shapes.dispute(f"dp_{next(self.ids)}", f"ch_{payment_intent}", payment_intent, charge["amount"],
+                                 charge["currency"], status=status, reason=reason)
+        self.disputes[dispute["id"]] = dispute
+    self.send_event("charge.dispute.created", dispute)
+    return dispute
+
+
+def _close_dispute(self, dispute_id: str, status: str = "lost") -> dict[str, Any]:
+    """The dispute is decided (won or lost): charge.dispute.closed."""
+    with self.lock:
+        dispute = self.disputes[dispute_id]
+        dispute["status"] = status
+        closed = copy.deepcopy(dispute)
+    self.send_event("charge.dispute.closed", closed)
+    return closed
+
+
+CONTROLS = {"renew": ("subscription", _close_period), "fail_renewal": ("subscription", _fail_renewal),
+            "pay_invoice": ("invoice", _pay_invoice), "end_period": ("subscription", _end_period),
+            "refund": ("payment_intent", _refund), "dispute": ("payment_intent", _dispute),
+            "close_dispute": ("dispute", _close_dispute)}
+
+
+def _control(self, action: str, target: str, **options: Any) -> dict[str, Any]:
+    """Run a control by name (what ``POST /_control/<action>`` and ``python -m tests.stripe_standin
+    ctl`` do): renew, fail_renewal, pay_invoice, end_period, refund, dispute, close_dispute."""
+    _, method = CONTROLS[action]
+    return method(self, target, **options)
+
+
+def _state(self) -> dict[str, Any]:
+    """What a control can act on (``GET /_control``): subscriptions, open invoices, payments, disputes."""
+    with self.lock:
+        return {"subscriptions": {k: {"status": v["status"], "customer": v["customer"],
+                                      "price": v["items"]["data"][0]["price"]["id"],
+                                      "current_period_end": v["items"]["data"][0]["current_period_end"]}
+                                  for k, v in self.subscriptions.items()},
+                "open_invoices": sorted(k for k, v in self.invoices.items() if v["status"] == "open"),
+                "payments": {k: {"amount": v["amount"], "refunded": v["refunded"], "currency": v["currency"]}
+                             for k, v in self.charges.items()},
+                "disputes": {k: v["status"] for k, v in self.disputes.items()}}
 
 
 def _send_event_later(self, type_: str, obj: dict[str, Any]) -> None:
@@ -661,7 +805,13 @@ def _send_event_later(self, type_: str, obj: dict[str, Any]) -> None:
 def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
-    if self.webhook_url:
+    if self.webhook_url and self.like_stripe:
+        # As Stripe delivers: each event on its own, after a short random delay (so out of order
+        # and concurrently), a third of them twice, retried with backoff until answered 2xx.
+        for copy_ in range(2 if self.random.random() < 1 / 3 else 1):
+            threading.Thread(target=self.post_signed, args=(event, self.random.uniform(0, 0.5 + copy_), 5),
+                             daemon=True).start()
+    elif self.webhook_url:
         self.post_signed(event)
 
 
@@ -672,6 +822,15 @@ StripeStandIn.send_event_later = _send_event_later
 StripeStandIn.post_signed = _post_signed
 StripeStandIn.reject_meter_events = _reject_meter_events
 StripeStandIn.close_period = _close_period
+StripeStandIn.renew = _close_period
+StripeStandIn.fail_renewal = _fail_renewal
+StripeStandIn.pay_invoice = _pay_invoice
+StripeStandIn.end_period = _end_period
+StripeStandIn.refund = _refund
+StripeStandIn.dispute = _dispute
+StripeStandIn.close_dispute = _close_dispute
+StripeStandIn.control = _control
+StripeStandIn.state = _state
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -699,20 +858,52 @@ class Events:
         return Shapes.subscription(sub_id, customer, account_id, status, stripe_price, start, end, cancel_at_period_end)
 
 
-if __name__ == "__main__":
-    # Try pgtally's billing offline, checkout page included:
-    #   python -m tests.stripe_standin --webhook-url http://127.0.0.1:8000/v1/webhooks/stripe --webhook-secret whsec_local
-    #   STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x STRIPE_WEBHOOK_SECRET=whsec_local make run
+def main(argv: list[str] | None = None) -> None:
+    """Serve the stand-in, or (``ctl``) run one of its controls against a stand-in that is serving."""
     import argparse
+    import sys
+    import urllib.request
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ctl"]:
+        parser = argparse.ArgumentParser(prog="python -m tests.stripe_standin ctl",
+                                         description="Move a running stand-in like a Stripe test clock")
+        parser.add_argument("action", choices=["state", *CONTROLS])
+        parser.add_argument("target", nargs="?", help="the subscription, invoice, PaymentIntent or dispute id")
+        parser.add_argument("--amount", type=int, help="refund: minor units (all that is left by default)")
+        parser.add_argument("--status", help="dispute: its status; close_dispute: won or lost")
+        parser.add_argument("--url", default="http://127.0.0.1:12111", help="the stand-in's address")
+        args = parser.parse_args(argv[1:])
+        if args.action == "state":
+            request = urllib.request.Request(f"{args.url}/_control")
+        else:
+            if not args.target:
+                parser.error(f"{args.action} needs a {CONTROLS[args.action][0]} id")
+            body = {CONTROLS[args.action][0]: args.target, **({"amount": args.amount} if args.amount else {}),
+                    **({"status": args.status} if args.status else {})}
+            request = urllib.request.Request(f"{args.url}/_control/{args.action}", data=json.dumps(body).encode(),
+                                             method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            print(json.dumps(json.loads(answer.read()), indent=2))
+        return
     parser = argparse.ArgumentParser(description="A local Stripe stand-in for pgtally")
     parser.add_argument("port", nargs="?", type=int, default=12111)
     parser.add_argument("--webhook-url", help="where to send the signed events (pgtally's /v1/webhooks/stripe)")
     parser.add_argument("--webhook-secret", default="whsec_local", help="the secret to sign them with")
-    args = parser.parse_args()
-    standin = StripeStandIn(args.webhook_url, args.webhook_secret)
+    parser.add_argument("--like-stripe", action="store_true",
+                        help="deliver as Stripe does: late, concurrently, out of order, some twice, retried")
+    args = parser.parse_args(argv)
+    standin = StripeStandIn(args.webhook_url, args.webhook_secret, like_stripe=args.like_stripe)
     standin.server.server_close()
     standin.server = ThreadingHTTPServer(("127.0.0.1", args.port), standin.server.RequestHandlerClass)
     standin.url = f"http://127.0.0.1:{args.port}"
     print(f"Stripe stand-in on {standin.url}; events to {args.webhook_url or 'nowhere'}", flush=True)
     standin.server.serve_forever()
+
+
+if __name__ == "__main__":
+    # Try pgtally's billing offline, checkout page included:
+    #   python -m tests.stripe_standin --webhook-url http://127.0.0.1:8000/v1/webhooks/stripe --webhook-secret whsec_local
+    #   STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x STRIPE_WEBHOOK_SECRET=whsec_local make run
+    #   python -m tests.stripe_standin ctl state; python -m tests.stripe_standin ctl renew sub_3
+    main()

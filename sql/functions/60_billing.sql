@@ -329,6 +329,11 @@ BEGIN
   IF s.stripe_subscription_id IS NULL THEN
     RETURN 'ignored: not a subscription invoice';
   END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  -- Delivered after the invoice.paid of a retry that succeeded (Stripe does not order deliveries).
+  IF EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'id' AND status IN ('paid', 'refunded')) THEN
+    RETURN 'stale';
+  END IF;
   PERFORM billing.record_invoice(o, s, 'open', NULL);
   UPDATE identity.accounts
   SET plan_grace_until = coalesce(plan_grace_until, billing.ts(p_event -> 'created') + interval '7 days')
@@ -342,7 +347,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(jsonb) IS
-  'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+  'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event. Stale (nothing changes) when the invoice is already recorded paid: the failure of an attempt before the one that succeeded, delivered late.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
