@@ -190,7 +190,9 @@ async def start_checkout(request: Request, principal: list, price: str,
     account in ``client_reference_id`` and metadata, saves the card of a bundle purchase for
     one-click top-ups, and sends Stripe an idempotency key: ``checkout-`` and the account-scoped
     key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without).
-    A subscription Checkout expires the account's older open one (``api.checkout_opened``)."""
+    A subscription Checkout expires the account's older open one (``api.checkout_opened``). A
+    one-time purchase creates its invoice (``invoice_creation``); with ``PGTALLY_STRIPE_TAX`` Stripe
+    Tax is on (``automatic_tax``, tax IDs and the billing address collected)."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
     key, session_id, account_id = principal
@@ -217,6 +219,13 @@ async def start_checkout(request: Request, principal: list, price: str,
         params["subscription_data"] = {"metadata": metadata}
     else:
         params["payment_intent_data"] = {"metadata": metadata, "setup_future_usage": "off_session"}
+        # An invoice for every payment: the customer's record of a one-time purchase (number, PDF).
+        params["invoice_creation"] = {"enabled": True, "invoice_data": {"metadata": metadata}}
+    if request.app.state.settings.stripe_tax:
+        params.update(automatic_tax={"enabled": True}, tax_id_collection={"enabled": True},
+                      billing_address_collection="required",
+                      # Stripe Tax needs the customer's address: saved back on the customer.
+                      customer_update={"address": "auto", "name": "auto"})
     session = await client.v1.checkout.sessions.create_async(
         params=params, options={"idempotency_key": f"checkout-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
     # At most one subscription Checkout open per account: the older ones can no longer be paid.
@@ -449,15 +458,18 @@ async def resume_subscription(request: Request, caller: Caller, account_id: Acco
 class Invoice(msgspec.Struct):
     id: str
     object: str
+    kind: str
+    """subscription, or purchase (a bundle bought through Checkout)."""
     number: str | None
     status: str
-    """paid, or open (its payment failed and Stripe is retrying)."""
+    """paid, open (its payment failed and Stripe is retrying), or refunded."""
     amount_paid: int
     """Minor currency units (cents), as every amount here."""
     tax: int
     refunded: int
     currency: str
     plan: str | None
+    description: str | None
     period_start: str | None
     period_end: str | None
     created_at: str
@@ -475,9 +487,9 @@ class InvoiceList(msgspec.Struct):
 async def invoices(request: Request, caller: Caller,
                    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 24,
                    account_id: AccountParam = None) -> Response[InvoiceList]:
-    """The caller's subscription invoices, newest first, as Stripe reported them (``api.invoices``):
-    number, status, amounts in minor units (paid, tax, refunded), plan, period and Stripe's
-    hosted page and PDF."""
+    """The caller's invoices, newest first, as Stripe reported them (``api.invoices``): those of
+    the subscription and those of one-time purchases (``kind``), with number, status, amounts in
+    minor units (paid, tax, refunded), plan or description, period and Stripe's hosted page and PDF."""
     (body,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, %s::integer, %s::uuid)::text",
                          [*caller.params, limit, account_id])
     return json_response(body)

@@ -287,23 +287,25 @@ async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) 
     (balance,) = await call(request, "SELECT api.balance(%s::text, %s::uuid, %s::uuid)", principal)
     try:
         billing = await call_json(request, "SELECT api.billing_account(%s::text, %s::uuid, %s::uuid)", principal)
+        (invoices,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, 10, %s::uuid)", principal)
     except PgtallyError as exc:
         if exc.error.get("sqlstate") != "TL403":
             raise
-        billing = None                  # a team member whose role does not see billing
+        billing, invoices = None, {"data": []}      # a team member whose role does not see billing
     (events,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, NULL, 10, NULL, NULL, NULL, %s::uuid)",
                            principal)
     (catalog,) = await call(request, "SELECT api.plans()", [])
     referrals = await call_json(request, "SELECT api.referrals(NULL, %s::uuid, %s::text)",
                                 [session_id, request.app.state.settings.public_url])
     return page("dashboard.html", request, balance=balance, billing=billing, events=events["data"],
-                bundles=catalog["bundles"], referrals=referrals, **extra)
+                bundles=catalog["bundles"], referrals=referrals, invoices=invoices["data"], **extra)
 
 
 @get("/dashboard")
 async def dashboard_page(request: Request) -> Any:
     """What is left (credits, pending and expiring ones, each allowance and its reset), the plan
-    and its billing state, the last 10 usage events with their metadata, and the referral link."""
+    and its billing state, the last 10 invoices with their PDFs, the last 10 usage events with
+    their metadata, and the referral link."""
     return await signed_in(request, lambda sid: dashboard_view(request, sid))
 
 

@@ -174,6 +174,23 @@ class Shapes:
                       if paid and payment_intent else []})
 
     @staticmethod
+    def with_tax(invoice: dict[str, Any], tax: int) -> dict[str, Any]:
+        """The invoice with Stripe Tax's tax added on top (exclusive), as one total_taxes entry."""
+        if tax:
+            paid = invoice["status"] == "paid"
+            invoice.update(total=invoice["total"] + tax, amount_due=invoice["amount_due"] + tax,
+                           amount_paid=invoice["amount_paid"] + tax if paid else 0,
+                           amount_remaining=0 if paid else invoice["amount_remaining"] + tax,
+                           automatic_tax={"enabled": True, "liability": {"type": "self"}, "provider": "stripe",
+                                          "status": "complete", "disabled_reason": None},
+                           total_taxes=[{"amount": tax, "tax_behavior": "exclusive", "taxability_reason": "standard_rated",
+                                         "taxable_amount": invoice["subtotal"], "type": "tax_rate_details",
+                                         "tax_rate_details": {"tax_rate": "txr_standin_vat20"}}])
+            for payment in invoice["payments"]["data"]:
+                payment.update(amount_paid=invoice["amount_paid"], amount_requested=invoice["amount_paid"])
+        return invoice
+
+    @staticmethod
     def payment_intent(pi_id: str, customer: str | None, amount: int, currency: str = "usd", status: str = "succeeded",
                        metadata: dict[str, str] | None = None, payment_method: str | None = None) -> dict[str, Any]:
         return fixture("payment_intent", id=pi_id, customer=customer, amount=amount,
@@ -214,6 +231,9 @@ class Shapes:
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}, "currency_conversion": None,
             "after_expiration": None, "custom_text": None, "created": int(time.time()),
             "expires_at": int(time.time()) + 86400, **fields})
+
+
+TAX_RATE = 0.20          # the stand-in's Stripe Tax: 20% VAT, exclusive
 
 
 class StripeStandIn:
@@ -391,7 +411,17 @@ class StripeStandIn:
                 client_reference_id=p.get("client_reference_id"), metadata=p.get("metadata", {}), status="open",
                 payment_status="unpaid", success_url=p["success_url"], cancel_url=p["cancel_url"],
                 line_items=p["line_items"], subscription_data=p.get("subscription_data", {}),
-                payment_intent_data=p.get("payment_intent_data", {}))
+                payment_intent_data=p.get("payment_intent_data", {}),
+                automatic_tax={"enabled": (p.get("automatic_tax") or {}).get("enabled") == "true",
+                               "liability": {"type": "self"}, "status": None, "provider": None},
+                tax_id_collection={"enabled": (p.get("tax_id_collection") or {}).get("enabled") == "true",
+                                   "required": "never"},
+                billing_address_collection=p.get("billing_address_collection"),
+                invoice_creation=None if p["mode"] != "payment" else {
+                    "enabled": (p.get("invoice_creation") or {}).get("enabled") == "true",
+                    "invoice_data": {"metadata": ((p.get("invoice_creation") or {}).get("invoice_data") or {}).get("metadata", {}),
+                                     "account_tax_ids": None, "custom_fields": None, "description": None,
+                                     "footer": None, "issuer": None, "rendering_options": None}})
             self.sessions[session["id"]] = session
             return 200, {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
         match = re.fullmatch(r"/v1/checkout/sessions/(\w+)/expire", path)
@@ -552,7 +582,11 @@ def _pay(self, session: dict[str, Any]) -> None:
         n = next(self.ids)
         price_id = session["line_items"][0]["price"]
         price = self.prices.get(price_id, {"amount": 0, "currency": "usd", "interval": "month"})
-        session.update(status="complete", payment_status="paid", amount_total=price["amount"], currency=price["currency"])
+        # Stripe Tax, as the stand-in does it: 20% VAT on top of the price.
+        tax = round(price["amount"] * TAX_RATE) if (session.get("automatic_tax") or {}).get("enabled") else 0
+        session.update(status="complete", payment_status="paid", amount_total=price["amount"] + tax,
+                       amount_subtotal=price["amount"], currency=price["currency"],
+                       total_details={"amount_discount": 0, "amount_shipping": 0, "amount_tax": tax})
         now = int(time.time())
         if session["mode"] == "subscription":
             end = now + (365 if price["interval"] == "year" else 30) * 86400
@@ -564,9 +598,10 @@ def _pay(self, session: dict[str, Any]) -> None:
             # A metered price bills in arrears: its first invoice has nothing to bill (no line here).
             lines = [] if price["metered"] else [Shapes.line(f"in_{n}", sub["id"], price_id, price["amount"], now, end,
                                                              currency=price["currency"])]
-            invoice = Shapes.invoice(f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"],
-                                     payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
-                                     billing_reason="subscription_create", account_id=account_id)
+            invoice = Shapes.with_tax(Shapes.invoice(
+                f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"], payment_intent=f"pi_in_{n}",
+                number=f"STANDIN-{n:04d}", billing_reason="subscription_create", account_id=account_id),
+                tax if lines else 0)
             session["invoice"] = invoice["id"]
             self.invoices[invoice["id"]] = invoice
             self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
@@ -575,11 +610,26 @@ def _pay(self, session: dict[str, Any]) -> None:
                       ("invoice.paid", invoice)]
         else:
             session["payment_intent"] = f"pi_{n}"
-            self.charges[f"pi_{n}"] = {"amount": price["amount"], "currency": price["currency"], "refunded": 0,
+            self.charges[f"pi_{n}"] = {"amount": price["amount"] + tax, "currency": price["currency"], "refunded": 0,
                                        "customer": session["customer"]}
             if session["payment_intent_data"].get("setup_future_usage") == "off_session":
                 self.cards.setdefault(session["customer"], []).append(f"pm_card_{n}")
             events = [("checkout.session.completed", session)]
+            if (session.get("invoice_creation") or {}).get("enabled"):
+                # invoice_creation: a paid invoice of the purchase, one line of an invoice item.
+                line = Shapes.line(f"in_{n}", "", price_id, price["amount"], int(time.time()), int(time.time()),
+                                   currency=price["currency"])
+                line.update(description=f"1 × {price_id}", parent={
+                    "type": "invoice_item_details", "subscription_item_details": None,
+                    "invoice_item_details": {"invoice_item": f"ii_{n}", "proration": False,
+                                             "proration_details": {"credited_items": None}, "subscription": None}})
+                invoice = Shapes.with_tax(Shapes.invoice(
+                    f"in_{n}", session["customer"], None, [line], currency=price["currency"], payment_intent=f"pi_{n}",
+                    number=f"STANDIN-{n:04d}", billing_reason="manual"), tax)
+                invoice["metadata"] = session["invoice_creation"]["invoice_data"]["metadata"]
+                self.invoices[invoice["id"]] = invoice
+                session["invoice"] = invoice["id"]
+                events.append(("invoice.paid", invoice))
     public = {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
     for type_, obj in events:
         self.send_event(type_, public if obj is session else obj)

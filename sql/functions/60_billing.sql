@@ -190,10 +190,10 @@ BEGIN
     RETURN 'ignored: checkout session names no credit bundle';
   END IF;
   INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
-                                amount_minor, currency, credits_micros, paid_at)
+                                amount_minor, currency, credits_micros, paid_at, tax_minor)
   VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
           coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
-          v_price.credits_micros, billing.ts(p_event -> 'created'))
+          v_price.credits_micros, billing.ts(p_event -> 'created'), coalesce((o #>> '{total_details,amount_tax}')::bigint, 0))
   ON CONFLICT DO NOTHING
   RETURNING stripe_payment_intent_id INTO v_payment;
   IF v_payment IS NULL THEN
@@ -206,7 +206,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
-  'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+  'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment (with its tax: total_details.amount_tax) and grant its credits (once per session).';
 
 CREATE OR REPLACE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -276,6 +276,35 @@ END $$;
 COMMENT ON FUNCTION billing.subscription_of_invoice(jsonb) IS
   'The subscription an invoice bills (NULL for a one-off invoice). TL503 (answered 503, so Stripe retries) when the subscription''s own events have not arrived yet.';
 
+CREATE OR REPLACE FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamptz) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: an invoice of no subscription and no pgtally customer';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.payment_invoices (stripe_invoice_id, account_id, stripe_payment_intent_id, number, status, currency,
+                                        amount_paid_minor, tax_minor, description, hosted_invoice_url, invoice_pdf,
+                                        created_at, paid_at)
+  VALUES (o ->> 'id', v_account_id,
+          (SELECT ip #>> '{payment,payment_intent}' FROM jsonb_array_elements(
+             CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip
+           WHERE ip #>> '{payment,payment_intent}' IS NOT NULL LIMIT 1),
+          left(o ->> 'number', 255), 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+          coalesce((o ->> 'amount_paid')::bigint, 0),
+          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(
+                      CASE WHEN jsonb_typeof(o -> 'total_taxes') = 'array' THEN o -> 'total_taxes' ELSE '[]' END) t), 0),
+          left(coalesce(o ->> 'description', o #>> '{lines,data,0,description}'), 500),
+          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
+          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at)
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: this invoice was already recorded' END;
+END $$;
+COMMENT ON FUNCTION billing.record_payment_invoice(jsonb, timestamptz) IS
+  'invoice.paid of an invoice that bills no subscription (a one-time Checkout purchase with invoice_creation): record it once in billing.payment_invoices for the account of its metadata or customer, with the PaymentIntent that paid it (payments.data), its number, tax (total_taxes) and links. Not revenue: the payment itself is billing.payments''.';
+
 CREATE OR REPLACE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -289,7 +318,7 @@ DECLARE
   v_credits bigint;
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
-    RETURN 'ignored: not a subscription invoice';
+    RETURN billing.record_payment_invoice(o, billing.ts(p_event -> 'created'));
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
@@ -318,7 +347,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
-  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else.';
+  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else; the invoice of a one-time payment is billing.record_payment_invoice''s.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$

@@ -158,16 +158,29 @@ BEGIN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
   END IF;
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object(
-             'id', i.stripe_invoice_id, 'object', 'invoice', 'number', i.number, 'status', i.status,
+    SELECT jsonb_agg(x.invoice ORDER BY x.created_at DESC, x.id DESC)
+    FROM (SELECT i.stripe_invoice_id AS id, i.created_at, jsonb_build_object(
+             'id', i.stripe_invoice_id, 'object', 'invoice', 'kind', 'subscription', 'number', i.number, 'status', i.status,
              'amount_paid', i.amount_paid_minor, 'tax', i.tax_minor, 'refunded', i.refunded_minor, 'currency', i.currency,
-             'plan', i.plan_id, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
+             'plan', i.plan_id, 'description', NULL, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
              'created_at', util.iso(i.created_at), 'paid_at', util.iso(i.paid_at),
-             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
-    FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
+             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) AS invoice
+          FROM billing.invoices i WHERE i.account_id = v_account_id
+          UNION ALL
+          SELECT v.stripe_invoice_id, v.created_at, jsonb_build_object(
+             'id', v.stripe_invoice_id, 'object', 'invoice', 'kind', 'purchase', 'number', v.number,
+             'status', CASE WHEN p.refunded_minor >= v.amount_paid_minor AND v.amount_paid_minor > 0 THEN 'refunded' ELSE v.status END,
+             'amount_paid', v.amount_paid_minor, 'tax', v.tax_minor, 'refunded', coalesce(p.refunded_minor, 0),
+             'currency', v.currency, 'plan', NULL, 'description', v.description, 'period_start', NULL, 'period_end', NULL,
+             'created_at', util.iso(v.created_at), 'paid_at', util.iso(v.paid_at),
+             'hosted_invoice_url', v.hosted_invoice_url, 'invoice_pdf', v.invoice_pdf)
+          FROM billing.payment_invoices v
+          LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = v.stripe_payment_intent_id
+          WHERE v.account_id = v_account_id
+          ORDER BY 2 DESC, 1 DESC LIMIT p_limit) x), '[]'));
 END $$;
 COMMENT ON FUNCTION api.invoices(text, uuid, integer, uuid) IS
-  'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+  'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): every invoice of the account, newest first (at most p_limit, 1-100): subscription invoices (kind subscription) and the invoices of one-time purchases (kind purchase, refunded from their payment): {id, kind, number, status (paid, open, refunded), amount_paid, tax, refunded (minor units), currency, plan, description, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 ------------------------------------------------------------------------------------------------
 -- Usage rollups

@@ -1613,16 +1613,29 @@ BEGIN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
   END IF;
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object(
-             'id', i.stripe_invoice_id, 'object', 'invoice', 'number', i.number, 'status', i.status,
+    SELECT jsonb_agg(x.invoice ORDER BY x.created_at DESC, x.id DESC)
+    FROM (SELECT i.stripe_invoice_id AS id, i.created_at, jsonb_build_object(
+             'id', i.stripe_invoice_id, 'object', 'invoice', 'kind', 'subscription', 'number', i.number, 'status', i.status,
              'amount_paid', i.amount_paid_minor, 'tax', i.tax_minor, 'refunded', i.refunded_minor, 'currency', i.currency,
-             'plan', i.plan_id, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
+             'plan', i.plan_id, 'description', NULL, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
              'created_at', util.iso(i.created_at), 'paid_at', util.iso(i.paid_at),
-             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
-    FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
+             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) AS invoice
+          FROM billing.invoices i WHERE i.account_id = v_account_id
+          UNION ALL
+          SELECT v.stripe_invoice_id, v.created_at, jsonb_build_object(
+             'id', v.stripe_invoice_id, 'object', 'invoice', 'kind', 'purchase', 'number', v.number,
+             'status', CASE WHEN p.refunded_minor >= v.amount_paid_minor AND v.amount_paid_minor > 0 THEN 'refunded' ELSE v.status END,
+             'amount_paid', v.amount_paid_minor, 'tax', v.tax_minor, 'refunded', coalesce(p.refunded_minor, 0),
+             'currency', v.currency, 'plan', NULL, 'description', v.description, 'period_start', NULL, 'period_end', NULL,
+             'created_at', util.iso(v.created_at), 'paid_at', util.iso(v.paid_at),
+             'hosted_invoice_url', v.hosted_invoice_url, 'invoice_pdf', v.invoice_pdf)
+          FROM billing.payment_invoices v
+          LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = v.stripe_payment_intent_id
+          WHERE v.account_id = v_account_id
+          ORDER BY 2 DESC, 1 DESC LIMIT p_limit) x), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): every invoice of the account, newest first (at most p_limit, 1-100): subscription invoices (kind subscription) and the invoices of one-time purchases (kind purchase, refunded from their payment): {id, kind, number, status (paid, open, refunded), amount_paid, tax, refunded (minor units), currency, plan, description, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -3423,10 +3436,10 @@ BEGIN
     RETURN 'ignored: checkout session names no credit bundle';
   END IF;
   INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
-                                amount_minor, currency, credits_micros, paid_at)
+                                amount_minor, currency, credits_micros, paid_at, tax_minor)
   VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
           coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
-          v_price.credits_micros, billing.ts(p_event -> 'created'))
+          v_price.credits_micros, billing.ts(p_event -> 'created'), coalesce((o #>> '{total_details,amount_tax}')::bigint, 0))
   ON CONFLICT DO NOTHING
   RETURNING stripe_payment_intent_id INTO v_payment;
   IF v_payment IS NULL THEN
@@ -3439,7 +3452,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment (with its tax: total_details.amount_tax) and grant its credits (once per session).';
 
 CREATE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3499,7 +3512,7 @@ DECLARE
   v_credits bigint;
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
-    RETURN 'ignored: not a subscription invoice';
+    RETURN billing.record_payment_invoice(o, billing.ts(p_event -> 'created'));
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
@@ -3528,7 +3541,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else.';
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else; the invoice of a one-time payment is billing.record_payment_invoice''s.';
 
 CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -4207,6 +4220,36 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) IS 'After a subscription event: append the account''s MRR to billing.mrr_changes when it changed (amount, currency or plan), at the event''s time (never before the last change).';
+
+CREATE FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: an invoice of no subscription and no pgtally customer';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.payment_invoices (stripe_invoice_id, account_id, stripe_payment_intent_id, number, status, currency,
+                                        amount_paid_minor, tax_minor, description, hosted_invoice_url, invoice_pdf,
+                                        created_at, paid_at)
+  VALUES (o ->> 'id', v_account_id,
+          (SELECT ip #>> '{payment,payment_intent}' FROM jsonb_array_elements(
+             CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip
+           WHERE ip #>> '{payment,payment_intent}' IS NOT NULL LIMIT 1),
+          left(o ->> 'number', 255), 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+          coalesce((o ->> 'amount_paid')::bigint, 0),
+          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(
+                      CASE WHEN jsonb_typeof(o -> 'total_taxes') = 'array' THEN o -> 'total_taxes' ELSE '[]' END) t), 0),
+          left(coalesce(o ->> 'description', o #>> '{lines,data,0,description}'), 500),
+          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
+          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at)
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: this invoice was already recorded' END;
+END $$;
+
+COMMENT ON FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) IS 'invoice.paid of an invoice that bills no subscription (a one-time Checkout purchase with invoice_creation): record it once in billing.payment_invoices for the account of its metadata or customer, with the PaymentIntent that paid it (payments.data), its number, tax (total_taxes) and links. Not revenue: the payment itself is billing.payments''.';
 
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -6684,6 +6727,38 @@ ALTER TABLE billing.mrr_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY
     CACHE 1
 );
 
+CREATE TABLE billing.payment_invoices (
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_payment_intent_id text,
+    number text,
+    status text NOT NULL,
+    currency text NOT NULL,
+    amount_paid_minor bigint NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
+    description text,
+    hosted_invoice_url text,
+    invoice_pdf text,
+    created_at timestamp with time zone NOT NULL,
+    paid_at timestamp with time zone,
+    CONSTRAINT payment_invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
+    CONSTRAINT payment_invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT payment_invoices_description_check CHECK ((length(description) <= 500)),
+    CONSTRAINT payment_invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
+    CONSTRAINT payment_invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
+    CONSTRAINT payment_invoices_number_check CHECK ((length(number) <= 255)),
+    CONSTRAINT payment_invoices_status_check CHECK ((status = ANY (ARRAY['paid'::text, 'open'::text, 'void'::text, 'uncollectible'::text]))),
+    CONSTRAINT payment_invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT payment_invoices_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255)),
+    CONSTRAINT payment_invoices_tax_minor_check CHECK ((tax_minor >= 0))
+);
+
+COMMENT ON TABLE billing.payment_invoices IS 'Invoices of one-time payments (bundles bought through Checkout with invoice_creation), from their invoice.paid, once each: the customer''s record of the purchase (number, PDF, hosted page, tax). The money itself is billing.payments'' (this table is not revenue: nothing is counted twice).';
+
+COMMENT ON COLUMN billing.payment_invoices.amount_paid_minor IS 'What the invoice collected (tax included), in minor currency units.';
+
+COMMENT ON COLUMN billing.payment_invoices.tax_minor IS 'Its tax (the sum of total_taxes), in minor units.';
+
 CREATE TABLE billing.payments (
     stripe_payment_intent_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -6696,16 +6771,20 @@ CREATE TABLE billing.payments (
     clawed_back_micros bigint DEFAULT 0 NOT NULL,
     shortfall_micros bigint DEFAULT 0 NOT NULL,
     paid_at timestamp with time zone NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
     CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
     CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
     CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
+    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0)),
+    CONSTRAINT payments_tax_minor_check CHECK ((tax_minor >= 0))
 );
 
 COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
 
 COMMENT ON COLUMN billing.payments.stripe_checkout_session IS 'The Checkout Session that sold it; NULL for a one-click top-up (an off-session PaymentIntent with a saved card).';
+
+COMMENT ON COLUMN billing.payments.tax_minor IS 'The tax Stripe Tax added to the payment (the Checkout Session''s total_details.amount_tax), in minor units; amount_minor includes it.';
 
 CREATE TABLE billing.plans (
     id text NOT NULL,
@@ -8016,6 +8095,9 @@ ALTER TABLE ONLY billing.meter_event_summaries
 ALTER TABLE ONLY billing.mrr_changes
     ADD CONSTRAINT mrr_changes_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY billing.payment_invoices
+    ADD CONSTRAINT payment_invoices_pkey PRIMARY KEY (stripe_invoice_id);
+
 ALTER TABLE billing.payments
     ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
 
@@ -8298,6 +8380,10 @@ CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, c
 
 CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes USING btree (account_id, at DESC, id DESC);
 
+CREATE INDEX payment_invoices_account_idx ON billing.payment_invoices USING btree (account_id, created_at);
+
+CREATE INDEX payment_invoices_payment_intent_idx ON billing.payment_invoices USING btree (stripe_payment_intent_id);
+
 CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
 
 CREATE INDEX referrals_referrer_idx ON billing.referrals USING btree (referrer_account_id, created_at);
@@ -8449,6 +8535,9 @@ ALTER TABLE ONLY billing.mrr_changes
 
 ALTER TABLE ONLY billing.mrr_changes
     ADD CONSTRAINT mrr_changes_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.payment_invoices
+    ADD CONSTRAINT payment_invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 ALTER TABLE ONLY billing.payments
     ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -8960,6 +9049,8 @@ REVOKE ALL ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, 
 REVOKE ALL ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
 

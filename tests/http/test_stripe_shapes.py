@@ -537,3 +537,62 @@ async def test_item11_meter_events_stripe_rejects_later_are_recorded_and_the_dai
                          "FROM reporting.meter_total_mismatches").fetchall()
     assert rows == [(acct["account_id"], "pgtally_generation", 12, 8, -4, [notification["id"]])]
     assert "meter_total_mismatches" in reconciliation_problems(owner)
+
+
+async def test_tax_opt_in_turns_on_stripe_tax_in_checkout_and_records_the_tax(db_url, stripe_api, new_account, owner):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import Settings
+    from tests.http.conftest import PUBLIC_URL
+
+    taxed = Settings(public_url=PUBLIC_URL, stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url,
+                     stripe_webhook_secret="whsec_test_secret", stripe_tax=True)
+    acct = new_account("free")
+    headers = bearer(acct["api_key"])
+    async with AsyncTestClient(app=create_app(db_url, taxed)) as client:
+        for price in ("bundle_10", "pro_monthly"):
+            session = (await client.post("/v1/billing/checkout", json={"price": price}, headers=headers)).json()
+            _, _, params, _ = [r for r in stripe_api.requests if r[1] == "/v1/checkout/sessions"][-1]
+            assert params["automatic_tax"] == {"enabled": "true"} and params["tax_id_collection"] == {"enabled": "true"}
+            assert params["billing_address_collection"] == "required" and params["customer_update"]["address"] == "auto"
+            await pay_and_deliver(client, stripe_api, session["id"])
+        invoices = (await client.get("/v1/billing/invoices", headers=headers)).json()["data"]
+    assert owner.execute("SELECT amount_minor, tax_minor FROM billing.payments").fetchone() == (600, 100)
+    assert sorted((i["kind"], i["amount_paid"], i["tax"]) for i in invoices) == [("purchase", 600, 100),
+                                                                                ("subscription", 1199, 200)]
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_invoices_for_every_payment_a_bundle_is_invoiced_listed_and_on_the_dashboard(
+        db_url, settings, client, stripe_api, owner):
+    from tests.http.test_billing_http import page_client
+    from tests.http.test_sign_in import form
+
+    async with await page_client(db_url, settings) as pages:
+        await pages.post("/v1/auth/signup", json={"email": "invoices@example.com", "password": "violet-harbour-tangent-42"})
+        owner.execute("UPDATE identity.users SET email_verified_at = now()")
+        assert (await form(pages, "/login", {"email": "invoices@example.com",
+                                             "password": "violet-harbour-tangent-42"})).status_code in (302, 303)
+        r = await form(pages, "/upgrade/checkout", {"price": "bundle_10"}, "/upgrade")
+        session_id = r.headers["location"].rsplit("/", 1)[-1]
+        assert stripe_api.sessions[session_id]["invoice_creation"]["enabled"] is True
+        await pay_and_deliver(pages, stripe_api, session_id)
+        invoice = stripe_api.invoices[stripe_api.sessions[session_id]["invoice"]]
+        assert invoice["parent"] is None and invoice["metadata"]["price"] == "bundle_10"
+        dashboard = (await pages.get("/dashboard")).text
+        assert invoice["number"] in dashboard and f'href="{invoice["invoice_pdf"]}"' in dashboard
+    key = owner.execute("SELECT api_key FROM (SELECT (api.create_api_key(s.id, 'test', ARRAY['billing:read']) ->> 'api_key') "
+                        "AS api_key FROM identity.sessions s LIMIT 1) k").fetchone()[0]
+    listed = (await client.get("/v1/billing/invoices", headers=bearer(key))).json()["data"]
+    assert [(i["id"], i["kind"], i["number"], i["status"], i["amount_paid"], i["invoice_pdf"], i["hosted_invoice_url"])
+            for i in listed] == [(invoice["id"], "purchase", invoice["number"], "paid", 500, invoice["invoice_pdf"],
+                                  invoice["hosted_invoice_url"])]
+    # Refunded in full: the invoice says so; the money left pgtally's revenue with the payment.
+    before = len(stripe_api.sent)
+    stripe_api.refund(stripe_api.sessions[session_id]["payment_intent"])
+    for event in stripe_api.sent[before:]:
+        assert (await deliver(client, event)).status_code == 200
+    (listed,) = (await client.get("/v1/billing/invoices", headers=bearer(key))).json()["data"]
+    assert (listed["status"], listed["refunded"]) == ("refunded", 500)
+    assert owner.execute("SELECT count(*) FROM reporting.revenue_monthly WHERE revenue_minor > 0").fetchone()[0] == 0
+    assert reconciliation_problems(owner) == {}
