@@ -294,7 +294,7 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
         intent = await client.v1.payment_intents.create_async(params={
             "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
             "payment_method": cards[0].id, "payment_method_types": ["card"], "off_session": True, "confirm": True,
-            "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
+            "metadata": {"account_id": prep["account_id"], "price": prep["price"], "topup": "true"}},
             options={"idempotency_key": key})
     except stripe.CardError as exc:
         pending = getattr(exc.error, "payment_intent", None)

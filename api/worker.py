@@ -190,6 +190,31 @@ async def cancel_duplicate_subscription(conn: psycopg.AsyncConnection, payload: 
     await conn.execute("SELECT api.duplicate_subscription_settled(%s::text, %s::bigint)", [sub, refunded])
 
 
+async def invoice_topup(conn: psycopg.AsyncConnection, payload: dict[str, Any], settings: Settings) -> None:
+    """The invoice of a top-up paid off-session (one-click or auto): an invoice of the bundle's
+    price for the customer, finalized, with the top-up's PaymentIntent attached, so Stripe marks it
+    paid (invoice.paid records it in billing.payment_invoices). Each call's idempotency key is made
+    of the PaymentIntent's id (``topup-invoice-<pi>``, ``-item``, ``-finalize``, ``-attach``)."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        raise CannotAct("STRIPE_API_KEY is not set in this worker: the top-up's invoice waits for one that has it")
+    key = f"topup-invoice-{payload['payment_intent']}"
+    metadata = {"account_id": payload["account_id"], "price": payload["price"], "payment_intent": payload["payment_intent"]}
+    invoice = await client.v1.invoices.create_async(params={
+        "customer": payload["stripe_customer_id"], "auto_advance": False, "collection_method": "charge_automatically",
+        "pending_invoice_items_behavior": "exclude", "metadata": metadata}, options={"idempotency_key": key})
+    await client.v1.invoice_items.create_async(params={
+        "customer": payload["stripe_customer_id"], "invoice": invoice.id, "pricing": {"price": payload["stripe_price_id"]},
+        "metadata": metadata}, options={"idempotency_key": f"{key}-item"})
+    if invoice.status == "draft":
+        await client.v1.invoices.finalize_invoice_async(invoice.id, params={"auto_advance": False},
+                                                        options={"idempotency_key": f"{key}-finalize"})
+    await client.v1.invoices.attach_payment_async(invoice.id, params={"payment_intent": payload["payment_intent"]},
+                                                  options={"idempotency_key": f"{key}-attach"})
+
+
 async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any],
                              settings: Settings) -> None:
     """A post-paid usage event, reported to Stripe's Billing Meter
@@ -261,6 +286,8 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
                 await report_meter_event(conn, message_id, payload, settings)
             elif kind == "cancel_duplicate_subscription":
                 await cancel_duplicate_subscription(conn, payload, settings)
+            elif kind == "invoice_topup":
+                await invoice_topup(conn, payload, settings)
             else:
                 await send(render(kind, recipient, payload, settings), settings)
         except CannotAct as exc:

@@ -546,6 +546,54 @@ class StripeStandIn:
             left = max(item["current_period_end"] - time.time(), 0) / max(item["current_period_end"] - item["current_period_start"], 1)
             return 200, {"object": "invoice", "amount_due": max(round((new["amount"] - old["amount"]) * left), 0),
                          "currency": new["currency"], "subscription": sub["id"]}
+        if (method, path) == ("POST", "/v1/invoices"):
+            invoice = Shapes.invoice(f"in_{n}", p["customer"], None, [], status="draft", billing_reason="manual")
+            invoice.update(metadata=p.get("metadata", {}), auto_advance=p.get("auto_advance") == "true",
+                           hosted_invoice_url=None, invoice_pdf=None, status_transitions={
+                               "finalized_at": None, "marked_uncollectible_at": None, "paid_at": None, "voided_at": None})
+            self.invoices[invoice["id"]] = invoice
+            return 200, invoice
+        if (method, path) == ("POST", "/v1/invoiceitems"):
+            invoice = self.invoices.get(p.get("invoice", ""))
+            price_id = (p.get("pricing") or {}).get("price")
+            if invoice is None or invoice["status"] != "draft" or price_id not in self.prices:
+                return 400, {"error": {"type": "invalid_request_error", "message": "No such draft invoice or price"}}
+            price = self.prices[price_id]
+            line = Shapes.line(invoice["id"], "", price_id, price["amount"], int(time.time()), int(time.time()),
+                               currency=price["currency"], n=len(invoice["lines"]["data"]))
+            line.update(description=f"1 × {price_id}", parent={
+                "type": "invoice_item_details", "subscription_item_details": None,
+                "invoice_item_details": {"invoice_item": f"ii_{n}", "proration": False,
+                                         "proration_details": {"credited_items": None}, "subscription": None}})
+            invoice["lines"]["data"].append(line)
+            total = sum(x["amount"] for x in invoice["lines"]["data"])
+            invoice.update(currency=price["currency"], subtotal=total, subtotal_excluding_tax=total, total=total,
+                           total_excluding_tax=total, amount_due=total, amount_remaining=total)
+            return 200, {"id": f"ii_{n}", "object": "invoiceitem", "amount": price["amount"], "currency": price["currency"],
+                         "customer": p["customer"], "invoice": invoice["id"], "quantity": 1,
+                         "pricing": {"type": "price_details", "price_details": {"price": price_id,
+                                                                                "product": f"prod_{price_id}"}}}
+        match = re.fullmatch(r"/v1/invoices/(\w+)/(finalize|attach_payment)", path)
+        if method == "POST" and match and match.group(1) in self.invoices:
+            invoice = self.invoices[match.group(1)]
+            if match.group(2) == "finalize":
+                if invoice["status"] != "draft":
+                    return 400, {"error": {"type": "invalid_request_error", "message": "This invoice is already finalized"}}
+                invoice.update(status="open", number=f"STANDIN-{n:04d}",
+                               hosted_invoice_url=f"https://invoice.stripe.test/i/{invoice['id']}",
+                               invoice_pdf=f"https://invoice.stripe.test/i/{invoice['id']}/pdf")
+                invoice["status_transitions"]["finalized_at"] = int(time.time())
+                return 200, invoice
+            intent = self.intents.get(p.get("payment_intent", ""))
+            if invoice["status"] != "open" or intent is None or intent["customer"] != invoice["customer"]:
+                return 400, {"error": {"type": "invalid_request_error", "message": "Cannot attach this payment"}}
+            payment = Shapes.invoice_payment(invoice["id"], intent["id"], intent["amount_received"], intent["currency"])
+            invoice["payments"]["data"].append(payment)
+            if intent["status"] == "succeeded" and intent["amount_received"] >= invoice["amount_due"]:
+                invoice.update(status="paid", amount_paid=invoice["amount_due"], amount_remaining=0)
+                invoice["status_transitions"]["paid_at"] = int(time.time())
+                self.send_event_later("invoice.paid", copy.deepcopy(invoice))
+            return 200, invoice
         match = re.fullmatch(r"/v1/invoices/(\w+)/lines(\?.*)?", path)
         if method == "GET" and match and match.group(1) in self.invoices:
             query = dict(parse_qsl((match.group(2) or "?")[1:]))

@@ -3675,6 +3675,15 @@ BEGIN
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
   PERFORM billing.email_receipt(v_payment);
+  -- A top-up (no Checkout, so no invoice_creation): the worker has Stripe invoice it.
+  IF 'true' IN (o -> 'metadata' ->> 'topup', o -> 'metadata' ->> 'auto_topup') THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'invoice_topup', v_account_id::text,
+           jsonb_build_object('account_id', v_account_id, 'payment_intent', o ->> 'id', 'price', v_price.id,
+                              'stripe_price_id', v_price.stripe_price_id, 'stripe_customer_id', o ->> 'customer'),
+           util.now(), util.now()
+    WHERE o ->> 'customer' IS NOT NULL;
+  END IF;
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
     -- Ends the top-up in flight only if it is this payment's (one released as stuck may succeed late).
     UPDATE billing.auto_topups SET in_flight_since = NULL, task_id = NULL, failures = 0, last_error = NULL,
@@ -3685,7 +3694,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task).';
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task); a top-up''s (metadata topup or auto_topup) queues its invoice (worker task invoice_topup).';
 
 CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -6306,7 +6315,7 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
                'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
-               'stuck_auto_topups', 'meter_total_mismatches']
+               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -7283,12 +7292,12 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text, 'cancel_duplicate_subscription'::text, 'subscription_duplicate'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text, 'cancel_duplicate_subscription'::text, 'subscription_duplicate'::text, 'invoice_topup'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
 
-COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled, subscription_duplicate, invitation, sso_link; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id; cancel_duplicate_subscription: cancel and refund a second subscription).';
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled, subscription_duplicate, invitation, sso_link; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id; cancel_duplicate_subscription: cancel and refund a second subscription; invoice_topup: the invoice of a top-up paid by a PaymentIntent).';
 
 COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
 
@@ -7978,6 +7987,19 @@ CREATE VIEW reporting.unbalanced_transfers AS
  HAVING ((sum((amount_micros)::bigint) <> (0)::numeric) OR (count(*) <> 2));
 
 COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
+
+CREATE VIEW reporting.unmatched_disputes AS
+ SELECT stripe_dispute_id,
+    stripe_charge_id,
+    stripe_payment_intent_id,
+    amount_minor,
+    currency,
+    status,
+    created_at
+   FROM billing.disputes d
+  WHERE (account_id IS NULL);
+
+COMMENT ON VIEW reporting.unmatched_disputes IS 'Reconciliation: disputes whose charge or PaymentIntent matches no payment pgtally recorded (no account): money Stripe may take back from a payment pgtally never saw. Must be empty.';
 
 CREATE VIEW reporting.unmatched_refunds AS
  SELECT id AS event_id,
@@ -9305,6 +9327,8 @@ GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.unmatched_disputes TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.unmatched_refunds TO pgtally_analyst;
 

@@ -596,3 +596,39 @@ async def test_invoices_for_every_payment_a_bundle_is_invoiced_listed_and_on_the
     assert (listed["status"], listed["refunded"]) == ("refunded", 500)
     assert owner.execute("SELECT count(*) FROM reporting.revenue_monthly WHERE revenue_minor > 0").fetchone()[0] == 0
     assert reconciliation_problems(owner) == {}
+
+
+async def test_invoices_for_every_payment_a_top_up_is_invoiced_with_its_payment_attached(
+        client, db_url, settings, stripe_api, new_account, owner):
+    from tests.http.test_billing_http import run_worker
+
+    acct, headers = await auto_topup_account(client, stripe_api, new_account)
+    r = await client.post("/v1/billing/topup", json={"bundle": "bundle_25"}, headers=headers)
+    assert r.json()["status"] == "paid", r.text
+    intent = r.json()["payment_intent"]
+    (succeeded,) = [e for e in stripe_api.sent if e["type"] == "payment_intent.succeeded"]
+    assert (await deliver(client, succeeded)).json()["status"] == "applied"
+    before, sent = len(stripe_api.requests), len(stripe_api.sent)
+    await run_worker(db_url, settings)
+    calls = [(p.split("/")[-1] if p.count("/") > 3 else p) for m, p, _, _ in stripe_api.requests[before:] if m == "POST"]
+    assert calls == ["/v1/invoices", "/v1/invoiceitems", "finalize", "attach_payment"]
+    (paid,) = stripe_api.sent[sent:]
+    assert paid["type"] == "invoice.paid" and paid["data"]["object"]["payments"]["data"][0]["payment"]["payment_intent"] == intent
+    assert (await deliver(client, paid)).json()["status"] == "applied"
+    # The task again (a worker that died before recording it): the same invoice, not a second one.
+    owner.execute("UPDATE outbox.messages SET delivered_at = NULL, next_attempt_at = now() WHERE kind = 'invoice_topup'")
+    await run_worker(db_url, settings)
+    assert len([i for i in stripe_api.invoices.values() if i["metadata"].get("payment_intent") == intent]) == 1
+    listed = (await client.get("/v1/billing/invoices", headers=headers)).json()["data"]
+    topup = [i for i in listed if i["id"] == paid["data"]["object"]["id"]]
+    assert [(i["kind"], i["status"], i["amount_paid"], i["number"] is not None, i["invoice_pdf"] is not None) for i in topup] == [
+        ("purchase", "paid", 1000, True, True)]
+    assert owner.execute("SELECT count(*) FROM billing.payment_invoices").fetchone()[0] == 2     # the bundle's and the top-up's
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_reconcile_lists_a_dispute_of_a_payment_pgtally_never_saw(client, events, owner):
+    dispute = Shapes.dispute("dp_stray", "ch_never_seen", "pi_never_seen", 700)
+    assert (await deliver(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
+    assert owner.execute("SELECT stripe_dispute_id FROM reporting.unmatched_disputes").fetchall() == [("dp_stray",)]
+    assert list(reconciliation_problems(owner)) == ["unmatched_disputes"]
