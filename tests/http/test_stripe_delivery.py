@@ -26,7 +26,8 @@ from tests.stripe_standin import StripeStandIn, sign
 HANDLED = {"checkout.session.completed", "checkout.session.async_payment_succeeded", "checkout.session.expired",
            "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
            "invoice.paid", "invoice.payment_failed", "charge.refunded", "payment_intent.succeeded",
-           "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed", "invoice_payment.paid"}
+           "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed", "invoice_payment.paid",
+           "v1.billing.meter.error_report_triggered"}
 
 
 def ctl(url: str, *args: str) -> dict:
@@ -107,6 +108,7 @@ def snapshot(owner) -> dict:
         "disputes": "SELECT stripe_dispute_id, account_id, status, amount_minor FROM billing.disputes ORDER BY 1",
         "checkouts": "SELECT stripe_checkout_session_id, status FROM billing.checkout_sessions ORDER BY 1",
         "inbox": "SELECT id, status FROM billing.stripe_events ORDER BY 1",
+        "meter_errors": "SELECT stripe_event_id, error_count, identifiers FROM billing.meter_error_reports ORDER BY 1",
         "outbox": "SELECT kind, count(*) FROM outbox.messages GROUP BY 1 ORDER BY 1",
     }
     return {name: owner.execute(sql).fetchall() for name, sql in queries.items()}
@@ -141,6 +143,11 @@ async def test_every_handled_event_type_delivered_concurrently_twice_and_shuffle
     completed = next(e for e in generated if e["type"] == "checkout.session.completed")
     generated += [events.event("invoice_payment.paid", first_invoice["payments"]["data"][0]),
                   events.event("checkout.session.async_payment_succeeded", completed["data"]["object"])]
+    # A meter event Stripe accepted, then rejected: a thin event, which pgtally reads whole from Stripe.
+    stripe_api.meter_events["mev_rejected"] = {
+        "object": "billing.meter_event", "event_name": "pgtally_generation", "identifier": "mev_rejected",
+        "payload": {"stripe_customer_id": "cus_elsewhere", "value": "2"}, "timestamp": int(time.time()), "created": 0}
+    generated.append(stripe_api.reject_meter_events(["mev_rejected"]))
     assert {e["type"] for e in generated} == HANDLED
 
     rng = random.Random(23)
@@ -161,6 +168,7 @@ async def test_every_handled_event_type_delivered_concurrently_twice_and_shuffle
             assert {r.status_code for r in answers} == {200}, [r.text for r in answers if r.status_code != 200]
             assert sum(not r.json()["duplicate"] for r in answers) == len(generated)
             before = snapshot(owner)
+            assert len(before["meter_errors"]) == 1 and len(before["disputes"]) == 1 and len(before["invoices"]) == 3
             answers = await deliver_like_stripe()                  # Stripe delivers them all again
             assert {r.status_code for r in answers} == {200}
             assert all(r.json()["duplicate"] for r in answers)
