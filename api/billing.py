@@ -499,8 +499,9 @@ async def invoices(request: Request, caller: Caller,
 async def stripe_webhook(request: Request,
                          stripe_signature: Annotated[str | None, HeaderParameter(name="Stripe-Signature",
                                                                                  required=False)] = None) -> WebhookResult:
-    """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``;
-    timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
+    """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``, or
+    any of its comma-separated secrets; timestamps more than 300 s old or ahead refused) on the raw
+    body, then hand the whole event to
     ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
     signature, or a signed event that is malformed (recorded as rejected with the reason, nothing
     applied); 500/503 when applying fails, so Stripe retries. Concurrent deliveries, duplicates
@@ -516,8 +517,17 @@ async def stripe_webhook(request: Request,
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
     body = await request.body()
     try:
-        # Verifies without parsing (construct_event would json.loads a 5,000-deep body).
-        stripe.WebhookSignature.verify_header(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
+        # Verifies without parsing (construct_event would json.loads a 5,000-deep body). Several
+        # secrets (comma-separated): one per Stripe event destination, e.g. snapshot and thin events.
+        *others, last = [s.strip() for s in secret.split(",") if s.strip()] or [""]
+        for candidate in others:
+            try:
+                stripe.WebhookSignature.verify_header(body, stripe_signature or "", candidate, tolerance=SIGNATURE_TOLERANCE)
+                break
+            except stripe.SignatureVerificationError:
+                continue
+        else:
+            stripe.WebhookSignature.verify_header(body, stripe_signature or "", last, tolerance=SIGNATURE_TOLERANCE)
         signed_at = int(dict(p.split("=", 1) for p in stripe_signature.split(",") if "=" in p)["t"])
     except (stripe.SignatureVerificationError, ValueError, KeyError, AttributeError) as exc:
         # ValueError includes a body that is not UTF-8: Stripe signs (and sends) UTF-8 text only.

@@ -632,3 +632,16 @@ async def test_reconcile_lists_a_dispute_of_a_payment_pgtally_never_saw(client, 
     assert (await deliver(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
     assert owner.execute("SELECT stripe_dispute_id FROM reporting.unmatched_disputes").fetchall() == [("dp_stray",)]
     assert list(reconciliation_problems(owner)) == ["unmatched_disputes"]
+
+
+async def test_item11_each_event_destination_may_sign_with_its_own_secret(db_url, events, stripe_api):
+    from litestar.testing import AsyncTestClient
+
+    from api.app import Settings
+
+    two = Settings(stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url,
+                   stripe_webhook_secret="whsec_snapshot, whsec_thin")
+    event = events.event("customer.created", {"id": "cus_x", "object": "customer"})
+    async with AsyncTestClient(app=create_app(db_url, two)) as client:
+        for secret, status in (("whsec_snapshot", 200), ("whsec_thin", 200), ("whsec_other", 400)):
+            assert (await deliver(client, event, secret=secret)).status_code == status
