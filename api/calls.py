@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from litestar import Request, Response
+from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
@@ -15,6 +18,9 @@ from api.errors import SQLSTATES, PgtallyError
 from api.security import AuthorizationHeader, Principal, parse_bearer
 
 SECURITY = [{"bearer": []}]
+NO_STORE_CACHE = CacheControlHeader(no_store=True)
+"""``cache_control=`` of every answer that carries a secret (tokens, device codes, API keys): no
+cache, shared or private, may keep it."""
 
 
 def principal(request: Request, authorization: AuthorizationHeader = None) -> Principal:
@@ -48,8 +54,47 @@ SESSION = {"session": Provide(session_id, sync_to_thread=False)}
 
 
 def client(request: Request) -> list[str | None]:
-    """[client IP, User-Agent] for rate limits and the auth event log."""
-    return [request.client.host if request.client else None, request.headers.get("user-agent")]
+    """[client IP, User-Agent] for rate limits, the auth event log and the referral rules; the IP
+    is :func:`client_ip` of the connection's peer, with the proxies of PGTALLY_TRUSTED_PROXIES."""
+    peer = request.client.host if request.client else None
+    ip = client_ip(peer, request.headers.getall("x-forwarded-for", []), request.app.state.settings.trusted_proxies)
+    return [ip, request.headers.get("user-agent")]
+
+
+def client_ip(peer: str | None, forwarded_for: Sequence[str],
+              trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+    """The address a request came from. Each proxy appends to ``X-Forwarded-For`` the address it
+    received the request from, and anyone can write the entries before that; so starting from the
+    peer, while the address at hand is a trusted proxy, step to the entry it appended (right to
+    left, over every header line). The answer is the first untrusted address (the right-most
+    untrusted entry), the farthest one when all are trusted, and the last trusted proxy's own
+    address when the entry it wrote is not an IP. A peer that is not an IP is returned as it is.
+    """
+    address = _ip(peer) if peer else None
+    if address is None:
+        return peer
+    hops = [hop for value in forwarded_for for hop in value.split(",")]
+    while hops and any(address in network for network in trusted):
+        previous = _ip(hops.pop())
+        if previous is None:
+            break
+        address = previous
+    return str(address)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a proxy writes it (``203.0.113.7``, ``203.0.113.7:4711``, ``2001:db8::7``,
+    ``[2001:db8::7]:443``), IPv4-mapped IPv6 as IPv4; None when it is not one."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
 
 
 async def call(request: Request, sql: str, params: Sequence[Any]) -> tuple[Any, ...]:

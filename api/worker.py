@@ -23,7 +23,7 @@ import psycopg
 import stripe
 
 from api import db
-from api.app import Settings
+from api.settings import Settings
 
 log = logging.getLogger("pgtally.worker")
 
@@ -96,7 +96,8 @@ def render(kind: str, recipient: str, payload: dict[str, Any], settings: Setting
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = recipient
-    message["Subject"] = subject.format(**values)
+    # A header is one line (RFC 5322 section 2.2): a line break in a team's name is a space.
+    message["Subject"] = " ".join(subject.format(**values).split())
     message.set_content(body.format(**values))
     return message
 
@@ -117,7 +118,7 @@ async def send(message: EmailMessage, settings: Settings) -> None:
         timeout=30)
 
 
-class CannotAct(Exception):
+class CannotActError(Exception):
     """This worker cannot do the task (no ``STRIPE_API_KEY``): it stays queued, with the reason."""
 
 
@@ -126,13 +127,13 @@ async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dic
     ``auto-topup-`` and the task's id, so a worker that dies after Stripe's answer and runs the task
     again pays once. Credits arrive with payment_intent.succeeded; a declined card is counted as a
     failure (three turn auto top-up off), anything else is retried later with the outbox's backoff.
-    Without ``STRIPE_API_KEY`` the task is left queued (:class:`CannotAct`); a task that is no longer
+    Without ``STRIPE_API_KEY`` the task is left queued (:class:`CannotActError`); a task that is no longer
     the one in flight (auto top-up turned off, or off and on) pays nothing."""
     from api.billing import stripe_client
 
     client = stripe_client(settings)
     if client is None:
-        raise CannotAct("STRIPE_API_KEY is not set in this worker: the auto top-up waits for a worker that has it")
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the auto top-up waits for a worker that has it")
     (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid, %s::uuid)",
                                           [payload["account_id"], message_id])).fetchone()
     if target is None:
@@ -167,7 +168,7 @@ async def cancel_duplicate_subscription(conn: psycopg.AsyncConnection, payload: 
 
     client = stripe_client(settings)
     if client is None:
-        raise CannotAct("STRIPE_API_KEY is not set in this worker: the duplicate subscription waits for one that has it")
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the duplicate subscription waits for one that has it")
     sub = payload["subscription"]
     (dup,) = await (await conn.execute("SELECT api.duplicate_subscription(%s::text)", [sub])).fetchone()
     if dup is None:
@@ -199,7 +200,7 @@ async def invoice_topup(conn: psycopg.AsyncConnection, payload: dict[str, Any], 
 
     client = stripe_client(settings)
     if client is None:
-        raise CannotAct("STRIPE_API_KEY is not set in this worker: the top-up's invoice waits for one that has it")
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the top-up's invoice waits for one that has it")
     key = f"topup-invoice-{payload['payment_intent']}"
     metadata = {"account_id": payload["account_id"], "price": payload["price"], "payment_intent": payload["payment_intent"]}
     invoice = await client.v1.invoices.create_async(params={
@@ -229,7 +230,7 @@ async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload:
 
     client = stripe_client(settings)
     if client is None:
-        raise CannotAct("STRIPE_API_KEY is not set in this worker: post-paid usage waits for a worker that has it")
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: post-paid usage waits for a worker that has it")
     (customer,) = await (await conn.execute("SELECT api.stripe_customer_of(%s::uuid)", [payload["account_id"]])).fetchone()
     if customer is None:
         raise RuntimeError(f"account {payload['account_id']} has no Stripe customer")
@@ -290,7 +291,7 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
                 await invoice_topup(conn, payload, settings)
             else:
                 await send(render(kind, recipient, payload, settings), settings)
-        except CannotAct as exc:
+        except CannotActError as exc:
             log.warning("%s task %s left queued: %s", kind, message_id, exc)
             await conn.execute("SELECT api.outbox_postpone(%s, %s)", [message_id, str(exc)])
             continue
@@ -306,7 +307,7 @@ HOUSEKEEPING_SECONDS = 300
 
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
-    """The periodic chores: ``api.housekeeping`` (old rate-limit windows, expired holds, due
+    """The periodic chores: ``api.housekeeping`` (old rate-limit buckets, expired holds, due
     credit lots), auto top-ups stuck in flight (``api.release_stuck_auto_topups``), yesterday's
     meter totals against Stripe's (:func:`compare_meter_totals`), next months' partitions and
     forgetting idempotency keys past their window (``api.maintain_storage``), the analytics rollup

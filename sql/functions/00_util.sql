@@ -1,4 +1,5 @@
--- Helpers shared by every domain: the clock, units, JSON formatting and errors.
+-- Helpers shared by every domain (schema util): the clock, ids, units, JSON formatting, errors, HMAC,
+-- and secret tokens (random, hashed, base64url).
 
 CREATE OR REPLACE FUNCTION util.now() RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
@@ -67,3 +68,23 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION util.fail(text, text, jsonb) IS
   'Raise a pgtally error: SQLSTATE of class TL (TL401 unauthenticated, TL402 payment required, TL404 not found, TL409 conflict, TL422 invalid input), a message meant for the caller, and optional JSON DETAIL whose members the API adds to the problem+json body.';
+
+CREATE OR REPLACE FUNCTION util.base64url(p_bytes bytea) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT rtrim(translate(encode(p_bytes, 'base64'), E'+/\n', '-_'), '=')
+$$;
+COMMENT ON FUNCTION util.base64url(bytea) IS 'Bytes as URL-safe base64 without padding (RFC 4648 section 5).';
+
+CREATE OR REPLACE FUNCTION util.random_token() RETURNS text
+LANGUAGE sql VOLATILE AS $$
+  -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
+  SELECT util.base64url(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
+$$;
+COMMENT ON FUNCTION util.random_token() IS
+  'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
+
+CREATE OR REPLACE FUNCTION util.token_hash(p_token text) RETURNS bytea
+LANGUAGE sql STABLE AS $$        -- STABLE as convert_to is, so that it is inlined
+  SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
+$$;
+COMMENT ON FUNCTION util.token_hash(text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';

@@ -1,5 +1,5 @@
 -- Sign-up, login, rotating refresh tokens, sessions, email verification, password reset,
--- anonymous devices, API keys, rate limits and the outbox.
+-- anonymous devices, API keys and rate limits.
 --
 -- Functions whose failure must leave a trace (a rate-limit hit, a failed login, a detected
 -- refresh-token reuse) return {"error": {"sqlstate", "message", ...}} instead of raising, so the
@@ -12,30 +12,6 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 COMMENT ON FUNCTION identity.error(text, text, jsonb) IS
   'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
-
-CREATE OR REPLACE FUNCTION identity.rate_limit(p_action text, p_dimension text, p_value text,
-                                               p_limit integer, p_window interval)
-RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-  v_seconds numeric := extract(epoch FROM p_window);
-  v_start timestamptz := to_timestamp(floor(extract(epoch FROM util.now()) / v_seconds) * v_seconds);
-  v_hits integer;
-BEGIN
-  IF p_value IS NULL THEN
-    RETURN 0;
-  END IF;
-  INSERT INTO identity.rate_limits AS r (bucket, window_start, hits)
-  VALUES (p_action || ':' || p_dimension || ':' || p_value, v_start, 1)
-  ON CONFLICT (bucket, window_start) DO UPDATE SET hits = r.hits + 1
-  RETURNING hits INTO v_hits;
-  IF v_hits <= p_limit THEN
-    RETURN 0;
-  END IF;
-  RETURN greatest(1, ceil(extract(epoch FROM v_start + p_window - util.now())))::integer;
-END $$;
-COMMENT ON FUNCTION identity.rate_limit(text, text, text, integer, interval) IS
-  'Count one attempt of p_action by p_dimension = p_value in the current fixed window; returns 0 when within p_limit, else the seconds until the window ends (Retry-After). Shared by every server process.';
 
 CREATE OR REPLACE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid,
                                               p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}')
@@ -53,12 +29,36 @@ CREATE OR REPLACE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_lim
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-  v_retry integer := greatest(identity.rate_limit(p_action, 'ip', p_ip, p_ip_limit, p_ip_window),
-                              CASE WHEN p_dimension IS NOT NULL
-                                   THEN identity.rate_limit(p_action, p_dimension, p_value, p_limit, p_window)
-                                   ELSE 0 END);
+  v_now timestamptz := util.now();
+  v_retry integer := 0;
+  v_recent timestamptz[];
+  b record;
 BEGIN
+  -- Each bucket's row is locked (in bucket order, so two attempts never wait on each other
+  -- crosswise) until the caller's transaction ends: attempts on one bucket are decided one at a time.
+  FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
+                                 (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
+           WHERE bucket IS NOT NULL ORDER BY bucket LOOP
+    INSERT INTO identity.rate_limits (bucket, hits) VALUES (b.bucket, '{}') ON CONFLICT (bucket) DO NOTHING;
+    SELECT ARRAY(SELECT h FROM unnest(r.hits) h WHERE h > v_now - b.win ORDER BY h) INTO v_recent
+    FROM identity.rate_limits r WHERE r.bucket = b.bucket FOR UPDATE;
+    IF cardinality(v_recent) >= b.lim THEN
+      -- Allowed again once enough of the attempts counted now are older than the window.
+      v_retry := greatest(v_retry, 1, CASE WHEN b.lim < 1 THEN ceil(extract(epoch FROM b.win))
+                                          ELSE ceil(extract(epoch FROM v_recent[cardinality(v_recent) - b.lim + 1] + b.win - v_now))
+                                          END::integer);
+    END IF;
+  END LOOP;
   IF v_retry = 0 THEN
+    -- Allowed: the attempt counts in every bucket; what left the window is dropped.
+    FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
+                                   (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
+             WHERE bucket IS NOT NULL LOOP
+      UPDATE identity.rate_limits r
+      SET hits = ARRAY(SELECT h FROM (SELECT h FROM unnest(r.hits || v_now) h WHERE h > v_now - b.win
+                                      ORDER BY h DESC LIMIT b.lim) newest ORDER BY h)
+      WHERE r.bucket = b.bucket;
+    END LOOP;
     RETURN NULL;
   END IF;
   PERFORM identity.log_event('rate_limited', NULL, NULL, NULL, p_ip, NULL, jsonb_build_object('action', p_action));
@@ -66,7 +66,7 @@ BEGIN
                         jsonb_build_object('retry_after', v_retry));
 END $$;
 COMMENT ON FUNCTION identity.throttled(text, text, integer, interval, text, text, integer, interval) IS
-  'Apply the rate limits of an action (per IP, and optionally per email or fingerprint): NULL when allowed, else a TL429 error with retry_after, logged.';
+  'Apply the rate limits of an action: at most p_ip_limit attempts per IP in any p_ip_window, and optionally at most p_limit per p_dimension = p_value (email, fingerprint, user, code) in any p_window (sliding windows: the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value skips that limit. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
 
 CREATE OR REPLACE FUNCTION identity.normalize_email(p_email text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -501,7 +501,7 @@ BEGIN
   v_email := identity.normalize_email(p_email);
   SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
   -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
-  IF u.id IS NOT NULL AND identity.rate_limit('password_reset', 'email', v_email, 3, interval '1 hour') = 0 THEN
+  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 0, interval '1 hour', 'email', v_email, 3, interval '1 hour') IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
             jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
@@ -655,6 +655,7 @@ DECLARE
   k identity.api_keys;
   v_allowed text[];
 BEGIN
+  p_scopes := identity.scope_set(p_scopes);             -- each scope once, for the checks and the log too
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
@@ -717,61 +718,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest (the signing key) first; read by the server at startup.';
 
-------------------------------------------------------------------------------------------------
--- Outbox
-------------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10)
-RETURNS TABLE (id uuid, kind text, recipient text, payload jsonb, attempts integer)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  WITH claimed AS (
-    UPDATE outbox.messages m
-    SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
-    WHERE m.id IN (SELECT x.id FROM outbox.messages x
-                   WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
-                   ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
-    RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts, m.created_at)
-  SELECT id, kind, recipient, payload, attempts FROM claimed ORDER BY created_at, id
-$$;
-COMMENT ON FUNCTION api.outbox_claim(integer) IS
-  'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';
-
-CREATE OR REPLACE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages SET delivered_at = util.now(), payload = payload - 'token', last_error = NULL
-  WHERE id = p_id AND delivered_at IS NULL
-$$;
-COMMENT ON FUNCTION api.outbox_delivered(uuid) IS 'pgtally worker: the message was accepted by the mail server; its link token is dropped.';
-
-CREATE OR REPLACE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages
-  SET last_error = left(p_error, 1000),
-      next_attempt_at = util.now() + interval '5 seconds' * power(2, attempts - 1),
-      failed_at = CASE WHEN attempts >= 8 THEN util.now() END,
-      payload = CASE WHEN attempts >= 8 THEN payload - 'token' ELSE payload END
-  WHERE id = p_id AND delivered_at IS NULL
-$$;
-COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
-  'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
-
-CREATE OR REPLACE FUNCTION api.housekeeping() RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  v_windows integer;
-BEGIN
-  DELETE FROM identity.rate_limits WHERE window_start < util.now() - interval '2 days';
-  GET DIAGNOSTICS v_windows = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_windows_deleted', v_windows, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits());
-END $$;
-COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit windows older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
-
 GRANT EXECUTE ON FUNCTION
-  api.housekeeping(), api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),
+  api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
   api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text, text, text),
   api.create_api_key(uuid, text, text[], timestamptz, uuid), api.list_api_keys(uuid, uuid), api.revoke_api_key(uuid, uuid, uuid),
-  api.jwt_keys(), api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text)
+  api.jwt_keys()
 TO pgtally_api;

@@ -104,6 +104,10 @@ BEGIN
   ELSE
     UPDATE identity.memberships SET role = p_role WHERE account_id = v_account_id AND user_id = p_user_id;
   END IF;
+  -- Their pending invitations go too, unless their role still lets them send each one.
+  DELETE FROM identity.invitations i
+  WHERE i.account_id = v_account_id AND i.invited_by = p_user_id
+    AND NOT identity.may_invite(i.invited_by, i.account_id, i.role);
   IF NOT EXISTS (SELECT 1 FROM identity.memberships WHERE account_id = v_account_id AND role = 'owner') THEN
     PERFORM util.fail('TL40C', 'an account keeps at least one owner: make someone else owner first');
   END IF;
@@ -113,7 +117,7 @@ BEGIN
   RETURN api.members(p_session_id, v_account_id);
 END $$;
 COMMENT ON FUNCTION identity.change_membership(uuid, uuid, uuid, text) IS
-  'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked.';
+  'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked, and so are the pending invitations they sent that their new role (or none) no longer allows (identity.may_invite; issue #22 item 5).';
 
 CREATE OR REPLACE FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text)
 RETURNS jsonb
@@ -138,6 +142,15 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION identity.invitation_json(identity.invitations) IS 'An invitation as the API shows it (never its token).';
 
+CREATE OR REPLACE FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+  SELECT identity.member_may(p_user_id, p_account_id, 'members:manage')
+         AND (p_role <> 'owner' OR EXISTS (SELECT 1 FROM identity.memberships
+                                           WHERE account_id = p_account_id AND user_id = p_user_id AND role = 'owner'))
+$$;
+COMMENT ON FUNCTION identity.may_invite(uuid, uuid, text) IS
+  'Whether a person may, now, invite someone to an account with p_role: their role there grants members:manage, and only owners invite owners. Checked when the invitation is sent (api.invite), again when it is accepted (api.accept_invitation), and when the sender''s role changes (identity.change_membership revokes what it no longer allows). Issue #22 item 5.';
+
 CREATE OR REPLACE FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -150,8 +163,7 @@ BEGIN
   IF p_role IS NULL OR p_role NOT IN ('owner', 'admin', 'member', 'billing', 'viewer') THEN
     PERFORM util.fail('TL422', 'a role is owner, admin, member, billing or viewer', '{"field": "role"}');
   END IF;
-  IF p_role = 'owner' AND NOT EXISTS (SELECT 1 FROM identity.memberships
-                                      WHERE account_id = v_account_id AND user_id = v_actor.id AND role = 'owner') THEN
+  IF NOT identity.may_invite(v_actor.id, v_account_id, p_role) THEN
     PERFORM util.fail('TL403', 'only an owner invites owners');
   END IF;
   IF (SELECT kind FROM identity.accounts WHERE id = v_account_id) <> 'team' THEN
@@ -209,6 +221,11 @@ DECLARE
   u identity.users := identity.member_user(p_session_id);
   i identity.invitations;
 BEGIN
+  -- Members of an account change under its row's lock (identity.change_membership): taken first,
+  -- so the sender's role read below stays true until this commits.
+  PERFORM 1 FROM identity.accounts
+  WHERE id = (SELECT account_id FROM identity.invitations WHERE token_hash = util.token_hash(p_token))
+  FOR NO KEY UPDATE;
   -- The claim: one accept wins, however many arrive at once.
   DELETE FROM identity.invitations WHERE token_hash = util.token_hash(p_token) AND expires_at > util.now()
   RETURNING * INTO i;
@@ -219,6 +236,10 @@ BEGIN
     -- Raised: the claim rolls back and the invitation stays for its address.
     PERFORM util.fail('TL403', format('this invitation is for %s: sign in with that address (confirmed)', i.email_normalized));
   END IF;
+  IF NOT identity.may_invite(i.invited_by, i.account_id, i.role) THEN
+    -- Returned, not raised: the void invitation stays claimed.
+    RETURN identity.error('TL400', 'this invitation is no longer valid: whoever sent it may no longer invite to this team with that role');
+  END IF;
   INSERT INTO identity.memberships (account_id, user_id, role, created_at, invited_by)
   VALUES (i.account_id, u.id, i.role, util.now(), i.invited_by)
   ON CONFLICT (account_id, user_id) DO NOTHING;
@@ -226,7 +247,7 @@ BEGIN
                                (SELECT role FROM identity.memberships WHERE account_id = i.account_id AND user_id = u.id));
 END $$;
 COMMENT ON FUNCTION api.accept_invitation(uuid, text) IS
-  'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). TL400 used, revoked, replaced or expired.';
+  'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). The sender must still be allowed to send it (identity.may_invite: still a member whose role grants members:manage, an owner for an owner invitation), else TL400 and the invitation is used up. TL400 used, revoked, replaced or expired.';
 
 GRANT EXECUTE ON FUNCTION api.create_team(uuid, text), api.accounts(uuid), api.members(uuid, uuid),
   api.set_member_role(uuid, uuid, uuid, text), api.remove_member(uuid, uuid, uuid), api.invite(uuid, uuid, text, text),

@@ -25,10 +25,11 @@ CREATE OR REPLACE FUNCTION identity.sso_team_of(p_email text) RETURNS uuid
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
   RETURN (SELECT d.account_id FROM identity.sso_domains d
-  WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL);
+          WHERE d.domain = identity.email_domain(p_email) AND d.verified_at IS NOT NULL
+            AND NOT identity.public_mail_domain(d.domain));
 END $$;
 COMMENT ON FUNCTION identity.sso_team_of(text) IS
-  'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims count for nothing.';
+  'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims, and public mail domains however they were proven, count for nothing.';
 
 CREATE OR REPLACE FUNCTION identity.sso_required(p_user_id uuid) RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
@@ -160,6 +161,8 @@ BEGIN
   SELECT * INTO d FROM identity.sso_domains WHERE account_id = p_account_id AND domain = lower(btrim(p_domain)) FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'this team has not claimed that domain');
+  ELSIF identity.public_mail_domain(d.domain) THEN
+    PERFORM util.fail('TL422', format('%s is a public mail domain: no team can sign its people in', d.domain), '{"field": "domain"}');
   ELSIF d.verified_at IS NOT NULL THEN
     RETURN identity.sso_json(p_account_id);
   END IF;
@@ -175,7 +178,7 @@ BEGIN
   RETURN identity.sso_json(p_account_id);
 END $$;
 COMMENT ON FUNCTION api.admin_approve_sso_domain(uuid, uuid, text, text) IS
-  'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason.';
+  'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason or a public mail domain (added to identity.public_mail_domains since it was claimed).';
 
 CREATE OR REPLACE FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -209,6 +212,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
   v_token text := util.random_token();
 BEGIN
+  -- One email per user and team every 10 minutes, however often the provider signs them in.
+  IF EXISTS (SELECT 1 FROM identity.sso_link_requests WHERE user_id = u.id AND account_id = p_team_id AND used_at IS NULL
+                                                        AND created_at > util.now() - interval '10 minutes') THEN
+    RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
+  END IF;
   INSERT INTO identity.sso_link_requests (token_hash, user_id, account_id, subject, email, created_at, expires_at)
   VALUES (util.token_hash(v_token), u.id, p_team_id, p_subject, left(p_email, 320), util.now(), util.now() + interval '1 hour');
   INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
@@ -221,7 +229,7 @@ BEGIN
   RETURN jsonb_build_object('status', 'sso_link_email_sent', 'email', u.email_normalized);
 END $$;
 COMMENT ON FUNCTION identity.request_sso_link(identity.users, uuid, text, text, text, text) IS
-  'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
+  'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
 
 CREATE OR REPLACE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -244,7 +252,11 @@ BEGIN
   END IF;
   SELECT user_id INTO v_owner FROM identity.user_identities WHERE provider = 'sso' AND subject = r.subject;
   IF v_owner IS NULL THEN
-    PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    BEGIN
+      PERFORM identity.link_identity(u.id, 'sso', r.subject, r.email, true);
+    EXCEPTION WHEN unique_violation THEN     -- another user's confirmation of the same subject won
+      RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
+    END;
   ELSIF v_owner <> u.id THEN
     RETURN identity.error('TL40C', 'this sign-in of your organisation is linked to another user');
   END IF;

@@ -159,17 +159,7 @@ END $$;
 COMMENT ON FUNCTION api.release_stuck_auto_topups(interval) IS
   'pgtally worker housekeeping: release auto top-ups in flight for longer than p_after whose task is settled (Stripe was asked and its payment_intent.succeeded never came, the task gave up, or it is gone), counting each as a failure (three turn auto top-up off). A payment_intent.succeeded arriving later still grants its credits. Queued tasks are left to the outbox''s retries. Returns how many were released.';
 
-CREATE OR REPLACE FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer DEFAULT 60) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages
-  SET attempts = greatest(attempts - 1, 0), last_error = left(p_reason, 1000),
-      next_attempt_at = util.now() + make_interval(secs => greatest(p_seconds, 1))
-  WHERE id = p_id AND delivered_at IS NULL
-$$;
-COMMENT ON FUNCTION api.outbox_postpone(uuid, text, integer) IS
-  'pgtally worker: it cannot act on this task (no STRIPE_API_KEY for an auto top-up or a meter event): leave it queued, say why (last_error), claim it again after p_seconds; the attempt is not counted, so a worker that can act still gets all eight.';
-
 GRANT EXECUTE ON FUNCTION api.set_auto_topup(text, uuid, text, text, uuid), api.auto_topup(text, uuid, boolean, uuid),
   api.auto_topup_payment(uuid, uuid), api.auto_topup_started(uuid, uuid, text), api.auto_topup_failed(uuid, text),
-  api.release_stuck_auto_topups(interval), api.outbox_postpone(uuid, text, integer)
+  api.release_stuck_auto_topups(interval)
 TO pgtally_api;

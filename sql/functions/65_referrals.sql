@@ -25,11 +25,13 @@ COMMENT ON FUNCTION identity.mark_email_verified(uuid) IS
 
 CREATE OR REPLACE FUNCTION billing.mailbox(p_email text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-  SELECT regexp_replace(split_part(p_email, '@', 1), '\+.*$', '')
-         || '@' || split_part(p_email, '@', 2)
+  SELECT CASE WHEN domain IN ('gmail.com', 'googlemail.com') THEN replace(local, '.', '') || '@gmail.com'
+              ELSE local || '@' || domain END
+  FROM (SELECT regexp_replace(split_part(lower(btrim(p_email)), '@', 1), '\+.*$', '') AS local,
+               rtrim(split_part(lower(btrim(p_email)), '@', 2), '.') AS domain) AS address
 $$;
 COMMENT ON FUNCTION billing.mailbox(text) IS
-  'The mailbox an address delivers to, as far as a referral cares: the local part without a +tag (alice+2@example.com -> alice@example.com).';
+  'The mailbox an address delivers to, as far as the self-referral rule cares: lower case, the local part without a +tag (alice+2@example.com -> alice@example.com), and Gmail''s rules: dots in the local part do not count and googlemail.com is gmail.com (A.Lice+x@googlemail.com -> alice@gmail.com). Other providers'' dots are kept. Issue #22 item 10.';
 
 CREATE OR REPLACE FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text,
                                                       p_fingerprint text, p_device_account_id uuid DEFAULT NULL)
@@ -77,7 +79,7 @@ BEGIN
   RETURN coalesce(v_reason, v_status, 'already_referred');
 END $$;
 COMMENT ON FUNCTION billing.attribute_referral(uuid, text, text, text, uuid) IS
-  'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox: alice+2@ is alice@), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
+  'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox, billing.mailbox: alice+2@ is alice@, a.lice@gmail.com is alice@googlemail.com), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
 CREATE OR REPLACE FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) RETURNS void
 LANGUAGE plpgsql AS $$

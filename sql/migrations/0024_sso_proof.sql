@@ -42,6 +42,10 @@ INSERT INTO identity.public_mail_domains (domain) VALUES
   ('passmail.net'), ('simplelogin.com'), ('anonaddy.me'), ('mailinator.com'), ('guerrillamail.com'), ('10minutemail.com'),
   ('yopmail.com'), ('example.com'), ('example.org'), ('example.net');
 
+-- Claims of public mail domains made before this migration (the attack this closes) are dropped.
+DELETE FROM identity.sso_domains d USING identity.public_mail_domains p
+WHERE d.domain = p.domain OR d.domain LIKE '%.' || p.domain;
+
 CREATE TABLE identity.sso_link_requests (
   id          uuid PRIMARY KEY DEFAULT util.uuid_v7(),
   token_hash  bytea NOT NULL UNIQUE,

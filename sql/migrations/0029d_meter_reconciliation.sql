@@ -33,20 +33,3 @@ CREATE TABLE billing.meter_event_summaries (
 COMMENT ON TABLE billing.meter_event_summaries IS
   'What Stripe counted of an account''s meter events per meter and UTC day (GET /v1/billing/meters/:id/event_summaries, aggregated_value), read once by the worker after the day ended, for the days pgtally reported usage.';
 COMMENT ON COLUMN billing.meter_event_summaries.stripe_units IS 'Stripe''s aggregated_value for the day: units (the meter sums the values pgtally sent).';
-
-CREATE VIEW reporting.meter_total_mismatches AS
-WITH reported AS (
-  SELECT (m.payload ->> 'account_id')::uuid AS account_id, m.payload ->> 'event_name' AS event_name,
-         (to_timestamp((m.payload ->> 'timestamp')::bigint) AT TIME ZONE 'UTC')::date AS day,
-         sum((m.payload ->> 'value')::numeric) AS reported_units
-  FROM outbox.messages m WHERE m.kind = 'meter_event' AND m.delivered_at IS NOT NULL
-  GROUP BY 1, 2, 3)
-SELECT s.account_id, s.event_name, s.day, coalesce(r.reported_units, 0) AS reported_units, s.stripe_units,
-       s.stripe_units - coalesce(r.reported_units, 0) AS difference_units, s.checked_at,
-       (SELECT array_agg(DISTINCT e.stripe_event_id) FROM billing.meter_error_reports e
-        WHERE e.validation_start < (s.day + 1)::timestamptz AND e.validation_end >= s.day::timestamptz) AS error_reports
-FROM billing.meter_event_summaries s LEFT JOIN reported r USING (account_id, event_name, day)
-WHERE s.stripe_units <> coalesce(r.reported_units, 0);
-COMMENT ON VIEW reporting.meter_total_mismatches IS
-  'Reconciliation: per account, Stripe meter (event_name) and UTC day, the post-paid units pgtally reported (and Stripe accepted) against what Stripe''s meter event summaries count, where they differ (difference_units = Stripe - pgtally), with the error reports of that day (billing.meter_error_reports): usage pgtally charged that Stripe will not bill. Must be empty.';
-GRANT SELECT ON reporting.meter_total_mismatches TO pgtally_analyst;

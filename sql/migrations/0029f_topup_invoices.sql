@@ -11,10 +11,3 @@ ALTER TABLE outbox.messages ADD CONSTRAINT messages_kind_check
                   'subscription_duplicate', 'invoice_topup'));
 COMMENT ON COLUMN outbox.messages.kind IS
   'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled, subscription_duplicate, invitation, sso_link; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id; cancel_duplicate_subscription: cancel and refund a second subscription; invoice_topup: the invoice of a top-up paid by a PaymentIntent).';
-
-CREATE VIEW reporting.unmatched_disputes AS
-SELECT d.stripe_dispute_id, d.stripe_charge_id, d.stripe_payment_intent_id, d.amount_minor, d.currency, d.status, d.created_at
-FROM billing.disputes d WHERE d.account_id IS NULL;
-COMMENT ON VIEW reporting.unmatched_disputes IS
-  'Reconciliation: disputes whose charge or PaymentIntent matches no payment pgtally recorded (no account): money Stripe may take back from a payment pgtally never saw. Must be empty.';
-GRANT SELECT ON reporting.unmatched_disputes TO pgtally_analyst;

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from litestar.testing import AsyncTestClient
 from oidc_provider_mock import User, run_server_in_thread
 
 from api import outbound
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
-from tests.http.test_sign_in import BASE, PASSWORD, google
+from tests.http.conftest import BASE, PASSWORD, google
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,7 @@ def corp_idp():
 def evil_idp():
     """A provider the attacker runs: it vouches for the victim's address."""
     users = [User(sub="victim-by-attacker", claims={"email": "victim@corp.example", "email_verified": True}),
+             User(sub="unconfirmed", claims={"email": "new@evil.example", "email_verified": False}),
              User(sub="gmail-victim", claims={"email": "someone@gmail.com", "email_verified": True})]
     with run_server_in_thread(user_claims=users, require_nonce=True) as server:
         yield f"http://localhost:{server.server_port}"
@@ -144,6 +148,16 @@ async def test_item1_a_public_mail_domain_cannot_be_approved_either(client, owne
     r = await client.post(f"/v1/admin/accounts/{team}/sso-domains/gmail.com/approval", json={"reason": "asked nicely"},
                           headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 404
+    # A claim left from before the list named it (or from before 0024) cannot be approved, and a
+    # proof it somehow has counts for nothing.
+    team, r = await team_claiming(client, attacker, evil_idp, ["evil.example"])
+    owner.execute("INSERT INTO identity.sso_domains (account_id, domain, verification_token, claimed_at) "
+                  "VALUES (%s, 'gmail.com', 'left-over', now())", [team])
+    r = await client.post(f"/v1/admin/accounts/{team}/sso-domains/gmail.com/approval", json={"reason": "asked nicely"},
+                          headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 422 and "public mail domain" in r.json()["detail"]
+    owner.execute("UPDATE identity.sso_domains SET verified_at = now(), verified_by = 'staff' WHERE domain = 'gmail.com'")
+    assert (await client.get("/auth/sso/start?email=someone@gmail.com")).status_code == 404
     # A Gmail user keeps signing in with a password whatever any team claims.
     await person(client, owner, "someone@gmail.com")
     assert (await client.post("/v1/auth/login", json={"email": "someone@gmail.com", "password": PASSWORD})).status_code == 200
@@ -174,6 +188,22 @@ async def test_item1_a_dns_record_proves_a_domain_once_for_one_team(client, owne
                               headers={"Authorization": f"Bearer {lead}"})).status_code == 404
     assert len(dns_zone.queries) == asked
     assert count(owner, "SELECT count(*) FROM identity.auth_events WHERE kind = 'sso_domain_verified'") == 1
+
+
+async def test_item2_plain_http_issuers_are_refused_outside_development(db_url, smtp, owner, dns_zone, upstream):
+    production = Settings(public_url=BASE, smtp_url=f"smtp://127.0.0.1:{smtp.port}", outbound_allow=("127.0.0.0/8",),
+                          dns_nameservers=(f"127.0.0.1:{dns_zone.port}",))
+    async with AsyncTestClient(app=create_app(db_url, production), base_url=BASE) as client:
+        lead = await person(client, owner, "lead@corp.example")
+        team, r = await team_claiming(client, lead, upstream.url, ["corp.example"])
+        assert r.status_code == 422 and r.json()["field"] == "issuer" and "https" in r.json()["detail"]
+        # One saved before (in development, or by hand) is not fetched either.
+        team, r = await team_claiming(client, lead, "https://sso.corp.example", ["corp.example"])
+        assert (await prove(client, dns_zone, lead, team, "corp.example")).status_code == 200
+        owner.execute("UPDATE identity.sso_connections SET issuer = %s", [upstream.url])
+        r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
+        assert r.status_code == 502 and "must use https" in r.text
+    assert (upstream.accepts, upstream.hits) == (0, 0)
 
 
 async def test_item1_a_dns_that_cannot_be_asked_is_502(db_url, smtp, owner, corp_idp):
@@ -229,6 +259,21 @@ async def test_item1_an_existing_user_links_the_teams_sign_in_from_the_emailed_l
     assert r.status_code in (302, 303) and r.headers["location"] == "/teams", r.text
 
 
+async def test_item1_a_team_name_with_a_line_break_still_gets_its_link_email_out(client, owner, smtp, deliver,
+                                                                                  dns_zone, corp_idp):
+    await person(client, owner, "kim@corp.example")
+    lead = await person(client, owner, "lead@corp.example")
+    headers = {"Authorization": f"Bearer {lead}"}
+    team = (await client.post("/v1/accounts", json={"name": "Corp\nBcc: x@evil.example"}, headers=headers)).json()["id"]
+    await client.put(f"/v1/accounts/{team}/sso", headers=headers, json={
+        "issuer": corp_idp, "client_id": "corp-sso", "client_secret": "corp-secret", "domains": ["corp.example"]})
+    assert (await prove(client, dns_zone, lead, team, "corp.example")).status_code == 200
+    assert "Check your email" in (await google(client, "sso-kim", start="/auth/sso/start?email=kim@corp.example")).text
+    assert await deliver() >= 1
+    (mail,) = smtp.to("kim@corp.example")[-1:]
+    assert mail["Subject"] == "Sign in with Corp Bcc: x@evil.example's single sign-on" and mail["Bcc"] is None
+
+
 async def test_item1_a_teams_own_provider_signs_new_people_in_as_members(client, owner, dns_zone, corp_idp, evil_idp):
     team, lead = await corp_team(client, owner, dns_zone, corp_idp)
     r = await google(client, "sso-pat", start="/auth/sso/start?email=pat@corp.example&next=/teams")
@@ -274,35 +319,63 @@ async def test_item1_a_provider_signs_in_its_teams_proven_domains_only(client, o
     r = await google(client, "victim-by-attacker", start="/auth/sso/start?email=mallory@evil.example")
     assert r.status_code == 400 and "its team" in r.text
     assert count(owner, "SELECT count(*) FROM identity.users WHERE email_normalized = 'victim@corp.example'") == 0
+    # Nor does a team's provider sign up an address it does not say it confirmed.
+    r = await google(client, "unconfirmed", start="/auth/sso/start?email=new@evil.example")
+    assert r.status_code == 400 and "did not confirm" in r.text
+    assert count(owner, "SELECT count(*) FROM identity.users WHERE email_normalized = 'new@evil.example'") == 0
 
 
 # Item 2: server-side requests ----------------------------------------------------------------
 
 class Upstream:
-    """An HTTP server on 127.0.0.1 that counts the requests it gets and answers ``self.body``."""
+    """An HTTP server on 127.0.0.1 that counts the connections it accepts and the requests it gets,
+    and answers each path from ``routes``: ``{path: (status, body or body(handler))}``."""
 
     def __init__(self) -> None:
         self.hits = 0
-        self.status = 200
-        self.body = b"{}"
+        self.accepts = 0
+        self.routes: dict[str, tuple[int, object]] = {}
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def answer(self):
                 upstream.hits += 1
-                body = upstream.body(self) if callable(upstream.body) else upstream.body
-                self.send_response(upstream.status)
+                status, body = upstream.routes.get(self.path.split("?")[0], (404, b"{}"))
+                body = body(self) if callable(body) else body
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:                   # an iterable of (delay, bytes): a provider that drips
+                    self.end_headers()
+                    for delay, part in body:
+                        time.sleep(delay)
+                        self.wfile.write(part)
+                        self.wfile.flush()
+
+            do_GET = do_POST = answer  # noqa: N815 - http.server's method names
 
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Counting(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request, client_address):
+                upstream.accepts += 1
+                return True
+
+        self.server = Counting(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def discovery(self, **overrides) -> None:
+        """Serve a discovery document naming this server's endpoints."""
+        document = {"issuer": self.url, "authorization_endpoint": f"{self.url}/authorize",
+                    "token_endpoint": f"{self.url}/token", "jwks_uri": f"{self.url}/jwks", **overrides}
+        self.routes["/.well-known/openid-configuration"] = (200, json.dumps(document).encode())
 
     def close(self) -> None:
         self.server.shutdown()
@@ -324,11 +397,15 @@ async def sso_team_at(client, owner, dns_zone, issuer: str) -> None:
 
 
 @pytest.mark.parametrize("env, allow, issuer, why", [
-    ("production", ("127.0.0.0/8",), "{upstream}", "must use https"),                 # plain http outside development
     ("development", (), "{upstream}", "may not reach"),                        # loopback, not allowed
+    ("development", (), "http://localhost:{port}", "may not reach"),           # a name for it: no probe either
     ("development", (), "http://169.254.169.254", "may not reach"),            # cloud metadata (link-local)
     ("development", (), "http://10.1.2.3:8080", "may not reach"),              # private
     ("development", (), "http://[::ffff:127.0.0.1]:{port}", "may not reach"),  # loopback in disguise
+    ("development", (), "http://[64:ff9b::7f00:1]:{port}", "may not reach"),   # ... through NAT64
+    ("development", (), "http://[2002:7f00:1::1]:{port}", "may not reach"),    # ... through 6to4
+    ("development", (), "http://[::7f00:1]:{port}", "may not reach"),          # IPv4-compatible
+    ("development", (), "http://[ff02::1]:{port}", "may not reach"),           # multicast
 ])
 async def test_item2_sso_issuers_on_internal_addresses_are_never_fetched(db_url, smtp, owner, dns_zone, upstream,
                                                                          env, allow, issuer, why):
@@ -339,12 +416,13 @@ async def test_item2_sso_issuers_on_internal_addresses_are_never_fetched(db_url,
         await sso_team_at(client, owner, dns_zone, issuer)
         r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
         assert r.status_code == 502 and why in r.text, r.text
-    assert upstream.hits == 0
+    assert (upstream.accepts, upstream.hits) == (0, 0)       # not even a connection was opened
 
 
 @pytest.mark.parametrize("answer, why", [
     (b"<html>not json</html>", "is not JSON"),
     (b"[1, 2]", "is not a JSON object"),
+    (b"[" * 60_000 + b"]" * 60_000, "is not JSON"),                           # nested past Python's recursion
     (b'{"issuer": "' + b"x" * 300_000 + b'"}', "larger than"),
     (b'{"issuer": "https://accounts.evil.example"}', "names another issuer"),
     (lambda h: json.dumps({"issuer": f"http://127.0.0.1:{h.server.server_port}",
@@ -353,20 +431,73 @@ async def test_item2_sso_issuers_on_internal_addresses_are_never_fetched(db_url,
     (None, "answered HTTP 500"),
 ])
 async def test_item2_bad_provider_answers_are_502_pages_not_500(client, owner, dns_zone, upstream, answer, why):
-    upstream.body, upstream.status = (answer, 200) if answer is not None else (b"oops", 500)
+    now = [0.0]
+    client.app.state.oidc_metadata = outbound.metadata_cache(timer=lambda: now[0])
+    upstream.routes["/.well-known/openid-configuration"] = (200, answer) if answer is not None else (500, b"oops")
     await sso_team_at(client, owner, dns_zone, upstream.url)
     r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
     assert r.status_code == 502 and why in r.text and "Sign-in is unavailable" in r.text, r.text
-    # A failure is not cached: the next attempt asks again.
+    # A failure is remembered for a minute: every visitor does not make pgtally ask again ...
+    assert (await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)).status_code == 502
+    assert upstream.hits == 1
+    # ... then it asks again.
+    now[0] += outbound.FAILURE_TTL_SECONDS + 1
     await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
     assert upstream.hits == 2
 
 
+async def test_item2_a_provider_that_drips_its_answer_is_cut_off(client, owner, dns_zone, upstream):
+    # One byte every 4 s passes the 5 s read timeout each time: the whole exchange's deadline ends it.
+    upstream.routes["/.well-known/openid-configuration"] = (200, [(4, b" ")] * 10)
+    await sso_team_at(client, owner, dns_zone, upstream.url)
+    started = time.monotonic()
+    r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
+    assert r.status_code == 502 and "took longer than" in r.text
+    assert time.monotonic() - started < outbound.DEADLINE_SECONDS + 5
+
+
+async def started_flow(client, owner, dns_zone, upstream) -> str:
+    """A sign-in through a hostile provider started at pgtally: the callback URL to come back to."""
+    upstream.discovery()
+    await sso_team_at(client, owner, dns_zone, upstream.url)
+    r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
+    assert r.status_code in (302, 303), r.text
+    state = parse_qs(urlsplit(r.headers["location"]).query)["state"][0]
+    return f"/auth/sso/callback?state={state}&code=the-code"
+
+
+@pytest.mark.parametrize("token_answer, why", [
+    (b'{"access_token": "' + b"x" * 300_000 + b'"}', "cannot be used right now"),   # too big: not read whole
+    (b"<html>", "cannot be used right now"),
+    (b"[1, 2]", "cannot be used right now"),
+])
+async def test_item2_a_hostile_token_endpoint_is_a_502_page(client, owner, dns_zone, upstream, token_answer, why):
+    back = await started_flow(client, owner, dns_zone, upstream)
+    upstream.routes["/token"] = (200, token_answer)
+    r = await client.get(back, follow_redirects=False)
+    assert r.status_code == 502 and why in r.text, r.text
+    assert "pgtally_session" not in r.cookies
+
+
+async def test_item2_an_id_token_naming_the_user_oddly_is_refused(client, owner, dns_zone, upstream):
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    upstream.routes["/jwks"] = (200, json.dumps({"keys": [key.as_dict(private=False)]}).encode())
+    back = await started_flow(client, owner, dns_zone, upstream)
+    flow_nonce = owner.execute("SELECT nonce FROM identity.oauth_flows ORDER BY created_at DESC LIMIT 1").fetchone()[0]
+    claims = {"iss": upstream.url, "aud": "corp-sso", "exp": int(time.time()) + 300, "iat": int(time.time()),
+              "nonce": flow_nonce, "sub": "kim\x00", "email": {"not": "a string"}, "email_verified": True}
+    id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, key)
+    upstream.routes["/token"] = (200, json.dumps({"access_token": "a", "token_type": "Bearer", "id_token": id_token}).encode())
+    r = await client.get(back, follow_redirects=False)
+    assert r.status_code == 400 and "cannot use" in r.text, r.text
+    assert count(owner, "SELECT count(*) FROM identity.users WHERE email_normalized LIKE 'kim@%%'") == 0
 async def test_item2_provider_metadata_is_cached_for_an_hour_then_read_again(client, owner, dns_zone, upstream):
     now = [0.0]
     client.app.state.oidc_metadata = outbound.metadata_cache(timer=lambda: now[0])
-    upstream.body = lambda h: json.dumps({"issuer": upstream.url, "authorization_endpoint": f"{upstream.url}/authorize",
-                                          "token_endpoint": f"{upstream.url}/token", "jwks_uri": f"{upstream.url}/jwks"}).encode()
+    upstream.discovery()
     await sso_team_at(client, owner, dns_zone, upstream.url)
     for _ in range(3):
         r = await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)

@@ -15,13 +15,17 @@ import time
 import httpx
 import pytest
 
-from api.app import Settings, create_app
-from tests.conftest import free_port, reconciliation_problems, serving
-from tests.http.conftest import PUBLIC_URL, bearer
-from tests.http.test_billing_http import (  # noqa: F401 - fixtures
-    SECRET, account_row, events, pay_and_deliver, settings, stripe_api)
-from tests.http.test_stripe_shapes import sdk
+from api.app import create_app
+from api.settings import Settings
+from tests.conftest import free_port, reconciliation_problems, serving, signup
+from tests.http.conftest import PUBLIC_URL, SECRET, account_row, bearer, new_api_key, pay_and_deliver, sdk, webhook
 from tests.stripe_standin import StripeStandIn, sign
+
+
+@pytest.fixture
+def settings(stripe_settings):
+    return stripe_settings
+
 
 HANDLED = {"checkout.session.completed", "checkout.session.async_payment_succeeded", "checkout.session.expired",
            "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
@@ -206,10 +210,6 @@ def test_delivered_late_concurrently_and_twice_a_failed_renewal_and_its_retry_se
 
 async def test_a_payment_failure_delivered_after_its_invoice_was_paid_changes_nothing(
         client, stripe_api, new_account, owner):
-    from tests.http.test_billing_http import deliver
-
-    from tests.http.test_stripe_shapes import new_api_key
-    from tests.sql.test_referrals import signup
 
     person = signup(owner, "late@example.com")
     acct = {"account_id": person["account_id"], "api_key": new_api_key(owner, person)}
@@ -221,7 +221,7 @@ async def test_a_payment_failure_delivered_after_its_invoice_was_paid_changes_no
     stripe_api.pay_invoice(failed["id"])
     failure, past_due, paid, active = stripe_api.sent[start:]
     for event in (paid, active, past_due, failure):             # Stripe's order is not guaranteed
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     assert account_row(owner, acct["account_id"])[4] is None
     assert owner.execute("SELECT status FROM billing.invoices WHERE stripe_invoice_id = %s", [failed["id"]]).fetchone()[0] == "paid"
     assert owner.execute("SELECT count(*) FROM outbox.messages WHERE kind = 'payment_failed'").fetchone()[0] == 0

@@ -10,19 +10,17 @@ import json
 import time
 
 import httpx
-import stripe
+import pytest
 
 from api.app import create_app
-from tests.conftest import free_port, reconciliation_problems, serving
-from tests.http.conftest import bearer
-from tests.http.test_billing_http import (  # noqa: F401 - fixtures
-    DAY, SECRET, account_row, deliver, events, pay_and_deliver, settings, stripe_api)
+from tests.conftest import free_port, reconciliation_problems, serving, signup
+from tests.http.conftest import DAY, SECRET, account_row, bearer, form, new_api_key, page_client, pay_and_deliver, run_worker, sdk, webhook
 from tests.stripe_standin import Shapes, sign
 
 
-def sdk(stripe_api) -> stripe.StripeClient:
-    stripe.enable_telemetry = False
-    return stripe.StripeClient("sk_test_pgtally", base_addresses={"api": stripe_api.url})
+@pytest.fixture
+def settings(stripe_settings):
+    return stripe_settings
 
 
 async def subscribe_through_checkout(client, stripe_api, acct, price="pro_monthly") -> str:
@@ -54,9 +52,9 @@ async def test_item1_two_subscription_events_in_one_second_apply_with_stripes_re
     stripe_api.subscriptions[sub["id"]] = {**sub, "status": "active"}
     created = events.event("customer.subscription.created", sub, created=now)
     updated = events.event("customer.subscription.updated", {**sub, "status": "active"}, created=now)
-    assert (await deliver(client, created)).json()["status"] == "applied"
+    assert (await webhook(client, created)).json()["status"] == "applied"
     for _ in range(2):          # Stripe's retry keeps `created`: it must not fail again
-        r = await deliver(client, updated)
+        r = await webhook(client, updated)
         assert r.status_code == 200, r.text
     assert account_row(owner, acct["account_id"])[0] == "pro"
     assert owner.execute("SELECT status FROM billing.subscriptions").fetchone()[0] == "active"
@@ -77,11 +75,11 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
     refunds = stripe_api.sent[before:]
     assert [e["type"] for e in refunds] == ["charge.refunded", "charge.refunded"]
     assert "invoice" not in refunds[0]["data"]["object"]
-    assert (await deliver(client, refunds[0])).json()["status"] == "applied"
+    assert (await webhook(client, refunds[0])).json()["status"] == "applied"
     assert owner.execute("SELECT status, refunded_minor FROM billing.invoices").fetchone() == ("paid", 400)
     assert owner.execute("SELECT revenue_minor FROM reporting.revenue_monthly").fetchone()[0] == 599
-    assert (await deliver(client, refunds[1])).json()["status"] == "applied"
-    assert (await deliver(client, {**refunds[0], "id": "evt_older_refund_again"})).json()["status"] == "stale"
+    assert (await webhook(client, refunds[1])).json()["status"] == "applied"
+    assert (await webhook(client, {**refunds[0], "id": "evt_older_refund_again"})).json()["status"] == "stale"
     r = (await client.get("/v1/billing/invoices", headers=bearer(acct["api_key"]))).json()["data"]
     assert [(i["id"], i["status"], i["refunded"]) for i in r] == [(invoice_id, "refunded", 999)]
     assert owner.execute("SELECT count(*) FROM reporting.revenue_monthly").fetchone()[0] == 0
@@ -90,7 +88,7 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
     # A refund pgtally cannot match is listed for the DBA, not silently dropped.
     stray = Shapes.charge("pi_never_seen", "cus_stray", 700, amount_refunded=700)
     event = {**refunds[0], "id": "evt_stray_refund", "data": {"object": stray}}
-    assert (await deliver(client, event)).json()["status"] == "ignored"
+    assert (await webhook(client, event)).json()["status"] == "ignored"
     assert [row[0] for row in owner.execute("SELECT stripe_payment_intent_id FROM reporting.unmatched_refunds")] == [
         stray["payment_intent"]]
     assert "unmatched_refunds" in reconciliation_problems(owner)
@@ -98,7 +96,7 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
 
 async def test_item2_a_refund_inside_the_holdback_cancels_the_referral_reward_of_a_subscription(
         client, stripe_api, new_account, owner):
-    from tests.sql.test_referrals import referral, signup
+    from tests.conftest import referral, signup
 
     alice = signup(owner, "alice@example.com")
     bob = signup(owner, "bob@example.com", code=alice["code"])
@@ -110,14 +108,8 @@ async def test_item2_a_refund_inside_the_holdback_cancels_the_referral_reward_of
     before = len(stripe_api.sent)
     sdk(stripe_api).v1.refunds.create(params={"payment_intent": payment_intent})
     (refund,) = stripe_api.sent[before:]
-    assert (await deliver(client, refund)).json()["status"] == "applied"
+    assert (await webhook(client, refund)).json()["status"] == "applied"
     assert referral(owner, bob) == ("rejected", "refunded")
-
-
-def new_api_key(owner, person) -> str:
-    owner.execute("UPDATE identity.users SET email_verified_at = now() WHERE id = %s", [person["user_id"]])
-    session = owner.execute("SELECT api.login_succeeded(%s, NULL, '192.0.2.1', 'test')", [person["user_id"]]).fetchone()[0]
-    return owner.execute("SELECT api.create_api_key(%s::uuid, 'test', ARRAY['usage:write', 'usage:read', 'billing:read', 'billing:manage'])", [session["session_id"]]).fetchone()[0]["api_key"]
 
 
 async def test_item3_a_licensed_invoice_records_its_period(client, events, stripe_api, new_account, owner):
@@ -129,7 +121,7 @@ async def test_item3_a_licensed_invoice_records_its_period(client, events, strip
     before = len(stripe_api.sent)
     renewal = stripe_api.close_period(sub_id)
     for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     start, end = owner.execute("SELECT period_start, period_end FROM billing.invoices WHERE stripe_invoice_id = %s",
                                [renewal["id"]]).fetchone()
     line = renewal["lines"]["data"][0]
@@ -141,12 +133,12 @@ async def test_item4_a_dispute_of_a_subscription_charge_finds_its_account(client
     await subscribe_through_checkout(client, stripe_api, acct)
     (payment_intent,) = owner.execute("SELECT stripe_payment_intent_id FROM billing.invoice_payments").fetchone()
     dispute = Shapes.dispute("dp_sub", f"ch_{payment_intent}", payment_intent, 999)
-    assert (await deliver(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
     # A dispute that names only the charge, whose id pgtally learnt from a refund of it.
     sdk(stripe_api).v1.refunds.create(params={"payment_intent": payment_intent, "amount": 1})
-    await deliver(client, stripe_api.sent[-1])
+    await webhook(client, stripe_api.sent[-1])
     only_charge = Shapes.dispute("dp_charge", f"ch_{payment_intent}", None, 500)
-    assert (await deliver(client, events.event("charge.dispute.created", only_charge))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("charge.dispute.created", only_charge))).json()["status"] == "applied"
     rows = owner.execute("SELECT stripe_dispute_id, account_id::text FROM billing.disputes ORDER BY 1").fetchall()
     assert rows == [("dp_charge", acct["account_id"]), ("dp_sub", acct["account_id"])]
 
@@ -199,11 +191,11 @@ async def test_item5_an_invoice_before_its_subscription_is_applied_by_reading_th
     invoice = Shapes.invoice("in_first", "cus_later", "sub_later",
                              [Shapes.line("in_first", "sub_later", "price_pro_monthly", 999, now, now + 30 * DAY)],
                              payment_intent="pi_first")
-    r = await deliver(client, events.event("invoice.paid", invoice, created=now))
+    r = await webhook(client, events.event("invoice.paid", invoice, created=now))
     assert r.status_code == 200 and r.json()["status"] == "applied", r.text
     assert account_row(owner, acct["account_id"])[0] == "pro"
     late = events.event("customer.subscription.created", {**sub, "status": "incomplete"}, created=now - 1)
-    assert (await deliver(client, late)).json()["status"] == "stale"
+    assert (await webhook(client, late)).json()["status"] == "stale"
     assert account_row(owner, acct["account_id"])[0] == "pro"
 
 
@@ -264,8 +256,7 @@ async def spend_below_threshold(client, acct, key: str) -> None:
 
 async def test_item9_a_worker_without_stripe_leaves_the_top_up_queued_and_says_why(
         client, db_url, settings, stripe_api, new_account, owner):
-    from api.app import Settings
-    from tests.http.test_billing_http import run_worker
+    from api.settings import Settings
 
     acct, headers = await auto_topup_account(client, stripe_api, new_account)
     await spend_below_threshold(client, acct, "w1")
@@ -281,14 +272,13 @@ async def test_item9_a_worker_without_stripe_leaves_the_top_up_queued_and_says_w
     await run_worker(db_url, settings)
     (paid,) = [e for e in stripe_api.sent[before:] if e["type"] == "payment_intent.succeeded"]
     assert owner.execute("SELECT stripe_payment_intent_id FROM billing.auto_topups").fetchone()[0] == paid["data"]["object"]["id"]
-    assert (await deliver(client, paid)).status_code == 200
+    assert (await webhook(client, paid)).status_code == 200
     assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is False
     assert reconciliation_problems(owner) == {}
 
 
 async def test_item9_off_and_on_clears_a_top_up_in_flight_whose_task_then_pays_nothing(
         client, db_url, settings, stripe_api, new_account, owner):
-    from tests.http.test_billing_http import run_worker
 
     acct, headers = await auto_topup_account(client, stripe_api, new_account)
     await spend_below_threshold(client, acct, "o1")
@@ -311,7 +301,6 @@ async def test_item9_off_and_on_clears_a_top_up_in_flight_whose_task_then_pays_n
 
 async def test_item9_a_top_up_stripe_never_answers_is_listed_then_released(
         client, db_url, settings, stripe_api, new_account, owner):
-    from tests.http.test_billing_http import run_worker
 
     acct, headers = await auto_topup_account(client, stripe_api, new_account)
     await spend_below_threshold(client, acct, "s1")
@@ -331,14 +320,13 @@ async def test_item9_a_top_up_stripe_never_answers_is_listed_then_released(
                       headers=bearer(acct["api_key"], **{"Idempotency-Key": "s2"}))
     assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
     balance = account_row(owner, acct["account_id"])[1]
-    assert (await deliver(client, lost)).json()["status"] == "applied"
+    assert (await webhook(client, lost)).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[1] == balance + 10_000_000
     assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is True
 
 
 async def test_item8_off_session_top_ups_need_no_return_url_and_authenticate_the_same_payment(
         client, db_url, settings, stripe_api, new_account, owner):
-    from tests.http.test_billing_http import run_worker
 
     acct, headers = await auto_topup_account(client, stripe_api, new_account)
     r = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
@@ -366,30 +354,29 @@ async def test_item8_off_session_top_ups_need_no_return_url_and_authenticate_the
     (succeeded,) = stripe_api.sent[sent:]
     assert succeeded["type"] == "payment_intent.succeeded" and succeeded["data"]["object"]["id"] == intent
     balance = account_row(owner, acct["account_id"])[1]
-    assert (await deliver(client, succeeded)).json()["status"] == "applied"
+    assert (await webhook(client, succeeded)).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[1] == balance + 25_000_000
 
 
 async def test_item10_a_cancellation_scheduled_by_date_shows_as_ending(client, events, stripe_api, owner):
-    from tests.sql.test_referrals import signup
 
     person = signup(owner, "ending@example.com")
     acct = {"account_id": person["account_id"], "api_key": new_api_key(owner, person)}
     now = int(time.time())
     sub = Shapes.subscription("sub_date", "cus_date", acct["account_id"], "active", "price_pro_monthly", now, now + 30 * DAY)
-    assert (await deliver(client, events.event("customer.subscription.created", sub, created=now))).status_code == 200
+    assert (await webhook(client, events.event("customer.subscription.created", sub, created=now))).status_code == 200
     ends = now + 10 * DAY          # chosen in the dashboard or portal: not the period's end
     scheduled = {**sub, "cancel_at": ends, "cancel_at_period_end": False}
     event = events.event("customer.subscription.updated", scheduled, created=now + 1)
     for _ in range(2):
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     info = (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]
     assert info["ending"] is True and info["cancel_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime(ends)))
     assert info["cancel_at_period_end"] is False
     emails = owner.execute("SELECT payload ->> 'ends_at' FROM outbox.messages WHERE kind = 'subscription_ending'").fetchall()
     assert emails == [(time.strftime("%Y-%m-%d", time.gmtime(ends)),)]                       # told once
     kept = {**sub, "cancel_at": None}
-    assert (await deliver(client, events.event("customer.subscription.updated", kept, created=now + 2))).status_code == 200
+    assert (await webhook(client, events.event("customer.subscription.updated", kept, created=now + 2))).status_code == 200
     info = (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]
     assert info["ending"] is False and info["cancel_at"] is None
 
@@ -401,7 +388,7 @@ async def test_item10_every_subscription_item_is_read(client, events, stripe_api
     addon = copy.deepcopy(sub["items"]["data"][0])
     addon.update(id="si_addon", price=Shapes.price("price_support_addon"))
     sub["items"]["data"].insert(0, addon)          # an add-on pgtally does not sell comes first
-    assert (await deliver(client, events.event("customer.subscription.created", sub, created=now))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("customer.subscription.created", sub, created=now))).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[0] == "pro"
     assert owner.execute("SELECT plan_id, stripe_item_id FROM billing.subscriptions").fetchone() == ("pro", "si_sub_items")
 
@@ -419,7 +406,7 @@ async def test_item10_an_invoice_with_more_lines_than_its_event_is_read_whole(cl
     stripe_api.invoices["in_long"] = invoice
     sent = copy.deepcopy(invoice)
     sent["lines"].update(data=lines[:10], has_more=True)          # what the event carries
-    r = await deliver(client, events.event("invoice.paid", sent))
+    r = await webhook(client, events.event("invoice.paid", sent))
     assert r.status_code == 200 and r.json()["status"] == "applied", r.text
     row = owner.execute("SELECT period_start, period_end, amount_paid_minor FROM billing.invoices "
                         "WHERE stripe_invoice_id = 'in_long'").fetchone()
@@ -443,7 +430,7 @@ async def test_item12_a_new_subscription_checkout_expires_the_one_still_open(cli
     expired = [e for e in stripe_api.sent if e["type"] == "checkout.session.expired"]
     assert len(expired) == 2
     for event in expired:           # pgtally closed them already
-        assert (await deliver(client, event)).json()["status"] == "ignored"
+        assert (await webhook(client, event)).json()["status"] == "ignored"
     # A bundle's Checkout leaves the subscription's open.
     await client.post("/v1/billing/checkout", json={"price": "bundle_10"}, headers=headers)
     assert sum(stripe_api.sessions[i]["status"] == "open" for i in ids) == 1
@@ -455,8 +442,6 @@ async def test_item12_a_new_subscription_checkout_expires_the_one_still_open(cli
 
 async def test_item12_a_second_subscription_that_arrives_anyway_is_canceled_refunded_and_told(
         client, db_url, settings, stripe_api, owner):
-    from tests.http.test_billing_http import run_worker
-    from tests.sql.test_referrals import signup
 
     owner.execute("UPDATE billing.plans SET included_credits_micros = 5000000 WHERE id = 'pro'")
     person = signup(owner, "twice@example.com")
@@ -484,7 +469,7 @@ async def test_item12_a_second_subscription_that_arrives_anyway_is_canceled_refu
     assert calls == [("DELETE", f"/v1/subscriptions/{extra}", f"cancel-duplicate-{extra}"),
                      ("POST", "/v1/refunds", f"refund-duplicate-inpay_{stripe_api.sessions[second]['invoice']}")]
     for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     assert sorted(owner.execute("SELECT stripe_subscription_id, status FROM billing.subscriptions").fetchall()) == sorted(
         [(kept, "active"), (extra, "canceled")])
     assert owner.execute("SELECT status FROM billing.invoices WHERE stripe_subscription_id = %s", [extra]).fetchone()[0] == "refunded"
@@ -503,7 +488,6 @@ async def test_item11_meter_events_stripe_rejects_later_are_recorded_and_the_dai
 
     from api import db
     from api.worker import compare_meter_totals
-    from tests.http.test_billing_http import run_worker
 
     acct = new_account("free")
     headers = bearer(acct["api_key"])
@@ -522,7 +506,7 @@ async def test_item11_meter_events_stripe_rejects_later_are_recorded_and_the_dai
     notification = stripe_api.reject_meter_events([ids[1]])
     assert "data" not in notification and notification["object"] == "v2.core.event"
     for _ in range(2):
-        r = await deliver(client, notification)
+        r = await webhook(client, notification)
         assert r.status_code == 200 and r.json()["status"] == "applied", r.text
     assert owner.execute("SELECT stripe_meter_id, error_count, identifiers FROM billing.meter_error_reports").fetchall() == [
         ("mtr_pgtally_generation", 1, [ids[1]])]
@@ -542,7 +526,7 @@ async def test_item11_meter_events_stripe_rejects_later_are_recorded_and_the_dai
 async def test_tax_opt_in_turns_on_stripe_tax_in_checkout_and_records_the_tax(db_url, stripe_api, new_account, owner):
     from litestar.testing import AsyncTestClient
 
-    from api.app import Settings
+    from api.settings import Settings
     from tests.http.conftest import PUBLIC_URL
 
     taxed = Settings(public_url=PUBLIC_URL, stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url,
@@ -565,8 +549,6 @@ async def test_tax_opt_in_turns_on_stripe_tax_in_checkout_and_records_the_tax(db
 
 async def test_invoices_for_every_payment_a_bundle_is_invoiced_listed_and_on_the_dashboard(
         db_url, settings, client, stripe_api, owner):
-    from tests.http.test_billing_http import page_client
-    from tests.http.test_sign_in import form
 
     async with await page_client(db_url, settings) as pages:
         await pages.post("/v1/auth/signup", json={"email": "invoices@example.com", "password": "violet-harbour-tangent-42"})
@@ -591,7 +573,7 @@ async def test_invoices_for_every_payment_a_bundle_is_invoiced_listed_and_on_the
     before = len(stripe_api.sent)
     stripe_api.refund(stripe_api.sessions[session_id]["payment_intent"])
     for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     (listed,) = (await client.get("/v1/billing/invoices", headers=bearer(key))).json()["data"]
     assert (listed["status"], listed["refunded"]) == ("refunded", 500)
     assert owner.execute("SELECT count(*) FROM reporting.revenue_monthly WHERE revenue_minor > 0").fetchone()[0] == 0
@@ -600,21 +582,20 @@ async def test_invoices_for_every_payment_a_bundle_is_invoiced_listed_and_on_the
 
 async def test_invoices_for_every_payment_a_top_up_is_invoiced_with_its_payment_attached(
         client, db_url, settings, stripe_api, new_account, owner):
-    from tests.http.test_billing_http import run_worker
 
     acct, headers = await auto_topup_account(client, stripe_api, new_account)
     r = await client.post("/v1/billing/topup", json={"bundle": "bundle_25"}, headers=headers)
     assert r.json()["status"] == "paid", r.text
     intent = r.json()["payment_intent"]
     (succeeded,) = [e for e in stripe_api.sent if e["type"] == "payment_intent.succeeded"]
-    assert (await deliver(client, succeeded)).json()["status"] == "applied"
+    assert (await webhook(client, succeeded)).json()["status"] == "applied"
     before, sent = len(stripe_api.requests), len(stripe_api.sent)
     await run_worker(db_url, settings)
     calls = [(p.split("/")[-1] if p.count("/") > 3 else p) for m, p, _, _ in stripe_api.requests[before:] if m == "POST"]
     assert calls == ["/v1/invoices", "/v1/invoiceitems", "finalize", "attach_payment"]
     (paid,) = stripe_api.sent[sent:]
     assert paid["type"] == "invoice.paid" and paid["data"]["object"]["payments"]["data"][0]["payment"]["payment_intent"] == intent
-    assert (await deliver(client, paid)).json()["status"] == "applied"
+    assert (await webhook(client, paid)).json()["status"] == "applied"
     # The task again (a worker that died before recording it): the same invoice, not a second one.
     owner.execute("UPDATE outbox.messages SET delivered_at = NULL, next_attempt_at = now() WHERE kind = 'invoice_topup'")
     await run_worker(db_url, settings)
@@ -629,7 +610,7 @@ async def test_invoices_for_every_payment_a_top_up_is_invoiced_with_its_payment_
 
 async def test_reconcile_lists_a_dispute_of_a_payment_pgtally_never_saw(client, events, owner):
     dispute = Shapes.dispute("dp_stray", "ch_never_seen", "pi_never_seen", 700)
-    assert (await deliver(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
     assert owner.execute("SELECT stripe_dispute_id FROM reporting.unmatched_disputes").fetchall() == [("dp_stray",)]
     assert list(reconciliation_problems(owner)) == ["unmatched_disputes"]
 
@@ -637,11 +618,11 @@ async def test_reconcile_lists_a_dispute_of_a_payment_pgtally_never_saw(client, 
 async def test_item11_each_event_destination_may_sign_with_its_own_secret(db_url, events, stripe_api):
     from litestar.testing import AsyncTestClient
 
-    from api.app import Settings
+    from api.settings import Settings
 
     two = Settings(stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url,
                    stripe_webhook_secret="whsec_snapshot, whsec_thin")
     event = events.event("customer.created", {"id": "cus_x", "object": "customer"})
     async with AsyncTestClient(app=create_app(db_url, two)) as client:
         for secret, status in (("whsec_snapshot", 200), ("whsec_thin", 200), ("whsec_other", 400)):
-            assert (await deliver(client, event, secret=secret)).status_code == status
+            assert (await webhook(client, event, secret=secret)).status_code == status

@@ -6,8 +6,7 @@ import psycopg
 import pytest
 
 from api import db
-from tests.conftest import reconciliation_problems
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
+from tests.conftest import CREDIT, consume, reconciliation_problems, sqlstate_of
 
 
 def grant(conn, account_id, micros, key, memo=None):
@@ -141,12 +140,12 @@ def test_catalog_load_validates_and_deactivates_missing_plans(owner):
     assert owner.execute("SELECT unit_price_micros FROM metering.meters WHERE id = 'generation'").fetchone()[0] == 2 * CREDIT
 
 
-def test_housekeeping_deletes_old_rate_limit_windows(owner, api_conn):
-    owner.execute("INSERT INTO identity.rate_limits VALUES ('login:ip:x', now() - interval '3 days', 5), "
-                  "('login:ip:x', now(), 1)")
-    assert api_conn.execute("SELECT api.housekeeping()").fetchone()[0] == {"rate_limit_windows_deleted": 1, "holds_expired": 0,
+def test_housekeeping_deletes_old_rate_limit_buckets(owner, api_conn):
+    owner.execute("INSERT INTO identity.rate_limits VALUES ('login:ip:x', ARRAY[now() - interval '3 days']), "
+                  "('login:ip:y', ARRAY[now() - interval '3 days', now()]), ('login:ip:z', '{}')")
+    assert api_conn.execute("SELECT api.housekeeping()").fetchone()[0] == {"rate_limit_buckets_deleted": 2, "holds_expired": 0,
                                                                           "credit_accounts_refreshed": 0}
-    assert owner.execute("SELECT count(*) FROM identity.rate_limits").fetchone()[0] == 1
+    assert owner.execute("SELECT bucket FROM identity.rate_limits").fetchall() == [("login:ip:y",)]
 
 
 @pytest.mark.parametrize("key, data, digest", [
@@ -194,7 +193,7 @@ def test_the_string_rules_of_accounts_transfers_and_lots_still_refuse_bad_values
         ("INSERT INTO ledger.transfers (account_id, kind, amount_micros, idempotency_key, created_at) "
          "VALUES (%s, 'grant', 1, repeat('k', 256), now())", [acct["account_id"]]),
     ]:
-        assert sqlstate_of(lambda: owner.execute(sql, args)) == "23514", sql
+        assert sqlstate_of(lambda sql=sql, args=args: owner.execute(sql, args)) == "23514", sql
     # Valid values still go in.
     owner.execute("UPDATE identity.accounts SET suspended_reason = repeat('x', 500), device_fingerprint = 'fp' "
                   "WHERE id = %s", [acct["account_id"]])

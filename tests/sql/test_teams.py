@@ -8,9 +8,7 @@ import itertools
 
 import pytest
 
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
+from tests.conftest import CREDIT, consume, reconciliation_problems, run_concurrently, sqlstate_of
 
 ips = (f"10.7.{i // 250}.{i % 250}" for i in itertools.count(1))
 
@@ -58,7 +56,8 @@ def test_the_permission_matrix(owner):
     people["owner"] = boss
     for role, who in people.items():
         for permission in PERMISSIONS:
-            run = lambda: call(owner, "identity.authenticate(NULL, %s::uuid, %s::text, %s::uuid)", who["session"], permission, team)
+            run = lambda who=who, permission=permission: call(
+                owner, "identity.authenticate(NULL, %s::uuid, %s::text, %s::uuid)", who["session"], permission, team)
             if permission in MATRIX[role]:
                 assert str(run()) == team, (role, permission)
             else:
@@ -174,3 +173,91 @@ def test_a_suspended_account_may_not_spend(owner, api_conn, new_account, what):
            "key": lambda: api_conn.execute("SELECT api.checkout_prepare(%s, NULL, 'bundle_10')", [acct["api_key"]])}[what]
     assert sqlstate_of(run) == "TL4S3"
     assert api_conn.execute("SELECT api.balance(%s, NULL)", [acct["api_key"]]).fetchone()[0]["credits"] == "1"
+
+
+def invitation_token(conn, email: str) -> str:
+    return conn.execute("SELECT payload ->> 'token' FROM outbox.messages WHERE kind = 'invitation' AND recipient = %s "
+                        "ORDER BY created_at DESC LIMIT 1", [email]).fetchone()[0]
+
+
+def accept(conn, who: dict, token: str) -> dict:
+    """The answer of api.accept_invitation: the account joined, or {"error": ...} (raised errors propagate)."""
+    return call(conn, "api.accept_invitation(%s::uuid, %s::text)", who["session"], token)
+
+
+def pending(conn, team: str) -> int:
+    return conn.execute("SELECT count(*) FROM identity.invitations WHERE account_id = %s", [team]).fetchone()[0]
+
+
+def test_item5_invitations_outlive_their_sender_no_more(owner):
+    boss, ops, eve, dan = (person(owner, n) for n in ("boss", "ops", "eve", "dan"))
+    team = team_of(owner, boss)
+    join(owner, boss, team, ops, "admin")
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'admin')", ops["session"], team, eve["email"])
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'member')", ops["session"], team, dan["email"])
+    tokens = {who["email"]: invitation_token(owner, who["email"]) for who in (eve, dan)}
+    # The admin who sent them is removed: the invitations go with them.
+    call(owner, "api.remove_member(%s::uuid, %s::uuid, %s::uuid)", boss["session"], team, ops["user_id"])
+    assert call(owner, "api.invitations(%s::uuid, %s::uuid)", boss["session"], team)["data"] == []
+    assert sqlstate_of(lambda: accept(owner, eve, tokens[eve["email"]])) == "TL400"
+    members = owner.execute("SELECT user_id::text FROM identity.memberships WHERE account_id = %s", [team]).fetchall()
+    assert members == [(boss["user_id"],)]
+
+
+def test_item5_a_demoted_inviter_keeps_only_the_invitations_their_role_still_allows(owner):
+    boss, deputy, eve, dan = (person(owner, n) for n in ("boss", "deputy", "eve", "dan"))
+    team = team_of(owner, boss)
+    join(owner, boss, team, deputy, "owner")
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'owner')", deputy["session"], team, eve["email"])
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'member')", deputy["session"], team, dan["email"])
+    call(owner, "api.set_member_role(%s::uuid, %s::uuid, %s::uuid, 'admin')", boss["session"], team, deputy["user_id"])
+    # An admin may not make owners: that invitation is revoked; an admin may invite members: that one stays.
+    assert [i["email"] for i in call(owner, "api.invitations(%s::uuid, %s::uuid)", boss["session"], team)["data"]] == [dan["email"]]
+    assert sqlstate_of(lambda: accept(owner, eve, invitation_token(owner, eve["email"]))) == "TL400"
+    assert accept(owner, dan, invitation_token(owner, dan["email"]))["role"] == "member"
+
+
+def test_item5_acceptance_checks_the_inviters_role_now(owner):
+    boss, ops, eve = (person(owner, n) for n in ("boss", "ops", "eve"))
+    team = team_of(owner, boss)
+    join(owner, boss, team, ops, "admin")
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'admin')", ops["session"], team, eve["email"])
+    token = invitation_token(owner, eve["email"])
+    # A DBA demotes the admin behind the functions' back: the invitation is still there, but void.
+    owner.execute("UPDATE identity.memberships SET role = 'viewer' WHERE account_id = %s AND user_id = %s", [team, ops["user_id"]])
+    answer = accept(owner, eve, token)
+    assert answer["error"]["sqlstate"] == "TL400"
+    assert pending(owner, team) == 0                      # used up: the refusal committed its claim
+    assert owner.execute("SELECT count(*) FROM identity.memberships WHERE account_id = %s", [team]).fetchone()[0] == 2
+
+
+def test_item5_an_acceptance_waits_for_the_removal_of_its_sender(owner, db_url, connections):
+    import threading
+    import time
+
+    import psycopg
+
+    from api import db
+
+    boss, ops, eve = (person(owner, n) for n in ("boss", "ops", "eve"))
+    team = team_of(owner, boss)
+    join(owner, boss, team, ops, "admin")
+    call(owner, "api.invite(%s::uuid, %s::uuid, %s::text, 'admin')", ops["session"], team, eve["email"])
+    token = invitation_token(owner, eve["email"])
+    (accepting,) = connections(1)
+    with psycopg.connect(db.api_conninfo(db_url)) as removing:               # a transaction left open
+        call(removing, "api.remove_member(%s::uuid, %s::uuid, %s::uuid)", boss["session"], team, ops["user_id"])
+        pid = accepting.info.backend_pid
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(run_concurrently(1, lambda _: accept(accepting, eve, token))[0]))
+        thread.start()
+        for _ in range(200):
+            if owner.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]:
+                break
+            time.sleep(0.02)
+        assert thread.is_alive(), "the acceptance did not wait for the removal"
+        removing.commit()
+    thread.join(10)
+    (answer,) = result
+    assert getattr(answer, "sqlstate", None) == "TL400", answer
+    assert owner.execute("SELECT count(*) FROM identity.memberships WHERE account_id = %s", [team]).fetchone()[0] == 1
