@@ -1166,6 +1166,22 @@ COMMENT ON TABLE identity.public_mail_domains IS 'Mail domains anyone can have a
 ALTER TABLE ONLY identity.public_mail_domains
     ADD CONSTRAINT public_mail_domains_pkey PRIMARY KEY (domain);
 
+CREATE TABLE identity.rate_limit_rules (
+    action text NOT NULL,
+    dimension text NOT NULL,
+    max_attempts integer NOT NULL,
+    per interval NOT NULL,
+    CONSTRAINT rate_limit_rules_action_check CHECK ((action ~ '^[a-z_]{1,40}$'::text)),
+    CONSTRAINT rate_limit_rules_dimension_check CHECK ((dimension ~ '^[a-z_]{1,40}$'::text)),
+    CONSTRAINT rate_limit_rules_max_attempts_check CHECK ((max_attempts >= 0)),
+    CONSTRAINT rate_limit_rules_per_check CHECK ((per > '00:00:00'::interval))
+);
+
+COMMENT ON TABLE identity.rate_limit_rules IS 'Every rate limit pgtally applies (identity.throttled): at most max_attempts of an action per dimension value (ip: the client''s address; email, fingerprint, install, user, code: what the caller names) in any sliding window of length per. An operator may change a row; the next attempt uses it.';
+
+ALTER TABLE ONLY identity.rate_limit_rules
+    ADD CONSTRAINT rate_limit_rules_pkey PRIMARY KEY (action, dimension);
+
 CREATE TABLE identity.rate_limits (
     bucket text CONSTRAINT rate_limits_bucket_not_null1 NOT NULL,
     hits timestamp with time zone[] CONSTRAINT rate_limits_hits_not_null1 NOT NULL,
@@ -4073,7 +4089,7 @@ CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_se
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-  v_limited jsonb := identity.throttled('device_authorize', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('device_authorize', p_ip);
   v_alphabet constant text := 'BCDFGHJKLMNPQRSTVWXZ';
   v_device_code text := util.random_token();
   v_user_code text;
@@ -4102,7 +4118,7 @@ BEGIN
                             'expires_in', 600, 'interval', 5);
 END $_$;
 
-COMMENT ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. 30 an hour per IP (TL429).';
+COMMENT ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. Rate limited per IP (identity.rate_limit_rules, TL429).';
 
 REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
@@ -4413,11 +4429,10 @@ BEGIN
     v_returning := a.id IS NOT NULL;
   END IF;
   IF v_returning THEN
-    v_limited := identity.throttled('identify_install', p_ip, 3000, interval '1 hour',
-                                    'install', encode(v_install, 'hex'), 600, interval '1 hour');
+    v_limited := identity.throttled('identify_install', p_ip, 'install', encode(v_install, 'hex'));
   ELSE
-    -- New device accounts: 5 a day per fingerprint, 30 an hour per IP.
-    v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+    -- New device accounts: a few a day per fingerprint (identity.rate_limit_rules).
+    v_limited := identity.throttled('identify', p_ip, 'fingerprint', p_fingerprint);
   END IF;
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
@@ -4447,7 +4462,7 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $_$;
 
-COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
@@ -4855,7 +4870,7 @@ CREATE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
     AS $$
 DECLARE
   v_email text := lower(btrim(p_email));
-  v_limited jsonb := identity.throttled('login', p_ip, 30, interval '5 minutes', 'email', v_email, 10, interval '5 minutes');
+  v_limited jsonb := identity.throttled('login', p_ip, 'email', v_email);
   u identity.users;
 BEGIN
   IF v_limited IS NOT NULL THEN
@@ -4865,7 +4880,7 @@ BEGIN
   RETURN jsonb_build_object('user_id', u.id, 'password_hash', u.password_hash);
 END $$;
 
-COMMENT ON FUNCTION api.login_start(p_email text, p_ip text) IS 'POST /v1/auth/login, step 1: apply the login rate limits (30 per 5 minutes per IP, 10 per 5 minutes per email: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+COMMENT ON FUNCTION api.login_start(p_email text, p_ip text) IS 'POST /v1/auth/login, step 1: apply the login rate limits (per IP and per email, identity.rate_limit_rules: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
 
 REVOKE ALL ON FUNCTION api.login_start(p_email text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.login_start(p_email text, p_ip text) TO pgtally_api;
@@ -5057,7 +5072,7 @@ CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secre
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-  v_limited jsonb := identity.throttled('oauth', p_ip, 60, interval '10 minutes');
+  v_limited jsonb := identity.throttled('oauth', p_ip);
   v_state text := util.random_token();
   v_nonce text := util.random_token();
   v_verifier text := util.random_token();
@@ -5082,7 +5097,7 @@ BEGIN
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $_$;
 
-COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) IS 'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) IS 'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limited per IP (identity.rate_limit_rules, TL429).';
 
 REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) TO pgtally_api;
@@ -5633,7 +5648,7 @@ CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS json
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset', p_ip);
   v_email text;
   u identity.users;
 BEGIN
@@ -5642,8 +5657,8 @@ BEGIN
   END IF;
   v_email := identity.normalize_email(p_email);
   SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
-  -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
-  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 0, interval '1 hour', 'email', v_email, 3, interval '1 hour') IS NULL THEN
+  -- A few emails an hour per address (identity.rate_limit_rules); beyond that, and for unknown addresses, the same answer.
+  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 'email', v_email) IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
             jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
@@ -5653,7 +5668,7 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
 END $$;
 
-COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. At most 3 emails an hour per address (silently), 10 requests an hour per IP (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. Emails per address are limited silently, requests per IP with TL429 (identity.rate_limit_rules). TL422 bad email.';
 
 REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
@@ -5663,7 +5678,7 @@ CREATE FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip 
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip);
   v_user_id uuid;
   u identity.users;
   v_count integer;
@@ -5689,7 +5704,7 @@ BEGIN
   RETURN jsonb_build_object('status', 'password_changed', 'sessions_revoked', v_count);
 END $$;
 
-COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
 
 REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
@@ -6000,7 +6015,7 @@ CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user
     AS $$
 DECLARE
   v_email text := identity.normalize_email(p_email);
-  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour', 'email', v_email, 5, interval '1 hour');
+  v_limited jsonb := identity.throttled('signup', p_ip, 'email', v_email);
   v_account_id uuid := util.uuid_v7();
   v_user_id uuid;
 BEGIN
@@ -6034,7 +6049,7 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
 
-COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limited per IP and per address (identity.rate_limit_rules, TL429). TL422 bad email.';
 
 REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
@@ -6426,7 +6441,7 @@ CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('verify_email', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('verify_email', p_ip);
   v_user_id uuid;
   u identity.users;
 BEGIN
@@ -6443,7 +6458,7 @@ BEGIN
   RETURN jsonb_build_object('email', u.email, 'email_verified', true);
 END $$;
 
-COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
 
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
@@ -8124,10 +8139,10 @@ BEGIN
   IF s.user_id IS NULL THEN
     PERFORM util.fail('TL403', 'sign in to approve a device');
   END IF;
-  -- Guesses: 20 an hour per IP and per user, and 10 lookups of any one code.
-  error := identity.throttled('device_code', p_ip, 20, interval '1 hour', 'user', s.user_id::text, 20, interval '1 hour');
+  -- Guesses: limited per IP and per user, and lookups of any one code (identity.rate_limit_rules).
+  error := identity.throttled('device_code', p_ip, 'user', s.user_id::text);
   IF error IS NULL THEN
-    error := identity.throttled('device_code_lookup', NULL, 0, interval '1 hour', 'code', v_code, 10, interval '10 minutes');
+    error := identity.throttled('device_code_lookup', NULL, 'code', v_code);
   END IF;
   IF error IS NOT NULL THEN
     RETURN;
@@ -8311,7 +8326,7 @@ COMMENT ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token 
 
 REVOKE ALL ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
 
-CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text, p_limit integer DEFAULT NULL::integer, p_window interval DEFAULT NULL::interval) RETURNS jsonb
+CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -8320,11 +8335,16 @@ DECLARE
   v_recent timestamptz[];
   b record;
 BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.rate_limit_rules WHERE action = p_action) THEN
+    RAISE EXCEPTION 'no rate limit rule for %', p_action;      -- a caller's mistake, never a free pass
+  END IF;
   -- Each bucket's row is locked (in bucket order, so two attempts never wait on each other
   -- crosswise) until the caller's transaction ends: attempts on one bucket are decided one at a time.
-  FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                 (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-           WHERE bucket IS NOT NULL ORDER BY bucket LOOP
+  FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+           FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                AS v (dimension, bucket)
+           JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+           WHERE v.bucket IS NOT NULL ORDER BY v.bucket LOOP
     INSERT INTO identity.rate_limits (bucket, hits) VALUES (b.bucket, '{}') ON CONFLICT (bucket) DO NOTHING;
     SELECT ARRAY(SELECT h FROM unnest(r.hits) h WHERE h > v_now - b.win ORDER BY h) INTO v_recent
     FROM identity.rate_limits r WHERE r.bucket = b.bucket FOR UPDATE;
@@ -8337,9 +8357,11 @@ BEGIN
   END LOOP;
   IF v_retry = 0 THEN
     -- Allowed: the attempt counts in every bucket; what left the window is dropped.
-    FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                   (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-             WHERE bucket IS NOT NULL LOOP
+    FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+             FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                  AS v (dimension, bucket)
+             JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+             WHERE v.bucket IS NOT NULL LOOP
       UPDATE identity.rate_limits r
       SET hits = ARRAY(SELECT h FROM (SELECT h FROM unnest(r.hits || v_now) h WHERE h > v_now - b.win
                                       ORDER BY h DESC LIMIT b.lim) newest ORDER BY h)
@@ -8352,9 +8374,9 @@ BEGIN
                         jsonb_build_object('retry_after', v_retry));
 END $$;
 
-COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Apply the rate limits of an action: at most p_ip_limit attempts per IP in any p_ip_window, and optionally at most p_limit per p_dimension = p_value (email, fingerprint, user, code) in any p_window (sliding windows: the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value skips that limit. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
+COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text, p_value text) IS 'Apply the rate limits of an action, as identity.rate_limit_rules states them: per IP (its ip rule), and optionally per p_dimension = p_value (email, fingerprint, install, user, code: its rule for that dimension), in sliding windows (the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value, or a dimension with no rule, skips that limit; an action with no rule at all is an error. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
 
-REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text, p_value text) FROM PUBLIC;
 
 CREATE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS jsonb
     LANGUAGE sql STABLE
