@@ -129,6 +129,10 @@ class SubscriptionInfo(msgspec.Struct):
     cancel_at_period_end: bool
     canceled_at: str | None
     live: bool
+    cancel_at: str | None = None
+    """When it is scheduled to end (at period end, or a date set in Stripe's dashboard or portal)."""
+    ending: bool = False
+    """It will not renew: it ends at ``cancel_at``."""
 
 
 class Suspension(msgspec.Struct):
@@ -185,7 +189,10 @@ async def start_checkout(request: Request, principal: list, price: str,
     account a verified upgrade link names): creates or reuses its Stripe customer, names the
     account in ``client_reference_id`` and metadata, saves the card of a bundle purchase for
     one-click top-ups, and sends Stripe an idempotency key: ``checkout-`` and the account-scoped
-    key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without)."""
+    key ``api.checkout_prepare`` derives from the client's ``Idempotency-Key`` (a fresh one without).
+    A subscription Checkout expires the account's older open one (``api.checkout_opened``). A
+    one-time purchase creates its invoice (``invoice_creation``); with ``PGTALLY_STRIPE_TAX`` Stripe
+    Tax is on (``automatic_tax``, tax IDs and the billing address collected)."""
     client = client_of(request)
     public_url = request.app.state.settings.public_url.rstrip("/")
     key, session_id, account_id = principal
@@ -212,8 +219,23 @@ async def start_checkout(request: Request, principal: list, price: str,
         params["subscription_data"] = {"metadata": metadata}
     else:
         params["payment_intent_data"] = {"metadata": metadata, "setup_future_usage": "off_session"}
+        # An invoice for every payment: the customer's record of a one-time purchase (number, PDF).
+        params["invoice_creation"] = {"enabled": True, "invoice_data": {"metadata": metadata}}
+    if request.app.state.settings.stripe_tax:
+        params.update(automatic_tax={"enabled": True}, tax_id_collection={"enabled": True},
+                      billing_address_collection="required",
+                      # Stripe Tax needs the customer's address: saved back on the customer.
+                      customer_update={"address": "auto", "name": "auto"})
     session = await client.v1.checkout.sessions.create_async(
         params=params, options={"idempotency_key": f"checkout-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
+    # At most one subscription Checkout open per account: the older ones can no longer be paid.
+    opened = await call_json(request, "SELECT api.checkout_opened(%s::uuid, %s::text, %s::text, %s::text)",
+                             [prep["account_id"], session.id, prep["mode"], prep["price"]])
+    for older in opened["expire"]:
+        try:
+            await client.v1.checkout.sessions.expire_async(older, options={"idempotency_key": f"expire-{older}"})
+        except stripe.InvalidRequestError:
+            pass            # paid or expired meanwhile: a second subscription is caught when it arrives
     return CheckoutSession(id=session.id, url=session.url, mode=prep["mode"], price=prep["price"])
 
 
@@ -238,8 +260,9 @@ class TopUpRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class TopUp(msgspec.Struct):
     """``paid``: the saved card was charged; the credits arrive with Stripe's
-    payment_intent.succeeded event (a moment later). ``checkout``: no saved card, or the bank
-    wants the person to authenticate: finish at ``url``."""
+    payment_intent.succeeded event (a moment later). ``requires_action``: the bank wants the
+    person to authenticate this PaymentIntent: send them to ``url`` (Stripe's page, which comes back
+    to /billing/success). ``checkout``: no saved card: finish at ``url``."""
 
     status: str
     price: str
@@ -249,10 +272,13 @@ class TopUp(msgspec.Struct):
 
 
 async def top_up(request: Request, principal: list, bundle: str, idempotency_key: str | None = None) -> TopUp:
-    """One-click top-up: charge the customer's saved card off-session for a bundle (an
-    idempotency key goes to Stripe), falling back to Checkout when there is no saved card or the
-    card needs authentication. Credits are granted only by the webhook, exactly once. Stripe's
-    idempotency key is ``topup-`` and the account-scoped key derived from ``idempotency_key``."""
+    """One-click top-up: charge the customer's saved card off-session for a bundle, card payment
+    methods only (``payment_method_types=["card"]``: the confirm never needs a ``return_url``).
+    When the bank wants the person to authenticate, that same PaymentIntent is confirmed again
+    on-session with a ``return_url`` and the person is sent to Stripe's authentication page
+    (``requires_action`` with its ``url``), as Stripe advises; with no saved card, Checkout.
+    Credits are granted only by the webhook, exactly once. Stripe's idempotency key is ``topup-``
+    and the account-scoped key derived from ``idempotency_key`` (a fresh one without)."""
     client = client_of(request)
     prep = await call_json(request, "SELECT api.checkout_prepare(%s::text, %s::uuid, %s::text, %s::uuid, %s::text)",
                            [principal[0], principal[1], bundle, principal[2], idempotency_key])
@@ -260,20 +286,36 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
         raise PgtallyError({"sqlstate": "TL422", "message": f"{bundle} is not a credit bundle", "field": "bundle"})
     cards = ((await client.v1.payment_methods.list_async(params={"customer": prep["stripe_customer_id"], "type": "card"})).data
              if prep["stripe_customer_id"] else [])
-    if cards:
-        try:
-            intent = await client.v1.payment_intents.create_async(params={
-                "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
-                "payment_method": cards[0].id, "off_session": True, "confirm": True,
-                "metadata": {"account_id": prep["account_id"], "price": prep["price"]}},
-                options={"idempotency_key": f"topup-{prep['stripe_idempotency_key'] or uuid.uuid4()}"})
-            if intent.status == "succeeded":
-                return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
-        except stripe.CardError as exc:
-            if exc.code != "authentication_required":
-                raise
-    session = await start_checkout(request, principal, bundle)
-    return TopUp(status="checkout", price=bundle, credits=prep["credits"], url=session.url)
+    if not cards:
+        session = await start_checkout(request, principal, bundle)
+        return TopUp(status="checkout", price=bundle, credits=prep["credits"], url=session.url)
+    key = f"topup-{prep['stripe_idempotency_key'] or uuid.uuid4()}"
+    try:
+        intent = await client.v1.payment_intents.create_async(params={
+            "amount": prep["amount"], "currency": prep["currency"], "customer": prep["stripe_customer_id"],
+            "payment_method": cards[0].id, "payment_method_types": ["card"], "off_session": True, "confirm": True,
+            "metadata": {"account_id": prep["account_id"], "price": prep["price"], "topup": "true"}},
+            options={"idempotency_key": key})
+    except stripe.CardError as exc:
+        pending = getattr(exc.error, "payment_intent", None)
+        if exc.code != "authentication_required" or pending is None:
+            raise
+        intent_id = pending.id
+    else:
+        if intent.status in ("succeeded", "processing"):
+            return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent.id)
+        intent_id = intent.id
+    # The bank asks the person to authenticate: bring them back to confirm this same PaymentIntent.
+    public_url = request.app.state.settings.public_url.rstrip("/")
+    confirmed = await client.v1.payment_intents.confirm_async(intent_id, params={
+        "payment_method": cards[0].id, "return_url": f"{public_url}/billing/success?payment_intent={intent_id}"},
+        options={"idempotency_key": f"{key}-confirm"})
+    if confirmed.status == "succeeded":
+        return TopUp(status="paid", price=bundle, credits=prep["credits"], payment_intent=intent_id)
+    action = confirmed.next_action.redirect_to_url.url if confirmed.next_action and confirmed.next_action.redirect_to_url else None
+    if action is None:
+        raise stripe.CardError(f"the payment could not be completed ({confirmed.status})", None, "payment_intent_incomplete")
+    return TopUp(status="requires_action", price=bundle, credits=prep["credits"], payment_intent=intent_id, url=action)
 
 
 @post("/v1/billing/topup", status_code=201, dependencies=AUTH, security=SECURITY,
@@ -281,8 +323,9 @@ async def top_up(request: Request, principal: list, bundle: str, idempotency_key
 async def topup(request: Request, caller: Caller, data: JSONBody[TopUpRequest],
                 idempotency_key: IdempotencyKey = None, account_id: AccountParam = None) -> TopUp:
     """Buy a credit bundle with the card saved by an earlier Checkout, at once (``paid``; the
-    credits follow with Stripe's event), else ``checkout`` with a Checkout ``url``. 402 a declined
-    card; 422 not a bundle."""
+    credits follow with Stripe's event); ``requires_action`` with the ``url`` where the person
+    authenticates that same payment; ``checkout`` with a Checkout ``url`` when no card is saved.
+    402 a declined card; 422 not a bundle."""
     return await top_up(request, [*caller.params, account_id], data.bundle, idempotency_key)
 
 
@@ -415,15 +458,18 @@ async def resume_subscription(request: Request, caller: Caller, account_id: Acco
 class Invoice(msgspec.Struct):
     id: str
     object: str
+    kind: str
+    """subscription, or purchase (a bundle bought through Checkout)."""
     number: str | None
     status: str
-    """paid, or open (its payment failed and Stripe is retrying)."""
+    """paid, open (its payment failed and Stripe is retrying), or refunded."""
     amount_paid: int
     """Minor currency units (cents), as every amount here."""
     tax: int
     refunded: int
     currency: str
     plan: str | None
+    description: str | None
     period_start: str | None
     period_end: str | None
     created_at: str
@@ -441,9 +487,9 @@ class InvoiceList(msgspec.Struct):
 async def invoices(request: Request, caller: Caller,
                    limit: Annotated[int, QueryParameter(ge=1, le=100)] = 24,
                    account_id: AccountParam = None) -> Response[InvoiceList]:
-    """The caller's subscription invoices, newest first, as Stripe reported them (``api.invoices``):
-    number, status, amounts in minor units (paid, tax, refunded), plan, period and Stripe's
-    hosted page and PDF."""
+    """The caller's invoices, newest first, as Stripe reported them (``api.invoices``): those of
+    the subscription and those of one-time purchases (``kind``), with number, status, amounts in
+    minor units (paid, tax, refunded), plan or description, period and Stripe's hosted page and PDF."""
     (body,) = await call(request, "SELECT api.invoices(%s::text, %s::uuid, %s::integer, %s::uuid)::text",
                          [*caller.params, limit, account_id])
     return json_response(body)
@@ -453,22 +499,35 @@ async def invoices(request: Request, caller: Caller,
 async def stripe_webhook(request: Request,
                          stripe_signature: Annotated[str | None, HeaderParameter(name="Stripe-Signature",
                                                                                  required=False)] = None) -> WebhookResult:
-    """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``;
-    timestamps more than 300 s old or ahead refused) on the raw body, then hand the whole event to
+    """Verify the ``Stripe-Signature`` (HMAC-SHA256 of ``t.body`` with ``STRIPE_WEBHOOK_SECRET``, or
+    any of its comma-separated secrets; timestamps more than 300 s old or ahead refused) on the raw
+    body, then hand the whole event to
     ``api.stripe_webhook``. 200 for applied, duplicate, stale and unhandled events; 400 bad
     signature, or a signed event that is malformed (recorded as rejected with the reason, nothing
     applied); 500/503 when applying fails, so Stripe retries. Concurrent deliveries, duplicates
     included, are answered 2xx (the database applies one customer's events one at a time). Two
     events about one subscription in the same second, and an invoice of a subscription not known
-    yet, are settled by re-reading the subscription from Stripe (502 when Stripe cannot be
-    reached, so Stripe retries)."""
+    yet, are settled by re-reading the subscription from Stripe, and an invoice whose lines do not
+    all fit in the event by reading all of them (502 when Stripe cannot be reached, so Stripe
+    retries). A thin event (``object`` v2.core.event, from an event destination, such as
+    ``v1.billing.meter.error_report_triggered``) is read whole from Stripe and handed to
+    ``api.stripe_thin_event``."""
     secret = request.app.state.settings.stripe_webhook_secret
     if not secret:
         raise PgtallyError({"sqlstate": "TL503", "message": "webhooks are not configured: set STRIPE_WEBHOOK_SECRET"})
     body = await request.body()
     try:
-        # Verifies without parsing (construct_event would json.loads a 5,000-deep body).
-        stripe.WebhookSignature.verify_header(body, stripe_signature or "", secret, tolerance=SIGNATURE_TOLERANCE)
+        # Verifies without parsing (construct_event would json.loads a 5,000-deep body). Several
+        # secrets (comma-separated): one per Stripe event destination, e.g. snapshot and thin events.
+        *others, last = [s.strip() for s in secret.split(",") if s.strip()] or [""]
+        for candidate in others:
+            try:
+                stripe.WebhookSignature.verify_header(body, stripe_signature or "", candidate, tolerance=SIGNATURE_TOLERANCE)
+                break
+            except stripe.SignatureVerificationError:
+                continue
+        else:
+            stripe.WebhookSignature.verify_header(body, stripe_signature or "", last, tolerance=SIGNATURE_TOLERANCE)
         signed_at = int(dict(p.split("=", 1) for p in stripe_signature.split(",") if "=" in p)["t"])
     except (stripe.SignatureVerificationError, ValueError, KeyError, AttributeError) as exc:
         # ValueError includes a body that is not UTF-8: Stripe signs (and sends) UTF-8 text only.
@@ -482,6 +541,12 @@ async def stripe_webhook(request: Request,
     except HTTPException as exc:
         reason = exc.detail
     text = body.decode() if not reason else ""
+    if not reason and isinstance(event, dict) and event.get("object") == "v2.core.event":
+        # A thin event (an event destination's): only its id is to be trusted; read it whole from Stripe.
+        result = await call_json(request, "SELECT api.stripe_thin_event(%s::jsonb)",
+                                 [Jsonb(await whole_thin_event(request, event))])
+        WEBHOOKS.labels(str(event.get("type"))[:100], "duplicate" if result.get("duplicate") else result["status"]).inc()
+        return result
     if not reason:
         try:
             (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb)", [text])
@@ -491,16 +556,43 @@ async def stripe_webhook(request: Request,
         (result,) = await call(request, "SELECT api.stripe_webhook_rejected(%s::text, %s::text)",
                                [hashlib.sha256(body).hexdigest(), reason])
     else:
-        if result["status"] == "refetch":
-            current = await current_subscription(request, result["subscription"], event)
-            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb)",
-                                   [text, Jsonb(current)])
+        current = lines = None
+        while result["status"] in ("refetch", "refetch_lines"):     # what the database asks for, then again
+            if result["status"] == "refetch":
+                current = await current_subscription(request, result["subscription"], event)
+            else:
+                lines = await invoice_lines(request, result["invoice"])
+            (result,) = await call(request, "SELECT api.stripe_webhook(%s::text::jsonb, %s::jsonb, %s::jsonb)",
+                                   [text, Jsonb(current) if current is not None else None,
+                                    Jsonb(lines) if lines is not None else None])
     event_type = event.get("type") if not reason and isinstance(event, dict) else None
     WEBHOOKS.labels(str(event_type or "malformed")[:100], "duplicate" if result.get("duplicate") else result["status"]).inc()
     if result["status"] == "rejected":
         raise HTTPException(status_code=400, detail=f"the event is malformed and was recorded as rejected: "
                                                     f"{result['reason']}", extra={"event_id": result["event_id"]})
     return result
+
+
+async def whole_thin_event(request: Request, notification: dict[str, Any]) -> dict[str, Any]:
+    """The v2 event a thin event notification names, as Stripe has it (``GET /v2/core/events/:id``),
+    as JSON; 503 without a Stripe API key (Stripe retries), 400 when the notification has no id."""
+    client = request.app.state.stripe
+    if not isinstance(notification.get("id"), str) or not notification["id"]:
+        raise HTTPException(status_code=400, detail="a thin event names its event id")
+    if client is None:
+        raise PgtallyError({"sqlstate": "TL503", "message": "thin events are read from Stripe: set STRIPE_API_KEY"})
+    return (await client.v2.core.events.retrieve_async(notification["id"])).to_dict(for_json=True)
+
+
+async def invoice_lines(request: Request, invoice_id: str) -> list[dict[str, Any]]:
+    """Every line of an invoice, page after page (an event carries only the first ones, with
+    ``lines.has_more``), as JSON."""
+    client = request.app.state.stripe
+    if client is None:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"invoice {invoice_id} has more lines than its event: "
+                                                            "set STRIPE_API_KEY to read them"})
+    page = await client.v1.invoices.line_items.list_async(invoice_id, params={"limit": 100})
+    return [line.to_dict(for_json=True) async for line in page.auto_paging_iter()]
 
 
 async def current_subscription(request: Request, subscription_id: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,9 @@ class Settings:
     stripe_api_key: str | None = None
     stripe_api_base: str | None = None
     stripe_webhook_secret: str | None = None
+    stripe_tax: bool = False
+    """PGTALLY_STRIPE_TAX=1: Checkout turns on Stripe Tax (automatic_tax, tax ID and billing address
+    collection); Stripe Tax must be set up in the Stripe account."""
     secret_key: str | None = None
     """Signs browser cookies and CSRF tokens (PGTALLY_SECRET_KEY; default: a random key kept in
     PGTALLY_HOME/secret-key). Every server of one deployment needs the same."""
@@ -91,6 +94,7 @@ class Settings:
             stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
             stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
             stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
+            stripe_tax=os.environ.get("PGTALLY_STRIPE_TAX", "").lower() in ("1", "true", "yes"),
             secret_key=os.environ.get("PGTALLY_SECRET_KEY") or None,
             google_client_id=os.environ.get("PGTALLY_GOOGLE_CLIENT_ID") or None,
             google_client_secret=os.environ.get("PGTALLY_GOOGLE_CLIENT_SECRET") or None,

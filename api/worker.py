@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -56,6 +57,11 @@ TEMPLATES: dict[str, tuple[str, str]] = {
         "Your {plan} plan ends on {ends_at}",
         "As you asked, your {plan} plan will not renew: it ends on {ends_at}, and then your account moves to the "
         "free plan. Changed your mind? Keep your plan at {public_url}/dashboard.\n"),
+    "subscription_duplicate": (
+        "You were subscribed twice: we canceled the second subscription",
+        "Two checkouts for your {plan} plan were paid at about the same time, which would have billed you twice. "
+        "We kept your first subscription, canceled the second one ({subscription}) at once and refunded everything it "
+        "charged; the refund reaches your card in 5-10 days. Nothing else changes: {public_url}/dashboard\n"),
     "subscription_canceled": (
         "Your {plan} plan has ended",
         "Your {plan} plan has ended and your account is on the free plan. You can subscribe again at any time at "
@@ -114,31 +120,102 @@ async def send(message: EmailMessage, settings: Settings) -> None:
         timeout=30)
 
 
+class CannotActError(Exception):
+    """This worker cannot do the task (no ``STRIPE_API_KEY``): it stays queued, with the reason."""
+
+
 async def pay_auto_topup(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any], settings: Settings) -> None:
     """An auto top-up task: pay the bundle off-session with the saved card. The idempotency key is
-    the task's id, so a worker that dies after Stripe's answer and runs the task again pays once.
-    Credits arrive with payment_intent.succeeded; a declined card is counted as a failure (three
-    turn auto top-up off), anything else is retried later with the outbox's backoff."""
+    ``auto-topup-`` and the task's id, so a worker that dies after Stripe's answer and runs the task
+    again pays once. Credits arrive with payment_intent.succeeded; a declined card is counted as a
+    failure (three turn auto top-up off), anything else is retried later with the outbox's backoff.
+    Without ``STRIPE_API_KEY`` the task is left queued (:class:`CannotActError`); a task that is no longer
+    the one in flight (auto top-up turned off, or off and on) pays nothing."""
     from api.billing import stripe_client
 
     client = stripe_client(settings)
-    (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid)", [payload["account_id"]])).fetchone()
-    if client is None or target is None:
-        return                                   # billing off, or auto top-up turned off meanwhile
+    if client is None:
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the auto top-up waits for a worker that has it")
+    (target,) = await (await conn.execute("SELECT api.auto_topup_payment(%s::uuid, %s::uuid)",
+                                          [payload["account_id"], message_id])).fetchone()
+    if target is None:
+        return                                   # turned off meanwhile, or this task was superseded
     cards = (await client.v1.payment_methods.list_async(
         params={"customer": target["stripe_customer_id"], "type": "card"})).data
     if not cards:
         await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)", [payload["account_id"], "no saved card"])
         return
     try:
-        await client.v1.payment_intents.create_async(params={
+        intent = await client.v1.payment_intents.create_async(params={
             "amount": target["amount"], "currency": target["currency"], "customer": target["stripe_customer_id"],
-            "payment_method": cards[0].id, "off_session": True, "confirm": True,
-            "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true"}},
-            options={"idempotency_key": f"auto-topup-{message_id}"})
+            "payment_method": cards[0].id, "payment_method_types": ["card"], "off_session": True, "confirm": True,
+            "metadata": {"account_id": payload["account_id"], "price": target["price"], "auto_topup": "true",
+                         "auto_topup_task": str(message_id)}},
+            options={"idempotency_key": target["stripe_idempotency_key"]})
     except stripe.CardError as exc:
         await conn.execute("SELECT api.auto_topup_failed(%s::uuid, %s::text)",
                            [payload["account_id"], f"{exc.code or 'card_error'}: {exc.user_message or exc}"])
+        return
+    await conn.execute("SELECT api.auto_topup_started(%s::uuid, %s::uuid, %s::text)",
+                       [payload["account_id"], message_id, intent.id])
+
+
+async def cancel_duplicate_subscription(conn: psycopg.AsyncConnection, payload: dict[str, Any],
+                                        settings: Settings) -> None:
+    """A second live subscription of one account (two Checkouts paid at once): cancel it at Stripe
+    now and refund what its invoices charged, with idempotency keys made of Stripe's own ids
+    (``cancel-duplicate-<subscription>``, ``refund-duplicate-<invoice payment>``). Until its paid
+    invoices are known (invoice.paid may come later) the task raises and is retried."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the duplicate subscription waits for one that has it")
+    sub = payload["subscription"]
+    (dup,) = await (await conn.execute("SELECT api.duplicate_subscription(%s::text)", [sub])).fetchone()
+    if dup is None:
+        return
+    try:
+        await client.v1.subscriptions.cancel_async(sub, options={"idempotency_key": f"cancel-duplicate-{sub}"})
+    except stripe.InvalidRequestError as exc:
+        if exc.code != "resource_missing" and "canceled" not in str(exc.user_message or exc):
+            raise
+    if dup["waiting"]:
+        raise RuntimeError(f"duplicate subscription {sub} canceled; its paid invoice is not recorded yet, to refund")
+    refunded = 0
+    for payment in dup["payments"]:
+        target = {"payment_intent": payment["payment_intent"]} if payment["payment_intent"] else {"charge": payment["charge"]}
+        await client.v1.refunds.create_async(
+            params={**target, "amount": payment["refund"], "reason": "duplicate",
+                    "metadata": {"account_id": dup["account_id"], "duplicate_subscription": sub}},
+            options={"idempotency_key": f"refund-duplicate-{payment['invoice_payment']}"})
+        refunded += payment["refund"]
+    await conn.execute("SELECT api.duplicate_subscription_settled(%s::text, %s::bigint)", [sub, refunded])
+
+
+async def invoice_topup(conn: psycopg.AsyncConnection, payload: dict[str, Any], settings: Settings) -> None:
+    """The invoice of a top-up paid off-session (one-click or auto): an invoice of the bundle's
+    price for the customer, finalized, with the top-up's PaymentIntent attached, so Stripe marks it
+    paid (invoice.paid records it in billing.payment_invoices). Each call's idempotency key is made
+    of the PaymentIntent's id (``topup-invoice-<pi>``, ``-item``, ``-finalize``, ``-attach``)."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: the top-up's invoice waits for one that has it")
+    key = f"topup-invoice-{payload['payment_intent']}"
+    metadata = {"account_id": payload["account_id"], "price": payload["price"], "payment_intent": payload["payment_intent"]}
+    invoice = await client.v1.invoices.create_async(params={
+        "customer": payload["stripe_customer_id"], "auto_advance": False, "collection_method": "charge_automatically",
+        "pending_invoice_items_behavior": "exclude", "metadata": metadata}, options={"idempotency_key": key})
+    await client.v1.invoice_items.create_async(params={
+        "customer": payload["stripe_customer_id"], "invoice": invoice.id, "pricing": {"price": payload["stripe_price_id"]},
+        "metadata": metadata}, options={"idempotency_key": f"{key}-item"})
+    if invoice.status == "draft":
+        await client.v1.invoices.finalize_invoice_async(invoice.id, params={"auto_advance": False},
+                                                        options={"idempotency_key": f"{key}-finalize"})
+    await client.v1.invoices.attach_payment_async(invoice.id, params={"payment_intent": payload["payment_intent"]},
+                                                  options={"idempotency_key": f"{key}-attach"})
 
 
 async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload: dict[str, Any],
@@ -155,7 +232,7 @@ async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload:
 
     client = stripe_client(settings)
     if client is None:
-        raise RuntimeError("STRIPE_API_KEY is not set: post-paid usage cannot be reported")
+        raise CannotActError("STRIPE_API_KEY is not set in this worker: post-paid usage waits for a worker that has it")
     (customer,) = await (await conn.execute("SELECT api.stripe_customer_of(%s::uuid)", [payload["account_id"]])).fetchone()
     if customer is None:
         raise RuntimeError(f"account {payload['account_id']} has no Stripe customer")
@@ -166,6 +243,37 @@ async def report_meter_event(conn: psycopg.AsyncConnection, message_id, payload:
     except stripe.InvalidRequestError as exc:
         if "already exists" not in str(exc.user_message or exc):
             raise
+
+
+async def compare_meter_totals(conn: psycopg.AsyncConnection, settings: Settings, limit: int = 100) -> int:
+    """Once per account, meter and UTC day with post-paid usage reported (the day after it ends):
+    read Stripe's meter event summary for that day (``GET /v1/billing/meters/:id/event_summaries``)
+    and record it (``api.record_meter_summary``); ``reporting.meter_total_mismatches`` lists any
+    difference with what pgtally reported. Returns how many days were compared."""
+    from api.billing import stripe_client
+
+    client = stripe_client(settings)
+    if client is None:
+        return 0
+    (due,) = await (await conn.execute("SELECT api.meter_summaries_due(%s)", [limit])).fetchone()
+    if not due:
+        return 0
+    meters = {meter.event_name: meter.id async for meter in
+              (await client.v1.billing.meters.list_async(params={"limit": 100})).auto_paging_iter()}
+    compared = 0
+    for day in due:
+        meter = meters.get(day["event_name"])
+        if meter is None:
+            log.warning("Stripe has no meter with event_name %s: its totals cannot be compared", day["event_name"])
+            continue
+        summaries = await client.v1.billing.meters.event_summaries.list_async(meter, params={
+            "customer": day["stripe_customer_id"], "start_time": day["start_time"], "end_time": day["end_time"],
+            "limit": 100})
+        total = sum([Decimal(str(s.aggregated_value)) async for s in summaries.auto_paging_iter()], Decimal(0))
+        await conn.execute("SELECT api.record_meter_summary(%s::uuid, %s::text, %s::date, %s::numeric)",
+                           [day["account_id"], day["event_name"], day["day"], total])
+        compared += 1
+    return compared
 
 
 async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: int = 10) -> int:
@@ -179,8 +287,16 @@ async def deliver_due(conn: psycopg.AsyncConnection, settings: Settings, limit: 
                 await pay_auto_topup(conn, message_id, payload, settings)
             elif kind == "meter_event":
                 await report_meter_event(conn, message_id, payload, settings)
+            elif kind == "cancel_duplicate_subscription":
+                await cancel_duplicate_subscription(conn, payload, settings)
+            elif kind == "invoice_topup":
+                await invoice_topup(conn, payload, settings)
             else:
                 await send(render(kind, recipient, payload, settings), settings)
+        except CannotActError as exc:
+            log.warning("%s task %s left queued: %s", kind, message_id, exc)
+            await conn.execute("SELECT api.outbox_postpone(%s, %s)", [message_id, str(exc)])
+            continue
         except Exception as exc:  # noqa: BLE001 - any failure is recorded and retried later
             log.warning("sending %s to %s failed: %s", kind, recipient, exc)
             await conn.execute("SELECT api.outbox_failed(%s, %s)", [message_id, repr(exc)])
@@ -194,10 +310,17 @@ HOUSEKEEPING_SECONDS = 300
 
 async def housekeeping(conn: psycopg.AsyncConnection, settings: Settings) -> None:
     """The periodic chores: ``api.housekeeping`` (old rate-limit buckets, expired holds, due
-    credit lots), next months' partitions and forgetting idempotency keys past their window
-    (``api.maintain_storage``), the analytics rollup until it is caught up (``api.rollup_usage``), and the
-    operator alerts (``api.check_alerts``, with ``PGTALLY_ALERT_EMAIL``)."""
+    credit lots), auto top-ups stuck in flight (``api.release_stuck_auto_topups``), yesterday's
+    meter totals against Stripe's (:func:`compare_meter_totals`), next months' partitions and
+    forgetting idempotency keys past their window (``api.maintain_storage``), the analytics rollup
+    until it is caught up (``api.rollup_usage``), and the operator alerts (``api.check_alerts``,
+    with ``PGTALLY_ALERT_EMAIL``)."""
     await conn.execute("SELECT api.housekeeping()")
+    await conn.execute("SELECT api.release_stuck_auto_topups()")
+    try:
+        await compare_meter_totals(conn, settings)
+    except stripe.StripeError as exc:          # tried again at the next housekeeping
+        log.warning("comparing meter totals with Stripe failed: %s", exc)
     # Its own transaction: making a partition locks the tables, and must not wait holding accounts.
     await conn.execute("SELECT api.maintain_storage()")
     while (await (await conn.execute("SELECT api.rollup_usage(50000)")).fetchone())[0] == 50000:

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import random
 import re
 import threading
 import time
@@ -173,6 +174,23 @@ class Shapes:
                       if paid and payment_intent else []})
 
     @staticmethod
+    def with_tax(invoice: dict[str, Any], tax: int) -> dict[str, Any]:
+        """The invoice with Stripe Tax's tax added on top (exclusive), as one total_taxes entry."""
+        if tax:
+            paid = invoice["status"] == "paid"
+            invoice.update(total=invoice["total"] + tax, amount_due=invoice["amount_due"] + tax,
+                           amount_paid=invoice["amount_paid"] + tax if paid else 0,
+                           amount_remaining=0 if paid else invoice["amount_remaining"] + tax,
+                           automatic_tax={"enabled": True, "liability": {"type": "self"}, "provider": "stripe",
+                                          "status": "complete", "disabled_reason": None},
+                           total_taxes=[{"amount": tax, "tax_behavior": "exclusive", "taxability_reason": "standard_rated",
+                                         "taxable_amount": invoice["subtotal"], "type": "tax_rate_details",
+                                         "tax_rate_details": {"tax_rate": "txr_standin_vat20"}}])
+            for payment in invoice["payments"]["data"]:
+                payment.update(amount_paid=invoice["amount_paid"], amount_requested=invoice["amount_paid"])
+        return invoice
+
+    @staticmethod
     def payment_intent(pi_id: str, customer: str | None, amount: int, currency: str = "usd", status: str = "succeeded",
                        metadata: dict[str, str] | None = None, payment_method: str | None = None) -> dict[str, Any]:
         return fixture("payment_intent", id=pi_id, customer=customer, amount=amount,
@@ -200,6 +218,12 @@ class Shapes:
                        currency=currency, status=status, reason=reason, created=int(time.time()))
 
     @staticmethod
+    def meter(event_name: str) -> dict[str, Any]:
+        """A Billing Meter summing the values of ``event_name`` per customer."""
+        return fixture("billing.meter", id=f"mtr_{event_name}", event_name=event_name, display_name=event_name,
+                       livemode=False, created=int(time.time()), updated=int(time.time()))
+
+    @staticmethod
     def checkout_session(session_id: str, mode: str, customer: str | None, **fields: Any) -> dict[str, Any]:
         return fixture("checkout.session", **{
             "id": session_id, "mode": mode, "customer": customer, "currency": "usd", "invoice_creation": None,
@@ -207,6 +231,9 @@ class Shapes:
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}, "currency_conversion": None,
             "after_expiration": None, "custom_text": None, "created": int(time.time()),
             "expires_at": int(time.time()) + 86400, **fields})
+
+
+TAX_RATE = 0.20          # the stand-in's Stripe Tax: 20% VAT, exclusive
 
 
 class StripeStandIn:
@@ -219,7 +246,7 @@ class StripeStandIn:
     are kept in ``sent`` for a test to deliver."""
 
     def __init__(self, webhook_url: str | None = None, webhook_secret: str | None = None,
-                 catalog: str | None = None) -> None:
+                 catalog: str | None = None, like_stripe: bool = False, seed: int | None = None) -> None:
         self.requests: list[tuple[str, str, dict[str, Any], str | None]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
@@ -229,7 +256,13 @@ class StripeStandIn:
         self.meter_events: dict[str, dict[str, Any]] = {}   # identifier -> billing.meter_event
         self.meter_event_failures = 0                       # answer the next N meter events with a 500
         self.charges: dict[str, dict[str, Any]] = {}       # payment intent -> {amount, currency, refunded}
+        self.intents: dict[str, dict[str, Any]] = {}       # payment intent id -> PaymentIntent
+        self.invoices: dict[str, dict[str, Any]] = {}      # invoice id -> Invoice (all its lines)
+        self.v2_events: dict[str, dict[str, Any]] = {}     # thin events' whole v2 events, by id
+        self.disputes: dict[str, dict[str, Any]] = {}      # dispute id -> Dispute
         self.webhook_url, self.webhook_secret = webhook_url, webhook_secret
+        self.like_stripe = like_stripe                     # deliver late, concurrently, some twice, retried
+        self.random = random.Random(seed)
         self.prices = catalog_prices(catalog)
         self.events = Events()
         self.idempotent: dict[str, tuple[str, dict[str, Any], tuple[int, dict[str, Any]]]] = {}
@@ -297,12 +330,59 @@ class StripeStandIn:
                 self.end_headers()
                 self.wfile.write(html)
 
+            def _authenticate(self, method: str) -> None:
+                intent = standin.intents.get(self.path.split("?")[0].rsplit("/", 1)[-1])
+                if intent is None or intent["status"] not in ("requires_action", "succeeded"):
+                    return self._answer(404, {"error": {"message": "No such authentication"}})
+                if method == "POST":
+                    return_url = ((intent["next_action"] or {}).get("redirect_to_url") or {}).get("return_url")
+                    standin.authenticate(intent["id"])
+                    self.send_response(303)
+                    self.send_header("Location", return_url or "/")
+                    self.end_headers()
+                    return
+                html = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>Authenticate</title></head>"
+                        f"<body><h1>Your bank asks you to confirm {intent['amount'] / 100:.2f} "
+                        f"{intent['currency'].upper()}</h1><form method=post><button type=submit>Complete</button>"
+                        f"</form></body></html>").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(html)))
+                self.end_headers()
+                self.wfile.write(html)
+
             def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] == "/_control":
+                    return self._control("GET")
+                if self.path.startswith("/authenticate/"):
+                    return self._authenticate("GET")
                 if self.path.startswith("/c/pay/"):
                     return self._page("GET")
                 self._handle("GET")
 
+            def _control(self, method: str) -> None:
+                if method == "GET":
+                    return self._answer(200, standin.state())
+                action = self.path.split("?")[0].rsplit("/", 1)[-1]
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if action not in CONTROLS or not isinstance(body.get(CONTROLS[action][0]), str):
+                    return self._answer(400, {"error": {"message": f"POST /_control/<{'|'.join(CONTROLS)}> with "
+                                                                   f"{{\"{CONTROLS.get(action, ('id',))[0]}\": ...}}"}})
+                try:
+                    obj = standin.control(action, body.pop(CONTROLS[action][0]), **body)
+                except (KeyError, ValueError, TypeError) as exc:
+                    return self._answer(404, {"error": {"message": f"{action}: {exc!r}"}})
+                self._answer(200, obj)
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._handle("DELETE")
+
             def do_POST(self) -> None:  # noqa: N802
+                if self.path.startswith("/_control/"):
+                    return self._control("POST")
+                if self.path.startswith("/authenticate/"):
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    return self._authenticate("POST")
                 if self.path.startswith("/c/pay/"):
                     length = int(self.headers.get("Content-Length") or 0)
                     self.rfile.read(length)
@@ -331,9 +411,29 @@ class StripeStandIn:
                 client_reference_id=p.get("client_reference_id"), metadata=p.get("metadata", {}), status="open",
                 payment_status="unpaid", success_url=p["success_url"], cancel_url=p["cancel_url"],
                 line_items=p["line_items"], subscription_data=p.get("subscription_data", {}),
-                payment_intent_data=p.get("payment_intent_data", {}))
+                payment_intent_data=p.get("payment_intent_data", {}),
+                automatic_tax={"enabled": (p.get("automatic_tax") or {}).get("enabled") == "true",
+                               "liability": {"type": "self"}, "status": None, "provider": None},
+                tax_id_collection={"enabled": (p.get("tax_id_collection") or {}).get("enabled") == "true",
+                                   "required": "never"},
+                billing_address_collection=p.get("billing_address_collection"),
+                invoice_creation=None if p["mode"] != "payment" else {
+                    "enabled": (p.get("invoice_creation") or {}).get("enabled") == "true",
+                    "invoice_data": {"metadata": ((p.get("invoice_creation") or {}).get("invoice_data") or {}).get("metadata", {}),
+                                     "account_tax_ids": None, "custom_fields": None, "description": None,
+                                     "footer": None, "issuer": None, "rendering_options": None}})
             self.sessions[session["id"]] = session
             return 200, {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+        match = re.fullmatch(r"/v1/checkout/sessions/(\w+)/expire", path)
+        if method == "POST" and match and match.group(1) in self.sessions:
+            session = self.sessions[match.group(1)]
+            if session["status"] != "open":
+                return 400, {"error": {"type": "invalid_request_error", "code": "checkout_session_not_open",
+                                       "message": "Only Checkout Sessions with a status in [\"open\"] can be expired."}}
+            session["status"] = "expired"
+            public = {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
+            self.send_event_later("checkout.session.expired", public)
+            return 200, public
         if (method, path.split("?")[0]) == ("GET", "/v1/payment_methods"):
             query = dict(parse_qsl(path.partition("?")[2]))
             cards = self.cards.get(query.get("customer", ""), [])
@@ -343,14 +443,44 @@ class StripeStandIn:
         if (method, path) == ("POST", "/v1/payment_intents"):
             if p.get("payment_method") not in self.cards.get(p.get("customer", ""), []):
                 return 400, {"error": {"type": "invalid_request_error", "message": "No such PaymentMethod"}}
+            if (p.get("confirm") == "true" and not p.get("return_url") and not p.get("payment_method_types")
+                    and (p.get("automatic_payment_methods") or {}).get("allow_redirects") != "never"):
+                # Stripe's answer since automatic payment methods are on by default (API 2023-08-16).
+                return 400, {"error": {"type": "invalid_request_error", "message": (
+                    "This PaymentIntent is configured to accept payment methods enabled in your Dashboard, some of "
+                    "which may require a full page redirect to succeed. If you do not want to accept redirect-based "
+                    "payment methods, set `automatic_payment_methods[enabled]` to `true` and "
+                    "`automatic_payment_methods[allow_redirects]` to `never` when creating Setup Intents and Payment "
+                    "Intents. If you do want to accept redirect-based payment methods, set the `return_url` parameter "
+                    "when confirming Setup Intents and Payment Intents.")}}
             if p["customer"] in self.needs_authentication:
+                # Off-session and the bank wants 3-D Secure: declined, the PaymentIntent kept for the customer.
+                intent = Shapes.payment_intent(f"pi_{n}", p["customer"], int(p["amount"]), p["currency"],
+                                               status="requires_payment_method", metadata=p.get("metadata", {}),
+                                               payment_method=p["payment_method"])
+                intent["last_payment_error"] = {"type": "card_error", "code": "authentication_required",
+                                                "decline_code": "authentication_required",
+                                                "message": "This payment requires authentication."}
+                self.intents[intent["id"]] = intent
                 return 402, {"error": {"type": "card_error", "code": "authentication_required",
-                                       "message": "This payment requires authentication."}}
+                                       "decline_code": "authentication_required",
+                                       "message": "This payment requires authentication.", "payment_intent": intent}}
             intent = Shapes.payment_intent(f"pi_{n}", p["customer"], int(p["amount"]), p["currency"],
                                            metadata=p.get("metadata", {}), payment_method=p["payment_method"])
+            self.intents[intent["id"]] = intent
             self.charges[intent["id"]] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0,
                                           "customer": p["customer"]}
             self.send_event("payment_intent.succeeded", intent)
+            return 200, intent
+        match = re.fullmatch(r"/v1/payment_intents/(\w+)/confirm", path)
+        if method == "POST" and match and match.group(1) in self.intents:
+            intent = self.intents[match.group(1)]
+            if intent["status"] not in ("requires_payment_method", "requires_confirmation", "requires_action"):
+                return 400, {"error": {"type": "invalid_request_error", "code": "payment_intent_unexpected_state",
+                                       "message": f"This PaymentIntent's status is {intent['status']}."}}
+            intent.update(status="requires_action", payment_method=p.get("payment_method", intent["payment_method"]),
+                          next_action={"type": "redirect_to_url", "redirect_to_url": {
+                              "url": f"{self.url}/authenticate/{intent['id']}", "return_url": p.get("return_url")}})
             return 200, intent
         if (method, path) == ("POST", "/v1/refunds"):
             charge = self.charges.get(p.get("payment_intent", ""))
@@ -383,6 +513,26 @@ class StripeStandIn:
                      "timestamp": int(p.get("timestamp") or time.time())}
             self.meter_events[event["identifier"]] = event
             return 200, event
+        if (method, path.split("?")[0]) == ("GET", "/v1/billing/meters"):
+            names = sorted({name for price in self.prices.values() for name in (price["metered"] or {})})
+            return 200, {"object": "list", "url": "/v1/billing/meters", "has_more": False,
+                         "data": [Shapes.meter(name) for name in names]}
+        match = re.fullmatch(r"/v1/billing/meters/mtr_([\w.:-]+)/event_summaries\?(.*)", path)
+        if method == "GET" and match:
+            query = dict(parse_qsl(match.group(2)))
+            start, end = int(query["start_time"]), int(query["end_time"])
+            total = sum(int(e["payload"]["value"]) for e in self.meter_events.values()
+                        if e["event_name"] == match.group(1) and e["payload"]["stripe_customer_id"] == query["customer"]
+                        and start <= e["timestamp"] < end)
+            return 200, {"object": "list", "url": f"/v1/billing/meters/mtr_{match.group(1)}/event_summaries",
+                         "has_more": False, "data": [fixture("billing.meter_event_summary", id=f"mtrusg_{n}",
+                                                             aggregated_value=total, start_time=start, end_time=end,
+                                                             meter=f"mtr_{match.group(1)}", livemode=False)]}
+        match = re.fullmatch(r"/v2/core/events/(\w+)", path)
+        if method == "GET" and match:
+            event = self.v2_events.get(match.group(1))
+            return (200, event) if event else (404, {"error": {"type": "invalid_request_error",
+                                                               "message": "No such event"}})
         if (method, path) == ("POST", "/v1/billing_portal/sessions"):
             return 200, {"id": f"bps_{n}", "object": "billing_portal.session", "customer": p["customer"],
                          "url": f"https://billing.stripe.test/p/session/bps_{n}"}
@@ -396,9 +546,72 @@ class StripeStandIn:
             left = max(item["current_period_end"] - time.time(), 0) / max(item["current_period_end"] - item["current_period_start"], 1)
             return 200, {"object": "invoice", "amount_due": max(round((new["amount"] - old["amount"]) * left), 0),
                          "currency": new["currency"], "subscription": sub["id"]}
+        if (method, path) == ("POST", "/v1/invoices"):
+            invoice = Shapes.invoice(f"in_{n}", p["customer"], None, [], status="draft", billing_reason="manual")
+            invoice.update(metadata=p.get("metadata", {}), auto_advance=p.get("auto_advance") == "true",
+                           hosted_invoice_url=None, invoice_pdf=None, status_transitions={
+                               "finalized_at": None, "marked_uncollectible_at": None, "paid_at": None, "voided_at": None})
+            self.invoices[invoice["id"]] = invoice
+            return 200, invoice
+        if (method, path) == ("POST", "/v1/invoiceitems"):
+            invoice = self.invoices.get(p.get("invoice", ""))
+            price_id = (p.get("pricing") or {}).get("price")
+            if invoice is None or invoice["status"] != "draft" or price_id not in self.prices:
+                return 400, {"error": {"type": "invalid_request_error", "message": "No such draft invoice or price"}}
+            price = self.prices[price_id]
+            line = Shapes.line(invoice["id"], "", price_id, price["amount"], int(time.time()), int(time.time()),
+                               currency=price["currency"], n=len(invoice["lines"]["data"]))
+            line.update(description=f"1 × {price_id}", parent={
+                "type": "invoice_item_details", "subscription_item_details": None,
+                "invoice_item_details": {"invoice_item": f"ii_{n}", "proration": False,
+                                         "proration_details": {"credited_items": None}, "subscription": None}})
+            invoice["lines"]["data"].append(line)
+            total = sum(x["amount"] for x in invoice["lines"]["data"])
+            invoice.update(currency=price["currency"], subtotal=total, subtotal_excluding_tax=total, total=total,
+                           total_excluding_tax=total, amount_due=total, amount_remaining=total)
+            return 200, {"id": f"ii_{n}", "object": "invoiceitem", "amount": price["amount"], "currency": price["currency"],
+                         "customer": p["customer"], "invoice": invoice["id"], "quantity": 1,
+                         "pricing": {"type": "price_details", "price_details": {"price": price_id,
+                                                                                "product": f"prod_{price_id}"}}}
+        match = re.fullmatch(r"/v1/invoices/(\w+)/(finalize|attach_payment)", path)
+        if method == "POST" and match and match.group(1) in self.invoices:
+            invoice = self.invoices[match.group(1)]
+            if match.group(2) == "finalize":
+                if invoice["status"] != "draft":
+                    return 400, {"error": {"type": "invalid_request_error", "message": "This invoice is already finalized"}}
+                invoice.update(status="open", number=f"STANDIN-{n:04d}",
+                               hosted_invoice_url=f"https://invoice.stripe.test/i/{invoice['id']}",
+                               invoice_pdf=f"https://invoice.stripe.test/i/{invoice['id']}/pdf")
+                invoice["status_transitions"]["finalized_at"] = int(time.time())
+                return 200, invoice
+            intent = self.intents.get(p.get("payment_intent", ""))
+            if invoice["status"] != "open" or intent is None or intent["customer"] != invoice["customer"]:
+                return 400, {"error": {"type": "invalid_request_error", "message": "Cannot attach this payment"}}
+            payment = Shapes.invoice_payment(invoice["id"], intent["id"], intent["amount_received"], intent["currency"])
+            invoice["payments"]["data"].append(payment)
+            if intent["status"] == "succeeded" and intent["amount_received"] >= invoice["amount_due"]:
+                invoice.update(status="paid", amount_paid=invoice["amount_due"], amount_remaining=0)
+                invoice["status_transitions"]["paid_at"] = int(time.time())
+                self.send_event_later("invoice.paid", copy.deepcopy(invoice))
+            return 200, invoice
+        match = re.fullmatch(r"/v1/invoices/(\w+)/lines(\?.*)?", path)
+        if method == "GET" and match and match.group(1) in self.invoices:
+            query = dict(parse_qsl((match.group(2) or "?")[1:]))
+            lines = self.invoices[match.group(1)]["lines"]["data"]
+            after = [line["id"] for line in lines].index(query["starting_after"]) + 1 if "starting_after" in query else 0
+            page = lines[after:after + int(query.get("limit", 10))]
+            return 200, {"object": "list", "data": page, "has_more": after + len(page) < len(lines),
+                         "url": f"/v1/invoices/{match.group(1)}/lines"}
         match = re.fullmatch(r"/v1/subscriptions/(\w+)", path)
         if match and match.group(1) in self.subscriptions:
             sub = self.subscriptions[match.group(1)]
+            if method == "DELETE":
+                if sub["status"] == "canceled":
+                    return 400, {"error": {"type": "invalid_request_error", "message": "This subscription is already canceled."}}
+                now = int(time.time())
+                sub.update(status="canceled", canceled_at=now, ended_at=now)
+                self.send_event_later("customer.subscription.deleted", copy.deepcopy(sub))
+                return 200, sub
             if method == "POST":
                 if "cancel_at_period_end" in p:
                     sub["cancel_at_period_end"] = p["cancel_at_period_end"] == "true"
@@ -417,7 +630,11 @@ def _pay(self, session: dict[str, Any]) -> None:
         n = next(self.ids)
         price_id = session["line_items"][0]["price"]
         price = self.prices.get(price_id, {"amount": 0, "currency": "usd", "interval": "month"})
-        session.update(status="complete", payment_status="paid", amount_total=price["amount"], currency=price["currency"])
+        # Stripe Tax, as the stand-in does it: 20% VAT on top of the price.
+        tax = round(price["amount"] * TAX_RATE) if (session.get("automatic_tax") or {}).get("enabled") else 0
+        session.update(status="complete", payment_status="paid", amount_total=price["amount"] + tax,
+                       amount_subtotal=price["amount"], currency=price["currency"],
+                       total_details={"amount_discount": 0, "amount_shipping": 0, "amount_tax": tax})
         now = int(time.time())
         if session["mode"] == "subscription":
             end = now + (365 if price["interval"] == "year" else 30) * 86400
@@ -429,21 +646,38 @@ def _pay(self, session: dict[str, Any]) -> None:
             # A metered price bills in arrears: its first invoice has nothing to bill (no line here).
             lines = [] if price["metered"] else [Shapes.line(f"in_{n}", sub["id"], price_id, price["amount"], now, end,
                                                              currency=price["currency"])]
-            invoice = Shapes.invoice(f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"],
-                                     payment_intent=f"pi_in_{n}", number=f"STANDIN-{n:04d}",
-                                     billing_reason="subscription_create", account_id=account_id)
+            invoice = Shapes.with_tax(Shapes.invoice(
+                f"in_{n}", session["customer"], sub["id"], lines, currency=price["currency"], payment_intent=f"pi_in_{n}",
+                number=f"STANDIN-{n:04d}", billing_reason="subscription_create", account_id=account_id),
+                tax if lines else 0)
             session["invoice"] = invoice["id"]
+            self.invoices[invoice["id"]] = invoice
             self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
                                           "customer": session["customer"], "invoice": invoice["id"]}
             events = [("customer.subscription.created", sub), ("checkout.session.completed", session),
                       ("invoice.paid", invoice)]
         else:
             session["payment_intent"] = f"pi_{n}"
-            self.charges[f"pi_{n}"] = {"amount": price["amount"], "currency": price["currency"], "refunded": 0,
+            self.charges[f"pi_{n}"] = {"amount": price["amount"] + tax, "currency": price["currency"], "refunded": 0,
                                        "customer": session["customer"]}
             if session["payment_intent_data"].get("setup_future_usage") == "off_session":
                 self.cards.setdefault(session["customer"], []).append(f"pm_card_{n}")
             events = [("checkout.session.completed", session)]
+            if (session.get("invoice_creation") or {}).get("enabled"):
+                # invoice_creation: a paid invoice of the purchase, one line of an invoice item.
+                line = Shapes.line(f"in_{n}", "", price_id, price["amount"], int(time.time()), int(time.time()),
+                                   currency=price["currency"])
+                line.update(description=f"1 × {price_id}", parent={
+                    "type": "invoice_item_details", "subscription_item_details": None,
+                    "invoice_item_details": {"invoice_item": f"ii_{n}", "proration": False,
+                                             "proration_details": {"credited_items": None}, "subscription": None}})
+                invoice = Shapes.with_tax(Shapes.invoice(
+                    f"in_{n}", session["customer"], None, [line], currency=price["currency"], payment_intent=f"pi_{n}",
+                    number=f"STANDIN-{n:04d}", billing_reason="manual"), tax)
+                invoice["metadata"] = session["invoice_creation"]["invoice_data"]["metadata"]
+                self.invoices[invoice["id"]] = invoice
+                session["invoice"] = invoice["id"]
+                events.append(("invoice.paid", invoice))
     public = {k: v for k, v in session.items() if k not in ("line_items", "subscription_data", "payment_intent_data")}
     for type_, obj in events:
         self.send_event(type_, public if obj is session else obj)
@@ -477,27 +711,224 @@ def _close_period(self, sub_id: str) -> dict[str, Any]:
         self.charges[f"pi_in_{n}"] = {"amount": invoice["amount_paid"], "currency": price["currency"], "refunded": 0,
                                       "customer": sub["customer"], "invoice": invoice["id"]}
         item["current_period_start"], item["current_period_end"] = end, new_end
+        self.invoices[invoice["id"]] = invoice
     self.send_event("invoice.paid", invoice)
     self.send_event("customer.subscription.updated", dict(sub))
     return invoice
 
 
+def _authenticate(self, intent_id: str) -> dict[str, Any]:
+    """The customer completes the bank's authentication of a PaymentIntent that required action:
+    it succeeds and payment_intent.succeeded is sent."""
+    with self.lock:
+        intent = self.intents[intent_id]
+        if intent["status"] == "succeeded":
+            return intent
+        intent.update(status="succeeded", amount_received=intent["amount"], last_payment_error=None, next_action=None)
+        self.charges[intent_id] = {"amount": intent["amount"], "currency": intent["currency"], "refunded": 0,
+                                   "customer": intent["customer"]}
+    self.send_event("payment_intent.succeeded", dict(intent))
+    return intent
+
+
+def _reject_meter_events(self, identifiers: list[str], code: str = "meter_event_customer_not_found",
+                         message: str = "No customer was found with the given id") -> dict[str, Any]:
+    """What Stripe does when meter events it accepted fail validation later: they stop counting,
+    and an error report follows as the thin event v1.billing.meter.error_report_triggered (its
+    whole v2 event served at /v2/core/events/:id)."""
+    with self.lock:
+        rejected = [self.meter_events.pop(i) for i in identifiers]
+        n = next(self.ids)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        meter = f"mtr_{rejected[0]['event_name']}"
+        event = {"id": f"evt_test_thin_{n}", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
+                 "livemode": False, "created": now, "context": None, "reason": None,
+                 "related_object": {"id": meter, "type": "billing.meter", "url": f"/v1/billing/meters/{meter}"},
+                 "data": {"developer_message_summary": f"{len(rejected)} meter events failed validation",
+                          "validation_start": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(min(e["timestamp"] for e in rejected))),
+                          "validation_end": now,
+                          "reason": {"error_count": len(rejected), "error_types": [{
+                              "code": code, "error_count": len(rejected),
+                              "sample_errors": [{"error_message": message, "request": {"identifier": e["identifier"]}}
+                                                for e in rejected[:3]]}]}}}
+        self.v2_events[event["id"]] = event
+    notification = {k: v for k, v in event.items() if k not in ("data", "reason")}
+    self.sent.append(notification)
+    if self.webhook_url:
+        self.post_signed(notification)
+    return notification
+
+
+def _post_signed(self, event: dict[str, Any], delay: float = 0, attempts: int = 1) -> None:
+    """POST an event to the webhook URL, signed; after ``delay`` seconds, tried ``attempts``
+    times (1 s, 2 s, 4 s... apart) until answered 2xx, as Stripe retries."""
+    import urllib.error
+    import urllib.request
+
+    time.sleep(delay)
+    payload = json.dumps(event).encode()
+    for attempt in range(attempts):
+        request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
+            "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                return
+        except (urllib.error.URLError, OSError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
+
+
+def _fail_renewal(self, sub_id: str) -> dict[str, Any]:
+    """A renewal whose payment fails, as a test clock shows it: the subscription moves to its next
+    period, the new invoice stays open (invoice.payment_failed) and the subscription is past_due
+    (customer.subscription.updated). ``pay_invoice`` is the retry that succeeds."""
+    with self.lock:
+        sub = self.subscriptions[sub_id]
+        item = sub["items"]["data"][0]
+        price_id = item["price"]["id"]
+        price = self.prices[price_id]
+        start, end = item["current_period_start"], item["current_period_end"]
+        n = next(self.ids)
+        lines = [Shapes.line(f"in_{n}", sub_id, price_id, price["amount"], end, end + (end - start),
+                             currency=price["currency"])]
+        invoice = Shapes.invoice(f"in_{n}", sub["customer"], sub_id, lines, status="open", currency=price["currency"],
+                                 number=f"STANDIN-{n:04d}", account_id=sub["metadata"].get("account_id"))
+        self.invoices[invoice["id"]] = invoice
+        item["current_period_start"], item["current_period_end"] = end, end + (end - start)
+        sub["status"] = "past_due"
+        updated = copy.deepcopy(sub)
+    self.send_event("invoice.payment_failed", invoice)
+    self.send_event("customer.subscription.updated", updated)
+    return invoice
+
+
+def _pay_invoice(self, invoice_id: str) -> dict[str, Any]:
+    """Stripe's retry of an open invoice succeeds: invoice.paid, and its subscription active again."""
+    with self.lock:
+        invoice = self.invoices[invoice_id]
+        sub_id = invoice["parent"]["subscription_details"]["subscription"]
+        paid = Shapes.invoice(invoice_id, invoice["customer"], sub_id, invoice["lines"]["data"], currency=invoice["currency"],
+                              payment_intent=f"pi_{invoice_id}", number=invoice["number"],
+                              account_id=invoice["parent"]["subscription_details"]["metadata"].get("account_id"))
+        self.invoices[invoice_id] = paid
+        self.charges[f"pi_{invoice_id}"] = {"amount": paid["amount_paid"], "currency": paid["currency"], "refunded": 0,
+                                             "customer": paid["customer"], "invoice": invoice_id}
+        sub = self.subscriptions[sub_id]
+        sub["status"] = "active"
+        updated = copy.deepcopy(sub)
+    self.send_event("invoice.paid", paid)
+    self.send_event("customer.subscription.updated", updated)
+    return paid
+
+
+def _end_period(self, sub_id: str) -> dict[str, Any]:
+    """The subscription ends now (its period ran out after a cancel at period end, or it was
+    canceled at once): customer.subscription.deleted."""
+    with self.lock:
+        sub = self.subscriptions[sub_id]
+        now = int(time.time())
+        sub.update(status="canceled", canceled_at=now, ended_at=now)
+        ended = copy.deepcopy(sub)
+    self.send_event("customer.subscription.deleted", ended)
+    return ended
+
+
+def _refund(self, payment_intent: str, amount: int | None = None) -> dict[str, Any]:
+    """Refund a payment (all of what is left, or ``amount`` minor units): charge.refunded follows."""
+    with self.lock:
+        status, body = self.route("POST", "/v1/refunds", {"payment_intent": payment_intent,
+                                                          **({"amount": str(amount)} if amount else {})})
+    if status != 200:
+        raise ValueError(body["error"]["message"])
+    return body
+
+
+def _dispute(self, payment_intent: str, status: str = "needs_response", reason: str = "fraudulent") -> dict[str, Any]:
+    """The cardholder disputes a payment: charge.dispute.created (a Dispute names no customer)."""
+    with self.lock:
+        charge = self.charges[payment_intent]
+        dispute = Shapes.dispute(f"dp_{next(self.ids)}", f"ch_{payment_intent}", payment_intent, charge["amount"],
+                                 charge["currency"], status=status, reason=reason)
+        self.disputes[dispute["id"]] = dispute
+    self.send_event("charge.dispute.created", dispute)
+    return dispute
+
+
+def _close_dispute(self, dispute_id: str, status: str = "lost") -> dict[str, Any]:
+    """The dispute is decided (won or lost): charge.dispute.closed."""
+    with self.lock:
+        dispute = self.disputes[dispute_id]
+        dispute["status"] = status
+        closed = copy.deepcopy(dispute)
+    self.send_event("charge.dispute.closed", closed)
+    return closed
+
+
+CONTROLS = {"renew": ("subscription", _close_period), "fail_renewal": ("subscription", _fail_renewal),
+            "pay_invoice": ("invoice", _pay_invoice), "end_period": ("subscription", _end_period),
+            "refund": ("payment_intent", _refund), "dispute": ("payment_intent", _dispute),
+            "close_dispute": ("dispute", _close_dispute)}
+
+
+def _control(self, action: str, target: str, **options: Any) -> dict[str, Any]:
+    """Run a control by name (what ``POST /_control/<action>`` and ``python -m tests.stripe_standin
+    ctl`` do): renew, fail_renewal, pay_invoice, end_period, refund, dispute, close_dispute."""
+    _, method = CONTROLS[action]
+    return method(self, target, **options)
+
+
+def _state(self) -> dict[str, Any]:
+    """What a control can act on (``GET /_control``): subscriptions, open invoices, payments, disputes."""
+    with self.lock:
+        return {"subscriptions": {k: {"status": v["status"], "customer": v["customer"],
+                                      "price": v["items"]["data"][0]["price"]["id"],
+                                      "current_period_end": v["items"]["data"][0]["current_period_end"]}
+                                  for k, v in self.subscriptions.items()},
+                "open_invoices": sorted(k for k, v in self.invoices.items() if v["status"] == "open"),
+                "payments": {k: {"amount": v["amount"], "refunded": v["refunded"], "currency": v["currency"]}
+                             for k, v in self.charges.items()},
+                "disputes": {k: v["status"] for k, v in self.disputes.items()}}
+
+
+def _send_event_later(self, type_: str, obj: dict[str, Any]) -> None:
+    """An event caused by an API request: sent after the answer when there is a webhook (Stripe
+    answers first), kept in ``sent`` at once without."""
+    if self.webhook_url:
+        threading.Thread(target=self.send_event, args=(type_, obj), daemon=True).start()
+    else:
+        self.send_event(type_, obj)
+
+
 def _send_event(self, type_: str, obj: dict[str, Any]) -> None:
     event = self.events.event(type_, obj, id_=f"evt_standin_{next(self.ids)}")
     self.sent.append(event)
-    if self.webhook_url:
-        import urllib.request
-
-        payload = json.dumps(event).encode()
-        request = urllib.request.Request(self.webhook_url, data=payload, method="POST", headers={
-            "Content-Type": "application/json", "Stripe-Signature": sign(payload, self.webhook_secret or "")})
-        with urllib.request.urlopen(request, timeout=30):
-            pass
+    if self.webhook_url and self.like_stripe:
+        # As Stripe delivers: each event on its own, after a short random delay (so out of order
+        # and concurrently), a third of them twice, retried with backoff until answered 2xx.
+        for copy_ in range(2 if self.random.random() < 1 / 3 else 1):
+            threading.Thread(target=self.post_signed, args=(event, self.random.uniform(0, 0.5 + copy_), 5),
+                             daemon=True).start()
+    elif self.webhook_url:
+        self.post_signed(event)
 
 
 StripeStandIn.pay = _pay
+StripeStandIn.authenticate = _authenticate
 StripeStandIn.send_event = _send_event
+StripeStandIn.send_event_later = _send_event_later
+StripeStandIn.post_signed = _post_signed
+StripeStandIn.reject_meter_events = _reject_meter_events
 StripeStandIn.close_period = _close_period
+StripeStandIn.renew = _close_period
+StripeStandIn.fail_renewal = _fail_renewal
+StripeStandIn.pay_invoice = _pay_invoice
+StripeStandIn.end_period = _end_period
+StripeStandIn.refund = _refund
+StripeStandIn.dispute = _dispute
+StripeStandIn.close_dispute = _close_dispute
+StripeStandIn.control = _control
+StripeStandIn.state = _state
 
 
 def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -525,20 +956,52 @@ class Events:
         return Shapes.subscription(sub_id, customer, account_id, status, stripe_price, start, end, cancel_at_period_end)
 
 
-if __name__ == "__main__":
-    # Try pgtally's billing offline, checkout page included:
-    #   python -m tests.stripe_standin --webhook-url http://127.0.0.1:8000/v1/webhooks/stripe --webhook-secret whsec_local
-    #   STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x STRIPE_WEBHOOK_SECRET=whsec_local make run
+def main(argv: list[str] | None = None) -> None:
+    """Serve the stand-in, or (``ctl``) run one of its controls against a stand-in that is serving."""
     import argparse
+    import sys
+    import urllib.request
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ctl"]:
+        parser = argparse.ArgumentParser(prog="python -m tests.stripe_standin ctl",
+                                         description="Move a running stand-in like a Stripe test clock")
+        parser.add_argument("action", choices=["state", *CONTROLS])
+        parser.add_argument("target", nargs="?", help="the subscription, invoice, PaymentIntent or dispute id")
+        parser.add_argument("--amount", type=int, help="refund: minor units (all that is left by default)")
+        parser.add_argument("--status", help="dispute: its status; close_dispute: won or lost")
+        parser.add_argument("--url", default="http://127.0.0.1:12111", help="the stand-in's address")
+        args = parser.parse_args(argv[1:])
+        if args.action == "state":
+            request = urllib.request.Request(f"{args.url}/_control")
+        else:
+            if not args.target:
+                parser.error(f"{args.action} needs a {CONTROLS[args.action][0]} id")
+            body = {CONTROLS[args.action][0]: args.target, **({"amount": args.amount} if args.amount else {}),
+                    **({"status": args.status} if args.status else {})}
+            request = urllib.request.Request(f"{args.url}/_control/{args.action}", data=json.dumps(body).encode(),
+                                             method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            print(json.dumps(json.loads(answer.read()), indent=2))
+        return
     parser = argparse.ArgumentParser(description="A local Stripe stand-in for pgtally")
     parser.add_argument("port", nargs="?", type=int, default=12111)
     parser.add_argument("--webhook-url", help="where to send the signed events (pgtally's /v1/webhooks/stripe)")
     parser.add_argument("--webhook-secret", default="whsec_local", help="the secret to sign them with")
-    args = parser.parse_args()
-    standin = StripeStandIn(args.webhook_url, args.webhook_secret)
+    parser.add_argument("--like-stripe", action="store_true",
+                        help="deliver as Stripe does: late, concurrently, out of order, some twice, retried")
+    args = parser.parse_args(argv)
+    standin = StripeStandIn(args.webhook_url, args.webhook_secret, like_stripe=args.like_stripe)
     standin.server.server_close()
     standin.server = ThreadingHTTPServer(("127.0.0.1", args.port), standin.server.RequestHandlerClass)
     standin.url = f"http://127.0.0.1:{args.port}"
     print(f"Stripe stand-in on {standin.url}; events to {args.webhook_url or 'nowhere'}", flush=True)
     standin.server.serve_forever()
+
+
+if __name__ == "__main__":
+    # Try pgtally's billing offline, checkout page included:
+    #   python -m tests.stripe_standin --webhook-url http://127.0.0.1:8000/v1/webhooks/stripe --webhook-secret whsec_local
+    #   STRIPE_API_BASE=http://127.0.0.1:12111 STRIPE_API_KEY=sk_test_x STRIPE_WEBHOOK_SECRET=whsec_local make run
+    #   python -m tests.stripe_standin ctl state; python -m tests.stripe_standin ctl renew sub_3
+    main()

@@ -51,7 +51,8 @@ async def dashboard_view(request: Request, session_id: uuid.UUID, **extra: Any) 
 @get("/dashboard")
 async def dashboard_page(request: Request) -> Any:
     """What is left (credits, pending and expiring ones, each allowance and its reset), the plan
-    and its billing state, the last 10 usage events with their metadata, and the referral link."""
+    and its billing state, the last 10 invoices with their PDFs, the last 10 usage events with
+    their metadata, and the referral link."""
     return await signed_in(request, lambda sid: dashboard_view(request, sid), dashboard_view)
 
 
@@ -147,7 +148,7 @@ async def upgrade_change(request: Request, data: Annotated[PurchaseForm, Form]) 
 async def dashboard_topup(request: Request, data: Annotated[PurchaseForm, Form]) -> Any:
     async def action(sid):
         result = await top_up(request, principal_of(request, sid), form_as(TopUpRequest, bundle=data.price).bundle)
-        if result.status == "checkout":
+        if result.url:                      # Checkout, or the bank's authentication of this payment
             return Redirect(result.url)
         return Redirect(f"/billing/success?payment_intent={result.payment_intent}")
     return await signed_in(request, action, dashboard_view)

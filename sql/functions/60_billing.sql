@@ -37,8 +37,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO s FROM billing.subscriptions
+  SELECT * INTO s FROM billing.subscriptions x
   WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
   ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
   LIMIT 1;
   UPDATE identity.accounts
@@ -52,13 +53,51 @@ BEGIN
   WHERE id = p_account_id;
 END $$;
 COMMENT ON FUNCTION billing.sync_account_plan(uuid) IS
-  'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+  'Set an account''s plan and billing period from its live subscription (active, trialing or past_due, not a duplicate being canceled; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+
+CREATE OR REPLACE FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text,
+                                                               p_currency text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_kept text;
+BEGIN
+  SELECT x.stripe_subscription_id INTO v_kept FROM billing.subscriptions x
+  WHERE x.account_id = p_account_id AND x.stripe_subscription_id <> p_subscription
+    AND x.status IN ('active', 'trialing', 'past_due')
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
+  ORDER BY x.last_event_created, x.stripe_subscription_id LIMIT 1;
+  IF v_kept IS NULL THEN
+    RETURN false;
+  END IF;
+  INSERT INTO billing.duplicate_subscriptions (stripe_subscription_id, account_id, kept_subscription_id, detected_at, currency)
+  VALUES (p_subscription, p_account_id, v_kept, util.now(), CASE WHEN p_currency ~ '^[a-z]{3}$' THEN p_currency END)
+  ON CONFLICT DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN true;
+  END IF;
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('cancel_duplicate_subscription', p_account_id::text,
+          jsonb_build_object('subscription', p_subscription, 'account_id', p_account_id), util.now(), util.now());
+  PERFORM billing.email_account(p_account_id, 'subscription_duplicate',
+                                jsonb_build_object('plan', coalesce(p_plan, 'a'), 'subscription', p_subscription));
+  RETURN true;
+END $$;
+COMMENT ON FUNCTION billing.catch_duplicate_subscription(text, uuid, text, text) IS
+  'A subscription just became live: if the account already has another live one (two Checkouts paid at once), record it in billing.duplicate_subscriptions (once), queue the worker task that cancels it at Stripe and refunds its invoices (cancel_duplicate_subscription), and email the customer (subscription_duplicate). Returns whether it is a duplicate. The first live subscription is kept.';
 
 CREATE OR REPLACE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
   o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
-  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  -- Every item is read: the plan is the item whose price is a plan's (licensed first), not items[0].
+  v_item jsonb := coalesce(
+    (SELECT i FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o #> '{items,data}') = 'array' THEN o #> '{items,data}'
+                                             ELSE '[]' END) WITH ORDINALITY AS x(i, n)
+     JOIN billing.prices p ON p.stripe_price_id = i #>> '{price,id}' AND p.plan_id IS NOT NULL
+     ORDER BY (p.usage_type = 'licensed') DESC, x.n LIMIT 1),
+    o -> 'items' -> 'data' -> 0);
+  v_cancel_at timestamptz := billing.ts(o -> 'cancel_at');
+  v_ending boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false) OR billing.ts(o -> 'cancel_at') IS NOT NULL;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
   v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
@@ -83,37 +122,42 @@ BEGIN
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
-    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at,
     last_event_created, last_event_rank, last_event_id, updated_at)
   VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
-          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), v_cancel_at, billing.ts(o -> 'canceled_at'),
           v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
     current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
-    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  IF v_status IN ('active', 'trialing', 'past_due') AND cur.status IS DISTINCT FROM v_status
+     AND coalesce(cur.status, 'incomplete') NOT IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.catch_duplicate_subscription(o ->> 'id', v_account_id, v_price.plan_id, lower(o ->> 'currency'));
+  END IF;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
-  -- Tell the customer when their plan is set to end, and when it has ended (once each).
-  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+  -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled'
+     AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = o ->> 'id') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
-  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+  ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
         AND v_status IN ('active', 'trialing', 'past_due') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_ending',
       jsonb_build_object('plan', v_price.plan_id,
-                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                         'ends_at', to_char(coalesce(v_cancel_at, billing.ts(v_item -> 'current_period_end'),
                                                      billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
   END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_subscription(jsonb, jsonb) IS
-  'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
+  'customer.subscription.created/updated/deleted: store the subscription (status, the plan of whichever item has a plan''s price (licensed first), that item''s period, cancel at period end, cancel_at: a scheduled end by date) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 CREATE OR REPLACE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -133,6 +177,8 @@ BEGIN
     VALUES (v_account_id, o ->> 'customer', util.now())
     ON CONFLICT DO NOTHING;
   END IF;
+  UPDATE billing.checkout_sessions SET status = 'complete', closed_at = util.now()
+  WHERE stripe_checkout_session_id = o ->> 'id' AND status <> 'complete';
   IF o ->> 'mode' <> 'payment' THEN
     RETURN 'applied';          -- subscriptions: their own events carry the state
   END IF;
@@ -144,10 +190,10 @@ BEGIN
     RETURN 'ignored: checkout session names no credit bundle';
   END IF;
   INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
-                                amount_minor, currency, credits_micros, paid_at)
+                                amount_minor, currency, credits_micros, paid_at, tax_minor)
   VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
           coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
-          v_price.credits_micros, billing.ts(p_event -> 'created'))
+          v_price.credits_micros, billing.ts(p_event -> 'created'), coalesce((o #>> '{total_details,amount_tax}')::bigint, 0))
   ON CONFLICT DO NOTHING
   RETURNING stripe_payment_intent_id INTO v_payment;
   IF v_payment IS NULL THEN
@@ -160,7 +206,17 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_checkout_completed(jsonb) IS
-  'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+  'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment (with its tax: total_details.amount_tax) and grant its credits (once per session).';
+
+CREATE OR REPLACE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+  WHERE stripe_checkout_session_id = p_event #>> '{data,object,id}' AND status = 'open';
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: not an open session pgtally opened' END;
+END $$;
+COMMENT ON FUNCTION billing.apply_checkout_expired(jsonb) IS
+  'checkout.session.expired: the session can no longer be paid (Stripe expired it after 24 hours, or pgtally asked because a newer one replaced it): close it in billing.checkout_sessions.';
 
 CREATE OR REPLACE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -189,14 +245,26 @@ BEGIN
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
   PERFORM billing.email_receipt(v_payment);
+  -- A top-up (no Checkout, so no invoice_creation): the worker has Stripe invoice it.
+  IF 'true' IN (o -> 'metadata' ->> 'topup', o -> 'metadata' ->> 'auto_topup') THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'invoice_topup', v_account_id::text,
+           jsonb_build_object('account_id', v_account_id, 'payment_intent', o ->> 'id', 'price', v_price.id,
+                              'stripe_price_id', v_price.stripe_price_id, 'stripe_customer_id', o ->> 'customer'),
+           util.now(), util.now()
+    WHERE o ->> 'customer' IS NOT NULL;
+  END IF;
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
-    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
-    WHERE account_id = v_account_id;
+    -- Ends the top-up in flight only if it is this payment's (one released as stuck may succeed late).
+    UPDATE billing.auto_topups SET in_flight_since = NULL, task_id = NULL, failures = 0, last_error = NULL,
+                                   stripe_payment_intent_id = o ->> 'id', updated_at = util.now()
+    WHERE account_id = v_account_id
+      AND (task_id::text = o -> 'metadata' ->> 'auto_topup_task' OR o -> 'metadata' ->> 'auto_topup_task' IS NULL);
   END IF;
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(jsonb) IS
-  'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
+  'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task); a top-up''s (metadata topup or auto_topup) queues its invoice (worker task invoice_topup).';
 
 CREATE OR REPLACE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
 LANGUAGE plpgsql AS $$
@@ -217,6 +285,35 @@ END $$;
 COMMENT ON FUNCTION billing.subscription_of_invoice(jsonb) IS
   'The subscription an invoice bills (NULL for a one-off invoice). TL503 (answered 503, so Stripe retries) when the subscription''s own events have not arrived yet.';
 
+CREATE OR REPLACE FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamptz) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: an invoice of no subscription and no pgtally customer';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.payment_invoices (stripe_invoice_id, account_id, stripe_payment_intent_id, number, status, currency,
+                                        amount_paid_minor, tax_minor, description, hosted_invoice_url, invoice_pdf,
+                                        created_at, paid_at)
+  VALUES (o ->> 'id', v_account_id,
+          (SELECT ip #>> '{payment,payment_intent}' FROM jsonb_array_elements(
+             CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip
+           WHERE ip #>> '{payment,payment_intent}' IS NOT NULL LIMIT 1),
+          left(o ->> 'number', 255), 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+          coalesce((o ->> 'amount_paid')::bigint, 0),
+          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(
+                      CASE WHEN jsonb_typeof(o -> 'total_taxes') = 'array' THEN o -> 'total_taxes' ELSE '[]' END) t), 0),
+          left(coalesce(o ->> 'description', o #>> '{lines,data,0,description}'), 500),
+          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
+          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at)
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: this invoice was already recorded' END;
+END $$;
+COMMENT ON FUNCTION billing.record_payment_invoice(jsonb, timestamptz) IS
+  'invoice.paid of an invoice that bills no subscription (a one-time Checkout purchase with invoice_creation): record it once in billing.payment_invoices for the account of its metadata or customer, with the PaymentIntent that paid it (payments.data), its number, tax (total_taxes) and links. Not revenue: the payment itself is billing.payments''.';
+
 CREATE OR REPLACE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -230,13 +327,16 @@ DECLARE
   v_credits bigint;
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
-    RETURN 'ignored: not a subscription invoice';
+    RETURN billing.record_payment_invoice(o, billing.ts(p_event -> 'created'));
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
   -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
   PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
     CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
+  IF EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = s.stripe_subscription_id) THEN
+    RETURN 'applied: a duplicate subscription''s invoice, recorded to be refunded';
+  END IF;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -256,7 +356,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_paid(jsonb) IS
-  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+  'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else; the invoice of a one-time payment is billing.record_payment_invoice''s.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -266,6 +366,11 @@ DECLARE
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
     RETURN 'ignored: not a subscription invoice';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  -- Delivered after the invoice.paid of a retry that succeeded (Stripe does not order deliveries).
+  IF EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'id' AND status IN ('paid', 'refunded')) THEN
+    RETURN 'stale';
   END IF;
   PERFORM billing.record_invoice(o, s, 'open', NULL);
   UPDATE identity.accounts
@@ -280,7 +385,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(jsonb) IS
-  'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+  'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event. Stale (nothing changes) when the invoice is already recorded paid: the failure of an attempt before the one that succeeded, delivered late.';
 
 CREATE OR REPLACE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
 LANGUAGE plpgsql AS $$
@@ -384,7 +489,8 @@ $$;
 COMMENT ON FUNCTION api.stripe_webhook_rejected(text, text) IS
   'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
 
-CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL) RETURNS jsonb
+CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL, p_lines jsonb DEFAULT NULL)
+RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_id text := p_event ->> 'id';
@@ -444,6 +550,15 @@ BEGIN
       END IF;
     END IF;
   END IF;
+  -- An invoice whose lines do not all fit in the event (Stripe sends the first ones): ask the
+  -- server for all of them (GET /v1/invoices/:id/lines), applied in place of the event's.
+  IF v_type LIKE 'invoice.%' AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    IF p_lines IS NULL THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch_lines', 'invoice', v_object ->> 'id');
+    ELSIF jsonb_typeof(p_lines) <> 'array' THEN
+      PERFORM util.fail('TL422', 'p_lines is the array of the invoice''s lines');
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
@@ -453,6 +568,10 @@ BEGIN
     SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
   END IF;
+  IF p_lines IS NOT NULL AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    p_event := jsonb_set(p_event, '{data,object,lines}',
+                         (v_object -> 'lines') || jsonb_build_object('data', p_lines, 'has_more', false));
+  END IF;
   BEGIN
     IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
       PERFORM billing.apply_subscription(p_event, p_current);
@@ -460,6 +579,7 @@ BEGIN
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.expired' THEN billing.apply_checkout_expired(p_event)
       WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
@@ -486,8 +606,88 @@ BEGIN
   RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $$;
-COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb) IS
-  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb) IS
+  'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+
+CREATE OR REPLACE FUNCTION billing.apply_meter_error_report(p_event jsonb) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+  d jsonb := p_event -> 'data';
+BEGIN
+  INSERT INTO billing.meter_error_reports (stripe_event_id, stripe_meter_id, error_count, summary, error_types,
+                                           identifiers, validation_start, validation_end, received_at)
+  VALUES (p_event ->> 'id', p_event #>> '{related_object,id}', coalesce((d #>> '{reason,error_count}')::integer, 0),
+          left(d ->> 'developer_message_summary', 2000),
+          CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array' THEN d #> '{reason,error_types}' ELSE '[]' END,
+          coalesce((SELECT array_agg(DISTINCT left(e #>> '{request,identifier}', 255))
+                    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array'
+                                                   THEN d #> '{reason,error_types}' ELSE '[]' END) t,
+                         jsonb_array_elements(CASE WHEN jsonb_typeof(t -> 'sample_errors') = 'array'
+                                                   THEN t -> 'sample_errors' ELSE '[]' END) e
+                    WHERE e #>> '{request,identifier}' IS NOT NULL), '{}'),
+          (d ->> 'validation_start')::timestamptz, (d ->> 'validation_end')::timestamptz, util.now())
+  ON CONFLICT DO NOTHING;
+  RETURN 'applied';
+END $$;
+COMMENT ON FUNCTION billing.apply_meter_error_report(jsonb) IS
+  'v1.billing.meter.error_report_triggered (a thin event, read whole from Stripe): record which meter, how many meter events Stripe rejected in the validation window, the error types and the sample identifiers (billing.meter_error_reports). The daily comparison of totals (reporting.meter_total_mismatches) shows what it cost.';
+
+CREATE OR REPLACE FUNCTION api.stripe_thin_event(p_event jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_created timestamptz;
+  v_status text;
+  v_result text;
+  v_reason text;
+BEGIN
+  -- A v2 event (https://docs.stripe.com/api/v2/core/events/object): created is an RFC 3339 string.
+  BEGIN
+    v_created := (p_event ->> 'created')::timestamptz;
+  EXCEPTION WHEN data_exception THEN
+    v_created := NULL;
+  END;
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' OR p_event ->> 'object' IS DISTINCT FROM 'v2.core.event' THEN 'a v2 event object is required'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN v_created IS NULL OR v_created > '3000-01-01'::timestamptz THEN 'created: an RFC 3339 time before the year 3000 is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe:' || coalesce(p_event #>> '{related_object,id}', v_id), 0));
+  SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id);
+  END IF;
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, v_created, coalesce((p_event ->> 'livemode') = 'true', false), p_event, util.now(), 'ignored');
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'v1.billing.meter.error_report_triggered' THEN billing.apply_meter_error_report(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation THEN
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
+  END;
+  v_status := split_part(v_result, ':', 1);
+  UPDATE billing.stripe_events
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+END $$;
+COMMENT ON FUNCTION api.stripe_thin_event(jsonb) IS
+  'POST /v1/webhooks/stripe for a thin event (object v2.core.event, an event destination''s payload): after the server verified the signature and read the whole event from Stripe (GET /v2/core/events/:id), record it in billing.stripe_events by id (a duplicate returns its recorded status) and apply it: v1.billing.meter.error_report_triggered (billing.apply_meter_error_report); other types are recorded as ignored, a malformed one as rejected. Returns {received, duplicate, status, event_id, reason}.';
+GRANT EXECUTE ON FUNCTION api.stripe_thin_event(jsonb) TO pgtally_api;
 
 ------------------------------------------------------------------------------------------------
 -- What the server needs around its Stripe API calls (made outside any transaction)
@@ -601,11 +801,12 @@ BEGIN
       'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
       'stripe_item_id', s.stripe_item_id,
       'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
-      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'cancel_at_period_end', s.cancel_at_period_end, 'cancel_at', util.iso(s.cancel_at),
+      'ending', s.cancel_at_period_end OR s.cancel_at IS NOT NULL, 'canceled_at', util.iso(s.canceled_at),
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 COMMENT ON FUNCTION api.billing_account(text, uuid, uuid) IS
-  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
+  'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest; ending: it will not renew, at cancel_at or its period end).';
 
 CREATE OR REPLACE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -657,7 +858,73 @@ END $$;
 COMMENT ON FUNCTION api.live_subscription(text, uuid, text, uuid) IS
   'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
 
-GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb), api.stripe_webhook_rejected(text, text),
+CREATE OR REPLACE FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_expire jsonb;
+BEGIN
+  -- One at a time per account: of two Checkouts opened at once, the later one sees the earlier.
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.checkout_sessions (stripe_checkout_session_id, account_id, mode, price_id, created_at)
+  VALUES (p_checkout_session, p_account_id, p_mode, p_price, util.now())
+  ON CONFLICT (stripe_checkout_session_id) DO NOTHING;
+  IF p_mode <> 'subscription' THEN
+    RETURN jsonb_build_object('expire', '[]'::jsonb);
+  END IF;
+  WITH expired AS (
+    UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+    WHERE account_id = p_account_id AND mode = 'subscription' AND status = 'open'
+      AND stripe_checkout_session_id <> p_checkout_session
+    RETURNING stripe_checkout_session_id)
+  SELECT coalesce(jsonb_agg(stripe_checkout_session_id ORDER BY stripe_checkout_session_id), '[]') INTO v_expire FROM expired;
+  RETURN jsonb_build_object('expire', v_expire);
+END $$;
+COMMENT ON FUNCTION api.checkout_opened(uuid, text, text, text) IS
+  'Checkout, last step (the server, after Stripe created the session for the account api.checkout_prepare authenticated): record the session; for a subscription, mark the account''s other open subscription sessions expired and return their ids ({expire: [...]}) for the server to expire at Stripe (POST /v1/checkout/sessions/:id/expire), so at most one can be paid. Serialised per account.';
+
+CREATE OR REPLACE FUNCTION api.duplicate_subscription(p_subscription text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  d record;
+BEGIN
+  SELECT * INTO d FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = p_subscription;
+  IF NOT FOUND OR d.canceled_at IS NOT NULL THEN
+    RETURN NULL;
+  END IF;
+  RETURN jsonb_build_object(
+    'subscription', d.stripe_subscription_id, 'account_id', d.account_id, 'kept', d.kept_subscription_id,
+    -- Its invoice.paid has not arrived yet (or not all its payments): refund once they are known.
+    'waiting', NOT EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_subscription_id = p_subscription)
+               OR (SELECT coalesce(sum(i.amount_paid_minor), 0) FROM billing.invoices i
+                   WHERE i.stripe_subscription_id = p_subscription)
+                  > (SELECT coalesce(sum(ip.amount_minor), 0) FROM billing.invoice_payments ip
+                     JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                     WHERE i.stripe_subscription_id = p_subscription),
+    'payments', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                   'invoice_payment', ip.stripe_invoice_payment_id, 'payment_intent', ip.stripe_payment_intent_id,
+                   'charge', ip.stripe_charge_id, 'refund', ip.amount_minor - ip.refunded_minor)
+                   ORDER BY ip.stripe_invoice_payment_id)
+                 FROM billing.invoice_payments ip JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                 WHERE i.stripe_subscription_id = p_subscription AND ip.amount_minor > ip.refunded_minor), '[]'));
+END $$;
+COMMENT ON FUNCTION api.duplicate_subscription(text) IS
+  'pgtally worker, task cancel_duplicate_subscription: a duplicate subscription still to cancel and refund: {subscription, account_id, kept, waiting (its paid invoices are not all known yet), payments: [{invoice_payment, payment_intent, charge, refund (minor units left to refund)}]}; NULL when it is not one or is done.';
+
+CREATE OR REPLACE FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  UPDATE billing.duplicate_subscriptions
+  SET canceled_at = coalesce(canceled_at, util.now()), refunded_minor = refunded_minor + greatest(p_refunded_minor, 0)
+  WHERE stripe_subscription_id = p_subscription;
+END $$;
+COMMENT ON FUNCTION api.duplicate_subscription_settled(text, bigint) IS
+  'pgtally worker: the duplicate subscription was canceled at Stripe and p_refunded_minor (minor units) refunded; its customer.subscription.deleted and charge.refunded events follow.';
+
+GRANT EXECUTE ON FUNCTION api.checkout_opened(uuid, text, text, text), api.duplicate_subscription(text),
+  api.duplicate_subscription_settled(text, bigint) TO pgtally_api;
+
+GRANT EXECUTE ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb), api.stripe_webhook_rejected(text, text),
   api.checkout_prepare(text, uuid, text, uuid, text), api.link_stripe_customer(text, uuid, text, uuid), api.payment_status(text, text), api.billing_account(text, uuid, uuid), api.live_subscription(text, uuid, text, uuid),
   api.stripe_customer(text, uuid, uuid)
 TO pgtally_api;

@@ -158,16 +158,29 @@ BEGIN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
   END IF;
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object(
-             'id', i.stripe_invoice_id, 'object', 'invoice', 'number', i.number, 'status', i.status,
+    SELECT jsonb_agg(x.invoice ORDER BY x.created_at DESC, x.id DESC)
+    FROM (SELECT i.stripe_invoice_id AS id, i.created_at, jsonb_build_object(
+             'id', i.stripe_invoice_id, 'object', 'invoice', 'kind', 'subscription', 'number', i.number, 'status', i.status,
              'amount_paid', i.amount_paid_minor, 'tax', i.tax_minor, 'refunded', i.refunded_minor, 'currency', i.currency,
-             'plan', i.plan_id, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
+             'plan', i.plan_id, 'description', NULL, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
              'created_at', util.iso(i.created_at), 'paid_at', util.iso(i.paid_at),
-             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
-    FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
+             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) AS invoice
+          FROM billing.invoices i WHERE i.account_id = v_account_id
+          UNION ALL
+          SELECT v.stripe_invoice_id, v.created_at, jsonb_build_object(
+             'id', v.stripe_invoice_id, 'object', 'invoice', 'kind', 'purchase', 'number', v.number,
+             'status', CASE WHEN p.refunded_minor >= v.amount_paid_minor AND v.amount_paid_minor > 0 THEN 'refunded' ELSE v.status END,
+             'amount_paid', v.amount_paid_minor, 'tax', v.tax_minor, 'refunded', coalesce(p.refunded_minor, 0),
+             'currency', v.currency, 'plan', NULL, 'description', v.description, 'period_start', NULL, 'period_end', NULL,
+             'created_at', util.iso(v.created_at), 'paid_at', util.iso(v.paid_at),
+             'hosted_invoice_url', v.hosted_invoice_url, 'invoice_pdf', v.invoice_pdf)
+          FROM billing.payment_invoices v
+          LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = v.stripe_payment_intent_id
+          WHERE v.account_id = v_account_id
+          ORDER BY 2 DESC, 1 DESC LIMIT p_limit) x), '[]'));
 END $$;
 COMMENT ON FUNCTION api.invoices(text, uuid, integer, uuid) IS
-  'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+  'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): every invoice of the account, newest first (at most p_limit, 1-100): subscription invoices (kind subscription) and the invoices of one-time purchases (kind purchase, refunded from their payment): {id, kind, number, status (paid, open, refunded), amount_paid, tax, refunded (minor units), currency, plan, description, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 ------------------------------------------------------------------------------------------------
 -- Usage rollups
@@ -247,13 +260,53 @@ COMMENT ON FUNCTION api.rollup_usage(integer) IS
   'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily, usage_rollup_monthly and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
 ------------------------------------------------------------------------------------------------
+-- Meter totals: what pgtally reported against what Stripe counted
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.meter_summaries_due(p_limit integer DEFAULT 100) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN coalesce((
+    SELECT jsonb_agg(jsonb_build_object('account_id', r.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                                        'event_name', r.event_name, 'day', r.day,
+                                        'start_time', extract(epoch FROM r.day::timestamp AT TIME ZONE 'UTC')::bigint,
+                                        'end_time', extract(epoch FROM (r.day + 1)::timestamp AT TIME ZONE 'UTC')::bigint)
+                     ORDER BY r.day, r.account_id, r.event_name)
+    FROM (SELECT DISTINCT (m.payload ->> 'account_id')::uuid AS account_id, m.payload ->> 'event_name' AS event_name,
+                 (to_timestamp((m.payload ->> 'timestamp')::bigint) AT TIME ZONE 'UTC')::date AS day
+          FROM outbox.messages m
+          WHERE m.kind = 'meter_event' AND m.delivered_at IS NOT NULL
+            AND m.created_at >= util.now() - interval '35 days') r
+    JOIN billing.customers c ON c.account_id = r.account_id
+    WHERE r.day < (util.now() AT TIME ZONE 'UTC')::date
+      AND NOT EXISTS (SELECT 1 FROM billing.meter_event_summaries s
+                      WHERE s.account_id = r.account_id AND s.event_name = r.event_name AND s.day = r.day)
+    LIMIT greatest(p_limit, 1)), '[]');
+END $$;
+COMMENT ON FUNCTION api.meter_summaries_due(integer) IS
+  'pgtally worker, housekeeping: the (account, Stripe customer, meter event_name, UTC day) triples of the last 35 days whose post-paid usage was reported to Stripe and whose day has ended but whose Stripe total was not read yet (at most p_limit): each is compared once, the day after. start_time and end_time are the day''s bounds in Unix seconds, as Stripe''s meter event summaries take them.';
+
+CREATE OR REPLACE FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  INSERT INTO billing.meter_event_summaries AS s (account_id, event_name, day, stripe_units, checked_at)
+  VALUES (p_account_id, p_event_name, p_day, coalesce(p_stripe_units, 0), util.now())
+  ON CONFLICT (account_id, event_name, day) DO UPDATE SET stripe_units = EXCLUDED.stripe_units, checked_at = EXCLUDED.checked_at;
+END $$;
+COMMENT ON FUNCTION api.record_meter_summary(uuid, text, date, numeric) IS
+  'pgtally worker: what Stripe''s meter event summary counts for an account''s meter (event_name) on a UTC day (units); reporting.meter_total_mismatches compares it with what pgtally reported.';
+
+GRANT EXECUTE ON FUNCTION api.meter_summaries_due(integer), api.record_meter_summary(uuid, text, date, numeric) TO pgtally_api;
+
+------------------------------------------------------------------------------------------------
 -- Alerts to operators
 ------------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION ops.reconciliation_views() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
+               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes']
 $$;
 COMMENT ON FUNCTION ops.reconciliation_views() IS
   'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';

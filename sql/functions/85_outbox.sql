@@ -36,6 +36,17 @@ $$;
 COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
   'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
 
+CREATE OR REPLACE FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer DEFAULT 60) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  UPDATE outbox.messages
+  SET attempts = greatest(attempts - 1, 0), last_error = left(p_reason, 1000),
+      next_attempt_at = util.now() + make_interval(secs => greatest(p_seconds, 1))
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+COMMENT ON FUNCTION api.outbox_postpone(uuid, text, integer) IS
+  'pgtally worker: it cannot act on this task (no STRIPE_API_KEY for an auto top-up or a meter event): leave it queued, say why (last_error), claim it again after p_seconds; the attempt is not counted, so a worker that can act still gets all eight.';
+GRANT EXECUTE ON FUNCTION api.outbox_postpone(uuid, text, integer) TO pgtally_api;
+
 CREATE OR REPLACE FUNCTION api.housekeeping() RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE

@@ -17,20 +17,22 @@ CREATE OR REPLACE FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uu
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_billing jsonb;
+  v_invoices jsonb := '[]';
 BEGIN
   BEGIN
     v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+    v_invoices := api.invoices(NULL, p_session_id, 10, p_account_id) -> 'data';
   EXCEPTION WHEN SQLSTATE 'TL403' THEN
     v_billing := NULL;                    -- a team member whose role does not see billing
   END;
   RETURN jsonb_build_object('balance', api.balance(NULL, p_session_id, p_account_id),
-                            'billing', v_billing,
+                            'billing', v_billing, 'invoices', v_invoices,
                             'events', api.usage_events(NULL, p_session_id, NULL, 10, NULL, NULL, NULL, p_account_id) -> 'data',
                             'bundles', api.plans() -> 'bundles',
                             'referrals', api.referrals(NULL, p_session_id, p_public_url));
 END $$;
 COMMENT ON FUNCTION api.dashboard_page(uuid, uuid, text) IS
-  'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
+  'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 invoices with their PDFs (api.invoices; empty for that role), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
 
 CREATE OR REPLACE FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -146,12 +146,19 @@ CREATE TABLE billing.auto_topups (
     in_flight_since timestamp with time zone,
     last_error text,
     updated_at timestamp with time zone NOT NULL,
+    task_id uuid,
+    stripe_payment_intent_id text,
     CONSTRAINT auto_topups_below_micros_check CHECK ((below_micros >= 0)),
     CONSTRAINT auto_topups_failures_check CHECK ((failures >= 0)),
-    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000))
+    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000)),
+    CONSTRAINT auto_topups_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
 );
 
 COMMENT ON TABLE billing.auto_topups IS 'Auto top-up settings: buy price_id (a bundle) with the saved card when a charge leaves the balance below below_micros. in_flight_since: a top-up is queued or being paid (never two at once); cleared by its payment_intent.succeeded, or by a failure (3 failures turn it off and email the user).';
+
+COMMENT ON COLUMN billing.auto_topups.task_id IS 'The outbox task (outbox.messages.id, kind auto_topup) of the top-up in flight: only that task may pay, and Stripe''s idempotency key is auto-topup-<task_id>. NULL when none is in flight.';
+
+COMMENT ON COLUMN billing.auto_topups.stripe_payment_intent_id IS 'The PaymentIntent the worker created for the top-up in flight (or the last one), as Stripe answered it.';
 
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
@@ -161,6 +168,34 @@ ALTER TABLE ONLY billing.auto_topups
 
 ALTER TABLE ONLY billing.auto_topups
     ADD CONSTRAINT auto_topups_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
+CREATE TABLE billing.checkout_sessions (
+    stripe_checkout_session_id text NOT NULL,
+    account_id uuid NOT NULL,
+    mode text NOT NULL,
+    price_id text,
+    status text DEFAULT 'open'::text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    closed_at timestamp with time zone,
+    CONSTRAINT checkout_sessions_mode_check CHECK ((mode = ANY (ARRAY['payment'::text, 'subscription'::text, 'setup'::text]))),
+    CONSTRAINT checkout_sessions_status_check CHECK ((status = ANY (ARRAY['open'::text, 'complete'::text, 'expired'::text]))),
+    CONSTRAINT checkout_sessions_stripe_checkout_session_id_check CHECK ((length(stripe_checkout_session_id) <= 255))
+);
+
+COMMENT ON TABLE billing.checkout_sessions IS 'Stripe Checkout Sessions pgtally opened (api.checkout_opened): at most one subscription session per account is open; opening another expires the older one (here, and at Stripe by the server). checkout.session.completed and .expired close them.';
+
+COMMENT ON COLUMN billing.checkout_sessions.status IS 'open; complete (paid: checkout.session.completed); expired (a newer one replaced it, or Stripe expired it after 24 hours).';
+
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_pkey PRIMARY KEY (stripe_checkout_session_id);
+
+CREATE INDEX checkout_sessions_open_idx ON billing.checkout_sessions USING btree (account_id) WHERE (status = 'open'::text);
+
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.checkout_sessions
+    ADD CONSTRAINT checkout_sessions_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
 
 CREATE TABLE billing.customers (
     account_id uuid NOT NULL,
@@ -209,6 +244,34 @@ ALTER TABLE ONLY billing.disputes
 
 ALTER TABLE ONLY billing.disputes
     ADD CONSTRAINT disputes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE billing.duplicate_subscriptions (
+    stripe_subscription_id text NOT NULL,
+    account_id uuid NOT NULL,
+    kept_subscription_id text NOT NULL,
+    detected_at timestamp with time zone NOT NULL,
+    canceled_at timestamp with time zone,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    currency text,
+    CONSTRAINT duplicate_subscriptions_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT duplicate_subscriptions_kept_subscription_id_check CHECK ((length(kept_subscription_id) <= 255)),
+    CONSTRAINT duplicate_subscriptions_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT duplicate_subscriptions_stripe_subscription_id_check CHECK ((length(stripe_subscription_id) <= 255))
+);
+
+COMMENT ON TABLE billing.duplicate_subscriptions IS 'A second live subscription of an account that already had one (two Checkouts paid at once): it never sets the plan or grants credits; the worker cancels it at Stripe at once and refunds what its invoices charged (task cancel_duplicate_subscription), and the customer is emailed (subscription_duplicate). Why: Stripe bills every live subscription.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.kept_subscription_id IS 'The account''s live subscription it duplicated, which stays.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.canceled_at IS 'When the worker had it canceled at Stripe and refunded.';
+
+COMMENT ON COLUMN billing.duplicate_subscriptions.refunded_minor IS 'What the worker asked Stripe to refund of its invoices, in minor currency units.';
+
+ALTER TABLE ONLY billing.duplicate_subscriptions
+    ADD CONSTRAINT duplicate_subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
+
+ALTER TABLE ONLY billing.duplicate_subscriptions
+    ADD CONSTRAINT duplicate_subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
 CREATE TABLE billing.entitlements (
     plan_id text NOT NULL,
@@ -347,6 +410,52 @@ ALTER TABLE ONLY billing.invoices
 ALTER TABLE ONLY billing.invoices
     ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
 
+CREATE TABLE billing.meter_error_reports (
+    stripe_event_id text NOT NULL,
+    stripe_meter_id text,
+    error_count integer NOT NULL,
+    summary text,
+    error_types jsonb DEFAULT '[]'::jsonb NOT NULL,
+    identifiers text[] DEFAULT '{}'::text[] NOT NULL,
+    validation_start timestamp with time zone,
+    validation_end timestamp with time zone,
+    received_at timestamp with time zone NOT NULL,
+    CONSTRAINT meter_error_reports_error_count_check CHECK ((error_count >= 0)),
+    CONSTRAINT meter_error_reports_stripe_event_id_check CHECK ((length(stripe_event_id) <= 255)),
+    CONSTRAINT meter_error_reports_stripe_meter_id_check CHECK ((length(stripe_meter_id) <= 255)),
+    CONSTRAINT meter_error_reports_summary_check CHECK ((length(summary) <= 2000))
+);
+
+COMMENT ON TABLE billing.meter_error_reports IS 'Stripe''s v1.billing.meter.error_report_triggered events: meter events it accepted and then rejected in a validation window (an unknown customer, a timestamp too old, a bad value...). Source: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage#handle-meter-event-errors.';
+
+COMMENT ON COLUMN billing.meter_error_reports.error_count IS 'How many meter events Stripe rejected in the window (reason.error_count).';
+
+COMMENT ON COLUMN billing.meter_error_reports.error_types IS 'reason.error_types as Stripe sent them: [{code, error_count, sample_errors: [{error_message, request: {identifier}}]}].';
+
+COMMENT ON COLUMN billing.meter_error_reports.identifiers IS 'The identifiers of the sample rejected meter events (pgtally sends the usage event id): a sample, not every one.';
+
+ALTER TABLE ONLY billing.meter_error_reports
+    ADD CONSTRAINT meter_error_reports_pkey PRIMARY KEY (stripe_event_id);
+
+CREATE TABLE billing.meter_event_summaries (
+    account_id uuid NOT NULL,
+    event_name text NOT NULL,
+    day date NOT NULL,
+    stripe_units numeric NOT NULL,
+    checked_at timestamp with time zone NOT NULL,
+    CONSTRAINT meter_event_summaries_event_name_check CHECK ((length(event_name) <= 100))
+);
+
+COMMENT ON TABLE billing.meter_event_summaries IS 'What Stripe counted of an account''s meter events per meter and UTC day (GET /v1/billing/meters/:id/event_summaries, aggregated_value), read once by the worker after the day ended, for the days pgtally reported usage.';
+
+COMMENT ON COLUMN billing.meter_event_summaries.stripe_units IS 'Stripe''s aggregated_value for the day: units (the meter sums the values pgtally sent).';
+
+ALTER TABLE ONLY billing.meter_event_summaries
+    ADD CONSTRAINT meter_event_summaries_pkey PRIMARY KEY (account_id, event_name, day);
+
+ALTER TABLE ONLY billing.meter_event_summaries
+    ADD CONSTRAINT meter_event_summaries_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 CREATE TABLE billing.mrr_changes (
     id bigint NOT NULL,
     account_id uuid NOT NULL,
@@ -380,6 +489,48 @@ ALTER TABLE ONLY billing.mrr_changes
 ALTER TABLE ONLY billing.mrr_changes
     ADD CONSTRAINT mrr_changes_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
 
+CREATE TABLE billing.payment_invoices (
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_payment_intent_id text,
+    number text,
+    status text NOT NULL,
+    currency text NOT NULL,
+    amount_paid_minor bigint NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
+    description text,
+    hosted_invoice_url text,
+    invoice_pdf text,
+    created_at timestamp with time zone NOT NULL,
+    paid_at timestamp with time zone,
+    CONSTRAINT payment_invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
+    CONSTRAINT payment_invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT payment_invoices_description_check CHECK ((length(description) <= 500)),
+    CONSTRAINT payment_invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
+    CONSTRAINT payment_invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
+    CONSTRAINT payment_invoices_number_check CHECK ((length(number) <= 255)),
+    CONSTRAINT payment_invoices_status_check CHECK ((status = ANY (ARRAY['paid'::text, 'open'::text, 'void'::text, 'uncollectible'::text]))),
+    CONSTRAINT payment_invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT payment_invoices_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255)),
+    CONSTRAINT payment_invoices_tax_minor_check CHECK ((tax_minor >= 0))
+);
+
+COMMENT ON TABLE billing.payment_invoices IS 'Invoices of one-time payments (bundles bought through Checkout with invoice_creation), from their invoice.paid, once each: the customer''s record of the purchase (number, PDF, hosted page, tax). The money itself is billing.payments'' (this table is not revenue: nothing is counted twice).';
+
+COMMENT ON COLUMN billing.payment_invoices.amount_paid_minor IS 'What the invoice collected (tax included), in minor currency units.';
+
+COMMENT ON COLUMN billing.payment_invoices.tax_minor IS 'Its tax (the sum of total_taxes), in minor units.';
+
+ALTER TABLE ONLY billing.payment_invoices
+    ADD CONSTRAINT payment_invoices_pkey PRIMARY KEY (stripe_invoice_id);
+
+CREATE INDEX payment_invoices_account_idx ON billing.payment_invoices USING btree (account_id, created_at);
+
+CREATE INDEX payment_invoices_payment_intent_idx ON billing.payment_invoices USING btree (stripe_payment_intent_id);
+
+ALTER TABLE ONLY billing.payment_invoices
+    ADD CONSTRAINT payment_invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 CREATE TABLE billing.payments (
     stripe_payment_intent_id text NOT NULL,
     account_id uuid NOT NULL,
@@ -392,16 +543,20 @@ CREATE TABLE billing.payments (
     clawed_back_micros bigint DEFAULT 0 NOT NULL,
     shortfall_micros bigint DEFAULT 0 NOT NULL,
     paid_at timestamp with time zone NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
     CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
     CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
     CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
+    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0)),
+    CONSTRAINT payments_tax_minor_check CHECK ((tax_minor >= 0))
 );
 
 COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
 
 COMMENT ON COLUMN billing.payments.stripe_checkout_session IS 'The Checkout Session that sold it; NULL for a one-click top-up (an off-session PaymentIntent with a saved card).';
+
+COMMENT ON COLUMN billing.payments.tax_minor IS 'The tax Stripe Tax added to the payment (the Checkout Session''s total_details.amount_tax), in minor units; amount_minor includes it.';
 
 ALTER TABLE billing.payments
     ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
@@ -635,12 +790,15 @@ CREATE TABLE billing.subscriptions (
     last_event_rank integer NOT NULL,
     last_event_id text NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    cancel_at timestamp with time zone,
     CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
 );
 
 COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
 
 COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+
+COMMENT ON COLUMN billing.subscriptions.cancel_at IS 'Stripe''s cancel_at: when the subscription is scheduled to end (set by cancel at period end, or a date chosen in the dashboard or the customer portal); NULL when it renews.';
 
 ALTER TABLE billing.subscriptions
     ADD CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)) NOT VALID;
@@ -1806,12 +1964,12 @@ CREATE TABLE outbox.messages (
     delivered_at timestamp with time zone,
     failed_at timestamp with time zone,
     last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text])))
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text, 'cancel_duplicate_subscription'::text, 'subscription_duplicate'::text, 'invoice_topup'::text])))
 );
 
 COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
 
-COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled, subscription_duplicate, invitation, sso_link; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id; cancel_duplicate_subscription: cancel and refund a second subscription; invoice_topup: the invoice of a top-up paid by a PaymentIntent).';
 
 COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
 
@@ -2135,6 +2293,34 @@ COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events p
 
 GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
 
+CREATE VIEW reporting.meter_total_mismatches AS
+ WITH reported AS (
+         SELECT ((m.payload ->> 'account_id'::text))::uuid AS account_id,
+            (m.payload ->> 'event_name'::text) AS event_name,
+            ((to_timestamp((((m.payload ->> 'timestamp'::text))::bigint)::double precision) AT TIME ZONE 'UTC'::text))::date AS day,
+            sum(((m.payload ->> 'value'::text))::numeric) AS reported_units
+           FROM outbox.messages m
+          WHERE ((m.kind = 'meter_event'::text) AND (m.delivered_at IS NOT NULL))
+          GROUP BY ((m.payload ->> 'account_id'::text))::uuid, (m.payload ->> 'event_name'::text), (((to_timestamp((((m.payload ->> 'timestamp'::text))::bigint)::double precision) AT TIME ZONE 'UTC'::text))::date)
+        )
+ SELECT s.account_id,
+    s.event_name,
+    s.day,
+    COALESCE(r.reported_units, (0)::numeric) AS reported_units,
+    s.stripe_units,
+    (s.stripe_units - COALESCE(r.reported_units, (0)::numeric)) AS difference_units,
+    s.checked_at,
+    ( SELECT array_agg(DISTINCT e.stripe_event_id) AS array_agg
+           FROM billing.meter_error_reports e
+          WHERE ((e.validation_start < ((s.day + 1))::timestamp with time zone) AND (e.validation_end >= (s.day)::timestamp with time zone))) AS error_reports
+   FROM (billing.meter_event_summaries s
+     LEFT JOIN reported r USING (account_id, event_name, day))
+  WHERE (s.stripe_units <> COALESCE(r.reported_units, (0)::numeric));
+
+COMMENT ON VIEW reporting.meter_total_mismatches IS 'Reconciliation: per account, Stripe meter (event_name) and UTC day, the post-paid units pgtally reported (and Stripe accepted) against what Stripe''s meter event summaries count, where they differ (difference_units = Stripe - pgtally), with the error reports of that day (billing.meter_error_reports): usage pgtally charged that Stripe will not bill. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.meter_total_mismatches TO pgtally_analyst;
+
 CREATE VIEW reporting.mrr_account_months AS
  WITH months AS (
          SELECT generate_series(date_trunc('month'::text, min(mrr_changes.at), 'UTC'::text), date_trunc('month'::text, util.now(), 'UTC'::text), '1 mon'::interval) AS month
@@ -2443,7 +2629,13 @@ CREATE VIEW reporting.revenue_reconciliation_daily AS
             i.currency,
             sum(i.amount_paid_minor) AS sum,
             sum(i.refunded_minor) AS sum,
-            sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
+            sum(
+                CASE
+                    WHEN (EXISTS ( SELECT 1
+                       FROM billing.duplicate_subscriptions d
+                      WHERE (d.stripe_subscription_id = i.stripe_subscription_id))) THEN (0)::bigint
+                    ELSE COALESCE(pl.included_credits_micros, (0)::bigint)
+                END) AS sum,
             sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
                    FROM ledger.transfers t
                   WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
@@ -2482,6 +2674,29 @@ COMMENT ON VIEW reporting.stripe_events_not_applied IS 'Webhook events received 
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 
+CREATE VIEW reporting.stuck_auto_topups AS
+ SELECT t.account_id,
+    t.in_flight_since,
+    t.task_id,
+    t.stripe_payment_intent_id,
+    t.failures,
+    t.last_error,
+        CASE
+            WHEN (m.id IS NULL) THEN 'missing'::text
+            WHEN (m.delivered_at IS NOT NULL) THEN 'delivered'::text
+            WHEN (m.failed_at IS NOT NULL) THEN 'failed'::text
+            ELSE 'queued'::text
+        END AS task_state,
+    m.attempts AS task_attempts,
+    m.last_error AS task_error
+   FROM (billing.auto_topups t
+     LEFT JOIN outbox.messages m ON ((m.id = t.task_id)))
+  WHERE (t.in_flight_since < (util.now() - '00:30:00'::interval));
+
+COMMENT ON VIEW reporting.stuck_auto_topups IS 'Reconciliation: auto top-ups in flight for more than 30 minutes (no payment_intent.succeeded and no failure recorded): the task''s state (queued: the worker could not act yet, see task_error; delivered: Stripe was asked and its event never arrived; failed or missing). The worker''s housekeeping (api.release_stuck_auto_topups) releases the delivered, failed and missing ones; a queued one waits for a worker that can pay it. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.stuck_auto_topups TO pgtally_analyst;
+
 CREATE VIEW reporting.subscriptions_by_status AS
  SELECT plan_id,
     status,
@@ -2518,6 +2733,21 @@ CREATE VIEW reporting.unbalanced_transfers AS
 COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
 
 GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
+
+CREATE VIEW reporting.unmatched_disputes AS
+ SELECT stripe_dispute_id,
+    stripe_charge_id,
+    stripe_payment_intent_id,
+    amount_minor,
+    currency,
+    status,
+    created_at
+   FROM billing.disputes d
+  WHERE (account_id IS NULL);
+
+COMMENT ON VIEW reporting.unmatched_disputes IS 'Reconciliation: disputes whose charge or PaymentIntent matches no payment pgtally recorded (no account): money Stripe may take back from a payment pgtally never saw. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.unmatched_disputes TO pgtally_analyst;
 
 CREATE VIEW reporting.unmatched_refunds AS
  SELECT id AS event_id,
@@ -3059,60 +3289,63 @@ DECLARE
 BEGIN
   IF p_enabled = false THEN
     PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
-    UPDATE billing.auto_topups SET enabled = false, updated_at = util.now() WHERE account_id = v_account_id;
+    UPDATE billing.auto_topups SET enabled = false, in_flight_since = NULL, task_id = NULL, updated_at = util.now()
+    WHERE account_id = v_account_id;
     UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = v_account_id;
   END IF;
   SELECT * INTO t FROM billing.auto_topups WHERE account_id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off; billing:manage): the settings. p_account_id: a team.';
+COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off, forgetting any top-up in flight, whose queued task then pays nothing; billing:manage): the settings. p_account_id: a team.';
 
 REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) RETURNS jsonb
-    LANGUAGE plpgsql SECURITY DEFINER
+    LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-DECLARE
-  t billing.auto_topups;
-BEGIN
-  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
-  UPDATE billing.auto_topups
-  SET failures = failures + 1, in_flight_since = NULL, last_error = left(p_error, 1000), updated_at = util.now(),
-      enabled = failures + 1 < 3
-  WHERE account_id = p_account_id RETURNING * INTO t;
-  IF t.account_id IS NOT NULL AND NOT t.enabled THEN
-    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = p_account_id;
-    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
-    SELECT 'auto_topup_disabled', u.email, jsonb_build_object('error', left(p_error, 300), 'failures', t.failures),
-           util.now(), util.now()
-    FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL;
-  END IF;
-  RETURN billing.auto_topup_json(t);
-END $$;
+  SELECT billing.auto_topup_json(billing.auto_topup_failure(p_account_id, p_error))
+$$;
 
 COMMENT ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) IS 'pgtally worker: the card was declined or needs authentication: count the failure and let the next charge try again; the third failure turns auto top-up off and emails the user.';
 
 REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
 
-CREATE FUNCTION api.auto_topup_payment(p_account_id uuid) RETURNS jsonb
-    LANGUAGE sql STABLE SECURITY DEFINER
+CREATE FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
-  SELECT jsonb_build_object('account_id', t.account_id, 'stripe_customer_id', c.stripe_customer_id,
-                            'price', p.id, 'amount', p.amount_minor, 'currency', p.currency)
+BEGIN
+  -- plpgsql (checked when run): task_id is younger than some migration levels the functions are applied at.
+  RETURN (SELECT jsonb_build_object('account_id', t.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                            'price', p.id, 'amount', p.amount_minor, 'currency', p.currency,
+                            'stripe_idempotency_key', 'auto-topup-' || t.task_id)
   FROM billing.auto_topups t JOIN billing.prices p ON p.id = t.price_id
   JOIN billing.customers c ON c.account_id = t.account_id
-  WHERE t.account_id = p_account_id AND t.enabled
-$$;
+  WHERE t.account_id = p_account_id AND t.enabled AND t.task_id = p_task_id);
+END $$;
 
-COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid) IS 'pgtally worker: what an auto top-up task pays (customer, bundle, amount, currency); NULL when it was turned off meanwhile.';
+COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) IS 'pgtally worker: what the auto top-up task p_task_id pays (customer, bundle, amount in minor units, currency, and Stripe''s idempotency key auto-topup-<task id>); NULL when auto top-up was turned off meanwhile or this task is no longer the one in flight (turned off and on, or released as stuck).';
 
-REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid, p_task_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  UPDATE billing.auto_topups SET stripe_payment_intent_id = left(p_payment_intent, 255), updated_at = util.now()
+  WHERE account_id = p_account_id AND task_id = p_task_id;
+END $$;
+
+COMMENT ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) IS 'pgtally worker: Stripe answered the top-up of task p_task_id with PaymentIntent p_payment_intent (its credits arrive with payment_intent.succeeded).';
+
+REVOKE ALL ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_started(p_account_id uuid, p_task_id uuid, p_payment_intent text) TO pgtally_api;
 
 CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3166,11 +3399,12 @@ BEGIN
       'id', s.stripe_subscription_id, 'status', s.status, 'plan', s.plan_id, 'price', s.price_id,
       'stripe_item_id', s.stripe_item_id,
       'current_period_start', util.iso(s.current_period_start), 'current_period_end', util.iso(s.current_period_end),
-      'cancel_at_period_end', s.cancel_at_period_end, 'canceled_at', util.iso(s.canceled_at),
+      'cancel_at_period_end', s.cancel_at_period_end, 'cancel_at', util.iso(s.cancel_at),
+      'ending', s.cancel_at_period_end OR s.cancel_at IS NOT NULL, 'canceled_at', util.iso(s.canceled_at),
       'live', s.status IN ('active', 'trialing', 'past_due')) END);
 END $$;
 
-COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
+COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest; ending: it will not renew, at cancel_at or its period end).';
 
 REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
@@ -3282,6 +3516,35 @@ COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter t
 
 REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_expire jsonb;
+BEGIN
+  -- One at a time per account: of two Checkouts opened at once, the later one sees the earlier.
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.checkout_sessions (stripe_checkout_session_id, account_id, mode, price_id, created_at)
+  VALUES (p_checkout_session, p_account_id, p_mode, p_price, util.now())
+  ON CONFLICT (stripe_checkout_session_id) DO NOTHING;
+  IF p_mode <> 'subscription' THEN
+    RETURN jsonb_build_object('expire', '[]'::jsonb);
+  END IF;
+  WITH expired AS (
+    UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+    WHERE account_id = p_account_id AND mode = 'subscription' AND status = 'open'
+      AND stripe_checkout_session_id <> p_checkout_session
+    RETURNING stripe_checkout_session_id)
+  SELECT coalesce(jsonb_agg(stripe_checkout_session_id ORDER BY stripe_checkout_session_id), '[]') INTO v_expire FROM expired;
+  RETURN jsonb_build_object('expire', v_expire);
+END $$;
+
+COMMENT ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) IS 'Checkout, last step (the server, after Stripe created the session for the account api.checkout_prepare authenticated): record the session; for a subscription, mark the account''s other open subscription sessions expired and return their ids ({expire: [...]}) for the server to expire at Stripe (POST /v1/checkout/sessions/:id/expire), so at most one can be paid. Serialised per account.';
+
+REVOKE ALL ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_opened(p_account_id uuid, p_checkout_session text, p_mode text, p_price text) TO pgtally_api;
 
 CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid, p_idempotency_key text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3735,20 +3998,22 @@ CREATE FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_publi
     AS $$
 DECLARE
   v_billing jsonb;
+  v_invoices jsonb := '[]';
 BEGIN
   BEGIN
     v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+    v_invoices := api.invoices(NULL, p_session_id, 10, p_account_id) -> 'data';
   EXCEPTION WHEN SQLSTATE 'TL403' THEN
     v_billing := NULL;                    -- a team member whose role does not see billing
   END;
   RETURN jsonb_build_object('balance', api.balance(NULL, p_session_id, p_account_id),
-                            'billing', v_billing,
+                            'billing', v_billing, 'invoices', v_invoices,
                             'events', api.usage_events(NULL, p_session_id, NULL, 10, NULL, NULL, NULL, p_account_id) -> 'data',
                             'bundles', api.plans() -> 'bundles',
                             'referrals', api.referrals(NULL, p_session_id, p_public_url));
 END $$;
 
-COMMENT ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) IS 'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
+COMMENT ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) IS 'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 invoices with their PDFs (api.invoices; empty for that role), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
 
 REVOKE ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) TO pgtally_api;
@@ -3952,6 +4217,54 @@ COMMENT ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip 
 
 REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
+
+CREATE FUNCTION api.duplicate_subscription(p_subscription text) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  d record;
+BEGIN
+  SELECT * INTO d FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = p_subscription;
+  IF NOT FOUND OR d.canceled_at IS NOT NULL THEN
+    RETURN NULL;
+  END IF;
+  RETURN jsonb_build_object(
+    'subscription', d.stripe_subscription_id, 'account_id', d.account_id, 'kept', d.kept_subscription_id,
+    -- Its invoice.paid has not arrived yet (or not all its payments): refund once they are known.
+    'waiting', NOT EXISTS (SELECT 1 FROM billing.invoices i WHERE i.stripe_subscription_id = p_subscription)
+               OR (SELECT coalesce(sum(i.amount_paid_minor), 0) FROM billing.invoices i
+                   WHERE i.stripe_subscription_id = p_subscription)
+                  > (SELECT coalesce(sum(ip.amount_minor), 0) FROM billing.invoice_payments ip
+                     JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                     WHERE i.stripe_subscription_id = p_subscription),
+    'payments', coalesce((SELECT jsonb_agg(jsonb_build_object(
+                   'invoice_payment', ip.stripe_invoice_payment_id, 'payment_intent', ip.stripe_payment_intent_id,
+                   'charge', ip.stripe_charge_id, 'refund', ip.amount_minor - ip.refunded_minor)
+                   ORDER BY ip.stripe_invoice_payment_id)
+                 FROM billing.invoice_payments ip JOIN billing.invoices i ON i.stripe_invoice_id = ip.stripe_invoice_id
+                 WHERE i.stripe_subscription_id = p_subscription AND ip.amount_minor > ip.refunded_minor), '[]'));
+END $$;
+
+COMMENT ON FUNCTION api.duplicate_subscription(p_subscription text) IS 'pgtally worker, task cancel_duplicate_subscription: a duplicate subscription still to cancel and refund: {subscription, account_id, kept, waiting (its paid invoices are not all known yet), payments: [{invoice_payment, payment_intent, charge, refund (minor units left to refund)}]}; NULL when it is not one or is done.';
+
+REVOKE ALL ON FUNCTION api.duplicate_subscription(p_subscription text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.duplicate_subscription(p_subscription text) TO pgtally_api;
+
+CREATE FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  UPDATE billing.duplicate_subscriptions
+  SET canceled_at = coalesce(canceled_at, util.now()), refunded_minor = refunded_minor + greatest(p_refunded_minor, 0)
+  WHERE stripe_subscription_id = p_subscription;
+END $$;
+
+COMMENT ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) IS 'pgtally worker: the duplicate subscription was canceled at Stripe and p_refunded_minor (minor units) refunded; its customer.subscription.deleted and charge.refunded events follow.';
+
+REVOKE ALL ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.duplicate_subscription_settled(p_subscription text, p_refunded_minor bigint) TO pgtally_api;
 
 CREATE FUNCTION api.expire_holds() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4227,16 +4540,29 @@ BEGIN
     PERFORM util.fail('TL422', 'limit must be between 1 and 100', '{"field": "limit"}');
   END IF;
   RETURN jsonb_build_object('data', coalesce((
-    SELECT jsonb_agg(jsonb_build_object(
-             'id', i.stripe_invoice_id, 'object', 'invoice', 'number', i.number, 'status', i.status,
+    SELECT jsonb_agg(x.invoice ORDER BY x.created_at DESC, x.id DESC)
+    FROM (SELECT i.stripe_invoice_id AS id, i.created_at, jsonb_build_object(
+             'id', i.stripe_invoice_id, 'object', 'invoice', 'kind', 'subscription', 'number', i.number, 'status', i.status,
              'amount_paid', i.amount_paid_minor, 'tax', i.tax_minor, 'refunded', i.refunded_minor, 'currency', i.currency,
-             'plan', i.plan_id, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
+             'plan', i.plan_id, 'description', NULL, 'period_start', util.iso(i.period_start), 'period_end', util.iso(i.period_end),
              'created_at', util.iso(i.created_at), 'paid_at', util.iso(i.paid_at),
-             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) ORDER BY i.created_at DESC)
-    FROM (SELECT * FROM billing.invoices WHERE account_id = v_account_id ORDER BY created_at DESC LIMIT p_limit) i), '[]'));
+             'hosted_invoice_url', i.hosted_invoice_url, 'invoice_pdf', i.invoice_pdf) AS invoice
+          FROM billing.invoices i WHERE i.account_id = v_account_id
+          UNION ALL
+          SELECT v.stripe_invoice_id, v.created_at, jsonb_build_object(
+             'id', v.stripe_invoice_id, 'object', 'invoice', 'kind', 'purchase', 'number', v.number,
+             'status', CASE WHEN p.refunded_minor >= v.amount_paid_minor AND v.amount_paid_minor > 0 THEN 'refunded' ELSE v.status END,
+             'amount_paid', v.amount_paid_minor, 'tax', v.tax_minor, 'refunded', coalesce(p.refunded_minor, 0),
+             'currency', v.currency, 'plan', NULL, 'description', v.description, 'period_start', NULL, 'period_end', NULL,
+             'created_at', util.iso(v.created_at), 'paid_at', util.iso(v.paid_at),
+             'hosted_invoice_url', v.hosted_invoice_url, 'invoice_pdf', v.invoice_pdf)
+          FROM billing.payment_invoices v
+          LEFT JOIN billing.payments p ON p.stripe_payment_intent_id = v.stripe_payment_intent_id
+          WHERE v.account_id = v_account_id
+          ORDER BY 2 DESC, 1 DESC LIMIT p_limit) x), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
+COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): every invoice of the account, newest first (at most p_limit, 1-100): subscription invoices (kind subscription) and the invoices of one-time purchases (kind purchase, refunded from their payment): {id, kind, number, status (paid, open, refunded), amount_paid, tax, refunded (minor units), currency, plan, description, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
 REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) TO pgtally_api;
@@ -4690,6 +5016,34 @@ COMMENT ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) IS 'GET /v
 REVOKE ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+CREATE FUNCTION api.meter_summaries_due(p_limit integer DEFAULT 100) RETURNS jsonb
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN coalesce((
+    SELECT jsonb_agg(jsonb_build_object('account_id', r.account_id, 'stripe_customer_id', c.stripe_customer_id,
+                                        'event_name', r.event_name, 'day', r.day,
+                                        'start_time', extract(epoch FROM r.day::timestamp AT TIME ZONE 'UTC')::bigint,
+                                        'end_time', extract(epoch FROM (r.day + 1)::timestamp AT TIME ZONE 'UTC')::bigint)
+                     ORDER BY r.day, r.account_id, r.event_name)
+    FROM (SELECT DISTINCT (m.payload ->> 'account_id')::uuid AS account_id, m.payload ->> 'event_name' AS event_name,
+                 (to_timestamp((m.payload ->> 'timestamp')::bigint) AT TIME ZONE 'UTC')::date AS day
+          FROM outbox.messages m
+          WHERE m.kind = 'meter_event' AND m.delivered_at IS NOT NULL
+            AND m.created_at >= util.now() - interval '35 days') r
+    JOIN billing.customers c ON c.account_id = r.account_id
+    WHERE r.day < (util.now() AT TIME ZONE 'UTC')::date
+      AND NOT EXISTS (SELECT 1 FROM billing.meter_event_summaries s
+                      WHERE s.account_id = r.account_id AND s.event_name = r.event_name AND s.day = r.day)
+    LIMIT greatest(p_limit, 1)), '[]');
+END $$;
+
+COMMENT ON FUNCTION api.meter_summaries_due(p_limit integer) IS 'pgtally worker, housekeeping: the (account, Stripe customer, meter event_name, UTC day) triples of the last 35 days whose post-paid usage was reported to Stripe and whose day has ended but whose Stripe total was not read yet (at most p_limit): each is compared once, the day after. start_time and end_time are the day''s bounds in Unix seconds, as Stripe''s meter event summaries take them.';
+
+REVOKE ALL ON FUNCTION api.meter_summaries_due(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.meter_summaries_due(p_limit integer) TO pgtally_api;
+
 CREATE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -5003,6 +5357,21 @@ COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worke
 REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
 
+CREATE FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer DEFAULT 60) RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  UPDATE outbox.messages
+  SET attempts = greatest(attempts - 1, 0), last_error = left(p_reason, 1000),
+      next_attempt_at = util.now() + make_interval(secs => greatest(p_seconds, 1))
+  WHERE id = p_id AND delivered_at IS NULL
+$$;
+
+COMMENT ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) IS 'pgtally worker: it cannot act on this task (no STRIPE_API_KEY for an auto top-up or a meter event): leave it queued, say why (last_error), claim it again after p_seconds; the attempt is not counted, so a worker that can act still gets all eight.';
+
+REVOKE ALL ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_postpone(p_id uuid, p_reason text, p_seconds integer) TO pgtally_api;
+
 CREATE FUNCTION api.partitions() RETURNS TABLE(table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -5083,6 +5452,21 @@ COMMENT ON FUNCTION api.readiness() IS '/readyz: {schema: the newest migration a
 
 REVOKE ALL ON FUNCTION api.readiness() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.readiness() TO pgtally_api;
+
+CREATE FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  INSERT INTO billing.meter_event_summaries AS s (account_id, event_name, day, stripe_units, checked_at)
+  VALUES (p_account_id, p_event_name, p_day, coalesce(p_stripe_units, 0), util.now())
+  ON CONFLICT (account_id, event_name, day) DO UPDATE SET stripe_units = EXCLUDED.stripe_units, checked_at = EXCLUDED.checked_at;
+END $$;
+
+COMMENT ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) IS 'pgtally worker: what Stripe''s meter event summary counts for an account''s meter (event_name) on a UTC day (units); reporting.meter_total_mismatches compares it with what pgtally reported.';
+
+REVOKE ALL ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.record_meter_summary(p_account_id uuid, p_event_name text, p_day date, p_stripe_units numeric) TO pgtally_api;
 
 CREATE FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -5220,6 +5604,33 @@ COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_i
 
 REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.release_stuck_auto_topups(p_after interval DEFAULT '00:30:00'::interval) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  r record;
+  n integer := 0;
+BEGIN
+  FOR r IN SELECT t.account_id, t.stripe_payment_intent_id, m.failed_at IS NOT NULL AS failed, m.last_error
+           FROM billing.auto_topups t LEFT JOIN outbox.messages m ON m.id = t.task_id
+           WHERE t.in_flight_since < util.now() - p_after
+             AND (m.id IS NULL OR m.delivered_at IS NOT NULL OR m.failed_at IS NOT NULL)
+           ORDER BY t.account_id
+  LOOP
+    PERFORM billing.auto_topup_failure(r.account_id, CASE
+      WHEN r.failed THEN 'the top-up task failed: ' || coalesce(r.last_error, '?')
+      ELSE format('no answer from Stripe about %s within %s: released', coalesce(r.stripe_payment_intent_id, 'the payment'), p_after) END);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END $$;
+
+COMMENT ON FUNCTION api.release_stuck_auto_topups(p_after interval) IS 'pgtally worker housekeeping: release auto top-ups in flight for longer than p_after whose task is settled (Stripe was asked and its payment_intent.succeeded never came, the task gave up, or it is gone), counting each as a failure (three turn auto top-up off). A payment_intent.succeeded arriving later still grants its credits. Queued tasks are left to the outbox''s retries. Returns how many were released.';
+
+REVOKE ALL ON FUNCTION api.release_stuck_auto_topups(p_after interval) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.release_stuck_auto_topups(p_after interval) TO pgtally_api;
 
 CREATE FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -5503,13 +5914,15 @@ BEGIN
   INSERT INTO billing.auto_topups AS x (account_id, below_micros, price_id, enabled, failures, updated_at)
   VALUES (v_account_id, p_below_micros, p_bundle, true, 0, util.now())
   ON CONFLICT (account_id) DO UPDATE SET below_micros = EXCLUDED.below_micros, price_id = EXCLUDED.price_id,
-    enabled = true, failures = 0, last_error = NULL, updated_at = EXCLUDED.updated_at
+    enabled = true, failures = 0, last_error = NULL, updated_at = EXCLUDED.updated_at,
+    -- Turned on again after being off: whatever was in flight then is forgotten (its task pays nothing).
+    in_flight_since = CASE WHEN x.enabled THEN x.in_flight_since END, task_id = CASE WHEN x.enabled THEN x.task_id END
   RETURNING * INTO t;
   UPDATE identity.accounts SET auto_topup_below_micros = p_below_micros WHERE id = v_account_id;
   RETURN billing.auto_topup_json(t);
 END $$;
 
-COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
+COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight; turning it on after it was off clears a top-up left in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
 
 REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) TO pgtally_api;
@@ -5750,7 +6163,68 @@ COMMENT ON FUNCTION api.stripe_customer_of(p_account_id uuid) IS 'pgtally worker
 REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
 
-CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS jsonb
+CREATE FUNCTION api.stripe_thin_event(p_event jsonb) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $_$
+DECLARE
+  v_id text := p_event ->> 'id';
+  v_type text := p_event ->> 'type';
+  v_created timestamptz;
+  v_status text;
+  v_result text;
+  v_reason text;
+BEGIN
+  -- A v2 event (https://docs.stripe.com/api/v2/core/events/object): created is an RFC 3339 string.
+  BEGIN
+    v_created := (p_event ->> 'created')::timestamptz;
+  EXCEPTION WHEN data_exception THEN
+    v_created := NULL;
+  END;
+  v_reason := CASE
+    WHEN jsonb_typeof(p_event) <> 'object' OR p_event ->> 'object' IS DISTINCT FROM 'v2.core.event' THEN 'a v2 event object is required'
+    WHEN jsonb_typeof(p_event -> 'id') IS DISTINCT FROM 'string' OR v_id !~ '^[A-Za-z0-9_]{1,255}$' THEN
+      'id: a Stripe event id (letters, digits and _, at most 255) is required'
+    WHEN jsonb_typeof(p_event -> 'type') IS DISTINCT FROM 'string' OR v_type !~ '^[a-z0-9_.]{1,100}$' THEN
+      'type: a Stripe event type is required'
+    WHEN v_created IS NULL OR v_created > '3000-01-01'::timestamptz THEN 'created: an RFC 3339 time before the year 3000 is required'
+  END;
+  IF v_reason IS NOT NULL THEN
+    RETURN billing.record_rejected(
+      CASE WHEN v_id ~ '^[A-Za-z0-9_]{1,255}$' THEN v_id
+           ELSE 'rejected:' || encode(sha256(convert_to(p_event::text, 'UTF8')), 'hex') END,
+      CASE WHEN jsonb_typeof(p_event -> 'type') = 'string' THEN v_type END, p_event, v_reason);
+  END IF;
+  PERFORM pg_advisory_xact_lock(hashtextextended('stripe:' || coalesce(p_event #>> '{related_object,id}', v_id), 0));
+  SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
+  IF FOUND THEN
+    RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', v_status, 'event_id', v_id);
+  END IF;
+  INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
+  VALUES (v_id, v_type, v_created, coalesce((p_event ->> 'livemode') = 'true', false), p_event, util.now(), 'ignored');
+  BEGIN
+    v_result := CASE v_type
+      WHEN 'v1.billing.meter.error_report_triggered' THEN billing.apply_meter_error_report(p_event)
+      ELSE 'ignored: pgtally does not handle ' || v_type
+    END;
+  EXCEPTION WHEN data_exception OR check_violation OR not_null_violation THEN
+    GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
+    v_result := 'rejected: ' || v_reason;
+  END;
+  v_status := split_part(v_result, ':', 1);
+  UPDATE billing.stripe_events
+  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
+  WHERE id = v_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+END $_$;
+
+COMMENT ON FUNCTION api.stripe_thin_event(p_event jsonb) IS 'POST /v1/webhooks/stripe for a thin event (object v2.core.event, an event destination''s payload): after the server verified the signature and read the whole event from Stripe (GET /v2/core/events/:id), record it in billing.stripe_events by id (a duplicate returns its recorded status) and apply it: v1.billing.meter.error_report_triggered (billing.apply_meter_error_report); other types are recorded as ignored, a malformed one as rejected. Returns {received, duplicate, status, event_id, reason}.';
+
+REVOKE ALL ON FUNCTION api.stripe_thin_event(p_event jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_thin_event(p_event jsonb) TO pgtally_api;
+
+CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb, p_lines jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -5812,6 +6286,15 @@ BEGIN
       END IF;
     END IF;
   END IF;
+  -- An invoice whose lines do not all fit in the event (Stripe sends the first ones): ask the
+  -- server for all of them (GET /v1/invoices/:id/lines), applied in place of the event's.
+  IF v_type LIKE 'invoice.%' AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    IF p_lines IS NULL THEN
+      RETURN jsonb_build_object('received', false, 'status', 'refetch_lines', 'invoice', v_object ->> 'id');
+    ELSIF jsonb_typeof(p_lines) <> 'array' THEN
+      PERFORM util.fail('TL422', 'p_lines is the array of the invoice''s lines');
+    END IF;
+  END IF;
   -- The inbox: a redelivered event (even one being applied right now) conflicts here and changes nothing.
   INSERT INTO billing.stripe_events (id, type, created, livemode, payload, received_at, status)
   VALUES (v_id, v_type, billing.ts(p_event -> 'created'), coalesce((p_event ->> 'livemode') = 'true', false),
@@ -5821,6 +6304,10 @@ BEGIN
     SELECT status INTO v_status FROM billing.stripe_events WHERE id = v_id;
     RETURN jsonb_build_object('received', true, 'duplicate', true, 'status', coalesce(v_status, 'applied'), 'event_id', v_id);
   END IF;
+  IF p_lines IS NOT NULL AND v_object #> '{lines,has_more}' = 'true'::jsonb THEN
+    p_event := jsonb_set(p_event, '{data,object,lines}',
+                         (v_object -> 'lines') || jsonb_build_object('data', p_lines, 'has_more', false));
+  END IF;
   BEGIN
     IF v_sub_id IS NOT NULL AND p_current IS NOT NULL THEN
       PERFORM billing.apply_subscription(p_event, p_current);
@@ -5828,6 +6315,7 @@ BEGIN
     v_result := CASE v_type
       WHEN 'checkout.session.completed' THEN billing.apply_checkout_completed(p_event)
       WHEN 'checkout.session.async_payment_succeeded' THEN billing.apply_checkout_completed(p_event)
+      WHEN 'checkout.session.expired' THEN billing.apply_checkout_expired(p_event)
       WHEN 'customer.subscription.created' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.updated' THEN billing.apply_subscription(p_event, p_current)
       WHEN 'customer.subscription.deleted' THEN billing.apply_subscription(p_event, p_current)
@@ -5855,10 +6343,10 @@ BEGIN
          || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
 END $_$;
 
-COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
+COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
-REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb, p_lines jsonb) TO pgtally_api;
 
 CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -6117,6 +6605,8 @@ BEGIN
     VALUES (v_account_id, o ->> 'customer', util.now())
     ON CONFLICT DO NOTHING;
   END IF;
+  UPDATE billing.checkout_sessions SET status = 'complete', closed_at = util.now()
+  WHERE stripe_checkout_session_id = o ->> 'id' AND status <> 'complete';
   IF o ->> 'mode' <> 'payment' THEN
     RETURN 'applied';          -- subscriptions: their own events carry the state
   END IF;
@@ -6128,10 +6618,10 @@ BEGIN
     RETURN 'ignored: checkout session names no credit bundle';
   END IF;
   INSERT INTO billing.payments (stripe_payment_intent_id, account_id, stripe_checkout_session, price_id,
-                                amount_minor, currency, credits_micros, paid_at)
+                                amount_minor, currency, credits_micros, paid_at, tax_minor)
   VALUES (coalesce(o ->> 'payment_intent', o ->> 'id'), v_account_id, o ->> 'id', v_price.id,
           coalesce((o ->> 'amount_total')::bigint, v_price.amount_minor), coalesce(o ->> 'currency', v_price.currency),
-          v_price.credits_micros, billing.ts(p_event -> 'created'))
+          v_price.credits_micros, billing.ts(p_event -> 'created'), coalesce((o #>> '{total_details,amount_tax}')::bigint, 0))
   ON CONFLICT DO NOTHING
   RETURNING stripe_payment_intent_id INTO v_payment;
   IF v_payment IS NULL THEN
@@ -6144,9 +6634,22 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
+COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment (with its tax: total_details.amount_tax) and grant its credits (once per session).';
 
 REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
+
+CREATE FUNCTION billing.apply_checkout_expired(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  UPDATE billing.checkout_sessions SET status = 'expired', closed_at = util.now()
+  WHERE stripe_checkout_session_id = p_event #>> '{data,object,id}' AND status = 'open';
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: not an open session pgtally opened' END;
+END $$;
+
+COMMENT ON FUNCTION billing.apply_checkout_expired(p_event jsonb) IS 'checkout.session.expired: the session can no longer be paid (Stripe expired it after 24 hours, or pgtally asked because a newer one replaced it): close it in billing.checkout_sessions.';
+
+REVOKE ALL ON FUNCTION billing.apply_checkout_expired(p_event jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_dispute(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -6197,13 +6700,16 @@ DECLARE
   v_credits bigint;
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
-    RETURN 'ignored: not a subscription invoice';
+    RETURN billing.record_payment_invoice(o, billing.ts(p_event -> 'created'));
   END IF;
   PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
   PERFORM billing.record_invoice(o, s, 'paid', billing.ts(p_event -> 'created'));
   -- Which PaymentIntent paid it (the only link a later refund or dispute has to it).
   PERFORM billing.record_invoice_payment(ip, s.account_id) FROM jsonb_array_elements(
     CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip;
+  IF EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = s.stripe_subscription_id) THEN
+    RETURN 'applied: a duplicate subscription''s invoice, recorded to be refunded';
+  END IF;
   -- A new period starts: allowances counted per billing period start from zero in it.
   UPDATE billing.subscriptions
   SET current_period_start = v_start, current_period_end = v_end, updated_at = util.now()
@@ -6223,7 +6729,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
+COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice. A duplicate subscription''s invoice is recorded (to be refunded) and nothing else; the invoice of a one-time payment is billing.record_payment_invoice''s.';
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
 
@@ -6236,6 +6742,11 @@ DECLARE
 BEGIN
   IF s.stripe_subscription_id IS NULL THEN
     RETURN 'ignored: not a subscription invoice';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = s.account_id FOR NO KEY UPDATE;
+  -- Delivered after the invoice.paid of a retry that succeeded (Stripe does not order deliveries).
+  IF EXISTS (SELECT 1 FROM billing.invoices WHERE stripe_invoice_id = o ->> 'id' AND status IN ('paid', 'refunded')) THEN
+    RETURN 'stale';
   END IF;
   PERFORM billing.record_invoice(o, s, 'open', NULL);
   UPDATE identity.accounts
@@ -6250,7 +6761,7 @@ BEGIN
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
+COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event. Stale (nothing changes) when the invoice is already recorded paid: the failure of an attempt before the one that succeeded, delivered late.';
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
 
@@ -6308,6 +6819,32 @@ COMMENT ON FUNCTION billing.apply_invoice_refund(o jsonb) IS 'charge.refunded of
 
 REVOKE ALL ON FUNCTION billing.apply_invoice_refund(o jsonb) FROM PUBLIC;
 
+CREATE FUNCTION billing.apply_meter_error_report(p_event jsonb) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  d jsonb := p_event -> 'data';
+BEGIN
+  INSERT INTO billing.meter_error_reports (stripe_event_id, stripe_meter_id, error_count, summary, error_types,
+                                           identifiers, validation_start, validation_end, received_at)
+  VALUES (p_event ->> 'id', p_event #>> '{related_object,id}', coalesce((d #>> '{reason,error_count}')::integer, 0),
+          left(d ->> 'developer_message_summary', 2000),
+          CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array' THEN d #> '{reason,error_types}' ELSE '[]' END,
+          coalesce((SELECT array_agg(DISTINCT left(e #>> '{request,identifier}', 255))
+                    FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d #> '{reason,error_types}') = 'array'
+                                                   THEN d #> '{reason,error_types}' ELSE '[]' END) t,
+                         jsonb_array_elements(CASE WHEN jsonb_typeof(t -> 'sample_errors') = 'array'
+                                                   THEN t -> 'sample_errors' ELSE '[]' END) e
+                    WHERE e #>> '{request,identifier}' IS NOT NULL), '{}'),
+          (d ->> 'validation_start')::timestamptz, (d ->> 'validation_end')::timestamptz, util.now())
+  ON CONFLICT DO NOTHING;
+  RETURN 'applied';
+END $$;
+
+COMMENT ON FUNCTION billing.apply_meter_error_report(p_event jsonb) IS 'v1.billing.meter.error_report_triggered (a thin event, read whole from Stripe): record which meter, how many meter events Stripe rejected in the validation window, the error types and the sample identifiers (billing.meter_error_reports). The daily comparison of totals (reporting.meter_total_mismatches) shows what it cost.';
+
+REVOKE ALL ON FUNCTION billing.apply_meter_error_report(p_event jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -6336,14 +6873,26 @@ BEGIN
                                'payment_intent:' || (o ->> 'id'), NULL, v_price.name);
   PERFORM billing.first_payment(v_account_id, v_payment);
   PERFORM billing.email_receipt(v_payment);
+  -- A top-up (no Checkout, so no invoice_creation): the worker has Stripe invoice it.
+  IF 'true' IN (o -> 'metadata' ->> 'topup', o -> 'metadata' ->> 'auto_topup') THEN
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'invoice_topup', v_account_id::text,
+           jsonb_build_object('account_id', v_account_id, 'payment_intent', o ->> 'id', 'price', v_price.id,
+                              'stripe_price_id', v_price.stripe_price_id, 'stripe_customer_id', o ->> 'customer'),
+           util.now(), util.now()
+    WHERE o ->> 'customer' IS NOT NULL;
+  END IF;
   IF o -> 'metadata' ->> 'auto_topup' = 'true' THEN
-    UPDATE billing.auto_topups SET in_flight_since = NULL, failures = 0, last_error = NULL, updated_at = util.now()
-    WHERE account_id = v_account_id;
+    -- Ends the top-up in flight only if it is this payment's (one released as stuck may succeed late).
+    UPDATE billing.auto_topups SET in_flight_since = NULL, task_id = NULL, failures = 0, last_error = NULL,
+                                   stripe_payment_intent_id = o ->> 'id', updated_at = util.now()
+    WHERE account_id = v_account_id
+      AND (task_id::text = o -> 'metadata' ->> 'auto_topup_task' OR o -> 'metadata' ->> 'auto_topup_task' IS NULL);
   END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
+COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state when it is the one in flight (metadata auto_topup_task); a top-up''s (metadata topup or auto_topup) queues its invoice (worker task invoice_topup).';
 
 REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
 
@@ -6352,7 +6901,15 @@ CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAUL
     AS $$
 DECLARE
   o jsonb := coalesce(p_current, p_event -> 'data' -> 'object');
-  v_item jsonb := o -> 'items' -> 'data' -> 0;
+  -- Every item is read: the plan is the item whose price is a plan's (licensed first), not items[0].
+  v_item jsonb := coalesce(
+    (SELECT i FROM jsonb_array_elements(CASE WHEN jsonb_typeof(o #> '{items,data}') = 'array' THEN o #> '{items,data}'
+                                             ELSE '[]' END) WITH ORDINALITY AS x(i, n)
+     JOIN billing.prices p ON p.stripe_price_id = i #>> '{price,id}' AND p.plan_id IS NOT NULL
+     ORDER BY (p.usage_type = 'licensed') DESC, x.n LIMIT 1),
+    o -> 'items' -> 'data' -> 0);
+  v_cancel_at timestamptz := billing.ts(o -> 'cancel_at');
+  v_ending boolean := coalesce((o ->> 'cancel_at_period_end')::boolean, false) OR billing.ts(o -> 'cancel_at') IS NOT NULL;
   v_status text := CASE WHEN p_event ->> 'type' = 'customer.subscription.deleted' THEN 'canceled' ELSE o ->> 'status' END;
   v_created timestamptz := billing.ts(p_event -> 'created');
   v_rank integer := billing.event_rank(p_event ->> 'type', v_status);
@@ -6377,37 +6934,42 @@ BEGIN
   END IF;
   INSERT INTO billing.subscriptions AS s (
     stripe_subscription_id, account_id, stripe_customer_id, status, stripe_item_id, price_id, plan_id,
-    current_period_start, current_period_end, cancel_at_period_end, canceled_at,
+    current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at,
     last_event_created, last_event_rank, last_event_id, updated_at)
   VALUES (o ->> 'id', v_account_id, o ->> 'customer', v_status, v_item ->> 'id', v_price.id, v_price.plan_id,
           coalesce(billing.ts(v_item -> 'current_period_start'), billing.ts(o -> 'current_period_start')),
           coalesce(billing.ts(v_item -> 'current_period_end'), billing.ts(o -> 'current_period_end')),
-          coalesce((o ->> 'cancel_at_period_end')::boolean, false), billing.ts(o -> 'canceled_at'),
+          coalesce((o ->> 'cancel_at_period_end')::boolean, false), v_cancel_at, billing.ts(o -> 'canceled_at'),
           v_created, v_rank, v_event_id, util.now())
   ON CONFLICT (stripe_subscription_id) DO UPDATE SET
     account_id = EXCLUDED.account_id, stripe_customer_id = EXCLUDED.stripe_customer_id, status = EXCLUDED.status,
     stripe_item_id = EXCLUDED.stripe_item_id, price_id = EXCLUDED.price_id, plan_id = EXCLUDED.plan_id,
     current_period_start = EXCLUDED.current_period_start, current_period_end = EXCLUDED.current_period_end,
-    cancel_at_period_end = EXCLUDED.cancel_at_period_end, canceled_at = EXCLUDED.canceled_at,
+    cancel_at_period_end = EXCLUDED.cancel_at_period_end, cancel_at = EXCLUDED.cancel_at, canceled_at = EXCLUDED.canceled_at,
     last_event_created = EXCLUDED.last_event_created, last_event_rank = EXCLUDED.last_event_rank,
     last_event_id = EXCLUDED.last_event_id, updated_at = EXCLUDED.updated_at;
+  IF v_status IN ('active', 'trialing', 'past_due') AND cur.status IS DISTINCT FROM v_status
+     AND coalesce(cur.status, 'incomplete') NOT IN ('active', 'trialing', 'past_due') THEN
+    PERFORM billing.catch_duplicate_subscription(o ->> 'id', v_account_id, v_price.plan_id, lower(o ->> 'currency'));
+  END IF;
   PERFORM billing.sync_account_plan(v_account_id);
   PERFORM billing.record_mrr(v_account_id, v_created);
-  -- Tell the customer when their plan is set to end, and when it has ended (once each).
-  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled' THEN
+  -- Tell the customer when their plan is set to end (at period end or a chosen date), and when it has ended (once each).
+  IF v_status = 'canceled' AND cur.status IS DISTINCT FROM 'canceled'
+     AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions WHERE stripe_subscription_id = o ->> 'id') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_canceled',
                                   jsonb_build_object('plan', coalesce(v_price.plan_id, cur.plan_id)));
-  ELSIF coalesce((o ->> 'cancel_at_period_end')::boolean, false) AND NOT coalesce(cur.cancel_at_period_end, false)
+  ELSIF v_ending AND NOT (coalesce(cur.cancel_at_period_end, false) OR cur.cancel_at IS NOT NULL)
         AND v_status IN ('active', 'trialing', 'past_due') THEN
     PERFORM billing.email_account(v_account_id, 'subscription_ending',
       jsonb_build_object('plan', v_price.plan_id,
-                         'ends_at', to_char(coalesce(billing.ts(v_item -> 'current_period_end'),
+                         'ends_at', to_char(coalesce(v_cancel_at, billing.ts(v_item -> 'current_period_end'),
                                                      billing.ts(o -> 'current_period_end')) AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
   END IF;
   RETURN 'applied';
 END $$;
 
-COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
+COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, the plan of whichever item has a plan''s price (licensed first), that item''s period, cancel at period end, cancel_at: a scheduled end by date) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
 REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
 
@@ -6459,6 +7021,31 @@ END $$;
 COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox, billing.mailbox: alice+2@ is alice@, a.lice@gmail.com is alice@googlemail.com), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
 REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) RETURNS billing.auto_topups
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  t billing.auto_topups;
+BEGIN
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  UPDATE billing.auto_topups
+  SET failures = failures + 1, in_flight_since = NULL, task_id = NULL, last_error = left(p_error, 1000),
+      updated_at = util.now(), enabled = failures + 1 < 3
+  WHERE account_id = p_account_id RETURNING * INTO t;
+  IF t.account_id IS NOT NULL AND NOT t.enabled THEN
+    UPDATE identity.accounts SET auto_topup_below_micros = NULL WHERE id = p_account_id;
+    INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+    SELECT 'auto_topup_disabled', u.email, jsonb_build_object('error', left(p_error, 300), 'failures', t.failures),
+           util.now(), util.now()
+    FROM identity.users u WHERE u.account_id = p_account_id AND u.email_verified_at IS NOT NULL;
+  END IF;
+  RETURN t;
+END $$;
+
+COMMENT ON FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) IS 'An auto top-up did not happen (declined, needs authentication, or no answer from Stripe): count the failure, end the in-flight state so the next charge may try again; the third failure in a row turns auto top-up off and emails the user.';
+
+REVOKE ALL ON FUNCTION billing.auto_topup_failure(p_account_id uuid, p_error text) FROM PUBLIC;
 
 CREATE FUNCTION billing.auto_topup_json(t billing.auto_topups) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -6514,6 +7101,38 @@ COMMENT ON FUNCTION billing.cancel_referral_reward(p_ref text) IS 'The qualifyin
 
 REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
 
+CREATE FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) RETURNS boolean
+    LANGUAGE plpgsql
+    AS $_$
+DECLARE
+  v_kept text;
+BEGIN
+  SELECT x.stripe_subscription_id INTO v_kept FROM billing.subscriptions x
+  WHERE x.account_id = p_account_id AND x.stripe_subscription_id <> p_subscription
+    AND x.status IN ('active', 'trialing', 'past_due')
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
+  ORDER BY x.last_event_created, x.stripe_subscription_id LIMIT 1;
+  IF v_kept IS NULL THEN
+    RETURN false;
+  END IF;
+  INSERT INTO billing.duplicate_subscriptions (stripe_subscription_id, account_id, kept_subscription_id, detected_at, currency)
+  VALUES (p_subscription, p_account_id, v_kept, util.now(), CASE WHEN p_currency ~ '^[a-z]{3}$' THEN p_currency END)
+  ON CONFLICT DO NOTHING;
+  IF NOT FOUND THEN
+    RETURN true;
+  END IF;
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  VALUES ('cancel_duplicate_subscription', p_account_id::text,
+          jsonb_build_object('subscription', p_subscription, 'account_id', p_account_id), util.now(), util.now());
+  PERFORM billing.email_account(p_account_id, 'subscription_duplicate',
+                                jsonb_build_object('plan', coalesce(p_plan, 'a'), 'subscription', p_subscription));
+  RETURN true;
+END $_$;
+
+COMMENT ON FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) IS 'A subscription just became live: if the account already has another live one (two Checkouts paid at once), record it in billing.duplicate_subscriptions (once), queue the worker task that cancels it at Stripe and refunds its invoices (cancel_duplicate_subscription), and email the customer (subscription_duplicate). Returns whether it is a duplicate. The first live subscription is kept.';
+
+REVOKE ALL ON FUNCTION billing.catch_duplicate_subscription(p_subscription text, p_account_id uuid, p_plan text, p_currency text) FROM PUBLIC;
+
 CREATE FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -6546,6 +7165,7 @@ CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
     AS $$
 DECLARE
   t billing.auto_topups;
+  v_task uuid;
 BEGIN
   -- The claim: one top-up in flight at a time, whatever the number of charges under the threshold.
   UPDATE billing.auto_topups SET in_flight_since = util.now()
@@ -6554,11 +7174,13 @@ BEGIN
   IF t.account_id IS NOT NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('auto_topup', p_account_id::text, jsonb_build_object('account_id', p_account_id, 'price', t.price_id),
-            util.now(), util.now());
+            util.now(), util.now())
+    RETURNING id INTO v_task;
+    UPDATE billing.auto_topups SET task_id = v_task, stripe_payment_intent_id = NULL WHERE account_id = p_account_id;
   END IF;
 END $$;
 
-COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup) unless one is in flight.';
+COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup, remembered as billing.auto_topups.task_id) unless one is in flight.';
 
 REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
 
@@ -6769,6 +7391,38 @@ COMMENT ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with ti
 
 REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
 
+CREATE FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_account_id uuid := billing.account_of(o -> 'metadata' ->> 'account_id', o ->> 'customer');
+BEGIN
+  IF v_account_id IS NULL THEN
+    RETURN 'ignored: an invoice of no subscription and no pgtally customer';
+  END IF;
+  PERFORM 1 FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
+  INSERT INTO billing.payment_invoices (stripe_invoice_id, account_id, stripe_payment_intent_id, number, status, currency,
+                                        amount_paid_minor, tax_minor, description, hosted_invoice_url, invoice_pdf,
+                                        created_at, paid_at)
+  VALUES (o ->> 'id', v_account_id,
+          (SELECT ip #>> '{payment,payment_intent}' FROM jsonb_array_elements(
+             CASE WHEN jsonb_typeof(o #> '{payments,data}') = 'array' THEN o #> '{payments,data}' ELSE '[]' END) ip
+           WHERE ip #>> '{payment,payment_intent}' IS NOT NULL LIMIT 1),
+          left(o ->> 'number', 255), 'paid', lower(coalesce(o ->> 'currency', 'usd')),
+          coalesce((o ->> 'amount_paid')::bigint, 0),
+          coalesce((SELECT sum((t ->> 'amount')::bigint) FROM jsonb_array_elements(
+                      CASE WHEN jsonb_typeof(o -> 'total_taxes') = 'array' THEN o -> 'total_taxes' ELSE '[]' END) t), 0),
+          left(coalesce(o ->> 'description', o #>> '{lines,data,0,description}'), 500),
+          left(o ->> 'hosted_invoice_url', 2000), left(o ->> 'invoice_pdf', 2000),
+          coalesce(billing.ts(o -> 'created'), util.now()), p_paid_at)
+  ON CONFLICT (stripe_invoice_id) DO NOTHING;
+  RETURN CASE WHEN FOUND THEN 'applied' ELSE 'ignored: this invoice was already recorded' END;
+END $$;
+
+COMMENT ON FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) IS 'invoice.paid of an invoice that bills no subscription (a one-time Checkout purchase with invoice_creation): record it once in billing.payment_invoices for the account of its metadata or customer, with the PaymentIntent that paid it (payments.data), its number, tax (total_taxes) and links. Not revenue: the payment itself is billing.payments''.';
+
+REVOKE ALL ON FUNCTION billing.record_payment_invoice(o jsonb, p_paid_at timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -6837,8 +7491,9 @@ CREATE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
 DECLARE
   s billing.subscriptions;
 BEGIN
-  SELECT * INTO s FROM billing.subscriptions
+  SELECT * INTO s FROM billing.subscriptions x
   WHERE account_id = p_account_id AND status IN ('active', 'trialing', 'past_due') AND plan_id IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d WHERE d.stripe_subscription_id = x.stripe_subscription_id)
   ORDER BY current_period_end DESC NULLS LAST, last_event_created DESC
   LIMIT 1;
   UPDATE identity.accounts
@@ -6852,7 +7507,7 @@ BEGIN
   WHERE id = p_account_id;
 END $$;
 
-COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due, not a duplicate being canceled; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
 
 REVOKE ALL ON FUNCTION billing.sync_account_plan(p_account_id uuid) FROM PUBLIC;
 
@@ -8645,7 +9300,8 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
+               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';

@@ -75,3 +75,38 @@ COMMENT ON VIEW reporting.unmatched_refunds IS
   'Reconciliation: charge.refunded events that changed nothing because no payment pgtally recorded matched them (no bundle payment, no subscription invoice payment): money Stripe gave back that pgtally''s revenue still counts, or a payment pgtally never saw. Must be empty.';
 
 GRANT SELECT ON reporting.subscriptions_by_status, reporting.payments_vs_ledger_daily, reporting.stripe_events_not_applied, reporting.meter_event_reports_daily, reporting.post_paid_invoice_drift, reporting.unreported_post_paid_events, reporting.unmatched_refunds TO pgtally_analyst;
+
+CREATE OR REPLACE VIEW reporting.stuck_auto_topups AS
+SELECT t.account_id, t.in_flight_since, t.task_id, t.stripe_payment_intent_id, t.failures, t.last_error,
+       CASE WHEN m.id IS NULL THEN 'missing' WHEN m.delivered_at IS NOT NULL THEN 'delivered'
+            WHEN m.failed_at IS NOT NULL THEN 'failed' ELSE 'queued' END AS task_state,
+       m.attempts AS task_attempts, m.last_error AS task_error
+FROM billing.auto_topups t LEFT JOIN outbox.messages m ON m.id = t.task_id
+WHERE t.in_flight_since < util.now() - interval '30 minutes';
+COMMENT ON VIEW reporting.stuck_auto_topups IS
+  'Reconciliation: auto top-ups in flight for more than 30 minutes (no payment_intent.succeeded and no failure recorded): the task''s state (queued: the worker could not act yet, see task_error; delivered: Stripe was asked and its event never arrived; failed or missing). The worker''s housekeeping (api.release_stuck_auto_topups) releases the delivered, failed and missing ones; a queued one waits for a worker that can pay it. Must be empty.';
+GRANT SELECT ON reporting.stuck_auto_topups TO pgtally_analyst;
+
+CREATE OR REPLACE VIEW reporting.meter_total_mismatches AS
+WITH reported AS (
+  SELECT (m.payload ->> 'account_id')::uuid AS account_id, m.payload ->> 'event_name' AS event_name,
+         (to_timestamp((m.payload ->> 'timestamp')::bigint) AT TIME ZONE 'UTC')::date AS day,
+         sum((m.payload ->> 'value')::numeric) AS reported_units
+  FROM outbox.messages m WHERE m.kind = 'meter_event' AND m.delivered_at IS NOT NULL
+  GROUP BY 1, 2, 3)
+SELECT s.account_id, s.event_name, s.day, coalesce(r.reported_units, 0) AS reported_units, s.stripe_units,
+       s.stripe_units - coalesce(r.reported_units, 0) AS difference_units, s.checked_at,
+       (SELECT array_agg(DISTINCT e.stripe_event_id) FROM billing.meter_error_reports e
+        WHERE e.validation_start < (s.day + 1)::timestamptz AND e.validation_end >= s.day::timestamptz) AS error_reports
+FROM billing.meter_event_summaries s LEFT JOIN reported r USING (account_id, event_name, day)
+WHERE s.stripe_units <> coalesce(r.reported_units, 0);
+COMMENT ON VIEW reporting.meter_total_mismatches IS
+  'Reconciliation: per account, Stripe meter (event_name) and UTC day, the post-paid units pgtally reported (and Stripe accepted) against what Stripe''s meter event summaries count, where they differ (difference_units = Stripe - pgtally), with the error reports of that day (billing.meter_error_reports): usage pgtally charged that Stripe will not bill. Must be empty.';
+GRANT SELECT ON reporting.meter_total_mismatches TO pgtally_analyst;
+
+CREATE OR REPLACE VIEW reporting.unmatched_disputes AS
+SELECT d.stripe_dispute_id, d.stripe_charge_id, d.stripe_payment_intent_id, d.amount_minor, d.currency, d.status, d.created_at
+FROM billing.disputes d WHERE d.account_id IS NULL;
+COMMENT ON VIEW reporting.unmatched_disputes IS
+  'Reconciliation: disputes whose charge or PaymentIntent matches no payment pgtally recorded (no account): money Stripe may take back from a payment pgtally never saw. Must be empty.';
+GRANT SELECT ON reporting.unmatched_disputes TO pgtally_analyst;

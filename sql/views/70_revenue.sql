@@ -35,7 +35,10 @@ recorded AS (
   UNION ALL
   SELECT (date_trunc('day', i.paid_at AT TIME ZONE 'UTC'))::date, 'subscription', i.currency,
          sum(i.amount_paid_minor), sum(i.refunded_minor),
-         sum(coalesce(pl.included_credits_micros, 0)),
+         -- A duplicate subscription's invoice grants nothing (it is canceled and refunded).
+         sum(CASE WHEN EXISTS (SELECT 1 FROM billing.duplicate_subscriptions d
+                               WHERE d.stripe_subscription_id = i.stripe_subscription_id) THEN 0
+                  ELSE coalesce(pl.included_credits_micros, 0) END),
          sum((SELECT coalesce(sum(t.amount_micros), 0) FROM ledger.transfers t
               WHERE t.account_id = i.account_id AND t.idempotency_key = 'invoice:' || i.stripe_invoice_id))
   FROM billing.invoices i LEFT JOIN billing.plans pl ON pl.id = i.plan_id

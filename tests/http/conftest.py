@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 import pytest
+import stripe
 from aiosmtpd.controller import Controller
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -181,6 +182,26 @@ def account_row(owner, account_id):
     return owner.execute("SELECT plan_id, credit_balance_micros, billing_period_start, billing_period_end, "
                          "plan_grace_until FROM identity.accounts WHERE id = %s", [account_id]).fetchone()
 
+
+
+async def run_worker(db_url, settings) -> int:
+    """Run the outbox worker once with these settings: how many messages it claimed."""
+    async with await psycopg.AsyncConnection.connect(db.api_conninfo(db_url), autocommit=True) as conn:
+        return await deliver_due(conn, settings, limit=100)
+
+
+def sdk(stripe_api) -> stripe.StripeClient:
+    """The real stripe SDK pointed at the stand-in (to act at Stripe as a test)."""
+    stripe.enable_telemetry = False
+    return stripe.StripeClient("sk_test_pgtally", base_addresses={"api": stripe_api.url})
+
+
+def new_api_key(owner, person) -> str:
+    """An API key of a signed-up person (tests.conftest.signup), their email verified first."""
+    owner.execute("UPDATE identity.users SET email_verified_at = now() WHERE id = %s", [person["user_id"]])
+    session = owner.execute("SELECT api.login_succeeded(%s, NULL, '192.0.2.1', 'test')", [person["user_id"]]).fetchone()[0]
+    return owner.execute("SELECT api.create_api_key(%s::uuid, 'test', ARRAY['usage:write', 'usage:read', "
+                         "'billing:read', 'billing:manage'])", [session["session_id"]]).fetchone()[0]["api_key"]
 
 # Metrics.
 def samples(text: str, name: str) -> dict[tuple, float]:

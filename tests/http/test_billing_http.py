@@ -13,7 +13,7 @@ import pytest
 
 from api.settings import Settings
 from tests.conftest import reconciliation_problems
-from tests.http.conftest import DAY, PUBLIC_URL, SECRET, account_row, bearer, form, page_client, pay_and_deliver, webhook
+from tests.http.conftest import DAY, PUBLIC_URL, SECRET, account_row, bearer, form, page_client, pay_and_deliver, run_worker, webhook
 from tests.stripe_standin import Events, sign
 
 
@@ -496,10 +496,10 @@ async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webh
     assert "is active" in (await client.get(f"/billing/success?payment_intent={r.json()['payment_intent']}")).text
     assert reconciliation_problems(owner) == {}
 
-    # A card that needs authentication falls back to Checkout.
+    # A card that needs authentication: the person confirms that same payment with their bank.
     stripe_api.needs_authentication.add(owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0])
     r = await client.post("/v1/billing/topup", json={"bundle": "bundle_10"}, headers=headers)
-    assert r.json()["status"] == "checkout" and "/c/pay/" in r.json()["url"]
+    assert r.json()["status"] == "requires_action" and "/authenticate/" in r.json()["url"]
     assert (await client.post("/v1/billing/topup", json={"bundle": "pro_monthly"}, headers=headers)).status_code == 422
 
 
@@ -556,16 +556,6 @@ async def test_a_subscriber_switching_plans_sees_the_proration_and_changes_the_s
         _, path, params, _ = stripe_api.requests[-1]
         assert path.startswith("/v1/subscriptions/sub_") and params["items"][0]["price"] == "price_unlimited_monthly"
         assert owner.execute("SELECT count(*) FROM billing.subscriptions").fetchone()[0] == 1
-
-
-async def run_worker(db_url, settings) -> int:
-    import psycopg as pg
-
-    from api import db
-    from api.worker import deliver_due
-
-    async with await pg.AsyncConnection.connect(db.api_conninfo(db_url), autocommit=True) as conn:
-        return await deliver_due(conn, settings, limit=100)
 
 
 async def test_auto_top_up_buys_one_bundle_when_charges_cross_the_threshold(client, db_url, settings, stripe_api, new_account, owner):

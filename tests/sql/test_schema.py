@@ -155,6 +155,7 @@ def test_sql_files_match_their_headers_util_in_00_util_outbox_and_housekeeping_i
     util = {name: [f for f, fns in files.items() if name in fns] for fns in files.values() for name in fns
             if name.startswith("util.")}
     assert util and all(where == ["00_util.sql"] for where in util.values()), util
-    outbox = {"api.outbox_claim", "api.outbox_delivered", "api.outbox_failed", "api.housekeeping"}
+    outbox = {"api.outbox_claim", "api.outbox_delivered", "api.outbox_failed", "api.outbox_postpone",
+              "api.housekeeping"}
     assert files["85_outbox.sql"] == outbox
     assert not outbox & files["50_auth.sql"]
