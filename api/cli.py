@@ -592,3 +592,6 @@ def logout() -> None:
             pass                    # already ended: forget it anyway
     forget_credentials()
     click.echo("Logged out.")
+
+
+from api import cli_clients  # noqa: E402,F401  (registers `pgtally clients`: OpenID Connect clients)
