@@ -168,9 +168,14 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the session has ended: sign in again');
   END IF;
+  IF s.client_id IS NOT NULL THEN
+    -- An app's access token acts only within its scopes (identity.authenticate), never as the person.
+    PERFORM util.fail('TL403', 'an app''s access token cannot manage the account: it holds only the scopes it was granted');
+  END IF;
   RETURN s;
 END $$;
-COMMENT ON FUNCTION identity.active_session(uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
+COMMENT ON FUNCTION identity.active_session(uuid) IS
+  'The session, if neither revoked nor expired; TL401 otherwise. TL403 for a session an OpenID Connect client holds (issue 25): managing sessions, keys, teams and sign-in methods is for the person''s own sign-ins.';
 
 CREATE OR REPLACE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid,
                                                  p_ip text, p_user_agent text)

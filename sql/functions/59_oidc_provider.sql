@@ -325,8 +325,12 @@ COMMENT ON FUNCTION api.oidc_token_refresh(text, text, text, text, text) IS
 CREATE OR REPLACE FUNCTION api.oidc_userinfo(p_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions;
 BEGIN
+  SELECT * INTO s FROM identity.sessions WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the session has ended: sign in again');
+  END IF;
   IF s.client_id IS NULL OR NOT 'openid' = ANY (s.scopes) THEN
     PERFORM util.fail('TL403', 'userinfo needs an access token a client obtained with the openid scope');
   END IF;

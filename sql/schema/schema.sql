@@ -2533,8 +2533,12 @@ CREATE FUNCTION api.oidc_userinfo(p_session_id uuid) RETURNS jsonb
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  s identity.sessions := identity.active_session(p_session_id);
+  s identity.sessions;
 BEGIN
+  SELECT * INTO s FROM identity.sessions WHERE id = p_session_id AND revoked_at IS NULL AND expires_at > util.now();
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL401', 'the session has ended: sign in again');
+  END IF;
   IF s.client_id IS NULL OR NOT 'openid' = ANY (s.scopes) THEN
     PERFORM util.fail('TL403', 'userinfo needs an access token a client obtained with the openid scope');
   END IF;
@@ -4445,10 +4449,14 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the session has ended: sign in again');
   END IF;
+  IF s.client_id IS NOT NULL THEN
+    -- An app's access token acts only within its scopes (identity.authenticate), never as the person.
+    PERFORM util.fail('TL403', 'an app''s access token cannot manage the account: it holds only the scopes it was granted');
+  END IF;
   RETURN s;
 END $$;
 
-COMMENT ON FUNCTION identity.active_session(p_session_id uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
+COMMENT ON FUNCTION identity.active_session(p_session_id uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise. TL403 for a session an OpenID Connect client holds (issue 25): managing sessions, keys, teams and sign-in methods is for the person''s own sign-ins.';
 
 CREATE FUNCTION identity.api_key_checksum(p_prefix_and_body text) RETURNS text
     LANGUAGE sql IMMUTABLE

@@ -347,8 +347,12 @@ async def test_item3_client_access_tokens_hold_only_their_scopes(client, owner):
     app, tokens = await first_party_tokens(client, owner, scope="openid usage:read")
     token = bearer(tokens["access_token"])
     assert (await client.get("/v1/me", headers=token)).status_code == 200          # usage:read granted
-    r = await client.get("/v1/api-keys", headers=token)                              # keys:manage is not a client scope
-    assert r.status_code == 403 and "lacks the keys:manage scope" in r.json()["detail"]
+    r = await client.get("/v1/balance", headers=token)                                # usage:read on the JSON API
+    assert r.status_code == 200, r.text
+    # Nor does it act as the person: no API keys, sessions or teams.
+    for method, path in (("GET", "/v1/api-keys"), ("GET", "/v1/me/sessions"), ("POST", "/v1/accounts")):
+        r = await client.request(method, path, headers=token, json={"name": "Team"} if method == "POST" else None)
+        assert r.status_code == 403 and "cannot manage the account" in r.json()["detail"], (path, r.text)
     r = await client.post("/v1/usage/events", headers={**token, "Idempotency-Key": "k1"},
                           json={"meter": "generation", "quantity": 1})
     assert r.status_code == 403 and "usage:write" in r.json()["detail"]
