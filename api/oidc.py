@@ -147,47 +147,78 @@ async def refresh_grant(request: Request, client_id: str | None, client_secret: 
 # ------------------------------------------------------------------------------------------------
 # Discovery, JWKS, userinfo
 # ------------------------------------------------------------------------------------------------
-@get("/.well-known/openid-configuration", summary="OpenID Provider metadata (OpenID Connect Discovery 1.0)")
-async def discovery(request: Request) -> dict[str, Any]:
+class ProviderMetadata(msgspec.Struct):
+    """OpenID Provider metadata (OpenID Connect Discovery 1.0 section 3, RFC 8414)."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    userinfo_endpoint: str
+    jwks_uri: str
+    end_session_endpoint: str
+    device_authorization_endpoint: str
+    scopes_supported: list[str]
+    response_types_supported: list[str]
+    response_modes_supported: list[str]
+    grant_types_supported: list[str]
+    subject_types_supported: list[str]
+    id_token_signing_alg_values_supported: list[str]
+    token_endpoint_auth_methods_supported: list[str]
+    code_challenge_methods_supported: list[str]
+    claims_supported: list[str]
+    prompt_values_supported: list[str]
+    authorization_response_iss_parameter_supported: bool
+
+
+class JWKSet(msgspec.Struct):
+    """A JWK Set (RFC 7517 section 5): public RSA keys with kid, use sig, alg RS256."""
+
+    keys: list[dict[str, str]]
+
+
+class UserInfo(msgspec.Struct, omit_defaults=True):
+    """The UserInfo response (OpenID Connect Core section 5.3.2)."""
+
+    sub: str
+    pgtally: dict[str, Any] = msgspec.field(name=CLAIMS_NAMESPACE)
+    email: str | None = None
+    email_verified: bool | None = None
+    name: str | None = None
+
+
+@get("/.well-known/openid-configuration", summary="OpenID Provider metadata (OpenID Connect Discovery 1.0)",
+     responses=problems())
+async def discovery(request: Request) -> ProviderMetadata:
     """Where pgtally's OpenID Connect endpoints are and what they support."""
     base = issuer(request)
-    return {
-        "issuer": base,
-        "authorization_endpoint": f"{base}/oauth/authorize",
-        "token_endpoint": f"{base}/oauth/token",
-        "userinfo_endpoint": f"{base}/oauth/userinfo",
-        "jwks_uri": f"{base}/oauth/jwks",
-        "end_session_endpoint": f"{base}/oauth/logout",
-        "device_authorization_endpoint": f"{base}/oauth/device_authorization",
-        "scopes_supported": list(SCOPE_TEXT),
-        "response_types_supported": ["code"],
-        "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
-        "code_challenge_methods_supported": ["S256"],
-        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "sid", "email", "email_verified",
-                             "name", CLAIMS_NAMESPACE],
-        "prompt_values_supported": ["none", "consent"],
-        "authorization_response_iss_parameter_supported": True,
-    }
+    return ProviderMetadata(
+        issuer=base, authorization_endpoint=f"{base}/oauth/authorize", token_endpoint=f"{base}/oauth/token",
+        userinfo_endpoint=f"{base}/oauth/userinfo", jwks_uri=f"{base}/oauth/jwks",
+        end_session_endpoint=f"{base}/oauth/logout", device_authorization_endpoint=f"{base}/oauth/device_authorization",
+        scopes_supported=list(SCOPE_TEXT), response_types_supported=["code"], response_modes_supported=["query"],
+        grant_types_supported=["authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"],
+        subject_types_supported=["public"], id_token_signing_alg_values_supported=["RS256"],
+        token_endpoint_auth_methods_supported=["client_secret_basic", "client_secret_post", "none"],
+        code_challenge_methods_supported=["S256"],
+        claims_supported=["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "sid", "email", "email_verified",
+                          "name", CLAIMS_NAMESPACE],
+        prompt_values_supported=["none", "consent"], authorization_response_iss_parameter_supported=True)
 
 
-@get("/oauth/jwks", summary="The ID token signing keys (JWK Set)")
-async def jwks(request: Request) -> Response[dict[str, Any]]:
+@get("/oauth/jwks", summary="The ID token signing keys (JWK Set)", responses=problems(503))
+async def jwks(request: Request) -> Response[JWKSet]:
     """The public keys ID tokens are signed with: the newest, and older ones until their tokens expire."""
-    return Response(await published_keys(request), headers={"Cache-Control": "public, max-age=300"})
+    return Response(msgspec.convert(await published_keys(request), JWKSet), headers={"Cache-Control": "public, max-age=300"})
 
 
 @get("/oauth/userinfo", dependencies=SESSION, security=[{"bearer": []}], summary="UserInfo (OpenID Connect Core 5.3)",
-     responses=problems(401, 403))
-async def userinfo(request: Request, session: Session) -> Response[dict[str, Any]]:
+     responses=problems(400, 401, 403, 503))
+async def userinfo(request: Request, session: Session) -> Response[UserInfo]:
     """The claims about the person an access token of a client (scope ``openid``) was issued for:
     sub, email and email_verified (scope email), name (scope profile), and pgtally's account and
     teams under ``https://pgtally.dev/claims``."""
     (claims,) = await call(request, "SELECT api.oidc_userinfo(%s::uuid)", [session])
-    return Response(claims, headers=NO_STORE)
+    return Response(msgspec.convert(claims, UserInfo), headers=NO_STORE)
 
 
 # ------------------------------------------------------------------------------------------------
