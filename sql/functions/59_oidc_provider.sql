@@ -154,6 +154,20 @@ COMMENT ON FUNCTION identity.oidc_id_token(uuid, text) IS
 ------------------------------------------------------------------------------------------------
 -- Authorization endpoint
 ------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION identity.oidc_forget_old_codes() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_count integer;
+BEGIN
+  DELETE FROM identity.authorization_codes
+  WHERE id IN (SELECT id FROM identity.authorization_codes WHERE expires_at < util.now() - interval '1 day'
+               ORDER BY expires_at LIMIT 100 FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  RETURN v_count;
+END $$;
+COMMENT ON FUNCTION identity.oidc_forget_old_codes() IS
+  'Delete up to 100 authorization codes that expired more than a day ago (a code lives 60 seconds; a replay that late is refused as unknown). Called with each new code, so the table stays small without a worker.';
+
 CREATE OR REPLACE FUNCTION api.oidc_authorize(p_session_id uuid, p_client_id text, p_redirect_uri text,
                                               p_response_type text, p_scope text, p_code_challenge text,
                                               p_code_challenge_method text, p_nonce text, p_decision text,
@@ -208,6 +222,7 @@ BEGIN
     RETURN identity.oauth_error('access_denied', 'the person did not allow ' || c.name);
   END IF;
   v_code := util.random_token();
+  PERFORM identity.oidc_forget_old_codes();
   INSERT INTO identity.authorization_codes (code_hash, client_id, browser_session_id, redirect_uri, scopes, code_challenge, nonce,
                                             created_at, expires_at)
   VALUES (util.token_hash(v_code), c.id, s.id, p_redirect_uri, v_scopes, p_code_challenge, p_nonce,

@@ -2282,6 +2282,7 @@ BEGIN
     RETURN identity.oauth_error('access_denied', 'the person did not allow ' || c.name);
   END IF;
   v_code := util.random_token();
+  PERFORM identity.oidc_forget_old_codes();
   INSERT INTO identity.authorization_codes (code_hash, client_id, browser_session_id, redirect_uri, scopes, code_challenge, nonce,
                                             created_at, expires_at)
   VALUES (util.token_hash(v_code), c.id, s.id, p_redirect_uri, v_scopes, p_code_challenge, p_nonce,
@@ -5045,6 +5046,21 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.oidc_client_auth(p_client_id text, p_client_secret text) IS 'Client authentication at the token endpoint (RFC 6749 section 2.3): the active client''s id, when a confidential client sent its secret (Basic or form) or a public one sent none; NULL otherwise (invalid_client).';
+
+CREATE FUNCTION identity.oidc_forget_old_codes() RETURNS integer
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  v_count integer;
+BEGIN
+  DELETE FROM identity.authorization_codes
+  WHERE id IN (SELECT id FROM identity.authorization_codes WHERE expires_at < util.now() - interval '1 day'
+               ORDER BY expires_at LIMIT 100 FOR UPDATE SKIP LOCKED);
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  RETURN v_count;
+END $$;
+
+COMMENT ON FUNCTION identity.oidc_forget_old_codes() IS 'Delete up to 100 authorization codes that expired more than a day ago (a code lives 60 seconds; a replay that late is refused as unknown). Called with each new code, so the table stays small without a worker.';
 
 CREATE FUNCTION identity.oidc_id_token(p_session_id uuid, p_nonce text) RETURNS jsonb
     LANGUAGE plpgsql STABLE
@@ -9141,6 +9157,8 @@ REVOKE ALL ON FUNCTION identity.oidc_check_uris(p_uris text[], p_what text) FROM
 REVOKE ALL ON FUNCTION identity.oidc_claims(p_session_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.oidc_client_auth(p_client_id text, p_client_secret text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.oidc_forget_old_codes() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.oidc_id_token(p_session_id uuid, p_nonce text) FROM PUBLIC;
 

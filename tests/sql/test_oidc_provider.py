@@ -36,3 +36,20 @@ def test_item1_an_authorization_code_is_exchanged_once_among_many_concurrent_tri
     # The others were replays of a used code: the session the winner got is revoked (RFC 6749 4.1.2).
     assert owner.execute("SELECT revoked_reason FROM identity.sessions WHERE id = %s",
                          [winners[0]["session_id"]]).fetchone() == ("code_replay",)
+
+
+def test_item1_old_authorization_codes_are_forgotten_as_new_ones_are_made(owner):
+    (app,) = owner.execute("SELECT api.oidc_create_client('Web', %s, false, true)", [[WEB]]).fetchone()
+    owner.execute("SELECT api.signup('bea@example.com', 'argon2-hash', NULL, NULL)")
+    (user_id,) = owner.execute("SELECT id FROM identity.users").fetchone()
+    (browser,) = owner.execute("SELECT api.login_succeeded(%s, NULL, NULL, NULL)", [user_id]).fetchone()
+
+    def authorize():
+        owner.execute("SELECT api.oidc_authorize(%s, %s, %s, 'code', 'openid', NULL, NULL, NULL, NULL, NULL, NULL)",
+                      [browser["session_id"], app["client_id"], WEB])
+
+    authorize()
+    authorize()
+    owner.execute("UPDATE identity.authorization_codes SET expires_at = now() - interval '25 hours'")
+    authorize()
+    assert owner.execute("SELECT count(*) FROM identity.authorization_codes").fetchone()[0] == 1
