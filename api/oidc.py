@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
 from authlib.common.urls import add_params_to_uri
@@ -342,17 +342,12 @@ async def hint_claims(request: Request, id_token_hint: str | None) -> dict[str, 
         return None
 
 
-@get("/oauth/logout")
-async def end_session(request: Request, id_token_hint: FromQuery[str | None] = None, client_id: FromQuery[str | None] = None,
-                      post_logout_redirect_uri: FromQuery[str | None] = None,
-                      logout_state: Annotated[str | None, QueryParameter(name="state")] = None) -> Any:
-    """The end_session_endpoint: sign the browser out of pgtally and end the client session the
-    ``id_token_hint`` names, then go back to ``post_logout_redirect_uri`` when it is registered
-    for the client (with ``state``), else show that the person is signed out."""
-    hint = await hint_claims(request, id_token_hint)
+async def finish_logout(request: Request, hint_sid: str | None, client_id: str | None, redirect_uri: str | None,
+                        logout_state: str | None) -> Any:
+    """api.oidc_end_session, then back to the client's registered post-logout URI or a page."""
     try:
         (result,) = await call(request, "SELECT api.oidc_end_session(%s::uuid, %s::uuid, %s::text, %s::text)",
-                               [browser_session(request), hint and hint["sid"], client_id, post_logout_redirect_uri])
+                               [browser_session(request), hint_sid, client_id, redirect_uri])
     except PgtallyError as exc:
         return page("message.html", request, 400, title="Not signed out", message=problem_text(exc))
     if request.scope.get("session") is not None:
@@ -364,6 +359,52 @@ async def end_session(request: Request, id_token_hint: FromQuery[str | None] = N
                 link=("/login", "Log in"), signed_in=False)
 
 
+@get("/oauth/logout")
+async def end_session(request: Request, id_token_hint: FromQuery[str | None] = None, client_id: FromQuery[str | None] = None,
+                      post_logout_redirect_uri: FromQuery[str | None] = None,
+                      logout_state: Annotated[str | None, QueryParameter(name="state")] = None) -> Any:
+    """The end_session_endpoint: sign the browser out of pgtally and end the client session the
+    ``id_token_hint`` names, then go back to ``post_logout_redirect_uri`` when it is registered
+    for the client (with ``state``), else show that the person is signed out. Without a valid
+    hint a signed-in person is asked first (RP-Initiated Logout 1.0 section 2): a link alone
+    signs nobody out."""
+    hint = await hint_claims(request, id_token_hint)
+    if hint is None and browser_session(request) is not None:
+        # The question is a page of its own: /oauth/ paths carry no CSRF token.
+        asked = {"client_id": client_id, "post_logout_redirect_uri": post_logout_redirect_uri, "state": logout_state}
+        return Redirect(f"/logout/confirm?{urlencode({k: v for k, v in asked.items() if v})}")
+    return await finish_logout(request, hint and hint["sid"], client_id, post_logout_redirect_uri, logout_state)
+
+
+@get("/logout/confirm")
+async def logout_question(request: Request, client_id: FromQuery[str | None] = None,
+                          post_logout_redirect_uri: FromQuery[str | None] = None,
+                          logout_state: Annotated[str | None, QueryParameter(name="state")] = None) -> Any:
+    """Ask a signed-in person whether to sign out, for an app's logout request without an ID token hint."""
+    fields = {"client_id": client_id, "post_logout_redirect_uri": post_logout_redirect_uri, "state": logout_state}
+    response = page("logout_confirm.html", request, fields=fields)
+    origin = urlsplit(post_logout_redirect_uri or "")
+    if origin.scheme in ("https", "http") and origin.netloc:
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"form-action 'self' {origin.scheme}://{origin.netloc}; frame-ancestors 'none'; base-uri 'none'; "
+            "object-src 'none'")
+    return response
+
+
+class LogoutForm(msgspec.Struct):
+    client_id: str | None = None
+    post_logout_redirect_uri: str | None = None
+    state: str | None = None
+
+
+@post("/logout/confirm")
+async def confirm_logout(request: Request, data: Annotated[LogoutForm, FORM]) -> Any:
+    """The answer of the sign-out question (CSRF-protected): sign out, then back to the app."""
+    return await finish_logout(request, None, data.client_id or None, data.post_logout_redirect_uri or None,
+                               data.state or None)
+
+
 ROUTES = [discovery, jwks, userinfo]
 """The JSON endpoints (in the OpenAPI document)."""
 
@@ -371,7 +412,7 @@ ROUTES = [discovery, jwks, userinfo]
 def router(settings) -> Router:
     """The browser pages of the provider, with the pages' security headers."""
     return Router(path="/", after_request=page_headers(settings), include_in_schema=False,
-                  route_handlers=[authorize, consent_page, consent, end_session])
+                  route_handlers=[authorize, consent_page, consent, end_session, logout_question, confirm_logout])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -275,6 +275,14 @@ async def test_item1_logout_ends_the_browser_and_client_sessions(client, owner):
                                                        "post_logout_redirect_uri": "https://evil.example/"}),
                          follow_redirects=False)
     assert r.status_code == 400 and (await client.get("/account", follow_redirects=False)).status_code == 200
+    # Without an ID token hint a link alone signs nobody out: the person is asked.
+    ask = f"/oauth/logout?{urlencode({'client_id': app['client_id'], 'post_logout_redirect_uri': LOGOUT})}"
+    r = await client.get(ask, follow_redirects=False)
+    assert r.status_code in (302, 303) and r.headers["location"].startswith("/logout/confirm?")
+    r = await client.get(r.headers["location"], follow_redirects=False)
+    assert r.status_code == 200 and "Sign out of pgtally?" in r.text
+    assert "form-action 'self' https://web.example.org" in r.headers["content-security-policy"]
+    assert (await client.get("/account", follow_redirects=False)).status_code == 200
     r = await client.get("/oauth/logout?" + urlencode({"id_token_hint": tokens["id_token"], "post_logout_redirect_uri": LOGOUT,
                                                        "state": "bye"}), follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == LOGOUT + "?state=bye"
@@ -283,6 +291,18 @@ async def test_item1_logout_ends_the_browser_and_client_sessions(client, owner):
     r = await client.post("/oauth/token", data={"grant_type": "refresh_token", "client_id": app["client_id"],
                                                 "refresh_token": tokens["refresh_token"]})
     assert r.json()["error"] == "invalid_grant"
+
+
+async def test_item1_logout_without_a_hint_asks_then_returns_to_a_registered_uri(client, owner):
+    app, tokens = await first_party_tokens(client, owner)
+    ask = f"/oauth/logout?{urlencode({'client_id': app['client_id'], 'post_logout_redirect_uri': LOGOUT, 'state': 's'})}"
+    ask = (await client.get(ask, follow_redirects=False)).headers["location"]
+    r = await form(client, "/logout/confirm", {"client_id": app["client_id"], "post_logout_redirect_uri": LOGOUT,
+                                              "state": "s"}, ask)
+    assert r.status_code == 303 and r.headers["location"] == LOGOUT + "?state=s"
+    assert (await client.get("/account", follow_redirects=False)).headers["location"].startswith("/login")
+    # The browser's sign-in ended; the app's own session is the app's to end (with the hint).
+    assert (await client.get("/oauth/userinfo", headers=bearer(tokens["access_token"]))).status_code == 200
 
 
 async def test_item1_signing_key_rotation_keeps_tokens_in_flight_valid(client, owner):
