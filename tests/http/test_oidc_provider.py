@@ -441,3 +441,51 @@ async def test_item5_cors_for_registered_origins_only(client, owner):
     got = await client.get("/v1/me", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in got.headers
     assert "access-control-allow-origin" not in (await client.get("/login", headers={"Origin": "https://web.example.org"})).headers
+
+
+async def test_item1_a_standard_client_library_signs_in_as_the_readme_shows(client, owner):
+    """authlib's OAuth 2.0 client, as a relying party's backend uses it (README, "Use pgtally as
+    your app's login"); the ID token is still checked by PyJWT."""
+    import warnings
+
+    from authlib.deprecate import AuthlibDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AuthlibDeprecationWarning)
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+    app = register(owner, "Web app", WEB, first_party=True)
+    await sign_up_and_log_in(client)
+    meta = (await client.get("/.well-known/openid-configuration")).json()
+    rp = AsyncOAuth2Client(app["client_id"], app["client_secret"], scope="openid email profile usage:read",
+                           redirect_uri=WEB, code_challenge_method="S256",
+                           transport=httpx.ASGITransport(app=client.app), base_url=BASE)
+    verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
+    url, state = rp.create_authorization_url(meta["authorization_endpoint"], code_verifier=verifier, nonce=nonce)
+    callback = (await client.get(url.removeprefix(BASE), follow_redirects=False)).headers["location"]
+    token = await rp.fetch_token(meta["token_endpoint"], authorization_response=callback, code_verifier=verifier)
+    claims = await validate_id_token(client, token["id_token"], app["client_id"], nonce)
+    assert claims["email"] == "ada@example.com"
+    me = await rp.get(f"{BASE}/v1/me")
+    assert me.status_code == 200 and me.json()["user"]["email"] == "ada@example.com"
+    await rp.aclose()
+
+
+async def test_item1_prompt_none_and_the_same_site_step_back_to_the_app(client, owner):
+    web = register(owner, "Web app", WEB, public=True, first_party=True)
+    partner = register(owner, "Partner", PARTNER)
+    _, challenge = pkce()
+    # prompt=none never shows a page: login_required, then consent_required.
+    path = authorize_path(web["client_id"], WEB, challenge, prompt="none")
+    assert answer(await client.get(path, follow_redirects=False), WEB)["error"] == "login_required"
+    await sign_up_and_log_in(client)
+    path = authorize_path(partner["client_id"], PARTNER, None, prompt="none", state="q")
+    assert answer(await client.get(path, follow_redirects=False), PARTNER) == {"error": "consent_required", "state": "q",
+                                                                               "iss": BASE}
+    # Right after a sign-in form (a same-site step), the way back is a page that moves on by
+    # itself: Chromium would hold the form's CSP form-action against a redirect to the app.
+    r = await client.get(authorize_path(web["client_id"], WEB, challenge), headers={"Sec-Fetch-Site": "same-origin"},
+                         follow_redirects=False)
+    assert r.status_code == 200 and 'http-equiv="refresh"' in r.text
+    target = html.unescape(re.search(r'id="continue" href="([^"]+)"', r.text).group(1))
+    assert target.startswith(WEB + "?code=")
