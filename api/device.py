@@ -38,7 +38,6 @@ class TokenRequest(msgspec.Struct):
     code: str | list[str] | None = None
     redirect_uri: str | list[str] | None = None
     code_verifier: str | list[str] | None = None
-    scope: str | list[str] | None = None
 
 
 class DeviceAuthorization(msgspec.Struct):

@@ -35,7 +35,7 @@ from api.web import FORM, browser_session, page, page_headers, problem_text
 ID_TOKEN_SECONDS = 3600
 """An ID token is valid an hour (identity.published_signing_keys keeps a superseded key 75 minutes)."""
 KEY_CACHE_SECONDS = 300
-"""How long a server keeps the signing key and the JWKS it read before reading them again."""
+"""How long a server keeps signing with the key it read before reading the newest again."""
 CORS_CACHE_SECONDS = 30
 """How long a server keeps the registered clients' origins (a new client's origin works within this)."""
 CLAIMS_NAMESPACE = "https://pgtally.dev/claims"
@@ -80,14 +80,10 @@ async def signing_key(request: Request) -> tuple[str, RSAKey]:
 
 
 async def published_keys(request: Request) -> dict[str, Any]:
-    """The JWK Set (api.oidc_jwks), read at most every 5 minutes."""
-    state = request.app.state
-    cached = getattr(state, "oidc_jwks", None)
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
+    """The JWK Set (api.oidc_jwks), read fresh each time: another server may already sign with a
+    key rotated in a moment ago, and a relying party that meets an unknown kid asks again."""
     await signing_key(request)                  # there is always one key to publish
     (jwks,) = await call(request, "SELECT api.oidc_jwks()", [])
-    state.oidc_jwks = (time.monotonic() + KEY_CACHE_SECONDS, jwks)
     return jwks
 
 
