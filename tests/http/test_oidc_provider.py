@@ -488,3 +488,29 @@ async def test_item1_prompt_none_and_the_same_site_step_back_to_the_app(client, 
     assert r.status_code == 200 and 'http-equiv="refresh"' in r.text
     target = html.unescape(re.search(r'id="continue" href="([^"]+)"', r.text).group(1))
     assert target.startswith(WEB + "?code=")
+
+
+async def test_item2_a_browser_extension_signs_in_as_a_public_client(client, owner):
+    """What chrome.identity.launchWebAuthFlow does: the authorize URL, back at the extension's
+    https://<extension-id>.chromiumapp.org/ with the code, then the token endpoint called from the
+    extension's own origin (CORS), with PKCE and no secret."""
+    ext = register(owner, "Extension", EXTENSION, public=True, first_party=True,
+                   origins=("chrome-extension://abcdefghijklmnopabcdefghijklmnop",))
+    assert ext["client_secret"] is None
+    verifier, challenge = pkce()
+    path = authorize_path(ext["client_id"], EXTENSION, challenge, "openid email usage:read usage:write")
+    await sign_up_and_log_in(client, next_path=path)
+    code = answer(await client.get(path, follow_redirects=False), EXTENSION)["code"]
+    origin = {"Origin": "chrome-extension://abcdefghijklmnopabcdefghijklmnop"}
+    preflight = await client.options("/oauth/token", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert preflight.headers["access-control-allow-origin"] == origin["Origin"]
+    r = await client.post("/oauth/token", headers=origin, data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": EXTENSION, "code_verifier": verifier,
+        "client_id": ext["client_id"]})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin["Origin"]
+    me = await client.get("/v1/me", headers={**origin, **bearer(r.json()["access_token"])})
+    assert me.status_code == 200 and me.json()["user"]["email"] == "ada@example.com"
+    # A secret it does not have is not accepted in place of PKCE either.
+    code = answer(await client.get(path, follow_redirects=False), EXTENSION)["code"]
+    r = await exchange(client, code, EXTENSION, verifier, ext["client_id"], secret="pgcs_guess")
+    assert (r.status_code, r.json()["error"]) == (401, "invalid_client")
