@@ -44,6 +44,10 @@ class TokenRequest(msgspec.Struct):
     client_id: str | list[str] | None = None
     device_code: str | list[str] | None = None
     refresh_token: str | list[str] | None = None
+    client_secret: str | list[str] | None = None
+    code: str | list[str] | None = None
+    redirect_uri: str | list[str] | None = None
+    code_verifier: str | list[str] | None = None
 
 
 class DeviceAuthorization(msgspec.Struct):
@@ -58,7 +62,11 @@ class DeviceAuthorization(msgspec.Struct):
 
 
 def oauth_error(error: str, error_description: str) -> Response:
-    """An OAuth error answer (RFC 6749 section 5.2): 400, JSON, not cached."""
+    """An OAuth error answer (RFC 6749 section 5.2): 400, JSON, not cached; invalid_client is 401
+    with a WWW-Authenticate challenge."""
+    if error == "invalid_client":
+        return Response({"error": error, "error_description": error_description}, status_code=401,
+                        headers={**NO_STORE, "WWW-Authenticate": 'Basic realm="pgtally"'})
     return Response({"error": error, "error_description": error_description}, status_code=400, headers=NO_STORE)
 
 
@@ -98,27 +106,44 @@ async def token(request: Request,
     """``grant_type=urn:ietf:params:oauth:grant-type:device_code`` with ``device_code`` and
     ``client_id``: the tokens once the user approved (exactly once), else 400 with ``error``
     ``authorization_pending``, ``slow_down``, ``access_denied``, ``expired_token`` or
-    ``invalid_grant``. ``grant_type=refresh_token``: rotate a refresh token, as
-    ``/v1/auth/refresh``. Other grant types: ``unsupported_grant_type``."""
+    ``invalid_grant``. ``grant_type=authorization_code`` (OpenID Connect, api/oidc.py): ``code``,
+    ``redirect_uri``, ``code_verifier`` (PKCE) and the client's credentials (HTTP Basic or
+    ``client_id``/``client_secret``; a public client sends ``client_id`` only): the tokens and an
+    ``id_token``. ``grant_type=refresh_token``: rotate a refresh token (with a client's
+    credentials for a client's token; a new ``id_token`` too), as ``/v1/auth/refresh``. Other
+    grant types: ``unsupported_grant_type``; a client that fails to authenticate:
+    ``invalid_client`` (401)."""
+    from api import oidc
+
     ip, user_agent = client(request)
     if repeated := [name for name in data.__struct_fields__ if isinstance(getattr(data, name), list)]:
         return oauth_error("invalid_request", f"{', '.join(repeated)} must be sent once")
     if not data.grant_type:
         return oauth_error("invalid_request", "grant_type is required")
+    client_id, client_secret, problem = oidc.client_credentials(request, data.client_id, data.client_secret)
+    if problem:
+        return oauth_error("invalid_request", problem)
+    if data.grant_type == "authorization_code":
+        if not data.code or not client_id:
+            return oauth_error("invalid_request", "code and client authentication (or client_id) are required")
+        found = await oidc.code_grant(request, client_id, client_secret, data.code, data.redirect_uri, data.code_verifier)
+        if "oauth_error" in found:
+            return oauth_error(**found["oauth_error"])
+        return Response(await oidc.token_response(request, found), headers=NO_STORE)
+    if data.grant_type == "refresh_token":
+        if not data.refresh_token:
+            return oauth_error("invalid_request", "refresh_token is required")
+        found = await oidc.refresh_grant(request, client_id, client_secret, data.refresh_token)
+        if "oauth_error" in found:
+            return oauth_error(**found["oauth_error"])
+        return Response(await oidc.token_response(request, found), headers=NO_STORE)
     if data.grant_type == DEVICE_GRANT:
         if not data.device_code or not data.client_id:
             return oauth_error("invalid_request", "device_code and client_id are required")
         (found,) = await call(request, "SELECT api.device_token(%s::text, %s::text, %s::text, %s::text)",
                               [data.device_code, data.client_id, ip, user_agent])
-    elif data.grant_type == "refresh_token":
-        if not data.refresh_token:
-            return oauth_error("invalid_request", "refresh_token is required")
-        (found,) = await call(request, "SELECT api.refresh(%s::text, %s::text, %s::text)",
-                              [data.refresh_token, ip, user_agent])
-        if "error" in found:
-            return oauth_error("invalid_grant", found["error"]["message"])
     else:
-        return oauth_error("unsupported_grant_type", "use the device_code or refresh_token grant")
+        return oauth_error("unsupported_grant_type", "use the authorization_code, refresh_token or device_code grant")
     if "oauth_error" in found:
         return oauth_error(**found["oauth_error"])
     return Response(request.app.state.jwt_keys.issue(found), headers=NO_STORE)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -116,8 +117,11 @@ async def referral_link(request: Request, code: FromPath[str]) -> Redirect:
 
 
 @get("/signup")
-async def signup_page(request: Request, device_token: FromQuery[str | None] = None) -> Any:
-    return page("sign_in/signup.html", request, email="", device_token=device_token or "", referral=referral_of(request))
+async def signup_page(request: Request, device_token: FromQuery[str | None] = None,
+                      next: FromQuery[str | None] = None) -> Any:
+    """``next``: where to go once signed in (an app's authorization request, api/oidc.py)."""
+    return page("sign_in/signup.html", request, email="", device_token=device_token or "", referral=referral_of(request),
+                next=safe_next(next))
 
 
 @post("/signup")
@@ -128,10 +132,11 @@ async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]
                               device_session(request, data.device_token), referral_of(request))
     except PgtallyError as exc:
         return page("sign_in/signup.html", request, 422, error=problem_text(exc), email=data.email[:320],
-                    device_token=data.device_token or "", referral=referral_of(request))
+                    device_token=data.device_token or "", referral=referral_of(request), next=safe_next(data.next))
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
-                message=f"We sent a link to {sent['email']} to confirm the address. It works once, for {sent['valid_for']}.")
+                message=f"We sent a link to {sent['email']} to confirm the address. It works once, for {sent['valid_for']}.",
+                link=(f"/login?next={quote(safe_next(data.next), safe='')}", "Log in") if data.next else None)
 
 
 @post("/logout")

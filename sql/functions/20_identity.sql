@@ -92,6 +92,10 @@ BEGIN
         NULL;   -- as above
       END;
     END IF;
+    IF s.scopes IS NOT NULL AND NOT p_scope = ANY (s.scopes) THEN
+      -- A client's access token holds only the scopes the person granted it (issue 25).
+      PERFORM util.fail('TL403', format('this access token lacks the %s scope', p_scope));
+    END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
       -- Another account the person belongs to (a team), if their role there allows it.
       IF s.user_id IS NULL OR NOT identity.member_may(s.user_id, p_account_id, p_scope) THEN
@@ -115,7 +119,7 @@ BEGIN
   RETURN v_account_id;
 END $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
-  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
+  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token (a client session must hold p_scope among its granted scopes). p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
 
 CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
 LANGUAGE sql STABLE AS $$

@@ -182,9 +182,14 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL401', 'the session has ended: sign in again');
   END IF;
+  IF s.client_id IS NOT NULL THEN
+    -- An app's access token acts only within its scopes (identity.authenticate), never as the person.
+    PERFORM util.fail('TL403', 'an app''s access token cannot manage the account: it holds only the scopes it was granted');
+  END IF;
   RETURN s;
 END $$;
-COMMENT ON FUNCTION identity.active_session(uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
+COMMENT ON FUNCTION identity.active_session(uuid) IS
+  'The session, if neither revoked nor expired; TL401 otherwise. TL403 for a session an OpenID Connect client holds (issue 25): managing sessions, keys, teams and sign-in methods is for the person''s own sign-ins.';
 
 CREATE OR REPLACE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid,
                                                  p_ip text, p_user_agent text)
@@ -365,14 +370,20 @@ END $$;
 COMMENT ON FUNCTION api.login_succeeded(uuid, text, text, text, uuid) IS
   'POST /v1/auth/login, step 2 after the server verified the password: store a rehash when argon2 parameters changed, start a session, log it, merge the caller''s anonymous device if any. Returns identity.tokens.';
 
-CREATE OR REPLACE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+CREATE OR REPLACE FUNCTION identity.refresh_session(p_refresh_token text, p_client_id text, p_ip text, p_user_agent text)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
 DECLARE
   v_hash bytea := util.token_hash(p_refresh_token);
   v_session_id uuid;
   r identity.refresh_tokens;
   s identity.sessions;
 BEGIN
+  -- A client's refresh token works only for that client, and pgtally's own only without one.
+  IF (SELECT x.client_id FROM identity.refresh_tokens t JOIN identity.sessions x ON x.id = t.session_id
+      WHERE t.token_hash = v_hash) IS DISTINCT FROM p_client_id THEN
+    RETURN identity.error('TL401', 'the refresh token was not issued to this client');
+  END IF;
   -- The claim: one of any number of concurrent refreshes of this token wins it.
   UPDATE identity.refresh_tokens t SET used_at = util.now()
   FROM identity.sessions x
@@ -401,8 +412,15 @@ BEGIN
                              jsonb_build_object('refresh_token_id', r.id));
   RETURN identity.error('TL401', 'this refresh token was already used: the session is revoked, sign in again');
 END $$;
+COMMENT ON FUNCTION identity.refresh_session(text, text, text, text) IS
+  'Rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits. p_client_id: the OpenID Connect client the token was issued to (NULL: pgtally''s own sign-ins); a token of another client is TL401 and changes nothing (issue 25).';
+
+CREATE OR REPLACE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT identity.refresh_session(p_refresh_token, NULL, p_ip, p_user_agent)
+$$;
 COMMENT ON FUNCTION api.refresh(text, text, text) IS
-  'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
+  'POST /v1/auth/refresh: identity.refresh_session for pgtally''s own sessions (a client''s refresh token goes to /oauth/token with its client_id).';
 
 CREATE OR REPLACE FUNCTION api.logout(p_session_id uuid, p_everywhere boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -24,13 +24,13 @@ BEGIN
   IF p_browser_secret IS NULL OR length(p_browser_secret) < 32 THEN
     PERFORM util.fail('TL422', 'a browser binding secret of at least 32 characters is required');
   END IF;
-  IF p_return_to IS NOT NULL AND p_return_to !~ '^/[A-Za-z0-9/_?=&.-]*$' THEN
+  IF p_return_to IS NOT NULL AND p_return_to !~ '^/[A-Za-z0-9/_?=&.%+~-]*$' THEN
     p_return_to := NULL;                       -- only paths of this site: never an open redirect
   END IF;
   INSERT INTO identity.oauth_flows (provider, state_hash, browser_hash, nonce, code_verifier, purpose, session_id,
                                     device_session_id, return_to, created_at, expires_at, sso_account_id)
   VALUES (p_provider, util.token_hash(v_state), util.token_hash(p_browser_secret), v_nonce, v_verifier, p_purpose,
-          CASE WHEN p_purpose = 'link' THEN p_session_id END, p_device_session_id, left(p_return_to, 500),
+          CASE WHEN p_purpose = 'link' THEN p_session_id END, p_device_session_id, left(p_return_to, 2000),
           util.now(), util.now() + interval '10 minutes', CASE WHEN p_provider = 'sso' THEN p_sso_account_id END);
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $$;

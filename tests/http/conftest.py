@@ -16,12 +16,15 @@ import pytest
 import stripe
 from aiosmtpd.controller import Controller
 from litestar.testing import AsyncTestClient
+from oidc_provider_mock import User, run_server_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import db
 from api.app import create_app
 from api.settings import Settings
 from api.worker import deliver_due
+from tests.conftest import LOCAL_PROVIDERS
+from tests.github_standin import GitHubStandIn
 from tests.stripe_standin import Events, StripeStandIn, sign
 
 PUBLIC_URL = "https://app.example.com"
@@ -208,3 +211,35 @@ def samples(text: str, name: str) -> dict[tuple, float]:
     """The samples of one metric in a Prometheus text exposition, by their sorted labels."""
     return {tuple(sorted(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
+
+
+# Sign-in providers: Google's part (a real OpenID Connect provider) and GitHub's (a stand-in). ---
+
+@pytest.fixture(scope="module")
+def oidc():
+    users = [User(sub="g-ada", claims={"email": "ada@example.com", "email_verified": True}),
+             User(sub="g-eve", claims={"email": "eve@example.com", "email_verified": False}),
+             User(sub="sso-kim", claims={"email": "kim@corp.example", "email_verified": True}),
+             User(sub="sso-pat", claims={"email": "pat@corp.example", "email_verified": True})]
+    with run_server_in_thread(user_claims=users, require_nonce=True) as server:
+        yield f"http://localhost:{server.server_port}"
+
+@pytest.fixture
+def github():
+    with GitHubStandIn() as standin:
+        yield standin
+
+@pytest.fixture
+def provider_settings(smtp, oidc, github) -> Settings:
+    """Settings with Google (a real OpenID Connect provider) and GitHub (a stand-in) configured."""
+    return Settings(public_url=BASE, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
+                    google_client_id="pgtally-test", google_client_secret="s3cret", google_issuer=oidc,
+                    github_client_id="gh-client", github_client_secret="gh-secret", github_url=github.url,
+                    github_api_url=github.url, **LOCAL_PROVIDERS)
+
+
+
+async def github_login(client, start: str = "/auth/github/start") -> httpx.Response:
+    r = await client.get(start, follow_redirects=False)
+    back = urlsplit(httpx.get(r.headers["location"], follow_redirects=False).headers["location"])
+    return await client.get(f"{back.path}?{back.query}", follow_redirects=False)

@@ -11,49 +11,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
-from oidc_provider_mock import User, run_server_in_thread
 
 from api.app import create_app
 from api.settings import Settings
-from tests.conftest import LOCAL_PROVIDERS
-from tests.github_standin import GitHubStandIn
-from tests.http.conftest import BASE, PASSWORD, form, google
-
-
-@pytest.fixture(scope="module")
-def oidc():
-    users = [User(sub="g-ada", claims={"email": "ada@example.com", "email_verified": True}),
-             User(sub="g-eve", claims={"email": "eve@example.com", "email_verified": False}),
-             User(sub="sso-kim", claims={"email": "kim@corp.example", "email_verified": True}),
-             User(sub="sso-pat", claims={"email": "pat@corp.example", "email_verified": True})]
-    with run_server_in_thread(user_claims=users, require_nonce=True) as server:
-        yield f"http://localhost:{server.server_port}"
+from tests.http.conftest import BASE, PASSWORD, form, github_login, google
 
 
 @pytest.fixture
-def github():
-    with GitHubStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def settings(smtp, oidc, github) -> Settings:
-    return Settings(public_url=BASE, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-                    google_client_id="pgtally-test", google_client_secret="s3cret", google_issuer=oidc,
-                    github_client_id="gh-client", github_client_secret="gh-secret", github_url=github.url,
-                    github_api_url=github.url, **LOCAL_PROVIDERS)
-
-
-@pytest.fixture
-async def client(db_url, settings):
-    async with AsyncTestClient(app=create_app(db_url, settings), base_url=BASE) as c:
-        yield c
-
-
-async def github_login(client, start: str = "/auth/github/start") -> httpx.Response:
-    r = await client.get(start, follow_redirects=False)
-    back = urlsplit(httpx.get(r.headers["location"], follow_redirects=False).headers["location"])
-    return await client.get(f"{back.path}?{back.query}", follow_redirects=False)
+def settings(provider_settings):
+    return provider_settings
 
 
 def events(owner, kind: str) -> int:

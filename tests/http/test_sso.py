@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -20,6 +20,7 @@ from api.app import create_app
 from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
 from tests.http.conftest import BASE, PASSWORD, google
+from tests.oidc_client import CLAIMS, WEB, answer, authorize_path, exchange, pkce, register, validate_id_token
 
 
 @pytest.fixture(scope="module")
@@ -506,3 +507,20 @@ async def test_item2_provider_metadata_is_cached_for_an_hour_then_read_again(cli
     now[0] += outbound.METADATA_TTL_SECONDS + 1
     await client.get("/auth/sso/start?email=kim@corp.example", follow_redirects=False)
     assert upstream.hits == 2
+
+
+# Team SSO inside an app's authorization request (issue 25, item 4) -----------------------------
+
+async def test_item4_team_sso_inside_the_authorization_flow_names_the_team(client, owner, dns_zone, corp_idp):
+    team, _ = await corp_team(client, owner, dns_zone, corp_idp)
+    app = register(owner, "Web app", WEB, public=True, first_party=True)
+    verifier, challenge = pkce()
+    path = authorize_path(app["client_id"], WEB, challenge)
+    start = f"/auth/sso/start?{urlencode({'email': 'pat@corp.example', 'next': path})}"
+    r = await google(client, "sso-pat", start=start)
+    assert r.status_code in (302, 303) and r.headers["location"] == path, r.text
+    params = answer(await client.get(path, follow_redirects=False), WEB)
+    tokens = (await exchange(client, params["code"], WEB, verifier, app["client_id"])).json()
+    claims = await validate_id_token(client, tokens["id_token"], app["client_id"], "n-1")
+    assert claims["email"] == "pat@corp.example" and claims["email_verified"] is True
+    assert claims[CLAIMS]["teams"] == [{"account_id": team, "name": "Team", "role": "member"}]
