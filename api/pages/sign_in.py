@@ -22,6 +22,7 @@ from api.auth import (
     EmailRequest,
     ResetConfirm,
     TokenRequest,
+    new_password_hash,
     password_login,
     register,
 )
@@ -188,8 +189,6 @@ async def reset_request(request: Request, data: Annotated[EmailForm, Form]) -> A
 
 @post("/reset-password/confirm")
 async def reset_confirm(request: Request, data: Annotated[NewPasswordForm, Form]) -> Any:
-    from api.auth import new_password_hash
-
     try:
         confirm = form_as(ResetConfirm, token=data.token, password=data.password)
         password_hash = await new_password_hash(confirm.password)

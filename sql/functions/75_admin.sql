@@ -263,3 +263,51 @@ GRANT EXECUTE ON FUNCTION api.admin_search(uuid, text, integer), api.admin_accou
   api.admin_refunded(uuid, text, bigint, text, text), api.admin_set_plan(uuid, uuid, text, text),
   api.admin_suspend(uuid, uuid, boolean, text), api.admin_revoke_sessions(uuid, uuid, text), api.admin_audit(uuid, integer)
 TO pgtally_api;
+
+------------------------------------------------------------------------------------------------
+-- Staff
+------------------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION api.staff_grant(p_email text, p_role text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  u identity.users;
+BEGIN
+  IF p_role IS NOT NULL AND p_role NOT IN ('support', 'admin') THEN
+    PERFORM util.fail('TL422', 'a staff role is support or admin', '{"field": "role"}');
+  END IF;
+  UPDATE identity.users SET staff_role = p_role WHERE email_normalized = lower(btrim(p_email)) RETURNING * INTO u;
+  IF u.id IS NULL THEN
+    PERFORM util.fail('TL404', format('no user %s', p_email));
+  END IF;
+  RETURN jsonb_build_object('email', u.email, 'staff_role', u.staff_role);
+END $$;
+COMMENT ON FUNCTION api.staff_grant(text, text) IS
+  'pgtally staff grant EMAIL ROLE (revoke: NULL): make a user staff (support or admin). TL404 unknown user, TL422 bad role. Operators only (not granted to pgtally_api).';
+
+CREATE OR REPLACE FUNCTION api.staff_role(p_session_id uuid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT u.staff_role FROM identity.sessions s JOIN identity.users u ON u.id = s.user_id
+  WHERE s.id = p_session_id AND s.revoked_at IS NULL AND s.expires_at > util.now()
+$$;
+COMMENT ON FUNCTION api.staff_role(uuid) IS 'The staff role of a signed-in session''s user (support, admin), NULL for customers: what /admin pages check.';
+
+CREATE OR REPLACE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF api.staff_role(p_session_id) IS NULL THEN
+    PERFORM util.fail('TL403', 'staff only');
+  END IF;
+  RETURN CASE p_name
+    WHEN 'mrr' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY month), '[]') FROM reporting.mrr_monthly r)
+    WHEN 'active_accounts' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY day), '[]')
+                                 FROM (SELECT * FROM reporting.active_accounts_daily ORDER BY day DESC LIMIT 90) r)
+    WHEN 'conversion' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY cohort), '[]') FROM reporting.conversion_by_cohort r)
+    WHEN 'usage' THEN (SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY day), '[]')
+                       FROM (SELECT day, sum(events) AS events, sum(quantity) AS quantity FROM metering.usage_rollup_daily
+                             GROUP BY day ORDER BY day DESC LIMIT 90) r)
+  END;
+END $$;
+COMMENT ON FUNCTION api.metrics_report(uuid, text) IS
+  '/admin/metrics: a report for staff (mrr, active_accounts, conversion, usage: the last 90 days) as JSON rows. TL403 for customers.';
+
+GRANT EXECUTE ON FUNCTION api.staff_role(uuid), api.metrics_report(uuid, text) TO pgtally_api;

@@ -159,3 +159,8 @@ def test_sql_files_match_their_headers_util_in_00_util_outbox_and_housekeeping_i
               "api.housekeeping"}
     assert files["85_outbox.sql"] == outbox
     assert not outbox & files["50_auth.sql"]
+    # Staff in the console's file, operations in their own, neither among the money recorded.
+    assert {"api.staff_grant", "api.staff_role", "api.metrics_report"} <= files["75_admin.sql"]
+    assert files["95_operations.sql"] == {"ops.reconciliation_views", "ops.reconciliation_problems", "api.check_alerts",
+                                          "api.ops_gauges", "api.schema_version", "api.readiness"}
+    assert not files["70_revenue.sql"] & (files["75_admin.sql"] | files["95_operations.sql"])
