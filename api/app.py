@@ -158,6 +158,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
     from api import admin, auth, billing, device, health, holds, keys, ledger, ops, pages, teams, usage
+    from api.money import ROUTES as MONEY_ROUTES  # budgets and reversals (issue 28)
 
     settings = settings or Settings.from_env()
     outbound.check_settings(settings)
@@ -183,6 +184,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
                         *device.ROUTES, *holds.ROUTES, *ops.ROUTES, *teams.ROUTES, *admin.ROUTES, pages.router(settings),
+                        *MONEY_ROUTES,
                         create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
                                                    include_in_schema=False),
                         *route_handlers],

@@ -592,3 +592,6 @@ def logout() -> None:
             pass                    # already ended: forget it anyway
     forget_credentials()
     click.echo("Logged out.")
+
+
+from api import cli_money  # noqa: E402,F401 - pgtally budgets, pgtally events (issue 28)

@@ -28,6 +28,7 @@ SQLSTATES: dict[str, tuple[int, str, str]] = {
     "TL402": (402, "quota-exhausted", "Allowance and credits do not cover this request"),
     "TL403": (403, "forbidden", "Forbidden"),
     "TL4S3": (403, "account-suspended", "The account is suspended"),
+    "TL4B2": (402, "budget-exceeded", "A budget of the account, API key or member does not cover this request"),
     "TL404": (404, "not-found", "Not found"),
     "TL409": (409, "idempotency-key-reused", "The idempotency key was used for a different request"),
     "TL40C": (409, "conflict", "This conflicts with the account's current state"),

@@ -171,6 +171,10 @@ class EventSummary(msgspec.Struct):
     idempotency_key: str
     metadata: dict[str, Any] | None
     created_at: str
+    api_key_id: str | None = None
+    """The API key that charged it (null: a session)."""
+    user_id: str | None = None
+    """The member it is attributed to: the session's person or the member who made the key."""
 
 
 class EventPage(msgspec.Struct):
@@ -189,13 +193,16 @@ async def list_usage_events(
     from_: Annotated[datetime | None, QueryParameter(name="from", description="created at or after (RFC 3339)")] = None,
     to: Annotated[datetime | None, QueryParameter(description="created before (RFC 3339)")] = None,
     account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
+    api_key: Annotated[uuid.UUID | None, QueryParameter(description="only events charged by this API key (its id)")] = None,
+    member: Annotated[uuid.UUID | None, QueryParameter(description="only events of this member (user id)")] = None,
 ) -> Response[EventPage]:
     """The caller's usage events, newest first, with what each was charged and its metadata
     (``api.usage_events``): ``{data, has_more, next_cursor}``; pass ``next_cursor`` back as
-    ``cursor``. 401 bad key; 403 missing usage:read; 422 a cursor this API did not return."""
+    ``cursor``; ``api_key`` and ``member`` keep the events one key or one member charged (usage
+    per key and per member). 401 bad key; 403 missing usage:read; 422 a cursor this API did not return."""
     (body,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, %s::text, %s::integer, %s::text, "
-                                  "%s::timestamptz, %s::timestamptz, %s::uuid)::text",
-                         [*caller.params, cursor, limit, meter, from_, to, account_id])
+                                  "%s::timestamptz, %s::timestamptz, %s::uuid, %s::uuid, %s::uuid)::text",
+                         [*caller.params, cursor, limit, meter, from_, to, account_id, api_key, member])
     return json_response(body)
 
 

@@ -156,3 +156,16 @@ def test_partitions_list_and_detach(pgtally, owner, new_account):
     assert "already" in pgtally("partitions", "detach", "2026-08", ok=False)
     assert "window" in pgtally("partitions", "detach", "2099-01", ok=False)
     assert reconciliation_problems(owner) == {}
+
+
+def test_item1_pgtally_budgets_set_list_delete(pgtally, new_account, api_conn):
+    acct = new_account("free", 5 * 1_000_000)
+    budget = json.loads(pgtally("budgets", "set", acct["account_id"], "--scope", "account", "--limit", "1",
+                                "--window", "month", "--alert", "80"))
+    assert budget["limit"] == "1" and budget["alerts"] == [80] and budget["window"] == "month"
+    assert [json.loads(line)["id"] for line in pgtally("budgets", "list", acct["account_id"]).splitlines()] == [budget["id"]]
+    assert "window is day, month" not in pgtally("budgets", "list", acct["account_id"])
+    assert "not a plain decimal" in pgtally("budgets", "set", acct["account_id"], "--scope", "account", "--limit", "x",
+                                            "--window", "day", ok=False)
+    assert "deleted" in pgtally("budgets", "delete", budget["id"])
+    assert "no such budget" in pgtally("budgets", "delete", budget["id"], ok=False)

@@ -49,6 +49,10 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
+  v_p record;                          -- the principal (identity.authorize): the same key or session for every account
+  v_key_id uuid;
+  v_user_id uuid;
+  v_refusal jsonb;
 BEGIN
   replayed := 0;
   refused := 0;
@@ -60,7 +64,10 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_account_id := v_p.account_id;
+      v_key_id := v_p.api_key_id;
+      v_user_id := v_p.user_id;
       v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('account_id', v_account_id));
       v_accounts := v_accounts || v_account_id;
     EXCEPTION WHEN SQLSTATE 'TL401' THEN
@@ -141,8 +148,18 @@ BEGIN
         v_answer := metering.batch_refusal('TL422', v_message);
       END;
     END IF;
+    IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
+      -- Budgets (accounts that have some): checked before anything is written, spent if they cover it.
+      IF q.credits_micros > 0 THEN      -- (q is assigned only here: a separate IF)
+        v_refusal := (metering.budgets_apply(a, v_key_id, v_user_id, q.credits_micros)).refusal;
+        IF v_refusal IS NOT NULL THEN
+          v_answer := metering.batch_refusal('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+        END IF;
+      END IF;
+    END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1],
+                                  v_key_id, v_user_id);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
@@ -184,7 +201,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

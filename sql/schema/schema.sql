@@ -601,6 +601,25 @@ END $$;
 
 COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
 
+CREATE FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authorize(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_all boolean;
+BEGIN
+  -- Who may read billing sees every budget; a member sees their own and their keys'.
+  v_all := CASE WHEN p.api_key_id IS NOT NULL
+                THEN EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = p.api_key_id
+                             AND k.scopes && '{billing:read,billing:manage,service}')
+                     AND (p.user_id IS NULL OR identity.member_may(p.user_id, p.account_id, 'billing:read'))
+                ELSE p.user_id IS NULL OR identity.member_may(p.user_id, p.account_id, 'billing:read') END;
+  RETURN metering.budgets_json(p.account_id, p.user_id, v_all);
+END $$;
+
+COMMENT ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/budgets: the account''s budgets with this window''s spending: all of them for owners, admins, billing and viewer members (and keys with billing:read); a member''s own (member budget and their keys'') for the rest. Principal: usage:read.';
+
 CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -785,6 +804,8 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_key metering.idempotency_keys;
   q record;
+  v_p record;                          -- the principal: account_id, api_key_id, user_id
+  v_refusal jsonb;
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -794,7 +815,8 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_account_id := v_p.account_id;
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   IF EXISTS (SELECT 1 FROM metering.holds h
              WHERE h.account_id = v_account.id AND h.status = 'open' AND h.expires_at <= util.now()) THEN
@@ -825,12 +847,19 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF v_account.has_budgets AND q.credits_micros > 0 THEN      -- (no budget: not even a query)
+    v_refusal := (metering.budgets_apply(v_account, v_p.api_key_id, v_p.user_id, q.credits_micros)).refusal;
+    IF v_refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+    END IF;
+  END IF;
   replayed := false;
-  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q)).answer;
+  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q, false, NULL,
+                           v_p.api_key_id, v_p.user_id)).answer;
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
 
 CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
@@ -876,6 +905,10 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
+  v_p record;                          -- the principal (identity.authorize): the same key or session for every account
+  v_key_id uuid;
+  v_user_id uuid;
+  v_refusal jsonb;
 BEGIN
   replayed := 0;
   refused := 0;
@@ -887,7 +920,10 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_account_id := v_p.account_id;
+      v_key_id := v_p.api_key_id;
+      v_user_id := v_p.user_id;
       v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('account_id', v_account_id));
       v_accounts := v_accounts || v_account_id;
     EXCEPTION WHEN SQLSTATE 'TL401' THEN
@@ -968,8 +1004,18 @@ BEGIN
         v_answer := metering.batch_refusal('TL422', v_message);
       END;
     END IF;
+    IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
+      -- Budgets (accounts that have some): checked before anything is written, spent if they cover it.
+      IF q.credits_micros > 0 THEN      -- (q is assigned only here: a separate IF)
+        v_refusal := (metering.budgets_apply(a, v_key_id, v_user_id, q.credits_micros)).refusal;
+        IF v_refusal IS NOT NULL THEN
+          v_answer := metering.batch_refusal('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+        END IF;
+      END IF;
+    END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1],
+                                  v_key_id, v_user_id);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
@@ -1011,7 +1057,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1069,6 +1115,18 @@ END $$;
 
 COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) IS 'POST /v1/api-keys: a new API key for the signed-in person''s account, or a team''s (p_account_id; permission keys:manage), returned once in api_key (only its hash is kept). Its scopes (usage:write, usage:read, billing:read, billing:manage) are at most what the person''s role allows. TL403 anonymous session, no keys:manage, or scopes beyond the role; TL422 bad name, scopes or expiry.';
 
+CREATE FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[], p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+BEGIN
+  RETURN metering.set_budget(p.account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), p.user_id);
+END $$;
+
+COMMENT ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) IS 'POST /v1/budgets: set a budget (metering.set_budget) on the caller''s account (p_account_id: a team the person belongs to). Principal: a session of an owner, admin or billing member, or an API key with billing:manage (TL403 otherwise). Returns metering.budget_json.';
+
 CREATE FUNCTION api.create_team(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1120,6 +1178,18 @@ BEGIN
 END $_$;
 
 COMMENT ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) IS 'GET /v1/credits/lots: the caller''s credit lots, newest first (ledger.lot_json), optionally of one status, p_limit (1-100) per page; pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad status, limit or cursor.';
+
+CREATE FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+BEGIN
+  RETURN metering.delete_budget(p.account_id, p_budget_id);
+END $$;
+
+COMMENT ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) IS 'DELETE /v1/budgets/{id}: delete one of the account''s budgets (metering.delete_budget). Principal as api.create_budget. TL404 unknown budget.';
 
 CREATE FUNCTION api.detach_month(p_month date) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1347,6 +1417,9 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
   h metering.holds;
   q record;
+  v_p record;
+  v_budgets record;
+  v_budget_ids uuid[];                 -- the budgets that count the hold (NULL: none)
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -1354,7 +1427,8 @@ BEGIN
   IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
     PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
   END IF;
-  a := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
+  a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN
     IF h.request_hash <> v_hash THEN
@@ -1370,11 +1444,20 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF a.has_budgets AND q.credits_micros > 0 THEN     -- a hold's credits count as spent until it is settled
+    v_budgets := metering.budgets_apply(a, v_p.api_key_id, v_p.user_id, q.credits_micros);
+    IF v_budgets.refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_budgets.refusal ->> 'message', v_budgets.refusal -> 'detail');
+    END IF;
+    v_budget_ids := v_budgets.budget_ids;
+  END IF;
   INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
-                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)
+                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at,
+                              api_key_id, user_id, budget_ids)
   VALUES (a.id, p_idempotency_key, v_hash, q.meter_id, q.quantity, q.input_tokens, q.output_tokens,
           CASE WHEN q.entitled THEN q.allowance_units ELSE 0 END, q.credits_micros, q.period_start,
-          util.now(), util.now() + make_interval(secs => p_expires_in))
+          util.now(), util.now() + make_interval(secs => p_expires_in), v_p.api_key_id, v_p.user_id,
+          v_budget_ids)
   RETURNING * INTO h;
   IF q.entitled THEN
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -1387,7 +1470,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there: nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
 CREATE FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2209,6 +2292,33 @@ END $$;
 
 COMMENT ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) IS 'The account page''s "unlink": allowed while another way to sign in remains (a password or another provider); TL40C otherwise, TL404 when not linked.';
 
+CREATE FUNCTION api.operator_budgets(p_account_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.budgets_json(p_account_id, NULL, true)
+$$;
+
+COMMENT ON FUNCTION api.operator_budgets(p_account_id uuid) IS 'pgtally budgets list: every budget of an account. Operators only.';
+
+CREATE FUNCTION api.operator_delete_budget(p_budget_id uuid) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.delete_budget((SELECT account_id FROM metering.budgets WHERE id = p_budget_id), p_budget_id)
+$$;
+
+COMMENT ON FUNCTION api.operator_delete_budget(p_budget_id uuid) IS 'pgtally budgets delete: delete any budget. Operators only.';
+
+CREATE FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[]) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.set_budget(p_account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), NULL)
+$$;
+
+COMMENT ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) IS 'pgtally budgets set: an operator sets a budget on any account (metering.set_budget). Operators only (not granted to pgtally_api).';
+
 CREATE FUNCTION api.ops_gauges() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3026,7 +3136,7 @@ $$;
 
 COMMENT ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) IS 'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
 
-CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -3050,16 +3160,18 @@ BEGIN
   FROM (SELECT * FROM metering.usage_events e
         WHERE e.account_id = v_account_id AND e.id < v_before AND (p_meter IS NULL OR e.meter_id = p_meter)
           AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+          AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id)
         ORDER BY e.id DESC LIMIT p_limit) p;
   v_more := v_last IS NOT NULL AND EXISTS (
     SELECT 1 FROM metering.usage_events e
     WHERE e.account_id = v_account_id AND e.id < v_last AND (p_meter IS NULL OR e.meter_id = p_meter)
-      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to));
+      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+      AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id));
   RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
                             'next_cursor', CASE WHEN v_more THEN v_last::text END);
 END $_$;
 
-COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter and within [p_from, p_to); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
+COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter, within [p_from, p_to), of one API key (p_api_key_id) and of one member (p_user_id); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4058,6 +4170,7 @@ CREATE TABLE identity.accounts (
     credits_due_at timestamp with time zone,
     suspended_at timestamp with time zone,
     suspended_reason util.note,
+    has_budgets boolean DEFAULT false NOT NULL,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
@@ -4086,6 +4199,8 @@ COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up thre
 COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
 
 COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
+
+COMMENT ON COLUMN identity.accounts.has_budgets IS 'Whether the account has a budget (metering.budgets): a charge reads this flag from the row it already locks, so an account without budgets pays no query for them. Kept by metering.set_budget and metering.delete_budget under the account''s lock.';
 
 CREATE FUNCTION identity.account_json(a identity.accounts, p_role text) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4185,8 +4300,17 @@ $$;
 COMMENT ON FUNCTION identity.api_key_json(k identity.api_keys) IS 'An API key as GET /v1/api-keys shows it (never the key itself).';
 
 CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid) RETURNS uuid
+    LANGUAGE sql
+    AS $$
+  SELECT (identity.authorize(p_api_key, p_session_id, p_scope, p_account_id)).account_id
+$$;
+
+COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+
+CREATE FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) RETURNS record
     LANGUAGE plpgsql
     AS $$
+#variable_conflict use_column
 DECLARE
   k identity.api_keys;
   s identity.sessions;
@@ -4247,10 +4371,12 @@ BEGIN
                          FROM identity.accounts WHERE id = v_account_id));
     END IF;
   END IF;
-  RETURN v_account_id;
+  account_id := v_account_id;
+  api_key_id := k.id;                    -- (NULL for a session)
+  user_id := coalesce(k.created_by, s.user_id);
 END $$;
 
-COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+COMMENT ON FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) IS 'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
 
 CREATE FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -5378,6 +5504,133 @@ $$;
 
 COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
 
+CREATE FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT p_scope = 'account' OR (p_scope = 'api_key' AND p_subject = p_api_key_id)
+      OR (p_scope = 'member' AND p_subject = p_user_id)
+$$;
+
+COMMENT ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) IS 'Whether a budget of this scope and subject counts a spend on its account by this API key and person: an account budget counts all, a key budget its key''s, a member budget its member''s (the keys they made and their sessions).';
+
+CREATE FUNCTION metering.budget_json(p_budget_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object(
+    'id', b.id, 'object', 'budget', 'account_id', b.account_id, 'scope', b.scope, 'subject', b.subject,
+    'limit', util.credits(b.limit_micros), 'window', b.period, 'alerts', to_jsonb(b.alerts),
+    'spent', util.credits(s.spent), 'remaining', util.credits(greatest(b.limit_micros - s.spent, 0)),
+    'period_start', util.iso(p.period_start), 'resets_at', util.iso(p.period_end), 'created_at', util.iso(b.created_at))
+  FROM metering.budgets b JOIN identity.accounts a ON a.id = b.account_id
+  CROSS JOIN LATERAL metering.period_bounds(b.period, util.now(), a.billing_period_start, a.billing_period_end) p
+  CROSS JOIN LATERAL (SELECT coalesce((SELECT w.spent_micros FROM metering.budget_windows w
+                                       WHERE w.budget_id = b.id AND w.period_start = p.period_start),
+                                      metering.budget_window_usage(b.account_id, b.scope, b.subject,
+                                                                   p.period_start, p.period_end)) AS spent) s
+  WHERE b.id = p_budget_id
+$$;
+
+COMMENT ON FUNCTION metering.budget_json(p_budget_id uuid) IS 'A budget as the API shows it: {id, object, account_id, scope, subject, limit, window, alerts, spent, remaining (credits, this window), period_start, resets_at, created_at}.';
+
+CREATE FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT coalesce(sum(e.credits_micros), 0)::bigint FROM metering.usage_events e
+  WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
+    AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)
+$$;
+
+COMMENT ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) IS 'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
+
+CREATE FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  b metering.budgets;
+  v_budgets metering.budgets[] := '{}';
+  v_start timestamptz[] := '{}';
+  v_end timestamptz[] := '{}';
+  v_spent bigint[] := '{}';
+  v_alerted smallint[];
+  v_new smallint[];
+  v_start1 timestamptz;
+  v_end1 timestamptz;
+  v_before bigint;
+  i integer;
+BEGIN
+  budget_ids := '{}';
+  -- First every budget that counts this spend is checked (nothing written), then all are charged:
+  -- a refused spend writes nothing, so a batch can go on with its next event.
+  FOR b IN SELECT * FROM metering.budgets x WHERE x.account_id = a.id ORDER BY x.id LOOP
+    CONTINUE WHEN NOT metering.budget_applies(b.scope, b.subject, p_api_key_id, p_user_id);
+    SELECT p.period_start, p.period_end INTO v_start1, v_end1
+    FROM metering.period_bounds(b.period, util.now(), a.billing_period_start, a.billing_period_end) p;
+    SELECT w.spent_micros INTO v_before FROM metering.budget_windows w
+    WHERE w.budget_id = b.id AND w.period_start = v_start1;
+    IF NOT FOUND THEN
+      v_before := metering.budget_window_usage(b.account_id, b.scope, b.subject, v_start1, v_end1);
+    END IF;
+    IF v_before + p_micros > b.limit_micros THEN
+      refusal := jsonb_build_object(
+        'message', format('the %s budget of %s credits per %s does not cover this request',
+                          replace(b.scope, '_', ' '), util.credits(b.limit_micros), replace(b.period, '_', ' ')),
+        'detail', jsonb_build_object('account_id', a.id, 'budget_id', b.id, 'scope', b.scope, 'subject', b.subject,
+                                     'window', b.period, 'limit', util.credits(b.limit_micros),
+                                     'spent', util.credits(v_before), 'required_credits', util.credits(p_micros),
+                                     'remaining', util.credits(greatest(b.limit_micros - v_before, 0)),
+                                     'resets_at', util.iso(v_end1)));
+      budget_ids := NULL;
+      RETURN;
+    END IF;
+    v_budgets := v_budgets || b;
+    v_start := v_start || v_start1;
+    v_end := v_end || v_end1;
+    v_spent := v_spent || v_before;
+  END LOOP;
+  FOR i IN 1 .. cardinality(v_budgets) LOOP
+    b := v_budgets[i];
+    INSERT INTO metering.budget_windows AS w (budget_id, period_start, period_end, spent_micros)
+    VALUES (b.id, v_start[i], v_end[i], v_spent[i] + p_micros)
+    ON CONFLICT (budget_id, period_start) DO UPDATE SET spent_micros = w.spent_micros + p_micros
+    RETURNING w.alerted INTO v_alerted;
+    budget_ids := budget_ids || b.id;
+    -- Soft thresholds: each crossed one not yet emailed in this window, once (the row is ours
+    -- until commit, under the account's lock).
+    SELECT coalesce(array_agg(t ORDER BY t), '{}') INTO v_new FROM unnest(b.alerts) t
+    WHERE (v_spent[i] + p_micros) * 100 >= b.limit_micros * t AND NOT t = ANY (v_alerted);
+    IF v_new <> '{}' THEN
+      UPDATE metering.budget_windows SET alerted = alerted || v_new WHERE budget_id = b.id AND period_start = v_start[i];
+      PERFORM metering.email_budget_alert(b.id, max(t), v_spent[i] + p_micros, v_end[i]) FROM unnest(v_new) t;
+    END IF;
+  END LOOP;
+  budget_ids := nullif(budget_ids, '{}');
+END $$;
+
+COMMENT ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) IS 'Spend p_micros (credits of a charge or hold on account a (its identity.accounts row), locked by the caller) against every budget of a that counts this API key and person (metering.budget_applies), in their current windows. When one would pass its limit, nothing is written and refusal is the TL4B2 answer {message, detail {account_id, budget_id, scope, subject, window, limit, spent, required_credits, remaining, resets_at}}; else each window''s spending grows, each alert threshold crossed for the first time in the window is emailed (metering.email_budget_alert), and budget_ids lists the budgets charged (NULL: none). Called by api.consume, api.consume_batch and api.hold only when a.has_budgets.';
+
+CREATE FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('data', coalesce(jsonb_agg(metering.budget_json(b.id) ORDER BY b.id), '[]'))
+  FROM metering.budgets b
+  WHERE b.account_id = p_account_id
+    AND (p_all OR (b.scope = 'member' AND b.subject = p_user_id)
+         OR (b.scope = 'api_key' AND EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = b.subject AND k.created_by = p_user_id)))
+$$;
+
+COMMENT ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) IS 'An account''s budgets with this window''s spending ({data: [metering.budget_json]}): all of them, or (p_all false) those of the member p_user_id: their member budget and the budgets of the keys they made.';
+
+CREATE FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) RETURNS void
+    LANGUAGE sql
+    AS $$
+  UPDATE metering.budget_windows w SET spent_micros = greatest(w.spent_micros - p_micros, 0)
+  FROM metering.budgets b JOIN identity.accounts a ON a.id = b.account_id
+  CROSS JOIN LATERAL metering.period_bounds(b.period, p_at, a.billing_period_start, a.billing_period_end) p
+  WHERE b.id = ANY (p_budget_ids) AND w.budget_id = b.id AND w.period_start = p.period_start
+$$;
+
+COMMENT ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) IS 'Give p_micros back to the windows (those containing p_at) of the budgets p_budget_ids: a hold settled (released, expired or captured, its actual charge being spent again) or a charge reversed. A window with no row yet has nothing to give back (it starts from the net spending). Callers lock the account.';
+
 CREATE TABLE metering.usage_events (
     id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
     account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
@@ -5399,6 +5652,8 @@ CREATE TABLE metering.usage_events (
     warnings metering.warnings,
     metadata metering.event_metadata,
     response jsonb,
+    api_key_id uuid,
+    user_id uuid,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 )
 PARTITION BY RANGE (created_at);
@@ -5429,7 +5684,11 @@ COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for 
 
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
 
-CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
+COMMENT ON COLUMN metering.usage_events.api_key_id IS 'The API key that made the charge (NULL: a session, or charged before migration 0032). A service key acting on another account is recorded too.';
+
+COMMENT ON COLUMN metering.usage_events.user_id IS 'The person the charge is attributed to: the session''s user, or the member who made the API key (identity.api_keys.created_by); NULL for operator keys and anonymous devices. What member budgets count.';
+
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5454,6 +5713,8 @@ BEGIN
   event.currency := CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END;
   event.warnings := nullif(q.warnings, '[]');
   event.metadata := p_metadata;
+  event.api_key_id := p_api_key_id;
+  event.user_id := p_user_id;
   IF NOT p_defer_rows THEN
     INSERT INTO metering.usage_events SELECT event.*;
     INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
@@ -5482,7 +5743,49 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authorize), recorded on the event. api.consume and api.consume_batch charge through it.';
+
+CREATE FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  b metering.budgets;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  DELETE FROM metering.budgets WHERE id = p_budget_id AND account_id = a.id RETURNING * INTO b;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such budget');
+  END IF;
+  UPDATE identity.accounts SET has_budgets = EXISTS (SELECT 1 FROM metering.budgets WHERE account_id = a.id)
+  WHERE id = a.id;
+  RETURN jsonb_build_object('id', b.id, 'object', 'budget', 'deleted', true);
+END $$;
+
+COMMENT ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) IS 'Delete a budget of an account (its windows go with it) under the account''s lock, and clear has_budgets when it was the last. TL404 when the account has no such budget.';
+
+CREATE FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT DISTINCT 'usage_warning', u.email,
+         jsonb_build_object('code', 'budget_threshold', 'budget_id', b.id, 'scope', b.scope, 'subject', b.subject,
+                            'meter', CASE b.scope WHEN 'api_key' THEN 'API key budget' WHEN 'member' THEN 'member budget'
+                                                  ELSE 'account budget' END,
+                            'threshold_percent', p_percent, 'spent', util.credits(p_spent),
+                            'limit', util.credits(b.limit_micros), 'resets_at', util.iso(p_resets_at),
+                            'message', format('%s%% of the %s budget used: %s of %s credits this %s%s', p_percent,
+                                              replace(b.scope, '_', ' '), util.credits(p_spent), util.credits(b.limit_micros),
+                                              replace(b.period, '_', ' '),
+                                              CASE WHEN p_percent = 100 THEN '; further spending is refused until it resets'
+                                                   ELSE '' END)),
+         util.now(), util.now()
+  FROM metering.budgets b JOIN identity.memberships m ON m.account_id = b.account_id JOIN identity.users u ON u.id = m.user_id
+  WHERE b.id = p_budget_id AND u.email_verified_at IS NOT NULL
+    AND (m.role IN ('owner', 'admin') OR (b.scope = 'member' AND m.user_id = b.subject))
+$$;
+
+COMMENT ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) IS 'Queue the email of a budget''s alert threshold (the highest one crossed by a spend) to the account''s owners and admins and, for a member budget, the member (verified addresses; outbox usage_warning, written by the spending transaction).';
 
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
@@ -5514,10 +5817,11 @@ CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
                                                           'credits', util.credits(e.credits_micros),
                                                           'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
+                            'api_key_id', e.api_key_id, 'user_id', e.user_id,
                             'created_at', util.iso(e.created_at))
 $$;
 
-COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, created_at}.';
+COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), created_at}.';
 
 CREATE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
     LANGUAGE plpgsql
@@ -5553,6 +5857,9 @@ CREATE TABLE metering.holds (
     created_at timestamp with time zone NOT NULL,
     expires_at timestamp with time zone NOT NULL,
     settled_at timestamp with time zone,
+    api_key_id uuid,
+    user_id uuid,
+    budget_ids uuid[],
     CONSTRAINT holds_allowance_units_check CHECK ((allowance_units >= 0)),
     CONSTRAINT holds_check CHECK (((status = 'open'::text) = (settled_at IS NULL))),
     CONSTRAINT holds_credits_micros_check CHECK ((credits_micros >= 0)),
@@ -5566,6 +5873,12 @@ CREATE TABLE metering.holds (
 COMMENT ON TABLE metering.holds IS 'Reservations for pay-per-use work: the allowance units and micro-credits a request would cost, reserved in the account-row transaction that charges, so no other charge or hold can spend them. Captured (one usage event with the actual amount, key hold:<id>), released, or expired (released by itself), exactly once.';
 
 COMMENT ON COLUMN metering.holds.period_start IS 'The allowance window the reserved units were counted in.';
+
+COMMENT ON COLUMN metering.holds.api_key_id IS 'The API key that made the hold (NULL: a session).';
+
+COMMENT ON COLUMN metering.holds.user_id IS 'The person the hold is attributed to (as metering.usage_events.user_id).';
+
+COMMENT ON COLUMN metering.holds.budget_ids IS 'The budgets whose current window counts the hold''s credits as spent (NULL: none); settling the hold gives them back to those windows (metering.budgets_return).';
 
 CREATE FUNCTION metering.hold_json(h metering.holds) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5589,21 +5902,28 @@ $$;
 
 COMMENT ON FUNCTION metering.idempotency_window() IS 'How long a usage event''s idempotency key is remembered after the event: 30 days, or the pgtally.idempotency_window setting (ALTER DATABASE ... SET pgtally.idempotency_window = ''90 days''), never less than a day. Within it a retry is answered from the first charge (or TL409 for a different request); after it the key is forgotten and the same key charges again. A month of usage events leaves (api.detach_month) only once the window has passed its end.';
 
-CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
+CREATE FUNCTION metering.lock_account(p_account_id uuid) RETURNS identity.accounts
     LANGUAGE plpgsql
     AS $$
 DECLARE
   a identity.accounts;
-  v_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
 BEGIN
-  PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
-  PERFORM metering.expire_holds(v_id);
-  PERFORM ledger.refresh_lots(v_id);
-  SELECT * INTO a FROM identity.accounts WHERE id = v_id;
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  PERFORM metering.expire_holds(p_account_id);
+  PERFORM ledger.refresh_lots(p_account_id);
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
   RETURN a;
 END $$;
 
-COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+COMMENT ON FUNCTION metering.lock_account(p_account_id uuid) IS 'An account locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+
+CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
+    LANGUAGE sql
+    AS $$
+  SELECT metering.lock_account(identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id))
+$$;
+
+COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge (metering.lock_account).';
 
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone)
     LANGUAGE sql STABLE ROWS 1
@@ -5849,6 +6169,52 @@ $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
 
+CREATE FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  b metering.budgets;
+  v_limit bigint;
+BEGIN
+  IF p_scope IS NULL OR p_scope NOT IN ('api_key', 'member', 'account') THEN
+    PERFORM util.fail('TL422', 'scope is api_key, member or account', '{"field": "scope"}');
+  END IF;
+  IF p_window IS NULL OR p_window NOT IN ('day', 'month', 'billing_period') THEN
+    PERFORM util.fail('TL422', 'window is day, month or billing_period', '{"field": "window"}');
+  END IF;
+  v_limit := billing.to_micros(to_jsonb(p_limit), 'limit');
+  IF v_limit <= 0 THEN
+    PERFORM util.fail('TL422', 'limit: a budget is a positive number of credits', '{"field": "limit"}');
+  END IF;
+  IF cardinality(p_alerts) > 10 OR EXISTS (SELECT 1 FROM unnest(p_alerts) t WHERE t IS NULL OR t NOT BETWEEN 1 AND 100) THEN
+    PERFORM util.fail('TL422', 'alerts: at most 10 percentages of the limit, each 1 to 100', '{"field": "alerts"}');
+  END IF;
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  IF p_subject IS NULL AND p_scope = 'account' THEN
+    p_subject := a.id;
+  END IF;
+  IF p_scope = 'account' AND p_subject IS DISTINCT FROM a.id
+     OR p_scope = 'api_key' AND NOT EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = p_subject AND k.account_id = a.id)
+     OR p_scope = 'member' AND NOT EXISTS (SELECT 1 FROM identity.memberships m WHERE m.user_id = p_subject AND m.account_id = a.id) THEN
+    PERFORM util.fail('TL422', format('subject: no %s %s on account %s', replace(p_scope, '_', ' '), p_subject, a.id),
+                      '{"field": "subject"}');
+  END IF;
+  -- One budget per subject and window: setting it again changes its limit and alerts.
+  INSERT INTO metering.budgets AS x (account_id, scope, subject, limit_micros, period, alerts, created_at, created_by)
+  VALUES (a.id, p_scope, p_subject, v_limit, p_window,
+          (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}') FROM unnest(p_alerts) t), util.now(), p_created_by)
+  ON CONFLICT ON CONSTRAINT budgets_one_per_window DO UPDATE SET limit_micros = EXCLUDED.limit_micros, alerts = EXCLUDED.alerts
+  RETURNING * INTO b;
+  UPDATE identity.accounts SET has_budgets = true WHERE id = a.id AND NOT has_budgets;
+  RETURN metering.budget_json(b.id);
+END $$;
+
+COMMENT ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) IS 'Set a budget on an account (one per scope, subject and window: setting it again changes its limit and alerts), under the account''s lock, and mark the account as having budgets. p_limit: credits as a decimal string; p_alerts: percentages 1-100 (at most 10). TL404 unknown account, TL422 bad scope, subject (not a key or member of the account; account: the account itself, the default), window, limit or alerts.';
+
 CREATE FUNCTION metering.settle_hold(h metering.holds, p_status text) RETURNS metering.holds
     LANGUAGE plpgsql
     AS $$
@@ -5862,6 +6228,9 @@ BEGIN
     RETURN NULL;
   END IF;
   UPDATE identity.accounts SET held_micros = held_micros - v.credits_micros WHERE id = v.account_id;
+  IF v.budget_ids IS NOT NULL THEN       -- the budgets that counted the reservation get it back
+    PERFORM metering.budgets_return(v.budget_ids, v.created_at, v.credits_micros);
+  END IF;
   IF v.allowance_units > 0 THEN
     UPDATE metering.allowance_usage SET used = greatest(used - v.allowance_units, 0)
     WHERE account_id = v.account_id AND meter_id = v.meter_id AND period_start = v.period_start;
@@ -5869,7 +6238,7 @@ BEGIN
   RETURN v;
 END $$;
 
-COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
+COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance and to the windows of the budgets that counted them, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
 
 CREATE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -6714,6 +7083,49 @@ COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an
 
 COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
 
+CREATE TABLE metering.budget_windows (
+    budget_id uuid NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    spent_micros bigint NOT NULL,
+    alerted smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    CONSTRAINT budget_windows_check CHECK ((period_end > period_start)),
+    CONSTRAINT budget_windows_spent_micros_check CHECK ((spent_micros >= 0))
+);
+
+COMMENT ON TABLE metering.budget_windows IS 'What a budget''s window has spent, one row per budget and window, written under the account''s lock by the charge, batch or hold that spends. A window''s row starts from the credits the budget''s subject already spent in it (metering.budget_window_usage), so a budget set mid-window counts the window''s earlier spending.';
+
+COMMENT ON COLUMN metering.budget_windows.spent_micros IS 'Micro-credits spent in the window by the budget''s subject, open holds included.';
+
+COMMENT ON COLUMN metering.budget_windows.alerted IS 'The alert thresholds (percent) already emailed in this window: each once.';
+
+CREATE TABLE metering.budgets (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    scope text NOT NULL,
+    subject uuid NOT NULL,
+    limit_micros bigint NOT NULL,
+    period text NOT NULL,
+    alerts smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    created_by uuid,
+    CONSTRAINT budgets_account_subject CHECK (((scope <> 'account'::text) OR (subject = account_id))),
+    CONSTRAINT budgets_alerts_check CHECK (((cardinality(alerts) <= 10) AND (1 <= ALL (alerts)) AND (100 >= ALL (alerts)))),
+    CONSTRAINT budgets_limit_micros_check CHECK ((limit_micros > 0)),
+    CONSTRAINT budgets_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
+    CONSTRAINT budgets_scope_check CHECK ((scope = ANY (ARRAY['api_key'::text, 'member'::text, 'account'::text])))
+);
+
+COMMENT ON TABLE metering.budgets IS 'Spending caps set by a customer (issue #28): at most limit_micros of credits spent per window by one API key (scope api_key, subject: the key''s id), one member across the keys they made and their sessions (scope member, subject: the user id) or the whole account (scope account, subject: the account id), on this account. A charge that would pass it is refused (TL4B2, 402 budget-exceeded) and charges nothing; crossing an alert threshold emails once per window.';
+
+COMMENT ON COLUMN metering.budgets.limit_micros IS 'The cap, in micro-credits spent per window (allowance units and post-paid usage cost no credits and do not count).';
+
+COMMENT ON COLUMN metering.budgets.period IS 'The window: day (UTC calendar day), month (UTC calendar month) or billing_period (the subscription period, else the calendar month), as metering.period_bounds.';
+
+COMMENT ON COLUMN metering.budgets.alerts IS 'Soft thresholds, percent of the limit (1-100, at most 10): crossing one emails the account''s owners and admins (and the member, for a member budget) once per window.';
+
+COMMENT ON COLUMN metering.budgets.created_by IS 'The user who set it (NULL: an operator or an API key).';
+
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
     last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
@@ -6744,6 +7156,8 @@ CREATE TABLE metering.usage_events_default (
     warnings metering.warnings,
     metadata metering.event_metadata,
     response jsonb,
+    api_key_id uuid,
+    user_id uuid,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 );
 
@@ -7508,6 +7922,21 @@ CREATE VIEW reporting.usage_by_hour AS
 
 COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
 
+CREATE VIEW reporting.usage_by_principal_daily AS
+ SELECT account_id,
+    (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    api_key_id,
+    user_id,
+    meter_id,
+    count(*) AS events,
+    sum((quantity)::bigint) AS quantity,
+    sum((allowance_units)::bigint) AS allowance_units,
+    sum((credits_micros)::bigint) AS credits_micros
+   FROM metering.usage_events e
+  GROUP BY account_id, ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), api_key_id, user_id, meter_id;
+
+COMMENT ON VIEW reporting.usage_by_principal_daily IS 'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
+
 CREATE VIEW reporting.usage_charge_mismatches AS
  SELECT u.id AS usage_event_id,
     u.account_id,
@@ -7790,6 +8219,15 @@ ALTER TABLE ONLY metering.active_accounts_daily
 
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
+
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_pkey PRIMARY KEY (budget_id, period_start);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_one_per_window UNIQUE (account_id, scope, subject, period);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_pkey PRIMARY KEY (id);
 
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_idempotency_key UNIQUE (account_id, idempotency_key);
@@ -8097,6 +8535,12 @@ ALTER TABLE ONLY identity.user_identities
 ALTER TABLE ONLY identity.users
     ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
 
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES metering.budgets(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
 
@@ -8175,6 +8619,9 @@ GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_i
 REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
@@ -8201,11 +8648,17 @@ REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, 
 REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) TO pgtally_api;
 
+REVOKE ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) TO pgtally_api;
+
 REVOKE ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.detach_month(p_month date) FROM PUBLIC;
 
@@ -8302,6 +8755,12 @@ GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email
 
 REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.operator_budgets(p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.operator_delete_budget(p_budget_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.ops_gauges() FROM PUBLIC;
 GRANT ALL ON FUNCTION api.ops_gauges() TO pgtally_api;
@@ -8403,8 +8862,8 @@ GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgta
 REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
 
-REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
@@ -8495,6 +8954,8 @@ REVOKE ALL ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) FROM PU
 REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
 
@@ -8596,7 +9057,23 @@ REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.budget_json(p_budget_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
 
@@ -8610,6 +9087,8 @@ REVOKE ALL ON FUNCTION metering.hold_json(h metering.holds) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION metering.lock_account(p_account_id uuid) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) FROM PUBLIC;
@@ -8621,6 +9100,8 @@ REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text,
 REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
 
@@ -8723,6 +9204,8 @@ GRANT SELECT ON TABLE reporting.unmatched_refunds TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.usage_by_hour TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.usage_by_principal_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
 
