@@ -49,3 +49,30 @@ def budgets_delete(budget: uuid.UUID) -> None:
     """Delete BUDGET."""
     run_sql("SELECT api.operator_delete_budget(%s::uuid)", [budget])
     click.echo(f"deleted {budget}")
+
+
+@main.group()
+def events() -> None:
+    """Usage events: reversals."""
+
+
+@events.command("reverse")
+@click.argument("event", type=click.UUID)
+@click.option("--quantity", type=click.IntRange(1), default=None, help="Units to reverse (default: all that are left).")
+@click.option("--reason", required=True, help="Why (kept with the reversal).")
+@click.option("--idempotency-key", "idempotency_key", required=True,
+              help="The same key never reverses twice (a retry prints the first reversal).")
+def events_reverse(event: uuid.UUID, quantity: int | None, reason: str, idempotency_key: str) -> None:
+    """Reverse usage EVENT in whole or in part (api.operator_reverse_usage): its credits go back to
+    the lots it drew from, its allowance to its window if still open; prints the reversal as JSON."""
+    replayed, body = run_sql("SELECT replayed, body FROM api.operator_reverse_usage(%s::uuid, %s::bigint, %s::text, %s::text)",
+                             [event, quantity, reason, idempotency_key])
+    click.echo(json.dumps({**body, "replayed": replayed}, indent=2))
+
+
+@events.command("reversal-key")
+@click.argument("account", type=click.UUID)
+def events_reversal_key(account: uuid.UUID) -> None:
+    """Issue an operator API key with the usage:reverse scope on service ACCOUNT (shown once)."""
+    (result,) = run_sql("SELECT api.operator_reversal_key(%s::uuid)", [account])
+    click.echo(f"api key  {result['api_key']}  (usage:reverse, shown once)")

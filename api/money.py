@@ -1,5 +1,6 @@
-"""``/v1/budgets``: spending caps and alerts per API key, member and account (issue 28). The
-rules (what a budget counts, when it refuses, when it alerts) are in sql/functions/47_budgets.sql."""
+"""Money controls (issue 28): ``/v1/budgets`` (spending caps and alerts per API key, member and
+account; the rules are in sql/functions/47_budgets.sql) and ``POST /v1/usage/events/{id}/reversal``
+(reversing a charge into its lots; sql/functions/48_reversals.sql)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, post
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
 from api.errors import problems
@@ -100,4 +102,70 @@ async def delete_budget(
     return json_response(body)
 
 
-ROUTES = [create_budget, list_budgets, delete_budget]
+class ReversalRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """What to reverse: ``quantity`` units of the event (default: all that are left), and why."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
+
+
+class Reversed(msgspec.Struct):
+    allowance_units: int
+    credits: str
+    amount: int | None
+    """Post-paid: what the reversed units cost (minor units): a credit owed to the customer."""
+    currency: str | None
+
+
+class ReversalLot(msgspec.Struct):
+    lot_id: str
+    credits: str
+    new_lot: bool
+    """The lot had expired since: a new lot (source reversal) holds the credits for 7 days."""
+    replaces_lot: str | None = None
+    expires_at: str | None = None
+
+
+class Reversal(msgspec.Struct):
+    """A reversal of a usage event."""
+
+    id: str
+    object: str
+    account_id: str
+    usage_event_id: str
+    quantity: int
+    reversed: Reversed
+    allowance_returned: bool
+    lots: list[ReversalLot]
+    transfer_id: str | None
+    reason: str
+    idempotency_key: str
+    balance: dict[str, str] | None
+    created_at: str
+
+
+@post("/v1/usage/events/{event_id:uuid}/reversal", status_code=201, dependencies=AUTH, security=SECURITY,
+      summary="Reverse a charge, in whole or in part",
+      responses={200: ResponseSpec(Reversal, description="Replay of an earlier request with this key "
+                                                         "(header Idempotent-Replayed: true)"),
+                 **problems(400, 401, 403, 404, 409, 415, 422, 503)})
+async def reverse_usage_event(
+    request: Request, caller: Caller, event_id: FromPath[uuid.UUID], data: JSONBody[ReversalRequest],
+    idempotency_key: Annotated[str, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255)],
+) -> Response[Reversal]:
+    """Reverse a usage event of any account (``api.reverse_usage``): admin staff, or an operator
+    key with the ``usage:reverse`` scope. Its credits go back to the lots it drew from, last drawn
+    first (an expired lot's as a new lot for 7 days), its allowance units to their window if still
+    open; post-paid usage is recorded as a credit owed. 201 with the reversal; 200 and
+    ``Idempotent-Replayed: true`` for a retry; 409 for the key reused with another request, or an
+    event already fully reversed; 422 more units than are left."""
+    replayed, body = await call(
+        request, "SELECT replayed, body::text FROM api.reverse_usage(%s::text, %s::uuid, %s::uuid, %s::bigint, "
+                 "%s::text, %s::text)",
+        [*caller.params, event_id, data.quantity, data.reason, idempotency_key])
+    if replayed:
+        return json_response(body, 200, {"Idempotent-Replayed": "true"})
+    return json_response(body, 201)
+
+
+ROUTES = [create_budget, list_budgets, delete_budget, reverse_usage_event]

@@ -169,3 +169,18 @@ def test_item1_pgtally_budgets_set_list_delete(pgtally, new_account, api_conn):
                                             "--window", "day", ok=False)
     assert "deleted" in pgtally("budgets", "delete", budget["id"])
     assert "no such budget" in pgtally("budgets", "delete", budget["id"], ok=False)
+
+
+def test_item2_pgtally_events_reverse(pgtally, new_account, api_conn, owner):
+    acct = new_account("free", 5 * 1_000_000)
+    api_conn.execute("SELECT * FROM api.consume(%s, NULL, 'free', 'generation', 10)", [acct["api_key"]])
+    event = api_conn.execute("SELECT body FROM api.consume(%s, NULL, 'paid', 'generation', 2)", [acct["api_key"]]).fetchone()[0]
+    out = json.loads(pgtally("events", "reverse", event["id"], "--quantity", "1", "--reason", "test",
+                             "--idempotency-key", "k1"))
+    assert out["replayed"] is False and out["reversed"]["credits"] == "1"
+    assert json.loads(pgtally("events", "reverse", event["id"], "--quantity", "1", "--reason", "test",
+                              "--idempotency-key", "k1"))["replayed"] is True
+    assert "different reversal" in pgtally("events", "reverse", event["id"], "--reason", "other",
+                                           "--idempotency-key", "k1", ok=False)
+    assert "Missing option" in pgtally("events", "reverse", event["id"], "--idempotency-key", "k2", ok=False)
+    assert reconciliation_problems(owner) == {}

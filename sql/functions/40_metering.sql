@@ -398,6 +398,14 @@ BEGIN
   event.metadata := p_metadata;
   event.api_key_id := p_api_key_id;
   event.user_id := p_user_id;
+  IF q.credits_micros > 0 THEN          -- first: the event keeps the lots its credits came from
+    SELECT t.lot_id, t.lot_draws INTO event.lot_id, event.lot_draws
+    FROM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
+                              format('%s x %s', q.quantity, q.meter_id)) t;
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
   IF NOT p_defer_rows THEN
     INSERT INTO metering.usage_events SELECT event.*;
     INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
@@ -412,13 +420,6 @@ BEGIN
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < a.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(a.id);
-    END IF;
   END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(a.id, q.warnings);
@@ -535,10 +536,15 @@ LANGUAGE sql STABLE AS $$
                                                           'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
                             'api_key_id', e.api_key_id, 'user_id', e.user_id,
+                            'reversed', (SELECT jsonb_build_object('quantity', sum(r.quantity),
+                                                                   'credits', util.credits(sum(r.credits_micros)::bigint),
+                                                                   'reversals', jsonb_agg(r.id ORDER BY r.id))
+                                         FROM metering.reversals r
+                                         WHERE r.account_id = e.account_id AND r.usage_event_id = e.id HAVING count(*) > 0),
                             'created_at', util.iso(e.created_at))
 $$;
 COMMENT ON FUNCTION metering.event_json(metering.usage_events) IS
-  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), created_at}.';
+  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), reversed ({quantity, credits, reversals: ids} when reversed in part or whole, else null), created_at}.';
 
 CREATE OR REPLACE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                             p_limit integer DEFAULT 20, p_meter text DEFAULT NULL,

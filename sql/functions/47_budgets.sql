@@ -20,12 +20,15 @@ CREATE OR REPLACE FUNCTION metering.budget_window_usage(p_account_id uuid, p_sco
                                                         p_start timestamptz, p_end timestamptz)
 RETURNS bigint
 LANGUAGE sql STABLE AS $$
-  SELECT coalesce(sum(e.credits_micros), 0)::bigint FROM metering.usage_events e
-  WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
-    AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)
+  SELECT (coalesce((SELECT sum(e.credits_micros) FROM metering.usage_events e
+                    WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
+                      AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)), 0)
+        - coalesce((SELECT sum(r.credits_micros) FROM metering.reversals r
+                    WHERE r.account_id = p_account_id AND r.event_created_at >= p_start AND r.event_created_at < p_end
+                      AND metering.budget_applies(p_scope, p_subject, r.api_key_id, r.user_id)), 0))::bigint
 $$;
 COMMENT ON FUNCTION metering.budget_window_usage(uuid, text, uuid, timestamptz, timestamptz) IS
-  'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
+  'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end), net of reversals (metering.reversals): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
 
 CREATE OR REPLACE FUNCTION metering.budget_json(p_budget_id uuid) RETURNS jsonb
 LANGUAGE sql STABLE AS $$

@@ -56,9 +56,9 @@ CREATE DOMAIN ledger.amount_micros AS bigint
 COMMENT ON DOMAIN ledger.amount_micros IS 'A ledger transfer''s or entry''s signed amount in micro-credits: never zero.';
 
 CREATE DOMAIN ledger.lot_source AS text
-	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text])));
+	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text, 'reversal'::text])));
 
-COMMENT ON DOMAIN ledger.lot_source IS 'Where a credit lot came from.';
+COMMENT ON DOMAIN ledger.lot_source IS 'Where a credit lot came from; reversal: credits a reversed charge gave back whose lot had expired since (metering.reversal_lot_days() to spend them).';
 
 CREATE DOMAIN ledger.lot_status AS text
 	CONSTRAINT lot_status_check CHECK ((VALUE = ANY (ARRAY['pending'::text, 'active'::text, 'expired'::text, 'canceled'::text])));
@@ -70,7 +70,7 @@ CREATE DOMAIN ledger.memo AS text;
 COMMENT ON DOMAIN ledger.memo IS 'A ledger transfer''s memo: at most 500 characters (checked on new values since 0006).';
 
 CREATE DOMAIN ledger.transfer_kind AS text
-	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])));
+	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text, 'reversal'::text])));
 
 COMMENT ON DOMAIN ledger.transfer_kind IS 'Why credits moved: the kind of a ledger transfer.';
 
@@ -2310,6 +2310,31 @@ $$;
 
 COMMENT ON FUNCTION api.operator_delete_budget(p_budget_id uuid) IS 'pgtally budgets delete: delete any budget. Operators only.';
 
+CREATE FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text DEFAULT 'reversals'::text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v record;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND kind = 'service') THEN
+    PERFORM util.fail('TL422', 'an operator key belongs to a service account (pgtally accounts create --kind service)');
+  END IF;
+  SELECT * INTO v FROM identity.issue_api_key(p_account_id, p_name, '{usage:reverse}', NULL);
+  RETURN jsonb_build_object('api_key', v.api_key, 'account_id', p_account_id, 'scopes', '["usage:reverse"]'::jsonb);
+END $$;
+
+COMMENT ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) IS 'pgtally events reversal-key: issue an operator API key with the usage:reverse scope on a service account (shown once). Operators only.';
+
+CREATE FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT * FROM metering.reverse_usage(p_event_id, p_quantity, p_reason, p_idempotency_key, NULL, NULL)
+$$;
+
+COMMENT ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'pgtally events reverse: an operator reverses a usage event (metering.reverse_usage). Operators only (not granted to pgtally_api).';
+
 CREATE FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[]) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2623,6 +2648,30 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+
+CREATE FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  k identity.api_keys;
+  v_staff identity.users;
+BEGIN
+  IF p_api_key IS NOT NULL THEN
+    SELECT * INTO k FROM identity.api_keys
+    WHERE key_hash = util.token_hash(p_api_key) AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > util.now());
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the API key is not valid');
+    ELSIF NOT 'usage:reverse' = ANY (k.scopes) THEN
+      PERFORM util.fail('TL403', 'this API key lacks the usage:reverse scope');
+    END IF;
+  ELSE
+    v_staff := identity.staff(p_session_id, 'reverse_usage');
+  END IF;
+  RETURN QUERY SELECT * FROM metering.reverse_usage(p_event_id, p_quantity, p_reason, p_idempotency_key, v_staff.id, k.id);
+END $$;
+
+COMMENT ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'POST /v1/usage/events/{id}/reversal: reverse a usage event of any account (metering.reverse_usage). Principal: an operator API key with the usage:reverse scope, or a session of admin staff (identity.staff, action reverse_usage). TL401 bad key or session, TL403 otherwise. Returns (replayed, metering.reversal_json).';
 
 CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4274,7 +4323,7 @@ CREATE TABLE identity.api_keys (
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
     created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service}'::text[]) AND (cardinality(scopes) > 0)))
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -4283,7 +4332,7 @@ COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UT
 
 COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
 
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), service (act on behalf of any account: account_id in the request).';
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
 
@@ -5235,7 +5284,7 @@ END $$;
 
 COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
-CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) RETURNS record
+CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 BEGIN
@@ -5277,11 +5326,11 @@ BEGIN
       UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_expires_at) WHERE id = p_account_id;
     END IF;
   ELSE
-    PERFORM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot);
+    SELECT x.first_lot, x.draws INTO lot_id, lot_draws FROM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot) x;
   END IF;
 END $$;
 
-COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first), returned as lot_id and lot_draws (spend_lots'' first_lot and draws). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE FUNCTION ledger.refresh_lots(p_account_id uuid) RETURNS boolean
     LANGUAGE plpgsql
@@ -5365,13 +5414,15 @@ END $$;
 
 COMMENT ON FUNCTION ledger.refreshed_account(p_account_id uuid) IS 'An account row for a read (balance, lots): refreshed first, under its lock, only when a lot is due.';
 
-CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid) RETURNS void
+CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid, OUT first_lot uuid, OUT draws jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
   l record;
   v_left bigint := p_amount_micros;
   v_take bigint;
+  v_lots uuid[];
+  v_takes bigint[];
 BEGIN
   -- The burn order: soonest expiry first (never-expiring last), then promotional before paid,
   -- then oldest, as Stripe's credit grants (https://docs.stripe.com/billing/subscriptions/usage-based/billing-credits)
@@ -5383,15 +5434,25 @@ BEGIN
     v_take := least(l.remaining_micros, v_left);
     UPDATE ledger.credit_lots SET remaining_micros = remaining_micros - v_take WHERE id = l.id;
     v_left := v_left - v_take;
+    IF first_lot IS NULL THEN
+      first_lot := l.id;
+      EXIT WHEN v_left = 0;              -- (one lot, as most charges: no list)
+    END IF;
+    v_lots := v_lots || l.id;
+    v_takes := v_takes || v_take;
     EXIT WHEN v_left = 0;
   END LOOP;
+  IF cardinality(v_lots) > 1 THEN
+    SELECT jsonb_agg(jsonb_build_array(x.lot, x.micros) ORDER BY x.n) INTO draws
+    FROM unnest(v_lots, v_takes) WITH ORDINALITY x (lot, micros, n);
+  END IF;
   IF v_left > 0 THEN
     RAISE EXCEPTION 'the credit lots of account % do not cover its balance', p_account_id
       USING HINT = 'SELECT * FROM reporting.lot_balance_mismatches';
   END IF;
 END $$;
 
-COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots. Called by ledger.post_transfer with the account locked.';
+COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots: first_lot is the first it drew from, draws ([[lot id, micro-credits], ...] in burn order) lists them when there are several (NULL for one), so a reversal can give the credits back to them (metering.reverse_usage). Called by ledger.post_transfer with the account locked.';
 
 CREATE FUNCTION ledger.transfer_kind(p_source text) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -5535,12 +5596,15 @@ COMMENT ON FUNCTION metering.budget_json(p_budget_id uuid) IS 'A budget as the A
 CREATE FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
     AS $$
-  SELECT coalesce(sum(e.credits_micros), 0)::bigint FROM metering.usage_events e
-  WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
-    AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)
+  SELECT (coalesce((SELECT sum(e.credits_micros) FROM metering.usage_events e
+                    WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
+                      AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)), 0)
+        - coalesce((SELECT sum(r.credits_micros) FROM metering.reversals r
+                    WHERE r.account_id = p_account_id AND r.event_created_at >= p_start AND r.event_created_at < p_end
+                      AND metering.budget_applies(p_scope, p_subject, r.api_key_id, r.user_id)), 0))::bigint
 $$;
 
-COMMENT ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) IS 'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
+COMMENT ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) IS 'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end), net of reversals (metering.reversals): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
 
 CREATE FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) RETURNS record
     LANGUAGE plpgsql
@@ -5654,6 +5718,8 @@ CREATE TABLE metering.usage_events (
     response jsonb,
     api_key_id uuid,
     user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 )
 PARTITION BY RANGE (created_at);
@@ -5688,6 +5754,10 @@ COMMENT ON COLUMN metering.usage_events.api_key_id IS 'The API key that made the
 
 COMMENT ON COLUMN metering.usage_events.user_id IS 'The person the charge is attributed to: the session''s user, or the member who made the API key (identity.api_keys.created_by); NULL for operator keys and anonymous devices. What member budgets count.';
 
+COMMENT ON COLUMN metering.usage_events.lot_id IS 'The credit lot the charge''s credits came from (the first, when several): what a reversal gives them back to. NULL when no credits were spent, or charged before migration 0032b.';
+
+COMMENT ON COLUMN metering.usage_events.lot_draws IS 'When the credits came from several lots: [[lot id, micro-credits], ...] in burn order (NULL for one lot: lot_id and credits_micros say it all).';
+
 CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
     AS $$
@@ -5715,6 +5785,14 @@ BEGIN
   event.metadata := p_metadata;
   event.api_key_id := p_api_key_id;
   event.user_id := p_user_id;
+  IF q.credits_micros > 0 THEN          -- first: the event keeps the lots its credits came from
+    SELECT t.lot_id, t.lot_draws INTO event.lot_id, event.lot_draws
+    FROM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
+                              format('%s x %s', q.quantity, q.meter_id)) t;
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
   IF NOT p_defer_rows THEN
     INSERT INTO metering.usage_events SELECT event.*;
     INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
@@ -5729,13 +5807,6 @@ BEGIN
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
-  END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < a.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(a.id);
-    END IF;
   END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(a.id, q.warnings);
@@ -5818,10 +5889,15 @@ CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
                                                           'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
                             'api_key_id', e.api_key_id, 'user_id', e.user_id,
+                            'reversed', (SELECT jsonb_build_object('quantity', sum(r.quantity),
+                                                                   'credits', util.credits(sum(r.credits_micros)::bigint),
+                                                                   'reversals', jsonb_agg(r.id ORDER BY r.id))
+                                         FROM metering.reversals r
+                                         WHERE r.account_id = e.account_id AND r.usage_event_id = e.id HAVING count(*) > 0),
                             'created_at', util.iso(e.created_at))
 $$;
 
-COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), created_at}.';
+COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), reversed ({quantity, credits, reversals: ids} when reversed in part or whole, else null), created_at}.';
 
 CREATE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
     LANGUAGE plpgsql
@@ -6169,6 +6245,188 @@ $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
 
+CREATE FUNCTION metering.reversal_json(r record, p_balance_micros bigint) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$              -- (plpgsql: a sql function cannot take a record)
+BEGIN
+  RETURN jsonb_build_object(
+    'id', r.id, 'object', 'usage_reversal', 'account_id', r.account_id, 'usage_event_id', r.usage_event_id,
+    'quantity', r.quantity,
+    'reversed', jsonb_build_object('allowance_units', r.allowance_units, 'credits', util.credits(r.credits_micros),
+                                   'amount', r.amount_minor, 'currency', r.currency),
+    'allowance_returned', r.allowance_returned, 'lots', r.lots, 'transfer_id', r.transfer_id,
+    'reason', r.reason, 'idempotency_key', r.idempotency_key,
+    'balance', CASE WHEN p_balance_micros IS NOT NULL THEN jsonb_build_object('credits', util.credits(p_balance_micros)) END,
+    'created_at', util.iso(r.created_at));
+END $$;
+
+COMMENT ON FUNCTION metering.reversal_json(r record, p_balance_micros bigint) IS 'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits after it; null on a replay}, created_at}.';
+
+CREATE FUNCTION metering.reversal_lot_days() RETURNS integer
+    LANGUAGE sql IMMUTABLE
+    AS $$ SELECT 7 $$;
+
+COMMENT ON FUNCTION metering.reversal_lot_days() IS 'Days to spend credits a reversal gives back when the lot they came from has expired (or been canceled) since: they come back as a new lot of source reversal expiring this long after the reversal. 7.';
+
+CREATE FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  e metering.usage_events;
+  a identity.accounts;
+  r metering.reversals;
+  v_hash bytea := sha256(convert_to(jsonb_build_object('event', p_event_id, 'quantity', p_quantity,
+                                                       'reason', btrim(p_reason))::text, 'UTF8'));
+  v_q bigint;             -- units reversed before
+  v_c bigint;             -- credits reversed before
+  v_al bigint;            -- allowance units reversed before
+  v_am bigint;            -- post-paid amount reversed before
+  v_n bigint;             -- units to reverse now
+  v_credit_units bigint;  -- the event's units that credits paid for (after its allowance units)
+  v_draws jsonb;          -- the lots the event drew from, in burn order: [[lot, micros], ...]
+  v_skip bigint;          -- credits earlier reversals gave back (to the last-drawn lots first)
+  v_left bigint;
+  v_take bigint;
+  v_lot ledger.credit_lots;
+  d jsonb;
+  v_new uuid;
+  v_transfer record;
+  v_expires timestamptz;
+BEGIN
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required', '{"field": "Idempotency-Key"}');
+  END IF;
+  IF p_reason IS NULL OR length(btrim(p_reason)) NOT BETWEEN 1 AND 500 THEN
+    PERFORM util.fail('TL422', 'a reversal needs a reason of at most 500 characters', '{"field": "reason"}');
+  END IF;
+  IF p_quantity IS NOT NULL AND p_quantity < 1 THEN
+    PERFORM util.fail('TL422', 'quantity must be a positive integer', '{"field": "quantity"}');
+  END IF;
+  SELECT * INTO e FROM metering.usage_events WHERE id = p_event_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no usage event %s', p_event_id));
+  END IF;
+  -- The account's lock, as every charge takes it: reversals of one event, and charges spending
+  -- the same lots, happen one after the other.
+  a := metering.lock_account(e.account_id);
+
+  SELECT * INTO r FROM metering.reversals WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN
+    IF r.request_hash <> v_hash THEN
+      PERFORM util.fail('TL409', 'this idempotency key was already used for a different reversal',
+                        jsonb_build_object('reversal_id', r.id));
+    END IF;
+    replayed := true;
+    body := metering.reversal_json(r, NULL);
+    RETURN;
+  END IF;
+
+  SELECT coalesce(sum(x.quantity), 0), coalesce(sum(x.credits_micros), 0), coalesce(sum(x.allowance_units), 0),
+         coalesce(sum(x.amount_minor), 0)
+  INTO v_q, v_c, v_al, v_am
+  FROM metering.reversals x WHERE x.account_id = a.id AND x.usage_event_id = e.id;
+  v_n := coalesce(p_quantity, e.quantity - v_q);
+  IF v_q >= e.quantity THEN
+    PERFORM util.fail('TL40C', 'this usage event is already fully reversed',
+                      jsonb_build_object('usage_event_id', e.id, 'reversed_quantity', v_q));
+  ELSIF v_q + v_n > e.quantity THEN
+    PERFORM util.fail('TL422', format('at most %s of the event''s %s units are left to reverse', e.quantity - v_q, e.quantity),
+                      jsonb_build_object('field', 'quantity', 'reversible_quantity', e.quantity - v_q));
+  END IF;
+
+  -- What the reversed units cost, cumulatively, so that partial reversals add up to the charge
+  -- exactly: the last units charged (those credits paid for) are reversed first, then the
+  -- allowance units. (A token meter's event is one unit: all of it.)
+  v_credit_units := CASE WHEN e.input_tokens IS NULL THEN e.quantity - least(e.allowance_units, e.quantity) ELSE 1 END;
+  r.id := util.uuid_v7();
+  r.account_id := a.id;
+  r.usage_event_id := e.id;
+  r.event_created_at := e.created_at;
+  r.idempotency_key := p_idempotency_key;
+  r.request_hash := v_hash;
+  r.quantity := v_n;
+  r.credits_micros := CASE WHEN v_credit_units = 0 THEN 0
+                           ELSE e.credits_micros * least(v_q + v_n, v_credit_units) / v_credit_units
+                                - e.credits_micros * least(v_q, v_credit_units) / v_credit_units END;
+  r.allowance_units := CASE WHEN e.input_tokens IS NOT NULL THEN e.allowance_units - v_al
+                            ELSE greatest(v_q + v_n - v_credit_units, 0) - greatest(v_q - v_credit_units, 0) END;
+  r.amount_minor := CASE WHEN e.amount_minor IS NOT NULL
+                         THEN e.amount_minor * (v_q + v_n) / e.quantity - v_am END;
+  r.currency := e.currency;
+  r.reason := btrim(p_reason);
+  r.api_key_id := e.api_key_id;
+  r.user_id := e.user_id;
+  r.staff_user_id := p_staff_user_id;
+  r.operator_key_id := p_operator_key_id;
+  r.created_at := util.now();
+  r.lots := '[]';
+
+  -- Allowance units go back to their window while it is still open.
+  r.allowance_returned := r.allowance_units > 0 AND e.period_end > util.now();
+  IF r.allowance_returned THEN
+    UPDATE metering.allowance_usage SET used = greatest(used - r.allowance_units, 0)
+    WHERE account_id = a.id AND meter_id = e.meter_id AND period_start = e.period_start;
+  END IF;
+
+  IF r.credits_micros > 0 THEN
+    SELECT * INTO v_transfer
+    FROM ledger.post_transfer(a.id, 'usage', r.credits_micros, 'reversal', 'reversal:' || r.id, e.id,
+                              left('reversal: ' || r.reason, 500), p_lots => false);
+    r.transfer_id := v_transfer.transfer_id;
+    -- Back into the lots the charge drew from, the last drawn first (reverse burn order), past
+    -- what earlier reversals of the event gave back already. A charge made before migration
+    -- 0032b kept no lots: its credits come back as a new lot.
+    v_draws := coalesce(e.lot_draws, CASE WHEN e.lot_id IS NOT NULL THEN jsonb_build_array(jsonb_build_array(e.lot_id, e.credits_micros))
+                                          ELSE jsonb_build_array(jsonb_build_array(NULL, e.credits_micros)) END);
+    v_skip := v_c;
+    v_left := r.credits_micros;
+    v_expires := util.now() + make_interval(days => metering.reversal_lot_days());
+    FOR d IN SELECT x FROM jsonb_array_elements(v_draws) WITH ORDINALITY t (x, n) ORDER BY t.n DESC LOOP
+      v_take := least((d ->> 1)::bigint - least(v_skip, (d ->> 1)::bigint), v_left);
+      v_skip := v_skip - least(v_skip, (d ->> 1)::bigint);
+      CONTINUE WHEN v_take <= 0;
+      SELECT * INTO v_lot FROM ledger.credit_lots WHERE id = (d ->> 0)::uuid AND account_id = a.id;
+      IF v_lot.status = 'active' AND (v_lot.expires_at IS NULL OR v_lot.expires_at > util.now()) THEN
+        UPDATE ledger.credit_lots SET remaining_micros = remaining_micros + v_take WHERE id = v_lot.id;
+        r.lots := r.lots || jsonb_build_object('lot_id', v_lot.id, 'credits', util.credits(v_take), 'new_lot', false);
+      ELSE
+        INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key, transfer_id,
+                                        available_at, expires_at, created_at, memo)
+        VALUES (a.id, 'reversal', v_take, v_take, 'active', 'reversal:' || r.id || ':' || coalesce(v_lot.id::text, 'lot'),
+                r.transfer_id, r.created_at, v_expires, r.created_at,
+                left(format('reversal of %s (lot %s %s)', e.id, coalesce(v_lot.id::text, 'unknown'),
+                            coalesce(v_lot.status, 'unrecorded')), 500))
+        RETURNING id INTO v_new;
+        UPDATE identity.accounts SET credits_due_at = least(credits_due_at, v_expires) WHERE id = a.id;
+        r.lots := r.lots || jsonb_build_object('lot_id', v_new, 'credits', util.credits(v_take), 'new_lot', true,
+                                               'replaces_lot', v_lot.id, 'expires_at', util.iso(v_expires));
+      END IF;
+      v_left := v_left - v_take;
+      EXIT WHEN v_left = 0;
+    END LOOP;
+    IF v_left <> 0 THEN
+      RAISE EXCEPTION 'the lots of usage event % do not add up to its credits', e.id USING ERRCODE = 'TL500';
+    END IF;
+    -- The budgets that counted the charge get the credits back in the window it counted in.
+    IF a.has_budgets THEN
+      PERFORM metering.budgets_return(array_agg(b.id), e.created_at, r.credits_micros)
+      FROM metering.budgets b
+      WHERE b.account_id = a.id AND metering.budget_applies(b.scope, b.subject, e.api_key_id, e.user_id);
+    END IF;
+  END IF;
+
+  INSERT INTO metering.reversals SELECT r.*;
+  IF p_staff_user_id IS NOT NULL THEN
+    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e),
+                      metering.reversal_json(r, NULL))
+    FROM identity.users u WHERE u.id = p_staff_user_id;
+  END IF;
+  replayed := false;
+  body := metering.reversal_json(r, (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id));
+END $$;
+
+COMMENT ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) IS 'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL409. Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
+
 CREATE FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -6328,7 +6586,8 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
-               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds']
+               'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
+               'reversal_mismatches']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -7126,6 +7385,59 @@ COMMENT ON COLUMN metering.budgets.alerts IS 'Soft thresholds, percent of the li
 
 COMMENT ON COLUMN metering.budgets.created_by IS 'The user who set it (NULL: an operator or an API key).';
 
+CREATE TABLE metering.reversals (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    usage_event_id uuid NOT NULL,
+    event_created_at timestamp with time zone NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    quantity bigint NOT NULL,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    amount_minor bigint,
+    currency text,
+    allowance_returned boolean NOT NULL,
+    transfer_id uuid,
+    lots jsonb DEFAULT '[]'::jsonb NOT NULL,
+    reason text NOT NULL,
+    api_key_id uuid,
+    user_id uuid,
+    staff_user_id uuid,
+    operator_key_id uuid,
+    created_at timestamp with time zone NOT NULL,
+    CONSTRAINT reversals_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT reversals_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT reversals_by_someone CHECK ((num_nonnulls(staff_user_id, operator_key_id) <= 1)),
+    CONSTRAINT reversals_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT reversals_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT reversals_quantity_check CHECK ((quantity > 0)),
+    CONSTRAINT reversals_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500))),
+    CONSTRAINT reversals_transfer CHECK (((credits_micros > 0) = (transfer_id IS NOT NULL)))
+);
+
+COMMENT ON TABLE metering.reversals IS 'Reversals of usage events (issue #28), full or partial, each once per idempotency key: the units reversed and what they had cost (allowance units, credits, post-paid amount). Credits come back by a ledger transfer of kind reversal (transfer_id) into the lots the charge drew from (lots); the sum of an event''s reversals never exceeds what it charged (reporting.reversal_mismatches). Written by metering.reverse_usage under the account''s lock.';
+
+COMMENT ON COLUMN metering.reversals.event_created_at IS 'The reversed event''s created_at: its partition, and the windows (allowance, budgets) it counted in.';
+
+COMMENT ON COLUMN metering.reversals.request_hash IS 'Fingerprint of the reversal request (event, quantity, reason), compared on retries of the idempotency key.';
+
+COMMENT ON COLUMN metering.reversals.quantity IS 'Units of the event reversed (a token meter''s event is one unit: reversed whole).';
+
+COMMENT ON COLUMN metering.reversals.allowance_units IS 'Allowance units (units, or micro-credits of cost for token meters) the reversed part had used; given back to the window when allowance_returned.';
+
+COMMENT ON COLUMN metering.reversals.credits_micros IS 'Micro-credits given back to the account.';
+
+COMMENT ON COLUMN metering.reversals.amount_minor IS 'Post-paid: what the reversed units cost (minor units of currency): a credit owed to the customer (reporting.post_paid_credits_owed). Cancelling the Stripe meter event is a follow-up.';
+
+COMMENT ON COLUMN metering.reversals.allowance_returned IS 'Whether the allowance units went back to their window (only while that window is still open).';
+
+COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the order given back (reverse burn order): [{lot_id, credits, new_lot}]; new_lot when the lot had expired or been canceled since, so a new lot of source reversal holds them.';
+
+COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
+
+COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
+
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
     last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
@@ -7158,6 +7470,8 @@ CREATE TABLE metering.usage_events_default (
     response jsonb,
     api_key_id uuid,
     user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 );
 
@@ -7216,7 +7530,7 @@ CREATE TABLE ops.audit_log (
     reason text NOT NULL,
     before jsonb,
     after jsonb,
-    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text]))),
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text, 'reverse_usage'::text]))),
     CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
 );
 
@@ -7657,6 +7971,19 @@ CREATE VIEW reporting.payments_vs_ledger_daily AS
 
 COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundle payments (minor units) and the credits they sold against the purchase credits the ledger holds; difference_micros should be 0.';
 
+CREATE VIEW reporting.post_paid_credits_owed AS
+ SELECT account_id,
+    usage_event_id,
+    id AS reversal_id,
+    amount_minor,
+    currency,
+    reason,
+    created_at
+   FROM metering.reversals r
+  WHERE (amount_minor > 0);
+
+COMMENT ON VIEW reporting.post_paid_credits_owed IS 'Post-paid usage reversed after it was reported to Stripe: what each reversal owes the customer (minor units). Stripe meter event adjustments are not sent yet: credit it on the next invoice (or refund).';
+
 CREATE VIEW reporting.post_paid_invoice_drift AS
  SELECT i.stripe_invoice_id,
     i.account_id,
@@ -7842,6 +8169,41 @@ CREATE VIEW reporting.revenue_drift AS
 
 COMMENT ON VIEW reporting.revenue_drift IS 'Reconciliation: the days, kinds and currencies where Stripe, pgtally''s records and the ledger disagree (reporting.revenue_reconciliation_daily with a drift). Must be empty.';
 
+CREATE VIEW reporting.reversal_mismatches AS
+ SELECT r.id AS reversal_id,
+    r.account_id,
+    r.usage_event_id,
+    'transfer'::text AS problem
+   FROM (metering.reversals r
+     LEFT JOIN ledger.transfers t ON ((t.id = r.transfer_id)))
+  WHERE ((r.credits_micros > 0) AND ((t.id IS NULL) OR ((t.kind)::text <> 'reversal'::text) OR ((t.amount_micros)::bigint <> r.credits_micros) OR (t.usage_event_id IS DISTINCT FROM r.usage_event_id)))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    t.account_id,
+    t.usage_event_id,
+    'transfer without reversal'::text AS problem
+   FROM ledger.transfers t
+  WHERE (((t.kind)::text = 'reversal'::text) AND (NOT (EXISTS ( SELECT 1
+           FROM metering.reversals r
+          WHERE (r.transfer_id = t.id)))))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    s.account_id,
+    s.usage_event_id,
+    'reversed more than charged'::text AS problem
+   FROM (( SELECT r.account_id,
+            r.usage_event_id,
+            r.event_created_at,
+            sum(r.quantity) AS quantity,
+            sum(r.credits_micros) AS credits,
+            sum(r.allowance_units) AS allowance_units
+           FROM metering.reversals r
+          GROUP BY r.account_id, r.usage_event_id, r.event_created_at) s
+     LEFT JOIN metering.usage_events e ON (((e.id = s.usage_event_id) AND (e.created_at = s.event_created_at))))
+  WHERE ((e.id IS NULL) OR (s.quantity > (e.quantity)::numeric) OR (s.credits > (e.credits_micros)::numeric) OR (s.allowance_units > (e.allowance_units)::numeric));
+
+COMMENT ON VIEW reporting.reversal_mismatches IS 'Reconciliation: reversals whose ledger transfer is missing or differs from them, reversal transfers with no reversal, and usage events reversed for more units, credits or allowance than they charged (or missing). Must be empty.';
+
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
     type,
@@ -7943,7 +8305,7 @@ CREATE VIEW reporting.usage_charge_mismatches AS
     u.credits_micros,
     COALESCE((- (t.amount_micros)::bigint), (0)::bigint) AS ledger_micros
    FROM (metering.usage_events u
-     LEFT JOIN ledger.transfers t ON ((t.usage_event_id = u.id)))
+     LEFT JOIN ledger.transfers t ON (((t.usage_event_id = u.id) AND ((t.kind)::text = 'usage'::text))))
   WHERE ((u.credits_micros)::bigint <> COALESCE((- (t.amount_micros)::bigint), (0)::bigint));
 
 COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them. Must be empty.';
@@ -8247,6 +8609,12 @@ ALTER TABLE ONLY metering.meters
 ALTER TABLE metering.meters
     ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
 
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_idempotency_key UNIQUE (account_id, idempotency_key);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_pkey PRIMARY KEY (id);
+
 ALTER TABLE ONLY metering.rollup_state
     ADD CONSTRAINT rollup_state_pkey PRIMARY KEY (singleton);
 
@@ -8341,6 +8709,8 @@ CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WH
 CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
 
 CREATE INDEX idempotency_keys_created_at_idx ON metering.idempotency_keys USING btree (created_at);
+
+CREATE INDEX reversals_event_idx ON metering.reversals USING btree (account_id, usage_event_id);
 
 CREATE INDEX usage_events_account_id_id_idx ON ONLY metering.usage_events USING btree (account_id, id);
 
@@ -8546,6 +8916,12 @@ ALTER TABLE ONLY metering.holds
 
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
 
 ALTER TABLE ONLY ops.audit_log
     ADD CONSTRAINT audit_log_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
@@ -8760,6 +9136,10 @@ REVOKE ALL ON FUNCTION api.operator_budgets(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.operator_delete_budget(p_budget_id uuid) FROM PUBLIC;
 
+REVOKE ALL ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+
 REVOKE ALL ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION api.ops_gauges() FROM PUBLIC;
@@ -8805,6 +9185,9 @@ GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgt
 
 REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
+
+REVOKE ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) TO pgtally_api;
 
 REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) TO pgtally_api;
@@ -9041,13 +9424,13 @@ REVOKE ALL ON FUNCTION ledger.lot_source(p_kind text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.refresh_lots(p_account_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.refreshed_account(p_account_id uuid) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION ledger.transfer_kind(p_source text) FROM PUBLIC;
 
@@ -9100,6 +9483,12 @@ REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text,
 REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.reversal_json(r record, p_balance_micros bigint) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.reversal_lot_days() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) FROM PUBLIC;
 
@@ -9179,6 +9568,8 @@ GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
 
+GRANT SELECT ON TABLE reporting.post_paid_credits_owed TO pgtally_analyst;
+
 GRANT SELECT ON TABLE reporting.post_paid_invoice_drift TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.referral_funnel_daily TO pgtally_analyst;
@@ -9190,6 +9581,8 @@ GRANT SELECT ON TABLE reporting.retention_weekly TO pgtally_analyst;
 GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.revenue_drift TO pgtally_analyst;
+
+GRANT SELECT ON TABLE reporting.reversal_mismatches TO pgtally_analyst;
 
 GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
 

@@ -3,6 +3,7 @@ API key, through the real app, pool and database."""
 
 from __future__ import annotations
 
+from tests.conftest import reconciliation_problems
 from tests.http.test_usage_http import CREDIT, PROBLEM, auth
 
 
@@ -56,3 +57,42 @@ async def test_item1_budgets_over_http_refuse_with_402_budget_exceeded(client, o
     assert (await client.delete(f"/v1/budgets/{budget['id']}", headers=auth(admin_key))).status_code == 404
     r = await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(meter_key, "over"))
     assert r.status_code == 201
+
+
+async def test_item2_reversal_over_http_for_admin_staff_and_operator_keys_only(client, owner, new_account):
+    from tests.http.test_admin_http import bearer, person
+
+    acct = new_account("free", 5 * CREDIT)
+    await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 10}, headers=auth(acct["api_key"], "free"))
+    event = (await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
+                               headers=auth(acct["api_key"], "paid"))).json()
+    url = f"/v1/usage/events/{event['id']}/reversal"
+    # The customer's own key, a support agent: 403; nothing reversed.
+    r = await client.post(url, json={"reason": "mine"}, headers=auth(acct["api_key"], "r0"))
+    assert r.status_code == 403 and r.headers["content-type"].startswith(PROBLEM)
+    support = await person(client, owner, "support@example.com", staff="support")
+    assert (await client.post(url, json={"reason": "x"}, headers={**bearer(support["token"]), "Idempotency-Key": "r1"})
+            ).status_code == 403
+    # Bad input: 422, no reason; missing key: 400.
+    admin = await person(client, owner, "admin@example.com", staff="admin")
+    staff_headers = {**bearer(admin["token"]), "Idempotency-Key": "r2"}
+    assert (await client.post(url, json={"quantity": 1}, headers=staff_headers)).status_code in (400, 422)
+    assert (await client.post(url, json={"reason": "x", "quantity": 0}, headers=staff_headers)).status_code in (400, 422)
+    assert (await client.post(url, json={"reason": "x"}, headers=bearer(admin["token"]))).status_code == 400
+    r = await client.post(url, json={"reason": "double charge", "quantity": 1}, headers=staff_headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["reversed"]["credits"] == "1" and r.json()["balance"] == {"credits": "3"}
+    again = await client.post(url, json={"reason": "double charge", "quantity": 1}, headers=staff_headers)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true" and again.json()["id"] == r.json()["id"]
+    assert (await client.post(url, json={"reason": "other", "quantity": 1}, headers=staff_headers)).status_code == 409
+    audit = owner.execute("SELECT action, reason FROM ops.audit_log").fetchall()
+    assert audit == [("reverse_usage", "double charge")]
+    # An operator key with usage:reverse reverses the rest; then there is nothing left (409).
+    service = owner.execute("SELECT api.create_account('free', 0, 'ops', 'service')").fetchone()[0]["account_id"]
+    op_key = owner.execute("SELECT api.operator_reversal_key(%s::uuid)", [service]).fetchone()[0]["api_key"]
+    r = await client.post(url, json={"reason": "goodwill"}, headers=auth(op_key, "r3"))
+    assert r.status_code == 201 and r.json()["quantity"] == 2
+    assert (await client.post(url, json={"reason": "more"}, headers=auth(op_key, "r4"))).status_code == 409
+    assert (await client.post("/v1/usage/events/00000000-0000-7000-8000-000000000000/reversal", json={"reason": "x"},
+                              headers=auth(op_key, "r5"))).status_code == 404
+    assert reconciliation_problems(owner) == {}
