@@ -31,6 +31,7 @@ SQLSTATES: dict[str, tuple[int, str, str]] = {
     "TL4B2": (402, "budget-exceeded", "A budget of the account, API key or member does not cover this request"),
     "TL404": (404, "not-found", "Not found"),
     "TL409": (409, "idempotency-key-reused", "The idempotency key was used for a different request"),
+    "TL42R": (422, "idempotency-key-reused", "The idempotency key was used for a different request"),
     "TL40C": (409, "conflict", "This conflicts with the account's current state"),
     "TL422": (422, "invalid-request", "The request is not valid"),
     "TL429": (429, "rate-limited", "Too many attempts"),

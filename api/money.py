@@ -140,7 +140,7 @@ class Reversal(msgspec.Struct):
     transfer_id: str | None
     reason: str
     idempotency_key: str
-    balance: dict[str, str] | None
+    balance: dict[str, str]
     created_at: str
 
 
@@ -157,8 +157,8 @@ async def reverse_usage_event(
     key with the ``usage:reverse`` scope. Its credits go back to the lots it drew from, last drawn
     first (an expired lot's as a new lot for 7 days), its allowance units to their window if still
     open; post-paid usage is recorded as a credit owed. 201 with the reversal; 200 and
-    ``Idempotent-Replayed: true`` for a retry; 409 for the key reused with another request, or an
-    event already fully reversed; 422 more units than are left."""
+    ``Idempotent-Replayed: true`` for a retry; 422 ``idempotency-key-reused`` for the key reused with
+    another request; 409 an event already fully reversed; 422 more units than are left."""
     replayed, body = await call(
         request, "SELECT replayed, body::text FROM api.reverse_usage(%s::text, %s::uuid, %s::uuid, %s::bigint, "
                  "%s::text, %s::text)",

@@ -136,7 +136,7 @@ async def create_usage_event(
 ) -> Response[UsageEvent]:
     """Charge one usage event exactly once: the plan's allowance first, then credits at the
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
-    for a retry with the same key and body; 409 for the same key with another body; 402 with
+    for a retry with the same key and body; 422 ``idempotency-key-reused`` for the same key with another body; 402 with
     ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it, or when a
     post-paid plan's spending limit for the billing period does not (nothing is charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
     service key; 422 unknown meter, bad quantity, or metadata that is not an object of at most 2 KB."""
@@ -240,7 +240,7 @@ async def create_usage_batch(request: Request, caller: Caller, data: JSONBody[Ba
     /v1/usage/events`` would and exactly once per its own ``idempotency_key`` (a service key may
     name a different ``account_id`` on each; the accounts are locked in a fixed order). Each is
     answered on its own: ``charged`` or ``replayed`` with the event, or ``refused`` with the
-    problem it would have got alone (402, 403, 409, 422...); a refused event changes nothing and
+    problem it would have got alone (402, 403, 422...); a refused event changes nothing and
     the others go on (``api.consume_batch``). 422 when the body is not 1 to 1,000 events."""
     answers_json, charged, replayed, refused = await call(
         request, "SELECT data::text, charged, replayed, refused FROM api.consume_batch(%s::text, %s::uuid, %s::jsonb)",

@@ -130,11 +130,10 @@ BEGIN
   END IF;
   SELECT * INTO v_transfer FROM ledger.transfers
   WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
-                        jsonb_build_object('transfer_id', v_transfer.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another transfer
+    PERFORM util.idempotency_check(convert_to(v_transfer.kind || ' ' || v_transfer.amount_micros, 'UTF8'),
+                                   convert_to(p_kind || ' ' || p_amount_micros, 'UTF8'), 'transfer',
+                                   jsonb_build_object('transfer_id', v_transfer.id));
     replayed := true;
   ELSE
     PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
@@ -148,7 +147,7 @@ BEGIN
   FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
 END $$;
 COMMENT ON FUNCTION ledger.operator_transfer(uuid, text, text, bigint, text, text) IS
-  'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+  'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL42R (util.idempotency_check). TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
 CREATE OR REPLACE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
                                              p_idempotency_key text, p_memo text DEFAULT NULL)
@@ -162,7 +161,7 @@ BEGIN
                                                       p_idempotency_key, p_memo);
 END $$;
 COMMENT ON FUNCTION api.grant_credits(uuid, bigint, text, text) IS
-  'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+  'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL42R key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 CREATE OR REPLACE FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint,
                                               p_idempotency_key text, p_reason text)
@@ -179,7 +178,7 @@ BEGIN
                                                       p_idempotency_key, btrim(p_reason));
 END $$;
 COMMENT ON FUNCTION api.adjust_credits(uuid, bigint, text, text) IS
-  'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+  'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL42R key reused, TL422 zero amount or no reason. Operators only.';
 
 CREATE OR REPLACE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

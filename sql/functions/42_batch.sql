@@ -134,18 +134,18 @@ BEGIN
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> v_hash THEN
-          v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
-        ELSE
+        ELSIF util.idempotency_check(v_prior.request_hash, v_hash, 'request',
+                                     jsonb_build_object('usage_event_id', v_prior.usage_event_id)) THEN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
           replayed := replayed + 1;
         END IF;
-      EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
-        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
-        v_answer := metering.batch_refusal('TL422', v_message);
+      EXCEPTION WHEN SQLSTATE 'TL422' OR SQLSTATE 'TL42R' OR data_exception THEN
+        -- an unknown meter, a bad quantity, a key reused for another request (read only)
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+        v_answer := metering.batch_refusal(CASE WHEN v_state = 'TL42R' THEN v_state ELSE 'TL422' END, v_message,
+                                           CASE WHEN v_state = 'TL42R' THEN v_detail::jsonb END);
       END;
     END IF;
     IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
@@ -201,7 +201,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL42R key reused for another request, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

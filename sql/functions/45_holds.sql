@@ -101,11 +101,8 @@ BEGIN
   v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
   a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF h.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different hold',
-                        jsonb_build_object('hold_id', h.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(h.request_hash, v_hash, 'hold', jsonb_build_object('hold_id', h.id));
     replayed := true;
     body := metering.hold_json(h);
     RETURN NEXT;
@@ -141,7 +138,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.hold(text, uuid, text, text, bigint, bigint, bigint, integer, uuid) IS
-  'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+  'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (util.idempotency_check: a retry returns the hold, replayed = true; another request under the key is TL42R). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
 CREATE OR REPLACE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -169,7 +166,7 @@ BEGIN
                                          p_account_id);
 END $$;
 COMMENT ON FUNCTION api.capture_hold(text, uuid, uuid, bigint, bigint, bigint, uuid) IS
-  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
 
 CREATE OR REPLACE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_account_id uuid DEFAULT NULL)

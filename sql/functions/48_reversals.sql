@@ -7,7 +7,7 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT 7 $$;
 COMMENT ON FUNCTION metering.reversal_lot_days() IS
   'Days to spend credits a reversal gives back when the lot they came from has expired (or been canceled) since: they come back as a new lot of source reversal expiring this long after the reversal. 7.';
 
-CREATE OR REPLACE FUNCTION metering.reversal_json(r record, p_balance_micros bigint) RETURNS jsonb
+CREATE OR REPLACE FUNCTION metering.reversal_json(r record) RETURNS jsonb
 LANGUAGE plpgsql STABLE AS $$              -- (plpgsql: a sql function cannot take a record)
 BEGIN
   RETURN jsonb_build_object(
@@ -17,11 +17,11 @@ BEGIN
                                    'amount', r.amount_minor, 'currency', r.currency),
     'allowance_returned', r.allowance_returned, 'lots', r.lots, 'transfer_id', r.transfer_id,
     'reason', r.reason, 'idempotency_key', r.idempotency_key,
-    'balance', CASE WHEN p_balance_micros IS NOT NULL THEN jsonb_build_object('credits', util.credits(p_balance_micros)) END,
+    'balance', jsonb_build_object('credits', util.credits(r.balance_after_micros)),
     'created_at', util.iso(r.created_at));
 END $$;
-COMMENT ON FUNCTION metering.reversal_json(record, bigint) IS
-  'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits after it; null on a replay}, created_at}.';
+COMMENT ON FUNCTION metering.reversal_json(record) IS
+  'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits right after it}, created_at}.';
 
 CREATE OR REPLACE FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text,
                                                   p_staff_user_id uuid, p_operator_key_id uuid,
@@ -67,13 +67,10 @@ BEGIN
   a := metering.lock_account(e.account_id);
 
   SELECT * INTO r FROM metering.reversals WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF r.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different reversal',
-                        jsonb_build_object('reversal_id', r.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another reversal
+    PERFORM util.idempotency_check(r.request_hash, v_hash, 'reversal', jsonb_build_object('reversal_id', r.id));
     replayed := true;
-    body := metering.reversal_json(r, NULL);
+    body := metering.reversal_json(r);
     RETURN;
   END IF;
 
@@ -171,17 +168,17 @@ BEGIN
     END IF;
   END IF;
 
+  r.balance_after_micros := (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id);
   INSERT INTO metering.reversals SELECT r.*;
   IF p_staff_user_id IS NOT NULL THEN
-    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e),
-                      metering.reversal_json(r, NULL))
+    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e), metering.reversal_json(r))
     FROM identity.users u WHERE u.id = p_staff_user_id;
   END IF;
   replayed := false;
-  body := metering.reversal_json(r, (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id));
+  body := metering.reversal_json(r);
 END $$;
 COMMENT ON FUNCTION metering.reverse_usage(uuid, bigint, text, text, uuid, uuid) IS
-  'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL409. Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
+  'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL42R (util.idempotency_check). Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
 
 CREATE OR REPLACE FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint,
                                              p_reason text, p_idempotency_key text)

@@ -61,6 +61,7 @@ CREATE TABLE metering.reversals (
   staff_user_id    uuid REFERENCES identity.users,
   operator_key_id  uuid,
   created_at       timestamptz NOT NULL,
+  balance_after_micros bigint NOT NULL,
   CONSTRAINT reversals_idempotency_key UNIQUE (account_id, idempotency_key),
   CONSTRAINT reversals_by_someone CHECK (num_nonnulls(staff_user_id, operator_key_id) <= 1),
   CONSTRAINT reversals_transfer CHECK ((credits_micros > 0) = (transfer_id IS NOT NULL))
@@ -76,6 +77,7 @@ COMMENT ON COLUMN metering.reversals.credits_micros IS 'Micro-credits given back
 COMMENT ON COLUMN metering.reversals.amount_minor IS 'Post-paid: what the reversed units cost (minor units of currency): a credit owed to the customer (reporting.post_paid_credits_owed). Cancelling the Stripe meter event is a follow-up.';
 COMMENT ON COLUMN metering.reversals.allowance_returned IS 'Whether the allowance units went back to their window (only while that window is still open).';
 COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the order given back (reverse burn order): [{lot_id, credits, new_lot}]; new_lot when the lot had expired or been canceled since, so a new lot of source reversal holds them.';
+COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
 COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
 COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
 

@@ -221,7 +221,7 @@ BEGIN
                                                       p_idempotency_key, btrim(p_reason));
 END $$;
 
-COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL42R key reused, TL422 zero amount or no reason. Operators only.';
 
 CREATE FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -306,7 +306,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
+COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL42R key reused, TL422.';
 
 CREATE FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -645,7 +645,7 @@ BEGIN
                                          p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
 
 CREATE FUNCTION api.check_alerts(p_email text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -831,11 +831,9 @@ BEGIN
 
   SELECT * INTO v_key FROM metering.idempotency_keys
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_key.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
-                        jsonb_build_object('usage_event_id', v_key.usage_event_id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(v_key.request_hash, v_hash, 'request',
+                                   jsonb_build_object('usage_event_id', v_key.usage_event_id));
     replayed := true;
     body := metering.replayed_answer(v_key);
     RETURN NEXT;
@@ -859,7 +857,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL42R key reused for a different request (util.idempotency_check; nothing charged), TL422 bad input.';
 
 CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
@@ -990,18 +988,18 @@ BEGIN
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> v_hash THEN
-          v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
-        ELSE
+        ELSIF util.idempotency_check(v_prior.request_hash, v_hash, 'request',
+                                     jsonb_build_object('usage_event_id', v_prior.usage_event_id)) THEN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
           replayed := replayed + 1;
         END IF;
-      EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
-        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
-        v_answer := metering.batch_refusal('TL422', v_message);
+      EXCEPTION WHEN SQLSTATE 'TL422' OR SQLSTATE 'TL42R' OR data_exception THEN
+        -- an unknown meter, a bad quantity, a key reused for another request (read only)
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+        v_answer := metering.batch_refusal(CASE WHEN v_state = 'TL42R' THEN v_state ELSE 'TL422' END, v_message,
+                                           CASE WHEN v_state = 'TL42R' THEN v_detail::jsonb END);
       END;
     END IF;
     IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
@@ -1057,7 +1055,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL42R key reused for another request, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1406,7 +1404,7 @@ BEGIN
                                                       p_idempotency_key, p_memo);
 END $$;
 
-COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL42R key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 CREATE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_expires_in integer DEFAULT 900, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1430,11 +1428,8 @@ BEGIN
   v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
   a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF h.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different hold',
-                        jsonb_build_object('hold_id', h.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(h.request_hash, v_hash, 'hold', jsonb_build_object('hold_id', h.id));
     replayed := true;
     body := metering.hold_json(h);
     RETURN NEXT;
@@ -1470,7 +1465,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (util.idempotency_check: a retry returns the hold, replayed = true; another request under the key is TL42R). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
 CREATE FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -5264,11 +5259,10 @@ BEGIN
   END IF;
   SELECT * INTO v_transfer FROM ledger.transfers
   WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
-                        jsonb_build_object('transfer_id', v_transfer.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another transfer
+    PERFORM util.idempotency_check(convert_to(v_transfer.kind || ' ' || v_transfer.amount_micros, 'UTF8'),
+                                   convert_to(p_kind || ' ' || p_amount_micros, 'UTF8'), 'transfer',
+                                   jsonb_build_object('transfer_id', v_transfer.id));
     replayed := true;
   ELSE
     PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
@@ -5282,7 +5276,7 @@ BEGIN
   FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
 END $$;
 
-COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL42R (util.idempotency_check). TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
 CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -6245,7 +6239,7 @@ $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
 
-CREATE FUNCTION metering.reversal_json(r record, p_balance_micros bigint) RETURNS jsonb
+CREATE FUNCTION metering.reversal_json(r record) RETURNS jsonb
     LANGUAGE plpgsql STABLE
     AS $$              -- (plpgsql: a sql function cannot take a record)
 BEGIN
@@ -6256,11 +6250,11 @@ BEGIN
                                    'amount', r.amount_minor, 'currency', r.currency),
     'allowance_returned', r.allowance_returned, 'lots', r.lots, 'transfer_id', r.transfer_id,
     'reason', r.reason, 'idempotency_key', r.idempotency_key,
-    'balance', CASE WHEN p_balance_micros IS NOT NULL THEN jsonb_build_object('credits', util.credits(p_balance_micros)) END,
+    'balance', jsonb_build_object('credits', util.credits(r.balance_after_micros)),
     'created_at', util.iso(r.created_at));
 END $$;
 
-COMMENT ON FUNCTION metering.reversal_json(r record, p_balance_micros bigint) IS 'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits after it; null on a replay}, created_at}.';
+COMMENT ON FUNCTION metering.reversal_json(r record) IS 'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits right after it}, created_at}.';
 
 CREATE FUNCTION metering.reversal_lot_days() RETURNS integer
     LANGUAGE sql IMMUTABLE
@@ -6311,13 +6305,10 @@ BEGIN
   a := metering.lock_account(e.account_id);
 
   SELECT * INTO r FROM metering.reversals WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF r.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different reversal',
-                        jsonb_build_object('reversal_id', r.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another reversal
+    PERFORM util.idempotency_check(r.request_hash, v_hash, 'reversal', jsonb_build_object('reversal_id', r.id));
     replayed := true;
-    body := metering.reversal_json(r, NULL);
+    body := metering.reversal_json(r);
     RETURN;
   END IF;
 
@@ -6415,17 +6406,17 @@ BEGIN
     END IF;
   END IF;
 
+  r.balance_after_micros := (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id);
   INSERT INTO metering.reversals SELECT r.*;
   IF p_staff_user_id IS NOT NULL THEN
-    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e),
-                      metering.reversal_json(r, NULL))
+    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e), metering.reversal_json(r))
     FROM identity.users u WHERE u.id = p_staff_user_id;
   END IF;
   replayed := false;
-  body := metering.reversal_json(r, (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id));
+  body := metering.reversal_json(r);
 END $$;
 
-COMMENT ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) IS 'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL409. Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
+COMMENT ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) IS 'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL42R (util.idempotency_check). Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
 
 CREATE FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) RETURNS jsonb
     LANGUAGE plpgsql
@@ -6752,6 +6743,22 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) IS 'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
+
+CREATE FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  IF p_stored IS NULL THEN
+    RETURN false;                        -- no earlier request under the key: go on
+  ELSIF p_stored = p_request THEN
+    RETURN true;                         -- the same request again: answer it as the first time
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'TL42R',
+    MESSAGE = format('this idempotency key was already used for a different %s', p_what),
+    DETAIL = coalesce(p_detail::text, '');
+END $$;
+
+COMMENT ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) IS 'The idempotency check of the IETF draft "The Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header): given the fingerprint stored with an earlier request under the key (NULL: none) and this request''s, false when there was none (process it), true when it is the same request (replay the first answer: the API adds Idempotent-Replayed: true), and TL42R (422 idempotency-key-reused; p_what names the thing, p_detail the earlier one) when the key was used for a different request: nothing changes. Callers read the earlier request under the lock that serialises the writes of the key (the account row), so a concurrent retry waits for the first and replays it: no request under a key is ever seen in progress. Used by api.consume, api.consume_batch, api.hold, ledger.operator_transfer (grants, adjustments, admin credits) and metering.reverse_usage.';
 
 CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE
@@ -7406,6 +7413,7 @@ CREATE TABLE metering.reversals (
     staff_user_id uuid,
     operator_key_id uuid,
     created_at timestamp with time zone NOT NULL,
+    balance_after_micros bigint NOT NULL,
     CONSTRAINT reversals_allowance_units_check CHECK ((allowance_units >= 0)),
     CONSTRAINT reversals_amount_minor_check CHECK ((amount_minor >= 0)),
     CONSTRAINT reversals_by_someone CHECK ((num_nonnulls(staff_user_id, operator_key_id) <= 1)),
@@ -7437,6 +7445,8 @@ COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the ord
 COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
 
 COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
+
+COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
 
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
@@ -9484,7 +9494,7 @@ REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FRO
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION metering.reversal_json(r record, p_balance_micros bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.reversal_json(r record) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION metering.reversal_lot_days() FROM PUBLIC;
 
@@ -9519,6 +9529,8 @@ REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb
 REVOKE ALL ON FUNCTION util.forbid_change() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
 

@@ -84,7 +84,7 @@ async def test_item2_reversal_over_http_for_admin_staff_and_operator_keys_only(c
     assert r.json()["reversed"]["credits"] == "1" and r.json()["balance"] == {"credits": "3"}
     again = await client.post(url, json={"reason": "double charge", "quantity": 1}, headers=staff_headers)
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true" and again.json()["id"] == r.json()["id"]
-    assert (await client.post(url, json={"reason": "other", "quantity": 1}, headers=staff_headers)).status_code == 409
+    assert (await client.post(url, json={"reason": "other", "quantity": 1}, headers=staff_headers)).status_code == 422
     audit = owner.execute("SELECT action, reason FROM ops.audit_log").fetchall()
     assert audit == [("reverse_usage", "double charge")]
     # An operator key with usage:reverse reverses the rest; then there is nothing left (409).
@@ -95,4 +95,68 @@ async def test_item2_reversal_over_http_for_admin_staff_and_operator_keys_only(c
     assert (await client.post(url, json={"reason": "more"}, headers=auth(op_key, "r4"))).status_code == 409
     assert (await client.post("/v1/usage/events/00000000-0000-7000-8000-000000000000/reversal", json={"reason": "x"},
                               headers=auth(op_key, "r5"))).status_code == 404
+    assert reconciliation_problems(owner) == {}
+
+
+async def test_item3_one_idempotency_contract_replay_reuse_and_concurrent_retries(client, owner, new_account):
+    """Table-driven over the writes whose idempotency check util.idempotency_check now makes: the
+    same key and request replays (Idempotent-Replayed: true, the first body), the same key with
+    another request is 422 idempotency-key-reused and changes nothing, and concurrent requests
+    under one key (one still in progress when the others arrive) are processed once, the others
+    replaying its answer."""
+    import asyncio
+
+    from tests.http.test_admin_http import bearer, person
+
+    acct = new_account("free", 50 * CREDIT)
+    key = acct["api_key"]
+    await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 10}, headers=auth(key, "free"))
+    event = (await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
+                               headers=auth(key, "to-reverse"))).json()
+    hold = (await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth(key, "to-capture"))).json()
+    admin = await person(client, owner, "admin@example.com", staff="admin")
+    service = owner.execute("SELECT api.create_account('free', 0, 'ops', 'service')").fetchone()[0]["account_id"]
+    op_key = owner.execute("SELECT api.operator_reversal_key(%s::uuid)", [service]).fetchone()[0]["api_key"]
+
+    def balance():
+        return owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s", [acct["account_id"]]).fetchone()[0]
+
+    writes = [  # (name, path, headers, body, other body, replay status)
+        ("usage event", "/v1/usage/events", auth(key, "w1"), {"meter": "generation"}, {"meter": "generation", "quantity": 2}, 200),
+        ("hold", "/v1/holds", auth(key, "w2"), {"meter": "generation"}, {"meter": "generation", "quantity": 2}, 200),
+        ("capture", f"/v1/holds/{hold['id']}/capture", auth(key), {}, {"quantity": 1}, 200),
+        ("reversal", f"/v1/usage/events/{event['id']}/reversal", auth(op_key, "w3"), {"reason": "x", "quantity": 1},
+         {"reason": "x", "quantity": 2}, 200),
+        ("admin credits", f"/v1/admin/accounts/{acct['account_id']}/credits", {**bearer(admin["token"]), "Idempotency-Key": "w4"},
+         {"amount": "1", "reason": "goodwill"}, {"amount": "2", "reason": "goodwill"}, 200),
+    ]
+    for name, path, headers, body, other, replay_status in writes:
+        first = await client.post(path, json=body, headers=headers)
+        assert first.status_code in (200, 201), (name, first.text)
+        before = balance()
+        again = await client.post(path, json=body, headers=headers)
+        assert again.status_code == replay_status, (name, again.text)
+        if name == "admin credits":
+            assert again.json()["replayed"] is True
+        else:
+            assert again.headers["Idempotent-Replayed"] == "true", name
+            assert again.json() == first.json(), name
+        reused = await client.post(path, json=other, headers=headers)
+        assert reused.status_code == 422, (name, reused.text)
+        assert reused.headers["content-type"].startswith(PROBLEM) and reused.json()["type"].endswith("/idempotency-key-reused")
+        assert balance() == before, name                     # nothing changed
+    # A batch answers per event: a replayed event and a reused key (422 problem) in one request.
+    r = await client.post("/v1/usage/events/batch", headers=auth(key),
+                          json={"events": [{"idempotency_key": "w1", "meter": "generation"},
+                                           {"idempotency_key": "w1", "meter": "generation", "quantity": 5}]})
+    answers = r.json()["data"]
+    assert answers[0]["status"] == "replayed"
+    assert answers[1]["status"] == "refused" and answers[1]["problem"]["status"] == 422
+    assert answers[1]["problem"]["type"].endswith("/idempotency-key-reused")
+    # In progress: 16 concurrent requests under one key; the account's lock makes the others wait
+    # for the first and replay it, so none is charged twice and none fails.
+    results = await asyncio.gather(*[client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "w9"))
+                                     for _ in range(16)])
+    assert sorted(r.status_code for r in results) == [200] * 15 + [201]
+    assert len({r.json()["id"] for r in results}) == 1
     assert reconciliation_problems(owner) == {}

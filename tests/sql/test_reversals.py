@@ -99,7 +99,7 @@ def test_item2_a_reversal_is_once_per_idempotency_key(owner, api_conn, two_lots)
     first = reverse(owner, event["id"], "same", quantity=1)
     again = reverse(owner, event["id"], "same", quantity=1)
     assert first[0] is False and again[0] is True and again[1]["id"] == first[1]["id"]
-    assert sqlstate_of(lambda: reverse(owner, event["id"], "same", quantity=2)) == "TL409"
+    assert sqlstate_of(lambda: reverse(owner, event["id"], "same", quantity=2)) == "TL42R"
     assert sqlstate_of(lambda: reverse(owner, event["id"], "x", reason=" ")) == "TL422"
     assert sqlstate_of(lambda: reverse(owner, "00000000-0000-7000-8000-000000000000", "y")) == "TL404"
     assert balance_micros(owner, two_lots["account_id"]) == 5 * CREDIT
