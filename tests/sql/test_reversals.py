@@ -165,3 +165,14 @@ def test_item2_a_reversal_gives_the_budget_its_credits_back(owner, api_conn, two
     # A budget set afterwards starts from the window's spending net of reversals.
     owner.execute("DELETE FROM metering.budget_windows")
     assert owner.execute("SELECT api.operator_budgets(%s::uuid)", [two_lots["account_id"]]).fetchone()[0]["data"][0]["spent"] == "3"
+
+
+def test_item2_a_token_meter_charge_is_reversed_whole(owner, api_conn, two_lots):
+    event = consume(api_conn, two_lots["api_key"], "llm", meter="llm_tokens", input_tokens=1_000_000, output_tokens=0)[1]
+    assert event["charged"]["credits"] == "3.6"                 # 3 credits per million input tokens, margin 1.2
+    assert sqlstate_of(lambda: reverse(owner, event["id"], "t1", quantity=2)) == "TL422"
+    body = reverse(owner, event["id"], "t2")[1]
+    assert body["quantity"] == 1 and body["reversed"]["credits"] == "3.6"
+    assert [x["credits"] for x in body["lots"]] == ["2.6", "1"]     # "forever" then "soon": reverse burn order
+    assert balance_micros(owner, two_lots["account_id"]) == 6 * CREDIT
+    assert reconciliation_problems(owner) == {}
