@@ -49,7 +49,7 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
-  v_p record;                          -- the principal (identity.authorize): the same key or session for every account
+  v_p record;                          -- the principal (identity.authenticate_principal): the same key or session for every account
   v_key_id uuid;
   v_user_id uuid;
   v_refusal jsonb;
@@ -64,7 +64,7 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
       v_account_id := v_p.account_id;
       v_key_id := v_p.api_key_id;
       v_user_id := v_p.user_id;

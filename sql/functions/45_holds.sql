@@ -98,7 +98,7 @@ BEGIN
   IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
     PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
   END IF;
-  v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
   a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN                         -- a replay, or TL42R for another request

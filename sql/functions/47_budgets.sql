@@ -227,7 +227,7 @@ CREATE OR REPLACE FUNCTION api.create_budget(p_api_key text, p_session_id uuid, 
                                              p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
 BEGIN
   RETURN metering.set_budget(p.account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), p.user_id);
 END $$;
@@ -237,7 +237,7 @@ COMMENT ON FUNCTION api.create_budget(text, uuid, text, uuid, text, text, intege
 CREATE OR REPLACE FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'usage:read', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'usage:read', p_account_id);
   v_all boolean;
 BEGIN
   -- Who may read billing sees every budget; a member sees their own and their keys'.
@@ -255,7 +255,7 @@ CREATE OR REPLACE FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, 
                                              p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
 BEGIN
   RETURN metering.delete_budget(p.account_id, p_budget_id);
 END $$;

@@ -606,7 +606,7 @@ CREATE FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'usage:read', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'usage:read', p_account_id);
   v_all boolean;
 BEGIN
   -- Who may read billing sees every budget; a member sees their own and their keys'.
@@ -815,7 +815,7 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
   v_account_id := v_p.account_id;
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   IF EXISTS (SELECT 1 FROM metering.holds h
@@ -903,7 +903,7 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
-  v_p record;                          -- the principal (identity.authorize): the same key or session for every account
+  v_p record;                          -- the principal (identity.authenticate_principal): the same key or session for every account
   v_key_id uuid;
   v_user_id uuid;
   v_refusal jsonb;
@@ -918,7 +918,7 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
       v_account_id := v_p.account_id;
       v_key_id := v_p.api_key_id;
       v_user_id := v_p.user_id;
@@ -1118,7 +1118,7 @@ CREATE FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope tex
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
 BEGIN
   RETURN metering.set_budget(p.account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), p.user_id);
 END $$;
@@ -1182,7 +1182,7 @@ CREATE FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  p record := identity.authorize(p_api_key, p_session_id, 'billing:manage', p_account_id);
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
 BEGIN
   RETURN metering.delete_budget(p.account_id, p_budget_id);
 END $$;
@@ -1425,7 +1425,7 @@ BEGIN
   IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
     PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
   END IF;
-  v_p := identity.authorize(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
   a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
   IF FOUND THEN                         -- a replay, or TL42R for another request
@@ -4346,12 +4346,12 @@ COMMENT ON FUNCTION identity.api_key_json(k identity.api_keys) IS 'An API key as
 CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid) RETURNS uuid
     LANGUAGE sql
     AS $$
-  SELECT (identity.authorize(p_api_key, p_session_id, p_scope, p_account_id)).account_id
+  SELECT (identity.authenticate_principal(p_api_key, p_session_id, p_scope, p_account_id)).account_id
 $$;
 
 COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
 
-CREATE FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) RETURNS record
+CREATE FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) RETURNS record
     LANGUAGE plpgsql
     AS $$
 #variable_conflict use_column
@@ -4420,7 +4420,7 @@ BEGIN
   user_id := coalesce(k.created_by, s.user_id);
 END $$;
 
-COMMENT ON FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) IS 'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
+COMMENT ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) IS 'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
 
 CREATE FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -5808,7 +5808,7 @@ BEGIN
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authorize), recorded on the event. api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authenticate_principal), recorded on the event. api.consume and api.consume_batch charge through it.';
 
 CREATE FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) RETURNS jsonb
     LANGUAGE plpgsql
@@ -9348,7 +9348,7 @@ REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
 
-REVOKE ALL ON FUNCTION identity.authorize(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
 
