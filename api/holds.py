@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, HeaderParameter, JSONBody
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from api.calls import AUTH, SECURITY, Caller, call, json_response
 from api.errors import problems
@@ -103,9 +103,11 @@ async def release_hold(request: Request, caller: Caller, hold_id: FromPath[uuid.
 
 @get("/v1/holds", dependencies=AUTH, security=SECURITY, summary="Open holds",
      responses=problems(400, 401, 403, 503))
-async def list_holds(request: Request, caller: Caller) -> Response[HoldList]:
-    """The caller's open holds, newest first."""
-    (body,) = await call(request, "SELECT api.holds(%s::text, %s::uuid)::text", caller.params)
+async def list_holds(request: Request, caller: Caller,
+                     account_id: Annotated[uuid.UUID | None, QueryParameter(
+                         description="service keys and team members: the account")] = None) -> Response[HoldList]:
+    """The open holds of the caller's account (or of ``account_id``), newest first."""
+    (body,) = await call(request, "SELECT api.holds(%s::text, %s::uuid, %s::uuid)::text", [*caller.params, account_id])
     return json_response(body)
 
 

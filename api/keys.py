@@ -11,7 +11,7 @@ from litestar import Request, delete, get, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from api.auth import Revoked
-from api.calls import SECURITY, SESSION, Session, call_json
+from api.calls import NO_STORE_CACHE, SECURITY, SESSION, Session, call_json
 from api.errors import problems
 
 
@@ -48,6 +48,7 @@ TeamParam = Annotated[uuid.UUID | None, QueryParameter(description="a team accou
 
 
 @post("/v1/api-keys", status_code=201, dependencies=SESSION, security=SECURITY, summary="Create an API key",
+      cache_control=NO_STORE_CACHE,
       responses=problems(400, 401, 403, 415, 422, 503))
 async def create_api_key(request: Request, session: Session, data: JSONBody[NewApiKey],
                          account_id: TeamParam = None) -> CreatedApiKey:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import uuid
+from typing import Annotated
 
 import msgspec
 from litestar import Request, Response, get

@@ -3,7 +3,8 @@
 
 Every matched request is timed and counted by route template and status, answered with an
 ``X-Request-Id`` (the caller's, when it sends a sane one, else a new one) and logged as one JSON
-line carrying it. Metrics use prometheus-client's default registry; the database-side gauges
+line carrying it; that includes refusals made before the handler runs (a CSRF failure, a form
+body that cannot be parsed). Metrics use prometheus-client's default registry; the database-side gauges
 (outbox backlog and failures, rollup lag) are read at scrape time from ``api.ops_gauges()``.
 """
 
@@ -14,7 +15,6 @@ import os
 import re
 import time
 import uuid
-from typing import Any
 
 import msgspec
 from litestar import Request, Response, get
@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 from api import db
-from api.errors import PgtallyError, problems
+from api.errors import PgtallyError, error_response, problems
 
 log = logging.getLogger("pgtally.http")
 
@@ -86,17 +86,28 @@ class Observe:
         request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
+        responded = False
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 MutableScopeHeaders.from_message(message)["X-Request-Id"] = request_id
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                if responded:
+                    raise
+                # Raised by the middleware inside this one (Litestar's CSRF check, which also
+                # parses a form body for its token), so past the handler's exception handling:
+                # answered here by the same handlers, with the request id, and counted as itself.
+                request = scope["litestar_app"].request_class(scope=scope, receive=receive)
+                response = error_response(request, exc)
+                await response.to_asgi_response(app=None, request=request)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route, method = scope.get("path_template") or "unmatched", scope["method"]
@@ -154,18 +165,24 @@ class Ready(msgspec.Struct):
     """The newest migration applied."""
 
 
-@get("/readyz", summary="Readiness: database and schema current", responses=problems(503))
+@get("/readyz", summary="Readiness: database writable and schema current", responses=problems(503))
 async def readyz(request: Request) -> Ready:
-    """200 ``{"status": "ready", "schema": <latest migration>}`` when the database answers and
-    its newest applied migration is the newest this server ships; 503 ``retry-later``
-    otherwise (an upgrade is due, or PostgreSQL is down)."""
+    """200 ``{"status": "ready", "schema": <latest migration>}`` when the database answers, can
+    write, and its newest applied migration is the newest this server ships (``api.readiness``);
+    503 ``retry-later`` otherwise: an upgrade is due, PostgreSQL is down, read-only, or it failed
+    a request of this process for lack of space or other resources in the last 30 s."""
     async with request.app.state.pool.connection(timeout=1.0) as conn:
-        (applied,) = await (await conn.execute("SELECT api.schema_version()")).fetchone()
+        (ready,) = await (await conn.execute("SELECT api.readiness()")).fetchone()
     expected = db.latest_migration()
-    if applied != expected:
-        raise PgtallyError({"sqlstate": "TL503",
-                            "message": f"the database schema is at {applied}, this server needs {expected}: run pgtally db upgrade"})
-    return Ready(status="ready", schema=applied)
+    if ready["schema"] != expected:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"the database schema is at {ready['schema']}, "
+                                                            f"this server needs {expected}: run pgtally db upgrade"})
+    if ready["read_only"]:
+        raise PgtallyError({"sqlstate": "TL503", "message": "the database is read-only"})
+    until, reason = request.app.state.cannot_write
+    if time.monotonic() < until:
+        raise PgtallyError({"sqlstate": "TL503", "message": f"the database could not write just now ({reason})"})
+    return Ready(status="ready", schema=ready["schema"])
 
 
 ROUTES = [metrics, readyz]

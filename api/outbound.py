@@ -12,7 +12,7 @@ Outbound requests go only where the operator allowed (OWASP's SSRF prevention ch
   that very address (a name that changes its answer in between, DNS rebinding, is refused too);
 - bounded: 5 s to connect and between bytes, 15 s for a whole exchange, 256 KiB for any answer
   (the token endpoint's included: every response body read through these clients is capped);
-- any failure is :class:`Unavailable`, which the callers answer 502, never 500, in words that do
+- any failure is :class:`OutboundError`, which the callers answer 502, never 500, in words that do
   not tell a closed port from a refused one.
 """
 
@@ -22,8 +22,9 @@ import asyncio
 import ipaddress
 import json
 import socket
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import dns.asyncresolver
@@ -54,7 +55,7 @@ REFUSED = [ipaddress.ip_network(n) for n in (
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-class Unavailable(Exception):
+class OutboundError(Exception):
     """An outbound request was refused by policy or failed; the message says which, in plain words."""
 
 
@@ -97,14 +98,14 @@ def address_allowed(settings, address: ipaddress.IPv4Address | ipaddress.IPv6Add
 
 def check_url(settings, url: Any, what: str) -> str:
     """``url`` if pgtally may fetch it: an absolute http(s) URL, https outside development.
-    Raises :class:`Unavailable` otherwise."""
+    Raises :class:`OutboundError` otherwise."""
     if not isinstance(url, str) or len(url) > 2000:
-        raise Unavailable(f"{what} is not a URL")
+        raise OutboundError(f"{what} is not a URL")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.username or parts.password:
-        raise Unavailable(f"{what} is not an http(s) URL")
+        raise OutboundError(f"{what} is not an http(s) URL")
     if parts.scheme != "https" and settings.env != "development":
-        raise Unavailable(f"{what} must use https")
+        raise OutboundError(f"{what} must use https")
     return url
 
 
@@ -114,10 +115,10 @@ async def check_host(settings, url: str, what: str) -> None:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise Unavailable(f"{what} could not be reached") from None
+        raise OutboundError(f"{what} could not be reached") from None
     for *_, sockaddr in infos:
         if not address_allowed(settings, ipaddress.ip_address(sockaddr[0].split("%")[0])):
-            raise Unavailable(f"{what} is on an address pgtally may not reach (not public; PGTALLY_OUTBOUND_ALLOW)")
+            raise OutboundError(f"{what} is on an address pgtally may not reach (not public; PGTALLY_OUTBOUND_ALLOW)")
 
 
 def guarded(client: httpx.AsyncClient, settings) -> httpx.AsyncClient:
@@ -142,7 +143,7 @@ def hooks(settings) -> dict[str, list]:
 
 
 class Capped(httpx.AsyncByteStream):
-    """A response body that stops with :class:`Unavailable` past MAX_DOCUMENT_BYTES."""
+    """A response body that stops with :class:`OutboundError` past MAX_DOCUMENT_BYTES."""
 
     def __init__(self, stream: httpx.AsyncByteStream) -> None:
         self.stream = stream
@@ -152,7 +153,7 @@ class Capped(httpx.AsyncByteStream):
         async for chunk in self.stream:
             read += len(chunk)
             if read > MAX_DOCUMENT_BYTES:
-                raise Unavailable(f"the provider's answer is larger than {MAX_DOCUMENT_BYTES // 1024} KiB")
+                raise OutboundError(f"the provider's answer is larger than {MAX_DOCUMENT_BYTES // 1024} KiB")
             yield chunk
 
     async def aclose(self) -> None:
@@ -169,30 +170,30 @@ def client(settings, **kwargs: Any) -> httpx.AsyncClient:
 async def exchange(what: str) -> AsyncIterator[None]:
     """One exchange with a provider: at most DEADLINE_SECONDS in all, and whatever goes wrong on
     the wire or in its answers (unreachable, refused, too big, too slow, not JSON, not the shape
-    the protocol says) is :class:`Unavailable`."""
+    the protocol says) is :class:`OutboundError`."""
     try:
         async with asyncio.timeout(DEADLINE_SECONDS):
             yield
-    except Unavailable:
+    except OutboundError:
         raise
     except TimeoutError:
-        raise Unavailable(f"{what} took longer than {DEADLINE_SECONDS:.0f} s") from None
+        raise OutboundError(f"{what} took longer than {DEADLINE_SECONDS:.0f} s") from None
     except httpx.HTTPStatusError as exc:
-        raise Unavailable(f"{what} answered HTTP {exc.response.status_code}") from None
+        raise OutboundError(f"{what} answered HTTP {exc.response.status_code}") from None
     except httpx.HTTPError:
-        raise Unavailable(f"{what} could not be reached") from None
+        raise OutboundError(f"{what} could not be reached") from None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):   # JSON and shapes
-        raise Unavailable(f"{what} answered in a shape pgtally does not know") from None
+        raise OutboundError(f"{what} answered in a shape pgtally does not know") from None
 
 
 def parse_object(body: bytes, what: str) -> dict[str, Any]:
-    """A JSON object, or :class:`Unavailable` (deep nesting included)."""
+    """A JSON object, or :class:`OutboundError` (deep nesting included)."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
-        raise Unavailable(f"{what} is not JSON") from None
+        raise OutboundError(f"{what} is not JSON") from None
     if not isinstance(document, dict):
-        raise Unavailable(f"{what} is not a JSON object")
+        raise OutboundError(f"{what} is not a JSON object")
     return document
 
 
@@ -202,7 +203,7 @@ async def read_json(http: httpx.AsyncClient, settings, url: str, what: str) -> d
     async with exchange(what):
         response = await http.get(url, headers={"Accept": "application/json"})
         if response.status_code != 200:
-            raise Unavailable(f"{what} answered HTTP {response.status_code}")
+            raise OutboundError(f"{what} answered HTTP {response.status_code}")
         return parse_object(response.content, what)
 
 
@@ -220,7 +221,7 @@ async def oidc_metadata(cache: TTLCache, settings, issuer: str) -> dict[str, Any
     issuer = check_url(settings, issuer.rstrip("/"), "the provider's issuer")
     cached = cache.get(issuer)
     if isinstance(cached, tuple) and cached[0] > cache.timer():
-        raise Unavailable(cached[1])
+        raise OutboundError(cached[1])
     if isinstance(cached, dict):
         return cached
     try:
@@ -228,10 +229,10 @@ async def oidc_metadata(cache: TTLCache, settings, issuer: str) -> dict[str, Any
             document = await read_json(http, settings, f"{issuer}/.well-known/openid-configuration",
                                        "the provider's discovery document")
         if str(document.get("issuer", "")).rstrip("/") != issuer:
-            raise Unavailable("the provider's discovery document names another issuer")
+            raise OutboundError("the provider's discovery document names another issuer")
         for field in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             check_url(settings, document.get(field), f"the provider's {field}")
-    except Unavailable as exc:
+    except OutboundError as exc:
         cache[issuer] = (cache.timer() + FAILURE_TTL_SECONDS, str(exc))
         raise
     cache[issuer] = document
@@ -241,7 +242,7 @@ async def oidc_metadata(cache: TTLCache, settings, issuer: str) -> dict[str, Any
 async def txt_records(settings, domain: str) -> list[str]:
     """The TXT records of ``domain`` through DNS (dnspython): the system's resolvers, or
     PGTALLY_DNS_NAMESERVERS. A name with no TXT record gives an empty list; DNS that cannot be
-    asked is :class:`Unavailable`."""
+    asked is :class:`OutboundError`."""
     servers = nameservers(settings)
     resolver = dns.asyncresolver.Resolver(configure=not servers)
     if servers:
@@ -251,5 +252,5 @@ async def txt_records(settings, domain: str) -> list[str]:
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException:
-        raise Unavailable(f"DNS could not be asked about {domain}") from None
+        raise OutboundError(f"DNS could not be asked about {domain}") from None
     return [b"".join(record.strings).decode("utf-8", "replace") for record in answer]

@@ -68,7 +68,7 @@ class Keys:
     keys: list[OctKey]
 
     @classmethod
-    def from_rows(cls, issuer: str, rows: list[tuple[str, bytes]]) -> "Keys":
+    def from_rows(cls, issuer: str, rows: list[tuple[str, bytes]]) -> Keys:
         return cls(issuer, [OctKey.import_key(bytes(secret), {"kid": kid}) for kid, secret in rows])
 
     def issue(self, session: dict[str, Any]) -> dict[str, Any]:

@@ -7,17 +7,15 @@ use. The rules live in sql/functions/57_teams.sql; who may do what, in
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, delete, get, patch, post, put
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter
-from litestar.response import Redirect
+from litestar.params import FromPath, JSONBody, Parameter
 
 from api import outbound
 from api.calls import SECURITY, SESSION, Session, call_json
 from api.errors import PgtallyError, problems
-from api.web import FORM, browser_session, page
 
 Role = Literal["owner", "admin", "member", "billing", "viewer"]
 
@@ -208,7 +206,7 @@ async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.
     409 when another team proved a domain; 422 a public mail domain (gmail.com, outlook.com...)."""
     try:        # a URL pgtally will fetch: https outside development (api/outbound.py)
         outbound.check_url(request.app.state.settings, data.issuer, "the issuer")
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         raise PgtallyError({"sqlstate": "TL422", "message": str(exc), "field": "issuer"}) from None
     return await call_json(request, "SELECT api.set_sso(%s::uuid, %s::uuid, %s::text, %s::text, %s::text, %s::text[], %s::boolean)",
                            [session, account_id, data.issuer, data.client_id, data.client_secret, data.domains, data.require_sso])
@@ -243,136 +241,10 @@ async def verify_sso_domain(request: Request, session: Session, account_id: From
         return settings
     try:
         records = await outbound.txt_records(request.app.state.settings, claim["domain"])
-    except outbound.Unavailable as exc:
+    except outbound.OutboundError as exc:
         raise PgtallyError({"sqlstate": "TL502", "message": str(exc)}) from None
     return await call_json(request, query, [session, account_id, domain, records])
 
 
 ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,
           set_sso, get_sso, delete_sso, verify_sso_domain]
-
-
-# Pages: /teams (your accounts, the switcher, a new team), /teams/{id} (members, roles,
-# invitations), /invitations/accept (the emailed link). ----------------------------------------
-
-class TeamForm(msgspec.Struct):
-    name: str = ""
-    account_id: str = ""
-    email: str = ""
-    role: str = "member"
-    user_id: str = ""
-    invitation_id: str = ""
-    token: str = ""
-
-
-Form = FORM
-
-
-async def signed_in_page(request: Request, render) -> Any:
-    """A team page's action for the signed-in person (pages.signed_in: to the login page when
-    signed out); a refusal is shown on a message page that leads back to /teams."""
-    from api.pages import signed_in
-
-    async def refused(request: Request, session_id, error: str) -> Any:
-        return page("message.html", request, 400, title="Not done", message=error, link=("/teams", "Teams"))
-
-    return await signed_in(request, render, refused)
-
-
-async def teams_view(request: Request, session_id: uuid.UUID, **extra: Any) -> Any:
-    mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [session_id])
-    return page("teams.html", request, accounts=mine["data"], current=request.session.get("account_id"), **extra)
-
-
-@get("/teams")
-async def teams_page(request: Request) -> Any:
-    """Your accounts with your role in each; which one the dashboard and plans act on; a new team."""
-    return await signed_in_page(request, lambda sid: teams_view(request, sid))
-
-
-@post("/teams")
-async def teams_create(request: Request, data: Annotated[TeamForm, Form]) -> Any:
-    async def render(sid):
-        team = await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [sid, data.name])
-        return Redirect(f"/teams/{team['id']}")
-    return await signed_in_page(request, render)
-
-
-@post("/teams/switch")
-async def teams_switch(request: Request, data: Annotated[TeamForm, Form]) -> Any:
-    """The team switcher: the dashboard, plans and purchases act on this account from now on
-    (your own when empty). Membership is checked by every call, not here."""
-    async def render(sid):
-        mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [sid])
-        ids = {a["id"]: a for a in mine["data"]}
-        if data.account_id and data.account_id in ids and ids[data.account_id]["kind"] == "team":
-            request.session["account_id"] = data.account_id
-        else:
-            request.session.pop("account_id", None)
-        return Redirect("/dashboard")
-    return await signed_in_page(request, render)
-
-
-async def team_view(request: Request, session_id: uuid.UUID, account_id: uuid.UUID, **extra: Any) -> Any:
-    mine = await call_json(request, "SELECT api.accounts(%s::uuid)", [session_id])
-    team = next((a for a in mine["data"] if a["id"] == str(account_id)), None)
-    if team is None:
-        raise PgtallyError({"sqlstate": "TL403", "message": "you are not a member of this account"})
-    people = await call_json(request, "SELECT api.members(%s::uuid, %s::uuid)", [session_id, account_id])
-    pending = await call_json(request, "SELECT api.invitations(%s::uuid, %s::uuid)", [session_id, account_id])
-    return page("team.html", request, team=team, members=people["data"], invitations=pending["data"],
-                roles=["owner", "admin", "member", "billing", "viewer"], **extra)
-
-
-@get("/teams/{account_id:uuid}")
-async def team_page(request: Request, account_id: FromPath[uuid.UUID]) -> Any:
-    """A team: members and their roles, pending invitations, and the forms to change them."""
-    return await signed_in_page(request, lambda sid: team_view(request, sid, account_id))
-
-
-@post("/teams/{account_id:uuid}")
-async def team_action(request: Request, account_id: FromPath[uuid.UUID], data: Annotated[TeamForm, Form],
-                      action: FromQuery[str] = "") -> Any:
-    """invite (or send again), revoke an invitation, change a role, remove a member (or leave)."""
-    async def render(sid):
-        if action == "invite":
-            await call_json(request, "SELECT api.invite(%s::uuid, %s::uuid, %s::text, %s::text)",
-                            [sid, account_id, data.email, data.role])
-            notice = f"Invitation sent to {data.email.strip()}."
-        elif action == "revoke":
-            await call_json(request, "SELECT api.revoke_invitation(%s::uuid, %s::uuid, %s::uuid)",
-                            [sid, account_id, data.invitation_id])
-            notice = "Invitation revoked."
-        elif action == "role":
-            await call_json(request, "SELECT api.set_member_role(%s::uuid, %s::uuid, %s::uuid, %s::text)",
-                            [sid, account_id, data.user_id, data.role])
-            notice = "Role changed."
-        elif action == "remove":
-            await call_json(request, "SELECT api.remove_member(%s::uuid, %s::uuid, %s::uuid)", [sid, account_id, data.user_id])
-            notice = "Removed."
-        else:
-            raise PgtallyError({"sqlstate": "TL422", "message": "no such action"})
-        try:
-            return await team_view(request, sid, account_id, notice=notice)
-        except PgtallyError:
-            return Redirect("/teams")          # you left it
-    return await signed_in_page(request, render)
-
-
-@get("/invitations/accept")
-async def invitation_page(request: Request, token: FromQuery[str] = "") -> Any:
-    """The emailed link: sign in (or up) first, then one button joins the team."""
-    if browser_session(request) is None:
-        return page("invitation.html", request, token=token, signed_in_now=False)
-    return page("invitation.html", request, token=token, signed_in_now=True)
-
-
-@post("/invitations/accept")
-async def invitation_accept(request: Request, data: Annotated[TeamForm, Form]) -> Any:
-    async def render(sid):
-        team = await call_json(request, "SELECT api.accept_invitation(%s::uuid, %s::text)", [sid, data.token])
-        return Redirect(f"/teams/{team['id']}")
-    return await signed_in_page(request, render)
-
-
-PAGES = [teams_page, teams_create, teams_switch, team_page, team_action, invitation_page, invitation_accept]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
-
-import uuid
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -138,8 +137,9 @@ async def create_usage_event(
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
     for a retry with the same key and body; 422 ``idempotency-key-reused`` for the same key with another body; 402 with
     ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it, or when a
-    post-paid plan's spending limit for the billing period does not (nothing is charged); 401 bad key or token; 403 key without the usage:write scope, or account_id without a
-    service key; 422 unknown meter, bad quantity, or metadata that is not an object of at most 2 KB."""
+    post-paid plan's spending limit for the billing period does not (nothing is charged); 401
+    bad key or token; 403 key without the usage:write scope, or account_id without a service key;
+    422 unknown meter, bad quantity, or metadata that is not an object of at most 2 KB."""
     replayed, body = await call(
         request, f"SELECT replayed, body::text FROM api.consume(%s::text, %s::uuid, %s::text, {ARGS}, %s::jsonb)",
         [*caller.params, idempotency_key, *usage_args(data), Jsonb(data.metadata) if data.metadata is not None else None])

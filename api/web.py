@@ -8,25 +8,28 @@ row through the same ``api.*`` functions, so logging out anywhere ends it everyw
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-from litestar.enums import RequestEncodingType
-from litestar.params import Body
+import msgspec
+import stripe
 from litestar import Request, Response
 from litestar.config.csrf import CSRFConfig
-from litestar.enums import MediaType
-from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.enums import MediaType, RequestEncodingType
 from litestar.middleware.session.client_side import CookieBackendConfig
+from litestar.params import Body
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
 
 from api import db
 from api.errors import PgtallyError
+from api.validation import invalid
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "pages" / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
 SESSION_COOKIE = "pgtally_session"
 SESSION_DAYS = 30
@@ -119,6 +122,32 @@ def principal_of(request: Request, session_id: uuid.UUID | None) -> list:
 FORM = Body(media_type=RequestEncodingType.URL_ENCODED)
 """A page's form body (application/x-www-form-urlencoded): ``Annotated[SomeForm, FORM]``."""
 
+T = TypeVar("T")
+
+
+def form_as(model: type[T], **fields: Any) -> T:
+    """A page form's fields as the JSON endpoint's body ``model``, so a page takes the same types
+    and limits as the API (one place for them: the model). An empty field counts as not sent. A
+    field that does not fit raises TL422 naming it (PgtallyError), which the page shows as it shows
+    any refusal: nothing reaches the database."""
+    try:
+        return msgspec.convert({name: value for name, value in fields.items() if value not in ("", None)}, model,
+                               strict=False)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$.")
+        field = where.rstrip("`") or None
+        if missing := re.fullmatch(r"Object missing required field `(.+)`", message):
+            raise invalid(f"{missing[1]} is required", missing[1]) from None
+        message = message.replace("`", "")
+        raise invalid(f"{field}: {message[0].lower()}{message[1:]}" if field else message, field) from None
+
+
+def refusal_status(exc: PgtallyError, otherwise: int) -> int:
+    """The status of a page that shows a refusal: 422 for input that does not fit (form_as, or
+    the database's TL422), else the page's own (``otherwise``)."""
+    return 422 if exc.error.get("sqlstate") == "TL422" else otherwise
+
+
 REFERRAL_COOKIE = "pgtally_ref"
 REFERRAL_DAYS = 30
 
@@ -149,10 +178,8 @@ def safe_next(target: str | None, default: str = "/account") -> str:
 
 def page(name: str, request: Request, status_code: int = 200, **context: Any) -> Template:
     """Render a page with what every page shows: the signed-in state and the configured providers."""
-    from api.oauth import configured_providers
-
     context.setdefault("signed_in", browser_session(request) is not None)
-    context.setdefault("providers", configured_providers(request.app.state.settings))
+    context.setdefault("providers", request.app.state.settings.providers)
     return Template(template_name=name, context=context, status_code=status_code, media_type=MediaType.HTML)
 
 
@@ -160,3 +187,25 @@ def problem_text(exc: PgtallyError) -> str:
     """A refusal in plain words for a page."""
     message = exc.error.get("message") or "That did not work"
     return message[0].upper() + message[1:] + ("" if message.endswith(".") else ".")
+
+
+async def signed_in(request: Request, action, view) -> Any:
+    """Run a page action for the signed-in session; to /login when there is none or it ended. A
+    refusal is shown on ``view(request, session_id, error=..., status_code=...)``."""
+    session_id = browser_session(request)
+    if session_id is None:
+        return to_login(request)
+    try:
+        return await action(session_id)
+    except PgtallyError as exc:
+        if exc.error.get("sqlstate") == "TL401":
+            request.clear_session()
+            return to_login(request)
+        if exc.error.get("sqlstate") == "TL403" and request.session.pop("account_id", None):
+            # The team the switcher chose is no longer theirs (removed, or the role shrank): back
+            # to their own account.
+            return Redirect("/dashboard")
+        return await view(request, session_id, error=problem_text(exc), status_code=refusal_status(exc, 200))
+    except stripe.StripeError as exc:
+        return await view(request, session_id,
+                          error=f"Stripe could not do it right now ({exc.user_message or type(exc).__name__}).")

@@ -22,7 +22,7 @@ import psycopg
 import stripe
 
 from api import db
-from api.app import Settings
+from api.settings import Settings
 
 log = logging.getLogger("pgtally.worker")
 
@@ -90,7 +90,8 @@ def render(kind: str, recipient: str, payload: dict[str, Any], settings: Setting
     message = EmailMessage()
     message["From"] = settings.mail_from
     message["To"] = recipient
-    message["Subject"] = subject.format(**values)
+    # A header is one line (RFC 5322 section 2.2): a line break in a team's name is a space.
+    message["Subject"] = " ".join(subject.format(**values).split())
     message.set_content(body.format(**values))
     return message
 

@@ -22,8 +22,9 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from api import db  # noqa: E402
 from run import prepare  # noqa: E402
+
+from api import db  # noqa: E402
 
 PROCEDURE = """
 CREATE OR REPLACE PROCEDURE pg_temp.charge(n integer, p_plan text) LANGUAGE plpgsql AS $$

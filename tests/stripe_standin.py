@@ -313,7 +313,7 @@ class StripeStandIn:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "StripeStandIn":
+    def __enter__(self) -> StripeStandIn:
         self.thread.start()
         return self
 

@@ -113,7 +113,7 @@ def test_login_tokens_go_to_the_os_keyring_when_there_is_one(tmp_path, monkeypat
     import keyring
     from keyring.backend import KeyringBackend
 
-    from api import cli
+    from api import cli_people as cli
 
     class Memory(KeyringBackend):
         priority = 1

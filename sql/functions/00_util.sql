@@ -1,4 +1,5 @@
--- Helpers shared by every domain: the clock, units, JSON formatting and errors.
+-- Helpers shared by every domain (schema util): the clock, ids, units, JSON formatting, errors, HMAC,
+-- secret tokens (random, hashed, base64url), and the idempotency check of every keyed write.
 
 CREATE OR REPLACE FUNCTION util.now() RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
@@ -67,3 +68,40 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION util.fail(text, text, jsonb) IS
   'Raise a pgtally error: SQLSTATE of class TL (TL401 unauthenticated, TL402 payment required, TL404 not found, TL409 conflict, TL422 invalid input), a message meant for the caller, and optional JSON DETAIL whose members the API adds to the problem+json body.';
+
+CREATE OR REPLACE FUNCTION util.base64url(p_bytes bytea) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT rtrim(translate(encode(p_bytes, 'base64'), E'+/\n', '-_'), '=')
+$$;
+COMMENT ON FUNCTION util.base64url(bytea) IS 'Bytes as URL-safe base64 without padding (RFC 4648 section 5).';
+
+CREATE OR REPLACE FUNCTION util.random_token() RETURNS text
+LANGUAGE sql VOLATILE AS $$
+  -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
+  SELECT util.base64url(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
+$$;
+COMMENT ON FUNCTION util.random_token() IS
+  'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
+
+CREATE OR REPLACE FUNCTION util.token_hash(p_token text) RETURNS bytea
+LANGUAGE sql STABLE AS $$        -- STABLE as convert_to is, so that it is inlined
+  SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
+$$;
+COMMENT ON FUNCTION util.token_hash(text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
+
+
+CREATE OR REPLACE FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb)
+RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF p_stored IS NULL THEN
+    RETURN false;                        -- no earlier request under the key: go on
+  ELSIF p_stored = p_request THEN
+    RETURN true;                         -- the same request again: answer it as the first time
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'TL42R',
+    MESSAGE = format('this idempotency key was already used for a different %s', p_what),
+    DETAIL = coalesce(p_detail::text, '');
+END $$;
+COMMENT ON FUNCTION util.idempotency_check(bytea, bytea, text, jsonb) IS
+  'The idempotency check of the IETF draft "The Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header): given the fingerprint stored with an earlier request under the key (NULL: none) and this request''s, false when there was none (process it), true when it is the same request (replay the first answer: the API adds Idempotent-Replayed: true), and TL42R (422 idempotency-key-reused; p_what names the thing, p_detail the earlier one) when the key was used for a different request: nothing changes. Callers read the earlier request under the lock that serialises the writes of the key (the account row), so a concurrent retry waits for the first and replays it: no request under a key is ever seen in progress. Used by api.consume, api.consume_batch, api.hold, ledger.operator_transfer (grants, adjustments, admin credits) and metering.reverse_usage.';

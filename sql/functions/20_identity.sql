@@ -1,31 +1,18 @@
 -- Accounts, principals (API keys and sessions) and authentication of every request.
 
-CREATE OR REPLACE FUNCTION util.base64url(p_bytes bytea) RETURNS text
-LANGUAGE sql IMMUTABLE AS $$
-  SELECT rtrim(translate(encode(p_bytes, 'base64'), E'+/\n', '-_'), '=')
-$$;
-COMMENT ON FUNCTION util.base64url(bytea) IS 'Bytes as URL-safe base64 without padding (RFC 4648 section 5).';
-
-CREATE OR REPLACE FUNCTION util.random_token() RETURNS text
-LANGUAGE sql VOLATILE AS $$
-  -- 366 random bits (three version-4 UUIDs from pg_strong_random), URL-safe base64, 64 characters.
-  SELECT util.base64url(uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid()))
-$$;
-COMMENT ON FUNCTION util.random_token() IS
-  'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
-
-CREATE OR REPLACE FUNCTION util.token_hash(p_token text) RETURNS bytea
-LANGUAGE sql STABLE AS $$        -- STABLE as convert_to is, so that it is inlined
-  SELECT sha256(convert_to(coalesce(p_token, ''), 'UTF8'))
-$$;
-COMMENT ON FUNCTION util.token_hash(text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
-
 CREATE OR REPLACE FUNCTION identity.api_key_checksum(p_prefix_and_body text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
   SELECT left(encode(sha256(convert_to(p_prefix_and_body, 'UTF8')), 'hex'), 8)
 $$;
 COMMENT ON FUNCTION identity.api_key_checksum(text) IS
   'The 8 hex characters that end an API key: the start of SHA-256(pgt_ + body). api/security.py checks it before any lookup, so a mistyped key is refused without touching the database.';
+
+CREATE OR REPLACE FUNCTION identity.scope_set(p_scopes text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT coalesce(array_agg(s ORDER BY i), '{}') FROM (SELECT s, min(i) AS i FROM unnest(p_scopes) WITH ORDINALITY AS u(s, i) GROUP BY s) d
+$$;
+COMMENT ON FUNCTION identity.scope_set(text[]) IS
+  'A key''s scopes as a set: each scope once, in the order first given (empty for NULL). A key sent usage:write a thousand times stores it once (issue 22).';
 
 CREATE OR REPLACE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT '',
                                                   p_scopes text[] DEFAULT '{usage:write,usage:read}',
@@ -38,11 +25,11 @@ BEGIN
   api_key := v_body || identity.api_key_checksum(v_body);
   INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
   VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
-          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
+          left(api_key, 8) || '...' || right(api_key, 4), identity.scope_set(p_scopes), p_expires_at, util.now())
   RETURNING identity.api_keys.id INTO id;
 END $$;
 COMMENT ON FUNCTION identity.issue_api_key(uuid, text, text[], timestamptz) IS
-  'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
+  'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash; its scopes are stored once each (identity.scope_set).';
 
 CREATE OR REPLACE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -71,7 +58,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the API key is not valid');
     END IF;
     IF k.last_used_at IS NULL OR k.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      BEGIN
+        UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- a database that cannot write still serves reads: last_used_at waits
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> k.account_id THEN
       IF NOT 'service' = ANY (k.scopes) THEN
@@ -96,7 +87,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the session has ended: sign in again');
     END IF;
     IF s.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      BEGIN
+        UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- as above
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
       -- Another account the person belongs to (a team), if their role there allows it.
@@ -132,7 +127,7 @@ LANGUAGE sql AS $$
   SELECT (identity.authenticate_principal(p_api_key, p_session_id, p_scope, p_account_id)).account_id
 $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
-  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+  'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
 
 CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
 LANGUAGE sql STABLE AS $$

@@ -153,7 +153,8 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status IN ('released', 'expired') THEN
-    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status), jsonb_build_object('status', h.status));
+    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status),
+                      jsonb_build_object('hold_status', h.status));
   END IF;
   -- Return the reservation, then charge the actual amount as one usage event, exactly once
   -- (key hold:<id>; a repeated capture replays it). If the balance does not cover more than was
@@ -166,7 +167,7 @@ BEGIN
                                          p_account_id);
 END $$;
 COMMENT ON FUNCTION api.capture_hold(text, uuid, uuid, bigint, bigint, bigint, uuid) IS
-  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
 
 CREATE OR REPLACE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_account_id uuid DEFAULT NULL)
@@ -180,14 +181,14 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status = 'captured' THEN
-    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"status": "captured"}');
+    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"hold_status": "captured"}');
   ELSIF h.status = 'open' THEN
     h := metering.settle_hold(h, 'released');
   END IF;
   RETURN metering.hold_json(h);
 END $$;
 COMMENT ON FUNCTION api.release_hold(text, uuid, uuid, uuid) IS
-  'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
+  'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture (DETAIL hold_status: captured), TL404 unknown hold.';
 
 CREATE OR REPLACE FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -198,7 +199,8 @@ BEGIN
     SELECT jsonb_agg(metering.hold_json(h) ORDER BY h.id DESC) FROM metering.holds h
     WHERE h.account_id = v_account_id AND h.status = 'open' AND h.expires_at > util.now()), '[]'));
 END $$;
-COMMENT ON FUNCTION api.holds(text, uuid, uuid) IS 'GET /v1/holds: the caller''s open holds, newest first.';
+COMMENT ON FUNCTION api.holds(text, uuid, uuid) IS
+  'GET /v1/holds: the open holds of the caller''s account, or of p_account_id (a service key, or a team member with usage:read), newest first.';
 
 CREATE OR REPLACE FUNCTION api.expire_holds() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

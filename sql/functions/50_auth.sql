@@ -1,5 +1,5 @@
 -- Sign-up, login, rotating refresh tokens, sessions, email verification, password reset,
--- anonymous devices, API keys, rate limits and the outbox.
+-- anonymous devices, API keys and rate limits.
 --
 -- Functions whose failure must leave a trace (a rate-limit hit, a failed login, a detected
 -- refresh-token reuse) return {"error": {"sqlstate", "message", ...}} instead of raising, so the
@@ -23,9 +23,8 @@ $$;
 COMMENT ON FUNCTION identity.log_event(text, uuid, uuid, uuid, text, text, jsonb) IS
   'Append one authentication event. Callers never pass a secret.';
 
-CREATE OR REPLACE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval,
-                                              p_dimension text DEFAULT NULL, p_value text DEFAULT NULL,
-                                              p_limit integer DEFAULT NULL, p_window interval DEFAULT NULL)
+CREATE OR REPLACE FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text DEFAULT NULL,
+                                              p_value text DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -34,11 +33,16 @@ DECLARE
   v_recent timestamptz[];
   b record;
 BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.rate_limit_rules WHERE action = p_action) THEN
+    RAISE EXCEPTION 'no rate limit rule for %', p_action;      -- a caller's mistake, never a free pass
+  END IF;
   -- Each bucket's row is locked (in bucket order, so two attempts never wait on each other
   -- crosswise) until the caller's transaction ends: attempts on one bucket are decided one at a time.
-  FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                 (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-           WHERE bucket IS NOT NULL ORDER BY bucket LOOP
+  FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+           FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                AS v (dimension, bucket)
+           JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+           WHERE v.bucket IS NOT NULL ORDER BY v.bucket LOOP
     INSERT INTO identity.rate_limits (bucket, hits) VALUES (b.bucket, '{}') ON CONFLICT (bucket) DO NOTHING;
     SELECT ARRAY(SELECT h FROM unnest(r.hits) h WHERE h > v_now - b.win ORDER BY h) INTO v_recent
     FROM identity.rate_limits r WHERE r.bucket = b.bucket FOR UPDATE;
@@ -51,9 +55,11 @@ BEGIN
   END LOOP;
   IF v_retry = 0 THEN
     -- Allowed: the attempt counts in every bucket; what left the window is dropped.
-    FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                   (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-             WHERE bucket IS NOT NULL LOOP
+    FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+             FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                  AS v (dimension, bucket)
+             JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+             WHERE v.bucket IS NOT NULL LOOP
       UPDATE identity.rate_limits r
       SET hits = ARRAY(SELECT h FROM (SELECT h FROM unnest(r.hits || v_now) h WHERE h > v_now - b.win
                                       ORDER BY h DESC LIMIT b.lim) newest ORDER BY h)
@@ -65,8 +71,8 @@ BEGIN
   RETURN identity.error('TL429', format('too many %s attempts; try again in %s seconds', replace(p_action, '_', ' '), v_retry),
                         jsonb_build_object('retry_after', v_retry));
 END $$;
-COMMENT ON FUNCTION identity.throttled(text, text, integer, interval, text, text, integer, interval) IS
-  'Apply the rate limits of an action: at most p_ip_limit attempts per IP in any p_ip_window, and optionally at most p_limit per p_dimension = p_value (email, fingerprint, user, code) in any p_window (sliding windows: the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value skips that limit. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
+COMMENT ON FUNCTION identity.throttled(text, text, text, text) IS
+  'Apply the rate limits of an action, as identity.rate_limit_rules states them: per IP (its ip rule), and optionally per p_dimension = p_value (email, fingerprint, install, user, code: its rule for that dimension), in sliding windows (the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value, or a dimension with no rule, skips that limit; an action with no rule at all is an error. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
 
 CREATE OR REPLACE FUNCTION identity.normalize_email(p_email text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -256,7 +262,7 @@ RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_email text := identity.normalize_email(p_email);
-  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour', 'email', v_email, 5, interval '1 hour');
+  v_limited jsonb := identity.throttled('signup', p_ip, 'email', v_email);
   v_account_id uuid := util.uuid_v7();
   v_user_id uuid;
 BEGIN
@@ -290,13 +296,13 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
 COMMENT ON FUNCTION api.signup(text, text, text, text, uuid, text, text) IS
-  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+  'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limited per IP and per address (identity.rate_limit_rules, TL429). TL422 bad email.';
 
 CREATE OR REPLACE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_email text := lower(btrim(p_email));
-  v_limited jsonb := identity.throttled('login', p_ip, 30, interval '5 minutes', 'email', v_email, 10, interval '5 minutes');
+  v_limited jsonb := identity.throttled('login', p_ip, 'email', v_email);
   u identity.users;
 BEGIN
   IF v_limited IS NOT NULL THEN
@@ -306,7 +312,7 @@ BEGIN
   RETURN jsonb_build_object('user_id', u.id, 'password_hash', u.password_hash);
 END $$;
 COMMENT ON FUNCTION api.login_start(text, text) IS
-  'POST /v1/auth/login, step 1: apply the login rate limits (30 per 5 minutes per IP, 10 per 5 minutes per email: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+  'POST /v1/auth/login, step 1: apply the login rate limits (per IP and per email, identity.rate_limit_rules: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
 
 CREATE OR REPLACE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text)
 RETURNS jsonb
@@ -469,7 +475,7 @@ COMMENT ON FUNCTION api.revoke_session(uuid, uuid) IS 'DELETE /v1/me/sessions/{i
 CREATE OR REPLACE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('verify_email', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('verify_email', p_ip);
   v_user_id uuid;
   u identity.users;
 BEGIN
@@ -486,12 +492,12 @@ BEGIN
   RETURN jsonb_build_object('email', u.email, 'email_verified', true);
 END $$;
 COMMENT ON FUNCTION api.verify_email(text, text) IS
-  'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+  'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
 
 CREATE OR REPLACE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset', p_ip);
   v_email text;
   u identity.users;
 BEGIN
@@ -500,8 +506,8 @@ BEGIN
   END IF;
   v_email := identity.normalize_email(p_email);
   SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
-  -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
-  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 0, interval '1 hour', 'email', v_email, 3, interval '1 hour') IS NULL THEN
+  -- A few emails an hour per address (identity.rate_limit_rules); beyond that, and for unknown addresses, the same answer.
+  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 'email', v_email) IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
             jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
@@ -511,12 +517,12 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
 END $$;
 COMMENT ON FUNCTION api.request_password_reset(text, text) IS
-  'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. At most 3 emails an hour per address (silently), 10 requests an hour per IP (TL429). TL422 bad email.';
+  'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. Emails per address are limited silently, requests per IP with TL429 (identity.rate_limit_rules). TL422 bad email.';
 
 CREATE OR REPLACE FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip);
   v_user_id uuid;
   u identity.users;
   v_count integer;
@@ -542,7 +548,7 @@ BEGIN
   RETURN jsonb_build_object('status', 'password_changed', 'sessions_revoked', v_count);
 END $$;
 COMMENT ON FUNCTION api.reset_password(text, text, text) IS
-  'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+  'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
 
 ------------------------------------------------------------------------------------------------
 -- Anonymous devices
@@ -584,11 +590,10 @@ BEGIN
     v_returning := a.id IS NOT NULL;
   END IF;
   IF v_returning THEN
-    v_limited := identity.throttled('identify_install', p_ip, 3000, interval '1 hour',
-                                    'install', encode(v_install, 'hex'), 600, interval '1 hour');
+    v_limited := identity.throttled('identify_install', p_ip, 'install', encode(v_install, 'hex'));
   ELSE
-    -- New device accounts: 5 a day per fingerprint, 30 an hour per IP.
-    v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+    -- New device accounts: a few a day per fingerprint (identity.rate_limit_rules).
+    v_limited := identity.throttled('identify', p_ip, 'fingerprint', p_fingerprint);
   END IF;
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
@@ -618,7 +623,7 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $$;
 COMMENT ON FUNCTION api.identify(text, text, text, text, text) IS
-  'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+  'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 ------------------------------------------------------------------------------------------------
 -- API keys
@@ -655,6 +660,7 @@ DECLARE
   k identity.api_keys;
   v_allowed text[];
 BEGIN
+  p_scopes := identity.scope_set(p_scopes);             -- each scope once, for the checks and the log too
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
@@ -717,61 +723,11 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest (the signing key) first; read by the server at startup.';
 
-------------------------------------------------------------------------------------------------
--- Outbox
-------------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10)
-RETURNS TABLE (id uuid, kind text, recipient text, payload jsonb, attempts integer)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  WITH claimed AS (
-    UPDATE outbox.messages m
-    SET attempts = m.attempts + 1, next_attempt_at = util.now() + interval '5 minutes'
-    WHERE m.id IN (SELECT x.id FROM outbox.messages x
-                   WHERE x.delivered_at IS NULL AND x.failed_at IS NULL AND x.next_attempt_at <= util.now()
-                   ORDER BY x.next_attempt_at LIMIT p_limit FOR UPDATE SKIP LOCKED)
-    RETURNING m.id, m.kind, m.recipient, m.payload, m.attempts, m.created_at)
-  SELECT id, kind, recipient, payload, attempts FROM claimed ORDER BY created_at, id
-$$;
-COMMENT ON FUNCTION api.outbox_claim(integer) IS
-  'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';
-
-CREATE OR REPLACE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages SET delivered_at = util.now(), payload = payload - 'token', last_error = NULL
-  WHERE id = p_id AND delivered_at IS NULL
-$$;
-COMMENT ON FUNCTION api.outbox_delivered(uuid) IS 'pgtally worker: the message was accepted by the mail server; its link token is dropped.';
-
-CREATE OR REPLACE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  UPDATE outbox.messages
-  SET last_error = left(p_error, 1000),
-      next_attempt_at = util.now() + interval '5 seconds' * power(2, attempts - 1),
-      failed_at = CASE WHEN attempts >= 8 THEN util.now() END,
-      payload = CASE WHEN attempts >= 8 THEN payload - 'token' ELSE payload END
-  WHERE id = p_id AND delivered_at IS NULL
-$$;
-COMMENT ON FUNCTION api.outbox_failed(uuid, text) IS
-  'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
-
-CREATE OR REPLACE FUNCTION api.housekeeping() RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-  v_buckets integer;
-BEGIN
-  DELETE FROM identity.rate_limits WHERE coalesce(hits[cardinality(hits)], '-infinity') < util.now() - interval '2 days';
-  GET DIAGNOSTICS v_buckets = ROW_COUNT;
-  RETURN jsonb_build_object('rate_limit_buckets_deleted', v_buckets, 'holds_expired', api.expire_holds(),
-                            'credit_accounts_refreshed', api.refresh_due_credits());
-END $$;
-COMMENT ON FUNCTION api.housekeeping() IS
-  'pgtally worker, every few minutes: delete rate-limit buckets whose newest attempt is older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
-
 GRANT EXECUTE ON FUNCTION
-  api.housekeeping(), api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),
+  api.signup(text, text, text, text, uuid, text, text), api.login_start(text, text), api.login_failed(uuid, text, text, text),
   api.login_succeeded(uuid, text, text, text, uuid), api.refresh(text, text, text), api.logout(uuid, boolean),
   api.me(text, uuid), api.sessions(uuid), api.revoke_session(uuid, uuid), api.verify_email(text, text),
   api.request_password_reset(text, text), api.reset_password(text, text, text), api.identify(text, text, text, text, text),
   api.create_api_key(uuid, text, text[], timestamptz, uuid), api.list_api_keys(uuid, uuid), api.revoke_api_key(uuid, uuid, uuid),
-  api.jwt_keys(), api.outbox_claim(integer), api.outbox_delivered(uuid), api.outbox_failed(uuid, text)
+  api.jwt_keys()
 TO pgtally_api;

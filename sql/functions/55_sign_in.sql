@@ -10,7 +10,7 @@ CREATE OR REPLACE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_br
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('oauth', p_ip, 60, interval '10 minutes');
+  v_limited jsonb := identity.throttled('oauth', p_ip);
   v_state text := util.random_token();
   v_nonce text := util.random_token();
   v_verifier text := util.random_token();
@@ -35,7 +35,7 @@ BEGIN
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $$;
 COMMENT ON FUNCTION api.oauth_begin(text, text, text, uuid, uuid, text, text, uuid) IS
-  'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+  'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limited per IP (identity.rate_limit_rules, TL429).';
 
 CREATE OR REPLACE FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text)
 RETURNS jsonb
@@ -251,7 +251,7 @@ CREATE OR REPLACE FUNCTION api.device_authorize(p_client_id text, p_scope text, 
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('device_authorize', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('device_authorize', p_ip);
   v_alphabet constant text := 'BCDFGHJKLMNPQRSTVWXZ';
   v_device_code text := util.random_token();
   v_user_code text;
@@ -280,7 +280,7 @@ BEGIN
                             'expires_in', 600, 'interval', 5);
 END $$;
 COMMENT ON FUNCTION api.device_authorize(text, text, uuid, text, text) IS
-  'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. 30 an hour per IP (TL429).';
+  'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. Rate limited per IP (identity.rate_limit_rules, TL429).';
 
 CREATE OR REPLACE FUNCTION identity.oauth_error(p_error text, p_description text) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
@@ -339,10 +339,10 @@ BEGIN
   IF s.user_id IS NULL THEN
     PERFORM util.fail('TL403', 'sign in to approve a device');
   END IF;
-  -- Guesses: 20 an hour per IP and per user, and 10 lookups of any one code.
-  error := identity.throttled('device_code', p_ip, 20, interval '1 hour', 'user', s.user_id::text, 20, interval '1 hour');
+  -- Guesses: limited per IP and per user, and lookups of any one code (identity.rate_limit_rules).
+  error := identity.throttled('device_code', p_ip, 'user', s.user_id::text);
   IF error IS NULL THEN
-    error := identity.throttled('device_code_lookup', NULL, 0, interval '1 hour', 'code', v_code, 10, interval '10 minutes');
+    error := identity.throttled('device_code_lookup', NULL, 'code', v_code);
   END IF;
   IF error IS NOT NULL THEN
     RETURN;

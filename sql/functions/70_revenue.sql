@@ -390,4 +390,12 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION api.schema_version() IS '/readyz: the newest migration applied to this database (yoyo''s _yoyo_migration).';
 
-GRANT EXECUTE ON FUNCTION api.ops_gauges(), api.schema_version() TO pgtally_api;
+CREATE OR REPLACE FUNCTION api.readiness() RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT jsonb_build_object('schema', api.schema_version(),
+                            'read_only', current_setting('transaction_read_only')::boolean OR pg_is_in_recovery())
+$$;
+COMMENT ON FUNCTION api.readiness() IS
+  '/readyz: {schema: the newest migration applied (api.schema_version), read_only: whether this session cannot write (default_transaction_read_only set for the server, database or role, or a standby in recovery; writes would fail with SQLSTATE 25006)}.';
+
+GRANT EXECUTE ON FUNCTION api.ops_gauges(), api.schema_version(), api.readiness() TO pgtally_api;

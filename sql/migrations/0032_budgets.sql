@@ -1,7 +1,8 @@
 -- pgtally 0032: budgets (issue #28, part 1). A budget caps the credits an API key, a team member
 -- or a whole account may spend per window (day, month, billing period), with soft alert
 -- thresholds. Charges record which key and member made them, so that usage per key and per member
--- is reportable. Functions are in sql/functions/47_budgets.sql (re-applied after migrations).
+-- is reportable (reporting.usage_by_principal_daily, sql/views/40_metering.sql). Functions are in
+-- sql/functions/47_budgets.sql (re-applied after migrations).
 -- depends: 0028_stripe_as_it_is
 
 -- Signatures that change (sql/functions makes them again).
@@ -58,13 +59,3 @@ COMMENT ON TABLE metering.budget_windows IS
   'What a budget''s window has spent, one row per budget and window, written under the account''s lock by the charge, batch or hold that spends. A window''s row starts from the credits the budget''s subject already spent in it (metering.budget_window_usage), so a budget set mid-window counts the window''s earlier spending.';
 COMMENT ON COLUMN metering.budget_windows.spent_micros IS 'Micro-credits spent in the window by the budget''s subject, open holds included.';
 COMMENT ON COLUMN metering.budget_windows.alerted IS 'The alert thresholds (percent) already emailed in this window: each once.';
-
-CREATE VIEW reporting.usage_by_principal_daily AS
-SELECT e.account_id, (date_trunc('day', e.created_at AT TIME ZONE 'UTC'))::date AS day, e.api_key_id, e.user_id,
-       e.meter_id, count(*) AS events, sum(e.quantity::bigint) AS quantity,
-       sum(e.allowance_units::bigint) AS allowance_units, sum(e.credits_micros::bigint) AS credits_micros
-FROM metering.usage_events e
-GROUP BY 1, 2, 3, 4, 5;
-COMMENT ON VIEW reporting.usage_by_principal_daily IS
-  'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
-GRANT SELECT ON reporting.usage_by_principal_daily TO pgtally_analyst;

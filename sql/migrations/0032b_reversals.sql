@@ -1,7 +1,7 @@
 -- pgtally 0032b: reversing a charge (issue #28, part 2). A charge remembers the credit lots it
 -- drew from (so a reversal gives credits back to those very lots, in reverse burn order); a
 -- reversal is a ledger transfer of its own kind and a row of metering.reversals. Functions are in
--- sql/functions/48_reversals.sql (re-applied after migrations).
+-- sql/functions/48_reversals.sql, views in sql/views/48_reversals.sql (both re-applied after migrations).
 -- depends: 0032_budgets
 
 -- Signatures that change (sql/functions makes them again).
@@ -80,37 +80,3 @@ COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the ord
 COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
 COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
 COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
-
--- A reversal's transfer names its usage event too: a usage event is matched with its usage transfer only.
-CREATE OR REPLACE VIEW reporting.usage_charge_mismatches AS
-SELECT u.id AS usage_event_id, u.account_id, u.credits_micros, coalesce(-t.amount_micros::bigint, 0) AS ledger_micros
-FROM metering.usage_events u
-LEFT JOIN ledger.transfers t ON t.usage_event_id = u.id AND t.kind = 'usage'
-WHERE u.credits_micros::bigint <> coalesce(-t.amount_micros::bigint, 0);
-
-CREATE VIEW reporting.reversal_mismatches AS
-SELECT r.id AS reversal_id, r.account_id, r.usage_event_id, 'transfer' AS problem
-FROM metering.reversals r LEFT JOIN ledger.transfers t ON t.id = r.transfer_id
-WHERE r.credits_micros > 0 AND (t.id IS NULL OR t.kind <> 'reversal' OR t.amount_micros <> r.credits_micros
-                                OR t.usage_event_id IS DISTINCT FROM r.usage_event_id)
-UNION ALL
-SELECT NULL, t.account_id, t.usage_event_id, 'transfer without reversal'
-FROM ledger.transfers t
-WHERE t.kind = 'reversal' AND NOT EXISTS (SELECT 1 FROM metering.reversals r WHERE r.transfer_id = t.id)
-UNION ALL
-SELECT NULL, s.account_id, s.usage_event_id, 'reversed more than charged'
-FROM (SELECT r.account_id, r.usage_event_id, r.event_created_at, sum(r.quantity) AS quantity,
-             sum(r.credits_micros) AS credits, sum(r.allowance_units) AS allowance_units
-      FROM metering.reversals r GROUP BY 1, 2, 3) s
-LEFT JOIN metering.usage_events e ON e.id = s.usage_event_id AND e.created_at = s.event_created_at
-WHERE e.id IS NULL OR s.quantity > e.quantity OR s.credits > e.credits_micros OR s.allowance_units > e.allowance_units;
-COMMENT ON VIEW reporting.reversal_mismatches IS
-  'Reconciliation: reversals whose ledger transfer is missing or differs from them, reversal transfers with no reversal, and usage events reversed for more units, credits or allowance than they charged (or missing). Must be empty.';
-
-CREATE VIEW reporting.post_paid_credits_owed AS
-SELECT r.account_id, r.usage_event_id, r.id AS reversal_id, r.amount_minor, r.currency, r.reason, r.created_at
-FROM metering.reversals r WHERE r.amount_minor > 0;
-COMMENT ON VIEW reporting.post_paid_credits_owed IS
-  'Post-paid usage reversed after it was reported to Stripe: what each reversal owes the customer (minor units). Stripe meter event adjustments are not sent yet: credit it on the next invoice (or refund).';
-
-GRANT SELECT ON reporting.reversal_mismatches, reporting.post_paid_credits_owed TO pgtally_analyst;

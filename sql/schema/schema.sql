@@ -1,8 +1,17 @@
+-- GENERATED: do not edit. `make schema` (pgtally db upgrade && pgtally db schema --write) writes it
+-- from what sql/migrations, sql/functions and sql/views build; tests/sql/test_schema.py fails when it
+-- drifts. For reading, not for restoring: schemas and domains, then each table with its comments,
+-- constraints, indexes, triggers and grants, then the views, then the functions.
 -- PostgreSQL 18: another major version deparses views and functions differently
 
+----------------------------------------------------------------------------------------------------
+-- Schemas, domains and default privileges
+----------------------------------------------------------------------------------------------------
 CREATE SCHEMA api;
 
 COMMENT ON SCHEMA api IS 'pgtally entry points: SECURITY DEFINER functions, the only thing the server role may touch.';
+
+GRANT USAGE ON SCHEMA api TO pgtally_api;
 
 CREATE SCHEMA billing;
 
@@ -24,6 +33,8 @@ CREATE SCHEMA ops;
 
 COMMENT ON SCHEMA ops IS 'pgtally operations: alert state.';
 
+GRANT USAGE ON SCHEMA ops TO pgtally_analyst;
+
 CREATE SCHEMA outbox;
 
 COMMENT ON SCHEMA outbox IS 'pgtally outbox: messages written by the transaction that caused them, delivered by pgtally worker.';
@@ -31,6 +42,8 @@ COMMENT ON SCHEMA outbox IS 'pgtally outbox: messages written by the transaction
 CREATE SCHEMA reporting;
 
 COMMENT ON SCHEMA reporting IS 'pgtally read-only views for DBAs and the analyst role (reconciliation, usage).';
+
+GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
 
 CREATE SCHEMA util;
 
@@ -119,6 +132,2706 @@ CREATE DOMAIN util.quantity AS bigint
 
 COMMENT ON DOMAIN util.quantity IS 'How many units a usage event or hold is for: at least 1.';
 
+ALTER DEFAULT PRIVILEGES FOR ROLE <owner> REVOKE ALL ON FUNCTIONS FROM PUBLIC;
+
+----------------------------------------------------------------------------------------------------
+-- Tables
+----------------------------------------------------------------------------------------------------
+CREATE TABLE billing.auto_topups (
+    account_id uuid NOT NULL,
+    below_micros bigint NOT NULL,
+    price_id text NOT NULL,
+    enabled boolean DEFAULT true NOT NULL,
+    failures integer DEFAULT 0 NOT NULL,
+    in_flight_since timestamp with time zone,
+    last_error text,
+    updated_at timestamp with time zone NOT NULL,
+    CONSTRAINT auto_topups_below_micros_check CHECK ((below_micros >= 0)),
+    CONSTRAINT auto_topups_failures_check CHECK ((failures >= 0)),
+    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000))
+);
+
+COMMENT ON TABLE billing.auto_topups IS 'Auto top-up settings: buy price_id (a bundle) with the saved card when a charge leaves the balance below below_micros. in_flight_since: a top-up is queued or being paid (never two at once); cleared by its payment_intent.succeeded, or by a failure (3 failures turn it off and email the user).';
+
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
+
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.auto_topups
+    ADD CONSTRAINT auto_topups_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
+CREATE TABLE billing.customers (
+    account_id uuid NOT NULL,
+    stripe_customer_id text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
+
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_pkey PRIMARY KEY (account_id);
+
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_stripe_customer_id_key UNIQUE (stripe_customer_id);
+
+ALTER TABLE billing.customers
+    ADD CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255))) NOT VALID;
+
+ALTER TABLE ONLY billing.customers
+    ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE billing.disputes (
+    stripe_dispute_id text NOT NULL,
+    account_id uuid,
+    stripe_charge_id text,
+    stripe_payment_intent_id text,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    reason text,
+    status text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    closed_at timestamp with time zone,
+    CONSTRAINT disputes_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT disputes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT disputes_reason_check CHECK ((length(reason) <= 100)),
+    CONSTRAINT disputes_status_check CHECK ((length(status) <= 50)),
+    CONSTRAINT disputes_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
+    CONSTRAINT disputes_stripe_dispute_id_check CHECK ((length(stripe_dispute_id) <= 255)),
+    CONSTRAINT disputes_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
+);
+
+COMMENT ON TABLE billing.disputes IS 'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
+
+ALTER TABLE ONLY billing.disputes
+    ADD CONSTRAINT disputes_pkey PRIMARY KEY (stripe_dispute_id);
+
+ALTER TABLE ONLY billing.disputes
+    ADD CONSTRAINT disputes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE billing.entitlements (
+    plan_id text NOT NULL,
+    meter_id text NOT NULL,
+    kind text NOT NULL,
+    period text NOT NULL,
+    limit_units bigint,
+    unit_amount_minor bigint,
+    stripe_meter_event text,
+    CONSTRAINT entitlements_check CHECK (((kind = ANY (ARRAY['unlimited'::text, 'post_paid'::text])) = (limit_units IS NULL))),
+    CONSTRAINT entitlements_kind_check CHECK ((kind = ANY (ARRAY['allowance'::text, 'unlimited'::text, 'fair_use'::text, 'post_paid'::text]))),
+    CONSTRAINT entitlements_limit_units_check CHECK ((limit_units >= 0)),
+    CONSTRAINT entitlements_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
+    CONSTRAINT entitlements_post_paid CHECK (((kind = 'post_paid'::text) = ((unit_amount_minor IS NOT NULL) AND (stripe_meter_event IS NOT NULL)))),
+    CONSTRAINT entitlements_stripe_meter_event_check CHECK ((stripe_meter_event ~ '^[A-Za-z0-9_.:-]{1,100}$'::text)),
+    CONSTRAINT entitlements_unit_amount_minor_check CHECK ((unit_amount_minor >= 0))
+);
+
+COMMENT ON TABLE billing.entitlements IS 'What a plan grants per meter and period. allowance: limit_units free per period, then credits at the meter rate, refused when neither covers. unlimited: never charged. fair_use: limit_units is a soft limit that warns at 80% and 100% and never blocks or charges.';
+
+COMMENT ON COLUMN billing.entitlements.period IS 'day: resets at midnight UTC. month: resets on the 1st at midnight UTC. billing_period: the account''s subscription period, a calendar month until one is set.';
+
+COMMENT ON COLUMN billing.entitlements.limit_units IS 'Allowance or soft limit per period, in allowance units: meter units for pricing=unit, micro-credits of cost for pricing=tokens. NULL for unlimited.';
+
+COMMENT ON COLUMN billing.entitlements.unit_amount_minor IS 'post_paid: the price of one meter unit in minor currency units (cents), billed after the fact by Stripe.';
+
+COMMENT ON COLUMN billing.entitlements.stripe_meter_event IS 'post_paid: the event_name of the Stripe Billing Meter each usage event is reported to (https://docs.stripe.com/api/billing/meter-event/create).';
+
+ALTER TABLE ONLY billing.entitlements
+    ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
+
+ALTER TABLE ONLY billing.entitlements
+    ADD CONSTRAINT entitlements_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
+
+ALTER TABLE ONLY billing.entitlements
+    ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
+
+CREATE TABLE billing.invoice_payments (
+    stripe_invoice_payment_id text NOT NULL,
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_payment_intent_id text,
+    stripe_charge_id text,
+    amount_minor bigint NOT NULL,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    currency text NOT NULL,
+    paid_at timestamp with time zone,
+    CONSTRAINT invoice_payments_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT invoice_payments_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT invoice_payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT invoice_payments_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_invoice_payment_id_check CHECK ((length(stripe_invoice_payment_id) <= 255)),
+    CONSTRAINT invoice_payments_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
+);
+
+COMMENT ON TABLE billing.invoice_payments IS 'Stripe InvoicePayments (API 2025-03-31 on): which PaymentIntent or Charge paid which subscription invoice, from invoice.paid''s payments list or an invoice_payment.paid event, once each. How a charge.refunded or charge.dispute.* of a subscription payment finds its invoice and account (neither object names them).';
+
+COMMENT ON COLUMN billing.invoice_payments.stripe_payment_intent_id IS 'The PaymentIntent that paid it (payment.payment_intent), when the payment was one.';
+
+COMMENT ON COLUMN billing.invoice_payments.stripe_charge_id IS 'The Charge that paid it: payment.charge, or learnt from the first charge.refunded of its PaymentIntent.';
+
+COMMENT ON COLUMN billing.invoice_payments.amount_minor IS 'What this payment paid of the invoice (amount_paid), in minor currency units.';
+
+COMMENT ON COLUMN billing.invoice_payments.refunded_minor IS 'What charge.refunded events took back of this payment (the charge''s amount_refunded), in minor units.';
+
+ALTER TABLE ONLY billing.invoice_payments
+    ADD CONSTRAINT invoice_payments_pkey PRIMARY KEY (stripe_invoice_payment_id);
+
+CREATE INDEX invoice_payments_charge_idx ON billing.invoice_payments USING btree (stripe_charge_id);
+
+CREATE INDEX invoice_payments_invoice_idx ON billing.invoice_payments USING btree (stripe_invoice_id);
+
+CREATE INDEX invoice_payments_payment_intent_idx ON billing.invoice_payments USING btree (stripe_payment_intent_id);
+
+ALTER TABLE ONLY billing.invoice_payments
+    ADD CONSTRAINT invoice_payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE billing.invoices (
+    stripe_invoice_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_subscription_id text,
+    number text,
+    status text NOT NULL,
+    currency text NOT NULL,
+    amount_paid_minor bigint NOT NULL,
+    metered_amount_minor bigint DEFAULT 0 NOT NULL,
+    metered_period_start timestamp with time zone,
+    metered_period_end timestamp with time zone,
+    hosted_invoice_url text,
+    invoice_pdf text,
+    created_at timestamp with time zone NOT NULL,
+    tax_minor bigint DEFAULT 0 NOT NULL,
+    plan_id text,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    paid_at timestamp with time zone,
+    CONSTRAINT invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
+    CONSTRAINT invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
+    CONSTRAINT invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
+    CONSTRAINT invoices_metered_amount_minor_check CHECK ((metered_amount_minor >= 0)),
+    CONSTRAINT invoices_number_check CHECK ((length(number) <= 255)),
+    CONSTRAINT invoices_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text, 'refunded'::text]))),
+    CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
+    CONSTRAINT invoices_tax_minor_check CHECK ((tax_minor >= 0))
+);
+
+COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid (invoice.paid), once per invoice. metered_*: the lines that bill metered prices (post-paid usage) and the period they cover.';
+
+COMMENT ON COLUMN billing.invoices.status IS 'paid; open (its payment failed and Stripe is retrying); refunded (paid, then refunded in full: it leaves the revenue views).';
+
+COMMENT ON COLUMN billing.invoices.amount_paid_minor IS 'What the invoice collected, in minor currency units.';
+
+COMMENT ON COLUMN billing.invoices.metered_amount_minor IS 'The sum of its metered lines (usage reported through Billing Meters), in minor units.';
+
+COMMENT ON COLUMN billing.invoices.tax_minor IS 'Tax on the invoice, in minor units (Stripe''s total_taxes, or tax on older API versions).';
+
+COMMENT ON COLUMN billing.invoices.refunded_minor IS 'What charge.refunded events took back of this invoice''s payment, in minor units.';
+
+COMMENT ON COLUMN billing.invoices.paid_at IS 'When Stripe reported it paid (the invoice.paid event''s time).';
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
+
+CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, created_at);
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.invoices
+    ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
+
+CREATE TABLE billing.mrr_changes (
+    id bigint NOT NULL,
+    account_id uuid NOT NULL,
+    at timestamp with time zone NOT NULL,
+    currency text NOT NULL,
+    mrr_minor numeric(20,4) NOT NULL,
+    plan_id text,
+    CONSTRAINT mrr_changes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT mrr_changes_mrr_minor_check CHECK ((mrr_minor >= (0)::numeric))
+);
+
+COMMENT ON TABLE billing.mrr_changes IS 'Each change of an account''s monthly recurring revenue, at the time of the Stripe event that made it: the sum of its live (active or past_due) licensed subscription prices, yearly ones divided by 12 (hence numeric: an analytic, not money that moves). Metered prices bill usage, not MRR. Written by billing.record_mrr when a subscription event changes it.';
+
+ALTER TABLE billing.mrr_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME billing.mrr_changes_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_pkey PRIMARY KEY (id);
+
+CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes USING btree (account_id, at DESC, id DESC);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.mrr_changes
+    ADD CONSTRAINT mrr_changes_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+CREATE TABLE billing.payments (
+    stripe_payment_intent_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_checkout_session text,
+    price_id text,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    credits_micros bigint NOT NULL,
+    refunded_minor bigint DEFAULT 0 NOT NULL,
+    clawed_back_micros bigint DEFAULT 0 NOT NULL,
+    shortfall_micros bigint DEFAULT 0 NOT NULL,
+    paid_at timestamp with time zone NOT NULL,
+    CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
+    CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
+    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
+);
+
+COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
+
+COMMENT ON COLUMN billing.payments.stripe_checkout_session IS 'The Checkout Session that sold it; NULL for a one-click top-up (an off-session PaymentIntent with a saved card).';
+
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
+
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_id_length CHECK (((length(stripe_payment_intent_id) >= 1) AND (length(stripe_payment_intent_id) <= 255))) NOT VALID;
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_pkey PRIMARY KEY (stripe_payment_intent_id);
+
+ALTER TABLE billing.payments
+    ADD CONSTRAINT payments_session_length CHECK ((length(stripe_checkout_session) <= 255)) NOT VALID;
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_stripe_checkout_session_key UNIQUE (stripe_checkout_session);
+
+CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.payments
+    ADD CONSTRAINT payments_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
+CREATE TABLE billing.plans (
+    id text NOT NULL,
+    name text NOT NULL,
+    description text DEFAULT ''::text NOT NULL,
+    features jsonb DEFAULT '[]'::jsonb NOT NULL,
+    active boolean DEFAULT true NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    included_credits_micros bigint DEFAULT 0 NOT NULL,
+    spending_limit_minor bigint,
+    signup_bonus_micros bigint DEFAULT 0 NOT NULL,
+    monthly_credits_micros bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
+    CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
+    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
+    CONSTRAINT plans_monthly_credits_micros_check CHECK ((monthly_credits_micros >= 0)),
+    CONSTRAINT plans_signup_bonus_micros_check CHECK ((signup_bonus_micros >= 0)),
+    CONSTRAINT plans_spending_limit_minor_check CHECK ((spending_limit_minor >= 0))
+);
+
+COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
+
+COMMENT ON COLUMN billing.plans.id IS 'Stable plan code, for example free, pro, unlimited.';
+
+COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array of strings) shown by clients.';
+
+COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at the start of every paid subscription period (on invoice.paid), in micro-credits.';
+
+COMMENT ON COLUMN billing.plans.spending_limit_minor IS 'Post-paid plans: the most their post-paid meters may cost per billing period, in minor currency units (cents) of the plan''s price; a charge past it is refused like an empty balance (TL402). NULL: no limit.';
+
+COMMENT ON COLUMN billing.plans.signup_bonus_micros IS 'Micro-credits granted once per person when they verify their email on this plan (a signup_bonus lot, no expiry).';
+
+COMMENT ON COLUMN billing.plans.monthly_credits_micros IS 'Micro-credits granted every billing period (a calendar month without a subscription) to accounts on this plan, expiring at its end: they reset.';
+
+ALTER TABLE billing.plans
+    ADD CONSTRAINT plans_description_length CHECK ((length(description) <= 2000)) NOT VALID;
+
+ALTER TABLE billing.plans
+    ADD CONSTRAINT plans_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
+ALTER TABLE ONLY billing.plans
+    ADD CONSTRAINT plans_pkey PRIMARY KEY (id);
+
+CREATE TABLE billing.prices (
+    id text NOT NULL,
+    stripe_price_id text NOT NULL,
+    plan_id text,
+    "interval" text,
+    credits_micros bigint,
+    amount_minor bigint NOT NULL,
+    currency text NOT NULL,
+    name text NOT NULL,
+    active boolean DEFAULT true NOT NULL,
+    usage_type text DEFAULT 'licensed'::text NOT NULL,
+    CONSTRAINT prices_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT prices_check CHECK ((((plan_id IS NOT NULL) AND ("interval" IS NOT NULL) AND (credits_micros IS NULL)) OR ((plan_id IS NULL) AND ("interval" IS NULL) AND (credits_micros IS NOT NULL)))),
+    CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
+    CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
+    CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
+    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text]))),
+    CONSTRAINT prices_usage_type_check CHECK ((usage_type = ANY (ARRAY['licensed'::text, 'metered'::text])))
+);
+
+COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
+
+COMMENT ON COLUMN billing.prices.id IS 'pgtally''s price code, for example pro_monthly or bundle_10 (what clients send).';
+
+COMMENT ON COLUMN billing.prices.stripe_price_id IS 'The Stripe Price id (price_...) of this environment.';
+
+COMMENT ON COLUMN billing.prices.credits_micros IS 'For a bundle: the micro-credits a paid checkout grants.';
+
+COMMENT ON COLUMN billing.prices.amount_minor IS 'Price in minor currency units (cents), as Stripe counts.';
+
+COMMENT ON COLUMN billing.prices.usage_type IS 'Stripe''s recurring.usage_type: licensed (a fixed amount per period) or metered (a price on a Billing Meter: Checkout sends no quantity, the invoice bills the period''s reported usage).';
+
+ALTER TABLE billing.prices
+    ADD CONSTRAINT prices_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_stripe_price_id_key UNIQUE (stripe_price_id);
+
+ALTER TABLE billing.prices
+    ADD CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255)) NOT VALID;
+
+ALTER TABLE ONLY billing.prices
+    ADD CONSTRAINT prices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+CREATE TABLE billing.referral_program (
+    singleton boolean DEFAULT true NOT NULL,
+    qualify_on text DEFAULT 'first_payment'::text NOT NULL,
+    referrer_reward_micros bigint DEFAULT 10000000 NOT NULL,
+    referee_reward_micros bigint DEFAULT 0 NOT NULL,
+    holdback interval DEFAULT '14 days'::interval NOT NULL,
+    monthly_cap integer DEFAULT 20 NOT NULL,
+    same_ip_window interval DEFAULT '30 days'::interval NOT NULL,
+    CONSTRAINT referral_program_holdback_check CHECK ((holdback >= '00:00:00'::interval)),
+    CONSTRAINT referral_program_monthly_cap_check CHECK ((monthly_cap >= 0)),
+    CONSTRAINT referral_program_qualify_on_check CHECK ((qualify_on = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
+    CONSTRAINT referral_program_referee_reward_micros_check CHECK ((referee_reward_micros >= 0)),
+    CONSTRAINT referral_program_referrer_reward_micros_check CHECK ((referrer_reward_micros >= 0)),
+    CONSTRAINT referral_program_singleton_check CHECK (singleton)
+);
+
+COMMENT ON TABLE billing.referral_program IS 'The referral rules (one row, from the catalog''s [referrals] table): the event a referral qualifies on, the referrer''s and referee''s rewards (micro-credits), the holdback before a reward is spendable, the most rewarded referrals per referrer per calendar month, and how long a referrer''s IP counts against a referee signing up from it.';
+
+ALTER TABLE ONLY billing.referral_program
+    ADD CONSTRAINT referral_program_pkey PRIMARY KEY (singleton);
+
+CREATE TABLE billing.referrals (
+    referee_account_id uuid NOT NULL,
+    referrer_account_id uuid NOT NULL,
+    referrer_user_id uuid NOT NULL,
+    code text NOT NULL,
+    status text NOT NULL,
+    rejected_reason text,
+    signup_ip text,
+    signup_fingerprint text,
+    qualifying_event text,
+    qualifying_ref text,
+    referrer_lot_id uuid,
+    referee_lot_id uuid,
+    created_at timestamp with time zone NOT NULL,
+    qualified_at timestamp with time zone,
+    rewarded_at timestamp with time zone,
+    rejected_at timestamp with time zone,
+    CONSTRAINT referrals_check CHECK (((status = 'rejected'::text) = (rejected_reason IS NOT NULL))),
+    CONSTRAINT referrals_qualifying_event_check CHECK ((qualifying_event = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
+    CONSTRAINT referrals_qualifying_ref_check CHECK ((length(qualifying_ref) <= 255)),
+    CONSTRAINT referrals_rejected_reason_check CHECK ((rejected_reason = ANY (ARRAY['self_referral'::text, 'own_device'::text, 'same_ip'::text, 'same_fingerprint'::text, 'monthly_cap'::text, 'refunded'::text]))),
+    CONSTRAINT referrals_signup_fingerprint_check CHECK ((length(signup_fingerprint) <= 256)),
+    CONSTRAINT referrals_signup_ip_check CHECK ((length(signup_ip) <= 64)),
+    CONSTRAINT referrals_status_check CHECK ((status = ANY (ARRAY['signed_up'::text, 'qualified'::text, 'rewarded'::text, 'rejected'::text])))
+);
+
+COMMENT ON TABLE billing.referrals IS 'Who referred whom: one referrer per account, the first one, set at sign-up only. signed_up -> qualified (on the program''s event, once) -> rewarded (lots granted in that same transaction, pending for the holdback), or rejected with the reason (self_referral, own_device, same_ip, same_fingerprint at sign-up; monthly_cap at qualification; refunded: the qualifying payment was refunded inside the holdback).';
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_pkey PRIMARY KEY (referee_account_id);
+
+CREATE INDEX referrals_referrer_idx ON billing.referrals USING btree (referrer_account_id, created_at);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referee_account_id_fkey FOREIGN KEY (referee_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referee_lot_id_fkey FOREIGN KEY (referee_lot_id) REFERENCES ledger.credit_lots(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_account_id_fkey FOREIGN KEY (referrer_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_lot_id_fkey FOREIGN KEY (referrer_lot_id) REFERENCES ledger.credit_lots(id);
+
+ALTER TABLE ONLY billing.referrals
+    ADD CONSTRAINT referrals_referrer_user_id_fkey FOREIGN KEY (referrer_user_id) REFERENCES identity.users(id);
+
+CREATE TABLE billing.stripe_events (
+    id text NOT NULL,
+    type text NOT NULL,
+    created timestamp with time zone,
+    livemode boolean DEFAULT false NOT NULL,
+    payload jsonb,
+    received_at timestamp with time zone DEFAULT now() NOT NULL,
+    status text NOT NULL,
+    note text,
+    CONSTRAINT stripe_events_rejected_only_unreadable CHECK (((status = 'rejected'::text) OR ((payload IS NOT NULL) AND (created IS NOT NULL)))),
+    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text, 'rejected'::text])))
+);
+
+COMMENT ON TABLE billing.stripe_events IS 'Inbox of Stripe webhook events, keyed by Stripe''s event id: an event is applied in the transaction that records it, and a redelivery changes nothing. status: applied, stale (older than the state already applied), ignored (a type pgtally does not handle, or nothing of pgtally''s to change; note says why).';
+
+COMMENT ON COLUMN billing.stripe_events.payload IS 'The event as received; NULL only for a rejected event that is not readable JSON (its id is then rejected: + the SHA-256 of the body).';
+
+COMMENT ON COLUMN billing.stripe_events.status IS 'applied; stale (older than the state already applied); ignored (nothing of pgtally''s to change); rejected (validly signed but malformed: nothing applied, note says why; answered 400).';
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))) NOT VALID;
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_note_length CHECK ((length(note) <= 1000)) NOT VALID;
+
+ALTER TABLE ONLY billing.stripe_events
+    ADD CONSTRAINT stripe_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE billing.stripe_events
+    ADD CONSTRAINT stripe_events_type_length CHECK ((length(type) <= 100)) NOT VALID;
+
+CREATE INDEX stripe_events_checkout_session_idx ON billing.stripe_events USING btree (((payload #>> '{data,object,id}'::text[]))) WHERE (type ~~ 'checkout.session.%'::text);
+
+CREATE INDEX stripe_events_status_idx ON billing.stripe_events USING btree (status, received_at) WHERE (status <> 'applied'::text);
+
+CREATE TABLE billing.subscriptions (
+    stripe_subscription_id text NOT NULL,
+    account_id uuid NOT NULL,
+    stripe_customer_id text,
+    status text NOT NULL,
+    stripe_item_id text,
+    price_id text,
+    plan_id text,
+    current_period_start timestamp with time zone,
+    current_period_end timestamp with time zone,
+    cancel_at_period_end boolean DEFAULT false NOT NULL,
+    canceled_at timestamp with time zone,
+    last_event_created timestamp with time zone NOT NULL,
+    last_event_rank integer NOT NULL,
+    last_event_id text NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
+);
+
+COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
+
+COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_id_length CHECK (((length(stripe_subscription_id) >= 1) AND (length(stripe_subscription_id) <= 255))) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_item_length CHECK ((length(stripe_item_id) <= 255)) NOT VALID;
+
+ALTER TABLE billing.subscriptions
+    ADD CONSTRAINT subscriptions_last_event_id_length CHECK ((length(last_event_id) <= 255)) NOT VALID;
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
+
+ALTER DOMAIN identity.account_name
+    ADD CONSTRAINT account_name_check CHECK ((length(VALUE) <= 200)) NOT VALID;
+
+CREATE INDEX subscriptions_account_id_idx ON billing.subscriptions USING btree (account_id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY billing.subscriptions
+    ADD CONSTRAINT subscriptions_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
+
+CREATE TABLE identity.accounts (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    kind identity.account_kind DEFAULT 'person'::text NOT NULL,
+    name identity.account_name,
+    plan_id text NOT NULL,
+    credit_balance_micros util.micro_credits DEFAULT 0 NOT NULL,
+    billing_period_start timestamp with time zone,
+    billing_period_end timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    merged_into uuid,
+    device_fingerprint identity.device_fingerprint,
+    plan_grace_until timestamp with time zone,
+    device_install_hash bytea,
+    held_micros bigint DEFAULT 0 NOT NULL,
+    auto_topup_below_micros util.micro_credits,
+    credits_due_at timestamp with time zone,
+    suspended_at timestamp with time zone,
+    suspended_reason util.note,
+    has_budgets boolean DEFAULT false NOT NULL,
+    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
+    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
+);
+
+COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
+
+COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
+
+COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
+
+COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
+
+COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
+
+COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
+
+COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
+
+COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
+
+COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
+
+COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
+
+COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
+
+COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
+
+COMMENT ON COLUMN identity.accounts.has_budgets IS 'Whether the account has a budget (metering.budgets): a charge reads this flag from the row it already locks, so an account without budgets pays no query for them. Kept by metering.set_budget and metering.delete_budget under the account''s lock.';
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
+
+CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+CREATE TABLE identity.api_keys (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    name text DEFAULT ''::text NOT NULL,
+    key_hash bytea NOT NULL,
+    display text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone,
+    revoked_at timestamp with time zone,
+    scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
+    last_used_at timestamp with time zone,
+    created_by uuid,
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse}'::text[]) AND (cardinality(scopes) > 0)))
+);
+
+COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
+
+COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UTF-8).';
+
+COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
+
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key).';
+
+COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
+
+COMMENT ON COLUMN identity.api_keys.created_by IS 'The member who created the key: on every use its scopes are cut to what that member''s role allows now (a demoted member''s keys lose what the role lost; a removed member''s keys stop). NULL for operator keys.';
+
+ALTER TABLE ONLY identity.api_keys
+    ADD CONSTRAINT api_keys_key_hash_key UNIQUE (key_hash);
+
+ALTER TABLE identity.api_keys
+    ADD CONSTRAINT api_keys_name_length CHECK ((length(name) <= 100)) NOT VALID;
+
+ALTER TABLE ONLY identity.api_keys
+    ADD CONSTRAINT api_keys_pkey PRIMARY KEY (id);
+
+CREATE INDEX api_keys_account_id_idx ON identity.api_keys USING btree (account_id);
+
+ALTER TABLE ONLY identity.api_keys
+    ADD CONSTRAINT api_keys_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY identity.api_keys
+    ADD CONSTRAINT api_keys_created_by_fkey FOREIGN KEY (created_by) REFERENCES identity.users(id) ON DELETE SET NULL;
+
+CREATE TABLE identity.auth_events (
+    id bigint NOT NULL,
+    kind text NOT NULL,
+    user_id uuid,
+    account_id uuid,
+    session_id uuid,
+    ip text,
+    user_agent text,
+    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text, 'sso_domain_claimed'::text, 'sso_domain_verified'::text, 'sso_link_requested'::text])))
+);
+
+COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
+
+ALTER TABLE identity.auth_events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME identity.auth_events_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE identity.auth_events
+    ADD CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
+
+ALTER TABLE ONLY identity.auth_events
+    ADD CONSTRAINT auth_events_pkey PRIMARY KEY (id);
+
+ALTER TABLE identity.auth_events
+    ADD CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
+
+CREATE INDEX auth_events_user_id_idx ON identity.auth_events USING btree (user_id, id) WHERE (user_id IS NOT NULL);
+
+CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TABLE identity.device_codes (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    device_code_hash bytea NOT NULL,
+    user_code text NOT NULL,
+    client_id text NOT NULL,
+    scope text,
+    ip text,
+    user_agent text,
+    device_session_id uuid,
+    status text DEFAULT 'pending'::text NOT NULL,
+    user_id uuid,
+    interval_seconds integer DEFAULT 5 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    last_polled_at timestamp with time zone,
+    decided_at timestamp with time zone,
+    issued_at timestamp with time zone,
+    CONSTRAINT device_codes_check CHECK (((status = 'pending'::text) = (decided_at IS NULL))),
+    CONSTRAINT device_codes_check1 CHECK (((status <> 'approved'::text) OR (user_id IS NOT NULL))),
+    CONSTRAINT device_codes_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 100))),
+    CONSTRAINT device_codes_interval_seconds_check CHECK (((interval_seconds >= 1) AND (interval_seconds <= 120))),
+    CONSTRAINT device_codes_ip_check CHECK ((length(ip) <= 64)),
+    CONSTRAINT device_codes_scope_check CHECK ((length(scope) <= 200)),
+    CONSTRAINT device_codes_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'denied'::text]))),
+    CONSTRAINT device_codes_user_agent_check CHECK ((length(user_agent) <= 512)),
+    CONSTRAINT device_codes_user_code_check CHECK ((user_code ~ '^[BCDFGHJKLMNPQRSTVWXZ]{8}$'::text))
+);
+
+COMMENT ON TABLE identity.device_codes IS 'Device authorization grant (RFC 8628): a command line asks for a device code, a signed-in person approves or denies its user code at /device, the command line polls /oauth/token and gets one token pair, once. Codes expire after 10 minutes.';
+
+COMMENT ON COLUMN identity.device_codes.user_code IS '8 characters from an alphabet without vowels or look-alikes (RFC 8628 section 6.1), shown as XXXX-XXXX.';
+
+COMMENT ON COLUMN identity.device_codes.device_session_id IS 'The command line''s anonymous device session (POST /v1/identify), when it sent one: merged into the user on approval, once.';
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_device_code_hash_key UNIQUE (device_code_hash);
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_pkey PRIMARY KEY (id);
+
+CREATE UNIQUE INDEX device_codes_pending_user_code_idx ON identity.device_codes USING btree (user_code) WHERE (status = 'pending'::text);
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.device_codes
+    ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+CREATE TABLE identity.invitations (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    email_normalized text NOT NULL,
+    role text NOT NULL,
+    token_hash bytea NOT NULL,
+    invited_by uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    sent_count integer DEFAULT 1 NOT NULL,
+    CONSTRAINT invitations_email_normalized_check CHECK (((length(email_normalized) >= 3) AND (length(email_normalized) <= 320))),
+    CONSTRAINT invitations_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.invitations IS 'Pending invitations to join an account: single use (claimed by DELETE ... RETURNING, so two accepts cannot both succeed), expiring (7 days), for one address (the accepting user''s verified email must match). Only the token''s SHA-256 is kept; the link is emailed.';
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_one_per_address UNIQUE (account_id, email_normalized);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_token_hash_key UNIQUE (token_hash);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.invitations
+    ADD CONSTRAINT invitations_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
+
+CREATE TABLE identity.jwt_keys (
+    kid text NOT NULL,
+    secret bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT jwt_keys_secret_check CHECK ((length(secret) >= 32))
+);
+
+COMMENT ON TABLE identity.jwt_keys IS 'HMAC keys for access tokens (HS256, RFC 7518). The newest signs; the server reads them through api.jwt_keys().';
+
+ALTER TABLE ONLY identity.jwt_keys
+    ADD CONSTRAINT jwt_keys_pkey PRIMARY KEY (kid);
+
+CREATE TABLE identity.memberships (
+    account_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    role text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    invited_by uuid,
+    CONSTRAINT memberships_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.memberships IS 'Who belongs to which account, with which role. A person owns their personal account; team accounts have members by invitation. An account always keeps at least one owner (enforced by the functions that change roles, under the account row''s lock).';
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_pkey PRIMARY KEY (account_id, user_id);
+
+CREATE INDEX memberships_user_idx ON identity.memberships USING btree (user_id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY identity.memberships
+    ADD CONSTRAINT memberships_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
+
+CREATE TABLE identity.oauth_flows (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    provider text NOT NULL,
+    state_hash bytea NOT NULL,
+    browser_hash bytea NOT NULL,
+    nonce text NOT NULL,
+    code_verifier text NOT NULL,
+    purpose text NOT NULL,
+    session_id uuid,
+    device_session_id uuid,
+    return_to text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    sso_account_id uuid,
+    CONSTRAINT oauth_flows_code_verifier_check CHECK (((length(code_verifier) >= 43) AND (length(code_verifier) <= 128))),
+    CONSTRAINT oauth_flows_nonce_check CHECK ((length(nonce) <= 128)),
+    CONSTRAINT oauth_flows_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
+    CONSTRAINT oauth_flows_purpose_check CHECK ((purpose = ANY (ARRAY['sign_in'::text, 'link'::text]))),
+    CONSTRAINT oauth_flows_return_to_check CHECK ((length(return_to) <= 500))
+);
+
+COMMENT ON TABLE identity.oauth_flows IS 'One authorization-code flow with a provider (RFC 6749 section 4.1 with PKCE, RFC 7636): the state (stored hashed) binds the callback to the browser that started it (browser_hash: SHA-256 of a random cookie), the nonce binds the ID token (OpenID Connect), the PKCE verifier stays here. Single use, 10 minutes.';
+
+COMMENT ON COLUMN identity.oauth_flows.session_id IS 'For purpose = link: the signed-in session that asked to link a provider.';
+
+COMMENT ON COLUMN identity.oauth_flows.device_session_id IS 'An anonymous device session the browser carried: merged into the user at sign-in.';
+
+COMMENT ON COLUMN identity.oauth_flows.sso_account_id IS 'For provider sso: the team whose provider this flow signs in with.';
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_state_hash_key UNIQUE (state_hash);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
+
+ALTER TABLE ONLY identity.oauth_flows
+    ADD CONSTRAINT oauth_flows_sso_account_id_fkey FOREIGN KEY (sso_account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE identity.one_time_tokens (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    user_id uuid NOT NULL,
+    purpose text NOT NULL,
+    token_hash bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    CONSTRAINT one_time_tokens_purpose_check CHECK ((purpose = ANY (ARRAY['verify_email'::text, 'password_reset'::text])))
+);
+
+COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password reset tokens: 256 random bits, stored as SHA-256 hashes, claimed once with UPDATE ... RETURNING before they expire.';
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_token_hash_key UNIQUE (token_hash);
+
+CREATE INDEX one_time_tokens_user_id_idx ON identity.one_time_tokens USING btree (user_id, purpose);
+
+ALTER TABLE ONLY identity.one_time_tokens
+    ADD CONSTRAINT one_time_tokens_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+CREATE TABLE identity.public_mail_domains (
+    domain text NOT NULL,
+    CONSTRAINT public_mail_domains_domain_check CHECK ((domain = lower(domain)))
+);
+
+COMMENT ON TABLE identity.public_mail_domains IS 'Mail domains anyone can have an address at (Gmail, Outlook, ...): no team may claim them (or a subdomain of one) for single sign-on. Operators may add rows.';
+
+ALTER TABLE ONLY identity.public_mail_domains
+    ADD CONSTRAINT public_mail_domains_pkey PRIMARY KEY (domain);
+
+CREATE TABLE identity.rate_limit_rules (
+    action text NOT NULL,
+    dimension text NOT NULL,
+    max_attempts integer NOT NULL,
+    per interval NOT NULL,
+    CONSTRAINT rate_limit_rules_action_check CHECK ((action ~ '^[a-z_]{1,40}$'::text)),
+    CONSTRAINT rate_limit_rules_dimension_check CHECK ((dimension ~ '^[a-z_]{1,40}$'::text)),
+    CONSTRAINT rate_limit_rules_max_attempts_check CHECK ((max_attempts >= 0)),
+    CONSTRAINT rate_limit_rules_per_check CHECK ((per > '00:00:00'::interval))
+);
+
+COMMENT ON TABLE identity.rate_limit_rules IS 'Every rate limit pgtally applies (identity.throttled): at most max_attempts of an action per dimension value (ip: the client''s address; email, fingerprint, install, user, code: what the caller names) in any sliding window of length per. An operator may change a row; the next attempt uses it.';
+
+ALTER TABLE ONLY identity.rate_limit_rules
+    ADD CONSTRAINT rate_limit_rules_pkey PRIMARY KEY (action, dimension);
+
+CREATE TABLE identity.rate_limits (
+    bucket text CONSTRAINT rate_limits_bucket_not_null1 NOT NULL,
+    hits timestamp with time zone[] CONSTRAINT rate_limits_hits_not_null1 NOT NULL,
+    CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600))
+);
+
+COMMENT ON TABLE identity.rate_limits IS 'Sliding-window rate limits shared by every server process, one row a bucket, locked by identity.throttled while it decides. A row may be deleted at will once its newest hit is older than the longest window (one day).';
+
+COMMENT ON COLUMN identity.rate_limits.bucket IS 'action:dimension:value, e.g. login:ip:203.0.113.7 or signup:email:ada@example.com (at most 600 characters).';
+
+COMMENT ON COLUMN identity.rate_limits.hits IS 'When the allowed attempts of the bucket happened, oldest first: those inside the window, at most the limit (refused attempts are not kept).';
+
+ALTER TABLE ONLY identity.rate_limits
+    ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket);
+
+CREATE TABLE identity.refresh_tokens (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    session_id uuid NOT NULL,
+    token_hash bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone
+);
+
+COMMENT ON TABLE identity.refresh_tokens IS 'Refresh tokens (stored as SHA-256 hashes), each usable once: POST /v1/auth/refresh claims it and issues its successor. Presenting a used one outside the grace window revokes the session (RFC 9700 section 4.14.2).';
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_token_hash_key UNIQUE (token_hash);
+
+CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btree (session_id);
+
+ALTER TABLE ONLY identity.refresh_tokens
+    ADD CONSTRAINT refresh_tokens_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
+
+CREATE TABLE identity.role_permissions (
+    role text NOT NULL,
+    permission text NOT NULL,
+    CONSTRAINT role_permissions_permission_check CHECK ((permission = ANY (ARRAY['usage:read'::text, 'usage:write'::text, 'billing:read'::text, 'billing:manage'::text, 'members:read'::text, 'members:manage'::text, 'keys:manage'::text, 'sso:manage'::text]))),
+    CONSTRAINT role_permissions_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
+);
+
+COMMENT ON TABLE identity.role_permissions IS 'What each role of an account member may do: the one table identity.authenticate decides by. owner: everything; admin: everything but SSO (and only owners make owners); member: meter, read, manage its own API keys; billing: pay, see invoices, read usage (no members, no metering); viewer: read.';
+
+ALTER TABLE ONLY identity.role_permissions
+    ADD CONSTRAINT role_permissions_pkey PRIMARY KEY (role, permission);
+
+CREATE TABLE identity.sessions (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    user_id uuid,
+    ip text,
+    user_agent text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_used_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    revoked_at timestamp with time zone,
+    revoked_reason text,
+    refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
+    method text DEFAULT 'password'::text NOT NULL,
+    CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text, 'sso'::text]))),
+    CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
+    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text])))
+);
+
+COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
+
+COMMENT ON COLUMN identity.sessions.expires_at IS 'Absolute end of the session: refresh tokens stop rotating then (30 days after sign-in).';
+
+COMMENT ON COLUMN identity.sessions.refresh_secret IS 'Random key of the refresh-token family: a token''s successor is HMAC-SHA256(refresh_secret, token), so a retry of the same token within the grace window gets the same successor, and the successor is never stored in plaintext.';
+
+COMMENT ON COLUMN identity.sessions.method IS 'How the session started: password, google, github (browser sign-in), device (an anonymous install, POST /v1/identify), device_code (a command line approved at /device).';
+
+ALTER TABLE identity.sessions
+    ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_pkey PRIMARY KEY (id);
+
+ALTER TABLE identity.sessions
+    ADD CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
+
+CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_id) WHERE (revoked_at IS NULL);
+
+CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.sessions
+    ADD CONSTRAINT sessions_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+CREATE TABLE identity.sso_connections (
+    account_id uuid NOT NULL,
+    issuer text NOT NULL,
+    client_id text NOT NULL,
+    client_secret text NOT NULL,
+    require_sso boolean DEFAULT false NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    updated_at timestamp with time zone NOT NULL,
+    CONSTRAINT sso_connections_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 255))),
+    CONSTRAINT sso_connections_client_secret_check CHECK (((length(client_secret) >= 1) AND (length(client_secret) <= 500))),
+    CONSTRAINT sso_connections_issuer_check CHECK (((issuer ~ '^https?://\S+$'::text) AND (length(issuer) <= 500)))
+);
+
+COMMENT ON TABLE identity.sso_connections IS 'A team''s OpenID Connect provider (set by an owner, permission sso:manage): people of its domains who sign in through it join the team as members. require_sso: those people may not sign in with a password or Google/GitHub.';
+
+COMMENT ON COLUMN identity.sso_connections.client_secret IS 'The team''s client secret at its provider, readable by the database owner (and by the server through api.sso_flow_config); never shown by the API.';
+
+ALTER TABLE ONLY identity.sso_connections
+    ADD CONSTRAINT sso_connections_pkey PRIMARY KEY (account_id);
+
+ALTER TABLE ONLY identity.sso_connections
+    ADD CONSTRAINT sso_connections_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE identity.sso_domains (
+    domain text NOT NULL,
+    account_id uuid NOT NULL,
+    verification_token text NOT NULL,
+    claimed_at timestamp with time zone NOT NULL,
+    verified_at timestamp with time zone,
+    verified_by text,
+    CONSTRAINT sso_domains_domain_check CHECK (((domain ~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$'::text) AND (domain ~~ '%.%'::text))),
+    CONSTRAINT sso_domains_verified_by_check CHECK ((verified_by = ANY (ARRAY['dns'::text, 'staff'::text]))),
+    CONSTRAINT sso_domains_verified_check CHECK (((verified_at IS NULL) = (verified_by IS NULL)))
+);
+
+COMMENT ON TABLE identity.sso_domains IS 'Email domains a team claims for its provider. A claim takes effect (sign-in through the team''s provider, require_sso) only once verified: a DNS TXT record "pgtally-domain-verification=<verification_token>" on the domain (api.verify_sso_domain), or a staff approval written to ops.audit_log (api.admin_approve_sso_domain). Any number of teams may claim a domain; one may prove it (sso_domains_verified_domain_key).';
+
+COMMENT ON COLUMN identity.sso_domains.verification_token IS 'Random value the team publishes in a TXT record on the domain to prove it owns it.';
+
+COMMENT ON COLUMN identity.sso_domains.verified_at IS 'When ownership was proven; NULL: claimed only, no effect.';
+
+COMMENT ON COLUMN identity.sso_domains.verified_by IS 'How: dns (the TXT record was found) or staff (an approval in ops.audit_log).';
+
+ALTER TABLE ONLY identity.sso_domains
+    ADD CONSTRAINT sso_domains_pkey PRIMARY KEY (account_id, domain);
+
+CREATE UNIQUE INDEX sso_domains_verified_domain_key ON identity.sso_domains USING btree (domain) WHERE (verified_at IS NOT NULL);
+
+ALTER TABLE ONLY identity.sso_domains
+    ADD CONSTRAINT sso_domains_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.sso_connections(account_id) ON DELETE CASCADE;
+
+CREATE TABLE identity.sso_link_requests (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    token_hash bytea NOT NULL,
+    user_id uuid NOT NULL,
+    account_id uuid NOT NULL,
+    subject text NOT NULL,
+    email text NOT NULL,
+    return_to text,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    used_at timestamp with time zone,
+    CONSTRAINT sso_link_requests_email_check CHECK ((length(email) <= 320)),
+    CONSTRAINT sso_link_requests_return_to_check CHECK ((length(return_to) <= 500)),
+    CONSTRAINT sso_link_requests_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 300)))
+);
+
+COMMENT ON TABLE identity.sso_link_requests IS 'A team''s provider signed in an address that already has a pgtally user who never linked that team''s sign-in: nothing is linked until the user opens the link emailed to that address (api.confirm_sso_link, once, within an hour). The token is stored as its SHA-256 hash.';
+
+COMMENT ON COLUMN identity.sso_link_requests.account_id IS 'The team whose provider signed the person in.';
+
+COMMENT ON COLUMN identity.sso_link_requests.subject IS 'The team''s provider''s subject, as identity.user_identities stores it for provider sso ("<team id>:<sub>").';
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_token_hash_key UNIQUE (token_hash);
+
+CREATE INDEX sso_link_requests_user_idx ON identity.sso_link_requests USING btree (user_id);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY identity.sso_link_requests
+    ADD CONSTRAINT sso_link_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+CREATE TABLE identity.user_identities (
+    provider text NOT NULL,
+    subject text NOT NULL,
+    user_id uuid NOT NULL,
+    email text,
+    email_verified boolean DEFAULT false NOT NULL,
+    linked_at timestamp with time zone DEFAULT now() NOT NULL,
+    last_sign_in_at timestamp with time zone,
+    CONSTRAINT user_identities_email_check CHECK ((length(email) <= 320)),
+    CONSTRAINT user_identities_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
+    CONSTRAINT user_identities_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 255)))
+);
+
+COMMENT ON TABLE identity.user_identities IS 'A provider account (Google''s OpenID Connect sub, GitHub''s numeric user id) linked to a pgtally user: at most one per provider and user. Linked at first sign-in, by a verified email, or from the account page.';
+
+COMMENT ON COLUMN identity.user_identities.subject IS 'The provider''s stable user id (OIDC sub, GitHub id): never the email, which can change.';
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_user_id_provider_key UNIQUE (user_id, provider);
+
+ALTER TABLE ONLY identity.user_identities
+    ADD CONSTRAINT user_identities_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
+
+CREATE TABLE identity.users (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    email text NOT NULL,
+    email_normalized text NOT NULL,
+    password_hash text,
+    email_verified_at timestamp with time zone,
+    password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    referral_code text DEFAULT util.referral_code() NOT NULL,
+    staff_role text,
+    CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
+    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
+    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text)),
+    CONSTRAINT users_staff_role_check CHECK ((staff_role = ANY (ARRAY['support'::text, 'admin'::text])))
+);
+
+COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
+
+COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
+
+COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
+
+COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
+
+COMMENT ON COLUMN identity.users.staff_role IS 'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_account_id_key UNIQUE (account_id);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_email_normalized_key UNIQUE (email_normalized);
+
+ALTER TABLE identity.users
+    ADD CONSTRAINT users_password_hash_length CHECK ((length(password_hash) <= 512)) NOT VALID;
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_referral_code_key UNIQUE (referral_code);
+
+ALTER TABLE ONLY identity.users
+    ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
+
+CREATE TABLE ledger.archived_balances (
+    month date NOT NULL,
+    account_id uuid,
+    system_account text,
+    amount_micros numeric NOT NULL,
+    entries bigint NOT NULL,
+    entry_id bigint,
+    CONSTRAINT archived_balances_check CHECK (((account_id IS NULL) <> (system_account IS NULL)))
+);
+
+COMMENT ON TABLE ledger.archived_balances IS 'What each account''s entries of a detached month summed to (micro-credits) and how many there were, written by api.detach_month in the transaction that detaches the month: the reconciliation views add these sums to the entries still attached. entry_id NULL: the month''s sum; set: one entry of the month kept by itself (entries = 1) because it was written after an entry of a later month of the same account, so reporting.entry_balance_breaks counts it at its place (its id).';
+
+COMMENT ON COLUMN ledger.archived_balances.entry_id IS 'NULL for a month''s sum; the id of a single detached entry that came after the next month had begun for its account (see the table comment).';
+
+ALTER TABLE ONLY ledger.archived_balances
+    ADD CONSTRAINT archived_balances_month_account_id_system_account_key UNIQUE NULLS NOT DISTINCT (month, account_id, system_account, entry_id);
+
+CREATE TABLE ledger.credit_lots (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    source ledger.lot_source NOT NULL,
+    amount_micros bigint NOT NULL,
+    remaining_micros bigint NOT NULL,
+    status ledger.lot_status NOT NULL,
+    grant_key util.idempotency_key NOT NULL,
+    transfer_id uuid,
+    available_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL,
+    settled_at timestamp with time zone,
+    memo util.note,
+    paid boolean GENERATED ALWAYS AS (((source)::text = ANY (ARRAY['purchase'::text, 'subscription_grant'::text]))) STORED,
+    CONSTRAINT credit_lots_amount_micros_check CHECK ((amount_micros > 0)),
+    CONSTRAINT credit_lots_check CHECK (((remaining_micros >= 0) AND (remaining_micros <= amount_micros))),
+    CONSTRAINT credit_lots_check1 CHECK ((((status)::text <> ALL (ARRAY['pending'::text, 'canceled'::text])) OR (transfer_id IS NULL)))
+);
+
+COMMENT ON TABLE ledger.credit_lots IS 'Every credit that enters an account is a lot: where it came from (source), how much, what remains, when it expires and when it is spendable. The cached balance is the sum of active lots'' remaining (reporting.lot_balance_mismatches); charges spend lots in the burn order of ledger.spend_lots. pending: granted, not spendable before available_at (no ledger transfer yet); active: in the balance (its transfer_id brought it); expired: its remainder was taken by an expiry transfer; canceled: a pending lot that never became spendable (a referral reward whose payment was refunded).';
+
+COMMENT ON COLUMN ledger.credit_lots.grant_key IS 'Once per account: the key of the grant that made the lot (its transfer''s idempotency key).';
+
+COMMENT ON COLUMN ledger.credit_lots.paid IS 'Bought credits (purchase, subscription_grant); promotional credits (the rest) are spent before paid ones of the same expiry.';
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_grant_key UNIQUE (account_id, grant_key);
+
+ALTER TABLE ONLY ledger.credit_lots
+    ADD CONSTRAINT credit_lots_pkey PRIMARY KEY (id);
+
+CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE (((status)::text = 'pending'::text) OR (((status)::text = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
+
+CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE (((status)::text = 'active'::text) AND (remaining_micros > 0));
+
+CREATE TABLE ledger.entries (
+    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
+    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
+    account_id uuid,
+    system_account text,
+    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
+    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
+    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
+)
+PARTITION BY RANGE (created_at);
+
+COMMENT ON TABLE ledger.entries IS 'One side of a transfer: micro-credits added to (positive) or taken from (negative) one account. Append-only. Partitioned by month of created_at like metering.usage_events; a month that leaves (api.detach_month) leaves its sums per account in ledger.archived_balances, so the reconciliation views still balance.';
+
+COMMENT ON COLUMN ledger.entries.account_id IS 'Customer account of this side, or NULL for a system account.';
+
+COMMENT ON COLUMN ledger.entries.system_account IS 'System account of this side, or NULL for a customer account.';
+
+COMMENT ON COLUMN ledger.entries.balance_after_micros IS 'The customer account''s balance right after this entry (NULL for system accounts).';
+
+ALTER TABLE ledger.entries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME ledger.entries_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE ONLY ledger.entries ATTACH PARTITION ledger.entries_default DEFAULT;
+
+ALTER TABLE ONLY ledger.entries
+    ADD CONSTRAINT entries_pkey PRIMARY KEY (id, created_at);
+
+CREATE INDEX entries_account_id_idx ON ONLY ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
+
+CREATE INDEX entries_transfer_id_idx ON ONLY ledger.entries USING btree (transfer_id) WHERE (account_id IS NOT NULL);
+
+ALTER INDEX ledger.entries_account_id_idx ATTACH PARTITION ledger.entries_default_account_id_id_idx;
+
+ALTER INDEX ledger.entries_pkey ATTACH PARTITION ledger.entries_default_pkey;
+
+ALTER INDEX ledger.entries_transfer_id_idx ATTACH PARTITION ledger.entries_default_transfer_id_idx;
+
+CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER entries_balanced AFTER INSERT ON ledger.entries REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION ledger.check_transfers_balanced();
+
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TABLE ledger.entries_default (
+    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
+    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
+    account_id uuid,
+    system_account text,
+    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
+    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
+    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
+);
+
+COMMENT ON TABLE ledger.entries_default IS 'Ledger entries of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
+
+ALTER TABLE ONLY ledger.entries_default
+    ADD CONSTRAINT entries_default_pkey PRIMARY KEY (id, created_at);
+
+ALTER DOMAIN ledger.memo
+    ADD CONSTRAINT memo_check CHECK ((length(VALUE) <= 500)) NOT VALID;
+
+CREATE INDEX entries_default_account_id_id_idx ON ledger.entries_default USING btree (account_id, id) WHERE (account_id IS NOT NULL);
+
+CREATE INDEX entries_default_transfer_id_idx ON ledger.entries_default USING btree (transfer_id) WHERE (account_id IS NOT NULL);
+
+CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TABLE ledger.system_accounts (
+    code text NOT NULL,
+    description text NOT NULL
+);
+
+COMMENT ON TABLE ledger.system_accounts IS 'The house side of every transfer. Their balances are not cached (a cached house balance would be one row every charge locks); reporting.system_balances sums them.';
+
+ALTER TABLE ONLY ledger.system_accounts
+    ADD CONSTRAINT system_accounts_pkey PRIMARY KEY (code);
+
+CREATE TABLE ledger.transfers (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    kind ledger.transfer_kind NOT NULL,
+    amount_micros ledger.amount_micros NOT NULL,
+    idempotency_key util.idempotency_key,
+    usage_event_id uuid,
+    memo ledger.memo,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
+
+COMMENT ON COLUMN ledger.transfers.amount_micros IS 'Micro-credits moved into the customer account (negative: out of it, as for usage).';
+
+COMMENT ON COLUMN ledger.transfers.idempotency_key IS 'Caller''s idempotency key, unique per account: a retried grant is applied once.';
+
+ALTER TABLE ONLY ledger.transfers
+    ADD CONSTRAINT transfers_pkey PRIMARY KEY (id);
+
+CREATE UNIQUE INDEX transfers_idempotency_key ON ledger.transfers USING btree (account_id, idempotency_key) WHERE (idempotency_key IS NOT NULL);
+
+CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TABLE metering.active_accounts_daily (
+    day date NOT NULL,
+    dau bigint NOT NULL,
+    wau bigint NOT NULL,
+    mau bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.active_accounts_daily IS 'Accounts with usage on the UTC day (dau), in the 7 days (wau) and the 30 days (mau) ending on it. Recomputed by api.rollup_usage for the days its new events touch.';
+
+ALTER TABLE ONLY metering.active_accounts_daily
+    ADD CONSTRAINT active_accounts_daily_pkey PRIMARY KEY (day);
+
+CREATE TABLE metering.allowance_usage (
+    account_id uuid NOT NULL,
+    meter_id text NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    used util.count DEFAULT 0 NOT NULL,
+    CONSTRAINT allowance_usage_check CHECK ((period_end > period_start))
+);
+
+COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an entitlement per account, meter and period. A new period starts a new row, which is how allowances reset.';
+
+COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
+
+ALTER TABLE ONLY metering.allowance_usage
+    ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
+
+CREATE TABLE metering.budget_windows (
+    budget_id uuid NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    spent_micros bigint NOT NULL,
+    alerted smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    CONSTRAINT budget_windows_check CHECK ((period_end > period_start)),
+    CONSTRAINT budget_windows_spent_micros_check CHECK ((spent_micros >= 0))
+);
+
+COMMENT ON TABLE metering.budget_windows IS 'What a budget''s window has spent, one row per budget and window, written under the account''s lock by the charge, batch or hold that spends. A window''s row starts from the credits the budget''s subject already spent in it (metering.budget_window_usage), so a budget set mid-window counts the window''s earlier spending.';
+
+COMMENT ON COLUMN metering.budget_windows.spent_micros IS 'Micro-credits spent in the window by the budget''s subject, open holds included.';
+
+COMMENT ON COLUMN metering.budget_windows.alerted IS 'The alert thresholds (percent) already emailed in this window: each once.';
+
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_pkey PRIMARY KEY (budget_id, period_start);
+
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES metering.budgets(id) ON DELETE CASCADE;
+
+CREATE TABLE metering.budgets (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    scope text NOT NULL,
+    subject uuid NOT NULL,
+    limit_micros bigint NOT NULL,
+    period text NOT NULL,
+    alerts smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    created_by uuid,
+    CONSTRAINT budgets_account_subject CHECK (((scope <> 'account'::text) OR (subject = account_id))),
+    CONSTRAINT budgets_alerts_check CHECK (((cardinality(alerts) <= 10) AND (1 <= ALL (alerts)) AND (100 >= ALL (alerts)))),
+    CONSTRAINT budgets_limit_micros_check CHECK ((limit_micros > 0)),
+    CONSTRAINT budgets_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
+    CONSTRAINT budgets_scope_check CHECK ((scope = ANY (ARRAY['api_key'::text, 'member'::text, 'account'::text])))
+);
+
+COMMENT ON TABLE metering.budgets IS 'Spending caps set by a customer (issue #28): at most limit_micros of credits spent per window by one API key (scope api_key, subject: the key''s id), one member across the keys they made and their sessions (scope member, subject: the user id) or the whole account (scope account, subject: the account id), on this account. A charge that would pass it is refused (TL4B2, 402 budget-exceeded) and charges nothing; crossing an alert threshold emails once per window.';
+
+COMMENT ON COLUMN metering.budgets.limit_micros IS 'The cap, in micro-credits spent per window (allowance units and post-paid usage cost no credits and do not count).';
+
+COMMENT ON COLUMN metering.budgets.period IS 'The window: day (UTC calendar day), month (UTC calendar month) or billing_period (the subscription period, else the calendar month), as metering.period_bounds.';
+
+COMMENT ON COLUMN metering.budgets.alerts IS 'Soft thresholds, percent of the limit (1-100, at most 10): crossing one emails the account''s owners and admins (and the member, for a member budget) once per window.';
+
+COMMENT ON COLUMN metering.budgets.created_by IS 'The user who set it (NULL: an operator or an API key).';
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_one_per_window UNIQUE (account_id, scope, subject, period);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+CREATE TABLE metering.holds (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    meter_id text NOT NULL,
+    quantity bigint NOT NULL,
+    input_tokens bigint,
+    output_tokens bigint,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    period_start timestamp with time zone,
+    status text DEFAULT 'open'::text NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    settled_at timestamp with time zone,
+    api_key_id uuid,
+    user_id uuid,
+    budget_ids uuid[],
+    CONSTRAINT holds_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT holds_check CHECK (((status = 'open'::text) = (settled_at IS NULL))),
+    CONSTRAINT holds_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT holds_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT holds_input_tokens_check CHECK ((input_tokens >= 0)),
+    CONSTRAINT holds_output_tokens_check CHECK ((output_tokens >= 0)),
+    CONSTRAINT holds_quantity_check CHECK ((quantity > 0)),
+    CONSTRAINT holds_status_check CHECK ((status = ANY (ARRAY['open'::text, 'captured'::text, 'released'::text, 'expired'::text])))
+);
+
+COMMENT ON TABLE metering.holds IS 'Reservations for pay-per-use work: the allowance units and micro-credits a request would cost, reserved in the account-row transaction that charges, so no other charge or hold can spend them. Captured (one usage event with the actual amount, key hold:<id>), released, or expired (released by itself), exactly once.';
+
+COMMENT ON COLUMN metering.holds.period_start IS 'The allowance window the reserved units were counted in.';
+
+COMMENT ON COLUMN metering.holds.api_key_id IS 'The API key that made the hold (NULL: a session).';
+
+COMMENT ON COLUMN metering.holds.user_id IS 'The person the hold is attributed to (as metering.usage_events.user_id).';
+
+COMMENT ON COLUMN metering.holds.budget_ids IS 'The budgets whose current window counts the hold''s credits as spent (NULL: none); settling the hold gives them back to those windows (metering.budgets_return).';
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_idempotency_key UNIQUE (account_id, idempotency_key);
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_pkey PRIMARY KEY (id);
+
+CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WHERE (status = 'open'::text);
+
+CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY metering.holds
+    ADD CONSTRAINT holds_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
+
+CREATE TABLE metering.idempotency_keys (
+    account_id uuid NOT NULL,
+    idempotency_key util.idempotency_key NOT NULL,
+    usage_event_id uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    request_hash bytea NOT NULL
+);
+
+COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
+
+COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
+
+ALTER TABLE ONLY metering.idempotency_keys
+    ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (account_id, idempotency_key);
+
+CREATE INDEX idempotency_keys_created_at_idx ON metering.idempotency_keys USING btree (created_at);
+
+CREATE TABLE metering.meters (
+    id text NOT NULL,
+    name text NOT NULL,
+    unit text NOT NULL,
+    pricing text NOT NULL,
+    unit_price_micros bigint,
+    input_price_micros_per_mtok bigint,
+    output_price_micros_per_mtok bigint,
+    margin numeric(10,4) DEFAULT 1 NOT NULL,
+    CONSTRAINT meters_check CHECK (
+CASE pricing
+    WHEN 'unit'::text THEN ((unit_price_micros IS NOT NULL) AND (input_price_micros_per_mtok IS NULL) AND (output_price_micros_per_mtok IS NULL))
+    ELSE ((unit_price_micros IS NULL) AND (input_price_micros_per_mtok IS NOT NULL) AND (output_price_micros_per_mtok IS NOT NULL))
+END),
+    CONSTRAINT meters_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
+    CONSTRAINT meters_input_price_micros_per_mtok_check CHECK ((input_price_micros_per_mtok >= 0)),
+    CONSTRAINT meters_margin_check CHECK ((margin > (0)::numeric)),
+    CONSTRAINT meters_output_price_micros_per_mtok_check CHECK ((output_price_micros_per_mtok >= 0)),
+    CONSTRAINT meters_pricing_check CHECK ((pricing = ANY (ARRAY['unit'::text, 'tokens'::text]))),
+    CONSTRAINT meters_unit_price_micros_check CHECK ((unit_price_micros >= 0))
+);
+
+COMMENT ON TABLE metering.meters IS 'Meters and their rate cards. pricing=unit: each unit beyond the allowance costs unit_price_micros. pricing=tokens: a call costs ceil((input_tokens * input_price + output_tokens * output_price) / 1e6 * margin) micro-credits (2-console-app-billing-usage.md).';
+
+COMMENT ON COLUMN metering.meters.unit IS 'Name of one unit in messages, for example generation.';
+
+COMMENT ON COLUMN metering.meters.unit_price_micros IS 'Micro-credits per unit (1 credit = 1,000,000) for pricing=unit.';
+
+COMMENT ON COLUMN metering.meters.input_price_micros_per_mtok IS 'Micro-credits per million input tokens, for pricing=tokens.';
+
+COMMENT ON COLUMN metering.meters.output_price_micros_per_mtok IS 'Micro-credits per million output tokens, for pricing=tokens.';
+
+COMMENT ON COLUMN metering.meters.margin IS 'Multiplier applied to the token cost (1.2 = 20% margin), for pricing=tokens.';
+
+ALTER TABLE metering.meters
+    ADD CONSTRAINT meters_name_length CHECK ((length(name) <= 200)) NOT VALID;
+
+ALTER TABLE ONLY metering.meters
+    ADD CONSTRAINT meters_pkey PRIMARY KEY (id);
+
+ALTER TABLE metering.meters
+    ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
+
+CREATE TABLE metering.reversals (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    usage_event_id uuid NOT NULL,
+    event_created_at timestamp with time zone NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    quantity bigint NOT NULL,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    amount_minor bigint,
+    currency text,
+    allowance_returned boolean NOT NULL,
+    transfer_id uuid,
+    lots jsonb DEFAULT '[]'::jsonb NOT NULL,
+    reason text NOT NULL,
+    api_key_id uuid,
+    user_id uuid,
+    staff_user_id uuid,
+    operator_key_id uuid,
+    created_at timestamp with time zone NOT NULL,
+    balance_after_micros bigint NOT NULL,
+    CONSTRAINT reversals_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT reversals_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT reversals_by_someone CHECK ((num_nonnulls(staff_user_id, operator_key_id) <= 1)),
+    CONSTRAINT reversals_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT reversals_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT reversals_quantity_check CHECK ((quantity > 0)),
+    CONSTRAINT reversals_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500))),
+    CONSTRAINT reversals_transfer CHECK (((credits_micros > 0) = (transfer_id IS NOT NULL)))
+);
+
+COMMENT ON TABLE metering.reversals IS 'Reversals of usage events (issue #28), full or partial, each once per idempotency key: the units reversed and what they had cost (allowance units, credits, post-paid amount). Credits come back by a ledger transfer of kind reversal (transfer_id) into the lots the charge drew from (lots); the sum of an event''s reversals never exceeds what it charged (reporting.reversal_mismatches). Written by metering.reverse_usage under the account''s lock.';
+
+COMMENT ON COLUMN metering.reversals.event_created_at IS 'The reversed event''s created_at: its partition, and the windows (allowance, budgets) it counted in.';
+
+COMMENT ON COLUMN metering.reversals.request_hash IS 'Fingerprint of the reversal request (event, quantity, reason), compared on retries of the idempotency key.';
+
+COMMENT ON COLUMN metering.reversals.quantity IS 'Units of the event reversed (a token meter''s event is one unit: reversed whole).';
+
+COMMENT ON COLUMN metering.reversals.allowance_units IS 'Allowance units (units, or micro-credits of cost for token meters) the reversed part had used; given back to the window when allowance_returned.';
+
+COMMENT ON COLUMN metering.reversals.credits_micros IS 'Micro-credits given back to the account.';
+
+COMMENT ON COLUMN metering.reversals.amount_minor IS 'Post-paid: what the reversed units cost (minor units of currency): a credit owed to the customer (reporting.post_paid_credits_owed). Cancelling the Stripe meter event is a follow-up.';
+
+COMMENT ON COLUMN metering.reversals.allowance_returned IS 'Whether the allowance units went back to their window (only while that window is still open).';
+
+COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the order given back (reverse burn order): [{lot_id, credits, new_lot}]; new_lot when the lot had expired or been canceled since, so a new lot of source reversal holds them.';
+
+COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
+
+COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
+
+COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_idempotency_key UNIQUE (account_id, idempotency_key);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_pkey PRIMARY KEY (id);
+
+CREATE INDEX reversals_event_idx ON metering.reversals USING btree (account_id, usage_event_id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
+
+CREATE TABLE metering.rollup_state (
+    singleton boolean DEFAULT true NOT NULL,
+    last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
+    updated_at timestamp with time zone,
+    CONSTRAINT rollup_state_singleton_check CHECK (singleton)
+);
+
+COMMENT ON TABLE metering.rollup_state IS 'How far api.rollup_usage has read metering.usage_events: the id (time-ordered, version 7) of the last event folded in. It reads in id order and stops at the first event less than a minute old, so a charge still committing is never passed over; no index beyond the primary key is needed.';
+
+ALTER TABLE ONLY metering.rollup_state
+    ADD CONSTRAINT rollup_state_pkey PRIMARY KEY (singleton);
+
+CREATE TABLE metering.usage_events (
+    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
+    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
+    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    used_after util.count,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    input_tokens util.count,
+    output_tokens util.count,
+    amount_minor util.minor_units,
+    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
+    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    plan_id text,
+    currency util.currency,
+    warnings metering.warnings,
+    metadata metering.event_metadata,
+    response jsonb,
+    api_key_id uuid,
+    user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
+)
+PARTITION BY RANGE (created_at);
+
+COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event, partitioned by month of created_at (metering.usage_events_yYYYYmMM, made ahead by util.ensure_partitions; rows outside them land in usage_events_default). A charge''s answer is rebuilt from the row (metering.usage_event_answer); its idempotency key is remembered in metering.idempotency_keys for the idempotency window. Old months leave with api.detach_month.';
+
+COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
+
+COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
+
+COMMENT ON COLUMN metering.usage_events.balance_after_micros IS 'The account''s credit balance right after the charge (micro-credits), as the answer shows it.';
+
+COMMENT ON COLUMN metering.usage_events.used_after IS 'The allowance window''s usage right after the charge (units, or micro-credits of cost for token meters); NULL when the plan has no entitlement for the meter.';
+
+COMMENT ON COLUMN metering.usage_events.period_start IS 'The allowance window the event was counted in: [period_start, period_end).';
+
+COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
+
+COMMENT ON COLUMN metering.usage_events.idempotency_key IS 'The caller''s idempotency key for the event, as listed with it; unique per account through metering.idempotency_keys while the key is remembered.';
+
+COMMENT ON COLUMN metering.usage_events.plan_id IS 'The plan whose entitlement the event was charged under (NULL: none), to rebuild the answer''s allowance.';
+
+COMMENT ON COLUMN metering.usage_events.currency IS 'Post-paid events: the currency of amount_minor.';
+
+COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the charge crossed (NULL: none).';
+
+COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
+
+COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
+
+COMMENT ON COLUMN metering.usage_events.api_key_id IS 'The API key that made the charge (NULL: a session, or charged before migration 0032). A service key acting on another account is recorded too.';
+
+COMMENT ON COLUMN metering.usage_events.user_id IS 'The person the charge is attributed to: the session''s user, or the member who made the API key (identity.api_keys.created_by); NULL for operator keys and anonymous devices. What member budgets count.';
+
+COMMENT ON COLUMN metering.usage_events.lot_id IS 'The credit lot the charge''s credits came from (the first, when several): what a reversal gives them back to. NULL when no credits were spent, or charged before migration 0032b.';
+
+COMMENT ON COLUMN metering.usage_events.lot_draws IS 'When the credits came from several lots: [[lot id, micro-credits], ...] in burn order (NULL for one lot: lot_id and credits_micros say it all).';
+
+ALTER TABLE ONLY metering.usage_events ATTACH PARTITION metering.usage_events_default DEFAULT;
+
+ALTER TABLE ONLY metering.usage_events
+    ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id, created_at);
+
+CREATE INDEX usage_events_account_id_id_idx ON ONLY metering.usage_events USING btree (account_id, id);
+
+CREATE INDEX usage_events_account_meter_created_idx ON ONLY metering.usage_events USING btree (account_id, meter_id, created_at);
+
+CREATE INDEX usage_events_post_paid_idx ON ONLY metering.usage_events USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
+
+ALTER INDEX metering.usage_events_post_paid_idx ATTACH PARTITION metering.usage_events_default_account_id_created_at_idx;
+
+ALTER INDEX metering.usage_events_account_id_id_idx ATTACH PARTITION metering.usage_events_default_account_id_id_idx;
+
+ALTER INDEX metering.usage_events_account_meter_created_idx ATTACH PARTITION metering.usage_events_default_account_id_meter_id_created_at_idx;
+
+ALTER INDEX metering.usage_events_pkey ATTACH PARTITION metering.usage_events_default_pkey;
+
+CREATE TABLE metering.usage_events_default (
+    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
+    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
+    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
+    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
+    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
+    balance_after_micros bigint,
+    used_after util.count,
+    period_start timestamp with time zone,
+    period_end timestamp with time zone,
+    input_tokens util.count,
+    output_tokens util.count,
+    amount_minor util.minor_units,
+    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
+    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
+    plan_id text,
+    currency util.currency,
+    warnings metering.warnings,
+    metadata metering.event_metadata,
+    response jsonb,
+    api_key_id uuid,
+    user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
+    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
+);
+
+COMMENT ON TABLE metering.usage_events_default IS 'Usage events of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
+
+ALTER TABLE ONLY metering.usage_events_default
+    ADD CONSTRAINT usage_events_default_pkey PRIMARY KEY (id, created_at);
+
+CREATE INDEX usage_events_default_account_id_created_at_idx ON metering.usage_events_default USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
+
+CREATE INDEX usage_events_default_account_id_id_idx ON metering.usage_events_default USING btree (account_id, id);
+
+CREATE INDEX usage_events_default_account_id_meter_id_created_at_idx ON metering.usage_events_default USING btree (account_id, meter_id, created_at);
+
+CREATE TABLE metering.usage_rollup_daily (
+    day date NOT NULL,
+    account_id uuid NOT NULL,
+    meter_id text NOT NULL,
+    plan_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL,
+    credits_micros bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_daily IS 'Usage per UTC day, account and meter (events, units, micro-credits), with the account''s plan when it was rolled up. Maintained by api.rollup_usage from metering.usage_events.';
+
+ALTER TABLE ONLY metering.usage_rollup_daily
+    ADD CONSTRAINT usage_rollup_daily_pkey PRIMARY KEY (day, account_id, meter_id);
+
+CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
+
+CREATE TABLE metering.usage_rollup_hourly (
+    hour timestamp with time zone NOT NULL,
+    meter_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_hourly IS 'Usage per UTC hour and meter, all accounts together. Maintained by api.rollup_usage.';
+
+ALTER TABLE ONLY metering.usage_rollup_hourly
+    ADD CONSTRAINT usage_rollup_hourly_pkey PRIMARY KEY (hour, meter_id);
+
+CREATE TABLE metering.usage_rollup_monthly (
+    month date NOT NULL,
+    account_id uuid NOT NULL,
+    meter_id text NOT NULL,
+    plan_id text NOT NULL,
+    events bigint NOT NULL,
+    quantity bigint NOT NULL,
+    credits_micros bigint NOT NULL
+);
+
+COMMENT ON TABLE metering.usage_rollup_monthly IS 'Usage per UTC month, account, meter and plan (as rolled up): what the per-account percentiles read. Maintained by api.rollup_usage.';
+
+ALTER TABLE ONLY metering.usage_rollup_monthly
+    ADD CONSTRAINT usage_rollup_monthly_pkey PRIMARY KEY (month, account_id, meter_id, plan_id);
+
+CREATE TABLE ops.alerts (
+    condition text NOT NULL,
+    last_sent_at timestamp with time zone NOT NULL,
+    last_detail jsonb DEFAULT '{}'::jsonb NOT NULL,
+    CONSTRAINT alerts_condition_check CHECK ((condition = ANY (ARRAY['webhook_rejected'::text, 'reconciliation'::text, 'outbox_failed'::text])))
+);
+
+COMMENT ON TABLE ops.alerts IS 'When each alert condition last emailed the operators (PGTALLY_ALERT_EMAIL): at most once an hour per condition. webhook_rejected: signed Stripe events that could not be applied; reconciliation: a row in a reconciliation view; outbox_failed: messages that exhausted their retries (emails, meter events, top-ups).';
+
+ALTER TABLE ONLY ops.alerts
+    ADD CONSTRAINT alerts_pkey PRIMARY KEY (condition);
+
+CREATE TABLE ops.audit_log (
+    id bigint NOT NULL,
+    at timestamp with time zone NOT NULL,
+    staff_user_id uuid NOT NULL,
+    staff_role text NOT NULL,
+    action text NOT NULL,
+    target_account_id uuid,
+    target_user_id uuid,
+    reason text NOT NULL,
+    before jsonb,
+    after jsonb,
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text, 'reverse_usage'::text]))),
+    CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
+);
+
+COMMENT ON TABLE ops.audit_log IS 'Every staff action (who, their role, what, on which account or user, why, the state before and after), written in the action''s own transaction. Append-only.';
+
+ALTER TABLE ops.audit_log ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME ops.audit_log_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id);
+
+CREATE INDEX audit_log_account_idx ON ops.audit_log USING btree (target_account_id, at);
+
+CREATE TRIGGER audit_log_append_only BEFORE DELETE OR UPDATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_target_account_id_fkey FOREIGN KEY (target_account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY ops.audit_log
+    ADD CONSTRAINT audit_log_target_user_id_fkey FOREIGN KEY (target_user_id) REFERENCES identity.users(id);
+
+CREATE TABLE outbox.messages (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    kind text NOT NULL,
+    recipient text NOT NULL,
+    payload jsonb DEFAULT '{}'::jsonb NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
+    delivered_at timestamp with time zone,
+    failed_at timestamp with time zone,
+    last_error text,
+    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text])))
+);
+
+COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
+
+COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
+
+COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
+
+ALTER TABLE outbox.messages
+    ADD CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)) NOT VALID;
+
+ALTER TABLE ONLY outbox.messages
+    ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
+
+ALTER TABLE outbox.messages
+    ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
+
+CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
+
+----------------------------------------------------------------------------------------------------
+-- Views
+----------------------------------------------------------------------------------------------------
+CREATE VIEW reporting.active_accounts_daily AS
+ SELECT day,
+    dau,
+    wau,
+    mau
+   FROM metering.active_accounts_daily;
+
+COMMENT ON VIEW reporting.active_accounts_daily IS 'DAU, WAU and MAU: accounts with usage on the UTC day, and in the 7 and 30 days ending on it (from the usage rollup: events of the last minute are not in yet).';
+
+GRANT SELECT ON TABLE reporting.active_accounts_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.arpu_monthly AS
+ SELECT r.month,
+    r.currency,
+    r.revenue_minor,
+    r.paying_accounts,
+    round((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric), 2) AS arpu_minor,
+    c.churn_percent,
+    round(((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric) / NULLIF((c.churn_percent / (100)::numeric), (0)::numeric)), 2) AS clv_minor
+   FROM (reporting.revenue_monthly r
+     LEFT JOIN ( SELECT churn_by_plan_monthly.month,
+            churn_by_plan_monthly.currency,
+            round(((100.0 * sum(churn_by_plan_monthly.churned)) / sum(churn_by_plan_monthly.subscribers_at_start)), 2) AS churn_percent
+           FROM reporting.churn_by_plan_monthly
+          GROUP BY churn_by_plan_monthly.month, churn_by_plan_monthly.currency) c ON (((c.month = r.month) AND (c.currency = r.currency))));
+
+COMMENT ON VIEW reporting.arpu_monthly IS 'ARPU (revenue / paying accounts, minor units) per UTC month and currency, the month''s subscriber churn (all plans, %), and a simple CLV = ARPU / monthly churn (null when nobody churned).';
+
+GRANT SELECT ON TABLE reporting.arpu_monthly TO pgtally_analyst;
+
+CREATE VIEW reporting.audit_log AS
+ SELECT l.id,
+    l.at,
+    u.email AS staff_email,
+    l.staff_role,
+    l.action,
+    l.target_account_id,
+    l.target_user_id,
+    l.reason,
+    l.before,
+    l.after
+   FROM (ops.audit_log l
+     JOIN identity.users u ON ((u.id = l.staff_user_id)));
+
+COMMENT ON VIEW reporting.audit_log IS 'The operators'' actions, newest last: who (email, role), what, on what, why, before and after.';
+
+GRANT SELECT ON TABLE reporting.audit_log TO pgtally_analyst;
+
+CREATE VIEW reporting.auth_events_daily AS
+ SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    kind,
+    count(*) AS events
+   FROM identity.auth_events
+  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), kind;
+
+COMMENT ON VIEW reporting.auth_events_daily IS 'Authentication events per UTC day and kind.';
+
+GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.balance_mismatches AS
+ SELECT a.id AS account_id,
+    a.credit_balance_micros AS cached_micros,
+    COALESCE(e.total, (0)::bigint) AS ledger_micros,
+    ((a.credit_balance_micros)::bigint - COALESCE(e.total, (0)::bigint)) AS difference_micros
+   FROM (identity.accounts a
+     LEFT JOIN ( SELECT x.account_id,
+            (sum(x.amount))::bigint AS total
+           FROM ( SELECT entries.account_id,
+                    entries.amount_micros AS amount
+                   FROM ledger.entries
+                  WHERE (entries.account_id IS NOT NULL)
+                UNION ALL
+                 SELECT archived_balances.account_id,
+                    archived_balances.amount_micros
+                   FROM ledger.archived_balances
+                  WHERE (archived_balances.account_id IS NOT NULL)) x
+          GROUP BY x.account_id) e ON ((e.account_id = a.id)))
+  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(e.total, (0)::bigint));
+
+COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries (with the sums of detached months, ledger.archived_balances). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.churn_by_plan_monthly AS
+ SELECT month,
+    plan_at_start AS plan_id,
+    currency,
+    count(*) AS subscribers_at_start,
+    count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)) AS churned,
+    round(((100.0 * (count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)))::numeric) / (count(*))::numeric), 2) AS subscriber_churn_percent,
+    sum(mrr_start_minor) AS mrr_start_minor,
+    sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor))) AS mrr_lost_minor,
+    round(((100.0 * sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor)))) / sum(mrr_start_minor)), 2) AS revenue_churn_percent
+   FROM reporting.mrr_account_months
+  WHERE (mrr_start_minor > (0)::numeric)
+  GROUP BY month, plan_at_start, currency;
+
+COMMENT ON VIEW reporting.churn_by_plan_monthly IS 'Churn per UTC month and the plan subscribers had at its start: subscribers then, how many stopped paying by its end (subscriber churn %), and the MRR lost to churn and contraction over the MRR at the start (gross revenue churn %).';
+
+GRANT SELECT ON TABLE reporting.churn_by_plan_monthly TO pgtally_analyst;
+
+CREATE VIEW reporting.conversion_by_cohort AS
+ WITH firsts AS (
+         SELECT u.account_id,
+            ((date_trunc('month'::text, u.created_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS cohort,
+            u.created_at,
+            LEAST(( SELECT min(c.at) AS min
+                   FROM billing.mrr_changes c
+                  WHERE ((c.account_id = u.account_id) AND (c.mrr_minor > (0)::numeric))), ( SELECT min(p.paid_at) AS min
+                   FROM billing.payments p
+                  WHERE (p.account_id = u.account_id))) AS first_paid_at
+           FROM identity.users u
+        )
+ SELECT cohort,
+    count(*) AS signed_up,
+    count(first_paid_at) AS converted,
+    count(*) FILTER (WHERE (first_paid_at < (created_at + '30 days'::interval))) AS converted_in_30_days,
+    round(((100.0 * (count(first_paid_at))::numeric) / (count(*))::numeric), 2) AS conversion_percent
+   FROM firsts
+  GROUP BY cohort;
+
+COMMENT ON VIEW reporting.conversion_by_cohort IS 'Free-to-paid conversion by sign-up cohort (UTC month a person signed up): how many signed up, how many have paid since (a subscription or a bundle), how many within 30 days, and the %.';
+
+GRANT SELECT ON TABLE reporting.conversion_by_cohort TO pgtally_analyst;
+
+CREATE VIEW reporting.entry_balance_breaks AS
+ SELECT id AS entry_id,
+    account_id,
+    balance_after_micros,
+    running_micros
+   FROM ( SELECT x.id,
+            x.account_id,
+            x.balance_after_micros,
+            x.attached,
+            (COALESCE(s.archived, (0)::numeric) + sum(x.amount_micros) OVER (PARTITION BY x.account_id ORDER BY x.id)) AS running_micros
+           FROM (( SELECT e.id,
+                    e.account_id,
+                    (e.amount_micros)::numeric AS amount_micros,
+                    e.balance_after_micros,
+                    true AS attached
+                   FROM ledger.entries e
+                  WHERE (e.account_id IS NOT NULL)
+                UNION ALL
+                 SELECT b.entry_id,
+                    b.account_id,
+                    b.amount_micros,
+                    NULL::bigint,
+                    false
+                   FROM ledger.archived_balances b
+                  WHERE ((b.entry_id IS NOT NULL) AND (b.account_id IS NOT NULL))) x
+             LEFT JOIN ( SELECT archived_balances.account_id,
+                    sum(archived_balances.amount_micros) AS archived
+                   FROM ledger.archived_balances
+                  WHERE ((archived_balances.entry_id IS NULL) AND (archived_balances.account_id IS NOT NULL))
+                  GROUP BY archived_balances.account_id) s ON ((s.account_id = x.account_id)))) r
+  WHERE (attached AND ((balance_after_micros)::numeric <> running_micros));
+
+COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries in id order (starting from what its detached months summed to, with the detached entries kept one by one at their places). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
+
+CREATE VIEW reporting.hold_mismatches AS
+ SELECT a.id AS account_id,
+    a.held_micros,
+    COALESCE(h.open_micros, (0)::bigint) AS open_holds_micros
+   FROM (identity.accounts a
+     LEFT JOIN ( SELECT holds.account_id,
+            (sum(holds.credits_micros))::bigint AS open_micros
+           FROM metering.holds
+          WHERE (holds.status = 'open'::text)
+          GROUP BY holds.account_id) h ON ((h.account_id = a.id)))
+  WHERE (a.held_micros <> COALESCE(h.open_micros, (0)::bigint));
+
+COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.ledger_reference_breaks AS
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'transfer'::text AS missing,
+    (e.transfer_id)::text AS reference
+   FROM ledger.entries e
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM ledger.transfers t
+          WHERE (t.id = e.transfer_id))))
+UNION ALL
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'account'::text AS missing,
+    (e.account_id)::text AS reference
+   FROM ledger.entries e
+  WHERE ((e.account_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = e.account_id)))))
+UNION ALL
+ SELECT 'entry'::text AS row_kind,
+    (e.id)::text AS row_id,
+    'system_account'::text AS missing,
+    e.system_account AS reference
+   FROM ledger.entries e
+  WHERE ((e.system_account IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM ledger.system_accounts s
+          WHERE (s.code = e.system_account)))))
+UNION ALL
+ SELECT 'transfer'::text AS row_kind,
+    (t.id)::text AS row_id,
+    'account'::text AS missing,
+    (t.account_id)::text AS reference
+   FROM ledger.transfers t
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = t.account_id))))
+UNION ALL
+ SELECT 'usage_event'::text AS row_kind,
+    (u.id)::text AS row_id,
+    'account'::text AS missing,
+    (u.account_id)::text AS reference
+   FROM metering.usage_events u
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = u.account_id))))
+UNION ALL
+ SELECT 'usage_event'::text AS row_kind,
+    (u.id)::text AS row_id,
+    'meter'::text AS missing,
+    u.meter_id AS reference
+   FROM metering.usage_events u
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM metering.meters m
+          WHERE (m.id = u.meter_id))))
+UNION ALL
+ SELECT 'allowance_window'::text AS row_kind,
+    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
+    'account'::text AS missing,
+    (w.account_id)::text AS reference
+   FROM metering.allowance_usage w
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = w.account_id))))
+UNION ALL
+ SELECT 'allowance_window'::text AS row_kind,
+    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
+    'meter'::text AS missing,
+    w.meter_id AS reference
+   FROM metering.allowance_usage w
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM metering.meters m
+          WHERE (m.id = w.meter_id))))
+UNION ALL
+ SELECT 'credit_lot'::text AS row_kind,
+    (l.id)::text AS row_id,
+    'account'::text AS missing,
+    (l.account_id)::text AS reference
+   FROM ledger.credit_lots l
+  WHERE (NOT (EXISTS ( SELECT 1
+           FROM identity.accounts a
+          WHERE (a.id = l.account_id))))
+UNION ALL
+ SELECT 'credit_lot'::text AS row_kind,
+    (l.id)::text AS row_id,
+    'transfer'::text AS missing,
+    (l.transfer_id)::text AS reference
+   FROM ledger.credit_lots l
+  WHERE ((l.transfer_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM ledger.transfers t
+          WHERE (t.id = l.transfer_id)))));
+
+COMMENT ON VIEW reporting.ledger_reference_breaks IS 'Reconciliation: ledger entries, transfers, usage events, allowance windows and credit lots that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost, and a batch paid one per event again on the rows it updates more than once; ledger.post_transfer, ledger.grant_lot and metering.charge write them from rows they just locked, read or wrote); this view proves them. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.ledger_reference_breaks TO pgtally_analyst;
+
+CREATE VIEW reporting.lot_balance_mismatches AS
+ SELECT a.id AS account_id,
+    a.credit_balance_micros,
+    COALESCE(l.remaining, (0)::bigint) AS active_lots_micros
+   FROM (identity.accounts a
+     LEFT JOIN ( SELECT credit_lots.account_id,
+            (sum(credit_lots.remaining_micros))::bigint AS remaining
+           FROM ledger.credit_lots
+          WHERE ((credit_lots.status)::text = 'active'::text)
+          GROUP BY credit_lots.account_id) l ON ((l.account_id = a.id)))
+  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(l.remaining, (0)::bigint));
+
+COMMENT ON VIEW reporting.lot_balance_mismatches IS 'Reconciliation: accounts whose cached balance differs from what remains of their active credit lots. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.meter_event_reports_daily AS
+ SELECT e.account_id,
+    (date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    count(*) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported,
+    count(*) FILTER (WHERE ((m.delivered_at IS NULL) AND (m.failed_at IS NULL))) AS pending,
+    count(*) FILTER (WHERE (m.failed_at IS NOT NULL)) AS failed,
+    count(*) FILTER (WHERE (m.id IS NULL)) AS missing,
+    sum((e.quantity)::bigint) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported_units,
+    sum((e.amount_minor)::bigint) AS amount_minor
+   FROM (metering.usage_events e
+     LEFT JOIN outbox.messages m ON ((m.id = e.id)))
+  WHERE (e.amount_minor IS NOT NULL)
+  GROUP BY e.account_id, ((date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date);
+
+COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events per account and UTC day: reported to Stripe (the meter event was accepted), pending (queued or retrying), failed (retries exhausted: see outbox.messages.last_error) and missing (no report queued: must be 0); units reported and the amount charged locally, in minor units.';
+
+GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.mrr_account_months AS
+ WITH months AS (
+         SELECT generate_series(date_trunc('month'::text, min(mrr_changes.at), 'UTC'::text), date_trunc('month'::text, util.now(), 'UTC'::text), '1 mon'::interval) AS month
+           FROM billing.mrr_changes
+        ), accounts AS (
+         SELECT DISTINCT mrr_changes.account_id
+           FROM billing.mrr_changes
+        )
+ SELECT ((m.month AT TIME ZONE 'UTC'::text))::date AS month,
+    a.account_id,
+    COALESCE(e.currency, s.currency) AS currency,
+    s.plan_id AS plan_at_start,
+    e.plan_id AS plan_at_end,
+    COALESCE(s.mrr_minor, (0)::numeric) AS mrr_start_minor,
+    COALESCE(e.mrr_minor, (0)::numeric) AS mrr_end_minor,
+    (EXISTS ( SELECT 1
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < m.month) AND (c.mrr_minor > (0)::numeric)))) AS paid_before
+   FROM (((months m
+     CROSS JOIN accounts a)
+     LEFT JOIN LATERAL ( SELECT c.currency,
+            c.mrr_minor,
+            c.plan_id
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < m.month))
+          ORDER BY c.at DESC, c.id DESC
+         LIMIT 1) s ON (true))
+     LEFT JOIN LATERAL ( SELECT c.currency,
+            c.mrr_minor,
+            c.plan_id
+           FROM billing.mrr_changes c
+          WHERE ((c.account_id = a.account_id) AND (c.at < (m.month + '1 mon'::interval)))
+          ORDER BY c.at DESC, c.id DESC
+         LIMIT 1) e ON (true))
+  WHERE ((s.mrr_minor > (0)::numeric) OR (e.mrr_minor > (0)::numeric));
+
+COMMENT ON VIEW reporting.mrr_account_months IS 'Each subscribing account''s MRR at the start and the end of each UTC month (from billing.mrr_changes; minor units, yearly prices / 12), its plan then, and whether it had paid before the month: what the MRR, movement and churn views add up.';
+
+GRANT SELECT ON TABLE reporting.mrr_account_months TO pgtally_analyst;
+
+CREATE VIEW reporting.mrr_monthly AS
+ SELECT month,
+    currency,
+    round(sum(mrr_end_minor), 2) AS mrr_minor,
+    round(((12)::numeric * sum(mrr_end_minor)), 2) AS arr_minor,
+    count(*) FILTER (WHERE (mrr_end_minor > (0)::numeric)) AS subscribers
+   FROM reporting.mrr_account_months
+  GROUP BY month, currency;
+
+COMMENT ON VIEW reporting.mrr_monthly IS 'MRR and ARR (= 12 x MRR) at the end of each UTC month (the current one: now), per currency, in minor units; yearly prices count as a twelfth a month. subscribers: accounts paying then.';
+
+GRANT SELECT ON TABLE reporting.mrr_monthly TO pgtally_analyst;
+
+CREATE VIEW reporting.mrr_movements_monthly AS
+ SELECT month,
+    currency,
+    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND (NOT paid_before))), (0)::numeric) AS new_minor,
+    COALESCE(sum((mrr_end_minor - mrr_start_minor)) FILTER (WHERE ((mrr_start_minor > (0)::numeric) AND (mrr_end_minor > mrr_start_minor))), (0)::numeric) AS expansion_minor,
+    COALESCE(sum((mrr_start_minor - mrr_end_minor)) FILTER (WHERE ((mrr_end_minor > (0)::numeric) AND (mrr_end_minor < mrr_start_minor))), (0)::numeric) AS contraction_minor,
+    COALESCE(sum(mrr_start_minor) FILTER (WHERE (mrr_end_minor = (0)::numeric)), (0)::numeric) AS churned_minor,
+    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND paid_before)), (0)::numeric) AS reactivated_minor,
+    (sum(mrr_end_minor) - sum(mrr_start_minor)) AS net_minor
+   FROM reporting.mrr_account_months
+  GROUP BY month, currency;
+
+COMMENT ON VIEW reporting.mrr_movements_monthly IS 'MRR movements per UTC month and currency (minor units), account by account from the month''s start to its end: new (first paid month), expansion, contraction, churned (to zero), reactivated (paying again after a gap); net = the month''s MRR change.';
+
+GRANT SELECT ON TABLE reporting.mrr_movements_monthly TO pgtally_analyst;
+
+CREATE VIEW reporting.outbox_backlog AS
+ SELECT kind,
+    count(*) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS pending,
+    count(*) FILTER (WHERE (failed_at IS NOT NULL)) AS failed,
+    min(created_at) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS oldest_pending
+   FROM outbox.messages
+  GROUP BY kind;
+
+COMMENT ON VIEW reporting.outbox_backlog IS 'Outbox messages waiting or given up, per kind.';
+
+GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
+
+CREATE VIEW reporting.payments_vs_ledger_daily AS
+ WITH pay AS (
+         SELECT (date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            payments.currency,
+            sum(payments.amount_minor) AS paid_minor,
+            sum(payments.refunded_minor) AS refunded_minor,
+            sum(payments.credits_micros) AS credits_sold_micros
+           FROM billing.payments
+          GROUP BY ((date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date), payments.currency
+        ), led AS (
+         SELECT (date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            sum((t.amount_micros)::bigint) AS ledger_purchase_micros
+           FROM ledger.transfers t
+          WHERE ((t.kind)::text = 'purchase'::text)
+          GROUP BY ((date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date)
+        )
+ SELECT COALESCE(pay.day, led.day) AS day,
+    pay.currency,
+    COALESCE(pay.paid_minor, (0)::numeric) AS paid_minor,
+    COALESCE(pay.refunded_minor, (0)::numeric) AS refunded_minor,
+    COALESCE(pay.credits_sold_micros, (0)::numeric) AS credits_sold_micros,
+    COALESCE(led.ledger_purchase_micros, (0)::numeric) AS ledger_purchase_micros,
+    (COALESCE(pay.credits_sold_micros, (0)::numeric) - COALESCE(led.ledger_purchase_micros, (0)::numeric)) AS difference_micros
+   FROM (pay
+     FULL JOIN led ON ((led.day = pay.day)));
+
+COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundle payments (minor units) and the credits they sold against the purchase credits the ledger holds; difference_micros should be 0.';
+
+GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.post_paid_credits_owed AS
+ SELECT account_id,
+    usage_event_id,
+    id AS reversal_id,
+    amount_minor,
+    currency,
+    reason,
+    created_at
+   FROM metering.reversals r
+  WHERE (amount_minor > 0);
+
+COMMENT ON VIEW reporting.post_paid_credits_owed IS 'Post-paid usage reversed after it was reported to Stripe: what each reversal owes the customer (minor units). Stripe meter event adjustments are not sent yet: credit it on the next invoice (or refund).';
+
+GRANT SELECT ON TABLE reporting.post_paid_credits_owed TO pgtally_analyst;
+
+CREATE VIEW reporting.post_paid_invoice_drift AS
+ SELECT i.stripe_invoice_id,
+    i.account_id,
+    i.metered_period_start,
+    i.metered_period_end,
+    i.currency,
+    i.metered_amount_minor AS invoiced_minor,
+    COALESCE(u.amount, (0)::bigint) AS recorded_minor,
+    round(((100.0 * ((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint)))::numeric) / (NULLIF(COALESCE(u.amount, (0)::bigint), 0))::numeric), 2) AS drift_percent,
+    ((abs((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint))))::numeric <= (0.01 * (COALESCE(u.amount, (0)::bigint))::numeric)) AS within_1_percent
+   FROM (billing.invoices i
+     LEFT JOIN LATERAL ( SELECT (sum((e.amount_minor)::bigint))::bigint AS amount
+           FROM metering.usage_events e
+          WHERE ((e.account_id = i.account_id) AND (e.amount_minor IS NOT NULL) AND (e.created_at >= i.metered_period_start) AND (e.created_at < i.metered_period_end))) u ON (true))
+  WHERE (i.metered_period_start IS NOT NULL);
+
+COMMENT ON VIEW reporting.post_paid_invoice_drift IS 'Each paid invoice with metered lines against the post-paid usage pgtally charged the account in the same period: invoiced vs recorded (minor units), the drift in percent of what was recorded, and whether it is within 1% (the generation app''s success criterion, seeds/4-saas-monetisation-plan.md).';
+
+GRANT SELECT ON TABLE reporting.post_paid_invoice_drift TO pgtally_analyst;
+
+CREATE VIEW reporting.referral_funnel_daily AS
+ SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    count(*) AS signed_up,
+    count(qualified_at) AS qualified,
+    count(*) FILTER (WHERE (status = 'rewarded'::text)) AS rewarded,
+    count(*) FILTER (WHERE (rejected_reason = 'self_referral'::text)) AS rejected_self_referral,
+    count(*) FILTER (WHERE (rejected_reason = 'own_device'::text)) AS rejected_own_device,
+    count(*) FILTER (WHERE (rejected_reason = 'same_ip'::text)) AS rejected_same_ip,
+    count(*) FILTER (WHERE (rejected_reason = 'same_fingerprint'::text)) AS rejected_same_fingerprint,
+    count(*) FILTER (WHERE (rejected_reason = 'monthly_cap'::text)) AS rejected_monthly_cap,
+    count(*) FILTER (WHERE (rejected_reason = 'refunded'::text)) AS rejected_refunded
+   FROM billing.referrals
+  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date);
+
+COMMENT ON VIEW reporting.referral_funnel_daily IS 'Referrals by the UTC day the referee signed up: signed up, qualified, rewarded, and rejected by reason.';
+
+GRANT SELECT ON TABLE reporting.referral_funnel_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.referral_reward_mismatches AS
+ SELECT r.referee_account_id,
+    r.status,
+    l.id AS lot_id,
+    l.status AS lot_status,
+    count(t.id) AS transfers
+   FROM ((billing.referrals r
+     JOIN ledger.credit_lots l ON (((l.id = r.referrer_lot_id) OR (l.id = r.referee_lot_id))))
+     LEFT JOIN ledger.transfers t ON (((t.account_id = l.account_id) AND ((t.idempotency_key)::text = (l.grant_key)::text))))
+  GROUP BY r.referee_account_id, r.status, l.id, l.status
+ HAVING (count(t.id) <>
+        CASE
+            WHEN ((l.status)::text = ANY (ARRAY['active'::text, 'expired'::text])) THEN 1
+            ELSE 0
+        END)
+UNION ALL
+ SELECT r.referee_account_id,
+    r.status,
+    NULL::uuid AS lot_id,
+    NULL::text AS lot_status,
+    0 AS transfers
+   FROM billing.referrals r
+  WHERE ((r.status = 'rewarded'::text) AND (r.referrer_lot_id IS NULL) AND (( SELECT referral_program.referrer_reward_micros
+           FROM billing.referral_program) > 0));
+
+COMMENT ON VIEW reporting.referral_reward_mismatches IS 'Reconciliation: referral rewards without exactly one ledger transfer once spendable (none while pending or canceled), and rewarded referrals without a reward lot. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.referral_reward_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.retention_weekly AS
+ WITH weeks AS (
+         SELECT DISTINCT usage_rollup_daily.account_id,
+            (date_trunc('week'::text, (usage_rollup_daily.day)::timestamp with time zone))::date AS week
+           FROM metering.usage_rollup_daily
+        ), cohorts AS (
+         SELECT weeks.account_id,
+            min(weeks.week) AS cohort
+           FROM weeks
+          GROUP BY weeks.account_id
+        )
+ SELECT c.cohort,
+    ((w.week - c.cohort) / 7) AS weeks_since,
+    count(*) AS active_accounts,
+    round(((100.0 * (count(*))::numeric) / (max(s.size))::numeric), 2) AS retention_percent
+   FROM ((weeks w
+     JOIN cohorts c USING (account_id))
+     JOIN ( SELECT cohorts.cohort,
+            count(*) AS size
+           FROM cohorts
+          GROUP BY cohorts.cohort) s ON ((s.cohort = c.cohort)))
+  GROUP BY c.cohort, w.week;
+
+COMMENT ON VIEW reporting.retention_weekly IS 'Weekly retention cohorts: accounts by the ISO week of their first usage, and how many of them had usage n weeks later (weeks_since 0 is the cohort itself, 100%).';
+
+GRANT SELECT ON TABLE reporting.retention_weekly TO pgtally_analyst;
+
+CREATE VIEW reporting.revenue_drift AS
+ SELECT day,
+    kind,
+    currency,
+    stripe_minor,
+    recorded_minor,
+    refunded_minor,
+    expected_credits_micros,
+    ledger_credits_micros,
+    drift_percent
+   FROM reporting.revenue_reconciliation_daily
+  WHERE (drift_percent <> (0)::numeric);
+
+COMMENT ON VIEW reporting.revenue_drift IS 'Reconciliation: the days, kinds and currencies where Stripe, pgtally''s records and the ledger disagree (reporting.revenue_reconciliation_daily with a drift). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.revenue_drift TO pgtally_analyst;
+
+CREATE VIEW reporting.revenue_monthly AS
+ SELECT ((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS month,
+    currency,
+    sum((amount_minor - refunded_minor)) AS revenue_minor,
+    count(DISTINCT account_id) AS paying_accounts
+   FROM ( SELECT invoices.account_id,
+            invoices.paid_at,
+            invoices.currency,
+            invoices.amount_paid_minor AS amount_minor,
+            invoices.refunded_minor
+           FROM billing.invoices
+          WHERE (invoices.status = 'paid'::text)
+        UNION ALL
+         SELECT payments.account_id,
+            payments.paid_at,
+            payments.currency,
+            payments.amount_minor,
+            payments.refunded_minor
+           FROM billing.payments) r
+  GROUP BY (((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date), currency;
+
+COMMENT ON VIEW reporting.revenue_monthly IS 'Money in per UTC month and currency, net of refunds (subscription invoices, bundles and top-ups; minor units), and how many accounts paid.';
+
+GRANT SELECT ON TABLE reporting.revenue_monthly TO pgtally_analyst;
+
+CREATE VIEW reporting.revenue_reconciliation_daily AS
+ WITH stripe_payments AS (
+         SELECT DISTINCT ON (e.key) e.created,
+            e.type,
+            ((e.payload -> 'data'::text) -> 'object'::text) AS o
+           FROM ( SELECT stripe_events.id,
+                    stripe_events.type,
+                    stripe_events.created,
+                    stripe_events.livemode,
+                    stripe_events.payload,
+                    stripe_events.received_at,
+                    stripe_events.status,
+                    stripe_events.note,
+                        CASE stripe_events.type
+                            WHEN 'invoice.paid'::text THEN ('in:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
+                            WHEN 'payment_intent.succeeded'::text THEN ('pi:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
+                            ELSE ('pi:'::text || COALESCE((stripe_events.payload #>> '{data,object,payment_intent}'::text[]), (stripe_events.payload #>> '{data,object,id}'::text[])))
+                        END AS key
+                   FROM billing.stripe_events
+                  WHERE (stripe_events.status = 'applied'::text)) e
+          WHERE ((e.type = 'payment_intent.succeeded'::text) OR ((e.type = ANY (ARRAY['checkout.session.completed'::text, 'checkout.session.async_payment_succeeded'::text])) AND ((e.payload #>> '{data,object,mode}'::text[]) = 'payment'::text) AND ((e.payload #>> '{data,object,payment_status}'::text[]) = 'paid'::text)) OR ((e.type = 'invoice.paid'::text) AND (EXISTS ( SELECT 1
+                   FROM billing.invoices i
+                  WHERE (i.stripe_invoice_id = (e.payload #>> '{data,object,id}'::text[]))))))
+          ORDER BY e.key, e.created, e.id
+        ), stripe AS (
+         SELECT (date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date AS day,
+                CASE
+                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    ELSE 'bundle'::text
+                END AS kind,
+            lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)) AS currency,
+            sum(
+                CASE stripe_payments.type
+                    WHEN 'invoice.paid'::text THEN ((stripe_payments.o ->> 'amount_paid'::text))::bigint
+                    WHEN 'payment_intent.succeeded'::text THEN ((stripe_payments.o ->> 'amount_received'::text))::bigint
+                    ELSE ((stripe_payments.o ->> 'amount_total'::text))::bigint
+                END) AS stripe_minor
+           FROM stripe_payments
+          GROUP BY ((date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date),
+                CASE
+                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
+                    ELSE 'bundle'::text
+                END, (lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)))
+        ), recorded AS (
+         SELECT (date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
+            'bundle'::text AS kind,
+            p.currency,
+            sum(p.amount_minor) AS recorded_minor,
+            sum(p.refunded_minor) AS refunded_minor,
+            sum(p.credits_micros) AS expected_credits_micros,
+            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
+                   FROM ledger.transfers t
+                  WHERE ((t.account_id = p.account_id) AND ((t.kind)::text = 'purchase'::text) AND ((t.idempotency_key)::text = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
+           FROM billing.payments p
+          GROUP BY ((date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date), 'bundle'::text, p.currency
+        UNION ALL
+         SELECT (date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date AS date_trunc,
+            'subscription'::text,
+            i.currency,
+            sum(i.amount_paid_minor) AS sum,
+            sum(i.refunded_minor) AS sum,
+            sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
+            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
+                   FROM ledger.transfers t
+                  WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
+           FROM (billing.invoices i
+             LEFT JOIN billing.plans pl ON ((pl.id = i.plan_id)))
+          WHERE (i.status = ANY (ARRAY['paid'::text, 'refunded'::text]))
+          GROUP BY ((date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date), 'subscription'::text, i.currency
+        )
+ SELECT COALESCE(r.day, s.day) AS day,
+    COALESCE(r.kind, s.kind) AS kind,
+    COALESCE(r.currency, s.currency) AS currency,
+    COALESCE(s.stripe_minor, (0)::numeric) AS stripe_minor,
+    COALESCE(r.recorded_minor, (0)::numeric) AS recorded_minor,
+    COALESCE(r.refunded_minor, (0)::numeric) AS refunded_minor,
+    COALESCE(r.expected_credits_micros, (0)::numeric) AS expected_credits_micros,
+    COALESCE(r.ledger_credits_micros, (0)::numeric) AS ledger_credits_micros,
+    round((100.0 * GREATEST((abs((COALESCE(s.stripe_minor, (0)::numeric) - COALESCE(r.recorded_minor, (0)::numeric))) / GREATEST(COALESCE(s.stripe_minor, (0)::numeric), COALESCE(r.recorded_minor, (0)::numeric), (1)::numeric)), (abs((COALESCE(r.expected_credits_micros, (0)::numeric) - COALESCE(r.ledger_credits_micros, (0)::numeric))) / GREATEST(COALESCE(r.expected_credits_micros, (0)::numeric), (1)::numeric)))), 2) AS drift_percent
+   FROM (recorded r
+     FULL JOIN stripe s ON (((s.day = r.day) AND (s.kind = r.kind) AND (s.currency = r.currency))));
+
+COMMENT ON VIEW reporting.revenue_reconciliation_daily IS 'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
+
+GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.reversal_mismatches AS
+ SELECT r.id AS reversal_id,
+    r.account_id,
+    r.usage_event_id,
+    'transfer'::text AS problem
+   FROM (metering.reversals r
+     LEFT JOIN ledger.transfers t ON ((t.id = r.transfer_id)))
+  WHERE ((r.credits_micros > 0) AND ((t.id IS NULL) OR ((t.kind)::text <> 'reversal'::text) OR ((t.amount_micros)::bigint <> r.credits_micros) OR (t.usage_event_id IS DISTINCT FROM r.usage_event_id)))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    t.account_id,
+    t.usage_event_id,
+    'transfer without reversal'::text AS problem
+   FROM ledger.transfers t
+  WHERE (((t.kind)::text = 'reversal'::text) AND (NOT (EXISTS ( SELECT 1
+           FROM metering.reversals r
+          WHERE (r.transfer_id = t.id)))))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    s.account_id,
+    s.usage_event_id,
+    'reversed more than charged'::text AS problem
+   FROM (( SELECT r.account_id,
+            r.usage_event_id,
+            r.event_created_at,
+            sum(r.quantity) AS quantity,
+            sum(r.credits_micros) AS credits,
+            sum(r.allowance_units) AS allowance_units
+           FROM metering.reversals r
+          GROUP BY r.account_id, r.usage_event_id, r.event_created_at) s
+     LEFT JOIN metering.usage_events e ON (((e.id = s.usage_event_id) AND (e.created_at = s.event_created_at))))
+  WHERE ((e.id IS NULL) OR (s.quantity > (e.quantity)::numeric) OR (s.credits > (e.credits_micros)::numeric) OR (s.allowance_units > (e.allowance_units)::numeric));
+
+COMMENT ON VIEW reporting.reversal_mismatches IS 'Reconciliation: reversals whose ledger transfer is missing or differs from them, reversal transfers with no reversal, and usage events reversed for more units, credits or allowance than they charged (or missing). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.reversal_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.stripe_events_not_applied AS
+ SELECT id,
+    type,
+    created,
+    received_at,
+    status,
+    note
+   FROM billing.stripe_events
+  WHERE (status <> 'applied'::text);
+
+COMMENT ON VIEW reporting.stripe_events_not_applied IS 'Webhook events received but not applied (stale or ignored), with the reason.';
+
+GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
+
+CREATE VIEW reporting.subscriptions_by_status AS
+ SELECT plan_id,
+    status,
+    count(*) AS subscriptions,
+    count(*) FILTER (WHERE cancel_at_period_end) AS canceling_at_period_end
+   FROM billing.subscriptions
+  GROUP BY plan_id, status;
+
+COMMENT ON VIEW reporting.subscriptions_by_status IS 'Subscriptions per plan and Stripe status.';
+
+GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
+
+CREATE VIEW reporting.system_balances AS
+ SELECT code AS system_account,
+    ((COALESCE(( SELECT sum((e.amount_micros)::bigint) AS sum
+           FROM ledger.entries e
+          WHERE (e.system_account = s.code)), (0)::numeric) + COALESCE(( SELECT sum(b.amount_micros) AS sum
+           FROM ledger.archived_balances b
+          WHERE (b.system_account = s.code)), (0)::numeric)))::bigint AS balance_micros
+   FROM ledger.system_accounts s;
+
+COMMENT ON VIEW reporting.system_balances IS 'Balance of each system account in micro-credits, detached months included (grants is negative: credits issued). With customer balances it sums to zero.';
+
+GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
+
+CREATE VIEW reporting.unbalanced_transfers AS
+ SELECT transfer_id,
+    sum((amount_micros)::bigint) AS sum_micros,
+    count(*) AS entries
+   FROM ledger.entries
+  GROUP BY transfer_id
+ HAVING ((sum((amount_micros)::bigint) <> (0)::numeric) OR (count(*) <> 2));
+
+COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
+
+CREATE VIEW reporting.unmatched_refunds AS
+ SELECT id AS event_id,
+    created,
+    (payload #>> '{data,object,id}'::text[]) AS stripe_charge_id,
+    (payload #>> '{data,object,payment_intent}'::text[]) AS stripe_payment_intent_id,
+    (payload #>> '{data,object,customer}'::text[]) AS stripe_customer_id,
+    ((payload #>> '{data,object,amount_refunded}'::text[]))::numeric AS amount_refunded_minor,
+    lower((payload #>> '{data,object,currency}'::text[])) AS currency,
+    note
+   FROM billing.stripe_events e
+  WHERE ((type = 'charge.refunded'::text) AND (status = 'ignored'::text));
+
+COMMENT ON VIEW reporting.unmatched_refunds IS 'Reconciliation: charge.refunded events that changed nothing because no payment pgtally recorded matched them (no bundle payment, no subscription invoice payment): money Stripe gave back that pgtally''s revenue still counts, or a payment pgtally never saw. Must be empty.';
+
+GRANT SELECT ON TABLE reporting.unmatched_refunds TO pgtally_analyst;
+
+CREATE VIEW reporting.unreported_post_paid_events AS
+ SELECT id AS usage_event_id,
+    account_id,
+    amount_minor,
+    created_at
+   FROM metering.usage_events e
+  WHERE ((amount_minor IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
+           FROM outbox.messages m
+          WHERE (m.id = e.id)))));
+
+COMMENT ON VIEW reporting.unreported_post_paid_events IS 'Reconciliation: post-paid usage events with no report to Stripe queued (the charge writes both in one transaction). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
+
+CREATE VIEW reporting.usage_by_hour AS
+ SELECT (EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer AS hour_of_day,
+    meter_id,
+    sum(events) AS events,
+    sum(quantity) AS quantity,
+    round(((100.0 * sum(events)) / sum(sum(events)) OVER (PARTITION BY meter_id)), 2) AS percent_of_events
+   FROM metering.usage_rollup_hourly
+  GROUP BY ((EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer), meter_id;
+
+COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
+
+GRANT SELECT ON TABLE reporting.usage_by_hour TO pgtally_analyst;
+
+CREATE VIEW reporting.usage_by_principal_daily AS
+ SELECT account_id,
+    (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    api_key_id,
+    user_id,
+    meter_id,
+    count(*) AS events,
+    sum((quantity)::bigint) AS quantity,
+    sum((allowance_units)::bigint) AS allowance_units,
+    sum((credits_micros)::bigint) AS credits_micros
+   FROM metering.usage_events e
+  GROUP BY account_id, ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), api_key_id, user_id, meter_id;
+
+COMMENT ON VIEW reporting.usage_by_principal_daily IS 'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
+
+GRANT SELECT ON TABLE reporting.usage_by_principal_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.usage_charge_mismatches AS
+ SELECT u.id AS usage_event_id,
+    u.account_id,
+    u.credits_micros,
+    COALESCE((- (t.amount_micros)::bigint), (0)::bigint) AS ledger_micros
+   FROM (metering.usage_events u
+     LEFT JOIN ledger.transfers t ON (((t.usage_event_id = u.id) AND ((t.kind)::text = 'usage'::text))))
+  WHERE ((u.credits_micros)::bigint <> COALESCE((- (t.amount_micros)::bigint), (0)::bigint));
+
+COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them (a reversal''s transfer names its event too: reporting.reversal_mismatches checks those). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
+
+CREATE VIEW reporting.usage_daily AS
+ SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    meter_id,
+    count(*) AS events,
+    sum((quantity)::bigint) AS quantity,
+    sum((allowance_units)::bigint) AS allowance_units,
+    sum((credits_micros)::bigint) AS credits_micros
+   FROM metering.usage_events
+  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), meter_id;
+
+COMMENT ON VIEW reporting.usage_daily IS 'Usage per UTC day and meter: events, units, allowance units and micro-credits spent.';
+
+GRANT SELECT ON TABLE reporting.usage_daily TO pgtally_analyst;
+
+CREATE VIEW reporting.usage_per_meter_plan_monthly AS
+ SELECT month,
+    meter_id,
+    plan_id,
+    count(*) AS accounts,
+    sum(quantity) AS quantity,
+    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p50_per_account,
+    percentile_cont((0.95)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p95_per_account
+   FROM metering.usage_rollup_monthly
+  GROUP BY month, meter_id, plan_id;
+
+COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS 'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
+
+GRANT SELECT ON TABLE reporting.usage_per_meter_plan_monthly TO pgtally_analyst;
+
+----------------------------------------------------------------------------------------------------
+-- Functions
+----------------------------------------------------------------------------------------------------
 CREATE FUNCTION api.accept_invitation(p_session_id uuid, p_token text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -155,6 +2868,25 @@ END $$;
 
 COMMENT ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) IS 'POST /v1/invitations/accept {token}: join the team as the invited role, once (the invitation is claimed by DELETE ... RETURNING). The signed-in person''s verified email must be the invited address (TL403; the invitation stays). The sender must still be allowed to send it (identity.may_invite: still a member whose role grants members:manage, an owner for an owner invitation), else TL400 and the invitation is used up. TL400 used, revoked, replaced or expired.';
 
+REVOKE ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) TO pgtally_api;
+
+CREATE FUNCTION api.account_page(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN jsonb_build_object('me', api.me(NULL, p_session_id),
+                            'methods', api.sign_in_methods(p_session_id),
+                            'sessions', api.sessions(p_session_id) -> 'data',
+                            'keys', api.list_api_keys(p_session_id) -> 'data');
+END $$;
+
+COMMENT ON FUNCTION api.account_page(p_session_id uuid) IS 'GET /account: the signed-in person (api.me), their ways to sign in (api.sign_in_methods), sessions (api.sessions) and API keys (api.list_api_keys). TL401 signed out.';
+
+REVOKE ALL ON FUNCTION api.account_page(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.account_page(p_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -178,6 +2910,8 @@ END $$;
 
 COMMENT ON FUNCTION api.account_summary(p_account_id uuid) IS 'pgtally accounts show: an account for an operator: {account_id, kind, name, plan, subscribed_plan, credits, created_at, email, merged_into, stripe_customer_id, allowances, api_keys (live), usage_events (count)}. TL404 unknown account. Operators only.';
 
+REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION api.accounts(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -193,6 +2927,9 @@ END $$;
 
 COMMENT ON FUNCTION api.accounts(p_session_id uuid) IS 'GET /v1/accounts: the accounts the signed-in person belongs to (their own first) with their role.';
 
+REVOKE ALL ON FUNCTION api.accounts(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.accounts(p_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.accounts_list(p_limit integer DEFAULT 50, p_plan text DEFAULT NULL::text) RETURNS TABLE(account_id uuid, kind text, plan text, credits text, email text, created_at text)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -205,6 +2942,8 @@ CREATE FUNCTION api.accounts_list(p_limit integer DEFAULT 50, p_plan text DEFAUL
 $$;
 
 COMMENT ON FUNCTION api.accounts_list(p_limit integer, p_plan text) IS 'pgtally accounts list: the newest accounts (not merged devices), optionally of one plan, at most p_limit (1-10,000). Operators only.';
+
+REVOKE ALL ON FUNCTION api.accounts_list(p_limit integer, p_plan text) FROM PUBLIC;
 
 CREATE FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -222,6 +2961,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL42R key reused, TL422 zero amount or no reason. Operators only.';
+
+REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
 
 CREATE FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -277,6 +3018,22 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) IS 'GET /v1/admin/accounts/{id} (staff: read): the account with its members, plan, balance, allowances, and the latest 20 lots, usage events, ledger entries, auth events, webhook events and staff actions; its open holds, subscriptions, payments and referrals. TL404.';
 
+REVOKE ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN jsonb_build_object('account', api.admin_account(p_session_id, p_account_id), 'plans', api.plans() -> 'plans');
+END $$;
+
+COMMENT ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) IS 'GET /admin/accounts/{id} (staff): everything about the account (api.admin_account) and the plans a staff member may put it on. TL403 not staff, TL404.';
+
+REVOKE ALL ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -308,6 +3065,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL42R key reused, TL422.';
 
+REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
+
 CREATE FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -338,6 +3098,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) IS 'POST /v1/admin/accounts/{id}/sso-domains/{domain}/approval (staff: admin): prove a team''s claimed domain without DNS (the team showed ownership another way), with a reason, audited in ops.audit_log. TL403 not admin, TL404 not claimed, TL40C another team proved it, TL422 no reason or a public mail domain (added to identity.public_mail_domains since it was claimed).';
 
+REVOKE ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) TO pgtally_api;
+
 CREATE FUNCTION api.admin_audit(p_session_id uuid, p_limit integer DEFAULT 100) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -351,6 +3114,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) IS 'GET /v1/admin/audit: the latest staff actions (staff: read).';
+
+REVOKE ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) TO pgtally_api;
 
 CREATE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint DEFAULT NULL::bigint) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -375,6 +3141,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) IS 'POST /v1/admin/refunds, step 1 (staff: admin): the recorded payment to refund and how much: p_amount (minor units), or all that is left when NULL; refunded so far. TL404 unknown payment, TL422 more than is left (or nothing).';
 
+REVOKE ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) TO pgtally_api;
+
 CREATE FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -392,6 +3161,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) IS 'POST /v1/admin/refunds, step 2, after Stripe accepted the refund: the audit row. The credits are taken back by the charge.refunded webhook, as for any refund.';
+
+REVOKE ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) TO pgtally_api;
 
 CREATE FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -413,6 +3185,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) IS 'POST /v1/admin/users/{id}/revoke-sessions (staff: admin): sign the user out everywhere (every session and its refresh tokens); audited. TL404.';
+
+REVOKE ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) TO pgtally_api;
 
 CREATE FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer DEFAULT 50) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -440,6 +3215,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) IS 'GET /v1/admin/accounts?q=: accounts by id, name, a member''s email (part of it) or Stripe customer id, newest first (staff: read).';
 
+REVOKE ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) TO pgtally_api;
+
 CREATE FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -466,6 +3244,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) IS 'POST /v1/admin/accounts/{id}/plan (staff: admin): put the account on a plan without Stripe (a comp); audited. A later Stripe subscription event for the account sets its plan again. TL404, TL422.';
 
+REVOKE ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) TO pgtally_api;
+
 CREATE FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -489,6 +3270,9 @@ END $$;
 
 COMMENT ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) IS 'POST /v1/admin/accounts/{id}/suspend and /unsuspend (staff: admin): while suspended every charge, hold, purchase and key of the account is refused (403 account-suspended, with the reason); audited. TL404, TL422.';
 
+REVOKE ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) TO pgtally_api;
+
 CREATE FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean DEFAULT NULL::boolean, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -508,6 +3292,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) IS 'GET /v1/billing/auto-topup (p_enabled NULL; billing:read) and DELETE (p_enabled false: turn it off; billing:manage): the settings. p_account_id: a team.';
+
+REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -533,6 +3320,9 @@ END $$;
 
 COMMENT ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) IS 'pgtally worker: the card was declined or needs authentication: count the failure and let the next charge try again; the third failure turns auto top-up off and emails the user.';
 
+REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
+
 CREATE FUNCTION api.auto_topup_payment(p_account_id uuid) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -545,6 +3335,9 @@ CREATE FUNCTION api.auto_topup_payment(p_account_id uuid) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION api.auto_topup_payment(p_account_id uuid) IS 'pgtally worker: what an auto top-up task pays (customer, bundle, amount, currency); NULL when it was turned off meanwhile.';
+
+REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -569,6 +3362,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/balance: the caller''s credit balance (credits: the spendable lots; held: reserved by open holds; available: what a charge may spend; pending: granted lots not spendable yet; next_expiry {credits, at}: what expires next) and, per entitled meter, the current period''s allowance ({kind, unit, period, limit, used, remaining, resets_at}), and for a post-paid plan its spending this billing period (metering.spending_json; null otherwise). Principal: API key (scope usage:read) or session id; p_account_id for service keys. TL401/TL403/TL404 as identity.authenticate.';
+
+REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -601,6 +3397,9 @@ END $$;
 
 COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/billing/subscription (permission billing:read; p_account_id: a team): the account''s plan, Stripe customer, suspension (at, reason: set by an operator), payment grace and its subscription (the live one, else the latest).';
 
+REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -620,6 +3419,9 @@ END $$;
 
 COMMENT ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/budgets: the account''s budgets with this window''s spending: all of them for owners, admins, billing and viewer members (and keys with billing:read); a member''s own (member budget and their keys'') for the rest. Principal: usage:read.';
 
+REVOKE ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -632,7 +3434,8 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status IN ('released', 'expired') THEN
-    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status), jsonb_build_object('status', h.status));
+    PERFORM util.fail('TL40C', format('the hold was %s: nothing to capture', h.status),
+                      jsonb_build_object('hold_status', h.status));
   END IF;
   -- Return the reservation, then charge the actual amount as one usage event, exactly once
   -- (key hold:<id>; a repeated capture replays it). If the balance does not cover more than was
@@ -645,7 +3448,10 @@ BEGIN
                                          p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry, TL404 unknown hold.';
+COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
+
+REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.check_alerts(p_email text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -691,6 +3497,9 @@ END $_$;
 
 COMMENT ON FUNCTION api.check_alerts(p_email text) IS 'pgtally worker (housekeeping), with PGTALLY_ALERT_EMAIL: for each condition that holds, queue one alert email (outbox kind alert) unless one went out in the last hour (ops.alerts): webhook_rejected (signed Stripe events rejected since the last alert), reconciliation (any row in a reconciliation view, or revenue drift), outbox_failed (messages that exhausted their retries since the last alert). Returns {sent: [conditions]}.';
 
+REVOKE ALL ON FUNCTION api.check_alerts(p_email text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.check_alerts(p_email text) TO pgtally_api;
+
 CREATE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -717,6 +3526,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/usage/check: what api.consume would do for this request now, with no side effect: {allowed, meter, quantity, charge {allowance_units, credits}, required_credits, amount and currency (post-paid: what it would cost, minor units), allowance and balance after it, warnings, resets_at}. Principal as api.consume (scope usage:read). TL422 bad input.';
+
+REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid DEFAULT NULL::uuid, p_idempotency_key text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -751,6 +3563,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) IS 'POST /v1/billing/checkout, the pricing page and one-click top-ups, step 1: the buyer''s account (billing.buyer), email and Stripe customer (if any), and the mode for a price code (subscription for plan prices, payment for bundles) with its amount and usage_type (a metered price is bought with no quantity). stripe_idempotency_key: with the client''s Idempotency-Key (p_idempotency_key), the account id and the key''s SHA-256 (hex), which the server prefixes with the call (checkout-, topup-) and sends to Stripe; NULL without one. TL422 unknown price; TL40C (409 conflict) a plan price while a subscription is live.';
+
+REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
 
 CREATE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -793,6 +3608,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) IS 'POST /auth/sso/confirm: the user opened the link identity.request_sso_link emailed: link the team''s provider to them (once, within an hour), make them a member of the team, confirm their address, sign them in (identity.tokens). TL400 unknown, used or expired link, or the team lost the domain; TL40C the provider account is linked to someone else.';
+
+REVOKE ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) TO pgtally_api;
 
 CREATE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -858,6 +3676,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL42R key reused for a different request (util.idempotency_check; nothing charged), TL422 bad input.';
+
+REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
 
 CREATE FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) RETURNS record
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1057,6 +3878,9 @@ END $$;
 
 COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL42R key reused for another request, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
+REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) TO pgtally_api;
+
 CREATE FUNCTION api.create_account(p_plan text, p_credits_micros bigint DEFAULT 0, p_name text DEFAULT NULL::text, p_kind text DEFAULT 'person'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1077,6 +3901,8 @@ END $$;
 
 COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
 
+REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
+
 CREATE FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1087,6 +3913,7 @@ DECLARE
   k identity.api_keys;
   v_allowed text[];
 BEGIN
+  p_scopes := identity.scope_set(p_scopes);             -- each scope once, for the checks and the log too
   IF p_name IS NULL OR length(btrim(p_name)) NOT BETWEEN 1 AND 100 THEN
     PERFORM util.fail('TL422', 'a key name of 1 to 100 characters is required');
   END IF;
@@ -1113,6 +3940,9 @@ END $$;
 
 COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) IS 'POST /v1/api-keys: a new API key for the signed-in person''s account, or a team''s (p_account_id; permission keys:manage), returned once in api_key (only its hash is kept). Its scopes (usage:write, usage:read, billing:read, billing:manage) are at most what the person''s role allows. TL403 anonymous session, no keys:manage, or scopes beyond the role; TL422 bad name, scopes or expiry.';
 
+REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[], p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1124,6 +3954,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) IS 'POST /v1/budgets: set a budget (metering.set_budget) on the caller''s account (p_account_id: a team the person belongs to). Principal: a session of an owner, admin or billing member, or an API key with billing:manage (TL403 otherwise). Returns metering.budget_json.';
+
+REVOKE ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.create_team(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1142,6 +3975,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.create_team(p_session_id uuid, p_name text) IS 'POST /v1/accounts: a team account (free plan, its own credits, usage, keys and Stripe customer) owned by the signed-in person. TL403 anonymous, TL422 bad name.';
+
+REVOKE ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally_api;
 
 CREATE FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text DEFAULT NULL::text, p_limit integer DEFAULT 50, p_cursor text DEFAULT NULL::text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1177,6 +4013,33 @@ END $_$;
 
 COMMENT ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) IS 'GET /v1/credits/lots: the caller''s credit lots, newest first (ledger.lot_json), optionally of one status, p_limit (1-100) per page; pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad status, limit or cursor.';
 
+REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_billing jsonb;
+BEGIN
+  BEGIN
+    v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+  EXCEPTION WHEN SQLSTATE 'TL403' THEN
+    v_billing := NULL;                    -- a team member whose role does not see billing
+  END;
+  RETURN jsonb_build_object('balance', api.balance(NULL, p_session_id, p_account_id),
+                            'billing', v_billing,
+                            'events', api.usage_events(NULL, p_session_id, NULL, 10, NULL, NULL, NULL, p_account_id) -> 'data',
+                            'bundles', api.plans() -> 'bundles',
+                            'referrals', api.referrals(NULL, p_session_id, p_public_url));
+END $$;
+
+COMMENT ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) IS 'GET /dashboard: for the account the page acts on (p_account_id: the team the switcher chose, NULL: the person''s own): balance and allowances (api.balance), plan and billing state (api.billing_account; null for a role that may not see billing), the last 10 usage events, the catalog''s bundles, and the person''s referral link (api.referrals, links on p_public_url). TL401 signed out, TL403 not a member.';
+
+REVOKE ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) TO pgtally_api;
+
 CREATE FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1188,6 +4051,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) IS 'DELETE /v1/budgets/{id}: delete one of the account''s budgets (metering.delete_budget). Principal as api.create_budget. TL404 unknown budget.';
+
+REVOKE ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.detach_month(p_month date) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1253,12 +4119,14 @@ END $_$;
 
 COMMENT ON FUNCTION api.detach_month(p_month date) IS 'pgtally partitions detach: the month containing p_month leaves metering.usage_events and ledger.entries. Its two partitions become standalone tables (metering.usage_events_yYYYYmMM, ledger.entries_yYYYYmMM) to archive (pg_dump -t) and drop; what the month''s entries summed to per account and system account stays in ledger.archived_balances (an entry written after an entry of a later month of its account stays there by itself, with its id), so reporting.balance_mismatches, entry_balance_breaks and system_balances still balance. Only once the idempotency window has passed the month''s end (TL422 before), once the analytics rollup has read it (TL409), and oldest month first (TL409 while an earlier month has ledger entries). TL404 when the month is not an attached partition. Returns {month, usage_events, usage_event_count, entries, archived_balances}. Operators only.';
 
+REVOKE ALL ON FUNCTION api.detach_month(p_month date) FROM PUBLIC;
+
 CREATE FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-  v_limited jsonb := identity.throttled('device_authorize', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('device_authorize', p_ip);
   v_alphabet constant text := 'BCDFGHJKLMNPQRSTVWXZ';
   v_device_code text := util.random_token();
   v_user_code text;
@@ -1287,7 +4155,10 @@ BEGIN
                             'expires_in', 600, 'interval', 5);
 END $_$;
 
-COMMENT ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. 30 an hour per IP (TL429).';
+COMMENT ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) IS 'POST /oauth/device_authorization (RFC 8628 section 3.1-3.2): a device code (secret, stored hashed) and a user code (XXXX-XXXX) valid 10 minutes, polled every 5 seconds. p_device_session_id: the command line''s anonymous device session, merged into the user on approval. Rate limited per IP (identity.rate_limit_rules, TL429).';
+
+REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
 
 CREATE FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1315,6 +4186,9 @@ END $$;
 
 COMMENT ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) IS '/device: approve or deny a pending user code, once (a second decision finds no pending code: TL404). On approval the command line''s anonymous device account is merged into the user, once.';
 
+REVOKE ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) TO pgtally_api;
+
 CREATE FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1333,6 +4207,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) IS '/device: which client asks with this user code (client_id, scope, where from), for the signed-in user to approve or deny. Errors as identity.pending_device_code.';
+
+REVOKE ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) TO pgtally_api;
 
 CREATE FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1375,6 +4252,9 @@ END $$;
 
 COMMENT ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) IS 'POST /oauth/token with grant_type urn:ietf:params:oauth:grant-type:device_code (RFC 8628 section 3.4-3.5): the tokens of a new session once the user approved, exactly once; otherwise {"oauth_error": {error}} with authorization_pending, slow_down (polled faster than the interval, which grows by 5 s), access_denied, expired_token or invalid_grant.';
 
+REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
+
 CREATE FUNCTION api.expire_holds() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1392,6 +4272,9 @@ END $$;
 
 COMMENT ON FUNCTION api.expire_holds() IS 'pgtally worker (housekeeping): release every expired open hold, each exactly once (accounts locked one at a time, as a charge would).';
 
+REVOKE ALL ON FUNCTION api.expire_holds() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.expire_holds() TO pgtally_api;
+
 CREATE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text DEFAULT NULL::text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1405,6 +4288,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL42R key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+
+REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
 
 CREATE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_expires_in integer DEFAULT 900, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1467,6 +4352,9 @@ END $$;
 
 COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (util.idempotency_check: a retry returns the hold, replayed = true; another request under the key is TL42R). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
+REVOKE ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1479,7 +4367,10 @@ BEGIN
     WHERE h.account_id = v_account_id AND h.status = 'open' AND h.expires_at > util.now()), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/holds: the caller''s open holds, newest first.';
+COMMENT ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/holds: the open holds of the caller''s account, or of p_account_id (a service key, or a team member with usage:read), newest first.';
+
+REVOKE ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.housekeeping() RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1495,6 +4386,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.housekeeping() IS 'pgtally worker, every few minutes: delete rate-limit buckets whose newest attempt is older than two days (the longest window is one day), release expired holds (api.expire_holds), and release and expire due credit lots (api.refresh_due_credits). The worker then calls api.maintain_storage in a transaction of its own.';
+
+REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
 
 CREATE FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1534,11 +4428,10 @@ BEGIN
     v_returning := a.id IS NOT NULL;
   END IF;
   IF v_returning THEN
-    v_limited := identity.throttled('identify_install', p_ip, 3000, interval '1 hour',
-                                    'install', encode(v_install, 'hex'), 600, interval '1 hour');
+    v_limited := identity.throttled('identify_install', p_ip, 'install', encode(v_install, 'hex'));
   ELSE
-    -- New device accounts: 5 a day per fingerprint, 30 an hour per IP.
-    v_limited := identity.throttled('identify', p_ip, 30, interval '1 hour', 'fingerprint', p_fingerprint, 5, interval '1 day');
+    -- New device accounts: a few a day per fingerprint (identity.rate_limit_rules).
+    v_limited := identity.throttled('identify', p_ip, 'fingerprint', p_fingerprint);
   END IF;
   IF v_limited IS NOT NULL THEN
     RETURN v_limited;
@@ -1568,7 +4461,10 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $_$;
 
-COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits: new accounts 5 a day per fingerprint and 30 an hour per IP; returning installs 600 an hour each (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+
+REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
 
 CREATE FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1583,6 +4479,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) IS 'GET /v1/accounts/{id}/invitations: the pending invitations (members:read).';
+
+REVOKE ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1625,6 +4524,9 @@ END $$;
 
 COMMENT ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) IS 'POST /v1/accounts/{id}/invitations (and resend): invite an address to a team with a role (members:manage; owners only for owner), valid 7 days; emails a single-use link. Inviting the same address again replaces the link. TL40C a member already or not a team, TL403, TL422.';
 
+REVOKE ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) TO pgtally_api;
+
 CREATE FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer DEFAULT 24, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1647,6 +4549,9 @@ END $$;
 
 COMMENT ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) IS 'GET /v1/billing/invoices (permission billing:read; p_account_id: a team): the account''s subscription invoices, newest first (at most p_limit, 1-100): {id, number, status (paid, open), amount_paid, tax, refunded (minor units), currency, plan, period_start, period_end, created_at, paid_at, hosted_invoice_url, invoice_pdf}.';
 
+REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1655,6 +4560,9 @@ CREATE FUNCTION api.jwt_keys() RETURNS TABLE(kid text, secret bytea)
 $$;
 
 COMMENT ON FUNCTION api.jwt_keys() IS 'The HS256 keys for access tokens, newest (the signing key) first; read by the server at startup.';
+
+REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
 
 CREATE FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1691,6 +4599,9 @@ END $_$;
 
 COMMENT ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) IS 'GET /v1/ledger: the caller''s ledger entries, newest first, p_limit (1-100) per page; pass next_cursor back as p_cursor for the next page. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
+REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1707,6 +4618,9 @@ END $$;
 
 COMMENT ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) IS 'Checkout, step 2 when the account had no customer: remember the Stripe customer the server created; returns the one stored (the first wins).';
 
+REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1720,6 +4634,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) IS 'GET /v1/api-keys: the account''s keys that are not revoked (never the keys themselves); p_account_id: a team (keys:manage).';
+
+REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text DEFAULT NULL::text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1747,6 +4664,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) IS 'POST /v1/billing/subscription/change and DELETE /v1/billing/subscription (permission billing:manage; p_account_id: a team): the account''s live subscription (active, trialing or past_due) with its Stripe item, and the Stripe price of p_price when given. TL404 no live subscription; TL422 p_price is not an active plan price.';
+
+REVOKE ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.load_catalog(p_catalog jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1913,6 +4833,8 @@ END $_$;
 
 COMMENT ON FUNCTION api.load_catalog(p_catalog jsonb) IS 'Load the plan catalog (the catalog file as JSON: {"meters": {id: {name, unit, pricing: unit|tokens, price | input_price_per_million, output_price_per_million, margin}}, "plans": {id: {name, description, features, entitlements: {meter: {allowance|fair_use: N, period} | {unlimited: true}}}}}). Prices are credits; allowance and fair_use limits are units for unit meters and credits for token meters (stored as micro-credits). Plans may carry included_credits, signup_bonus (credits, once per person at email verification), monthly_credits (credits each billing period, expiring at its end), spending_limit (minor units per billing period, for post-paid entitlements {post_paid: cents per unit, stripe_meter: Stripe meter event_name}) and prices {monthly|yearly: {stripe_price, amount, currency}}; bundles: {id: {name, credits, stripe_price, amount, currency}}. Upserts meters, plans and prices, replaces each listed plan''s entitlements, deactivates plans and prices not listed; [referrals] {qualify_on: email_verified | first_payment, referrer_credits (10), referee_credits (0), holdback_days (14), monthly_cap (20), same_ip_days (30)} sets the referral program. Errors: TL422 naming the bad field. Operators only (not granted to pgtally_api).';
 
+REVOKE ALL ON FUNCTION api.load_catalog(p_catalog jsonb) FROM PUBLIC;
+
 CREATE FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1925,13 +4847,16 @@ END $$;
 
 COMMENT ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) IS 'POST /v1/auth/login, step 2 on a wrong password or unknown email: log it and return the one TL401 error both cases share.';
 
+REVOKE ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) TO pgtally_api;
+
 CREATE FUNCTION api.login_start(p_email text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_email text := lower(btrim(p_email));
-  v_limited jsonb := identity.throttled('login', p_ip, 30, interval '5 minutes', 'email', v_email, 10, interval '5 minutes');
+  v_limited jsonb := identity.throttled('login', p_ip, 'email', v_email);
   u identity.users;
 BEGIN
   IF v_limited IS NOT NULL THEN
@@ -1941,7 +4866,10 @@ BEGIN
   RETURN jsonb_build_object('user_id', u.id, 'password_hash', u.password_hash);
 END $$;
 
-COMMENT ON FUNCTION api.login_start(p_email text, p_ip text) IS 'POST /v1/auth/login, step 1: apply the login rate limits (30 per 5 minutes per IP, 10 per 5 minutes per email: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+COMMENT ON FUNCTION api.login_start(p_email text, p_ip text) IS 'POST /v1/auth/login, step 1: apply the login rate limits (per IP and per email, identity.rate_limit_rules: TL429) and return {user_id, password_hash}, both null for an unknown email. The server verifies the password (argon2id) and calls api.login_succeeded or api.login_failed.';
+
+REVOKE ALL ON FUNCTION api.login_start(p_email text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_start(p_email text, p_ip text) TO pgtally_api;
 
 CREATE FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1973,6 +4901,9 @@ END $$;
 
 COMMENT ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) IS 'POST /v1/auth/login, step 2 after the server verified the password: store a rehash when argon2 parameters changed, start a session, log it, merge the caller''s anonymous device if any. Returns identity.tokens.';
 
+REVOKE ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.logout(p_session_id uuid, p_everywhere boolean DEFAULT false) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1992,6 +4923,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) IS 'POST /v1/auth/logout (this session) and /v1/auth/logout-all (p_everywhere: every session of the user): revokes them, with their refresh tokens. TL401 when the session has ended.';
+
+REVOKE ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgtally_api;
 
 CREATE FUNCTION api.maintain_storage() RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2019,6 +4953,9 @@ END $$;
 
 COMMENT ON FUNCTION api.maintain_storage() IS 'pgtally worker, every few minutes in its own transaction: make next months'' partitions (util.ensure_partitions(3); partitions_made is null when the tables stayed busy for two seconds: tried again next time) and forget idempotency keys older than the idempotency window (metering.idempotency_window()). Returns {partitions_made, idempotency_keys_forgotten}.';
 
+REVOKE ALL ON FUNCTION api.maintain_storage() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.maintain_storage() TO pgtally_api;
+
 CREATE FUNCTION api.me(p_api_key text, p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2042,6 +4979,9 @@ END $$;
 
 COMMENT ON FUNCTION api.me(p_api_key text, p_session_id uuid) IS 'GET /v1/me: {account {id, kind, plan, credits, created_at}, user {id, email, email_verified, created_at} | null, session_id}.';
 
+REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.members(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2057,6 +4997,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) IS 'GET /v1/accounts/{id}/members: the members and their roles (permission members:read: every member).';
+
+REVOKE ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.metrics_report(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2079,12 +5022,15 @@ END $$;
 
 COMMENT ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) IS '/admin/metrics: a report for staff (mrr, active_accounts, conversion, usage: the last 90 days) as JSON rows. TL403 for customers.';
 
+REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
+
 CREATE FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
 DECLARE
-  v_limited jsonb := identity.throttled('oauth', p_ip, 60, interval '10 minutes');
+  v_limited jsonb := identity.throttled('oauth', p_ip);
   v_state text := util.random_token();
   v_nonce text := util.random_token();
   v_verifier text := util.random_token();
@@ -2109,7 +5055,10 @@ BEGIN
   RETURN jsonb_build_object('state', v_state, 'nonce', v_nonce, 'code_verifier', v_verifier);
 END $_$;
 
-COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) IS 'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limit 60 per 10 minutes per IP (TL429).';
+COMMENT ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) IS 'GET /auth/{provider}/start (and /auth/sso/start, p_sso_account_id: the team whose provider signs in): a new authorization-code flow: state, nonce and PKCE code_verifier (RFC 7636, S256 by the server), stored with the hash of the browser''s binding cookie, single use within 10 minutes. purpose sign_in, or link (p_session_id: the signed-in session). Rate limited per IP (identity.rate_limit_rules, TL429).';
+
+REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2135,6 +5084,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) IS 'GET /auth/{provider}/callback, step 1: use the flow of this state, once, from the browser that started it (its binding cookie); returns its provider, purpose, nonce and PKCE verifier. A replayed, expired, unknown or foreign state is refused (TL400) and logged as oauth_refused.';
+
+REVOKE ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) TO pgtally_api;
 
 CREATE FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2164,6 +5116,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) IS 'The account page''s "link Google/GitHub": link the provider account to the signed-in user. TL40C when it signs in to another user, or another account of that provider is linked.';
+
+REVOKE ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) TO pgtally_api;
 
 CREATE FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text DEFAULT NULL::text, p_sso_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2261,6 +5216,9 @@ END $$;
 
 COMMENT ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) IS 'GET /auth/{provider}/callback, step 2 after the server checked the provider''s answer (ID token: issuer, audience, expiry, nonce): sign in the user linked to this provider account; else link it to the user with the same email when the provider says the address is verified (otherwise TL40C: sign in with the password and link from the account page); else create the user and a personal account on the free plan (email verified when the provider says so, identity.mark_email_verified; p_referral_code: the /r/ link that brought the person, billing.attribute_referral). Merges the browser''s anonymous device. Provider sso (a team''s own, p_sso_account_id): only addresses it says are verified, of the domains the team proved, who join it as members; an existing user who never linked the team''s provider is not signed in but sent a confirmation link (identity.request_sso_link: status sso_link_email_sent). Members of a team that requires SSO, of a domain it proved, may not use Google or GitHub (TL403 with sso_url). Logged as oauth_sign_in, oauth_linked, oauth_signup or oauth_refused. Returns identity.tokens and new_user.';
 
+REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2287,6 +5245,9 @@ END $$;
 
 COMMENT ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) IS 'The account page''s "unlink": allowed while another way to sign in remains (a password or another provider); TL40C otherwise, TL404 when not linked.';
 
+REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
+
 CREATE FUNCTION api.operator_budgets(p_account_id uuid) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2296,6 +5257,8 @@ $$;
 
 COMMENT ON FUNCTION api.operator_budgets(p_account_id uuid) IS 'pgtally budgets list: every budget of an account. Operators only.';
 
+REVOKE ALL ON FUNCTION api.operator_budgets(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION api.operator_delete_budget(p_budget_id uuid) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2304,6 +5267,8 @@ CREATE FUNCTION api.operator_delete_budget(p_budget_id uuid) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION api.operator_delete_budget(p_budget_id uuid) IS 'pgtally budgets delete: delete any budget. Operators only.';
+
+REVOKE ALL ON FUNCTION api.operator_delete_budget(p_budget_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text DEFAULT 'reversals'::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2321,6 +5286,8 @@ END $$;
 
 COMMENT ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) IS 'pgtally events reversal-key: issue an operator API key with the usage:reverse scope on a service account (shown once). Operators only.';
 
+REVOKE ALL ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) FROM PUBLIC;
+
 CREATE FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2330,6 +5297,8 @@ $$;
 
 COMMENT ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'pgtally events reverse: an operator reverses a usage event (metering.reverse_usage). Operators only (not granted to pgtally_api).';
 
+REVOKE ALL ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+
 CREATE FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[]) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2338,6 +5307,8 @@ CREATE FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subje
 $$;
 
 COMMENT ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) IS 'pgtally budgets set: an operator sets a budget on any account (metering.set_budget). Operators only (not granted to pgtally_api).';
+
+REVOKE ALL ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) FROM PUBLIC;
 
 CREATE FUNCTION api.ops_gauges() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -2352,6 +5323,9 @@ CREATE FUNCTION api.ops_gauges() RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION api.ops_gauges() IS '/metrics: outbox messages pending and failed per kind, and the age in seconds of the oldest usage event not yet in the analytics rollup (0 when it is caught up).';
+
+REVOKE ALL ON FUNCTION api.ops_gauges() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.ops_gauges() TO pgtally_api;
 
 CREATE FUNCTION api.outbox_claim(p_limit integer DEFAULT 10) RETURNS TABLE(id uuid, kind text, recipient text, payload jsonb, attempts integer)
     LANGUAGE sql SECURITY DEFINER
@@ -2369,6 +5343,9 @@ $$;
 
 COMMENT ON FUNCTION api.outbox_claim(p_limit integer) IS 'pgtally worker: claim up to p_limit due messages with a 5-minute lease (FOR UPDATE SKIP LOCKED: concurrent workers never take the same row).';
 
+REVOKE ALL ON FUNCTION api.outbox_claim(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_claim(p_limit integer) TO pgtally_api;
+
 CREATE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2378,6 +5355,9 @@ CREATE FUNCTION api.outbox_delivered(p_id uuid) RETURNS void
 $$;
 
 COMMENT ON FUNCTION api.outbox_delivered(p_id uuid) IS 'pgtally worker: the message was accepted by the mail server; its link token is dropped.';
+
+REVOKE ALL ON FUNCTION api.outbox_delivered(p_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
     LANGUAGE sql SECURITY DEFINER
@@ -2392,6 +5372,9 @@ CREATE FUNCTION api.outbox_failed(p_id uuid, p_error text) RETURNS void
 $$;
 
 COMMENT ON FUNCTION api.outbox_failed(p_id uuid, p_error text) IS 'pgtally worker: sending failed; retry after 5 s x 2^(attempts-1), give up after 8 attempts (failed_at, token dropped).';
+
+REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
 
 CREATE FUNCTION api.partitions() RETURNS TABLE(table_name text, partition text, month text, attached boolean, rows_estimate bigint, bytes bigint)
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -2408,6 +5391,8 @@ CREATE FUNCTION api.partitions() RETURNS TABLE(table_name text, partition text, 
 $_$;
 
 COMMENT ON FUNCTION api.partitions() IS 'pgtally partitions list: every monthly partition of metering.usage_events and ledger.entries (and their default partitions, month NULL), attached or detached and kept, with the planner''s row estimate and its size in bytes. Operators only.';
+
+REVOKE ALL ON FUNCTION api.partitions() FROM PUBLIC;
 
 CREATE FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -2432,6 +5417,9 @@ $$;
 
 COMMENT ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) IS '/billing/success: whether Stripe''s event for a Checkout Session (or the payment of a one-click top-up''s PaymentIntent) has been applied yet: state applied, processing until it arrives, or ignored/rejected; with mode and price. Nothing is granted here: only the webhook grants.';
 
+REVOKE ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) TO pgtally_api;
+
 CREATE FUNCTION api.plans() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2441,6 +5429,9 @@ $$;
 
 COMMENT ON FUNCTION api.plans() IS 'GET /v1/plans (public): billing.plans_json().';
 
+REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
+
 CREATE FUNCTION api.principal_account(p_api_key text, p_session_id uuid) RETURNS uuid
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2449,6 +5440,22 @@ CREATE FUNCTION api.principal_account(p_api_key text, p_session_id uuid) RETURNS
 $$;
 
 COMMENT ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) IS 'The account a key or session acts on: the authentication every request makes (SHA-256 of the key, one index probe), alone. bench/http_app.py''s ceiling route calls it, so the HTTP ceiling authenticates exactly as the real path does.';
+
+REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.readiness() RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT jsonb_build_object('schema', api.schema_version(),
+                            'read_only', current_setting('transaction_read_only')::boolean OR pg_is_in_recovery())
+$$;
+
+COMMENT ON FUNCTION api.readiness() IS '/readyz: {schema: the newest migration applied (api.schema_version), read_only: whether this session cannot write (default_transaction_read_only set for the server, database or role, or a standby in recovery; writes would fail with SQLSTATE 25006)}.';
+
+REVOKE ALL ON FUNCTION api.readiness() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.readiness() TO pgtally_api;
 
 CREATE FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2492,6 +5499,9 @@ END $$;
 
 COMMENT ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) IS 'GET /v1/referrals: the caller''s referral code and link (p_public_url/r/CODE), the program''s rules, credits earned (spendable) and pending (in the holdback), and each referred account (email masked) with its status (signed_up, qualified, rewarded, rejected and the reason) and its reward. TL40C for accounts without a person (devices, service accounts).';
 
+REVOKE ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) TO pgtally_api;
+
 CREATE FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2533,6 +5543,9 @@ END $$;
 
 COMMENT ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) IS 'POST /v1/auth/refresh: rotate a refresh token (the old one stops working) and return identity.tokens. A token used within the last 10 seconds yields the same successor again (identity.successor_token: concurrent refreshes and retries continue one chain and do not lock the user out); a token used earlier revokes the whole session and is logged as refresh_token_reuse (RFC 9700 section 4.14.2). TL401 errors are returned, not raised, so the revocation commits.';
 
+REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
+
 CREATE FUNCTION api.refresh_due_credits() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2554,6 +5567,9 @@ END $$;
 
 COMMENT ON FUNCTION api.refresh_due_credits() IS 'pgtally worker (housekeeping): refresh every account with a lot to release or expire (ledger.refresh_lots), one account lock at a time, as a charge would; returns how many accounts it refreshed.';
 
+REVOKE ALL ON FUNCTION api.refresh_due_credits() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.refresh_due_credits() TO pgtally_api;
+
 CREATE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2566,14 +5582,17 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM util.fail('TL404', 'no such hold');
   ELSIF h.status = 'captured' THEN
-    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"status": "captured"}');
+    PERFORM util.fail('TL40C', 'the hold was captured: nothing to release', '{"hold_status": "captured"}');
   ELSIF h.status = 'open' THEN
     h := metering.settle_hold(h, 'released');
   END IF;
   RETURN metering.hold_json(h);
 END $$;
 
-COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture, TL404 unknown hold.';
+COMMENT ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) IS 'POST /v1/holds/{id}/release: return everything the hold reserved, once (releasing a released or expired hold returns it as it is). TL40C after capture (DETAIL hold_status: captured), TL404 unknown hold.';
+
+REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
@@ -2584,12 +5603,15 @@ $$;
 
 COMMENT ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) IS 'DELETE /v1/accounts/{id}/members/{user_id}: remove a member (members:manage) or leave (yourself); the last owner stays (TL40C).';
 
+REVOKE ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.request_password_reset(p_email text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset', p_ip);
   v_email text;
   u identity.users;
 BEGIN
@@ -2598,8 +5620,8 @@ BEGIN
   END IF;
   v_email := identity.normalize_email(p_email);
   SELECT * INTO u FROM identity.users WHERE email_normalized = v_email;
-  -- At most 3 emails an hour per address; beyond that, and for unknown addresses, the same answer.
-  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 0, interval '1 hour', 'email', v_email, 3, interval '1 hour') IS NULL THEN
+  -- A few emails an hour per address (identity.rate_limit_rules); beyond that, and for unknown addresses, the same answer.
+  IF u.id IS NOT NULL AND identity.throttled('password_reset', NULL, 'email', v_email) IS NULL THEN
     INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
     VALUES ('password_reset', v_email,
             jsonb_build_object('email', v_email, 'token', identity.one_time_token(u.id, 'password_reset', interval '1 hour')),
@@ -2609,14 +5631,17 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'reset_email_sent_if_registered');
 END $$;
 
-COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. At most 3 emails an hour per address (silently), 10 requests an hour per IP (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.request_password_reset(p_email text, p_ip text) IS 'POST /v1/auth/password-reset: queue a reset email (token valid 1 hour) when the address is registered; the same answer otherwise. Emails per address are limited silently, requests per IP with TL429 (identity.rate_limit_rules). TL422 bad email.';
+
+REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
 
 CREATE FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip, 10, interval '1 hour');
+  v_limited jsonb := identity.throttled('password_reset_confirm', p_ip);
   v_user_id uuid;
   u identity.users;
   v_count integer;
@@ -2642,7 +5667,10 @@ BEGIN
   RETURN jsonb_build_object('status', 'password_changed', 'sessions_revoked', v_count);
 END $$;
 
-COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over 10 an hour per IP.';
+COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) IS 'POST /v1/auth/password-reset/confirm: use a reset token (once, within the hour) to set a new password hash; revokes every session (and so every refresh token) of the user and any other reset token. TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
+
+REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
 
 CREATE FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2668,6 +5696,9 @@ END $$;
 
 COMMENT ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'POST /v1/usage/events/{id}/reversal: reverse a usage event of any account (metering.reverse_usage). Principal: an operator API key with the usage:reverse scope, or a session of admin staff (identity.staff, action reverse_usage). TL401 bad key or session, TL403 otherwise. Returns (replayed, metering.reversal_json).';
 
+REVOKE ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) TO pgtally_api;
+
 CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2687,6 +5718,9 @@ END $$;
 
 COMMENT ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) IS 'DELETE /v1/api-keys/{id}: revoke one of the account''s keys (p_account_id: a team; keys:manage); it stops working at once. TL404 otherwise.';
 
+REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2703,6 +5737,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) IS 'DELETE /v1/accounts/{id}/invitations/{invitation_id}: the link stops working (members:manage). TL404.';
+
+REVOKE ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2723,6 +5760,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) IS 'DELETE /v1/me/sessions/{id}: revoke one of the caller''s sessions. TL404 when it is not theirs or not active.';
+
+REVOKE ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.rollup_usage(p_limit integer DEFAULT 50000) RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2800,6 +5840,9 @@ END $$;
 
 COMMENT ON FUNCTION api.rollup_usage(p_limit integer) IS 'pgtally worker: fold up to p_limit usage events (after the last one folded, in id order, up to the first one less than a minute old) into metering.usage_rollup_daily, usage_rollup_monthly and usage_rollup_hourly, and compute metering.active_accounts_daily for each day that completed (every event of it folded in) and the day still filling (today, when caught up); returns how many events it folded. One worker at a time (the others return 0). The analytics views read these tables, so they stay fast with millions of events.';
 
+REVOKE ALL ON FUNCTION api.rollup_usage(p_limit integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.rollup_usage(p_limit integer) TO pgtally_api;
+
 CREATE FUNCTION api.schema_version() RETURNS text
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2809,6 +5852,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.schema_version() IS '/readyz: the newest migration applied to this database (yoyo''s _yoyo_migration).';
+
+REVOKE ALL ON FUNCTION api.schema_version() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.schema_version() TO pgtally_api;
 
 CREATE FUNCTION api.sessions(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2828,6 +5874,9 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION api.sessions(p_session_id uuid) IS 'GET /v1/me/sessions: the caller''s active sessions, newest first, marking the current one, with how each began (method: password, google, github, device, device_code).';
+
+REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2859,6 +5908,9 @@ END $$;
 
 COMMENT ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) IS 'PUT /v1/billing/auto-topup (permission billing:manage; p_account_id: a team): when a charge leaves the balance below p_below credits (a plain decimal), buy the bundle p_bundle with the saved card (at most one in flight). Needs a Stripe customer (an earlier Checkout, TL40C). TL422 not a bundle or a negative threshold.';
 
+REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2867,6 +5919,9 @@ CREATE FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user
 $$;
 
 COMMENT ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'PATCH /v1/accounts/{id}/members/{user_id}: change a member''s role (members:manage; owners only for the owner role; the last owner stays). TL403, TL404, TL40C, TL422.';
+
+REVOKE ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) TO pgtally_api;
 
 CREATE FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2918,6 +5973,9 @@ END $_$;
 
 COMMENT ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) IS 'PUT /v1/accounts/{id}/sso (permission sso:manage: owners): the team''s OpenID Connect provider (issuer, client id and secret), the email domains it claims, and whether its members must sign in through it. A claimed domain takes effect only once proven (api.verify_sso_domain: a DNS TXT record; or api.admin_approve_sso_domain); domains kept keep their proof. TL422 bad input or a public mail domain (identity.public_mail_domains), TL40C not a team or a domain another team proved.';
 
+REVOKE ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) TO pgtally_api;
+
 CREATE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -2936,13 +5994,16 @@ END $$;
 
 COMMENT ON FUNCTION api.sign_in_methods(p_session_id uuid) IS 'The account page: whether the user has a password, and the linked providers {provider, email, linked_at, last_sign_in_at}.';
 
+REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid DEFAULT NULL::uuid, p_referral_code text DEFAULT NULL::text, p_fingerprint text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
   v_email text := identity.normalize_email(p_email);
-  v_limited jsonb := identity.throttled('signup', p_ip, 10, interval '1 hour', 'email', v_email, 5, interval '1 hour');
+  v_limited jsonb := identity.throttled('signup', p_ip, 'email', v_email);
   v_account_id uuid := util.uuid_v7();
   v_user_id uuid;
 BEGIN
@@ -2976,7 +6037,10 @@ BEGIN
   RETURN jsonb_build_object('email', v_email, 'status', 'verification_email_sent');
 END $$;
 
-COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limits: 10 an hour per IP, 5 an hour per address (TL429). TL422 bad email.';
+COMMENT ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) IS 'POST /v1/auth/signup: create a user (argon2id hash computed by the server) with a personal account on the free plan and queue a verification email (valid 24 hours). An address already registered gets the same answer and an account_exists email instead (no enumeration). With the anonymous device''s session, moves its usage and credits to the new account. p_referral_code (and p_fingerprint, a client hint): who referred the person (billing.attribute_referral; an unknown code is ignored). Rate limited per IP and per address (identity.rate_limit_rules, TL429). TL422 bad email.';
+
+REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
 
 CREATE FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean DEFAULT false) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -2997,6 +6061,9 @@ END $$;
 
 COMMENT ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) IS 'GET /v1/accounts/{id}/sso (and DELETE, p_delete): the team''s SSO settings (sso:manage). TL404 none.';
 
+REVOKE ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) TO pgtally_api;
+
 CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3008,6 +6075,9 @@ CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL
 $$;
 
 COMMENT ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) IS '/auth/sso/start and its callback: the provider of the team that proved the address''s domain (or of p_account_id): issuer, client id and secret; NULL when none.';
+
+REVOKE ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.staff_grant(p_email text, p_role text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3028,6 +6098,8 @@ END $$;
 
 COMMENT ON FUNCTION api.staff_grant(p_email text, p_role text) IS 'pgtally staff grant EMAIL ROLE (revoke: NULL): make a user staff (support or admin). TL404 unknown user, TL422 bad role. Operators only (not granted to pgtally_api).';
 
+REVOKE ALL ON FUNCTION api.staff_grant(p_email text, p_role text) FROM PUBLIC;
+
 CREATE FUNCTION api.staff_role(p_session_id uuid) RETURNS text
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3037,6 +6109,9 @@ CREATE FUNCTION api.staff_role(p_session_id uuid) RETURNS text
 $$;
 
 COMMENT ON FUNCTION api.staff_role(p_session_id uuid) IS 'The staff role of a signed-in session''s user (support, admin), NULL for customers: what /admin pages check.';
+
+REVOKE ALL ON FUNCTION api.staff_role(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.staff_role(p_session_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS text
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3055,6 +6130,9 @@ END $$;
 
 COMMENT ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'POST /v1/billing/portal (permission billing:manage; p_account_id: a team): the account''s Stripe customer id. TL404 before the first checkout.';
 
+REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3063,6 +6141,9 @@ CREATE FUNCTION api.stripe_customer_of(p_account_id uuid) RETURNS text
 $$;
 
 COMMENT ON FUNCTION api.stripe_customer_of(p_account_id uuid) IS 'pgtally worker: the Stripe customer id of an account (NULL when it has none), for the meter events that report its post-paid usage.';
+
+REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3171,6 +6252,9 @@ END $_$;
 
 COMMENT ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) IS 'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
 
+REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
+
 CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) RETURNS jsonb
     LANGUAGE sql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3179,6 +6263,53 @@ CREATE FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) R
 $$;
 
 COMMENT ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) IS 'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
+
+REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
+
+CREATE FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_team jsonb;
+BEGIN
+  SELECT a INTO v_team FROM jsonb_array_elements(api.accounts(p_session_id) -> 'data') a
+  WHERE a ->> 'id' = p_account_id::text;
+  IF v_team IS NULL THEN
+    PERFORM util.fail('TL403', 'you are not a member of this account');
+  END IF;
+  RETURN jsonb_build_object('team', v_team,
+                            'members', api.members(p_session_id, p_account_id) -> 'data',
+                            'invitations', api.invitations(p_session_id, p_account_id) -> 'data');
+END $$;
+
+COMMENT ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) IS 'GET /teams/{id}: the team as the person''s account list shows it (api.accounts), its members (api.members) and pending invitations (api.invitations). TL401 signed out, TL403 not a member.';
+
+REVOKE ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_billing jsonb;
+BEGIN
+  IF p_session_id IS NOT NULL THEN
+    BEGIN
+      v_billing := api.billing_account(NULL, p_session_id, p_account_id);
+    EXCEPTION WHEN SQLSTATE 'TL401' OR SQLSTATE 'TL403' OR SQLSTATE 'TL404' THEN
+      v_billing := NULL;                  -- signed out since, or a role that may not buy: the catalog only
+    END;
+  END IF;
+  RETURN jsonb_build_object('catalog', api.plans(), 'billing', v_billing);
+END $$;
+
+COMMENT ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) IS 'GET /upgrade: the catalog (api.plans) and, for a signed-in buyer (p_session_id, acting on p_account_id), the billing state that marks the current plan (api.billing_account; null when signed out or not allowed).';
+
+REVOKE ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3217,12 +6348,15 @@ END $_$;
 
 COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter, within [p_from, p_to), of one API key (p_api_key_id) and of one member (p_user_id); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
+REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 DECLARE
-  v_limited jsonb := identity.throttled('verify_email', p_ip, 30, interval '1 hour');
+  v_limited jsonb := identity.throttled('verify_email', p_ip);
   v_user_id uuid;
   u identity.users;
 BEGIN
@@ -3239,7 +6373,10 @@ BEGIN
   RETURN jsonb_build_object('email', u.email, 'email_verified', true);
 END $$;
 
-COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over 30 an hour per IP.';
+COMMENT ON FUNCTION api.verify_email(p_token text, p_ip text) IS 'POST /v1/auth/verify-email: use a verification token (once, within 24 hours) to mark the email verified (identity.mark_email_verified: the sign-up bonus, a referral that qualifies on it). TL400 invalid, used or expired token; TL429 over the per-IP limit (identity.rate_limit_rules).';
+
+REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
 
 CREATE FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -3272,6 +6409,9 @@ END $$;
 
 COMMENT ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) IS 'POST /v1/accounts/{id}/sso/domains/{domain}/verify (sso:manage). Called first with p_txt_records NULL: checks the caller may and the domain is claimed (the server asks DNS only then), returns the settings. Then the server looked up the TXT records of the domain (p_txt_records, through DNS) and this decides: one of them equal to identity.sso_txt_value(token) proves the claim, and the domain takes effect. Idempotent for a proven domain. TL404 not claimed by this team, TL422 no matching record (detail names the record to publish), TL40C another team proved it first.';
 
+REVOKE ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) TO pgtally_api;
+
 CREATE FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) RETURNS record
     LANGUAGE sql STABLE
     AS $$
@@ -3286,6 +6426,8 @@ $$;
 
 COMMENT ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) IS 'An account''s monthly recurring revenue now: its active and past_due licensed subscription prices (minor units; yearly ones / 12), the currency and plan.';
 
+REVOKE ALL ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) FROM PUBLIC;
+
 CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS uuid
     LANGUAGE sql STABLE
     AS $_$
@@ -3297,6 +6439,8 @@ CREATE FUNCTION billing.account_of(p_account_hint text, p_customer text) RETURNS
 $_$;
 
 COMMENT ON FUNCTION billing.account_of(p_account_hint text, p_customer text) IS 'The account a Stripe object belongs to: its account_id metadata (or client_reference_id) when it names an account (the user it was merged into, for a device that signed up since), else the owner of its customer.';
+
+REVOKE ALL ON FUNCTION billing.account_of(p_account_hint text, p_customer text) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_charge_refunded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3349,6 +6493,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_charge_refunded(p_event jsonb) IS 'charge.refunded: a subscription invoice''s payment is billing.apply_invoice_refund''s. Otherwise a referral reward the payment earned is canceled inside its holdback (billing.cancel_referral_reward); for a bundle payment, take back the credits in proportion to amount_refunded (from the lot it bought first, then in the burn order), never below a zero balance; what could not be taken is added to billing.payments.shortfall_micros. Partial refunds apply their increase only.';
 
+REVOKE ALL ON FUNCTION billing.apply_charge_refunded(p_event jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.apply_checkout_completed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -3397,6 +6543,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_checkout_completed(p_event jsonb) IS 'checkout.session.completed and checkout.session.async_payment_succeeded (delayed payment methods): link the Stripe customer to the account; for a paid bundle, record the payment and grant its credits (once per session).';
 
+REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.apply_dispute(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -3429,6 +6577,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_dispute(p_event jsonb) IS 'charge.dispute.created, .updated, .closed: record the dispute once (billing.disputes) with Stripe''s latest status, amount (minor units) and reason; closed sets closed_at. A Dispute names no customer: the account is found through the payment pgtally recorded (a bundle''s PaymentIntent, a subscription invoice''s PaymentIntent or charge in billing.invoice_payments), else a customer an older API version named.';
+
+REVOKE ALL ON FUNCTION billing.apply_dispute(p_event jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_invoice_paid(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3472,6 +6622,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_paid(p_event jsonb) IS 'invoice.paid for a subscription: record the invoice once (billing.invoices, with its metered lines: the post-paid usage Stripe billed) and the payments that paid it (payments.data: billing.invoice_payments); move the subscription and account to the invoiced period (its latest line''s; never backwards), which resets billing-period allowances; end any payment grace; grant the plan''s included credits once per invoice.';
 
+REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -3497,6 +6649,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) IS 'invoice.payment_failed: record the invoice as open, start a 7-day grace period (from the event''s time, once) and email the customer once per invoice (payment_failed: the amount, the grace end and the link to update the card); after the grace the account is metered as free until an invoice is paid. The subscription''s past_due status arrives by its own event.';
 
+REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -3513,6 +6667,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) IS 'invoice_payment.paid: record which PaymentIntent or Charge paid a recorded subscription invoice (billing.invoice_payments), for Stripe accounts whose invoice.paid events do not include the invoice''s payments list.';
+
+REVOKE ALL ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_invoice_refund(o jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3546,6 +6702,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_invoice_refund(o jsonb) IS 'charge.refunded of a subscription invoice''s payment (found by PaymentIntent or charge in billing.invoice_payments: since API 2025-03-31 a Charge names no invoice): record what was refunded of the payment and the invoice (minor units; refunded in full: status refunded, out of the revenue views), cancel a referral reward the invoice earned inside its holdback. NULL when the charge paid no recorded invoice; stale when no more was refunded than already recorded.';
+
+REVOKE ALL ON FUNCTION billing.apply_invoice_refund(o jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3583,6 +6741,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) IS 'payment_intent.succeeded for a credit bundle (a one-click or auto top-up, or a Checkout payment whose own event has not arrived): record the payment and grant its credits, once per PaymentIntent whichever of the two events comes first; an auto top-up''s ends its in-flight state.';
+
+REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb DEFAULT NULL::jsonb) RETURNS text
     LANGUAGE plpgsql
@@ -3646,6 +6806,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) IS 'customer.subscription.created/updated/deleted: store the subscription (status, price and plan, period, cancel at period end) unless the stored state comes from a later event (then stale), and set the account''s plan from it. p_current: the subscription as just re-read from Stripe, applied instead of the event''s copy whatever the order (how Stripe recommends settling events of the same second).';
 
+REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
+
 CREATE FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid DEFAULT NULL::uuid) RETURNS text
     LANGUAGE plpgsql
     AS $$
@@ -3693,21 +6855,7 @@ END $$;
 
 COMMENT ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) IS 'At sign-up only: record who referred the new account (p_code, a person''s referral code; unknown codes are ignored), first touch (an account already referred keeps its referrer). Refused without a reward, the reason recorded: self_referral (the referrer''s own account or mailbox, billing.mailbox: alice+2@ is alice@, a.lice@gmail.com is alice@googlemail.com), own_device (the anonymous device merged at sign-up has the fingerprint of a device the referrer merged), same_ip (the referrer was seen at this IP within the program''s same_ip_window, from identity.auth_events), same_fingerprint (the fingerprint sent at sign-up is one of the referrer''s devices). Returns signed_up, the reason, unknown_code or already_referred.';
 
-CREATE TABLE billing.auto_topups (
-    account_id uuid NOT NULL,
-    below_micros bigint NOT NULL,
-    price_id text NOT NULL,
-    enabled boolean DEFAULT true NOT NULL,
-    failures integer DEFAULT 0 NOT NULL,
-    in_flight_since timestamp with time zone,
-    last_error text,
-    updated_at timestamp with time zone NOT NULL,
-    CONSTRAINT auto_topups_below_micros_check CHECK ((below_micros >= 0)),
-    CONSTRAINT auto_topups_failures_check CHECK ((failures >= 0)),
-    CONSTRAINT auto_topups_last_error_check CHECK ((length(last_error) <= 1000))
-);
-
-COMMENT ON TABLE billing.auto_topups IS 'Auto top-up settings: buy price_id (a bundle) with the saved card when a charge leaves the balance below below_micros. in_flight_since: a top-up is queued or being paid (never two at once); cleared by its payment_intent.succeeded, or by a failure (3 failures turn it off and email the user).';
+REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION billing.auto_topup_json(t billing.auto_topups) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -3718,6 +6866,8 @@ CREATE FUNCTION billing.auto_topup_json(t billing.auto_topups) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION billing.auto_topup_json(t billing.auto_topups) IS 'Auto top-up settings as the API shows them: {enabled, below (credits), bundle, failures, in_flight, last_error}.';
+
+REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLIC;
 
 CREATE FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS uuid
     LANGUAGE plpgsql
@@ -3734,6 +6884,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The account a purchase is for: the principal''s (API key or session), or a team the person may buy for (p_account_id, permission billing:manage), or, with neither principal, the account of a signed upgrade link the server verified (p_account_id).';
+
+REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION billing.cancel_referral_reward(p_ref text) RETURNS void
     LANGUAGE plpgsql
@@ -3757,6 +6909,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.cancel_referral_reward(p_ref text) IS 'The qualifying payment p_ref (a PaymentIntent or invoice id) was refunded: inside the holdback, cancel the reward''s pending lots (never spendable, no transfer) and mark the referral rejected (refunded); after it, nothing changes.';
 
+REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
+
 CREATE FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -3766,6 +6920,8 @@ CREATE FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload 
 $$;
 
 COMMENT ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) IS 'Queue a billing email (payment_failed, receipt, subscription_ending, subscription_canceled) to the account''s person, when their address is verified, in the caller''s transaction.';
+
+REVOKE ALL ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.email_receipt(p_payment text) RETURNS void
     LANGUAGE sql
@@ -3779,6 +6935,8 @@ CREATE FUNCTION billing.email_receipt(p_payment text) RETURNS void
 $$;
 
 COMMENT ON FUNCTION billing.email_receipt(p_payment text) IS 'Queue the receipt of a recorded bundle payment (once: called where the payment is first recorded).';
+
+REVOKE ALL ON FUNCTION billing.email_receipt(p_payment text) FROM PUBLIC;
 
 CREATE FUNCTION billing.enqueue_auto_topup(p_account_id uuid) RETURNS void
     LANGUAGE plpgsql
@@ -3799,6 +6957,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) IS 'Called by the charge that left the balance under the threshold, in its transaction: queue one auto top-up (outbox task auto_topup) unless one is in flight.';
 
+REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION billing.event_rank(p_type text, p_status text) RETURNS integer
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -3811,6 +6971,8 @@ $$;
 
 COMMENT ON FUNCTION billing.event_rank(p_type text, p_status text) IS 'Order of two subscription events created in the same second (Stripe timestamps have one-second resolution and deliveries are unordered): later in the subscription lifecycle first, then created < updated < deleted; the event id breaks any remaining tie. Deterministic, so arrival order never changes the outcome.';
 
+REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
+
 CREATE FUNCTION billing.first_payment(p_account_id uuid, p_ref text) RETURNS void
     LANGUAGE sql
     AS $$
@@ -3818,6 +6980,8 @@ CREATE FUNCTION billing.first_payment(p_account_id uuid, p_ref text) RETURNS voi
 $$;
 
 COMMENT ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) IS 'A payment was recorded for the account (bundle, top-up or a paid subscription invoice; p_ref its PaymentIntent or invoice id): qualifies its referral when the program counts first payments (only the first does: the referral is claimed once).';
+
+REVOKE ALL ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) FROM PUBLIC;
 
 CREATE FUNCTION billing.mailbox(p_email text) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -3830,6 +6994,8 @@ $_$;
 
 COMMENT ON FUNCTION billing.mailbox(p_email text) IS 'The mailbox an address delivers to, as far as the self-referral rule cares: lower case, the local part without a +tag (alice+2@example.com -> alice@example.com), and Gmail''s rules: dots in the local part do not count and googlemail.com is gmail.com (A.Lice+x@googlemail.com -> alice@gmail.com). Other providers'' dots are kept. Issue #22 item 10.';
 
+REVOKE ALL ON FUNCTION billing.mailbox(p_email text) FROM PUBLIC;
+
 CREATE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -3839,6 +7005,8 @@ CREATE FUNCTION billing.money(p_minor bigint, p_currency text) RETURNS text
 $$;
 
 COMMENT ON FUNCTION billing.money(p_minor bigint, p_currency text) IS 'An amount in minor units for people: 4000, usd -> 40.00 USD (Stripe''s zero-decimal currencies have no minor unit: https://docs.stripe.com/currencies#zero-decimal).';
+
+REVOKE ALL ON FUNCTION billing.money(p_minor bigint, p_currency text) FROM PUBLIC;
 
 CREATE FUNCTION billing.plans_json() RETURNS jsonb
     LANGUAGE sql STABLE
@@ -3865,37 +7033,7 @@ $$;
 
 COMMENT ON FUNCTION billing.plans_json() IS 'The public catalog: active plans (not anonymous) with entitlements (post_paid ones with unit_amount, minor units per unit), spending_limit (post-paid plans, minor units per billing period) and active prices, and credit bundles.';
 
-CREATE TABLE billing.prices (
-    id text NOT NULL,
-    stripe_price_id text NOT NULL,
-    plan_id text,
-    "interval" text,
-    credits_micros bigint,
-    amount_minor bigint NOT NULL,
-    currency text NOT NULL,
-    name text NOT NULL,
-    active boolean DEFAULT true NOT NULL,
-    usage_type text DEFAULT 'licensed'::text NOT NULL,
-    CONSTRAINT prices_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT prices_check CHECK ((((plan_id IS NOT NULL) AND ("interval" IS NOT NULL) AND (credits_micros IS NULL)) OR ((plan_id IS NULL) AND ("interval" IS NULL) AND (credits_micros IS NOT NULL)))),
-    CONSTRAINT prices_credits_micros_check CHECK ((credits_micros > 0)),
-    CONSTRAINT prices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT prices_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT prices_interval_check CHECK (("interval" = ANY (ARRAY['month'::text, 'year'::text]))),
-    CONSTRAINT prices_usage_type_check CHECK ((usage_type = ANY (ARRAY['licensed'::text, 'metered'::text])))
-);
-
-COMMENT ON TABLE billing.prices IS 'What can be bought through Stripe Checkout: a plan''s recurring price (monthly or yearly, subscription mode) or a one-time credit bundle (payment mode). Loaded from the catalog file.';
-
-COMMENT ON COLUMN billing.prices.id IS 'pgtally''s price code, for example pro_monthly or bundle_10 (what clients send).';
-
-COMMENT ON COLUMN billing.prices.stripe_price_id IS 'The Stripe Price id (price_...) of this environment.';
-
-COMMENT ON COLUMN billing.prices.credits_micros IS 'For a bundle: the micro-credits a paid checkout grants.';
-
-COMMENT ON COLUMN billing.prices.amount_minor IS 'Price in minor currency units (cents), as Stripe counts.';
-
-COMMENT ON COLUMN billing.prices.usage_type IS 'Stripe''s recurring.usage_type: licensed (a fixed amount per period) or metered (a price on a Billing Meter: Checkout sends no quantity, the invoice bills the period''s reported usage).';
+REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
 
 CREATE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -3906,6 +7044,8 @@ CREATE FUNCTION billing.price_json(x billing.prices) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION billing.price_json(x billing.prices) IS 'A price as GET /v1/plans shows it: {id, name, amount (minor units), currency, interval, stripe_price_id, usage_type (licensed or metered), credits (bundles)}.';
+
+REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
 
 CREATE FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) RETURNS void
     LANGUAGE plpgsql
@@ -3950,28 +7090,7 @@ END $$;
 
 COMMENT ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) IS 'The referee did what the program qualifies on (p_event: email_verified or first_payment; p_ref names it, e.g. the payment): in the caller''s transaction, qualify the referral once and reward it: the referrer''s reward and any referee bonus as referral_reward lots, pending for the holdback (spendable after it, through one ledger transfer each); over the referrer''s monthly cap it is rejected (monthly_cap) instead. Callers lock the referee''s account.';
 
-CREATE TABLE billing.subscriptions (
-    stripe_subscription_id text NOT NULL,
-    account_id uuid NOT NULL,
-    stripe_customer_id text,
-    status text NOT NULL,
-    stripe_item_id text,
-    price_id text,
-    plan_id text,
-    current_period_start timestamp with time zone,
-    current_period_end timestamp with time zone,
-    cancel_at_period_end boolean DEFAULT false NOT NULL,
-    canceled_at timestamp with time zone,
-    last_event_created timestamp with time zone NOT NULL,
-    last_event_rank integer NOT NULL,
-    last_event_id text NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT subscriptions_status_check CHECK ((status = ANY (ARRAY['incomplete'::text, 'incomplete_expired'::text, 'trialing'::text, 'active'::text, 'past_due'::text, 'canceled'::text, 'unpaid'::text, 'paused'::text])))
-);
-
-COMMENT ON TABLE billing.subscriptions IS 'Stripe subscriptions as the newest applied event describes them. An event is applied only when (created, rank, id) is greater than the stored last_event_*: an older event never overwrites newer state, and events of the same second are ordered the same way whatever order they arrive in.';
-
-COMMENT ON COLUMN billing.subscriptions.last_event_rank IS 'Tiebreak within one second: the lifecycle rank of the event''s subscription status (incomplete < trialing < active < past_due < unpaid < paused < canceled), then created/updated/deleted.';
+REVOKE ALL ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) FROM PUBLIC;
 
 CREATE FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) RETURNS void
     LANGUAGE sql
@@ -4007,6 +7126,8 @@ $$;
 
 COMMENT ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) IS 'Record a subscription invoice from its Stripe object once (billing.invoices): amount paid, tax (total_taxes), plan, period (its lines''), the metered lines and their period, links. An open invoice (payment failed) becomes paid when invoice.paid arrives; a paid (or since refunded) one never changes here.';
 
+REVOKE ALL ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) RETURNS void
     LANGUAGE plpgsql
     AS $$
@@ -4021,6 +7142,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) IS 'Record a paid Stripe InvoicePayment (once): which PaymentIntent or Charge paid which invoice of the account, amount paid in minor units. Source: Stripe API 2025-03-31, where Charge.invoice and Invoice.payment_intent were removed in favour of InvoicePayment.';
+
+REVOKE ALL ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) RETURNS void
     LANGUAGE plpgsql
@@ -4041,6 +7164,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) IS 'After a subscription event: append the account''s MRR to billing.mrr_changes when it changed (amount, currency or plan), at the event''s time (never before the last change).';
 
+REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -4054,6 +7179,8 @@ END $$;
 
 COMMENT ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) IS 'Record a signed but malformed Stripe event as rejected, with the reason (once per id); nothing is applied.';
 
+REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
+
 CREATE FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) RETURNS void
     LANGUAGE sql
     AS $$
@@ -4066,6 +7193,8 @@ $$;
 
 COMMENT ON FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) IS 'Queue the report of a post-paid usage event to Stripe''s Billing Meter (outbox meter_event whose id is the usage event''s id, in the charge''s transaction): the worker sends it with identifier = the usage event id, so Stripe counts it once (https://docs.stripe.com/api/billing/meter-event/create).';
 
+REVOKE ALL ON FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bigint
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4074,6 +7203,8 @@ CREATE FUNCTION billing.signed_to_micros(p_credits text, p_path text) RETURNS bi
 $$;
 
 COMMENT ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) IS 'A plain decimal number of credits with an optional minus sign (-5, 0.25) as micro-credits, by billing.to_micros''s rules.';
+
+REVOKE ALL ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) FROM PUBLIC;
 
 CREATE FUNCTION billing.subscription_of_invoice(o jsonb) RETURNS billing.subscriptions
     LANGUAGE plpgsql
@@ -4094,6 +7225,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.subscription_of_invoice(o jsonb) IS 'The subscription an invoice bills (NULL for a one-off invoice). TL503 (answered 503, so Stripe retries) when the subscription''s own events have not arrived yet.';
+
+REVOKE ALL ON FUNCTION billing.subscription_of_invoice(o jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.sync_account_plan(p_account_id uuid) RETURNS void
     LANGUAGE plpgsql
@@ -4117,6 +7250,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION billing.sync_account_plan(p_account_id uuid) IS 'Set an account''s plan and billing period from its live subscription (active, trialing or past_due; the one whose period ends last), or the free plan when it has none. Called with the account locked.';
+
+REVOKE ALL ON FUNCTION billing.sync_account_plan(p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION billing.to_micros(p_credits jsonb, p_path text) RETURNS bigint
     LANGUAGE plpgsql IMMUTABLE
@@ -4143,6 +7278,8 @@ END $_$;
 
 COMMENT ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) IS 'A catalog or command-line amount of credits (JSON number, or a string of plain decimal digits: 12, 0.5; no exponent, sign or spaces) as micro-credits; TL422 naming p_path when it is not a non-negative amount with at most 6 decimals.';
 
+REVOKE ALL ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) FROM PUBLIC;
+
 CREATE FUNCTION billing.ts(p_unix jsonb) RETURNS timestamp with time zone
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4150,6 +7287,8 @@ CREATE FUNCTION billing.ts(p_unix jsonb) RETURNS timestamp with time zone
 $$;
 
 COMMENT ON FUNCTION billing.ts(p_unix jsonb) IS 'A Stripe Unix timestamp (seconds) as timestamptz; NULL when absent.';
+
+REVOKE ALL ON FUNCTION billing.ts(p_unix jsonb) FROM PUBLIC;
 
 CREATE FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) RETURNS void
     LANGUAGE plpgsql
@@ -4182,69 +7321,7 @@ END $_$;
 
 COMMENT ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) IS 'Catalog loader helper: insert or update one Stripe price ({stripe_price, amount (minor units), currency, name, usage_type: licensed | metered}) of a plan or a bundle. TL422 naming p_path.';
 
-CREATE FUNCTION util.uuid_v7() RETURNS uuid
-    LANGUAGE sql PARALLEL SAFE
-    AS $$
-  SELECT encode(
-    set_bit(set_bit(
-      overlay(uuid_send(gen_random_uuid())
-              PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
-              FROM 1 FOR 6),
-      52, 1), 53, 1),
-    'hex')::uuid
-$$;
-
-COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 48-bit Unix milliseconds, then random bits. Used for every public id.';
-
-CREATE TABLE identity.accounts (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    kind identity.account_kind DEFAULT 'person'::text NOT NULL,
-    name identity.account_name,
-    plan_id text NOT NULL,
-    credit_balance_micros util.micro_credits DEFAULT 0 NOT NULL,
-    billing_period_start timestamp with time zone,
-    billing_period_end timestamp with time zone,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    merged_into uuid,
-    device_fingerprint identity.device_fingerprint,
-    plan_grace_until timestamp with time zone,
-    device_install_hash bytea,
-    held_micros bigint DEFAULT 0 NOT NULL,
-    auto_topup_below_micros util.micro_credits,
-    credits_due_at timestamp with time zone,
-    suspended_at timestamp with time zone,
-    suspended_reason util.note,
-    has_budgets boolean DEFAULT false NOT NULL,
-    CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
-    CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
-    CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
-);
-
-COMMENT ON TABLE identity.accounts IS 'An account owns a plan, a credit balance and usage: a person, a team, an anonymous device or a service.';
-
-COMMENT ON COLUMN identity.accounts.credit_balance_micros IS 'Cached credit balance in micro-credits; always equals the sum of this account''s ledger.entries (reporting.balance_mismatches proves it). Cannot go negative.';
-
-COMMENT ON COLUMN identity.accounts.billing_period_start IS 'Start of the current subscription period, for entitlements with period=billing_period (set by billing).';
-
-COMMENT ON COLUMN identity.accounts.billing_period_end IS 'End (exclusive) of the current subscription period.';
-
-COMMENT ON COLUMN identity.accounts.merged_into IS 'For an anonymous device account: the user account its usage and credits moved to (set once, by identity.merge_device).';
-
-COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous device account: the fingerprint the device sent to POST /v1/identify. A hint for lookups and abuse limits, never a credential.';
-
-COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
-
-COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
-
-COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
-
-COMMENT ON COLUMN identity.accounts.auto_topup_below_micros IS 'Auto top-up threshold in micro-credits (NULL: off): a charge that leaves the balance below it enqueues one top-up (billing.auto_topups).';
-
-COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of this account expires or becomes spendable, or its plan''s monthly credits are due (NULL: nothing is): a charge that finds it past runs ledger.refresh_lots first, so the hot path pays one comparison.';
-
-COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
-
-COMMENT ON COLUMN identity.accounts.has_budgets IS 'Whether the account has a budget (metering.budgets): a charge reads this flag from the row it already locks, so an account without budgets pays no query for them. Kept by metering.set_budget and metering.delete_budget under the account''s lock.';
+REVOKE ALL ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) FROM PUBLIC;
 
 CREATE FUNCTION identity.account_json(a identity.accounts, p_role text) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4256,31 +7333,7 @@ $$;
 
 COMMENT ON FUNCTION identity.account_json(a identity.accounts, p_role text) IS 'An account as /v1/accounts shows it to a member: {id, kind (person, team), name, role, plan, credits, suspended, created_at}.';
 
-CREATE TABLE identity.sessions (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    user_id uuid,
-    ip text,
-    user_agent text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    last_used_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    revoked_at timestamp with time zone,
-    revoked_reason text,
-    refresh_secret bytea DEFAULT (uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid())) NOT NULL,
-    method text DEFAULT 'password'::text NOT NULL,
-    CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text, 'sso'::text]))),
-    CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
-    CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text])))
-);
-
-COMMENT ON TABLE identity.sessions IS 'A sign-in (a user''s login or an anonymous device''s identify): one refresh-token family. Revoking it ends every access and refresh token issued for it.';
-
-COMMENT ON COLUMN identity.sessions.expires_at IS 'Absolute end of the session: refresh tokens stop rotating then (30 days after sign-in).';
-
-COMMENT ON COLUMN identity.sessions.refresh_secret IS 'Random key of the refresh-token family: a token''s successor is HMAC-SHA256(refresh_secret, token), so a retry of the same token within the grace window gets the same successor, and the successor is never stored in plaintext.';
-
-COMMENT ON COLUMN identity.sessions.method IS 'How the session started: password, google, github (browser sign-in), device (an anonymous install, POST /v1/identify), device_code (a command line approved at /device).';
+REVOKE ALL ON FUNCTION identity.account_json(a identity.accounts, p_role text) FROM PUBLIC;
 
 CREATE FUNCTION identity.active_session(p_session_id uuid) RETURNS identity.sessions
     LANGUAGE plpgsql
@@ -4298,6 +7351,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.active_session(p_session_id uuid) IS 'The session, if neither revoked nor expired; TL401 otherwise.';
 
+REVOKE ALL ON FUNCTION identity.active_session(p_session_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION identity.api_key_checksum(p_prefix_and_body text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4306,32 +7361,7 @@ $$;
 
 COMMENT ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) IS 'The 8 hex characters that end an API key: the start of SHA-256(pgt_ + body). api/security.py checks it before any lookup, so a mistyped key is refused without touching the database.';
 
-CREATE TABLE identity.api_keys (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    name text DEFAULT ''::text NOT NULL,
-    key_hash bytea NOT NULL,
-    display text NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone,
-    revoked_at timestamp with time zone,
-    scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
-    last_used_at timestamp with time zone,
-    created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse}'::text[]) AND (cardinality(scopes) > 0)))
-);
-
-COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
-
-COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UTF-8).';
-
-COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
-
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key).';
-
-COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
-
-COMMENT ON COLUMN identity.api_keys.created_by IS 'The member who created the key: on every use its scopes are cut to what that member''s role allows now (a demoted member''s keys lose what the role lost; a removed member''s keys stop). NULL for operator keys.';
+REVOKE ALL ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) FROM PUBLIC;
 
 CREATE FUNCTION identity.api_key_json(k identity.api_keys) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4343,13 +7373,17 @@ $$;
 
 COMMENT ON FUNCTION identity.api_key_json(k identity.api_keys) IS 'An API key as GET /v1/api-keys shows it (never the key itself).';
 
+REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
+
 CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid) RETURNS uuid
     LANGUAGE sql
     AS $$
   SELECT (identity.authenticate_principal(p_api_key, p_session_id, p_scope, p_account_id)).account_id
 $$;
 
-COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute.';
+COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token. p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
+
+REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) RETURNS record
     LANGUAGE plpgsql
@@ -4368,7 +7402,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the API key is not valid');
     END IF;
     IF k.last_used_at IS NULL OR k.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      BEGIN
+        UPDATE identity.api_keys SET last_used_at = util.now() WHERE id = k.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- a database that cannot write still serves reads: last_used_at waits
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> k.account_id THEN
       IF NOT 'service' = ANY (k.scopes) THEN
@@ -4393,7 +7431,11 @@ BEGIN
       PERFORM util.fail('TL401', 'the session has ended: sign in again');
     END IF;
     IF s.last_used_at < util.now() - interval '1 minute' THEN
-      UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      BEGIN
+        UPDATE identity.sessions SET last_used_at = util.now() WHERE id = s.id;
+      EXCEPTION WHEN read_only_sql_transaction OR disk_full THEN
+        NULL;   -- as above
+      END;
     END IF;
     IF p_account_id IS NOT NULL AND p_account_id <> s.account_id THEN
       -- Another account the person belongs to (a team), if their role there allows it.
@@ -4421,6 +7463,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) IS 'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
+
+REVOKE ALL ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -4476,6 +7520,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) IS 'Change a member''s role (p_role), or remove them (p_role NULL; anyone may leave), with the account row locked: only owners make or unmake owners, and an account always keeps an owner (TL40C, nothing changed). A removed member''s keys on the account are revoked, and so are the pending invitations they sent that their new role (or none) no longer allows (identity.may_invite; issue #22 item 5).';
 
+REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
+
 CREATE FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) RETURNS uuid
     LANGUAGE sql
     AS $$
@@ -4487,6 +7533,8 @@ $$;
 
 COMMENT ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) IS 'Use a one-time token: its user id, or NULL when unknown, used or expired. Atomic: of two concurrent claims one wins.';
 
+REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) FROM PUBLIC;
+
 CREATE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
     LANGUAGE sql STABLE
     AS $$
@@ -4496,6 +7544,8 @@ $$;
 
 COMMENT ON FUNCTION identity.effective_plan(a identity.accounts) IS 'The plan an account is metered on now: its plan, or free once a payment grace period (plan_grace_until) has passed.';
 
+REVOKE ALL ON FUNCTION identity.effective_plan(a identity.accounts) FROM PUBLIC;
+
 CREATE FUNCTION identity.email_domain(p_email text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4503,6 +7553,8 @@ CREATE FUNCTION identity.email_domain(p_email text) RETURNS text
 $$;
 
 COMMENT ON FUNCTION identity.email_domain(p_email text) IS 'The domain of an address, lower case ('''' when it has no @).';
+
+REVOKE ALL ON FUNCTION identity.email_domain(p_email text) FROM PUBLIC;
 
 CREATE FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb DEFAULT '{}'::jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
@@ -4512,21 +7564,7 @@ $$;
 
 COMMENT ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) IS 'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
 
-CREATE TABLE identity.invitations (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    email_normalized text NOT NULL,
-    role text NOT NULL,
-    token_hash bytea NOT NULL,
-    invited_by uuid NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    sent_count integer DEFAULT 1 NOT NULL,
-    CONSTRAINT invitations_email_normalized_check CHECK (((length(email_normalized) >= 3) AND (length(email_normalized) <= 320))),
-    CONSTRAINT invitations_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
-);
-
-COMMENT ON TABLE identity.invitations IS 'Pending invitations to join an account: single use (claimed by DELETE ... RETURNING, so two accepts cannot both succeed), expiring (7 days), for one address (the accepting user''s verified email must match). Only the token''s SHA-256 is kept; the link is emailed.';
+REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
 
 CREATE FUNCTION identity.invitation_json(i identity.invitations) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -4538,6 +7576,8 @@ $$;
 
 COMMENT ON FUNCTION identity.invitation_json(i identity.invitations) IS 'An invitation as the API shows it (never its token).';
 
+REVOKE ALL ON FUNCTION identity.invitation_json(i identity.invitations) FROM PUBLIC;
+
 CREATE FUNCTION identity.issue_api_key(p_account_id uuid, p_name text DEFAULT ''::text, p_scopes text[] DEFAULT '{usage:write,usage:read}'::text[], p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, OUT id uuid, OUT api_key text) RETURNS record
     LANGUAGE plpgsql
     AS $$
@@ -4547,11 +7587,13 @@ BEGIN
   api_key := v_body || identity.api_key_checksum(v_body);
   INSERT INTO identity.api_keys (account_id, name, key_hash, display, scopes, expires_at, created_at)
   VALUES (p_account_id, coalesce(p_name, ''), util.token_hash(api_key),
-          left(api_key, 8) || '...' || right(api_key, 4), p_scopes, p_expires_at, util.now())
+          left(api_key, 8) || '...' || right(api_key, 4), identity.scope_set(p_scopes), p_expires_at, util.now())
   RETURNING identity.api_keys.id INTO id;
 END $$;
 
-COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash.';
+COMMENT ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) IS 'Create an API key for an account: returns its id and the key (pgt_ + 64 random characters + 8-character checksum), which is stored only as a SHA-256 hash; its scopes are stored once each (identity.scope_set).';
+
+REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) FROM PUBLIC;
 
 CREATE FUNCTION identity.issue_refresh_token(p_session_id uuid) RETURNS text
     LANGUAGE plpgsql
@@ -4565,6 +7607,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.issue_refresh_token(p_session_id uuid) IS 'A new refresh token for a session, valid until the session expires.';
+
+REVOKE ALL ON FUNCTION identity.issue_refresh_token(p_session_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) RETURNS identity.sessions
     LANGUAGE plpgsql
@@ -4581,6 +7625,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) IS 'The signed-in person''s session, its account_id set to the account whose keys they manage (their own, or p_account_id where their role grants keys:manage). TL403 otherwise.';
 
+REVOKE ALL ON FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) RETURNS void
     LANGUAGE sql
     AS $$
@@ -4590,6 +7636,8 @@ $$;
 
 COMMENT ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) IS 'Link a provider account to a user.';
 
+REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) FROM PUBLIC;
+
 CREATE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb DEFAULT '{}'::jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -4598,6 +7646,8 @@ CREATE FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uui
 $$;
 
 COMMENT ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) IS 'Append one authentication event. Callers never pass a secret.';
+
+REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) FROM PUBLIC;
 
 CREATE FUNCTION identity.mark_email_verified(p_user_id uuid) RETURNS boolean
     LANGUAGE plpgsql
@@ -4622,6 +7672,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.mark_email_verified(p_user_id uuid) IS 'Mark a user''s email verified, the first time only (returns false after): in the same transaction grant the plan''s sign-up bonus once per person (a signup_bonus lot) and qualify a referral whose program qualifies on email_verified. Every path that verifies an address (the emailed link, a password reset, a provider that vouches for it) calls it.';
 
+REVOKE ALL ON FUNCTION identity.mark_email_verified(p_user_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) RETURNS boolean
     LANGUAGE sql STABLE
     AS $$
@@ -4631,6 +7683,8 @@ CREATE FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role te
 $$;
 
 COMMENT ON FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) IS 'Whether a person may, now, invite someone to an account with p_role: their role there grants members:manage, and only owners invite owners. Checked when the invitation is sent (api.invite), again when it is accepted (api.accept_invitation), and when the sender''s role changes (identity.change_membership revokes what it no longer allows). Issue #22 item 5.';
+
+REVOKE ALL ON FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) FROM PUBLIC;
 
 CREATE FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) RETURNS boolean
     LANGUAGE sql STABLE
@@ -4642,42 +7696,7 @@ $$;
 
 COMMENT ON FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) IS 'Whether a user''s role on an account grants a permission (identity.role_permissions).';
 
-CREATE FUNCTION util.referral_code() RETURNS text
-    LANGUAGE sql
-    AS $$
-  -- 8 characters of an unambiguous alphabet (31^8, about 8.5e11 codes) from random uuid bytes.
-  SELECT string_agg(substr('abcdefghjkmnpqrstuvwxyz23456789', 1 + get_byte(b, i) % 31, 1), '' ORDER BY i)
-  FROM (SELECT uuid_send(gen_random_uuid()) AS b) x, unnest(ARRAY[0, 1, 2, 3, 4, 5, 10, 11]) i
-$$;
-
-COMMENT ON FUNCTION util.referral_code() IS 'A new random referral code: 8 lower-case letters and digits, no 0/o/1/l/i.';
-
-CREATE TABLE identity.users (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    email text NOT NULL,
-    email_normalized text NOT NULL,
-    password_hash text,
-    email_verified_at timestamp with time zone,
-    password_changed_at timestamp with time zone DEFAULT now() NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    referral_code text DEFAULT util.referral_code() NOT NULL,
-    staff_role text,
-    CONSTRAINT users_email_check CHECK (((length(email) >= 3) AND (length(email) <= 320))),
-    CONSTRAINT users_email_normalized_check CHECK ((email_normalized = lower(email_normalized))),
-    CONSTRAINT users_referral_code_check CHECK ((referral_code ~ '^[a-z0-9]{8}$'::text)),
-    CONSTRAINT users_staff_role_check CHECK ((staff_role = ANY (ARRAY['support'::text, 'admin'::text])))
-);
-
-COMMENT ON TABLE identity.users IS 'People who sign in with an email and password; each owns a personal account.';
-
-COMMENT ON COLUMN identity.users.email_normalized IS 'lower(trim(email)): one user per address, whatever its case.';
-
-COMMENT ON COLUMN identity.users.password_hash IS 'argon2id hash in PHC string format (argon2-cffi); the password itself never reaches the database. NULL for a user who signs in only through a provider.';
-
-COMMENT ON COLUMN identity.users.referral_code IS 'The person''s referral code (their link is PGTALLY_PUBLIC_URL/r/CODE).';
-
-COMMENT ON COLUMN identity.users.staff_role IS 'The operator''s role (pgtally staff grant EMAIL ROLE): support (reads accounts, users, events, metrics) or admin (everything); NULL for customers.';
+REVOKE ALL ON FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) FROM PUBLIC;
 
 CREATE FUNCTION identity.member_user(p_session_id uuid) RETURNS identity.users
     LANGUAGE plpgsql
@@ -4694,6 +7713,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.member_user(p_session_id uuid) IS 'The signed-in person of a session (teams, staff); TL403 for an anonymous device.';
+
+REVOKE ALL ON FUNCTION identity.member_user(p_session_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -4768,6 +7789,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
 
+REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
+
 CREATE FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid DEFAULT NULL::uuid, p_fingerprint text DEFAULT NULL::text) RETURNS uuid
     LANGUAGE plpgsql
     AS $$
@@ -4800,6 +7823,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) IS 'Create an account on an active plan, with initial credits (micro-credits) granted through the ledger (a promotion lot); a plan with monthly credits makes them due at once. TL422 unknown plan or bad input.';
 
+REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) FROM PUBLIC;
+
 CREATE FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) RETURNS uuid
     LANGUAGE plpgsql
     AS $$
@@ -4811,6 +7836,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) IS 'A new person''s own account (free plan), which they own: every sign-up path calls it.';
+
+REVOKE ALL ON FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.normalize_email(p_email text) RETURNS text
     LANGUAGE plpgsql IMMUTABLE
@@ -4826,6 +7853,8 @@ END $_$;
 
 COMMENT ON FUNCTION identity.normalize_email(p_email text) IS 'lower(trim(email)), after a shape check (one @, a dot in the domain, no spaces, at most 320 characters). TL422 otherwise.';
 
+REVOKE ALL ON FUNCTION identity.normalize_email(p_email text) FROM PUBLIC;
+
 CREATE FUNCTION identity.normalize_user_code(p_code text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4834,6 +7863,8 @@ $$;
 
 COMMENT ON FUNCTION identity.normalize_user_code(p_code text) IS 'A user code as typed (any case, with or without the dash or spaces) in its stored form: XXXX-XXXX -> XXXXXXXX (RFC 8628 section 6.1).';
 
+REVOKE ALL ON FUNCTION identity.normalize_user_code(p_code text) FROM PUBLIC;
+
 CREATE FUNCTION identity.oauth_error(p_error text, p_description text) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -4841,6 +7872,8 @@ CREATE FUNCTION identity.oauth_error(p_error text, p_description text) RETURNS j
 $$;
 
 COMMENT ON FUNCTION identity.oauth_error(p_error text, p_description text) IS 'An OAuth token endpoint error (RFC 6749 section 5.2, RFC 8628 section 3.5), returned so that what the call wrote commits: {"oauth_error": {"error", "error_description"}}.';
+
+REVOKE ALL ON FUNCTION identity.oauth_error(p_error text, p_description text) FROM PUBLIC;
 
 CREATE FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) RETURNS text
     LANGUAGE plpgsql
@@ -4855,39 +7888,7 @@ END $$;
 
 COMMENT ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) IS 'Create a verify_email or password_reset token; returns the token, stored only as its hash.';
 
-CREATE TABLE identity.device_codes (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    device_code_hash bytea NOT NULL,
-    user_code text NOT NULL,
-    client_id text NOT NULL,
-    scope text,
-    ip text,
-    user_agent text,
-    device_session_id uuid,
-    status text DEFAULT 'pending'::text NOT NULL,
-    user_id uuid,
-    interval_seconds integer DEFAULT 5 NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    last_polled_at timestamp with time zone,
-    decided_at timestamp with time zone,
-    issued_at timestamp with time zone,
-    CONSTRAINT device_codes_check CHECK (((status = 'pending'::text) = (decided_at IS NULL))),
-    CONSTRAINT device_codes_check1 CHECK (((status <> 'approved'::text) OR (user_id IS NOT NULL))),
-    CONSTRAINT device_codes_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 100))),
-    CONSTRAINT device_codes_interval_seconds_check CHECK (((interval_seconds >= 1) AND (interval_seconds <= 120))),
-    CONSTRAINT device_codes_ip_check CHECK ((length(ip) <= 64)),
-    CONSTRAINT device_codes_scope_check CHECK ((length(scope) <= 200)),
-    CONSTRAINT device_codes_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'denied'::text]))),
-    CONSTRAINT device_codes_user_agent_check CHECK ((length(user_agent) <= 512)),
-    CONSTRAINT device_codes_user_code_check CHECK ((user_code ~ '^[BCDFGHJKLMNPQRSTVWXZ]{8}$'::text))
-);
-
-COMMENT ON TABLE identity.device_codes IS 'Device authorization grant (RFC 8628): a command line asks for a device code, a signed-in person approves or denies its user code at /device, the command line polls /oauth/token and gets one token pair, once. Codes expire after 10 minutes.';
-
-COMMENT ON COLUMN identity.device_codes.user_code IS '8 characters from an alphabet without vowels or look-alikes (RFC 8628 section 6.1), shown as XXXX-XXXX.';
-
-COMMENT ON COLUMN identity.device_codes.device_session_id IS 'The command line''s anonymous device session (POST /v1/identify), when it sent one: merged into the user on approval, once.';
+REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) FROM PUBLIC;
 
 CREATE FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -4899,10 +7900,10 @@ BEGIN
   IF s.user_id IS NULL THEN
     PERFORM util.fail('TL403', 'sign in to approve a device');
   END IF;
-  -- Guesses: 20 an hour per IP and per user, and 10 lookups of any one code.
-  error := identity.throttled('device_code', p_ip, 20, interval '1 hour', 'user', s.user_id::text, 20, interval '1 hour');
+  -- Guesses: limited per IP and per user, and lookups of any one code (identity.rate_limit_rules).
+  error := identity.throttled('device_code', p_ip, 'user', s.user_id::text);
   IF error IS NULL THEN
-    error := identity.throttled('device_code_lookup', NULL, 0, interval '1 hour', 'code', v_code, 10, interval '10 minutes');
+    error := identity.throttled('device_code_lookup', NULL, 'code', v_code);
   END IF;
   IF error IS NOT NULL THEN
     RETURN;
@@ -4916,6 +7917,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) IS 'The pending, unexpired device code a signed-in user typed, locked; or an error (TL404 unknown, decided or expired; TL429 too many guesses) to return.';
 
+REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
+
 CREATE FUNCTION identity.public_mail_domain(p_domain text) RETURNS boolean
     LANGUAGE plpgsql STABLE
     AS $$
@@ -4925,6 +7928,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.public_mail_domain(p_domain text) IS 'Whether a domain is a public mail domain (identity.public_mail_domains) or a subdomain of one: never claimable for SSO.';
+
+REVOKE ALL ON FUNCTION identity.public_mail_domain(p_domain text) FROM PUBLIC;
 
 CREATE FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -4951,6 +7956,18 @@ END $$;
 
 COMMENT ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) IS 'A team''s provider signed in the address of an existing user who never linked it: nothing is linked; a one-hour, single-use link goes to that address (outbox sso_link; at most one every 10 minutes per user and team) and the caller is told to open it. An identity provider, even of a proven domain, never takes over a user on its word alone.';
 
+REVOKE ALL ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
+
+CREATE FUNCTION identity.scope_set(p_scopes text[]) RETURNS text[]
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT coalesce(array_agg(s ORDER BY i), '{}') FROM (SELECT s, min(i) AS i FROM unnest(p_scopes) WITH ORDINALITY AS u(s, i) GROUP BY s) d
+$$;
+
+COMMENT ON FUNCTION identity.scope_set(p_scopes text[]) IS 'A key''s scopes as a set: each scope once, in the order first given (empty for NULL). A key sent usage:write a thousand times stores it once (issue 22).';
+
+REVOKE ALL ON FUNCTION identity.scope_set(p_scopes text[]) FROM PUBLIC;
+
 CREATE FUNCTION identity.sso_json(p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql STABLE
     AS $$
@@ -4972,6 +7989,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.sso_json(p_account_id uuid) IS 'A team''s SSO settings as the API shows them (never the client secret): its claimed domains and, per domain, whether it is verified and the TXT record that proves it.';
 
+REVOKE ALL ON FUNCTION identity.sso_json(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION identity.sso_required(p_user_id uuid) RETURNS boolean
     LANGUAGE plpgsql STABLE
     AS $$
@@ -4985,6 +8004,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.sso_required(p_user_id uuid) IS 'Whether this user must sign in through their team''s provider: they are a member of a team that requires SSO and proved the domain of their address. Strangers who merely share the domain are never bound by it.';
 
+REVOKE ALL ON FUNCTION identity.sso_required(p_user_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION identity.sso_team_of(p_email text) RETURNS uuid
     LANGUAGE plpgsql STABLE
     AS $$
@@ -4996,6 +8017,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.sso_team_of(p_email text) IS 'The team whose provider signs in this address: the one that proved the address''s domain (at most one, sso_domains_verified_domain_key); NULL when none. Unproven claims, and public mail domains however they were proven, count for nothing.';
 
+REVOKE ALL ON FUNCTION identity.sso_team_of(p_email text) FROM PUBLIC;
+
 CREATE FUNCTION identity.sso_txt_value(p_token text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -5003,6 +8026,8 @@ CREATE FUNCTION identity.sso_txt_value(p_token text) RETURNS text
 $$;
 
 COMMENT ON FUNCTION identity.sso_txt_value(p_token text) IS 'The TXT record value that proves a team owns a domain it claimed for SSO (published on the domain itself, as Google''s and Microsoft''s domain verifications are).';
+
+REVOKE ALL ON FUNCTION identity.sso_txt_value(p_token text) FROM PUBLIC;
 
 CREATE FUNCTION identity.staff(p_session_id uuid, p_action text) RETURNS identity.users
     LANGUAGE plpgsql
@@ -5022,6 +8047,8 @@ END $$;
 
 COMMENT ON FUNCTION identity.staff(p_session_id uuid, p_action text) IS 'The signed-in staff user for an admin action: read (support, admin), adjust_credits (support: grants up to 50 credits; admin: any), refund, set_plan, suspend, unsuspend, revoke_sessions (admin). TL403 for customers and for support doing an admin''s action.';
 
+REVOKE ALL ON FUNCTION identity.staff(p_session_id uuid, p_action text) FROM PUBLIC;
+
 CREATE FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text DEFAULT 'password'::text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -5036,6 +8063,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) IS 'Start a session (a refresh-token family, 30 days at most) begun by p_method (password, google, github, device, device_code) and return identity.tokens for it.';
+
+REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) FROM PUBLIC;
 
 CREATE FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) RETURNS text
     LANGUAGE sql
@@ -5056,7 +8085,9 @@ $$;
 
 COMMENT ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) IS 'The refresh token that follows p_refresh_token in its session: HMAC-SHA256(session.refresh_secret, token), stored (as a hash) the first time. Every retry of one token gets the same successor, so concurrent refreshes continue one chain.';
 
-CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text, p_limit integer DEFAULT NULL::integer, p_window interval DEFAULT NULL::interval) RETURNS jsonb
+REVOKE ALL ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
+
+CREATE FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text DEFAULT NULL::text, p_value text DEFAULT NULL::text) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -5065,11 +8096,16 @@ DECLARE
   v_recent timestamptz[];
   b record;
 BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.rate_limit_rules WHERE action = p_action) THEN
+    RAISE EXCEPTION 'no rate limit rule for %', p_action;      -- a caller's mistake, never a free pass
+  END IF;
   -- Each bucket's row is locked (in bucket order, so two attempts never wait on each other
   -- crosswise) until the caller's transaction ends: attempts on one bucket are decided one at a time.
-  FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                 (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-           WHERE bucket IS NOT NULL ORDER BY bucket LOOP
+  FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+           FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                AS v (dimension, bucket)
+           JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+           WHERE v.bucket IS NOT NULL ORDER BY v.bucket LOOP
     INSERT INTO identity.rate_limits (bucket, hits) VALUES (b.bucket, '{}') ON CONFLICT (bucket) DO NOTHING;
     SELECT ARRAY(SELECT h FROM unnest(r.hits) h WHERE h > v_now - b.win ORDER BY h) INTO v_recent
     FROM identity.rate_limits r WHERE r.bucket = b.bucket FOR UPDATE;
@@ -5082,9 +8118,11 @@ BEGIN
   END LOOP;
   IF v_retry = 0 THEN
     -- Allowed: the attempt counts in every bucket; what left the window is dropped.
-    FOR b IN SELECT * FROM (VALUES (p_action || ':ip:' || p_ip, p_ip_limit, p_ip_window),
-                                   (p_action || ':' || p_dimension || ':' || p_value, p_limit, p_window)) AS v (bucket, lim, win)
-             WHERE bucket IS NOT NULL LOOP
+    FOR b IN SELECT v.bucket, r.max_attempts AS lim, r.per AS win
+             FROM (VALUES ('ip', p_action || ':ip:' || p_ip), (p_dimension, p_action || ':' || p_dimension || ':' || p_value))
+                  AS v (dimension, bucket)
+             JOIN identity.rate_limit_rules r ON r.action = p_action AND r.dimension = v.dimension
+             WHERE v.bucket IS NOT NULL LOOP
       UPDATE identity.rate_limits r
       SET hits = ARRAY(SELECT h FROM (SELECT h FROM unnest(r.hits || v_now) h WHERE h > v_now - b.win
                                       ORDER BY h DESC LIMIT b.lim) newest ORDER BY h)
@@ -5097,7 +8135,9 @@ BEGIN
                         jsonb_build_object('retry_after', v_retry));
 END $$;
 
-COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) IS 'Apply the rate limits of an action: at most p_ip_limit attempts per IP in any p_ip_window, and optionally at most p_limit per p_dimension = p_value (email, fingerprint, user, code) in any p_window (sliding windows: the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value skips that limit. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
+COMMENT ON FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text, p_value text) IS 'Apply the rate limits of an action, as identity.rate_limit_rules states them: per IP (its ip rule), and optionally per p_dimension = p_value (email, fingerprint, install, user, code: its rule for that dimension), in sliding windows (the attempts of the last window count, whatever the clock says). NULL when allowed (the attempt then counts in each bucket); else a TL429 error with retry_after (seconds until an attempt is allowed), logged as rate_limited, and the refused attempt is not counted. A NULL p_ip or p_value, or a dimension with no rule, skips that limit; an action with no rule at all is an error. Shared by every server process: each bucket''s row is locked until the caller commits. Issue #22 item 11.';
+
+REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_dimension text, p_value text) FROM PUBLIC;
 
 CREATE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5108,6 +8148,8 @@ CREATE FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) RETURNS
 $$;
 
 COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
+
+REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
 
 CREATE FUNCTION ledger.check_transfers_balanced() RETURNS trigger
     LANGUAGE plpgsql
@@ -5123,6 +8165,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ledger.check_transfers_balanced() IS 'Statement-level trigger over the inserted entries: the entries each INSERT writes for a transfer must sum to zero (TL500 otherwise). ledger.post_transfer writes both sides in one statement, so every transfer balances as it is written.';
+
+REVOKE ALL ON FUNCTION ledger.check_transfers_balanced() FROM PUBLIC;
 
 CREATE FUNCTION ledger.credits_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5140,22 +8184,7 @@ $$;
 
 COMMENT ON FUNCTION ledger.credits_json(a identity.accounts) IS 'What GET /v1/balance adds about lots: pending (credits granted, not spendable yet) and next_expiry {credits, at} (null when nothing expires).';
 
-CREATE TABLE ledger.transfers (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    kind ledger.transfer_kind NOT NULL,
-    amount_micros ledger.amount_micros NOT NULL,
-    idempotency_key util.idempotency_key,
-    usage_event_id uuid,
-    memo ledger.memo,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
-);
-
-COMMENT ON TABLE ledger.transfers IS 'A movement of credits between a customer account and a system account. Its two ledger.entries sum to zero. Append-only.';
-
-COMMENT ON COLUMN ledger.transfers.amount_micros IS 'Micro-credits moved into the customer account (negative: out of it, as for usage).';
-
-COMMENT ON COLUMN ledger.transfers.idempotency_key IS 'Caller''s idempotency key, unique per account: a retried grant is applied once.';
+REVOKE ALL ON FUNCTION ledger.credits_json(a identity.accounts) FROM PUBLIC;
 
 CREATE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5167,6 +8196,8 @@ CREATE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_
 $$;
 
 COMMENT ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) IS 'A customer ledger entry as the API shows it: {transfer_id, kind, amount, balance_after, usage_event_id, memo, created_at}, credits as decimal strings.';
+
+REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone) RETURNS uuid
     LANGUAGE plpgsql
@@ -5196,31 +8227,7 @@ END $$;
 
 COMMENT ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone) IS 'Grant a credit lot once per (account, p_grant_key): spendable now (a ledger transfer from grants, purchases or adjustments brings it into the balance), or pending until p_available_at (no transfer until then; ledger.refresh_lots releases it). Returns the lot id (the existing one on a repeat). Callers lock the account.';
 
-CREATE TABLE ledger.credit_lots (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    source ledger.lot_source NOT NULL,
-    amount_micros bigint NOT NULL,
-    remaining_micros bigint NOT NULL,
-    status ledger.lot_status NOT NULL,
-    grant_key util.idempotency_key NOT NULL,
-    transfer_id uuid,
-    available_at timestamp with time zone NOT NULL,
-    expires_at timestamp with time zone,
-    created_at timestamp with time zone NOT NULL,
-    settled_at timestamp with time zone,
-    memo util.note,
-    paid boolean GENERATED ALWAYS AS (((source)::text = ANY (ARRAY['purchase'::text, 'subscription_grant'::text]))) STORED,
-    CONSTRAINT credit_lots_amount_micros_check CHECK ((amount_micros > 0)),
-    CONSTRAINT credit_lots_check CHECK (((remaining_micros >= 0) AND (remaining_micros <= amount_micros))),
-    CONSTRAINT credit_lots_check1 CHECK ((((status)::text <> ALL (ARRAY['pending'::text, 'canceled'::text])) OR (transfer_id IS NULL)))
-);
-
-COMMENT ON TABLE ledger.credit_lots IS 'Every credit that enters an account is a lot: where it came from (source), how much, what remains, when it expires and when it is spendable. The cached balance is the sum of active lots'' remaining (reporting.lot_balance_mismatches); charges spend lots in the burn order of ledger.spend_lots. pending: granted, not spendable before available_at (no ledger transfer yet); active: in the balance (its transfer_id brought it); expired: its remainder was taken by an expiry transfer; canceled: a pending lot that never became spendable (a referral reward whose payment was refunded).';
-
-COMMENT ON COLUMN ledger.credit_lots.grant_key IS 'Once per account: the key of the grant that made the lot (its transfer''s idempotency key).';
-
-COMMENT ON COLUMN ledger.credit_lots.paid IS 'Bought credits (purchase, subscription_grant); promotional credits (the rest) are spent before paid ones of the same expiry.';
+REVOKE ALL ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION ledger.lot_json(l ledger.credit_lots) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5233,6 +8240,8 @@ $$;
 
 COMMENT ON FUNCTION ledger.lot_json(l ledger.credit_lots) IS 'A credit lot as the API shows it: {id, source, status (pending, active, expired, canceled), amount, remaining (credits), available_at, expires_at, memo, created_at}.';
 
+REVOKE ALL ON FUNCTION ledger.lot_json(l ledger.credit_lots) FROM PUBLIC;
+
 CREATE FUNCTION ledger.lot_source(p_kind text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -5240,6 +8249,8 @@ CREATE FUNCTION ledger.lot_source(p_kind text) RETURNS text
 $$;
 
 COMMENT ON FUNCTION ledger.lot_source(p_kind text) IS 'The credit lot source of credits a transfer of kind p_kind brings in: grant -> promotion, plan_credits -> subscription_grant, purchase, adjustment, signup_bonus, monthly_free, referral_reward as they are.';
+
+REVOKE ALL ON FUNCTION ledger.lot_source(p_kind text) FROM PUBLIC;
 
 CREATE FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -5277,6 +8288,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL42R (util.idempotency_check). TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+
+REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
 
 CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -5325,6 +8338,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first), returned as lot_id and lot_draws (spend_lots'' first_lot and draws). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+
+REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) FROM PUBLIC;
 
 CREATE FUNCTION ledger.refresh_lots(p_account_id uuid) RETURNS boolean
     LANGUAGE plpgsql
@@ -5391,6 +8406,8 @@ END $$;
 
 COMMENT ON FUNCTION ledger.refresh_lots(p_account_id uuid) IS 'When the account''s credits_due_at has passed: make pending lots spendable (one ledger transfer each), expire what remains of expired lots (one expiry transfer each, exactly once; credits held by open holds wait for the hold), grant the plan''s monthly credits for the current billing period (once per period, expiring at its end), and set the next credits_due_at. Returns whether it ran. Called with the account locked: lazily by every charge, hold and balance read, and by the worker (api.refresh_due_credits).';
 
+REVOKE ALL ON FUNCTION ledger.refresh_lots(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION ledger.refreshed_account(p_account_id uuid) RETURNS identity.accounts
     LANGUAGE plpgsql
     AS $$
@@ -5407,6 +8424,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ledger.refreshed_account(p_account_id uuid) IS 'An account row for a read (balance, lots): refreshed first, under its lock, only when a lot is due.';
+
+REVOKE ALL ON FUNCTION ledger.refreshed_account(p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid, OUT first_lot uuid, OUT draws jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -5448,6 +8467,8 @@ END $$;
 
 COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots: first_lot is the first it drew from, draws ([[lot id, micro-credits], ...] in burn order) lists them when there are several (NULL for one), so a reversal can give the credits back to them (metering.reverse_usage). Called by ledger.post_transfer with the account locked.';
 
+REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) FROM PUBLIC;
+
 CREATE FUNCTION ledger.transfer_kind(p_source text) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -5456,66 +8477,7 @@ $$;
 
 COMMENT ON FUNCTION ledger.transfer_kind(p_source text) IS 'The transfer kind that brings in a lot of this source (the inverse of ledger.lot_source).';
 
-CREATE TABLE billing.entitlements (
-    plan_id text NOT NULL,
-    meter_id text NOT NULL,
-    kind text NOT NULL,
-    period text NOT NULL,
-    limit_units bigint,
-    unit_amount_minor bigint,
-    stripe_meter_event text,
-    CONSTRAINT entitlements_check CHECK (((kind = ANY (ARRAY['unlimited'::text, 'post_paid'::text])) = (limit_units IS NULL))),
-    CONSTRAINT entitlements_kind_check CHECK ((kind = ANY (ARRAY['allowance'::text, 'unlimited'::text, 'fair_use'::text, 'post_paid'::text]))),
-    CONSTRAINT entitlements_limit_units_check CHECK ((limit_units >= 0)),
-    CONSTRAINT entitlements_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
-    CONSTRAINT entitlements_post_paid CHECK (((kind = 'post_paid'::text) = ((unit_amount_minor IS NOT NULL) AND (stripe_meter_event IS NOT NULL)))),
-    CONSTRAINT entitlements_stripe_meter_event_check CHECK ((stripe_meter_event ~ '^[A-Za-z0-9_.:-]{1,100}$'::text)),
-    CONSTRAINT entitlements_unit_amount_minor_check CHECK ((unit_amount_minor >= 0))
-);
-
-COMMENT ON TABLE billing.entitlements IS 'What a plan grants per meter and period. allowance: limit_units free per period, then credits at the meter rate, refused when neither covers. unlimited: never charged. fair_use: limit_units is a soft limit that warns at 80% and 100% and never blocks or charges.';
-
-COMMENT ON COLUMN billing.entitlements.period IS 'day: resets at midnight UTC. month: resets on the 1st at midnight UTC. billing_period: the account''s subscription period, a calendar month until one is set.';
-
-COMMENT ON COLUMN billing.entitlements.limit_units IS 'Allowance or soft limit per period, in allowance units: meter units for pricing=unit, micro-credits of cost for pricing=tokens. NULL for unlimited.';
-
-COMMENT ON COLUMN billing.entitlements.unit_amount_minor IS 'post_paid: the price of one meter unit in minor currency units (cents), billed after the fact by Stripe.';
-
-COMMENT ON COLUMN billing.entitlements.stripe_meter_event IS 'post_paid: the event_name of the Stripe Billing Meter each usage event is reported to (https://docs.stripe.com/api/billing/meter-event/create).';
-
-CREATE TABLE metering.meters (
-    id text NOT NULL,
-    name text NOT NULL,
-    unit text NOT NULL,
-    pricing text NOT NULL,
-    unit_price_micros bigint,
-    input_price_micros_per_mtok bigint,
-    output_price_micros_per_mtok bigint,
-    margin numeric(10,4) DEFAULT 1 NOT NULL,
-    CONSTRAINT meters_check CHECK (
-CASE pricing
-    WHEN 'unit'::text THEN ((unit_price_micros IS NOT NULL) AND (input_price_micros_per_mtok IS NULL) AND (output_price_micros_per_mtok IS NULL))
-    ELSE ((unit_price_micros IS NULL) AND (input_price_micros_per_mtok IS NOT NULL) AND (output_price_micros_per_mtok IS NOT NULL))
-END),
-    CONSTRAINT meters_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT meters_input_price_micros_per_mtok_check CHECK ((input_price_micros_per_mtok >= 0)),
-    CONSTRAINT meters_margin_check CHECK ((margin > (0)::numeric)),
-    CONSTRAINT meters_output_price_micros_per_mtok_check CHECK ((output_price_micros_per_mtok >= 0)),
-    CONSTRAINT meters_pricing_check CHECK ((pricing = ANY (ARRAY['unit'::text, 'tokens'::text]))),
-    CONSTRAINT meters_unit_price_micros_check CHECK ((unit_price_micros >= 0))
-);
-
-COMMENT ON TABLE metering.meters IS 'Meters and their rate cards. pricing=unit: each unit beyond the allowance costs unit_price_micros. pricing=tokens: a call costs ceil((input_tokens * input_price + output_tokens * output_price) / 1e6 * margin) micro-credits (2-console-app-billing-usage.md).';
-
-COMMENT ON COLUMN metering.meters.unit IS 'Name of one unit in messages, for example generation.';
-
-COMMENT ON COLUMN metering.meters.unit_price_micros IS 'Micro-credits per unit (1 credit = 1,000,000) for pricing=unit.';
-
-COMMENT ON COLUMN metering.meters.input_price_micros_per_mtok IS 'Micro-credits per million input tokens, for pricing=tokens.';
-
-COMMENT ON COLUMN metering.meters.output_price_micros_per_mtok IS 'Micro-credits per million output tokens, for pricing=tokens.';
-
-COMMENT ON COLUMN metering.meters.margin IS 'Multiplier applied to the token cost (1.2 = 20% margin), for pricing=tokens.';
+REVOKE ALL ON FUNCTION ledger.transfer_kind(p_source text) FROM PUBLIC;
 
 CREATE FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) RETURNS json
     LANGUAGE sql STABLE
@@ -5535,6 +8497,8 @@ $$;
 
 COMMENT ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) IS 'An entitlement''s state in a period as the API shows it: {meter, kind, unit, period, limit, used, remaining, period_start, resets_at}; limit and remaining are null for unlimited and post_paid; post_paid adds unit_amount and amount (what the period''s units cost, minor units).';
 
+REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
+
 CREATE FUNCTION metering.allowances_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
@@ -5551,6 +8515,8 @@ $$;
 
 COMMENT ON FUNCTION metering.allowances_json(a identity.accounts) IS 'Each entitlement of the account''s plan with the current window''s usage (metering.allowance_json), as GET /v1/balance and POST /v1/identify show them.';
 
+REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC;
+
 CREATE FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS jsonb
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -5558,6 +8524,8 @@ CREATE FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail js
 $$;
 
 COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) IS 'A refused event''s answer in a batch: {status: refused, sqlstate, message, detail}.';
+
+REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
 CREATE FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) RETURNS boolean
     LANGUAGE sql IMMUTABLE
@@ -5567,6 +8535,8 @@ CREATE FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_
 $$;
 
 COMMENT ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) IS 'Whether a budget of this scope and subject counts a spend on its account by this API key and person: an account budget counts all, a key budget its key''s, a member budget its member''s (the keys they made and their sessions).';
+
+REVOKE ALL ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION metering.budget_json(p_budget_id uuid) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5587,6 +8557,8 @@ $$;
 
 COMMENT ON FUNCTION metering.budget_json(p_budget_id uuid) IS 'A budget as the API shows it: {id, object, account_id, scope, subject, limit, window, alerts, spent, remaining (credits, this window), period_start, resets_at, created_at}.';
 
+REVOKE ALL ON FUNCTION metering.budget_json(p_budget_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
     AS $$
@@ -5599,6 +8571,8 @@ CREATE FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_
 $$;
 
 COMMENT ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) IS 'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end), net of reversals (metering.reversals): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
+
+REVOKE ALL ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) RETURNS record
     LANGUAGE plpgsql
@@ -5666,6 +8640,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) IS 'Spend p_micros (credits of a charge or hold on account a (its identity.accounts row), locked by the caller) against every budget of a that counts this API key and person (metering.budget_applies), in their current windows. When one would pass its limit, nothing is written and refusal is the TL4B2 answer {message, detail {account_id, budget_id, scope, subject, window, limit, spent, required_credits, remaining, resets_at}}; else each window''s spending grows, each alert threshold crossed for the first time in the window is emailed (metering.email_budget_alert), and budget_ids lists the budgets charged (NULL: none). Called by api.consume, api.consume_batch and api.hold only when a.has_budgets.';
 
+REVOKE ALL ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) FROM PUBLIC;
+
 CREATE FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
@@ -5678,6 +8654,8 @@ $$;
 
 COMMENT ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) IS 'An account''s budgets with this window''s spending ({data: [metering.budget_json]}): all of them, or (p_all false) those of the member p_user_id: their member budget and the budgets of the keys they made.';
 
+REVOKE ALL ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) FROM PUBLIC;
+
 CREATE FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) RETURNS void
     LANGUAGE sql
     AS $$
@@ -5689,68 +8667,7 @@ $$;
 
 COMMENT ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) IS 'Give p_micros back to the windows (those containing p_at) of the budgets p_budget_ids: a hold settled (released, expired or captured, its actual charge being spent again) or a charge reversed. A window with no row yet has nothing to give back (it starts from the net spending). Callers lock the account.';
 
-CREATE TABLE metering.usage_events (
-    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
-    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
-    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
-    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
-    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
-    balance_after_micros bigint,
-    used_after util.count,
-    period_start timestamp with time zone,
-    period_end timestamp with time zone,
-    input_tokens util.count,
-    output_tokens util.count,
-    amount_minor util.minor_units,
-    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
-    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
-    plan_id text,
-    currency util.currency,
-    warnings metering.warnings,
-    metadata metering.event_metadata,
-    response jsonb,
-    api_key_id uuid,
-    user_id uuid,
-    lot_id uuid,
-    lot_draws jsonb,
-    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
-)
-PARTITION BY RANGE (created_at);
-
-COMMENT ON TABLE metering.usage_events IS 'One row per charged usage event, partitioned by month of created_at (metering.usage_events_yYYYYmMM, made ahead by util.ensure_partitions; rows outside them land in usage_events_default). A charge''s answer is rebuilt from the row (metering.usage_event_answer); its idempotency key is remembered in metering.idempotency_keys for the idempotency window. Old months leave with api.detach_month.';
-
-COMMENT ON COLUMN metering.usage_events.allowance_units IS 'Allowance units this event used.';
-
-COMMENT ON COLUMN metering.usage_events.credits_micros IS 'Micro-credits this event spent from the credit balance.';
-
-COMMENT ON COLUMN metering.usage_events.balance_after_micros IS 'The account''s credit balance right after the charge (micro-credits), as the answer shows it.';
-
-COMMENT ON COLUMN metering.usage_events.used_after IS 'The allowance window''s usage right after the charge (units, or micro-credits of cost for token meters); NULL when the plan has no entitlement for the meter.';
-
-COMMENT ON COLUMN metering.usage_events.period_start IS 'The allowance window the event was counted in: [period_start, period_end).';
-
-COMMENT ON COLUMN metering.usage_events.amount_minor IS 'Post-paid events: what the event costs in minor currency units (quantity x the entitlement''s unit_amount_minor), billed by Stripe''s invoice; NULL for prepaid events.';
-
-COMMENT ON COLUMN metering.usage_events.idempotency_key IS 'The caller''s idempotency key for the event, as listed with it; unique per account through metering.idempotency_keys while the key is remembered.';
-
-COMMENT ON COLUMN metering.usage_events.plan_id IS 'The plan whose entitlement the event was charged under (NULL: none), to rebuild the answer''s allowance.';
-
-COMMENT ON COLUMN metering.usage_events.currency IS 'Post-paid events: the currency of amount_minor.';
-
-COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the charge crossed (NULL: none).';
-
-COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
-
-COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
-
-COMMENT ON COLUMN metering.usage_events.api_key_id IS 'The API key that made the charge (NULL: a session, or charged before migration 0032). A service key acting on another account is recorded too.';
-
-COMMENT ON COLUMN metering.usage_events.user_id IS 'The person the charge is attributed to: the session''s user, or the member who made the API key (identity.api_keys.created_by); NULL for operator keys and anonymous devices. What member budgets count.';
-
-COMMENT ON COLUMN metering.usage_events.lot_id IS 'The credit lot the charge''s credits came from (the first, when several): what a reversal gives them back to. NULL when no credits were spent, or charged before migration 0032b.';
-
-COMMENT ON COLUMN metering.usage_events.lot_draws IS 'When the credits came from several lots: [[lot id, micro-credits], ...] in burn order (NULL for one lot: lot_id and credits_micros say it all).';
+REVOKE ALL ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) FROM PUBLIC;
 
 CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
@@ -5810,6 +8727,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authenticate_principal), recorded on the event. api.consume and api.consume_batch charge through it.';
 
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+
 CREATE FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -5828,6 +8747,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) IS 'Delete a budget of an account (its windows go with it) under the account''s lock, and clear has_budgets when it was the last. TL404 when the account has no such budget.';
+
+REVOKE ALL ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) RETURNS void
     LANGUAGE sql
@@ -5852,6 +8773,8 @@ $$;
 
 COMMENT ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) IS 'Queue the email of a budget''s alert threshold (the highest one crossed by a spend) to the account''s owners and admins and, for a member budget, the member (verified addresses; outbox usage_warning, written by the spending transaction).';
 
+REVOKE ALL ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
     AS $$
@@ -5863,6 +8786,8 @@ $$;
 
 COMMENT ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) IS 'Queue one email per usage warning to the account''s user, when it has a verified address (the extension seed warns at 8 of 10 uses). Written by the charge''s own transaction.';
 
+REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
+
 CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS json
     LANGUAGE sql STABLE
     AS $$
@@ -5872,6 +8797,8 @@ CREATE FUNCTION metering.event_allowance(e metering.usage_events) RETURNS json
 $$;
 
 COMMENT ON FUNCTION metering.event_allowance(e metering.usage_events) IS 'A charged event''s allowance right after it, for a replay: the window and usage stored on the event, with the kind, limit and unit of its plan''s entitlement as the catalog has them now (NULL when there was none, or the catalog no longer has it).';
+
+REVOKE ALL ON FUNCTION metering.event_allowance(e metering.usage_events) FROM PUBLIC;
 
 CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5893,6 +8820,8 @@ $$;
 
 COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), reversed ({quantity, credits, reversals: ids} when reversed in part or whole, else null), created_at}.';
 
+REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
+
 CREATE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
     LANGUAGE plpgsql
     AS $$
@@ -5911,44 +8840,7 @@ END $$;
 
 COMMENT ON FUNCTION metering.expire_holds(p_account_id uuid) IS 'Release the account''s open holds that have expired (lazily, at its next charge, hold or capture, with the account locked); returns how many.';
 
-CREATE TABLE metering.holds (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    idempotency_key text NOT NULL,
-    request_hash bytea NOT NULL,
-    meter_id text NOT NULL,
-    quantity bigint NOT NULL,
-    input_tokens bigint,
-    output_tokens bigint,
-    allowance_units bigint NOT NULL,
-    credits_micros bigint NOT NULL,
-    period_start timestamp with time zone,
-    status text DEFAULT 'open'::text NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    settled_at timestamp with time zone,
-    api_key_id uuid,
-    user_id uuid,
-    budget_ids uuid[],
-    CONSTRAINT holds_allowance_units_check CHECK ((allowance_units >= 0)),
-    CONSTRAINT holds_check CHECK (((status = 'open'::text) = (settled_at IS NULL))),
-    CONSTRAINT holds_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT holds_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT holds_input_tokens_check CHECK ((input_tokens >= 0)),
-    CONSTRAINT holds_output_tokens_check CHECK ((output_tokens >= 0)),
-    CONSTRAINT holds_quantity_check CHECK ((quantity > 0)),
-    CONSTRAINT holds_status_check CHECK ((status = ANY (ARRAY['open'::text, 'captured'::text, 'released'::text, 'expired'::text])))
-);
-
-COMMENT ON TABLE metering.holds IS 'Reservations for pay-per-use work: the allowance units and micro-credits a request would cost, reserved in the account-row transaction that charges, so no other charge or hold can spend them. Captured (one usage event with the actual amount, key hold:<id>), released, or expired (released by itself), exactly once.';
-
-COMMENT ON COLUMN metering.holds.period_start IS 'The allowance window the reserved units were counted in.';
-
-COMMENT ON COLUMN metering.holds.api_key_id IS 'The API key that made the hold (NULL: a session).';
-
-COMMENT ON COLUMN metering.holds.user_id IS 'The person the hold is attributed to (as metering.usage_events.user_id).';
-
-COMMENT ON COLUMN metering.holds.budget_ids IS 'The budgets whose current window counts the hold''s credits as spent (NULL: none); settling the hold gives them back to those windows (metering.budgets_return).';
+REVOKE ALL ON FUNCTION metering.expire_holds(p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION metering.hold_json(h metering.holds) RETURNS jsonb
     LANGUAGE sql STABLE
@@ -5963,6 +8855,8 @@ $$;
 
 COMMENT ON FUNCTION metering.hold_json(h metering.holds) IS 'A hold as the API shows it: {id, status (open, captured, released, expired), meter, quantity, input_tokens, output_tokens, held {allowance_units, credits}, idempotency_key, created_at, expires_at, settled_at}.';
 
+REVOKE ALL ON FUNCTION metering.hold_json(h metering.holds) FROM PUBLIC;
+
 CREATE FUNCTION metering.idempotency_window() RETURNS interval
     LANGUAGE sql STABLE
     AS $$
@@ -5971,6 +8865,8 @@ CREATE FUNCTION metering.idempotency_window() RETURNS interval
 $$;
 
 COMMENT ON FUNCTION metering.idempotency_window() IS 'How long a usage event''s idempotency key is remembered after the event: 30 days, or the pgtally.idempotency_window setting (ALTER DATABASE ... SET pgtally.idempotency_window = ''90 days''), never less than a day. Within it a retry is answered from the first charge (or TL409 for a different request); after it the key is forgotten and the same key charges again. A month of usage events leaves (api.detach_month) only once the window has passed its end.';
+
+REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
 
 CREATE FUNCTION metering.lock_account(p_account_id uuid) RETURNS identity.accounts
     LANGUAGE plpgsql
@@ -5987,6 +8883,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.lock_account(p_account_id uuid) IS 'An account locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
 
+REVOKE ALL ON FUNCTION metering.lock_account(p_account_id uuid) FROM PUBLIC;
+
 CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
     LANGUAGE sql
     AS $$
@@ -5994,6 +8892,8 @@ CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_acc
 $$;
 
 COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge (metering.lock_account).';
+
+REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) RETURNS TABLE(period_start timestamp with time zone, period_end timestamp with time zone)
     LANGUAGE sql STABLE ROWS 1
@@ -6012,6 +8912,8 @@ $$;
 
 COMMENT ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) IS 'The allowance period containing p_at: day = UTC calendar day, month = UTC calendar month, billing_period = the account''s subscription period when it covers p_at, else the calendar month. Returns [period_start, period_end).';
 
+REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) FROM PUBLIC;
+
 CREATE FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
     AS $$
@@ -6022,6 +8924,8 @@ CREATE FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_perio
 $$;
 
 COMMENT ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) IS 'What an account''s post-paid meters of plan p_plan cost in the billing period starting at p_period_start (charged and held units times each meter''s unit_amount_minor), in minor units: what the plan''s spending limit is checked against.';
+
+REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone DEFAULT NULL::timestamp with time zone, p_window_used bigint DEFAULT NULL::bigint, p_window_end timestamp with time zone DEFAULT NULL::timestamp with time zone, p_meter_def metering.meters DEFAULT NULL::metering.meters, p_entitlement_def billing.entitlements DEFAULT NULL::billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) RETURNS record
     LANGUAGE plpgsql
@@ -6197,17 +9101,7 @@ END $$;
 
 COMMENT ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) IS 'The charging rule, with no side effect: for an account (as read or locked by the caller) and a request, the window''s usage before it (used_before), the allowance units and micro-credits it costs, whether the balance covers it, the allowance after it and the threshold warnings it crosses. Unit meters need quantity (default 1); token meters need input_tokens/output_tokens and spend their allowance in micro-credits. A post_paid entitlement charges no credits: amount_minor is what the units cost (currency), allowed while the billing period''s post-paid spending (spent_before_minor, open holds included) stays within the plan''s spending_limit_minor; stripe_meter_event names the Stripe meter. When not allowed, refusal is the TL402 answer {message, detail}. plan_id: the plan whose entitlement applies (NULL: none). p_window_start and p_window_used: a window of this account and meter that the caller charged earlier in its transaction and has not written yet (api.consume_batch), used in place of metering.allowance_usage when it is the window the request falls in; with p_window_end, p_meter_def and p_entitlement_def (the window''s end, the meter and the plan''s entitlement of it, as the caller read them for an earlier charge of this account and meter in its transaction), the meter, the entitlement and the window''s bounds are not read again. TL422 unknown meter or bad quantity.';
 
-CREATE TABLE metering.idempotency_keys (
-    account_id uuid NOT NULL,
-    idempotency_key util.idempotency_key NOT NULL,
-    usage_event_id uuid NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    request_hash bytea NOT NULL
-);
-
-COMMENT ON TABLE metering.idempotency_keys IS 'The idempotency keys of usage events, unique per account, without the partition key: a retry finds its event here (usage_event_id, created_at: the event''s partition) and is answered from it. Kept for the idempotency window after the event (metering.idempotency_window(), 30 days unless pgtally.idempotency_window says otherwise), then forgotten by api.maintain_storage: a key older than that charges again.';
-
-COMMENT ON COLUMN metering.idempotency_keys.request_hash IS 'sha256 of the canonical request (metering.request_hash), to tell a retry from a different request under the same key (TL409).';
+REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
 
 CREATE FUNCTION metering.replayed_answer(k metering.idempotency_keys) RETURNS json
     LANGUAGE plpgsql STABLE
@@ -6227,6 +9121,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) IS 'The answer a retry of a remembered idempotency key gets: its event''s, rebuilt (metering.usage_event_answer with metering.event_allowance). The key''s created_at finds the event''s monthly partition. TL500 (a server error) when the event is missing, as it is only if its partition was dropped by hand: a retry never gets an empty answer.';
 
+REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
+
 CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb DEFAULT NULL::jsonb) RETURNS bytea
     LANGUAGE sql STABLE
     AS $$        -- STABLE as jsonb_build_object and convert_to are, so that it is inlined
@@ -6238,6 +9134,8 @@ CREATE FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_t
 $$;
 
 COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) IS 'Fingerprint of a usage request (quantity defaults to 1; metadata counts when given), compared on retries of an idempotency key.';
+
+REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
 CREATE FUNCTION metering.reversal_json(r record) RETURNS jsonb
     LANGUAGE plpgsql STABLE
@@ -6256,11 +9154,15 @@ END $$;
 
 COMMENT ON FUNCTION metering.reversal_json(r record) IS 'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits right after it}, created_at}.';
 
+REVOKE ALL ON FUNCTION metering.reversal_json(r record) FROM PUBLIC;
+
 CREATE FUNCTION metering.reversal_lot_days() RETURNS integer
     LANGUAGE sql IMMUTABLE
     AS $$ SELECT 7 $$;
 
 COMMENT ON FUNCTION metering.reversal_lot_days() IS 'Days to spend credits a reversal gives back when the lot they came from has expired (or been canceled) since: they come back as a new lot of source reversal expiring this long after the reversal. 7.';
+
+REVOKE ALL ON FUNCTION metering.reversal_lot_days() FROM PUBLIC;
 
 CREATE FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) RETURNS record
     LANGUAGE plpgsql
@@ -6418,6 +9320,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) IS 'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL42R (util.idempotency_check). Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
 
+REVOKE ALL ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
+
 CREATE FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) RETURNS jsonb
     LANGUAGE plpgsql
     AS $$
@@ -6464,6 +9368,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) IS 'Set a budget on an account (one per scope, subject and window: setting it again changes its limit and alerts), under the account''s lock, and mark the account as having budgets. p_limit: credits as a decimal string; p_alerts: percentages 1-100 (at most 10). TL404 unknown account, TL422 bad scope, subject (not a key or member of the account; account: the account itself, the default), window, limit or alerts.';
 
+REVOKE ALL ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) FROM PUBLIC;
+
 CREATE FUNCTION metering.settle_hold(h metering.holds, p_status text) RETURNS metering.holds
     LANGUAGE plpgsql
     AS $$
@@ -6489,6 +9395,8 @@ END $$;
 
 COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance and to the windows of the budgets that counted them, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
 
+REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
+
 CREATE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
     LANGUAGE sql STABLE
     AS $$
@@ -6503,6 +9411,8 @@ CREATE FUNCTION metering.spending_json(a identity.accounts) RETURNS jsonb
 $$;
 
 COMMENT ON FUNCTION metering.spending_json(a identity.accounts) IS 'A post-paid plan''s spending this billing period as GET /v1/balance shows it: {limit, spent (minor units), currency, period_start, resets_at}; NULL when the account''s plan has no post-paid meter.';
+
+REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
 
 CREATE FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) RETURNS json
     LANGUAGE sql STABLE
@@ -6524,6 +9434,8 @@ $$;
 
 COMMENT ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) IS 'The answer to a charge, first time and every replay alike: {id, object, account_id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance (p_allowance: metering.allowance_json after the charge), balance {credits after it}, warnings, metadata, created_at}. Events charged before migration 0017 answer with their stored response.';
 
+REVOKE ALL ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) FROM PUBLIC;
+
 CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) RETURNS bigint
     LANGUAGE sql STABLE
     AS $$
@@ -6534,6 +9446,8 @@ CREATE FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_pe
 $$;
 
 COMMENT ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) IS 'All usage an account made on a meter in [p_period_start, p_period_end), whatever plan it was charged under: units for unit meters, micro-credits of cost for token meters. Where a window''s metering.allowance_usage row starts, so that a plan change or a device merge counts the usage already made (13 generations today on Pro, then Free: no Free generations left today).';
+
+REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) RETURNS bigint
     LANGUAGE plpgsql
@@ -6552,6 +9466,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) IS 'Append a staff action to ops.audit_log (in the caller''s transaction: the action and its record commit together). TL422 without a reason.';
+
+REVOKE ALL ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) FROM PUBLIC;
 
 CREATE FUNCTION ops.reconciliation_problems() RETURNS jsonb
     LANGUAGE plpgsql STABLE
@@ -6572,6 +9488,8 @@ END $$;
 
 COMMENT ON FUNCTION ops.reconciliation_problems() IS 'How many rows each non-empty reconciliation view has ({view: rows}); NULL when all are empty.';
 
+REVOKE ALL ON FUNCTION ops.reconciliation_problems() FROM PUBLIC;
+
 CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -6582,6 +9500,8 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
+
+REVOKE ALL ON FUNCTION ops.reconciliation_views() FROM PUBLIC;
 
 CREATE FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) RETURNS integer
     LANGUAGE plpgsql
@@ -6630,6 +9550,8 @@ END $$;
 
 COMMENT ON FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) IS 'For migrations: run the DDL p_ddl with the views that read the tables p_tables (and the views over those) out of its way: they are dropped first and made again after it, in dependency order, with their comments and grants (a column a view reads cannot change type). Returns how many views it made again.';
 
+REVOKE ALL ON FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) FROM PUBLIC;
+
 CREATE FUNCTION util.base64url(p_bytes bytea) RETURNS text
     LANGUAGE sql IMMUTABLE
     AS $$
@@ -6637,6 +9559,8 @@ CREATE FUNCTION util.base64url(p_bytes bytea) RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.base64url(p_bytes bytea) IS 'Bytes as URL-safe base64 without padding (RFC 4648 section 5).';
+
+REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
 
 CREATE FUNCTION util.credits(p_micros bigint) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -6646,6 +9570,8 @@ CREATE FUNCTION util.credits(p_micros bigint) RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.credits(p_micros bigint) IS 'Micro-credits as an exact decimal string of credits, as JSON shows them, for any bigint: 12500000 -> ''12.5'', 6000000000000052392 -> ''6000000000000.052392''. NULL stays NULL.';
+
+REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
 
 CREATE FUNCTION util.ensure_partitions(p_months_ahead integer DEFAULT 3, p_from date DEFAULT NULL::date) RETURNS text[]
     LANGUAGE plpgsql
@@ -6701,6 +9627,8 @@ END $_$;
 
 COMMENT ON FUNCTION util.ensure_partitions(p_months_ahead integer, p_from date) IS 'Make the monthly partitions (UTC months) of metering.usage_events and ledger.entries from the oldest month waiting in their default partitions, the current month or p_from, whichever is first, through p_months_ahead months ahead, moving rows out of the default partition into their month. A month whose table exists (attached, or detached and kept) is left alone. Returns the partitions made. Run after every upgrade and by the worker (api.maintain_storage).';
 
+REVOKE ALL ON FUNCTION util.ensure_partitions(p_months_ahead integer, p_from date) FROM PUBLIC;
+
 CREATE FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb DEFAULT NULL::jsonb) RETURNS void
     LANGUAGE plpgsql
     AS $$
@@ -6710,6 +9638,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) IS 'Raise a pgtally error: SQLSTATE of class TL (TL401 unauthenticated, TL402 payment required, TL404 not found, TL409 conflict, TL422 invalid input), a message meant for the caller, and optional JSON DETAIL whose members the API adds to the problem+json body.';
+
+REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) FROM PUBLIC;
 
 CREATE FUNCTION util.forbid_change() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
@@ -6721,6 +9651,8 @@ BEGIN
 END $$;
 
 COMMENT ON FUNCTION util.forbid_change() IS 'Trigger function for append-only tables: raises TL403 on UPDATE, DELETE or TRUNCATE.';
+
+REVOKE ALL ON FUNCTION util.forbid_change() FROM PUBLIC;
 
 CREATE FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) RETURNS bytea
     LANGUAGE plpgsql IMMUTABLE STRICT
@@ -6744,6 +9676,8 @@ END $$;
 
 COMMENT ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) IS 'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
 
+REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLIC;
+
 CREATE FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) RETURNS boolean
     LANGUAGE plpgsql STABLE
     AS $$
@@ -6760,6 +9694,8 @@ END $$;
 
 COMMENT ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) IS 'The idempotency check of the IETF draft "The Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header): given the fingerprint stored with an earlier request under the key (NULL: none) and this request''s, false when there was none (process it), true when it is the same request (replay the first answer: the API adds Idempotent-Replayed: true), and TL42R (422 idempotency-key-reused; p_what names the thing, p_detail the earlier one) when the key was used for a different request: nothing changes. Callers read the earlier request under the lock that serialises the writes of the key (the account row), so a concurrent retry waits for the first and replays it: no request under a key is ever seen in progress. Used by api.consume, api.consume_batch, api.hold, ledger.operator_transfer (grants, adjustments, admin credits) and metering.reverse_usage.';
 
+REVOKE ALL ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) FROM PUBLIC;
+
 CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$
@@ -6767,6 +9703,8 @@ CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.iso(p_at timestamp with time zone) IS 'A timestamp as RFC 3339 text in UTC with microseconds, whatever the session time zone.';
+
+REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION util.now() RETURNS timestamp with time zone
     LANGUAGE sql STABLE
@@ -6776,6 +9714,8 @@ $$;
 
 COMMENT ON FUNCTION util.now() IS 'The one clock of pgtally: now(), unless the session sets pgtally.now (tests move time with SET pgtally.now = ''2026-01-31 23:59:59+00'').';
 
+REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
+
 CREATE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
     LANGUAGE sql STABLE
     AS $$
@@ -6783,6 +9723,8 @@ CREATE FUNCTION util.partition_name(p_table regclass, p_month date) RETURNS text
 $$;
 
 COMMENT ON FUNCTION util.partition_name(p_table regclass, p_month date) IS 'The name of a monthly partition: metering.usage_events, 2026-11-01 -> metering.usage_events_y2026m11.';
+
+REVOKE ALL ON FUNCTION util.partition_name(p_table regclass, p_month date) FROM PUBLIC;
 
 CREATE FUNCTION util.random_token() RETURNS text
     LANGUAGE sql
@@ -6793,6 +9735,20 @@ $$;
 
 COMMENT ON FUNCTION util.random_token() IS 'A secret token of 366 random bits as 64 URL-safe characters: refresh, verification and reset tokens, API key bodies.';
 
+REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
+
+CREATE FUNCTION util.referral_code() RETURNS text
+    LANGUAGE sql
+    AS $$
+  -- 8 characters of an unambiguous alphabet (31^8, about 8.5e11 codes) from random uuid bytes.
+  SELECT string_agg(substr('abcdefghjkmnpqrstuvwxyz23456789', 1 + get_byte(b, i) % 31, 1), '' ORDER BY i)
+  FROM (SELECT uuid_send(gen_random_uuid()) AS b) x, unnest(ARRAY[0, 1, 2, 3, 4, 5, 10, 11]) i
+$$;
+
+COMMENT ON FUNCTION util.referral_code() IS 'A new random referral code: 8 lower-case letters and digits, no 0/o/1/l/i.';
+
+REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
+
 CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
     LANGUAGE sql STABLE
     AS $$        -- STABLE as convert_to is, so that it is inlined
@@ -6800,6 +9756,24 @@ CREATE FUNCTION util.token_hash(p_token text) RETURNS bytea
 $$;
 
 COMMENT ON FUNCTION util.token_hash(p_token text) IS 'SHA-256 of a secret token: the only form in which tokens and keys are stored.';
+
+REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
+
+CREATE FUNCTION util.uuid_v7() RETURNS uuid
+    LANGUAGE sql PARALLEL SAFE
+    AS $$
+  SELECT encode(
+    set_bit(set_bit(
+      overlay(uuid_send(gen_random_uuid())
+              PLACING substring(int8send((extract(epoch FROM clock_timestamp()) * 1000)::bigint) FROM 3)
+              FROM 1 FOR 6),
+      52, 1), 53, 1),
+    'hex')::uuid
+$$;
+
+COMMENT ON FUNCTION util.uuid_v7() IS 'A version 7 UUID (RFC 9562 section 5.7): 48-bit Unix milliseconds, then random bits. Used for every public id.';
+
+REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
 
 CREATE FUNCTION util.uuid_v7s(p_count integer) RETURNS uuid[]
     LANGUAGE sql
@@ -6812,2810 +9786,4 @@ $$;
 
 COMMENT ON FUNCTION util.uuid_v7s(p_count integer) IS 'p_count version 7 UUIDs (at most 2^61), ascending, made together: the first is util.uuid_v7(), each next one more in its random part (RFC 9562 section 6.2, method 2, monotonic random). For a batch: one draw of random bits instead of one per id. NULL for 0.';
 
-CREATE TABLE billing.customers (
-    account_id uuid NOT NULL,
-    stripe_customer_id text NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
-);
-
-COMMENT ON TABLE billing.customers IS 'The Stripe Customer (cus_...) of an account, one each.';
-
-CREATE TABLE billing.disputes (
-    stripe_dispute_id text NOT NULL,
-    account_id uuid,
-    stripe_charge_id text,
-    stripe_payment_intent_id text,
-    amount_minor bigint NOT NULL,
-    currency text NOT NULL,
-    reason text,
-    status text NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    closed_at timestamp with time zone,
-    CONSTRAINT disputes_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT disputes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT disputes_reason_check CHECK ((length(reason) <= 100)),
-    CONSTRAINT disputes_status_check CHECK ((length(status) <= 50)),
-    CONSTRAINT disputes_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
-    CONSTRAINT disputes_stripe_dispute_id_check CHECK ((length(stripe_dispute_id) <= 255)),
-    CONSTRAINT disputes_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
-);
-
-COMMENT ON TABLE billing.disputes IS 'Chargebacks (charge.dispute.created, .updated, .closed), once per dispute, with Stripe''s latest status (won, lost, needs_response...). A lost dispute is money out, like a refund.';
-
-CREATE TABLE billing.invoice_payments (
-    stripe_invoice_payment_id text NOT NULL,
-    stripe_invoice_id text NOT NULL,
-    account_id uuid NOT NULL,
-    stripe_payment_intent_id text,
-    stripe_charge_id text,
-    amount_minor bigint NOT NULL,
-    refunded_minor bigint DEFAULT 0 NOT NULL,
-    currency text NOT NULL,
-    paid_at timestamp with time zone,
-    CONSTRAINT invoice_payments_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT invoice_payments_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT invoice_payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT invoice_payments_stripe_charge_id_check CHECK ((length(stripe_charge_id) <= 255)),
-    CONSTRAINT invoice_payments_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
-    CONSTRAINT invoice_payments_stripe_invoice_payment_id_check CHECK ((length(stripe_invoice_payment_id) <= 255)),
-    CONSTRAINT invoice_payments_stripe_payment_intent_id_check CHECK ((length(stripe_payment_intent_id) <= 255))
-);
-
-COMMENT ON TABLE billing.invoice_payments IS 'Stripe InvoicePayments (API 2025-03-31 on): which PaymentIntent or Charge paid which subscription invoice, from invoice.paid''s payments list or an invoice_payment.paid event, once each. How a charge.refunded or charge.dispute.* of a subscription payment finds its invoice and account (neither object names them).';
-
-COMMENT ON COLUMN billing.invoice_payments.stripe_payment_intent_id IS 'The PaymentIntent that paid it (payment.payment_intent), when the payment was one.';
-
-COMMENT ON COLUMN billing.invoice_payments.stripe_charge_id IS 'The Charge that paid it: payment.charge, or learnt from the first charge.refunded of its PaymentIntent.';
-
-COMMENT ON COLUMN billing.invoice_payments.amount_minor IS 'What this payment paid of the invoice (amount_paid), in minor currency units.';
-
-COMMENT ON COLUMN billing.invoice_payments.refunded_minor IS 'What charge.refunded events took back of this payment (the charge''s amount_refunded), in minor units.';
-
-CREATE TABLE billing.invoices (
-    stripe_invoice_id text NOT NULL,
-    account_id uuid NOT NULL,
-    stripe_subscription_id text,
-    number text,
-    status text NOT NULL,
-    currency text NOT NULL,
-    amount_paid_minor bigint NOT NULL,
-    metered_amount_minor bigint DEFAULT 0 NOT NULL,
-    metered_period_start timestamp with time zone,
-    metered_period_end timestamp with time zone,
-    hosted_invoice_url text,
-    invoice_pdf text,
-    created_at timestamp with time zone NOT NULL,
-    tax_minor bigint DEFAULT 0 NOT NULL,
-    plan_id text,
-    period_start timestamp with time zone,
-    period_end timestamp with time zone,
-    refunded_minor bigint DEFAULT 0 NOT NULL,
-    paid_at timestamp with time zone,
-    CONSTRAINT invoices_amount_paid_minor_check CHECK ((amount_paid_minor >= 0)),
-    CONSTRAINT invoices_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT invoices_hosted_invoice_url_check CHECK ((length(hosted_invoice_url) <= 2000)),
-    CONSTRAINT invoices_invoice_pdf_check CHECK ((length(invoice_pdf) <= 2000)),
-    CONSTRAINT invoices_metered_amount_minor_check CHECK ((metered_amount_minor >= 0)),
-    CONSTRAINT invoices_number_check CHECK ((length(number) <= 255)),
-    CONSTRAINT invoices_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT invoices_status_check CHECK ((status = ANY (ARRAY['draft'::text, 'open'::text, 'paid'::text, 'uncollectible'::text, 'void'::text, 'refunded'::text]))),
-    CONSTRAINT invoices_stripe_invoice_id_check CHECK ((length(stripe_invoice_id) <= 255)),
-    CONSTRAINT invoices_tax_minor_check CHECK ((tax_minor >= 0))
-);
-
-COMMENT ON TABLE billing.invoices IS 'Subscription invoices Stripe reported paid (invoice.paid), once per invoice. metered_*: the lines that bill metered prices (post-paid usage) and the period they cover.';
-
-COMMENT ON COLUMN billing.invoices.status IS 'paid; open (its payment failed and Stripe is retrying); refunded (paid, then refunded in full: it leaves the revenue views).';
-
-COMMENT ON COLUMN billing.invoices.amount_paid_minor IS 'What the invoice collected, in minor currency units.';
-
-COMMENT ON COLUMN billing.invoices.metered_amount_minor IS 'The sum of its metered lines (usage reported through Billing Meters), in minor units.';
-
-COMMENT ON COLUMN billing.invoices.tax_minor IS 'Tax on the invoice, in minor units (Stripe''s total_taxes, or tax on older API versions).';
-
-COMMENT ON COLUMN billing.invoices.refunded_minor IS 'What charge.refunded events took back of this invoice''s payment, in minor units.';
-
-COMMENT ON COLUMN billing.invoices.paid_at IS 'When Stripe reported it paid (the invoice.paid event''s time).';
-
-CREATE TABLE billing.mrr_changes (
-    id bigint NOT NULL,
-    account_id uuid NOT NULL,
-    at timestamp with time zone NOT NULL,
-    currency text NOT NULL,
-    mrr_minor numeric(20,4) NOT NULL,
-    plan_id text,
-    CONSTRAINT mrr_changes_currency_check CHECK ((currency ~ '^[a-z]{3}$'::text)),
-    CONSTRAINT mrr_changes_mrr_minor_check CHECK ((mrr_minor >= (0)::numeric))
-);
-
-COMMENT ON TABLE billing.mrr_changes IS 'Each change of an account''s monthly recurring revenue, at the time of the Stripe event that made it: the sum of its live (active or past_due) licensed subscription prices, yearly ones divided by 12 (hence numeric: an analytic, not money that moves). Metered prices bill usage, not MRR. Written by billing.record_mrr when a subscription event changes it.';
-
-ALTER TABLE billing.mrr_changes ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME billing.mrr_changes_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-CREATE TABLE billing.payments (
-    stripe_payment_intent_id text NOT NULL,
-    account_id uuid NOT NULL,
-    stripe_checkout_session text,
-    price_id text,
-    amount_minor bigint NOT NULL,
-    currency text NOT NULL,
-    credits_micros bigint NOT NULL,
-    refunded_minor bigint DEFAULT 0 NOT NULL,
-    clawed_back_micros bigint DEFAULT 0 NOT NULL,
-    shortfall_micros bigint DEFAULT 0 NOT NULL,
-    paid_at timestamp with time zone NOT NULL,
-    CONSTRAINT payments_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT payments_clawed_back_micros_check CHECK ((clawed_back_micros >= 0)),
-    CONSTRAINT payments_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT payments_refunded_minor_check CHECK ((refunded_minor >= 0)),
-    CONSTRAINT payments_shortfall_micros_check CHECK ((shortfall_micros >= 0))
-);
-
-COMMENT ON TABLE billing.payments IS 'One-time payments for credit bundles. Refunds claw back credits in proportion, never below a zero balance: what could not be taken back is recorded in shortfall_micros.';
-
-COMMENT ON COLUMN billing.payments.stripe_checkout_session IS 'The Checkout Session that sold it; NULL for a one-click top-up (an off-session PaymentIntent with a saved card).';
-
-CREATE TABLE billing.plans (
-    id text NOT NULL,
-    name text NOT NULL,
-    description text DEFAULT ''::text NOT NULL,
-    features jsonb DEFAULT '[]'::jsonb NOT NULL,
-    active boolean DEFAULT true NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    included_credits_micros bigint DEFAULT 0 NOT NULL,
-    spending_limit_minor bigint,
-    signup_bonus_micros bigint DEFAULT 0 NOT NULL,
-    monthly_credits_micros bigint DEFAULT 0 NOT NULL,
-    CONSTRAINT plans_features_check CHECK ((jsonb_typeof(features) = 'array'::text)),
-    CONSTRAINT plans_id_check CHECK ((id ~ '^[a-z][a-z0-9_]{0,62}$'::text)),
-    CONSTRAINT plans_included_credits_micros_check CHECK ((included_credits_micros >= 0)),
-    CONSTRAINT plans_monthly_credits_micros_check CHECK ((monthly_credits_micros >= 0)),
-    CONSTRAINT plans_signup_bonus_micros_check CHECK ((signup_bonus_micros >= 0)),
-    CONSTRAINT plans_spending_limit_minor_check CHECK ((spending_limit_minor >= 0))
-);
-
-COMMENT ON TABLE billing.plans IS 'Plans of the catalog (loaded from the catalog file by api.load_catalog). A plan absent from the last loaded file is inactive: existing accounts keep it, new accounts cannot take it.';
-
-COMMENT ON COLUMN billing.plans.id IS 'Stable plan code, for example free, pro, unlimited.';
-
-COMMENT ON COLUMN billing.plans.features IS 'Marketing feature list (JSON array of strings) shown by clients.';
-
-COMMENT ON COLUMN billing.plans.included_credits_micros IS 'Credits granted at the start of every paid subscription period (on invoice.paid), in micro-credits.';
-
-COMMENT ON COLUMN billing.plans.spending_limit_minor IS 'Post-paid plans: the most their post-paid meters may cost per billing period, in minor currency units (cents) of the plan''s price; a charge past it is refused like an empty balance (TL402). NULL: no limit.';
-
-COMMENT ON COLUMN billing.plans.signup_bonus_micros IS 'Micro-credits granted once per person when they verify their email on this plan (a signup_bonus lot, no expiry).';
-
-COMMENT ON COLUMN billing.plans.monthly_credits_micros IS 'Micro-credits granted every billing period (a calendar month without a subscription) to accounts on this plan, expiring at its end: they reset.';
-
-CREATE TABLE billing.referral_program (
-    singleton boolean DEFAULT true NOT NULL,
-    qualify_on text DEFAULT 'first_payment'::text NOT NULL,
-    referrer_reward_micros bigint DEFAULT 10000000 NOT NULL,
-    referee_reward_micros bigint DEFAULT 0 NOT NULL,
-    holdback interval DEFAULT '14 days'::interval NOT NULL,
-    monthly_cap integer DEFAULT 20 NOT NULL,
-    same_ip_window interval DEFAULT '30 days'::interval NOT NULL,
-    CONSTRAINT referral_program_holdback_check CHECK ((holdback >= '00:00:00'::interval)),
-    CONSTRAINT referral_program_monthly_cap_check CHECK ((monthly_cap >= 0)),
-    CONSTRAINT referral_program_qualify_on_check CHECK ((qualify_on = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
-    CONSTRAINT referral_program_referee_reward_micros_check CHECK ((referee_reward_micros >= 0)),
-    CONSTRAINT referral_program_referrer_reward_micros_check CHECK ((referrer_reward_micros >= 0)),
-    CONSTRAINT referral_program_singleton_check CHECK (singleton)
-);
-
-COMMENT ON TABLE billing.referral_program IS 'The referral rules (one row, from the catalog''s [referrals] table): the event a referral qualifies on, the referrer''s and referee''s rewards (micro-credits), the holdback before a reward is spendable, the most rewarded referrals per referrer per calendar month, and how long a referrer''s IP counts against a referee signing up from it.';
-
-CREATE TABLE billing.referrals (
-    referee_account_id uuid NOT NULL,
-    referrer_account_id uuid NOT NULL,
-    referrer_user_id uuid NOT NULL,
-    code text NOT NULL,
-    status text NOT NULL,
-    rejected_reason text,
-    signup_ip text,
-    signup_fingerprint text,
-    qualifying_event text,
-    qualifying_ref text,
-    referrer_lot_id uuid,
-    referee_lot_id uuid,
-    created_at timestamp with time zone NOT NULL,
-    qualified_at timestamp with time zone,
-    rewarded_at timestamp with time zone,
-    rejected_at timestamp with time zone,
-    CONSTRAINT referrals_check CHECK (((status = 'rejected'::text) = (rejected_reason IS NOT NULL))),
-    CONSTRAINT referrals_qualifying_event_check CHECK ((qualifying_event = ANY (ARRAY['email_verified'::text, 'first_payment'::text]))),
-    CONSTRAINT referrals_qualifying_ref_check CHECK ((length(qualifying_ref) <= 255)),
-    CONSTRAINT referrals_rejected_reason_check CHECK ((rejected_reason = ANY (ARRAY['self_referral'::text, 'own_device'::text, 'same_ip'::text, 'same_fingerprint'::text, 'monthly_cap'::text, 'refunded'::text]))),
-    CONSTRAINT referrals_signup_fingerprint_check CHECK ((length(signup_fingerprint) <= 256)),
-    CONSTRAINT referrals_signup_ip_check CHECK ((length(signup_ip) <= 64)),
-    CONSTRAINT referrals_status_check CHECK ((status = ANY (ARRAY['signed_up'::text, 'qualified'::text, 'rewarded'::text, 'rejected'::text])))
-);
-
-COMMENT ON TABLE billing.referrals IS 'Who referred whom: one referrer per account, the first one, set at sign-up only. signed_up -> qualified (on the program''s event, once) -> rewarded (lots granted in that same transaction, pending for the holdback), or rejected with the reason (self_referral, own_device, same_ip, same_fingerprint at sign-up; monthly_cap at qualification; refunded: the qualifying payment was refunded inside the holdback).';
-
-CREATE TABLE billing.stripe_events (
-    id text NOT NULL,
-    type text NOT NULL,
-    created timestamp with time zone,
-    livemode boolean DEFAULT false NOT NULL,
-    payload jsonb,
-    received_at timestamp with time zone DEFAULT now() NOT NULL,
-    status text NOT NULL,
-    note text,
-    CONSTRAINT stripe_events_rejected_only_unreadable CHECK (((status = 'rejected'::text) OR ((payload IS NOT NULL) AND (created IS NOT NULL)))),
-    CONSTRAINT stripe_events_status_check CHECK ((status = ANY (ARRAY['applied'::text, 'stale'::text, 'ignored'::text, 'rejected'::text])))
-);
-
-COMMENT ON TABLE billing.stripe_events IS 'Inbox of Stripe webhook events, keyed by Stripe''s event id: an event is applied in the transaction that records it, and a redelivery changes nothing. status: applied, stale (older than the state already applied), ignored (a type pgtally does not handle, or nothing of pgtally''s to change; note says why).';
-
-COMMENT ON COLUMN billing.stripe_events.payload IS 'The event as received; NULL only for a rejected event that is not readable JSON (its id is then rejected: + the SHA-256 of the body).';
-
-COMMENT ON COLUMN billing.stripe_events.status IS 'applied; stale (older than the state already applied); ignored (nothing of pgtally''s to change); rejected (validly signed but malformed: nothing applied, note says why; answered 400).';
-
-CREATE TABLE identity.auth_events (
-    id bigint NOT NULL,
-    kind text NOT NULL,
-    user_id uuid,
-    account_id uuid,
-    session_id uuid,
-    ip text,
-    user_agent text,
-    detail jsonb DEFAULT '{}'::jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT auth_events_kind_check CHECK ((kind = ANY (ARRAY['signup'::text, 'signup_existing_email'::text, 'login_succeeded'::text, 'login_failed'::text, 'logout'::text, 'logout_all'::text, 'session_revoked'::text, 'refresh_token_reuse'::text, 'email_verified'::text, 'password_reset_requested'::text, 'password_reset'::text, 'password_rehashed'::text, 'api_key_created'::text, 'api_key_revoked'::text, 'device_identified'::text, 'device_merged'::text, 'rate_limited'::text, 'oauth_sign_in'::text, 'oauth_signup'::text, 'oauth_linked'::text, 'oauth_unlinked'::text, 'oauth_refused'::text, 'device_code_requested'::text, 'device_code_approved'::text, 'device_code_denied'::text, 'device_code_issued'::text, 'sso_domain_claimed'::text, 'sso_domain_verified'::text, 'sso_link_requested'::text])))
-);
-
-COMMENT ON TABLE identity.auth_events IS 'Append-only log of authentication events. Never holds a secret: no password, token or key, only ids.';
-
-ALTER TABLE identity.auth_events ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME identity.auth_events_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-CREATE TABLE identity.jwt_keys (
-    kid text NOT NULL,
-    secret bytea NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT jwt_keys_secret_check CHECK ((length(secret) >= 32))
-);
-
-COMMENT ON TABLE identity.jwt_keys IS 'HMAC keys for access tokens (HS256, RFC 7518). The newest signs; the server reads them through api.jwt_keys().';
-
-CREATE TABLE identity.memberships (
-    account_id uuid NOT NULL,
-    user_id uuid NOT NULL,
-    role text NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    invited_by uuid,
-    CONSTRAINT memberships_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
-);
-
-COMMENT ON TABLE identity.memberships IS 'Who belongs to which account, with which role. A person owns their personal account; team accounts have members by invitation. An account always keeps at least one owner (enforced by the functions that change roles, under the account row''s lock).';
-
-CREATE TABLE identity.oauth_flows (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    provider text NOT NULL,
-    state_hash bytea NOT NULL,
-    browser_hash bytea NOT NULL,
-    nonce text NOT NULL,
-    code_verifier text NOT NULL,
-    purpose text NOT NULL,
-    session_id uuid,
-    device_session_id uuid,
-    return_to text,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    used_at timestamp with time zone,
-    sso_account_id uuid,
-    CONSTRAINT oauth_flows_code_verifier_check CHECK (((length(code_verifier) >= 43) AND (length(code_verifier) <= 128))),
-    CONSTRAINT oauth_flows_nonce_check CHECK ((length(nonce) <= 128)),
-    CONSTRAINT oauth_flows_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
-    CONSTRAINT oauth_flows_purpose_check CHECK ((purpose = ANY (ARRAY['sign_in'::text, 'link'::text]))),
-    CONSTRAINT oauth_flows_return_to_check CHECK ((length(return_to) <= 500))
-);
-
-COMMENT ON TABLE identity.oauth_flows IS 'One authorization-code flow with a provider (RFC 6749 section 4.1 with PKCE, RFC 7636): the state (stored hashed) binds the callback to the browser that started it (browser_hash: SHA-256 of a random cookie), the nonce binds the ID token (OpenID Connect), the PKCE verifier stays here. Single use, 10 minutes.';
-
-COMMENT ON COLUMN identity.oauth_flows.session_id IS 'For purpose = link: the signed-in session that asked to link a provider.';
-
-COMMENT ON COLUMN identity.oauth_flows.device_session_id IS 'An anonymous device session the browser carried: merged into the user at sign-in.';
-
-COMMENT ON COLUMN identity.oauth_flows.sso_account_id IS 'For provider sso: the team whose provider this flow signs in with.';
-
-CREATE TABLE identity.one_time_tokens (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    user_id uuid NOT NULL,
-    purpose text NOT NULL,
-    token_hash bytea NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    used_at timestamp with time zone,
-    CONSTRAINT one_time_tokens_purpose_check CHECK ((purpose = ANY (ARRAY['verify_email'::text, 'password_reset'::text])))
-);
-
-COMMENT ON TABLE identity.one_time_tokens IS 'Email verification and password reset tokens: 256 random bits, stored as SHA-256 hashes, claimed once with UPDATE ... RETURNING before they expire.';
-
-CREATE TABLE identity.public_mail_domains (
-    domain text NOT NULL,
-    CONSTRAINT public_mail_domains_domain_check CHECK ((domain = lower(domain)))
-);
-
-COMMENT ON TABLE identity.public_mail_domains IS 'Mail domains anyone can have an address at (Gmail, Outlook, ...): no team may claim them (or a subdomain of one) for single sign-on. Operators may add rows.';
-
-CREATE TABLE identity.rate_limits (
-    bucket text CONSTRAINT rate_limits_bucket_not_null1 NOT NULL,
-    hits timestamp with time zone[] CONSTRAINT rate_limits_hits_not_null1 NOT NULL,
-    CONSTRAINT rate_limits_bucket_length CHECK ((length(bucket) <= 600))
-);
-
-COMMENT ON TABLE identity.rate_limits IS 'Sliding-window rate limits shared by every server process, one row a bucket, locked by identity.throttled while it decides. A row may be deleted at will once its newest hit is older than the longest window (one day).';
-
-COMMENT ON COLUMN identity.rate_limits.bucket IS 'action:dimension:value, e.g. login:ip:203.0.113.7 or signup:email:ada@example.com (at most 600 characters).';
-
-COMMENT ON COLUMN identity.rate_limits.hits IS 'When the allowed attempts of the bucket happened, oldest first: those inside the window, at most the limit (refused attempts are not kept).';
-
-CREATE TABLE identity.refresh_tokens (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    session_id uuid NOT NULL,
-    token_hash bytea NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    used_at timestamp with time zone
-);
-
-COMMENT ON TABLE identity.refresh_tokens IS 'Refresh tokens (stored as SHA-256 hashes), each usable once: POST /v1/auth/refresh claims it and issues its successor. Presenting a used one outside the grace window revokes the session (RFC 9700 section 4.14.2).';
-
-CREATE TABLE identity.role_permissions (
-    role text NOT NULL,
-    permission text NOT NULL,
-    CONSTRAINT role_permissions_permission_check CHECK ((permission = ANY (ARRAY['usage:read'::text, 'usage:write'::text, 'billing:read'::text, 'billing:manage'::text, 'members:read'::text, 'members:manage'::text, 'keys:manage'::text, 'sso:manage'::text]))),
-    CONSTRAINT role_permissions_role_check CHECK ((role = ANY (ARRAY['owner'::text, 'admin'::text, 'member'::text, 'billing'::text, 'viewer'::text])))
-);
-
-COMMENT ON TABLE identity.role_permissions IS 'What each role of an account member may do: the one table identity.authenticate decides by. owner: everything; admin: everything but SSO (and only owners make owners); member: meter, read, manage its own API keys; billing: pay, see invoices, read usage (no members, no metering); viewer: read.';
-
-CREATE TABLE identity.sso_connections (
-    account_id uuid NOT NULL,
-    issuer text NOT NULL,
-    client_id text NOT NULL,
-    client_secret text NOT NULL,
-    require_sso boolean DEFAULT false NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    updated_at timestamp with time zone NOT NULL,
-    CONSTRAINT sso_connections_client_id_check CHECK (((length(client_id) >= 1) AND (length(client_id) <= 255))),
-    CONSTRAINT sso_connections_client_secret_check CHECK (((length(client_secret) >= 1) AND (length(client_secret) <= 500))),
-    CONSTRAINT sso_connections_issuer_check CHECK (((issuer ~ '^https?://\S+$'::text) AND (length(issuer) <= 500)))
-);
-
-COMMENT ON TABLE identity.sso_connections IS 'A team''s OpenID Connect provider (set by an owner, permission sso:manage): people of its domains who sign in through it join the team as members. require_sso: those people may not sign in with a password or Google/GitHub.';
-
-COMMENT ON COLUMN identity.sso_connections.client_secret IS 'The team''s client secret at its provider, readable by the database owner (and by the server through api.sso_flow_config); never shown by the API.';
-
-CREATE TABLE identity.sso_domains (
-    domain text NOT NULL,
-    account_id uuid NOT NULL,
-    verification_token text NOT NULL,
-    claimed_at timestamp with time zone NOT NULL,
-    verified_at timestamp with time zone,
-    verified_by text,
-    CONSTRAINT sso_domains_domain_check CHECK (((domain ~ '^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$'::text) AND (domain ~~ '%.%'::text))),
-    CONSTRAINT sso_domains_verified_by_check CHECK ((verified_by = ANY (ARRAY['dns'::text, 'staff'::text]))),
-    CONSTRAINT sso_domains_verified_check CHECK (((verified_at IS NULL) = (verified_by IS NULL)))
-);
-
-COMMENT ON TABLE identity.sso_domains IS 'Email domains a team claims for its provider. A claim takes effect (sign-in through the team''s provider, require_sso) only once verified: a DNS TXT record "pgtally-domain-verification=<verification_token>" on the domain (api.verify_sso_domain), or a staff approval written to ops.audit_log (api.admin_approve_sso_domain). Any number of teams may claim a domain; one may prove it (sso_domains_verified_domain_key).';
-
-COMMENT ON COLUMN identity.sso_domains.verification_token IS 'Random value the team publishes in a TXT record on the domain to prove it owns it.';
-
-COMMENT ON COLUMN identity.sso_domains.verified_at IS 'When ownership was proven; NULL: claimed only, no effect.';
-
-COMMENT ON COLUMN identity.sso_domains.verified_by IS 'How: dns (the TXT record was found) or staff (an approval in ops.audit_log).';
-
-CREATE TABLE identity.sso_link_requests (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    token_hash bytea NOT NULL,
-    user_id uuid NOT NULL,
-    account_id uuid NOT NULL,
-    subject text NOT NULL,
-    email text NOT NULL,
-    return_to text,
-    created_at timestamp with time zone NOT NULL,
-    expires_at timestamp with time zone NOT NULL,
-    used_at timestamp with time zone,
-    CONSTRAINT sso_link_requests_email_check CHECK ((length(email) <= 320)),
-    CONSTRAINT sso_link_requests_return_to_check CHECK ((length(return_to) <= 500)),
-    CONSTRAINT sso_link_requests_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 300)))
-);
-
-COMMENT ON TABLE identity.sso_link_requests IS 'A team''s provider signed in an address that already has a pgtally user who never linked that team''s sign-in: nothing is linked until the user opens the link emailed to that address (api.confirm_sso_link, once, within an hour). The token is stored as its SHA-256 hash.';
-
-COMMENT ON COLUMN identity.sso_link_requests.account_id IS 'The team whose provider signed the person in.';
-
-COMMENT ON COLUMN identity.sso_link_requests.subject IS 'The team''s provider''s subject, as identity.user_identities stores it for provider sso ("<team id>:<sub>").';
-
-CREATE TABLE identity.user_identities (
-    provider text NOT NULL,
-    subject text NOT NULL,
-    user_id uuid NOT NULL,
-    email text,
-    email_verified boolean DEFAULT false NOT NULL,
-    linked_at timestamp with time zone DEFAULT now() NOT NULL,
-    last_sign_in_at timestamp with time zone,
-    CONSTRAINT user_identities_email_check CHECK ((length(email) <= 320)),
-    CONSTRAINT user_identities_provider_check CHECK ((provider = ANY (ARRAY['google'::text, 'github'::text, 'sso'::text]))),
-    CONSTRAINT user_identities_subject_check CHECK (((length(subject) >= 1) AND (length(subject) <= 255)))
-);
-
-COMMENT ON TABLE identity.user_identities IS 'A provider account (Google''s OpenID Connect sub, GitHub''s numeric user id) linked to a pgtally user: at most one per provider and user. Linked at first sign-in, by a verified email, or from the account page.';
-
-COMMENT ON COLUMN identity.user_identities.subject IS 'The provider''s stable user id (OIDC sub, GitHub id): never the email, which can change.';
-
-CREATE TABLE ledger.archived_balances (
-    month date NOT NULL,
-    account_id uuid,
-    system_account text,
-    amount_micros numeric NOT NULL,
-    entries bigint NOT NULL,
-    entry_id bigint,
-    CONSTRAINT archived_balances_check CHECK (((account_id IS NULL) <> (system_account IS NULL)))
-);
-
-COMMENT ON TABLE ledger.archived_balances IS 'What each account''s entries of a detached month summed to (micro-credits) and how many there were, written by api.detach_month in the transaction that detaches the month: the reconciliation views add these sums to the entries still attached. entry_id NULL: the month''s sum; set: one entry of the month kept by itself (entries = 1) because it was written after an entry of a later month of the same account, so reporting.entry_balance_breaks counts it at its place (its id).';
-
-COMMENT ON COLUMN ledger.archived_balances.entry_id IS 'NULL for a month''s sum; the id of a single detached entry that came after the next month had begun for its account (see the table comment).';
-
-CREATE TABLE ledger.entries (
-    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
-    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
-    account_id uuid,
-    system_account text,
-    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
-    balance_after_micros bigint,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
-    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
-    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
-)
-PARTITION BY RANGE (created_at);
-
-COMMENT ON TABLE ledger.entries IS 'One side of a transfer: micro-credits added to (positive) or taken from (negative) one account. Append-only. Partitioned by month of created_at like metering.usage_events; a month that leaves (api.detach_month) leaves its sums per account in ledger.archived_balances, so the reconciliation views still balance.';
-
-COMMENT ON COLUMN ledger.entries.account_id IS 'Customer account of this side, or NULL for a system account.';
-
-COMMENT ON COLUMN ledger.entries.system_account IS 'System account of this side, or NULL for a customer account.';
-
-COMMENT ON COLUMN ledger.entries.balance_after_micros IS 'The customer account''s balance right after this entry (NULL for system accounts).';
-
-CREATE TABLE ledger.entries_default (
-    id bigint CONSTRAINT entries_id_not_null1 NOT NULL,
-    transfer_id uuid CONSTRAINT entries_transfer_id_not_null1 NOT NULL,
-    account_id uuid,
-    system_account text,
-    amount_micros ledger.amount_micros CONSTRAINT entries_amount_micros_not_null1 NOT NULL,
-    balance_after_micros bigint,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT entries_created_at_not_null1 NOT NULL,
-    CONSTRAINT entries_check2 CHECK (((account_id IS NULL) <> (system_account IS NULL))),
-    CONSTRAINT entries_check3 CHECK (((account_id IS NULL) = (balance_after_micros IS NULL)))
-);
-
-COMMENT ON TABLE ledger.entries_default IS 'Ledger entries of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
-
-ALTER TABLE ledger.entries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME ledger.entries_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-CREATE TABLE ledger.system_accounts (
-    code text NOT NULL,
-    description text NOT NULL
-);
-
-COMMENT ON TABLE ledger.system_accounts IS 'The house side of every transfer. Their balances are not cached (a cached house balance would be one row every charge locks); reporting.system_balances sums them.';
-
-CREATE TABLE metering.active_accounts_daily (
-    day date NOT NULL,
-    dau bigint NOT NULL,
-    wau bigint NOT NULL,
-    mau bigint NOT NULL
-);
-
-COMMENT ON TABLE metering.active_accounts_daily IS 'Accounts with usage on the UTC day (dau), in the 7 days (wau) and the 30 days (mau) ending on it. Recomputed by api.rollup_usage for the days its new events touch.';
-
-CREATE TABLE metering.allowance_usage (
-    account_id uuid NOT NULL,
-    meter_id text NOT NULL,
-    period_start timestamp with time zone NOT NULL,
-    period_end timestamp with time zone NOT NULL,
-    used util.count DEFAULT 0 NOT NULL,
-    CONSTRAINT allowance_usage_check CHECK ((period_end > period_start))
-);
-
-COMMENT ON TABLE metering.allowance_usage IS 'Allowance units counted against an entitlement per account, meter and period. A new period starts a new row, which is how allowances reset.';
-
-COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the entitlement in this window. A window''s row starts from all usage the account already made in it (metering.window_usage), so a plan change or a device merge never hands out a fresh allowance for usage already made.';
-
-CREATE TABLE metering.budget_windows (
-    budget_id uuid NOT NULL,
-    period_start timestamp with time zone NOT NULL,
-    period_end timestamp with time zone NOT NULL,
-    spent_micros bigint NOT NULL,
-    alerted smallint[] DEFAULT '{}'::smallint[] NOT NULL,
-    CONSTRAINT budget_windows_check CHECK ((period_end > period_start)),
-    CONSTRAINT budget_windows_spent_micros_check CHECK ((spent_micros >= 0))
-);
-
-COMMENT ON TABLE metering.budget_windows IS 'What a budget''s window has spent, one row per budget and window, written under the account''s lock by the charge, batch or hold that spends. A window''s row starts from the credits the budget''s subject already spent in it (metering.budget_window_usage), so a budget set mid-window counts the window''s earlier spending.';
-
-COMMENT ON COLUMN metering.budget_windows.spent_micros IS 'Micro-credits spent in the window by the budget''s subject, open holds included.';
-
-COMMENT ON COLUMN metering.budget_windows.alerted IS 'The alert thresholds (percent) already emailed in this window: each once.';
-
-CREATE TABLE metering.budgets (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    scope text NOT NULL,
-    subject uuid NOT NULL,
-    limit_micros bigint NOT NULL,
-    period text NOT NULL,
-    alerts smallint[] DEFAULT '{}'::smallint[] NOT NULL,
-    created_at timestamp with time zone NOT NULL,
-    created_by uuid,
-    CONSTRAINT budgets_account_subject CHECK (((scope <> 'account'::text) OR (subject = account_id))),
-    CONSTRAINT budgets_alerts_check CHECK (((cardinality(alerts) <= 10) AND (1 <= ALL (alerts)) AND (100 >= ALL (alerts)))),
-    CONSTRAINT budgets_limit_micros_check CHECK ((limit_micros > 0)),
-    CONSTRAINT budgets_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
-    CONSTRAINT budgets_scope_check CHECK ((scope = ANY (ARRAY['api_key'::text, 'member'::text, 'account'::text])))
-);
-
-COMMENT ON TABLE metering.budgets IS 'Spending caps set by a customer (issue #28): at most limit_micros of credits spent per window by one API key (scope api_key, subject: the key''s id), one member across the keys they made and their sessions (scope member, subject: the user id) or the whole account (scope account, subject: the account id), on this account. A charge that would pass it is refused (TL4B2, 402 budget-exceeded) and charges nothing; crossing an alert threshold emails once per window.';
-
-COMMENT ON COLUMN metering.budgets.limit_micros IS 'The cap, in micro-credits spent per window (allowance units and post-paid usage cost no credits and do not count).';
-
-COMMENT ON COLUMN metering.budgets.period IS 'The window: day (UTC calendar day), month (UTC calendar month) or billing_period (the subscription period, else the calendar month), as metering.period_bounds.';
-
-COMMENT ON COLUMN metering.budgets.alerts IS 'Soft thresholds, percent of the limit (1-100, at most 10): crossing one emails the account''s owners and admins (and the member, for a member budget) once per window.';
-
-COMMENT ON COLUMN metering.budgets.created_by IS 'The user who set it (NULL: an operator or an API key).';
-
-CREATE TABLE metering.reversals (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    account_id uuid NOT NULL,
-    usage_event_id uuid NOT NULL,
-    event_created_at timestamp with time zone NOT NULL,
-    idempotency_key text NOT NULL,
-    request_hash bytea NOT NULL,
-    quantity bigint NOT NULL,
-    allowance_units bigint NOT NULL,
-    credits_micros bigint NOT NULL,
-    amount_minor bigint,
-    currency text,
-    allowance_returned boolean NOT NULL,
-    transfer_id uuid,
-    lots jsonb DEFAULT '[]'::jsonb NOT NULL,
-    reason text NOT NULL,
-    api_key_id uuid,
-    user_id uuid,
-    staff_user_id uuid,
-    operator_key_id uuid,
-    created_at timestamp with time zone NOT NULL,
-    balance_after_micros bigint NOT NULL,
-    CONSTRAINT reversals_allowance_units_check CHECK ((allowance_units >= 0)),
-    CONSTRAINT reversals_amount_minor_check CHECK ((amount_minor >= 0)),
-    CONSTRAINT reversals_by_someone CHECK ((num_nonnulls(staff_user_id, operator_key_id) <= 1)),
-    CONSTRAINT reversals_credits_micros_check CHECK ((credits_micros >= 0)),
-    CONSTRAINT reversals_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
-    CONSTRAINT reversals_quantity_check CHECK ((quantity > 0)),
-    CONSTRAINT reversals_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500))),
-    CONSTRAINT reversals_transfer CHECK (((credits_micros > 0) = (transfer_id IS NOT NULL)))
-);
-
-COMMENT ON TABLE metering.reversals IS 'Reversals of usage events (issue #28), full or partial, each once per idempotency key: the units reversed and what they had cost (allowance units, credits, post-paid amount). Credits come back by a ledger transfer of kind reversal (transfer_id) into the lots the charge drew from (lots); the sum of an event''s reversals never exceeds what it charged (reporting.reversal_mismatches). Written by metering.reverse_usage under the account''s lock.';
-
-COMMENT ON COLUMN metering.reversals.event_created_at IS 'The reversed event''s created_at: its partition, and the windows (allowance, budgets) it counted in.';
-
-COMMENT ON COLUMN metering.reversals.request_hash IS 'Fingerprint of the reversal request (event, quantity, reason), compared on retries of the idempotency key.';
-
-COMMENT ON COLUMN metering.reversals.quantity IS 'Units of the event reversed (a token meter''s event is one unit: reversed whole).';
-
-COMMENT ON COLUMN metering.reversals.allowance_units IS 'Allowance units (units, or micro-credits of cost for token meters) the reversed part had used; given back to the window when allowance_returned.';
-
-COMMENT ON COLUMN metering.reversals.credits_micros IS 'Micro-credits given back to the account.';
-
-COMMENT ON COLUMN metering.reversals.amount_minor IS 'Post-paid: what the reversed units cost (minor units of currency): a credit owed to the customer (reporting.post_paid_credits_owed). Cancelling the Stripe meter event is a follow-up.';
-
-COMMENT ON COLUMN metering.reversals.allowance_returned IS 'Whether the allowance units went back to their window (only while that window is still open).';
-
-COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the order given back (reverse burn order): [{lot_id, credits, new_lot}]; new_lot when the lot had expired or been canceled since, so a new lot of source reversal holds them.';
-
-COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
-
-COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
-
-COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
-
-CREATE TABLE metering.rollup_state (
-    singleton boolean DEFAULT true NOT NULL,
-    last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
-    updated_at timestamp with time zone,
-    CONSTRAINT rollup_state_singleton_check CHECK (singleton)
-);
-
-COMMENT ON TABLE metering.rollup_state IS 'How far api.rollup_usage has read metering.usage_events: the id (time-ordered, version 7) of the last event folded in. It reads in id order and stops at the first event less than a minute old, so a charge still committing is never passed over; no index beyond the primary key is needed.';
-
-CREATE TABLE metering.usage_events_default (
-    id uuid DEFAULT util.uuid_v7() CONSTRAINT usage_events_id_not_null1 NOT NULL,
-    account_id uuid CONSTRAINT usage_events_account_id_not_null1 NOT NULL,
-    created_at timestamp with time zone DEFAULT now() CONSTRAINT usage_events_created_at_not_null1 NOT NULL,
-    quantity util.quantity CONSTRAINT usage_events_quantity_not_null1 NOT NULL,
-    allowance_units util.count CONSTRAINT usage_events_allowance_units_not_null1 NOT NULL,
-    credits_micros util.micro_credits CONSTRAINT usage_events_credits_micros_not_null1 NOT NULL,
-    balance_after_micros bigint,
-    used_after util.count,
-    period_start timestamp with time zone,
-    period_end timestamp with time zone,
-    input_tokens util.count,
-    output_tokens util.count,
-    amount_minor util.minor_units,
-    meter_id text CONSTRAINT usage_events_meter_id_not_null1 NOT NULL,
-    idempotency_key util.idempotency_key CONSTRAINT usage_events_idempotency_key_not_null1 NOT NULL,
-    plan_id text,
-    currency util.currency,
-    warnings metering.warnings,
-    metadata metering.event_metadata,
-    response jsonb,
-    api_key_id uuid,
-    user_id uuid,
-    lot_id uuid,
-    lot_draws jsonb,
-    CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
-);
-
-COMMENT ON TABLE metering.usage_events_default IS 'Usage events of months that have no partition of their own yet; util.ensure_partitions moves them into their month when it makes it.';
-
-CREATE TABLE metering.usage_rollup_daily (
-    day date NOT NULL,
-    account_id uuid NOT NULL,
-    meter_id text NOT NULL,
-    plan_id text NOT NULL,
-    events bigint NOT NULL,
-    quantity bigint NOT NULL,
-    credits_micros bigint NOT NULL
-);
-
-COMMENT ON TABLE metering.usage_rollup_daily IS 'Usage per UTC day, account and meter (events, units, micro-credits), with the account''s plan when it was rolled up. Maintained by api.rollup_usage from metering.usage_events.';
-
-CREATE TABLE metering.usage_rollup_hourly (
-    hour timestamp with time zone NOT NULL,
-    meter_id text NOT NULL,
-    events bigint NOT NULL,
-    quantity bigint NOT NULL
-);
-
-COMMENT ON TABLE metering.usage_rollup_hourly IS 'Usage per UTC hour and meter, all accounts together. Maintained by api.rollup_usage.';
-
-CREATE TABLE metering.usage_rollup_monthly (
-    month date NOT NULL,
-    account_id uuid NOT NULL,
-    meter_id text NOT NULL,
-    plan_id text NOT NULL,
-    events bigint NOT NULL,
-    quantity bigint NOT NULL,
-    credits_micros bigint NOT NULL
-);
-
-COMMENT ON TABLE metering.usage_rollup_monthly IS 'Usage per UTC month, account, meter and plan (as rolled up): what the per-account percentiles read. Maintained by api.rollup_usage.';
-
-CREATE TABLE ops.alerts (
-    condition text NOT NULL,
-    last_sent_at timestamp with time zone NOT NULL,
-    last_detail jsonb DEFAULT '{}'::jsonb NOT NULL,
-    CONSTRAINT alerts_condition_check CHECK ((condition = ANY (ARRAY['webhook_rejected'::text, 'reconciliation'::text, 'outbox_failed'::text])))
-);
-
-COMMENT ON TABLE ops.alerts IS 'When each alert condition last emailed the operators (PGTALLY_ALERT_EMAIL): at most once an hour per condition. webhook_rejected: signed Stripe events that could not be applied; reconciliation: a row in a reconciliation view; outbox_failed: messages that exhausted their retries (emails, meter events, top-ups).';
-
-CREATE TABLE ops.audit_log (
-    id bigint NOT NULL,
-    at timestamp with time zone NOT NULL,
-    staff_user_id uuid NOT NULL,
-    staff_role text NOT NULL,
-    action text NOT NULL,
-    target_account_id uuid,
-    target_user_id uuid,
-    reason text NOT NULL,
-    before jsonb,
-    after jsonb,
-    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text, 'reverse_usage'::text]))),
-    CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
-);
-
-COMMENT ON TABLE ops.audit_log IS 'Every staff action (who, their role, what, on which account or user, why, the state before and after), written in the action''s own transaction. Append-only.';
-
-ALTER TABLE ops.audit_log ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
-    SEQUENCE NAME ops.audit_log_id_seq
-    START WITH 1
-    INCREMENT BY 1
-    NO MINVALUE
-    NO MAXVALUE
-    CACHE 1
-);
-
-CREATE TABLE outbox.messages (
-    id uuid DEFAULT util.uuid_v7() NOT NULL,
-    kind text NOT NULL,
-    recipient text NOT NULL,
-    payload jsonb DEFAULT '{}'::jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL,
-    attempts integer DEFAULT 0 NOT NULL,
-    next_attempt_at timestamp with time zone DEFAULT now() NOT NULL,
-    delivered_at timestamp with time zone,
-    failed_at timestamp with time zone,
-    last_error text,
-    CONSTRAINT messages_kind_check CHECK ((kind = ANY (ARRAY['verify_email'::text, 'account_exists'::text, 'password_reset'::text, 'usage_warning'::text, 'auto_topup'::text, 'auto_topup_disabled'::text, 'meter_event'::text, 'alert'::text, 'payment_failed'::text, 'receipt'::text, 'subscription_ending'::text, 'subscription_canceled'::text, 'invitation'::text, 'sso_link'::text])))
-);
-
-COMMENT ON TABLE outbox.messages IS 'Emails to send, written in the transaction that caused them. pgtally worker claims due rows (FOR UPDATE SKIP LOCKED, with a lease), sends them and marks them delivered; failures retry with exponential backoff, 8 attempts.';
-
-COMMENT ON COLUMN outbox.messages.kind IS 'An email (verify_email, account_exists, password_reset, usage_warning, auto_topup_disabled, payment_failed, receipt, subscription_ending, subscription_canceled; alert: to the operators) or a task for the worker (auto_topup: pay a bundle with the saved card; meter_event: report a post-paid usage event to Stripe, the message id being the usage event''s id).';
-
-COMMENT ON COLUMN outbox.messages.payload IS 'Template variables; a link token lives here only until delivery, then it is removed.';
-
-CREATE VIEW reporting.active_accounts_daily AS
- SELECT day,
-    dau,
-    wau,
-    mau
-   FROM metering.active_accounts_daily;
-
-COMMENT ON VIEW reporting.active_accounts_daily IS 'DAU, WAU and MAU: accounts with usage on the UTC day, and in the 7 and 30 days ending on it (from the usage rollup: events of the last minute are not in yet).';
-
-CREATE VIEW reporting.mrr_account_months AS
- WITH months AS (
-         SELECT generate_series(date_trunc('month'::text, min(mrr_changes.at), 'UTC'::text), date_trunc('month'::text, util.now(), 'UTC'::text), '1 mon'::interval) AS month
-           FROM billing.mrr_changes
-        ), accounts AS (
-         SELECT DISTINCT mrr_changes.account_id
-           FROM billing.mrr_changes
-        )
- SELECT ((m.month AT TIME ZONE 'UTC'::text))::date AS month,
-    a.account_id,
-    COALESCE(e.currency, s.currency) AS currency,
-    s.plan_id AS plan_at_start,
-    e.plan_id AS plan_at_end,
-    COALESCE(s.mrr_minor, (0)::numeric) AS mrr_start_minor,
-    COALESCE(e.mrr_minor, (0)::numeric) AS mrr_end_minor,
-    (EXISTS ( SELECT 1
-           FROM billing.mrr_changes c
-          WHERE ((c.account_id = a.account_id) AND (c.at < m.month) AND (c.mrr_minor > (0)::numeric)))) AS paid_before
-   FROM (((months m
-     CROSS JOIN accounts a)
-     LEFT JOIN LATERAL ( SELECT c.currency,
-            c.mrr_minor,
-            c.plan_id
-           FROM billing.mrr_changes c
-          WHERE ((c.account_id = a.account_id) AND (c.at < m.month))
-          ORDER BY c.at DESC, c.id DESC
-         LIMIT 1) s ON (true))
-     LEFT JOIN LATERAL ( SELECT c.currency,
-            c.mrr_minor,
-            c.plan_id
-           FROM billing.mrr_changes c
-          WHERE ((c.account_id = a.account_id) AND (c.at < (m.month + '1 mon'::interval)))
-          ORDER BY c.at DESC, c.id DESC
-         LIMIT 1) e ON (true))
-  WHERE ((s.mrr_minor > (0)::numeric) OR (e.mrr_minor > (0)::numeric));
-
-COMMENT ON VIEW reporting.mrr_account_months IS 'Each subscribing account''s MRR at the start and the end of each UTC month (from billing.mrr_changes; minor units, yearly prices / 12), its plan then, and whether it had paid before the month: what the MRR, movement and churn views add up.';
-
-CREATE VIEW reporting.churn_by_plan_monthly AS
- SELECT month,
-    plan_at_start AS plan_id,
-    currency,
-    count(*) AS subscribers_at_start,
-    count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)) AS churned,
-    round(((100.0 * (count(*) FILTER (WHERE (mrr_end_minor = (0)::numeric)))::numeric) / (count(*))::numeric), 2) AS subscriber_churn_percent,
-    sum(mrr_start_minor) AS mrr_start_minor,
-    sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor))) AS mrr_lost_minor,
-    round(((100.0 * sum((mrr_start_minor - LEAST(mrr_end_minor, mrr_start_minor)))) / sum(mrr_start_minor)), 2) AS revenue_churn_percent
-   FROM reporting.mrr_account_months
-  WHERE (mrr_start_minor > (0)::numeric)
-  GROUP BY month, plan_at_start, currency;
-
-COMMENT ON VIEW reporting.churn_by_plan_monthly IS 'Churn per UTC month and the plan subscribers had at its start: subscribers then, how many stopped paying by its end (subscriber churn %), and the MRR lost to churn and contraction over the MRR at the start (gross revenue churn %).';
-
-CREATE VIEW reporting.revenue_monthly AS
- SELECT ((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS month,
-    currency,
-    sum((amount_minor - refunded_minor)) AS revenue_minor,
-    count(DISTINCT account_id) AS paying_accounts
-   FROM ( SELECT invoices.account_id,
-            invoices.paid_at,
-            invoices.currency,
-            invoices.amount_paid_minor AS amount_minor,
-            invoices.refunded_minor
-           FROM billing.invoices
-          WHERE (invoices.status = 'paid'::text)
-        UNION ALL
-         SELECT payments.account_id,
-            payments.paid_at,
-            payments.currency,
-            payments.amount_minor,
-            payments.refunded_minor
-           FROM billing.payments) r
-  GROUP BY (((date_trunc('month'::text, paid_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date), currency;
-
-COMMENT ON VIEW reporting.revenue_monthly IS 'Money in per UTC month and currency, net of refunds (subscription invoices, bundles and top-ups; minor units), and how many accounts paid.';
-
-CREATE VIEW reporting.arpu_monthly AS
- SELECT r.month,
-    r.currency,
-    r.revenue_minor,
-    r.paying_accounts,
-    round((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric), 2) AS arpu_minor,
-    c.churn_percent,
-    round(((r.revenue_minor / (NULLIF(r.paying_accounts, 0))::numeric) / NULLIF((c.churn_percent / (100)::numeric), (0)::numeric)), 2) AS clv_minor
-   FROM (reporting.revenue_monthly r
-     LEFT JOIN ( SELECT churn_by_plan_monthly.month,
-            churn_by_plan_monthly.currency,
-            round(((100.0 * sum(churn_by_plan_monthly.churned)) / sum(churn_by_plan_monthly.subscribers_at_start)), 2) AS churn_percent
-           FROM reporting.churn_by_plan_monthly
-          GROUP BY churn_by_plan_monthly.month, churn_by_plan_monthly.currency) c ON (((c.month = r.month) AND (c.currency = r.currency))));
-
-COMMENT ON VIEW reporting.arpu_monthly IS 'ARPU (revenue / paying accounts, minor units) per UTC month and currency, the month''s subscriber churn (all plans, %), and a simple CLV = ARPU / monthly churn (null when nobody churned).';
-
-CREATE VIEW reporting.audit_log AS
- SELECT l.id,
-    l.at,
-    u.email AS staff_email,
-    l.staff_role,
-    l.action,
-    l.target_account_id,
-    l.target_user_id,
-    l.reason,
-    l.before,
-    l.after
-   FROM (ops.audit_log l
-     JOIN identity.users u ON ((u.id = l.staff_user_id)));
-
-COMMENT ON VIEW reporting.audit_log IS 'The operators'' actions, newest last: who (email, role), what, on what, why, before and after.';
-
-CREATE VIEW reporting.auth_events_daily AS
- SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-    kind,
-    count(*) AS events
-   FROM identity.auth_events
-  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), kind;
-
-COMMENT ON VIEW reporting.auth_events_daily IS 'Authentication events per UTC day and kind.';
-
-CREATE VIEW reporting.balance_mismatches AS
- SELECT a.id AS account_id,
-    a.credit_balance_micros AS cached_micros,
-    COALESCE(e.total, (0)::bigint) AS ledger_micros,
-    ((a.credit_balance_micros)::bigint - COALESCE(e.total, (0)::bigint)) AS difference_micros
-   FROM (identity.accounts a
-     LEFT JOIN ( SELECT x.account_id,
-            (sum(x.amount))::bigint AS total
-           FROM ( SELECT entries.account_id,
-                    entries.amount_micros AS amount
-                   FROM ledger.entries
-                  WHERE (entries.account_id IS NOT NULL)
-                UNION ALL
-                 SELECT archived_balances.account_id,
-                    archived_balances.amount_micros
-                   FROM ledger.archived_balances
-                  WHERE (archived_balances.account_id IS NOT NULL)) x
-          GROUP BY x.account_id) e ON ((e.account_id = a.id)))
-  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(e.total, (0)::bigint));
-
-COMMENT ON VIEW reporting.balance_mismatches IS 'Reconciliation: accounts whose cached credit balance differs from the sum of their ledger entries (with the sums of detached months, ledger.archived_balances). Must be empty.';
-
-CREATE VIEW reporting.conversion_by_cohort AS
- WITH firsts AS (
-         SELECT u.account_id,
-            ((date_trunc('month'::text, u.created_at, 'UTC'::text) AT TIME ZONE 'UTC'::text))::date AS cohort,
-            u.created_at,
-            LEAST(( SELECT min(c.at) AS min
-                   FROM billing.mrr_changes c
-                  WHERE ((c.account_id = u.account_id) AND (c.mrr_minor > (0)::numeric))), ( SELECT min(p.paid_at) AS min
-                   FROM billing.payments p
-                  WHERE (p.account_id = u.account_id))) AS first_paid_at
-           FROM identity.users u
-        )
- SELECT cohort,
-    count(*) AS signed_up,
-    count(first_paid_at) AS converted,
-    count(*) FILTER (WHERE (first_paid_at < (created_at + '30 days'::interval))) AS converted_in_30_days,
-    round(((100.0 * (count(first_paid_at))::numeric) / (count(*))::numeric), 2) AS conversion_percent
-   FROM firsts
-  GROUP BY cohort;
-
-COMMENT ON VIEW reporting.conversion_by_cohort IS 'Free-to-paid conversion by sign-up cohort (UTC month a person signed up): how many signed up, how many have paid since (a subscription or a bundle), how many within 30 days, and the %.';
-
-CREATE VIEW reporting.entry_balance_breaks AS
- SELECT id AS entry_id,
-    account_id,
-    balance_after_micros,
-    running_micros
-   FROM ( SELECT x.id,
-            x.account_id,
-            x.balance_after_micros,
-            x.attached,
-            (COALESCE(s.archived, (0)::numeric) + sum(x.amount_micros) OVER (PARTITION BY x.account_id ORDER BY x.id)) AS running_micros
-           FROM (( SELECT e.id,
-                    e.account_id,
-                    (e.amount_micros)::numeric AS amount_micros,
-                    e.balance_after_micros,
-                    true AS attached
-                   FROM ledger.entries e
-                  WHERE (e.account_id IS NOT NULL)
-                UNION ALL
-                 SELECT b.entry_id,
-                    b.account_id,
-                    b.amount_micros,
-                    NULL::bigint AS int8,
-                    false
-                   FROM ledger.archived_balances b
-                  WHERE ((b.entry_id IS NOT NULL) AND (b.account_id IS NOT NULL))) x
-             LEFT JOIN ( SELECT archived_balances.account_id,
-                    sum(archived_balances.amount_micros) AS archived
-                   FROM ledger.archived_balances
-                  WHERE ((archived_balances.entry_id IS NULL) AND (archived_balances.account_id IS NOT NULL))
-                  GROUP BY archived_balances.account_id) s ON ((s.account_id = x.account_id)))) r
-  WHERE (attached AND ((balance_after_micros)::numeric <> running_micros));
-
-COMMENT ON VIEW reporting.entry_balance_breaks IS 'Reconciliation: customer entries whose recorded balance_after differs from the running sum of the account''s entries in id order (starting from what its detached months summed to, with the detached entries kept one by one at their places). Must be empty.';
-
-CREATE VIEW reporting.hold_mismatches AS
- SELECT a.id AS account_id,
-    a.held_micros,
-    COALESCE(h.open_micros, (0)::bigint) AS open_holds_micros
-   FROM (identity.accounts a
-     LEFT JOIN ( SELECT holds.account_id,
-            (sum(holds.credits_micros))::bigint AS open_micros
-           FROM metering.holds
-          WHERE (holds.status = 'open'::text)
-          GROUP BY holds.account_id) h ON ((h.account_id = a.id)))
-  WHERE (a.held_micros <> COALESCE(h.open_micros, (0)::bigint));
-
-COMMENT ON VIEW reporting.hold_mismatches IS 'Reconciliation: accounts whose held_micros differ from the credits of their open holds. Must be empty.';
-
-CREATE VIEW reporting.ledger_reference_breaks AS
- SELECT 'entry'::text AS row_kind,
-    (e.id)::text AS row_id,
-    'transfer'::text AS missing,
-    (e.transfer_id)::text AS reference
-   FROM ledger.entries e
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM ledger.transfers t
-          WHERE (t.id = e.transfer_id))))
-UNION ALL
- SELECT 'entry'::text AS row_kind,
-    (e.id)::text AS row_id,
-    'account'::text AS missing,
-    (e.account_id)::text AS reference
-   FROM ledger.entries e
-  WHERE ((e.account_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
-           FROM identity.accounts a
-          WHERE (a.id = e.account_id)))))
-UNION ALL
- SELECT 'entry'::text AS row_kind,
-    (e.id)::text AS row_id,
-    'system_account'::text AS missing,
-    e.system_account AS reference
-   FROM ledger.entries e
-  WHERE ((e.system_account IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
-           FROM ledger.system_accounts s
-          WHERE (s.code = e.system_account)))))
-UNION ALL
- SELECT 'transfer'::text AS row_kind,
-    (t.id)::text AS row_id,
-    'account'::text AS missing,
-    (t.account_id)::text AS reference
-   FROM ledger.transfers t
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM identity.accounts a
-          WHERE (a.id = t.account_id))))
-UNION ALL
- SELECT 'usage_event'::text AS row_kind,
-    (u.id)::text AS row_id,
-    'account'::text AS missing,
-    (u.account_id)::text AS reference
-   FROM metering.usage_events u
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM identity.accounts a
-          WHERE (a.id = u.account_id))))
-UNION ALL
- SELECT 'usage_event'::text AS row_kind,
-    (u.id)::text AS row_id,
-    'meter'::text AS missing,
-    u.meter_id AS reference
-   FROM metering.usage_events u
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM metering.meters m
-          WHERE (m.id = u.meter_id))))
-UNION ALL
- SELECT 'allowance_window'::text AS row_kind,
-    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
-    'account'::text AS missing,
-    (w.account_id)::text AS reference
-   FROM metering.allowance_usage w
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM identity.accounts a
-          WHERE (a.id = w.account_id))))
-UNION ALL
- SELECT 'allowance_window'::text AS row_kind,
-    ((((w.account_id || ' '::text) || w.meter_id) || ' '::text) || ((w.period_start AT TIME ZONE 'UTC'::text))::text) AS row_id,
-    'meter'::text AS missing,
-    w.meter_id AS reference
-   FROM metering.allowance_usage w
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM metering.meters m
-          WHERE (m.id = w.meter_id))))
-UNION ALL
- SELECT 'credit_lot'::text AS row_kind,
-    (l.id)::text AS row_id,
-    'account'::text AS missing,
-    (l.account_id)::text AS reference
-   FROM ledger.credit_lots l
-  WHERE (NOT (EXISTS ( SELECT 1
-           FROM identity.accounts a
-          WHERE (a.id = l.account_id))))
-UNION ALL
- SELECT 'credit_lot'::text AS row_kind,
-    (l.id)::text AS row_id,
-    'transfer'::text AS missing,
-    (l.transfer_id)::text AS reference
-   FROM ledger.credit_lots l
-  WHERE ((l.transfer_id IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
-           FROM ledger.transfers t
-          WHERE (t.id = l.transfer_id)))));
-
-COMMENT ON VIEW reporting.ledger_reference_breaks IS 'Reconciliation: ledger entries, transfers, usage events, allowance windows and credit lots that name a transfer, account, system account or meter that does not exist. These references are not foreign keys (a foreign-key check per row was the largest share of a charge''s cost, and a batch paid one per event again on the rows it updates more than once; ledger.post_transfer, ledger.grant_lot and metering.charge write them from rows they just locked, read or wrote); this view proves them. Must be empty.';
-
-CREATE VIEW reporting.lot_balance_mismatches AS
- SELECT a.id AS account_id,
-    a.credit_balance_micros,
-    COALESCE(l.remaining, (0)::bigint) AS active_lots_micros
-   FROM (identity.accounts a
-     LEFT JOIN ( SELECT credit_lots.account_id,
-            (sum(credit_lots.remaining_micros))::bigint AS remaining
-           FROM ledger.credit_lots
-          WHERE ((credit_lots.status)::text = 'active'::text)
-          GROUP BY credit_lots.account_id) l ON ((l.account_id = a.id)))
-  WHERE ((a.credit_balance_micros)::bigint <> COALESCE(l.remaining, (0)::bigint));
-
-COMMENT ON VIEW reporting.lot_balance_mismatches IS 'Reconciliation: accounts whose cached balance differs from what remains of their active credit lots. Must be empty.';
-
-CREATE VIEW reporting.meter_event_reports_daily AS
- SELECT e.account_id,
-    (date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-    count(*) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported,
-    count(*) FILTER (WHERE ((m.delivered_at IS NULL) AND (m.failed_at IS NULL))) AS pending,
-    count(*) FILTER (WHERE (m.failed_at IS NOT NULL)) AS failed,
-    count(*) FILTER (WHERE (m.id IS NULL)) AS missing,
-    sum((e.quantity)::bigint) FILTER (WHERE (m.delivered_at IS NOT NULL)) AS reported_units,
-    sum((e.amount_minor)::bigint) AS amount_minor
-   FROM (metering.usage_events e
-     LEFT JOIN outbox.messages m ON ((m.id = e.id)))
-  WHERE (e.amount_minor IS NOT NULL)
-  GROUP BY e.account_id, ((date_trunc('day'::text, (e.created_at AT TIME ZONE 'UTC'::text)))::date);
-
-COMMENT ON VIEW reporting.meter_event_reports_daily IS 'Post-paid usage events per account and UTC day: reported to Stripe (the meter event was accepted), pending (queued or retrying), failed (retries exhausted: see outbox.messages.last_error) and missing (no report queued: must be 0); units reported and the amount charged locally, in minor units.';
-
-CREATE VIEW reporting.mrr_monthly AS
- SELECT month,
-    currency,
-    round(sum(mrr_end_minor), 2) AS mrr_minor,
-    round(((12)::numeric * sum(mrr_end_minor)), 2) AS arr_minor,
-    count(*) FILTER (WHERE (mrr_end_minor > (0)::numeric)) AS subscribers
-   FROM reporting.mrr_account_months
-  GROUP BY month, currency;
-
-COMMENT ON VIEW reporting.mrr_monthly IS 'MRR and ARR (= 12 x MRR) at the end of each UTC month (the current one: now), per currency, in minor units; yearly prices count as a twelfth a month. subscribers: accounts paying then.';
-
-CREATE VIEW reporting.mrr_movements_monthly AS
- SELECT month,
-    currency,
-    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND (NOT paid_before))), (0)::numeric) AS new_minor,
-    COALESCE(sum((mrr_end_minor - mrr_start_minor)) FILTER (WHERE ((mrr_start_minor > (0)::numeric) AND (mrr_end_minor > mrr_start_minor))), (0)::numeric) AS expansion_minor,
-    COALESCE(sum((mrr_start_minor - mrr_end_minor)) FILTER (WHERE ((mrr_end_minor > (0)::numeric) AND (mrr_end_minor < mrr_start_minor))), (0)::numeric) AS contraction_minor,
-    COALESCE(sum(mrr_start_minor) FILTER (WHERE (mrr_end_minor = (0)::numeric)), (0)::numeric) AS churned_minor,
-    COALESCE(sum(mrr_end_minor) FILTER (WHERE ((mrr_start_minor = (0)::numeric) AND paid_before)), (0)::numeric) AS reactivated_minor,
-    (sum(mrr_end_minor) - sum(mrr_start_minor)) AS net_minor
-   FROM reporting.mrr_account_months
-  GROUP BY month, currency;
-
-COMMENT ON VIEW reporting.mrr_movements_monthly IS 'MRR movements per UTC month and currency (minor units), account by account from the month''s start to its end: new (first paid month), expansion, contraction, churned (to zero), reactivated (paying again after a gap); net = the month''s MRR change.';
-
-CREATE VIEW reporting.outbox_backlog AS
- SELECT kind,
-    count(*) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS pending,
-    count(*) FILTER (WHERE (failed_at IS NOT NULL)) AS failed,
-    min(created_at) FILTER (WHERE ((delivered_at IS NULL) AND (failed_at IS NULL))) AS oldest_pending
-   FROM outbox.messages
-  GROUP BY kind;
-
-COMMENT ON VIEW reporting.outbox_backlog IS 'Outbox messages waiting or given up, per kind.';
-
-CREATE VIEW reporting.payments_vs_ledger_daily AS
- WITH pay AS (
-         SELECT (date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
-            payments.currency,
-            sum(payments.amount_minor) AS paid_minor,
-            sum(payments.refunded_minor) AS refunded_minor,
-            sum(payments.credits_micros) AS credits_sold_micros
-           FROM billing.payments
-          GROUP BY ((date_trunc('day'::text, (payments.paid_at AT TIME ZONE 'UTC'::text)))::date), payments.currency
-        ), led AS (
-         SELECT (date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-            sum((t.amount_micros)::bigint) AS ledger_purchase_micros
-           FROM ledger.transfers t
-          WHERE ((t.kind)::text = 'purchase'::text)
-          GROUP BY ((date_trunc('day'::text, (t.created_at AT TIME ZONE 'UTC'::text)))::date)
-        )
- SELECT COALESCE(pay.day, led.day) AS day,
-    pay.currency,
-    COALESCE(pay.paid_minor, (0)::numeric) AS paid_minor,
-    COALESCE(pay.refunded_minor, (0)::numeric) AS refunded_minor,
-    COALESCE(pay.credits_sold_micros, (0)::numeric) AS credits_sold_micros,
-    COALESCE(led.ledger_purchase_micros, (0)::numeric) AS ledger_purchase_micros,
-    (COALESCE(pay.credits_sold_micros, (0)::numeric) - COALESCE(led.ledger_purchase_micros, (0)::numeric)) AS difference_micros
-   FROM (pay
-     FULL JOIN led ON ((led.day = pay.day)));
-
-COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundle payments (minor units) and the credits they sold against the purchase credits the ledger holds; difference_micros should be 0.';
-
-CREATE VIEW reporting.post_paid_credits_owed AS
- SELECT account_id,
-    usage_event_id,
-    id AS reversal_id,
-    amount_minor,
-    currency,
-    reason,
-    created_at
-   FROM metering.reversals r
-  WHERE (amount_minor > 0);
-
-COMMENT ON VIEW reporting.post_paid_credits_owed IS 'Post-paid usage reversed after it was reported to Stripe: what each reversal owes the customer (minor units). Stripe meter event adjustments are not sent yet: credit it on the next invoice (or refund).';
-
-CREATE VIEW reporting.post_paid_invoice_drift AS
- SELECT i.stripe_invoice_id,
-    i.account_id,
-    i.metered_period_start,
-    i.metered_period_end,
-    i.currency,
-    i.metered_amount_minor AS invoiced_minor,
-    COALESCE(u.amount, (0)::bigint) AS recorded_minor,
-    round(((100.0 * ((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint)))::numeric) / (NULLIF(COALESCE(u.amount, (0)::bigint), 0))::numeric), 2) AS drift_percent,
-    ((abs((i.metered_amount_minor - COALESCE(u.amount, (0)::bigint))))::numeric <= (0.01 * (COALESCE(u.amount, (0)::bigint))::numeric)) AS within_1_percent
-   FROM (billing.invoices i
-     LEFT JOIN LATERAL ( SELECT (sum((e.amount_minor)::bigint))::bigint AS amount
-           FROM metering.usage_events e
-          WHERE ((e.account_id = i.account_id) AND (e.amount_minor IS NOT NULL) AND (e.created_at >= i.metered_period_start) AND (e.created_at < i.metered_period_end))) u ON (true))
-  WHERE (i.metered_period_start IS NOT NULL);
-
-COMMENT ON VIEW reporting.post_paid_invoice_drift IS 'Each paid invoice with metered lines against the post-paid usage pgtally charged the account in the same period: invoiced vs recorded (minor units), the drift in percent of what was recorded, and whether it is within 1% (the generation app''s success criterion, seeds/4-saas-monetisation-plan.md).';
-
-CREATE VIEW reporting.referral_funnel_daily AS
- SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-    count(*) AS signed_up,
-    count(qualified_at) AS qualified,
-    count(*) FILTER (WHERE (status = 'rewarded'::text)) AS rewarded,
-    count(*) FILTER (WHERE (rejected_reason = 'self_referral'::text)) AS rejected_self_referral,
-    count(*) FILTER (WHERE (rejected_reason = 'own_device'::text)) AS rejected_own_device,
-    count(*) FILTER (WHERE (rejected_reason = 'same_ip'::text)) AS rejected_same_ip,
-    count(*) FILTER (WHERE (rejected_reason = 'same_fingerprint'::text)) AS rejected_same_fingerprint,
-    count(*) FILTER (WHERE (rejected_reason = 'monthly_cap'::text)) AS rejected_monthly_cap,
-    count(*) FILTER (WHERE (rejected_reason = 'refunded'::text)) AS rejected_refunded
-   FROM billing.referrals
-  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date);
-
-COMMENT ON VIEW reporting.referral_funnel_daily IS 'Referrals by the UTC day the referee signed up: signed up, qualified, rewarded, and rejected by reason.';
-
-CREATE VIEW reporting.referral_reward_mismatches AS
- SELECT r.referee_account_id,
-    r.status,
-    l.id AS lot_id,
-    l.status AS lot_status,
-    count(t.id) AS transfers
-   FROM ((billing.referrals r
-     JOIN ledger.credit_lots l ON (((l.id = r.referrer_lot_id) OR (l.id = r.referee_lot_id))))
-     LEFT JOIN ledger.transfers t ON (((t.account_id = l.account_id) AND ((t.idempotency_key)::text = (l.grant_key)::text))))
-  GROUP BY r.referee_account_id, r.status, l.id, l.status
- HAVING (count(t.id) <>
-        CASE
-            WHEN ((l.status)::text = ANY (ARRAY['active'::text, 'expired'::text])) THEN 1
-            ELSE 0
-        END)
-UNION ALL
- SELECT r.referee_account_id,
-    r.status,
-    NULL::uuid AS lot_id,
-    NULL::text AS lot_status,
-    0 AS transfers
-   FROM billing.referrals r
-  WHERE ((r.status = 'rewarded'::text) AND (r.referrer_lot_id IS NULL) AND (( SELECT referral_program.referrer_reward_micros
-           FROM billing.referral_program) > 0));
-
-COMMENT ON VIEW reporting.referral_reward_mismatches IS 'Reconciliation: referral rewards without exactly one ledger transfer once spendable (none while pending or canceled), and rewarded referrals without a reward lot. Must be empty.';
-
-CREATE VIEW reporting.retention_weekly AS
- WITH weeks AS (
-         SELECT DISTINCT usage_rollup_daily.account_id,
-            (date_trunc('week'::text, (usage_rollup_daily.day)::timestamp with time zone))::date AS week
-           FROM metering.usage_rollup_daily
-        ), cohorts AS (
-         SELECT weeks.account_id,
-            min(weeks.week) AS cohort
-           FROM weeks
-          GROUP BY weeks.account_id
-        )
- SELECT c.cohort,
-    ((w.week - c.cohort) / 7) AS weeks_since,
-    count(*) AS active_accounts,
-    round(((100.0 * (count(*))::numeric) / (max(s.size))::numeric), 2) AS retention_percent
-   FROM ((weeks w
-     JOIN cohorts c USING (account_id))
-     JOIN ( SELECT cohorts.cohort,
-            count(*) AS size
-           FROM cohorts
-          GROUP BY cohorts.cohort) s ON ((s.cohort = c.cohort)))
-  GROUP BY c.cohort, w.week;
-
-COMMENT ON VIEW reporting.retention_weekly IS 'Weekly retention cohorts: accounts by the ISO week of their first usage, and how many of them had usage n weeks later (weeks_since 0 is the cohort itself, 100%).';
-
-CREATE VIEW reporting.revenue_reconciliation_daily AS
- WITH stripe_payments AS (
-         SELECT DISTINCT ON (e.key) e.created,
-            e.type,
-            ((e.payload -> 'data'::text) -> 'object'::text) AS o
-           FROM ( SELECT stripe_events.id,
-                    stripe_events.type,
-                    stripe_events.created,
-                    stripe_events.livemode,
-                    stripe_events.payload,
-                    stripe_events.received_at,
-                    stripe_events.status,
-                    stripe_events.note,
-                        CASE stripe_events.type
-                            WHEN 'invoice.paid'::text THEN ('in:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
-                            WHEN 'payment_intent.succeeded'::text THEN ('pi:'::text || (stripe_events.payload #>> '{data,object,id}'::text[]))
-                            ELSE ('pi:'::text || COALESCE((stripe_events.payload #>> '{data,object,payment_intent}'::text[]), (stripe_events.payload #>> '{data,object,id}'::text[])))
-                        END AS key
-                   FROM billing.stripe_events
-                  WHERE (stripe_events.status = 'applied'::text)) e
-          WHERE ((e.type = 'payment_intent.succeeded'::text) OR ((e.type = ANY (ARRAY['checkout.session.completed'::text, 'checkout.session.async_payment_succeeded'::text])) AND ((e.payload #>> '{data,object,mode}'::text[]) = 'payment'::text) AND ((e.payload #>> '{data,object,payment_status}'::text[]) = 'paid'::text)) OR ((e.type = 'invoice.paid'::text) AND (EXISTS ( SELECT 1
-                   FROM billing.invoices i
-                  WHERE (i.stripe_invoice_id = (e.payload #>> '{data,object,id}'::text[]))))))
-          ORDER BY e.key, e.created, e.id
-        ), stripe AS (
-         SELECT (date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date AS day,
-                CASE
-                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
-                    ELSE 'bundle'::text
-                END AS kind,
-            lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)) AS currency,
-            sum(
-                CASE stripe_payments.type
-                    WHEN 'invoice.paid'::text THEN ((stripe_payments.o ->> 'amount_paid'::text))::bigint
-                    WHEN 'payment_intent.succeeded'::text THEN ((stripe_payments.o ->> 'amount_received'::text))::bigint
-                    ELSE ((stripe_payments.o ->> 'amount_total'::text))::bigint
-                END) AS stripe_minor
-           FROM stripe_payments
-          GROUP BY ((date_trunc('day'::text, (stripe_payments.created AT TIME ZONE 'UTC'::text)))::date),
-                CASE
-                    WHEN (stripe_payments.type = 'invoice.paid'::text) THEN 'subscription'::text
-                    ELSE 'bundle'::text
-                END, (lower(COALESCE((stripe_payments.o ->> 'currency'::text), 'usd'::text)))
-        ), recorded AS (
-         SELECT (date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date AS day,
-            'bundle'::text AS kind,
-            p.currency,
-            sum(p.amount_minor) AS recorded_minor,
-            sum(p.refunded_minor) AS refunded_minor,
-            sum(p.credits_micros) AS expected_credits_micros,
-            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
-                   FROM ledger.transfers t
-                  WHERE ((t.account_id = p.account_id) AND ((t.kind)::text = 'purchase'::text) AND ((t.idempotency_key)::text = ANY (ARRAY[('checkout:'::text || p.stripe_checkout_session), ('payment_intent:'::text || p.stripe_payment_intent_id)]))))) AS ledger_credits_micros
-           FROM billing.payments p
-          GROUP BY ((date_trunc('day'::text, (p.paid_at AT TIME ZONE 'UTC'::text)))::date), 'bundle'::text, p.currency
-        UNION ALL
-         SELECT (date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date AS date_trunc,
-            'subscription'::text,
-            i.currency,
-            sum(i.amount_paid_minor) AS sum,
-            sum(i.refunded_minor) AS sum,
-            sum(COALESCE(pl.included_credits_micros, (0)::bigint)) AS sum,
-            sum(( SELECT COALESCE(sum((t.amount_micros)::bigint), (0)::numeric) AS "coalesce"
-                   FROM ledger.transfers t
-                  WHERE ((t.account_id = i.account_id) AND ((t.idempotency_key)::text = ('invoice:'::text || i.stripe_invoice_id))))) AS sum
-           FROM (billing.invoices i
-             LEFT JOIN billing.plans pl ON ((pl.id = i.plan_id)))
-          WHERE (i.status = ANY (ARRAY['paid'::text, 'refunded'::text]))
-          GROUP BY ((date_trunc('day'::text, (i.paid_at AT TIME ZONE 'UTC'::text)))::date), 'subscription'::text, i.currency
-        )
- SELECT COALESCE(r.day, s.day) AS day,
-    COALESCE(r.kind, s.kind) AS kind,
-    COALESCE(r.currency, s.currency) AS currency,
-    COALESCE(s.stripe_minor, (0)::numeric) AS stripe_minor,
-    COALESCE(r.recorded_minor, (0)::numeric) AS recorded_minor,
-    COALESCE(r.refunded_minor, (0)::numeric) AS refunded_minor,
-    COALESCE(r.expected_credits_micros, (0)::numeric) AS expected_credits_micros,
-    COALESCE(r.ledger_credits_micros, (0)::numeric) AS ledger_credits_micros,
-    round((100.0 * GREATEST((abs((COALESCE(s.stripe_minor, (0)::numeric) - COALESCE(r.recorded_minor, (0)::numeric))) / GREATEST(COALESCE(s.stripe_minor, (0)::numeric), COALESCE(r.recorded_minor, (0)::numeric), (1)::numeric)), (abs((COALESCE(r.expected_credits_micros, (0)::numeric) - COALESCE(r.ledger_credits_micros, (0)::numeric))) / GREATEST(COALESCE(r.expected_credits_micros, (0)::numeric), (1)::numeric)))), 2) AS drift_percent
-   FROM (recorded r
-     FULL JOIN stripe s ON (((s.day = r.day) AND (s.kind = r.kind) AND (s.currency = r.currency))));
-
-COMMENT ON VIEW reporting.revenue_reconciliation_daily IS 'Per UTC day, kind of payment (subscription invoices, bundles and top-ups) and currency: what Stripe''s applied events reported paid (minor units), what pgtally recorded (billing.invoices, billing.payments) and refunded, the credits those payments should have granted and what the ledger granted for them; drift_percent is the larger of the two relative differences and must be 0.00 on a consistent database.';
-
-CREATE VIEW reporting.revenue_drift AS
- SELECT day,
-    kind,
-    currency,
-    stripe_minor,
-    recorded_minor,
-    refunded_minor,
-    expected_credits_micros,
-    ledger_credits_micros,
-    drift_percent
-   FROM reporting.revenue_reconciliation_daily
-  WHERE (drift_percent <> (0)::numeric);
-
-COMMENT ON VIEW reporting.revenue_drift IS 'Reconciliation: the days, kinds and currencies where Stripe, pgtally''s records and the ledger disagree (reporting.revenue_reconciliation_daily with a drift). Must be empty.';
-
-CREATE VIEW reporting.reversal_mismatches AS
- SELECT r.id AS reversal_id,
-    r.account_id,
-    r.usage_event_id,
-    'transfer'::text AS problem
-   FROM (metering.reversals r
-     LEFT JOIN ledger.transfers t ON ((t.id = r.transfer_id)))
-  WHERE ((r.credits_micros > 0) AND ((t.id IS NULL) OR ((t.kind)::text <> 'reversal'::text) OR ((t.amount_micros)::bigint <> r.credits_micros) OR (t.usage_event_id IS DISTINCT FROM r.usage_event_id)))
-UNION ALL
- SELECT NULL::uuid AS reversal_id,
-    t.account_id,
-    t.usage_event_id,
-    'transfer without reversal'::text AS problem
-   FROM ledger.transfers t
-  WHERE (((t.kind)::text = 'reversal'::text) AND (NOT (EXISTS ( SELECT 1
-           FROM metering.reversals r
-          WHERE (r.transfer_id = t.id)))))
-UNION ALL
- SELECT NULL::uuid AS reversal_id,
-    s.account_id,
-    s.usage_event_id,
-    'reversed more than charged'::text AS problem
-   FROM (( SELECT r.account_id,
-            r.usage_event_id,
-            r.event_created_at,
-            sum(r.quantity) AS quantity,
-            sum(r.credits_micros) AS credits,
-            sum(r.allowance_units) AS allowance_units
-           FROM metering.reversals r
-          GROUP BY r.account_id, r.usage_event_id, r.event_created_at) s
-     LEFT JOIN metering.usage_events e ON (((e.id = s.usage_event_id) AND (e.created_at = s.event_created_at))))
-  WHERE ((e.id IS NULL) OR (s.quantity > (e.quantity)::numeric) OR (s.credits > (e.credits_micros)::numeric) OR (s.allowance_units > (e.allowance_units)::numeric));
-
-COMMENT ON VIEW reporting.reversal_mismatches IS 'Reconciliation: reversals whose ledger transfer is missing or differs from them, reversal transfers with no reversal, and usage events reversed for more units, credits or allowance than they charged (or missing). Must be empty.';
-
-CREATE VIEW reporting.stripe_events_not_applied AS
- SELECT id,
-    type,
-    created,
-    received_at,
-    status,
-    note
-   FROM billing.stripe_events
-  WHERE (status <> 'applied'::text);
-
-COMMENT ON VIEW reporting.stripe_events_not_applied IS 'Webhook events received but not applied (stale or ignored), with the reason.';
-
-CREATE VIEW reporting.subscriptions_by_status AS
- SELECT plan_id,
-    status,
-    count(*) AS subscriptions,
-    count(*) FILTER (WHERE cancel_at_period_end) AS canceling_at_period_end
-   FROM billing.subscriptions
-  GROUP BY plan_id, status;
-
-COMMENT ON VIEW reporting.subscriptions_by_status IS 'Subscriptions per plan and Stripe status.';
-
-CREATE VIEW reporting.system_balances AS
- SELECT code AS system_account,
-    ((COALESCE(( SELECT sum((e.amount_micros)::bigint) AS sum
-           FROM ledger.entries e
-          WHERE (e.system_account = s.code)), (0)::numeric) + COALESCE(( SELECT sum(b.amount_micros) AS sum
-           FROM ledger.archived_balances b
-          WHERE (b.system_account = s.code)), (0)::numeric)))::bigint AS balance_micros
-   FROM ledger.system_accounts s;
-
-COMMENT ON VIEW reporting.system_balances IS 'Balance of each system account in micro-credits, detached months included (grants is negative: credits issued). With customer balances it sums to zero.';
-
-CREATE VIEW reporting.unbalanced_transfers AS
- SELECT transfer_id,
-    sum((amount_micros)::bigint) AS sum_micros,
-    count(*) AS entries
-   FROM ledger.entries
-  GROUP BY transfer_id
- HAVING ((sum((amount_micros)::bigint) <> (0)::numeric) OR (count(*) <> 2));
-
-COMMENT ON VIEW reporting.unbalanced_transfers IS 'Reconciliation: transfers whose entries do not sum to zero or are not exactly two. Must be empty.';
-
-CREATE VIEW reporting.unmatched_refunds AS
- SELECT id AS event_id,
-    created,
-    (payload #>> '{data,object,id}'::text[]) AS stripe_charge_id,
-    (payload #>> '{data,object,payment_intent}'::text[]) AS stripe_payment_intent_id,
-    (payload #>> '{data,object,customer}'::text[]) AS stripe_customer_id,
-    ((payload #>> '{data,object,amount_refunded}'::text[]))::numeric AS amount_refunded_minor,
-    lower((payload #>> '{data,object,currency}'::text[])) AS currency,
-    note
-   FROM billing.stripe_events e
-  WHERE ((type = 'charge.refunded'::text) AND (status = 'ignored'::text));
-
-COMMENT ON VIEW reporting.unmatched_refunds IS 'Reconciliation: charge.refunded events that changed nothing because no payment pgtally recorded matched them (no bundle payment, no subscription invoice payment): money Stripe gave back that pgtally''s revenue still counts, or a payment pgtally never saw. Must be empty.';
-
-CREATE VIEW reporting.unreported_post_paid_events AS
- SELECT id AS usage_event_id,
-    account_id,
-    amount_minor,
-    created_at
-   FROM metering.usage_events e
-  WHERE ((amount_minor IS NOT NULL) AND (NOT (EXISTS ( SELECT 1
-           FROM outbox.messages m
-          WHERE (m.id = e.id)))));
-
-COMMENT ON VIEW reporting.unreported_post_paid_events IS 'Reconciliation: post-paid usage events with no report to Stripe queued (the charge writes both in one transaction). Must be empty.';
-
-CREATE VIEW reporting.usage_by_hour AS
- SELECT (EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer AS hour_of_day,
-    meter_id,
-    sum(events) AS events,
-    sum(quantity) AS quantity,
-    round(((100.0 * sum(events)) / sum(sum(events)) OVER (PARTITION BY meter_id)), 2) AS percent_of_events
-   FROM metering.usage_rollup_hourly
-  GROUP BY ((EXTRACT(hour FROM (hour AT TIME ZONE 'UTC'::text)))::integer), meter_id;
-
-COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
-
-CREATE VIEW reporting.usage_by_principal_daily AS
- SELECT account_id,
-    (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-    api_key_id,
-    user_id,
-    meter_id,
-    count(*) AS events,
-    sum((quantity)::bigint) AS quantity,
-    sum((allowance_units)::bigint) AS allowance_units,
-    sum((credits_micros)::bigint) AS credits_micros
-   FROM metering.usage_events e
-  GROUP BY account_id, ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), api_key_id, user_id, meter_id;
-
-COMMENT ON VIEW reporting.usage_by_principal_daily IS 'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
-
-CREATE VIEW reporting.usage_charge_mismatches AS
- SELECT u.id AS usage_event_id,
-    u.account_id,
-    u.credits_micros,
-    COALESCE((- (t.amount_micros)::bigint), (0)::bigint) AS ledger_micros
-   FROM (metering.usage_events u
-     LEFT JOIN ledger.transfers t ON (((t.usage_event_id = u.id) AND ((t.kind)::text = 'usage'::text))))
-  WHERE ((u.credits_micros)::bigint <> COALESCE((- (t.amount_micros)::bigint), (0)::bigint));
-
-COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them. Must be empty.';
-
-CREATE VIEW reporting.usage_daily AS
- SELECT (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
-    meter_id,
-    count(*) AS events,
-    sum((quantity)::bigint) AS quantity,
-    sum((allowance_units)::bigint) AS allowance_units,
-    sum((credits_micros)::bigint) AS credits_micros
-   FROM metering.usage_events
-  GROUP BY ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), meter_id;
-
-COMMENT ON VIEW reporting.usage_daily IS 'Usage per UTC day and meter: events, units, allowance units and micro-credits spent.';
-
-CREATE VIEW reporting.usage_per_meter_plan_monthly AS
- SELECT month,
-    meter_id,
-    plan_id,
-    count(*) AS accounts,
-    sum(quantity) AS quantity,
-    percentile_cont((0.5)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p50_per_account,
-    percentile_cont((0.95)::double precision) WITHIN GROUP (ORDER BY ((quantity)::double precision)) AS p95_per_account
-   FROM metering.usage_rollup_monthly
-  GROUP BY month, meter_id, plan_id;
-
-COMMENT ON VIEW reporting.usage_per_meter_plan_monthly IS 'Usage per UTC month, meter and plan: accounts, units, and the median and 95th percentile of units per account.';
-
-ALTER TABLE ONLY ledger.entries ATTACH PARTITION ledger.entries_default DEFAULT;
-
-ALTER TABLE ONLY metering.usage_events ATTACH PARTITION metering.usage_events_default DEFAULT;
-
-ALTER TABLE ONLY billing.auto_topups
-    ADD CONSTRAINT auto_topups_pkey PRIMARY KEY (account_id);
-
-ALTER TABLE ONLY billing.customers
-    ADD CONSTRAINT customers_pkey PRIMARY KEY (account_id);
-
-ALTER TABLE ONLY billing.customers
-    ADD CONSTRAINT customers_stripe_customer_id_key UNIQUE (stripe_customer_id);
-
-ALTER TABLE billing.customers
-    ADD CONSTRAINT customers_stripe_customer_id_length CHECK (((length(stripe_customer_id) >= 1) AND (length(stripe_customer_id) <= 255))) NOT VALID;
-
-ALTER TABLE ONLY billing.disputes
-    ADD CONSTRAINT disputes_pkey PRIMARY KEY (stripe_dispute_id);
-
-ALTER TABLE ONLY billing.entitlements
-    ADD CONSTRAINT entitlements_pkey PRIMARY KEY (plan_id, meter_id);
-
-ALTER TABLE ONLY billing.invoice_payments
-    ADD CONSTRAINT invoice_payments_pkey PRIMARY KEY (stripe_invoice_payment_id);
-
-ALTER TABLE ONLY billing.invoices
-    ADD CONSTRAINT invoices_pkey PRIMARY KEY (stripe_invoice_id);
-
-ALTER TABLE ONLY billing.mrr_changes
-    ADD CONSTRAINT mrr_changes_pkey PRIMARY KEY (id);
-
-ALTER TABLE billing.payments
-    ADD CONSTRAINT payments_currency_shape CHECK ((currency ~ '^[a-z]{3}$'::text)) NOT VALID;
-
-ALTER TABLE billing.payments
-    ADD CONSTRAINT payments_id_length CHECK (((length(stripe_payment_intent_id) >= 1) AND (length(stripe_payment_intent_id) <= 255))) NOT VALID;
-
-ALTER TABLE ONLY billing.payments
-    ADD CONSTRAINT payments_pkey PRIMARY KEY (stripe_payment_intent_id);
-
-ALTER TABLE billing.payments
-    ADD CONSTRAINT payments_session_length CHECK ((length(stripe_checkout_session) <= 255)) NOT VALID;
-
-ALTER TABLE ONLY billing.payments
-    ADD CONSTRAINT payments_stripe_checkout_session_key UNIQUE (stripe_checkout_session);
-
-ALTER TABLE billing.plans
-    ADD CONSTRAINT plans_description_length CHECK ((length(description) <= 2000)) NOT VALID;
-
-ALTER TABLE billing.plans
-    ADD CONSTRAINT plans_name_length CHECK ((length(name) <= 200)) NOT VALID;
-
-ALTER TABLE ONLY billing.plans
-    ADD CONSTRAINT plans_pkey PRIMARY KEY (id);
-
-ALTER TABLE billing.prices
-    ADD CONSTRAINT prices_name_length CHECK ((length(name) <= 200)) NOT VALID;
-
-ALTER TABLE ONLY billing.prices
-    ADD CONSTRAINT prices_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY billing.prices
-    ADD CONSTRAINT prices_stripe_price_id_key UNIQUE (stripe_price_id);
-
-ALTER TABLE billing.prices
-    ADD CONSTRAINT prices_stripe_price_id_length CHECK ((length(stripe_price_id) <= 255)) NOT VALID;
-
-ALTER TABLE ONLY billing.referral_program
-    ADD CONSTRAINT referral_program_pkey PRIMARY KEY (singleton);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_pkey PRIMARY KEY (referee_account_id);
-
-ALTER TABLE billing.stripe_events
-    ADD CONSTRAINT stripe_events_id_length CHECK (((length(id) >= 1) AND (length(id) <= 255))) NOT VALID;
-
-ALTER TABLE billing.stripe_events
-    ADD CONSTRAINT stripe_events_note_length CHECK ((length(note) <= 1000)) NOT VALID;
-
-ALTER TABLE ONLY billing.stripe_events
-    ADD CONSTRAINT stripe_events_pkey PRIMARY KEY (id);
-
-ALTER TABLE billing.stripe_events
-    ADD CONSTRAINT stripe_events_type_length CHECK ((length(type) <= 100)) NOT VALID;
-
-ALTER TABLE billing.subscriptions
-    ADD CONSTRAINT subscriptions_customer_length CHECK ((length(stripe_customer_id) <= 255)) NOT VALID;
-
-ALTER TABLE billing.subscriptions
-    ADD CONSTRAINT subscriptions_id_length CHECK (((length(stripe_subscription_id) >= 1) AND (length(stripe_subscription_id) <= 255))) NOT VALID;
-
-ALTER TABLE billing.subscriptions
-    ADD CONSTRAINT subscriptions_item_length CHECK ((length(stripe_item_id) <= 255)) NOT VALID;
-
-ALTER TABLE billing.subscriptions
-    ADD CONSTRAINT subscriptions_last_event_id_length CHECK ((length(last_event_id) <= 255)) NOT VALID;
-
-ALTER TABLE ONLY billing.subscriptions
-    ADD CONSTRAINT subscriptions_pkey PRIMARY KEY (stripe_subscription_id);
-
-ALTER DOMAIN identity.account_name
-    ADD CONSTRAINT account_name_check CHECK ((length(VALUE) <= 200)) NOT VALID;
-
-ALTER TABLE ONLY identity.accounts
-    ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
-
-ALTER TABLE ONLY identity.accounts
-    ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.api_keys
-    ADD CONSTRAINT api_keys_key_hash_key UNIQUE (key_hash);
-
-ALTER TABLE identity.api_keys
-    ADD CONSTRAINT api_keys_name_length CHECK ((length(name) <= 100)) NOT VALID;
-
-ALTER TABLE ONLY identity.api_keys
-    ADD CONSTRAINT api_keys_pkey PRIMARY KEY (id);
-
-ALTER TABLE identity.auth_events
-    ADD CONSTRAINT auth_events_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
-
-ALTER TABLE ONLY identity.auth_events
-    ADD CONSTRAINT auth_events_pkey PRIMARY KEY (id);
-
-ALTER TABLE identity.auth_events
-    ADD CONSTRAINT auth_events_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
-
-ALTER TABLE ONLY identity.device_codes
-    ADD CONSTRAINT device_codes_device_code_hash_key UNIQUE (device_code_hash);
-
-ALTER TABLE ONLY identity.device_codes
-    ADD CONSTRAINT device_codes_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.invitations
-    ADD CONSTRAINT invitations_one_per_address UNIQUE (account_id, email_normalized);
-
-ALTER TABLE ONLY identity.invitations
-    ADD CONSTRAINT invitations_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.invitations
-    ADD CONSTRAINT invitations_token_hash_key UNIQUE (token_hash);
-
-ALTER TABLE ONLY identity.jwt_keys
-    ADD CONSTRAINT jwt_keys_pkey PRIMARY KEY (kid);
-
-ALTER TABLE ONLY identity.memberships
-    ADD CONSTRAINT memberships_pkey PRIMARY KEY (account_id, user_id);
-
-ALTER TABLE ONLY identity.oauth_flows
-    ADD CONSTRAINT oauth_flows_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.oauth_flows
-    ADD CONSTRAINT oauth_flows_state_hash_key UNIQUE (state_hash);
-
-ALTER TABLE ONLY identity.one_time_tokens
-    ADD CONSTRAINT one_time_tokens_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.one_time_tokens
-    ADD CONSTRAINT one_time_tokens_token_hash_key UNIQUE (token_hash);
-
-ALTER TABLE ONLY identity.public_mail_domains
-    ADD CONSTRAINT public_mail_domains_pkey PRIMARY KEY (domain);
-
-ALTER TABLE ONLY identity.rate_limits
-    ADD CONSTRAINT rate_limits_pkey PRIMARY KEY (bucket);
-
-ALTER TABLE ONLY identity.refresh_tokens
-    ADD CONSTRAINT refresh_tokens_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.refresh_tokens
-    ADD CONSTRAINT refresh_tokens_token_hash_key UNIQUE (token_hash);
-
-ALTER TABLE ONLY identity.role_permissions
-    ADD CONSTRAINT role_permissions_pkey PRIMARY KEY (role, permission);
-
-ALTER TABLE identity.sessions
-    ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
-
-ALTER TABLE ONLY identity.sessions
-    ADD CONSTRAINT sessions_pkey PRIMARY KEY (id);
-
-ALTER TABLE identity.sessions
-    ADD CONSTRAINT sessions_user_agent_length CHECK ((length(user_agent) <= 512)) NOT VALID;
-
-ALTER TABLE ONLY identity.sso_connections
-    ADD CONSTRAINT sso_connections_pkey PRIMARY KEY (account_id);
-
-ALTER TABLE ONLY identity.sso_domains
-    ADD CONSTRAINT sso_domains_pkey PRIMARY KEY (account_id, domain);
-
-ALTER TABLE ONLY identity.sso_link_requests
-    ADD CONSTRAINT sso_link_requests_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.sso_link_requests
-    ADD CONSTRAINT sso_link_requests_token_hash_key UNIQUE (token_hash);
-
-ALTER TABLE ONLY identity.user_identities
-    ADD CONSTRAINT user_identities_pkey PRIMARY KEY (provider, subject);
-
-ALTER TABLE ONLY identity.user_identities
-    ADD CONSTRAINT user_identities_user_id_provider_key UNIQUE (user_id, provider);
-
-ALTER TABLE ONLY identity.users
-    ADD CONSTRAINT users_account_id_key UNIQUE (account_id);
-
-ALTER TABLE ONLY identity.users
-    ADD CONSTRAINT users_email_normalized_key UNIQUE (email_normalized);
-
-ALTER TABLE identity.users
-    ADD CONSTRAINT users_password_hash_length CHECK ((length(password_hash) <= 512)) NOT VALID;
-
-ALTER TABLE ONLY identity.users
-    ADD CONSTRAINT users_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY identity.users
-    ADD CONSTRAINT users_referral_code_key UNIQUE (referral_code);
-
-ALTER TABLE ONLY ledger.archived_balances
-    ADD CONSTRAINT archived_balances_month_account_id_system_account_key UNIQUE NULLS NOT DISTINCT (month, account_id, system_account, entry_id);
-
-ALTER TABLE ONLY ledger.credit_lots
-    ADD CONSTRAINT credit_lots_grant_key UNIQUE (account_id, grant_key);
-
-ALTER TABLE ONLY ledger.credit_lots
-    ADD CONSTRAINT credit_lots_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY ledger.entries
-    ADD CONSTRAINT entries_pkey PRIMARY KEY (id, created_at);
-
-ALTER TABLE ONLY ledger.entries_default
-    ADD CONSTRAINT entries_default_pkey PRIMARY KEY (id, created_at);
-
-ALTER DOMAIN ledger.memo
-    ADD CONSTRAINT memo_check CHECK ((length(VALUE) <= 500)) NOT VALID;
-
-ALTER TABLE ONLY ledger.system_accounts
-    ADD CONSTRAINT system_accounts_pkey PRIMARY KEY (code);
-
-ALTER TABLE ONLY ledger.transfers
-    ADD CONSTRAINT transfers_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY metering.active_accounts_daily
-    ADD CONSTRAINT active_accounts_daily_pkey PRIMARY KEY (day);
-
-ALTER TABLE ONLY metering.allowance_usage
-    ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
-
-ALTER TABLE ONLY metering.budget_windows
-    ADD CONSTRAINT budget_windows_pkey PRIMARY KEY (budget_id, period_start);
-
-ALTER TABLE ONLY metering.budgets
-    ADD CONSTRAINT budgets_one_per_window UNIQUE (account_id, scope, subject, period);
-
-ALTER TABLE ONLY metering.budgets
-    ADD CONSTRAINT budgets_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY metering.holds
-    ADD CONSTRAINT holds_idempotency_key UNIQUE (account_id, idempotency_key);
-
-ALTER TABLE ONLY metering.holds
-    ADD CONSTRAINT holds_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY metering.idempotency_keys
-    ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (account_id, idempotency_key);
-
-ALTER TABLE metering.meters
-    ADD CONSTRAINT meters_name_length CHECK ((length(name) <= 200)) NOT VALID;
-
-ALTER TABLE ONLY metering.meters
-    ADD CONSTRAINT meters_pkey PRIMARY KEY (id);
-
-ALTER TABLE metering.meters
-    ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
-
-ALTER TABLE ONLY metering.reversals
-    ADD CONSTRAINT reversals_idempotency_key UNIQUE (account_id, idempotency_key);
-
-ALTER TABLE ONLY metering.reversals
-    ADD CONSTRAINT reversals_pkey PRIMARY KEY (id);
-
-ALTER TABLE ONLY metering.rollup_state
-    ADD CONSTRAINT rollup_state_pkey PRIMARY KEY (singleton);
-
-ALTER TABLE ONLY metering.usage_events
-    ADD CONSTRAINT usage_events_pkey PRIMARY KEY (id, created_at);
-
-ALTER TABLE ONLY metering.usage_events_default
-    ADD CONSTRAINT usage_events_default_pkey PRIMARY KEY (id, created_at);
-
-ALTER TABLE ONLY metering.usage_rollup_daily
-    ADD CONSTRAINT usage_rollup_daily_pkey PRIMARY KEY (day, account_id, meter_id);
-
-ALTER TABLE ONLY metering.usage_rollup_hourly
-    ADD CONSTRAINT usage_rollup_hourly_pkey PRIMARY KEY (hour, meter_id);
-
-ALTER TABLE ONLY metering.usage_rollup_monthly
-    ADD CONSTRAINT usage_rollup_monthly_pkey PRIMARY KEY (month, account_id, meter_id, plan_id);
-
-ALTER TABLE ONLY ops.alerts
-    ADD CONSTRAINT alerts_pkey PRIMARY KEY (condition);
-
-ALTER TABLE ONLY ops.audit_log
-    ADD CONSTRAINT audit_log_pkey PRIMARY KEY (id);
-
-ALTER TABLE outbox.messages
-    ADD CONSTRAINT messages_last_error_length CHECK ((length(last_error) <= 1000)) NOT VALID;
-
-ALTER TABLE ONLY outbox.messages
-    ADD CONSTRAINT messages_pkey PRIMARY KEY (id);
-
-ALTER TABLE outbox.messages
-    ADD CONSTRAINT messages_recipient_length CHECK ((length(recipient) <= 320)) NOT VALID;
-
-CREATE INDEX invoice_payments_charge_idx ON billing.invoice_payments USING btree (stripe_charge_id);
-
-CREATE INDEX invoice_payments_invoice_idx ON billing.invoice_payments USING btree (stripe_invoice_id);
-
-CREATE INDEX invoice_payments_payment_intent_idx ON billing.invoice_payments USING btree (stripe_payment_intent_id);
-
-CREATE INDEX invoices_account_idx ON billing.invoices USING btree (account_id, created_at);
-
-CREATE INDEX mrr_changes_account_idx ON billing.mrr_changes USING btree (account_id, at DESC, id DESC);
-
-CREATE INDEX payments_account_id_idx ON billing.payments USING btree (account_id);
-
-CREATE INDEX referrals_referrer_idx ON billing.referrals USING btree (referrer_account_id, created_at);
-
-CREATE INDEX stripe_events_checkout_session_idx ON billing.stripe_events USING btree (((payload #>> '{data,object,id}'::text[]))) WHERE (type ~~ 'checkout.session.%'::text);
-
-CREATE INDEX stripe_events_status_idx ON billing.stripe_events USING btree (status, received_at) WHERE (status <> 'applied'::text);
-
-CREATE INDEX subscriptions_account_id_idx ON billing.subscriptions USING btree (account_id);
-
-CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
-
-CREATE INDEX api_keys_account_id_idx ON identity.api_keys USING btree (account_id);
-
-CREATE INDEX auth_events_user_id_idx ON identity.auth_events USING btree (user_id, id) WHERE (user_id IS NOT NULL);
-
-CREATE UNIQUE INDEX device_codes_pending_user_code_idx ON identity.device_codes USING btree (user_code) WHERE (status = 'pending'::text);
-
-CREATE INDEX memberships_user_idx ON identity.memberships USING btree (user_id);
-
-CREATE INDEX one_time_tokens_user_id_idx ON identity.one_time_tokens USING btree (user_id, purpose);
-
-CREATE INDEX refresh_tokens_session_id_idx ON identity.refresh_tokens USING btree (session_id);
-
-CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_id) WHERE (revoked_at IS NULL);
-
-CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
-
-CREATE UNIQUE INDEX sso_domains_verified_domain_key ON identity.sso_domains USING btree (domain) WHERE (verified_at IS NOT NULL);
-
-CREATE INDEX sso_link_requests_user_idx ON identity.sso_link_requests USING btree (user_id);
-
-CREATE INDEX credit_lots_due_idx ON ledger.credit_lots USING btree (COALESCE(expires_at, available_at)) WHERE (((status)::text = 'pending'::text) OR (((status)::text = 'active'::text) AND (remaining_micros > 0) AND (expires_at IS NOT NULL)));
-
-CREATE INDEX credit_lots_spendable_idx ON ledger.credit_lots USING btree (account_id, expires_at) WHERE (((status)::text = 'active'::text) AND (remaining_micros > 0));
-
-CREATE INDEX entries_account_id_idx ON ONLY ledger.entries USING btree (account_id, id) WHERE (account_id IS NOT NULL);
-
-CREATE INDEX entries_default_account_id_id_idx ON ledger.entries_default USING btree (account_id, id) WHERE (account_id IS NOT NULL);
-
-CREATE INDEX entries_transfer_id_idx ON ONLY ledger.entries USING btree (transfer_id) WHERE (account_id IS NOT NULL);
-
-CREATE INDEX entries_default_transfer_id_idx ON ledger.entries_default USING btree (transfer_id) WHERE (account_id IS NOT NULL);
-
-CREATE UNIQUE INDEX transfers_idempotency_key ON ledger.transfers USING btree (account_id, idempotency_key) WHERE (idempotency_key IS NOT NULL);
-
-CREATE INDEX holds_open_expiry_idx ON metering.holds USING btree (expires_at) WHERE (status = 'open'::text);
-
-CREATE INDEX holds_open_idx ON metering.holds USING btree (account_id, expires_at) WHERE (status = 'open'::text);
-
-CREATE INDEX idempotency_keys_created_at_idx ON metering.idempotency_keys USING btree (created_at);
-
-CREATE INDEX reversals_event_idx ON metering.reversals USING btree (account_id, usage_event_id);
-
-CREATE INDEX usage_events_account_id_id_idx ON ONLY metering.usage_events USING btree (account_id, id);
-
-CREATE INDEX usage_events_account_meter_created_idx ON ONLY metering.usage_events USING btree (account_id, meter_id, created_at);
-
-CREATE INDEX usage_events_post_paid_idx ON ONLY metering.usage_events USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
-
-CREATE INDEX usage_events_default_account_id_created_at_idx ON metering.usage_events_default USING btree (account_id, created_at) WHERE (amount_minor IS NOT NULL);
-
-CREATE INDEX usage_events_default_account_id_id_idx ON metering.usage_events_default USING btree (account_id, id);
-
-CREATE INDEX usage_events_default_account_id_meter_id_created_at_idx ON metering.usage_events_default USING btree (account_id, meter_id, created_at);
-
-CREATE INDEX usage_rollup_daily_account_idx ON metering.usage_rollup_daily USING btree (account_id, day);
-
-CREATE INDEX audit_log_account_idx ON ops.audit_log USING btree (target_account_id, at);
-
-CREATE INDEX messages_pending_idx ON outbox.messages USING btree (next_attempt_at) WHERE ((delivered_at IS NULL) AND (failed_at IS NULL));
-
-ALTER INDEX ledger.entries_account_id_idx ATTACH PARTITION ledger.entries_default_account_id_id_idx;
-
-ALTER INDEX ledger.entries_pkey ATTACH PARTITION ledger.entries_default_pkey;
-
-ALTER INDEX ledger.entries_transfer_id_idx ATTACH PARTITION ledger.entries_default_transfer_id_idx;
-
-ALTER INDEX metering.usage_events_post_paid_idx ATTACH PARTITION metering.usage_events_default_account_id_created_at_idx;
-
-ALTER INDEX metering.usage_events_account_id_id_idx ATTACH PARTITION metering.usage_events_default_account_id_id_idx;
-
-ALTER INDEX metering.usage_events_account_meter_created_idx ATTACH PARTITION metering.usage_events_default_account_id_meter_id_created_at_idx;
-
-ALTER INDEX metering.usage_events_pkey ATTACH PARTITION metering.usage_events_default_pkey;
-
-CREATE TRIGGER auth_events_append_only BEFORE DELETE OR UPDATE ON identity.auth_events FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER entries_append_only BEFORE DELETE OR UPDATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER entries_balanced AFTER INSERT ON ledger.entries REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION ledger.check_transfers_balanced();
-
-CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER entries_no_truncate BEFORE TRUNCATE ON ledger.entries_default FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER transfers_append_only BEFORE DELETE OR UPDATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER transfers_no_truncate BEFORE TRUNCATE ON ledger.transfers FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER audit_log_append_only BEFORE DELETE OR UPDATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON ops.audit_log FOR EACH STATEMENT EXECUTE FUNCTION util.forbid_change();
-
-ALTER TABLE ONLY billing.auto_topups
-    ADD CONSTRAINT auto_topups_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.auto_topups
-    ADD CONSTRAINT auto_topups_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
-
-ALTER TABLE ONLY billing.customers
-    ADD CONSTRAINT customers_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.disputes
-    ADD CONSTRAINT disputes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.entitlements
-    ADD CONSTRAINT entitlements_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
-
-ALTER TABLE ONLY billing.entitlements
-    ADD CONSTRAINT entitlements_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY billing.invoice_payments
-    ADD CONSTRAINT invoice_payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.invoices
-    ADD CONSTRAINT invoices_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.invoices
-    ADD CONSTRAINT invoices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
-
-ALTER TABLE ONLY billing.invoices
-    ADD CONSTRAINT invoices_stripe_subscription_id_fkey FOREIGN KEY (stripe_subscription_id) REFERENCES billing.subscriptions(stripe_subscription_id);
-
-ALTER TABLE ONLY billing.mrr_changes
-    ADD CONSTRAINT mrr_changes_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.mrr_changes
-    ADD CONSTRAINT mrr_changes_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
-
-ALTER TABLE ONLY billing.payments
-    ADD CONSTRAINT payments_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.payments
-    ADD CONSTRAINT payments_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
-
-ALTER TABLE ONLY billing.prices
-    ADD CONSTRAINT prices_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_referee_account_id_fkey FOREIGN KEY (referee_account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_referee_lot_id_fkey FOREIGN KEY (referee_lot_id) REFERENCES ledger.credit_lots(id);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_referrer_account_id_fkey FOREIGN KEY (referrer_account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_referrer_lot_id_fkey FOREIGN KEY (referrer_lot_id) REFERENCES ledger.credit_lots(id);
-
-ALTER TABLE ONLY billing.referrals
-    ADD CONSTRAINT referrals_referrer_user_id_fkey FOREIGN KEY (referrer_user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY billing.subscriptions
-    ADD CONSTRAINT subscriptions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY billing.subscriptions
-    ADD CONSTRAINT subscriptions_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
-
-ALTER TABLE ONLY billing.subscriptions
-    ADD CONSTRAINT subscriptions_price_id_fkey FOREIGN KEY (price_id) REFERENCES billing.prices(id);
-
-ALTER TABLE ONLY identity.accounts
-    ADD CONSTRAINT accounts_merged_into_fkey FOREIGN KEY (merged_into) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.accounts
-    ADD CONSTRAINT accounts_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
-
-ALTER TABLE ONLY identity.api_keys
-    ADD CONSTRAINT api_keys_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY identity.api_keys
-    ADD CONSTRAINT api_keys_created_by_fkey FOREIGN KEY (created_by) REFERENCES identity.users(id) ON DELETE SET NULL;
-
-ALTER TABLE ONLY identity.device_codes
-    ADD CONSTRAINT device_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
-
-ALTER TABLE ONLY identity.device_codes
-    ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.invitations
-    ADD CONSTRAINT invitations_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.invitations
-    ADD CONSTRAINT invitations_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.memberships
-    ADD CONSTRAINT memberships_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.memberships
-    ADD CONSTRAINT memberships_invited_by_fkey FOREIGN KEY (invited_by) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.memberships
-    ADD CONSTRAINT memberships_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY identity.oauth_flows
-    ADD CONSTRAINT oauth_flows_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
-
-ALTER TABLE ONLY identity.oauth_flows
-    ADD CONSTRAINT oauth_flows_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
-
-ALTER TABLE ONLY identity.oauth_flows
-    ADD CONSTRAINT oauth_flows_sso_account_id_fkey FOREIGN KEY (sso_account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.one_time_tokens
-    ADD CONSTRAINT one_time_tokens_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.refresh_tokens
-    ADD CONSTRAINT refresh_tokens_session_id_fkey FOREIGN KEY (session_id) REFERENCES identity.sessions(id);
-
-ALTER TABLE ONLY identity.sessions
-    ADD CONSTRAINT sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.sessions
-    ADD CONSTRAINT sessions_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.sso_connections
-    ADD CONSTRAINT sso_connections_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.sso_domains
-    ADD CONSTRAINT sso_domains_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.sso_connections(account_id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY identity.sso_link_requests
-    ADD CONSTRAINT sso_link_requests_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY identity.sso_link_requests
-    ADD CONSTRAINT sso_link_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY identity.user_identities
-    ADD CONSTRAINT user_identities_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY identity.users
-    ADD CONSTRAINT users_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id) DEFERRABLE INITIALLY DEFERRED;
-
-ALTER TABLE ONLY metering.budget_windows
-    ADD CONSTRAINT budget_windows_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES metering.budgets(id) ON DELETE CASCADE;
-
-ALTER TABLE ONLY metering.budgets
-    ADD CONSTRAINT budgets_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY metering.holds
-    ADD CONSTRAINT holds_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY metering.holds
-    ADD CONSTRAINT holds_meter_id_fkey FOREIGN KEY (meter_id) REFERENCES metering.meters(id);
-
-ALTER TABLE ONLY metering.reversals
-    ADD CONSTRAINT reversals_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY metering.reversals
-    ADD CONSTRAINT reversals_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY ops.audit_log
-    ADD CONSTRAINT audit_log_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
-
-ALTER TABLE ONLY ops.audit_log
-    ADD CONSTRAINT audit_log_target_account_id_fkey FOREIGN KEY (target_account_id) REFERENCES identity.accounts(id);
-
-ALTER TABLE ONLY ops.audit_log
-    ADD CONSTRAINT audit_log_target_user_id_fkey FOREIGN KEY (target_user_id) REFERENCES identity.users(id);
-
-GRANT USAGE ON SCHEMA api TO pgtally_api;
-
-GRANT USAGE ON SCHEMA ops TO pgtally_analyst;
-
-GRANT USAGE ON SCHEMA reporting TO pgtally_analyst;
-
-REVOKE ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.accept_invitation(p_session_id uuid, p_token text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.account_summary(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.accounts(p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.accounts(p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.accounts_list(p_limit integer, p_plan text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_account(p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_approve_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_audit(p_session_id uuid, p_limit integer) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_refunded(p_session_id uuid, p_payment_intent text, p_amount bigint, p_stripe_refund text, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_revoke_sessions(p_session_id uuid, p_user_id uuid, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_search(p_session_id uuid, p_query text, p_limit integer) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_set_plan(p_session_id uuid, p_account_id uuid, p_plan text, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.admin_suspend(p_session_id uuid, p_account_id uuid, p_suspend boolean, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup(p_api_key text, p_session_id uuid, p_enabled boolean, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup_failed(p_account_id uuid, p_error text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.auto_topup_payment(p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.balance(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.check_alerts(p_email text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.check_alerts(p_email text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.create_team(p_session_id uuid, p_name text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.credit_lots(p_api_key text, p_session_id uuid, p_status text, p_limit integer, p_cursor text, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.detach_month(p_month date) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.device_authorize(p_client_id text, p_scope text, p_device_session_id uuid, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.device_decide(p_session_id uuid, p_user_code text, p_approve boolean, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.device_lookup(p_session_id uuid, p_user_code text, p_ip text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.device_token(p_device_code text, p_client_id text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.expire_holds() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.expire_holds() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.holds(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.housekeeping() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.housekeeping() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.invitations(p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.invite(p_session_id uuid, p_account_id uuid, p_email text, p_role text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.invoices(p_api_key text, p_session_id uuid, p_limit integer, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.jwt_keys() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.jwt_keys() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.ledger(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.link_stripe_customer(p_api_key text, p_session_id uuid, p_stripe_customer_id text, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.list_api_keys(p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.live_subscription(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.load_catalog(p_catalog jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.login_failed(p_user_id uuid, p_email text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.login_start(p_email text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.login_start(p_email text, p_ip text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.login_succeeded(p_user_id uuid, p_new_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.logout(p_session_id uuid, p_everywhere boolean) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.maintain_storage() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.maintain_storage() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.me(p_api_key text, p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.members(p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.metrics_report(p_session_id uuid, p_name text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_begin(p_provider text, p_purpose text, p_browser_secret text, p_session_id uuid, p_device_session_id uuid, p_return_to text, p_ip text, p_sso_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_claim(p_state text, p_browser_secret text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_link(p_session_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_sign_in(p_provider text, p_subject text, p_email text, p_email_verified boolean, p_device_session_id uuid, p_ip text, p_user_agent text, p_referral_code text, p_sso_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.oauth_unlink(p_session_id uuid, p_provider text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.operator_budgets(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.operator_delete_budget(p_budget_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.ops_gauges() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.ops_gauges() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.outbox_claim(p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.outbox_claim(p_limit integer) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.outbox_delivered(p_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.outbox_delivered(p_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.outbox_failed(p_id uuid, p_error text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.partitions() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.payment_status(p_checkout_session text, p_payment_intent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.plans() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.plans() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.referrals(p_api_key text, p_session_id uuid, p_public_url text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.refresh(p_refresh_token text, p_ip text, p_user_agent text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.refresh_due_credits() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.refresh_due_credits() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.remove_member(p_session_id uuid, p_account_id uuid, p_user_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.request_password_reset(p_email text, p_ip text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.revoke_invitation(p_session_id uuid, p_account_id uuid, p_invitation_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.revoke_session(p_session_id uuid, p_target_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.rollup_usage(p_limit integer) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.rollup_usage(p_limit integer) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.schema_version() FROM PUBLIC;
-GRANT ALL ON FUNCTION api.schema_version() TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.sessions(p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.sessions(p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.set_auto_topup(p_api_key text, p_session_id uuid, p_below text, p_bundle text, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.set_member_role(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.set_sso(p_session_id uuid, p_account_id uuid, p_issuer text, p_client_id text, p_client_secret text, p_domains text[], p_require boolean) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.signup(p_email text, p_password_hash text, p_ip text, p_user_agent text, p_device_session_id uuid, p_referral_code text, p_fingerprint text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.sso_flow_config(p_email text, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.staff_grant(p_email text, p_role text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION api.staff_role(p_session_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.staff_role(p_session_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_customer(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_customer_of(p_account_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.stripe_webhook_rejected(p_body_sha256 text, p_reason text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.verify_email(p_token text, p_ip text) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.verify_email(p_token text, p_ip text) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.verify_sso_domain(p_session_id uuid, p_account_id uuid, p_domain text, p_txt_records text[]) TO pgtally_api;
-
-REVOKE ALL ON FUNCTION billing.account_mrr(p_account_id uuid, OUT currency text, OUT mrr_minor numeric, OUT plan_id text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.account_of(p_account_hint text, p_customer text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_charge_refunded(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_checkout_completed(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_dispute(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_invoice_paid(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_invoice_payment_failed(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_invoice_payment_paid(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_invoice_refund(o jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_payment_intent_succeeded(p_event jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.apply_subscription(p_event jsonb, p_current jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.attribute_referral(p_referee_account_id uuid, p_code text, p_ip text, p_fingerprint text, p_device_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.auto_topup_json(t billing.auto_topups) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.buyer(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.cancel_referral_reward(p_ref text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.email_account(p_account_id uuid, p_kind text, p_payload jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.email_receipt(p_payment text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.enqueue_auto_topup(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.event_rank(p_type text, p_status text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.first_payment(p_account_id uuid, p_ref text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.mailbox(p_email text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.money(p_minor bigint, p_currency text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.plans_json() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.price_json(x billing.prices) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.qualify_referral(p_referee_account_id uuid, p_event text, p_ref text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.record_invoice(o jsonb, s billing.subscriptions, p_status text, p_paid_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.record_invoice_payment(ip jsonb, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.record_mrr(p_account_id uuid, p_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.record_rejected(p_id text, p_type text, p_payload jsonb, p_reason text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.report_meter_event(p_usage_event_id uuid, p_account_id uuid, p_event_name text, p_value bigint, p_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.signed_to_micros(p_credits text, p_path text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.subscription_of_invoice(o jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.sync_account_plan(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.to_micros(p_credits jsonb, p_path text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.ts(p_unix jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION billing.upsert_price(p_id text, p_def jsonb, p_path text, p_plan text, p_interval text, p_credits_micros bigint) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.uuid_v7() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.account_json(a identity.accounts, p_role text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.active_session(p_session_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.api_key_checksum(p_prefix_and_body text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.claim_one_time_token(p_token text, p_purpose text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.effective_plan(a identity.accounts) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.email_domain(p_email text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.invitation_json(i identity.invitations) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.issue_api_key(p_account_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, OUT id uuid, OUT api_key text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.issue_refresh_token(p_session_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.key_account(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.link_identity(p_user_id uuid, p_provider text, p_subject text, p_email text, p_email_verified boolean) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.log_event(p_kind text, p_user_id uuid, p_account_id uuid, p_session_id uuid, p_ip text, p_user_agent text, p_detail jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.mark_email_verified(p_user_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.may_invite(p_user_id uuid, p_account_id uuid, p_role text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.member_may(p_user_id uuid, p_account_id uuid, p_permission text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.referral_code() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.member_user(p_session_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.new_account(p_plan text, p_kind text, p_name text, p_credits_micros bigint, p_id uuid, p_fingerprint text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.new_personal_account(p_user_id uuid, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.normalize_email(p_email text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.normalize_user_code(p_code text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.oauth_error(p_error text, p_description text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.one_time_token(p_user_id uuid, p_purpose text, p_lifetime interval) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.pending_device_code(p_session_id uuid, p_user_code text, p_ip text, OUT d identity.device_codes, OUT error jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.public_mail_domain(p_domain text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text, p_ip text, p_user_agent text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.sso_json(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.sso_required(p_user_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.sso_team_of(p_email text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.sso_txt_value(p_token text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.staff(p_session_id uuid, p_action text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.start_session(p_account_id uuid, p_user_id uuid, p_ip text, p_user_agent text, p_method text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.successor_token(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.throttled(p_action text, p_ip text, p_ip_limit integer, p_ip_window interval, p_dimension text, p_value text, p_limit integer, p_window interval) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.check_transfers_balanced() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.credits_json(a identity.accounts) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint, p_balance_after_micros bigint, p_created_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.grant_lot(p_account_id uuid, p_source text, p_amount_micros bigint, p_grant_key text, p_memo text, p_available_at timestamp with time zone, p_expires_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.lot_json(l ledger.credit_lots) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.lot_source(p_kind text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.refresh_lots(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.refreshed_account(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ledger.transfer_kind(p_source text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.allowance_json(e billing.entitlements, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_used bigint) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.allowances_json(a identity.accounts) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budget_json(p_budget_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.event_allowance(e metering.usage_events) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.expire_holds(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.hold_json(h metering.holds) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.lock_account(p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.period_bounds(p_period text, p_at timestamp with time zone, p_billing_start timestamp with time zone, p_billing_end timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.post_paid_spent(p_account_id uuid, p_plan text, p_period_start timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.quote(p_account identity.accounts, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_window_start timestamp with time zone, p_window_used bigint, p_window_end timestamp with time zone, p_meter_def metering.meters, p_entitlement_def billing.entitlements, OUT meter_id text, OUT quantity bigint, OUT input_tokens bigint, OUT output_tokens bigint, OUT entitled boolean, OUT period_start timestamp with time zone, OUT period_end timestamp with time zone, OUT used_before bigint, OUT allowance_units bigint, OUT credits_micros bigint, OUT balance_after_micros bigint, OUT allowed boolean, OUT allowance json, OUT warnings jsonb, OUT amount_minor bigint, OUT currency text, OUT spent_before_minor bigint, OUT spending_limit_minor bigint, OUT stripe_meter_event text, OUT refusal jsonb, OUT plan_id text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.replayed_answer(k metering.idempotency_keys) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.reversal_json(r record) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.reversal_lot_days() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.spending_json(a identity.accounts) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.usage_event_answer(e metering.usage_events, p_allowance json) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION metering.window_usage(p_account_id uuid, m metering.meters, p_period_start timestamp with time zone, p_period_end timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ops.audit(p_staff identity.users, p_action text, p_account_id uuid, p_user_id uuid, p_reason text, p_before jsonb, p_after jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ops.reconciliation_problems() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION ops.reconciliation_views() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.alter_under_views(p_tables regclass[], p_ddl text) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.base64url(p_bytes bytea) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.credits(p_micros bigint) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.ensure_partitions(p_months_ahead integer, p_from date) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.fail(p_sqlstate text, p_message text, p_detail jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.forbid_change() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.iso(p_at timestamp with time zone) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.now() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.partition_name(p_table regclass, p_month date) FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.random_token() FROM PUBLIC;
-
-REVOKE ALL ON FUNCTION util.token_hash(p_token text) FROM PUBLIC;
-
 REVOKE ALL ON FUNCTION util.uuid_v7s(p_count integer) FROM PUBLIC;
-
-GRANT SELECT ON TABLE reporting.active_accounts_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.mrr_account_months TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.churn_by_plan_monthly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.revenue_monthly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.arpu_monthly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.audit_log TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.auth_events_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.balance_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.conversion_by_cohort TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.entry_balance_breaks TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.hold_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.ledger_reference_breaks TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.lot_balance_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.meter_event_reports_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.mrr_monthly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.mrr_movements_monthly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.outbox_backlog TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.post_paid_credits_owed TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.post_paid_invoice_drift TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.referral_funnel_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.referral_reward_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.retention_weekly TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.revenue_drift TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.reversal_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.stripe_events_not_applied TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.subscriptions_by_status TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.system_balances TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.unbalanced_transfers TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.unmatched_refunds TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.unreported_post_paid_events TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.usage_by_hour TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.usage_by_principal_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.usage_daily TO pgtally_analyst;
-
-GRANT SELECT ON TABLE reporting.usage_per_meter_plan_monthly TO pgtally_analyst;
-
-ALTER DEFAULT PRIVILEGES FOR ROLE <owner> REVOKE ALL ON FUNCTIONS FROM PUBLIC;

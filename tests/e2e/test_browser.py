@@ -22,7 +22,8 @@ from oidc_provider_mock import User, run_server_in_thread
 from playwright.sync_api import Page, expect, sync_playwright
 
 from api import db
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from api.worker import deliver_due
 from tests.conftest import LOCAL_PROVIDERS, free_port, fresh_database, serving
 from tests.http.conftest import Inbox

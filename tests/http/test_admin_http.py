@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import uuid
 
+import psycopg
 import pytest
 
 from tests.conftest import reconciliation_problems
-from tests.http.conftest import PUBLIC_URL, bearer
-from tests.http.test_billing_http import deliver, pay_and_deliver
-from tests.http.test_credits_http import deliver_mail, settings, stripe_api  # noqa: F401 - fixtures
+from tests.http.conftest import PUBLIC_URL, bearer, form, page_client, pay_and_deliver, webhook
+
+
+@pytest.fixture
+def settings(stripe_mail_settings):
+    return stripe_mail_settings
 
 PASSWORD = "violet-harbour-tangent-42"
 
@@ -25,7 +29,7 @@ async def person(client, owner, email: str, staff: str | None = None) -> dict:
     return {"user_id": str(user_id), "account_id": str(account_id), "token": token, "email": email}
 
 
-async def test_a_team_invites_by_email_and_its_members_meter_and_buy_on_it(client, owner, smtp, deliver_mail, stripe_api):
+async def test_a_team_invites_by_email_and_its_members_meter_and_buy_on_it(client, owner, smtp, deliver, stripe_api):
     boss = await person(client, owner, "boss@example.com")
     dev = await person(client, owner, "dev@example.com")
     team = (await client.post("/v1/accounts", json={"name": "Acme"}, headers=bearer(boss["token"]))).json()
@@ -33,7 +37,7 @@ async def test_a_team_invites_by_email_and_its_members_meter_and_buy_on_it(clien
     r = await client.post(f"/v1/accounts/{team['id']}/invitations", json={"email": "dev@example.com", "role": "member"},
                           headers=bearer(boss["token"]))
     assert r.status_code == 201 and r.json()["role"] == "member"
-    await deliver_mail()
+    await deliver()
     (mail,) = [m for m in smtp.to("dev@example.com") if "invited you" in m["Subject"]]
     assert mail["Subject"] == "boss@example.com invited you to Acme on pgtally"
     token = smtp.token("dev@example.com", "invited you")
@@ -123,7 +127,7 @@ async def test_every_staff_action_is_audited_and_support_may_not_act_as_admin(cl
                           headers=bearer(admin["token"]))
     assert r.status_code == 201 and r.json()["amount"] == 250, r.text
     for event in stripe_api.sent[before:]:
-        await deliver(client, event)
+        await webhook(client, event)
     assert owner.execute("SELECT refunded_minor FROM billing.payments").fetchone()[0] == 250
     assert (await client.post("/v1/admin/refunds", json={"payment_intent": pi, "amount": 9999, "reason": "too much"},
                               headers=bearer(admin["token"]))).status_code == 422
@@ -140,8 +144,9 @@ async def test_every_staff_action_is_audited_and_support_may_not_act_as_admin(cl
     log = (await client.get("/v1/admin/audit", headers=bearer(admin["token"]))).json()["data"]
     assert log[0]["action"] == "revoke_sessions" and log[-1]["staff_email"] == "support@pgtally.example"
     assert (log[-1]["before"], log[-1]["after"]["credits"]) == ({"credits": "5"}, "25")
-    with pytest.raises(Exception):
+    with pytest.raises(psycopg.Error) as refused:
         owner.execute("UPDATE ops.audit_log SET reason = 'tampered'")                # append-only
+    assert refused.value.sqlstate == "TL403"
     assert reconciliation_problems(owner) == {}
 
 
@@ -154,8 +159,6 @@ async def test_staff_endpoints_refuse_customers_and_anonymous_callers(client, ow
 
 
 async def test_the_team_switcher_acts_on_the_team_and_falls_back_when_it_is_no_longer_yours(db_url, settings, owner):
-    from tests.http.test_billing_http import page_client
-    from tests.http.test_sign_in import form
 
     async with await page_client(db_url, settings) as boss_browser, await page_client(db_url, settings) as dev_browser:
         boss = await person(boss_browser, owner, "boss@example.com")

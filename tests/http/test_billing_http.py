@@ -11,42 +11,15 @@ import time
 import httpx
 import pytest
 
-from api.app import Settings
+from api.settings import Settings
 from tests.conftest import reconciliation_problems
-from tests.http.conftest import PUBLIC_URL, bearer
-from tests.stripe_standin import Events, StripeStandIn, sign
-
-SECRET = "whsec_test_secret"
-DAY = 86400
+from tests.http.conftest import DAY, PUBLIC_URL, SECRET, account_row, bearer, form, page_client, pay_and_deliver, webhook
+from tests.stripe_standin import Events, sign
 
 
 @pytest.fixture
-def stripe_api():
-    with StripeStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def settings(stripe_api) -> Settings:
-    return Settings(public_url=PUBLIC_URL, pool_max_size=16, stripe_api_key="sk_test_pgtally",
-                    stripe_api_base=stripe_api.url, stripe_webhook_secret=SECRET)
-
-
-@pytest.fixture
-def events() -> Events:
-    return Events()
-
-
-async def deliver(client, event: dict, timestamp: int | None = None, secret: str = SECRET):
-    payload = json.dumps(event).encode()
-    return await client.post("/v1/webhooks/stripe", content=payload,
-                             headers={"Stripe-Signature": sign(payload, secret, timestamp),
-                                      "Content-Type": "application/json"})
-
-
-def account_row(owner, account_id):
-    return owner.execute("SELECT plan_id, credit_balance_micros, billing_period_start, billing_period_end, "
-                         "plan_grace_until FROM identity.accounts WHERE id = %s", [account_id]).fetchone()
+def settings(stripe_settings):
+    return stripe_settings
 
 
 def subscribe(events, account, sub="sub_1", status="active", price="price_pro_monthly", start=None, end=None,
@@ -113,19 +86,19 @@ async def test_bundle_purchase_is_credited_once_however_often_delivered(client, 
                "customer": "cus_9", "client_reference_id": acct["account_id"], "payment_intent": "pi_1",
                "amount_total": 500, "currency": "usd", "metadata": {"account_id": acct["account_id"], "price": "bundle_10"}}
     event = events.event("checkout.session.completed", session)
-    first = await deliver(client, event)
+    first = await webhook(client, event)
     assert first.status_code == 200 and first.json() == {"received": True, "duplicate": False, "status": "applied",
                                                         "event_id": event["id"]}
-    again = await deliver(client, event)
+    again = await webhook(client, event)
     assert again.json()["duplicate"] is True
-    responses = await asyncio.gather(*[deliver(client, event) for _ in range(20)])
+    responses = await asyncio.gather(*[webhook(client, event) for _ in range(20)])
     assert {r.status_code for r in responses} == {200}
     assert account_row(owner, acct["account_id"])[1] == 10_000_000
     assert owner.execute("SELECT stripe_customer_id FROM billing.customers").fetchone()[0] == "cus_9"
     (row,) = owner.execute("SELECT paid_minor, credits_sold_micros, difference_micros FROM reporting.payments_vs_ledger_daily").fetchall()
     assert row == (500, 10_000_000, 0)
     # A second session for the same bundle is a second purchase.
-    await deliver(client, events.event("checkout.session.completed", {**session, "id": "cs_test_2", "payment_intent": "pi_2"}))
+    await webhook(client, events.event("checkout.session.completed", {**session, "id": "cs_test_2", "payment_intent": "pi_2"}))
     assert account_row(owner, acct["account_id"])[1] == 20_000_000
     assert reconciliation_problems(owner) == {}
 
@@ -135,10 +108,10 @@ async def test_a_delayed_payment_is_credited_when_it_succeeds(client, events, ne
     session = {"id": "cs_slow", "object": "checkout.session", "mode": "payment", "payment_status": "unpaid",
                "customer": "cus_s", "client_reference_id": acct["account_id"], "payment_intent": "pi_slow",
                "amount_total": 1000, "currency": "usd", "metadata": {"price": "bundle_25"}}
-    assert (await deliver(client, events.event("checkout.session.completed", session))).json()["status"] == "ignored"
+    assert (await webhook(client, events.event("checkout.session.completed", session))).json()["status"] == "ignored"
     assert account_row(owner, acct["account_id"])[1] == 0
     paid = events.event("checkout.session.async_payment_succeeded", {**session, "payment_status": "paid"})
-    assert (await deliver(client, paid)).json()["status"] == "applied"
+    assert (await webhook(client, paid)).json()["status"] == "applied"
     assert account_row(owner, acct["account_id"])[1] == 25_000_000
 
 
@@ -148,7 +121,7 @@ async def test_concurrent_deliveries_of_new_events_apply_each_once(client, event
         "id": f"cs_{i}", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
         "customer": "cus_9", "client_reference_id": acct["account_id"], "payment_intent": f"pi_{i}",
         "amount_total": 500, "currency": "usd", "metadata": {"price": "bundle_10"}}) for i in range(5)]
-    responses = await asyncio.gather(*[deliver(client, e) for e in batch for _ in range(4)])
+    responses = await asyncio.gather(*[webhook(client, e) for e in batch for _ in range(4)])
     assert {r.status_code for r in responses} == {200}
     assert sum(not r.json()["duplicate"] for r in responses) == 5
     assert account_row(owner, acct["account_id"])[1] == 50_000_000
@@ -176,8 +149,8 @@ async def test_update_before_create_ends_in_the_latest_state(client, events, new
     now = int(time.time())
     updated = subscribe(events, acct, status="active", created=now)
     created = subscribe(events, acct, status="incomplete", type_="customer.subscription.created", created=now - 5)
-    assert (await deliver(client, updated)).json()["status"] == "applied"
-    assert (await deliver(client, created)).json()["status"] == "stale"
+    assert (await webhook(client, updated)).json()["status"] == "applied"
+    assert (await webhook(client, created)).json()["status"] == "stale"
     plan, _, start, end, _ = account_row(owner, acct["account_id"])
     assert plan == "pro" and start is not None and end is not None
     status = owner.execute("SELECT status, plan_id FROM billing.subscriptions").fetchone()
@@ -199,7 +172,7 @@ async def test_two_updates_in_one_second_settle_on_what_stripe_has_now(client, e
         stripe_api.subscriptions[sub] = {**second["data"]["object"], "items": {"object": "list", "data": [
             {**second["data"]["object"]["items"]["data"][0], "price": {"id": truth, "object": "price"}}]}}
         for event in ([first, second] if order == 0 else [second, first]):
-            r = await deliver(client, event)
+            r = await webhook(client, event)
             assert r.status_code == 200 and r.json()["status"] == "applied", r.text
         finals.append(account_row(owner, acct["account_id"])[0])
     expected = "pro" if truth == "price_pro_monthly" else "unlimited"
@@ -212,11 +185,11 @@ async def test_a_replayed_old_event_never_overwrites_newer_state(client, events,
     now = int(time.time())
     old = subscribe(events, acct, price="price_pro_monthly", created=now - 60)
     new = subscribe(events, acct, price="price_unlimited_monthly", created=now)
-    await deliver(client, old)
-    await deliver(client, new)
+    await webhook(client, old)
+    await webhook(client, new)
     assert account_row(owner, acct["account_id"])[0] == "unlimited"
     replay = {**old, "id": "evt_replayed_copy"}
-    assert (await deliver(client, replay)).json()["status"] == "stale"
+    assert (await webhook(client, replay)).json()["status"] == "stale"
     assert account_row(owner, acct["account_id"])[0] == "unlimited"
 
 
@@ -225,15 +198,15 @@ async def test_cancel_at_period_end_keeps_the_plan_until_deleted(client, events,
     now = int(time.time())
     sub = subscribe(events, acct, created=now - 10)
     stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
-    await deliver(client, sub)
+    await webhook(client, sub)
     assert (await client.get("/v1/billing/subscription", headers=bearer(acct["api_key"]))).json()["subscription"]["live"]
 
     r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
     assert r.status_code == 202 and r.json()["cancel_at_period_end"] is True
     assert stripe_api.requests[-1][:3] == ("POST", "/v1/subscriptions/sub_1", {"cancel_at_period_end": "true"})
-    await deliver(client, subscribe(events, acct, cancel=True, created=now - 5))
+    await webhook(client, subscribe(events, acct, cancel=True, created=now - 5))
     assert account_row(owner, acct["account_id"])[0] == "pro"
-    await deliver(client, subscribe(events, acct, status="canceled", type_="customer.subscription.deleted", created=now))
+    await webhook(client, subscribe(events, acct, status="canceled", type_="customer.subscription.deleted", created=now))
     plan, _, start, end, _ = account_row(owner, acct["account_id"])
     assert (plan, start, end) == ("free", None, None)
     r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
@@ -244,7 +217,7 @@ async def test_change_plan_prorates_through_stripe(client, events, stripe_api, n
     acct = new_account("free")
     sub = subscribe(events, acct)
     stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
-    await deliver(client, sub)
+    await webhook(client, sub)
     r = await client.post("/v1/billing/subscription/change", json={"price": "unlimited_monthly"},
                           headers=bearer(acct["api_key"]))
     assert r.status_code == 202, r.text
@@ -270,7 +243,7 @@ async def test_invoice_paid_starts_a_new_period_and_grants_included_credits(clie
     acct = new_account("free")
     now = int(time.time())
     owner.execute("UPDATE billing.plans SET included_credits_micros = 5000000 WHERE id = 'pro'")
-    await deliver(client, subscribe(events, acct, start=now - 20 * DAY, end=now + 10 * DAY, created=now - 100))
+    await webhook(client, subscribe(events, acct, start=now - 20 * DAY, end=now + 10 * DAY, created=now - 100))
     headers = bearer(acct["api_key"], **{"Idempotency-Key": "u1"})
     r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 40}, headers=headers)
     assert r.json()["allowance"]["used"] == 40
@@ -281,8 +254,8 @@ async def test_invoice_paid_starts_a_new_period_and_grants_included_credits(clie
                "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_1"}},
                "lines": {"data": [{"period": {"start": now - 60, "end": now + 30 * DAY}}]}}
     paid = events.event("invoice.paid", invoice)
-    assert (await deliver(client, paid)).json()["status"] == "applied"
-    assert (await deliver(client, {**paid, "id": "evt_same_invoice_again"})).json()["status"] == "applied"
+    assert (await webhook(client, paid)).json()["status"] == "applied"
+    assert (await webhook(client, {**paid, "id": "evt_same_invoice_again"})).json()["status"] == "applied"
     plan, credits, start, end, _ = account_row(owner, acct["account_id"])
     assert plan == "pro" and credits == 5_000_000                 # granted once per invoice
     assert int(start.timestamp()) == now - 60
@@ -293,11 +266,11 @@ async def test_invoice_paid_starts_a_new_period_and_grants_included_credits(clie
 
 async def test_payment_failure_has_a_grace_period_then_meters_as_free(client, events, new_account, owner):
     acct = new_account("free")
-    await deliver(client, subscribe(events, acct, created=int(time.time()) - 100))
+    await webhook(client, subscribe(events, acct, created=int(time.time()) - 100))
     invoice = {"id": "in_2", "object": "invoice", "customer": "cus_1",
                "parent": {"subscription_details": {"subscription": "sub_1"}}, "lines": {"data": []}}
-    await deliver(client, events.event("invoice.payment_failed", invoice))
-    await deliver(client, subscribe(events, acct, status="past_due"))
+    await webhook(client, events.event("invoice.payment_failed", invoice))
+    await webhook(client, subscribe(events, acct, status="past_due"))
     plan, _, _, _, grace = account_row(owner, acct["account_id"])
     assert plan == "pro" and grace is not None
     use = lambda k: client.post("/v1/usage/events", json={"meter": "generation"},
@@ -306,8 +279,8 @@ async def test_payment_failure_has_a_grace_period_then_meters_as_free(client, ev
     owner.execute("UPDATE identity.accounts SET plan_grace_until = now() - interval '1 second'")
     assert (await use("b")).json()["allowance"]["limit"] == 10          # metered as free after it
     assert (await client.get("/v1/balance", headers=bearer(acct["api_key"]))).json()["plan"] == "free"
-    await deliver(client, events.event("invoice.paid", {**invoice, "id": "in_3",
-                                                        "lines": {"data": [{"period": {"start": int(time.time()), "end": int(time.time()) + 30 * DAY}}]}}))
+    period = {"start": int(time.time()), "end": int(time.time()) + 30 * DAY}
+    await webhook(client, events.event("invoice.paid", {**invoice, "id": "in_3", "lines": {"data": [{"period": period}]}}))
     assert account_row(owner, acct["account_id"])[4] is None
 
 
@@ -316,25 +289,25 @@ async def test_refund_after_credits_were_spent_claws_back_what_is_left(client, e
     session = {"id": "cs_r", "object": "checkout.session", "mode": "payment", "payment_status": "paid",
                "customer": "cus_r", "client_reference_id": acct["account_id"], "payment_intent": "pi_r",
                "amount_total": 500, "currency": "usd", "metadata": {"price": "bundle_10"}}
-    await deliver(client, events.event("checkout.session.completed", session))
+    await webhook(client, events.event("checkout.session.completed", session))
     await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 14},
                       headers=bearer(acct["api_key"], **{"Idempotency-Key": "spend"}))   # 10 free + 4 credits
     assert account_row(owner, acct["account_id"])[1] == 6_000_000
     charge = {"id": "ch_r", "object": "charge", "payment_intent": "pi_r", "amount": 500, "currency": "usd"}
     half = events.event("charge.refunded", {**charge, "amount_refunded": 250, "refunded": False})
-    await deliver(client, half)
+    await webhook(client, half)
     assert account_row(owner, acct["account_id"])[1] == 1_000_000       # 5 of the 10 credits taken back
     full = events.event("charge.refunded", {**charge, "amount_refunded": 500, "refunded": True})
-    await deliver(client, full)
+    await webhook(client, full)
     assert account_row(owner, acct["account_id"])[1] == 0               # never below zero
     clawed, shortfall = owner.execute("SELECT clawed_back_micros, shortfall_micros FROM billing.payments").fetchone()
     assert (clawed, shortfall) == (6_000_000, 4_000_000)
-    assert (await deliver(client, {**half, "id": "evt_half_again"})).json()["status"] == "stale"
+    assert (await webhook(client, {**half, "id": "evt_half_again"})).json()["status"] == "stale"
     assert reconciliation_problems(owner) == {}
 
 
 async def test_unknown_events_are_recorded_and_acknowledged(client, events, owner):
-    r = await deliver(client, events.event("customer.created", {"id": "cus_z", "object": "customer"}))
+    r = await webhook(client, events.event("customer.created", {"id": "cus_z", "object": "customer"}))
     assert r.status_code == 200 and r.json()["status"] == "ignored"
     (note,) = owner.execute("SELECT note FROM reporting.stripe_events_not_applied").fetchone()
     assert "customer.created" in note
@@ -353,17 +326,17 @@ async def test_invoice_for_an_unknown_subscription_is_retried_later(db_url, even
                                          "lines": {"data": [{"period": {"start": now, "end": now + 30 * DAY}}]}})
     no_api = Settings(public_url=PUBLIC_URL, stripe_webhook_secret=SECRET)
     async with AsyncTestClient(app=create_app(db_url, no_api)) as client:
-        r = await deliver(client, paid)
+        r = await webhook(client, paid)
         assert r.status_code == 503                                      # Stripe will retry
         assert owner.execute("SELECT count(*) FROM billing.stripe_events").fetchone()[0] == 0
-        await deliver(client, subscribe(events, acct, created=now - 10))
-        assert (await deliver(client, paid)).json()["status"] == "applied"
+        await webhook(client, subscribe(events, acct, created=now - 10))
+        assert (await webhook(client, paid)).json()["status"] == "applied"
 
 
 async def test_reporting_views_for_dbas(client, events, new_account, owner):
     a, b = new_account("free"), new_account("free")
-    await deliver(client, subscribe(events, a, sub="sub_a"))
-    await deliver(client, subscribe(events, b, sub="sub_b", status="past_due", price="price_unlimited_monthly"))
+    await webhook(client, subscribe(events, a, sub="sub_a"))
+    await webhook(client, subscribe(events, b, sub="sub_b", status="past_due", price="price_unlimited_monthly"))
     rows = set(owner.execute("SELECT plan_id, status, subscriptions FROM reporting.subscriptions_by_status").fetchall())
     assert rows == {("pro", "active", 1), ("unlimited", "past_due", 1)}
 
@@ -394,7 +367,7 @@ async def test_a_signed_but_malformed_event_is_recorded_as_rejected_and_nothing_
     else:
         event["data"] = {}
     for _ in range(2):      # a redelivery is rejected the same way
-        r = await deliver(client, event)
+        r = await webhook(client, event)
         assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json"), r.text
         assert "rejected" in r.json()["detail"]
     (status, note) = owner.execute("SELECT status, note FROM billing.stripe_events").fetchone()
@@ -427,7 +400,7 @@ async def test_a_body_that_is_not_utf8_cannot_verify(client, owner):
 
 async def test_stripe_failures_are_502_with_stripes_request_id(client, events, stripe_api, new_account):
     acct = new_account("free")
-    await deliver(client, subscribe(events, acct, sub="sub_unknown_to_stripe"))
+    await webhook(client, subscribe(events, acct, sub="sub_unknown_to_stripe"))
     r = await client.delete("/v1/billing/subscription", headers=bearer(acct["api_key"]))
     assert r.status_code == 502 and r.headers["content-type"].startswith("application/problem+json"), r.text
     body = r.json()
@@ -451,7 +424,6 @@ async def test_dashboard_shows_what_is_left_and_cancels_then_keeps_the_plan(db_u
     from litestar.testing import AsyncTestClient
 
     from api.app import create_app
-    from tests.http.test_sign_in import form
 
     # Cookies are Secure with an https public URL: the browser side speaks https too.
     async with AsyncTestClient(app=create_app(db_url, settings), base_url="https://testserver.local") as client:
@@ -459,7 +431,6 @@ async def test_dashboard_shows_what_is_left_and_cancels_then_keeps_the_plan(db_u
 
 
 async def dashboard_flow(client, events, stripe_api):
-    from tests.http.test_sign_in import form
 
     password = "violet-harbour-tangent-42"
     await client.post("/v1/auth/signup", json={"email": "dash@example.com", "password": password})
@@ -473,7 +444,7 @@ async def dashboard_flow(client, events, stripe_api):
         assert r.status_code == 201
     sub = subscribe(events, acct, created=int(time.time()) - 10)
     stripe_api.subscriptions["sub_1"] = sub["data"]["object"]
-    await deliver(client, sub)
+    await webhook(client, sub)
 
     login = await form(client, "/login", {"email": "dash@example.com", "password": password})
     assert login.status_code in (302, 303)
@@ -486,7 +457,7 @@ async def dashboard_flow(client, events, stripe_api):
     r = await form(client, "/dashboard/cancel", {}, "/dashboard")
     assert r.status_code == 200 and "will end at the end of this period" in r.text
     assert stripe_api.requests[-1][2] == {"cancel_at_period_end": "true"}
-    await deliver(client, subscribe(events, acct, cancel=True, created=int(time.time())))
+    await webhook(client, subscribe(events, acct, cancel=True, created=int(time.time())))
     page = await client.get("/dashboard")
     assert "ending" in page.text and "Keep my plan" in page.text
     r = await form(client, "/dashboard/resume", {}, "/dashboard")
@@ -494,14 +465,6 @@ async def dashboard_flow(client, events, stripe_api):
     assert stripe_api.requests[-1][2] == {"cancel_at_period_end": "false"}
     resumed = await client.post("/v1/billing/subscription/resume", headers=bearer(tokens["access_token"]))
     assert resumed.status_code == 202 and resumed.json()["cancel_at_period_end"] is False
-
-
-async def pay_and_deliver(client, stripe_api, session_id: str) -> None:
-    """Press the stand-in checkout page's Pay button, then deliver the events Stripe sends."""
-    before = len(stripe_api.sent)
-    stripe_api.pay(stripe_api.sessions[session_id])
-    for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
 
 
 async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webhook(client, stripe_api, new_account, owner):
@@ -528,7 +491,7 @@ async def test_one_click_top_up_with_the_saved_card_is_credited_once_by_the_webh
     (succeeded,) = stripe_api.sent[before:]
     assert succeeded["type"] == "payment_intent.succeeded"
     for event in (succeeded, succeeded, {**succeeded, "id": "evt_same_payment_again"}):
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     assert account_row(owner, acct["account_id"])[1] == 35_000_000           # exactly once
     assert "is active" in (await client.get(f"/billing/success?payment_intent={r.json()['payment_intent']}")).text
     assert reconciliation_problems(owner) == {}
@@ -552,17 +515,7 @@ async def test_a_subscription_bought_on_the_checkout_page_is_applied_by_its_even
     assert "is active" in (await client.get(f"/billing/success?session_id={session_id}")).text
 
 
-async def page_client(db_url, settings):
-    from litestar.testing import AsyncTestClient
-
-    from api.app import create_app
-
-    # Cookies are Secure with an https public URL: the browser side speaks https too.
-    return AsyncTestClient(app=create_app(db_url, settings), base_url="https://testserver.local")
-
-
 async def test_what_a_device_buys_by_its_upgrade_link_moves_with_it_when_it_signs_up(db_url, settings, stripe_api, owner):
-    from tests.http.test_sign_in import form
 
     async with await page_client(db_url, settings) as client:
         device = (await client.post("/v1/identify", json={"install_id": "device-buying-0123456789ab"})).json()
@@ -581,12 +534,11 @@ async def test_what_a_device_buys_by_its_upgrade_link_moves_with_it_when_it_sign
         sub_id = owner.execute("SELECT stripe_subscription_id FROM billing.subscriptions").fetchone()[0]
         stripe_api.subscriptions[sub_id]["cancel_at_period_end"] = True
         event = Events().event("customer.subscription.updated", stripe_api.subscriptions[sub_id], created=int(time.time()) + 5)
-        assert (await deliver(client, event)).json()["status"] == "applied"
+        assert (await webhook(client, event)).json()["status"] == "applied"
         assert owner.execute("SELECT cancel_at_period_end FROM billing.subscriptions").fetchone()[0] is True
 
 
 async def test_a_subscriber_switching_plans_sees_the_proration_and_changes_the_subscription(db_url, settings, stripe_api, owner):
-    from tests.http.test_sign_in import form
 
     password = "violet-harbour-tangent-42"
     async with await page_client(db_url, settings) as client:
@@ -645,7 +597,7 @@ async def test_auto_top_up_buys_one_bundle_when_charges_cross_the_threshold(clie
     intents = [e for e in stripe_api.sent[before:] if e["type"] == "payment_intent.succeeded"]
     assert len(intents) == 1 and intents[0]["data"]["object"]["metadata"]["auto_topup"] == "true"
     assert account_row(owner, acct["account_id"])[1] == 3_000_000          # credits only with the event
-    await deliver(client, intents[0])
+    await webhook(client, intents[0])
     assert account_row(owner, acct["account_id"])[1] == 13_000_000
     assert (await client.get("/v1/billing/auto-topup", headers=headers)).json()["in_flight"] is False
     assert reconciliation_problems(owner) == {}
@@ -708,7 +660,7 @@ async def test_post_paid_usage_is_reported_to_stripe_once_and_the_invoice_matche
     before = len(stripe_api.sent)
     invoice = stripe_api.close_period(sub_id)
     for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     assert invoice["amount_paid"] == 60
     row = owner.execute("SELECT amount_paid_minor, metered_amount_minor, number FROM billing.invoices "
                         "WHERE stripe_invoice_id = %s", [invoice["id"]]).fetchone()
@@ -722,7 +674,6 @@ async def test_post_paid_usage_is_reported_to_stripe_once_and_the_invoice_matche
 
 
 async def test_pay_per_use_on_the_pages_shows_the_unit_price_the_limit_and_the_spending(db_url, settings, stripe_api):
-    from tests.http.test_sign_in import form
 
     password = "violet-harbour-tangent-42"
     async with await page_client(db_url, settings) as client:

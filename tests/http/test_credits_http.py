@@ -6,32 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from api.app import Settings
 from tests.conftest import reconciliation_problems
-from tests.http.conftest import PUBLIC_URL, bearer
-from tests.http.test_billing_http import SECRET, deliver, page_client, pay_and_deliver
-from tests.http.test_sign_in import form
-from tests.stripe_standin import Events, StripeStandIn
-
-PASSWORD = "violet-harbour-tangent-42"
+from tests.http.conftest import PASSWORD, PUBLIC_URL, bearer, form, page_client, pay_and_deliver, webhook
+from tests.stripe_standin import Events
 
 
 @pytest.fixture
-def stripe_api():
-    with StripeStandIn() as standin:
-        yield standin
-
-
-@pytest.fixture
-def settings(smtp, stripe_api) -> Settings:
-    return Settings(public_url=PUBLIC_URL, pool_max_size=16, smtp_url=f"smtp://127.0.0.1:{smtp.port}",
-                    stripe_api_key="sk_test_pgtally", stripe_api_base=stripe_api.url, stripe_webhook_secret=SECRET)
-
-
-@pytest.fixture
-def deliver_mail(deliver):
-    """The outbox worker over real SMTP (conftest's deliver; this module's deliver sends Stripe events)."""
-    return deliver
+def settings(stripe_mail_settings):
+    return stripe_mail_settings
 
 
 async def sign_up_and_log_in(client, email: str, **body) -> str:
@@ -41,7 +23,7 @@ async def sign_up_and_log_in(client, email: str, **body) -> str:
 
 
 async def test_a_referral_link_leads_to_a_sign_up_and_the_first_payment_rewards_the_referrer(
-        db_url, settings, stripe_api, smtp, deliver_mail, owner):
+        db_url, settings, stripe_api, smtp, deliver, owner):
     # The test client speaks from one address for everyone: let the same-IP rule look back 0 days.
     owner.execute("UPDATE billing.referral_program SET same_ip_window = '0'")
     async with await page_client(db_url, settings) as alice_browser:
@@ -58,7 +40,7 @@ async def test_a_referral_link_leads_to_a_sign_up_and_the_first_payment_rewards_
         assert "You were invited" in (await bob_browser.get("/signup")).text
         r = await form(bob_browser, "/signup", {"email": "bob@example.com", "password": PASSWORD})
         assert r.status_code == 200 and "Check your email" in r.text
-        await deliver_mail()
+        await deliver()
         verified = await bob_browser.post("/v1/auth/verify-email", json={"token": smtp.token("bob@example.com", "Confirm")})
         assert verified.status_code == 200
         bob = (await bob_browser.post("/v1/auth/login", json={"email": "bob@example.com", "password": PASSWORD})).json()["access_token"]
@@ -94,13 +76,13 @@ async def test_a_refund_claws_back_from_the_lot_it_bought_first(client, new_acco
                "customer": "cus_lot", "client_reference_id": acct["account_id"], "payment_intent": "pi_lot",
                "amount_total": 500, "currency": "usd", "metadata": {"price": "bundle_10"}}
     events = Events()
-    await deliver(client, events.event("checkout.session.completed", session))
+    await webhook(client, events.event("checkout.session.completed", session))
     r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 14},
                           headers=bearer(acct["api_key"], **{"Idempotency-Key": "spend"}))
     assert r.status_code == 201 and r.json()["charged"]["credits"] == "4"     # from the expiring promotion
     balance = (await client.get("/v1/balance", headers=bearer(acct["api_key"]))).json()
     assert balance["credits"] == "11" and balance["next_expiry"]["credits"] == "1"
-    await deliver(client, events.event("charge.refunded", {"id": "ch_lot", "object": "charge", "payment_intent": "pi_lot",
+    await webhook(client, events.event("charge.refunded", {"id": "ch_lot", "object": "charge", "payment_intent": "pi_lot",
                                                            "amount": 500, "amount_refunded": 500, "refunded": True}))
     remaining = dict(owner.execute("SELECT source, remaining_micros FROM ledger.credit_lots WHERE account_id = %s",
                                    [acct["account_id"]]).fetchall())

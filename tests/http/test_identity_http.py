@@ -393,8 +393,9 @@ async def test_a_forged_or_expired_access_token_is_401(client, owner):
 
 
 async def test_failed_delivery_is_retried_later(client, owner, db_url, settings):
-    import psycopg
     from dataclasses import replace
+
+    import psycopg
 
     from api import db
     from api.worker import deliver_due

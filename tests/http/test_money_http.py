@@ -3,8 +3,23 @@ API key, through the real app, pool and database."""
 
 from __future__ import annotations
 
-from tests.conftest import reconciliation_problems
-from tests.http.test_usage_http import CREDIT, PROBLEM, auth
+from tests.conftest import CREDIT, reconciliation_problems
+from tests.http.conftest import PASSWORD, bearer
+
+PROBLEM = "application/problem+json"
+
+
+def auth(key: str, idem: str | None = None) -> dict[str, str]:
+    return bearer(key, **({"Idempotency-Key": idem} if idem is not None else {}))
+
+
+async def person(client, owner, email: str, staff: str) -> dict:
+    """A verified person with staff role staff, signed in: {token}."""
+    assert (await client.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})).status_code == 202
+    user_id = owner.execute("SELECT id FROM identity.users WHERE email_normalized = %s", [email]).fetchone()[0]
+    owner.execute("SELECT identity.mark_email_verified(%s)", [user_id])
+    owner.execute("SELECT api.staff_grant(%s, %s)", [email, staff])
+    return {"token": (await client.post("/v1/auth/login", json={"email": email, "password": PASSWORD})).json()["access_token"]}
 
 
 def key_with(owner, account_id: str, scopes: str) -> tuple[str, str]:
@@ -60,8 +75,6 @@ async def test_item1_budgets_over_http_refuse_with_402_budget_exceeded(client, o
 
 
 async def test_item2_reversal_over_http_for_admin_staff_and_operator_keys_only(client, owner, new_account):
-    from tests.http.test_admin_http import bearer, person
-
     acct = new_account("free", 5 * CREDIT)
     await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 10}, headers=auth(acct["api_key"], "free"))
     event = (await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
@@ -105,8 +118,6 @@ async def test_item3_one_idempotency_contract_replay_reuse_and_concurrent_retrie
     under one key (one still in progress when the others arrive) are processed once, the others
     replaying its answer."""
     import asyncio
-
-    from tests.http.test_admin_http import bearer, person
 
     acct = new_account("free", 50 * CREDIT)
     key = acct["api_key"]

@@ -8,13 +8,10 @@ import re
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from api import db
-from api.app import Settings
-from tests.http.conftest import PUBLIC_URL, bearer
-from tests.http.test_billing_http import SECRET, deliver, page_client
-from tests.http.test_sign_in import form
+from api.settings import Settings
+from tests.http.conftest import PUBLIC_URL, SECRET, bearer, form, page_client, samples, webhook
 from tests.stripe_standin import Events
 
 PASSWORD = "violet-harbour-tangent-42"
@@ -27,17 +24,6 @@ def settings(smtp) -> Settings:
                     stripe_webhook_secret=SECRET)
 
 
-@pytest.fixture
-def deliver_mail(deliver):
-    """The outbox worker over real SMTP (conftest's deliver; this module's deliver sends Stripe events)."""
-    return deliver
-
-
-def samples(text: str, name: str) -> dict[tuple, float]:
-    return {tuple(sorted(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
-
-
 async def test_metrics_count_requests_consume_outcomes_and_webhooks(client, new_account, owner):
     acct = new_account("free")
     events = Events()
@@ -47,7 +33,7 @@ async def test_metrics_count_requests_consume_outcomes_and_webhooks(client, new_
     assert (await send("m1")).status_code == 201
     assert (await send("m1")).status_code == 200
     assert (await send("m2", 50)).status_code == 402
-    await deliver(client, events.event("customer.created", {"id": "cus_m", "object": "customer"}))
+    await webhook(client, events.event("customer.created", {"id": "cus_m", "object": "customer"}))
     r = await client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     after = samples(r.text, "pgtally_consume_total")
@@ -74,6 +60,44 @@ async def test_readyz_is_ready_when_the_schema_is_current(client, owner):
     owner.execute("DELETE FROM public._yoyo_migration WHERE migration_id = %s", [db.latest_migration()])
     r = await client.get("/readyz")
     assert r.status_code == 503 and "pgtally db upgrade" in r.json()["detail"]
+
+
+async def test_item4_read_only_database_answers_503_serves_reads_and_readyz_says_not_ready(db_url, settings, owner,
+                                                                                          new_account):
+    import asyncio
+
+    from litestar.testing import AsyncTestClient
+
+    from api.app import create_app
+
+    key = new_account("free")["api_key"]              # never used: a read would note last_used_at
+    headers = bearer(key)
+    dbname = owner.info.dbname
+    owner.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    async with AsyncTestClient(app=create_app(db_url, settings)) as client:
+        for _ in range(2):
+            r = await client.get("/v1/balance", headers=headers)
+            assert r.status_code == 200, r.text                       # a read is served
+            r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                                  headers={**headers, "Idempotency-Key": "ro-1"})
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert r.json()["type"].endswith("/retry-later") and "read-only" in r.json()["detail"]
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "read-only" in r.json()["detail"]
+        assert (await client.get("/healthz")).status_code == 200     # alive: a restart would not help
+        assert owner.execute("SELECT last_used_at FROM identity.api_keys WHERE key_hash = util.token_hash(%s)",
+                             [key]).fetchone() == (None,)
+
+        owner.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+        # The pool replaces a read-only session 5 s old (it keeps the default it started with).
+        for _ in range(150):
+            r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                                  headers={**headers, "Idempotency-Key": "ro-1"})
+            if r.status_code != 503:
+                break
+            await asyncio.sleep(0.1)
+        assert r.status_code == 201, r.text
+        assert (await client.get("/readyz")).status_code == 200
 
 
 def test_alerts_go_out_once_an_hour_per_condition(owner, api_conn, new_account):
@@ -116,32 +140,32 @@ async def verified_customer(client, owner, email: str) -> dict:
     return {"account_id": str(account_id), "token": token}
 
 
-async def test_customers_hear_of_receipts_failed_payments_and_their_plan_ending(client, owner, smtp, deliver_mail):
+async def test_customers_hear_of_receipts_failed_payments_and_their_plan_ending(client, owner, smtp, deliver):
     events = Events()
     who = await verified_customer(client, owner, "payer@example.com")
-    await deliver(client, events.event("checkout.session.completed", {
+    await webhook(client, events.event("checkout.session.completed", {
         "id": "cs_mail", "object": "checkout.session", "mode": "payment", "payment_status": "paid", "customer": "cus_mail",
         "client_reference_id": who["account_id"], "payment_intent": "pi_mail", "amount_total": 500, "currency": "usd",
         "metadata": {"price": "bundle_10"}}))
     now = int(time.time())
     sub = Events.subscription("sub_mail", "cus_mail", who["account_id"], "active", "price_pro_monthly", now - DAY, now + 29 * DAY)
-    await deliver(client, events.event("customer.subscription.created", sub, created=now - 50))
+    await webhook(client, events.event("customer.subscription.created", sub, created=now - 50))
     invoice = {"id": "in_mail", "object": "invoice", "number": "MAIL-1", "customer": "cus_mail", "amount_due": 999,
                "currency": "usd", "parent": {"subscription_details": {"subscription": "sub_mail"}},
                "lines": {"data": [{"amount": 999, "period": {"start": now, "end": now + 30 * DAY}}]}}
-    await deliver(client, events.event("invoice.payment_failed", invoice, created=now - 40))
-    await deliver(client, events.event("invoice.payment_failed", invoice, created=now - 30))   # Stripe's retry: one email
+    await webhook(client, events.event("invoice.payment_failed", invoice, created=now - 40))
+    await webhook(client, events.event("invoice.payment_failed", invoice, created=now - 30))   # Stripe's retry: one email
     listed = (await client.get("/v1/billing/invoices", headers=bearer(who["token"]))).json()["data"]
     assert [(i["number"], i["status"], i["amount_paid"]) for i in listed] == [("MAIL-1", "open", 0)]
-    await deliver(client, events.event("invoice.paid", {**invoice, "status": "paid", "amount_paid": 999,
+    await webhook(client, events.event("invoice.paid", {**invoice, "status": "paid", "amount_paid": 999,
                                                         "hosted_invoice_url": "https://invoice.stripe.test/i/in_mail"},
                                        created=now - 20))
     listed = (await client.get("/v1/billing/invoices", headers=bearer(who["token"]))).json()["data"]
     assert [(i["number"], i["status"], i["amount_paid"], i["plan"]) for i in listed] == [("MAIL-1", "paid", 999, "pro")]
     assert listed[0]["hosted_invoice_url"] == "https://invoice.stripe.test/i/in_mail"
-    await deliver(client, events.event("customer.subscription.updated", {**sub, "cancel_at_period_end": True}, created=now - 10))
-    await deliver(client, events.event("customer.subscription.deleted", {**sub, "status": "canceled"}, created=now - 5))
-    await deliver_mail()
+    await webhook(client, events.event("customer.subscription.updated", {**sub, "cancel_at_period_end": True}, created=now - 10))
+    await webhook(client, events.event("customer.subscription.deleted", {**sub, "status": "canceled"}, created=now - 5))
+    await deliver()
     subjects = [m["Subject"] for m in smtp.to("payer@example.com") if m["Subject"] != "Confirm your email address"]
     assert subjects == ["Receipt: 10 credits", "Your payment did not go through", "Your pro plan ends on "
                         + time.strftime("%Y-%m-%d", time.gmtime(now + 29 * DAY)), "Your pro plan has ended"]
@@ -174,15 +198,15 @@ async def test_the_metrics_page_is_for_staff_and_draws_its_charts_itself(db_url,
 async def test_disputes_are_recorded_once_with_their_latest_status(client, new_account, owner):
     acct = new_account("free")
     events = Events()
-    await deliver(client, events.event("checkout.session.completed", {
+    await webhook(client, events.event("checkout.session.completed", {
         "id": "cs_dp", "object": "checkout.session", "mode": "payment", "payment_status": "paid", "customer": "cus_dp",
         "client_reference_id": acct["account_id"], "payment_intent": "pi_dp", "amount_total": 500, "currency": "usd",
         "metadata": {"price": "bundle_10"}}))
     dispute = {"id": "dp_1", "object": "dispute", "charge": "ch_dp", "payment_intent": "pi_dp", "amount": 500,
                "currency": "usd", "reason": "fraudulent", "status": "needs_response", "created": int(time.time())}
     created = events.event("charge.dispute.created", dispute)
-    assert (await deliver(client, created)).json()["status"] == "applied"
-    assert (await deliver(client, created)).json()["duplicate"] is True
-    await deliver(client, events.event("charge.dispute.closed", {**dispute, "status": "lost"}))
+    assert (await webhook(client, created)).json()["status"] == "applied"
+    assert (await webhook(client, created)).json()["duplicate"] is True
+    await webhook(client, events.event("charge.dispute.closed", {**dispute, "status": "lost"}))
     rows = owner.execute("SELECT account_id::text, amount_minor, reason, status, closed_at IS NOT NULL FROM billing.disputes").fetchall()
     assert rows == [(acct["account_id"], 500, "fraudulent", "lost", True)]

@@ -13,12 +13,11 @@ import pytest
 from litestar.testing import AsyncTestClient
 from oidc_provider_mock import User, run_server_in_thread
 
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
 from tests.github_standin import GitHubStandIn
-
-PASSWORD = "violet-harbour-tangent-42"
-BASE = "http://testserver.local"
+from tests.http.conftest import BASE, PASSWORD, form, google
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +50,10 @@ async def client(db_url, settings):
         yield c
 
 
-async def google(client, sub: str, start: str = "/auth/google/start") -> httpx.Response:
-    """Start at pgtally, choose the user at the provider, come back to the callback."""
-    r = await client.get(start, follow_redirects=False)
-    assert r.status_code in (302, 303), r.text
-    consent = httpx.post(r.headers["location"], data={"sub": sub}, follow_redirects=False)
-    assert consent.status_code == 302, consent.text
-    back = urlsplit(consent.headers["location"])
-    return await client.get(f"{back.path}?{back.query}", follow_redirects=False)
-
-
 async def github_login(client, start: str = "/auth/github/start") -> httpx.Response:
     r = await client.get(start, follow_redirects=False)
     back = urlsplit(httpx.get(r.headers["location"], follow_redirects=False).headers["location"])
     return await client.get(f"{back.path}?{back.query}", follow_redirects=False)
-
-
-def csrf(page: httpx.Response) -> str:
-    return re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
-
-
-async def form(client, path: str, fields: dict, page_path: str | None = None) -> httpx.Response:
-    """Submit a page's form as a browser does: the page first (CSRF cookie and token)."""
-    token = csrf(await client.get(page_path or path))
-    return await client.post(path, data={**fields, "_csrf_token": token}, follow_redirects=False)
 
 
 def events(owner, kind: str) -> int:
@@ -222,11 +201,11 @@ async def test_account_page_creates_shows_once_and_revokes_api_keys(client, owne
 
 
 async def test_every_link_pgtally_sends_or_shows_leads_to_a_page(client, smtp, deliver):
-    from api.worker import TEMPLATES
     from api.web import TEMPLATES as PAGES
+    from api.worker import TEMPLATES
 
     links = set()
-    for subject, body in TEMPLATES.values():
+    for _subject, body in TEMPLATES.values():
         links |= set(re.findall(r"\{public_url\}(/[\w/-]*)", body))
     for template in PAGES.glob("*.html"):
         links |= {link for link in re.findall(r'(?:href|action)="(/[^"{]*)"', template.read_text())}

@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from litestar.testing import AsyncTestClient
 from oidc_provider_mock import User, run_server_in_thread
 
 from api import outbound
-from api.app import Settings, create_app
+from api.app import create_app
+from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
-from tests.http.test_sign_in import BASE, PASSWORD, google
+from tests.http.conftest import BASE, PASSWORD, google
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +259,21 @@ async def test_item1_an_existing_user_links_the_teams_sign_in_from_the_emailed_l
     assert r.status_code in (302, 303) and r.headers["location"] == "/teams", r.text
 
 
+async def test_item1_a_team_name_with_a_line_break_still_gets_its_link_email_out(client, owner, smtp, deliver,
+                                                                                  dns_zone, corp_idp):
+    await person(client, owner, "kim@corp.example")
+    lead = await person(client, owner, "lead@corp.example")
+    headers = {"Authorization": f"Bearer {lead}"}
+    team = (await client.post("/v1/accounts", json={"name": "Corp\nBcc: x@evil.example"}, headers=headers)).json()["id"]
+    await client.put(f"/v1/accounts/{team}/sso", headers=headers, json={
+        "issuer": corp_idp, "client_id": "corp-sso", "client_secret": "corp-secret", "domains": ["corp.example"]})
+    assert (await prove(client, dns_zone, lead, team, "corp.example")).status_code == 200
+    assert "Check your email" in (await google(client, "sso-kim", start="/auth/sso/start?email=kim@corp.example")).text
+    assert await deliver() >= 1
+    (mail,) = smtp.to("kim@corp.example")[-1:]
+    assert mail["Subject"] == "Sign in with Corp Bcc: x@evil.example's single sign-on" and mail["Bcc"] is None
+
+
 async def test_item1_a_teams_own_provider_signs_new_people_in_as_members(client, owner, dns_zone, corp_idp, evil_idp):
     team, lead = await corp_team(client, owner, dns_zone, corp_idp)
     r = await google(client, "sso-pat", start="/auth/sso/start?email=pat@corp.example&next=/teams")
@@ -339,7 +355,7 @@ class Upstream:
                         self.wfile.write(part)
                         self.wfile.flush()
 
-            do_GET = do_POST = answer
+            do_GET = do_POST = answer  # noqa: N815 - http.server's method names
 
             def log_message(self, *args):
                 pass

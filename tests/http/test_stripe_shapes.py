@@ -9,14 +9,18 @@ import json
 import time
 
 import httpx
+import pytest
 import stripe
 
 from api.app import create_app
 from tests.conftest import free_port, reconciliation_problems, serving
-from tests.http.conftest import bearer
-from tests.http.test_billing_http import (  # noqa: F401 - fixtures
-    DAY, SECRET, account_row, deliver, events, pay_and_deliver, settings, stripe_api)
+from tests.http.conftest import DAY, SECRET, account_row, bearer, pay_and_deliver, webhook
 from tests.stripe_standin import Shapes, sign
+
+
+@pytest.fixture
+def settings(stripe_settings):
+    return stripe_settings
 
 
 def sdk(stripe_api) -> stripe.StripeClient:
@@ -53,9 +57,9 @@ async def test_item1_two_subscription_events_in_one_second_apply_with_stripes_re
     stripe_api.subscriptions[sub["id"]] = {**sub, "status": "active"}
     created = events.event("customer.subscription.created", sub, created=now)
     updated = events.event("customer.subscription.updated", {**sub, "status": "active"}, created=now)
-    assert (await deliver(client, created)).json()["status"] == "applied"
+    assert (await webhook(client, created)).json()["status"] == "applied"
     for _ in range(2):          # Stripe's retry keeps `created`: it must not fail again
-        r = await deliver(client, updated)
+        r = await webhook(client, updated)
         assert r.status_code == 200, r.text
     assert account_row(owner, acct["account_id"])[0] == "pro"
     assert owner.execute("SELECT status FROM billing.subscriptions").fetchone()[0] == "active"
@@ -76,11 +80,11 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
     refunds = stripe_api.sent[before:]
     assert [e["type"] for e in refunds] == ["charge.refunded", "charge.refunded"]
     assert "invoice" not in refunds[0]["data"]["object"]
-    assert (await deliver(client, refunds[0])).json()["status"] == "applied"
+    assert (await webhook(client, refunds[0])).json()["status"] == "applied"
     assert owner.execute("SELECT status, refunded_minor FROM billing.invoices").fetchone() == ("paid", 400)
     assert owner.execute("SELECT revenue_minor FROM reporting.revenue_monthly").fetchone()[0] == 599
-    assert (await deliver(client, refunds[1])).json()["status"] == "applied"
-    assert (await deliver(client, {**refunds[0], "id": "evt_older_refund_again"})).json()["status"] == "stale"
+    assert (await webhook(client, refunds[1])).json()["status"] == "applied"
+    assert (await webhook(client, {**refunds[0], "id": "evt_older_refund_again"})).json()["status"] == "stale"
     r = (await client.get("/v1/billing/invoices", headers=bearer(acct["api_key"]))).json()["data"]
     assert [(i["id"], i["status"], i["refunded"]) for i in r] == [(invoice_id, "refunded", 999)]
     assert owner.execute("SELECT count(*) FROM reporting.revenue_monthly").fetchone()[0] == 0
@@ -89,7 +93,7 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
     # A refund pgtally cannot match is listed for the DBA, not silently dropped.
     stray = Shapes.charge("pi_never_seen", "cus_stray", 700, amount_refunded=700)
     event = {**refunds[0], "id": "evt_stray_refund", "data": {"object": stray}}
-    assert (await deliver(client, event)).json()["status"] == "ignored"
+    assert (await webhook(client, event)).json()["status"] == "ignored"
     assert [row[0] for row in owner.execute("SELECT stripe_payment_intent_id FROM reporting.unmatched_refunds")] == [
         stray["payment_intent"]]
     assert "unmatched_refunds" in reconciliation_problems(owner)
@@ -97,7 +101,7 @@ async def test_item2_a_refunded_subscription_payment_refunds_its_invoice(client,
 
 async def test_item2_a_refund_inside_the_holdback_cancels_the_referral_reward_of_a_subscription(
         client, stripe_api, new_account, owner):
-    from tests.sql.test_referrals import referral, signup
+    from tests.conftest import referral, signup
 
     alice = signup(owner, "alice@example.com")
     bob = signup(owner, "bob@example.com", code=alice["code"])
@@ -109,14 +113,16 @@ async def test_item2_a_refund_inside_the_holdback_cancels_the_referral_reward_of
     before = len(stripe_api.sent)
     sdk(stripe_api).v1.refunds.create(params={"payment_intent": payment_intent})
     (refund,) = stripe_api.sent[before:]
-    assert (await deliver(client, refund)).json()["status"] == "applied"
+    assert (await webhook(client, refund)).json()["status"] == "applied"
     assert referral(owner, bob) == ("rejected", "refunded")
 
 
 def new_api_key(owner, person) -> str:
     owner.execute("UPDATE identity.users SET email_verified_at = now() WHERE id = %s", [person["user_id"]])
     session = owner.execute("SELECT api.login_succeeded(%s, NULL, '192.0.2.1', 'test')", [person["user_id"]]).fetchone()[0]
-    return owner.execute("SELECT api.create_api_key(%s::uuid, 'test', ARRAY['usage:write', 'usage:read', 'billing:read', 'billing:manage'])", [session["session_id"]]).fetchone()[0]["api_key"]
+    return owner.execute("SELECT api.create_api_key(%s::uuid, 'test', "
+                         "ARRAY['usage:write', 'usage:read', 'billing:read', 'billing:manage'])",
+                         [session["session_id"]]).fetchone()[0]["api_key"]
 
 
 async def test_item3_a_licensed_invoice_records_its_period(client, events, stripe_api, new_account, owner):
@@ -128,7 +134,7 @@ async def test_item3_a_licensed_invoice_records_its_period(client, events, strip
     before = len(stripe_api.sent)
     renewal = stripe_api.close_period(sub_id)
     for event in stripe_api.sent[before:]:
-        assert (await deliver(client, event)).status_code == 200
+        assert (await webhook(client, event)).status_code == 200
     start, end = owner.execute("SELECT period_start, period_end FROM billing.invoices WHERE stripe_invoice_id = %s",
                                [renewal["id"]]).fetchone()
     line = renewal["lines"]["data"][0]
@@ -140,12 +146,12 @@ async def test_item4_a_dispute_of_a_subscription_charge_finds_its_account(client
     await subscribe_through_checkout(client, stripe_api, acct)
     (payment_intent,) = owner.execute("SELECT stripe_payment_intent_id FROM billing.invoice_payments").fetchone()
     dispute = Shapes.dispute("dp_sub", f"ch_{payment_intent}", payment_intent, 999)
-    assert (await deliver(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("charge.dispute.created", dispute))).json()["status"] == "applied"
     # A dispute that names only the charge, whose id pgtally learnt from a refund of it.
     sdk(stripe_api).v1.refunds.create(params={"payment_intent": payment_intent, "amount": 1})
-    await deliver(client, stripe_api.sent[-1])
+    await webhook(client, stripe_api.sent[-1])
     only_charge = Shapes.dispute("dp_charge", f"ch_{payment_intent}", None, 500)
-    assert (await deliver(client, events.event("charge.dispute.created", only_charge))).json()["status"] == "applied"
+    assert (await webhook(client, events.event("charge.dispute.created", only_charge))).json()["status"] == "applied"
     rows = owner.execute("SELECT stripe_dispute_id, account_id::text FROM billing.disputes ORDER BY 1").fetchall()
     assert rows == [("dp_charge", acct["account_id"]), ("dp_sub", acct["account_id"])]
 
@@ -198,11 +204,11 @@ async def test_item5_an_invoice_before_its_subscription_is_applied_by_reading_th
     invoice = Shapes.invoice("in_first", "cus_later", "sub_later",
                              [Shapes.line("in_first", "sub_later", "price_pro_monthly", 999, now, now + 30 * DAY)],
                              payment_intent="pi_first")
-    r = await deliver(client, events.event("invoice.paid", invoice, created=now))
+    r = await webhook(client, events.event("invoice.paid", invoice, created=now))
     assert r.status_code == 200 and r.json()["status"] == "applied", r.text
     assert account_row(owner, acct["account_id"])[0] == "pro"
     late = events.event("customer.subscription.created", {**sub, "status": "incomplete"}, created=now - 1)
-    assert (await deliver(client, late)).json()["status"] == "stale"
+    assert (await webhook(client, late)).json()["status"] == "stale"
     assert account_row(owner, acct["account_id"])[0] == "pro"
 
 

@@ -10,8 +10,9 @@ import ipaddress
 import httpx
 import pytest
 
-from api.app import Settings, create_app
+from api.app import create_app
 from api.calls import client_ip
+from api.settings import Settings
 from tests.conftest import free_port, serving
 from tests.http.conftest import PUBLIC_URL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from tests.conftest import reconciliation_problems
 
 CREDIT = 1_000_000

@@ -4,22 +4,20 @@ moved (pgtally.now) and Stripe events dated as they happened. Every metric is as
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import reconciliation_problems, run_concurrently, set_clock
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import consume
 from tests.stripe_standin import Events
 
 EVENTS = Events()
 
 
 def at(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 def set_utc_clock(conn, when: str) -> None:

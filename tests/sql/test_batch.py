@@ -7,9 +7,7 @@ import json
 import random
 import uuid
 
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT
+from tests.conftest import CREDIT, reconciliation_problems, run_concurrently
 
 
 def batch(conn, key, events):

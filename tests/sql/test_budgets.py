@@ -7,28 +7,26 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import reconciliation_problems, run_concurrently, set_clock
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
-from tests.sql.test_teams import call, join, person, team_of
-
-
-def set_budget(conn, account_id, scope, subject, limit, window="day", alerts=()):
-    return conn.execute("SELECT api.operator_set_budget(%s::uuid, %s::text, %s::uuid, %s::text, %s::text, %s::integer[])",
-                        [account_id, scope, subject, limit, window, list(alerts)]).fetchone()[0]
-
-
-def key_id(conn, api_key: str) -> str:
-    return str(conn.execute("SELECT id FROM identity.api_keys WHERE key_hash = util.token_hash(%s)", [api_key]).fetchone()[0])
+from tests.conftest import (
+    CREDIT,
+    balance_micros,
+    call,
+    consume,
+    join,
+    key_id,
+    person,
+    reconciliation_problems,
+    run_concurrently,
+    set_budget,
+    set_clock,
+    sqlstate_of,
+    team_of,
+)
 
 
 def new_key(conn, account_id: str) -> str:
     return conn.execute("SELECT api_key FROM identity.issue_api_key(%s::uuid, 'second', '{usage:write,usage:read}', NULL)",
                         [account_id]).fetchone()[0]
-
-
-def balance_micros(conn, account_id) -> int:
-    return conn.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s", [account_id]).fetchone()[0]
 
 
 def credit_events(conn, account_id) -> int:

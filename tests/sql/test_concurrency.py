@@ -3,24 +3,8 @@
 from __future__ import annotations
 
 import psycopg
-import pytest
 
-from api import db
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_metering import CREDIT, consume
-
-
-@pytest.fixture
-def connections(db_url):
-    opened = []
-
-    def open_(n: int) -> list[psycopg.Connection]:
-        opened.extend(psycopg.connect(db.api_conninfo(db_url), autocommit=True) for _ in range(n))
-        return opened[-n:]
-
-    yield open_
-    for conn in opened:
-        conn.close()
+from tests.conftest import CREDIT, consume, reconciliation_problems, run_concurrently
 
 
 def test_64_connections_spend_exactly_what_allowance_and_credits_cover(owner, new_account, connections):

@@ -3,10 +3,7 @@ directly in SQL and with many real connections at once."""
 
 from __future__ import annotations
 
-from tests.conftest import reconciliation_problems, run_concurrently, set_clock
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_holds import capture, hold
-from tests.sql.test_metering import CREDIT, balance, consume, sqlstate_of
+from tests.conftest import CREDIT, balance, capture, consume, hold, move_clock, reconciliation_problems, run_concurrently, sqlstate_of
 
 
 def grant(owner, account_id, source, credits, key, expires_in_days=None, available_in_days=0):
@@ -16,13 +13,6 @@ def grant(owner, account_id, source, credits, key, expires_in_days=None, availab
         "SELECT ledger.grant_lot(%s, %s, %s, %s, %s, util.now() + make_interval(days => %s), "
         "date_trunc('day', util.now(), 'UTC') + make_interval(days => %s))",
         [account_id, source, credits * CREDIT, key, key, available_in_days, expires_in_days]).fetchone()[0]
-
-
-def move_clock(owner, conns, interval: str, since: str = "now()") -> None:
-    """Set pgtally.now on each connection to the database's now() (or since) + interval."""
-    at = owner.execute(f"SELECT ({since} + %s::interval)::text", [interval]).fetchone()[0]
-    for conn in conns:
-        set_clock(conn, at)
 
 
 def remaining(owner, account_id) -> dict[str, float]:

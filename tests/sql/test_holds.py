@@ -6,26 +6,8 @@ from __future__ import annotations
 import random
 
 import psycopg
-import pytest
 
-from api import db
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT, balance, consume, sqlstate_of
-
-
-def hold(conn, key, idem, quantity=None, expires_in=900, meter="generation"):
-    return conn.execute("SELECT replayed, body FROM api.hold(%s::text, NULL, %s::text, %s::text, %s::bigint, NULL, NULL, "
-                        "%s::integer)", [key, idem, meter, quantity, expires_in]).fetchone()
-
-
-def capture(conn, key, hold_id, quantity=None):
-    return conn.execute("SELECT replayed, body FROM api.capture_hold(%s::text, NULL, %s::uuid, %s::bigint)",
-                        [key, hold_id, quantity]).fetchone()
-
-
-def release(conn, key, hold_id):
-    return conn.execute("SELECT api.release_hold(%s::text, NULL, %s::uuid)", [key, hold_id]).fetchone()[0]
+from tests.conftest import CREDIT, balance, capture, consume, hold, reconciliation_problems, release, run_concurrently, sqlstate_of
 
 
 def test_a_hold_reserves_what_a_charge_would_cost_and_nothing_else_may_spend_it(api_conn, owner, new_account):

@@ -6,8 +6,7 @@ import psycopg
 import pytest
 
 from api import db
-from tests.conftest import reconciliation_problems
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
+from tests.conftest import CREDIT, consume, reconciliation_problems, sqlstate_of
 
 
 def grant(conn, account_id, micros, key, memo=None):
@@ -194,7 +193,7 @@ def test_the_string_rules_of_accounts_transfers_and_lots_still_refuse_bad_values
         ("INSERT INTO ledger.transfers (account_id, kind, amount_micros, idempotency_key, created_at) "
          "VALUES (%s, 'grant', 1, repeat('k', 256), now())", [acct["account_id"]]),
     ]:
-        assert sqlstate_of(lambda: owner.execute(sql, args)) == "23514", sql
+        assert sqlstate_of(lambda sql=sql, args=args: owner.execute(sql, args)) == "23514", sql
     # Valid values still go in.
     owner.execute("UPDATE identity.accounts SET suspended_reason = repeat('x', 500), device_fingerprint = 'fp' "
                   "WHERE id = %s", [acct["account_id"]])

@@ -5,25 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import reconciliation_problems
-
-CREDIT = 1_000_000
-
-
-def consume(conn, key, idem, meter="generation", quantity=None, input_tokens=None, output_tokens=None):
-    return conn.execute(
-        "SELECT replayed, body FROM api.consume(%s::text, NULL, %s::text, %s::text, %s::bigint, %s::bigint, %s::bigint)",
-        [key, idem, meter, quantity, input_tokens, output_tokens]).fetchone()
-
-
-def sqlstate_of(fn) -> str:
-    with pytest.raises(psycopg.Error) as info:
-        fn()
-    return info.value.sqlstate
-
-
-def balance(conn, key):
-    return conn.execute("SELECT api.balance(%s, NULL)", [key]).fetchone()[0]
+from tests.conftest import CREDIT, balance, consume, reconciliation_problems, sqlstate_of
 
 
 def test_allowance_first_then_credits_then_refused_with_nothing_charged(api_conn, owner, new_account):

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_holds import hold, release
-from tests.sql.test_metering import CREDIT, balance, consume, sqlstate_of
+from tests.conftest import CREDIT, balance, consume, hold, reconciliation_problems, release, run_concurrently, sqlstate_of
 
 LIMIT_UNITS = 1000          # the default catalog: 5 cents a generation, at most 5000 cents a period
 

@@ -4,8 +4,10 @@ connection."""
 
 from __future__ import annotations
 
+import psycopg
+import pytest
+
 from tests.conftest import run_concurrently, set_clock
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
 
 IP = "198.51.100.23"
 
@@ -84,3 +86,16 @@ def test_item11_the_upgrade_keeps_the_windows_in_progress():
             assert [allowed(signup(conn, f"some{i}@example.com", ip="192.0.2.2")) for i in range(8)] == [True] * 7 + [False]
             set_clock(conn, "2026-06-15 13:00:00+00")
             assert allowed(signup(conn, "then@example.com", ip="192.0.2.1"))
+
+
+def test_every_limit_is_a_row_of_the_rules_table_an_operator_may_change(owner, api_conn):
+    """One place per constant (issue 24): the limits identity.throttled applies are those of
+    identity.rate_limit_rules, read on each attempt; an action without a rule is an error, never
+    a free pass."""
+    owner.execute("UPDATE identity.rate_limit_rules SET max_attempts = 2 WHERE action = 'signup' AND dimension = 'ip'")
+    set_clock(api_conn, "2026-06-15 12:00:00+00")
+    assert [allowed(signup(api_conn, f"rule{i}@example.com")) for i in range(3)] == [True, True, False]
+    actions = {a for (a,) in owner.execute("SELECT DISTINCT action FROM identity.rate_limit_rules").fetchall()}
+    assert {"signup", "login", "password_reset", "identify", "oauth", "device_code"} <= actions
+    with pytest.raises(psycopg.errors.RaiseException, match="no rate limit rule for no_such_action"):
+        owner.execute("SELECT identity.throttled('no_such_action', '198.51.100.1')")

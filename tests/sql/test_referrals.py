@@ -4,32 +4,13 @@ cap and refunds; called directly in SQL and with many real connections at once."
 
 from __future__ import annotations
 
-import itertools
-
 from psycopg.types.json import Jsonb
 
-from tests.conftest import reconciliation_problems, run_concurrently
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_credit_lots import move_clock
-from tests.sql.test_metering import CREDIT
+from tests.conftest import CREDIT, move_clock, reconciliation_problems, referral, run_concurrently, signup
 from tests.stripe_standin import Events
 
 PUBLIC_URL = "https://pgtally.example"
-ips = (f"10.1.{i // 250}.{i % 250}" for i in itertools.count(1))
 EVENTS = Events()   # one sequence of event ids for the module
-
-
-def signup(conn, email, code=None, ip=None, fingerprint=None, device_session=None):
-    conn.execute("SELECT api.signup(%s, 'argon2-hash', %s, 'test', %s, %s, %s)",
-                 [email, ip or next(ips), device_session, code, fingerprint])
-    user_id, account_id, referral_code = conn.execute(
-        "SELECT id, account_id, referral_code FROM identity.users WHERE email_normalized = %s", [email]).fetchone()
-    return {"user_id": user_id, "account_id": str(account_id), "code": referral_code}
-
-
-def referral(owner, person):
-    return owner.execute("SELECT status, rejected_reason FROM billing.referrals WHERE referee_account_id = %s",
-                         [person["account_id"]]).fetchone()
 
 
 def checkout_event(person, payment_intent):

@@ -7,10 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.conftest import reconciliation_problems, run_concurrently, set_clock
-from tests.sql.test_budgets import balance_micros, key_id, set_budget
-from tests.sql.test_concurrency import connections  # noqa: F401 - the fixture
-from tests.sql.test_metering import CREDIT, consume, sqlstate_of
+from tests.conftest import CREDIT, balance_micros, consume, key_id, reconciliation_problems, run_concurrently, set_budget, set_clock, sqlstate_of
 
 
 def reverse(conn, event_id, key, quantity=None, reason="customer complaint"):
@@ -105,9 +102,9 @@ def test_item2_a_reversal_is_once_per_idempotency_key(owner, api_conn, two_lots)
     assert balance_micros(owner, two_lots["account_id"]) == 5 * CREDIT
 
 
-def test_item2_parallel_reversals_of_one_charge_never_exceed_it(owner, api_conn, two_lots):
+def test_item2_parallel_reversals_of_one_charge_never_exceed_it(owner, api_conn, two_lots, db_url):
     event = consume(api_conn, two_lots["api_key"], "six", quantity=6)[1]
-    owners = [psycopg.connect(owner.info.dsn, autocommit=True) for _ in range(32)]
+    owners = [psycopg.connect(db_url, autocommit=True) for _ in range(32)]
     try:
         results = run_concurrently(32, lambda i: reverse(owners[i], event["id"], f"r{i}", quantity=1))
     finally:
@@ -121,10 +118,10 @@ def test_item2_parallel_reversals_of_one_charge_never_exceed_it(owner, api_conn,
 
 
 def test_item2_reversals_racing_charges_on_the_same_lots_keep_lots_balance_and_ledger_equal(owner, api_conn, two_lots,
-                                                                                            connections):
+                                                                                            connections, db_url):
     events = [consume(api_conn, two_lots["api_key"], f"e{i}")[1] for i in range(6)]    # 6 credits: all of them
     conns = connections(24)
-    owners = [psycopg.connect(owner.info.dsn, autocommit=True) for _ in range(12)]
+    owners = [psycopg.connect(db_url, autocommit=True) for _ in range(12)]
     try:
         def work(i):
             if i < 12:
