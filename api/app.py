@@ -111,7 +111,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     """Build the app. ``database_url`` is the owner's URL (default: :func:`api.db.database_url`);
     the pool connects with it and acts as the ``pgtally_api`` role, so it can only execute the
     granted ``api.*`` functions. ``route_handlers`` are added to pgtally's own (bench uses it)."""
-    from api import admin, auth, billing, device, health, holds, keys, ledger, oidc, ops, pages, teams, usage
+    from api import admin, auth, billing, device, health, holds, keys, ledger, money, oidc, ops, pages, teams, usage
 
     settings = settings or Settings.from_env()
     outbound.check_settings(settings)
@@ -147,7 +147,7 @@ def create_app(database_url: str | None = None, settings: Settings | None = None
     return Litestar(
         route_handlers=[*usage.ROUTES, *ledger.ROUTES, *auth.ROUTES, *keys.ROUTES, *billing.ROUTES, *health.ROUTES,
                         *device.ROUTES, *holds.ROUTES, *ops.ROUTES, *teams.ROUTES, *admin.ROUTES, pages.router(settings),
-                        *oidc.ROUTES, oidc.router(settings),
+                        *oidc.ROUTES, oidc.router(settings), *money.ROUTES,
                         create_static_files_router(path=DOCS_ASSETS, directories=[swagger_ui_path],
                                                    include_in_schema=False),
                         *route_handlers],

@@ -66,7 +66,7 @@ async def create_hold(request: Request, caller: Caller, data: JSONBody[HoldReque
                                                                       max_length=255)]) -> Response[Hold]:
     """Reserve the allowance and credits this request would cost, exactly as ``POST
     /v1/usage/events`` would charge them, so that no other charge or hold can spend them (``api.hold``).
-    201 with the hold; 200 for a retry with the same key; 409 same key, other request; 402 when they
+    201 with the hold; 200 for a retry with the same key; 422 ``idempotency-key-reused`` same key, other request; 402 when they
     are not there (nothing reserved)."""
     replayed, body = await call(
         request, "SELECT replayed, body::text FROM api.hold(%s::text, %s::uuid, %s::text, %s::text, %s::bigint, "
@@ -83,7 +83,7 @@ async def capture_hold(request: Request, caller: Caller, hold_id: FromPath[uuid.
     """Return the reservation and charge the actual amount as one usage event, exactly once
     (``api.capture_hold``): the usage event; a repeated capture returns the same one
     (``Idempotent-Replayed: true``). 402 more than held and the balance does not cover it (the hold
-    stays open); 409 after release or expiry, or another amount than the first capture."""
+    stays open); 409 after release or expiry; 422 another amount than the first capture."""
     replayed, body = await call(
         request, "SELECT replayed, body::text FROM api.capture_hold(%s::text, %s::uuid, %s::uuid, %s::bigint, "
                  "%s::bigint, %s::bigint, %s::uuid)",

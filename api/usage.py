@@ -135,7 +135,7 @@ async def create_usage_event(
 ) -> Response[UsageEvent]:
     """Charge one usage event exactly once: the plan's allowance first, then credits at the
     meter's rate (``api.consume``). 201 with the event; 200 and ``Idempotent-Replayed: true``
-    for a retry with the same key and body; 409 for the same key with another body; 402 with
+    for a retry with the same key and body; 422 ``idempotency-key-reused`` for the same key with another body; 402 with
     ``upgrade_url`` and ``resets_at`` when neither allowance nor credits cover it, or when a
     post-paid plan's spending limit for the billing period does not (nothing is charged); 401
     bad key or token; 403 key without the usage:write scope, or account_id without a service key;
@@ -171,6 +171,10 @@ class EventSummary(msgspec.Struct):
     idempotency_key: str
     metadata: dict[str, Any] | None
     created_at: str
+    api_key_id: str | None = None
+    """The API key that charged it (null: a session)."""
+    user_id: str | None = None
+    """The member it is attributed to: the session's person or the member who made the key."""
 
 
 class EventPage(msgspec.Struct):
@@ -189,13 +193,16 @@ async def list_usage_events(
     from_: Annotated[datetime | None, QueryParameter(name="from", description="created at or after (RFC 3339)")] = None,
     to: Annotated[datetime | None, QueryParameter(description="created before (RFC 3339)")] = None,
     account_id: Annotated[uuid.UUID | None, QueryParameter(description="service keys only: the account")] = None,
+    api_key: Annotated[uuid.UUID | None, QueryParameter(description="only events charged by this API key (its id)")] = None,
+    member: Annotated[uuid.UUID | None, QueryParameter(description="only events of this member (user id)")] = None,
 ) -> Response[EventPage]:
     """The caller's usage events, newest first, with what each was charged and its metadata
     (``api.usage_events``): ``{data, has_more, next_cursor}``; pass ``next_cursor`` back as
-    ``cursor``. 401 bad key; 403 missing usage:read; 422 a cursor this API did not return."""
+    ``cursor``; ``api_key`` and ``member`` keep the events one key or one member charged (usage
+    per key and per member). 401 bad key; 403 missing usage:read; 422 a cursor this API did not return."""
     (body,) = await call(request, "SELECT api.usage_events(%s::text, %s::uuid, %s::text, %s::integer, %s::text, "
-                                  "%s::timestamptz, %s::timestamptz, %s::uuid)::text",
-                         [*caller.params, cursor, limit, meter, from_, to, account_id])
+                                  "%s::timestamptz, %s::timestamptz, %s::uuid, %s::uuid, %s::uuid)::text",
+                         [*caller.params, cursor, limit, meter, from_, to, account_id, api_key, member])
     return json_response(body)
 
 
@@ -233,7 +240,7 @@ async def create_usage_batch(request: Request, caller: Caller, data: JSONBody[Ba
     /v1/usage/events`` would and exactly once per its own ``idempotency_key`` (a service key may
     name a different ``account_id`` on each; the accounts are locked in a fixed order). Each is
     answered on its own: ``charged`` or ``replayed`` with the event, or ``refused`` with the
-    problem it would have got alone (402, 403, 409, 422...); a refused event changes nothing and
+    problem it would have got alone (402, 403, 422...); a refused event changes nothing and
     the others go on (``api.consume_batch``). 422 when the body is not 1 to 1,000 events."""
     answers_json, charged, replayed, refused = await call(
         request, "SELECT data::text, charged, replayed, refused FROM api.consume_batch(%s::text, %s::uuid, %s::jsonb)",

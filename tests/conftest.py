@@ -320,3 +320,53 @@ def dns_zone():
     server.start_thread()
     yield zone
     server.stop()
+
+
+# People and teams in SQL (issue 28's budgets and test_teams) -------------------------------------
+
+_ips = (f"10.7.{i // 250}.{i % 250}" for i in itertools.count(1))
+
+
+def person(conn, name: str) -> dict:
+    """A signed-up, verified person with a session: {user_id, account_id, session, email}."""
+    email = f"{name}@example.com"
+    conn.execute("SELECT api.signup(%s, 'argon2-hash', %s, 'test')", [email, next(_ips)])
+    user_id, account_id = conn.execute("SELECT id, account_id FROM identity.users WHERE email_normalized = %s", [email]).fetchone()
+    conn.execute("SELECT identity.mark_email_verified(%s)", [user_id])
+    session = conn.execute("SELECT api.login_succeeded(%s, NULL, %s, 'test')", [user_id, next(_ips)]).fetchone()[0]
+    return {"user_id": str(user_id), "account_id": str(account_id), "session": session["session_id"], "email": email}
+
+
+def call(conn, sql: str, *params):
+    """SELECT sql with params; its one value."""
+    return conn.execute(f"SELECT {sql}", list(params)).fetchone()[0]
+
+
+def team_of(conn, owner: dict, name="Acme") -> str:
+    """A team owned by owner (a person); its id."""
+    return call(conn, "api.create_team(%s::uuid, %s::text)", owner["session"], name)["id"]
+
+
+def join(conn, owner: dict, team: str, who: dict, role: str) -> None:
+    """who joins team with role, invited by owner."""
+    call(conn, "api.invite(%s::uuid, %s::uuid, %s::text, %s::text)", owner["session"], team, who["email"], role)
+    token = conn.execute("SELECT payload ->> 'token' FROM outbox.messages WHERE kind = 'invitation' AND recipient = %s "
+                         "ORDER BY created_at DESC LIMIT 1", [who["email"]]).fetchone()[0]
+    assert call(conn, "api.accept_invitation(%s::uuid, %s::text)", who["session"], token)["role"] == role
+
+
+def set_budget(conn, account_id, scope, subject, limit, window="day", alerts=()):
+    """An operator's budget (api.operator_set_budget); its JSON."""
+    return conn.execute("SELECT api.operator_set_budget(%s::uuid, %s::text, %s::uuid, %s::text, %s::text, %s::integer[])",
+                        [account_id, scope, subject, limit, window, list(alerts)]).fetchone()[0]
+
+
+def key_id(conn, api_key: str) -> str:
+    """The id of an API key."""
+    return str(conn.execute("SELECT id FROM identity.api_keys WHERE key_hash = util.token_hash(%s)", [api_key]).fetchone()[0])
+
+
+def balance_micros(conn, account_id) -> int:
+    """An account's cached credit balance (micro-credits)."""
+    return conn.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s", [account_id]).fetchone()[0]
+

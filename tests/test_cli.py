@@ -156,3 +156,31 @@ def test_partitions_list_and_detach(pgtally, owner, new_account):
     assert "already" in pgtally("partitions", "detach", "2026-08", ok=False)
     assert "window" in pgtally("partitions", "detach", "2099-01", ok=False)
     assert reconciliation_problems(owner) == {}
+
+
+def test_item1_pgtally_budgets_set_list_delete(pgtally, new_account, api_conn):
+    acct = new_account("free", 5 * 1_000_000)
+    budget = json.loads(pgtally("budgets", "set", acct["account_id"], "--scope", "account", "--limit", "1",
+                                "--window", "month", "--alert", "80"))
+    assert budget["limit"] == "1" and budget["alerts"] == [80] and budget["window"] == "month"
+    assert [json.loads(line)["id"] for line in pgtally("budgets", "list", acct["account_id"]).splitlines()] == [budget["id"]]
+    assert "window is day, month" not in pgtally("budgets", "list", acct["account_id"])
+    assert "not a plain decimal" in pgtally("budgets", "set", acct["account_id"], "--scope", "account", "--limit", "x",
+                                            "--window", "day", ok=False)
+    assert "deleted" in pgtally("budgets", "delete", budget["id"])
+    assert "no such budget" in pgtally("budgets", "delete", budget["id"], ok=False)
+
+
+def test_item2_pgtally_events_reverse(pgtally, new_account, api_conn, owner):
+    acct = new_account("free", 5 * 1_000_000)
+    api_conn.execute("SELECT * FROM api.consume(%s, NULL, 'free', 'generation', 10)", [acct["api_key"]])
+    event = api_conn.execute("SELECT body FROM api.consume(%s, NULL, 'paid', 'generation', 2)", [acct["api_key"]]).fetchone()[0]
+    out = json.loads(pgtally("events", "reverse", event["id"], "--quantity", "1", "--reason", "test",
+                             "--idempotency-key", "k1"))
+    assert out["replayed"] is False and out["reversed"]["credits"] == "1"
+    assert json.loads(pgtally("events", "reverse", event["id"], "--quantity", "1", "--reason", "test",
+                              "--idempotency-key", "k1"))["replayed"] is True
+    assert "different reversal" in pgtally("events", "reverse", event["id"], "--reason", "other",
+                                           "--idempotency-key", "k1", ok=False)
+    assert "Missing option" in pgtally("events", "reverse", event["id"], "--idempotency-key", "k2", ok=False)
+    assert reconciliation_problems(owner) == {}

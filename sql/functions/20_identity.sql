@@ -40,10 +40,11 @@ $$;
 COMMENT ON FUNCTION identity.member_may(uuid, uuid, text) IS
   'Whether a user''s role on an account grants a permission (identity.role_permissions).';
 
-CREATE OR REPLACE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text,
-                                                 p_account_id uuid DEFAULT NULL)
-RETURNS uuid
+CREATE OR REPLACE FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text,
+                                                           p_account_id uuid DEFAULT NULL,
+                                                           OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
   k identity.api_keys;
   s identity.sessions;
@@ -116,8 +117,19 @@ BEGIN
                          FROM identity.accounts WHERE id = v_account_id));
     END IF;
   END IF;
-  RETURN v_account_id;
+  account_id := v_account_id;
+  api_key_id := k.id;                    -- (NULL for a session)
+  user_id := coalesce(k.created_by, s.user_id);
 END $$;
+COMMENT ON FUNCTION identity.authenticate_principal(text, uuid, text, uuid) IS
+  'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
+
+CREATE OR REPLACE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text,
+                                                 p_account_id uuid DEFAULT NULL)
+RETURNS uuid
+LANGUAGE sql AS $$
+  SELECT (identity.authenticate_principal(p_api_key, p_session_id, p_scope, p_account_id)).account_id
+$$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
   'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token (a client session must hold p_scope among its granted scopes). p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
 

@@ -7,13 +7,15 @@ $$;
 COMMENT ON FUNCTION ledger.lot_source(text) IS
   'The credit lot source of credits a transfer of kind p_kind brings in: grant -> promotion, plan_credits -> subscription_grant, purchase, adjustment, signup_bonus, monthly_free, referral_reward as they are.';
 
-CREATE OR REPLACE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL)
-RETURNS void
+CREATE OR REPLACE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL,
+                                             OUT first_lot uuid, OUT draws jsonb)
 LANGUAGE plpgsql AS $$
 DECLARE
   l record;
   v_left bigint := p_amount_micros;
   v_take bigint;
+  v_lots uuid[];
+  v_takes bigint[];
 BEGIN
   -- The burn order: soonest expiry first (never-expiring last), then promotional before paid,
   -- then oldest, as Stripe's credit grants (https://docs.stripe.com/billing/subscriptions/usage-based/billing-credits)
@@ -25,21 +27,32 @@ BEGIN
     v_take := least(l.remaining_micros, v_left);
     UPDATE ledger.credit_lots SET remaining_micros = remaining_micros - v_take WHERE id = l.id;
     v_left := v_left - v_take;
+    IF first_lot IS NULL THEN
+      first_lot := l.id;
+      EXIT WHEN v_left = 0;              -- (one lot, as most charges: no list)
+    END IF;
+    v_lots := v_lots || l.id;
+    v_takes := v_takes || v_take;
     EXIT WHEN v_left = 0;
   END LOOP;
+  IF cardinality(v_lots) > 1 THEN
+    SELECT jsonb_agg(jsonb_build_array(x.lot, x.micros) ORDER BY x.n) INTO draws
+    FROM unnest(v_lots, v_takes) WITH ORDINALITY x (lot, micros, n);
+  END IF;
   IF v_left > 0 THEN
     RAISE EXCEPTION 'the credit lots of account % do not cover its balance', p_account_id
       USING HINT = 'SELECT * FROM reporting.lot_balance_mismatches';
   END IF;
 END $$;
 COMMENT ON FUNCTION ledger.spend_lots(uuid, bigint, uuid) IS
-  'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots. Called by ledger.post_transfer with the account locked.';
+  'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots: first_lot is the first it drew from, draws ([[lot id, micro-credits], ...] in burn order) lists them when there are several (NULL for one), so a reversal can give the credits back to them (metering.reverse_usage). Called by ledger.post_transfer with the account locked.';
 
 CREATE OR REPLACE FUNCTION ledger.post_transfer(
   p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text,
   p_idempotency_key text, p_usage_event_id uuid, p_memo text,
   p_expires_at timestamptz DEFAULT NULL, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL,
-  OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamptz)
+  OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamptz,
+  OUT lot_id uuid, OUT lot_draws jsonb)
 LANGUAGE plpgsql AS $$
 BEGIN
   -- The balance update is the overdraft guard: it matches no row when the balance would go
@@ -80,11 +93,11 @@ BEGIN
       UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_expires_at) WHERE id = p_account_id;
     END IF;
   ELSE
-    PERFORM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot);
+    SELECT x.first_lot, x.draws INTO lot_id, lot_draws FROM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot) x;
   END IF;
 END $$;
 COMMENT ON FUNCTION ledger.post_transfer(uuid, text, bigint, text, text, uuid, text, timestamptz, boolean, uuid) IS
-  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+  'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first), returned as lot_id and lot_draws (spend_lots'' first_lot and draws). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
 CREATE OR REPLACE FUNCTION ledger.entry_json(t ledger.transfers, p_amount_micros bigint,
                                              p_balance_after_micros bigint, p_created_at timestamptz)
@@ -117,11 +130,10 @@ BEGIN
   END IF;
   SELECT * INTO v_transfer FROM ledger.transfers
   WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
-                        jsonb_build_object('transfer_id', v_transfer.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another transfer
+    PERFORM util.idempotency_check(convert_to(v_transfer.kind || ' ' || v_transfer.amount_micros, 'UTF8'),
+                                   convert_to(p_kind || ' ' || p_amount_micros, 'UTF8'), 'transfer',
+                                   jsonb_build_object('transfer_id', v_transfer.id));
     replayed := true;
   ELSE
     PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
@@ -135,7 +147,7 @@ BEGIN
   FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
 END $$;
 COMMENT ON FUNCTION ledger.operator_transfer(uuid, text, text, bigint, text, text) IS
-  'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+  'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL42R (util.idempotency_check). TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
 CREATE OR REPLACE FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
                                              p_idempotency_key text, p_memo text DEFAULT NULL)
@@ -149,7 +161,7 @@ BEGIN
                                                       p_idempotency_key, p_memo);
 END $$;
 COMMENT ON FUNCTION api.grant_credits(uuid, bigint, text, text) IS
-  'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+  'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL42R key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 CREATE OR REPLACE FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint,
                                               p_idempotency_key text, p_reason text)
@@ -166,7 +178,7 @@ BEGIN
                                                       p_idempotency_key, btrim(p_reason));
 END $$;
 COMMENT ON FUNCTION api.adjust_credits(uuid, bigint, text, text) IS
-  'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+  'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL42R key reused, TL422 zero amount or no reason. Operators only.';
 
 CREATE OR REPLACE FUNCTION api.account_summary(p_account_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

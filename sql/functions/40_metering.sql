@@ -371,6 +371,7 @@ COMMENT ON FUNCTION metering.replayed_answer(metering.idempotency_keys) IS
 
 CREATE OR REPLACE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb,
                                            q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL,
+                                           p_api_key_id uuid DEFAULT NULL, p_user_id uuid DEFAULT NULL,
                                            OUT answer json, OUT event metering.usage_events)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -395,6 +396,16 @@ BEGIN
   event.currency := CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END;
   event.warnings := nullif(q.warnings, '[]');
   event.metadata := p_metadata;
+  event.api_key_id := p_api_key_id;
+  event.user_id := p_user_id;
+  IF q.credits_micros > 0 THEN          -- first: the event keeps the lots its credits came from
+    SELECT t.lot_id, t.lot_draws INTO event.lot_id, event.lot_draws
+    FROM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
+                              format('%s x %s', q.quantity, q.meter_id)) t;
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
   IF NOT p_defer_rows THEN
     INSERT INTO metering.usage_events SELECT event.*;
     INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
@@ -410,20 +421,13 @@ BEGIN
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < a.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(a.id);
-    END IF;
-  END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(a.id, q.warnings);
   END IF;
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
-COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record, boolean, uuid) IS
-  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(identity.accounts, text, bytea, jsonb, record, boolean, uuid, uuid, uuid) IS
+  'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authenticate_principal), recorded on the event. api.consume and api.consume_batch charge through it.';
 
 CREATE OR REPLACE FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                        p_quantity bigint DEFAULT NULL,
@@ -437,6 +441,8 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_key metering.idempotency_keys;
   q record;
+  v_p record;                          -- the principal: account_id, api_key_id, user_id
+  v_refusal jsonb;
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -446,7 +452,8 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_account_id := v_p.account_id;
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   IF EXISTS (SELECT 1 FROM metering.holds h
              WHERE h.account_id = v_account.id AND h.status = 'open' AND h.expires_at <= util.now()) THEN
@@ -461,11 +468,9 @@ BEGIN
 
   SELECT * INTO v_key FROM metering.idempotency_keys
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_key.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
-                        jsonb_build_object('usage_event_id', v_key.usage_event_id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(v_key.request_hash, v_hash, 'request',
+                                   jsonb_build_object('usage_event_id', v_key.usage_event_id));
     replayed := true;
     body := metering.replayed_answer(v_key);
     RETURN NEXT;
@@ -477,12 +482,19 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF v_account.has_budgets AND q.credits_micros > 0 THEN      -- (no budget: not even a query)
+    v_refusal := (metering.budgets_apply(v_account, v_p.api_key_id, v_p.user_id, q.credits_micros)).refusal;
+    IF v_refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+    END IF;
+  END IF;
   replayed := false;
-  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q)).answer;
+  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q, false, NULL,
+                           v_p.api_key_id, v_p.user_id)).answer;
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.consume(text, uuid, text, text, bigint, bigint, bigint, uuid, jsonb) IS
-  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
+  'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL42R key reused for a different request (util.idempotency_check; nothing charged), TL422 bad input.';
 
 CREATE OR REPLACE FUNCTION api.check_usage(p_api_key text, p_session_id uuid, p_meter text,
                                            p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -521,15 +533,22 @@ LANGUAGE sql STABLE AS $$
                                                           'credits', util.credits(e.credits_micros),
                                                           'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
+                            'api_key_id', e.api_key_id, 'user_id', e.user_id,
+                            'reversed', (SELECT jsonb_build_object('quantity', sum(r.quantity),
+                                                                   'credits', util.credits(sum(r.credits_micros)::bigint),
+                                                                   'reversals', jsonb_agg(r.id ORDER BY r.id))
+                                         FROM metering.reversals r
+                                         WHERE r.account_id = e.account_id AND r.usage_event_id = e.id HAVING count(*) > 0),
                             'created_at', util.iso(e.created_at))
 $$;
 COMMENT ON FUNCTION metering.event_json(metering.usage_events) IS
-  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, created_at}.';
+  'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), reversed ({quantity, credits, reversals: ids} when reversed in part or whole, else null), created_at}.';
 
 CREATE OR REPLACE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL,
                                             p_limit integer DEFAULT 20, p_meter text DEFAULT NULL,
                                             p_from timestamptz DEFAULT NULL, p_to timestamptz DEFAULT NULL,
-                                            p_account_id uuid DEFAULT NULL)
+                                            p_account_id uuid DEFAULT NULL, p_api_key_id uuid DEFAULT NULL,
+                                            p_user_id uuid DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -552,17 +571,19 @@ BEGIN
   FROM (SELECT * FROM metering.usage_events e
         WHERE e.account_id = v_account_id AND e.id < v_before AND (p_meter IS NULL OR e.meter_id = p_meter)
           AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+          AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id)
         ORDER BY e.id DESC LIMIT p_limit) p;
   v_more := v_last IS NOT NULL AND EXISTS (
     SELECT 1 FROM metering.usage_events e
     WHERE e.account_id = v_account_id AND e.id < v_last AND (p_meter IS NULL OR e.meter_id = p_meter)
-      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to));
+      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+      AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id));
   RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
                             'next_cursor', CASE WHEN v_more THEN v_last::text END);
 END $$;
-COMMENT ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid) IS
-  'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter and within [p_from, p_to); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
-GRANT EXECUTE ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid) TO pgtally_api;
+COMMENT ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid, uuid, uuid) IS
+  'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter, within [p_from, p_to), of one API key (p_api_key_id) and of one member (p_user_id); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
+GRANT EXECUTE ON FUNCTION api.usage_events(text, uuid, text, integer, text, timestamptz, timestamptz, uuid, uuid, uuid) TO pgtally_api;
 
 GRANT EXECUTE ON FUNCTION api.check_usage(text, uuid, text, bigint, bigint, bigint, uuid) TO pgtally_api;
 GRANT EXECUTE ON FUNCTION api.balance(text, uuid, uuid) TO pgtally_api;

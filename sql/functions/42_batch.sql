@@ -49,6 +49,10 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
+  v_p record;                          -- the principal (identity.authenticate_principal): the same key or session for every account
+  v_key_id uuid;
+  v_user_id uuid;
+  v_refusal jsonb;
 BEGIN
   replayed := 0;
   refused := 0;
@@ -60,7 +64,10 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_account_id := v_p.account_id;
+      v_key_id := v_p.api_key_id;
+      v_user_id := v_p.user_id;
       v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('account_id', v_account_id));
       v_accounts := v_accounts || v_account_id;
     EXCEPTION WHEN SQLSTATE 'TL401' THEN
@@ -127,22 +134,32 @@ BEGIN
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> v_hash THEN
-          v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
-        ELSE
+        ELSIF util.idempotency_check(v_prior.request_hash, v_hash, 'request',
+                                     jsonb_build_object('usage_event_id', v_prior.usage_event_id)) THEN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
           replayed := replayed + 1;
         END IF;
-      EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
-        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
-        v_answer := metering.batch_refusal('TL422', v_message);
+      EXCEPTION WHEN SQLSTATE 'TL422' OR SQLSTATE 'TL42R' OR data_exception THEN
+        -- an unknown meter, a bad quantity, a key reused for another request (read only)
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+        v_answer := metering.batch_refusal(CASE WHEN v_state = 'TL42R' THEN v_state ELSE 'TL422' END, v_message,
+                                           CASE WHEN v_state = 'TL42R' THEN v_detail::jsonb END);
       END;
     END IF;
+    IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
+      -- Budgets (accounts that have some): checked before anything is written, spent if they cover it.
+      IF q.credits_micros > 0 THEN      -- (q is assigned only here: a separate IF)
+        v_refusal := (metering.budgets_apply(a, v_key_id, v_user_id, q.credits_micros)).refusal;
+        IF v_refusal IS NOT NULL THEN
+          v_answer := metering.batch_refusal('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+        END IF;
+      END IF;
+    END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1],
+                                  v_key_id, v_user_id);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
@@ -184,7 +201,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 COMMENT ON FUNCTION api.consume_batch(text, uuid, jsonb) IS
-  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+  'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL42R key reused for another request, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 GRANT EXECUTE ON FUNCTION api.consume_batch(text, uuid, jsonb) TO pgtally_api;
 

@@ -26,6 +26,9 @@ BEGIN
     RETURN NULL;
   END IF;
   UPDATE identity.accounts SET held_micros = held_micros - v.credits_micros WHERE id = v.account_id;
+  IF v.budget_ids IS NOT NULL THEN       -- the budgets that counted the reservation get it back
+    PERFORM metering.budgets_return(v.budget_ids, v.created_at, v.credits_micros);
+  END IF;
   IF v.allowance_units > 0 THEN
     UPDATE metering.allowance_usage SET used = greatest(used - v.allowance_units, 0)
     WHERE account_id = v.account_id AND meter_id = v.meter_id AND period_start = v.period_start;
@@ -33,7 +36,7 @@ BEGIN
   RETURN v;
 END $$;
 COMMENT ON FUNCTION metering.settle_hold(metering.holds, text) IS
-  'Return what an open hold reserved (its credits to the spendable balance, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
+  'Return what an open hold reserved (its credits to the spendable balance and to the windows of the budgets that counted them, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
 
 CREATE OR REPLACE FUNCTION metering.expire_holds(p_account_id uuid) RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -52,21 +55,27 @@ END $$;
 COMMENT ON FUNCTION metering.expire_holds(uuid) IS
   'Release the account''s open holds that have expired (lazily, at its next charge, hold or capture, with the account locked); returns how many.';
 
-CREATE OR REPLACE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid)
-RETURNS identity.accounts
+CREATE OR REPLACE FUNCTION metering.lock_account(p_account_id uuid) RETURNS identity.accounts
 LANGUAGE plpgsql AS $$
 DECLARE
   a identity.accounts;
-  v_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
 BEGIN
-  PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
-  PERFORM metering.expire_holds(v_id);
-  PERFORM ledger.refresh_lots(v_id);
-  SELECT * INTO a FROM identity.accounts WHERE id = v_id;
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  PERFORM metering.expire_holds(p_account_id);
+  PERFORM ledger.refresh_lots(p_account_id);
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
   RETURN a;
 END $$;
+COMMENT ON FUNCTION metering.lock_account(uuid) IS
+  'An account locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+
+CREATE OR REPLACE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid)
+RETURNS identity.accounts
+LANGUAGE sql AS $$
+  SELECT metering.lock_account(identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id))
+$$;
 COMMENT ON FUNCTION metering.locked_account(text, uuid, uuid) IS
-  'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+  'The principal''s account (scope usage:write), locked for a charge (metering.lock_account).';
 
 CREATE OR REPLACE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text,
                                     p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -79,6 +88,9 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
   h metering.holds;
   q record;
+  v_p record;
+  v_budgets record;
+  v_budget_ids uuid[];                 -- the budgets that count the hold (NULL: none)
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -86,13 +98,11 @@ BEGIN
   IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
     PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
   END IF;
-  a := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
+  a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF h.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different hold',
-                        jsonb_build_object('hold_id', h.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(h.request_hash, v_hash, 'hold', jsonb_build_object('hold_id', h.id));
     replayed := true;
     body := metering.hold_json(h);
     RETURN NEXT;
@@ -102,11 +112,20 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF a.has_budgets AND q.credits_micros > 0 THEN     -- a hold's credits count as spent until it is settled
+    v_budgets := metering.budgets_apply(a, v_p.api_key_id, v_p.user_id, q.credits_micros);
+    IF v_budgets.refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_budgets.refusal ->> 'message', v_budgets.refusal -> 'detail');
+    END IF;
+    v_budget_ids := v_budgets.budget_ids;
+  END IF;
   INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
-                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)
+                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at,
+                              api_key_id, user_id, budget_ids)
   VALUES (a.id, p_idempotency_key, v_hash, q.meter_id, q.quantity, q.input_tokens, q.output_tokens,
           CASE WHEN q.entitled THEN q.allowance_units ELSE 0 END, q.credits_micros, q.period_start,
-          util.now(), util.now() + make_interval(secs => p_expires_in))
+          util.now(), util.now() + make_interval(secs => p_expires_in), v_p.api_key_id, v_p.user_id,
+          v_budget_ids)
   RETURNING * INTO h;
   IF q.entitled THEN
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -119,7 +138,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.hold(text, uuid, text, text, bigint, bigint, bigint, integer, uuid) IS
-  'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there: nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+  'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (util.idempotency_check: a retry returns the hold, replayed = true; another request under the key is TL42R). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
 CREATE OR REPLACE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_quantity bigint DEFAULT NULL, p_input_tokens bigint DEFAULT NULL,
@@ -148,7 +167,7 @@ BEGIN
                                          p_account_id);
 END $$;
 COMMENT ON FUNCTION api.capture_hold(text, uuid, uuid, bigint, bigint, bigint, uuid) IS
-  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
+  'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
 
 CREATE OR REPLACE FUNCTION api.release_hold(p_api_key text, p_session_id uuid, p_hold_id uuid,
                                             p_account_id uuid DEFAULT NULL)

@@ -141,7 +141,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 COMMENT ON FUNCTION api.admin_adjust_credits(uuid, uuid, text, text, text) IS
-  'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
+  'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL42R key reused, TL422.';
 
 CREATE OR REPLACE FUNCTION api.admin_refund_target(p_session_id uuid, p_payment_intent text, p_amount bigint DEFAULT NULL)
 RETURNS jsonb

@@ -9,7 +9,7 @@ LANGUAGE sql IMMUTABLE AS $$
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
                'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
-               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes']
+               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes', 'reversal_mismatches']
 $$;
 COMMENT ON FUNCTION ops.reconciliation_views() IS
   'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';

@@ -6,10 +6,12 @@ idempotent: CREATE OR REPLACE, COMMENT ON, then REVOKE/GRANT. Then the monthly p
 made (util.ensure_partitions).
 
 Order: functions first, then views, so that a view may call any function (reporting.mrr_account_months
-calls util.now()). A LANGUAGE sql function is checked when it is created, so it can read only the
-views that exist then: those of the migrations on a fresh database, every view on an upgraded one.
-A function that reads a view made only in sql/views/ is written in PL/pgSQL (resolved when called),
-as api.metrics_report is.
+calls util.now()). Function bodies are not checked when they are made (check_function_bodies off,
+as pg_dump restores them): a LANGUAGE sql function is checked when it is first called, so this
+checkout's functions can be made on a database migrated only ``until`` an older migration (tests
+of an upgrade), where the columns they read may not exist yet. A parameter's or result's type must
+exist, though: functions take and return scalars or ``record``, not the row type of a table a
+newer migration makes.
 
 Views are re-applied only when every migration of this checkout is applied: a view is written
 against the latest tables, and a database migrated ``until`` an older migration (tests of an
@@ -41,6 +43,9 @@ def every_migration_applied(cursor) -> bool:
 
 def apply_functions(conn):
     cursor = conn.cursor()
+    # As pg_dump does: a sql function's body is checked when it is called, not when it is made, so
+    # that this checkout's functions can be made on an older schema (the upgrade tests).
+    cursor.execute("SET LOCAL check_function_bodies = off")
     for path in sorted(FUNCTIONS.glob("*.sql")):
         cursor.execute(path.read_text())
     # Nothing in api is executable unless a function file grants it to pgtally_api.

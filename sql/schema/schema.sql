@@ -69,9 +69,9 @@ CREATE DOMAIN ledger.amount_micros AS bigint
 COMMENT ON DOMAIN ledger.amount_micros IS 'A ledger transfer''s or entry''s signed amount in micro-credits: never zero.';
 
 CREATE DOMAIN ledger.lot_source AS text
-	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text])));
+	CONSTRAINT lot_source_check CHECK ((VALUE = ANY (ARRAY['purchase'::text, 'subscription_grant'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'promotion'::text, 'adjustment'::text, 'reversal'::text])));
 
-COMMENT ON DOMAIN ledger.lot_source IS 'Where a credit lot came from.';
+COMMENT ON DOMAIN ledger.lot_source IS 'Where a credit lot came from; reversal: credits a reversed charge gave back whose lot had expired since (metering.reversal_lot_days() to spend them).';
 
 CREATE DOMAIN ledger.lot_status AS text
 	CONSTRAINT lot_status_check CHECK ((VALUE = ANY (ARRAY['pending'::text, 'active'::text, 'expired'::text, 'canceled'::text])));
@@ -83,7 +83,7 @@ CREATE DOMAIN ledger.memo AS text;
 COMMENT ON DOMAIN ledger.memo IS 'A ledger transfer''s memo: at most 500 characters (checked on new values since 0006).';
 
 CREATE DOMAIN ledger.transfer_kind AS text
-	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text])));
+	CONSTRAINT transfer_kind_check CHECK ((VALUE = ANY (ARRAY['grant'::text, 'usage'::text, 'purchase'::text, 'adjustment'::text, 'plan_credits'::text, 'refund'::text, 'signup_bonus'::text, 'monthly_free'::text, 'referral_reward'::text, 'expiry'::text, 'reversal'::text])));
 
 COMMENT ON DOMAIN ledger.transfer_kind IS 'Why credits moved: the kind of a ledger transfer.';
 
@@ -847,6 +847,7 @@ CREATE TABLE identity.accounts (
     credits_due_at timestamp with time zone,
     suspended_at timestamp with time zone,
     suspended_reason util.note,
+    has_budgets boolean DEFAULT false NOT NULL,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
     CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
@@ -876,6 +877,8 @@ COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of 
 
 COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
 
+COMMENT ON COLUMN identity.accounts.has_budgets IS 'Whether the account has a budget (metering.budgets): a charge reads this flag from the row it already locks, so an account without budgets pays no query for them. Kept by metering.set_budget and metering.delete_budget under the account''s lock.';
+
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
 
@@ -902,7 +905,7 @@ CREATE TABLE identity.api_keys (
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
     created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service}'::text[]) AND (cardinality(scopes) > 0)))
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -911,7 +914,7 @@ COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UT
 
 COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
 
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), service (act on behalf of any account: account_id in the request).';
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
 
@@ -1740,6 +1743,64 @@ COMMENT ON COLUMN metering.allowance_usage.used IS 'Units counted against the en
 ALTER TABLE ONLY metering.allowance_usage
     ADD CONSTRAINT allowance_usage_pkey PRIMARY KEY (account_id, meter_id, period_start);
 
+CREATE TABLE metering.budget_windows (
+    budget_id uuid NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    period_end timestamp with time zone NOT NULL,
+    spent_micros bigint NOT NULL,
+    alerted smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    CONSTRAINT budget_windows_check CHECK ((period_end > period_start)),
+    CONSTRAINT budget_windows_spent_micros_check CHECK ((spent_micros >= 0))
+);
+
+COMMENT ON TABLE metering.budget_windows IS 'What a budget''s window has spent, one row per budget and window, written under the account''s lock by the charge, batch or hold that spends. A window''s row starts from the credits the budget''s subject already spent in it (metering.budget_window_usage), so a budget set mid-window counts the window''s earlier spending.';
+
+COMMENT ON COLUMN metering.budget_windows.spent_micros IS 'Micro-credits spent in the window by the budget''s subject, open holds included.';
+
+COMMENT ON COLUMN metering.budget_windows.alerted IS 'The alert thresholds (percent) already emailed in this window: each once.';
+
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_pkey PRIMARY KEY (budget_id, period_start);
+
+ALTER TABLE ONLY metering.budget_windows
+    ADD CONSTRAINT budget_windows_budget_id_fkey FOREIGN KEY (budget_id) REFERENCES metering.budgets(id) ON DELETE CASCADE;
+
+CREATE TABLE metering.budgets (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    scope text NOT NULL,
+    subject uuid NOT NULL,
+    limit_micros bigint NOT NULL,
+    period text NOT NULL,
+    alerts smallint[] DEFAULT '{}'::smallint[] NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    created_by uuid,
+    CONSTRAINT budgets_account_subject CHECK (((scope <> 'account'::text) OR (subject = account_id))),
+    CONSTRAINT budgets_alerts_check CHECK (((cardinality(alerts) <= 10) AND (1 <= ALL (alerts)) AND (100 >= ALL (alerts)))),
+    CONSTRAINT budgets_limit_micros_check CHECK ((limit_micros > 0)),
+    CONSTRAINT budgets_period_check CHECK ((period = ANY (ARRAY['day'::text, 'month'::text, 'billing_period'::text]))),
+    CONSTRAINT budgets_scope_check CHECK ((scope = ANY (ARRAY['api_key'::text, 'member'::text, 'account'::text])))
+);
+
+COMMENT ON TABLE metering.budgets IS 'Spending caps set by a customer (issue #28): at most limit_micros of credits spent per window by one API key (scope api_key, subject: the key''s id), one member across the keys they made and their sessions (scope member, subject: the user id) or the whole account (scope account, subject: the account id), on this account. A charge that would pass it is refused (TL4B2, 402 budget-exceeded) and charges nothing; crossing an alert threshold emails once per window.';
+
+COMMENT ON COLUMN metering.budgets.limit_micros IS 'The cap, in micro-credits spent per window (allowance units and post-paid usage cost no credits and do not count).';
+
+COMMENT ON COLUMN metering.budgets.period IS 'The window: day (UTC calendar day), month (UTC calendar month) or billing_period (the subscription period, else the calendar month), as metering.period_bounds.';
+
+COMMENT ON COLUMN metering.budgets.alerts IS 'Soft thresholds, percent of the limit (1-100, at most 10): crossing one emails the account''s owners and admins (and the member, for a member budget) once per window.';
+
+COMMENT ON COLUMN metering.budgets.created_by IS 'The user who set it (NULL: an operator or an API key).';
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_one_per_window UNIQUE (account_id, scope, subject, period);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY metering.budgets
+    ADD CONSTRAINT budgets_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
 CREATE TABLE metering.holds (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
@@ -1756,6 +1817,9 @@ CREATE TABLE metering.holds (
     created_at timestamp with time zone NOT NULL,
     expires_at timestamp with time zone NOT NULL,
     settled_at timestamp with time zone,
+    api_key_id uuid,
+    user_id uuid,
+    budget_ids uuid[],
     CONSTRAINT holds_allowance_units_check CHECK ((allowance_units >= 0)),
     CONSTRAINT holds_check CHECK (((status = 'open'::text) = (settled_at IS NULL))),
     CONSTRAINT holds_credits_micros_check CHECK ((credits_micros >= 0)),
@@ -1769,6 +1833,12 @@ CREATE TABLE metering.holds (
 COMMENT ON TABLE metering.holds IS 'Reservations for pay-per-use work: the allowance units and micro-credits a request would cost, reserved in the account-row transaction that charges, so no other charge or hold can spend them. Captured (one usage event with the actual amount, key hold:<id>), released, or expired (released by itself), exactly once.';
 
 COMMENT ON COLUMN metering.holds.period_start IS 'The allowance window the reserved units were counted in.';
+
+COMMENT ON COLUMN metering.holds.api_key_id IS 'The API key that made the hold (NULL: a session).';
+
+COMMENT ON COLUMN metering.holds.user_id IS 'The person the hold is attributed to (as metering.usage_events.user_id).';
+
+COMMENT ON COLUMN metering.holds.budget_ids IS 'The budgets whose current window counts the hold''s credits as spent (NULL: none); settling the hold gives them back to those windows (metering.budgets_return).';
 
 ALTER TABLE ONLY metering.holds
     ADD CONSTRAINT holds_idempotency_key UNIQUE (account_id, idempotency_key);
@@ -1846,6 +1916,76 @@ ALTER TABLE ONLY metering.meters
 ALTER TABLE metering.meters
     ADD CONSTRAINT meters_unit_length CHECK ((length(unit) <= 63)) NOT VALID;
 
+CREATE TABLE metering.reversals (
+    id uuid DEFAULT util.uuid_v7() NOT NULL,
+    account_id uuid NOT NULL,
+    usage_event_id uuid NOT NULL,
+    event_created_at timestamp with time zone NOT NULL,
+    idempotency_key text NOT NULL,
+    request_hash bytea NOT NULL,
+    quantity bigint NOT NULL,
+    allowance_units bigint NOT NULL,
+    credits_micros bigint NOT NULL,
+    amount_minor bigint,
+    currency text,
+    allowance_returned boolean NOT NULL,
+    transfer_id uuid,
+    lots jsonb DEFAULT '[]'::jsonb NOT NULL,
+    reason text NOT NULL,
+    api_key_id uuid,
+    user_id uuid,
+    staff_user_id uuid,
+    operator_key_id uuid,
+    created_at timestamp with time zone NOT NULL,
+    balance_after_micros bigint NOT NULL,
+    CONSTRAINT reversals_allowance_units_check CHECK ((allowance_units >= 0)),
+    CONSTRAINT reversals_amount_minor_check CHECK ((amount_minor >= 0)),
+    CONSTRAINT reversals_by_someone CHECK ((num_nonnulls(staff_user_id, operator_key_id) <= 1)),
+    CONSTRAINT reversals_credits_micros_check CHECK ((credits_micros >= 0)),
+    CONSTRAINT reversals_idempotency_key_check CHECK (((length(idempotency_key) >= 1) AND (length(idempotency_key) <= 255))),
+    CONSTRAINT reversals_quantity_check CHECK ((quantity > 0)),
+    CONSTRAINT reversals_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500))),
+    CONSTRAINT reversals_transfer CHECK (((credits_micros > 0) = (transfer_id IS NOT NULL)))
+);
+
+COMMENT ON TABLE metering.reversals IS 'Reversals of usage events (issue #28), full or partial, each once per idempotency key: the units reversed and what they had cost (allowance units, credits, post-paid amount). Credits come back by a ledger transfer of kind reversal (transfer_id) into the lots the charge drew from (lots); the sum of an event''s reversals never exceeds what it charged (reporting.reversal_mismatches). Written by metering.reverse_usage under the account''s lock.';
+
+COMMENT ON COLUMN metering.reversals.event_created_at IS 'The reversed event''s created_at: its partition, and the windows (allowance, budgets) it counted in.';
+
+COMMENT ON COLUMN metering.reversals.request_hash IS 'Fingerprint of the reversal request (event, quantity, reason), compared on retries of the idempotency key.';
+
+COMMENT ON COLUMN metering.reversals.quantity IS 'Units of the event reversed (a token meter''s event is one unit: reversed whole).';
+
+COMMENT ON COLUMN metering.reversals.allowance_units IS 'Allowance units (units, or micro-credits of cost for token meters) the reversed part had used; given back to the window when allowance_returned.';
+
+COMMENT ON COLUMN metering.reversals.credits_micros IS 'Micro-credits given back to the account.';
+
+COMMENT ON COLUMN metering.reversals.amount_minor IS 'Post-paid: what the reversed units cost (minor units of currency): a credit owed to the customer (reporting.post_paid_credits_owed). Cancelling the Stripe meter event is a follow-up.';
+
+COMMENT ON COLUMN metering.reversals.allowance_returned IS 'Whether the allowance units went back to their window (only while that window is still open).';
+
+COMMENT ON COLUMN metering.reversals.lots IS 'Where the credits went, in the order given back (reverse burn order): [{lot_id, credits, new_lot}]; new_lot when the lot had expired or been canceled since, so a new lot of source reversal holds them.';
+
+COMMENT ON COLUMN metering.reversals.staff_user_id IS 'The staff user who reversed it (also in ops.audit_log).';
+
+COMMENT ON COLUMN metering.reversals.operator_key_id IS 'The operator API key (scope usage:reverse) that reversed it.';
+
+COMMENT ON COLUMN metering.reversals.balance_after_micros IS 'The account''s credit balance right after the reversal (micro-credits), as its answer shows it, first time and on replays.';
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_idempotency_key UNIQUE (account_id, idempotency_key);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_pkey PRIMARY KEY (id);
+
+CREATE INDEX reversals_event_idx ON metering.reversals USING btree (account_id, usage_event_id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
+
+ALTER TABLE ONLY metering.reversals
+    ADD CONSTRAINT reversals_staff_user_id_fkey FOREIGN KEY (staff_user_id) REFERENCES identity.users(id);
+
 CREATE TABLE metering.rollup_state (
     singleton boolean DEFAULT true NOT NULL,
     last_id uuid DEFAULT '00000000-0000-0000-0000-000000000000'::uuid NOT NULL,
@@ -1879,6 +2019,10 @@ CREATE TABLE metering.usage_events (
     warnings metering.warnings,
     metadata metering.event_metadata,
     response jsonb,
+    api_key_id uuid,
+    user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 )
 PARTITION BY RANGE (created_at);
@@ -1908,6 +2052,14 @@ COMMENT ON COLUMN metering.usage_events.warnings IS 'The threshold warnings the 
 COMMENT ON COLUMN metering.usage_events.metadata IS 'The caller''s metadata for the event (a JSON object of at most 2 KB: a request id, a thumbnail URL, a model name); part of the idempotency fingerprint, returned with the event.';
 
 COMMENT ON COLUMN metering.usage_events.response IS 'Events charged before migration 0017 only: the JSON answer given the first time, returned as is on a replay.';
+
+COMMENT ON COLUMN metering.usage_events.api_key_id IS 'The API key that made the charge (NULL: a session, or charged before migration 0032). A service key acting on another account is recorded too.';
+
+COMMENT ON COLUMN metering.usage_events.user_id IS 'The person the charge is attributed to: the session''s user, or the member who made the API key (identity.api_keys.created_by); NULL for operator keys and anonymous devices. What member budgets count.';
+
+COMMENT ON COLUMN metering.usage_events.lot_id IS 'The credit lot the charge''s credits came from (the first, when several): what a reversal gives them back to. NULL when no credits were spent, or charged before migration 0032b.';
+
+COMMENT ON COLUMN metering.usage_events.lot_draws IS 'When the credits came from several lots: [[lot id, micro-credits], ...] in burn order (NULL for one lot: lot_id and credits_micros say it all).';
 
 ALTER TABLE ONLY metering.usage_events ATTACH PARTITION metering.usage_events_default DEFAULT;
 
@@ -1949,6 +2101,10 @@ CREATE TABLE metering.usage_events_default (
     warnings metering.warnings,
     metadata metering.event_metadata,
     response jsonb,
+    api_key_id uuid,
+    user_id uuid,
+    lot_id uuid,
+    lot_draws jsonb,
     CONSTRAINT usage_events_check CHECK (((response IS NULL) = (balance_after_micros IS NOT NULL)))
 );
 
@@ -2030,7 +2186,7 @@ CREATE TABLE ops.audit_log (
     reason text NOT NULL,
     before jsonb,
     after jsonb,
-    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text]))),
+    CONSTRAINT audit_log_action_check CHECK ((action = ANY (ARRAY['adjust_credits'::text, 'refund'::text, 'set_plan'::text, 'suspend'::text, 'unsuspend'::text, 'revoke_sessions'::text, 'approve_sso_domain'::text, 'reverse_usage'::text]))),
     CONSTRAINT audit_log_reason_check CHECK (((length(reason) >= 1) AND (length(reason) <= 500)))
 );
 
@@ -2542,6 +2698,21 @@ COMMENT ON VIEW reporting.payments_vs_ledger_daily IS 'Per UTC day: Stripe bundl
 
 GRANT SELECT ON TABLE reporting.payments_vs_ledger_daily TO pgtally_analyst;
 
+CREATE VIEW reporting.post_paid_credits_owed AS
+ SELECT account_id,
+    usage_event_id,
+    id AS reversal_id,
+    amount_minor,
+    currency,
+    reason,
+    created_at
+   FROM metering.reversals r
+  WHERE (amount_minor > 0);
+
+COMMENT ON VIEW reporting.post_paid_credits_owed IS 'Post-paid usage reversed after it was reported to Stripe: what each reversal owes the customer (minor units). Stripe meter event adjustments are not sent yet: credit it on the next invoice (or refund).';
+
+GRANT SELECT ON TABLE reporting.post_paid_credits_owed TO pgtally_analyst;
+
 CREATE VIEW reporting.post_paid_invoice_drift AS
  SELECT i.stripe_invoice_id,
     i.account_id,
@@ -2770,6 +2941,43 @@ COMMENT ON VIEW reporting.revenue_reconciliation_daily IS 'Per UTC day, kind of 
 
 GRANT SELECT ON TABLE reporting.revenue_reconciliation_daily TO pgtally_analyst;
 
+CREATE VIEW reporting.reversal_mismatches AS
+ SELECT r.id AS reversal_id,
+    r.account_id,
+    r.usage_event_id,
+    'transfer'::text AS problem
+   FROM (metering.reversals r
+     LEFT JOIN ledger.transfers t ON ((t.id = r.transfer_id)))
+  WHERE ((r.credits_micros > 0) AND ((t.id IS NULL) OR ((t.kind)::text <> 'reversal'::text) OR ((t.amount_micros)::bigint <> r.credits_micros) OR (t.usage_event_id IS DISTINCT FROM r.usage_event_id)))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    t.account_id,
+    t.usage_event_id,
+    'transfer without reversal'::text AS problem
+   FROM ledger.transfers t
+  WHERE (((t.kind)::text = 'reversal'::text) AND (NOT (EXISTS ( SELECT 1
+           FROM metering.reversals r
+          WHERE (r.transfer_id = t.id)))))
+UNION ALL
+ SELECT NULL::uuid AS reversal_id,
+    s.account_id,
+    s.usage_event_id,
+    'reversed more than charged'::text AS problem
+   FROM (( SELECT r.account_id,
+            r.usage_event_id,
+            r.event_created_at,
+            sum(r.quantity) AS quantity,
+            sum(r.credits_micros) AS credits,
+            sum(r.allowance_units) AS allowance_units
+           FROM metering.reversals r
+          GROUP BY r.account_id, r.usage_event_id, r.event_created_at) s
+     LEFT JOIN metering.usage_events e ON (((e.id = s.usage_event_id) AND (e.created_at = s.event_created_at))))
+  WHERE ((e.id IS NULL) OR (s.quantity > (e.quantity)::numeric) OR (s.credits > (e.credits_micros)::numeric) OR (s.allowance_units > (e.allowance_units)::numeric));
+
+COMMENT ON VIEW reporting.reversal_mismatches IS 'Reconciliation: reversals whose ledger transfer is missing or differs from them, reversal transfers with no reversal, and usage events reversed for more units, credits or allowance than they charged (or missing). Must be empty.';
+
+GRANT SELECT ON TABLE reporting.reversal_mismatches TO pgtally_analyst;
+
 CREATE VIEW reporting.stripe_events_not_applied AS
  SELECT id,
     type,
@@ -2902,16 +3110,33 @@ COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, 
 
 GRANT SELECT ON TABLE reporting.usage_by_hour TO pgtally_analyst;
 
+CREATE VIEW reporting.usage_by_principal_daily AS
+ SELECT account_id,
+    (date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date AS day,
+    api_key_id,
+    user_id,
+    meter_id,
+    count(*) AS events,
+    sum((quantity)::bigint) AS quantity,
+    sum((allowance_units)::bigint) AS allowance_units,
+    sum((credits_micros)::bigint) AS credits_micros
+   FROM metering.usage_events e
+  GROUP BY account_id, ((date_trunc('day'::text, (created_at AT TIME ZONE 'UTC'::text)))::date), api_key_id, user_id, meter_id;
+
+COMMENT ON VIEW reporting.usage_by_principal_daily IS 'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
+
+GRANT SELECT ON TABLE reporting.usage_by_principal_daily TO pgtally_analyst;
+
 CREATE VIEW reporting.usage_charge_mismatches AS
  SELECT u.id AS usage_event_id,
     u.account_id,
     u.credits_micros,
     COALESCE((- (t.amount_micros)::bigint), (0)::bigint) AS ledger_micros
    FROM (metering.usage_events u
-     LEFT JOIN ledger.transfers t ON ((t.usage_event_id = u.id)))
+     LEFT JOIN ledger.transfers t ON (((t.usage_event_id = u.id) AND ((t.kind)::text = 'usage'::text))))
   WHERE ((u.credits_micros)::bigint <> COALESCE((- (t.amount_micros)::bigint), (0)::bigint));
 
-COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them. Must be empty.';
+COMMENT ON VIEW reporting.usage_charge_mismatches IS 'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them (a reversal''s transfer names its event too: reporting.reversal_mismatches checks those). Must be empty.';
 
 GRANT SELECT ON TABLE reporting.usage_charge_mismatches TO pgtally_analyst;
 
@@ -3075,7 +3300,7 @@ BEGIN
                                                       p_idempotency_key, btrim(p_reason));
 END $$;
 
-COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL409 key reused, TL422 zero amount or no reason. Operators only.';
+COMMENT ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) IS 'pgtally credits adjust: add (positive) or take back (negative) micro-credits through the adjustments system account, with a reason, once per idempotency key. Never below a zero balance (TL402). TL404 unknown account, TL42R key reused, TL422 zero amount or no reason. Operators only.';
 
 REVOKE ALL ON FUNCTION api.adjust_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_reason text) FROM PUBLIC;
 
@@ -3178,7 +3403,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL409 key reused, TL422.';
+COMMENT ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) IS 'POST /v1/admin/accounts/{id}/credits: add (positive) or take back (negative) p_amount credits (a plain decimal, -5 or 2.5) with a reason, once per idempotency key (a retry replays it), never below zero (TL402); audited. Support may grant up to 50 credits (TL403 beyond). TL404, TL42R key reused, TL422.';
 
 REVOKE ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.admin_adjust_credits(p_session_id uuid, p_account_id uuid, p_amount text, p_idempotency_key text, p_reason text) TO pgtally_api;
@@ -3519,6 +3744,28 @@ COMMENT ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_acc
 REVOKE ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.billing_account(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+CREATE FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'usage:read', p_account_id);
+  v_all boolean;
+BEGIN
+  -- Who may read billing sees every budget; a member sees their own and their keys'.
+  v_all := CASE WHEN p.api_key_id IS NOT NULL
+                THEN EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = p.api_key_id
+                             AND k.scopes && '{billing:read,billing:manage,service}')
+                     AND (p.user_id IS NULL OR identity.member_may(p.user_id, p.account_id, 'billing:read'))
+                ELSE p.user_id IS NULL OR identity.member_may(p.user_id, p.account_id, 'billing:read') END;
+  RETURN metering.budgets_json(p.account_id, p.user_id, v_all);
+END $$;
+
+COMMENT ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'GET /v1/budgets: the account''s budgets with this window''s spending: all of them for owners, admins, billing and viewer members (and keys with billing:read); a member''s own (member budget and their keys'') for the rest. Principal: usage:read.';
+
+REVOKE ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.budgets(p_api_key text, p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body json)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -3545,7 +3792,7 @@ BEGIN
                                          p_account_id);
 END $$;
 
-COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL409). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
+COMMENT ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) IS 'POST /v1/holds/{id}/capture: return what the hold reserved and charge the actual quantity or tokens (the held ones when not given) as one usage event, exactly once (idempotency key hold:<id>: a repeated capture returns the first answer, replayed = true; a different amount is TL42R). More than was held only when the balance covers the difference (TL402 otherwise; the hold stays open). TL40C after release or expiry (DETAIL hold_status: released or expired), TL404 unknown hold.';
 
 REVOKE ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.capture_hold(p_api_key text, p_session_id uuid, p_hold_id uuid, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid) TO pgtally_api;
@@ -3748,6 +3995,8 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens, p_metadata);
   v_key metering.idempotency_keys;
   q record;
+  v_p record;                          -- the principal: account_id, api_key_id, user_id
+  v_refusal jsonb;
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -3757,7 +4006,8 @@ BEGIN
   END IF;
   -- Every charge to an account serialises on its row: the allowance, the balance and the
   -- idempotency check below all read state no concurrent charge can change until we commit.
-  v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
+  v_account_id := v_p.account_id;
   SELECT * INTO v_account FROM identity.accounts WHERE id = v_account_id FOR NO KEY UPDATE;
   IF EXISTS (SELECT 1 FROM metering.holds h
              WHERE h.account_id = v_account.id AND h.status = 'open' AND h.expires_at <= util.now()) THEN
@@ -3772,11 +4022,9 @@ BEGIN
 
   SELECT * INTO v_key FROM metering.idempotency_keys
   WHERE account_id = v_account.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_key.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different request',
-                        jsonb_build_object('usage_event_id', v_key.usage_event_id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(v_key.request_hash, v_hash, 'request',
+                                   jsonb_build_object('usage_event_id', v_key.usage_event_id));
     replayed := true;
     body := metering.replayed_answer(v_key);
     RETURN NEXT;
@@ -3788,12 +4036,19 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF v_account.has_budgets AND q.credits_micros > 0 THEN      -- (no budget: not even a query)
+    v_refusal := (metering.budgets_apply(v_account, v_p.api_key_id, v_p.user_id, q.credits_micros)).refusal;
+    IF v_refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+    END IF;
+  END IF;
   replayed := false;
-  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q)).answer;
+  body := (metering.charge(v_account, p_idempotency_key, v_hash, p_metadata, q, false, NULL,
+                           v_p.api_key_id, v_p.user_id)).answer;
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL409 key reused for a different request, TL422 bad input.';
+COMMENT ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) IS 'POST /v1/usage/events: authenticate the principal (API key with scope usage:write, or session id; a service key may name p_account_id), then charge one usage event exactly once: the allowance first, then credits at the meter''s rate, writing the usage event and its idempotency key (metering.idempotency_keys), allowance usage, ledger transfer, any warning emails (outbox) and, for post-paid usage, its report to Stripe''s meter (outbox meter_event) in this one transaction. p_metadata: the caller''s JSON object (at most 2 KB), stored, returned and part of the fingerprint. Returns (replayed, body): body is the usage event JSON {id, meter, quantity, charged {allowance_units, credits; post-paid: amount (minor units), currency}, allowance, balance {credits}, warnings, metadata, created_at}; a retry with the same key and request within the idempotency window (metering.idempotency_window(), 30 days) returns the same body, rebuilt from the event (metering.usage_event_answer), with replayed = true. Errors: TL401 bad key or session, TL403 scope, TL404 unknown p_account_id, TL402 neither allowance nor credits cover it (DETAIL: account_id, required_credits, balance, allowance, resets_at; nothing is charged) or, post-paid, the spending limit does not (DETAIL: required_amount, spent, spending_limit, currency, resets_at), TL4B2 a budget of the account, key or member does not cover the credits (metering.budgets_apply; DETAIL names the budget and resets_at; nothing is charged), TL42R key reused for a different request (util.idempotency_check; nothing charged), TL422 bad input.';
 
 REVOKE ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_account_id uuid, p_metadata jsonb) TO pgtally_api;
@@ -3842,6 +4097,10 @@ DECLARE
   v_state text;
   v_message text;
   v_detail text;
+  v_p record;                          -- the principal (identity.authenticate_principal): the same key or session for every account
+  v_key_id uuid;
+  v_user_id uuid;
+  v_refusal jsonb;
 BEGIN
   replayed := 0;
   refused := 0;
@@ -3853,7 +4112,10 @@ BEGIN
   -- batches over the same accounts never wait on each other in a cycle.
   FOR v_named IN SELECT DISTINCT coalesce(x ->> 'account_id', '') FROM jsonb_array_elements(p_events) x LOOP
     BEGIN
-      v_account_id := identity.authenticate(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', nullif(v_named, '')::uuid);
+      v_account_id := v_p.account_id;
+      v_key_id := v_p.api_key_id;
+      v_user_id := v_p.user_id;
       v_principals := v_principals || jsonb_build_object(v_named, jsonb_build_object('account_id', v_account_id));
       v_accounts := v_accounts || v_account_id;
     EXCEPTION WHEN SQLSTATE 'TL401' THEN
@@ -3920,22 +4182,32 @@ BEGIN
           IF NOT q.allowed THEN
             v_answer := metering.batch_refusal('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
           END IF;
-        ELSIF v_prior.request_hash <> v_hash THEN
-          v_answer := metering.batch_refusal('TL409', 'this idempotency key was already used for a different request',
-                                             jsonb_build_object('usage_event_id', v_prior.usage_event_id));
-        ELSE
+        ELSIF util.idempotency_check(v_prior.request_hash, v_hash, 'request',
+                                     jsonb_build_object('usage_event_id', v_prior.usage_event_id)) THEN
           v_result := json_build_object('index', i, 'status', 'replayed', 'event',
                                         CASE WHEN v_seen IS NOT NULL THEN v_results[v_group_result[v_group[i + 1]]] -> 'event'
                                              ELSE metering.replayed_answer(v_prior) END);
           replayed := replayed + 1;
         END IF;
-      EXCEPTION WHEN SQLSTATE 'TL422' OR data_exception THEN     -- an unknown meter, a bad quantity (read only)
-        GET STACKED DIAGNOSTICS v_message = MESSAGE_TEXT;
-        v_answer := metering.batch_refusal('TL422', v_message);
+      EXCEPTION WHEN SQLSTATE 'TL422' OR SQLSTATE 'TL42R' OR data_exception THEN
+        -- an unknown meter, a bad quantity, a key reused for another request (read only)
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL;
+        v_answer := metering.batch_refusal(CASE WHEN v_state = 'TL42R' THEN v_state ELSE 'TL422' END, v_message,
+                                           CASE WHEN v_state = 'TL42R' THEN v_detail::jsonb END);
       END;
     END IF;
+    IF v_answer IS NULL AND v_result IS NULL AND a.has_budgets THEN
+      -- Budgets (accounts that have some): checked before anything is written, spent if they cover it.
+      IF q.credits_micros > 0 THEN      -- (q is assigned only here: a separate IF)
+        v_refusal := (metering.budgets_apply(a, v_key_id, v_user_id, q.credits_micros)).refusal;
+        IF v_refusal IS NOT NULL THEN
+          v_answer := metering.batch_refusal('TL4B2', v_refusal ->> 'message', v_refusal -> 'detail');
+        END IF;
+      END IF;
+    END IF;
     IF v_answer IS NULL AND v_result IS NULL THEN
-      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1]);
+      v_charge := metering.charge(a, e ->> 'idempotency_key', v_hash, v_metadata, q, true, v_ids[i + 1],
+                                  v_key_id, v_user_id);
       v_event := v_charge.event;
       v_result := json_build_object('index', i, 'status', 'charged', 'event', v_charge.answer);
       v_key.account_id := v_event.account_id;
@@ -3977,7 +4249,7 @@ BEGIN
   charged := i - replayed - refused;
 END $$;
 
-COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL403, TL404, TL409, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
+COMMENT ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) IS 'POST /v1/usage/events/batch: charge up to 1,000 usage events ([{idempotency_key, meter, quantity | input_tokens, output_tokens, account_id, metadata}]) in one transaction, each exactly as api.consume charges it (the same metering.quote and metering.charge; the events and their keys written with one INSERT each at the end), each exactly once per its key, with the accounts locked in id order first. Returns (data: [{index, status: charged | replayed | refused, event | sqlstate, message, detail}], a json array in the events'' order; charged, replayed, refused: how many of each, so that a caller relays data as it is when none was refused): a refused event (TL402, TL4B2 a budget does not cover it, TL403, TL404, TL42R key reused for another request, TL422) changes nothing and does not stop the others. Events are checked (read only) before they are charged rather than rolled back one by one, so a batch holds no writing subtransaction per event (more than 64 would slow every snapshot of the server). TL401 no principal, TL422 not an array of 1 to 1,000.';
 
 REVOKE ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.consume_batch(p_api_key text, p_session_id uuid, p_events jsonb, OUT data json, OUT charged integer, OUT replayed integer, OUT refused integer) TO pgtally_api;
@@ -4043,6 +4315,21 @@ COMMENT ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes 
 
 REVOKE ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.create_api_key(p_session_id uuid, p_name text, p_scopes text[], p_expires_at timestamp with time zone, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[], p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
+BEGIN
+  RETURN metering.set_budget(p.account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), p.user_id);
+END $$;
+
+COMMENT ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) IS 'POST /v1/budgets: set a budget (metering.set_budget) on the caller''s account (p_account_id: a team the person belongs to). Principal: a session of an owner, admin or billing member, or an API key with billing:manage (TL403 otherwise). Returns metering.budget_json.';
+
+REVOKE ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.create_budget(p_api_key text, p_session_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.create_team(p_session_id uuid, p_name text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4127,6 +4414,21 @@ COMMENT ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_p
 
 REVOKE ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.dashboard_page(p_session_id uuid, p_account_id uuid, p_public_url text) TO pgtally_api;
+
+CREATE FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  p record := identity.authenticate_principal(p_api_key, p_session_id, 'billing:manage', p_account_id);
+BEGIN
+  RETURN metering.delete_budget(p.account_id, p_budget_id);
+END $$;
+
+COMMENT ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) IS 'DELETE /v1/budgets/{id}: delete one of the account''s budgets (metering.delete_budget). Principal as api.create_budget. TL404 unknown budget.';
+
+REVOKE ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.delete_budget(p_api_key text, p_session_id uuid, p_budget_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.detach_month(p_month date) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -4408,7 +4710,7 @@ BEGIN
                                                       p_idempotency_key, p_memo);
 END $$;
 
-COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL42R key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
 
@@ -4421,6 +4723,9 @@ DECLARE
   v_hash bytea := metering.request_hash(p_meter, p_quantity, p_input_tokens, p_output_tokens);
   h metering.holds;
   q record;
+  v_p record;
+  v_budgets record;
+  v_budget_ids uuid[];                 -- the budgets that count the hold (NULL: none)
 BEGIN
   IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
     PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required');
@@ -4428,13 +4733,11 @@ BEGIN
   IF p_expires_in IS NULL OR p_expires_in NOT BETWEEN 1 AND 86400 THEN
     PERFORM util.fail('TL422', 'expires_in is 1 to 86,400 seconds', '{"field": "expires_in"}');
   END IF;
-  a := metering.locked_account(p_api_key, p_session_id, p_account_id);
+  v_p := identity.authenticate_principal(p_api_key, p_session_id, 'usage:write', p_account_id);
+  a := metering.lock_account(v_p.account_id);
   SELECT * INTO h FROM metering.holds WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF h.request_hash <> v_hash THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different hold',
-                        jsonb_build_object('hold_id', h.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another request
+    PERFORM util.idempotency_check(h.request_hash, v_hash, 'hold', jsonb_build_object('hold_id', h.id));
     replayed := true;
     body := metering.hold_json(h);
     RETURN NEXT;
@@ -4444,11 +4747,20 @@ BEGIN
   IF NOT q.allowed THEN
     PERFORM util.fail('TL402', q.refusal ->> 'message', q.refusal -> 'detail');
   END IF;
+  IF a.has_budgets AND q.credits_micros > 0 THEN     -- a hold's credits count as spent until it is settled
+    v_budgets := metering.budgets_apply(a, v_p.api_key_id, v_p.user_id, q.credits_micros);
+    IF v_budgets.refusal IS NOT NULL THEN
+      PERFORM util.fail('TL4B2', v_budgets.refusal ->> 'message', v_budgets.refusal -> 'detail');
+    END IF;
+    v_budget_ids := v_budgets.budget_ids;
+  END IF;
   INSERT INTO metering.holds (account_id, idempotency_key, request_hash, meter_id, quantity, input_tokens,
-                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at)
+                              output_tokens, allowance_units, credits_micros, period_start, created_at, expires_at,
+                              api_key_id, user_id, budget_ids)
   VALUES (a.id, p_idempotency_key, v_hash, q.meter_id, q.quantity, q.input_tokens, q.output_tokens,
           CASE WHEN q.entitled THEN q.allowance_units ELSE 0 END, q.credits_micros, q.period_start,
-          util.now(), util.now() + make_interval(secs => p_expires_in))
+          util.now(), util.now() + make_interval(secs => p_expires_in), v_p.api_key_id, v_p.user_id,
+          v_budget_ids)
   RETURNING * INTO h;
   IF q.entitled THEN
     INSERT INTO metering.allowance_usage AS u (account_id, meter_id, period_start, period_end, used)
@@ -4461,7 +4773,7 @@ BEGIN
   RETURN NEXT;
 END $$;
 
-COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (a retry returns the hold, replayed = true; another request under the key is TL409). TL402 when they are not there: nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
+COMMENT ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) IS 'POST /v1/holds: reserve the allowance units and credits this request would cost (metering.quote, exactly as api.consume would charge them) for p_expires_in seconds (1-86,400), once per idempotency key (util.idempotency_check: a retry returns the hold, replayed = true; another request under the key is TL42R). TL402 when they are not there, TL4B2 when a budget does not cover the credits (they count as spent in its window until the hold is settled): nothing reserved. Principal as api.consume. Returns (replayed, metering.hold_json).';
 
 REVOKE ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_expires_in integer, p_account_id uuid) TO pgtally_api;
@@ -5773,6 +6085,68 @@ COMMENT ON FUNCTION api.oidc_userinfo(p_session_id uuid) IS 'GET /oauth/userinfo
 REVOKE ALL ON FUNCTION api.oidc_userinfo(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.oidc_userinfo(p_session_id uuid) TO pgtally_api;
 
+CREATE FUNCTION api.operator_budgets(p_account_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.budgets_json(p_account_id, NULL, true)
+$$;
+
+COMMENT ON FUNCTION api.operator_budgets(p_account_id uuid) IS 'pgtally budgets list: every budget of an account. Operators only.';
+
+REVOKE ALL ON FUNCTION api.operator_budgets(p_account_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION api.operator_delete_budget(p_budget_id uuid) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.delete_budget((SELECT account_id FROM metering.budgets WHERE id = p_budget_id), p_budget_id)
+$$;
+
+COMMENT ON FUNCTION api.operator_delete_budget(p_budget_id uuid) IS 'pgtally budgets delete: delete any budget. Operators only.';
+
+REVOKE ALL ON FUNCTION api.operator_delete_budget(p_budget_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text DEFAULT 'reversals'::text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v record;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = p_account_id AND kind = 'service') THEN
+    PERFORM util.fail('TL422', 'an operator key belongs to a service account (pgtally accounts create --kind service)');
+  END IF;
+  SELECT * INTO v FROM identity.issue_api_key(p_account_id, p_name, '{usage:reverse}', NULL);
+  RETURN jsonb_build_object('api_key', v.api_key, 'account_id', p_account_id, 'scopes', '["usage:reverse"]'::jsonb);
+END $$;
+
+COMMENT ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) IS 'pgtally events reversal-key: issue an operator API key with the usage:reverse scope on a service account (shown once). Operators only.';
+
+REVOKE ALL ON FUNCTION api.operator_reversal_key(p_account_id uuid, p_name text) FROM PUBLIC;
+
+CREATE FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT * FROM metering.reverse_usage(p_event_id, p_quantity, p_reason, p_idempotency_key, NULL, NULL)
+$$;
+
+COMMENT ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'pgtally events reverse: an operator reverses a usage event (metering.reverse_usage). Operators only (not granted to pgtally_api).';
+
+REVOKE ALL ON FUNCTION api.operator_reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+
+CREATE FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[] DEFAULT '{}'::integer[]) RETURNS jsonb
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+  SELECT metering.set_budget(p_account_id, p_scope, p_subject, p_limit, p_window, coalesce(p_alerts, '{}'), NULL)
+$$;
+
+COMMENT ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) IS 'pgtally budgets set: an operator sets a budget on any account (metering.set_budget). Operators only (not granted to pgtally_api).';
+
+REVOKE ALL ON FUNCTION api.operator_set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[]) FROM PUBLIC;
+
 CREATE FUNCTION api.ops_gauges() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -6162,6 +6536,33 @@ COMMENT ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p
 
 REVOKE ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.reset_password(p_token text, p_new_password_hash text, p_ip text) TO pgtally_api;
+
+CREATE FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) RETURNS TABLE(replayed boolean, body jsonb)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  k identity.api_keys;
+  v_staff identity.users;
+BEGIN
+  IF p_api_key IS NOT NULL THEN
+    SELECT * INTO k FROM identity.api_keys
+    WHERE key_hash = util.token_hash(p_api_key) AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > util.now());
+    IF NOT FOUND THEN
+      PERFORM util.fail('TL401', 'the API key is not valid');
+    ELSIF NOT 'usage:reverse' = ANY (k.scopes) THEN
+      PERFORM util.fail('TL403', 'this API key lacks the usage:reverse scope');
+    END IF;
+  ELSE
+    v_staff := identity.staff(p_session_id, 'reverse_usage');
+  END IF;
+  RETURN QUERY SELECT * FROM metering.reverse_usage(p_event_id, p_quantity, p_reason, p_idempotency_key, v_staff.id, k.id);
+END $$;
+
+COMMENT ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) IS 'POST /v1/usage/events/{id}/reversal: reverse a usage event of any account (metering.reverse_usage). Principal: an operator API key with the usage:reverse scope, or a session of admin staff (identity.staff, action reverse_usage). TL401 bad key or session, TL403 otherwise. Returns (replayed, metering.reversal_json).';
+
+REVOKE ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.reverse_usage(p_api_key text, p_session_id uuid, p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text) TO pgtally_api;
 
 CREATE FUNCTION api.revoke_api_key(p_session_id uuid, p_api_key_id uuid, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -6854,7 +7255,7 @@ COMMENT ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) IS 'G
 REVOKE ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
-CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
+CREATE FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text DEFAULT NULL::text, p_limit integer DEFAULT 20, p_meter text DEFAULT NULL::text, p_from timestamp with time zone DEFAULT NULL::timestamp with time zone, p_to timestamp with time zone DEFAULT NULL::timestamp with time zone, p_account_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $_$
@@ -6878,19 +7279,21 @@ BEGIN
   FROM (SELECT * FROM metering.usage_events e
         WHERE e.account_id = v_account_id AND e.id < v_before AND (p_meter IS NULL OR e.meter_id = p_meter)
           AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+          AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id)
         ORDER BY e.id DESC LIMIT p_limit) p;
   v_more := v_last IS NOT NULL AND EXISTS (
     SELECT 1 FROM metering.usage_events e
     WHERE e.account_id = v_account_id AND e.id < v_last AND (p_meter IS NULL OR e.meter_id = p_meter)
-      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to));
+      AND (p_from IS NULL OR e.created_at >= p_from) AND (p_to IS NULL OR e.created_at < p_to)
+      AND (p_api_key_id IS NULL OR e.api_key_id = p_api_key_id) AND (p_user_id IS NULL OR e.user_id = p_user_id));
   RETURN jsonb_build_object('data', coalesce(v_rows, '[]'), 'has_more', v_more,
                             'next_cursor', CASE WHEN v_more THEN v_last::text END);
 END $_$;
 
-COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter and within [p_from, p_to); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
+COMMENT ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) IS 'GET /v1/usage/events: the caller''s usage events, newest first (metering.event_json), p_limit (1-100) per page, optionally of one meter, within [p_from, p_to), of one API key (p_api_key_id) and of one member (p_user_id); pass next_cursor back as p_cursor. Returns {data, has_more, next_cursor}. Principal as api.balance. TL422 bad limit or cursor.';
 
-REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) FROM PUBLIC;
-GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid) TO pgtally_api;
+REVOKE ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.usage_events(p_api_key text, p_session_id uuid, p_cursor text, p_limit integer, p_meter text, p_from timestamp with time zone, p_to timestamp with time zone, p_account_id uuid, p_api_key_id uuid, p_user_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.verify_email(p_token text, p_ip text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -8088,8 +8491,19 @@ COMMENT ON FUNCTION identity.api_key_json(k identity.api_keys) IS 'An API key as
 REVOKE ALL ON FUNCTION identity.api_key_json(k identity.api_keys) FROM PUBLIC;
 
 CREATE FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid) RETURNS uuid
+    LANGUAGE sql
+    AS $$
+  SELECT (identity.authenticate_principal(p_api_key, p_session_id, p_scope, p_account_id)).account_id
+$$;
+
+COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token (a client session must hold p_scope among its granted scopes). p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
+
+REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid DEFAULT NULL::uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) RETURNS record
     LANGUAGE plpgsql
     AS $$
+#variable_conflict use_column
 DECLARE
   k identity.api_keys;
   s identity.sessions;
@@ -8162,12 +8576,14 @@ BEGIN
                          FROM identity.accounts WHERE id = v_account_id));
     END IF;
   END IF;
-  RETURN v_account_id;
+  account_id := v_account_id;
+  api_key_id := k.id;                    -- (NULL for a session)
+  user_id := coalesce(k.created_by, s.user_id);
 END $$;
 
-COMMENT ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) IS 'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token (a client session must hold p_scope among its granted scopes). p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
+COMMENT ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) IS 'identity.authenticate with the principal it found: account_id (the account the request acts on), api_key_id (the key, NULL for a session) and user_id (the session''s person, or the member who made the key; NULL for operator keys and anonymous devices). Charges and holds call it to record who spent and to apply key and member budgets (issue #28).';
 
-REVOKE ALL ON FUNCTION identity.authenticate(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION identity.authenticate_principal(p_api_key text, p_session_id uuid, p_scope text, p_account_id uuid, OUT account_id uuid, OUT api_key_id uuid, OUT user_id uuid) FROM PUBLIC;
 
 CREATE FUNCTION identity.change_membership(p_session_id uuid, p_account_id uuid, p_user_id uuid, p_role text) RETURNS jsonb
     LANGUAGE plpgsql
@@ -9158,11 +9574,10 @@ BEGIN
   END IF;
   SELECT * INTO v_transfer FROM ledger.transfers
   WHERE account_id = p_account_id AND idempotency_key = p_idempotency_key;
-  IF FOUND THEN
-    IF v_transfer.kind <> p_kind OR v_transfer.amount_micros <> p_amount_micros THEN
-      PERFORM util.fail('TL409', 'this idempotency key was already used for a different transfer',
-                        jsonb_build_object('transfer_id', v_transfer.id));
-    END IF;
+  IF FOUND THEN                         -- a replay, or TL42R for another transfer
+    PERFORM util.idempotency_check(convert_to(v_transfer.kind || ' ' || v_transfer.amount_micros, 'UTF8'),
+                                   convert_to(p_kind || ' ' || p_amount_micros, 'UTF8'), 'transfer',
+                                   jsonb_build_object('transfer_id', v_transfer.id));
     replayed := true;
   ELSE
     PERFORM ledger.post_transfer(p_account_id, p_system_account, p_amount_micros, p_kind, p_idempotency_key, NULL, p_memo);
@@ -9176,11 +9591,11 @@ BEGIN
   FROM ledger.entries e WHERE e.transfer_id = v_transfer.id AND e.account_id IS NOT NULL;
 END $$;
 
-COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL409. TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
+COMMENT ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) IS 'An operator''s transfer, once per idempotency key: a retry returns the original entry with replayed = true; the same key for another amount or kind is TL42R (util.idempotency_check). TL404 unknown account, TL422 bad key or memo, TL402 when it would take the balance below zero.';
 
 REVOKE ALL ON FUNCTION ledger.operator_transfer(p_account_id uuid, p_system_account text, p_kind text, p_amount_micros bigint, p_idempotency_key text, p_memo text, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
 
-CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) RETURNS record
+CREATE FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_lots boolean DEFAULT true, p_first_lot uuid DEFAULT NULL::uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 BEGIN
@@ -9222,13 +9637,13 @@ BEGIN
       UPDATE identity.accounts SET credits_due_at = least(credits_due_at, p_expires_at) WHERE id = p_account_id;
     END IF;
   ELSE
-    PERFORM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot);
+    SELECT x.first_lot, x.draws INTO lot_id, lot_draws FROM ledger.spend_lots(p_account_id, -p_amount_micros, p_first_lot) x;
   END IF;
 END $$;
 
-COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
+COMMENT ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) IS 'Move p_amount_micros into a customer account (negative: out of it) from/to a system account: updates the cached balance and writes the transfer and its two entries; credits in become a credit lot (source from p_kind, expiring at p_expires_at), credits out are taken from the lots in the burn order (ledger.spend_lots; p_first_lot first), returned as lot_id and lot_draws (spend_lots'' first_lot and draws). p_lots = false leaves the lots to the caller (releasing a pending lot, expiring one, moving lots at a device merge). TL402 when the balance would go below what holds reserve (or negative), TL422 when it would pass the bigint maximum, TL404 for an unknown account. Callers lock the account first.';
 
-REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.post_transfer(p_account_id uuid, p_system_account text, p_amount_micros bigint, p_kind text, p_idempotency_key text, p_usage_event_id uuid, p_memo text, p_expires_at timestamp with time zone, p_lots boolean, p_first_lot uuid, OUT transfer_id uuid, OUT balance_after_micros bigint, OUT created_at timestamp with time zone, OUT lot_id uuid, OUT lot_draws jsonb) FROM PUBLIC;
 
 CREATE FUNCTION ledger.refresh_lots(p_account_id uuid) RETURNS boolean
     LANGUAGE plpgsql
@@ -9316,13 +9731,15 @@ COMMENT ON FUNCTION ledger.refreshed_account(p_account_id uuid) IS 'An account r
 
 REVOKE ALL ON FUNCTION ledger.refreshed_account(p_account_id uuid) FROM PUBLIC;
 
-CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid) RETURNS void
+CREATE FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid DEFAULT NULL::uuid, OUT first_lot uuid, OUT draws jsonb) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
   l record;
   v_left bigint := p_amount_micros;
   v_take bigint;
+  v_lots uuid[];
+  v_takes bigint[];
 BEGIN
   -- The burn order: soonest expiry first (never-expiring last), then promotional before paid,
   -- then oldest, as Stripe's credit grants (https://docs.stripe.com/billing/subscriptions/usage-based/billing-credits)
@@ -9334,17 +9751,27 @@ BEGIN
     v_take := least(l.remaining_micros, v_left);
     UPDATE ledger.credit_lots SET remaining_micros = remaining_micros - v_take WHERE id = l.id;
     v_left := v_left - v_take;
+    IF first_lot IS NULL THEN
+      first_lot := l.id;
+      EXIT WHEN v_left = 0;              -- (one lot, as most charges: no list)
+    END IF;
+    v_lots := v_lots || l.id;
+    v_takes := v_takes || v_take;
     EXIT WHEN v_left = 0;
   END LOOP;
+  IF cardinality(v_lots) > 1 THEN
+    SELECT jsonb_agg(jsonb_build_array(x.lot, x.micros) ORDER BY x.n) INTO draws
+    FROM unnest(v_lots, v_takes) WITH ORDINALITY x (lot, micros, n);
+  END IF;
   IF v_left > 0 THEN
     RAISE EXCEPTION 'the credit lots of account % do not cover its balance', p_account_id
       USING HINT = 'SELECT * FROM reporting.lot_balance_mismatches';
   END IF;
 END $$;
 
-COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots. Called by ledger.post_transfer with the account locked.';
+COMMENT ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) IS 'Take p_amount_micros out of an account''s active credit lots in the burn order: p_first_lot first when given, then soonest expiry (never-expiring last), promotional before paid, oldest first. One charge may span several lots: first_lot is the first it drew from, draws ([[lot id, micro-credits], ...] in burn order) lists them when there are several (NULL for one), so a reversal can give the credits back to them (metering.reverse_usage). Called by ledger.post_transfer with the account locked.';
 
-REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ledger.spend_lots(p_account_id uuid, p_amount_micros bigint, p_first_lot uuid, OUT first_lot uuid, OUT draws jsonb) FROM PUBLIC;
 
 CREATE FUNCTION ledger.transfer_kind(p_source text) RETURNS text
     LANGUAGE sql IMMUTABLE
@@ -9404,7 +9831,149 @@ COMMENT ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detai
 
 REVOKE ALL ON FUNCTION metering.batch_refusal(p_state text, p_message text, p_detail jsonb) FROM PUBLIC;
 
-CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
+CREATE FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) RETURNS boolean
+    LANGUAGE sql IMMUTABLE
+    AS $$
+  SELECT p_scope = 'account' OR (p_scope = 'api_key' AND p_subject = p_api_key_id)
+      OR (p_scope = 'member' AND p_subject = p_user_id)
+$$;
+
+COMMENT ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) IS 'Whether a budget of this scope and subject counts a spend on its account by this API key and person: an account budget counts all, a key budget its key''s, a member budget its member''s (the keys they made and their sessions).';
+
+REVOKE ALL ON FUNCTION metering.budget_applies(p_scope text, p_subject uuid, p_api_key_id uuid, p_user_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION metering.budget_json(p_budget_id uuid) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object(
+    'id', b.id, 'object', 'budget', 'account_id', b.account_id, 'scope', b.scope, 'subject', b.subject,
+    'limit', util.credits(b.limit_micros), 'window', b.period, 'alerts', to_jsonb(b.alerts),
+    'spent', util.credits(s.spent), 'remaining', util.credits(greatest(b.limit_micros - s.spent, 0)),
+    'period_start', util.iso(p.period_start), 'resets_at', util.iso(p.period_end), 'created_at', util.iso(b.created_at))
+  FROM metering.budgets b JOIN identity.accounts a ON a.id = b.account_id
+  CROSS JOIN LATERAL metering.period_bounds(b.period, util.now(), a.billing_period_start, a.billing_period_end) p
+  CROSS JOIN LATERAL (SELECT coalesce((SELECT w.spent_micros FROM metering.budget_windows w
+                                       WHERE w.budget_id = b.id AND w.period_start = p.period_start),
+                                      metering.budget_window_usage(b.account_id, b.scope, b.subject,
+                                                                   p.period_start, p.period_end)) AS spent) s
+  WHERE b.id = p_budget_id
+$$;
+
+COMMENT ON FUNCTION metering.budget_json(p_budget_id uuid) IS 'A budget as the API shows it: {id, object, account_id, scope, subject, limit, window, alerts, spent, remaining (credits, this window), period_start, resets_at, created_at}.';
+
+REVOKE ALL ON FUNCTION metering.budget_json(p_budget_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) RETURNS bigint
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT (coalesce((SELECT sum(e.credits_micros) FROM metering.usage_events e
+                    WHERE e.account_id = p_account_id AND e.created_at >= p_start AND e.created_at < p_end
+                      AND e.credits_micros > 0 AND metering.budget_applies(p_scope, p_subject, e.api_key_id, e.user_id)), 0)
+        - coalesce((SELECT sum(r.credits_micros) FROM metering.reversals r
+                    WHERE r.account_id = p_account_id AND r.event_created_at >= p_start AND r.event_created_at < p_end
+                      AND metering.budget_applies(p_scope, p_subject, r.api_key_id, r.user_id)), 0))::bigint
+$$;
+
+COMMENT ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) IS 'The credits (micro-credits) a budget''s subject (p_scope, p_subject) spent on its account in [p_start, p_end), net of reversals (metering.reversals): where a budget window''s row starts, so a budget set mid-window counts that window''s earlier spending.';
+
+REVOKE ALL ON FUNCTION metering.budget_window_usage(p_account_id uuid, p_scope text, p_subject uuid, p_start timestamp with time zone, p_end timestamp with time zone) FROM PUBLIC;
+
+CREATE FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  b metering.budgets;
+  v_budgets metering.budgets[] := '{}';
+  v_start timestamptz[] := '{}';
+  v_end timestamptz[] := '{}';
+  v_spent bigint[] := '{}';
+  v_alerted smallint[];
+  v_new smallint[];
+  v_start1 timestamptz;
+  v_end1 timestamptz;
+  v_before bigint;
+  i integer;
+BEGIN
+  budget_ids := '{}';
+  -- First every budget that counts this spend is checked (nothing written), then all are charged:
+  -- a refused spend writes nothing, so a batch can go on with its next event.
+  FOR b IN SELECT * FROM metering.budgets x WHERE x.account_id = a.id ORDER BY x.id LOOP
+    CONTINUE WHEN NOT metering.budget_applies(b.scope, b.subject, p_api_key_id, p_user_id);
+    SELECT p.period_start, p.period_end INTO v_start1, v_end1
+    FROM metering.period_bounds(b.period, util.now(), a.billing_period_start, a.billing_period_end) p;
+    SELECT w.spent_micros INTO v_before FROM metering.budget_windows w
+    WHERE w.budget_id = b.id AND w.period_start = v_start1;
+    IF NOT FOUND THEN
+      v_before := metering.budget_window_usage(b.account_id, b.scope, b.subject, v_start1, v_end1);
+    END IF;
+    IF v_before + p_micros > b.limit_micros THEN
+      refusal := jsonb_build_object(
+        'message', format('the %s budget of %s credits per %s does not cover this request',
+                          replace(b.scope, '_', ' '), util.credits(b.limit_micros), replace(b.period, '_', ' ')),
+        'detail', jsonb_build_object('account_id', a.id, 'budget_id', b.id, 'scope', b.scope, 'subject', b.subject,
+                                     'window', b.period, 'limit', util.credits(b.limit_micros),
+                                     'spent', util.credits(v_before), 'required_credits', util.credits(p_micros),
+                                     'remaining', util.credits(greatest(b.limit_micros - v_before, 0)),
+                                     'resets_at', util.iso(v_end1)));
+      budget_ids := NULL;
+      RETURN;
+    END IF;
+    v_budgets := v_budgets || b;
+    v_start := v_start || v_start1;
+    v_end := v_end || v_end1;
+    v_spent := v_spent || v_before;
+  END LOOP;
+  FOR i IN 1 .. cardinality(v_budgets) LOOP
+    b := v_budgets[i];
+    INSERT INTO metering.budget_windows AS w (budget_id, period_start, period_end, spent_micros)
+    VALUES (b.id, v_start[i], v_end[i], v_spent[i] + p_micros)
+    ON CONFLICT (budget_id, period_start) DO UPDATE SET spent_micros = w.spent_micros + p_micros
+    RETURNING w.alerted INTO v_alerted;
+    budget_ids := budget_ids || b.id;
+    -- Soft thresholds: each crossed one not yet emailed in this window, once (the row is ours
+    -- until commit, under the account's lock).
+    SELECT coalesce(array_agg(t ORDER BY t), '{}') INTO v_new FROM unnest(b.alerts) t
+    WHERE (v_spent[i] + p_micros) * 100 >= b.limit_micros * t AND NOT t = ANY (v_alerted);
+    IF v_new <> '{}' THEN
+      UPDATE metering.budget_windows SET alerted = alerted || v_new WHERE budget_id = b.id AND period_start = v_start[i];
+      PERFORM metering.email_budget_alert(b.id, max(t), v_spent[i] + p_micros, v_end[i]) FROM unnest(v_new) t;
+    END IF;
+  END LOOP;
+  budget_ids := nullif(budget_ids, '{}');
+END $$;
+
+COMMENT ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) IS 'Spend p_micros (credits of a charge or hold on account a (its identity.accounts row), locked by the caller) against every budget of a that counts this API key and person (metering.budget_applies), in their current windows. When one would pass its limit, nothing is written and refusal is the TL4B2 answer {message, detail {account_id, budget_id, scope, subject, window, limit, spent, required_credits, remaining, resets_at}}; else each window''s spending grows, each alert threshold crossed for the first time in the window is emailed (metering.email_budget_alert), and budget_ids lists the budgets charged (NULL: none). Called by api.consume, api.consume_batch and api.hold only when a.has_budgets.';
+
+REVOKE ALL ON FUNCTION metering.budgets_apply(a record, p_api_key_id uuid, p_user_id uuid, p_micros bigint, OUT refusal jsonb, OUT budget_ids uuid[]) FROM PUBLIC;
+
+CREATE FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) RETURNS jsonb
+    LANGUAGE sql STABLE
+    AS $$
+  SELECT jsonb_build_object('data', coalesce(jsonb_agg(metering.budget_json(b.id) ORDER BY b.id), '[]'))
+  FROM metering.budgets b
+  WHERE b.account_id = p_account_id
+    AND (p_all OR (b.scope = 'member' AND b.subject = p_user_id)
+         OR (b.scope = 'api_key' AND EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = b.subject AND k.created_by = p_user_id)))
+$$;
+
+COMMENT ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) IS 'An account''s budgets with this window''s spending ({data: [metering.budget_json]}): all of them, or (p_all false) those of the member p_user_id: their member budget and the budgets of the keys they made.';
+
+REVOKE ALL ON FUNCTION metering.budgets_json(p_account_id uuid, p_user_id uuid, p_all boolean) FROM PUBLIC;
+
+CREATE FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) RETURNS void
+    LANGUAGE sql
+    AS $$
+  UPDATE metering.budget_windows w SET spent_micros = greatest(w.spent_micros - p_micros, 0)
+  FROM metering.budgets b JOIN identity.accounts a ON a.id = b.account_id
+  CROSS JOIN LATERAL metering.period_bounds(b.period, p_at, a.billing_period_start, a.billing_period_end) p
+  WHERE b.id = ANY (p_budget_ids) AND w.budget_id = b.id AND w.period_start = p.period_start
+$$;
+
+COMMENT ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) IS 'Give p_micros back to the windows (those containing p_at) of the budgets p_budget_ids: a hold settled (released, expired or captured, its actual charge being spent again) or a charge reversed. A window with no row yet has nothing to give back (it starts from the net spending). Callers lock the account.';
+
+REVOKE ALL ON FUNCTION metering.budgets_return(p_budget_ids uuid[], p_at timestamp with time zone, p_micros bigint) FROM PUBLIC;
+
+CREATE FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean DEFAULT false, p_event_id uuid DEFAULT NULL::uuid, p_api_key_id uuid DEFAULT NULL::uuid, p_user_id uuid DEFAULT NULL::uuid, OUT answer json, OUT event metering.usage_events) RETURNS record
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -9429,6 +9998,16 @@ BEGIN
   event.currency := CASE WHEN q.amount_minor IS NOT NULL THEN q.currency END;
   event.warnings := nullif(q.warnings, '[]');
   event.metadata := p_metadata;
+  event.api_key_id := p_api_key_id;
+  event.user_id := p_user_id;
+  IF q.credits_micros > 0 THEN          -- first: the event keeps the lots its credits came from
+    SELECT t.lot_id, t.lot_draws INTO event.lot_id, event.lot_draws
+    FROM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
+                              format('%s x %s', q.quantity, q.meter_id)) t;
+    IF q.balance_after_micros < a.auto_topup_below_micros THEN
+      PERFORM billing.enqueue_auto_topup(a.id);
+    END IF;
+  END IF;
   IF NOT p_defer_rows THEN
     INSERT INTO metering.usage_events SELECT event.*;
     INSERT INTO metering.idempotency_keys (account_id, idempotency_key, usage_event_id, created_at, request_hash)
@@ -9444,22 +10023,61 @@ BEGIN
     VALUES (a.id, q.meter_id, q.period_start, q.period_end, q.used_before + q.allowance_units)
     ON CONFLICT (account_id, meter_id, period_start) DO UPDATE SET used = EXCLUDED.used;
   END IF;
-  IF q.credits_micros > 0 THEN
-    PERFORM ledger.post_transfer(a.id, 'usage', -q.credits_micros, 'usage', NULL, event.id,
-                                 format('%s x %s', q.quantity, q.meter_id));
-    IF q.balance_after_micros < a.auto_topup_below_micros THEN
-      PERFORM billing.enqueue_auto_topup(a.id);
-    END IF;
-  END IF;
   IF q.warnings <> '[]' THEN
     PERFORM metering.email_warnings(a.id, q.warnings);
   END IF;
   answer := metering.usage_event_answer(event, q.allowance);
 END $$;
 
-COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). api.consume and api.consume_batch charge through it.';
+COMMENT ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) IS 'Write one allowed charge: q is metering.quote''s answer for the account a (locked by the caller, nothing charged to it since the quote), p_hash the request''s fingerprint. Makes the usage event (returned as event) and writes it and its idempotency key, the allowance window''s usage, the ledger transfer (credits), the post-paid meter report and warning emails (outbox), an auto top-up when the balance falls below its threshold; answer is the answer (metering.usage_event_answer). With p_defer_rows the event and key rows and the allowance window''s usage (but for post-paid windows) are left to the caller, who must write them before its transaction ends and pass the window''s usage to its next metering.quote of it (api.consume_batch writes a batch''s events and keys with one INSERT each, a third of the cost a row, and each window once). p_event_id: the event''s id (default util.uuid_v7(); a batch passes ids from util.uuid_v7s). p_api_key_id, p_user_id: who charged (identity.authenticate_principal), recorded on the event. api.consume and api.consume_batch charge through it.';
 
-REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+REVOKE ALL ON FUNCTION metering.charge(a identity.accounts, p_idempotency_key text, p_hash bytea, p_metadata jsonb, q record, p_defer_rows boolean, p_event_id uuid, p_api_key_id uuid, p_user_id uuid, OUT answer json, OUT event metering.usage_events) FROM PUBLIC;
+
+CREATE FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  b metering.budgets;
+BEGIN
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  DELETE FROM metering.budgets WHERE id = p_budget_id AND account_id = a.id RETURNING * INTO b;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', 'no such budget');
+  END IF;
+  UPDATE identity.accounts SET has_budgets = EXISTS (SELECT 1 FROM metering.budgets WHERE account_id = a.id)
+  WHERE id = a.id;
+  RETURN jsonb_build_object('id', b.id, 'object', 'budget', 'deleted', true);
+END $$;
+
+COMMENT ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) IS 'Delete a budget of an account (its windows go with it) under the account''s lock, and clear has_budgets when it was the last. TL404 when the account has no such budget.';
+
+REVOKE ALL ON FUNCTION metering.delete_budget(p_account_id uuid, p_budget_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) RETURNS void
+    LANGUAGE sql
+    AS $$
+  INSERT INTO outbox.messages (kind, recipient, payload, created_at, next_attempt_at)
+  SELECT DISTINCT 'usage_warning', u.email,
+         jsonb_build_object('code', 'budget_threshold', 'budget_id', b.id, 'scope', b.scope, 'subject', b.subject,
+                            'meter', CASE b.scope WHEN 'api_key' THEN 'API key budget' WHEN 'member' THEN 'member budget'
+                                                  ELSE 'account budget' END,
+                            'threshold_percent', p_percent, 'spent', util.credits(p_spent),
+                            'limit', util.credits(b.limit_micros), 'resets_at', util.iso(p_resets_at),
+                            'message', format('%s%% of the %s budget used: %s of %s credits this %s%s', p_percent,
+                                              replace(b.scope, '_', ' '), util.credits(p_spent), util.credits(b.limit_micros),
+                                              replace(b.period, '_', ' '),
+                                              CASE WHEN p_percent = 100 THEN '; further spending is refused until it resets'
+                                                   ELSE '' END)),
+         util.now(), util.now()
+  FROM metering.budgets b JOIN identity.memberships m ON m.account_id = b.account_id JOIN identity.users u ON u.id = m.user_id
+  WHERE b.id = p_budget_id AND u.email_verified_at IS NOT NULL
+    AND (m.role IN ('owner', 'admin') OR (b.scope = 'member' AND m.user_id = b.subject))
+$$;
+
+COMMENT ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) IS 'Queue the email of a budget''s alert threshold (the highest one crossed by a spend) to the account''s owners and admins and, for a member budget, the member (verified addresses; outbox usage_warning, written by the spending transaction).';
+
+REVOKE ALL ON FUNCTION metering.email_budget_alert(p_budget_id uuid, p_percent integer, p_spent bigint, p_resets_at timestamp with time zone) FROM PUBLIC;
 
 CREATE FUNCTION metering.email_warnings(p_account_id uuid, p_warnings jsonb) RETURNS void
     LANGUAGE sql
@@ -9495,10 +10113,16 @@ CREATE FUNCTION metering.event_json(e metering.usage_events) RETURNS jsonb
                                                           'credits', util.credits(e.credits_micros),
                                                           'amount', e.amount_minor),
                             'idempotency_key', e.idempotency_key, 'metadata', e.metadata,
+                            'api_key_id', e.api_key_id, 'user_id', e.user_id,
+                            'reversed', (SELECT jsonb_build_object('quantity', sum(r.quantity),
+                                                                   'credits', util.credits(sum(r.credits_micros)::bigint),
+                                                                   'reversals', jsonb_agg(r.id ORDER BY r.id))
+                                         FROM metering.reversals r
+                                         WHERE r.account_id = e.account_id AND r.usage_event_id = e.id HAVING count(*) > 0),
                             'created_at', util.iso(e.created_at))
 $$;
 
-COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, created_at}.';
+COMMENT ON FUNCTION metering.event_json(e metering.usage_events) IS 'A usage event as GET /v1/usage/events lists it: {id, meter, quantity, input_tokens, output_tokens, charged {allowance_units, credits, amount (post-paid: minor currency units; else null)}, idempotency_key, metadata, api_key_id and user_id (who charged it: the key, and the session''s person or the member who made the key), reversed ({quantity, credits, reversals: ids} when reversed in part or whole, else null), created_at}.';
 
 REVOKE ALL ON FUNCTION metering.event_json(e metering.usage_events) FROM PUBLIC;
 
@@ -9548,21 +10172,30 @@ COMMENT ON FUNCTION metering.idempotency_window() IS 'How long a usage event''s 
 
 REVOKE ALL ON FUNCTION metering.idempotency_window() FROM PUBLIC;
 
-CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
+CREATE FUNCTION metering.lock_account(p_account_id uuid) RETURNS identity.accounts
     LANGUAGE plpgsql
     AS $$
 DECLARE
   a identity.accounts;
-  v_id uuid := identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id);
 BEGIN
-  PERFORM 1 FROM identity.accounts WHERE id = v_id FOR NO KEY UPDATE;
-  PERFORM metering.expire_holds(v_id);
-  PERFORM ledger.refresh_lots(v_id);
-  SELECT * INTO a FROM identity.accounts WHERE id = v_id;
+  PERFORM 1 FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  PERFORM metering.expire_holds(p_account_id);
+  PERFORM ledger.refresh_lots(p_account_id);
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id;
   RETURN a;
 END $$;
 
-COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+COMMENT ON FUNCTION metering.lock_account(p_account_id uuid) IS 'An account locked for a charge, with its expired holds released and its due credit lots refreshed (ledger.refresh_lots).';
+
+REVOKE ALL ON FUNCTION metering.lock_account(p_account_id uuid) FROM PUBLIC;
+
+CREATE FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) RETURNS identity.accounts
+    LANGUAGE sql
+    AS $$
+  SELECT metering.lock_account(identity.authenticate(p_api_key, p_session_id, 'usage:write', p_account_id))
+$$;
+
+COMMENT ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) IS 'The principal''s account (scope usage:write), locked for a charge (metering.lock_account).';
 
 REVOKE ALL ON FUNCTION metering.locked_account(p_api_key text, p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 
@@ -9808,6 +10441,239 @@ COMMENT ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_inp
 
 REVOKE ALL ON FUNCTION metering.request_hash(p_meter text, p_quantity bigint, p_input_tokens bigint, p_output_tokens bigint, p_metadata jsonb) FROM PUBLIC;
 
+CREATE FUNCTION metering.reversal_json(r record) RETURNS jsonb
+    LANGUAGE plpgsql STABLE
+    AS $$              -- (plpgsql: a sql function cannot take a record)
+BEGIN
+  RETURN jsonb_build_object(
+    'id', r.id, 'object', 'usage_reversal', 'account_id', r.account_id, 'usage_event_id', r.usage_event_id,
+    'quantity', r.quantity,
+    'reversed', jsonb_build_object('allowance_units', r.allowance_units, 'credits', util.credits(r.credits_micros),
+                                   'amount', r.amount_minor, 'currency', r.currency),
+    'allowance_returned', r.allowance_returned, 'lots', r.lots, 'transfer_id', r.transfer_id,
+    'reason', r.reason, 'idempotency_key', r.idempotency_key,
+    'balance', jsonb_build_object('credits', util.credits(r.balance_after_micros)),
+    'created_at', util.iso(r.created_at));
+END $$;
+
+COMMENT ON FUNCTION metering.reversal_json(r record) IS 'A reversal (a metering.reversals row) as the API shows it: {id, object, account_id, usage_event_id, quantity, reversed {allowance_units, credits, amount (post-paid credit owed, minor units), currency}, allowance_returned, lots [{lot_id, credits, new_lot}], transfer_id, reason, idempotency_key, balance {credits right after it}, created_at}.';
+
+REVOKE ALL ON FUNCTION metering.reversal_json(r record) FROM PUBLIC;
+
+CREATE FUNCTION metering.reversal_lot_days() RETURNS integer
+    LANGUAGE sql IMMUTABLE
+    AS $$ SELECT 7 $$;
+
+COMMENT ON FUNCTION metering.reversal_lot_days() IS 'Days to spend credits a reversal gives back when the lot they came from has expired (or been canceled) since: they come back as a new lot of source reversal expiring this long after the reversal. 7.';
+
+REVOKE ALL ON FUNCTION metering.reversal_lot_days() FROM PUBLIC;
+
+CREATE FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) RETURNS record
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  e metering.usage_events;
+  a identity.accounts;
+  r metering.reversals;
+  v_hash bytea := sha256(convert_to(jsonb_build_object('event', p_event_id, 'quantity', p_quantity,
+                                                       'reason', btrim(p_reason))::text, 'UTF8'));
+  v_q bigint;             -- units reversed before
+  v_c bigint;             -- credits reversed before
+  v_al bigint;            -- allowance units reversed before
+  v_am bigint;            -- post-paid amount reversed before
+  v_n bigint;             -- units to reverse now
+  v_credit_units bigint;  -- the event's units that credits paid for (after its allowance units)
+  v_draws jsonb;          -- the lots the event drew from, in burn order: [[lot, micros], ...]
+  v_skip bigint;          -- credits earlier reversals gave back (to the last-drawn lots first)
+  v_left bigint;
+  v_take bigint;
+  v_lot ledger.credit_lots;
+  d jsonb;
+  v_new uuid;
+  v_transfer record;
+  v_expires timestamptz;
+BEGIN
+  IF p_idempotency_key IS NULL OR length(p_idempotency_key) NOT BETWEEN 1 AND 255 THEN
+    PERFORM util.fail('TL422', 'an idempotency key of 1 to 255 characters is required', '{"field": "Idempotency-Key"}');
+  END IF;
+  IF p_reason IS NULL OR length(btrim(p_reason)) NOT BETWEEN 1 AND 500 THEN
+    PERFORM util.fail('TL422', 'a reversal needs a reason of at most 500 characters', '{"field": "reason"}');
+  END IF;
+  IF p_quantity IS NOT NULL AND p_quantity < 1 THEN
+    PERFORM util.fail('TL422', 'quantity must be a positive integer', '{"field": "quantity"}');
+  END IF;
+  SELECT * INTO e FROM metering.usage_events WHERE id = p_event_id;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no usage event %s', p_event_id));
+  END IF;
+  -- The account's lock, as every charge takes it: reversals of one event, and charges spending
+  -- the same lots, happen one after the other.
+  a := metering.lock_account(e.account_id);
+
+  SELECT * INTO r FROM metering.reversals WHERE account_id = a.id AND idempotency_key = p_idempotency_key;
+  IF FOUND THEN                         -- a replay, or TL42R for another reversal
+    PERFORM util.idempotency_check(r.request_hash, v_hash, 'reversal', jsonb_build_object('reversal_id', r.id));
+    replayed := true;
+    body := metering.reversal_json(r);
+    RETURN;
+  END IF;
+
+  SELECT coalesce(sum(x.quantity), 0), coalesce(sum(x.credits_micros), 0), coalesce(sum(x.allowance_units), 0),
+         coalesce(sum(x.amount_minor), 0)
+  INTO v_q, v_c, v_al, v_am
+  FROM metering.reversals x WHERE x.account_id = a.id AND x.usage_event_id = e.id;
+  v_n := coalesce(p_quantity, e.quantity - v_q);
+  IF v_q >= e.quantity THEN
+    PERFORM util.fail('TL40C', 'this usage event is already fully reversed',
+                      jsonb_build_object('usage_event_id', e.id, 'reversed_quantity', v_q));
+  ELSIF v_q + v_n > e.quantity THEN
+    PERFORM util.fail('TL422', format('at most %s of the event''s %s units are left to reverse', e.quantity - v_q, e.quantity),
+                      jsonb_build_object('field', 'quantity', 'reversible_quantity', e.quantity - v_q));
+  END IF;
+
+  -- What the reversed units cost, cumulatively, so that partial reversals add up to the charge
+  -- exactly: the last units charged (those credits paid for) are reversed first, then the
+  -- allowance units. (A token meter's event is one unit: all of it.)
+  v_credit_units := CASE WHEN e.input_tokens IS NULL THEN e.quantity - least(e.allowance_units, e.quantity) ELSE 1 END;
+  r.id := util.uuid_v7();
+  r.account_id := a.id;
+  r.usage_event_id := e.id;
+  r.event_created_at := e.created_at;
+  r.idempotency_key := p_idempotency_key;
+  r.request_hash := v_hash;
+  r.quantity := v_n;
+  r.credits_micros := CASE WHEN v_credit_units = 0 THEN 0
+                           ELSE e.credits_micros * least(v_q + v_n, v_credit_units) / v_credit_units
+                                - e.credits_micros * least(v_q, v_credit_units) / v_credit_units END;
+  r.allowance_units := CASE WHEN e.input_tokens IS NOT NULL THEN e.allowance_units - v_al
+                            ELSE greatest(v_q + v_n - v_credit_units, 0) - greatest(v_q - v_credit_units, 0) END;
+  r.amount_minor := CASE WHEN e.amount_minor IS NOT NULL
+                         THEN e.amount_minor * (v_q + v_n) / e.quantity - v_am END;
+  r.currency := e.currency;
+  r.reason := btrim(p_reason);
+  r.api_key_id := e.api_key_id;
+  r.user_id := e.user_id;
+  r.staff_user_id := p_staff_user_id;
+  r.operator_key_id := p_operator_key_id;
+  r.created_at := util.now();
+  r.lots := '[]';
+
+  -- Allowance units go back to their window while it is still open.
+  r.allowance_returned := r.allowance_units > 0 AND e.period_end > util.now();
+  IF r.allowance_returned THEN
+    UPDATE metering.allowance_usage SET used = greatest(used - r.allowance_units, 0)
+    WHERE account_id = a.id AND meter_id = e.meter_id AND period_start = e.period_start;
+  END IF;
+
+  IF r.credits_micros > 0 THEN
+    SELECT * INTO v_transfer
+    FROM ledger.post_transfer(a.id, 'usage', r.credits_micros, 'reversal', 'reversal:' || r.id, e.id,
+                              left('reversal: ' || r.reason, 500), p_lots => false);
+    r.transfer_id := v_transfer.transfer_id;
+    -- Back into the lots the charge drew from, the last drawn first (reverse burn order), past
+    -- what earlier reversals of the event gave back already. A charge made before migration
+    -- 0032b kept no lots: its credits come back as a new lot.
+    v_draws := coalesce(e.lot_draws, CASE WHEN e.lot_id IS NOT NULL THEN jsonb_build_array(jsonb_build_array(e.lot_id, e.credits_micros))
+                                          ELSE jsonb_build_array(jsonb_build_array(NULL, e.credits_micros)) END);
+    v_skip := v_c;
+    v_left := r.credits_micros;
+    v_expires := util.now() + make_interval(days => metering.reversal_lot_days());
+    FOR d IN SELECT x FROM jsonb_array_elements(v_draws) WITH ORDINALITY t (x, n) ORDER BY t.n DESC LOOP
+      v_take := least((d ->> 1)::bigint - least(v_skip, (d ->> 1)::bigint), v_left);
+      v_skip := v_skip - least(v_skip, (d ->> 1)::bigint);
+      CONTINUE WHEN v_take <= 0;
+      SELECT * INTO v_lot FROM ledger.credit_lots WHERE id = (d ->> 0)::uuid AND account_id = a.id;
+      IF v_lot.status = 'active' AND (v_lot.expires_at IS NULL OR v_lot.expires_at > util.now()) THEN
+        UPDATE ledger.credit_lots SET remaining_micros = remaining_micros + v_take WHERE id = v_lot.id;
+        r.lots := r.lots || jsonb_build_object('lot_id', v_lot.id, 'credits', util.credits(v_take), 'new_lot', false);
+      ELSE
+        INSERT INTO ledger.credit_lots (account_id, source, amount_micros, remaining_micros, status, grant_key, transfer_id,
+                                        available_at, expires_at, created_at, memo)
+        VALUES (a.id, 'reversal', v_take, v_take, 'active', 'reversal:' || r.id || ':' || coalesce(v_lot.id::text, 'lot'),
+                r.transfer_id, r.created_at, v_expires, r.created_at,
+                left(format('reversal of %s (lot %s %s)', e.id, coalesce(v_lot.id::text, 'unknown'),
+                            coalesce(v_lot.status, 'unrecorded')), 500))
+        RETURNING id INTO v_new;
+        UPDATE identity.accounts SET credits_due_at = least(credits_due_at, v_expires) WHERE id = a.id;
+        r.lots := r.lots || jsonb_build_object('lot_id', v_new, 'credits', util.credits(v_take), 'new_lot', true,
+                                               'replaces_lot', v_lot.id, 'expires_at', util.iso(v_expires));
+      END IF;
+      v_left := v_left - v_take;
+      EXIT WHEN v_left = 0;
+    END LOOP;
+    IF v_left <> 0 THEN
+      RAISE EXCEPTION 'the lots of usage event % do not add up to its credits', e.id USING ERRCODE = 'TL500';
+    END IF;
+    -- The budgets that counted the charge get the credits back in the window it counted in.
+    IF a.has_budgets THEN
+      PERFORM metering.budgets_return(array_agg(b.id), e.created_at, r.credits_micros)
+      FROM metering.budgets b
+      WHERE b.account_id = a.id AND metering.budget_applies(b.scope, b.subject, e.api_key_id, e.user_id);
+    END IF;
+  END IF;
+
+  r.balance_after_micros := (SELECT credit_balance_micros FROM identity.accounts WHERE id = a.id);
+  INSERT INTO metering.reversals SELECT r.*;
+  IF p_staff_user_id IS NOT NULL THEN
+    PERFORM ops.audit(u, 'reverse_usage', a.id, NULL, r.reason, metering.event_json(e), metering.reversal_json(r))
+    FROM identity.users u WHERE u.id = p_staff_user_id;
+  END IF;
+  replayed := false;
+  body := metering.reversal_json(r);
+END $$;
+
+COMMENT ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) IS 'Reverse p_quantity units of a usage event (NULL: all that are left), with a reason, once per (account, idempotency key): a retry with the same event, quantity and reason returns the reversal (replayed), another request under the key is TL42R (util.idempotency_check). Under the account''s lock: never more than was charged, however many run at once (TL40C fully reversed already, TL422 more units than are left). The reversed units cost what the charge''s last units did (credits first, then allowance units; partial reversals add up to the charge exactly). Credits come back by a ledger transfer of kind reversal from the usage system account into the lots the charge drew from, last drawn first; a lot that has expired or been canceled since becomes a new lot of source reversal expiring metering.reversal_lot_days() later. Allowance units go back to their window if it is still open; budgets that counted the charge get the credits back; a post-paid charge records the amount as a credit owed (reporting.post_paid_credits_owed). Staff reversals are audited (ops.audit_log); every reversal is a metering.reversals row. TL404 unknown event, TL422 bad key, reason or quantity.';
+
+REVOKE ALL ON FUNCTION metering.reverse_usage(p_event_id uuid, p_quantity bigint, p_reason text, p_idempotency_key text, p_staff_user_id uuid, p_operator_key_id uuid, OUT replayed boolean, OUT body jsonb) FROM PUBLIC;
+
+CREATE FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) RETURNS jsonb
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+  a identity.accounts;
+  b metering.budgets;
+  v_limit bigint;
+BEGIN
+  IF p_scope IS NULL OR p_scope NOT IN ('api_key', 'member', 'account') THEN
+    PERFORM util.fail('TL422', 'scope is api_key, member or account', '{"field": "scope"}');
+  END IF;
+  IF p_window IS NULL OR p_window NOT IN ('day', 'month', 'billing_period') THEN
+    PERFORM util.fail('TL422', 'window is day, month or billing_period', '{"field": "window"}');
+  END IF;
+  v_limit := billing.to_micros(to_jsonb(p_limit), 'limit');
+  IF v_limit <= 0 THEN
+    PERFORM util.fail('TL422', 'limit: a budget is a positive number of credits', '{"field": "limit"}');
+  END IF;
+  IF cardinality(p_alerts) > 10 OR EXISTS (SELECT 1 FROM unnest(p_alerts) t WHERE t IS NULL OR t NOT BETWEEN 1 AND 100) THEN
+    PERFORM util.fail('TL422', 'alerts: at most 10 percentages of the limit, each 1 to 100', '{"field": "alerts"}');
+  END IF;
+  SELECT * INTO a FROM identity.accounts WHERE id = p_account_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM util.fail('TL404', format('no account %s', p_account_id));
+  END IF;
+  IF p_subject IS NULL AND p_scope = 'account' THEN
+    p_subject := a.id;
+  END IF;
+  IF p_scope = 'account' AND p_subject IS DISTINCT FROM a.id
+     OR p_scope = 'api_key' AND NOT EXISTS (SELECT 1 FROM identity.api_keys k WHERE k.id = p_subject AND k.account_id = a.id)
+     OR p_scope = 'member' AND NOT EXISTS (SELECT 1 FROM identity.memberships m WHERE m.user_id = p_subject AND m.account_id = a.id) THEN
+    PERFORM util.fail('TL422', format('subject: no %s %s on account %s', replace(p_scope, '_', ' '), p_subject, a.id),
+                      '{"field": "subject"}');
+  END IF;
+  -- One budget per subject and window: setting it again changes its limit and alerts.
+  INSERT INTO metering.budgets AS x (account_id, scope, subject, limit_micros, period, alerts, created_at, created_by)
+  VALUES (a.id, p_scope, p_subject, v_limit, p_window,
+          (SELECT coalesce(array_agg(DISTINCT t ORDER BY t), '{}') FROM unnest(p_alerts) t), util.now(), p_created_by)
+  ON CONFLICT ON CONSTRAINT budgets_one_per_window DO UPDATE SET limit_micros = EXCLUDED.limit_micros, alerts = EXCLUDED.alerts
+  RETURNING * INTO b;
+  UPDATE identity.accounts SET has_budgets = true WHERE id = a.id AND NOT has_budgets;
+  RETURN metering.budget_json(b.id);
+END $$;
+
+COMMENT ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) IS 'Set a budget on an account (one per scope, subject and window: setting it again changes its limit and alerts), under the account''s lock, and mark the account as having budgets. p_limit: credits as a decimal string; p_alerts: percentages 1-100 (at most 10). TL404 unknown account, TL422 bad scope, subject (not a key or member of the account; account: the account itself, the default), window, limit or alerts.';
+
+REVOKE ALL ON FUNCTION metering.set_budget(p_account_id uuid, p_scope text, p_subject uuid, p_limit text, p_window text, p_alerts integer[], p_created_by uuid) FROM PUBLIC;
+
 CREATE FUNCTION metering.settle_hold(h metering.holds, p_status text) RETURNS metering.holds
     LANGUAGE plpgsql
     AS $$
@@ -9821,6 +10687,9 @@ BEGIN
     RETURN NULL;
   END IF;
   UPDATE identity.accounts SET held_micros = held_micros - v.credits_micros WHERE id = v.account_id;
+  IF v.budget_ids IS NOT NULL THEN       -- the budgets that counted the reservation get it back
+    PERFORM metering.budgets_return(v.budget_ids, v.created_at, v.credits_micros);
+  END IF;
   IF v.allowance_units > 0 THEN
     UPDATE metering.allowance_usage SET used = greatest(used - v.allowance_units, 0)
     WHERE account_id = v.account_id AND meter_id = v.meter_id AND period_start = v.period_start;
@@ -9828,7 +10697,7 @@ BEGIN
   RETURN v;
 END $$;
 
-COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
+COMMENT ON FUNCTION metering.settle_hold(h metering.holds, p_status text) IS 'Return what an open hold reserved (its credits to the spendable balance and to the windows of the budgets that counted them, its allowance units to their window) and mark it captured, released or expired, exactly once; NULL when it was not open. Callers lock the account first.';
 
 REVOKE ALL ON FUNCTION metering.settle_hold(h metering.holds, p_status text) FROM PUBLIC;
 
@@ -9931,7 +10800,7 @@ CREATE FUNCTION ops.reconciliation_views() RETURNS text[]
   SELECT ARRAY['balance_mismatches', 'unbalanced_transfers', 'entry_balance_breaks', 'usage_charge_mismatches',
                'hold_mismatches', 'unreported_post_paid_events', 'lot_balance_mismatches',
                'referral_reward_mismatches', 'revenue_drift', 'ledger_reference_breaks', 'unmatched_refunds',
-               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes']
+               'stuck_auto_topups', 'meter_total_mismatches', 'unmatched_disputes', 'reversal_mismatches']
 $$;
 
 COMMENT ON FUNCTION ops.reconciliation_views() IS 'The reconciliation views of reporting, each of which must always be empty: what pgtally reconcile runs and what the reconciliation alert watches.';
@@ -10112,6 +10981,24 @@ END $$;
 COMMENT ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) IS 'HMAC-SHA256 (RFC 2104; checked against the RFC 4231 test vectors in tests/sql): a keyed hash, used to derive a refresh token''s successor from the token and its family''s secret.';
 
 REVOKE ALL ON FUNCTION util.hmac_sha256(p_key bytea, p_message bytea) FROM PUBLIC;
+
+CREATE FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  IF p_stored IS NULL THEN
+    RETURN false;                        -- no earlier request under the key: go on
+  ELSIF p_stored = p_request THEN
+    RETURN true;                         -- the same request again: answer it as the first time
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'TL42R',
+    MESSAGE = format('this idempotency key was already used for a different %s', p_what),
+    DETAIL = coalesce(p_detail::text, '');
+END $$;
+
+COMMENT ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) IS 'The idempotency check of the IETF draft "The Idempotency-Key HTTP Header Field" (draft-ietf-httpapi-idempotency-key-header): given the fingerprint stored with an earlier request under the key (NULL: none) and this request''s, false when there was none (process it), true when it is the same request (replay the first answer: the API adds Idempotent-Replayed: true), and TL42R (422 idempotency-key-reused; p_what names the thing, p_detail the earlier one) when the key was used for a different request: nothing changes. Callers read the earlier request under the lock that serialises the writes of the key (the account row), so a concurrent retry waits for the first and replays it: no request under a key is ever seen in progress. Used by api.consume, api.consume_batch, api.hold, ledger.operator_transfer (grants, adjustments, admin credits) and metering.reverse_usage.';
+
+REVOKE ALL ON FUNCTION util.idempotency_check(p_stored bytea, p_request bytea, p_what text, p_detail jsonb) FROM PUBLIC;
 
 CREATE FUNCTION util.iso(p_at timestamp with time zone) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE

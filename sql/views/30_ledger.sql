@@ -43,10 +43,10 @@ COMMENT ON VIEW reporting.entry_balance_breaks IS
 CREATE OR REPLACE VIEW reporting.usage_charge_mismatches AS
 SELECT u.id AS usage_event_id, u.account_id, u.credits_micros, coalesce(-t.amount_micros, 0) AS ledger_micros
 FROM metering.usage_events u
-LEFT JOIN ledger.transfers t ON t.usage_event_id = u.id
+LEFT JOIN ledger.transfers t ON t.usage_event_id = u.id AND t.kind = 'usage'
 WHERE u.credits_micros <> coalesce(-t.amount_micros, 0);
 COMMENT ON VIEW reporting.usage_charge_mismatches IS
-  'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them. Must be empty.';
+  'Reconciliation: usage events whose credits_micros differ from the usage transfer recorded for them (a reversal''s transfer names its event too: reporting.reversal_mismatches checks those). Must be empty.';
 
 CREATE OR REPLACE VIEW reporting.system_balances AS
 SELECT s.code AS system_account,

@@ -25,3 +25,13 @@ FROM metering.usage_rollup_hourly GROUP BY 1, 2;
 COMMENT ON VIEW reporting.usage_by_hour IS 'Usage by UTC hour of day and meter, over all time: events, units and the share of the meter''s events.';
 
 GRANT SELECT ON reporting.usage_daily, reporting.usage_per_meter_plan_monthly, reporting.usage_by_hour TO pgtally_analyst;
+
+CREATE OR REPLACE VIEW reporting.usage_by_principal_daily AS
+SELECT e.account_id, (date_trunc('day', e.created_at AT TIME ZONE 'UTC'))::date AS day, e.api_key_id, e.user_id,
+       e.meter_id, count(*) AS events, sum(e.quantity::bigint) AS quantity,
+       sum(e.allowance_units::bigint) AS allowance_units, sum(e.credits_micros::bigint) AS credits_micros
+FROM metering.usage_events e
+GROUP BY 1, 2, 3, 4, 5;
+COMMENT ON VIEW reporting.usage_by_principal_daily IS
+  'Usage per account, UTC day, API key, member and meter: events, units, allowance units and micro-credits spent (events charged before migration 0032 have no key or member).';
+GRANT SELECT ON reporting.usage_by_principal_daily TO pgtally_analyst;

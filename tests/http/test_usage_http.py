@@ -50,7 +50,8 @@ async def test_replay_returns_the_original_body_and_other_payload_conflicts(clie
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
     other = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3}, headers=auth(key, "once"))
-    assert other.status_code == 409 and other.headers["content-type"].startswith(PROBLEM)
+    assert other.status_code == 422 and other.headers["content-type"].startswith(PROBLEM)
+    assert other.json()["type"].endswith("/idempotency-key-reused")
     assert other.json()["usage_event_id"] == first.json()["id"]
 
 
@@ -246,7 +247,7 @@ async def test_metadata_is_part_of_the_idempotency_fingerprint(client, new_accou
     assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=body)).status_code == 201
     assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=body)).status_code == 200
     changed = {"meter": "generation", "metadata": {"model": "b"}}
-    assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=changed)).status_code == 409
+    assert (await client.post("/v1/usage/events", headers=auth(key, "k"), json=changed)).status_code == 422
 
 
 async def test_holds_over_http_reserve_capture_release_and_list(client, new_account):
@@ -257,7 +258,7 @@ async def test_holds_over_http_reserve_capture_release_and_list(client, new_acco
     again = await client.post("/v1/holds", json={"meter": "generation", "quantity": 11, "expires_in": 600}, headers=auth(key, "h1"))
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true" and again.json() == hold
     other = await client.post("/v1/holds", json={"meter": "generation", "quantity": 2}, headers=auth(key, "h1"))
-    assert other.status_code == 409
+    assert other.status_code == 422
     refused = await client.post("/v1/holds", json={"meter": "generation"}, headers=auth(key, "h2"))
     assert refused.status_code == 402 and refused.headers["content-type"].startswith(PROBLEM)
     assert (await client.post("/v1/usage/events", json={"meter": "generation"}, headers=auth(key, "u1"))).status_code == 402

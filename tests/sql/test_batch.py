@@ -28,7 +28,7 @@ def test_each_event_is_answered_on_its_own_and_a_refusal_stops_nothing(api_conn,
     ])
     assert [(a["index"], a["status"], a.get("sqlstate")) for a in answers] == [
         (0, "charged", None), (1, "refused", "TL402"), (2, "refused", "TL422"), (3, "replayed", None),
-        (4, "refused", "TL409"), (5, "charged", None), (6, "refused", "TL422"), (7, "refused", "TL422")]
+        (4, "refused", "TL42R"), (5, "charged", None), (6, "refused", "TL422"), (7, "refused", "TL422")]
     assert answers[1]["detail"]["required_credits"] == "50" and answers[0]["event"] == answers[3]["event"]
     assert answers[5]["event"]["charged"] == {"allowance_units": 0, "credits": "2"}
     assert api_conn.execute("SELECT charged, replayed, refused FROM api.consume_batch(%s, NULL, %s::jsonb)", [acct["api_key"], json.dumps([
@@ -79,7 +79,7 @@ def test_one_key_on_two_accounts_is_two_charges_and_each_repeat_replays_its_own(
               for account, quantity in ((first, 1), (second, 2), (second, 2), (first, 1), (first, 3))]
     answers = batch(owner, service, events)
     assert [(a["status"], a.get("sqlstate")) for a in answers] == [
-        ("charged", None), ("charged", None), ("replayed", None), ("replayed", None), ("refused", "TL409")]
+        ("charged", None), ("charged", None), ("replayed", None), ("replayed", None), ("refused", "TL42R")]
     assert answers[2]["event"] == answers[1]["event"] and answers[3]["event"] == answers[0]["event"]
     assert {answers[0]["event"]["account_id"], answers[1]["event"]["account_id"]} == {first, second}
     # A thousand events, every fifth a repeat of the one before it: a repeat replays within the batch.

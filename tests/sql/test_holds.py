@@ -15,7 +15,7 @@ def test_a_hold_reserves_what_a_charge_would_cost_and_nothing_else_may_spend_it(
     replayed, h = hold(api_conn, key, "h1", quantity=12)
     assert not replayed and h["status"] == "open" and h["held"] == {"allowance_units": 10, "credits": "2"}
     assert hold(api_conn, key, "h1", quantity=12) == (True, h)
-    assert sqlstate_of(lambda: hold(api_conn, key, "h1", quantity=3)) == "TL409"
+    assert sqlstate_of(lambda: hold(api_conn, key, "h1", quantity=3)) == "TL42R"
     assert sqlstate_of(lambda: consume(api_conn, key, "c1")) == "TL402"            # all of it is held
     assert sqlstate_of(lambda: hold(api_conn, key, "h2")) == "TL402"
     b = balance(api_conn, key)
@@ -26,7 +26,7 @@ def test_a_hold_reserves_what_a_charge_would_cost_and_nothing_else_may_spend_it(
     replayed, event = capture(api_conn, key, h["id"], quantity=5)
     assert not replayed and event["charged"] == {"allowance_units": 5, "credits": "0"}
     assert capture(api_conn, key, h["id"], quantity=5) == (True, event)            # once
-    assert sqlstate_of(lambda: capture(api_conn, key, h["id"], quantity=6)) == "TL409"
+    assert sqlstate_of(lambda: capture(api_conn, key, h["id"], quantity=6)) == "TL42R"
     assert sqlstate_of(lambda: release(api_conn, key, h["id"])) == "TL40C"
     b = balance(api_conn, key)
     assert (b["credits"], b["held"], b["available"], b["allowances"][0]["used"]) == ("2", "0", "2", 5)

@@ -20,7 +20,7 @@ def test_grant_is_applied_once_per_idempotency_key(owner, new_account):
     assert replayed is False and first["amount"] == "5" and first["balance_after"] == "5"
     replayed, again = grant(owner, acct["account_id"], 5 * CREDIT, "promo-1", "welcome")
     assert replayed is True and again == first
-    assert sqlstate_of(lambda: grant(owner, acct["account_id"], 6 * CREDIT, "promo-1")) == "TL409"
+    assert sqlstate_of(lambda: grant(owner, acct["account_id"], 6 * CREDIT, "promo-1")) == "TL42R"
     assert owner.execute("SELECT credit_balance_micros FROM identity.accounts WHERE id = %s",
                          [acct["account_id"]]).fetchone()[0] == 5 * CREDIT
 

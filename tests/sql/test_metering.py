@@ -42,7 +42,7 @@ def test_same_key_same_request_replays_and_other_request_conflicts(api_conn, own
     consume(api_conn, key, "other")
     replayed, again = consume(api_conn, key, "same", quantity=1)   # quantity 1 is the default
     assert replayed is True and again == first
-    assert sqlstate_of(lambda: consume(api_conn, key, "same", quantity=2)) == "TL409"
+    assert sqlstate_of(lambda: consume(api_conn, key, "same", quantity=2)) == "TL42R"
     assert owner.execute("SELECT sum(quantity) FROM metering.usage_events").fetchone()[0] == 2
 
 

@@ -87,7 +87,7 @@ def test_a_key_is_remembered_for_the_window_then_forgotten(owner, api_conn, new_
     first = consume(owner, key, "nightly-job")
     set_clock(owner, "2027-02-09 11:59:59+00")                 # 30 days less a second later
     assert consume(owner, key, "nightly-job") == (True, first[1])
-    assert sqlstate_of(lambda: consume(owner, key, "nightly-job", quantity=2)) == "TL409"
+    assert sqlstate_of(lambda: consume(owner, key, "nightly-job", quantity=2)) == "TL42R"
     owner.execute("SELECT api.maintain_storage()")
     assert owner.execute("SELECT count(*) FROM metering.idempotency_keys").fetchone()[0] == 1
     set_clock(owner, "2027-02-09 12:00:01+00")                 # the window has passed

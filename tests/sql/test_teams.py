@@ -4,13 +4,9 @@ and suspension."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from tests.conftest import CREDIT, consume, reconciliation_problems, run_concurrently, sqlstate_of
-
-ips = (f"10.7.{i // 250}.{i % 250}" for i in itertools.count(1))
+from tests.conftest import CREDIT, call, consume, join, person, reconciliation_problems, run_concurrently, sqlstate_of, team_of
 
 # What each role may do on a team: the product's rules, written out (not read from the table).
 MATRIX = {
@@ -21,30 +17,6 @@ MATRIX = {
     "viewer":  {"usage:read", "billing:read", "members:read"},
 }
 PERMISSIONS = sorted(set().union(*MATRIX.values()))
-
-
-def person(conn, name: str) -> dict:
-    email = f"{name}@example.com"
-    conn.execute("SELECT api.signup(%s, 'argon2-hash', %s, 'test')", [email, next(ips)])
-    user_id, account_id = conn.execute("SELECT id, account_id FROM identity.users WHERE email_normalized = %s", [email]).fetchone()
-    conn.execute("SELECT identity.mark_email_verified(%s)", [user_id])
-    session = conn.execute("SELECT api.login_succeeded(%s, NULL, %s, 'test')", [user_id, next(ips)]).fetchone()[0]
-    return {"user_id": str(user_id), "account_id": str(account_id), "session": session["session_id"], "email": email}
-
-
-def call(conn, sql: str, *params):
-    return conn.execute(f"SELECT {sql}", list(params)).fetchone()[0]
-
-
-def team_of(conn, owner: dict, name="Acme") -> str:
-    return call(conn, "api.create_team(%s::uuid, %s::text)", owner["session"], name)["id"]
-
-
-def join(conn, owner: dict, team: str, who: dict, role: str) -> None:
-    call(conn, "api.invite(%s::uuid, %s::uuid, %s::text, %s::text)", owner["session"], team, who["email"], role)
-    token = conn.execute("SELECT payload ->> 'token' FROM outbox.messages WHERE kind = 'invitation' AND recipient = %s "
-                         "ORDER BY created_at DESC LIMIT 1", [who["email"]]).fetchone()[0]
-    assert call(conn, "api.accept_invitation(%s::uuid, %s::text)", who["session"], token)["role"] == role
 
 
 def test_the_permission_matrix(owner):
