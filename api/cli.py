@@ -531,10 +531,8 @@ from api import cli_people  # noqa: E402 - registers on main, which it does not 
 for command in (cli_people.login, cli_people.whoami, cli_people.usage, cli_people.logout):
     main.add_command(command)
 
-from api import (
-    cli_clients,  # noqa: E402,F401 - registers `pgtally clients` (OpenID Connect clients) on main
-    cli_money,  # noqa: E402,F401 - registers pgtally budgets, pgtally events (issue 28)
-)
+# Commands other modules add to main: pgtally clients (OpenID Connect clients), budgets and events.
+from api import cli_clients, cli_money  # noqa: E402,F401 - they register on main
 
 if __name__ == "__main__":
     main()
