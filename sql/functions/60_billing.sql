@@ -489,6 +489,20 @@ $$;
 COMMENT ON FUNCTION api.stripe_webhook_rejected(text, text) IS
   'POST /v1/webhooks/stripe, for a validly signed body that is not readable JSON (not UTF-8, too deeply nested, a NUL character): record it as rejected under the id rejected:<SHA-256 of the body> with the reason. The API answers 400.';
 
+CREATE OR REPLACE FUNCTION billing.record_outcome(p_event_id text, p_result text, p_reason text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_status text := split_part(p_result, ':', 1);
+BEGIN
+  UPDATE billing.stripe_events
+  SET status = v_status, note = left(nullif(btrim(substr(p_result, length(v_status) + 2)), ''), 1000)
+  WHERE id = p_event_id;
+  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', p_event_id)
+         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(p_reason, 1000)) ELSE '{}' END;
+END $$;
+COMMENT ON FUNCTION billing.record_outcome(text, text, text) IS
+  'What applying a Stripe event came to (p_result: ''applied'', ''ignored: why'', ''rejected: why''...): its status and note on billing.stripe_events, and the answer api.stripe_webhook and api.stripe_thin_event return ({received, duplicate: false, status, event_id, reason for a rejection}).';
+
 CREATE OR REPLACE FUNCTION api.stripe_webhook(p_event jsonb, p_current jsonb DEFAULT NULL, p_lines jsonb DEFAULT NULL)
 RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -599,12 +613,7 @@ BEGIN
     GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
     v_result := 'rejected: ' || v_reason;
   END;
-  v_status := split_part(v_result, ':', 1);
-  UPDATE billing.stripe_events
-  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
-  WHERE id = v_id;
-  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
-         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+  RETURN billing.record_outcome(v_id, v_result, v_reason);
 END $$;
 COMMENT ON FUNCTION api.stripe_webhook(jsonb, jsonb, jsonb) IS
   'POST /v1/webhooks/stripe, after the server verified the signature: record the event in billing.stripe_events (keyed by Stripe''s id) and apply it in the same transaction. A duplicate returns duplicate = true and its recorded status, changing nothing. Unknown types are recorded as ignored. A malformed event (bad envelope, a field of the wrong type or out of range) is recorded as rejected with the reason and nothing of it applied (status rejected; the API answers 400). Events are applied one customer at a time (a transaction advisory lock on the object''s customer, else its charge, invoice or id), so concurrent deliveries, duplicates included, wait rather than fail; a duplicate returns its recorded status. A subscription event in the same second as the one last applied, and an invoice event whose subscription is not known yet, return status refetch without recording anything: the server re-reads the subscription from Stripe and calls again with it as p_current (applied first, for an invoice). An invoice event whose lines.has_more is true returns status refetch_lines: the server reads all the invoice''s lines from Stripe and calls again with them as p_lines (applied in place of the event''s; the event is recorded as Stripe sent it). Other failures roll everything back (the API answers 500 or 503 and Stripe retries). Returns {received, duplicate, status, event_id, reason}.';
@@ -678,12 +687,7 @@ BEGIN
     GET STACKED DIAGNOSTICS v_reason = MESSAGE_TEXT;
     v_result := 'rejected: ' || v_reason;
   END;
-  v_status := split_part(v_result, ':', 1);
-  UPDATE billing.stripe_events
-  SET status = v_status, note = left(nullif(btrim(substr(v_result, length(v_status) + 2)), ''), 1000)
-  WHERE id = v_id;
-  RETURN jsonb_build_object('received', true, 'duplicate', false, 'status', v_status, 'event_id', v_id)
-         || CASE WHEN v_status = 'rejected' THEN jsonb_build_object('reason', left(v_reason, 1000)) ELSE '{}' END;
+  RETURN billing.record_outcome(v_id, v_result, v_reason);
 END $$;
 COMMENT ON FUNCTION api.stripe_thin_event(jsonb) IS
   'POST /v1/webhooks/stripe for a thin event (object v2.core.event, an event destination''s payload): after the server verified the signature and read the whole event from Stripe (GET /v2/core/events/:id), record it in billing.stripe_events by id (a duplicate returns its recorded status) and apply it: v1.billing.meter.error_report_triggered (billing.apply_meter_error_report); other types are recorded as ignored, a malformed one as rejected. Returns {received, duplicate, status, event_id, reason}.';
