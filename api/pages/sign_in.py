@@ -80,6 +80,13 @@ class DecisionForm(msgspec.Struct):
     decision: str = ""
 
 
+async def sso_available(request: Request) -> bool:
+    """Whether the "Single sign-on" form is worth showing: some team proved a domain (the page's
+    one call, api.sso_available). A form re-shown after a refusal leaves it out."""
+    (available,) = await call(request, "SELECT api.sso_available()", [])
+    return bool(available)
+
+
 @get("/")
 async def home(request: Request) -> Redirect:
     return Redirect("/dashboard" if browser_session(request) else "/login")
@@ -90,7 +97,8 @@ async def login_page(request: Request, next: FromQuery[str | None] = None,
                      device_token: FromQuery[str | None] = None) -> Any:
     """``device_token``: an anonymous device's access token (an extension sending its user here):
     its usage and credits move to the account signed in to."""
-    return page("sign_in/login.html", request, next=safe_next(next), email="", device_token=device_token or "")
+    return page("sign_in/login.html", request, next=safe_next(next), email="", device_token=device_token or "",
+                sso=await sso_available(request))
 
 
 @post("/login")
@@ -123,7 +131,7 @@ async def signup_page(request: Request, device_token: FromQuery[str | None] = No
                       next: FromQuery[str | None] = None) -> Any:
     """``next``: where to go once signed in (an app's authorization request, api/oidc.py)."""
     return page("sign_in/signup.html", request, email="", device_token=device_token or "", referral=referral_of(request),
-                next=safe_next(next))
+                next=safe_next(next), sso=await sso_available(request))
 
 
 @post("/signup")

@@ -6532,6 +6532,20 @@ COMMENT ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boole
 REVOKE ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) TO pgtally_api;
 
+CREATE FUNCTION api.sso_available() RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN (SELECT EXISTS (SELECT 1 FROM identity.sso_domains d JOIN identity.sso_connections c ON c.account_id = d.account_id
+                         WHERE d.verified_at IS NOT NULL AND NOT identity.public_mail_domain(d.domain)));
+END $$;
+
+COMMENT ON FUNCTION api.sso_available() IS '/login and /signup: whether to show the "Single sign-on" form: some team with SSO set up proved a domain (identity.sso_team_of would find it for someone). Stops at the first such domain; no input, no secret.';
+
+REVOKE ALL ON FUNCTION api.sso_available() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso_available() TO pgtally_api;
+
 CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
