@@ -524,3 +524,18 @@ async def test_item4_team_sso_inside_the_authorization_flow_names_the_team(clien
     claims = await validate_id_token(client, tokens["id_token"], app["client_id"], "n-1")
     assert claims["email"] == "pat@corp.example" and claims["email_verified"] is True
     assert claims[CLAIMS]["teams"] == [{"account_id": team, "name": "Team", "role": "member"}]
+
+
+# Issue 25: team SSO in a browser -----------------------------------------------------------------
+
+async def test_item3_account_page_names_a_linked_sso_identity_by_its_team(client, owner, dns_zone, corp_idp):
+    team, lead = await corp_team(client, owner, dns_zone, corp_idp)
+    owner.execute("UPDATE identity.accounts SET name = 'Corp Inc' WHERE id = %s", [team])
+    r = await google(client, "sso-pat", start="/auth/sso/start?email=pat@corp.example&next=/account")
+    assert r.status_code in (302, 303), r.text
+    shown = (await client.get("/account")).text
+    assert "Corp Inc (pat@corp.example)" in shown and "GitHub" not in shown, shown
+    # The team turns SSO off: the identity is still linked, and named for what it is.
+    assert (await client.delete(f"/v1/accounts/{team}/sso", headers={"Authorization": f"Bearer {lead}"})).status_code == 200
+    shown = (await client.get("/account")).text
+    assert "Your organisation&#39;s sign-in (pat@corp.example)" in shown and "GitHub" not in shown, shown
