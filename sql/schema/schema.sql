@@ -6847,6 +6847,23 @@ COMMENT ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) IS 'GET 
 REVOKE ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
+CREATE FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('team', (SELECT jsonb_build_object('id', a.id, 'name', a.name, 'kind', a.kind)
+                                     FROM identity.accounts a WHERE a.id = v_account_id),
+                            'sso', identity.sso_json(v_account_id));
+END $$;
+
+COMMENT ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) IS 'GET /teams/{id}/sso: the team (id, name, kind) and its SSO settings as GET /v1/accounts/{id}/sso shows them (identity.sso_json: issuer, client id, domains with their verification and TXT record; never the secret), null when none. Permission sso:manage (owners). TL401 signed out, TL403 not an owner.';
+
+REVOKE ALL ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
