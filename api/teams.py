@@ -7,7 +7,7 @@ use. The rules live in sql/functions/57_teams.sql; who may do what, in
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, patch, post, put
@@ -204,6 +204,12 @@ async def set_sso(request: Request, session: Session, account_id: FromPath[uuid.
     its ``txt_record`` and ``POST .../sso/domains/{domain}/verify`` (or ask staff to approve it).
     The redirect URI to register there: ``PGTALLY_PUBLIC_URL/auth/sso/callback``.
     409 when another team proved a domain; 422 a public mail domain (gmail.com, outlook.com...)."""
+    return await save_sso(request, session, account_id, data)
+
+
+async def save_sso(request: Request, session: uuid.UUID, account_id: uuid.UUID, data: SsoSettings) -> dict[str, Any]:
+    """PUT .../sso's work, shared with the team's SSO page (api/pages/teams.py): the issuer is a
+    URL pgtally will fetch, then api.set_sso decides."""
     try:        # a URL pgtally will fetch: https outside development (api/outbound.py)
         outbound.check_url(request.app.state.settings, data.issuer, "the issuer")
     except outbound.OutboundError as exc:
@@ -233,6 +239,11 @@ async def verify_sso_domain(request: Request, session: Session, account_id: From
     one is the claim's ``txt_record.value`` (api.verify_sso_domain decides). 422 no such record yet
     (the problem names the record to publish), 404 not claimed, 409 another team proved it, 502
     DNS could not be asked."""
+    return await check_sso_domain(request, session, account_id, domain)
+
+
+async def check_sso_domain(request: Request, session: uuid.UUID, account_id: uuid.UUID, domain: str) -> dict[str, Any]:
+    """The verify endpoint's work, shared with the "Check DNS" button of the team's SSO page."""
     query = "SELECT api.verify_sso_domain(%s::uuid, %s::uuid, %s::text, %s::text[])"
     # First who asks and whether the domain is theirs: DNS is asked for claimed domains only.
     settings = await call_json(request, query, [session, account_id, domain, None])

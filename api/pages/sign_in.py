@@ -13,8 +13,9 @@ import httpx
 import msgspec
 from authlib.common.errors import AuthlibBaseError
 from litestar import Request, get, post
+from litestar.enums import MediaType
 from litestar.params import FromPath, FromQuery, QueryParameter
-from litestar.response import Redirect
+from litestar.response import Redirect, Template
 
 from api import oauth, outbound
 from api.auth import (
@@ -79,6 +80,13 @@ class DecisionForm(msgspec.Struct):
     decision: str = ""
 
 
+async def sso_available(request: Request) -> bool:
+    """Whether the "Single sign-on" form is worth showing: some team proved a domain (the page's
+    one call, api.sso_available). A form re-shown after a refusal leaves it out."""
+    (available,) = await call(request, "SELECT api.sso_available()", [])
+    return bool(available)
+
+
 @get("/")
 async def home(request: Request) -> Redirect:
     return Redirect("/dashboard" if browser_session(request) else "/login")
@@ -89,7 +97,8 @@ async def login_page(request: Request, next: FromQuery[str | None] = None,
                      device_token: FromQuery[str | None] = None) -> Any:
     """``device_token``: an anonymous device's access token (an extension sending its user here):
     its usage and credits move to the account signed in to."""
-    return page("sign_in/login.html", request, next=safe_next(next), email="", device_token=device_token or "")
+    return page("sign_in/login.html", request, next=safe_next(next), email="", device_token=device_token or "",
+                sso=await sso_available(request))
 
 
 @post("/login")
@@ -122,7 +131,7 @@ async def signup_page(request: Request, device_token: FromQuery[str | None] = No
                       next: FromQuery[str | None] = None) -> Any:
     """``next``: where to go once signed in (an app's authorization request, api/oidc.py)."""
     return page("sign_in/signup.html", request, email="", device_token=device_token or "", referral=referral_of(request),
-                next=safe_next(next))
+                next=safe_next(next), sso=await sso_available(request))
 
 
 @post("/signup")
@@ -271,11 +280,19 @@ async def start(request: Request, provider: FromPath[str], next: FromQuery[str |
                             device_session(request, device_token),
                             safe_next(next), client(request)[0], sso and sso["account_id"]])
     try:
-        response = Redirect(await oauth.authorization_url(request, provider, flow, sso, login_hint=email if sso else None))
+        target = await oauth.authorization_url(request, provider, flow, sso, login_hint=email if sso else None)
     except outbound.OutboundError as exc:
         return page("message.html", request, 502, title="Sign-in is unavailable",
                     message=f"{NAMES[provider]} cannot be used right now: {exc}. Try again later, or ask your administrator.",
                     link=("/login", "Log in another way"))
+    if sso and request.headers.get("sec-fetch-site") == "same-origin":
+        # The "Single sign-on" form's answer: a page of this site that moves on by itself. Chromium
+        # applies the form's CSP form-action to every redirect that follows a submission, and the
+        # team's provider is no origin the CSP can name for everyone (as api/oidc.py answers).
+        response: Any = Template(template_name="sign_in/sso_redirect.html", context={"target": target},
+                                 media_type=MediaType.HTML)
+    else:
+        response = Redirect(target)
     response.set_cookie(BINDING_COOKIE, binding, path="/auth", max_age=600, httponly=True, samesite="lax",
                         secure=request.app.state.settings.secure_cookies)
     return response

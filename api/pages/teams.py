@@ -14,8 +14,8 @@ from litestar.response import Redirect
 
 from api.calls import call_json
 from api.errors import PgtallyError
-from api.teams import Acceptance, NewInvitation, NewTeam, Role, RoleChange
-from api.web import FORM, browser_session, form_as, page, signed_in
+from api.teams import Acceptance, NewInvitation, NewTeam, Role, RoleChange, SsoSettings, check_sso_domain, save_sso
+from api.web import FORM, browser_session, form_as, page, problem_text, signed_in
 
 Form = FORM
 
@@ -132,6 +132,75 @@ async def team_remove(request: Request, account_id: FromPath[uuid.UUID], user_id
     return await team_action(request, account_id, act, "Removed.")
 
 
+class SsoForm(msgspec.Struct):
+    """The SSO settings form: ``domains`` one per line (or separated by commas or spaces),
+    ``require_sso`` a checkbox."""
+
+    issuer: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    domains: str = ""
+    require_sso: str = ""
+
+
+async def sso_view(request: Request, session_id: uuid.UUID, account_id: uuid.UUID, status_code: int = 200,
+                   **extra: Any) -> Any:
+    """The team's SSO page (api.team_sso_page); a refusal to show it at all on a message page."""
+    try:
+        shown = await call_json(request, "SELECT api.team_sso_page(%s::uuid, %s::uuid)", [session_id, account_id])
+    except PgtallyError as exc:
+        return page("message.html", request, 403 if exc.error.get("sqlstate") == "TL403" else 400, title="Not done",
+                    message=problem_text(exc), link=("/teams", "Teams"))
+    callback = f"{request.app.state.settings.public_url.rstrip('/')}/auth/sso/callback"
+    return page("teams/sso.html", request, status_code, **shown, callback=callback, **extra)
+
+
+async def sso_action(request: Request, account_id: uuid.UUID, act, notice: str) -> Any:
+    """Do ``act(session_id)`` on the team's SSO, then show its page with ``notice``; a refusal is
+    shown on the page, nothing changed."""
+    async def view(request: Request, sid, error: str, status_code: int = 400) -> Any:
+        return await sso_view(request, sid, account_id, max(status_code, 400), error=error)
+
+    async def render(sid):
+        await act(sid)
+        return await sso_view(request, sid, account_id, notice=notice)
+    return await signed_in(request, render, view)
+
+
+@get("/teams/{account_id:uuid}/sso")
+async def team_sso_page(request: Request, account_id: FromPath[uuid.UUID]) -> Any:
+    """The team's single sign-on (owners): issuer, client id, each domain with its verification
+    and the TXT record to publish; the settings form, "Check DNS" per domain, and turning it off."""
+    return await signed_in_page(request, lambda sid: sso_view(request, sid, account_id))
+
+
+@post("/teams/{account_id:uuid}/sso")
+async def team_sso_save(request: Request, account_id: FromPath[uuid.UUID], data: Annotated[SsoForm, Form]) -> Any:
+    """Save the settings (PUT /v1/accounts/{id}/sso's body and rules)."""
+    async def act(sid):
+        settings = form_as(SsoSettings, issuer=data.issuer.strip(), client_id=data.client_id.strip(),
+                           client_secret=data.client_secret, domains=data.domains.replace(",", " ").split() or None,
+                           require_sso=data.require_sso == "on")
+        await save_sso(request, sid, account_id, settings)
+    return await sso_action(request, account_id, act, "Single sign-on saved.")
+
+
+@post("/teams/{account_id:uuid}/sso/domains/{domain:str}/verify")
+async def team_sso_verify(request: Request, account_id: FromPath[uuid.UUID], domain: FromPath[str]) -> Any:
+    """Check DNS for the domain's TXT record (POST .../sso/domains/{domain}/verify's work)."""
+    async def act(sid):
+        await check_sso_domain(request, sid, account_id, domain[:253])
+    return await sso_action(request, account_id, act, f"{domain[:253]} is verified.")
+
+
+@post("/teams/{account_id:uuid}/sso/delete")
+async def team_sso_delete(request: Request, account_id: FromPath[uuid.UUID]) -> Any:
+    """Turn single sign-on off (DELETE /v1/accounts/{id}/sso)."""
+    async def act(sid):
+        await call_json(request, "SELECT api.sso(%s::uuid, %s::uuid, true)", [sid, account_id])
+    return await sso_action(request, account_id, act, "Single sign-on is off.")
+
+
 @get("/invitations/accept")
 async def invitation_page(request: Request, token: FromQuery[str] = "") -> Any:
     """The emailed link: sign in (or up) first, then one button joins the team."""
@@ -150,4 +219,4 @@ async def invitation_accept(request: Request, data: Annotated[TeamForm, Form]) -
 
 
 PAGES = [teams_page, teams_create, teams_switch, team_page, team_invite, team_revoke_invitation, team_set_role, team_remove,
-         invitation_page, invitation_accept]
+         team_sso_page, team_sso_save, team_sso_verify, team_sso_delete, invitation_page, invitation_accept]

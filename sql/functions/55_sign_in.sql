@@ -220,6 +220,16 @@ END $$;
 COMMENT ON FUNCTION api.oauth_unlink(uuid, text) IS
   'The account page''s "unlink": allowed while another way to sign in remains (a password or another provider); TL40C otherwise, TL404 when not linked.';
 
+CREATE OR REPLACE FUNCTION identity.identity_name(p_provider text, p_email text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN CASE p_provider WHEN 'google' THEN 'Google' WHEN 'github' THEN 'GitHub'
+         ELSE coalesce((SELECT a.name FROM identity.accounts a WHERE a.id = identity.sso_team_of(p_email)),
+                       'Your organisation''s sign-in') END;
+END $$;
+COMMENT ON FUNCTION identity.identity_name(text, text) IS
+  'What a person calls a linked identity: Google, GitHub, or for a team''s own provider (sso) the name of the team whose proven domain the identity''s address is in (identity.sso_team_of), else "Your organisation''s sign-in" (the team turned SSO off or lost the domain).';
+
 CREATE OR REPLACE FUNCTION api.sign_in_methods(p_session_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -227,14 +237,15 @@ DECLARE
 BEGIN
   RETURN jsonb_build_object(
     'password', (SELECT password_hash IS NOT NULL FROM identity.users WHERE id = s.user_id),
-    'identities', coalesce((SELECT jsonb_agg(jsonb_build_object('provider', provider, 'email', email,
-                                                                'linked_at', util.iso(linked_at),
-                                                                'last_sign_in_at', util.iso(last_sign_in_at))
-                                             ORDER BY provider)
-                            FROM identity.user_identities WHERE user_id = s.user_id), '[]'));
+    'identities', coalesce((SELECT jsonb_agg(jsonb_build_object('provider', i.provider, 'email', i.email,
+                                                                'name', identity.identity_name(i.provider, i.email),
+                                                                'linked_at', util.iso(i.linked_at),
+                                                                'last_sign_in_at', util.iso(i.last_sign_in_at))
+                                             ORDER BY i.provider)
+                            FROM identity.user_identities i WHERE i.user_id = s.user_id), '[]'));
 END $$;
 COMMENT ON FUNCTION api.sign_in_methods(uuid) IS
-  'The account page: whether the user has a password, and the linked providers {provider, email, linked_at, last_sign_in_at}.';
+  'The account page: whether the user has a password, and the linked providers {provider, email, name (identity.identity_name), linked_at, last_sign_in_at}.';
 
 ------------------------------------------------------------------------------------------------
 -- Device authorization grant (RFC 8628)

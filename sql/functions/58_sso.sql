@@ -206,6 +206,15 @@ $$;
 COMMENT ON FUNCTION api.sso_flow_config(text, uuid) IS
   '/auth/sso/start and its callback: the provider of the team that proved the address''s domain (or of p_account_id): issuer, client id and secret; NULL when none.';
 
+CREATE OR REPLACE FUNCTION api.sso_available() RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN (SELECT EXISTS (SELECT 1 FROM identity.sso_domains d JOIN identity.sso_connections c ON c.account_id = d.account_id
+                         WHERE d.verified_at IS NOT NULL AND NOT identity.public_mail_domain(d.domain)));
+END $$;
+COMMENT ON FUNCTION api.sso_available() IS
+  '/login and /signup: whether to show the "Single sign-on" form: some team with SSO set up proved a domain (identity.sso_team_of would find it for someone). Stops at the first such domain; no input, no secret.';
+
 CREATE OR REPLACE FUNCTION identity.request_sso_link(u identity.users, p_team_id uuid, p_subject text, p_email text,
                                                     p_ip text, p_user_agent text) RETURNS jsonb
 LANGUAGE plpgsql AS $$
@@ -274,5 +283,5 @@ COMMENT ON FUNCTION api.confirm_sso_link(text, text, text) IS
   'POST /auth/sso/confirm: the user opened the link identity.request_sso_link emailed: link the team''s provider to them (once, within an hour), make them a member of the team, confirm their address, sign them in (identity.tokens). TL400 unknown, used or expired link, or the team lost the domain; TL40C the provider account is linked to someone else.';
 
 GRANT EXECUTE ON FUNCTION api.set_sso(uuid, uuid, text, text, text, text[], boolean), api.sso(uuid, uuid, boolean),
-  api.sso_flow_config(text, uuid), api.verify_sso_domain(uuid, uuid, text, text[]),
+  api.sso_flow_config(text, uuid), api.sso_available(), api.verify_sso_domain(uuid, uuid, text, text[]),
   api.admin_approve_sso_domain(uuid, uuid, text, text), api.confirm_sso_link(text, text, text) TO pgtally_api;

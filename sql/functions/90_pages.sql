@@ -68,6 +68,18 @@ END $$;
 COMMENT ON FUNCTION api.team_page(uuid, uuid) IS
   'GET /teams/{id}: the team as the person''s account list shows it (api.accounts), its members (api.members) and pending invitations (api.invitations). TL401 signed out, TL403 not a member.';
 
+CREATE OR REPLACE FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('team', (SELECT jsonb_build_object('id', a.id, 'name', a.name, 'kind', a.kind)
+                                     FROM identity.accounts a WHERE a.id = v_account_id),
+                            'sso', identity.sso_json(v_account_id));
+END $$;
+COMMENT ON FUNCTION api.team_sso_page(uuid, uuid) IS
+  'GET /teams/{id}/sso: the team (id, name, kind) and its SSO settings as GET /v1/accounts/{id}/sso shows them (identity.sso_json: issuer, client id, domains with their verification and TXT record; never the secret), null when none. Permission sso:manage (owners). TL401 signed out, TL403 not an owner.';
+
 CREATE OR REPLACE FUNCTION api.admin_account_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -77,4 +89,4 @@ COMMENT ON FUNCTION api.admin_account_page(uuid, uuid) IS
   'GET /admin/accounts/{id} (staff): everything about the account (api.admin_account) and the plans a staff member may put it on. TL403 not staff, TL404.';
 
 GRANT EXECUTE ON FUNCTION api.account_page(uuid), api.dashboard_page(uuid, uuid, text), api.upgrade_page(uuid, uuid),
-  api.team_page(uuid, uuid), api.admin_account_page(uuid, uuid) TO pgtally_api;
+  api.team_page(uuid, uuid), api.team_sso_page(uuid, uuid), api.admin_account_page(uuid, uuid) TO pgtally_api;

@@ -6852,14 +6852,15 @@ DECLARE
 BEGIN
   RETURN jsonb_build_object(
     'password', (SELECT password_hash IS NOT NULL FROM identity.users WHERE id = s.user_id),
-    'identities', coalesce((SELECT jsonb_agg(jsonb_build_object('provider', provider, 'email', email,
-                                                                'linked_at', util.iso(linked_at),
-                                                                'last_sign_in_at', util.iso(last_sign_in_at))
-                                             ORDER BY provider)
-                            FROM identity.user_identities WHERE user_id = s.user_id), '[]'));
+    'identities', coalesce((SELECT jsonb_agg(jsonb_build_object('provider', i.provider, 'email', i.email,
+                                                                'name', identity.identity_name(i.provider, i.email),
+                                                                'linked_at', util.iso(i.linked_at),
+                                                                'last_sign_in_at', util.iso(i.last_sign_in_at))
+                                             ORDER BY i.provider)
+                            FROM identity.user_identities i WHERE i.user_id = s.user_id), '[]'));
 END $$;
 
-COMMENT ON FUNCTION api.sign_in_methods(p_session_id uuid) IS 'The account page: whether the user has a password, and the linked providers {provider, email, linked_at, last_sign_in_at}.';
+COMMENT ON FUNCTION api.sign_in_methods(p_session_id uuid) IS 'The account page: whether the user has a password, and the linked providers {provider, email, name (identity.identity_name), linked_at, last_sign_in_at}.';
 
 REVOKE ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sign_in_methods(p_session_id uuid) TO pgtally_api;
@@ -6932,6 +6933,20 @@ COMMENT ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boole
 
 REVOKE ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.sso(p_session_id uuid, p_account_id uuid, p_delete boolean) TO pgtally_api;
+
+CREATE FUNCTION api.sso_available() RETURNS boolean
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+  RETURN (SELECT EXISTS (SELECT 1 FROM identity.sso_domains d JOIN identity.sso_connections c ON c.account_id = d.account_id
+                         WHERE d.verified_at IS NOT NULL AND NOT identity.public_mail_domain(d.domain)));
+END $$;
+
+COMMENT ON FUNCTION api.sso_available() IS '/login and /signup: whether to show the "Single sign-on" form: some team with SSO set up proved a domain (identity.sso_team_of would find it for someone). Stops at the first such domain; no input, no secret.';
+
+REVOKE ALL ON FUNCTION api.sso_available() FROM PUBLIC;
+GRANT ALL ON FUNCTION api.sso_available() TO pgtally_api;
 
 CREATE FUNCTION api.sso_flow_config(p_email text, p_account_id uuid DEFAULT NULL::uuid) RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -7222,6 +7237,23 @@ COMMENT ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) IS 'GET 
 
 REVOKE ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.team_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_account_id uuid := identity.authenticate(NULL, p_session_id, 'sso:manage', p_account_id);
+BEGIN
+  RETURN jsonb_build_object('team', (SELECT jsonb_build_object('id', a.id, 'name', a.name, 'kind', a.kind)
+                                     FROM identity.accounts a WHERE a.id = v_account_id),
+                            'sso', identity.sso_json(v_account_id));
+END $$;
+
+COMMENT ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) IS 'GET /teams/{id}/sso: the team (id, name, kind) and its SSO settings as GET /v1/accounts/{id}/sso shows them (identity.sso_json: issuer, client id, domains with their verification and TXT record; never the secret), null when none. Permission sso:manage (owners). TL401 signed out, TL403 not an owner.';
+
+REVOKE ALL ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.team_sso_page(p_session_id uuid, p_account_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.upgrade_page(p_session_id uuid, p_account_id uuid) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
@@ -8691,6 +8723,19 @@ $$;
 COMMENT ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) IS 'An error returned rather than raised (so what the call wrote commits): {"error": {"sqlstate": "TL429", "message": ..., extra members}}.';
 
 REVOKE ALL ON FUNCTION identity.error(p_sqlstate text, p_message text, p_extra jsonb) FROM PUBLIC;
+
+CREATE FUNCTION identity.identity_name(p_provider text, p_email text) RETURNS text
+    LANGUAGE plpgsql STABLE
+    AS $$
+BEGIN
+  RETURN CASE p_provider WHEN 'google' THEN 'Google' WHEN 'github' THEN 'GitHub'
+         ELSE coalesce((SELECT a.name FROM identity.accounts a WHERE a.id = identity.sso_team_of(p_email)),
+                       'Your organisation''s sign-in') END;
+END $$;
+
+COMMENT ON FUNCTION identity.identity_name(p_provider text, p_email text) IS 'What a person calls a linked identity: Google, GitHub, or for a team''s own provider (sso) the name of the team whose proven domain the identity''s address is in (identity.sso_team_of), else "Your organisation''s sign-in" (the team turned SSO off or lost the domain).';
+
+REVOKE ALL ON FUNCTION identity.identity_name(p_provider text, p_email text) FROM PUBLIC;
 
 CREATE FUNCTION identity.invitation_json(i identity.invitations) RETURNS jsonb
     LANGUAGE sql STABLE

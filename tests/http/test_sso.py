@@ -19,7 +19,7 @@ from api import outbound
 from api.app import create_app
 from api.settings import Settings
 from tests.conftest import LOCAL_PROVIDERS
-from tests.http.conftest import BASE, PASSWORD, google
+from tests.http.conftest import BASE, PASSWORD, form, google
 from tests.oidc_client import CLAIMS, WEB, answer, authorize_path, exchange, pkce, register, validate_id_token
 
 
@@ -524,3 +524,58 @@ async def test_item4_team_sso_inside_the_authorization_flow_names_the_team(clien
     claims = await validate_id_token(client, tokens["id_token"], app["client_id"], "n-1")
     assert claims["email"] == "pat@corp.example" and claims["email_verified"] is True
     assert claims[CLAIMS]["teams"] == [{"account_id": team, "name": "Team", "role": "member"}]
+
+
+# Issue 25: team SSO in a browser -----------------------------------------------------------------
+
+async def test_item3_account_page_names_a_linked_sso_identity_by_its_team(client, owner, dns_zone, corp_idp):
+    team, lead = await corp_team(client, owner, dns_zone, corp_idp)
+    owner.execute("UPDATE identity.accounts SET name = 'Corp Inc' WHERE id = %s", [team])
+    r = await google(client, "sso-pat", start="/auth/sso/start?email=pat@corp.example&next=/account")
+    assert r.status_code in (302, 303), r.text
+    shown = (await client.get("/account")).text
+    assert "Corp Inc (pat@corp.example)" in shown and "GitHub" not in shown, shown
+    # The team turns SSO off: the identity is still linked, and named for what it is.
+    assert (await client.delete(f"/v1/accounts/{team}/sso", headers={"Authorization": f"Bearer {lead}"})).status_code == 200
+    shown = (await client.get("/account")).text
+    assert "Your organisation&#39;s sign-in (pat@corp.example)" in shown and "GitHub" not in shown, shown
+
+
+async def test_item4_an_owner_sets_up_proves_and_turns_off_sso_on_the_teams_page(client, owner, dns_zone, corp_idp):
+    lead = await person(client, owner, "lead@corp.example")
+    team = (await client.post("/v1/accounts", json={"name": "Corp"}, headers={"Authorization": f"Bearer {lead}"})).json()["id"]
+    assert (await form(client, "/login", {"email": "lead@corp.example", "password": PASSWORD})).status_code in (302, 303)
+    assert f'href="/teams/{team}/sso"' in (await client.get(f"/teams/{team}")).text
+    r = await client.get(f"/teams/{team}/sso")
+    assert r.status_code == 200 and "Set it up" in r.text and f"{BASE}/auth/sso/callback" in r.text
+    # Settings through the JSON endpoint's Struct and rules: a refusal is shown, nothing saved.
+    r = await form(client, f"/teams/{team}/sso", {"issuer": corp_idp, "client_id": "corp-sso", "client_secret": "s",
+                                                  "domains": "gmail.com"})
+    assert r.status_code == 422 and "public mail domain" in r.text
+    assert count(owner, "SELECT count(*) FROM identity.sso_connections WHERE account_id = %s", team) == 0
+    r = await form(client, f"/teams/{team}/sso", {"issuer": corp_idp, "client_id": "corp-sso", "client_secret": "s",
+                                                  "domains": "Corp.example\nlabs.corp.example", "require_sso": "on"})
+    assert r.status_code == 200 and "Single sign-on saved." in r.text, r.text
+    assert owner.execute("SELECT issuer, client_id, client_secret, require_sso FROM identity.sso_connections "
+                         "WHERE account_id = %s", [team]).fetchone() == (corp_idp, "corp-sso", "s", True)
+    (token,) = owner.execute("SELECT verification_token FROM identity.sso_domains WHERE account_id = %s "
+                             "AND domain = 'corp.example'", [team]).fetchone()
+    record = f"pgtally-domain-verification={token}"
+    assert r.text.count("not verified") == 2 and record in r.text and corp_idp in r.text and "corp-sso" in r.text
+    # Check DNS: before the record is published, then after.
+    r = await form(client, f"/teams/{team}/sso/domains/corp.example/verify", {}, f"/teams/{team}/sso")
+    assert r.status_code == 422 and "No TXT record" in r.text and r.text.count("not verified") == 2
+    dns_zone.txt["corp.example"] = [record]
+    r = await form(client, f"/teams/{team}/sso/domains/corp.example/verify", {}, f"/teams/{team}/sso")
+    assert r.status_code == 200 and "corp.example is verified." in r.text and r.text.count("not verified") == 1
+    assert owner.execute("SELECT verified_by FROM identity.sso_domains WHERE account_id = %s AND domain = 'corp.example'",
+                         [team]).fetchone() == ("dns",)
+    # The owner turns it off; someone who is not its owner may not see the page.
+    r = await form(client, f"/teams/{team}/sso/delete", {}, f"/teams/{team}/sso")
+    assert r.status_code == 200 and "Single sign-on is off." in r.text and "Set it up" in r.text
+    assert count(owner, "SELECT count(*) FROM identity.sso_connections WHERE account_id = %s", team) == 0
+    await client.post("/logout", data={"_csrf_token": "x"})
+    client.cookies.clear()
+    await person(client, owner, "kim@corp.example")
+    assert (await form(client, "/login", {"email": "kim@corp.example", "password": PASSWORD})).status_code in (302, 303)
+    assert (await client.get(f"/teams/{team}/sso")).status_code == 403
