@@ -89,9 +89,13 @@ def embedded_server(pgdata: Path):
 EMBEDDED_HBA = """\
 # Written by pgtally (api.db.require_passwords): every login proves its password with
 # SCRAM-SHA-256, the superuser's included (PGTALLY_HOME/postgres-password, beside the data directory).
-local   all   all                 scram-sha-256
-host    all   all   127.0.0.1/32  scram-sha-256
-host    all   all   ::1/128       scram-sha-256
+local   all           all                 scram-sha-256
+host    all           all   127.0.0.1/32  scram-sha-256
+host    all           all   ::1/128       scram-sha-256
+# A streaming replica (PGTALLY_REPORTING_DATABASE_URL) made with pg_basebackup, same rule.
+local   replication   all                 scram-sha-256
+host    replication   all   127.0.0.1/32  scram-sha-256
+host    replication   all   ::1/128       scram-sha-256
 """
 
 

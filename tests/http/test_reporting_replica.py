@@ -20,11 +20,10 @@ import pytest
 from click.testing import CliRunner
 from psycopg.conninfo import make_conninfo
 
-from api.app import Settings
+from api.settings import Settings
 from api.cli import main
 from tests.conftest import SERVER, free_port
-from tests.http.test_billing_http import page_client
-from tests.http.test_sign_in import PASSWORD, form
+from tests.http.conftest import PASSWORD, form, page_client
 
 
 def bin_path(name: str) -> str:
@@ -47,14 +46,16 @@ def replica():
     base = Path(tempfile.mkdtemp(prefix="pgtally-replica-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     os.chown(base, owner.pw_uid, owner.pw_gid)
     data, port = base / "data", free_port()
-    subprocess.run([bin_path("pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-c", "fast",
-                    "-h", SERVER["host"], "-p", str(SERVER.get("port") or 5432), "-U", SERVER.get("user") or "postgres"],
+    # The password goes in the connection string, so -R writes it into the replica's primary_conninfo.
+    primary = make_conninfo(host=SERVER["host"], port=SERVER.get("port") or 5432, user=SERVER.get("user") or "postgres",
+                            password=SERVER.get("password"))
+    subprocess.run([bin_path("pg_basebackup"), "-D", str(data), "-R", "-X", "stream", "-c", "fast", "-d", primary],
                    check=True, capture_output=True, user=run_as, timeout=120)
     subprocess.run([bin_path("pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60",
                     "-o", f"-h '' -k {base} -p {port}", "start"],
                    check=True, capture_output=True, user=run_as, timeout=90)
     try:
-        yield {"host": str(base), "port": port, "user": SERVER.get("user") or "postgres"}
+        yield {"host": str(base), "port": port, "user": SERVER.get("user") or "postgres", "password": SERVER.get("password")}
     finally:
         subprocess.run([bin_path("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, user=run_as, timeout=60)
@@ -62,7 +63,8 @@ def replica():
 
 
 def replica_url(replica: dict, dbname: str) -> str:
-    return make_conninfo(host=replica["host"], port=replica["port"], user=replica["user"], dbname=dbname)
+    return make_conninfo(host=replica["host"], port=replica["port"], user=replica["user"], password=replica["password"],
+                         dbname=dbname)
 
 
 def catch_up(primary: psycopg.Connection, replica: dict) -> None:
