@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 from psycopg.conninfo import make_conninfo
 
-from api.settings import Settings
 from api.cli import main
+from api.settings import Settings
 from tests.conftest import SERVER, free_port
 from tests.http.conftest import PASSWORD, form, page_client
 
