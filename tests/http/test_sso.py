@@ -351,10 +351,13 @@ class Upstream:
                     self.wfile.write(body)
                 else:                   # an iterable of (delay, bytes): a provider that drips
                     self.end_headers()
-                    for delay, part in body:
-                        time.sleep(delay)
-                        self.wfile.write(part)
-                        self.wfile.flush()
+                    try:
+                        for delay, part in body:
+                            time.sleep(delay)
+                            self.wfile.write(part)
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass            # pgtally gave up on it, as it should
 
             do_GET = do_POST = answer  # noqa: N815 - http.server's method names
 
