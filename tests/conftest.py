@@ -48,11 +48,20 @@ def start_test_server() -> dict[str, Any]:
 SERVER = start_test_server()
 
 
+TEST_RUN = "pgtally-test-run"
+"""The application_name of a run's maintenance connection, held for the whole run."""
+
+
 def drop_leftover_template() -> None:
-    """A run killed before its end leaves its template database behind (pytest-postgresql drops
-    it at the end of a session), and the next run would stop on it: drop it first."""
+    """A run killed before its end leaves its databases behind (pytest-postgresql drops the
+    template at the end of a session; each test's copy is named pgtally_test_<pid>_<n>), and the
+    next run would stop on the template: drop what runs that are gone left, never what a live run
+    (another pytest of this checkout) is using."""
     with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres"}), autocommit=True) as conn:
-        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'pgtally\\_test%%'").fetchall():
+        if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [TEST_RUN]).fetchone()[0]:
+            return                      # another run of this checkout is under way: its databases are in use
+        names = [n for (n,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'pgtally\\_test%%'")]
+        for name in names:
             conn.execute(f'ALTER DATABASE "{name}" IS_TEMPLATE false')
             conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
@@ -76,7 +85,8 @@ postgresql_noproc = factories.postgresql_noproc(
 def maintenance() -> Iterator[psycopg.Connection]:
     """One autocommit connection to the server's maintenance database for the whole run: it makes
     and drops each test's database."""
-    with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres"}), autocommit=True) as conn:
+    with psycopg.connect(make_conninfo(**{**SERVER, "dbname": "postgres", "application_name": TEST_RUN}),
+                         autocommit=True) as conn:
         yield conn
 
 
