@@ -866,7 +866,7 @@ COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous devi
 
 COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
 
-COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
+COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account. Kept after the account is merged into a person''s account (merged_into): the install is then linked, and identify answers for the person, until one of its sessions is revoked (identity.sessions.install_hash), which clears it.';
 
 COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
 
@@ -1325,6 +1325,7 @@ CREATE TABLE identity.sessions (
     client_id text,
     scopes text[],
     auth_time timestamp with time zone,
+    install_hash bytea,
     CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text, 'sso'::text, 'oidc'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
     CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text, 'code_replay'::text, 'client_revoked'::text])))
@@ -1344,6 +1345,8 @@ COMMENT ON COLUMN identity.sessions.scopes IS 'A client session''s granted scope
 
 COMMENT ON COLUMN identity.sessions.auth_time IS 'When the person authenticated (the browser session''s start): the ID token''s auth_time.';
 
+COMMENT ON COLUMN identity.sessions.install_hash IS 'For a session POST /v1/identify issued to an install linked to a person (identity.accounts.device_install_hash of the device account merged into the person''s account): that hash. Revoking any such session unlinks the install (identity.unlink_install_on_revoke); NULL otherwise.';
+
 ALTER TABLE identity.sessions
     ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
 
@@ -1357,7 +1360,11 @@ CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_i
 
 CREATE INDEX sessions_client_id_idx ON identity.sessions USING btree (client_id) WHERE ((client_id IS NOT NULL) AND (revoked_at IS NULL));
 
+CREATE INDEX sessions_install_hash_idx ON identity.sessions USING btree (install_hash) WHERE (install_hash IS NOT NULL);
+
 CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
+
+CREATE TRIGGER sessions_unlink_install AFTER UPDATE OF revoked_at ON identity.sessions FOR EACH ROW WHEN (((old.revoked_at IS NULL) AND (new.revoked_at IS NOT NULL) AND (new.install_hash IS NOT NULL))) EXECUTE FUNCTION identity.unlink_install_on_revoke();
 
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -4509,6 +4516,7 @@ DECLARE
   v_install bytea;
   v_limited jsonb;
   a identity.accounts;
+  u identity.users;
   v_returning boolean := false;
   v_account_id uuid;
   v_tokens jsonb;
@@ -4532,9 +4540,15 @@ BEGIN
   IF p_install_id IS NOT NULL THEN
     SELECT * INTO a FROM identity.accounts WHERE device_install_hash = v_install FOR NO KEY UPDATE;
     IF FOUND AND a.merged_into IS NOT NULL THEN
-      -- The install signed up and its account moved to the user: a signed-out install starts afresh.
-      UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;
-      a := NULL;
+      -- The install was merged into a person's account (sign-up, login, provider sign-in or the
+      -- device grant with its token): it stays linked, and answers for the person.
+      SELECT * INTO u FROM identity.users WHERE account_id = a.merged_into;
+      IF u.id IS NULL THEN
+        UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;   -- no person to answer for
+        a := NULL;
+      ELSE
+        SELECT * INTO a FROM identity.accounts WHERE id = u.account_id;
+      END IF;
     END IF;
     v_returning := a.id IS NOT NULL;
   END IF;
@@ -4552,9 +4566,14 @@ BEGIN
     UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
     WHERE id = v_account_id RETURNING * INTO a;
   END IF;
-  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
-  PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-    jsonb_build_object('returning_install', v_returning,
+  IF u.id IS NOT NULL THEN
+    v_tokens := identity.start_session(a.id, u.id, p_ip, p_user_agent, 'device');
+    UPDATE identity.sessions SET install_hash = v_install WHERE id = (v_tokens ->> 'session_id')::uuid;
+  ELSE
+    v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
+  END IF;
+  PERFORM identity.log_event('device_identified', u.id, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('returning_install', v_returning, 'linked_to_user', u.id IS NOT NULL,
                        'fingerprint_seen_before',
                        EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> a.id)));
   IF p_meter IS NOT NULL THEN
@@ -4572,7 +4591,7 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $_$;
 
-COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time; without one every call makes a new account. Installs keep their person (issue 25): once the install''s device account was merged into a person''s account (identity.merge_device: sign-up, login, Google/GitHub/SSO sign-in or the device grant with its token), the install is linked (the merged device account keeps device_install_hash) and identify answers for the person''s account (plan, credits, can_use, allowances) with a session of the person (method device, identity.sessions.install_hash set), never a fresh anonymous quota; until the person signs out of that install (POST /v1/auth/logout with such a session) or unlinks it (DELETE /v1/me/sessions/{id} of such a session, logout everywhere, a password reset, refresh-token reuse): revoking any session of the install clears the link (identity.unlink_install_on_revoke), and the next identify starts a fresh device account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
@@ -8501,7 +8520,7 @@ BEGIN
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 
-COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
+COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. The device account keeps its install hash: the install stays linked to the person (api.identify answers for them until a session of the install is revoked). NULL when there is nothing to merge.';
 
 REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 
@@ -9038,6 +9057,22 @@ $$;
 COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
 REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
+
+CREATE FUNCTION identity.unlink_install_on_revoke() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  -- The install stops answering for the person, and its other sessions end with this one.
+  UPDATE identity.accounts SET device_install_hash = NULL
+  WHERE device_install_hash = NEW.install_hash AND merged_into IS NOT NULL;
+  UPDATE identity.sessions SET revoked_at = NEW.revoked_at, revoked_reason = NEW.revoked_reason
+  WHERE install_hash = NEW.install_hash AND revoked_at IS NULL;
+  RETURN NULL;
+END $$;
+
+COMMENT ON FUNCTION identity.unlink_install_on_revoke() IS 'Trigger on identity.sessions: when a session POST /v1/identify issued to a linked install (install_hash set) is revoked, for whatever reason (logout of that install, DELETE /v1/me/sessions/{id}, logout everywhere, password reset, refresh-token reuse, staff), the install is unlinked (the merged device account''s device_install_hash cleared, so the next identify starts a fresh device account) and the install''s other sessions are revoked with the same reason. Issue 25: installs keep their person until the person signs out of that install or unlinks it.';
+
+REVOKE ALL ON FUNCTION identity.unlink_install_on_revoke() FROM PUBLIC;
 
 CREATE FUNCTION ledger.check_transfers_balanced() RETURNS trigger
     LANGUAGE plpgsql
