@@ -847,8 +847,12 @@ CREATE TABLE identity.accounts (
     credits_due_at timestamp with time zone,
     suspended_at timestamp with time zone,
     suspended_reason util.note,
+    external_id text,
+    provisioned_by uuid,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT accounts_external_id_check CHECK (((length(external_id) >= 1) AND (length(external_id) <= 255))),
+    CONSTRAINT accounts_external_id_pair CHECK (((external_id IS NULL) = (provisioned_by IS NULL))),
     CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
 );
 
@@ -876,11 +880,18 @@ COMMENT ON COLUMN identity.accounts.credits_due_at IS 'The next moment a lot of 
 
 COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally admin): every charge, hold and API key of the account is refused (403 account-suspended) until unsuspended; signing in still works and shows why.';
 
+COMMENT ON COLUMN identity.accounts.external_id IS 'The product''s own id for the person (its users table, NextAuth, Clerk) an account was provisioned for by POST /v1/accounts/provision; unique per provisioning service account (provisioned_by). NULL otherwise.';
+
+COMMENT ON COLUMN identity.accounts.provisioned_by IS 'The service account whose key (scopes service and accounts:write) provisioned this account for external_id. NULL otherwise.';
+
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_provisioned_external_id_key UNIQUE (provisioned_by, external_id);
 
 CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
 
@@ -889,6 +900,9 @@ ALTER TABLE ONLY identity.accounts
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_provisioned_by_fkey FOREIGN KEY (provisioned_by) REFERENCES identity.accounts(id);
 
 CREATE TABLE identity.api_keys (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -902,7 +916,7 @@ CREATE TABLE identity.api_keys (
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
     created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service}'::text[]) AND (cardinality(scopes) > 0)))
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,accounts:write}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -911,7 +925,7 @@ COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UT
 
 COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
 
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), service (act on behalf of any account: account_id in the request).';
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), accounts:write (with service: POST /v1/accounts/provision).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
 
@@ -3999,7 +4013,7 @@ DECLARE
 BEGIN
   SELECT * INTO v_key FROM identity.issue_api_key(
     v_account_id, 'default',
-    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[]
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read,accounts:write}'::text[]
          ELSE '{usage:write,usage:read,billing:read,billing:manage}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
@@ -4007,7 +4021,7 @@ BEGIN
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 
-COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account, and provision accounts: scope accounts:write). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
@@ -5940,6 +5954,47 @@ COMMENT ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) IS 
 
 REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text DEFAULT NULL::text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_owner uuid;
+  v_account_id uuid;
+  a identity.accounts;
+  v_created boolean := false;
+BEGIN
+  IF p_api_key IS NULL THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope, not an access token');
+  END IF;
+  v_owner := identity.authenticate(p_api_key, NULL, 'accounts:write');
+  IF NOT (SELECT '{service,accounts:write}'::text[] <@ scopes FROM identity.api_keys
+          WHERE key_hash = util.token_hash(p_api_key)) THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope');
+  END IF;
+  IF p_external_id IS NULL OR length(p_external_id) NOT BETWEEN 1 AND 255 OR p_external_id ~ '[[:cntrl:]]' THEN
+    PERFORM util.fail('TL422', 'external_id is your id for the person: 1 to 255 characters, no control characters',
+                      '{"field": "external_id"}');
+  END IF;
+  -- One at a time per (service account, external id): concurrent calls make one account.
+  PERFORM pg_advisory_xact_lock(hashtextextended('provision:' || v_owner || ':' || p_external_id, 0));
+  SELECT * INTO a FROM identity.accounts WHERE provisioned_by = v_owner AND external_id = p_external_id;
+  IF NOT FOUND THEN
+    v_account_id := identity.new_account('free', 'person', p_name, 0);
+    UPDATE identity.accounts SET external_id = p_external_id, provisioned_by = v_owner
+    WHERE id = v_account_id RETURNING * INTO a;
+    v_created := true;   -- the account row says who provisioned it (provisioned_by) and when
+  END IF;
+  RETURN jsonb_build_object('account_id', a.id, 'external_id', a.external_id, 'created', v_created,
+                            'name', a.name, 'plan', identity.effective_plan(a),
+                            'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at));
+END $$;
+
+COMMENT ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) IS 'POST /v1/accounts/provision: for a product with its own auth (its users table, NextAuth, Clerk), create or find the account of the product''s person p_external_id (1 to 255 characters), idempotent per provisioning service account: the first call creates a person account on the free plan (with p_name) and answers created true, every later or concurrent call answers the same account with created false (one advisory transaction lock per external id, and a unique key behind it). The key must hold the scopes service and accounts:write (TL403 otherwise, or for an access token); it then meters on the account''s behalf with account_id (identity.authenticate). TL401 unknown key, TL422 bad external_id or name. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) TO pgtally_api;
 
 CREATE FUNCTION api.readiness() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
