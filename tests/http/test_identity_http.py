@@ -505,6 +505,12 @@ async def test_item1_installs_keep_their_person_until_they_sign_out_of_that_inst
     assert str(client.app.state.jwt_keys.upgrade_account(bodies[0]["upgrade_url"].split("token=")[1])) == mine["account"]["id"]
     me = (await client.get("/v1/me", headers=bearer(bodies[0]["access_token"]))).json()
     assert me["user"]["email"] == "ada@example.com" and me["account"]["id"] == mine["account"]["id"]
+    # It meters and reads as the person; it manages nothing (the install id alone opened it).
+    r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                          headers=bearer(bodies[0]["access_token"], **{"Idempotency-Key": "linked-1"}))
+    assert r.status_code == 201 and r.json()["account_id"] == mine["account"]["id"], r.text
+    r = await client.post("/v1/api-keys", json={"name": "x"}, headers=bearer(bodies[0]["access_token"]))
+    assert r.status_code == 403, r.text
     assert owner.execute("SELECT count(*) FROM identity.accounts WHERE kind = 'device'").fetchone()[0] == 1
 
     # Signing out of that install ends the link (and the install's other sessions); the person's
