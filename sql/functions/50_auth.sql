@@ -684,6 +684,36 @@ END $$;
 COMMENT ON FUNCTION api.identify(text, text, text, text, text) IS
   'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time; without one every call makes a new account. Installs keep their person (issue 25): once the install''s device account was merged into a person''s account (identity.merge_device: sign-up, login, Google/GitHub/SSO sign-in or the device grant with its token), the install is linked (the merged device account keeps device_install_hash) and identify answers for the person''s account (plan, credits, can_use, allowances) with a session of the person (method device, identity.sessions.install_hash set, scopes usage:read, usage:write, billing:read only: the install id alone never manages keys, teams or billing), never a fresh anonymous quota; until the person signs out of that install (POST /v1/auth/logout with such a session) or unlinks it (DELETE /v1/me/sessions/{id} of such a session, logout everywhere, a password reset, refresh-token reuse): revoking any session of the install clears the link (identity.unlink_install_on_revoke), and the next identify starts a fresh device account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
+CREATE OR REPLACE FUNCTION api.handoff_code(p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_code text := util.random_token();
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = s.account_id AND kind = 'device' AND merged_into IS NULL) THEN
+    PERFORM util.fail('TL403', 'only an anonymous install hands its sign-in to a browser (POST /v1/identify first)');
+  END IF;
+  INSERT INTO identity.handoff_codes (code_hash, device_session_id, created_at, expires_at)
+  VALUES (util.token_hash(v_code), s.id, util.now(), util.now() + interval '10 minutes');
+  RETURN jsonb_build_object('code', v_code, 'expires_in', 600);
+END $$;
+COMMENT ON FUNCTION api.handoff_code(uuid) IS
+  'POST /v1/identify/handoff: a single-use code (random, stored as its SHA-256, 10 minutes: expires_in 600 seconds) that hands an anonymous install''s session to a browser: the install opens /login?handoff=CODE (or /signup, /auth/*/start), and the person''s sign-in there merges the install (identity.merge_device), which then keeps its person (api.identify). Replaces access tokens in URLs. TL401 ended session; TL403 for a session that is not an unmerged anonymous install''s. Issue 25.';
+
+CREATE OR REPLACE FUNCTION api.claim_handoff(p_code text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  UPDATE identity.handoff_codes SET claimed_at = util.now()
+  WHERE code_hash = util.token_hash(p_code) AND claimed_at IS NULL AND expires_at > util.now()
+  RETURNING device_session_id INTO v_session_id;
+  RETURN jsonb_build_object('device_session_id', v_session_id);
+END $$;
+COMMENT ON FUNCTION api.claim_handoff(text) IS
+  'A sign-in page claims a handoff code (api.handoff_code): {device_session_id} of the install, or {device_session_id: null} when the code is unknown, claimed already or expired. Single use: of any number of concurrent claims exactly one gets the session. Issue 25.';
+GRANT EXECUTE ON FUNCTION api.handoff_code(uuid), api.claim_handoff(text) TO pgtally_api;
+
 ------------------------------------------------------------------------------------------------
 -- API keys
 ------------------------------------------------------------------------------------------------

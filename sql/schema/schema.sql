@@ -1077,6 +1077,30 @@ ALTER TABLE ONLY identity.device_codes
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
 
+CREATE TABLE identity.handoff_codes (
+    code_hash bytea NOT NULL,
+    device_session_id uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    claimed_at timestamp with time zone
+);
+
+COMMENT ON TABLE identity.handoff_codes IS 'Handoff codes (POST /v1/identify/handoff): an anonymous install''s session, for a browser to merge at sign-in (/login?handoff=, /signup?handoff=, /auth/*/start?handoff=). Single use, 10 minutes (api.claim_handoff). Issue 25.';
+
+COMMENT ON COLUMN identity.handoff_codes.code_hash IS 'SHA-256 of the code (a random token shown once to the install).';
+
+COMMENT ON COLUMN identity.handoff_codes.device_session_id IS 'The install''s session (of an unmerged device account) the code hands over.';
+
+COMMENT ON COLUMN identity.handoff_codes.claimed_at IS 'When a page claimed it; a claimed code never works again.';
+
+ALTER TABLE ONLY identity.handoff_codes
+    ADD CONSTRAINT handoff_codes_pkey PRIMARY KEY (code_hash);
+
+CREATE INDEX handoff_codes_device_session_idx ON identity.handoff_codes USING btree (device_session_id);
+
+ALTER TABLE ONLY identity.handoff_codes
+    ADD CONSTRAINT handoff_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
+
 CREATE TABLE identity.invitations (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
     account_id uuid NOT NULL,
@@ -3714,6 +3738,24 @@ COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_pr
 REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
 
+CREATE FUNCTION api.claim_handoff(p_code text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  UPDATE identity.handoff_codes SET claimed_at = util.now()
+  WHERE code_hash = util.token_hash(p_code) AND claimed_at IS NULL AND expires_at > util.now()
+  RETURNING device_session_id INTO v_session_id;
+  RETURN jsonb_build_object('device_session_id', v_session_id);
+END $$;
+
+COMMENT ON FUNCTION api.claim_handoff(p_code text) IS 'A sign-in page claims a handoff code (api.handoff_code): {device_session_id} of the install, or {device_session_id: null} when the code is unknown, claimed already or expired. Single use: of any number of concurrent claims exactly one gets the session. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.claim_handoff(p_code text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.claim_handoff(p_code text) TO pgtally_api;
+
 CREATE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -4432,6 +4474,27 @@ END $$;
 COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) IS 'pgtally credits grant: grant credits (micro-credits) to an account from the grants system account, once per idempotency key (ledger.operator_transfer). TL404 unknown account, TL409 key reused for another amount, TL422 bad amount or key. Operators only (not granted to pgtally_api).';
 
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
+
+CREATE FUNCTION api.handoff_code(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_code text := util.random_token();
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = s.account_id AND kind = 'device' AND merged_into IS NULL) THEN
+    PERFORM util.fail('TL403', 'only an anonymous install hands its sign-in to a browser (POST /v1/identify first)');
+  END IF;
+  INSERT INTO identity.handoff_codes (code_hash, device_session_id, created_at, expires_at)
+  VALUES (util.token_hash(v_code), s.id, util.now(), util.now() + interval '10 minutes');
+  RETURN jsonb_build_object('code', v_code, 'expires_in', 600);
+END $$;
+
+COMMENT ON FUNCTION api.handoff_code(p_session_id uuid) IS 'POST /v1/identify/handoff: a single-use code (random, stored as its SHA-256, 10 minutes: expires_in 600 seconds) that hands an anonymous install''s session to a browser: the install opens /login?handoff=CODE (or /signup, /auth/*/start), and the person''s sign-in there merges the install (identity.merge_device), which then keeps its person (api.identify). Replaces access tokens in URLs. TL401 ended session; TL403 for a session that is not an unmerged anonymous install''s. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.handoff_code(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.handoff_code(p_session_id uuid) TO pgtally_api;
 
 CREATE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_expires_in integer DEFAULT 900, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
