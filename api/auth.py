@@ -294,6 +294,26 @@ async def identify(request: Request, data: JSONBody[IdentifyRequest]) -> Identif
                             upgrade_url=upgrade_url(request, found["account_id"]))
 
 
+class Handoff(msgspec.Struct):
+    code: str
+    """Single use, for 10 minutes: open ``login_url`` or ``signup_url`` in the person's browser."""
+    expires_in: int
+    login_url: str
+    signup_url: str
+
+
+@post("/v1/identify/handoff", status_code=201, dependencies=SESSION, security=SECURITY, cache_control=NO_STORE_CACHE,
+      summary="A code that hands an install's sign-in to a browser", responses=problems(400, 401, 403, 503))
+async def handoff(request: Request, session: Session) -> Handoff:
+    """For an anonymous install (its access token from ``/v1/identify``): a short-lived single-use
+    code for the browser page where its person signs up or logs in (``/login?handoff=CODE``); that
+    sign-in merges the install, which then keeps its person. No access token goes in a URL."""
+    found = await call_json(request, "SELECT api.handoff_code(%s::uuid)", [session])
+    base = request.app.state.settings.public_url.rstrip("/")
+    return Handoff(code=found["code"], expires_in=found["expires_in"], login_url=f"{base}/login?handoff={found['code']}",
+                   signup_url=f"{base}/signup?handoff={found['code']}")
+
+
 @get("/v1/me", dependencies=AUTH, security=SECURITY, summary="The caller", responses=problems(400, 401, 403, 503))
 async def me(request: Request, caller: Caller) -> Me:
     """The caller's account and, for a signed-in user, the user."""
@@ -315,4 +335,4 @@ async def revoke_session(request: Request, session: Session, session_id: FromPat
 
 
 ROUTES = [signup, login, refresh, logout, logout_all, verify_email, password_reset, password_reset_confirm,
-          identify, me, sessions, revoke_session]
+          identify, handoff, me, sessions, revoke_session]

@@ -1,8 +1,9 @@
-"""``/v1/accounts``: teams. A person belongs to their own account and to any number of team
-accounts, each with a role (owner, admin, member, billing, viewer); the usage, billing and key
-endpoints act on a team when given its ``account_id``. Invitations go by email and are single
-use. The rules live in sql/functions/57_teams.sql; who may do what, in
-``identity.role_permissions``, decided by ``identity.authenticate``."""
+"""``/v1/accounts``: teams, and ``/v1/accounts/provision`` (a product's own users, by a service
+key). A person belongs to their own account and to any number of team accounts, each with a role
+(owner, admin, member, billing, viewer); the usage, billing and key endpoints act on a team when
+given its ``account_id``. Invitations go by email and are single use. The rules live in
+sql/functions/57_teams.sql; who may do what, in ``identity.role_permissions``, decided by
+``identity.authenticate``."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, delete, get, patch, post, put
+from litestar import Request, Response, delete, get, patch, post, put
 from litestar.params import FromPath, JSONBody, Parameter
 
 from api import outbound
-from api.calls import SECURITY, SESSION, Session, call_json
+from api.calls import AUTH, SECURITY, SESSION, Caller, Session, call_json
 from api.errors import PgtallyError, problems
 
 Role = Literal["owner", "admin", "member", "billing", "viewer"]
@@ -95,6 +96,37 @@ async def accounts(request: Request, session: Session) -> AccountList:
 async def create_team(request: Request, session: Session, data: JSONBody[NewTeam]) -> Account:
     """A team account you own: its own plan, credits, usage, API keys and Stripe customer."""
     return await call_json(request, "SELECT api.create_team(%s::uuid, %s::text)", [session, data.name])
+
+
+class ProvisionRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The product's person to create or find an account for."""
+
+    external_id: Annotated[str, msgspec.Meta(min_length=1, max_length=255, examples=["user_2abc"])]
+    """Your id for the person (your users table, NextAuth, Clerk): one account per external_id."""
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+
+
+class Provisioned(msgspec.Struct):
+    account_id: str
+    external_id: str
+    created: bool
+    """True for the call that created the account; false when it existed already."""
+    name: str | None
+    plan: str
+    credits: str
+    created_at: str
+
+
+@post("/v1/accounts/provision", status_code=201, summary="Create or find the account of your app's user",
+      security=SECURITY, dependencies=AUTH, responses=problems(400, 401, 403, 415, 422, 503))
+async def provision(request: Request, caller: Caller, data: JSONBody[ProvisionRequest]) -> Response[Provisioned]:
+    """For a product with its own sign-in: the account of its person ``external_id``, created on
+    the free plan by the first call (201) and found by every later one (200), concurrent calls
+    included. Needs a service key with the ``accounts:write`` scope; the key then meters on the
+    account's behalf with ``account_id``. 403 for any other key or an access token."""
+    found = await call_json(request, "SELECT api.provision_account(%s::text, %s::uuid, %s::text, %s::text)",
+                            [*caller.params, data.external_id, data.name])
+    return Response(Provisioned(**found), status_code=201 if found["created"] else 200)
 
 
 @get("/v1/accounts/{account_id:uuid}/members", summary="Members", responses=problems(400, 401, 403, 404, 503), **TEAM)
@@ -257,5 +289,5 @@ async def check_sso_domain(request: Request, session: uuid.UUID, account_id: uui
     return await call_json(request, query, [session, account_id, domain, records])
 
 
-ROUTES = [accounts, create_team, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,
+ROUTES = [accounts, create_team, provision, members, set_role, remove_member, invitations, invite, revoke_invitation, accept,
           set_sso, get_sso, delete_sso, verify_sso_domain]

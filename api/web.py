@@ -26,6 +26,7 @@ from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
 
 from api import db
+from api.calls import call_json
 from api.errors import PgtallyError
 from api.validation import invalid
 
@@ -99,16 +100,24 @@ def browser_session(request: Request) -> uuid.UUID | None:
         return None
 
 
-def device_session(request: Request, device_token: str | None) -> uuid.UUID | None:
-    """The session of an anonymous device's access token a page was opened with (an extension
-    sending its user to sign in), to merge into the user; None when absent or not valid."""
-    from litestar.exceptions import NotAuthorizedException
+async def claim_handoff(request: Request, code: str | None) -> None:
+    """Claim an install's handoff code (``/login?handoff=``, api.claim_handoff: once, within 10
+    minutes) and keep its session in this browser's encrypted page session, to merge into the
+    person who signs in here (:func:`handed_off_device`). An unknown, used or expired code is ignored."""
+    if not code or len(code) > 200:
+        return
+    found = await call_json(request, "SELECT api.claim_handoff(%s::text)", [code])
+    if found["device_session_id"]:
+        request.set_session({**(request.scope.get("session") or {}), "device": found["device_session_id"]})
 
-    if not device_token:
-        return None
+
+def handed_off_device(request: Request) -> uuid.UUID | None:
+    """The install session a handoff code gave this browser (:func:`claim_handoff`), if any."""
+    data = request.scope.get("session")
+    device = data.get("device") if isinstance(data, dict) else None
     try:
-        return request.app.state.jwt_keys.session_id(device_token)
-    except NotAuthorizedException:
+        return uuid.UUID(device) if device else None
+    except ValueError:
         return None
 
 

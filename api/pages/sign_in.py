@@ -36,8 +36,9 @@ from api.web import (
     REFERRAL_COOKIE,
     REFERRAL_DAYS,
     browser_session,
-    device_session,
+    claim_handoff,
     form_as,
+    handed_off_device,
     page,
     problem_text,
     referral_code,
@@ -55,7 +56,6 @@ class CredentialsForm(msgspec.Struct):
     email: str = ""
     password: str = ""
     next: str | None = None
-    device_token: str | None = None
 
 
 class EmailForm(msgspec.Struct):
@@ -94,11 +94,11 @@ async def home(request: Request) -> Redirect:
 
 @get("/login")
 async def login_page(request: Request, next: FromQuery[str | None] = None,
-                     device_token: FromQuery[str | None] = None) -> Any:
-    """``device_token``: an anonymous device's access token (an extension sending its user here):
-    its usage and credits move to the account signed in to."""
-    return page("sign_in/login.html", request, next=safe_next(next), email="", device_token=device_token or "",
-                sso=await sso_available(request))
+                     handoff: FromQuery[str | None] = None) -> Any:
+    """``handoff``: an install's single-use code (POST /v1/identify/handoff), claimed here once: the
+    install's usage and credits move to the account signed in to in this browser."""
+    await claim_handoff(request, handoff)
+    return page("sign_in/login.html", request, next=safe_next(next), email="", sso=await sso_available(request))
 
 
 @post("/login")
@@ -106,10 +106,10 @@ async def login_submit(request: Request, data: Annotated[CredentialsForm, Form])
     try:
         credentials = form_as(Credentials, email=data.email, password=data.password)
         session = await password_login(request, credentials.email, credentials.password,
-                                       device_session(request, data.device_token))
+                                       handed_off_device(request))
     except PgtallyError as exc:
         return page("sign_in/login.html", request, refusal_status(exc, 401), error=problem_text(exc), email=data.email[:320],
-                    next=safe_next(data.next), device_token=data.device_token or "")
+                    next=safe_next(data.next))
     sign_in_browser(request, session)
     return Redirect(safe_next(data.next))
 
@@ -127,11 +127,13 @@ async def referral_link(request: Request, code: FromPath[str]) -> Redirect:
 
 
 @get("/signup")
-async def signup_page(request: Request, device_token: FromQuery[str | None] = None,
+async def signup_page(request: Request, handoff: FromQuery[str | None] = None,
                       next: FromQuery[str | None] = None) -> Any:
-    """``next``: where to go once signed in (an app's authorization request, api/oidc.py)."""
-    return page("sign_in/signup.html", request, email="", device_token=device_token or "", referral=referral_of(request),
-                next=safe_next(next), sso=await sso_available(request))
+    """``next``: where to go once signed in (an app's authorization request, api/oidc.py).
+    ``handoff``: an install's single-use code, as on /login."""
+    await claim_handoff(request, handoff)
+    return page("sign_in/signup.html", request, email="", referral=referral_of(request), next=safe_next(next),
+                sso=await sso_available(request))
 
 
 @post("/signup")
@@ -139,10 +141,10 @@ async def signup_submit(request: Request, data: Annotated[CredentialsForm, Form]
     try:
         credentials = form_as(Credentials, email=data.email, password=data.password)
         sent = await register(request, credentials.email, credentials.password,
-                              device_session(request, data.device_token), referral_of(request))
+                              handed_off_device(request), referral_of(request))
     except PgtallyError as exc:
         return page("sign_in/signup.html", request, 422, error=problem_text(exc), email=data.email[:320],
-                    device_token=data.device_token or "", referral=referral_of(request), next=safe_next(data.next))
+                    referral=referral_of(request), next=safe_next(data.next))
     # The same answer whether or not the address was registered already.
     return page("message.html", request, title="Check your email",
                 message=f"We sent a link to {sent['email']} to confirm the address. It works once, for {sent['valid_for']}.",
@@ -253,10 +255,11 @@ async def device_decide(request: Request, data: Annotated[DecisionForm, Form]) -
 @get("/auth/{provider:str}/start", include_in_schema=False)
 async def start(request: Request, provider: FromPath[str], next: FromQuery[str | None] = None,
                 link: FromQuery[bool] = False,
-                device_token: FromQuery[str | None] = None, email: FromQuery[str | None] = None) -> Any:
+                handoff: FromQuery[str | None] = None, email: FromQuery[str | None] = None) -> Any:
     """Send the browser to the provider, with a state bound to a cookie set here. ``link``: link
-    the provider to the signed-in user instead of signing in. ``device_token``: the access token
-    of an anonymous device (a browser extension's /v1/identify) to merge into the user.
+    the provider to the signed-in user instead of signing in. ``handoff``: an install's single-use
+    code (POST /v1/identify/handoff), claimed here unless /login or /signup claimed it already: the
+    install merges into the user.
     ``/auth/sso/start?email=``: the provider of the team the address's domain belongs to."""
     sso = None
     if provider == "sso":
@@ -270,6 +273,7 @@ async def start(request: Request, provider: FromPath[str], next: FromQuery[str |
     elif provider not in request.app.state.settings.providers:
         return page("message.html", request, 404, title="Not available",
                     message=f"Sign-in with {provider} is not configured on this server.")
+    await claim_handoff(request, handoff)
     binding = secrets.token_urlsafe(32)
     session_id = browser_session(request) if link else None
     if link and session_id is None:
@@ -277,7 +281,7 @@ async def start(request: Request, provider: FromPath[str], next: FromQuery[str |
     flow = await call_json(request, "SELECT api.oauth_begin(%s::text, %s::text, %s::text, %s::uuid, %s::uuid, %s::text, "
                                     "%s::text, %s::uuid)",
                            [provider, "link" if link and not sso else "sign_in", binding, None if sso else session_id,
-                            device_session(request, device_token),
+                            handed_off_device(request),
                             safe_next(next), client(request)[0], sso and sso["account_id"]])
     try:
         target = await oauth.authorization_url(request, provider, flow, sso, login_hint=email if sso else None)

@@ -133,6 +133,45 @@ $$;
 COMMENT ON FUNCTION identity.authenticate(text, uuid, text, uuid) IS
   'The one function that decides whether a principal may do p_scope (a permission: usage:read, usage:write, billing:read, billing:manage, members:read, members:manage, keys:manage, sso:manage) on an account, and which account a request acts on. Principal: an API key (by SHA-256 hash; not revoked or expired; must hold p_scope; a key a member made holds at most what that member''s role allows now) or a session id from a verified access token (a client session must hold p_scope among its granted scopes). p_account_id: act on that account: a service key on any account, a signed-in person on an account they are a member of with a role that grants p_scope (identity.role_permissions). A suspended account may not spend or buy (usage:write, billing:manage: TL4S3, answered 403 account-suspended). TL401 unknown key or ended session, TL403 missing scope or role, TL404 unknown account. Keeps last_used_at, at most once a minute, unless the database cannot write (read-only, SQLSTATE 25006, or disk full, 53100): then the read goes on without it.';
 
+CREATE OR REPLACE FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text,
+                                                 p_name text DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_owner uuid;
+  v_account_id uuid;
+  a identity.accounts;
+  v_created boolean := false;
+BEGIN
+  IF p_api_key IS NULL THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope, not an access token');
+  END IF;
+  v_owner := identity.authenticate(p_api_key, NULL, 'accounts:write');
+  IF NOT (SELECT '{service,accounts:write}'::text[] <@ scopes FROM identity.api_keys
+          WHERE key_hash = util.token_hash(p_api_key)) THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope');
+  END IF;
+  IF p_external_id IS NULL OR length(p_external_id) NOT BETWEEN 1 AND 255 OR p_external_id ~ '[[:cntrl:]]' THEN
+    PERFORM util.fail('TL422', 'external_id is your id for the person: 1 to 255 characters, no control characters',
+                      '{"field": "external_id"}');
+  END IF;
+  -- One at a time per (service account, external id): concurrent calls make one account.
+  PERFORM pg_advisory_xact_lock(hashtextextended('provision:' || v_owner || ':' || p_external_id, 0));
+  SELECT * INTO a FROM identity.accounts WHERE provisioned_by = v_owner AND external_id = p_external_id;
+  IF NOT FOUND THEN
+    v_account_id := identity.new_account('free', 'person', p_name, 0);
+    UPDATE identity.accounts SET external_id = p_external_id, provisioned_by = v_owner
+    WHERE id = v_account_id RETURNING * INTO a;
+    v_created := true;   -- the account row says who provisioned it (provisioned_by) and when
+  END IF;
+  RETURN jsonb_build_object('account_id', a.id, 'external_id', a.external_id, 'created', v_created,
+                            'name', a.name, 'plan', identity.effective_plan(a),
+                            'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at));
+END $$;
+COMMENT ON FUNCTION api.provision_account(text, uuid, text, text) IS
+  'POST /v1/accounts/provision: for a product with its own auth (its users table, NextAuth, Clerk), create or find the account of the product''s person p_external_id (1 to 255 characters), idempotent per provisioning service account: the first call creates a person account on the free plan (with p_name) and answers created true, every later or concurrent call answers the same account with created false (one advisory transaction lock per external id, and a unique key behind it). The key must hold the scopes service and accounts:write (TL403 otherwise, or for an access token); it then meters on the account''s behalf with account_id (identity.authenticate). TL401 unknown key, TL422 bad external_id or name. Issue 25.';
+GRANT EXECUTE ON FUNCTION api.provision_account(text, uuid, text, text) TO pgtally_api;
+
 CREATE OR REPLACE FUNCTION identity.effective_plan(a identity.accounts) RETURNS text
 LANGUAGE sql STABLE AS $$
   -- A failed subscription payment keeps the plan until the grace period ends, then meters as free.
@@ -195,7 +234,7 @@ DECLARE
 BEGIN
   SELECT * INTO v_key FROM identity.issue_api_key(
     v_account_id, 'default',
-    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[]
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read,accounts:write}'::text[]
          ELSE '{usage:write,usage:read,billing:read,billing:manage}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
@@ -203,4 +242,4 @@ BEGIN
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 COMMENT ON FUNCTION api.create_account(text, bigint, text, text) IS
-  'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+  'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account, and provision accounts: scope accounts:write). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';

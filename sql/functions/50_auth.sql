@@ -263,7 +263,21 @@ BEGIN
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 COMMENT ON FUNCTION identity.merge_device(uuid, uuid, text, text) IS
-  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
+  'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. The device account keeps its install hash: the install stays linked to the person (api.identify answers for them until a session of the install is revoked). NULL when there is nothing to merge.';
+
+CREATE OR REPLACE FUNCTION identity.unlink_install_on_revoke() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  -- The install stops answering for the person, and its other sessions end with this one.
+  UPDATE identity.accounts SET device_install_hash = NULL
+  WHERE device_install_hash = NEW.install_hash AND merged_into IS NOT NULL;
+  UPDATE identity.sessions SET revoked_at = NEW.revoked_at, revoked_reason = NEW.revoked_reason
+  WHERE install_hash = NEW.install_hash AND revoked_at IS NULL;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION identity.unlink_install_on_revoke() IS
+  'Trigger on identity.sessions: when a session POST /v1/identify issued to a linked install (install_hash set) is revoked, for whatever reason (logout of that install, DELETE /v1/me/sessions/{id}, logout everywhere, password reset, refresh-token reuse, staff), the install is unlinked (the merged device account''s device_install_hash cleared, so the next identify starts a fresh device account) and the install''s other sessions are revoked with the same reason. Issue 25: installs keep their person until the person signs out of that install or unlinks it.';
+-- The trigger sessions_unlink_install (migration 0034) runs it.
 
 ------------------------------------------------------------------------------------------------
 -- Sign-up, login, refresh, logout
@@ -591,6 +605,7 @@ DECLARE
   v_install bytea;
   v_limited jsonb;
   a identity.accounts;
+  u identity.users;
   v_returning boolean := false;
   v_account_id uuid;
   v_tokens jsonb;
@@ -614,9 +629,15 @@ BEGIN
   IF p_install_id IS NOT NULL THEN
     SELECT * INTO a FROM identity.accounts WHERE device_install_hash = v_install FOR NO KEY UPDATE;
     IF FOUND AND a.merged_into IS NOT NULL THEN
-      -- The install signed up and its account moved to the user: a signed-out install starts afresh.
-      UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;
-      a := NULL;
+      -- The install was merged into a person's account (sign-up, login, provider sign-in or the
+      -- device grant with its token): it stays linked, and answers for the person.
+      SELECT * INTO u FROM identity.users WHERE account_id = a.merged_into;
+      IF u.id IS NULL THEN
+        UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;   -- no person to answer for
+        a := NULL;
+      ELSE
+        SELECT * INTO a FROM identity.accounts WHERE id = u.account_id;
+      END IF;
     END IF;
     v_returning := a.id IS NOT NULL;
   END IF;
@@ -634,9 +655,16 @@ BEGIN
     UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
     WHERE id = v_account_id RETURNING * INTO a;
   END IF;
-  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
-  PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-    jsonb_build_object('returning_install', v_returning,
+  IF u.id IS NOT NULL THEN
+    v_tokens := identity.start_session(a.id, u.id, p_ip, p_user_agent, 'device');
+    -- The install id alone opens it: it meters and reads, and manages nothing (keys, teams, billing).
+    UPDATE identity.sessions SET install_hash = v_install, scopes = '{usage:read,usage:write,billing:read}'
+    WHERE id = (v_tokens ->> 'session_id')::uuid;
+  ELSE
+    v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
+  END IF;
+  PERFORM identity.log_event('device_identified', u.id, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('returning_install', v_returning, 'linked_to_user', u.id IS NOT NULL,
                        'fingerprint_seen_before',
                        EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> a.id)));
   IF p_meter IS NOT NULL THEN
@@ -654,7 +682,37 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $$;
 COMMENT ON FUNCTION api.identify(text, text, text, text, text) IS
-  'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+  'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time; without one every call makes a new account. Installs keep their person (issue 25): once the install''s device account was merged into a person''s account (identity.merge_device: sign-up, login, Google/GitHub/SSO sign-in or the device grant with its token), the install is linked (the merged device account keeps device_install_hash) and identify answers for the person''s account (plan, credits, can_use, allowances) with a session of the person (method device, identity.sessions.install_hash set, scopes usage:read, usage:write, billing:read only: the install id alone never manages keys, teams or billing), never a fresh anonymous quota; until the person signs out of that install (POST /v1/auth/logout with such a session) or unlinks it (DELETE /v1/me/sessions/{id} of such a session, logout everywhere, a password reset, refresh-token reuse): revoking any session of the install clears the link (identity.unlink_install_on_revoke), and the next identify starts a fresh device account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+
+CREATE OR REPLACE FUNCTION api.handoff_code(p_session_id uuid) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_code text := util.random_token();
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = s.account_id AND kind = 'device' AND merged_into IS NULL) THEN
+    PERFORM util.fail('TL403', 'only an anonymous install hands its sign-in to a browser (POST /v1/identify first)');
+  END IF;
+  INSERT INTO identity.handoff_codes (code_hash, device_session_id, created_at, expires_at)
+  VALUES (util.token_hash(v_code), s.id, util.now(), util.now() + interval '10 minutes');
+  RETURN jsonb_build_object('code', v_code, 'expires_in', 600);
+END $$;
+COMMENT ON FUNCTION api.handoff_code(uuid) IS
+  'POST /v1/identify/handoff: a single-use code (random, stored as its SHA-256, 10 minutes: expires_in 600 seconds) that hands an anonymous install''s session to a browser: the install opens /login?handoff=CODE (or /signup, /auth/*/start), and the person''s sign-in there merges the install (identity.merge_device), which then keeps its person (api.identify). Replaces access tokens in URLs. TL401 ended session; TL403 for a session that is not an unmerged anonymous install''s. Issue 25.';
+
+CREATE OR REPLACE FUNCTION api.claim_handoff(p_code text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  UPDATE identity.handoff_codes SET claimed_at = util.now()
+  WHERE code_hash = util.token_hash(p_code) AND claimed_at IS NULL AND expires_at > util.now()
+  RETURNING device_session_id INTO v_session_id;
+  RETURN jsonb_build_object('device_session_id', v_session_id);
+END $$;
+COMMENT ON FUNCTION api.claim_handoff(text) IS
+  'A sign-in page claims a handoff code (api.handoff_code): {device_session_id} of the install, or {device_session_id: null} when the code is unknown, claimed already or expired. Single use: of any number of concurrent claims exactly one gets the session. Issue 25.';
+GRANT EXECUTE ON FUNCTION api.handoff_code(uuid), api.claim_handoff(text) TO pgtally_api;
 
 ------------------------------------------------------------------------------------------------
 -- API keys

@@ -848,8 +848,12 @@ CREATE TABLE identity.accounts (
     suspended_at timestamp with time zone,
     suspended_reason util.note,
     has_budgets boolean DEFAULT false NOT NULL,
+    external_id text,
+    provisioned_by uuid,
     CONSTRAINT accounts_check CHECK (((billing_period_start IS NULL) = (billing_period_end IS NULL))),
     CONSTRAINT accounts_check1 CHECK ((billing_period_end > billing_period_start)),
+    CONSTRAINT accounts_external_id_check CHECK (((length(external_id) >= 1) AND (length(external_id) <= 255))),
+    CONSTRAINT accounts_external_id_pair CHECK (((external_id IS NULL) = (provisioned_by IS NULL))),
     CONSTRAINT held_within_balance CHECK (((held_micros >= 0) AND (held_micros <= (credit_balance_micros)::bigint)))
 );
 
@@ -867,7 +871,7 @@ COMMENT ON COLUMN identity.accounts.device_fingerprint IS 'For an anonymous devi
 
 COMMENT ON COLUMN identity.accounts.plan_grace_until IS 'Set when a subscription payment fails: the plan holds until then, after which the account is metered as free until a payment succeeds.';
 
-COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account.';
+COMMENT ON COLUMN identity.accounts.device_install_hash IS 'For an anonymous device account: SHA-256 of the install id the device sends to POST /v1/identify (a client-generated secret of at least 128 bits). The same install gets the same account. Kept after the account is merged into a person''s account (merged_into): the install is then linked, and identify answers for the person, until one of its sessions is revoked (identity.sessions.install_hash), which clears it.';
 
 COMMENT ON COLUMN identity.accounts.held_micros IS 'Micro-credits reserved by open holds: part of the balance that no charge or other hold may spend (spendable = credit_balance_micros - held_micros).';
 
@@ -879,11 +883,18 @@ COMMENT ON COLUMN identity.accounts.suspended_at IS 'Set by an operator (pgtally
 
 COMMENT ON COLUMN identity.accounts.has_budgets IS 'Whether the account has a budget (metering.budgets): a charge reads this flag from the row it already locks, so an account without budgets pays no query for them. Kept by metering.set_budget and metering.delete_budget under the account''s lock.';
 
+COMMENT ON COLUMN identity.accounts.external_id IS 'The product''s own id for the person (its users table, NextAuth, Clerk) an account was provisioned for by POST /v1/accounts/provision; unique per provisioning service account (provisioned_by). NULL otherwise.';
+
+COMMENT ON COLUMN identity.accounts.provisioned_by IS 'The service account whose key (scopes service and accounts:write) provisioned this account for external_id. NULL otherwise.';
+
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_device_install_hash_key UNIQUE (device_install_hash);
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_provisioned_external_id_key UNIQUE (provisioned_by, external_id);
 
 CREATE INDEX accounts_device_fingerprint_idx ON identity.accounts USING btree (device_fingerprint) WHERE (device_fingerprint IS NOT NULL);
 
@@ -892,6 +903,9 @@ ALTER TABLE ONLY identity.accounts
 
 ALTER TABLE ONLY identity.accounts
     ADD CONSTRAINT accounts_plan_id_fkey FOREIGN KEY (plan_id) REFERENCES billing.plans(id);
+
+ALTER TABLE ONLY identity.accounts
+    ADD CONSTRAINT accounts_provisioned_by_fkey FOREIGN KEY (provisioned_by) REFERENCES identity.accounts(id);
 
 CREATE TABLE identity.api_keys (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -905,7 +919,7 @@ CREATE TABLE identity.api_keys (
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
     created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse}'::text[]) AND (cardinality(scopes) > 0)))
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,accounts:write}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -914,7 +928,7 @@ COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UT
 
 COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
 
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key).';
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), accounts:write (with service: POST /v1/accounts/provision).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
 
@@ -1065,6 +1079,30 @@ ALTER TABLE ONLY identity.device_codes
 
 ALTER TABLE ONLY identity.device_codes
     ADD CONSTRAINT device_codes_user_id_fkey FOREIGN KEY (user_id) REFERENCES identity.users(id);
+
+CREATE TABLE identity.handoff_codes (
+    code_hash bytea NOT NULL,
+    device_session_id uuid NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    claimed_at timestamp with time zone
+);
+
+COMMENT ON TABLE identity.handoff_codes IS 'Handoff codes (POST /v1/identify/handoff): an anonymous install''s session, for a browser to merge at sign-in (/login?handoff=, /signup?handoff=, /auth/*/start?handoff=). Single use, 10 minutes (api.claim_handoff). Issue 25.';
+
+COMMENT ON COLUMN identity.handoff_codes.code_hash IS 'SHA-256 of the code (a random token shown once to the install).';
+
+COMMENT ON COLUMN identity.handoff_codes.device_session_id IS 'The install''s session (of an unmerged device account) the code hands over.';
+
+COMMENT ON COLUMN identity.handoff_codes.claimed_at IS 'When a page claimed it; a claimed code never works again.';
+
+ALTER TABLE ONLY identity.handoff_codes
+    ADD CONSTRAINT handoff_codes_pkey PRIMARY KEY (code_hash);
+
+CREATE INDEX handoff_codes_device_session_idx ON identity.handoff_codes USING btree (device_session_id);
+
+ALTER TABLE ONLY identity.handoff_codes
+    ADD CONSTRAINT handoff_codes_device_session_id_fkey FOREIGN KEY (device_session_id) REFERENCES identity.sessions(id);
 
 CREATE TABLE identity.invitations (
     id uuid DEFAULT util.uuid_v7() NOT NULL,
@@ -1328,6 +1366,7 @@ CREATE TABLE identity.sessions (
     client_id text,
     scopes text[],
     auth_time timestamp with time zone,
+    install_hash bytea,
     CONSTRAINT sessions_method_check CHECK ((method = ANY (ARRAY['password'::text, 'device'::text, 'google'::text, 'github'::text, 'device_code'::text, 'sso'::text, 'oidc'::text]))),
     CONSTRAINT sessions_refresh_secret_check CHECK ((length(refresh_secret) >= 32)),
     CONSTRAINT sessions_revoked_reason_check CHECK ((revoked_reason = ANY (ARRAY['logout'::text, 'logout_all'::text, 'revoked'::text, 'refresh_token_reuse'::text, 'password_reset'::text, 'merged'::text, 'staff'::text, 'code_replay'::text, 'client_revoked'::text])))
@@ -1347,6 +1386,8 @@ COMMENT ON COLUMN identity.sessions.scopes IS 'A client session''s granted scope
 
 COMMENT ON COLUMN identity.sessions.auth_time IS 'When the person authenticated (the browser session''s start): the ID token''s auth_time.';
 
+COMMENT ON COLUMN identity.sessions.install_hash IS 'For a session POST /v1/identify issued to an install linked to a person (identity.accounts.device_install_hash of the device account merged into the person''s account): that hash. Revoking any such session unlinks the install (identity.unlink_install_on_revoke); NULL otherwise.';
+
 ALTER TABLE identity.sessions
     ADD CONSTRAINT sessions_ip_length CHECK ((length(ip) <= 64)) NOT VALID;
 
@@ -1360,7 +1401,11 @@ CREATE INDEX sessions_account_id_idx ON identity.sessions USING btree (account_i
 
 CREATE INDEX sessions_client_id_idx ON identity.sessions USING btree (client_id) WHERE ((client_id IS NOT NULL) AND (revoked_at IS NULL));
 
+CREATE INDEX sessions_install_hash_idx ON identity.sessions USING btree (install_hash) WHERE (install_hash IS NOT NULL);
+
 CREATE INDEX sessions_user_id_idx ON identity.sessions USING btree (user_id) WHERE (revoked_at IS NULL);
+
+CREATE TRIGGER sessions_unlink_install AFTER UPDATE OF revoked_at ON identity.sessions FOR EACH ROW WHEN (((old.revoked_at IS NULL) AND (new.revoked_at IS NOT NULL) AND (new.install_hash IS NOT NULL))) EXECUTE FUNCTION identity.unlink_install_on_revoke();
 
 ALTER TABLE ONLY identity.sessions
     ADD CONSTRAINT sessions_account_id_fkey FOREIGN KEY (account_id) REFERENCES identity.accounts(id);
@@ -3940,6 +3985,24 @@ COMMENT ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_pr
 REVOKE ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.checkout_prepare(p_api_key text, p_session_id uuid, p_price text, p_account_id uuid, p_idempotency_key text) TO pgtally_api;
 
+CREATE FUNCTION api.claim_handoff(p_code text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_session_id uuid;
+BEGIN
+  UPDATE identity.handoff_codes SET claimed_at = util.now()
+  WHERE code_hash = util.token_hash(p_code) AND claimed_at IS NULL AND expires_at > util.now()
+  RETURNING device_session_id INTO v_session_id;
+  RETURN jsonb_build_object('device_session_id', v_session_id);
+END $$;
+
+COMMENT ON FUNCTION api.claim_handoff(p_code text) IS 'A sign-in page claims a handoff code (api.handoff_code): {device_session_id} of the install, or {device_session_id: null} when the code is unknown, claimed already or expired. Single use: of any number of concurrent claims exactly one gets the session. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.claim_handoff(p_code text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.claim_handoff(p_code text) TO pgtally_api;
+
 CREATE FUNCTION api.confirm_sso_link(p_token text, p_ip text, p_user_agent text) RETURNS jsonb
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -4264,7 +4327,7 @@ DECLARE
 BEGIN
   SELECT * INTO v_key FROM identity.issue_api_key(
     v_account_id, 'default',
-    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read}'::text[]
+    CASE WHEN p_kind = 'service' THEN '{service,usage:write,usage:read,accounts:write}'::text[]
          ELSE '{usage:write,usage:read,billing:read,billing:manage}' END);
   RETURN jsonb_build_object(
     'account_id', v_account_id, 'plan', p_plan, 'kind', p_kind, 'name', p_name,
@@ -4272,7 +4335,7 @@ BEGIN
     'balance', jsonb_build_object('credits', util.credits(p_credits_micros)));
 END $$;
 
-COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
+COMMENT ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) IS 'Create an account on an active plan with an API key (scopes usage:write, usage:read, billing:read, billing:manage; returned once, stored as a hash) and optional initial credits in micro-credits, granted through the ledger. Kind service gets a service key (may meter on behalf of any account, and provision accounts: scope accounts:write). Returns {account_id, plan, kind, name, api_key_id, api_key, balance: {credits}}. Errors: TL422 unknown plan or bad input. Operators only (not granted to pgtally_api).';
 
 REVOKE ALL ON FUNCTION api.create_account(p_plan text, p_credits_micros bigint, p_name text, p_kind text) FROM PUBLIC;
 
@@ -4714,6 +4777,27 @@ COMMENT ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint,
 
 REVOKE ALL ON FUNCTION api.grant_credits(p_account_id uuid, p_amount_micros bigint, p_idempotency_key text, p_memo text) FROM PUBLIC;
 
+CREATE FUNCTION api.handoff_code(p_session_id uuid) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  s identity.sessions := identity.active_session(p_session_id);
+  v_code text := util.random_token();
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM identity.accounts WHERE id = s.account_id AND kind = 'device' AND merged_into IS NULL) THEN
+    PERFORM util.fail('TL403', 'only an anonymous install hands its sign-in to a browser (POST /v1/identify first)');
+  END IF;
+  INSERT INTO identity.handoff_codes (code_hash, device_session_id, created_at, expires_at)
+  VALUES (util.token_hash(v_code), s.id, util.now(), util.now() + interval '10 minutes');
+  RETURN jsonb_build_object('code', v_code, 'expires_in', 600);
+END $$;
+
+COMMENT ON FUNCTION api.handoff_code(p_session_id uuid) IS 'POST /v1/identify/handoff: a single-use code (random, stored as its SHA-256, 10 minutes: expires_in 600 seconds) that hands an anonymous install''s session to a browser: the install opens /login?handoff=CODE (or /signup, /auth/*/start), and the person''s sign-in there merges the install (identity.merge_device), which then keeps its person (api.identify). Replaces access tokens in URLs. TL401 ended session; TL403 for a session that is not an unmerged anonymous install''s. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.handoff_code(p_session_id uuid) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.handoff_code(p_session_id uuid) TO pgtally_api;
+
 CREATE FUNCTION api.hold(p_api_key text, p_session_id uuid, p_idempotency_key text, p_meter text, p_quantity bigint DEFAULT NULL::bigint, p_input_tokens bigint DEFAULT NULL::bigint, p_output_tokens bigint DEFAULT NULL::bigint, p_expires_in integer DEFAULT 900, p_account_id uuid DEFAULT NULL::uuid) RETURNS TABLE(replayed boolean, body jsonb)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
@@ -4821,6 +4905,7 @@ DECLARE
   v_install bytea;
   v_limited jsonb;
   a identity.accounts;
+  u identity.users;
   v_returning boolean := false;
   v_account_id uuid;
   v_tokens jsonb;
@@ -4844,9 +4929,15 @@ BEGIN
   IF p_install_id IS NOT NULL THEN
     SELECT * INTO a FROM identity.accounts WHERE device_install_hash = v_install FOR NO KEY UPDATE;
     IF FOUND AND a.merged_into IS NOT NULL THEN
-      -- The install signed up and its account moved to the user: a signed-out install starts afresh.
-      UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;
-      a := NULL;
+      -- The install was merged into a person's account (sign-up, login, provider sign-in or the
+      -- device grant with its token): it stays linked, and answers for the person.
+      SELECT * INTO u FROM identity.users WHERE account_id = a.merged_into;
+      IF u.id IS NULL THEN
+        UPDATE identity.accounts SET device_install_hash = NULL WHERE id = a.id;   -- no person to answer for
+        a := NULL;
+      ELSE
+        SELECT * INTO a FROM identity.accounts WHERE id = u.account_id;
+      END IF;
     END IF;
     v_returning := a.id IS NOT NULL;
   END IF;
@@ -4864,9 +4955,16 @@ BEGIN
     UPDATE identity.accounts SET device_install_hash = CASE WHEN p_install_id IS NOT NULL THEN v_install END
     WHERE id = v_account_id RETURNING * INTO a;
   END IF;
-  v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
-  PERFORM identity.log_event('device_identified', NULL, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
-    jsonb_build_object('returning_install', v_returning,
+  IF u.id IS NOT NULL THEN
+    v_tokens := identity.start_session(a.id, u.id, p_ip, p_user_agent, 'device');
+    -- The install id alone opens it: it meters and reads, and manages nothing (keys, teams, billing).
+    UPDATE identity.sessions SET install_hash = v_install, scopes = '{usage:read,usage:write,billing:read}'
+    WHERE id = (v_tokens ->> 'session_id')::uuid;
+  ELSE
+    v_tokens := identity.start_session(a.id, NULL, p_ip, p_user_agent, 'device');
+  END IF;
+  PERFORM identity.log_event('device_identified', u.id, a.id, (v_tokens ->> 'session_id')::uuid, p_ip, p_user_agent,
+    jsonb_build_object('returning_install', v_returning, 'linked_to_user', u.id IS NOT NULL,
                        'fingerprint_seen_before',
                        EXISTS (SELECT 1 FROM identity.accounts WHERE device_fingerprint = p_fingerprint AND id <> a.id)));
   IF p_meter IS NOT NULL THEN
@@ -4884,7 +4982,7 @@ BEGIN
     'meter', p_meter, 'can_use', v_can_use, 'allowance', v_allowance, 'resets_at', util.iso(v_resets_at));
 END $_$;
 
-COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time (a fresh one once it was merged into a user); without one every call makes a new account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
+COMMENT ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) IS 'POST /v1/identify: an anonymous device account on the anonymous plan (browser extension, CLI install) and a new session for it. With an install id (a client-generated secret of at least 128 bits, stored as its SHA-256) the same install gets the same account every time; without one every call makes a new account. Installs keep their person (issue 25): once the install''s device account was merged into a person''s account (identity.merge_device: sign-up, login, Google/GitHub/SSO sign-in or the device grant with its token), the install is linked (the merged device account keeps device_install_hash) and identify answers for the person''s account (plan, credits, can_use, allowances) with a session of the person (method device, identity.sessions.install_hash set, scopes usage:read, usage:write, billing:read only: the install id alone never manages keys, teams or billing), never a fresh anonymous quota; until the person signs out of that install (POST /v1/auth/logout with such a session) or unlinks it (DELETE /v1/me/sessions/{id} of such a session, logout everywhere, a password reset, refresh-token reuse): revoking any session of the install clears the link (identity.unlink_install_on_revoke), and the next identify starts a fresh device account. The fingerprint is a hint for lookups and abuse limits, never a credential. Limits (identity.rate_limit_rules): new accounts per fingerprint and per IP; returning installs per install and per IP (TL429). With p_meter, also whether one more use is allowed now (can_use: a unit, or a one-token call), that meter''s allowance and its reset. Returns identity.tokens plus {account_id, plan, credits, returning, allowances, meter, can_use, allowance, resets_at}. TL422 bad input or unknown meter.';
 
 REVOKE ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.identify(p_fingerprint text, p_install_id text, p_meter text, p_ip text, p_user_agent text) TO pgtally_api;
@@ -6295,6 +6393,47 @@ COMMENT ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) IS 
 
 REVOKE ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION api.principal_account(p_api_key text, p_session_id uuid) TO pgtally_api;
+
+CREATE FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text DEFAULT NULL::text) RETURNS jsonb
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+  v_owner uuid;
+  v_account_id uuid;
+  a identity.accounts;
+  v_created boolean := false;
+BEGIN
+  IF p_api_key IS NULL THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope, not an access token');
+  END IF;
+  v_owner := identity.authenticate(p_api_key, NULL, 'accounts:write');
+  IF NOT (SELECT '{service,accounts:write}'::text[] <@ scopes FROM identity.api_keys
+          WHERE key_hash = util.token_hash(p_api_key)) THEN
+    PERFORM util.fail('TL403', 'provisioning needs a service key with the accounts:write scope');
+  END IF;
+  IF p_external_id IS NULL OR length(p_external_id) NOT BETWEEN 1 AND 255 OR p_external_id ~ '[[:cntrl:]]' THEN
+    PERFORM util.fail('TL422', 'external_id is your id for the person: 1 to 255 characters, no control characters',
+                      '{"field": "external_id"}');
+  END IF;
+  -- One at a time per (service account, external id): concurrent calls make one account.
+  PERFORM pg_advisory_xact_lock(hashtextextended('provision:' || v_owner || ':' || p_external_id, 0));
+  SELECT * INTO a FROM identity.accounts WHERE provisioned_by = v_owner AND external_id = p_external_id;
+  IF NOT FOUND THEN
+    v_account_id := identity.new_account('free', 'person', p_name, 0);
+    UPDATE identity.accounts SET external_id = p_external_id, provisioned_by = v_owner
+    WHERE id = v_account_id RETURNING * INTO a;
+    v_created := true;   -- the account row says who provisioned it (provisioned_by) and when
+  END IF;
+  RETURN jsonb_build_object('account_id', a.id, 'external_id', a.external_id, 'created', v_created,
+                            'name', a.name, 'plan', identity.effective_plan(a),
+                            'credits', util.credits(a.credit_balance_micros), 'created_at', util.iso(a.created_at));
+END $$;
+
+COMMENT ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) IS 'POST /v1/accounts/provision: for a product with its own auth (its users table, NextAuth, Clerk), create or find the account of the product''s person p_external_id (1 to 255 characters), idempotent per provisioning service account: the first call creates a person account on the free plan (with p_name) and answers created true, every later or concurrent call answers the same account with created false (one advisory transaction lock per external id, and a unique key behind it). The key must hold the scopes service and accounts:write (TL403 otherwise, or for an access token); it then meters on the account''s behalf with account_id (identity.authenticate). TL401 unknown key, TL422 bad external_id or name. Issue 25.';
+
+REVOKE ALL ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) FROM PUBLIC;
+GRANT ALL ON FUNCTION api.provision_account(p_api_key text, p_session_id uuid, p_external_id text, p_name text) TO pgtally_api;
 
 CREATE FUNCTION api.readiness() RETURNS jsonb
     LANGUAGE sql STABLE SECURITY DEFINER
@@ -8969,7 +9108,7 @@ BEGIN
   RETURN jsonb_build_object('device_account_id', v_device, 'credits', util.credits(v_credits));
 END $$;
 
-COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. NULL when there is nothing to merge.';
+COMMENT ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) IS 'Move an anonymous device account (found by its active session) into a user''s account, exactly once: credits through two ledger transfers via the adjustments account, usage events re-pointed (the user''s windows that now hold them are counted again from the events), subscriptions, payments and (when the user has none) the Stripe customer moved, device sessions revoked. The device account keeps its install hash: the install stays linked to the person (api.identify answers for them until a session of the install is revoked). NULL when there is nothing to merge.';
 
 REVOKE ALL ON FUNCTION identity.merge_device(p_device_session_id uuid, p_target_account_id uuid, p_ip text, p_user_agent text) FROM PUBLIC;
 
@@ -9506,6 +9645,22 @@ $$;
 COMMENT ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) IS 'What the server needs to answer a sign-in: the session, user and account ids (it signs the access token with them) and the refresh token.';
 
 REVOKE ALL ON FUNCTION identity.tokens(p_session_id uuid, p_refresh_token text) FROM PUBLIC;
+
+CREATE FUNCTION identity.unlink_install_on_revoke() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  -- The install stops answering for the person, and its other sessions end with this one.
+  UPDATE identity.accounts SET device_install_hash = NULL
+  WHERE device_install_hash = NEW.install_hash AND merged_into IS NOT NULL;
+  UPDATE identity.sessions SET revoked_at = NEW.revoked_at, revoked_reason = NEW.revoked_reason
+  WHERE install_hash = NEW.install_hash AND revoked_at IS NULL;
+  RETURN NULL;
+END $$;
+
+COMMENT ON FUNCTION identity.unlink_install_on_revoke() IS 'Trigger on identity.sessions: when a session POST /v1/identify issued to a linked install (install_hash set) is revoked, for whatever reason (logout of that install, DELETE /v1/me/sessions/{id}, logout everywhere, password reset, refresh-token reuse, staff), the install is unlinked (the merged device account''s device_install_hash cleared, so the next identify starts a fresh device account) and the install''s other sessions are revoked with the same reason. Issue 25: installs keep their person until the person signs out of that install or unlinks it.';
+
+REVOKE ALL ON FUNCTION identity.unlink_install_on_revoke() FROM PUBLIC;
 
 CREATE FUNCTION ledger.check_transfers_balanced() RETURNS trigger
     LANGUAGE plpgsql

@@ -488,8 +488,49 @@ async def test_identify_refuses_a_weak_install_id_or_unknown_meter(client, owner
     assert owner.execute("SELECT count(*) FROM identity.accounts").fetchone()[0] == 0
 
 
-async def test_a_merged_install_starts_a_fresh_device_account(client, owner):
-    device = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+async def test_item1_installs_keep_their_person_until_they_sign_out_of_that_install(client, owner):
+    device = (await client.post("/v1/identify", json={"install_id": INSTALL, "meter": "generation"})).json()
     assert (await signup(client, **bearer(device["access_token"]))).status_code == 202
+    person = (await login(client)).json()
+    mine = (await client.get("/v1/me", headers=bearer(person["access_token"]))).json()
+
+    # The same install, many times at once: always the person's account and plan, never a new quota.
+    answers = await asyncio.gather(*[client.post("/v1/identify", json={"install_id": INSTALL, "meter": "generation"})
+                                     for _ in range(6)])
+    assert {r.status_code for r in answers} == {201}, answers[0].text
+    bodies = [r.json() for r in answers]
+    assert {b["account_id"] for b in bodies} == {mine["account"]["id"]} != {device["account_id"]}
+    assert all(b["returning"] and b["plan"] == "free" and b["can_use"] is True for b in bodies)
+    assert bodies[0]["allowance"]["limit"] != 5          # the free plan's allowance, not the anonymous one
+    assert str(client.app.state.jwt_keys.upgrade_account(bodies[0]["upgrade_url"].split("token=")[1])) == mine["account"]["id"]
+    me = (await client.get("/v1/me", headers=bearer(bodies[0]["access_token"]))).json()
+    assert me["user"]["email"] == "ada@example.com" and me["account"]["id"] == mine["account"]["id"]
+    # It meters and reads as the person; it manages nothing (the install id alone opened it).
+    r = await client.post("/v1/usage/events", json={"meter": "generation"},
+                          headers=bearer(bodies[0]["access_token"], **{"Idempotency-Key": "linked-1"}))
+    assert r.status_code == 201 and r.json()["account_id"] == mine["account"]["id"], r.text
+    r = await client.post("/v1/api-keys", json={"name": "x"}, headers=bearer(bodies[0]["access_token"]))
+    assert r.status_code == 403, r.text
+    assert owner.execute("SELECT count(*) FROM identity.accounts WHERE kind = 'device'").fetchone()[0] == 1
+
+    # Signing out of that install ends the link (and the install's other sessions); the person's
+    # own sign-in stays; the next identify is a fresh anonymous account.
+    assert (await client.post("/v1/auth/logout", headers=bearer(bodies[0]["access_token"]))).status_code == 200
+    assert {(await client.get("/v1/me", headers=bearer(b["access_token"]))).status_code for b in bodies} == {401}
+    assert (await client.get("/v1/me", headers=bearer(person["access_token"]))).status_code == 200
     after = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
-    assert after["account_id"] != device["account_id"] and after["returning"] is False
+    assert after["account_id"] not in (mine["account"]["id"], device["account_id"])
+    assert after["returning"] is False and after["plan"] == "anonymous"
+
+
+async def test_item1_an_install_unlinked_from_the_session_list_starts_afresh(client, owner):
+    device = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+    person = await signed_in(client)
+    assert (await login(client, **bearer(device["access_token"]))).status_code == 200
+    linked = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+    me = (await client.get("/v1/me", headers=bearer(linked["access_token"]))).json()
+    assert me["user"] is not None and linked["returning"] is True
+    r = await client.delete(f"/v1/me/sessions/{me['session_id']}", headers=bearer(person["access_token"]))
+    assert r.status_code == 200, r.text
+    after = (await client.post("/v1/identify", json={"install_id": INSTALL})).json()
+    assert after["account_id"] != linked["account_id"] and after["returning"] is False and after["plan"] == "anonymous"

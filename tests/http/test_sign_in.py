@@ -280,11 +280,51 @@ async def test_a_browser_that_carried_an_anonymous_device_merges_it_at_first_sig
     r = await client.post("/v1/usage/events", json={"meter": "generation", "quantity": 3},
                           headers={"Authorization": f"Bearer {device['access_token']}", "Idempotency-Key": "x1"})
     assert r.status_code == 201
-    login_page = await client.get(f"/login?device_token={device['access_token']}")
-    assert "device_token=" in login_page.text
-    await google(client, "g-ada", start=f"/auth/google/start?device_token={device['access_token']}")
+    handoff = (await client.post("/v1/identify/handoff", headers={"Authorization": f"Bearer {device['access_token']}"})).json()
+    login_page = await client.get(f"/login?handoff={handoff['code']}")
+    assert handoff["code"] not in login_page.text and device["access_token"] not in login_page.text
+    await google(client, "g-ada")
     me = owner.execute("SELECT a.id FROM identity.users u JOIN identity.accounts a ON a.id = u.account_id").fetchone()[0]
     assert owner.execute("SELECT merged_into FROM identity.accounts WHERE id = %s", [device["account_id"]]).fetchone()[0] == me
     assert owner.execute("SELECT count(*) FROM metering.usage_events WHERE account_id = %s", [me]).fetchone()[0] == 1
 
 
+
+
+async def test_item3_an_install_hands_its_sign_in_to_the_browser_by_a_single_use_code(client, owner):
+    device = (await client.post("/v1/identify", json={"install_id": "ext-install-0123456789abcdef"})).json()
+    auth = {"Authorization": f"Bearer {device['access_token']}"}
+    assert (await client.post("/v1/usage/events", json={"meter": "generation"},
+                              headers={**auth, "Idempotency-Key": "h1"})).status_code == 201
+    r = await client.post("/v1/identify/handoff", headers=auth)
+    assert r.status_code == 201 and r.json()["expires_in"] == 600, r.text
+    handoff = r.json()
+    assert handoff["login_url"].endswith(f"/login?handoff={handoff['code']}")
+    # An access token in the URL does nothing any more.
+    await client.get(f"/login?device_token={device['access_token']}")
+    assert events(owner, "device_merged") == 0
+    # The page claims the code once; the sign-in in that browser merges the install.
+    assert (await client.get(f"/login?handoff={handoff['code']}")).status_code == 200
+    assert owner.execute("SELECT count(*) FROM identity.handoff_codes WHERE claimed_at IS NOT NULL").fetchone()[0] == 1
+    await google(client, "g-ada")
+    assert events(owner, "device_merged") == 1
+    person = owner.execute("SELECT account_id FROM identity.users").fetchone()[0]
+    assert owner.execute("SELECT merged_into FROM identity.accounts WHERE id = %s",
+                         [device["account_id"]]).fetchone()[0] == person
+    # The install now answers for its person.
+    again = (await client.post("/v1/identify", json={"install_id": "ext-install-0123456789abcdef"})).json()
+    assert again["account_id"] == str(person)
+
+
+async def test_item3_a_handoff_code_works_once_and_only_for_an_anonymous_install(client, owner, new_account):
+    device = (await client.post("/v1/identify", json={"install_id": "ext-install-0123456789abcdef"})).json()
+    code = (await client.post("/v1/identify/handoff",
+                              headers={"Authorization": f"Bearer {device['access_token']}"})).json()["code"]
+    assert (await client.get(f"/login?handoff={code}")).status_code == 200
+    client.cookies.clear()                                # another browser, with the same link
+    await client.get(f"/login?handoff={code}")            # replayed: this browser carries no install
+    await google(client, "g-ada")
+    assert events(owner, "device_merged") == 0
+    key = new_account()["api_key"]
+    r = await client.post("/v1/identify/handoff", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 403
