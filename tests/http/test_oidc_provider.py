@@ -221,7 +221,7 @@ async def test_item1_logout_ends_the_browser_and_client_sessions(client, owner):
     r = await client.get(ask, follow_redirects=False)
     assert r.status_code in (302, 303) and r.headers["location"].startswith("/logout/confirm?")
     r = await client.get(r.headers["location"], follow_redirects=False)
-    assert r.status_code == 200 and "Sign out of pgtally?" in r.text
+    assert r.status_code == 200 and "<h1>Sign out?</h1>" in r.text
     assert "form-action 'self' https://web.example.org" in r.headers["content-security-policy"]
     assert (await client.get("/account", follow_redirects=False)).status_code == 200
     r = await client.get("/oauth/logout?" + urlencode({"id_token_hint": tokens["id_token"], "post_logout_redirect_uri": LOGOUT,
