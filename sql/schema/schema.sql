@@ -919,7 +919,7 @@ CREATE TABLE identity.api_keys (
     scopes text[] DEFAULT '{usage:write,usage:read}'::text[] NOT NULL,
     last_used_at timestamp with time zone,
     created_by uuid,
-    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,accounts:write}'::text[]) AND (cardinality(scopes) > 0)))
+    CONSTRAINT api_keys_scopes_check CHECK (((scopes <@ '{usage:write,usage:read,billing:read,billing:manage,service,usage:reverse,accounts:write}'::text[]) AND (cardinality(scopes) > 0)))
 );
 
 COMMENT ON TABLE identity.api_keys IS 'API keys of an account. The key itself is shown once at creation and never stored: only its SHA-256 hash.';
@@ -928,7 +928,7 @@ COMMENT ON COLUMN identity.api_keys.key_hash IS 'sha256 of the full key text (UT
 
 COMMENT ON COLUMN identity.api_keys.display IS 'The key''s prefix and last four characters, to recognise it in lists.';
 
-COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), accounts:write (with service: POST /v1/accounts/provision).';
+COMMENT ON COLUMN identity.api_keys.scopes IS 'What the key may do: usage:write (POST /v1/usage/events), usage:read (check, balance, ledger), billing:read, billing:manage, service (act on behalf of any account: account_id in the request), usage:reverse (an operator key: reverse usage events of any account; issued by operators only, pgtally events reversal-key), accounts:write (with service: POST /v1/accounts/provision).';
 
 COMMENT ON COLUMN identity.api_keys.last_used_at IS 'When the key last authenticated a request (updated at most once a minute).';
 
